@@ -1,0 +1,51 @@
+# Two commands do everything on a fresh machine: `make run` and `make test`.
+PYTHON ?= python3
+VENV   := .venv
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.installed
+PROTO  := protos/kontext/pdp/v1/pdp.proto
+GENDIR := policy_engine/api
+GEN    := $(GENDIR)/kontext/pdp/v1/pdp_pb2.py $(GENDIR)/kontext/pdp/v1/pdp_pb2_grpc.py
+
+PDP_ADDRESS  ?= 127.0.0.1:50051
+PDP_POLICIES ?= policies
+
+.PHONY: install generate run test lint bench clean
+
+install: $(STAMP) generate
+
+$(BIN)/python:
+	$(PYTHON) -m venv $(VENV)
+
+$(STAMP): pyproject.toml | $(BIN)/python
+	$(BIN)/pip install --quiet --upgrade pip
+	$(BIN)/pip install --quiet -e '.[dev]'
+	touch $@
+
+generate: $(GEN)
+
+# Stubs are generated from the .proto on every build, so they cannot drift from it.
+$(GEN) &: $(PROTO) $(STAMP)
+	mkdir -p $(GENDIR)
+	$(BIN)/python -m grpc_tools.protoc -Iprotos --python_out=$(GENDIR) \
+		--grpc_python_out=$(GENDIR) --pyi_out=$(GENDIR) $(PROTO)
+	sed -i 's/^from kontext\.pdp\.v1 import/from policy_engine.api.kontext.pdp.v1 import/' \
+		$(GENDIR)/kontext/pdp/v1/pdp_pb2_grpc.py
+	touch $(GEN)
+
+run: install
+	$(BIN)/pdp serve --address $(PDP_ADDRESS) --policies $(PDP_POLICIES)
+
+test: install
+	$(BIN)/pytest -q
+
+lint: install
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+
+bench: install
+	command -v h2load >/dev/null 2>&1 || (apt-get update -qq && apt-get install -y -qq nghttp2-client)
+	$(BIN)/python -m bench.run
+
+clean:
+	rm -rf $(VENV) $(GENDIR)/kontext .pytest_cache .ruff_cache
