@@ -1,0 +1,76 @@
+"""What the PDP answers: an effect, the reasons behind a deny, and optionally how it got there."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from enum import StrEnum
+
+from policy_engine.engine.codes import ErrorCode
+
+
+class Effect(StrEnum):
+    ALLOW = "ALLOW"
+    DENY = "DENY"
+
+
+class Layer(StrEnum):
+    SYSTEM = "system"  # built-in checks that no policy can switch off
+    ORG = "org"
+    USER = "user"
+    APPLICATION = "application"
+
+
+POLICY_LAYERS: tuple[Layer, ...] = (Layer.ORG, Layer.USER, Layer.APPLICATION)
+
+
+class RuleResult(StrEnum):
+    MATCHED = "matched"
+    NOT_MATCHED = "not_matched"
+    ERROR = "error"
+
+
+@dataclass(frozen=True, slots=True)
+class Reason:
+    code: ErrorCode
+    layer: Layer
+    policy: str
+    rule: str
+    message: str
+    field: str = ""  # the offending request field, for validation errors
+
+    @property
+    def http_status(self) -> int:
+        return self.code.http_status
+
+
+@dataclass(frozen=True, slots=True)
+class RuleTrace:
+    policy: str
+    rule: str
+    effect: Effect
+    result: RuleResult
+    detail: str = ""
+
+
+@dataclass(frozen=True, slots=True)
+class LayerTrace:
+    layer: Layer
+    effect: Effect
+    by_default: bool
+    rules: tuple[RuleTrace, ...] = ()
+
+
+@dataclass(frozen=True, slots=True)
+class Decision:
+    effect: Effect
+    reasons: tuple[Reason, ...]
+    revision: str
+    trace: tuple[LayerTrace, ...] = ()
+    # True when a condition read the clock: such a decision may change without any input changing.
+    time_dependent: bool = False
+    # Per-policy cache opt-outs (used by the decision cache).
+    cacheable: bool = True
+
+    @property
+    def allowed(self) -> bool:
+        return self.effect is Effect.ALLOW
