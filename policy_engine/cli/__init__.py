@@ -1,0 +1,1 @@
+"""The `pdp` command: serve, validate and dry-run policies."""

@@ -1,0 +1,1 @@
+"""Who is asking: the subject's access token."""

@@ -1,0 +1,201 @@
+"""`pdp`: serve decisions, validate a policy directory, dry-run one tuple.
+
+Exit codes: 0 when the command did its job (for `eval`, whether it allowed or denied);
+1 when policies are invalid; 2 for bad flags or input.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from collections.abc import Sequence
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+from policy_engine.config import ConfigError, Settings, load_settings
+from policy_engine.engine import decide
+from policy_engine.engine.decision import Decision
+from policy_engine.engine.request import (
+    CheckRequest,
+    ConnectionState,
+    RequestContext,
+    Resource,
+    Subject,
+    SubjectKind,
+)
+from policy_engine.engine.serialize import decision_to_dict
+from policy_engine.policy import PolicyLoadError, load_policy_set
+
+EXIT_OK = 0
+EXIT_INVALID_POLICIES = 1
+EXIT_USAGE = 2
+
+
+class UsageError(Exception):
+    """Bad flags or values; reported on stderr with exit code 2."""
+
+
+def _parse_pairs(pairs: Sequence[str], flag: str) -> dict[str, Any]:
+    """KEY=VALUE pairs; a VALUE that parses as JSON is taken as JSON, otherwise as a string."""
+    values: dict[str, Any] = {}
+    for pair in pairs:
+        key, sep, raw = pair.partition("=")
+        if not sep or not key:
+            raise UsageError(f"{flag} expects KEY=VALUE, got {pair!r}")
+        try:
+            values[key] = json.loads(raw)
+        except json.JSONDecodeError:
+            values[key] = raw
+    return values
+
+
+def _parse_time(raw: str) -> datetime:
+    try:
+        parsed = datetime.fromisoformat(raw.replace("Z", "+00:00"))
+    except ValueError as exc:
+        raise UsageError(f"--context time={raw!r} is not an RFC 3339 timestamp") from exc
+    return parsed if parsed.tzinfo else parsed.replace(tzinfo=UTC)
+
+
+def build_request(args: argparse.Namespace) -> CheckRequest:
+    context = _parse_pairs(args.context, "--context")
+    connection_raw = context.pop("connection", ConnectionState.UNKNOWN.value)
+    if isinstance(connection_raw, bool):
+        connection_raw = "active" if connection_raw else "absent"
+    try:
+        connection = ConnectionState(str(connection_raw).lower())
+    except ValueError as exc:
+        choices = ", ".join(c.value for c in ConnectionState)
+        raise UsageError(f"--context connection must be one of {choices}") from exc
+    time_raw = context.pop("time", None)
+    return CheckRequest(
+        organization=args.org,
+        subject=Subject(
+            id=args.subject,
+            kind=SubjectKind(args.subject_kind),
+            attributes=_parse_pairs(args.subject_attr, "--subject-attr"),
+            access_token=args.token or "",
+        ),
+        application=Resource(args.application, _parse_pairs(args.application_attr,
+                                                            "--application-attr")),
+        integration=Resource(args.integration, _parse_pairs(args.integration_attr,
+                                                            "--integration-attr")),
+        scope=args.scope,
+        context=RequestContext(
+            connection=connection,
+            client_ip=str(context.pop("client_ip", "")),
+            time=_parse_time(str(time_raw)) if time_raw is not None else None,
+            session_id=str(context.pop("session_id", "")),
+            attributes=context,
+        ),
+        explain=args.explain,
+    )
+
+
+def format_decision(decision: Decision) -> str:
+    lines = [f"decision: {decision.effect.value}   (policy revision {decision.revision})"]
+    for reason in decision.reasons:
+        lines.append(f"  reason: {reason.code.value} [{reason.http_status}] layer={reason.layer} "
+                     f"policy={reason.policy} rule={reason.rule}")
+        lines.append(f"          {reason.message}")
+    if decision.trace:
+        lines.append("explain:")
+        for layer in decision.trace:
+            how = "by default" if layer.by_default else "by rule"
+            lines.append(f"  {layer.layer.value:<12} {layer.effect.value} ({how})")
+            for rule in layer.rules:
+                detail = f": {rule.detail}" if rule.detail else ""
+                lines.append(f"    - {rule.policy}/{rule.rule} [{rule.effect.value.lower()}] "
+                             f"{rule.result.value}{detail}")
+    return "\n".join(lines)
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    request = build_request(args)
+    policies = load_policy_set(Path(args.policies))
+    decision = decide(policies, request, now=datetime.now(UTC))
+    if args.json:
+        print(json.dumps(decision_to_dict(decision), indent=2))
+    else:
+        print(format_decision(decision))
+    return EXIT_OK
+
+
+def cmd_validate(args: argparse.Namespace) -> int:
+    policies = load_policy_set(Path(args.directory))
+    summary = ", ".join(
+        f"{org.name} ({org.policy_count} policies, {org.rule_count} rules)"
+        for org in policies.organizations.values()
+    )
+    print(f"OK: {policies.file_count} files, revision {policies.revision}: {summary}")
+    return EXIT_OK
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    from policy_engine.server.app import serve
+
+    settings = load_settings(
+        config_file=Path(args.config) if args.config else None,
+        overrides={"address": args.address, "policy_dir": args.policies, "workers": args.workers,
+                   "threads": args.threads},
+    )
+    logging.basicConfig(level=settings.log_level.upper(),
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    serve(settings)
+    return EXIT_OK
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="pdp", description=__doc__.splitlines()[0])
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    serve = commands.add_parser("serve", help="serve decisions over gRPC")
+    serve.add_argument("--address", help=f"host:port (default {Settings.address})")
+    serve.add_argument("--policies", help="policy directory (default policies)")
+    serve.add_argument("--config", help="YAML config file (see README)")
+    serve.add_argument("--workers", type=int, help="processes sharing the port (default 1)")
+    serve.add_argument("--threads", type=int, help="handler threads per process (default 16)")
+    serve.set_defaults(handler=cmd_serve)
+
+    validate = commands.add_parser("validate", help="check a policy directory; list every error")
+    validate.add_argument("directory")
+    validate.set_defaults(handler=cmd_validate)
+
+    evaluate = commands.add_parser("eval", help="dry-run one tuple against a policy directory")
+    evaluate.add_argument("--policies", required=True)
+    evaluate.add_argument("--org", required=True)
+    evaluate.add_argument("--subject", required=True)
+    evaluate.add_argument("--subject-kind", default=SubjectKind.USER.value,
+                          choices=[k.value for k in SubjectKind])
+    evaluate.add_argument("--application", required=True)
+    evaluate.add_argument("--integration", required=True)
+    evaluate.add_argument("--scope", required=True)
+    for flag in ("--subject-attr", "--application-attr", "--integration-attr", "--context"):
+        evaluate.add_argument(flag, action="append", default=[], metavar="KEY=VALUE")
+    evaluate.add_argument("--token", help="the subject's access token (JWT)")
+    evaluate.add_argument("--explain", action="store_true", help="show every layer and rule")
+    evaluate.add_argument("--json", action="store_true", help="print one JSON object")
+    evaluate.set_defaults(handler=cmd_eval)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return int(args.handler(args))
+    except PolicyLoadError as exc:
+        print(f"invalid policies: {len(exc.issues)} error(s)", file=sys.stderr)
+        for issue in exc.issues:
+            print(f"  {issue}", file=sys.stderr)
+        return EXIT_INVALID_POLICIES
+    except (UsageError, ConfigError) as exc:
+        print(f"pdp: error: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,133 @@
+"""All configuration in one typed place.
+
+Precedence, lowest first: the defaults below, a YAML config file, `PDP_*` environment
+variables, then command-line flags. Every field is documented in README's configuration table.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any, get_type_hints
+
+import yaml
+
+ENV_PREFIX = "PDP_"
+
+
+class ConfigError(ValueError):
+    """A setting that cannot be used; the message names the setting."""
+
+
+@dataclass(frozen=True, slots=True)
+class RequestLimits:
+    """Bounds on every request, so no input can exhaust the server."""
+
+    max_id_length: int = 256
+    max_scope_length: int = 256
+    max_attributes: int = 64  # entries per attribute map, at every level
+    max_attribute_depth: int = 8
+    max_attribute_bytes: int = 16 * 1024  # serialized size of one attribute map
+    max_string_length: int = 4096  # any string value inside attributes
+    max_batch_size: int = 1000
+    max_message_bytes: int = 8 * 1024 * 1024  # gRPC receive limit
+
+
+@dataclass(frozen=True, slots=True)
+class Settings:
+    address: str = "127.0.0.1:50051"
+    policy_dir: Path = Path("policies")
+    workers: int = 1  # processes sharing the port (one Python process uses one core)
+    threads: int = 16  # gRPC handler threads per process
+    docs_base_url: str = "https://docs.kontext.dev"
+    log_level: str = "INFO"
+    limits: RequestLimits = field(default_factory=RequestLimits)
+
+    def replace(self, **changes: Any) -> Settings:
+        return dataclasses.replace(self, **changes)
+
+
+def _coerce(name: str, kind: Any, raw: Any) -> Any:
+    try:
+        if kind is bool:
+            if isinstance(raw, bool):
+                return raw
+            text = str(raw).strip().lower()
+            if text in ("1", "true", "yes", "on"):
+                return True
+            if text in ("0", "false", "no", "off"):
+                return False
+            raise ValueError(f"not a boolean: {raw!r}")
+        if kind is int:
+            if isinstance(raw, bool):
+                raise ValueError("not an integer")
+            return int(raw)
+        if kind is Path:
+            return Path(str(raw))
+        return str(raw)
+    except (TypeError, ValueError) as exc:
+        raise ConfigError(f"setting {name}: {exc}") from exc
+
+
+def _build(cls: type, values: Mapping[str, Any], prefix: str) -> Any:
+    hints = get_type_hints(cls)
+    known = {f.name for f in fields(cls)}
+    unknown = set(values) - known
+    if unknown:
+        raise ConfigError(f"unknown setting(s): {', '.join(prefix + u for u in sorted(unknown))}")
+    kwargs: dict[str, Any] = {}
+    for name, raw in values.items():
+        kind = hints[name]
+        if dataclasses.is_dataclass(kind):
+            if not isinstance(raw, Mapping):
+                raise ConfigError(f"setting {prefix}{name}: expected a mapping")
+            kwargs[name] = _build(kind, raw, f"{prefix}{name}.")
+        else:
+            kwargs[name] = _coerce(prefix + name, kind, raw)
+    return cls(**kwargs)
+
+
+def _env_values(environ: Mapping[str, str]) -> dict[str, Any]:
+    """PDP_ADDRESS=... sets `address`; PDP_LIMITS__MAX_BATCH_SIZE=... sets `limits.max_batch_size`."""
+    values: dict[str, Any] = {}
+    for key, raw in environ.items():
+        if not key.startswith(ENV_PREFIX):
+            continue
+        path = key[len(ENV_PREFIX) :].lower().split("__")
+        target = values
+        for part in path[:-1]:
+            target = target.setdefault(part, {})
+        target[path[-1]] = raw
+    return values
+
+
+def _merge(base: dict[str, Any], override: Mapping[str, Any]) -> dict[str, Any]:
+    merged = dict(base)
+    for key, value in override.items():
+        if isinstance(value, Mapping) and isinstance(merged.get(key), Mapping):
+            merged[key] = _merge(dict(merged[key]), value)
+        else:
+            merged[key] = value
+    return merged
+
+
+def load_settings(
+    config_file: Path | None = None,
+    environ: Mapping[str, str] | None = None,
+    overrides: Mapping[str, Any] | None = None,
+) -> Settings:
+    values: dict[str, Any] = {}
+    if config_file is not None:
+        try:
+            loaded = yaml.safe_load(config_file.read_text()) or {}
+        except (OSError, yaml.YAMLError) as exc:
+            raise ConfigError(f"config file {config_file}: {exc}") from exc
+        if not isinstance(loaded, Mapping):
+            raise ConfigError(f"config file {config_file}: expected a mapping at the top level")
+        values = _merge(values, loaded)
+    values = _merge(values, _env_values(os.environ if environ is None else environ))
+    values = _merge(values, {k: v for k, v in (overrides or {}).items() if v is not None})
+    return _build(Settings, values, "")

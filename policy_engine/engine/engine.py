@@ -1,0 +1,190 @@
+"""The decision engine: pure, no I/O and no globals.
+
+It takes an immutable compiled policy set, a request and the time, and returns a decision:
+1. built-in checks no policy can switch off (validation, organization, service accounts,
+   catalog, token, connection);
+2. the org, user and application layers: each layer allows or denies; a request is allowed
+   only if all three allow. Inside a layer a matching deny beats a matching allow; a layer in
+   which no rule matches gives its default; a condition that fails to evaluate never allows.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import Any
+
+from policy_engine.auth.tokens import token_problem
+from policy_engine.cel import CelEvaluationError
+from policy_engine.config import RequestLimits
+from policy_engine.engine.activation import build_activation
+from policy_engine.engine.codes import ErrorCode
+from policy_engine.engine.decision import (
+    POLICY_LAYERS,
+    Decision,
+    Effect,
+    LayerTrace,
+    Reason,
+    RuleResult,
+    RuleTrace,
+)
+from policy_engine.engine.decision import Layer as LayerName
+from policy_engine.engine.request import CheckRequest, ConnectionState, SubjectKind
+from policy_engine.engine.validation import validate_request, validation_reasons
+from policy_engine.policy.compiled import (
+    CompiledOrganization,
+    CompiledPolicySet,
+    CompiledRule,
+    LayerIndex,
+)
+
+BUILTIN_POLICY = "builtin"
+DEFAULT_RULE = "default"
+_DEFAULT_LIMITS = RequestLimits()
+
+
+def _system_reason(code: ErrorCode, rule: str, message: str, field: str = "") -> Reason:
+    return Reason(code=code, layer=LayerName.SYSTEM, policy=BUILTIN_POLICY, rule=rule,
+                  message=message, field=field)
+
+
+def _builtin_reasons(request: CheckRequest, organization: CompiledOrganization,
+                     now: datetime) -> list[Reason]:
+    reasons: list[Reason] = []
+    if request.subject.kind is SubjectKind.SERVICE_ACCOUNT:
+        reasons.append(_system_reason(
+            ErrorCode.POLICY_DENIED, "service-accounts-never-receive-credentials",
+            "service accounts are for infrastructure management and never receive "
+            "integration credentials"))
+    catalog = organization.catalog
+    if request.integration.id not in catalog.integrations:
+        reasons.append(_system_reason(
+            ErrorCode.NOT_FOUND, "integration-in-catalog",
+            f"integration {request.integration.id!r} is not in organization "
+            f"{organization.name!r}'s catalog", "integration.id"))
+    if request.application.id not in catalog.applications:
+        reasons.append(_system_reason(
+            ErrorCode.NOT_FOUND, "application-in-catalog",
+            f"application {request.application.id!r} is not in organization "
+            f"{organization.name!r}'s catalog", "application.id"))
+    if request.subject.access_token:
+        problem = token_problem(request.subject.access_token, now)
+        if problem is not None:
+            reasons.append(_system_reason(ErrorCode.AUTHORIZATION_REQUIRED, "valid-subject-token",
+                                          problem, "subject.access_token"))
+    if request.context.connection is ConnectionState.ABSENT:
+        reasons.append(_system_reason(
+            ErrorCode.INTEGRATION_CONNECTION_REQUIRED, "active-connection",
+            f"{request.subject.id!r} has no active connection to {request.integration.id!r}"))
+    return reasons
+
+
+@dataclass(slots=True)
+class _LayerOutcome:
+    effect: Effect
+    by_default: bool
+    reasons: list[Reason] = field(default_factory=list)
+    trace: list[RuleTrace] = field(default_factory=list)
+    read_clock: bool = False
+    cacheable: bool = True
+
+
+def _evaluate(rule: CompiledRule, activation: dict[str, Any]) -> tuple[RuleResult, str]:
+    if rule.condition is None:
+        return RuleResult.MATCHED, ""
+    try:
+        value = rule.condition.evaluate(activation)
+    except CelEvaluationError as exc:
+        return RuleResult.ERROR, str(exc)
+    if value is True:
+        return RuleResult.MATCHED, ""
+    if value is False:
+        return RuleResult.NOT_MATCHED, ""
+    return RuleResult.ERROR, f"condition returned {type(value).__name__}, not bool"
+
+
+def _decide_layer(layer: LayerName, index: LayerIndex, request: CheckRequest,
+                  activation: dict[str, Any], explain: bool) -> _LayerOutcome:
+    bucket = index.bucket(request.integration.id)
+    subject, application, scope = request.subject.id, request.application.id, request.scope
+    outcome = _LayerOutcome(effect=index.default, by_default=True)
+    errored_allows: list[tuple[CompiledRule, str]] = []
+
+    def run(rule: CompiledRule) -> RuleResult:
+        result, detail = _evaluate(rule, activation)
+        outcome.read_clock |= rule.reads_clock
+        outcome.cacheable &= rule.cacheable
+        if explain:
+            outcome.trace.append(RuleTrace(rule.policy, rule.name, rule.effect, result, detail))
+        if rule.effect is Effect.DENY and result is not RuleResult.NOT_MATCHED:
+            message = rule.message or f"denied by {layer} policy {rule.policy!r}, rule {rule.name!r}"
+            if result is RuleResult.ERROR:
+                message = f"{message} (condition failed to evaluate, denying: {detail})"
+            outcome.reasons.append(Reason(rule.code, layer, rule.policy, rule.name, message))
+        elif rule.effect is Effect.ALLOW and result is RuleResult.ERROR:
+            errored_allows.append((rule, detail))
+        return result
+
+    for rule in bucket.denies:
+        if rule.applies_to(subject, application, scope):
+            run(rule)
+    if outcome.reasons:
+        outcome.effect, outcome.by_default = Effect.DENY, False
+        if not explain:
+            return outcome
+    for rule in bucket.allows:
+        if rule.applies_to(subject, application, scope) and run(rule) is RuleResult.MATCHED:
+            if not outcome.reasons:
+                outcome.effect, outcome.by_default = Effect.ALLOW, False
+            if not explain:
+                return outcome
+    if outcome.by_default and outcome.effect is Effect.DENY:
+        outcome.reasons.append(Reason(
+            ErrorCode.POLICY_DENIED, layer, DEFAULT_RULE, DEFAULT_RULE,
+            f"no {layer} policy allows {application!r} to use {request.integration.id!r} "
+            f"with scope {scope!r} for {subject!r} (the {layer} layer defaults to deny)"))
+        outcome.reasons.extend(
+            Reason(ErrorCode.POLICY_DENIED, layer, rule.policy, rule.name,
+                   f"allow rule could not be evaluated and did not match: {detail}")
+            for rule, detail in errored_allows
+        )
+    return outcome
+
+
+def decide(policies: CompiledPolicySet, request: CheckRequest, *, now: datetime,
+           limits: RequestLimits = _DEFAULT_LIMITS) -> Decision:
+    violations = validate_request(request, limits)
+    if violations:
+        return Decision(Effect.DENY, validation_reasons(violations), policies.revision,
+                        cacheable=False)
+    organization = policies.organizations.get(request.organization)
+    if organization is None:
+        reason = _system_reason(ErrorCode.NOT_FOUND, "organization-has-policies",
+                                f"no policies are loaded for organization "
+                                f"{request.organization!r}", "organization")
+        return Decision(Effect.DENY, (reason,), policies.revision)
+    evaluation_time = request.context.time or now
+    builtin = _builtin_reasons(request, organization, evaluation_time)
+    if builtin:
+        trace = (LayerTrace(LayerName.SYSTEM, Effect.DENY, False),) if request.explain else ()
+        # A token's validity window moves with the clock: never reuse such a decision.
+        return Decision(Effect.DENY, tuple(builtin), policies.revision, trace,
+                        time_dependent=bool(request.subject.access_token))
+
+    activation = build_activation(request, evaluation_time)
+    reasons: list[Reason] = []
+    traces: list[LayerTrace] = []
+    time_dependent = bool(request.subject.access_token)
+    cacheable = True
+    for layer in POLICY_LAYERS:
+        outcome = _decide_layer(layer, organization.layers[layer], request, activation,
+                                request.explain)
+        reasons.extend(outcome.reasons)
+        time_dependent |= outcome.read_clock
+        cacheable &= outcome.cacheable
+        if request.explain:
+            traces.append(LayerTrace(layer, outcome.effect, outcome.by_default,
+                                     tuple(outcome.trace)))
+    effect = Effect.DENY if reasons else Effect.ALLOW
+    return Decision(effect, tuple(reasons), policies.revision, tuple(traces),
+                    time_dependent=time_dependent, cacheable=cacheable)

@@ -1,0 +1,49 @@
+"""Decisions as JSON-ready dicts, for the CLI and anything else that prints or stores them."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from policy_engine.engine.decision import Decision, Reason
+
+
+def reason_to_dict(reason: Reason) -> dict[str, Any]:
+    data: dict[str, Any] = {
+        "code": reason.code.value,
+        "http_status": reason.http_status,
+        "layer": reason.layer.value,
+        "policy": reason.policy,
+        "rule": reason.rule,
+        "message": reason.message,
+    }
+    if reason.field:
+        data["field"] = reason.field
+    return data
+
+
+def decision_to_dict(decision: Decision) -> dict[str, Any]:
+    data: dict[str, Any] = {
+        "decision": decision.effect.value,
+        "reasons": [reason_to_dict(reason) for reason in decision.reasons],
+        "policy_revision": decision.revision,
+    }
+    if decision.trace:
+        data["explain"] = [
+            {
+                "layer": layer.layer.value,
+                "effect": layer.effect.value,
+                "by_default": layer.by_default,
+                "rules": [
+                    {
+                        "policy": rule.policy,
+                        "rule": rule.rule,
+                        "effect": rule.effect.value,
+                        "result": rule.result.value,
+                        **({"detail": rule.detail} if rule.detail else {}),
+                    }
+                    for rule in layer.rules
+                ],
+            }
+            for layer in decision.trace
+        ]
+    return data

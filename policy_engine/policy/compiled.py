@@ -1,0 +1,72 @@
+"""The immutable, indexed policy set the engine decides with: built once per load, shared by requests."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+from policy_engine.cel import CompiledExpression
+from policy_engine.engine.codes import ErrorCode
+from policy_engine.engine.decision import Effect, Layer
+from policy_engine.policy.model import Catalog
+from policy_engine.policy.patterns import Matcher
+
+
+@dataclass(frozen=True, slots=True, eq=False)
+class CompiledRule:
+    policy: str
+    name: str
+    effect: Effect
+    code: ErrorCode
+    message: str
+    condition: CompiledExpression | None
+    # Only the matchers that can reject: a `*` dimension is dropped at compile time.
+    subject_matchers: tuple[Matcher, ...]
+    application_matchers: tuple[Matcher, ...]
+    scope_matchers: tuple[Matcher, ...]
+    reads_clock: bool
+    cacheable: bool
+
+    def applies_to(self, subject_id: str, application_id: str, scope: str) -> bool:
+        return (
+            all(m(subject_id) for m in self.subject_matchers)
+            and all(m(application_id) for m in self.application_matchers)
+            and all(m(scope) for m in self.scope_matchers)
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class RuleBucket:
+    """The rules of one layer that can apply to one integration, denies apart from allows."""
+
+    denies: tuple[CompiledRule, ...]
+    allows: tuple[CompiledRule, ...]
+
+
+EMPTY_BUCKET = RuleBucket((), ())
+
+
+@dataclass(frozen=True, slots=True)
+class LayerIndex:
+    default: Effect
+    # Keyed by catalog integration: targets are resolved against the catalog at load time.
+    by_integration: Mapping[str, RuleBucket]
+
+    def bucket(self, integration: str) -> RuleBucket:
+        return self.by_integration.get(integration, EMPTY_BUCKET)
+
+
+@dataclass(frozen=True, slots=True)
+class CompiledOrganization:
+    name: str
+    catalog: Catalog
+    layers: Mapping[Layer, LayerIndex]
+    policy_count: int
+    rule_count: int
+
+
+@dataclass(frozen=True, slots=True)
+class CompiledPolicySet:
+    revision: str  # content hash of every file in the set
+    organizations: Mapping[str, CompiledOrganization]
+    file_count: int

@@ -1,0 +1,270 @@
+"""Loads a policy directory into a CompiledPolicySet, all at once or not at all.
+
+Layout: one folder per organization under the policy directory; every `*.yaml`/`*.yml` inside
+it (at any depth) holds `kind: Organization` (exactly one per folder) or `kind: Policy`
+documents. Hidden files and folders are ignored (editors' temporaries).
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Iterable
+from pathlib import Path
+from types import MappingProxyType
+
+import yaml
+
+from policy_engine.cel import CelCompileError, CompiledExpression, compile_expression
+from policy_engine.engine.activation import CEL_DECLARATIONS
+from policy_engine.engine.decision import POLICY_LAYERS, Effect, Layer
+from policy_engine.policy.compiled import (
+    CompiledOrganization,
+    CompiledPolicySet,
+    CompiledRule,
+    LayerIndex,
+    RuleBucket,
+)
+from policy_engine.policy.model import OrganizationConfig, Policy, Rule
+from policy_engine.policy.parse import (
+    KIND_ORGANIZATION,
+    KIND_POLICY,
+    NAME_PATTERN,
+    DocumentParser,
+    LoadIssue,
+)
+from policy_engine.policy.patterns import WILDCARD, Matcher, is_glob
+from policy_engine.policy.yamlpos import PositionedDict, error_line, load_documents
+
+POLICY_SUFFIXES = (".yaml", ".yml")
+
+
+class PolicyLoadError(Exception):
+    """The policy set is invalid; `issues` lists every problem found, each with file:line."""
+
+    def __init__(self, issues: list[LoadIssue]) -> None:
+        self.issues = issues
+        super().__init__("\n".join(str(issue) for issue in issues))
+
+
+def policy_files(directory: Path) -> list[Path]:
+    return sorted(
+        path
+        for path in directory.rglob("*")
+        if path.suffix in POLICY_SUFFIXES
+        and path.is_file()
+        and not any(part.startswith(".") for part in path.relative_to(directory).parts)
+    )
+
+
+def _revision(directory: Path, contents: Iterable[tuple[Path, bytes]]) -> str:
+    digest = hashlib.sha256()
+    for path, data in contents:
+        digest.update(path.relative_to(directory).as_posix().encode())
+        digest.update(b"\0")
+        digest.update(hashlib.sha256(data).digest())
+    return digest.hexdigest()[:16]
+
+
+def load_policy_set(directory: Path) -> CompiledPolicySet:
+    directory = Path(directory)
+    if not directory.is_dir():
+        raise PolicyLoadError([LoadIssue(directory, 0, "policy directory does not exist")])
+    issues: list[LoadIssue] = []
+    contents: list[tuple[Path, bytes]] = []
+    for path in policy_files(directory):
+        try:
+            contents.append((path, path.read_bytes()))
+        except OSError as exc:
+            issues.append(LoadIssue(path, 0, f"cannot read: {exc.strerror or exc}"))
+    if not contents and not issues:
+        issues.append(LoadIssue(directory, 0, "no policy files (*.yaml) found"))
+
+    by_org: dict[str, tuple[list[OrganizationConfig], list[Policy]]] = {}
+    for path, data in contents:
+        relative = path.relative_to(directory)
+        if len(relative.parts) < 2:
+            issues.append(LoadIssue(path, 1, "policy files belong in an organization folder"))
+            continue
+        org = relative.parts[0]
+        if not NAME_PATTERN.match(org):
+            issues.append(LoadIssue(path, 1, f"organization folder name {org!r} is not valid"))
+            continue
+        configs, policies = by_org.setdefault(org, ([], []))
+        _parse_file(path, data, org, configs, policies, issues)
+
+    organizations = {}
+    for org, (configs, policies) in sorted(by_org.items()):
+        compiled = _compile_organization(directory / org, configs, policies, issues)
+        if compiled is not None:
+            organizations[org] = compiled
+    if issues:
+        raise PolicyLoadError(issues)
+    return CompiledPolicySet(
+        revision=_revision(directory, contents),
+        organizations=MappingProxyType(organizations),
+        file_count=len(contents),
+    )
+
+
+def _parse_file(path: Path, data: bytes, org: str, configs: list[OrganizationConfig],
+                policies: list[Policy], issues: list[LoadIssue]) -> None:
+    try:
+        documents = load_documents(data.decode("utf-8"))
+    except UnicodeDecodeError:
+        issues.append(LoadIssue(path, 1, "not UTF-8 text"))
+        return
+    except yaml.YAMLError as exc:
+        issues.append(LoadIssue(path, error_line(exc), f"invalid YAML: {_yaml_problem(exc)}"))
+        return
+    parser = DocumentParser(path, issues)
+    for document in documents:
+        doc = document.value
+        if not isinstance(doc, PositionedDict):
+            issues.append(LoadIssue(path, document.line, "a document must be a mapping"))
+            continue
+        kind = doc.get("kind")
+        if kind == KIND_ORGANIZATION:
+            config = parser.organization(doc, org)
+            if config is not None:
+                configs.append(config)
+        elif kind == KIND_POLICY:
+            policy = parser.policy(doc)
+            if policy is not None:
+                policies.append(policy)
+        else:
+            issues.append(LoadIssue(path, doc.line_of("kind"),
+                                    f"'kind' must be {KIND_ORGANIZATION} or {KIND_POLICY}"))
+
+
+def _yaml_problem(exc: yaml.YAMLError) -> str:
+    return str(getattr(exc, "problem", None) or exc).strip()
+
+
+def _compile_organization(folder: Path, configs: list[OrganizationConfig], policies: list[Policy],
+                          issues: list[LoadIssue]) -> CompiledOrganization | None:
+    if len(configs) != 1:
+        where = configs[1].position if len(configs) > 1 else None
+        issues.append(LoadIssue(where.file if where else folder, where.line if where else 0,
+                                f"expected exactly one 'kind: {KIND_ORGANIZATION}' document, "
+                                f"found {len(configs)}"))
+        return None
+    config = configs[0]
+    seen: dict[str, Policy] = {}
+    for policy in policies:
+        if policy.name in seen:
+            issues.append(LoadIssue(policy.position.file, policy.position.line,
+                                    f"duplicate policy name (first at {seen[policy.name].position})",
+                                    policy.name))
+        seen.setdefault(policy.name, policy)
+
+    rules_by_layer: dict[Layer, list[tuple[CompiledRule, Matcher]]] = {l: [] for l in POLICY_LAYERS}
+    for policy in policies:
+        _check_catalog_references(config, policy, issues)
+        for rule in policy.rules:
+            compiled = _compile_rule(policy, rule, issues)
+            if compiled is not None:
+                integrations = Matcher.of(policy.target.integrations)
+                narrowed = Matcher.of(rule.target.integrations)
+                rules_by_layer[policy.layer].append(
+                    (compiled, _conjunction(integrations, narrowed))
+                )
+
+    layers = {
+        layer: LayerIndex(
+            default=config.defaults.get(layer, Effect.DENY),
+            by_integration=MappingProxyType(
+                _index_by_integration(config.catalog.integrations, rules_by_layer[layer])
+            ),
+        )
+        for layer in POLICY_LAYERS
+    }
+    return CompiledOrganization(
+        name=config.name,
+        catalog=config.catalog,
+        layers=MappingProxyType(layers),
+        policy_count=len(policies),
+        rule_count=sum(len(p.rules) for p in policies),
+    )
+
+
+class _Conjunction:
+    """Both matchers must accept; only used at load time to resolve integration targets."""
+
+    def __init__(self, first: Matcher, second: Matcher) -> None:
+        self.first, self.second = first, second
+
+    def __call__(self, value: str) -> bool:
+        return self.first(value) and self.second(value)
+
+
+def _conjunction(first: Matcher, second: Matcher) -> Matcher | _Conjunction:
+    if first.everything:
+        return second
+    if second.everything:
+        return first
+    return _Conjunction(first, second)
+
+
+def _index_by_integration(
+    integrations: frozenset[str], rules: list[tuple[CompiledRule, Matcher | _Conjunction]]
+) -> dict[str, RuleBucket]:
+    """Sorted by (policy, rule) so file and rule order can never change a decision or a trace."""
+    ordered = sorted(rules, key=lambda item: (item[0].policy, item[0].name))
+    index: dict[str, RuleBucket] = {}
+    for integration in sorted(integrations):
+        applicable = [rule for rule, matches in ordered if matches(integration)]
+        if applicable:
+            index[integration] = RuleBucket(
+                denies=tuple(r for r in applicable if r.effect is Effect.DENY),
+                allows=tuple(r for r in applicable if r.effect is Effect.ALLOW),
+            )
+    return index
+
+
+def _check_catalog_references(config: OrganizationConfig, policy: Policy,
+                              issues: list[LoadIssue]) -> None:
+    """An exact ID that is not in the catalog is almost always a typo: refuse it at load time."""
+    known = {"integrations": config.catalog.integrations,
+             "applications": config.catalog.applications}
+    targets = [(policy.target, policy.position.line, "")] + [
+        (rule.target, rule.position.line, rule.name) for rule in policy.rules
+    ]
+    for target, line, rule_name in targets:
+        for dimension, catalog in known.items():
+            for value in getattr(target, dimension):
+                if value != WILDCARD and not is_glob(value) and value not in catalog:
+                    issues.append(LoadIssue(policy.position.file, line,
+                                            f"{dimension[:-1]} {value!r} is not in the "
+                                            f"organization's catalog", policy.name, rule_name))
+
+
+def _compile_rule(policy: Policy, rule: Rule, issues: list[LoadIssue]) -> CompiledRule | None:
+    condition: CompiledExpression | None = None
+    if rule.condition is not None:
+        try:
+            condition = compile_expression(rule.condition, CEL_DECLARATIONS)
+        except CelCompileError as exc:
+            issues.append(LoadIssue(rule.condition_position.file,
+                                    rule.condition_position.line + max(exc.line, 1) - 1,
+                                    f"invalid condition (column {exc.column}): {exc.message}",
+                                    policy.name, rule.name))
+            return None
+
+    def matchers(dimension: str) -> tuple[Matcher, ...]:
+        candidates = (Matcher.of(getattr(policy.target, dimension)),
+                      Matcher.of(getattr(rule.target, dimension)))
+        return tuple(m for m in candidates if not m.everything)
+
+    return CompiledRule(
+        policy=policy.name,
+        name=rule.name,
+        effect=rule.effect,
+        code=rule.code,
+        message=rule.message,
+        condition=condition,
+        subject_matchers=matchers("subjects"),
+        application_matchers=matchers("applications"),
+        scope_matchers=matchers("scopes"),
+        reads_clock=condition is not None and "now" in condition.variables,
+        cacheable=policy.cache,
+    )

@@ -1,0 +1,85 @@
+"""The policy set as operators write it, before compilation: plain immutable values with positions."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from policy_engine.engine.codes import ErrorCode
+from policy_engine.engine.decision import Effect, Layer
+
+# Codes a deny rule may answer with; the others belong to the engine's own checks.
+RULE_CODES: frozenset[ErrorCode] = frozenset(
+    {
+        ErrorCode.POLICY_DENIED,
+        ErrorCode.INTEGRATION_CONNECTION_REQUIRED,
+        ErrorCode.AUTHORIZATION_REQUIRED,
+        ErrorCode.RATE_LIMITED,
+    }
+)
+
+TARGET_DIMENSIONS: tuple[str, ...] = ("subjects", "applications", "integrations", "scopes")
+
+
+@dataclass(frozen=True, slots=True)
+class Position:
+    file: Path
+    line: int
+
+    def __str__(self) -> str:
+        return f"{self.file}:{self.line}"
+
+
+@dataclass(frozen=True, slots=True)
+class Target:
+    """Which requests a policy or rule applies to; each dimension is a list of exact IDs or globs."""
+
+    subjects: tuple[str, ...] = ("*",)
+    applications: tuple[str, ...] = ("*",)
+    integrations: tuple[str, ...] = ("*",)
+    scopes: tuple[str, ...] = ("*",)
+
+
+@dataclass(frozen=True, slots=True)
+class Rule:
+    name: str
+    effect: Effect
+    condition: str | None  # CEL; None means the rule applies whenever its target matches
+    target: Target
+    message: str
+    code: ErrorCode
+    position: Position
+    condition_position: Position
+
+
+@dataclass(frozen=True, slots=True)
+class Policy:
+    name: str
+    layer: Layer
+    description: str
+    target: Target
+    rules: tuple[Rule, ...]
+    position: Position
+    cache: bool = True  # a policy may opt its decisions out of the decision cache
+
+
+@dataclass(frozen=True, slots=True)
+class Catalog:
+    integrations: frozenset[str]
+    applications: frozenset[str]
+
+
+@dataclass(frozen=True, slots=True)
+class OrganizationConfig:
+    name: str
+    defaults: dict[Layer, Effect]
+    catalog: Catalog
+    position: Position
+
+
+@dataclass(frozen=True, slots=True)
+class OrganizationSource:
+    """Everything one organization's folder declares."""
+
+    config: OrganizationConfig
+    policies: tuple[Policy, ...] = field(default=())

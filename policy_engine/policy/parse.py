@@ -1,0 +1,277 @@
+"""Turns YAML documents into the policy model, collecting every problem with its file:line."""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from policy_engine.engine.codes import ErrorCode
+from policy_engine.engine.decision import POLICY_LAYERS, Effect, Layer
+from policy_engine.policy.model import (
+    RULE_CODES,
+    TARGET_DIMENSIONS,
+    Catalog,
+    OrganizationConfig,
+    Policy,
+    Position,
+    Rule,
+    Target,
+)
+from policy_engine.policy.yamlpos import PositionedDict
+
+NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.:-]{0,127}$")
+# Target patterns: IDs and scopes as requests may carry them, plus the glob characters.
+TARGET_PATTERN = re.compile(r"^[\x21\x23-\x5B\x5D-\x7E]{1,256}$")
+
+KIND_ORGANIZATION = "Organization"
+KIND_POLICY = "Policy"
+
+
+@dataclass(frozen=True, slots=True)
+class LoadIssue:
+    file: Path
+    line: int
+    message: str
+    policy: str = ""
+    rule: str = ""
+
+    def __str__(self) -> str:
+        where = ""
+        if self.policy:
+            where = f" [policy {self.policy}" + (f", rule {self.rule}" if self.rule else "") + "]"
+        return f"{self.file}:{self.line}:{where} {self.message}"
+
+
+class DocumentParser:
+    """Parses one file's documents; problems go to `issues` instead of stopping at the first."""
+
+    def __init__(self, file: Path, issues: list[LoadIssue]) -> None:
+        self.file = file
+        self.issues = issues
+
+    def problem(self, line: int, message: str, policy: str = "", rule: str = "") -> None:
+        self.issues.append(LoadIssue(self.file, line, message, policy, rule))
+
+    # -- generic field readers -------------------------------------------------------------
+
+    def _check_keys(self, doc: PositionedDict, allowed: set[str], what: str, policy: str = "",
+                    rule: str = "") -> None:
+        for key in doc:
+            if key not in allowed:
+                self.problem(doc.line_of(str(key)), f"unknown field {key!r} in {what}", policy, rule)
+
+    def _string(self, doc: PositionedDict, key: str, *, required: bool, policy: str = "",
+                rule: str = "", default: str = "") -> str:
+        value = doc.get(key)
+        if value is None:
+            if required:
+                self.problem(doc.line, f"missing required field {key!r}", policy, rule)
+            return default
+        if not isinstance(value, str) or not value.strip():
+            self.problem(doc.line_of(key), f"{key!r} must be a non-empty string", policy, rule)
+            return default
+        return value
+
+    def _name(self, doc: PositionedDict, key: str, policy: str = "") -> str:
+        name = self._string(doc, key, required=True, policy=policy)
+        if name and not NAME_PATTERN.match(name):
+            self.problem(doc.line_of(key), f"{key} {name!r} must match {NAME_PATTERN.pattern}",
+                         policy)
+        return name
+
+    def _choice(self, doc: PositionedDict, key: str, parse: Callable[[str], Any], choices: str, *,
+                default: Any, policy: str = "", rule: str = "") -> Any:
+        raw = doc.get(key)
+        if raw is None:
+            if default is None:
+                self.problem(doc.line, f"missing required field {key!r} (one of {choices})",
+                             policy, rule)
+            return default
+        try:
+            return parse(str(raw))
+        except ValueError:
+            self.problem(doc.line_of(key), f"{key} {raw!r} is not one of {choices}", policy, rule)
+            return default
+
+    def _id_list(self, doc: PositionedDict, key: str, policy: str = "", rule: str = "",
+                 allow_globs: bool = True) -> tuple[str, ...] | None:
+        raw = doc.get(key)
+        if raw is None:
+            return None
+        if isinstance(raw, str):
+            raw = [raw]
+        if not isinstance(raw, list) or not raw:
+            self.problem(doc.line_of(key), f"{key!r} must be a non-empty list of strings",
+                         policy, rule)
+            return None
+        values: list[str] = []
+        for item in raw:
+            if not isinstance(item, str) or not TARGET_PATTERN.match(item):
+                self.problem(doc.value_lines.get(key, doc.line),
+                             f"{key}: {item!r} is not a valid ID or pattern", policy, rule)
+            elif not allow_globs and ("*" in item or "?" in item):
+                self.problem(doc.value_lines.get(key, doc.line),
+                             f"{key}: {item!r}: globs are not allowed here", policy, rule)
+            else:
+                values.append(item)
+        return tuple(values)
+
+    def _target(self, doc: PositionedDict, key: str, policy: str = "", rule: str = "") -> Target:
+        raw = doc.get(key)
+        if raw is None:
+            return Target()
+        if not isinstance(raw, PositionedDict):
+            self.problem(doc.line_of(key), f"{key!r} must be a mapping of {TARGET_DIMENSIONS}",
+                         policy, rule)
+            return Target()
+        self._check_keys(raw, set(TARGET_DIMENSIONS), key, policy, rule)
+        values = {dim: self._id_list(raw, dim, policy, rule) for dim in TARGET_DIMENSIONS}
+        return Target(**{dim: v for dim, v in values.items() if v is not None})
+
+    def _position(self, doc: PositionedDict, key: str | None = None) -> Position:
+        return Position(self.file, doc.line if key is None else doc.line_of(key))
+
+    # -- documents -----------------------------------------------------------------------
+
+    def organization(self, doc: PositionedDict, folder_org: str) -> OrganizationConfig | None:
+        self._check_keys(doc, {"kind", "organization", "description", "defaults", "catalog"},
+                         "Organization")
+        name = doc.get("organization", folder_org)
+        if name != folder_org:
+            self.problem(doc.line_of("organization"),
+                         f"organization {name!r} does not match its folder {folder_org!r}")
+        defaults = {layer: Effect.DENY for layer in POLICY_LAYERS}
+        raw_defaults = doc.get("defaults")
+        if raw_defaults is not None:
+            if isinstance(raw_defaults, PositionedDict):
+                self._check_keys(raw_defaults, {layer.value for layer in POLICY_LAYERS},
+                                 "defaults")
+                for layer in POLICY_LAYERS:
+                    defaults[layer] = self._choice(raw_defaults, layer.value, _effect,
+                                                   "allow, deny", default=Effect.DENY)
+            else:
+                self.problem(doc.line_of("defaults"),
+                             "'defaults' must map org/user/application to allow or deny")
+        catalog = doc.get("catalog")
+        if not isinstance(catalog, PositionedDict):
+            self.problem(doc.line_of("catalog"),
+                         "missing 'catalog' with the organization's integrations and applications")
+            return None
+        self._check_keys(catalog, {"integrations", "applications"}, "catalog")
+        integrations = self._id_list(catalog, "integrations", allow_globs=False)
+        applications = self._id_list(catalog, "applications", allow_globs=False)
+        if integrations is None or applications is None:
+            self.problem(catalog.line, "catalog needs non-empty 'integrations' and 'applications'")
+            return None
+        return OrganizationConfig(
+            name=folder_org,
+            defaults=defaults,
+            catalog=Catalog(frozenset(integrations), frozenset(applications)),
+            position=self._position(doc),
+        )
+
+    def policy(self, doc: PositionedDict) -> Policy | None:
+        name = self._name(doc, "name")
+        self._check_keys(doc, {"kind", "name", "layer", "description", "target", "rules", "cache"},
+                         "Policy", name)
+        layer = self._choice(doc, "layer", _layer, "org, user, application", default=None,
+                             policy=name)
+        target = self._target(doc, "target", name)
+        owned_by = _OWNER_DIMENSION.get(layer)
+        raw_target = doc.get("target")
+        if owned_by and not (isinstance(raw_target, dict) and owned_by in raw_target):
+            self.problem(doc.line_of("target"),
+                         f"a {layer} policy must name its {owned_by} in target.{owned_by}", name)
+        cache = doc.get("cache", True)
+        if not isinstance(cache, bool):
+            self.problem(doc.line_of("cache"), "'cache' must be true or false", name)
+            cache = True
+        raw_rules = doc.get("rules")
+        if not isinstance(raw_rules, list) or not raw_rules:
+            self.problem(doc.line_of("rules"), "'rules' must be a non-empty list", name)
+            return None
+        rules: list[Rule] = []
+        seen: set[str] = set()
+        for raw_rule in raw_rules:
+            if not isinstance(raw_rule, PositionedDict):
+                self.problem(doc.line_of("rules"), "each rule must be a mapping", name)
+                continue
+            rule = self.rule(raw_rule, name)
+            if rule is None:
+                continue
+            if rule.name in seen:
+                self.problem(rule.position.line, f"duplicate rule name {rule.name!r}", name)
+            seen.add(rule.name)
+            rules.append(rule)
+        if layer is None or not name or len(rules) != len(raw_rules):
+            return None
+        return Policy(
+            name=name,
+            layer=layer,
+            description=str(doc.get("description", "")),
+            target=target,
+            rules=tuple(rules),
+            position=self._position(doc),
+            cache=cache,
+        )
+
+    def rule(self, doc: PositionedDict, policy: str) -> Rule | None:
+        name = self._name(doc, "name", policy)
+        self._check_keys(doc, {"name", "effect", "condition", "target", "message", "code"},
+                         "rule", policy, name)
+        effect = self._choice(doc, "effect", _effect, "allow, deny", default=None, policy=policy,
+                              rule=name)
+        condition = doc.get("condition")
+        if condition is not None and (not isinstance(condition, str) or not condition.strip()):
+            self.problem(doc.line_of("condition"), "'condition' must be a CEL expression string",
+                         policy, name)
+            return None
+        code = self._choice(doc, "code", _code, ", ".join(sorted(c.value for c in RULE_CODES)),
+                            default=ErrorCode.POLICY_DENIED, policy=policy, rule=name)
+        if code not in RULE_CODES:
+            self.problem(doc.line_of("code"), f"code {code.value!r} is reserved for the engine",
+                         policy, name)
+        if effect is Effect.ALLOW and "code" in doc:
+            self.problem(doc.line_of("code"), "only deny rules carry a code", policy, name)
+        message = doc.get("message", "")
+        if not isinstance(message, str):
+            self.problem(doc.line_of("message"), "'message' must be a string", policy, name)
+            message = ""
+        if effect is None or not name:
+            return None
+        # A block scalar's text starts on the line after its `|` or `>` indicator.
+        first_line = doc.value_lines.get("condition", doc.line)
+        if doc.block_scalar.get("condition"):
+            first_line += 1
+        return Rule(
+            name=name,
+            effect=effect,
+            condition=condition,
+            target=self._target(doc, "target", policy, name),
+            message=message,
+            code=code,
+            position=self._position(doc),
+            condition_position=Position(self.file, first_line),
+        )
+
+
+# Who owns a layer's policies decides which target dimension each must name explicitly.
+_OWNER_DIMENSION = {Layer.USER: "subjects", Layer.APPLICATION: "applications"}
+
+
+def _code(raw: str) -> ErrorCode:
+    return ErrorCode(raw if raw.startswith("kontext_") else f"kontext_{raw}")
+
+
+def _effect(raw: str) -> Effect:
+    return Effect(raw.upper())
+
+
+def _layer(raw: str) -> Layer:
+    layer = Layer(raw.lower())
+    if layer not in POLICY_LAYERS:
+        raise ValueError(raw)
+    return layer
