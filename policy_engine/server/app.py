@@ -1,0 +1,358 @@
+"""Building and running the gRPC server, in one process or several sharing a port.
+
+One Python process decides on one core at a time (the GIL), so `--workers N` runs N
+independent server processes bound to the same port with SO_REUSEPORT and lets the kernel
+spread connections across them. Each worker loads and compiles its own policy set.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import multiprocessing
+import multiprocessing.connection
+import os
+import signal
+import threading
+import time
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from types import FrameType
+from typing import TYPE_CHECKING, Any, Literal
+
+import grpc
+from google.protobuf.message import DecodeError
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+
+from policy_engine.api import pdp_pb2, pdp_pb2_grpc
+from policy_engine.config import ConfigError, Settings
+from policy_engine.engine.codes import ErrorCode, docs_url
+from policy_engine.server.errors import invalid_argument
+from policy_engine.server.service import SERVICE_NAME
+
+if TYPE_CHECKING:
+    from policy_engine.policy import CompiledPolicySet
+
+log = logging.getLogger(__name__)
+
+Mode = Literal["policy", "empty"]
+
+STOP_GRACE_SECONDS = 5.0
+EXIT_POLICY_ERROR = 1
+EXIT_WORKER_FAILED = 1
+
+
+def build_server(
+    servicer: pdp_pb2_grpc.PolicyDecisionServiceServicer,
+    settings: Settings,
+    *,
+    policy_ready: bool,
+    health_servicer: health.HealthServicer | None = None,
+) -> tuple[grpc.Server, int]:
+    """A bound, not yet started server for `servicer`, plus the port it bound.
+
+    Health ("" and the PDP service) reads SERVING only when `policy_ready`; pass your own
+    `health_servicer` to flip it later (hot reload, graceful shutdown). An address ending in
+    ":0" binds an ephemeral port.
+    """
+    max_bytes = settings.limits.max_message_bytes
+    server = grpc.server(
+        ThreadPoolExecutor(max_workers=settings.threads, thread_name_prefix="pdp-rpc"),
+        options=[
+            ("grpc.max_receive_message_length", max_bytes),
+            ("grpc.max_send_message_length", max_bytes),
+            # Lets `--workers N` processes bind the same port; the kernel balances between them.
+            ("grpc.so_reuseport", 1),
+        ],
+    )
+    _add_pdp_servicer(
+        servicer, server, docs_url(settings.docs_base_url, ErrorCode.VALIDATION_ERROR)
+    )
+    health_servicer = health_servicer or health.HealthServicer()
+    set_serving(health_servicer, policy_ready)
+    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+    reflection.enable_server_reflection(
+        (SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), server
+    )
+    try:
+        port = server.add_insecure_port(settings.address)
+    except RuntimeError as exc:
+        raise ConfigError(f"address {settings.address}: cannot bind ({exc})") from exc
+    if port == 0:  # older grpcio reports a failed bind as port 0
+        raise ConfigError(f"address {settings.address}: cannot bind")
+    return server, port
+
+
+class _Unparseable:
+    """Stands in for a request protobuf could not parse (too deeply nested, invalid UTF-8)."""
+
+    __slots__ = ("error",)
+
+    def __init__(self, error: str) -> None:
+        self.error = error
+
+
+def _lenient(parse: Callable[[bytes], Any]) -> Callable[[bytes], Any]:
+    def deserialize(data: bytes) -> Any:
+        try:
+            return parse(data)
+        except DecodeError as exc:
+            return _Unparseable(str(exc))
+
+    return deserialize
+
+
+def _add_pdp_servicer(
+    servicer: pdp_pb2_grpc.PolicyDecisionServiceServicer, server: grpc.Server, docs: str
+) -> None:
+    """Like the generated `add_..._to_server`, but an unparseable request is INVALID_ARGUMENT.
+
+    gRPC would answer INTERNAL ("Exception deserializing request!"), which tells the broker
+    nothing; the request is the client's fault and should say so, with the usual details.
+    """
+
+    def guard(behavior: Callable[[Any, grpc.ServicerContext], Any]) -> Callable[..., Any]:
+        def handle(request: Any, context: grpc.ServicerContext) -> Any:
+            if request.__class__ is _Unparseable:
+                context.abort_with_status(
+                    invalid_argument(
+                        [("request", f"could not be parsed: {request.error}")], docs_url=docs
+                    )
+                )
+            return behavior(request, context)
+
+        return handle
+
+    handlers = {
+        "Check": grpc.unary_unary_rpc_method_handler(
+            guard(servicer.Check),
+            request_deserializer=_lenient(pdp_pb2.CheckRequest.FromString),
+            response_serializer=pdp_pb2.CheckResponse.SerializeToString,
+        ),
+        "CheckBatch": grpc.unary_unary_rpc_method_handler(
+            guard(servicer.CheckBatch),
+            request_deserializer=_lenient(pdp_pb2.CheckBatchRequest.FromString),
+            response_serializer=pdp_pb2.CheckBatchResponse.SerializeToString,
+        ),
+    }
+    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(SERVICE_NAME, handlers),))
+    server.add_registered_method_handlers(SERVICE_NAME, handlers)
+
+
+def set_serving(health_servicer: health.HealthServicer, ready: bool) -> None:
+    """Overall health and the PDP service's health follow whether a valid policy set is loaded."""
+    status = (
+        health_pb2.HealthCheckResponse.SERVING
+        if ready
+        else health_pb2.HealthCheckResponse.NOT_SERVING
+    )
+    health_servicer.set("", status)
+    health_servicer.set(SERVICE_NAME, status)
+
+
+def serve(settings: Settings) -> None:
+    """Serve the policy decision service until SIGTERM/SIGINT (exits non-zero on bad policies)."""
+    serve_mode(settings, "policy")
+
+
+def serve_mode(settings: Settings, mode: Mode) -> None:
+    """Run `mode` ("policy" or the benchmark's "empty") in this process or in N workers."""
+    if settings.workers < 1:
+        raise ConfigError(f"setting workers: must be at least 1, got {settings.workers}")
+    if settings.workers == 1:
+        code = _run_worker(settings, mode, parent_pid=None)
+    else:
+        _explicit_port(settings.address)
+        # Fail fast, once, with the issues listed a single time rather than N times.
+        # Loading policies does not touch gRPC, so it is harmless before starting workers.
+        if mode == "policy" and _load_policies(settings) is None:
+            raise SystemExit(EXIT_POLICY_ERROR)
+        code = _supervise(settings, mode)
+    if code:
+        raise SystemExit(code)
+
+
+# --- one server process --------------------------------------------------------------------
+
+
+def _load_policies(settings: Settings) -> CompiledPolicySet | None:
+    """The compiled policy set, or None after logging every issue."""
+    from policy_engine.policy import PolicyLoadError, load_policy_set
+
+    try:
+        return load_policy_set(settings.policy_dir)
+    except PolicyLoadError as exc:
+        issues = list(getattr(exc, "issues", ()) or ())
+        log.error(
+            "policy set in %s is invalid (%d issue(s)); not serving",
+            settings.policy_dir,
+            len(issues),
+        )
+        for issue in issues:
+            log.error("%s:%s: %s", issue.file, issue.line, issue.message)
+        if not issues:
+            log.error("%s", exc)
+        return None
+
+
+def _run_worker(settings: Settings, mode: Mode, *, parent_pid: int | None) -> int:
+    """Serve until signalled (or orphaned); returns the process exit code."""
+    health_servicer = health.HealthServicer()
+    servicer: pdp_pb2_grpc.PolicyDecisionServiceServicer
+    if mode == "empty":
+        from policy_engine.server.empty import EmptyServicer
+
+        servicer = EmptyServicer()
+        revision, organizations = "empty", "-"
+    else:
+        from policy_engine.server.service import PolicyDecisionServicer
+
+        policies = _load_policies(settings)
+        if policies is None:
+            return EXIT_POLICY_ERROR
+        servicer = PolicyDecisionServicer(lambda: policies, settings)
+        revision = policies.revision
+        organizations = ",".join(_organization_names(policies)) or "-"
+
+    server, port = build_server(
+        servicer, settings, policy_ready=True, health_servicer=health_servicer
+    )
+    stop = threading.Event()
+    _install_handlers(lambda: stop.set())
+    server.start()
+    log.info(
+        "serving %s on %s (pid %d) revision=%s organizations=%s",
+        "kontext.pdp.v1 (EMPTY benchmark servicer)" if mode == "empty" else "kontext.pdp.v1",
+        _display_address(settings.address, port),
+        os.getpid(),
+        revision,
+        organizations,
+    )
+    # A timed wait keeps signal handlers responsive and lets an orphaned worker notice.
+    while not stop.wait(1.0):
+        if parent_pid is not None and os.getppid() != parent_pid:
+            log.error("supervisor %d is gone; shutting down", parent_pid)
+            break
+    log.info("shutting down (pid %d), grace %.0fs", os.getpid(), STOP_GRACE_SECONDS)
+    health_servicer.enter_graceful_shutdown()
+    server.stop(grace=STOP_GRACE_SECONDS).wait()
+    return 0
+
+
+def _organization_names(policies: object) -> list[str]:
+    orgs = getattr(policies, "organizations", None) or ()
+    return sorted(str(getattr(org, "name", org)) for org in orgs)
+
+
+def _display_address(address: str, port: int) -> str:
+    host, sep, _ = address.rpartition(":")
+    return f"{host}:{port}" if sep else address
+
+
+def _explicit_port(address: str) -> int:
+    _, sep, port_text = address.rpartition(":")
+    try:
+        port = int(port_text) if sep else 0
+    except ValueError:
+        port = 0
+    if port <= 0:
+        raise ConfigError(
+            f"setting address: workers > 1 need an explicit port to share, got {address!r}"
+        )
+    return port
+
+
+def _install_handlers(on_signal: Callable[[], None]) -> None:
+    """SIGTERM/SIGINT call `on_signal`; skipped off the main thread (e.g. serving in tests)."""
+    if threading.current_thread() is not threading.main_thread():
+        return
+
+    def handler(signum: int, frame: FrameType | None) -> None:
+        log.info("received %s", signal.Signals(signum).name)
+        on_signal()
+
+    signal.signal(signal.SIGTERM, handler)
+    signal.signal(signal.SIGINT, handler)
+
+
+# --- several server processes --------------------------------------------------------------
+
+
+def _worker_main(settings: Settings, mode: Mode, parent_pid: int) -> None:
+    """Entry point of a spawned worker: a fresh interpreter, so logging is configured anew."""
+    if not logging.getLogger().handlers:
+        logging.basicConfig(
+            level=settings.log_level.upper(),
+            format="%(asctime)s %(levelname)s [%(process)d] %(name)s: %(message)s",
+        )
+    raise SystemExit(_run_worker(settings, mode, parent_pid=parent_pid))
+
+
+def _supervise(settings: Settings, mode: Mode) -> int:
+    """Start `settings.workers` processes on one port, forward SIGTERM, wait for them all.
+
+    Workers are started with 'spawn', not 'fork': gRPC's core keeps threads and polling
+    state that do not survive a fork, so a forked child is only safe if the parent never
+    initialised gRPC, which a parent cannot promise once it has been imported by tests, the
+    CLI or a benchmark harness. A spawned worker is a fresh interpreter, which is always safe;
+    the cost is a second or so of start-up, once.
+
+    If a worker dies on its own, the others are stopped and the supervisor exits non-zero, so
+    the process manager (systemd, Kubernetes) restarts the whole unit rather than it serving
+    on fewer cores unnoticed.
+    """
+    ctx = multiprocessing.get_context("spawn")
+    procs: list[multiprocessing.process.BaseProcess] = []
+    stopping = threading.Event()
+
+    def stop_all() -> None:
+        stopping.set()
+        for proc in procs:
+            if proc.pid is not None and proc.exitcode is None:
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(proc.pid, signal.SIGTERM)
+
+    _install_handlers(stop_all)
+    for index in range(settings.workers):
+        if stopping.is_set():
+            break
+        proc = ctx.Process(
+            target=_worker_main,
+            args=(settings, mode, os.getpid()),
+            name=f"pdp-worker-{index}",
+        )
+        proc.start()
+        procs.append(proc)
+    if stopping.is_set():
+        stop_all()
+    log.info("supervising %d workers on %s", len(procs), settings.address)
+
+    failed = False
+    kill_at: float | None = None
+    while True:
+        running = [p for p in procs if p.exitcode is None]
+        if not running:
+            break
+        if stopping.is_set():
+            # A worker gets its grace period plus some slack, then is killed.
+            if kill_at is None:
+                kill_at = time.monotonic() + STOP_GRACE_SECONDS + 10.0
+            elif time.monotonic() > kill_at:
+                for proc in running:
+                    log.error("worker %s did not stop in time; killing it", proc.name)
+                    proc.kill()
+                failed = True
+        else:
+            dead = [p for p in procs if p.exitcode is not None]
+            if dead:
+                for proc in dead:
+                    log.error("worker %s exited with code %s", proc.name, proc.exitcode)
+                failed = True
+                stop_all()
+        multiprocessing.connection.wait([p.sentinel for p in running], timeout=1.0)
+    for proc in procs:
+        proc.join()
+    if failed or any(p.exitcode != 0 for p in procs):
+        return EXIT_WORKER_FAILED
+    return 0

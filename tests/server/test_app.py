@@ -1,0 +1,170 @@
+"""build_server, serve and serve_empty: binding, options, workers, signals, exit codes."""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import socket
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import grpc
+import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from policy_engine.api import pdp_pb2, pdp_pb2_grpc
+from policy_engine.config import ConfigError, Settings
+from policy_engine.server.app import build_server, serve
+from policy_engine.server.empty import EmptyServicer
+from policy_engine.server.service import SERVICE_NAME
+from tests.server.harness import EXAMPLE_POLICIES, REPO, running
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def test_ephemeral_port_is_reported() -> None:
+    server, port = build_server(EmptyServicer(), Settings(address="127.0.0.1:0"), policy_ready=True)
+    try:
+        assert port > 0
+        server.start()
+        with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
+            stub = pdp_pb2_grpc.PolicyDecisionServiceStub(channel)
+            assert stub.Check(pdp_pb2.CheckRequest(), timeout=10).effect == pdp_pb2.EFFECT_ALLOW
+    finally:
+        server.stop(grace=None)
+
+
+def test_unbindable_address_is_a_config_error() -> None:
+    # A plain listener (no SO_REUSEPORT) holds the port, so the server cannot share it.
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        sock.listen()
+        port = sock.getsockname()[1]
+        with pytest.raises(ConfigError, match="cannot bind"):
+            build_server(EmptyServicer(), Settings(address=f"127.0.0.1:{port}"), policy_ready=True)
+
+
+def test_empty_servicer_answers_allow_without_reading_the_request() -> None:
+    with running(EmptyServicer()) as channel:
+        stub = pdp_pb2_grpc.PolicyDecisionServiceStub(channel)
+        garbage = pdp_pb2.CheckRequest(scope="not a valid scope")
+        assert stub.Check(garbage, timeout=10).effect == pdp_pb2.EFFECT_ALLOW
+        batch = stub.CheckBatch(pdp_pb2.CheckBatchRequest(items=[garbage] * 7), timeout=10)
+        assert [r.effect for r in batch.results] == [pdp_pb2.EFFECT_ALLOW] * 7
+        health = health_pb2_grpc.HealthStub(channel)
+        status = health.Check(health_pb2.HealthCheckRequest(service=SERVICE_NAME), timeout=10)
+        assert status.status == health_pb2.HealthCheckResponse.SERVING
+
+
+def test_workers_need_an_explicit_port() -> None:
+    with pytest.raises(ConfigError, match="explicit port"):
+        serve(Settings(address="127.0.0.1:0", workers=2, policy_dir=EXAMPLE_POLICIES))
+
+
+def test_workers_must_be_positive() -> None:
+    with pytest.raises(ConfigError, match="workers"):
+        serve(Settings(address="127.0.0.1:0", workers=0, policy_dir=EXAMPLE_POLICIES))
+
+
+def test_invalid_policies_exit_non_zero_with_every_issue_logged(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    org = tmp_path / "acme"
+    org.mkdir()
+    (org / "organization.yaml").write_text(
+        "kind: Organization\ncatalog: {integrations: [github], applications: [app]}\n"
+    )
+    (org / "broken.yaml").write_text(
+        textwrap.dedent(
+            """\
+            kind: Policy
+            name: broken
+            layer: org
+            rules:
+              - name: bad-syntax
+                effect: allow
+                condition: 'subject.attributes.groups ++ ('
+            """
+        )
+    )
+    caplog.set_level(logging.ERROR)
+    with pytest.raises(SystemExit) as caught:
+        serve(Settings(address="127.0.0.1:0", policy_dir=tmp_path))
+    assert caught.value.code != 0
+    assert "broken.yaml" in caplog.text
+
+
+def _health_status(port: int) -> int | None:
+    try:
+        with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
+            stub = health_pb2_grpc.HealthStub(channel)
+            return stub.Check(health_pb2.HealthCheckRequest(service=""), timeout=1).status
+    except grpc.RpcError:
+        return None
+
+
+@pytest.mark.parametrize(
+    ("entry", "workers"),
+    [("policy_engine.server.app.serve", 2), ("policy_engine.server.empty.serve_empty", 1)],
+)
+def test_serve_answers_and_stops_on_sigterm(tmp_path: Path, entry: str, workers: int) -> None:
+    port = _free_port()
+    module, function = entry.rsplit(".", 1)
+    code = textwrap.dedent(
+        f"""
+        import logging
+        from pathlib import Path
+        from policy_engine.config import Settings
+        from {module} import {function}
+        logging.basicConfig(level="INFO")
+        {function}(Settings(address="127.0.0.1:{port}", workers={workers}, threads=2,
+                       policy_dir=Path({str(EXAMPLE_POLICIES)!r})))
+        """
+    )
+    log_file = tmp_path / "serve.log"
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    with log_file.open("w") as log:
+        proc = subprocess.Popen(
+            [sys.executable, "-c", code], cwd=REPO, env=env, stdout=log, stderr=log
+        )
+    try:
+        deadline = time.monotonic() + 60
+        # All workers up (each logs one line), so shutdown exercises forwarding to each.
+        while log_file.read_text().count("serving kontext.pdp.v1") < workers:
+            assert proc.poll() is None, log_file.read_text()
+            assert time.monotonic() < deadline, "workers never started: " + log_file.read_text()
+            time.sleep(0.2)
+        while _health_status(port) != health_pb2.HealthCheckResponse.SERVING:
+            assert time.monotonic() < deadline, "never healthy: " + log_file.read_text()
+            time.sleep(0.2)
+        request = pdp_pb2.CheckRequest(
+            organization="acme",
+            subject=pdp_pb2.Subject(id="alice"),
+            application=pdp_pb2.Application(id="pr-reviewer"),
+            integration=pdp_pb2.Integration(id="github"),
+            scope="repo",
+        )
+        request.subject.attributes.update({"groups": ["engineering"]})
+        # Fresh connections are spread over the workers by the kernel; each must answer.
+        for _ in range(6):
+            with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
+                stub = pdp_pb2_grpc.PolicyDecisionServiceStub(channel)
+                assert stub.Check(request, timeout=10).effect == pdp_pb2.EFFECT_ALLOW
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(timeout=30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    output = log_file.read_text()
+    assert proc.returncode == 0, output
+    assert output.count("shutting down") == workers, output
+    assert _health_status(port) is None  # nothing left listening

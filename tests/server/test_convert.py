@@ -1,0 +1,405 @@
+"""Unit tests of the proto <-> domain conversion (no server needed)."""
+
+from __future__ import annotations
+
+import math
+import time
+import uuid
+from datetime import UTC, datetime
+
+import pytest
+from google.protobuf import struct_pb2, timestamp_pb2
+
+from policy_engine.api import pdp_pb2
+from policy_engine.config import RequestLimits
+from policy_engine.engine.codes import ErrorCode
+from policy_engine.engine.decision import (
+    Decision,
+    Effect,
+    Layer,
+    LayerTrace,
+    Reason,
+    RuleResult,
+    RuleTrace,
+)
+from policy_engine.engine.request import ConnectionState, SubjectKind
+from policy_engine.server.convert import (
+    RequestConverter,
+    ResponseBuilder,
+    new_decision_id,
+    timestamp_to_datetime,
+)
+
+LIMITS = RequestLimits()
+
+
+@pytest.fixture
+def converter() -> RequestConverter:
+    return RequestConverter(LIMITS)
+
+
+def _struct(value: dict) -> struct_pb2.Struct:
+    s = struct_pb2.Struct()
+    s.update(value)
+    return s
+
+
+def _request(**kwargs: object) -> pdp_pb2.CheckRequest:
+    base = pdp_pb2.CheckRequest(
+        organization="acme",
+        subject=pdp_pb2.Subject(id="alice"),
+        application=pdp_pb2.Application(id="pr-reviewer"),
+        integration=pdp_pb2.Integration(id="github"),
+        scope="repo",
+    )
+    base.MergeFrom(pdp_pb2.CheckRequest(**kwargs))
+    return base
+
+
+def test_plain_fields(converter: RequestConverter) -> None:
+    msg = _request(
+        subject=pdp_pb2.Subject(access_token="tok"),
+        context=pdp_pb2.RequestContext(client_ip="10.0.0.1", session_id="s1"),
+        request_id="r-1",
+        explain=True,
+    )
+    req, problems = converter.convert(msg)
+    assert problems == ()
+    assert req.organization == "acme"
+    assert req.subject.id == "alice"
+    assert req.subject.access_token == "tok"
+    assert "tok" not in repr(req)
+    assert req.application.id == "pr-reviewer"
+    assert req.integration.id == "github"
+    assert req.scope == "repo"
+    assert req.context.client_ip == "10.0.0.1"
+    assert req.context.session_id == "s1"
+    assert req.context.time is None
+    assert req.request_id == "r-1"
+    assert req.explain is True
+
+
+def test_unset_messages_read_as_empty(converter: RequestConverter) -> None:
+    req, problems = converter.convert(pdp_pb2.CheckRequest())
+    assert problems == ()
+    assert req.subject.id == ""
+    assert req.subject.kind is SubjectKind.USER
+    assert req.subject.attributes == {}
+    assert req.application.attributes == {}
+    assert req.context.connection is ConnectionState.UNKNOWN
+    assert req.context.attributes == {}
+    assert req.explain is False
+
+
+def test_struct_value_types(converter: RequestConverter) -> None:
+    attrs = _struct(
+        {
+            "groups": ["engineering", "oncall"],
+            "level": 3,
+            "ratio": 0.5,
+            "big": 1e300,
+            "admin": True,
+            "nothing": None,
+            "nested": {"a": {"b": [1, 2.5, "x", None, False]}},
+        }
+    )
+    attrs.fields["nan"].number_value = math.nan
+    attrs.fields["inf"].number_value = math.inf
+    attrs.fields["unset"].CopyFrom(struct_pb2.Value())  # a Value with no kind at all
+    req, _ = converter.convert(_request(subject=pdp_pb2.Subject(attributes=attrs)))
+    got = req.subject.attributes
+    assert got["groups"] == ["engineering", "oncall"]
+    assert got["level"] == 3 and type(got["level"]) is int
+    assert got["ratio"] == 0.5 and type(got["ratio"]) is float
+    assert type(got["big"]) is float  # beyond int64: stays a float
+    assert got["admin"] is True
+    assert got["nothing"] is None
+    assert got["unset"] is None
+    assert got["nested"] == {"a": {"b": [1, 2.5, "x", None, False]}}
+    assert type(got["nested"]["a"]["b"][0]) is int
+    assert math.isnan(got["nan"])
+    assert got["inf"] == math.inf
+    assert type(got) is dict and type(got["groups"]) is list
+
+
+def test_all_attribute_maps_converted(converter: RequestConverter) -> None:
+    msg = _request(
+        application=pdp_pb2.Application(attributes=_struct({"owner": "team-a"})),
+        integration=pdp_pb2.Integration(attributes=_struct({"tier": 2})),
+        context=pdp_pb2.RequestContext(attributes=_struct({"ticket": "T-1"})),
+    )
+    req, _ = converter.convert(msg)
+    assert req.application.attributes == {"owner": "team-a"}
+    assert req.integration.attributes == {"tier": 2}
+    assert req.context.attributes == {"ticket": "T-1"}
+
+
+def _nested(depth: int) -> pdp_pb2.CheckRequest:
+    """A request whose subject attributes are `depth` maps deep, built in memory.
+
+    In memory there is no limit; from the wire, protobuf's parser stops at 100 message levels
+    (about 33 Struct levels inside a CheckRequest).
+    """
+    msg = _request()
+    cur = msg.subject.attributes
+    for _ in range(depth - 1):
+        cur = cur.fields["a"].struct_value
+    cur.fields["leaf"].string_value = "x"
+    return msg
+
+
+def _depth(value: object) -> int:
+    if isinstance(value, dict):
+        return 1 + max((_depth(v) for v in value.values()), default=0)
+    if isinstance(value, list):
+        return 1 + max((_depth(v) for v in value), default=0)
+    return 0
+
+
+def test_nesting_within_limits_is_exact(converter: RequestConverter) -> None:
+    req, _ = converter.convert(_nested(LIMITS.max_attribute_depth))
+    assert _depth(req.subject.attributes) == LIMITS.max_attribute_depth
+
+
+@pytest.mark.parametrize("depth", [33, 500])
+def test_pathological_nesting_is_bounded_but_still_too_deep(
+    converter: RequestConverter, depth: int
+) -> None:
+    msg = _nested(depth)
+    if depth <= 33:  # the deepest the wire allows
+        msg = pdp_pb2.CheckRequest.FromString(msg.SerializeToString())
+    started = time.perf_counter()
+    req, _ = converter.convert(msg)
+    assert time.perf_counter() - started < 0.01
+    got = _depth(req.subject.attributes)
+    # Deep enough that validation must reject it, whatever its counting convention.
+    assert LIMITS.max_attribute_depth + 2 <= got <= LIMITS.max_attribute_depth + 4
+
+
+def test_deep_lists_are_bounded(converter: RequestConverter) -> None:
+    msg = _request()
+    value = msg.subject.attributes.fields["l"]
+    for _ in range(500):
+        value = value.list_value.values.add()
+    value.string_value = "x"
+    req, _ = converter.convert(msg)
+    assert LIMITS.max_attribute_depth + 2 <= _depth(req.subject.attributes) < 20
+
+
+def test_wide_maps_are_truncated_past_the_entry_limit(converter: RequestConverter) -> None:
+    msg = _request()
+    for i in range(50_000):
+        msg.subject.attributes.fields[f"k{i}"].number_value = i
+    started = time.perf_counter()
+    req, _ = converter.convert(msg)
+    assert time.perf_counter() - started < 0.01
+    assert len(req.subject.attributes) == LIMITS.max_attributes + 1  # still over: rejected
+
+
+def test_timestamp(converter: RequestConverter) -> None:
+    ts = timestamp_pb2.Timestamp(seconds=1_700_000_000, nanos=123_456_789)
+    req, problems = converter.convert(_request(context=pdp_pb2.RequestContext(time=ts)))
+    assert problems == ()
+    assert req.context.time == datetime(2023, 11, 14, 22, 13, 20, 123456, tzinfo=UTC)
+    assert req.context.time.tzinfo is UTC
+
+
+def test_epoch_timestamp_is_present_not_none(converter: RequestConverter) -> None:
+    msg = _request(context=pdp_pb2.RequestContext(time=timestamp_pb2.Timestamp()))
+    req, _ = converter.convert(msg)
+    assert req.context.time == datetime(1970, 1, 1, tzinfo=UTC)
+
+
+@pytest.mark.parametrize(
+    ("seconds", "nanos"),
+    [(2**62, 0), (-(2**62), 0), (0, -1), (0, 1_000_000_000)],
+)
+def test_invalid_timestamps_become_validation_reasons(
+    converter: RequestConverter, seconds: int, nanos: int
+) -> None:
+    ts = timestamp_pb2.Timestamp(seconds=seconds, nanos=nanos)
+    assert timestamp_to_datetime(ts) is None
+    req, problems = converter.convert(_request(context=pdp_pb2.RequestContext(time=ts)))
+    assert req.context.time is None
+    assert [(p.code, p.field, p.layer) for p in problems] == [
+        (ErrorCode.VALIDATION_ERROR, "context.time", Layer.SYSTEM)
+    ]
+
+
+@pytest.mark.parametrize(
+    ("kind", "expected"),
+    [
+        (pdp_pb2.SUBJECT_KIND_UNSPECIFIED, SubjectKind.USER),
+        (pdp_pb2.SUBJECT_KIND_USER, SubjectKind.USER),
+        (pdp_pb2.SUBJECT_KIND_SERVICE_ACCOUNT, SubjectKind.SERVICE_ACCOUNT),
+        (pdp_pb2.SUBJECT_KIND_EXTERNAL_USER, SubjectKind.EXTERNAL_USER),
+    ],
+)
+def test_subject_kinds(converter: RequestConverter, kind: int, expected: SubjectKind) -> None:
+    req, problems = converter.convert(_request(subject=pdp_pb2.Subject(kind=kind)))
+    assert req.subject.kind is expected
+    assert problems == ()
+
+
+@pytest.mark.parametrize(
+    ("state", "expected"),
+    [
+        (pdp_pb2.CONNECTION_STATE_UNSPECIFIED, ConnectionState.UNKNOWN),
+        (pdp_pb2.CONNECTION_STATE_ACTIVE, ConnectionState.ACTIVE),
+        (pdp_pb2.CONNECTION_STATE_ABSENT, ConnectionState.ABSENT),
+    ],
+)
+def test_connection_states(
+    converter: RequestConverter, state: int, expected: ConnectionState
+) -> None:
+    msg = _request(context=pdp_pb2.RequestContext(connection=state))
+    req, problems = converter.convert(msg)
+    assert req.context.connection is expected
+    assert problems == ()
+
+
+def test_unknown_enum_numbers_fail_closed(converter: RequestConverter) -> None:
+    # proto3 enums are open: a newer broker may send numbers this server does not know.
+    msg = _request(subject=pdp_pb2.Subject(kind=42), context=pdp_pb2.RequestContext(connection=7))
+    msg = pdp_pb2.CheckRequest.FromString(msg.SerializeToString())
+    _, problems = converter.convert(msg)
+    assert [p.field for p in problems] == ["subject.kind", "context.connection"]
+    assert all(p.code is ErrorCode.VALIDATION_ERROR for p in problems)
+
+
+# --- responses -------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def builder() -> ResponseBuilder:
+    return ResponseBuilder("https://docs.example.test/")
+
+
+def test_allow_response(builder: ResponseBuilder) -> None:
+    decision = Decision(effect=Effect.ALLOW, reasons=(), revision="rev-1")
+    resp = builder.response(decision, request_id="r-9", explain=False)
+    assert resp.effect == pdp_pb2.EFFECT_ALLOW
+    assert list(resp.reasons) == []
+    assert resp.policy_revision == "rev-1"
+    assert resp.request_id == "r-9"
+    assert len(resp.decision_id) == 32 and int(resp.decision_id, 16) >= 0
+    assert resp.cached is False
+    assert resp.cache_level == pdp_pb2.CACHE_LEVEL_NONE
+    assert not resp.HasField("explain")
+
+
+def test_decision_ids_are_fresh(builder: ResponseBuilder) -> None:
+    decision = Decision(effect=Effect.ALLOW, reasons=(), revision="r")
+    ids = {builder.response(decision, request_id="", explain=False).decision_id for _ in range(50)}
+    assert len(ids) == 50
+
+
+def test_deny_reasons(builder: ResponseBuilder) -> None:
+    reasons = (
+        Reason(ErrorCode.POLICY_DENIED, Layer.ORG, "acme-org", "no-delete", "no deleting repos"),
+        Reason(ErrorCode.VALIDATION_ERROR, Layer.SYSTEM, "", "", "must not be empty", "scope"),
+        Reason(ErrorCode.AUTHORIZATION_REQUIRED, Layer.SYSTEM, "", "", "token expired"),
+    )
+    decision = Decision(effect=Effect.DENY, reasons=reasons, revision="rev-2")
+    resp = builder.response(decision, request_id="", explain=False)
+    assert resp.effect == pdp_pb2.EFFECT_DENY
+    first, second, third = resp.reasons
+    assert first.code == "kontext_policy_denied"
+    assert first.http_status == 403
+    assert first.layer == pdp_pb2.LAYER_ORG
+    assert first.policy == "acme-org" and first.rule == "no-delete"
+    assert first.message == "no deleting repos"
+    assert first.docs_url == "https://docs.example.test/errors/kontext_policy_denied"
+    assert first.field == ""
+    assert second.code == "kontext_validation_error"
+    assert second.http_status == 400
+    assert second.layer == pdp_pb2.LAYER_SYSTEM
+    assert second.field == "scope"
+    assert third.http_status == 401
+    assert third.docs_url.endswith("/errors/kontext_authorization_required")
+
+
+@pytest.mark.parametrize("code", list(ErrorCode))
+def test_every_code_maps(builder: ResponseBuilder, code: ErrorCode) -> None:
+    decision = Decision(
+        effect=Effect.DENY, reasons=(Reason(code, Layer.USER, "p", "r", "m"),), revision=""
+    )
+    (reason,) = builder.response(decision, request_id="", explain=False).reasons
+    assert reason.code == code.value
+    assert reason.http_status == code.http_status
+    assert reason.layer == pdp_pb2.LAYER_USER
+    assert reason.docs_url == f"https://docs.example.test/errors/{code.value}"
+
+
+def _traced_decision() -> Decision:
+    return Decision(
+        effect=Effect.DENY,
+        reasons=(Reason(ErrorCode.POLICY_DENIED, Layer.APPLICATION, "pr", "only-github", "no"),),
+        revision="rev-3",
+        trace=(
+            LayerTrace(
+                Layer.ORG,
+                Effect.ALLOW,
+                False,
+                (
+                    RuleTrace("org", "eng", Effect.ALLOW, RuleResult.MATCHED),
+                    RuleTrace("org", "bad", Effect.DENY, RuleResult.ERROR, "no such key: x"),
+                ),
+            ),
+            LayerTrace(Layer.USER, Effect.ALLOW, True),
+            LayerTrace(
+                Layer.APPLICATION,
+                Effect.DENY,
+                False,
+                (RuleTrace("pr", "only-github", Effect.DENY, RuleResult.NOT_MATCHED),),
+            ),
+        ),
+    )
+
+
+def test_explain_trace_only_when_asked(builder: ResponseBuilder) -> None:
+    decision = _traced_decision()
+    assert not builder.response(decision, request_id="", explain=False).HasField("explain")
+    resp = builder.response(decision, request_id="", explain=True)
+    assert resp.HasField("explain")
+    org, user, app = resp.explain.layers
+    assert (org.layer, org.effect, org.by_default) == (
+        pdp_pb2.LAYER_ORG,
+        pdp_pb2.EFFECT_ALLOW,
+        False,
+    )
+    assert [(r.rule, r.effect, r.result, r.detail) for r in org.rules] == [
+        ("eng", pdp_pb2.EFFECT_ALLOW, pdp_pb2.RULE_RESULT_MATCHED, ""),
+        ("bad", pdp_pb2.EFFECT_DENY, pdp_pb2.RULE_RESULT_ERROR, "no such key: x"),
+    ]
+    assert org.rules[0].policy == "org"
+    assert (user.layer, user.by_default, len(user.rules)) == (pdp_pb2.LAYER_USER, True, 0)
+    assert app.layer == pdp_pb2.LAYER_APPLICATION
+    assert app.rules[0].result == pdp_pb2.RULE_RESULT_NOT_MATCHED
+
+
+def test_explain_asked_but_nothing_traced_is_present_and_empty(builder: ResponseBuilder) -> None:
+    decision = Decision(effect=Effect.ALLOW, reasons=(), revision="")
+    resp = builder.response(decision, request_id="", explain=True)
+    assert resp.HasField("explain")
+    assert len(resp.explain.layers) == 0
+
+
+def test_long_lists_are_truncated_past_the_entry_limit(converter: RequestConverter) -> None:
+    msg = _request()
+    values = msg.subject.attributes.fields["l"].list_value.values
+    for i in range(50_000):
+        values.add().number_value = i
+    started = time.perf_counter()
+    req, _ = converter.convert(msg)
+    assert time.perf_counter() - started < 0.01
+    assert req.subject.attributes["l"] == list(range(LIMITS.max_attributes + 1))
+
+
+def test_decision_ids_are_uuid4() -> None:
+    for _ in range(200):
+        value = new_decision_id()
+        parsed = uuid.UUID(hex=value)
+        assert parsed.version == 4
+        assert parsed.variant == uuid.RFC_4122
+        assert parsed.hex == value
