@@ -213,7 +213,7 @@ def _run_worker(settings: Settings, mode: Mode, *, parent_pid: int | None) -> in
             return EXIT_POLICY_ERROR
         servicer = PolicyDecisionServicer(lambda: policies, settings)
         revision = policies.revision
-        organizations = ",".join(_organization_names(policies)) or "-"
+        organizations = ",".join(sorted(policies.organizations)) or "-"
 
     server, port = build_server(
         servicer, settings, policy_ready=True, health_servicer=health_servicer
@@ -238,11 +238,6 @@ def _run_worker(settings: Settings, mode: Mode, *, parent_pid: int | None) -> in
     health_servicer.enter_graceful_shutdown()
     server.stop(grace=STOP_GRACE_SECONDS).wait()
     return 0
-
-
-def _organization_names(policies: object) -> list[str]:
-    orgs = getattr(policies, "organizations", None) or ()
-    return sorted(str(getattr(org, "name", org)) for org in orgs)
 
 
 def _display_address(address: str, port: int) -> str:
@@ -286,7 +281,12 @@ def _worker_main(settings: Settings, mode: Mode, parent_pid: int) -> None:
             level=settings.log_level.upper(),
             format="%(asctime)s %(levelname)s [%(process)d] %(name)s: %(message)s",
         )
-    raise SystemExit(_run_worker(settings, mode, parent_pid=parent_pid))
+    try:
+        code = _run_worker(settings, mode, parent_pid=parent_pid)
+    except ConfigError as exc:  # e.g. the port cannot be bound: one clear line, no traceback
+        log.error("%s", exc)
+        code = EXIT_WORKER_FAILED
+    raise SystemExit(code)
 
 
 def _supervise(settings: Settings, mode: Mode) -> int:

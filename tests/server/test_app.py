@@ -168,3 +168,32 @@ def test_serve_answers_and_stops_on_sigterm(tmp_path: Path, entry: str, workers:
     assert proc.returncode == 0, output
     assert output.count("shutting down") == workers, output
     assert _health_status(port) is None  # nothing left listening
+
+
+def test_workers_that_cannot_bind_make_serve_exit_non_zero(tmp_path: Path) -> None:
+    # A plain listener (no SO_REUSEPORT) holds the port: every worker fails to bind.
+    with socket.socket() as holder:
+        holder.bind(("127.0.0.1", 0))
+        holder.listen()
+        port = holder.getsockname()[1]
+        code = textwrap.dedent(
+            f"""
+            from pathlib import Path
+            from policy_engine.config import Settings
+            from policy_engine.server.app import serve
+            serve(Settings(address="127.0.0.1:{port}", workers=2,
+                           policy_dir=Path({str(EXAMPLE_POLICIES)!r})))
+            """
+        )
+        env = {**os.environ, "PYTHONPATH": str(REPO)}
+        done = subprocess.run(
+            [sys.executable, "-c", code],
+            cwd=REPO,
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+    assert done.returncode != 0
+    assert "cannot bind" in done.stderr
+    assert "Traceback" not in done.stderr
