@@ -1,0 +1,753 @@
+"""CEL standard functions and the policy helpers operators use, over plain Python values.
+
+Each function takes already-evaluated arguments (receiver first for the method form) and
+either returns a plain value or raises :class:`CelEvaluationError`.
+
+Some arguments are *prepared* before the function sees them: a regular expression is
+compiled, a glob is split into segments, a CIDR is parsed, a time zone is resolved, an
+``"HH:MM"`` string becomes minutes after midnight. The per-argument preparers live in
+:data:`FUNCTIONS` next to each function. When the argument is a literal, the compiler runs the
+preparer once at compile time - so a bad regex, glob, CIDR, zone or time of day in a policy is
+a compile error - and the function is then called with the prepared object on every request.
+When the argument is computed at run time, the preparer runs per call, backed by a small
+bounded cache (the only mutable module-level state; it is lock-protected).
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import re
+import threading
+from collections.abc import Callable, Hashable, Mapping
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta, timezone, tzinfo
+from decimal import ROUND_DOWN, Decimal
+from typing import Any
+from zoneinfo import ZoneInfo
+
+from policy_engine.cel.errors import CelEvaluationError
+from policy_engine.cel.values import (
+    INT64_MAX,
+    INT64_MIN,
+    MAX_DURATION_SECONDS,
+    UINT64_MAX,
+    as_utc,
+    kind_of,
+    no_overload,
+    trunc_div,
+)
+
+Converter = Callable[[Any], Any]
+_UTC = UTC
+_EPOCH = datetime(1970, 1, 1, tzinfo=_UTC)
+_US_PER_SECOND = 1_000_000
+
+
+# --------------------------------------------------------------------------------------------
+# Bounded cache for arguments prepared at run time
+
+
+class _BoundedCache:
+    """A small FIFO-bounded map from (kind, text) to a prepared object.
+
+    Reads are plain dict lookups (atomic under the GIL); inserts and evictions take a lock.
+    Failures are not cached, so a bad runtime pattern costs a compile attempt per call.
+    """
+
+    def __init__(self, max_entries: int) -> None:
+        self._entries: dict[Hashable, Any] = {}
+        self._lock = threading.Lock()
+        self._max_entries = max_entries
+
+    def get(self, key: Hashable, build: Callable[[], Any]) -> Any:
+        try:
+            return self._entries[key]
+        except KeyError:
+            pass
+        value = build()
+        with self._lock:
+            while len(self._entries) >= self._max_entries:
+                self._entries.pop(next(iter(self._entries)))
+            self._entries[key] = value
+        return value
+
+
+_PREPARED = _BoundedCache(max_entries=256)
+
+
+def _require_string(value: Any, what: str) -> str:
+    if isinstance(value, str):
+        return value
+    raise CelEvaluationError(f"expected a string {what}, got {kind_of(value)}")
+
+
+# --------------------------------------------------------------------------------------------
+# Argument preparers (run at compile time for literals, per call otherwise)
+
+
+def prepare_regex(pattern: Any) -> re.Pattern[str]:
+    """Compile a ``matches`` pattern (Python ``re`` syntax, searched anywhere in the string)."""
+    text = _require_string(pattern, "regular expression")
+
+    def build() -> re.Pattern[str]:
+        try:
+            return re.compile(text)
+        except (re.error, OverflowError, RecursionError) as exc:
+            raise CelEvaluationError(f"invalid regular expression {text!r}: {exc}") from None
+
+    return _PREPARED.get(("regex", text), build)  # type: ignore[no-any-return]
+
+
+class GlobPattern:
+    """A shell-style glob: ``*`` matches any run (including ``:`` and ``/``), ``?`` one char.
+
+    Everything else is literal, including ``[`` and ``]``. Matching splits the pattern at the
+    stars and places each fixed-length segment leftmost-first, which is O(len(s) * len(pattern))
+    in the worst case - unlike a backtracking ``.*`` regex, which is exponential in the
+    number of stars on adversarial input.
+    """
+
+    __slots__ = ("_head", "_middle", "_min_length", "_tail", "pattern")
+
+    def __init__(self, pattern: str) -> None:
+        self.pattern = pattern
+        segments = [_Segment(part) for part in pattern.split("*")]
+        self._head = segments[0]
+        self._tail = segments[-1] if len(segments) > 1 else None
+        self._middle = tuple(segments[1:-1])
+        self._min_length = len(pattern) - pattern.count("*")
+
+    def match(self, text: str) -> bool:
+        """True when the whole of ``text`` matches the glob."""
+        if self._tail is None:
+            return self._head.fullmatch(text) is not None
+        if len(text) < self._min_length or self._head.match(text) is None:
+            return False
+        position = self._head.pattern_length
+        tail_start = len(text) - self._tail.pattern_length
+        if self._tail.match(text, tail_start) is None:
+            return False
+        for segment in self._middle:
+            found = segment.search(text, position, tail_start)
+            if found is None:
+                return False
+            position = found.end()
+        return position <= tail_start
+
+
+class _Segment:
+    """One star-free glob segment: a fixed-length regex where ``?`` is any character."""
+
+    __slots__ = ("_regex", "pattern_length")
+
+    def __init__(self, part: str) -> None:
+        self._regex = re.compile("".join("." if c == "?" else re.escape(c) for c in part), re.S)
+        self.pattern_length = len(part)
+
+    def match(self, text: str, position: int = 0) -> re.Match[str] | None:
+        return self._regex.match(text, position)
+
+    def fullmatch(self, text: str) -> re.Match[str] | None:
+        return self._regex.fullmatch(text)
+
+    def search(self, text: str, start: int, end: int) -> re.Match[str] | None:
+        return self._regex.search(text, start, end)
+
+
+def prepare_glob(pattern: Any) -> GlobPattern:
+    """Turn a glob string into a :class:`GlobPattern` (cached)."""
+    text = _require_string(pattern, "glob pattern")
+    return _PREPARED.get(("glob", text), lambda: GlobPattern(text))  # type: ignore[no-any-return]
+
+
+def prepare_prefixes(prefixes: Any) -> tuple[str, ...]:
+    """The list argument of ``startsWithAny``: every element must be a string."""
+    if kind_of(prefixes) != "list":
+        raise CelEvaluationError(f"expected a list of string prefixes, got {kind_of(prefixes)}")
+    for prefix in prefixes:
+        _require_string(prefix, "prefix")
+    return tuple(prefixes)
+
+
+IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
+
+
+def prepare_cidr(cidr: Any) -> IPNetwork:
+    """Parse an IPv4 or IPv6 CIDR such as ``10.0.0.0/8`` (host bits may be set)."""
+    text = _require_string(cidr, "CIDR")
+
+    def build() -> IPNetwork:
+        try:
+            return ipaddress.ip_network(text, strict=False)
+        except ValueError:
+            raise CelEvaluationError(f"invalid CIDR: {text!r}") from None
+
+    return _PREPARED.get(("cidr", text), build)  # type: ignore[no-any-return]
+
+
+_FIXED_OFFSET = re.compile(r"([+-])([0-9]{2}):([0-9]{2})", re.ASCII)
+
+
+def prepare_zone(name: Any) -> tzinfo:
+    """An IANA time zone name (``Europe/Berlin``, ``UTC``) or a fixed offset (``+05:30``)."""
+    text = _require_string(name, "time zone")
+
+    def build() -> tzinfo:
+        fixed = _FIXED_OFFSET.fullmatch(text)
+        if fixed:
+            sign, hours, minutes = fixed.groups()
+            offset = timedelta(hours=int(hours), minutes=int(minutes))
+            if offset >= timedelta(hours=24):
+                raise CelEvaluationError(f"invalid time zone offset: {text!r}")
+            return timezone(-offset if sign == "-" else offset)
+        try:
+            return ZoneInfo(text)
+        except Exception:  # ZoneInfoNotFoundError, ValueError, IsADirectoryError, ...
+            raise CelEvaluationError(f"unknown time zone: {text!r}") from None
+
+    return _PREPARED.get(("zone", text), build)  # type: ignore[no-any-return]
+
+
+_HHMM = re.compile(r"([01][0-9]|2[0-3]):([0-5][0-9])", re.ASCII)
+
+
+def prepare_hhmm(value: Any) -> int:
+    """An ``"HH:MM"`` time of day (00:00-23:59) as minutes after midnight."""
+    text = _require_string(value, "time of day")
+    parsed = _HHMM.fullmatch(text)
+    if parsed is None:
+        raise CelEvaluationError(f"invalid time of day {text!r}: expected HH:MM, 00:00-23:59")
+    return int(parsed.group(1)) * 60 + int(parsed.group(2))
+
+
+# --------------------------------------------------------------------------------------------
+# Policy helpers (one small function each)
+
+
+def glob_match(text: Any, glob: GlobPattern) -> bool:
+    """``s.glob(pattern)`` / ``globMatch(s, pattern)``: whole-string shell-style match.
+
+    ``*`` matches any run of characters including ``:`` and ``/``; ``?`` matches exactly one
+    character; ``[`` and ``]`` are ordinary characters.
+
+    Example: ``"repo:acme/api:read".glob("repo:acme/*:read")`` is ``true``.
+    """
+    if not isinstance(text, str):
+        raise no_overload("glob", text, glob.pattern)
+    return glob.match(text)
+
+
+def starts_with_any(text: Any, prefixes: tuple[str, ...]) -> bool:
+    """``s.startsWithAny(["repo", "read:"])``: true when ``s`` starts with any prefix.
+
+    Example: ``"read:issues".startsWithAny(["repo", "read:"])`` is ``true``; with an empty
+    list it is always ``false``.
+    """
+    if not isinstance(text, str):
+        raise no_overload("startsWithAny", text, list(prefixes))
+    return text.startswith(prefixes)
+
+
+def in_cidr(address: Any, network: IPNetwork) -> bool:
+    """``ip.inCidr(cidr)`` / ``inCidr(ip, cidr)``: true when the address lies in the network.
+
+    IPv4 and IPv6 are both supported; an IPv4 address is never inside an IPv6 network (except
+    in its IPv4-mapped form ``::ffff:a.b.c.d``). An unparseable address is an error.
+
+    Example: ``"10.1.2.3".inCidr("10.0.0.0/8")`` is ``true``.
+    """
+    if not isinstance(address, str):
+        raise no_overload("inCidr", address, str(network))
+    try:
+        parsed = ipaddress.ip_address(address)
+    except ValueError:
+        raise CelEvaluationError(f"invalid IP address: {address!r}") from None
+    if parsed.version != network.version:
+        mapped = getattr(parsed, "ipv4_mapped", None)
+        if mapped is None or network.version != 4:
+            return False
+        parsed = mapped
+    return parsed in network
+
+
+def _local_time(value: Any, zone: tzinfo | None, function: str) -> datetime:
+    if not isinstance(value, datetime):
+        raise no_overload(function, value)
+    try:
+        return as_utc(value).astimezone(zone or _UTC)
+    except (OverflowError, ValueError) as exc:
+        raise CelEvaluationError(f"{function}: cannot convert timestamp: {exc}") from None
+
+
+def time_of_day(timestamp: Any, zone: tzinfo) -> str:
+    """``t.timeOfDay(tz)``: the local wall-clock time of ``t`` in ``tz`` as ``"HH:MM"``.
+
+    Example: ``timestamp("2024-07-01T20:30:00Z").timeOfDay("Europe/Berlin")`` is ``"22:30"``.
+    """
+    local = _local_time(timestamp, zone, "timeOfDay")
+    return f"{local.hour:02d}:{local.minute:02d}"
+
+
+def between_hours(timestamp: Any, start: int, end: int, zone: tzinfo) -> bool:
+    """``t.betweenHours(start, end, tz)``: local time of ``t`` in ``tz`` is in [start, end).
+
+    ``start``/``end`` are ``"HH:MM"`` strings (the compiler hands them in as minutes after
+    midnight). A window whose end is before its start wraps midnight: ``"22:00"`` to
+    ``"06:00"`` covers 22:00-05:59. Equal bounds make an empty window.
+
+    Example: ``now.betweenHours("09:00", "17:00", "America/New_York")``.
+    """
+    local = _local_time(timestamp, zone, "betweenHours")
+    minute = local.hour * 60 + local.minute
+    if start <= end:
+        return start <= minute < end
+    return minute >= start or minute < end
+
+
+# --------------------------------------------------------------------------------------------
+# Standard functions
+
+
+def size(value: Any) -> int:
+    """``size(x)`` / ``x.size()``: code points of a string, bytes, list or map entries."""
+    kind = kind_of(value)
+    if kind in ("string", "bytes", "list", "map"):
+        return len(value)
+    raise no_overload("size", value)
+
+
+def _string_predicate(name: str, test: Callable[[str, str], bool]) -> Callable[[Any, Any], bool]:
+    """``startsWith``/``endsWith``/``contains``: (string, string) -> bool."""
+
+    def predicate(text: Any, other: Any) -> bool:
+        if isinstance(text, str) and isinstance(other, str):
+            return test(text, other)
+        raise no_overload(name, text, other)
+
+    predicate.__name__ = name
+    predicate.__doc__ = f"``s.{name}(t)`` on strings."
+    return predicate
+
+
+starts_with = _string_predicate("startsWith", str.startswith)
+ends_with = _string_predicate("endsWith", str.endswith)
+contains = _string_predicate("contains", str.__contains__)
+
+
+def matches(text: Any, regex: re.Pattern[str]) -> bool:
+    """``s.matches(re)`` / ``matches(s, re)``: ``re.search`` semantics (anchor explicitly)."""
+    if not isinstance(text, str):
+        raise no_overload("matches", text, regex.pattern)
+    return regex.search(text) is not None
+
+
+_LOWER = str.maketrans("ABCDEFGHIJKLMNOPQRSTUVWXYZ", "abcdefghijklmnopqrstuvwxyz")
+_UPPER = str.maketrans("abcdefghijklmnopqrstuvwxyz", "ABCDEFGHIJKLMNOPQRSTUVWXYZ")
+
+
+def _ascii_case(name: str, table: dict[int, int]) -> Callable[[Any], str]:
+    """``lowerAscii``/``upperAscii``: change only ASCII letters (no locale, no Unicode)."""
+
+    def convert(text: Any) -> str:
+        if isinstance(text, str):
+            return text.translate(table)
+        raise no_overload(name, text)
+
+    convert.__name__ = name
+    return convert
+
+
+lower_ascii = _ascii_case("lowerAscii", _LOWER)
+upper_ascii = _ascii_case("upperAscii", _UPPER)
+
+_INT_TEXT = re.compile(r"[+-]?[0-9]+", re.ASCII)
+_UINT_TEXT = re.compile(r"\+?[0-9]+", re.ASCII)
+_DOUBLE_TEXT = re.compile(
+    r"[+-]?(?:(?:[0-9]+\.?[0-9]*|\.[0-9]+)(?:[eE][+-]?[0-9]+)?|inf|infinity|nan)",
+    re.ASCII | re.IGNORECASE,
+)
+
+
+def _double_to_int(value: float, low: int, high: int, name: str) -> int:
+    if value != value or not low <= value < high:
+        raise CelEvaluationError(f"{name}() out of range: {value!r}")
+    return int(value)  # int() truncates toward zero, as CEL does
+
+
+def to_int(value: Any) -> int:
+    """``int(x)`` from int, uint, double (truncated), decimal string or timestamp (epoch s)."""
+    kind = kind_of(value)
+    if kind == "int":
+        if INT64_MIN <= value <= INT64_MAX:
+            return int(value)
+        raise CelEvaluationError(f"int() out of range: {value}")
+    if kind == "double":
+        return _double_to_int(value, INT64_MIN, INT64_MAX + 1, "int")
+    if kind == "string":
+        if _INT_TEXT.fullmatch(value):
+            return to_int(int(value))
+        raise CelEvaluationError(f"cannot convert {value!r} to int")
+    if kind == "timestamp":
+        return (as_utc(value) - _EPOCH) // timedelta(seconds=1)
+    raise no_overload("int", value)
+
+
+def to_uint(value: Any) -> int:
+    """``uint(x)``: like ``int(x)`` but 0..2^64-1 (uints are represented as Python ints)."""
+    kind = kind_of(value)
+    if kind == "int":
+        if 0 <= value <= UINT64_MAX:
+            return int(value)
+        raise CelEvaluationError(f"uint() out of range: {value}")
+    if kind == "double":
+        return _double_to_int(value, 0, UINT64_MAX + 1, "uint")
+    if kind == "string":
+        if _UINT_TEXT.fullmatch(value):
+            return to_uint(int(value))
+        raise CelEvaluationError(f"cannot convert {value!r} to uint")
+    raise no_overload("uint", value)
+
+
+def to_double(value: Any) -> float:
+    """``double(x)`` from int, uint, double or a decimal string (``"1.5"``, ``"1e3"``)."""
+    kind = kind_of(value)
+    if kind in ("int", "double"):
+        return float(value)
+    if kind == "string":
+        if _DOUBLE_TEXT.fullmatch(value):
+            return float(value)
+        raise CelEvaluationError(f"cannot convert {value!r} to double")
+    raise no_overload("double", value)
+
+
+def format_double(value: float) -> str:
+    """Format a double like Go's ``%g`` (what CEL's ``string(double)`` produces).
+
+    >>> [format_double(v) for v in (1.5, 2.0, 1e6, 123456.0, 1e-5, 0.0001)]
+    ['1.5', '2', '1e+06', '123456', '1e-05', '0.0001']
+    """
+    if value != value:
+        return "NaN"
+    if value in (float("inf"), float("-inf")):
+        return "+Inf" if value > 0 else "-Inf"
+    if value == 0:
+        return "-0" if str(value).startswith("-") else "0"
+    sign, digit_tuple, exponent = Decimal(repr(value)).normalize().as_tuple()
+    digits = "".join(map(str, digit_tuple))
+    point = len(digits) + int(exponent)  # digits before the decimal point
+    prefix = "-" if sign else ""
+    if point - 1 < -4 or point - 1 >= 6:
+        mantissa = digits[0] + ("." + digits[1:] if len(digits) > 1 else "")
+        exp = point - 1
+        return f"{prefix}{mantissa}e{'-' if exp < 0 else '+'}{abs(exp):02d}"
+    if point <= 0:
+        return f"{prefix}0.{'0' * -point}{digits}"
+    if point >= len(digits):
+        return prefix + digits + "0" * (point - len(digits))
+    return f"{prefix}{digits[:point]}.{digits[point:]}"
+
+
+def format_timestamp(value: datetime) -> str:
+    """RFC 3339 in UTC with trailing fractional zeros removed, e.g. ``2024-01-02T03:04:05Z``."""
+    utc = as_utc(value).astimezone(_UTC)
+    text = utc.strftime("%Y-%m-%dT%H:%M:%S")
+    if utc.microsecond:
+        text += f".{utc.microsecond:06d}".rstrip("0")
+    return text + "Z"
+
+
+def _total_microseconds(value: timedelta) -> int:
+    return (value.days * 86_400 + value.seconds) * _US_PER_SECOND + value.microseconds
+
+
+def format_duration(value: timedelta) -> str:
+    """Seconds with a trailing ``s``, as CEL prints durations: ``90s``, ``1.5s``, ``-0.001s``."""
+    seconds = Decimal(_total_microseconds(value)).scaleb(-6).normalize()
+    return f"{seconds:f}s"
+
+
+def to_string(value: Any) -> str:
+    """``string(x)`` from string, int, uint, double, bool, bytes (UTF-8), timestamp, duration."""
+    kind = kind_of(value)
+    if kind == "string":
+        return str(value)
+    if kind == "int":
+        return str(int(value))
+    if kind == "double":
+        return format_double(value)
+    if kind == "bool":
+        return "true" if value else "false"
+    if kind == "bytes":
+        try:
+            return bytes(value).decode("utf-8")
+        except UnicodeDecodeError:
+            raise CelEvaluationError("bytes are not valid UTF-8") from None
+    if kind == "timestamp":
+        return format_timestamp(value)
+    if kind == "duration":
+        return format_duration(value)
+    raise no_overload("string", value)
+
+
+_BOOL_TEXT = {
+    **dict.fromkeys(("1", "t", "T", "true", "TRUE", "True"), True),
+    **dict.fromkeys(("0", "f", "F", "false", "FALSE", "False"), False),
+}
+
+
+def to_bool(value: Any) -> bool:
+    """``bool(x)`` from bool or one of the strings ``true``/``false``/``t``/``f``/``1``/``0``."""
+    kind = kind_of(value)
+    if kind == "bool":
+        return bool(value)
+    if kind == "string":
+        parsed = _BOOL_TEXT.get(value)
+        if parsed is not None:
+            return parsed
+        raise CelEvaluationError(f"cannot convert {value!r} to bool")
+    raise no_overload("bool", value)
+
+
+def to_bytes(value: Any) -> bytes:
+    """``bytes(x)`` from bytes or a string (UTF-8 encoded)."""
+    kind = kind_of(value)
+    if kind == "bytes":
+        return bytes(value)
+    if kind == "string":
+        return str(value).encode("utf-8")
+    raise no_overload("bytes", value)
+
+
+_RFC3339 = re.compile(
+    r"([0-9]{4})-([0-9]{2})-([0-9]{2})[Tt]([0-9]{2}):([0-9]{2}):([0-9]{2})"
+    r"(?:\.([0-9]{1,9}))?(?:([Zz])|([+-])([0-9]{2}):([0-9]{2}))",
+    re.ASCII,
+)
+
+
+def parse_timestamp(text: str) -> datetime:
+    """Parse RFC 3339 (``2024-01-02T03:04:05.5+01:00``) into an aware UTC datetime."""
+    parsed = _RFC3339.fullmatch(text)
+    if parsed is None:
+        raise CelEvaluationError(f"invalid timestamp {text!r}: expected RFC 3339")
+    year, month, day, hour, minute, second, fraction, zulu, sign, off_h, off_m = parsed.groups()
+    micros = int((fraction or "0")[:6].ljust(6, "0"))
+    try:
+        offset = timedelta(0)
+        if not zulu:
+            offset = timedelta(hours=int(off_h), minutes=int(off_m))
+            offset = -offset if sign == "-" else offset
+        local = datetime(
+            int(year),
+            int(month),
+            int(day),
+            int(hour),
+            int(minute),
+            int(second),
+            micros,
+            tzinfo=timezone(offset),
+        )
+        return local.astimezone(_UTC)
+    except (ValueError, OverflowError) as exc:
+        raise CelEvaluationError(f"invalid timestamp {text!r}: {exc}") from None
+
+
+def to_timestamp(value: Any) -> datetime:
+    """``timestamp(x)`` from an RFC 3339 string, a timestamp, or int seconds since the epoch."""
+    kind = kind_of(value)
+    if kind == "string":
+        return parse_timestamp(value)
+    if kind == "timestamp":
+        return as_utc(value)
+    if kind == "int":
+        try:
+            return _EPOCH + timedelta(seconds=value)
+        except OverflowError:
+            raise CelEvaluationError(f"timestamp() out of range: {value}") from None
+    raise no_overload("timestamp", value)
+
+
+_DURATION_UNITS_NS = {
+    "h": 3_600_000_000_000,
+    "m": 60_000_000_000,
+    "s": 1_000_000_000,
+    "ms": 1_000_000,
+    "us": 1_000,
+    "µs": 1_000,
+    "μs": 1_000,
+    "ns": 1,
+}
+_DURATION_PART = r"(?:[0-9]+(?:\.[0-9]*)?|\.[0-9]+)(?:h|ms|m|s|us|µs|μs|ns)"
+_DURATION_TEXT = re.compile(rf"([+-]?)((?:{_DURATION_PART})+|0)", re.ASCII)
+_DURATION_PARTS = re.compile(r"([0-9]+(?:\.[0-9]*)?|\.[0-9]+)(h|ms|m|s|us|µs|μs|ns)")
+
+
+def parse_duration(text: str) -> timedelta:
+    """Parse a Go-style duration: ``"1h30m"``, ``"90s"``, ``"1.5h"``, ``"-2m"``, ``"250ms"``.
+
+    Sub-microsecond precision is truncated (Python's timedelta resolution).
+    """
+    parsed = _DURATION_TEXT.fullmatch(text)
+    if parsed is None:
+        raise CelEvaluationError(f"invalid duration {text!r}")
+    nanos = sum(
+        (Decimal(number) * _DURATION_UNITS_NS[unit])
+        for number, unit in _DURATION_PARTS.findall(parsed.group(2))
+    )
+    micros = int((Decimal(nanos) / 1000).to_integral_value(rounding=ROUND_DOWN))
+    if micros > MAX_DURATION_SECONDS * _US_PER_SECOND:
+        raise CelEvaluationError(f"duration out of range: {text!r}")
+    return timedelta(microseconds=-micros if parsed.group(1) == "-" else micros)
+
+
+def to_duration(value: Any) -> timedelta:
+    """``duration(x)`` from a duration string or a duration."""
+    kind = kind_of(value)
+    if kind == "string":
+        return parse_duration(value)
+    if kind == "duration":
+        return value  # type: ignore[no-any-return]
+    raise no_overload("duration", value)
+
+
+def _timestamp_getter(
+    name: str, extract: Callable[[datetime], int], duration_unit_us: int | None
+) -> Callable[..., int]:
+    """A ``t.getX([tz])`` accessor; some (hours, minutes, ...) also apply to durations.
+
+    On a duration the result is the total in that unit, truncated toward zero (as CEL does).
+    """
+
+    def getter(value: Any, zone: tzinfo | None = None) -> int:
+        if isinstance(value, datetime):
+            return extract(_local_time(value, zone, name))
+        if duration_unit_us is not None and isinstance(value, timedelta) and zone is None:
+            return trunc_div(_total_microseconds(value), duration_unit_us)
+        raise no_overload(name, value) if zone is None else no_overload(name, value, "string")
+
+    getter.__name__ = name
+    getter.__doc__ = f"``t.{name}()`` / ``t.{name}(tz)``."
+    return getter
+
+
+_TIMESTAMP_FIELDS: dict[str, tuple[Callable[[datetime], int], int | None]] = {
+    "getFullYear": (lambda d: d.year, None),
+    "getMonth": (lambda d: d.month - 1, None),
+    "getDayOfMonth": (lambda d: d.day - 1, None),
+    "getDate": (lambda d: d.day, None),
+    "getDayOfWeek": (lambda d: (d.weekday() + 1) % 7, None),
+    "getDayOfYear": (lambda d: d.timetuple().tm_yday - 1, None),
+    "getHours": (lambda d: d.hour, 3_600 * _US_PER_SECOND),
+    "getMinutes": (lambda d: d.minute, 60 * _US_PER_SECOND),
+    "getSeconds": (lambda d: d.second, _US_PER_SECOND),
+    "getMilliseconds": (lambda d: d.microsecond // 1000, 1000),
+}
+_TIMESTAMP_GETTERS = {
+    name: _timestamp_getter(name, extract, unit)
+    for name, (extract, unit) in _TIMESTAMP_FIELDS.items()
+}
+
+
+# --------------------------------------------------------------------------------------------
+# Registry
+
+
+@dataclass(frozen=True)
+class Function:
+    """How a CEL function may be called and what implements it.
+
+    ``arities`` count every positional argument including the receiver of a method call;
+    ``preparers[i]`` (when not None) converts argument ``i`` before ``impl`` sees it.
+    """
+
+    name: str
+    impl: Callable[..., Any]
+    arities: frozenset[int]
+    as_method: bool
+    as_global: bool
+    preparers: tuple[Converter | None, ...] = ()
+
+
+def _fn(
+    name: str,
+    impl: Callable[..., Any],
+    arities: tuple[int, ...],
+    style: str,
+    preparers: tuple[Converter | None, ...] = (),
+) -> Function:
+    return Function(
+        name=name,
+        impl=impl,
+        arities=frozenset(arities),
+        as_method=style in ("method", "both"),
+        as_global=style in ("global", "both"),
+        preparers=preparers,
+    )
+
+
+FUNCTIONS: Mapping[str, Function] = {
+    f.name: f
+    for f in (
+        _fn("size", size, (1,), "both"),
+        _fn("startsWith", starts_with, (2,), "method"),
+        _fn("endsWith", ends_with, (2,), "method"),
+        _fn("contains", contains, (2,), "method"),
+        _fn("matches", matches, (2,), "both", (None, prepare_regex)),
+        _fn("lowerAscii", lower_ascii, (1,), "method"),
+        _fn("upperAscii", upper_ascii, (1,), "method"),
+        _fn("int", to_int, (1,), "global"),
+        _fn("uint", to_uint, (1,), "global"),
+        _fn("double", to_double, (1,), "global"),
+        _fn("string", to_string, (1,), "global"),
+        _fn("bool", to_bool, (1,), "global"),
+        _fn("bytes", to_bytes, (1,), "global"),
+        _fn("timestamp", to_timestamp, (1,), "global"),
+        _fn("duration", to_duration, (1,), "global"),
+        *(
+            _fn(name, getter, (1, 2), "method", (None, prepare_zone))
+            for name, getter in _TIMESTAMP_GETTERS.items()
+        ),
+        _fn("glob", glob_match, (2,), "method", (None, prepare_glob)),
+        _fn("globMatch", glob_match, (2,), "global", (None, prepare_glob)),
+        _fn("startsWithAny", starts_with_any, (2,), "method", (None, prepare_prefixes)),
+        _fn("inCidr", in_cidr, (2,), "both", (None, prepare_cidr)),
+        _fn("timeOfDay", time_of_day, (2,), "method", (None, prepare_zone)),
+        _fn(
+            "betweenHours",
+            between_hours,
+            (4,),
+            "method",
+            (None, prepare_hhmm, prepare_hhmm, prepare_zone),
+        ),
+    )
+}
+
+#: Macros: expanded by the compiler rather than called. ``has`` is global, the rest methods.
+MACRO_ARITIES: Mapping[str, tuple[int, ...]] = {
+    "has": (1,),
+    "all": (2,),
+    "exists": (2,),
+    "exists_one": (2,),
+    "map": (2, 3),
+    "filter": (2,),
+}
+
+FUNCTION_NAMES: frozenset[str] = frozenset(FUNCTIONS) | frozenset(MACRO_ARITIES)
+
+HELPERS_DOC: str = """\
+| Helper | Example | Meaning |
+|---|---|---|
+| `glob` / `globMatch` | `scope.glob("repo:*:read")`, `globMatch(scope, "repo:?")` | \
+Whole-string shell-style match: `*` is any run of characters (including `:` and `/`), \
+`?` one character; `[` and `]` are literal. |
+| `startsWithAny` | `scope.startsWithAny(["repo", "read:"])` | \
+True if the string starts with any of the prefixes. |
+| `inCidr` | `request.ip.inCidr("10.0.0.0/8")`, `inCidr(ip, "2001:db8::/32")` | \
+True if the IPv4/IPv6 address is inside the network; a malformed address is an error. |
+| `timeOfDay` | `now.timeOfDay("Europe/Berlin") >= "09:00"` | \
+Local wall-clock time in the IANA zone (or `+HH:MM` offset) as `"HH:MM"`. |
+| `betweenHours` | `now.betweenHours("22:00", "06:00", "Europe/Berlin")` | \
+True if local time is in [start, end); a window ending before it starts wraps midnight. |
+| `getHours` etc. | `now.getDayOfWeek("America/New_York") in [1, 2, 3, 4, 5]` | \
+Standard CEL timestamp accessors with an optional zone (`getDayOfWeek`: 0 = Sunday). |
+"""

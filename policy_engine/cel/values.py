@@ -1,0 +1,471 @@
+"""CEL value semantics over plain Python values.
+
+The evaluator works directly on the values found in the activation (``str``, ``int``,
+``float``, ``bool``, ``None``, ``bytes``, ``list``/``tuple``, any ``Mapping``,
+``datetime.datetime`` and ``datetime.timedelta``) instead of wrapping them in celpy's
+``celtypes``: wrapping costs more than the whole evaluation of a typical policy clause.
+
+The price is that Python's own semantics differ from CEL's in a few places, and every operator
+here exists to bridge one of them:
+
+* ``bool`` subclasses ``int`` in Python (``True == 1``, ``1 + True == 2``, ``True in {1}``);
+  in CEL a bool is never a number. Every type test therefore looks at the exact type first.
+* Python ints are unbounded; CEL ints are int64 and overflow is an error.
+* Python ``//`` and ``%`` floor; CEL (like Go) truncates toward zero.
+* Python container comparison uses identity first (``[nan] == [nan]`` can be true) and
+  Python equality between ``1`` and ``True``; list and map equality is re-implemented.
+
+Operators are table-driven: a table maps a pair of CEL kinds to an implementation, and a
+derived table keyed by exact Python types gives the common case a single dict lookup.
+"""
+
+from __future__ import annotations
+
+import math
+import operator
+from collections.abc import Callable, Iterable, Mapping
+from datetime import UTC, datetime, timedelta
+from types import MappingProxyType
+from typing import Any
+
+from policy_engine.cel.errors import CelEvaluationError
+
+INT64_MIN = -(1 << 63)
+INT64_MAX = (1 << 63) - 1
+UINT64_MAX = (1 << 64) - 1
+#: CEL durations are limited to +-10000 years (expressed in seconds).
+MAX_DURATION_SECONDS = 315_576_000_000
+_MAX_DURATION = timedelta(seconds=MAX_DURATION_SECONDS)
+
+#: Sentinel returned by :func:`map_lookup` for an absent key (``None`` is a valid value).
+MISSING: Any = object()
+
+BinaryOp = Callable[[Any, Any], Any]
+
+_KIND_BY_TYPE: dict[type, str] = {
+    bool: "bool",
+    int: "int",
+    float: "double",
+    str: "string",
+    bytes: "bytes",
+    list: "list",
+    tuple: "list",
+    dict: "map",
+    MappingProxyType: "map",
+    type(None): "null_type",
+    datetime: "timestamp",
+    timedelta: "duration",
+}
+_TYPES_BY_KIND: dict[str, tuple[type, ...]] = {}
+for _type, _kind in _KIND_BY_TYPE.items():
+    _TYPES_BY_KIND[_kind] = (*_TYPES_BY_KIND.get(_kind, ()), _type)
+
+NUMERIC_KINDS = frozenset({"int", "double"})
+_ORDERED_KINDS = frozenset({"int", "double", "string", "bytes", "bool", "timestamp", "duration"})
+_SCALAR_TYPES = frozenset({str, int, float, bool, bytes, type(None)})
+
+
+def kind_of(value: Any) -> str:
+    """The CEL type name of ``value`` (``int``, ``double``, ``string``, ``map``, ...).
+
+    Exact builtin types take one dict lookup; subclasses (an ``IntEnum``, an ``OrderedDict``,
+    a user ``Mapping``) fall back to ``isinstance`` checks, ``bool`` before ``int``.
+    """
+    kind = _KIND_BY_TYPE.get(type(value))
+    if kind is not None:
+        return kind
+    if isinstance(value, bool):
+        return "bool"
+    if isinstance(value, int):
+        return "int"
+    if isinstance(value, float):
+        return "double"
+    if isinstance(value, str):
+        return "string"
+    if isinstance(value, bytes):
+        return "bytes"
+    if isinstance(value, Mapping):
+        return "map"
+    if isinstance(value, (list, tuple)):
+        return "list"
+    if isinstance(value, datetime):
+        return "timestamp"
+    if isinstance(value, timedelta):
+        return "duration"
+    return type(value).__name__
+
+
+def no_overload(op: str, *args: Any) -> CelEvaluationError:
+    """The CEL ``no_matching_overload`` error, naming the operator and the argument kinds."""
+    kinds = ", ".join(kind_of(a) for a in args)
+    return CelEvaluationError(f"no matching overload for '{op}' on ({kinds})")
+
+
+def as_cel_error(exc: BaseException) -> CelEvaluationError:
+    """Turn any exception raised while evaluating into a :class:`CelEvaluationError`.
+
+    Used where errors are absorbed (``&&``, ``||``, ``all``, ``exists``) and at the top of
+    ``evaluate``, so that nothing but ``CelEvaluationError`` ever escapes an evaluation.
+    """
+    if isinstance(exc, CelEvaluationError):
+        return exc
+    if isinstance(exc, RecursionError):
+        return CelEvaluationError("expression is nested too deeply to evaluate")
+    try:
+        detail = str(exc)
+    except Exception:  # pragma: no cover - a pathological __str__
+        detail = ""
+    return CelEvaluationError(f"evaluation failed: {type(exc).__name__}: {detail}")
+
+
+# --------------------------------------------------------------------------------------------
+# Equality and maps
+
+
+def cel_equals(a: Any, b: Any) -> bool:
+    """CEL ``==``: defined for all values, numbers compare across int/double, bool is no number.
+
+    >>> cel_equals(1, 1.0), cel_equals(True, 1), cel_equals([1, "a"], (1.0, "a"))
+    (True, False, True)
+    """
+    ta = type(a)
+    if ta is type(b) and ta in _SCALAR_TYPES:
+        return bool(a == b)
+    ka = kind_of(a)
+    kb = kind_of(b)
+    if ka != kb:
+        return ka in NUMERIC_KINDS and kb in NUMERIC_KINDS and bool(a == b)
+    if ka == "list":
+        return len(a) == len(b) and all(cel_equals(x, y) for x, y in zip(a, b, strict=True))
+    if ka == "map":
+        return _maps_equal(a, b)
+    return bool(a == b)
+
+
+def _maps_equal(a: Mapping[Any, Any], b: Mapping[Any, Any]) -> bool:
+    if len(a) != len(b):
+        return False
+    for key, value in a.items():
+        other = map_lookup(b, key)
+        if other is MISSING or not cel_equals(value, other):
+            return False
+    return True
+
+
+def map_lookup(mapping: Mapping[Any, Any], key: Any) -> Any:
+    """``mapping[key]`` with CEL key equality, or :data:`MISSING`.
+
+    Python would find the key ``1`` for ``True`` (and vice versa); CEL keeps them apart, so
+    those rare cases scan the keys. String keys - the overwhelmingly common case - are a
+    single ``get``. Numeric keys match across int/double (``{1: x}[1.0]``), as in CEL.
+    """
+    if type(key) is str:
+        return mapping.get(key, MISSING)
+    kind = kind_of(key)
+    if kind == "bool":
+        for candidate, value in mapping.items():
+            if kind_of(candidate) == "bool" and candidate == key:
+                return value
+        return MISSING
+    try:
+        value = mapping.get(key, MISSING)
+    except TypeError:  # unhashable key (list, map): never present
+        return MISSING
+    if value is not MISSING and kind in NUMERIC_KINDS and (key == 0 or key == 1):
+        for candidate, found in mapping.items():
+            if kind_of(candidate) in NUMERIC_KINDS and candidate == key:
+                return found
+        return MISSING
+    return value
+
+
+def list_contains(items: Iterable[Any], needle: Any) -> bool:
+    """CEL list membership. Python's ``in`` is only trusted for needles it cannot confuse."""
+    if type(needle) is str or type(needle) is bytes or needle is None:
+        return needle in items  # type: ignore[operator]
+    return any(cel_equals(needle, item) for item in items)
+
+
+def cel_in(needle: Any, container: Any) -> bool:
+    """CEL ``in``: list membership by CEL equality or map key membership; else an error."""
+    tc = type(container)
+    if tc is list or tc is tuple:
+        return list_contains(container, needle)
+    if tc is dict:
+        return map_lookup(container, needle) is not MISSING
+    kind = kind_of(container)
+    if kind == "list":
+        return list_contains(container, needle)
+    if kind == "map":
+        return map_lookup(container, needle) is not MISSING
+    raise no_overload("in", needle, container)
+
+
+def select_field(obj: Any, field: str) -> Any:
+    """``obj.field``: a string-key lookup on a map; anything else is an error."""
+    if type(obj) is dict:
+        try:
+            return obj[field]
+        except KeyError:
+            raise CelEvaluationError(f"no such key: {field!r}") from None
+    if isinstance(obj, Mapping):
+        value = obj.get(field, MISSING)
+        if value is MISSING:
+            raise CelEvaluationError(f"no such key: {field!r}")
+        return value
+    raise CelEvaluationError(f"cannot select field '{field}' from a value of type {kind_of(obj)}")
+
+
+def has_field(obj: Any, field: str) -> bool:
+    """``has(obj.field)``: key presence on a map, without failing on a missing key."""
+    if isinstance(obj, Mapping):
+        return field in obj
+    raise CelEvaluationError(f"has() cannot test field '{field}' on a value of type {kind_of(obj)}")
+
+
+def index(container: Any, key: Any) -> Any:
+    """``container[key]``: bounds-checked list index by int, or map lookup by key."""
+    if type(container) is dict and type(key) is str:
+        try:
+            return container[key]
+        except KeyError:
+            raise CelEvaluationError(f"no such key: {key!r}") from None
+    kind = kind_of(container)
+    if kind == "list":
+        if kind_of(key) != "int":
+            raise no_overload("_[_]", container, key)
+        if 0 <= key < len(container):
+            return container[key]
+        raise CelEvaluationError(f"index out of range: {key}")
+    if kind == "map":
+        value = map_lookup(container, key)
+        if value is MISSING:
+            raise CelEvaluationError(f"no such key: {key!r}")
+        return value
+    raise no_overload("_[_]", container, key)
+
+
+_MAP_KEY_KINDS = frozenset({"string", "int", "bool"})
+
+
+def build_map(pairs: Iterable[tuple[Any, Any]]) -> dict[Any, Any]:
+    """A map literal: keys must be string/int/uint/bool and unique (by CEL equality)."""
+    out: dict[Any, Any] = {}
+    for key, value in pairs:
+        kind = kind_of(key)
+        if kind not in _MAP_KEY_KINDS:
+            raise CelEvaluationError(f"unsupported map key type: {kind}")
+        if map_lookup(out, key) is not MISSING:
+            raise CelEvaluationError(f"duplicate map key: {key!r}")
+        if key in out:
+            # Python would merge True and 1 into one entry; refuse rather than lose a key.
+            raise CelEvaluationError(f"map key {key!r} collides with a bool/int key")
+        out[key] = value
+    return out
+
+
+# --------------------------------------------------------------------------------------------
+# Ordering
+
+
+def _make_ordering(symbol: str, compare: BinaryOp) -> BinaryOp:
+    """An ordering operator: same-kind numbers, strings, bytes, bools, timestamps, durations."""
+
+    def ordering(a: Any, b: Any) -> bool:
+        ta = type(a)
+        if ta is type(b) and (ta is int or ta is str or ta is float):
+            return compare(a, b)  # type: ignore[no-any-return]
+        ka = kind_of(a)
+        kb = kind_of(b)
+        if (ka == kb and ka in _ORDERED_KINDS) or (ka in NUMERIC_KINDS and kb in NUMERIC_KINDS):
+            try:
+                return bool(compare(a, b))
+            except TypeError as exc:  # e.g. naive vs aware datetimes
+                raise CelEvaluationError(f"cannot compare with '{symbol}': {exc}") from None
+        raise no_overload(symbol, a, b)
+
+    ordering.__name__ = f"ordering_{compare.__name__}"
+    return ordering
+
+
+ORDERING: dict[str, BinaryOp] = {
+    symbol: _make_ordering(symbol, compare)
+    for symbol, compare in (
+        ("<", operator.lt),
+        ("<=", operator.le),
+        (">", operator.gt),
+        (">=", operator.ge),
+    )
+}
+
+
+def cel_not_equals(a: Any, b: Any) -> bool:
+    """CEL ``!=``: the negation of :func:`cel_equals`."""
+    return not cel_equals(a, b)
+
+
+# --------------------------------------------------------------------------------------------
+# Arithmetic
+
+
+def _int64(result: int, symbol: str) -> int:
+    if INT64_MIN <= result <= INT64_MAX:
+        return result
+    raise CelEvaluationError(f"integer overflow in '{symbol}'")
+
+
+def _duration(result: timedelta) -> timedelta:
+    if -_MAX_DURATION <= result <= _MAX_DURATION:
+        return result
+    raise CelEvaluationError("duration out of range")
+
+
+def _int_add(a: int, b: int) -> int:
+    return _int64(a + b, "+")
+
+
+def _int_sub(a: int, b: int) -> int:
+    return _int64(a - b, "-")
+
+
+def _int_mul(a: int, b: int) -> int:
+    return _int64(a * b, "*")
+
+
+def trunc_div(a: int, b: int) -> int:
+    """Integer division truncating toward zero (Go/CEL), not flooring (Python)."""
+    quotient = abs(a) // abs(b)
+    return -quotient if (a < 0) != (b < 0) else quotient
+
+
+def _int_div(a: int, b: int) -> int:
+    if b == 0:
+        raise CelEvaluationError("division by zero")
+    return _int64(trunc_div(a, b), "/")
+
+
+def _int_mod(a: int, b: int) -> int:
+    if b == 0:
+        raise CelEvaluationError("modulus by zero")
+    if a == INT64_MIN and b == -1:
+        raise CelEvaluationError("integer overflow in '%'")
+    remainder = abs(a) % abs(b)
+    return -remainder if a < 0 else remainder
+
+
+def _double_div(a: float, b: float) -> float:
+    try:
+        return a / b
+    except ZeroDivisionError:
+        if a != a or a == 0:
+            return math.nan
+        return math.copysign(math.inf, a) * math.copysign(1.0, b)
+
+
+def _list_concat(a: Any, b: Any) -> list[Any]:
+    return [*a, *b]
+
+
+def _time_arith(compute: BinaryOp, what: str) -> BinaryOp:
+    """Wrap datetime arithmetic: Python raises OverflowError/TypeError, CEL reports an error."""
+
+    def arith(a: Any, b: Any) -> Any:
+        try:
+            result = compute(a, b)
+        except OverflowError:
+            raise CelEvaluationError(f"{what} out of range") from None
+        except TypeError as exc:  # naive vs aware datetimes
+            raise CelEvaluationError(f"invalid {what} arithmetic: {exc}") from None
+        return _duration(result) if isinstance(result, timedelta) else result
+
+    return arith
+
+
+_ts_plus = _time_arith(operator.add, "timestamp")
+_ts_minus = _time_arith(operator.sub, "timestamp")
+_dur_plus = _time_arith(operator.add, "duration")
+_dur_minus = _time_arith(operator.sub, "duration")
+
+_ARITHMETIC_BY_KIND: dict[str, dict[tuple[str, str], BinaryOp]] = {
+    "+": {
+        ("int", "int"): _int_add,
+        ("double", "double"): operator.add,
+        ("string", "string"): operator.add,
+        ("bytes", "bytes"): operator.add,
+        ("list", "list"): _list_concat,
+        ("timestamp", "duration"): _ts_plus,
+        ("duration", "timestamp"): _ts_plus,
+        ("duration", "duration"): _dur_plus,
+    },
+    "-": {
+        ("int", "int"): _int_sub,
+        ("double", "double"): operator.sub,
+        ("timestamp", "timestamp"): _ts_minus,
+        ("timestamp", "duration"): _ts_minus,
+        ("duration", "duration"): _dur_minus,
+    },
+    "*": {("int", "int"): _int_mul, ("double", "double"): operator.mul},
+    "/": {("int", "int"): _int_div, ("double", "double"): _double_div},
+    "%": {("int", "int"): _int_mod},
+}
+
+
+def _by_python_types(table: dict[tuple[str, str], BinaryOp]) -> dict[tuple[type, type], BinaryOp]:
+    return {
+        (ta, tb): impl
+        for (ka, kb), impl in table.items()
+        for ta in _TYPES_BY_KIND[ka]
+        for tb in _TYPES_BY_KIND[kb]
+    }
+
+
+def _make_arithmetic(symbol: str) -> BinaryOp:
+    """A binary arithmetic operator dispatching on the operands' kinds."""
+    by_kind = _ARITHMETIC_BY_KIND[symbol]
+    by_type = _by_python_types(by_kind)
+
+    def arithmetic(a: Any, b: Any) -> Any:
+        impl = by_type.get((type(a), type(b)))
+        if impl is None:
+            impl = by_kind.get((kind_of(a), kind_of(b)))
+            if impl is None:
+                raise no_overload(symbol, a, b)
+        return impl(a, b)
+
+    return arithmetic
+
+
+ARITHMETIC: dict[str, BinaryOp] = {symbol: _make_arithmetic(symbol) for symbol in "+-*/%"}
+
+#: Every binary (non-logical) operator, by its CEL symbol.
+BINARY_OPERATORS: dict[str, BinaryOp] = {
+    **ARITHMETIC,
+    **ORDERING,
+    "==": cel_equals,
+    "!=": cel_not_equals,
+    "in": cel_in,
+}
+
+
+def negate(value: Any) -> Any:
+    """Unary ``-``: int (with overflow check) or double."""
+    kind = kind_of(value)
+    if kind == "int":
+        return _int64(-value, "-")
+    if kind == "double":
+        return -value
+    raise no_overload("-_", value)
+
+
+def logical_not(value: Any) -> bool:
+    """Unary ``!``: requires a bool."""
+    if value is True:
+        return False
+    if value is False:
+        return True
+    raise no_overload("!_", value)
+
+
+def as_utc(value: datetime) -> datetime:
+    """Timestamps are expected timezone-aware; a naive one is read as UTC, not local time."""
+    return value.replace(tzinfo=UTC) if value.tzinfo is None else value
