@@ -45,7 +45,7 @@ lint: install
 
 bench: install
 	command -v h2load >/dev/null 2>&1 || (apt-get update -qq && apt-get install -y -qq nghttp2-client)
-	$(BIN)/python -m bench.run
+	$(BIN)/python -m policy_engine.bench
 
 clean:
 	rm -rf $(VENV) $(GENDIR)/kontext .pytest_cache .ruff_cache

@@ -1,0 +1,253 @@
+"""`python -m policy_engine.bench`: run the rows, print the table, write bench-results/latest.md.
+
+Per row: start its server on a free port, wait for gRPC health SERVING, check one real answer,
+warm up for a couple of seconds (which also measures the rate), size the measured run from that
+rate so every row takes about the same time, run it, check one real answer again, stop.
+
+Exit code 0 when every row was measured with correct answers, 1 otherwise, 2 for bad flags.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import math
+import sys
+import tempfile
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import grpc
+from google.protobuf.message import Message
+
+from policy_engine.bench import h2load
+from policy_engine.bench.engine_bench import EngineResult
+from policy_engine.bench.engine_bench import measure as measure_engine
+from policy_engine.bench.report import (
+    RowResult,
+    document,
+    engine_table,
+    machine_facts,
+    results_table,
+)
+from policy_engine.bench.server import ServerError, ServerOptions, running
+from policy_engine.bench.workloads import METHODS, Row, default_rows, method_path, select
+
+REPO = Path(__file__).resolve().parents[2]
+
+# Defaults for a 2-core box: one server process, h2load on the other core.
+MEASURE_SECONDS = 10.0
+WARMUP_SECONDS = 2.0
+ENGINE_SECONDS = 2.0
+MIN_REQUESTS = 500  # enough samples for a p99 that means something, even on slow rows
+
+
+@dataclass(frozen=True, slots=True)
+class Plan:
+    """Everything one run needs, from the flags."""
+
+    options: ServerOptions
+    shape: h2load.LoadShape
+    measure_s: float
+    warmup_s: float
+    workdir: Path
+    logs: Path
+
+
+def _log(message: str) -> None:
+    print(message, file=sys.stderr, flush=True)
+
+
+def call_once(target: str, row: Row) -> Message:
+    """The row's request sent once with a real gRPC client (h2load cannot see grpc-status)."""
+    request_type, response_type = METHODS[row.method]
+    with grpc.insecure_channel(target) as channel:
+        call = channel.unary_unary(
+            method_path(row.method),
+            request_serializer=request_type.SerializeToString,
+            response_deserializer=response_type.FromString,
+        )
+        return call(row.request, timeout=10.0)
+
+
+class WrongAnswer(Exception):
+    """The server failed the RPC or answered something other than what the row expects."""
+
+
+def verify(target: str, row: Row, when: str) -> None:
+    """Fail the row unless a real gRPC call gets the answer the row expects."""
+    try:
+        response = call_once(target, row)
+    except grpc.RpcError as exc:
+        raise WrongAnswer(
+            f"{when}: {row.method} failed: {exc.code().name}: {exc.details()}"
+        ) from None
+    problems = row.check(response)
+    if problems:
+        more = f"; ... {len(problems) - 5} more" if problems[5:] else ""
+        raise WrongAnswer(f"{when}: wrong answer: {'; '.join(problems[:5])}{more}")
+
+
+def requests_for(rate: float, seconds: float, shape: h2load.LoadShape) -> int:
+    """How many requests take about `seconds` at `rate`, and never too few for percentiles."""
+    floor = max(MIN_REQUESTS, shape.in_flight * 4)
+    return max(floor, math.ceil(rate * seconds))
+
+
+def run_row(row: Row, plan: Plan) -> RowResult:
+    server_desc = " ".join(
+        [row.server.kind, *row.server.args, *(f"{k}={v}" for k, v in row.server.env.items())]
+    )
+    base = RowResult(row.name, row.baseline, row.decisions_per_request, server=server_desc)
+    slug = "".join(c if c.isalnum() else "-" for c in row.name.lower())
+    body = plan.workdir / f"{slug}.body"
+    body.write_bytes(h2load.grpc_frame(row.request.SerializeToString()))
+    log_file = plan.workdir / f"{slug}.log"
+    try:
+        with running(row.server, plan.options, plan.logs / f"{slug}.server.log", cwd=REPO) as srv:
+            url = srv.url_base + method_path(row.method)
+            verify(srv.target, row, "before load")
+            warm = h2load.run(
+                h2load.grpc_command(url, body, plan.shape, duration_s=plan.warmup_s),
+                timeout_s=plan.warmup_s + 60,
+            )
+            srv.check_alive()
+            count = requests_for(warm.req_per_s, plan.measure_s, plan.shape)
+            expected_s = count / max(warm.req_per_s, 1.0)
+            summary = h2load.run(
+                h2load.grpc_command(url, body, plan.shape, requests=count, log_file=log_file),
+                timeout_s=expected_s * 5 + 60,
+            )
+            verify(srv.target, row, "after load")
+        latency = h2load.summarize(h2load.parse_log(log_file.read_text()))
+    except (WrongAnswer, ServerError, h2load.H2loadError, ValueError) as exc:
+        return dataclasses.replace(base, error=str(exc))
+    if latency.count != summary.succeeded or latency.not_ok:
+        return dataclasses.replace(
+            base,
+            error=f"log has {latency.count} requests ({latency.not_ok} not 200), "
+            f"h2load reports {summary.succeeded} succeeded",
+        )
+    return dataclasses.replace(
+        base,
+        req_per_s=summary.req_per_s,
+        latency=latency,
+        requests=count,
+        warmup_req_per_s=warm.req_per_s,
+    )
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="python -m policy_engine.bench", description=__doc__.splitlines()[0]
+    )
+    parser.add_argument("--rows", help="comma-separated row names (their baselines are added)")
+    parser.add_argument("--list", action="store_true", help="list the rows and exit")
+    parser.add_argument(
+        "--duration-scale",
+        type=float,
+        default=1.0,
+        help=f"scale the warm-up ({WARMUP_SECONDS:g}s) and measured "
+        f"({MEASURE_SECONDS:g}s) time of every row",
+    )
+    parser.add_argument(
+        "--workers",
+        type=int,
+        default=1,
+        help="server processes (default 1: h2load needs the other core)",
+    )
+    parser.add_argument("--threads", type=int, default=16, help="handler threads per process")
+    parser.add_argument("--clients", "-c", type=int, default=8, help="h2load connections")
+    parser.add_argument(
+        "--streams", "-m", type=int, default=8, help="h2load concurrent streams per connection"
+    )
+    parser.add_argument(
+        "--policies",
+        type=Path,
+        default=REPO / "policies",
+        help="policy directory for the real server (default the repo's)",
+    )
+    parser.add_argument(
+        "--no-engine", action="store_true", help="skip the in-process engine timing"
+    )
+    parser.add_argument(
+        "--output",
+        type=Path,
+        default=REPO / "bench-results" / "latest.md",
+        help="results file (default bench-results/latest.md in the repo)",
+    )
+    return parser  # fmt: skip
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    rows = default_rows()
+    if args.list:
+        for row in rows:
+            print(f"{row.name:<24} {row.server.kind:<7} {row.method:<11} {row.notes}")
+        return 0
+    if args.duration_scale <= 0 or args.workers < 1 or args.threads < 1:
+        print("bench: --duration-scale, --workers and --threads must be positive", file=sys.stderr)
+        return 2
+    if args.rows:
+        try:
+            rows = select(rows, [n.strip() for n in args.rows.split(",") if n.strip()])
+        except KeyError as exc:
+            print(f"bench: {exc.args[0]}", file=sys.stderr)
+            return 2
+    try:
+        h2load.h2load_path()
+    except h2load.H2loadError as exc:
+        print(f"bench: {exc}", file=sys.stderr)
+        return 2
+
+    policy_dir = args.policies.resolve()
+    output = args.output.resolve()
+    shape = h2load.LoadShape(clients=args.clients, streams=args.streams, threads=1)
+    started = time.monotonic()
+    with tempfile.TemporaryDirectory(prefix="pdp-bench-") as tmp:
+        plan = Plan(
+            options=ServerOptions(args.workers, args.threads, policy_dir),
+            shape=shape,
+            measure_s=MEASURE_SECONDS * args.duration_scale,
+            warmup_s=WARMUP_SECONDS * args.duration_scale,
+            workdir=Path(tmp),
+            logs=REPO / "bench-results" / "logs",
+        )
+        results: list[RowResult] = []
+        for row in rows:
+            _log(f"bench: {row.name} ...")
+            result = run_row(row, plan)
+            _log(f"bench: {row.name}: " + (
+                f"FAILED: {result.error}" if result.error else
+                f"{result.req_per_s:,.0f} req/s over {result.requests:,} requests"
+            ))  # fmt: skip
+            results.append(result)
+
+    engine: list[EngineResult] = []
+    if not args.no_engine:
+        _log("bench: in-process engine ...")
+        try:
+            engine = measure_engine(policy_dir, ENGINE_SECONDS * args.duration_scale)
+        except Exception as exc:  # reported, not fatal: the gRPC rows are still worth having
+            _log(f"bench: engine timing FAILED: {exc}")
+
+    facts = machine_facts(REPO, {
+        "server": f"workers={args.workers} threads={args.threads} policies={args.policies}",
+        "load": f"h2load -c {shape.clients} -m {shape.streams} -t {shape.threads}, "
+                f"warm-up {plan.warmup_s:g}s then ~{plan.measure_s:g}s per row "
+                f"(duration scale {args.duration_scale:g})",
+        "wall time": f"{time.monotonic() - started:.0f}s",
+        "server logs": str(plan.logs),
+    })  # fmt: skip
+    text = document(results, engine, facts)
+    output.parent.mkdir(parents=True, exist_ok=True)
+    output.write_text(text)
+    print(results_table(results))
+    if engine:
+        print()
+        print(engine_table(engine))
+    print(f"\n(full results with machine facts: {output})")
+    return 1 if any(r.error for r in results) else 0

@@ -1,0 +1,191 @@
+"""Starting a server under test as a subprocess, waiting until it is healthy, stopping it.
+
+A subprocess rather than an in-process server, so the harness's own work (the gRPC client,
+parsing logs) never shares a GIL with the server being measured, and so the server runs
+exactly as deployed: the `pdp serve` command line, its flags and its environment.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+HEALTH_TIMEOUT_S = 30.0
+STOP_TIMEOUT_S = 20.0  # the server's own grace (5 s) plus the supervisor's slack
+
+
+class ServerError(RuntimeError):
+    """The server did not start, did not become healthy, or died while being measured."""
+
+
+@dataclass(frozen=True, slots=True)
+class ServerOptions:
+    """What every server in one benchmark run shares (set from the harness's flags)."""
+
+    workers: int
+    threads: int
+    policy_dir: Path
+
+
+def _policy_command(address: str, options: ServerOptions) -> list[str]:
+    return [
+        sys.executable, "-m", "policy_engine.cli.main", "serve",
+        "--address", address, "--policies", str(options.policy_dir),
+        "--workers", str(options.workers), "--threads", str(options.threads),
+    ]  # fmt: skip
+
+
+def _empty_command(address: str, options: ServerOptions) -> list[str]:
+    return [
+        sys.executable, "-m", "policy_engine.bench.empty_server",
+        "--address", address,
+        "--workers", str(options.workers), "--threads", str(options.threads),
+    ]  # fmt: skip
+
+
+CommandBuilder = Callable[[str, ServerOptions], list[str]]
+
+# A server "kind" names how to start it; a row adds flags and environment on top.
+SERVER_KINDS: dict[str, CommandBuilder] = {
+    "policy": _policy_command,
+    "empty": _empty_command,
+}
+
+
+@dataclass(frozen=True, slots=True)
+class ServerSpec:
+    """Which server a row measures: a kind from SERVER_KINDS, extra flags, extra environment."""
+
+    kind: str
+    args: tuple[str, ...] = ()
+    env: Mapping[str, str] = field(default_factory=dict)
+
+    def command(self, address: str, options: ServerOptions) -> list[str]:
+        try:
+            build = SERVER_KINDS[self.kind]
+        except KeyError:
+            raise ServerError(
+                f"unknown server kind {self.kind!r}; known: {', '.join(SERVER_KINDS)}"
+            ) from None
+        return [*build(address, options), *self.args]
+
+
+def free_port() -> int:
+    """A port nothing listens on right now (the kernel's choice), for the server to bind."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def _health(target: str, timeout_s: float) -> int | None:
+    """The overall ("") health status, or None if the server cannot be reached yet."""
+    with grpc.insecure_channel(target) as channel:
+        stub = health_pb2_grpc.HealthStub(channel)
+        try:
+            reply = stub.Check(health_pb2.HealthCheckRequest(service=""), timeout=timeout_s)
+        except grpc.RpcError:
+            return None
+        return int(reply.status)
+
+
+def _tail(path: Path, lines: int = 30) -> str:
+    try:
+        return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
+    except OSError:
+        return "(no log)"
+
+
+@dataclass
+class RunningServer:
+    """A started server: where to reach it, its process, and where its output goes."""
+
+    target: str  # host:port for gRPC clients
+    process: subprocess.Popen[bytes]
+    log_path: Path
+
+    @property
+    def url_base(self) -> str:
+        return f"http://{self.target}"
+
+    def check_alive(self) -> None:
+        if self.process.poll() is not None:
+            raise ServerError(
+                f"server exited with code {self.process.returncode}; "
+                f"last lines of {self.log_path}:\n{_tail(self.log_path)}"
+            )
+
+
+def _wait_healthy(server: RunningServer, timeout_s: float) -> None:
+    deadline = time.monotonic() + timeout_s
+    status: int | None = None
+    while time.monotonic() < deadline:
+        server.check_alive()
+        status = _health(server.target, timeout_s=1.0)
+        if status == health_pb2.HealthCheckResponse.SERVING:
+            return
+        time.sleep(0.1)
+    raise ServerError(
+        f"server at {server.target} not SERVING after {timeout_s:.0f}s (last status {status}); "
+        f"last lines of {server.log_path}:\n{_tail(server.log_path)}"
+    )
+
+
+def _stop(process: subprocess.Popen[bytes]) -> None:
+    """SIGTERM (the supervisor forwards it to its workers), then SIGKILL if it hangs."""
+    if process.poll() is not None:
+        return
+    process.send_signal(signal.SIGTERM)
+    try:
+        process.wait(timeout=STOP_TIMEOUT_S)
+    except subprocess.TimeoutExpired:
+        # The whole session: workers too, which were started by the supervisor we started.
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(process.pid, signal.SIGKILL)
+        process.wait()
+
+
+@contextlib.contextmanager
+def running(
+    spec: ServerSpec,
+    options: ServerOptions,
+    log_path: Path,
+    *,
+    cwd: Path,
+    health_timeout_s: float = HEALTH_TIMEOUT_S,
+) -> Iterator[RunningServer]:
+    """Start `spec` on a free port, yield it once healthy, always stop it afterwards.
+
+    Output goes to a file, not a pipe: a pipe nobody drains would block a chatty server
+    (an audit log line per decision) and quietly throttle the benchmark.
+    """
+    target = f"127.0.0.1:{free_port()}"
+    env = {**os.environ, **spec.env}
+    log_path.parent.mkdir(parents=True, exist_ok=True)
+    with log_path.open("wb") as log:
+        process = subprocess.Popen(
+            spec.command(target, options),
+            cwd=cwd,
+            env=env,
+            stdin=subprocess.DEVNULL,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,  # its own process group, so a hung one can be killed whole
+        )
+    server = RunningServer(target, process, log_path)
+    try:
+        _wait_healthy(server, health_timeout_s)
+        yield server
+        server.check_alive()
+    finally:
+        _stop(process)

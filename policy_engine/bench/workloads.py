@@ -1,0 +1,256 @@
+"""The benchmark's rows, as data: which server, which RPC, which request, what answer to expect.
+
+A new configuration (a cache level, Redis down, more workers) is a new `Row` in `ROWS` with a
+different `ServerSpec` (flags, environment), not a new code path in the harness.
+
+Requests are the scenarios of DOMAIN.md against the example policies in `policies/` (acme).
+Every row carries a check of the answer, run with a real gRPC client before and after the
+load, because h2load counts an RPC error as a success (HTTP 200, status in the trailers).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from itertools import cycle, islice
+
+from google.protobuf.message import Message
+from google.protobuf.struct_pb2 import Struct
+
+from policy_engine.api import pdp_pb2
+from policy_engine.bench.server import ServerSpec
+
+SERVICE = pdp_pb2.DESCRIPTOR.services_by_name["PolicyDecisionService"].full_name
+
+# RPC name -> (request type, response type); the harness calls `/SERVICE/<name>`.
+METHODS: dict[str, tuple[type[Message], type[Message]]] = {
+    "Check": (pdp_pb2.CheckRequest, pdp_pb2.CheckResponse),
+    "CheckBatch": (pdp_pb2.CheckBatchRequest, pdp_pb2.CheckBatchResponse),
+}
+
+Check = Callable[[Message], list[str]]
+"""Problems with a response (empty when it is what the row expects)."""
+
+
+def method_path(method: str) -> str:
+    return f"/{SERVICE}/{method}"
+
+
+# --- requests --------------------------------------------------------------------------------
+
+
+def check_request(
+    subject: str,
+    groups: Sequence[str],
+    integration: str,
+    scope: str,
+    *,
+    application: str = "pr-reviewer",
+    organization: str = "acme",
+) -> pdp_pb2.CheckRequest:
+    """One tuple, shaped like the broker sends it (subject attributes as a Struct)."""
+    attributes = Struct()
+    attributes.update({"groups": list(groups)})
+    return pdp_pb2.CheckRequest(
+        organization=organization,
+        subject=pdp_pb2.Subject(id=subject, kind=pdp_pb2.SUBJECT_KIND_USER, attributes=attributes),
+        application=pdp_pb2.Application(id=application),
+        integration=pdp_pb2.Integration(id=integration),
+        scope=scope,
+        context=pdp_pb2.RequestContext(connection=pdp_pb2.CONNECTION_STATE_ACTIVE),
+    )
+
+
+@dataclass(frozen=True, slots=True)
+class Expected:
+    """The decision one tuple should get: an effect and, for a deny, the deciding layer."""
+
+    effect: int  # pdp_pb2.Effect
+    layer: int = pdp_pb2.LAYER_UNSPECIFIED  # for a deny: some reason must name this layer
+    code: str = "kontext_policy_denied"
+
+
+ALLOW = Expected(pdp_pb2.EFFECT_ALLOW)
+
+
+def allow_tuple() -> pdp_pb2.CheckRequest:
+    """alice (engineering), pr-reviewer, github, repo: allowed by all three layers."""
+    return check_request("alice", ["engineering"], "github", "repo")
+
+
+def deny_tuple() -> pdp_pb2.CheckRequest:
+    """bob (sales), pr-reviewer, github, repo: no org rule applies, the org default denies."""
+    return check_request("bob", ["sales"], "github", "repo")
+
+
+DENY_ORG_DEFAULT = Expected(pdp_pb2.EFFECT_DENY, pdp_pb2.LAYER_ORG)
+
+
+def _batch_tuple(index: int) -> tuple[pdp_pb2.CheckRequest, Expected]:
+    """Item `index` of the mixed batch: even items allow, odd items cycle through the denies.
+
+    Subjects differ per item (engineer-0, engineer-2, ...), so a decision cache added later
+    sees 100 distinct tuples rather than one repeated answer.
+    """
+    if index % 2 == 0:
+        scope = "repo" if index % 4 == 0 else "read:org"
+        return check_request(f"engineer-{index}", ["engineering"], "github", scope), ALLOW
+    denies: list[tuple[pdp_pb2.CheckRequest, Expected]] = [
+        (  # org rule: nobody deletes repositories
+            check_request(f"engineer-{index}", ["engineering"], "github", "delete_repo"),
+            Expected(pdp_pb2.EFFECT_DENY, pdp_pb2.LAYER_ORG),
+        ),
+        (  # alice's own user-layer rule
+            check_request("alice", ["engineering"], "github", "admin:org"),
+            Expected(pdp_pb2.EFFECT_DENY, pdp_pb2.LAYER_USER),
+        ),
+        (  # pr-reviewer's application layer allows github only
+            check_request(f"engineer-{index}", ["engineering"], "linear", "read"),
+            Expected(pdp_pb2.EFFECT_DENY, pdp_pb2.LAYER_APPLICATION),
+        ),
+        (  # sales: the org layer's default
+            check_request(f"sales-{index}", ["sales"], "github", "repo"),
+            DENY_ORG_DEFAULT,
+        ),
+    ]
+    return denies[(index // 2) % len(denies)]
+
+
+def mixed_batch(size: int) -> tuple[pdp_pb2.CheckBatchRequest, list[Expected]]:
+    """`size` tuples, half allowed and half denied by each of the three layers in turn."""
+    pairs = [_batch_tuple(i) for i in range(size)]
+    return (
+        pdp_pb2.CheckBatchRequest(items=[request for request, _ in pairs]),
+        [expected for _, expected in pairs],
+    )
+
+
+def repeat_batch(request: pdp_pb2.CheckRequest, size: int) -> pdp_pb2.CheckBatchRequest:
+    """One tuple `size` times (for rows that want a batch of identical, e.g. cached, items)."""
+    return pdp_pb2.CheckBatchRequest(items=list(islice(cycle([request]), size)))
+
+
+# --- checks ----------------------------------------------------------------------------------
+
+
+def decision_problems(response: pdp_pb2.CheckResponse, expected: Expected) -> list[str]:
+    """Why one CheckResponse is not the expected decision (empty when it is)."""
+    effect = pdp_pb2.Effect.Name(response.effect)
+    if response.effect != expected.effect:
+        codes = ", ".join(f"{r.code}@{pdp_pb2.Layer.Name(r.layer)}" for r in response.reasons)
+        return [f"effect {effect}, expected {pdp_pb2.Effect.Name(expected.effect)} ({codes})"]
+    wants_layer = expected.effect == pdp_pb2.EFFECT_DENY and expected.layer != 0
+    if wants_layer and not any(
+        r.layer == expected.layer and r.code == expected.code for r in response.reasons
+    ):
+        found = ", ".join(f"{r.code}@{pdp_pb2.Layer.Name(r.layer)}" for r in response.reasons)
+        want = f"{expected.code}@{pdp_pb2.Layer.Name(expected.layer)}"
+        return [f"deny reasons [{found}] lack {want}"]
+    return []
+
+
+def expect_decision(expected: Expected) -> Check:
+    def check(response: Message) -> list[str]:
+        assert isinstance(response, pdp_pb2.CheckResponse)
+        return decision_problems(response, expected)
+
+    return check
+
+
+def expect_batch(expected: Sequence[Expected]) -> Check:
+    """Every result in order is its item's expected decision."""
+
+    def check(response: Message) -> list[str]:
+        assert isinstance(response, pdp_pb2.CheckBatchResponse)
+        if len(response.results) != len(expected):
+            return [f"{len(response.results)} results, expected {len(expected)}"]
+        problems: list[str] = []
+        for index, (result, want) in enumerate(zip(response.results, expected, strict=True)):
+            problems += [f"item {index}: {p}" for p in decision_problems(result, want)]
+        return problems
+
+    return check
+
+
+def expect_results(count: int) -> Check:
+    """The batch has `count` results (the empty servicer's answers carry no real decision)."""
+
+    def check(response: Message) -> list[str]:
+        assert isinstance(response, pdp_pb2.CheckBatchResponse)
+        got = len(response.results)
+        return [] if got == count else [f"{got} results, expected {count}"]
+
+    return check
+
+
+# --- rows ------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class Row:
+    """One line of the results table.
+
+    `baseline` names the row whose req/s this row's ratio is taken against: the empty
+    servicer answering the same RPC, so the ratio is the share of the ceiling this row keeps.
+    """
+
+    name: str
+    server: ServerSpec
+    method: str
+    request: Message
+    check: Check
+    decisions_per_request: int = 1
+    baseline: str = "empty Check"
+    notes: str = ""
+
+    def __post_init__(self) -> None:
+        if self.method not in METHODS:
+            raise ValueError(f"row {self.name!r}: unknown method {self.method!r}")
+        if not isinstance(self.request, METHODS[self.method][0]):
+            raise ValueError(f"row {self.name!r}: request is not a {self.method} request")
+
+
+BATCH_SIZE = 100
+POLICY = ServerSpec("policy")
+EMPTY = ServerSpec("empty")
+
+
+def default_rows() -> list[Row]:
+    """The rows `python -m policy_engine.bench` runs, in order (baselines first)."""
+    batch, batch_expected = mixed_batch(BATCH_SIZE)
+    return [
+        Row(
+            "empty Check", EMPTY, "Check", allow_tuple(), expect_decision(ALLOW),
+            notes="EmptyServicer: constant answer, no decision work (the ceiling)",
+        ),
+        Row(
+            "Check allow", POLICY, "Check", allow_tuple(), expect_decision(ALLOW),
+            notes="alice, pr-reviewer, github, repo",
+        ),
+        Row(
+            "Check deny", POLICY, "Check", deny_tuple(), expect_decision(DENY_ORG_DEFAULT),
+            notes="bob (sales), pr-reviewer, github, repo: org layer default deny",
+        ),
+        Row(
+            f"empty CheckBatch {BATCH_SIZE}", EMPTY, "CheckBatch", batch,
+            expect_results(BATCH_SIZE), decisions_per_request=BATCH_SIZE,
+            baseline=f"empty CheckBatch {BATCH_SIZE}",
+            notes="EmptyServicer: one constant result per item",
+        ),
+        Row(
+            f"CheckBatch {BATCH_SIZE}", POLICY, "CheckBatch", batch,
+            expect_batch(batch_expected), decisions_per_request=BATCH_SIZE,
+            baseline=f"empty CheckBatch {BATCH_SIZE}",
+            notes="50 allow, 50 deny (org rule, user rule, application layer, org default)",
+        ),
+    ]  # fmt: skip
+
+
+def select(rows: Sequence[Row], names: Sequence[str]) -> list[Row]:
+    """The named rows plus the baselines they are compared with, in table order."""
+    by_name = {row.name: row for row in rows}
+    unknown = [n for n in names if n not in by_name]
+    if unknown:
+        raise KeyError(f"unknown row(s): {', '.join(unknown)}; known: {', '.join(by_name)}")
+    wanted = set(names) | {by_name[n].baseline for n in names if by_name[n].baseline in by_name}
+    return [row for row in rows if row.name in wanted]
