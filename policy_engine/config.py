@@ -91,7 +91,7 @@ def _build(cls: type, values: Mapping[str, Any], prefix: str) -> Any:
 
 
 def _env_values(environ: Mapping[str, str]) -> dict[str, Any]:
-    """PDP_ADDRESS=... sets `address`; PDP_LIMITS__MAX_BATCH_SIZE=... sets `limits.max_batch_size`."""
+    """PDP_ADDRESS sets `address`; PDP_LIMITS__MAX_BATCH_SIZE sets `limits.max_batch_size`."""
     values: dict[str, Any] = {}
     for key, raw in environ.items():
         if not key.startswith(ENV_PREFIX):

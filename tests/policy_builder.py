@@ -7,39 +7,64 @@ from typing import Any
 
 import yaml
 
-from policy_engine.engine.request import CheckRequest, RequestContext, Resource, Subject
+from policy_engine.domain.request import CheckRequest, RequestContext, Resource, Subject
 
 
-def write_organization(root: Path, org: str, *, integrations: list[str] | None = None,
-                       applications: list[str] | None = None,
-                       defaults: dict[str, str] | None = None,
-                       policies: list[dict[str, Any]] | None = None) -> Path:
+def write_organization(
+    root: Path,
+    org: str,
+    *,
+    integrations: list[str] | None = None,
+    applications: list[str] | None = None,
+    defaults: dict[str, str] | None = None,
+    policies: list[dict[str, Any]] | None = None,
+) -> Path:
     folder = root / org
     folder.mkdir(parents=True, exist_ok=True)
     config: dict[str, Any] = {
         "kind": "Organization",
-        "catalog": {"integrations": integrations or ["github", "linear"],
-                    "applications": applications or ["app"]},
+        "catalog": {
+            "integrations": integrations or ["github", "linear"],
+            "applications": applications or ["app"],
+        },
     }
     if defaults:
         config["defaults"] = defaults
     (folder / "organization.yaml").write_text(yaml.safe_dump(config))
     for index, policy in enumerate(policies or []):
         (folder / f"policy-{index:03d}.yaml").write_text(
-            yaml.safe_dump({"kind": "Policy", **policy}, sort_keys=False))
+            yaml.safe_dump({"kind": "Policy", **policy}, sort_keys=False)
+        )
     return folder
 
 
 def allow_all(layer: str, name: str | None = None) -> dict[str, Any]:
     """A policy that opens one layer, so tests can focus on another."""
     target = {"user": {"subjects": ["*"]}, "application": {"applications": ["*"]}}.get(layer, {})
-    return {"name": name or f"open-{layer}", "layer": layer, "target": target,
-            "rules": [{"name": "everything", "effect": "allow"}]}
+    return {
+        "name": name or f"open-{layer}",
+        "layer": layer,
+        "target": target,
+        "rules": [{"name": "everything", "effect": "allow"}],
+    }
 
 
-def request(scope: str = "repo", *, organization: str = "acme", subject: str = "alice",
-            integration: str = "github", application: str = "app", explain: bool = False,
-            **attributes: Any) -> CheckRequest:
-    return CheckRequest(organization=organization, subject=Subject(subject, attributes=attributes),
-                        application=Resource(application), integration=Resource(integration),
-                        scope=scope, context=RequestContext(), explain=explain)
+def request(
+    scope: str = "repo",
+    *,
+    organization: str = "acme",
+    subject: str = "alice",
+    integration: str = "github",
+    application: str = "app",
+    explain: bool = False,
+    **attributes: Any,
+) -> CheckRequest:
+    return CheckRequest(
+        organization=organization,
+        subject=Subject(subject, attributes=attributes),
+        application=Resource(application),
+        integration=Resource(integration),
+        scope=scope,
+        context=RequestContext(),
+        explain=explain,
+    )

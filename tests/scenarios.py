@@ -18,8 +18,11 @@ SALES = {"groups": ["sales"]}
 
 def expired_token(subject: str = "alice") -> str:
     now = int(time.time())
-    return jwt.encode({"sub": subject, "iat": now - 7200, "exp": now - 3600}, "test-secret",
-                      algorithm="HS256")
+    return jwt.encode(
+        {"sub": subject, "iat": now - 7200, "exp": now - 3600},
+        "a-test-secret-that-is-long-enough-for-hs256",
+        algorithm="HS256",
+    )
 
 
 @dataclass(frozen=True)
@@ -43,31 +46,97 @@ class Scenario:
 
 SCENARIOS: list[Scenario] = [
     Scenario("allowed"),
-    Scenario("org denies delete_repo", scope="delete_repo", decision="DENY",
-             code="kontext_policy_denied", layer="org"),
-    Scenario("user denies admin:org", scope="admin:org", decision="DENY",
-             code="kontext_policy_denied", layer="user"),
-    Scenario("application allows only github", integration="linear", scope="read",
-             decision="DENY", code="kontext_policy_denied", layer="application"),
-    Scenario("sales falls to the org default", subject="bob", subject_attributes=SALES,
-             decision="DENY", code="kontext_policy_denied", layer="org"),
-    Scenario("no connection", connection="absent", decision="DENY",
-             code="kontext_integration_connection_required", layer="system"),
-    Scenario("integration not in catalog", integration="gitlab", decision="DENY",
-             code="kontext_not_found", layer="system"),
-    Scenario("expired token", token="EXPIRED", decision="DENY",
-             code="kontext_authorization_required", layer="system"),
-    Scenario("service account", subject="deploy-bot", subject_kind="service_account",
-             decision="DENY", code="kontext_policy_denied", layer="system"),
-    Scenario("empty subject", subject="", decision="DENY", code="kontext_validation_error",
-             layer="system", field="subject.id"),
-    Scenario("scope with a space", scope="repo admin", decision="DENY",
-             code="kontext_validation_error", layer="system", field="scope"),
-    Scenario("scope with a quote", scope='repo"', decision="DENY",
-             code="kontext_validation_error", layer="system", field="scope"),
+    Scenario(
+        "org denies delete_repo",
+        scope="delete_repo",
+        decision="DENY",
+        code="kontext_policy_denied",
+        layer="org",
+    ),
+    Scenario(
+        "user denies admin:org",
+        scope="admin:org",
+        decision="DENY",
+        code="kontext_policy_denied",
+        layer="user",
+    ),
+    Scenario(
+        "application allows only github",
+        integration="linear",
+        scope="read",
+        decision="DENY",
+        code="kontext_policy_denied",
+        layer="application",
+    ),
+    Scenario(
+        "sales falls to the org default",
+        subject="bob",
+        subject_attributes=SALES,
+        decision="DENY",
+        code="kontext_policy_denied",
+        layer="org",
+    ),
+    Scenario(
+        "no connection",
+        connection="absent",
+        decision="DENY",
+        code="kontext_integration_connection_required",
+        layer="system",
+    ),
+    Scenario(
+        "integration not in catalog",
+        integration="gitlab",
+        decision="DENY",
+        code="kontext_not_found",
+        layer="system",
+    ),
+    Scenario(
+        "expired token",
+        token="EXPIRED",
+        decision="DENY",
+        code="kontext_authorization_required",
+        layer="system",
+    ),
+    Scenario(
+        "service account",
+        subject="deploy-bot",
+        subject_kind="service_account",
+        decision="DENY",
+        code="kontext_policy_denied",
+        layer="system",
+    ),
+    Scenario(
+        "empty subject",
+        subject="",
+        decision="DENY",
+        code="kontext_validation_error",
+        layer="system",
+        field="subject.id",
+    ),
+    Scenario(
+        "scope with a space",
+        scope="repo admin",
+        decision="DENY",
+        code="kontext_validation_error",
+        layer="system",
+        field="scope",
+    ),
+    Scenario(
+        "scope with a quote",
+        scope='repo"',
+        decision="DENY",
+        code="kontext_validation_error",
+        layer="system",
+        field="scope",
+    ),
     # globex's catalog has no pr-reviewer: its own policies decide, acme's never leak in.
-    Scenario("same tuple in globex", organization="globex", decision="DENY",
-             code="kontext_not_found", layer="system"),
+    Scenario(
+        "same tuple in globex",
+        organization="globex",
+        decision="DENY",
+        code="kontext_not_found",
+        layer="system",
+    ),
 ]
 
 

@@ -13,15 +13,15 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 from policy_engine.config import Settings
-from policy_engine.engine import decide
-from policy_engine.engine.decision import Effect
-from policy_engine.engine.request import (
+from policy_engine.domain.decision import Effect
+from policy_engine.domain.request import (
     CheckRequest,
     ConnectionState,
     RequestContext,
     Resource,
     Subject,
 )
+from policy_engine.engine import decide
 from policy_engine.policy import load_policy_set
 
 

@@ -16,9 +16,8 @@ from pathlib import Path
 from typing import Any
 
 from policy_engine.config import ConfigError, Settings, load_settings
-from policy_engine.engine import decide
-from policy_engine.engine.decision import Decision
-from policy_engine.engine.request import (
+from policy_engine.domain.decision import Decision
+from policy_engine.domain.request import (
     CheckRequest,
     ConnectionState,
     RequestContext,
@@ -26,6 +25,7 @@ from policy_engine.engine.request import (
     Subject,
     SubjectKind,
 )
+from policy_engine.engine import decide
 from policy_engine.engine.serialize import decision_to_dict
 from policy_engine.policy import PolicyLoadError, load_policy_set
 
@@ -79,10 +79,12 @@ def build_request(args: argparse.Namespace) -> CheckRequest:
             attributes=_parse_pairs(args.subject_attr, "--subject-attr"),
             access_token=args.token or "",
         ),
-        application=Resource(args.application, _parse_pairs(args.application_attr,
-                                                            "--application-attr")),
-        integration=Resource(args.integration, _parse_pairs(args.integration_attr,
-                                                            "--integration-attr")),
+        application=Resource(
+            args.application, _parse_pairs(args.application_attr, "--application-attr")
+        ),
+        integration=Resource(
+            args.integration, _parse_pairs(args.integration_attr, "--integration-attr")
+        ),
         scope=args.scope,
         context=RequestContext(
             connection=connection,
@@ -98,8 +100,10 @@ def build_request(args: argparse.Namespace) -> CheckRequest:
 def format_decision(decision: Decision) -> str:
     lines = [f"decision: {decision.effect.value}   (policy revision {decision.revision})"]
     for reason in decision.reasons:
-        lines.append(f"  reason: {reason.code.value} [{reason.http_status}] layer={reason.layer} "
-                     f"policy={reason.policy} rule={reason.rule}")
+        lines.append(
+            f"  reason: {reason.code.value} [{reason.http_status}] layer={reason.layer} "
+            f"policy={reason.policy} rule={reason.rule}"
+        )
         lines.append(f"          {reason.message}")
     if decision.trace:
         lines.append("explain:")
@@ -108,8 +112,10 @@ def format_decision(decision: Decision) -> str:
             lines.append(f"  {layer.layer.value:<12} {layer.effect.value} ({how})")
             for rule in layer.rules:
                 detail = f": {rule.detail}" if rule.detail else ""
-                lines.append(f"    - {rule.policy}/{rule.rule} [{rule.effect.value.lower()}] "
-                             f"{rule.result.value}{detail}")
+                lines.append(
+                    f"    - {rule.policy}/{rule.rule} [{rule.effect.value.lower()}] "
+                    f"{rule.result.value}{detail}"
+                )
     return "\n".join(lines)
 
 
@@ -139,11 +145,16 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
     settings = load_settings(
         config_file=Path(args.config) if args.config else None,
-        overrides={"address": args.address, "policy_dir": args.policies, "workers": args.workers,
-                   "threads": args.threads},
+        overrides={
+            "address": args.address,
+            "policy_dir": args.policies,
+            "workers": args.workers,
+            "threads": args.threads,
+        },
     )
-    logging.basicConfig(level=settings.log_level.upper(),
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(
+        level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
     serve(settings)
     return EXIT_OK
 
@@ -168,8 +179,9 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--policies", required=True)
     evaluate.add_argument("--org", required=True)
     evaluate.add_argument("--subject", required=True)
-    evaluate.add_argument("--subject-kind", default=SubjectKind.USER.value,
-                          choices=[k.value for k in SubjectKind])
+    evaluate.add_argument(
+        "--subject-kind", default=SubjectKind.USER.value, choices=[k.value for k in SubjectKind]
+    )
     evaluate.add_argument("--application", required=True)
     evaluate.add_argument("--integration", required=True)
     evaluate.add_argument("--scope", required=True)

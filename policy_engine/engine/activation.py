@@ -1,4 +1,4 @@
-"""The CEL view of a request: declared once for the compiler, built once per request for evaluation."""
+"""The CEL view of a request: declared once for the compiler, built once per request."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ from datetime import datetime
 from typing import Any
 
 from policy_engine.cel import Declarations
-from policy_engine.engine.request import CheckRequest, ConnectionState
+from policy_engine.domain.request import CheckRequest, ConnectionState
 
 # Every variable a condition may read; fields listed are checked at load time.
 CEL_DECLARATIONS = Declarations(
@@ -16,9 +16,7 @@ CEL_DECLARATIONS = Declarations(
         "application": frozenset({"id", "attributes"}),
         "integration": frozenset({"id", "attributes"}),
         "scope": None,
-        "context": frozenset(
-            {"connection", "connected", "client_ip", "session_id", "attributes"}
-        ),
+        "context": frozenset({"connection", "connected", "client_ip", "session_id", "attributes"}),
         "now": None,
     }
 )

@@ -17,9 +17,8 @@ from typing import Any
 from policy_engine.auth.tokens import token_problem
 from policy_engine.cel import CelEvaluationError
 from policy_engine.config import RequestLimits
-from policy_engine.engine.activation import build_activation
-from policy_engine.engine.codes import ErrorCode
-from policy_engine.engine.decision import (
+from policy_engine.domain.codes import ErrorCode
+from policy_engine.domain.decision import (
     POLICY_LAYERS,
     Decision,
     Effect,
@@ -28,8 +27,9 @@ from policy_engine.engine.decision import (
     RuleResult,
     RuleTrace,
 )
-from policy_engine.engine.decision import Layer as LayerName
-from policy_engine.engine.request import CheckRequest, ConnectionState, SubjectKind
+from policy_engine.domain.decision import Layer as LayerName
+from policy_engine.domain.request import CheckRequest, ConnectionState, SubjectKind
+from policy_engine.engine.activation import build_activation
 from policy_engine.engine.validation import validate_request, validation_reasons
 from policy_engine.policy.compiled import (
     CompiledOrganization,
@@ -44,38 +44,69 @@ _DEFAULT_LIMITS = RequestLimits()
 
 
 def _system_reason(code: ErrorCode, rule: str, message: str, field: str = "") -> Reason:
-    return Reason(code=code, layer=LayerName.SYSTEM, policy=BUILTIN_POLICY, rule=rule,
-                  message=message, field=field)
+    return Reason(
+        code=code,
+        layer=LayerName.SYSTEM,
+        policy=BUILTIN_POLICY,
+        rule=rule,
+        message=message,
+        field=field,
+    )
 
 
-def _builtin_reasons(request: CheckRequest, organization: CompiledOrganization,
-                     now: datetime) -> list[Reason]:
+def _builtin_reasons(
+    request: CheckRequest, organization: CompiledOrganization, now: datetime
+) -> list[Reason]:
     reasons: list[Reason] = []
     if request.subject.kind is SubjectKind.SERVICE_ACCOUNT:
-        reasons.append(_system_reason(
-            ErrorCode.POLICY_DENIED, "service-accounts-never-receive-credentials",
-            "service accounts are for infrastructure management and never receive "
-            "integration credentials"))
+        reasons.append(
+            _system_reason(
+                ErrorCode.POLICY_DENIED,
+                "service-accounts-never-receive-credentials",
+                "service accounts are for infrastructure management and never receive "
+                "integration credentials",
+            )
+        )
     catalog = organization.catalog
     if request.integration.id not in catalog.integrations:
-        reasons.append(_system_reason(
-            ErrorCode.NOT_FOUND, "integration-in-catalog",
-            f"integration {request.integration.id!r} is not in organization "
-            f"{organization.name!r}'s catalog", "integration.id"))
+        reasons.append(
+            _system_reason(
+                ErrorCode.NOT_FOUND,
+                "integration-in-catalog",
+                f"integration {request.integration.id!r} is not in organization "
+                f"{organization.name!r}'s catalog",
+                "integration.id",
+            )
+        )
     if request.application.id not in catalog.applications:
-        reasons.append(_system_reason(
-            ErrorCode.NOT_FOUND, "application-in-catalog",
-            f"application {request.application.id!r} is not in organization "
-            f"{organization.name!r}'s catalog", "application.id"))
+        reasons.append(
+            _system_reason(
+                ErrorCode.NOT_FOUND,
+                "application-in-catalog",
+                f"application {request.application.id!r} is not in organization "
+                f"{organization.name!r}'s catalog",
+                "application.id",
+            )
+        )
     if request.subject.access_token:
         problem = token_problem(request.subject.access_token, now)
         if problem is not None:
-            reasons.append(_system_reason(ErrorCode.AUTHORIZATION_REQUIRED, "valid-subject-token",
-                                          problem, "subject.access_token"))
+            reasons.append(
+                _system_reason(
+                    ErrorCode.AUTHORIZATION_REQUIRED,
+                    "valid-subject-token",
+                    problem,
+                    "subject.access_token",
+                )
+            )
     if request.context.connection is ConnectionState.ABSENT:
-        reasons.append(_system_reason(
-            ErrorCode.INTEGRATION_CONNECTION_REQUIRED, "active-connection",
-            f"{request.subject.id!r} has no active connection to {request.integration.id!r}"))
+        reasons.append(
+            _system_reason(
+                ErrorCode.INTEGRATION_CONNECTION_REQUIRED,
+                "active-connection",
+                f"{request.subject.id!r} has no active connection to {request.integration.id!r}",
+            )
+        )
     return reasons
 
 
@@ -103,8 +134,13 @@ def _evaluate(rule: CompiledRule, activation: dict[str, Any]) -> tuple[RuleResul
     return RuleResult.ERROR, f"condition returned {type(value).__name__}, not bool"
 
 
-def _decide_layer(layer: LayerName, index: LayerIndex, request: CheckRequest,
-                  activation: dict[str, Any], explain: bool) -> _LayerOutcome:
+def _decide_layer(
+    layer: LayerName,
+    index: LayerIndex,
+    request: CheckRequest,
+    activation: dict[str, Any],
+    explain: bool,
+) -> _LayerOutcome:
     bucket = index.bucket(request.integration.id)
     subject, application, scope = request.subject.id, request.application.id, request.scope
     outcome = _LayerOutcome(effect=index.default, by_default=True)
@@ -117,7 +153,9 @@ def _decide_layer(layer: LayerName, index: LayerIndex, request: CheckRequest,
         if explain:
             outcome.trace.append(RuleTrace(rule.policy, rule.name, rule.effect, result, detail))
         if rule.effect is Effect.DENY and result is not RuleResult.NOT_MATCHED:
-            message = rule.message or f"denied by {layer} policy {rule.policy!r}, rule {rule.name!r}"
+            message = (
+                rule.message or f"denied by {layer} policy {rule.policy!r}, rule {rule.name!r}"
+            )
             if result is RuleResult.ERROR:
                 message = f"{message} (condition failed to evaluate, denying: {detail})"
             outcome.reasons.append(Reason(rule.code, layer, rule.policy, rule.name, message))
@@ -139,37 +177,62 @@ def _decide_layer(layer: LayerName, index: LayerIndex, request: CheckRequest,
             if not explain:
                 return outcome
     if outcome.by_default and outcome.effect is Effect.DENY:
-        outcome.reasons.append(Reason(
-            ErrorCode.POLICY_DENIED, layer, DEFAULT_RULE, DEFAULT_RULE,
-            f"no {layer} policy allows {application!r} to use {request.integration.id!r} "
-            f"with scope {scope!r} for {subject!r} (the {layer} layer defaults to deny)"))
+        outcome.reasons.append(
+            Reason(
+                ErrorCode.POLICY_DENIED,
+                layer,
+                DEFAULT_RULE,
+                DEFAULT_RULE,
+                f"no {layer} policy allows {application!r} to use {request.integration.id!r} "
+                f"with scope {scope!r} for {subject!r} (the {layer} layer defaults to deny)",
+            )
+        )
         outcome.reasons.extend(
-            Reason(ErrorCode.POLICY_DENIED, layer, rule.policy, rule.name,
-                   f"allow rule could not be evaluated and did not match: {detail}")
+            Reason(
+                ErrorCode.POLICY_DENIED,
+                layer,
+                rule.policy,
+                rule.name,
+                f"allow rule could not be evaluated and did not match: {detail}",
+            )
             for rule, detail in errored_allows
         )
     return outcome
 
 
-def decide(policies: CompiledPolicySet, request: CheckRequest, *, now: datetime,
-           limits: RequestLimits = _DEFAULT_LIMITS) -> Decision:
+def decide(
+    policies: CompiledPolicySet,
+    request: CheckRequest,
+    *,
+    now: datetime,
+    limits: RequestLimits = _DEFAULT_LIMITS,
+) -> Decision:
     violations = validate_request(request, limits)
     if violations:
-        return Decision(Effect.DENY, validation_reasons(violations), policies.revision,
-                        cacheable=False)
+        return Decision(
+            Effect.DENY, validation_reasons(violations), policies.revision, cacheable=False
+        )
     organization = policies.organizations.get(request.organization)
     if organization is None:
-        reason = _system_reason(ErrorCode.NOT_FOUND, "organization-has-policies",
-                                f"no policies are loaded for organization "
-                                f"{request.organization!r}", "organization")
+        reason = _system_reason(
+            ErrorCode.NOT_FOUND,
+            "organization-has-policies",
+            f"no policies are loaded for organization {request.organization!r}",
+            "organization",
+        )
         return Decision(Effect.DENY, (reason,), policies.revision)
     evaluation_time = request.context.time or now
     builtin = _builtin_reasons(request, organization, evaluation_time)
     if builtin:
         trace = (LayerTrace(LayerName.SYSTEM, Effect.DENY, False),) if request.explain else ()
         # A token's validity window moves with the clock: never reuse such a decision.
-        return Decision(Effect.DENY, tuple(builtin), policies.revision, trace,
-                        time_dependent=bool(request.subject.access_token))
+        return Decision(
+            Effect.DENY,
+            tuple(builtin),
+            policies.revision,
+            trace,
+            time_dependent=bool(request.subject.access_token),
+        )
 
     activation = build_activation(request, evaluation_time)
     reasons: list[Reason] = []
@@ -177,14 +240,22 @@ def decide(policies: CompiledPolicySet, request: CheckRequest, *, now: datetime,
     time_dependent = bool(request.subject.access_token)
     cacheable = True
     for layer in POLICY_LAYERS:
-        outcome = _decide_layer(layer, organization.layers[layer], request, activation,
-                                request.explain)
+        outcome = _decide_layer(
+            layer, organization.layers[layer], request, activation, request.explain
+        )
         reasons.extend(outcome.reasons)
         time_dependent |= outcome.read_clock
         cacheable &= outcome.cacheable
         if request.explain:
-            traces.append(LayerTrace(layer, outcome.effect, outcome.by_default,
-                                     tuple(outcome.trace)))
+            traces.append(
+                LayerTrace(layer, outcome.effect, outcome.by_default, tuple(outcome.trace))
+            )
     effect = Effect.DENY if reasons else Effect.ALLOW
-    return Decision(effect, tuple(reasons), policies.revision, tuple(traces),
-                    time_dependent=time_dependent, cacheable=cacheable)
+    return Decision(
+        effect,
+        tuple(reasons),
+        policies.revision,
+        tuple(traces),
+        time_dependent=time_dependent,
+        cacheable=cacheable,
+    )

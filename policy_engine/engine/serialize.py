@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from policy_engine.engine.decision import Decision, Reason
+from policy_engine.domain.decision import Decision, Reason
 
 
 def reason_to_dict(reason: Reason) -> dict[str, Any]:

@@ -10,9 +10,9 @@ from dataclasses import dataclass
 from typing import Any
 
 from policy_engine.config import RequestLimits
-from policy_engine.engine.codes import ErrorCode
-from policy_engine.engine.decision import Decision, Layer, Reason
-from policy_engine.engine.request import CheckRequest
+from policy_engine.domain.codes import ErrorCode
+from policy_engine.domain.decision import Decision, Layer, Reason
+from policy_engine.domain.request import CheckRequest
 
 ORGANIZATION_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.:-]*")
 # Printable, no whitespace, no control characters (IdP IDs look like "auth0|123", emails, UUIDs).
@@ -28,8 +28,14 @@ class FieldViolation:
     description: str
 
 
-def _check_identifier(violations: list[FieldViolation], field: str, value: str, max_length: int,
-                      pattern: re.Pattern[str] = IDENTIFIER_PATTERN, required: bool = True) -> None:
+def _check_identifier(
+    violations: list[FieldViolation],
+    field: str,
+    value: str,
+    max_length: int,
+    pattern: re.Pattern[str] = IDENTIFIER_PATTERN,
+    required: bool = True,
+) -> None:
     if not value:
         if required:
             violations.append(FieldViolation(field, "must not be empty"))
@@ -52,7 +58,7 @@ class _AttributeChecker:
         stack: list[tuple[str, Any, int]] = [(field, attributes, 1)]
         while stack:
             path, value, depth = stack.pop()
-            if isinstance(value, Mapping) or isinstance(value, list | tuple):
+            if isinstance(value, Mapping | list | tuple):
                 if depth > limits.max_attribute_depth:
                     return FieldViolation(path, f"nested deeper than {limits.max_attribute_depth}")
                 if len(value) > limits.max_attributes:
@@ -90,12 +96,16 @@ def validate_request(request: CheckRequest, limits: RequestLimits) -> list[Field
     _check_identifier(violations, "application.id", request.application.id, ids)
     _check_identifier(violations, "integration.id", request.integration.id, ids)
     _check_identifier(violations, "scope", request.scope, limits.max_scope_length, SCOPE_PATTERN)
-    _check_identifier(violations, "context.session_id", request.context.session_id, ids,
-                      required=False)
+    _check_identifier(
+        violations, "context.session_id", request.context.session_id, ids, required=False
+    )
     _check_identifier(violations, "request_id", request.request_id, ids, required=False)
     if len(request.subject.access_token) > MAX_ACCESS_TOKEN_LENGTH:
-        violations.append(FieldViolation("subject.access_token",
-                                         f"longer than {MAX_ACCESS_TOKEN_LENGTH} characters"))
+        violations.append(
+            FieldViolation(
+                "subject.access_token", f"longer than {MAX_ACCESS_TOKEN_LENGTH} characters"
+            )
+        )
     if request.context.client_ip:
         try:
             ipaddress.ip_address(request.context.client_ip)

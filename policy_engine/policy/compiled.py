@@ -1,4 +1,4 @@
-"""The immutable, indexed policy set the engine decides with: built once per load, shared by requests."""
+"""The immutable, indexed policy set the engine decides with: built once per load."""
 
 from __future__ import annotations
 
@@ -6,8 +6,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 
 from policy_engine.cel import CompiledExpression
-from policy_engine.engine.codes import ErrorCode
-from policy_engine.engine.decision import Effect, Layer
+from policy_engine.domain.codes import ErrorCode
+from policy_engine.domain.decision import Effect, Layer
 from policy_engine.policy.model import Catalog
 from policy_engine.policy.patterns import Matcher
 

@@ -15,8 +15,8 @@ from types import MappingProxyType
 import yaml
 
 from policy_engine.cel import CelCompileError, CompiledExpression, compile_expression
+from policy_engine.domain.decision import POLICY_LAYERS, Effect, Layer
 from policy_engine.engine.activation import CEL_DECLARATIONS
-from policy_engine.engine.decision import POLICY_LAYERS, Effect, Layer
 from policy_engine.policy.compiled import (
     CompiledOrganization,
     CompiledPolicySet,
@@ -106,8 +106,14 @@ def load_policy_set(directory: Path) -> CompiledPolicySet:
     )
 
 
-def _parse_file(path: Path, data: bytes, org: str, configs: list[OrganizationConfig],
-                policies: list[Policy], issues: list[LoadIssue]) -> None:
+def _parse_file(
+    path: Path,
+    data: bytes,
+    org: str,
+    configs: list[OrganizationConfig],
+    policies: list[Policy],
+    issues: list[LoadIssue],
+) -> None:
     try:
         documents = load_documents(data.decode("utf-8"))
     except UnicodeDecodeError:
@@ -132,32 +138,49 @@ def _parse_file(path: Path, data: bytes, org: str, configs: list[OrganizationCon
             if policy is not None:
                 policies.append(policy)
         else:
-            issues.append(LoadIssue(path, doc.line_of("kind"),
-                                    f"'kind' must be {KIND_ORGANIZATION} or {KIND_POLICY}"))
+            issues.append(
+                LoadIssue(
+                    path,
+                    doc.line_of("kind"),
+                    f"'kind' must be {KIND_ORGANIZATION} or {KIND_POLICY}",
+                )
+            )
 
 
 def _yaml_problem(exc: yaml.YAMLError) -> str:
     return str(getattr(exc, "problem", None) or exc).strip()
 
 
-def _compile_organization(folder: Path, configs: list[OrganizationConfig], policies: list[Policy],
-                          issues: list[LoadIssue]) -> CompiledOrganization | None:
+def _compile_organization(
+    folder: Path, configs: list[OrganizationConfig], policies: list[Policy], issues: list[LoadIssue]
+) -> CompiledOrganization | None:
     if len(configs) != 1:
         where = configs[1].position if len(configs) > 1 else None
-        issues.append(LoadIssue(where.file if where else folder, where.line if where else 0,
-                                f"expected exactly one 'kind: {KIND_ORGANIZATION}' document, "
-                                f"found {len(configs)}"))
+        issues.append(
+            LoadIssue(
+                where.file if where else folder,
+                where.line if where else 0,
+                f"expected exactly one 'kind: {KIND_ORGANIZATION}' document, found {len(configs)}",
+            )
+        )
         return None
     config = configs[0]
     seen: dict[str, Policy] = {}
     for policy in policies:
         if policy.name in seen:
-            issues.append(LoadIssue(policy.position.file, policy.position.line,
-                                    f"duplicate policy name (first at {seen[policy.name].position})",
-                                    policy.name))
+            issues.append(
+                LoadIssue(
+                    policy.position.file,
+                    policy.position.line,
+                    f"duplicate policy name (first at {seen[policy.name].position})",
+                    policy.name,
+                )
+            )
         seen.setdefault(policy.name, policy)
 
-    rules_by_layer: dict[Layer, list[tuple[CompiledRule, Matcher]]] = {l: [] for l in POLICY_LAYERS}
+    rules_by_layer: dict[Layer, list[tuple[CompiledRule, Matcher | _Conjunction]]] = {
+        layer: [] for layer in POLICY_LAYERS
+    }
     for policy in policies:
         _check_catalog_references(config, policy, issues)
         for rule in policy.rules:
@@ -221,11 +244,14 @@ def _index_by_integration(
     return index
 
 
-def _check_catalog_references(config: OrganizationConfig, policy: Policy,
-                              issues: list[LoadIssue]) -> None:
+def _check_catalog_references(
+    config: OrganizationConfig, policy: Policy, issues: list[LoadIssue]
+) -> None:
     """An exact ID that is not in the catalog is almost always a typo: refuse it at load time."""
-    known = {"integrations": config.catalog.integrations,
-             "applications": config.catalog.applications}
+    known = {
+        "integrations": config.catalog.integrations,
+        "applications": config.catalog.applications,
+    }
     targets = [(policy.target, policy.position.line, "")] + [
         (rule.target, rule.position.line, rule.name) for rule in policy.rules
     ]
@@ -233,9 +259,15 @@ def _check_catalog_references(config: OrganizationConfig, policy: Policy,
         for dimension, catalog in known.items():
             for value in getattr(target, dimension):
                 if value != WILDCARD and not is_glob(value) and value not in catalog:
-                    issues.append(LoadIssue(policy.position.file, line,
-                                            f"{dimension[:-1]} {value!r} is not in the "
-                                            f"organization's catalog", policy.name, rule_name))
+                    issues.append(
+                        LoadIssue(
+                            policy.position.file,
+                            line,
+                            f"{dimension[:-1]} {value!r} is not in the organization's catalog",
+                            policy.name,
+                            rule_name,
+                        )
+                    )
 
 
 def _compile_rule(policy: Policy, rule: Rule, issues: list[LoadIssue]) -> CompiledRule | None:
@@ -244,15 +276,22 @@ def _compile_rule(policy: Policy, rule: Rule, issues: list[LoadIssue]) -> Compil
         try:
             condition = compile_expression(rule.condition, CEL_DECLARATIONS)
         except CelCompileError as exc:
-            issues.append(LoadIssue(rule.condition_position.file,
-                                    rule.condition_position.line + max(exc.line, 1) - 1,
-                                    f"invalid condition (column {exc.column}): {exc.message}",
-                                    policy.name, rule.name))
+            issues.append(
+                LoadIssue(
+                    rule.condition_position.file,
+                    rule.condition_position.line + max(exc.line, 1) - 1,
+                    f"invalid condition (column {exc.column}): {exc.message}",
+                    policy.name,
+                    rule.name,
+                )
+            )
             return None
 
     def matchers(dimension: str) -> tuple[Matcher, ...]:
-        candidates = (Matcher.of(getattr(policy.target, dimension)),
-                      Matcher.of(getattr(rule.target, dimension)))
+        candidates = (
+            Matcher.of(getattr(policy.target, dimension)),
+            Matcher.of(getattr(rule.target, dimension)),
+        )
         return tuple(m for m in candidates if not m.everything)
 
     return CompiledRule(

@@ -1,12 +1,12 @@
-"""The policy set as operators write it, before compilation: plain immutable values with positions."""
+"""The policy set as operators write it, before compilation: immutable values with positions."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from policy_engine.engine.codes import ErrorCode
-from policy_engine.engine.decision import Effect, Layer
+from policy_engine.domain.codes import ErrorCode
+from policy_engine.domain.decision import Effect, Layer
 
 # Codes a deny rule may answer with; the others belong to the engine's own checks.
 RULE_CODES: frozenset[ErrorCode] = frozenset(
@@ -32,7 +32,7 @@ class Position:
 
 @dataclass(frozen=True, slots=True)
 class Target:
-    """Which requests a policy or rule applies to; each dimension is a list of exact IDs or globs."""
+    """Which requests a policy or rule applies to: per dimension, exact IDs or globs."""
 
     subjects: tuple[str, ...] = ("*",)
     applications: tuple[str, ...] = ("*",)

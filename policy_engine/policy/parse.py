@@ -8,8 +8,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from policy_engine.engine.codes import ErrorCode
-from policy_engine.engine.decision import POLICY_LAYERS, Effect, Layer
+from policy_engine.domain.codes import ErrorCode
+from policy_engine.domain.decision import POLICY_LAYERS, Effect, Layer
 from policy_engine.policy.model import (
     RULE_CODES,
     TARGET_DIMENSIONS,
@@ -57,14 +57,25 @@ class DocumentParser:
 
     # -- generic field readers -------------------------------------------------------------
 
-    def _check_keys(self, doc: PositionedDict, allowed: set[str], what: str, policy: str = "",
-                    rule: str = "") -> None:
+    def _check_keys(
+        self, doc: PositionedDict, allowed: set[str], what: str, policy: str = "", rule: str = ""
+    ) -> None:
         for key in doc:
             if key not in allowed:
-                self.problem(doc.line_of(str(key)), f"unknown field {key!r} in {what}", policy, rule)
+                self.problem(
+                    doc.line_of(str(key)), f"unknown field {key!r} in {what}", policy, rule
+                )
 
-    def _string(self, doc: PositionedDict, key: str, *, required: bool, policy: str = "",
-                rule: str = "", default: str = "") -> str:
+    def _string(
+        self,
+        doc: PositionedDict,
+        key: str,
+        *,
+        required: bool,
+        policy: str = "",
+        rule: str = "",
+        default: str = "",
+    ) -> str:
         value = doc.get(key)
         if value is None:
             if required:
@@ -78,17 +89,28 @@ class DocumentParser:
     def _name(self, doc: PositionedDict, key: str, policy: str = "") -> str:
         name = self._string(doc, key, required=True, policy=policy)
         if name and not NAME_PATTERN.match(name):
-            self.problem(doc.line_of(key), f"{key} {name!r} must match {NAME_PATTERN.pattern}",
-                         policy)
+            self.problem(
+                doc.line_of(key), f"{key} {name!r} must match {NAME_PATTERN.pattern}", policy
+            )
         return name
 
-    def _choice(self, doc: PositionedDict, key: str, parse: Callable[[str], Any], choices: str, *,
-                default: Any, policy: str = "", rule: str = "") -> Any:
+    def _choice(
+        self,
+        doc: PositionedDict,
+        key: str,
+        parse: Callable[[str], Any],
+        choices: str,
+        *,
+        default: Any,
+        policy: str = "",
+        rule: str = "",
+    ) -> Any:
         raw = doc.get(key)
         if raw is None:
             if default is None:
-                self.problem(doc.line, f"missing required field {key!r} (one of {choices})",
-                             policy, rule)
+                self.problem(
+                    doc.line, f"missing required field {key!r} (one of {choices})", policy, rule
+                )
             return default
         try:
             return parse(str(raw))
@@ -96,25 +118,40 @@ class DocumentParser:
             self.problem(doc.line_of(key), f"{key} {raw!r} is not one of {choices}", policy, rule)
             return default
 
-    def _id_list(self, doc: PositionedDict, key: str, policy: str = "", rule: str = "",
-                 allow_globs: bool = True) -> tuple[str, ...] | None:
+    def _id_list(
+        self,
+        doc: PositionedDict,
+        key: str,
+        policy: str = "",
+        rule: str = "",
+        allow_globs: bool = True,
+    ) -> tuple[str, ...] | None:
         raw = doc.get(key)
         if raw is None:
             return None
         if isinstance(raw, str):
             raw = [raw]
         if not isinstance(raw, list) or not raw:
-            self.problem(doc.line_of(key), f"{key!r} must be a non-empty list of strings",
-                         policy, rule)
+            self.problem(
+                doc.line_of(key), f"{key!r} must be a non-empty list of strings", policy, rule
+            )
             return None
         values: list[str] = []
         for item in raw:
             if not isinstance(item, str) or not TARGET_PATTERN.match(item):
-                self.problem(doc.value_lines.get(key, doc.line),
-                             f"{key}: {item!r} is not a valid ID or pattern", policy, rule)
+                self.problem(
+                    doc.value_lines.get(key, doc.line),
+                    f"{key}: {item!r} is not a valid ID or pattern",
+                    policy,
+                    rule,
+                )
             elif not allow_globs and ("*" in item or "?" in item):
-                self.problem(doc.value_lines.get(key, doc.line),
-                             f"{key}: {item!r}: globs are not allowed here", policy, rule)
+                self.problem(
+                    doc.value_lines.get(key, doc.line),
+                    f"{key}: {item!r}: globs are not allowed here",
+                    policy,
+                    rule,
+                )
             else:
                 values.append(item)
         return tuple(values)
@@ -124,8 +161,9 @@ class DocumentParser:
         if raw is None:
             return Target()
         if not isinstance(raw, PositionedDict):
-            self.problem(doc.line_of(key), f"{key!r} must be a mapping of {TARGET_DIMENSIONS}",
-                         policy, rule)
+            self.problem(
+                doc.line_of(key), f"{key!r} must be a mapping of {TARGET_DIMENSIONS}", policy, rule
+            )
             return Target()
         self._check_keys(raw, set(TARGET_DIMENSIONS), key, policy, rule)
         values = {dim: self._id_list(raw, dim, policy, rule) for dim in TARGET_DIMENSIONS}
@@ -137,28 +175,35 @@ class DocumentParser:
     # -- documents -----------------------------------------------------------------------
 
     def organization(self, doc: PositionedDict, folder_org: str) -> OrganizationConfig | None:
-        self._check_keys(doc, {"kind", "organization", "description", "defaults", "catalog"},
-                         "Organization")
+        self._check_keys(
+            doc, {"kind", "organization", "description", "defaults", "catalog"}, "Organization"
+        )
         name = doc.get("organization", folder_org)
         if name != folder_org:
-            self.problem(doc.line_of("organization"),
-                         f"organization {name!r} does not match its folder {folder_org!r}")
+            self.problem(
+                doc.line_of("organization"),
+                f"organization {name!r} does not match its folder {folder_org!r}",
+            )
         defaults = {layer: Effect.DENY for layer in POLICY_LAYERS}
         raw_defaults = doc.get("defaults")
         if raw_defaults is not None:
             if isinstance(raw_defaults, PositionedDict):
-                self._check_keys(raw_defaults, {layer.value for layer in POLICY_LAYERS},
-                                 "defaults")
+                self._check_keys(raw_defaults, {layer.value for layer in POLICY_LAYERS}, "defaults")
                 for layer in POLICY_LAYERS:
-                    defaults[layer] = self._choice(raw_defaults, layer.value, _effect,
-                                                   "allow, deny", default=Effect.DENY)
+                    defaults[layer] = self._choice(
+                        raw_defaults, layer.value, _effect, "allow, deny", default=Effect.DENY
+                    )
             else:
-                self.problem(doc.line_of("defaults"),
-                             "'defaults' must map org/user/application to allow or deny")
+                self.problem(
+                    doc.line_of("defaults"),
+                    "'defaults' must map org/user/application to allow or deny",
+                )
         catalog = doc.get("catalog")
         if not isinstance(catalog, PositionedDict):
-            self.problem(doc.line_of("catalog"),
-                         "missing 'catalog' with the organization's integrations and applications")
+            self.problem(
+                doc.line_of("catalog"),
+                "missing 'catalog' with the organization's integrations and applications",
+            )
             return None
         self._check_keys(catalog, {"integrations", "applications"}, "catalog")
         integrations = self._id_list(catalog, "integrations", allow_globs=False)
@@ -175,16 +220,24 @@ class DocumentParser:
 
     def policy(self, doc: PositionedDict) -> Policy | None:
         name = self._name(doc, "name")
-        self._check_keys(doc, {"kind", "name", "layer", "description", "target", "rules", "cache"},
-                         "Policy", name)
-        layer = self._choice(doc, "layer", _layer, "org, user, application", default=None,
-                             policy=name)
+        self._check_keys(
+            doc,
+            {"kind", "name", "layer", "description", "target", "rules", "cache"},
+            "Policy",
+            name,
+        )
+        layer = self._choice(
+            doc, "layer", _layer, "org, user, application", default=None, policy=name
+        )
         target = self._target(doc, "target", name)
         owned_by = _OWNER_DIMENSION.get(layer)
         raw_target = doc.get("target")
         if owned_by and not (isinstance(raw_target, dict) and owned_by in raw_target):
-            self.problem(doc.line_of("target"),
-                         f"a {layer} policy must name its {owned_by} in target.{owned_by}", name)
+            self.problem(
+                doc.line_of("target"),
+                f"a {layer} policy must name its {owned_by} in target.{owned_by}",
+                name,
+            )
         cache = doc.get("cache", True)
         if not isinstance(cache, bool):
             self.problem(doc.line_of("cache"), "'cache' must be true or false", name)
@@ -206,7 +259,9 @@ class DocumentParser:
                 self.problem(rule.position.line, f"duplicate rule name {rule.name!r}", name)
             seen.add(rule.name)
             rules.append(rule)
-        if layer is None or not name or len(rules) != len(raw_rules):
+        # Keep the valid rules even when others are broken, so their CEL is checked too: the
+        # set as a whole is refused anyway because the problems were recorded.
+        if layer is None or not name:
             return None
         return Policy(
             name=name,
@@ -220,20 +275,34 @@ class DocumentParser:
 
     def rule(self, doc: PositionedDict, policy: str) -> Rule | None:
         name = self._name(doc, "name", policy)
-        self._check_keys(doc, {"name", "effect", "condition", "target", "message", "code"},
-                         "rule", policy, name)
-        effect = self._choice(doc, "effect", _effect, "allow, deny", default=None, policy=policy,
-                              rule=name)
+        self._check_keys(
+            doc, {"name", "effect", "condition", "target", "message", "code"}, "rule", policy, name
+        )
+        effect = self._choice(
+            doc, "effect", _effect, "allow, deny", default=None, policy=policy, rule=name
+        )
         condition = doc.get("condition")
         if condition is not None and (not isinstance(condition, str) or not condition.strip()):
-            self.problem(doc.line_of("condition"), "'condition' must be a CEL expression string",
-                         policy, name)
+            self.problem(
+                doc.line_of("condition"),
+                "'condition' must be a CEL expression string",
+                policy,
+                name,
+            )
             return None
-        code = self._choice(doc, "code", _code, ", ".join(sorted(c.value for c in RULE_CODES)),
-                            default=ErrorCode.POLICY_DENIED, policy=policy, rule=name)
+        code = self._choice(
+            doc,
+            "code",
+            _code,
+            ", ".join(sorted(c.value for c in RULE_CODES)),
+            default=ErrorCode.POLICY_DENIED,
+            policy=policy,
+            rule=name,
+        )
         if code not in RULE_CODES:
-            self.problem(doc.line_of("code"), f"code {code.value!r} is reserved for the engine",
-                         policy, name)
+            self.problem(
+                doc.line_of("code"), f"code {code.value!r} is reserved for the engine", policy, name
+            )
         if effect is Effect.ALLOW and "code" in doc:
             self.problem(doc.line_of("code"), "only deny rules carry a code", policy, name)
         message = doc.get("message", "")

@@ -1,10 +1,11 @@
-"""Static target patterns: exact values and `*`/`?` globs, compiled once so targets can be indexed."""
+"""Static target patterns: exact values and `*`/`?` globs, compiled once to be indexed."""
 
 from __future__ import annotations
 
-import re
 from collections.abc import Iterable
 from dataclasses import dataclass
+
+from policy_engine.cel.functions import GlobPattern
 
 WILDCARD = "*"
 
@@ -13,25 +14,13 @@ def is_glob(pattern: str) -> bool:
     return "*" in pattern or "?" in pattern
 
 
-def glob_to_regex(pattern: str) -> re.Pattern[str]:
-    """`*` matches any run of characters (`:` and `/` included), `?` one; nothing else is special."""
-    parts = []
-    for char in pattern:
-        if char == "*":
-            parts.append(".*")
-        elif char == "?":
-            parts.append(".")
-        else:
-            parts.append(re.escape(char))
-    return re.compile("".join(parts), re.DOTALL)
-
-
 @dataclass(frozen=True, slots=True)
 class Matcher:
     """Matches a value against a set of exact values and globs; `everything` short-circuits `*`."""
 
     exact: frozenset[str]
-    globs: tuple[re.Pattern[str], ...]
+    # The same glob semantics as the CEL `glob` helper: one implementation, linear-time matching.
+    globs: tuple[GlobPattern, ...]
     everything: bool
     patterns: tuple[str, ...]
 
@@ -40,14 +29,10 @@ class Matcher:
         patterns = tuple(patterns)
         everything = WILDCARD in patterns
         exact = frozenset(p for p in patterns if not is_glob(p))
-        globs = () if everything else tuple(glob_to_regex(p) for p in patterns if is_glob(p))
+        globs = () if everything else tuple(GlobPattern(p) for p in patterns if is_glob(p))
         return cls(exact=exact, globs=globs, everything=everything, patterns=patterns)
 
     def __call__(self, value: str) -> bool:
         if self.everything or value in self.exact:
             return True
-        return any(glob.fullmatch(value) for glob in self.globs)
-
-
-MATCH_ALL = Matcher.of([WILDCARD])
-
+        return any(glob.match(value) for glob in self.globs)

@@ -58,7 +58,9 @@ def load_documents(text: str) -> list[YamlDocument]:
             node = loader.get_node()
             if node is None:
                 continue
-            documents.append(YamlDocument(loader.construct_document(node), node.start_mark.line + 1))
+            documents.append(
+                YamlDocument(loader.construct_document(node), node.start_mark.line + 1)
+            )
     finally:
         loader.dispose()
     return documents

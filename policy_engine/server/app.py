@@ -27,7 +27,7 @@ from grpc_reflection.v1alpha import reflection
 
 from policy_engine.api import pdp_pb2, pdp_pb2_grpc
 from policy_engine.config import ConfigError, Settings
-from policy_engine.engine.codes import ErrorCode, docs_url
+from policy_engine.domain.codes import ErrorCode, docs_url
 from policy_engine.server.errors import invalid_argument
 from policy_engine.server.service import SERVICE_NAME
 

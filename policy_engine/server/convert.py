@@ -17,9 +17,9 @@ from google.protobuf import struct_pb2, timestamp_pb2
 
 from policy_engine.api import pdp_pb2
 from policy_engine.config import RequestLimits
-from policy_engine.engine.codes import ErrorCode, docs_url
-from policy_engine.engine.decision import Decision, Effect, Layer, Reason, RuleResult
-from policy_engine.engine.request import (
+from policy_engine.domain.codes import ErrorCode, docs_url
+from policy_engine.domain.decision import Decision, Effect, Layer, Reason, RuleResult
+from policy_engine.domain.request import (
     CheckRequest,
     ConnectionState,
     RequestContext,

@@ -14,7 +14,7 @@ from google.protobuf import any_pb2
 from google.rpc import code_pb2, error_details_pb2, status_pb2
 from grpc_status import rpc_status
 
-from policy_engine.engine.codes import ErrorCode
+from policy_engine.domain.codes import ErrorCode
 
 ERROR_DOMAIN = "pdp.kontext.dev"
 VALIDATION_REASON = ErrorCode.VALIDATION_ERROR.value

@@ -17,9 +17,9 @@ import grpc
 
 from policy_engine.api import pdp_pb2, pdp_pb2_grpc
 from policy_engine.config import Settings
+from policy_engine.domain.codes import ErrorCode
+from policy_engine.domain.decision import Decision, Effect, Layer, Reason
 from policy_engine.engine import decide
-from policy_engine.engine.codes import ErrorCode
-from policy_engine.engine.decision import Decision, Effect, Layer, Reason
 from policy_engine.engine.validation import is_validation_failure
 from policy_engine.server.convert import RequestConverter, ResponseBuilder, new_decision_id
 from policy_engine.server.errors import invalid_argument

@@ -13,15 +13,34 @@ from tests.scenarios import EXAMPLE_POLICIES, SCENARIOS, Scenario, token_for
 
 
 def pdp(*args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "policy_engine.cli.main", *args],
-                          capture_output=True, text=True, timeout=60)
+    return subprocess.run(
+        [sys.executable, "-m", "policy_engine.cli.main", *args],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
 
 
 def eval_args(scenario: Scenario) -> list[str]:
-    args = ["eval", "--policies", str(EXAMPLE_POLICIES), "--org", scenario.organization,
-            "--subject", scenario.subject, "--subject-kind", scenario.subject_kind,
-            "--application", scenario.application, "--integration", scenario.integration,
-            "--scope", scenario.scope, "--context", f"connection={scenario.connection}"]
+    args = [
+        "eval",
+        "--policies",
+        str(EXAMPLE_POLICIES),
+        "--org",
+        scenario.organization,
+        "--subject",
+        scenario.subject,
+        "--subject-kind",
+        scenario.subject_kind,
+        "--application",
+        scenario.application,
+        "--integration",
+        scenario.integration,
+        "--scope",
+        scenario.scope,
+        "--context",
+        f"connection={scenario.connection}",
+    ]
     for key, value in scenario.subject_attributes.items():
         args += ["--subject-attr", f"{key}={json.dumps(value)}"]
     if scenario.token:
@@ -54,18 +73,48 @@ def test_eval_human_output_with_explain() -> None:
 
 
 def test_eval_json_values_become_lists() -> None:
-    result = pdp("eval", "--policies", str(EXAMPLE_POLICIES), "--org", "acme", "--subject",
-                 "alice", "--application", "pr-reviewer", "--integration", "github", "--scope",
-                 "repo", "--subject-attr", 'groups=["engineering"]', "--json", "--explain")
+    result = pdp(
+        "eval",
+        "--policies",
+        str(EXAMPLE_POLICIES),
+        "--org",
+        "acme",
+        "--subject",
+        "alice",
+        "--application",
+        "pr-reviewer",
+        "--integration",
+        "github",
+        "--scope",
+        "repo",
+        "--subject-attr",
+        'groups=["engineering"]',
+        "--json",
+        "--explain",
+    )
     output = json.loads(result.stdout)
     assert output["decision"] == "ALLOW"
     assert [layer["layer"] for layer in output["explain"]] == ["org", "user", "application"]
 
 
 def test_eval_bad_flag_exits_non_zero() -> None:
-    result = pdp("eval", "--policies", str(EXAMPLE_POLICIES), "--org", "acme", "--subject", "a",
-                 "--application", "pr-reviewer", "--integration", "github", "--scope", "repo",
-                 "--subject-attr", "no-equals-sign")
+    result = pdp(
+        "eval",
+        "--policies",
+        str(EXAMPLE_POLICIES),
+        "--org",
+        "acme",
+        "--subject",
+        "a",
+        "--application",
+        "pr-reviewer",
+        "--integration",
+        "github",
+        "--scope",
+        "repo",
+        "--subject-attr",
+        "no-equals-sign",
+    )
     assert result.returncode == 2
     assert "KEY=VALUE" in result.stderr
 
@@ -80,11 +129,13 @@ def test_validate_lists_every_error_with_file_and_line(tmp_path: Path) -> None:
     org = tmp_path / "acme"
     org.mkdir()
     (org / "organization.yaml").write_text(
-        "kind: Organization\ncatalog:\n  integrations: [github]\n  applications: [app]\n")
+        "kind: Organization\ncatalog:\n  integrations: [github]\n  applications: [app]\n"
+    )
     (org / "broken.yaml").write_text(
         "kind: Policy\nname: broken\nlayer: org\nrules:\n"
         "  - name: typo\n    effect: allow\n    condition: sbject.id == 'x'\n"
-        "  - name: bad-effect\n    effect: perhaps\n")
+        "  - name: bad-effect\n    effect: perhaps\n"
+    )
     (org / "syntax.yaml").write_text("kind: Policy\nname: [unclosed\n")
     result = pdp("validate", str(tmp_path))
     assert result.returncode == 1
@@ -97,7 +148,20 @@ def test_validate_lists_every_error_with_file_and_line(tmp_path: Path) -> None:
 def test_eval_with_invalid_policies_exits_non_zero(tmp_path: Path) -> None:
     (tmp_path / "acme").mkdir()
     (tmp_path / "acme" / "x.yaml").write_text("kind: Nonsense\n")
-    result = pdp("eval", "--policies", str(tmp_path), "--org", "acme", "--subject", "a",
-                 "--application", "b", "--integration", "c", "--scope", "d")
+    result = pdp(
+        "eval",
+        "--policies",
+        str(tmp_path),
+        "--org",
+        "acme",
+        "--subject",
+        "a",
+        "--application",
+        "b",
+        "--integration",
+        "c",
+        "--scope",
+        "d",
+    )
     assert result.returncode == 1
     assert "kind" in result.stderr

@@ -6,8 +6,8 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+from policy_engine.domain.decision import Effect, Layer, RuleResult
 from policy_engine.engine import decide
-from policy_engine.engine.decision import Effect, Layer, RuleResult
 from policy_engine.policy import load_policy_set
 from tests.policy_builder import allow_all, request, write_organization
 
@@ -45,29 +45,51 @@ def test_all_three_layers_must_allow(tmp_path: Path) -> None:
 
 
 def test_deny_beats_allow_inside_a_layer(tmp_path: Path) -> None:
-    policies = [org_policy({"name": "yes", "effect": "allow"},
-                           {"name": "no", "effect": "deny", "message": "custom words"}),
-                *OPEN_USER_AND_APP]
+    policies = [
+        org_policy(
+            {"name": "yes", "effect": "allow"},
+            {"name": "no", "effect": "deny", "message": "custom words"},
+        ),
+        *OPEN_USER_AND_APP,
+    ]
     decision = decide_with(tmp_path, policies)
     assert decision.effect is Effect.DENY
     (reason,) = decision.reasons
     assert (reason.layer, reason.policy, reason.rule, reason.message) == (
-        Layer.ORG, "org-rules", "no", "custom words")
+        Layer.ORG,
+        "org-rules",
+        "no",
+        "custom words",
+    )
 
 
 def test_explicit_deny_in_any_layer_wins_over_default_allow(tmp_path: Path) -> None:
-    policies = [{"name": "user-deny", "layer": "user", "target": {"subjects": ["alice"]},
-                 "rules": [{"name": "no", "effect": "deny"}]}]
-    decision = decide_with(tmp_path, policies,
-                           defaults={"org": "allow", "user": "allow", "application": "allow"})
+    policies = [
+        {
+            "name": "user-deny",
+            "layer": "user",
+            "target": {"subjects": ["alice"]},
+            "rules": [{"name": "no", "effect": "deny"}],
+        }
+    ]
+    decision = decide_with(
+        tmp_path, policies, defaults={"org": "allow", "user": "allow", "application": "allow"}
+    )
     assert decision.effect is Effect.DENY
     assert [r.layer for r in decision.reasons] == [Layer.USER]
 
 
 def test_erroring_allow_rule_does_not_match_and_says_why(tmp_path: Path) -> None:
-    policies = [org_policy({"name": "needs-groups", "effect": "allow",
-                            "condition": '"eng" in subject.attributes.groups'}),
-                *OPEN_USER_AND_APP]
+    policies = [
+        org_policy(
+            {
+                "name": "needs-groups",
+                "effect": "allow",
+                "condition": '"eng" in subject.attributes.groups',
+            }
+        ),
+        *OPEN_USER_AND_APP,
+    ]
     decision = decide_with(tmp_path, policies)  # no groups attribute: evaluation error
     assert decision.effect is Effect.DENY
     errored = [r for r in decision.reasons if r.rule == "needs-groups"]
@@ -75,10 +97,13 @@ def test_erroring_allow_rule_does_not_match_and_says_why(tmp_path: Path) -> None
 
 
 def test_erroring_deny_rule_denies_and_says_why(tmp_path: Path) -> None:
-    policies = [org_policy({"name": "yes", "effect": "allow"},
-                           {"name": "broken-deny", "effect": "deny",
-                            "condition": "subject.attributes.level > 3"}),
-                *OPEN_USER_AND_APP]
+    policies = [
+        org_policy(
+            {"name": "yes", "effect": "allow"},
+            {"name": "broken-deny", "effect": "deny", "condition": "subject.attributes.level > 3"},
+        ),
+        *OPEN_USER_AND_APP,
+    ]
     decision = decide_with(tmp_path, policies)
     assert decision.effect is Effect.DENY
     (reason,) = decision.reasons
@@ -86,8 +111,10 @@ def test_erroring_deny_rule_denies_and_says_why(tmp_path: Path) -> None:
 
 
 def test_non_boolean_condition_is_an_error_not_a_match(tmp_path: Path) -> None:
-    policies = [org_policy({"name": "string", "effect": "allow", "condition": "subject.id"}),
-                *OPEN_USER_AND_APP]
+    policies = [
+        org_policy({"name": "string", "effect": "allow", "condition": "subject.id"}),
+        *OPEN_USER_AND_APP,
+    ]
     decision = decide_with(tmp_path, policies, request(explain=True))
     assert decision.effect is Effect.DENY
     org_trace = decision.trace[0]
@@ -96,19 +123,28 @@ def test_non_boolean_condition_is_an_error_not_a_match(tmp_path: Path) -> None:
 
 
 def test_rule_code_reaches_the_reason(tmp_path: Path) -> None:
-    policies = [org_policy({"name": "yes", "effect": "allow"},
-                           {"name": "connect-first", "effect": "deny",
-                            "code": "kontext_integration_connection_required",
-                            "condition": "!context.connected"}),
-                *OPEN_USER_AND_APP]
+    policies = [
+        org_policy(
+            {"name": "yes", "effect": "allow"},
+            {
+                "name": "connect-first",
+                "effect": "deny",
+                "code": "kontext_integration_connection_required",
+                "condition": "!context.connected",
+            },
+        ),
+        *OPEN_USER_AND_APP,
+    ]
     decision = decide_with(tmp_path, policies)
     assert decision.reasons[0].code.value == "kontext_integration_connection_required"
     assert decision.reasons[0].http_status == 403
 
 
 def test_targets_select_rules_by_glob(tmp_path: Path) -> None:
-    policies = [org_policy({"name": "reads", "effect": "allow", "target": {"scopes": ["read:*"]}}),
-                *OPEN_USER_AND_APP]
+    policies = [
+        org_policy({"name": "reads", "effect": "allow", "target": {"scopes": ["read:*"]}}),
+        *OPEN_USER_AND_APP,
+    ]
     write_organization(tmp_path, "acme", policies=policies)
     policy_set = load_policy_set(tmp_path)
     assert decide(policy_set, request("read:org"), now=NOW).effect is Effect.ALLOW
@@ -117,8 +153,13 @@ def test_targets_select_rules_by_glob(tmp_path: Path) -> None:
 
 def test_organizations_are_isolated(tmp_path: Path) -> None:
     write_organization(tmp_path, "acme", policies=[allow_all("org"), *OPEN_USER_AND_APP])
-    write_organization(tmp_path, "globex", policies=[
-        {"name": "deny-all", "layer": "org", "rules": [{"name": "no", "effect": "deny"}]}])
+    write_organization(
+        tmp_path,
+        "globex",
+        policies=[
+            {"name": "deny-all", "layer": "org", "rules": [{"name": "no", "effect": "deny"}]}
+        ],
+    )
     policy_set = load_policy_set(tmp_path)
     assert decide(policy_set, request(), now=NOW).effect is Effect.ALLOW
     globex = decide(policy_set, request(organization="globex"), now=NOW)
@@ -129,9 +170,16 @@ def test_organizations_are_isolated(tmp_path: Path) -> None:
 
 
 def test_clock_reading_marks_the_decision_time_dependent(tmp_path: Path) -> None:
-    policies = [org_policy({"name": "daytime", "effect": "allow",
-                            "condition": 'now.betweenHours("08:00", "18:00", "UTC")'}),
-                *OPEN_USER_AND_APP]
+    policies = [
+        org_policy(
+            {
+                "name": "daytime",
+                "effect": "allow",
+                "condition": 'now.betweenHours("08:00", "18:00", "UTC")',
+            }
+        ),
+        *OPEN_USER_AND_APP,
+    ]
     decision = decide_with(tmp_path, policies)
     assert decision.effect is Effect.ALLOW and decision.time_dependent
 

@@ -6,9 +6,8 @@ from datetime import UTC, datetime
 
 import pytest
 
-from policy_engine.engine import decide
-from policy_engine.engine.decision import Effect
-from policy_engine.engine.request import (
+from policy_engine.domain.decision import Effect
+from policy_engine.domain.request import (
     CheckRequest,
     ConnectionState,
     RequestContext,
@@ -16,6 +15,7 @@ from policy_engine.engine.request import (
     Subject,
     SubjectKind,
 )
+from policy_engine.engine import decide
 from policy_engine.policy import load_policy_set
 from tests.scenarios import EXAMPLE_POLICIES, SCENARIOS, Scenario, token_for
 
@@ -28,8 +28,12 @@ def policies():
 def to_request(scenario: Scenario, explain: bool = False) -> CheckRequest:
     return CheckRequest(
         organization=scenario.organization,
-        subject=Subject(scenario.subject, SubjectKind(scenario.subject_kind),
-                        scenario.subject_attributes, token_for(scenario)),
+        subject=Subject(
+            scenario.subject,
+            SubjectKind(scenario.subject_kind),
+            scenario.subject_attributes,
+            token_for(scenario),
+        ),
         application=Resource(scenario.application),
         integration=Resource(scenario.integration),
         scope=scenario.scope,
@@ -72,7 +76,8 @@ def test_explain_lists_every_layer_and_rule(policies) -> None:
     org_rules = {(r.policy, r.rule): r.result.value for r in layers["org"].rules}
     assert org_rules[("engineering-developer-tools", "no-repository-deletion")] == "matched"
     assert org_rules[("engineering-developer-tools", "engineering-may-use-developer-tools")] == (
-        "matched")
+        "matched"
+    )
     assert layers["org"].effect is Effect.DENY and not layers["org"].by_default
     assert layers["application"].effect is Effect.ALLOW
 

@@ -12,8 +12,8 @@ from google.protobuf import struct_pb2, timestamp_pb2
 
 from policy_engine.api import pdp_pb2
 from policy_engine.config import RequestLimits
-from policy_engine.engine.codes import ErrorCode
-from policy_engine.engine.decision import (
+from policy_engine.domain.codes import ErrorCode
+from policy_engine.domain.decision import (
     Decision,
     Effect,
     Layer,
@@ -22,7 +22,7 @@ from policy_engine.engine.decision import (
     RuleResult,
     RuleTrace,
 )
-from policy_engine.engine.request import ConnectionState, SubjectKind
+from policy_engine.domain.request import ConnectionState, SubjectKind
 from policy_engine.server.convert import (
     RequestConverter,
     ResponseBuilder,

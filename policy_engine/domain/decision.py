@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from enum import StrEnum
 
-from policy_engine.engine.codes import ErrorCode
+from policy_engine.domain.codes import ErrorCode
 
 
 class Effect(StrEnum):

@@ -1,0 +1,1 @@
+"""The values every part shares: requests, decisions, reasons and the documented error codes."""
