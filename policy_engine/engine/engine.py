@@ -116,6 +116,7 @@ class _LayerOutcome:
     by_default: bool
     reasons: list[Reason] = field(default_factory=list)
     trace: list[RuleTrace] = field(default_factory=list)
+    errored_allows: list[tuple[CompiledRule, str]] = field(default_factory=list)
     read_clock: bool = False
     cacheable: bool = True
 
@@ -134,6 +135,29 @@ def _evaluate(rule: CompiledRule, activation: dict[str, Any]) -> tuple[RuleResul
     return RuleResult.ERROR, f"condition returned {type(value).__name__}, not bool"
 
 
+def _run_rule(
+    layer: LayerName,
+    rule: CompiledRule,
+    activation: dict[str, Any],
+    outcome: _LayerOutcome,
+    explain: bool,
+) -> RuleResult:
+    """Evaluates one applicable rule and records what it means for its layer."""
+    result, detail = _evaluate(rule, activation)
+    outcome.read_clock |= rule.reads_clock
+    outcome.cacheable &= rule.cacheable
+    if explain:
+        outcome.trace.append(RuleTrace(rule.policy, rule.name, rule.effect, result, detail))
+    if rule.effect is Effect.DENY and result is not RuleResult.NOT_MATCHED:
+        message = rule.message or f"denied by {layer} policy {rule.policy!r}, rule {rule.name!r}"
+        if result is RuleResult.ERROR:
+            message = f"{message} (condition failed to evaluate, denying: {detail})"
+        outcome.reasons.append(Reason(rule.code, layer, rule.policy, rule.name, message))
+    elif rule.effect is Effect.ALLOW and result is RuleResult.ERROR:
+        outcome.errored_allows.append((rule, detail))
+    return result
+
+
 def _decide_layer(
     layer: LayerName,
     index: LayerIndex,
@@ -144,34 +168,19 @@ def _decide_layer(
     bucket = index.bucket(request.integration.id)
     subject, application, scope = request.subject.id, request.application.id, request.scope
     outcome = _LayerOutcome(effect=index.default, by_default=True)
-    errored_allows: list[tuple[CompiledRule, str]] = []
-
-    def run(rule: CompiledRule) -> RuleResult:
-        result, detail = _evaluate(rule, activation)
-        outcome.read_clock |= rule.reads_clock
-        outcome.cacheable &= rule.cacheable
-        if explain:
-            outcome.trace.append(RuleTrace(rule.policy, rule.name, rule.effect, result, detail))
-        if rule.effect is Effect.DENY and result is not RuleResult.NOT_MATCHED:
-            message = (
-                rule.message or f"denied by {layer} policy {rule.policy!r}, rule {rule.name!r}"
-            )
-            if result is RuleResult.ERROR:
-                message = f"{message} (condition failed to evaluate, denying: {detail})"
-            outcome.reasons.append(Reason(rule.code, layer, rule.policy, rule.name, message))
-        elif rule.effect is Effect.ALLOW and result is RuleResult.ERROR:
-            errored_allows.append((rule, detail))
-        return result
 
     for rule in bucket.denies:
         if rule.applies_to(subject, application, scope):
-            run(rule)
+            _run_rule(layer, rule, activation, outcome, explain)
     if outcome.reasons:
         outcome.effect, outcome.by_default = Effect.DENY, False
         if not explain:
             return outcome
     for rule in bucket.allows:
-        if rule.applies_to(subject, application, scope) and run(rule) is RuleResult.MATCHED:
+        if (
+            rule.applies_to(subject, application, scope)
+            and _run_rule(layer, rule, activation, outcome, explain) is RuleResult.MATCHED
+        ):
             if not outcome.reasons:
                 outcome.effect, outcome.by_default = Effect.ALLOW, False
             if not explain:
@@ -195,7 +204,7 @@ def _decide_layer(
                 rule.name,
                 f"allow rule could not be evaluated and did not match: {detail}",
             )
-            for rule, detail in errored_allows
+            for rule, detail in outcome.errored_allows
         )
     return outcome
 

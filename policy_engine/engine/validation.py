@@ -46,46 +46,66 @@ def _check_identifier(
         violations.append(FieldViolation(field, f"contains characters not allowed in {field}"))
 
 
+class _Violation(Exception):
+    """Raised deep inside an attribute walk; the path is assembled only on the way out."""
+
+    def __init__(self, description: str) -> None:
+        self.description = description
+        self.path: list[str] = []
+
+
 class _AttributeChecker:
-    """Walks one attribute map iteratively, so no nesting can exhaust the stack."""
+    """Bounds one attribute map: entries, depth, string lengths and total size.
+
+    Recursion is safe: a container deeper than the limit is refused before it is entered.
+    Paths are only built for the one violation reported, keeping the common case cheap.
+    """
 
     def __init__(self, limits: RequestLimits) -> None:
         self.limits = limits
 
     def check(self, field: str, attributes: Mapping[str, Any]) -> FieldViolation | None:
-        limits = self.limits
-        size = 0
-        stack: list[tuple[str, Any, int]] = [(field, attributes, 1)]
-        while stack:
-            path, value, depth = stack.pop()
-            if isinstance(value, Mapping | list | tuple):
-                if depth > limits.max_attribute_depth:
-                    return FieldViolation(path, f"nested deeper than {limits.max_attribute_depth}")
-                if len(value) > limits.max_attributes:
-                    return FieldViolation(path, f"more than {limits.max_attributes} entries")
-                if isinstance(value, Mapping):
-                    for key, item in value.items():
-                        if not isinstance(key, str) or not key:
-                            return FieldViolation(path, "keys must be non-empty strings")
-                        size += len(key)
-                        stack.append((f"{path}.{key}", item, depth + 1))
-                else:
-                    stack.extend((f"{path}[{i}]", item, depth + 1) for i, item in enumerate(value))
-            elif isinstance(value, str):
-                if len(value) > limits.max_string_length:
-                    return FieldViolation(path, f"longer than {limits.max_string_length} chars")
-                size += len(value)
-            elif isinstance(value, float):
-                if not math.isfinite(value):
-                    return FieldViolation(path, "must be a finite number")
-                size += 8
-            elif value is None or isinstance(value, bool | int):
-                size += 8
-            else:
-                return FieldViolation(path, f"unsupported value type {type(value).__name__}")
-            if size > limits.max_attribute_bytes:
-                return FieldViolation(field, f"larger than {limits.max_attribute_bytes} bytes")
+        try:
+            size = self._walk(attributes, 1)
+        except _Violation as violation:
+            return FieldViolation(field + "".join(reversed(violation.path)), violation.description)
+        if size > self.limits.max_attribute_bytes:
+            return FieldViolation(field, f"larger than {self.limits.max_attribute_bytes} bytes")
         return None
+
+    def _walk(self, value: Any, depth: int) -> int:
+        kind = type(value)
+        if kind is str:
+            if len(value) > self.limits.max_string_length:
+                raise _Violation(f"longer than {self.limits.max_string_length} characters")
+            return len(value)
+        if kind is bool or kind is int or value is None:
+            return 8
+        if kind is float:
+            if not math.isfinite(value):
+                raise _Violation("must be a finite number")
+            return 8
+        if isinstance(value, Mapping | list | tuple):
+            if depth > self.limits.max_attribute_depth:
+                raise _Violation(f"nested deeper than {self.limits.max_attribute_depth} levels")
+            if len(value) > self.limits.max_attributes:
+                raise _Violation(f"has more than {self.limits.max_attributes} entries")
+            size = 0
+            items = value.items() if isinstance(value, Mapping) else enumerate(value)
+            for key, item in items:
+                if isinstance(value, Mapping):
+                    if type(key) is not str or not key:
+                        raise _Violation("keys must be non-empty strings")
+                    size += len(key)
+                try:
+                    size += self._walk(item, depth + 1)
+                except _Violation as violation:
+                    violation.path.append(f".{key}" if isinstance(value, Mapping) else f"[{key}]")
+                    raise
+                if size > self.limits.max_attribute_bytes:
+                    raise _Violation(f"larger than {self.limits.max_attribute_bytes} bytes")
+            return size
+        raise _Violation(f"unsupported value type {kind.__name__}")
 
 
 def validate_request(request: CheckRequest, limits: RequestLimits) -> list[FieldViolation]:

@@ -28,11 +28,16 @@ class CompiledRule:
     cacheable: bool
 
     def applies_to(self, subject_id: str, application_id: str, scope: str) -> bool:
-        return (
-            all(m(subject_id) for m in self.subject_matchers)
-            and all(m(application_id) for m in self.application_matchers)
-            and all(m(scope) for m in self.scope_matchers)
-        )
+        for matcher in self.subject_matchers:
+            if not matcher(subject_id):
+                return False
+        for matcher in self.application_matchers:
+            if not matcher(application_id):
+                return False
+        for matcher in self.scope_matchers:  # noqa: SIM110 (no generator on the hot path)
+            if not matcher(scope):
+                return False
+        return True
 
 
 @dataclass(frozen=True, slots=True)
