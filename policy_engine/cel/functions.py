@@ -742,7 +742,7 @@ Whole-string shell-style match: `*` is any run of characters (including `:` and 
 `?` one character; `[` and `]` are literal. |
 | `startsWithAny` | `scope.startsWithAny(["repo", "read:"])` | \
 True if the string starts with any of the prefixes. |
-| `inCidr` | `request.ip.inCidr("10.0.0.0/8")`, `inCidr(ip, "2001:db8::/32")` | \
+| `inCidr` | `context.client_ip.inCidr("10.0.0.0/8")`, `inCidr(ip, "2001:db8::/32")` | \
 True if the IPv4/IPv6 address is inside the network; a malformed address is an error. |
 | `timeOfDay` | `now.timeOfDay("Europe/Berlin") >= "09:00"` | \
 Local wall-clock time in the IANA zone (or `+HH:MM` offset) as `"HH:MM"`. |
