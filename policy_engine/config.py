@@ -37,6 +37,33 @@ class RequestLimits:
 
 
 @dataclass(frozen=True, slots=True)
+class CacheSettings:
+    """The two-level decision cache: in-process LRU in front of Redis shared by all replicas."""
+
+    enabled: bool = True
+    local_max_entries: int = 100_000  # 0 turns the in-process level off
+    local_ttl_seconds: float = 10.0
+    # Empty: in-process only. redis://, rediss:// (TLS), with user:password@ for auth.
+    redis_url: str = ""
+    redis_mode: str = "standalone"  # standalone | sentinel | cluster
+    redis_sentinel_master: str = "mymaster"  # with redis_mode=sentinel
+    redis_ttl_seconds: float = 300.0
+    redis_timeout_ms: int = 50  # connect and socket timeout: a slow Redis is a missing Redis
+    redis_pool_size: int = 32
+    breaker_failure_threshold: int = 3  # consecutive failures that open the breaker
+    breaker_reset_seconds: float = 2.0  # then one probe is let through after this long
+    key_prefix: str = "pdp:v1"
+
+
+@dataclass(frozen=True, slots=True)
+class ReloadSettings:
+    """Hot reload of the policy directory."""
+
+    watch: bool = True  # watch the directory; SIGHUP always reloads
+    debounce_ms: int = 150  # changes closer together than this are applied once
+
+
+@dataclass(frozen=True, slots=True)
 class Settings:
     address: str = "127.0.0.1:50051"
     policy_dir: Path = Path("policies")
@@ -45,6 +72,10 @@ class Settings:
     docs_base_url: str = "https://docs.kontext.dev"
     log_level: str = "INFO"
     limits: RequestLimits = field(default_factory=RequestLimits)
+    cache: CacheSettings = field(default_factory=CacheSettings)
+    reload: ReloadSettings = field(default_factory=ReloadSettings)
+    # Prometheus metrics over HTTP; empty turns the endpoint off.
+    metrics_address: str = "127.0.0.1:9464"
 
     def replace(self, **changes: Any) -> Settings:
         return dataclasses.replace(self, **changes)
@@ -65,6 +96,10 @@ def _coerce(name: str, kind: Any, raw: Any) -> Any:
             if isinstance(raw, bool):
                 raise ValueError("not an integer")
             return int(raw)
+        if kind is float:
+            if isinstance(raw, bool):
+                raise ValueError("not a number")
+            return float(raw)
         if kind is Path:
             return Path(str(raw))
         return str(raw)

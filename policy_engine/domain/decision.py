@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from datetime import datetime
 from enum import StrEnum
 
 from policy_engine.domain.codes import ErrorCode
@@ -66,9 +67,12 @@ class Decision:
     reasons: tuple[Reason, ...]
     revision: str
     trace: tuple[LayerTrace, ...] = ()
-    # True when a condition read the clock: such a decision may change without any input changing.
+    # True when a condition read the clock: the decision may change with no input changing.
     time_dependent: bool = False
-    # Per-policy cache opt-outs (used by the decision cache).
+    # The instant the decision may flip because of the clock alone (a subject token expiring
+    # or becoming valid); a cached copy must not outlive it.
+    valid_until: datetime | None = None
+    # False when a policy opted out of caching, or for validation failures.
     cacheable: bool = True
 
     @property

@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
 
-from policy_engine.auth.tokens import token_problem
+from policy_engine.auth.tokens import TokenCheck, check_token
 from policy_engine.cel import CelEvaluationError
 from policy_engine.config import RequestLimits
 from policy_engine.domain.codes import ErrorCode
@@ -55,7 +55,7 @@ def _system_reason(code: ErrorCode, rule: str, message: str, field: str = "") ->
 
 
 def _builtin_reasons(
-    request: CheckRequest, organization: CompiledOrganization, now: datetime
+    request: CheckRequest, organization: CompiledOrganization, token_check: TokenCheck | None
 ) -> list[Reason]:
     reasons: list[Reason] = []
     if request.subject.kind is SubjectKind.SERVICE_ACCOUNT:
@@ -88,17 +88,15 @@ def _builtin_reasons(
                 "application.id",
             )
         )
-    if request.subject.access_token:
-        problem = token_problem(request.subject.access_token, now)
-        if problem is not None:
-            reasons.append(
-                _system_reason(
-                    ErrorCode.AUTHORIZATION_REQUIRED,
-                    "valid-subject-token",
-                    problem,
-                    "subject.access_token",
-                )
+    if token_check is not None and token_check.problem is not None:
+        reasons.append(
+            _system_reason(
+                ErrorCode.AUTHORIZATION_REQUIRED,
+                "valid-subject-token",
+                token_check.problem,
+                "subject.access_token",
             )
+        )
     if request.context.connection is ConnectionState.ABSENT:
         reasons.append(
             _system_reason(
@@ -231,22 +229,20 @@ def decide(
         )
         return Decision(Effect.DENY, (reason,), policies.revision)
     evaluation_time = request.context.time or now
-    builtin = _builtin_reasons(request, organization, evaluation_time)
+    token = request.subject.access_token
+    token_check = check_token(token, evaluation_time) if token else None
+    valid_until = token_check.changes_at if token_check else None
+    builtin = _builtin_reasons(request, organization, token_check)
     if builtin:
         trace = (LayerTrace(LayerName.SYSTEM, Effect.DENY, False),) if request.explain else ()
-        # A token's validity window moves with the clock: never reuse such a decision.
         return Decision(
-            Effect.DENY,
-            tuple(builtin),
-            policies.revision,
-            trace,
-            time_dependent=bool(request.subject.access_token),
+            Effect.DENY, tuple(builtin), policies.revision, trace, valid_until=valid_until
         )
 
     activation = build_activation(request, evaluation_time)
     reasons: list[Reason] = []
     traces: list[LayerTrace] = []
-    time_dependent = bool(request.subject.access_token)
+    time_dependent = False
     cacheable = True
     for layer in POLICY_LAYERS:
         outcome = _decide_layer(
@@ -266,5 +262,6 @@ def decide(
         policies.revision,
         tuple(traces),
         time_dependent=time_dependent,
+        valid_until=valid_until,
         cacheable=cacheable,
     )

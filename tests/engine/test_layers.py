@@ -188,3 +188,43 @@ def test_policy_can_opt_out_of_caching(tmp_path: Path) -> None:
     policies = [{**allow_all("org"), "cache": False}, *OPEN_USER_AND_APP]
     decision = decide_with(tmp_path, policies)
     assert decision.effect is Effect.ALLOW and not decision.cacheable
+
+
+def _token(**claims: Any) -> str:
+    import jwt
+
+    return jwt.encode(claims, "a-test-secret-that-is-long-enough-for-hs256", algorithm="HS256")
+
+
+def test_token_bounds_how_long_a_decision_holds(tmp_path: Path) -> None:
+    from dataclasses import replace
+
+    write_organization(tmp_path, "acme", policies=[allow_all("org"), *OPEN_USER_AND_APP])
+    policy_set = load_policy_set(tmp_path)
+    base = request()
+    expires = int(NOW.timestamp()) + 600
+    valid = replace(
+        base, subject=replace(base.subject, access_token=_token(sub="alice", exp=expires))
+    )
+    decision = decide(policy_set, valid, now=NOW)
+    assert decision.effect is Effect.ALLOW
+    assert decision.valid_until is not None
+    assert decision.valid_until.timestamp() == expires + 30  # the leeway
+    expired = replace(
+        base,
+        subject=replace(
+            base.subject, access_token=_token(sub="alice", exp=int(NOW.timestamp()) - 3600)
+        ),
+    )
+    denied = decide(policy_set, expired, now=NOW)
+    assert denied.reasons[0].code.value == "kontext_authorization_required"
+    assert denied.valid_until is None  # an expired token never becomes valid again
+    for garbage in ("not-a-jwt", _token(sub="alice")):  # malformed; no expiry
+        assert (
+            decide(
+                policy_set,
+                replace(base, subject=replace(base.subject, access_token=garbage)),
+                now=NOW,
+            ).effect
+            is Effect.DENY
+        )
