@@ -96,24 +96,24 @@ def load(documents: list[dict[str, Any]], layer_defaults: dict[str, str]) -> Com
         return load_policy_set(Path(folder))
 
 
+def decide_one(policy_set: CompiledPolicySet, r: dict[str, Any], explain: bool = False):
+    generated = request(
+        r["scope"],
+        subject=r["subject"],
+        integration=r["integration"],
+        explain=explain,
+        **r["attributes"],
+    )
+    return decide(policy_set, generated, now=NOW)
+
+
 def decide_all(
     policy_set: CompiledPolicySet, generated_requests: list[dict[str, Any]], explain: bool = False
 ) -> list[tuple[Effect, frozenset]]:
-    outcomes = []
-    for r in generated_requests:
-        decision = decide(
-            policy_set,
-            request(
-                r["scope"],
-                subject=r["subject"],
-                integration=r["integration"],
-                explain=explain,
-                **r["attributes"],
-            ),
-            now=NOW,
-        )
-        outcomes.append((decision.effect, frozenset(decision.reasons)))
-    return outcomes
+    return [
+        (decision.effect, frozenset(decision.reasons))
+        for decision in (decide_one(policy_set, r, explain) for r in generated_requests)
+    ]
 
 
 PROPERTY_SETTINGS = settings(
@@ -165,17 +165,7 @@ def test_reordering_files_and_rules_never_changes_a_decision(
 def test_allowed_exactly_when_every_layer_allows(generated, layer_defaults, reqs) -> None:
     policy_set = load(to_policy_documents(generated), layer_defaults)
     for r in reqs:
-        decision = decide(
-            policy_set,
-            request(
-                r["scope"],
-                subject=r["subject"],
-                integration=r["integration"],
-                explain=True,
-                **r["attributes"],
-            ),
-            now=NOW,
-        )
+        decision = decide_one(policy_set, r, explain=True)
         layer_effects = [layer.effect for layer in decision.trace]
         assert len(layer_effects) == 3
         assert (decision.effect is Effect.ALLOW) == all(e is Effect.ALLOW for e in layer_effects)
