@@ -54,6 +54,16 @@ class RuleTrace:
 
 
 @dataclass(frozen=True, slots=True)
+class RuleMatch:
+    """A rule whose condition held: what the audit log records as having decided."""
+
+    layer: Layer
+    policy: str
+    rule: str
+    effect: Effect
+
+
+@dataclass(frozen=True, slots=True)
 class LayerTrace:
     layer: Layer
     effect: Effect
@@ -67,6 +77,8 @@ class Decision:
     reasons: tuple[Reason, ...]
     revision: str
     trace: tuple[LayerTrace, ...] = ()
+    # The rules that matched (for an allow: the allow rule of each layer that had one).
+    matched_rules: tuple[RuleMatch, ...] = ()
     # True when a condition read the clock: the decision may change with no input changing.
     time_dependent: bool = False
     # The instant the decision may flip because of the clock alone (a subject token expiring

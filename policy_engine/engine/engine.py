@@ -24,6 +24,7 @@ from policy_engine.domain.decision import (
     Effect,
     LayerTrace,
     Reason,
+    RuleMatch,
     RuleResult,
     RuleTrace,
 )
@@ -115,6 +116,7 @@ class _LayerOutcome:
     reasons: list[Reason] = field(default_factory=list)
     trace: list[RuleTrace] = field(default_factory=list)
     errored_allows: list[tuple[CompiledRule, str]] = field(default_factory=list)
+    matched: list[RuleMatch] = field(default_factory=list)
     read_clock: bool = False
     cacheable: bool = True
 
@@ -146,6 +148,8 @@ def _run_rule(
     outcome.cacheable &= rule.cacheable
     if explain:
         outcome.trace.append(RuleTrace(rule.policy, rule.name, rule.effect, result, detail))
+    if result is RuleResult.MATCHED:
+        outcome.matched.append(RuleMatch(layer, rule.policy, rule.name, rule.effect))
     if rule.effect is Effect.DENY and result is not RuleResult.NOT_MATCHED:
         message = rule.message or f"denied by {layer} policy {rule.policy!r}, rule {rule.name!r}"
         if result is RuleResult.ERROR:
@@ -242,6 +246,7 @@ def decide(
     activation = build_activation(request, evaluation_time)
     reasons: list[Reason] = []
     traces: list[LayerTrace] = []
+    matched: list[RuleMatch] = []
     time_dependent = False
     cacheable = True
     for layer in POLICY_LAYERS:
@@ -249,6 +254,7 @@ def decide(
             layer, organization.layers[layer], request, activation, request.explain
         )
         reasons.extend(outcome.reasons)
+        matched.extend(outcome.matched)
         time_dependent |= outcome.read_clock
         cacheable &= outcome.cacheable
         if request.explain:
@@ -261,6 +267,7 @@ def decide(
         tuple(reasons),
         policies.revision,
         tuple(traces),
+        matched_rules=tuple(matched),
         time_dependent=time_dependent,
         valid_until=valid_until,
         cacheable=cacheable,

@@ -89,3 +89,16 @@ def test_explain_does_not_change_the_decision(policies) -> None:
         assert plain.effect is explained.effect, scenario.name
         assert plain.reasons == explained.reasons, scenario.name
         assert plain.trace == ()
+
+
+def test_matched_rules_name_what_decided(policies) -> None:
+    allowed = decide(policies, to_request(SCENARIOS[0]), now=datetime.now(UTC))
+    assert [(m.layer.value, m.policy, m.rule) for m in allowed.matched_rules] == [
+        ("org", "engineering-developer-tools", "engineering-may-use-developer-tools"),
+        ("user", "sso-baseline", "employees-delegate-to-their-applications"),
+        ("application", "pr-reviewer-scope", "github-only"),
+    ]
+    denied = decide(policies, to_request(SCENARIOS[1]), now=datetime.now(UTC))
+    assert ("org", "no-repository-deletion", "DENY") in [
+        (m.layer.value, m.rule, m.effect.value) for m in denied.matched_rules
+    ]
