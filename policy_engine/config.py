@@ -64,6 +64,30 @@ class ReloadSettings:
 
 
 @dataclass(frozen=True, slots=True)
+class AuditSettings:
+    """The decision audit log: a bounded queue, a background writer, tamper-evident sinks."""
+
+    enabled: bool = False
+    sinks: str = "file"  # comma-separated: file, redis, stdout
+    file_path: Path = Path("audit/audit.jsonl")  # "{worker}" becomes the worker's index
+    file_max_bytes: int = 100 * 1024 * 1024  # rotate once the live file reaches this size
+    file_keep: int = 10  # rotated files kept
+    file_fsync: bool = False  # fsync every batch (survives power loss, costs throughput)
+    redis_url: str = ""  # required with the redis sink
+    redis_stream: str = "pdp:audit"
+    redis_maxlen: int = 1_000_000  # XADD MAXLEN ~ (0: never trimmed)
+    redis_timeout_ms: int = 1000
+    queue_size: int = 10_000  # records waiting for the writer
+    when_full: str = "block"  # block (wait up to block_timeout_ms, then drop) | drop
+    block_timeout_ms: int = 10
+    sink_buffer: int = 100_000  # records a failing sink holds before dropping (and saying so)
+    retry_max_ms: int = 5000  # a failing sink is retried with backoff up to this interval
+    checkpoint_every: int = 1000  # records between signed checkpoints (0: only by time)
+    checkpoint_seconds: float = 10.0  # at most this long between checkpoints (0: only by count)
+    signing_key_file: str = ""  # PEM Ed25519 private key (pdp audit keygen); empty: unsigned
+
+
+@dataclass(frozen=True, slots=True)
 class Settings:
     address: str = "127.0.0.1:50051"
     policy_dir: Path = Path("policies")
@@ -74,6 +98,7 @@ class Settings:
     limits: RequestLimits = field(default_factory=RequestLimits)
     cache: CacheSettings = field(default_factory=CacheSettings)
     reload: ReloadSettings = field(default_factory=ReloadSettings)
+    audit: AuditSettings = field(default_factory=AuditSettings)
     # Prometheus metrics over HTTP; empty turns the endpoint off.
     metrics_address: str = "127.0.0.1:9464"
 
