@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from datetime import datetime
 from typing import Any
 
@@ -22,7 +23,9 @@ CEL_DECLARATIONS = Declarations(
 )
 
 
-def build_activation(request: CheckRequest, now: datetime) -> dict[str, Any]:
+def build_activation(
+    request: CheckRequest, now: datetime, claims: Mapping[str, Any]
+) -> dict[str, Any]:
     """Converted once per request and shared by every rule that runs for it."""
     context = request.context
     return {
@@ -31,7 +34,7 @@ def build_activation(request: CheckRequest, now: datetime) -> dict[str, Any]:
             "id": request.subject.id,
             "kind": request.subject.kind.value,
             "attributes": request.subject.attributes,
-            "claims": {},  # verified token claims arrive with subject-token verification
+            "claims": claims,  # only ever claims whose signature was verified
         },
         "application": {"id": request.application.id, "attributes": request.application.attributes},
         "integration": {"id": request.integration.id, "attributes": request.integration.attributes},

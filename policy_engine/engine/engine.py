@@ -89,6 +89,15 @@ def _builtin_reasons(
                 "application.id",
             )
         )
+    if token_check is None and organization.tokens.required:
+        reasons.append(
+            _system_reason(
+                ErrorCode.AUTHORIZATION_REQUIRED,
+                "valid-subject-token",
+                f"organization {organization.name!r} requires the subject's access token",
+                "subject.access_token",
+            )
+        )
     if token_check is not None and token_check.problem is not None:
         reasons.append(
             _system_reason(
@@ -234,7 +243,12 @@ def decide(
         return Decision(Effect.DENY, (reason,), policies.revision)
     evaluation_time = request.context.time or now
     token = request.subject.access_token
-    token_check = check_token(token, evaluation_time) if token else None
+    subject = request.subject
+    token_check = (
+        check_token(token, evaluation_time, organization.tokens, subject.id, subject.kind)
+        if token
+        else None
+    )
     valid_until = token_check.changes_at if token_check else None
     builtin = _builtin_reasons(request, organization, token_check)
     if builtin:
@@ -243,7 +257,8 @@ def decide(
             Effect.DENY, tuple(builtin), policies.revision, trace, valid_until=valid_until
         )
 
-    activation = build_activation(request, evaluation_time)
+    claims = token_check.claims if token_check is not None else {}
+    activation = build_activation(request, evaluation_time, claims)
     reasons: list[Reason] = []
     traces: list[LayerTrace] = []
     matched: list[RuleMatch] = []

@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from dataclasses import dataclass
 
+from policy_engine.auth.tokens import UNVERIFIED, TokenRules
 from policy_engine.cel import CompiledExpression
 from policy_engine.domain.codes import ErrorCode
 from policy_engine.domain.decision import Effect, Layer
@@ -68,6 +69,7 @@ class CompiledOrganization:
     layers: Mapping[Layer, LayerIndex]
     policy_count: int
     rule_count: int
+    tokens: TokenRules = UNVERIFIED
 
 
 @dataclass(frozen=True, slots=True)

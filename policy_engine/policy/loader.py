@@ -14,6 +14,14 @@ from types import MappingProxyType
 
 import yaml
 
+from policy_engine.auth.keys import (
+    KeySetError,
+    KeySource,
+    RemoteKeySet,
+    StaticKeySet,
+    parse_jwks,
+)
+from policy_engine.auth.tokens import UNVERIFIED, TokenRules
 from policy_engine.cel import CelCompileError, CompiledExpression, compile_expression
 from policy_engine.domain.decision import POLICY_LAYERS, Effect, Layer
 from policy_engine.engine.activation import CEL_DECLARATIONS
@@ -24,7 +32,7 @@ from policy_engine.policy.compiled import (
     LayerIndex,
     RuleBucket,
 )
-from policy_engine.policy.model import OrganizationConfig, Policy, Rule
+from policy_engine.policy.model import OrganizationConfig, Policy, Rule, TokenSettings
 from policy_engine.policy.parse import (
     KIND_ORGANIZATION,
     KIND_POLICY,
@@ -94,7 +102,7 @@ def load_policy_set(directory: Path) -> CompiledPolicySet:
 
     organizations = {}
     for org, (configs, policies) in sorted(by_org.items()):
-        compiled = _compile_organization(directory / org, configs, policies, issues)
+        compiled = _compile_organization(directory / org, configs, policies, issues, contents)
         if compiled is not None:
             organizations[org] = compiled
     if issues:
@@ -151,8 +159,58 @@ def _yaml_problem(exc: yaml.YAMLError) -> str:
     return str(getattr(exc, "problem", None) or exc).strip()
 
 
+def _token_rules(
+    folder: Path,
+    settings: TokenSettings | None,
+    issues: list[LoadIssue],
+    contents: list[tuple[Path, bytes]],
+    config_file: Path,
+) -> TokenRules:
+    """Keys are part of the policy set: a JWKS file is read now and counts in the revision."""
+    if settings is None:
+        return UNVERIFIED
+    keys: KeySource
+    if settings.jwks_file is not None:
+        path = folder / settings.jwks_file
+        if not path.resolve().is_relative_to(folder.resolve()):
+            issues.append(
+                LoadIssue(
+                    config_file, settings.line, "jwks_file must be inside the organization's folder"
+                )
+            )
+            return UNVERIFIED
+        try:
+            data = path.read_bytes()
+            keys = StaticKeySet(parse_jwks(data))
+        except OSError as exc:
+            message = f"jwks_file: cannot read {settings.jwks_file!r}: {exc.strerror or exc}"
+            issues.append(LoadIssue(config_file, settings.line, message))
+            return UNVERIFIED
+        except KeySetError as exc:
+            issues.append(LoadIssue(config_file, settings.line, f"jwks_file: {exc}"))
+            return UNVERIFIED
+        contents.append((path, data))
+    else:
+        remote = RemoteKeySet(str(settings.jwks_url))
+        remote.refresh_now()  # off the request path: loads run in the background
+        keys = remote
+    return TokenRules(
+        keys=keys,
+        issuer=settings.issuer,
+        audience=settings.audience,
+        algorithms=settings.algorithms,
+        leeway_seconds=settings.leeway_seconds,
+        required=settings.required,
+        external_subject_claim=settings.external_subject_claim,
+    )
+
+
 def _compile_organization(
-    folder: Path, configs: list[OrganizationConfig], policies: list[Policy], issues: list[LoadIssue]
+    folder: Path,
+    configs: list[OrganizationConfig],
+    policies: list[Policy],
+    issues: list[LoadIssue],
+    contents: list[tuple[Path, bytes]],
 ) -> CompiledOrganization | None:
     if len(configs) != 1:
         where = configs[1].position if len(configs) > 1 else None
@@ -207,6 +265,7 @@ def _compile_organization(
         layers=MappingProxyType(layers),
         policy_count=len(policies),
         rule_count=sum(len(p.rules) for p in policies),
+        tokens=_token_rules(folder, config.tokens, issues, contents, config.position.file),
     )
 
 

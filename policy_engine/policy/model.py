@@ -70,11 +70,27 @@ class Catalog:
 
 
 @dataclass(frozen=True, slots=True)
+class TokenSettings:
+    """The `tokens:` section of an Organization document, before its keys are loaded."""
+
+    required: bool = False
+    issuer: str | None = None
+    audience: str | None = None
+    jwks_file: str | None = None  # relative to the organization's folder
+    jwks_url: str | None = None
+    algorithms: tuple[str, ...] = ("RS256", "ES256", "EdDSA")
+    leeway_seconds: int = 30
+    external_subject_claim: str | None = None
+    line: int = 0
+
+
+@dataclass(frozen=True, slots=True)
 class OrganizationConfig:
     name: str
     defaults: dict[Layer, Effect]
     catalog: Catalog
     position: Position
+    tokens: TokenSettings | None = None
 
 
 @dataclass(frozen=True, slots=True)

@@ -8,6 +8,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from policy_engine.auth.tokens import DEFAULT_ALGORITHMS
 from policy_engine.domain.codes import ErrorCode
 from policy_engine.domain.decision import POLICY_LAYERS, Effect, Layer
 from policy_engine.policy.model import (
@@ -19,6 +20,7 @@ from policy_engine.policy.model import (
     Position,
     Rule,
     Target,
+    TokenSettings,
 )
 from policy_engine.policy.yamlpos import PositionedDict
 
@@ -26,6 +28,7 @@ NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.:-]{0,127}$")
 # Target patterns: IDs and scopes as requests may carry them, plus the glob characters.
 TARGET_PATTERN = re.compile(r"^[\x21\x23-\x5B\x5D-\x7E]{1,256}$")
 
+SUPPORTED_ALGORITHMS = ("RS256", "RS384", "RS512", "ES256", "ES384", "PS256", "EdDSA")
 KIND_ORGANIZATION = "Organization"
 KIND_POLICY = "Policy"
 
@@ -176,7 +179,9 @@ class DocumentParser:
 
     def organization(self, doc: PositionedDict, folder_org: str) -> OrganizationConfig | None:
         self._check_keys(
-            doc, {"kind", "organization", "description", "defaults", "catalog"}, "Organization"
+            doc,
+            {"kind", "organization", "description", "defaults", "catalog", "tokens"},
+            "Organization",
         )
         name = doc.get("organization", folder_org)
         if name != folder_org:
@@ -211,11 +216,51 @@ class DocumentParser:
         if integrations is None or applications is None:
             self.problem(catalog.line, "catalog needs non-empty 'integrations' and 'applications'")
             return None
+        tokens = self.tokens(doc["tokens"], doc.line_of("tokens")) if "tokens" in doc else None
         return OrganizationConfig(
             name=folder_org,
             defaults=defaults,
             catalog=Catalog(frozenset(integrations), frozenset(applications)),
             position=self._position(doc),
+            tokens=tokens,
+        )
+
+    def tokens(self, raw: Any, line: int) -> TokenSettings | None:
+        if not isinstance(raw, PositionedDict):
+            self.problem(line, "'tokens' must be a mapping")
+            return None
+        self._check_keys(raw, set(TokenSettings.__dataclass_fields__) - {"line"}, "tokens")
+        optional = {
+            key: self._string(raw, key, required=False) or None
+            for key in ("issuer", "audience", "jwks_file", "jwks_url", "external_subject_claim")
+        }
+        if bool(optional["jwks_file"]) == bool(optional["jwks_url"]):
+            self.problem(raw.line, "tokens need exactly one of 'jwks_file' or 'jwks_url'")
+            return None
+        algorithms = raw.get("algorithms", list(DEFAULT_ALGORITHMS))
+        if not (
+            isinstance(algorithms, list)
+            and algorithms
+            and all(a in SUPPORTED_ALGORITHMS for a in algorithms)
+        ):
+            self.problem(
+                raw.line_of("algorithms"),
+                f"'algorithms' must list some of {', '.join(SUPPORTED_ALGORITHMS)}",
+            )
+            return None
+        required, leeway = raw.get("required", False), raw.get("leeway_seconds", 30)
+        if not isinstance(required, bool):
+            self.problem(raw.line_of("required"), "'required' must be true or false")
+            return None
+        if isinstance(leeway, bool) or not isinstance(leeway, int) or not 0 <= leeway <= 300:
+            self.problem(raw.line_of("leeway_seconds"), "'leeway_seconds' must be 0 to 300")
+            return None
+        return TokenSettings(
+            required=required,
+            algorithms=tuple(algorithms),
+            leeway_seconds=leeway,
+            line=raw.line,
+            **optional,
         )
 
     def policy(self, doc: PositionedDict) -> Policy | None:

@@ -1,0 +1,58 @@
+"""Real key material made in the tests: key pairs, JWKS documents and signed tokens."""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import jwt
+from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
+from jwt.algorithms import ECAlgorithm, OKPAlgorithm, RSAAlgorithm
+
+ISSUER = "https://idp.acme.test"
+AUDIENCE = "kontext-broker"
+
+
+@dataclass(frozen=True)
+class SigningKey:
+    kid: str
+    algorithm: str
+    private: Any
+
+    def public_jwk(self) -> dict[str, Any]:
+        codec = {"RS256": RSAAlgorithm, "ES256": ECAlgorithm, "EdDSA": OKPAlgorithm}[self.algorithm]
+        jwk = json.loads(codec.to_jwk(self.private.public_key()))
+        return {**jwk, "kid": self.kid, "use": "sig", "alg": self.algorithm}
+
+    def sign(self, **claims: Any) -> str:
+        return jwt.encode(claims, self.private, algorithm=self.algorithm, headers={"kid": self.kid})
+
+
+def rsa_key(kid: str = "rsa-1") -> SigningKey:
+    return SigningKey(kid, "RS256", rsa.generate_private_key(public_exponent=65537, key_size=2048))
+
+
+def ec_key(kid: str = "ec-1") -> SigningKey:
+    return SigningKey(kid, "ES256", ec.generate_private_key(ec.SECP256R1()))
+
+
+def ed_key(kid: str = "ed-1") -> SigningKey:
+    return SigningKey(kid, "EdDSA", ed25519.Ed25519PrivateKey.generate())
+
+
+def jwks(*keys: SigningKey) -> str:
+    return json.dumps({"keys": [key.public_jwk() for key in keys]})
+
+
+def claims(subject: str = "alice", *, lifetime: int = 600, **extra: Any) -> dict[str, Any]:
+    now = int(time.time())
+    return {
+        "sub": subject,
+        "iss": ISSUER,
+        "aud": AUDIENCE,
+        "iat": now,
+        "exp": now + lifetime,
+        **extra,
+    }

@@ -1,0 +1,263 @@
+"""Subject-token verification with real keys, JWKS files and a real JWKS HTTP endpoint."""
+
+from __future__ import annotations
+
+import http.server
+import threading
+import time
+from collections.abc import Iterator
+from dataclasses import replace
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from policy_engine.auth.keys import RemoteKeySet, StaticKeySet, parse_jwks
+from policy_engine.auth.tokens import TokenRules, check_token
+from policy_engine.domain.decision import Effect
+from policy_engine.domain.request import SubjectKind
+from policy_engine.engine import decide
+from policy_engine.policy import PolicyLoadError, load_policy_set
+from tests.auth.material import AUDIENCE, ISSUER, claims, ec_key, ed_key, jwks, rsa_key
+from tests.policy_builder import allow_all, request, write_organization
+
+RSA, EC, ED = rsa_key(), ec_key(), ed_key()
+KEYS = StaticKeySet(parse_jwks(jwks(RSA, EC, ED)))
+RULES = TokenRules(
+    keys=KEYS, issuer=ISSUER, audience=AUDIENCE, external_subject_claim="external_id"
+)
+
+
+def now() -> datetime:
+    return datetime.now(UTC)
+
+
+@pytest.mark.parametrize("key", [RSA, EC, ED], ids=["RS256", "ES256", "EdDSA"])
+def test_valid_token_is_accepted_with_its_claims(key) -> None:
+    check = check_token(key.sign(**claims(groups=["eng"])), now(), RULES, "alice")
+    assert check.problem is None
+    assert check.claims["groups"] == ["eng"]
+    assert check.changes_at is not None and check.changes_at > now()
+
+
+def tamper(token: str) -> str:
+    header, payload, signature = token.split(".")
+    flipped = "A" if signature[5] != "A" else "B"
+    return ".".join([header, payload, signature[:5] + flipped + signature[6:]])
+
+
+CASES: list[tuple[str, Any, str]] = [
+    ("expired", lambda: RSA.sign(**claims(lifetime=-3600)), "expired"),
+    ("not yet valid", lambda: RSA.sign(**claims(nbf=int(time.time()) + 3600)), "not valid yet"),
+    (
+        "issued in the future",
+        lambda: RSA.sign(**claims(iat=int(time.time()) + 3600)),
+        "issued in the future",
+    ),
+    ("wrong issuer", lambda: RSA.sign(**claims(iss="https://evil.test")), "wrong issuer"),
+    ("wrong audience", lambda: RSA.sign(**claims(aud="someone-else")), "wrong audience"),
+    ("tampered", lambda: tamper(RSA.sign(**claims())), "bad signature"),
+    ("unknown kid", lambda: rsa_key("rotated").sign(**claims()), "unknown key"),
+    ("subject mismatch", lambda: RSA.sign(**claims("mallory")), "does not match"),
+    ("no expiry", lambda: RSA.sign(sub="alice", iss=ISSUER, aud=AUDIENCE), "no expiry"),
+    ("not a JWT", lambda: "definitely-not-a-jwt", "malformed"),
+    (
+        "HS256 is refused",
+        lambda: __import__("jwt").encode(
+            claims(), "a-shared-secret-that-is-long-enough-for-hs256", algorithm="HS256"
+        ),
+        "not accepted",
+    ),
+    (
+        "alg none is refused",
+        lambda: __import__("jwt").encode(claims(), None, algorithm="none"),
+        "not accepted",
+    ),
+]
+
+
+@pytest.mark.parametrize(("name", "make", "expected"), CASES, ids=[c[0] for c in CASES])
+def test_each_failure_has_its_precise_cause(name: str, make, expected: str) -> None:
+    token = make()
+    check = check_token(token, now(), RULES, "alice")
+    assert check.problem is not None and expected in check.problem, check.problem
+    assert not check.claims
+    assert token not in check.problem
+
+
+def test_external_user_ids_match_the_mapped_claim() -> None:
+    token = RSA.sign(**claims("idp|alice", external_id="partner-user-123"))
+    ok = check_token(token, now(), RULES, "partner-user-123", SubjectKind.EXTERNAL_USER)
+    assert ok.problem is None
+    wrong = check_token(token, now(), RULES, "partner-user-999", SubjectKind.EXTERNAL_USER)
+    assert wrong.problem and "external_id" in wrong.problem
+    unmapped = check_token(
+        token,
+        now(),
+        replace(RULES, external_subject_claim=None),
+        "partner-user-123",
+        SubjectKind.EXTERNAL_USER,
+    )
+    assert unmapped.problem and "identity mapping" in unmapped.problem
+
+
+def test_unknown_key_verdicts_are_never_cacheable() -> None:
+    check = check_token(rsa_key("rotated").sign(**claims()), now(), RULES, "alice")
+    assert check.changes_at is not None and check.changes_at <= now()
+
+
+# -- through the policy loader and the engine ------------------------------------------------
+
+
+def org_with_tokens(tmp_path: Path, tokens: dict[str, Any], condition: str | None = None) -> Path:
+    rule: dict[str, Any] = {"name": "ok", "effect": "allow"}
+    if condition:
+        rule["condition"] = condition
+    folder = write_organization(
+        tmp_path,
+        "acme",
+        policies=[
+            {"name": "org", "layer": "org", "rules": [rule]},
+            allow_all("user"),
+            allow_all("application"),
+        ],
+    )
+    (folder / "jwks.json").write_text(jwks(RSA))
+    import yaml
+
+    config = yaml.safe_load((folder / "organization.yaml").read_text())
+    config["tokens"] = tokens
+    (folder / "organization.yaml").write_text(yaml.safe_dump(config))
+    return tmp_path
+
+
+TOKENS = {"issuer": ISSUER, "audience": AUDIENCE, "jwks_file": "jwks.json"}
+
+
+def with_token(token: str, **kwargs: Any):
+    base = request(**kwargs)
+    return replace(base, subject=replace(base.subject, access_token=token))
+
+
+def test_verified_claims_reach_cel(tmp_path: Path) -> None:
+    policies = load_policy_set(
+        org_with_tokens(tmp_path, TOKENS, '"admins" in subject.claims.groups')
+    )
+    allowed = decide(policies, with_token(RSA.sign(**claims(groups=["admins"]))), now=now())
+    assert allowed.effect is Effect.ALLOW
+    assert allowed.valid_until is not None
+    denied = decide(policies, with_token(RSA.sign(**claims(groups=["staff"]))), now=now())
+    assert denied.effect is Effect.DENY
+
+
+def test_required_tokens(tmp_path: Path) -> None:
+    policies = load_policy_set(org_with_tokens(tmp_path, {**TOKENS, "required": True}))
+    missing = decide(policies, request(), now=now())
+    assert missing.effect is Effect.DENY
+    assert missing.reasons[0].code.value == "kontext_authorization_required"
+    assert "requires" in missing.reasons[0].message
+    assert decide(policies, with_token(RSA.sign(**claims())), now=now()).effect is Effect.ALLOW
+
+
+def test_jwks_file_counts_in_the_revision(tmp_path: Path) -> None:
+    directory = org_with_tokens(tmp_path, TOKENS)
+    before = load_policy_set(directory).revision
+    (directory / "acme" / "jwks.json").write_text(jwks(RSA, EC))
+    assert load_policy_set(directory).revision != before
+
+
+@pytest.mark.parametrize(
+    ("tokens", "message"),
+    [
+        ({**TOKENS, "jwks_file": "../outside.json"}, "inside the organization"),
+        ({**TOKENS, "jwks_file": "missing.json"}, "cannot read"),
+        ({"issuer": ISSUER}, "exactly one of"),
+        ({**TOKENS, "algorithms": ["HS256"]}, "algorithms"),
+        ({**TOKENS, "leeway_seconds": 9999}, "leeway"),
+    ],
+)
+def test_bad_token_settings_are_load_errors(tmp_path: Path, tokens, message: str) -> None:
+    with pytest.raises(PolicyLoadError) as error:
+        load_policy_set(org_with_tokens(tmp_path, tokens))
+    assert message in str(error.value)
+    assert "organization.yaml" in str(error.value)
+
+
+# -- a real JWKS endpoint ---------------------------------------------------------------------
+
+
+class JwksServer:
+    def __init__(self) -> None:
+        self.document = jwks(RSA)
+        self.requests = 0
+        owner = self
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def do_GET(self) -> None:
+                owner.requests += 1
+                body = owner.document.encode()
+                self.send_response(200)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+
+            def log_message(self, *args: Any) -> None:
+                pass
+
+        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}/jwks.json"
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def close(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+
+
+@pytest.fixture
+def jwks_server() -> Iterator[JwksServer]:
+    server = JwksServer()
+    yield server
+    server.close()
+
+
+def wait_for(predicate, timeout: float = 5.0) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return True
+        time.sleep(0.02)
+    return predicate()
+
+
+def test_remote_keys_rotate_with_one_rate_limited_refresh(jwks_server: JwksServer) -> None:
+    remote = RemoteKeySet(jwks_server.url, min_refresh_interval=0.5)
+    remote.refresh_now()
+    rules = replace(RULES, keys=remote)
+    assert check_token(RSA.sign(**claims()), now(), rules, "alice").problem is None
+    fetched = jwks_server.requests
+
+    jwks_server.document = jwks(RSA, EC)  # the IdP rotates in a new key
+    token = EC.sign(**claims())
+    for _ in range(50):  # a burst of requests with the unknown kid
+        check_token(token, now(), rules, "alice")
+    assert wait_for(lambda: check_token(token, now(), rules, "alice").problem is None)
+    assert jwks_server.requests == fetched + 1  # the burst caused exactly one refresh
+
+    for _ in range(50):  # a kid that never appears: refreshes stay rate-limited
+        check_token(ed_key("never").sign(**claims()), now(), rules, "alice")
+    time.sleep(0.1)
+    assert jwks_server.requests <= fetched + 2
+
+
+def test_remote_keys_survive_an_unreachable_endpoint(jwks_server: JwksServer) -> None:
+    remote = RemoteKeySet(jwks_server.url, min_refresh_interval=0.0, timeout=0.5)
+    remote.refresh_now()
+    jwks_server.close()
+    remote.refresh_now()
+    assert remote.last_error
+    assert (
+        check_token(RSA.sign(**claims()), now(), replace(RULES, keys=remote), "alice").problem
+        is None
+    )
