@@ -1,11 +1,16 @@
 """Prometheus metrics: every metric the PDP exports, defined in one place.
 
 Labels are bounded sets (effects, codes, levels, results): never an ID from a request.
+
+With `--workers N` the workers write their values to files in PROMETHEUS_MULTIPROC_DIR and
+the supervisor serves the sum (prometheus_client multiprocess mode): counters and histograms
+add up across workers; each Gauge says how to combine workers (`multiprocess_mode`); Info and
+Enum metrics are not supported there, so "which revision" is an info-style Gauge.
 """
 
 from __future__ import annotations
 
-from prometheus_client import Counter, Gauge, Histogram, Info
+from prometheus_client import Counter, Gauge, Histogram
 
 DECISIONS = Counter(
     "pdp_decisions_total",
@@ -29,13 +34,27 @@ REDIS_ERRORS = Counter(
 BREAKER_STATE = Gauge(
     "pdp_redis_breaker_open", "1 while the Redis circuit breaker is open (Redis bypassed)."
 )
-POLICY_REVISION = Info("pdp_policy", "The policy revision being served.")
+POLICY_REVISION = Gauge(
+    "pdp_policy_revision_info",
+    "Processes serving each policy revision (1 for the serving one; 0 for one served before).",
+    ["revision"],
+    multiprocess_mode="livesum",
+)
 RELOADS = Counter(
     "pdp_policy_reloads_total", "Policy reload attempts by result (success, error).", ["result"]
 )
 LAST_RELOAD_SUCCESS = Gauge(
-    "pdp_policy_last_reload_success", "1 if the last reload attempt succeeded, else 0."
+    "pdp_policy_last_reload_success",
+    "1 if the last reload attempt succeeded, else 0 (with workers: 0 if any worker's failed).",
+    multiprocess_mode="livemin",
 )
 LAST_RELOAD_TIME = Gauge(
-    "pdp_policy_last_reload_timestamp_seconds", "Unix time of the last reload attempt."
+    "pdp_policy_last_reload_timestamp_seconds",
+    "Unix time of the last reload attempt (with workers: the latest of any worker).",
+    multiprocess_mode="livemax",
+)
+RELOAD_DURATION = Histogram(
+    "pdp_policy_reload_seconds",
+    "Time to read and compile the whole policy set, per reload attempt.",
+    buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0),
 )

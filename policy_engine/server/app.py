@@ -2,7 +2,12 @@
 
 One Python process decides on one core at a time (the GIL), so `--workers N` runs N
 independent server processes bound to the same port with SO_REUSEPORT and lets the kernel
-spread connections across them. Each worker loads and compiles its own policy set.
+spread connections across them. Each worker runs its own policy store and watcher, exactly as
+separate replicas would; the supervisor forwards SIGTERM/SIGINT/SIGHUP and serves the
+workers' aggregated metrics.
+
+Bad policies never stop the server: it starts NOT_SERVING and denies every Check with
+kontext_server_error until a valid set loads (`pdp validate` is the deploy-time gate).
 """
 
 from __future__ import annotations
@@ -17,8 +22,9 @@ import threading
 import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from types import FrameType
-from typing import TYPE_CHECKING, Any, Literal
+from typing import Any, Literal
 
 import grpc
 from google.protobuf.message import DecodeError
@@ -29,17 +35,21 @@ from policy_engine.api import pdp_pb2, pdp_pb2_grpc
 from policy_engine.config import ConfigError, Settings
 from policy_engine.domain.codes import ErrorCode, docs_url
 from policy_engine.server.errors import invalid_argument
+from policy_engine.server.metrics_http import (
+    MetricsBindError,
+    MetricsEndpoint,
+    start_metrics,
+    start_multiprocess_metrics,
+)
 from policy_engine.server.service import SERVICE_NAME
-
-if TYPE_CHECKING:
-    from policy_engine.policy import CompiledPolicySet
+from policy_engine.server.status import STATUS_SERVICE_NAME, PolicyStatusServicer
+from policy_engine.store import DirectoryBackend, PolicyReloader, PolicyStore
 
 log = logging.getLogger(__name__)
 
 Mode = Literal["policy", "empty"]
 
 STOP_GRACE_SECONDS = 5.0
-EXIT_POLICY_ERROR = 1
 EXIT_WORKER_FAILED = 1
 
 
@@ -49,12 +59,14 @@ def build_server(
     *,
     policy_ready: bool,
     health_servicer: health.HealthServicer | None = None,
+    status_servicer: PolicyStatusServicer | None = None,
 ) -> tuple[grpc.Server, int]:
     """A bound, not yet started server for `servicer`, plus the port it bound.
 
     Health ("" and the PDP service) reads SERVING only when `policy_ready`; pass your own
-    `health_servicer` to flip it later (hot reload, graceful shutdown). An address ending in
-    ":0" binds an ephemeral port.
+    `health_servicer` to flip it later (hot reload, graceful shutdown). `status_servicer`
+    adds PolicyStatusService (listed by reflection too). An address ending in ":0" binds an
+    ephemeral port.
     """
     max_bytes = settings.limits.max_message_bytes
     server = grpc.server(
@@ -72,9 +84,11 @@ def build_server(
     health_servicer = health_servicer or health.HealthServicer()
     set_serving(health_servicer, policy_ready)
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
-    reflection.enable_server_reflection(
-        (SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), server
-    )
+    services = [SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME]
+    if status_servicer is not None:
+        pdp_pb2_grpc.add_PolicyStatusServiceServicer_to_server(status_servicer, server)
+        services.insert(1, STATUS_SERVICE_NAME)
+    reflection.enable_server_reflection(services, server)
     try:
         port = server.add_insecure_port(settings.address)
     except RuntimeError as exc:
@@ -152,7 +166,11 @@ def set_serving(health_servicer: health.HealthServicer, ready: bool) -> None:
 
 
 def serve(settings: Settings) -> None:
-    """Serve the policy decision service until SIGTERM/SIGINT (exits non-zero on bad policies)."""
+    """Serve the policy decision service until SIGTERM/SIGINT; SIGHUP reloads the policies.
+
+    Invalid policies at startup do not stop it: it serves NOT_SERVING (every Check denied
+    with kontext_server_error) until the watcher or a SIGHUP loads a valid set.
+    """
     serve_mode(settings, "policy")
 
 
@@ -164,10 +182,6 @@ def serve_mode(settings: Settings, mode: Mode) -> None:
         code = _run_worker(settings, mode, parent_pid=None)
     else:
         _explicit_port(settings.address)
-        # Fail fast, once, with the issues listed a single time rather than N times.
-        # Loading policies does not touch gRPC, so it is harmless before starting workers.
-        if mode == "policy" and _load_policies(settings) is None:
-            raise SystemExit(EXIT_POLICY_ERROR)
         code = _supervise(settings, mode)
     if code:
         raise SystemExit(code)
@@ -176,58 +190,99 @@ def serve_mode(settings: Settings, mode: Mode) -> None:
 # --- one server process --------------------------------------------------------------------
 
 
-def _load_policies(settings: Settings) -> CompiledPolicySet | None:
-    """The compiled policy set, or None after logging every issue."""
-    from policy_engine.policy import PolicyLoadError, load_policy_set
+@dataclass
+class RunningServer:
+    """A started server and what keeps its policies current; `stop()` undoes `start_server`."""
 
-    try:
-        return load_policy_set(settings.policy_dir)
-    except PolicyLoadError as exc:
-        issues = list(getattr(exc, "issues", ()) or ())
-        log.error(
-            "policy set in %s is invalid (%d issue(s)); not serving",
-            settings.policy_dir,
-            len(issues),
+    server: grpc.Server
+    port: int
+    health: health.HealthServicer
+    store: PolicyStore | None = None
+    reloader: PolicyReloader | None = None
+
+    def reload(self, reason: str = "SIGHUP") -> None:
+        """Ask for a reload (done off this thread); safe to call from a signal handler."""
+        if self.reloader is not None:
+            self.reloader.request(reason)
+
+    def stop(self, grace: float | None = STOP_GRACE_SECONDS) -> None:
+        self.health.enter_graceful_shutdown()
+        if self.reloader is not None:
+            self.reloader.stop()
+        self.server.stop(grace=grace).wait()
+
+
+def start_server(settings: Settings, mode: Mode = "policy") -> RunningServer:
+    """Build and start the server for `mode`; for "policy" also the store (initial load), the
+    health flip on the first valid set, the status service and the reloader."""
+    health_servicer = health.HealthServicer()
+    if mode == "empty":
+        from policy_engine.server.empty import EmptyServicer
+
+        server, port = build_server(
+            EmptyServicer(), settings, policy_ready=True, health_servicer=health_servicer
         )
-        for issue in issues:
-            log.error("%s:%s: %s", issue.file, issue.line, issue.message)
-        if not issues:
-            log.error("%s", exc)
-        return None
+        server.start()
+        return RunningServer(server, port, health_servicer)
+
+    from policy_engine.server.service import PolicyDecisionServicer
+
+    store = PolicyStore(DirectoryBackend(settings.policy_dir))
+    store.reload("startup")  # logs every issue when invalid; the server starts either way
+    reloader = PolicyReloader(
+        store, watch=settings.reload.watch, debounce_ms=settings.reload.debounce_ms
+    )
+    server, port = build_server(
+        PolicyDecisionServicer(store.current, settings),
+        settings,
+        policy_ready=store.peek() is not None,
+        health_servicer=health_servicer,
+        status_servicer=PolicyStatusServicer(store, lambda: reloader.watching),
+    )
+    # Never flipped back: after a failed reload the last good set keeps serving.
+    store.subscribe(lambda _policies: set_serving(health_servicer, True))
+    server.start()
+    reloader.start()
+    return RunningServer(server, port, health_servicer, store, reloader)
 
 
 def _run_worker(settings: Settings, mode: Mode, *, parent_pid: int | None) -> int:
     """Serve until signalled (or orphaned); returns the process exit code."""
-    health_servicer = health.HealthServicer()
-    servicer: pdp_pb2_grpc.PolicyDecisionServiceServicer
-    if mode == "empty":
-        from policy_engine.server.empty import EmptyServicer
-
-        servicer = EmptyServicer()
+    # Handlers first, so a signal during the initial load is not lost (or fatal): a SIGHUP
+    # that arrives before the reloader exists is replayed to it once the server is up.
+    stop = threading.Event()
+    early_reload = threading.Event()
+    reload_target: list[Callable[[], None]] = [early_reload.set]
+    _install_handlers(stop.set, on_reload=lambda: reload_target[0]())
+    # A lone process serves its own metrics; workers' metrics are served by the supervisor.
+    metrics_endpoint = (
+        _optional_metrics(start_metrics, settings.metrics_address)
+        if mode == "policy" and parent_pid is None
+        else None
+    )
+    try:
+        running = start_server(settings, mode)
+    except BaseException:
+        if metrics_endpoint is not None:
+            metrics_endpoint.close()
+        raise
+    reload_target[0] = running.reload
+    if early_reload.is_set():
+        running.reload("SIGHUP during startup")
+    if running.store is None:
         revision, organizations = "empty", "-"
     else:
-        from policy_engine.server.service import PolicyDecisionServicer
-
-        policies = _load_policies(settings)
-        if policies is None:
-            return EXIT_POLICY_ERROR
-        servicer = PolicyDecisionServicer(lambda: policies, settings)
-        revision = policies.revision
-        organizations = ",".join(sorted(policies.organizations)) or "-"
-
-    server, port = build_server(
-        servicer, settings, policy_ready=True, health_servicer=health_servicer
-    )
-    stop = threading.Event()
-    _install_handlers(lambda: stop.set())
-    server.start()
+        status = running.store.status()
+        revision = status.revision or "none (NOT_SERVING: every Check is denied)"
+        organizations = ",".join(status.organizations) or "-"
     log.info(
-        "serving %s on %s (pid %d) revision=%s organizations=%s",
+        "serving %s on %s (pid %d) revision=%s organizations=%s watching=%s",
         "kontext.pdp.v1 (EMPTY benchmark servicer)" if mode == "empty" else "kontext.pdp.v1",
-        _display_address(settings.address, port),
+        _display_address(settings.address, running.port),
         os.getpid(),
         revision,
         organizations,
+        "yes" if running.reloader is not None and running.reloader.watch else "no",
     )
     # A timed wait keeps signal handlers responsive and lets an orphaned worker notice.
     while not stop.wait(1.0):
@@ -235,9 +290,24 @@ def _run_worker(settings: Settings, mode: Mode, *, parent_pid: int | None) -> in
             log.error("supervisor %d is gone; shutting down", parent_pid)
             break
     log.info("shutting down (pid %d), grace %.0fs", os.getpid(), STOP_GRACE_SECONDS)
-    health_servicer.enter_graceful_shutdown()
-    server.stop(grace=STOP_GRACE_SECONDS).wait()
+    running.stop(STOP_GRACE_SECONDS)
+    if metrics_endpoint is not None:
+        metrics_endpoint.close()
     return 0
+
+
+def _optional_metrics(
+    start: Callable[[str], MetricsEndpoint | None], address: str
+) -> MetricsEndpoint | None:
+    """Metrics are for operators, decisions are for the broker: a taken metrics port is logged
+    and the server runs without the endpoint rather than refusing to decide. (With
+    SO_REUSEPORT two instances may share the gRPC port on one host during a restart; they
+    cannot share the metrics port.) A malformed address still fails at startup."""
+    try:
+        return start(address)
+    except MetricsBindError as exc:
+        log.error("%s; serving without a metrics endpoint", exc)
+        return None
 
 
 def _display_address(address: str, port: int) -> str:
@@ -258,8 +328,11 @@ def _explicit_port(address: str) -> int:
     return port
 
 
-def _install_handlers(on_signal: Callable[[], None]) -> None:
-    """SIGTERM/SIGINT call `on_signal`; skipped off the main thread (e.g. serving in tests)."""
+def _install_handlers(
+    on_signal: Callable[[], None], on_reload: Callable[[], None] | None = None
+) -> None:
+    """SIGTERM/SIGINT call `on_signal`, SIGHUP `on_reload` (which must only set an event);
+    skipped off the main thread (e.g. serving in tests)."""
     if threading.current_thread() is not threading.main_thread():
         return
 
@@ -269,6 +342,9 @@ def _install_handlers(on_signal: Callable[[], None]) -> None:
 
     signal.signal(signal.SIGTERM, handler)
     signal.signal(signal.SIGINT, handler)
+    if on_reload is not None:
+        # No logging here: a signal handler must not take locks the main thread may hold.
+        signal.signal(signal.SIGHUP, lambda signum, frame: on_reload())
 
 
 # --- several server processes --------------------------------------------------------------
@@ -290,7 +366,9 @@ def _worker_main(settings: Settings, mode: Mode, parent_pid: int) -> None:
 
 
 def _supervise(settings: Settings, mode: Mode) -> int:
-    """Start `settings.workers` processes on one port, forward SIGTERM, wait for them all.
+    """Start `settings.workers` processes on one port, serve their metrics, wait for them all.
+
+    Forwards SIGTERM/SIGINT (stop) and SIGHUP (reload) to every worker.
 
     Workers are started with 'spawn', not 'fork': gRPC's core keeps threads and polling
     state that do not survive a fork, so a forked child is only safe if the parent never
@@ -302,6 +380,22 @@ def _supervise(settings: Settings, mode: Mode) -> int:
     the process manager (systemd, Kubernetes) restarts the whole unit rather than it serving
     on fewer cores unnoticed.
     """
+    # Before spawning: the workers inherit PROMETHEUS_MULTIPROC_DIR from os.environ.
+    metrics_endpoint = (
+        _optional_metrics(start_multiprocess_metrics, settings.metrics_address)
+        if mode == "policy"
+        else None
+    )
+    try:
+        return _supervise_workers(settings, mode, metrics_endpoint)
+    finally:
+        if metrics_endpoint is not None:
+            metrics_endpoint.close()
+
+
+def _supervise_workers(
+    settings: Settings, mode: Mode, metrics_endpoint: MetricsEndpoint | None
+) -> int:
     ctx = multiprocessing.get_context("spawn")
     procs: list[multiprocessing.process.BaseProcess] = []
     stopping = threading.Event()
@@ -313,7 +407,17 @@ def _supervise(settings: Settings, mode: Mode) -> int:
                 with contextlib.suppress(ProcessLookupError):
                     os.kill(proc.pid, signal.SIGTERM)
 
+    def reload_all() -> None:
+        for proc in procs:
+            if proc.pid is not None and proc.exitcode is None:
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(proc.pid, signal.SIGHUP)
+
     _install_handlers(stop_all)
+    # Spawned workers inherit an ignored SIGHUP (a Python handler would not survive exec), so a
+    # reload forwarded while a worker is still starting cannot kill it.
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGHUP, signal.SIG_IGN)
     for index in range(settings.workers):
         if stopping.is_set():
             break
@@ -324,6 +428,7 @@ def _supervise(settings: Settings, mode: Mode) -> int:
         )
         proc.start()
         procs.append(proc)
+    _install_handlers(stop_all, on_reload=reload_all)
     if stopping.is_set():
         stop_all()
     log.info("supervising %d workers on %s", len(procs), settings.address)
@@ -353,6 +458,8 @@ def _supervise(settings: Settings, mode: Mode) -> int:
         multiprocessing.connection.wait([p.sentinel for p in running], timeout=1.0)
     for proc in procs:
         proc.join()
+        if metrics_endpoint is not None and proc.pid is not None:
+            metrics_endpoint.mark_worker_dead(proc.pid)
     if failed or any(p.exitcode != 0 for p in procs):
         return EXIT_WORKER_FAILED
     return 0

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import logging
 import os
 import signal
 import socket
@@ -74,11 +73,11 @@ def test_workers_must_be_positive() -> None:
         serve(Settings(address="127.0.0.1:0", workers=0, policy_dir=EXAMPLE_POLICIES))
 
 
-def test_invalid_policies_exit_non_zero_with_every_issue_logged(
-    tmp_path: Path, caplog: pytest.LogCaptureFixture
-) -> None:
-    org = tmp_path / "acme"
-    org.mkdir()
+def test_invalid_policies_start_not_serving_with_every_issue_logged(tmp_path: Path) -> None:
+    """Bad policies no longer stop serve(): it starts NOT_SERVING, denies every Check with
+    kontext_server_error, and logs each issue; `pdp validate` is the deploy-time gate."""
+    org = tmp_path / "policies" / "acme"
+    org.mkdir(parents=True)
     (org / "organization.yaml").write_text(
         "kind: Organization\ncatalog: {integrations: [github], applications: [app]}\n"
     )
@@ -95,11 +94,54 @@ def test_invalid_policies_exit_non_zero_with_every_issue_logged(
             """
         )
     )
-    caplog.set_level(logging.ERROR)
-    with pytest.raises(SystemExit) as caught:
-        serve(Settings(address="127.0.0.1:0", policy_dir=tmp_path))
-    assert caught.value.code != 0
-    assert "broken.yaml" in caplog.text
+    port = _free_port()
+    code = textwrap.dedent(
+        f"""
+        import logging
+        from pathlib import Path
+        from policy_engine.config import Settings
+        from policy_engine.server.app import serve
+        logging.basicConfig(level="INFO")
+        serve(Settings(address="127.0.0.1:{port}", threads=2, metrics_address="",
+                       policy_dir=Path({str(org.parent)!r})))
+        """
+    )
+    log_file = tmp_path / "serve.log"
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    with log_file.open("w") as log:
+        proc = subprocess.Popen(
+            [sys.executable, "-c", code], cwd=REPO, env=env, stdout=log, stderr=log
+        )
+    try:
+        deadline = time.monotonic() + 60
+        while _health_status(port) is None:
+            assert proc.poll() is None, log_file.read_text()
+            assert time.monotonic() < deadline, "never started: " + log_file.read_text()
+            time.sleep(0.2)
+        assert _health_status(port) == health_pb2.HealthCheckResponse.NOT_SERVING
+        with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
+            stub = pdp_pb2_grpc.PolicyDecisionServiceStub(channel)
+            response = stub.Check(
+                pdp_pb2.CheckRequest(
+                    organization="acme",
+                    subject=pdp_pb2.Subject(id="alice"),
+                    application=pdp_pb2.Application(id="app"),
+                    integration=pdp_pb2.Integration(id="github"),
+                    scope="repo",
+                ),
+                timeout=10,
+            )
+        assert response.effect == pdp_pb2.EFFECT_DENY
+        assert [r.code for r in response.reasons] == ["kontext_server_error"]
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(timeout=30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    output = log_file.read_text()
+    assert proc.returncode == 0, output
+    assert "broken.yaml:7:" in output, output
 
 
 def _health_status(port: int) -> int | None:

@@ -1,0 +1,21 @@
+"""The hot-reloaded policy store: the serving policy set, its status, and what reloads it."""
+
+from policy_engine.store.backend import DirectoryBackend, PolicyBackend, SourceChangedDuringLoad
+from policy_engine.store.reloader import PolicyReloader
+from policy_engine.store.store import (
+    NoPolicyLoaded,
+    PolicyStore,
+    ReloadResult,
+    StoreStatus,
+)
+
+__all__ = [
+    "DirectoryBackend",
+    "NoPolicyLoaded",
+    "PolicyBackend",
+    "PolicyReloader",
+    "PolicyStore",
+    "ReloadResult",
+    "SourceChangedDuringLoad",
+    "StoreStatus",
+]

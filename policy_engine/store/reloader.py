@@ -1,0 +1,80 @@
+"""Background reloading: a watch thread notices changes, a reload thread applies them.
+
+Two threads so that neither blocks the other: changes that arrive while a load is running
+collapse into one more reload afterwards, and a slow load never delays noticing changes.
+`request()` only sets an event, so it is safe to call from a signal handler (SIGHUP).
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+
+from policy_engine.store.store import PolicyStore
+
+log = logging.getLogger(__name__)
+
+WATCH_RETRY_SECONDS = 1.0  # after the watcher itself failed unexpectedly
+
+
+class PolicyReloader:
+    """Reloads `store` when its backend reports a change (if `watch`) or on `request()`."""
+
+    def __init__(self, store: PolicyStore, *, watch: bool = True, debounce_ms: int = 150) -> None:
+        self.store = store
+        self.watch = watch
+        self.debounce_ms = debounce_ms
+        self._pending = threading.Event()
+        self._reason = ""
+        self._stop = threading.Event()
+        self._threads: list[threading.Thread] = []
+
+    @property
+    def watching(self) -> bool:
+        """True while changes to the policy source are picked up without a signal."""
+        return any(t.name == "pdp-policy-watch" and t.is_alive() for t in self._threads)
+
+    def start(self) -> None:
+        if self._threads:
+            raise RuntimeError("reloader already started")
+        self._threads.append(
+            threading.Thread(target=self._reload_loop, name="pdp-policy-reload", daemon=True)
+        )
+        if self.watch:
+            self._threads.append(
+                threading.Thread(target=self._watch_loop, name="pdp-policy-watch", daemon=True)
+            )
+        for thread in self._threads:
+            thread.start()
+
+    def request(self, reason: str = "requested") -> None:
+        """Ask for a reload soon; never blocks (safe in a signal handler)."""
+        self._reason = reason
+        self._pending.set()
+
+    def stop(self, timeout: float = 5.0) -> None:
+        self._stop.set()
+        self._pending.set()
+        for thread in self._threads:
+            thread.join(timeout)
+            if thread.is_alive():
+                log.warning("%s did not stop within %.0fs", thread.name, timeout)
+
+    def _reload_loop(self) -> None:
+        while True:
+            self._pending.wait()
+            if self._stop.is_set():
+                return
+            self._pending.clear()  # before loading: a change during the load reloads again
+            self.store.reload(self._reason or "requested")
+
+    def _watch_loop(self) -> None:
+        backend = self.store.backend
+        log.info("watching %s for policy changes", backend.location)
+        while not self._stop.is_set():
+            try:
+                for reason in backend.changes(self._stop, self.debounce_ms):
+                    self.request(reason)
+            except Exception:
+                log.exception("watching %s failed; retrying", backend.location)
+            self._stop.wait(WATCH_RETRY_SECONDS)  # only reached on failure or when stopping

@@ -1,0 +1,258 @@
+"""The policy store: the one compiled policy set the server decides with, and its history.
+
+Requests read `current()` once and decide everything with that set, so each request (and
+each batch) sees exactly one revision. `reload()` builds a complete new set away from the
+request path and publishes it with a single reference assignment, and only when it loaded
+without a single issue: a broken change never half-applies, and the last good set keeps
+serving while the error is logged with file:line and shown in `status()`.
+
+An emptied or deleted policy directory is treated as a broken change, not as "no policies":
+the last good set keeps serving and the status reports the error. An empty directory is far
+more often a botched deploy or an unmounted volume than an intent; an operator who wants to
+deny everything writes that as policy (every layer defaults to deny).
+"""
+
+from __future__ import annotations
+
+import enum
+import logging
+import os
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, replace
+from datetime import UTC, datetime
+
+from policy_engine import metrics
+from policy_engine.policy import CompiledPolicySet, PolicyLoadError
+from policy_engine.store.backend import (
+    STABLE_LOAD_ATTEMPTS,
+    STABLE_LOAD_PAUSE_SECONDS,
+    PolicyBackend,
+    SourceChangedDuringLoad,
+)
+
+log = logging.getLogger(__name__)
+
+MAX_REPORTED_ISSUES = 100  # a status or log entry lists at most this many issues
+
+Clock = Callable[[], datetime]
+Listener = Callable[[CompiledPolicySet], None]
+
+
+def utc_now() -> datetime:
+    return datetime.now(UTC)
+
+
+class NoPolicyLoaded(RuntimeError):
+    """No valid policy set has loaded yet: the server must deny (kontext_server_error)."""
+
+
+class ReloadResult(enum.Enum):
+    LOADED = "loaded"  # a new revision is now serving
+    UNCHANGED = "unchanged"  # valid, and the same revision as the one serving: nothing swapped
+    FAILED = "failed"  # invalid or unreadable: the previous set (if any) keeps serving
+
+
+@dataclass(frozen=True, slots=True)
+class StoreStatus:
+    """What operators need to know about the store; replaced whole, never mutated."""
+
+    source: str
+    revision: str = ""  # the serving revision; empty until a valid set has loaded
+    loaded_at: datetime | None = None  # when the serving revision was swapped in
+    organizations: tuple[str, ...] = ()
+    file_count: int = 0
+    last_attempt_at: datetime | None = None
+    last_result: ReloadResult | None = None
+    last_error: str = ""  # every issue of the last failed attempt, one "file:line: ..." a line
+    last_reason: str = ""  # what triggered the last attempt (startup, a file change, SIGHUP)
+    attempts: int = 0
+
+    @property
+    def serving(self) -> bool:
+        return bool(self.revision)
+
+    @property
+    def last_ok(self) -> bool:
+        return self.last_result is not None and self.last_result is not ReloadResult.FAILED
+
+
+class PolicyStore:
+    """Holds the serving CompiledPolicySet behind a single, atomically replaced reference."""
+
+    def __init__(self, backend: PolicyBackend, *, clock: Clock = utc_now) -> None:
+        self.backend = backend
+        self._clock = clock
+        self._policies: CompiledPolicySet | None = None
+        self._status = StoreStatus(source=backend.location)
+        self._reload_lock = threading.Lock()  # one load at a time; readers never take it
+        self._listeners: list[Listener] = []
+
+    # --- the request path ----------------------------------------------------------------------
+
+    def current(self) -> CompiledPolicySet:
+        """The serving set; read it once per request. Raises NoPolicyLoaded before the first
+        valid load, which the servicer answers with a kontext_server_error deny."""
+        policies = self._policies
+        if policies is None:
+            raise NoPolicyLoaded(
+                f"no valid policy set has loaded from {self.backend.location} yet; denying"
+            )
+        return policies
+
+    def peek(self) -> CompiledPolicySet | None:
+        return self._policies
+
+    def status(self) -> StoreStatus:
+        return self._status
+
+    def subscribe(self, listener: Listener) -> None:
+        """Call `listener(new_set)` after each swap (on the reloading thread)."""
+        self._listeners.append(listener)
+
+    # --- reloading (never on the request path) -------------------------------------------------
+
+    def reload(self, reason: str = "requested") -> ReloadResult:
+        """Load and compile the whole set; swap it in only if it is valid and new.
+
+        Blocks for the duration of one load, so call it from a background thread (the
+        reloader) or at startup. Never raises: failures are logged, counted and kept in
+        the status, and the previous set keeps serving.
+        """
+        with self._reload_lock:
+            attempt_at = self._clock()
+            started = time.perf_counter()
+            policies: CompiledPolicySet | None = None
+            error = ""
+            try:
+                policies = self._load_consistent()
+            except PolicyLoadError as exc:
+                error = format_issues(exc)
+            except SourceChangedDuringLoad as exc:
+                error = f"{exc}; waiting for the next change"
+            except Exception as exc:  # a loader bug must not kill the reload thread
+                log.exception("loading policies from %s failed unexpectedly", self.backend.location)
+                error = f"{self.backend.location}:0: internal error while loading: {exc!r}"
+            elapsed = time.perf_counter() - started
+            metrics.RELOAD_DURATION.observe(elapsed)
+            if policies is None:
+                return self._failed(attempt_at, reason, error)
+            return self._succeeded(policies, attempt_at, reason, elapsed)
+
+    def _load_consistent(self) -> CompiledPolicySet:
+        """Retry briefly while files change under the loader; a deploy usually lands fast."""
+        for _ in range(STABLE_LOAD_ATTEMPTS - 1):
+            try:
+                return self.backend.load()
+            except SourceChangedDuringLoad:
+                time.sleep(STABLE_LOAD_PAUSE_SECONDS)
+        return self.backend.load()
+
+    def _failed(self, attempt_at: datetime, reason: str, error: str) -> ReloadResult:
+        previous = self._status
+        self._status = replace(
+            previous,
+            last_attempt_at=attempt_at,
+            last_result=ReloadResult.FAILED,
+            last_error=error,
+            last_reason=reason,
+            attempts=previous.attempts + 1,
+        )
+        _record_attempt(ok=False, at=attempt_at)
+        if previous.serving:
+            log.error(
+                "policy reload (%s) failed; still serving revision %s:\n%s",
+                reason,
+                previous.revision,
+                error,
+            )
+        else:
+            log.error(
+                "policy load (%s) failed; no valid policy set, answering deny:\n%s", reason, error
+            )
+        return ReloadResult.FAILED
+
+    def _succeeded(
+        self, policies: CompiledPolicySet, attempt_at: datetime, reason: str, elapsed: float
+    ) -> ReloadResult:
+        previous = self._status
+        _record_attempt(ok=True, at=attempt_at)
+        if previous.revision == policies.revision:
+            self._status = replace(
+                previous,
+                last_attempt_at=attempt_at,
+                last_result=ReloadResult.UNCHANGED,
+                last_error="",
+                last_reason=reason,
+                attempts=previous.attempts + 1,
+            )
+            if previous.last_result is ReloadResult.FAILED:
+                log.info(
+                    "policy reload (%s) succeeded again; revision %s (unchanged) keeps serving",
+                    reason,
+                    policies.revision,
+                )
+            else:
+                log.debug("policy reload (%s): revision %s unchanged", reason, policies.revision)
+            return ReloadResult.UNCHANGED
+        self._policies = policies  # the swap: one reference assignment
+        self._status = replace(
+            previous,
+            revision=policies.revision,
+            loaded_at=attempt_at,
+            organizations=tuple(sorted(policies.organizations)),
+            file_count=policies.file_count,
+            last_attempt_at=attempt_at,
+            last_result=ReloadResult.LOADED,
+            last_error="",
+            last_reason=reason,
+            attempts=previous.attempts + 1,
+        )
+        _record_revision(previous.revision, policies.revision)
+        log.info(
+            "policy set %s -> %s (%d organizations, %d files) loaded in %.0f ms (%s)",
+            previous.revision or "none",
+            policies.revision,
+            len(policies.organizations),
+            policies.file_count,
+            elapsed * 1000,
+            reason,
+        )
+        for listener in list(self._listeners):
+            try:
+                listener(policies)
+            except Exception:
+                log.exception("policy swap listener failed")
+        return ReloadResult.LOADED
+
+
+def format_issues(exc: PolicyLoadError) -> str:
+    """Every issue on its own line as `file:line: [policy, rule] message`, capped."""
+    issues = list(getattr(exc, "issues", ()) or ())
+    if not issues:
+        return str(exc)
+    lines = [str(issue) for issue in issues[:MAX_REPORTED_ISSUES]]
+    if len(issues) > MAX_REPORTED_ISSUES:
+        lines.append(f"... and {len(issues) - MAX_REPORTED_ISSUES} more issue(s)")
+    return "\n".join(lines)
+
+
+def _record_attempt(*, ok: bool, at: datetime) -> None:
+    metrics.RELOADS.labels(result="success" if ok else "error").inc()
+    metrics.LAST_RELOAD_SUCCESS.set(1 if ok else 0)
+    metrics.LAST_RELOAD_TIME.set(at.timestamp())
+
+
+def _record_revision(previous: str, current: str) -> None:
+    """Info-style gauge: 1 for the serving revision. In multiprocess mode labels cannot be
+    removed (the value lives in a shared file), so the old revision is set to 0 instead."""
+    if previous:
+        metrics.POLICY_REVISION.labels(revision=previous).set(0)
+        if not _multiprocess():
+            metrics.POLICY_REVISION.remove(previous)
+    metrics.POLICY_REVISION.labels(revision=current).set(1)
+
+
+def _multiprocess() -> bool:
+    return bool(os.environ.get("PROMETHEUS_MULTIPROC_DIR"))

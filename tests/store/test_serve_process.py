@@ -1,0 +1,152 @@
+"""`pdp serve` as deployed, in a subprocess: SIGHUP reloads, workers' metrics are aggregated."""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import subprocess
+import sys
+import urllib.request
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from policy_engine.api import pdp_pb2, pdp_pb2_grpc
+from policy_engine.policy import load_policy_set
+from tests.server.harness import REPO
+from tests.store.support import (
+    check_request,
+    free_port,
+    org_policy,
+    wait_for,
+    write_policy_dir,
+    write_text_atomically,
+)
+
+ALLOW_REPO = org_policy(["repo"])
+DENY_REPO = org_policy(["read"], deny=["repo"])
+
+
+@contextmanager
+def _serving(
+    tmp_path: Path, root: Path, *, workers: int, env: dict[str, str]
+) -> Iterator[tuple[subprocess.Popen[bytes], int, Path]]:
+    """`pdp serve` on a free port; yields the process, the port and its log file."""
+    port = free_port()
+    log_file = tmp_path / "serve.log"
+    command = [
+        sys.executable, "-m", "policy_engine.cli.main", "serve",
+        "--address", f"127.0.0.1:{port}", "--policies", str(root),
+        "--workers", str(workers), "--threads", "2",
+    ]  # fmt: skip
+    full_env = {**os.environ, "PYTHONPATH": str(REPO), "PDP_RELOAD__DEBOUNCE_MS": "50", **env}
+    with log_file.open("w") as log:
+        proc = subprocess.Popen(command, cwd=REPO, env=full_env, stdout=log, stderr=log)
+    try:
+        wait_for(
+            lambda: (
+                proc.poll() is not None
+                or log_file.read_text().count("serving kontext.pdp.v1") >= workers
+            ),
+            timeout=60,
+            what="the server to start",
+        )
+        assert proc.poll() is None, log_file.read_text()
+        yield proc, port, log_file
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(timeout=30)
+        assert proc.returncode == 0, log_file.read_text()
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+
+
+def _check(port: int) -> pdp_pb2.CheckResponse:
+    with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
+        return pdp_pb2_grpc.PolicyDecisionServiceStub(channel).Check(
+            check_request("repo"), timeout=10
+        )
+
+
+def _status(port: int) -> pdp_pb2.GetStatusResponse:
+    with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
+        return pdp_pb2_grpc.PolicyStatusServiceStub(channel).GetStatus(
+            pdp_pb2.GetStatusRequest(), timeout=10
+        )
+
+
+def test_sighup_reloads_when_watching_is_off(tmp_path: Path) -> None:
+    root = write_policy_dir(tmp_path / "policies", ALLOW_REPO)
+    env = {"PDP_RELOAD__WATCH": "false", "PDP_METRICS_ADDRESS": ""}
+    with _serving(tmp_path, root, workers=1, env=env) as (proc, port, _):
+        status = _status(port)
+        assert not status.watching
+        old = _check(port)
+        assert old.effect == pdp_pb2.EFFECT_ALLOW
+
+        write_text_atomically(root / "acme" / "org.yaml", DENY_REPO)
+        new_revision = load_policy_set(root).revision
+        proc.send_signal(signal.SIGHUP)
+        wait_for(lambda: _status(port).revision == new_revision, what="the SIGHUP reload")
+        response = _check(port)
+        assert response.effect == pdp_pb2.EFFECT_DENY
+        assert response.policy_revision == new_revision != old.policy_revision
+        assert _status(port).instance.endswith(f":{proc.pid}")
+
+
+def _metrics(port: int) -> str:
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as page:
+        return page.read().decode()
+
+
+def _sample(text: str, name_and_labels: str) -> float | None:
+    match = re.search(rf"^{re.escape(name_and_labels)} (\S+)$", text, re.MULTILINE)
+    return float(match.group(1)) if match else None
+
+
+def test_workers_share_one_metrics_endpoint_and_all_reload_on_sighup(tmp_path: Path) -> None:
+    root = write_policy_dir(tmp_path / "policies", ALLOW_REPO)
+    first = load_policy_set(root).revision
+    env = {"PDP_RELOAD__WATCH": "false", "PDP_METRICS_ADDRESS": "127.0.0.1:0"}
+    with _serving(tmp_path, root, workers=2, env=env) as (proc, port, log_file):
+        found = re.search(r"metrics on http://127\.0\.0\.1:(\d+)/metrics", log_file.read_text())
+        assert found, log_file.read_text()
+        metrics_port = int(found.group(1))
+        with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
+            health = health_pb2_grpc.HealthStub(channel)
+            wait_for(
+                lambda: (
+                    health.Check(health_pb2.HealthCheckRequest(), timeout=5).status
+                    == health_pb2.HealthCheckResponse.SERVING
+                ),
+                what="health",
+            )
+
+        text = _metrics(metrics_port)
+        # Two live workers serve the first revision; each made one successful attempt.
+        assert _sample(text, f'pdp_policy_revision_info{{revision="{first}"}}') == 2.0, text
+        assert _sample(text, 'pdp_policy_reloads_total{result="success"}') == 2.0, text
+        assert _sample(text, "pdp_policy_last_reload_success") == 1.0, text
+
+        write_text_atomically(root / "acme" / "org.yaml", DENY_REPO)
+        second = load_policy_set(root).revision
+        proc.send_signal(signal.SIGHUP)  # to the supervisor, which forwards it to each worker
+
+        def both_workers_moved() -> bool:
+            text = _metrics(metrics_port)
+            return (
+                _sample(text, f'pdp_policy_revision_info{{revision="{second}"}}') == 2.0
+                and _sample(text, f'pdp_policy_revision_info{{revision="{first}"}}') == 0.0
+            )
+
+        wait_for(both_workers_moved, timeout=10, what="both workers to serve the new revision")
+        assert _sample(_metrics(metrics_port), 'pdp_policy_reloads_total{result="success"}') == 4
+        for _ in range(6):  # fresh connections land on either worker: all answer the new set
+            assert _check(port).policy_revision == second
+    output = log_file.read_text()
+    assert output.count("shutting down") == 2, output

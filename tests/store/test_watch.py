@@ -1,0 +1,206 @@
+"""The reloader with a real watcher (inotify through watchfiles) on real directories."""
+
+from __future__ import annotations
+
+import os
+import shutil
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from watchfiles import Change
+
+from policy_engine.policy import load_policy_set
+from policy_engine.store import DirectoryBackend, PolicyReloader, PolicyStore, ReloadResult
+from policy_engine.store.backend import PolicyChangeFilter
+from tests.store.support import (
+    BAD_CEL,
+    BAD_CEL_LINE,
+    org_policy,
+    wait_for,
+    write_policy_dir,
+    write_text_atomically,
+)
+
+VERSION_A = org_policy(["repo"])
+VERSION_B = org_policy(["read"], deny=["repo"])
+VERSION_C = org_policy(["read", "write"])
+
+
+@pytest.fixture
+def root(tmp_path: Path) -> Path:
+    return write_policy_dir(tmp_path / "policies", VERSION_A)
+
+
+def _revision_of(tmp_path: Path, text: str) -> str:
+    scratch = tmp_path / f"expected-{abs(hash(text))}"
+    if not scratch.exists():
+        write_policy_dir(scratch, text)
+    return load_policy_set(scratch).revision
+
+
+@pytest.fixture
+def watched(root: Path) -> Iterator[tuple[PolicyStore, PolicyReloader]]:
+    store = PolicyStore(DirectoryBackend(root))
+    assert store.reload("startup") is ReloadResult.LOADED
+    reloader = PolicyReloader(store, watch=True, debounce_ms=50)
+    reloader.start()
+    # The watch is in place once it has reported itself (one no-op reload).
+    wait_for(lambda: store.status().attempts >= 2, what="the watch to be established")
+    try:
+        yield store, reloader
+    finally:
+        reloader.stop()
+
+
+def _serves(store: PolicyStore, revision: str) -> bool:
+    return store.status().revision == revision
+
+
+def test_an_in_place_edit_is_applied(
+    tmp_path: Path, root: Path, watched: tuple[PolicyStore, PolicyReloader]
+) -> None:
+    store, reloader = watched
+    assert reloader.watching
+    (root / "acme" / "org.yaml").write_text(VERSION_B)
+    wait_for(lambda: _serves(store, _revision_of(tmp_path, VERSION_B)), what="version B")
+
+
+def test_an_atomic_rename_save_is_applied(
+    tmp_path: Path, root: Path, watched: tuple[PolicyStore, PolicyReloader]
+) -> None:
+    store, _ = watched
+    write_text_atomically(root / "acme" / "org.yaml", VERSION_B)
+    wait_for(lambda: _serves(store, _revision_of(tmp_path, VERSION_B)), what="version B")
+    # A second save over the renamed file: the watch follows the new inode.
+    write_text_atomically(root / "acme" / "org.yaml", VERSION_C)
+    wait_for(lambda: _serves(store, _revision_of(tmp_path, VERSION_C)), what="version C")
+
+
+def test_a_new_file_in_a_new_folder_is_applied(
+    tmp_path: Path, root: Path, watched: tuple[PolicyStore, PolicyReloader]
+) -> None:
+    store, _ = watched
+    write_policy_dir(root.parent / "globex-src", VERSION_B)
+    shutil.copytree(root.parent / "globex-src" / "acme", root / "globex")
+    (root / "globex" / "organization.yaml").write_text(
+        (root / "globex" / "organization.yaml").read_text().replace("acme", "globex")
+    )
+    wait_for(lambda: store.status().organizations == ("acme", "globex"), what="globex")
+
+
+def test_a_broken_save_is_reported_and_its_fix_applied(
+    tmp_path: Path, root: Path, watched: tuple[PolicyStore, PolicyReloader]
+) -> None:
+    store, _ = watched
+    good = store.current()
+    write_text_atomically(root / "acme" / "org.yaml", BAD_CEL)
+    wait_for(lambda: not store.status().last_ok, what="the failed reload")
+    assert store.current() is good
+    assert f"org.yaml:{BAD_CEL_LINE}:" in store.status().last_error
+    write_text_atomically(root / "acme" / "org.yaml", VERSION_B)
+    wait_for(lambda: _serves(store, _revision_of(tmp_path, VERSION_B)), what="the fix")
+    assert store.status().last_ok
+
+
+def test_a_deleted_and_recreated_directory_is_watched_again(
+    tmp_path: Path, root: Path, watched: tuple[PolicyStore, PolicyReloader]
+) -> None:
+    store, reloader = watched
+    good = store.current()
+    shutil.rmtree(root)
+    wait_for(lambda: "does not exist" in store.status().last_error, what="the failed reload")
+    assert store.current() is good
+    write_policy_dir(root, VERSION_B)
+    wait_for(lambda: _serves(store, _revision_of(tmp_path, VERSION_B)), what="the new directory")
+    # And the new directory is watched: later edits still arrive.
+    (root / "acme" / "org.yaml").write_text(VERSION_C)
+    wait_for(lambda: _serves(store, _revision_of(tmp_path, VERSION_C)), what="an edit after")
+    assert reloader.watching
+
+
+def test_a_directory_replaced_by_rename_is_watched_again(
+    tmp_path: Path, root: Path, watched: tuple[PolicyStore, PolicyReloader]
+) -> None:
+    store, _ = watched
+    staged = write_policy_dir(root.parent / "staged", VERSION_B)
+    old = root.parent / "old"
+    os.rename(root, old)
+    os.rename(staged, root)
+    wait_for(lambda: _serves(store, _revision_of(tmp_path, VERSION_B)), what="the new directory")
+    (root / "acme" / "org.yaml").write_text(VERSION_C)
+    wait_for(lambda: _serves(store, _revision_of(tmp_path, VERSION_C)), what="an edit after")
+
+
+def test_a_symlink_swap_deploy_is_applied(tmp_path: Path) -> None:
+    releases = tmp_path / "releases"
+    write_policy_dir(releases / "1", VERSION_A)
+    write_policy_dir(releases / "2", VERSION_B)
+    live = tmp_path / "live"
+    live.symlink_to(releases / "1")
+    store = PolicyStore(DirectoryBackend(live))
+    assert store.reload("startup") is ReloadResult.LOADED
+    reloader = PolicyReloader(store, watch=True, debounce_ms=50)
+    reloader.start()
+    try:
+        wait_for(lambda: store.status().attempts >= 2, what="the watch to be established")
+        swap = tmp_path / "live.new"
+        swap.symlink_to(releases / "2")
+        os.replace(swap, live)  # the atomic deploy: one rename switches every file at once
+        wait_for(lambda: _serves(store, _revision_of(tmp_path, VERSION_B)), what="release 2")
+    finally:
+        reloader.stop()
+
+
+def test_requests_reload_without_watching(tmp_path: Path, root: Path) -> None:
+    store = PolicyStore(DirectoryBackend(root))
+    store.reload("startup")
+    reloader = PolicyReloader(store, watch=False)
+    reloader.start()
+    try:
+        assert not reloader.watching
+        (root / "acme" / "org.yaml").write_text(VERSION_B)
+        reloader.request("SIGHUP")
+        wait_for(lambda: _serves(store, _revision_of(tmp_path, VERSION_B)), what="version B")
+        assert store.status().last_reason == "SIGHUP"
+    finally:
+        reloader.stop()
+
+
+def test_stop_ends_both_threads(watched: tuple[PolicyStore, PolicyReloader]) -> None:
+    _, reloader = watched
+    reloader.stop(timeout=5)
+    assert not reloader.watching
+
+
+@pytest.mark.parametrize(
+    ("change", "relative", "passes"),
+    [
+        (Change.modified, "acme/org.yaml", True),
+        (Change.added, "acme/users/alice.yml", True),
+        (Change.deleted, "acme/org.yaml", True),
+        (Change.deleted, "acme", True),  # maybe a folder: cannot tell once deleted
+        (Change.deleted, "acme.io", True),
+        (Change.added, "", True),  # the root itself
+        (Change.added, "acme/.org.yaml.tmp", False),
+        (Change.added, "acme/.#org.yaml", False),
+        (Change.modified, "acme/.org.yaml.swp", False),
+        (Change.added, "acme/org.yaml~", False),
+        (Change.added, "acme/4913", False),
+        (Change.modified, "acme/notes.txt", False),
+        (Change.deleted, "acme/org.yaml.bak", False),
+        (Change.added, ".git/index", False),
+        (Change.added, "..data", True),  # Kubernetes ConfigMap volumes swap this link
+    ],
+)
+def test_the_filter_passes_policy_files_and_folders_only(
+    tmp_path: Path, change: Change, relative: str, passes: bool
+) -> None:
+    (tmp_path / "acme").mkdir()
+    path = tmp_path / relative if relative else tmp_path
+    assert PolicyChangeFilter(tmp_path)(change, str(path)) is passes
+
+
+def test_the_filter_passes_a_new_folder(tmp_path: Path) -> None:
+    (tmp_path / "globex").mkdir()
+    assert PolicyChangeFilter(tmp_path)(Change.added, str(tmp_path / "globex"))
