@@ -162,15 +162,12 @@ class PolicyStore:
         _record_attempt(ok=False, at=attempt_at)
         if previous.serving:
             log.error(
-                "policy reload (%s) failed; still serving revision %s:\n%s",
-                reason,
-                previous.revision,
-                error,
+                "policy reload (%s) failed; still serving revision %s", reason, previous.revision
             )
         else:
-            log.error(
-                "policy load (%s) failed; no valid policy set, answering deny:\n%s", reason, error
-            )
+            log.error("policy load (%s) failed; no valid policy set, answering deny", reason)
+        for line in error.splitlines():  # one log line per issue, each with its file:line
+            log.error("%s", line)
         return ReloadResult.FAILED
 
     def _succeeded(
@@ -211,7 +208,7 @@ class PolicyStore:
         )
         _record_revision(previous.revision, policies.revision)
         log.info(
-            "policy set %s -> %s (%d organizations, %d files) loaded in %.0f ms (%s)",
+            "policy set %s -> %s (%d organization(s), %d files) loaded in %.0f ms (%s)",
             previous.revision or "none",
             policies.revision,
             len(policies.organizations),
