@@ -7,7 +7,10 @@ documents. Hidden files and folders are ignored (editors' temporaries).
 
 from __future__ import annotations
 
+import errno
 import hashlib
+import os
+import stat
 from collections.abc import Iterable
 from pathlib import Path
 from types import MappingProxyType
@@ -55,13 +58,31 @@ class PolicyLoadError(Exception):
 
 
 def policy_files(directory: Path) -> list[Path]:
-    return sorted(
-        path
-        for path in directory.rglob("*")
-        if path.suffix in POLICY_SUFFIXES
-        and path.is_file()
-        and not any(part.startswith(".") for part in path.relative_to(directory).parts)
-    )
+    """Every `*.yaml`/`*.yml` path below `directory`, regular file or not (the loader says which
+    cannot be read). Symlinked folders are followed, as Kubernetes volumes use them."""
+    found: list[Path] = []
+    seen: set[str] = set()
+    for folder, subfolders, names in os.walk(directory, followlinks=True):
+        real = os.path.realpath(folder)
+        if real in seen:  # a symlink cycle
+            subfolders[:] = []
+            continue
+        seen.add(real)
+        subfolders[:] = [name for name in subfolders if not name.startswith(".")]
+        found.extend(
+            Path(folder, name)
+            for name in names
+            if not name.startswith(".") and name.endswith(POLICY_SUFFIXES)
+        )
+    return sorted(found)
+
+
+def _read_policy_file(path: Path) -> bytes:
+    """Refuses anything but a regular file: a FIFO would block, a device would never end."""
+    info = path.stat()  # follows symlinks; a dangling one raises FileNotFoundError
+    if not stat.S_ISREG(info.st_mode):
+        raise OSError(errno.EINVAL, "not a regular file")
+    return path.read_bytes()
 
 
 def _revision(directory: Path, contents: Iterable[tuple[Path, bytes]]) -> str:
@@ -81,7 +102,7 @@ def load_policy_set(directory: Path) -> CompiledPolicySet:
     contents: list[tuple[Path, bytes]] = []
     for path in policy_files(directory):
         try:
-            contents.append((path, path.read_bytes()))
+            contents.append((path, _read_policy_file(path)))
         except OSError as exc:
             issues.append(LoadIssue(path, 0, f"cannot read: {exc.strerror or exc}"))
     if not contents and not issues:
@@ -129,6 +150,10 @@ def _parse_file(
         return
     except yaml.YAMLError as exc:
         issues.append(LoadIssue(path, error_line(exc), f"invalid YAML: {_yaml_problem(exc)}"))
+        return
+    if not documents:
+        # Usually the truncated moment of an in-place save: never load a set without the file.
+        issues.append(LoadIssue(path, 1, "empty policy file (no YAML documents)"))
         return
     parser = DocumentParser(path, issues)
     for document in documents:

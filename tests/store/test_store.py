@@ -222,11 +222,6 @@ def test_a_change_during_the_load_is_never_half_applied(root: Path) -> None:
     assert not _allowed(store.current(), "repo")
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="loader.policy_files() skips *.yaml paths that are not regular files, so a "
-    "dangling symlink or a FIFO silently drops that policy instead of failing the load",
-)
 @pytest.mark.parametrize("kind", ["dangling-symlink", "fifo"])
 def test_a_policy_path_that_cannot_be_read_as_a_file_fails_the_load(
     root: Path, store: PolicyStore, kind: str
@@ -240,11 +235,6 @@ def test_a_policy_path_that_cannot_be_read_as_a_file_fails_the_load(
     assert store.reload("broken") is ReloadResult.FAILED
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="the loader accepts a zero-byte policy file as 'no documents': the truncated "
-    "moment of an in-place save would silently drop that file's policies",
-)
 def test_an_empty_policy_file_fails_the_load(root: Path, store: PolicyStore) -> None:
     (root / "acme" / "org.yaml").write_text("")
     assert store.reload("truncated") is ReloadResult.FAILED
