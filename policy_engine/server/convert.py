@@ -224,6 +224,94 @@ def new_decision_id() -> str:
     return f"{int.from_bytes(os.urandom(16)) & _UUID4_CLEAR | _UUID4_SET:032x}"
 
 
+def new_decision_ids(count: int) -> list[bytes]:
+    """`count` UUID4 hex IDs (ASCII bytes, ready for the wire) from one `os.urandom` call."""
+    raw = bytearray(os.urandom(16 * count))
+    for offset in range(0, 16 * count, 16):
+        raw[offset + 6] = raw[offset + 6] & 0x0F | 0x40  # version 4
+        raw[offset + 8] = raw[offset + 8] & 0x3F | 0x80  # RFC 4122 variant
+    text = raw.hex().encode()
+    return [text[i : i + 32] for i in range(0, 32 * count, 32)]
+
+
+# --- cached responses as bytes ---------------------------------------------------------------
+#
+# A cached decision is kept as a serialized "template" CheckResponse (effect, reasons,
+# revision). A hit appends the per-call fields to those bytes (protobuf parses concatenated
+# encodings as one message) and parses once: no domain objects, no engine, no per-field
+# Python work. Field numbers are the API's: decision_id 4, cached 5, cache_level 6,
+# request_id 8; CheckBatchResponse.results is field 1.
+
+_TAIL_BY_LEVEL: dict[int, bytes] = {
+    pdp_pb2.CACHE_LEVEL_NONE: b"",
+    pdp_pb2.CACHE_LEVEL_LOCAL: b"\x28\x01\x30" + bytes([pdp_pb2.CACHE_LEVEL_LOCAL]),
+    pdp_pb2.CACHE_LEVEL_REDIS: b"\x28\x01\x30" + bytes([pdp_pb2.CACHE_LEVEL_REDIS]),
+}
+_DECISION_ID_TAG = b"\x22"
+_REQUEST_ID_TAG = b"\x42"
+_RESULT_TAG = b"\x0a"
+_SHORT_LENGTHS = [bytes([n]) for n in range(128)]
+
+
+def _varint(value: int) -> bytes:
+    if value < 128:
+        return _SHORT_LENGTHS[value]
+    out = bytearray()
+    while value >= 128:
+        out.append(value & 0x7F | 0x80)
+        value >>= 7
+    out.append(value)
+    return bytes(out)
+
+
+def stamp(template: bytes, decision_id: bytes, request_id: str, level: int) -> bytes:
+    """A serialized CheckResponse: the template plus this call's IDs and cache flags.
+
+    `decision_id` is the 32 ASCII hex bytes of `new_decision_ids`.
+    """
+    out = template + _DECISION_ID_TAG + _varint(len(decision_id)) + decision_id
+    out += _TAIL_BY_LEVEL[level]
+    if request_id:
+        rid = request_id.encode()
+        out += _REQUEST_ID_TAG + _varint(len(rid)) + rid
+    return out
+
+
+def add_result(
+    parts: list[bytes], template: bytes, decision_id: bytes, request_id: str, level: int
+) -> None:
+    """Append one stamped, framed `CheckBatchResponse.results` entry to `parts` as pieces.
+
+    The batch hit path: no intermediate bytes objects, one join for the whole batch.
+    """
+    tail = _TAIL_BY_LEVEL[level]
+    did_len = _varint(len(decision_id))
+    size = len(template) + 1 + len(did_len) + len(decision_id) + len(tail)
+    if request_id:
+        rid = request_id.encode()
+        rid_len = _varint(len(rid))
+        size += 1 + len(rid_len) + len(rid)
+        parts += (_RESULT_TAG, _varint(size), template, _DECISION_ID_TAG, did_len, decision_id,
+                  tail, _REQUEST_ID_TAG, rid_len, rid)  # fmt: skip
+    else:
+        parts += (_RESULT_TAG, _varint(size), template, _DECISION_ID_TAG, did_len, decision_id,
+                  tail)  # fmt: skip
+
+
+def add_response(parts: list[bytes], response: bytes) -> None:
+    """Append one serialized CheckResponse as a framed results entry."""
+    parts += (_RESULT_TAG, _varint(len(response)), response)
+
+
+def response_from(stamped: bytes) -> pdp_pb2.CheckResponse:
+    return pdp_pb2.CheckResponse.FromString(stamped)
+
+
+def batch_from(parts: list[bytes]) -> pdp_pb2.CheckBatchResponse:
+    """One CheckBatchResponse from `add_result`/`add_response` pieces, parsed once."""
+    return pdp_pb2.CheckBatchResponse.FromString(b"".join(parts))
+
+
 class ResponseBuilder:
     """Builds `CheckResponse`s; the per-code strings (docs URL, status) are computed once."""
 
@@ -250,6 +338,16 @@ class ResponseBuilder:
             docs_url=url,
             field=r.field,
         )
+
+    def template(self, decision: Decision) -> bytes:
+        """The cacheable part of the answer, serialized: effect, reasons, revision."""
+        effect = pdp_pb2.EFFECT_ALLOW if decision.effect is Effect.ALLOW else pdp_pb2.EFFECT_DENY
+        reason = self.reason
+        return pdp_pb2.CheckResponse(
+            effect=effect,
+            reasons=[reason(r) for r in decision.reasons],
+            policy_revision=decision.revision,
+        ).SerializeToString()
 
     def response(
         self, decision: Decision, *, request_id: str, explain: bool

@@ -1,0 +1,157 @@
+"""The shared level: Redis, through redis-py's own clients (standalone, Sentinel, Cluster).
+
+One client per process, hence one connection pool, shared by every handler thread. Timeouts
+are short (`redis_timeout_ms` for connect, socket reads and waiting for a pooled connection)
+and there are no retries: on the request path a slow Redis is a missing Redis, and the
+circuit breaker (see `breaker.py`) decides when to try again. This module only talks to
+Redis; it raises on any failure and leaves counting failures to its caller.
+
+URLs:
+- standalone: `redis://[user:password@]host:port/db`, or `rediss://...` for TLS
+  (query options such as `?ssl_cert_reqs=required&ssl_ca_certs=/path` are redis-py's own);
+- sentinel: `redis://[user:password@]sentinel1:26379,sentinel2:26379/db` (or `rediss://`),
+  the sentinels to ask for `redis_sentinel_master`; the password is the master's;
+- cluster: `redis://[user:password@]any-node:6379` (or `rediss://`); the client discovers
+  the other nodes. Keys of one batch hash to different slots, so batch reads use
+  `mget_nonatomic` (one MGET per node, in parallel) and writes a cluster pipeline.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import threading
+from collections.abc import Sequence
+from typing import Any
+from urllib.parse import parse_qsl, unquote, urlsplit
+
+import redis
+from redis.backoff import NoBackoff
+from redis.retry import Retry
+
+from policy_engine.config import CacheSettings, ConfigError
+
+MODES = ("standalone", "sentinel", "cluster")
+
+
+def _no_retry() -> Retry:
+    return Retry(NoBackoff(), 0)
+
+
+class RedisBackend:
+    """GET, MGET and pipelined SET ... PX against one Redis deployment."""
+
+    def __init__(self, settings: CacheSettings) -> None:
+        mode = settings.redis_mode.strip().lower()
+        if mode not in MODES:
+            raise ConfigError(
+                f"setting cache.redis_mode: expected one of {', '.join(MODES)}, got {mode!r}"
+            )
+        url = settings.redis_url.strip()
+        if not url:
+            raise ConfigError("setting cache.redis_url: empty (the Redis level is off)")
+        scheme = urlsplit(url).scheme
+        if scheme not in ("redis", "rediss") and not (mode == "standalone" and scheme == "unix"):
+            raise ConfigError(
+                f"setting cache.redis_url: expected redis:// or rediss://, got {scheme!r}"
+            )
+        self.mode = mode
+        self._url = url
+        self._settings = settings
+        self._timeout = max(settings.redis_timeout_ms, 1) / 1000.0
+        self._client: Any = None
+        self._client_lock = threading.Lock()
+        if mode == "standalone":
+            # Creating it connects nothing: the first command does.
+            self._client = self._standalone()
+
+    # --- clients ----------------------------------------------------------------------------
+
+    def _common(self) -> dict[str, Any]:
+        return {
+            "socket_timeout": self._timeout,
+            "socket_connect_timeout": self._timeout,
+            "retry": _no_retry(),
+            "health_check_interval": 0,
+        }
+
+    def _standalone(self) -> redis.Redis:
+        pool = redis.BlockingConnectionPool.from_url(
+            self._url,
+            max_connections=max(self._settings.redis_pool_size, 1),
+            timeout=self._timeout,  # waiting for a free connection is bounded too
+            **self._common(),
+        )
+        return redis.Redis(connection_pool=pool)
+
+    def _sentinel(self) -> redis.Redis:
+        from redis.sentinel import Sentinel
+
+        parts = urlsplit(self._url)
+        hosts: list[tuple[str, int]] = []
+        for item in parts.netloc.rpartition("@")[2].split(","):
+            host, _, port = item.strip().rpartition(":")
+            hosts.append((host.strip("[]") or "localhost", int(port or 26379)))
+        db = int(parts.path.strip("/") or 0)
+        options = dict(parse_qsl(parts.query))
+        ssl = parts.scheme == "rediss"
+        kwargs = self._common()
+        sentinel_kwargs = {
+            "socket_timeout": self._timeout,
+            "socket_connect_timeout": self._timeout,
+            "ssl": ssl,
+        }
+        sentinel = Sentinel(hosts, sentinel_kwargs=sentinel_kwargs, **kwargs, ssl=ssl)
+        return sentinel.master_for(
+            self._settings.redis_sentinel_master,
+            db=db,
+            username=unquote(parts.username) if parts.username else None,
+            password=unquote(parts.password) if parts.password else None,
+            max_connections=max(self._settings.redis_pool_size, 1),
+            **{k: v for k, v in options.items() if k.startswith("ssl_")},
+        )
+
+    def _cluster(self) -> Any:
+        from redis.cluster import RedisCluster
+
+        return RedisCluster.from_url(
+            self._url,
+            max_connections=max(self._settings.redis_pool_size, 1),
+            cluster_error_retry_attempts=0,
+            **self._common(),
+        )
+
+    def client(self) -> Any:
+        """The client, created on first use (Sentinel and Cluster connect when created)."""
+        client = self._client
+        if client is not None:
+            return client
+        with self._client_lock:
+            if self._client is None:
+                self._client = self._sentinel() if self.mode == "sentinel" else self._cluster()
+            return self._client
+
+    # --- operations (raise on any failure) --------------------------------------------------
+
+    def get(self, key: str) -> bytes | None:
+        value: bytes | None = self.client().get(key)
+        return value
+
+    def mget(self, keys: Sequence[str]) -> list[bytes | None]:
+        """All keys in one round trip (per cluster node)."""
+        client = self.client()
+        if self.mode == "cluster":
+            return list(client.mget_nonatomic(list(keys)))
+        return list(client.mget(list(keys)))
+
+    def set_many(self, items: Sequence[tuple[str, bytes, int]]) -> None:
+        """`SET key value PX ttl_ms` for every item, in one pipeline (no MULTI/EXEC)."""
+        pipe = self.client().pipeline(transaction=False)
+        for key, value, ttl_ms in items:
+            pipe.set(key, value, px=ttl_ms)
+        pipe.execute()
+
+    def close(self) -> None:
+        client, self._client = self._client, None
+        if client is not None:
+            with contextlib.suppress(Exception):  # closing is best effort
+                client.close()
