@@ -58,3 +58,33 @@ RELOAD_DURATION = Histogram(
     "Time to read and compile the whole policy set, per reload attempt.",
     buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0),
 )
+AUDIT_RECORDS = Counter(
+    "pdp_audit_records_total",
+    "Audit records written, by sink (file, redis, stdout) and record type.",
+    ["sink", "type"],
+)
+AUDIT_DROPPED = Counter(
+    "pdp_audit_dropped_total",
+    "Decisions left out of the audit log, by sink (`queue`: before any sink) and reason "
+    "(queue_full, closed, sink_backlog_full, shutdown, build_error).",
+    ["sink", "reason"],
+)
+AUDIT_BLOCKED = Counter(
+    "pdp_audit_blocked_total", "Audit record() calls that waited for room in the full queue."
+)
+AUDIT_SINK_ERRORS = Counter(
+    "pdp_audit_sink_errors_total",
+    "Failed audit sink operations (open, write, rotate); each is retried with backoff.",
+    ["sink"],
+)
+AUDIT_QUEUE_DEPTH = Gauge(
+    "pdp_audit_queue_depth",
+    "Decisions waiting in the audit queue for the writer.",
+    multiprocess_mode="livesum",
+)
+AUDIT_SINK_BACKLOG = Gauge(
+    "pdp_audit_sink_backlog",
+    "Audit records waiting for a sink (a growing backlog means the sink is failing or slow).",
+    ["sink"],
+    multiprocess_mode="livesum",
+)

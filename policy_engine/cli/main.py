@@ -15,6 +15,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+from policy_engine.audit.cli import add_audit_commands
 from policy_engine.config import ConfigError, Settings, load_settings
 from policy_engine.domain.decision import Decision
 from policy_engine.domain.request import (
@@ -191,6 +192,8 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--explain", action="store_true", help="show every layer and rule")
     evaluate.add_argument("--json", action="store_true", help="print one JSON object")
     evaluate.set_defaults(handler=cmd_eval)
+
+    add_audit_commands(commands)
     return parser
 
 

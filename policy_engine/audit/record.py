@@ -1,0 +1,456 @@
+"""One audit record per decision, as a plain JSON-ready dict (schema `audit-record.v1.json`).
+
+Records are built on the audit writer's thread, not on the request path: `AuditLog.record()`
+only enqueues the request and decision it is given. Nothing secret ever enters a record: the
+subject's access token is reduced to its SHA-256, and attribute keys that name credentials
+(`access_token`, `password`, ...) have their values replaced at every nesting level.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.resources
+import json
+import math
+import os
+import re
+import socket
+from collections.abc import Mapping, Sequence
+from datetime import UTC, datetime
+from typing import Any
+
+from policy_engine.audit.canonical import Parts, canonical, split
+from policy_engine.domain.codes import ErrorCode
+from policy_engine.domain.decision import Decision, Reason
+from policy_engine.domain.request import CheckRequest
+
+SCHEMA_VERSION = 1
+SCHEMA_FILE = "schema/audit-record.v1.json"  # package data, next to this module
+CACHE_LEVELS = frozenset({"none", "local", "redis"})
+
+# Keys whose values are credentials, wherever they appear inside attribute maps.
+SECRET_KEYS = frozenset(
+    {
+        "access_token",
+        "refresh_token",
+        "id_token",
+        "token",
+        "password",
+        "secret",
+        "client_secret",
+        "authorization",
+        "api_key",
+        "apikey",
+        "private_key",
+    }
+)
+REDACTED = "[redacted]"
+
+# Bound on every raw string of a request that failed validation (its fields may be anything).
+MAX_RAW_LENGTH = 256
+
+
+def load_schema() -> dict[str, Any]:
+    """The JSON Schema (draft 2020-12) every record validates against."""
+    resource = importlib.resources.files("policy_engine.audit").joinpath(SCHEMA_FILE)
+    loaded: dict[str, Any] = json.loads(resource.read_text(encoding="utf-8"))
+    return loaded
+
+
+def default_instance() -> str:
+    """`hostname:pid`: which server process decided."""
+    return f"{socket.gethostname()}:{os.getpid()}"
+
+
+_second_cache: tuple[int, str] = (-1, "")
+
+
+def format_time(epoch_seconds: float) -> str:
+    """RFC 3339 in UTC with microseconds, e.g. `2026-11-23T10:15:00.123456Z`."""
+    global _second_cache
+    micros = round(epoch_seconds * 1_000_000)
+    second, fraction = divmod(micros, 1_000_000)
+    cached_second, prefix = _second_cache
+    if second != cached_second:
+        prefix = datetime.fromtimestamp(second, UTC).strftime("%Y-%m-%dT%H:%M:%S")
+        _second_cache = (second, prefix)  # one tuple: readers on other threads see a pair
+    return f"{prefix}.{fraction:06d}Z"
+
+
+def _rfc3339(value: datetime | None) -> str | None:
+    if value is None:
+        return None
+    if value.tzinfo is None:
+        value = value.replace(tzinfo=UTC)
+    # isoformat, unlike strftime, pads years before 1000 to four digits.
+    text = value.astimezone(UTC).replace(tzinfo=None).isoformat(timespec="microseconds")
+    return text + "Z"
+
+
+def token_sha256(token: str) -> str | None:
+    """The token's SHA-256 (hex), so a record can be correlated with a token but never reveal it."""
+    if not token:
+        return None
+    return hashlib.sha256(token.encode("utf-8", "surrogatepass")).hexdigest()
+
+
+_SECRET_KEY_TEXT = re.compile("|".join(re.escape(json.dumps(k) + ":") for k in sorted(SECRET_KEYS)))
+
+
+def redact(value: Any) -> Any:
+    """A copy of `value` as plain dicts and lists, with credential-named keys' values replaced."""
+    if isinstance(value, Mapping):
+        return {
+            str(k): REDACTED if str(k).lower() in SECRET_KEYS else redact(v)
+            for k, v in value.items()
+        }
+    if isinstance(value, list | tuple):
+        return [redact(v) for v in value]
+    return value
+
+
+def _reason(reason: Reason) -> dict[str, Any]:
+    return {
+        "code": reason.code.value,
+        "http_status": reason.http_status,
+        "layer": reason.layer.value,
+        "policy": reason.policy,
+        "rule": reason.rule,
+        "message": reason.message,
+        "field": reason.field,
+    }
+
+
+def _matched_rules(decision: Decision) -> list[dict[str, Any]]:
+    """The rules that decided; from reasons when the decision does not list its matches."""
+    matched = getattr(decision, "matched_rules", None)
+    if matched is not None:
+        return [
+            {
+                "layer": m.layer.value,
+                "policy": m.policy,
+                "rule": m.rule,
+                "effect": m.effect.value,
+            }
+            for m in matched
+        ]
+    return [
+        {"layer": r.layer.value, "policy": r.policy, "rule": r.rule, "effect": "DENY"}
+        for r in decision.reasons
+        if r.rule
+    ]
+
+
+def _bounded(value: Any, name: str, truncated: list[str]) -> str:
+    text = value if isinstance(value, str) else str(value)
+    if len(text) > MAX_RAW_LENGTH:
+        truncated.append(name)
+        return text[:MAX_RAW_LENGTH]
+    return text
+
+
+def build_record(
+    request: CheckRequest,
+    decision: Decision,
+    *,
+    decision_id: str,
+    cache_level: str = "none",
+    latency_ms: float = 0.0,
+    instance: str,
+    time: float | str,
+) -> dict[str, Any]:
+    """The audit record of one decision (`time`: epoch seconds or an RFC 3339 string).
+
+    A request that failed validation may hold anything: its strings are cut to
+    `MAX_RAW_LENGTH` (named in `truncated`) and its attribute maps are left out.
+    """
+    subject = request.subject
+    context = request.context
+    invalid = any(r.code is ErrorCode.VALIDATION_ERROR for r in decision.reasons)
+    truncated: list[str] = []
+    if invalid:
+        ids = {
+            name: _bounded(value, name, truncated)
+            for name, value in (
+                ("organization", request.organization),
+                ("subject.id", subject.id),
+                ("application.id", request.application.id),
+                ("integration.id", request.integration.id),
+                ("scope", request.scope),
+                ("request_id", request.request_id),
+                ("context.client_ip", context.client_ip),
+                ("context.session_id", context.session_id),
+            )
+        }
+        empty: dict[str, Any] = {}
+        subject_attrs = application_attrs = integration_attrs = context_attrs = empty
+    else:
+        ids = {
+            "organization": request.organization,
+            "subject.id": subject.id,
+            "application.id": request.application.id,
+            "integration.id": request.integration.id,
+            "scope": request.scope,
+            "request_id": request.request_id,
+            "context.client_ip": context.client_ip,
+            "context.session_id": context.session_id,
+        }
+        subject_attrs = redact(subject.attributes)
+        application_attrs = redact(request.application.attributes)
+        integration_attrs = redact(request.integration.attributes)
+        context_attrs = redact(context.attributes)
+    record: dict[str, Any] = {
+        "schema_version": SCHEMA_VERSION,
+        "type": "decision",
+        "decision_id": decision_id,
+        "time": format_time(time) if isinstance(time, int | float) else time,
+        "organization": ids["organization"],
+        "subject": {
+            "id": ids["subject.id"],
+            "kind": subject.kind.value,
+            "token_sha256": token_sha256(subject.access_token),
+            "attributes": subject_attrs,
+        },
+        "application": {"id": ids["application.id"], "attributes": application_attrs},
+        "integration": {"id": ids["integration.id"], "attributes": integration_attrs},
+        "scope": ids["scope"],
+        "context": {
+            "connection": context.connection.value,
+            "client_ip": ids["context.client_ip"],
+            "session_id": ids["context.session_id"],
+            "time": _rfc3339(context.time),
+            "attributes": context_attrs,
+        },
+        "decision": decision.effect.value,
+        "reasons": [_reason(r) for r in decision.reasons],
+        "matched_rules": _matched_rules(decision),
+        "policy_revision": decision.revision,
+        "cache_level": cache_level if cache_level in CACHE_LEVELS else "none",
+        "latency_ms": round(float(latency_ms), 3),
+        "request_id": ids["request_id"],
+        "instance": instance,
+    }
+    if truncated:
+        record["truncated"] = truncated
+    return record
+
+
+_esc = json.encoder.encode_basestring  # the C escaper that canonical() itself uses
+
+
+def _attributes_json(attributes: Mapping[str, Any]) -> str:
+    if not attributes:
+        return "{}"
+    value = attributes if type(attributes) is dict else dict(attributes)
+    text = canonical(value)
+    # One regex over the lowered text finds any credential-named key, at any depth.
+    if _SECRET_KEY_TEXT.search(text.lower()):
+        text = canonical(redact(value))
+    return text
+
+
+def _float_json(value: float) -> str:
+    number = round(float(value), 3)
+    if not math.isfinite(number):
+        raise ValueError("latency is not finite")
+    return repr(number)
+
+
+def _reason_json(r: Reason) -> str:
+    e = _esc
+    return (
+        f'{{"code":{e(r.code)},"field":{e(r.field)},"http_status":{r.code.http_status},'
+        f'"layer":{e(r.layer)},"message":{e(r.message)},"policy":{e(r.policy)},'
+        f'"rule":{e(r.rule)}}}'
+    )
+
+
+def _matched_json(decision: Decision) -> str:
+    e = _esc
+    matched = getattr(decision, "matched_rules", None)
+    if matched is None:
+        return ",".join(
+            f'{{"effect":"DENY","layer":{e(r.layer)},"policy":{e(r.policy)},"rule":{e(r.rule)}}}'
+            for r in decision.reasons
+            if r.rule
+        )
+    return ",".join(
+        f'{{"effect":{e(m.effect)},"layer":{e(m.layer)},"policy":{e(m.policy)},"rule":{e(m.rule)}}}'
+        for m in matched
+    )
+
+
+def encode_record(
+    request: CheckRequest,
+    decision: Decision,
+    *,
+    decision_id: str,
+    cache_level: str = "none",
+    latency_ms: float = 0.0,
+    instance: str,
+    time: float | str,
+) -> Parts:
+    """`build_record`'s record, serialized straight to canonical Parts: the writer's fast path.
+
+    About three times cheaper than building the dict and serializing it; a property test
+    checks that both give the same text. Unusual input falls back to the dict path.
+    """
+    for reason in decision.reasons:
+        if reason.code is ErrorCode.VALIDATION_ERROR:
+            break
+    else:
+        try:
+            return _encode_fast(
+                request, decision, decision_id, cache_level, latency_ms, instance, time
+            )
+        except (ValueError, TypeError):  # a non-str ID, NaN, a non-JSON attribute value
+            pass
+    return split(
+        build_record(
+            request,
+            decision,
+            decision_id=decision_id,
+            cache_level=cache_level,
+            latency_ms=latency_ms,
+            instance=instance,
+            time=time,
+        )
+    )
+
+
+def _encode_fast(
+    request: CheckRequest,
+    decision: Decision,
+    decision_id: str,
+    cache_level: str,
+    latency_ms: float,
+    instance: str,
+    time: float | str,
+) -> Parts:
+    e = _esc
+    subject = request.subject
+    context = request.context
+    application = request.application
+    integration = request.integration
+    token = token_sha256(subject.access_token)
+    broker_time = _rfc3339(context.time)
+    stamp = format_time(time) if isinstance(time, int | float) else time
+    reasons = ",".join([_reason_json(r) for r in decision.reasons])
+    level = cache_level if cache_level in CACHE_LEVELS else "none"
+    before_prev_hash = (
+        f'"application":{{"attributes":{_attributes_json(application.attributes)},'
+        f'"id":{e(application.id)}}},'
+        f'"cache_level":{e(level)},'
+        f'"context":{{"attributes":{_attributes_json(context.attributes)},'
+        f'"client_ip":{e(context.client_ip)},"connection":{e(context.connection)},'
+        f'"session_id":{e(context.session_id)},'
+        f'"time":{e(broker_time) if broker_time is not None else "null"}}},'
+        f'"decision":{e(decision.effect)},"decision_id":{e(decision_id)},'
+        f'"instance":{e(instance)},'
+        f'"integration":{{"attributes":{_attributes_json(integration.attributes)},'
+        f'"id":{e(integration.id)}}},'
+        f'"latency_ms":{_float_json(latency_ms)},"matched_rules":[{_matched_json(decision)}],'
+        f'"organization":{e(request.organization)},"policy_revision":{e(decision.revision)}'
+    )
+    before_seq = (
+        f'"reasons":[{reasons}],"request_id":{e(request.request_id)},'
+        f'"schema_version":{SCHEMA_VERSION},"scope":{e(request.scope)}'
+    )
+    after_stream = (
+        f'"subject":{{"attributes":{_attributes_json(subject.attributes)},'
+        f'"id":{e(subject.id)},"kind":{e(subject.kind)},'
+        f'"token_sha256":{e(token) if token is not None else "null"}}},'
+        f'"time":{e(stamp)},"type":"decision"'
+    )
+    return Parts(before_prev_hash, before_seq, "", after_stream, "decision")
+
+
+def encode_invalid_record(decision: Decision, **kwargs: Any) -> Parts:
+    """`build_invalid_record`'s record as Parts."""
+    return split(build_invalid_record(decision, **kwargs))
+
+
+def build_invalid_record(
+    decision: Decision,
+    *,
+    decision_id: str,
+    latency_ms: float = 0.0,
+    instance: str,
+    time: float | str,
+    organization: Any = "",
+    subject_id: Any = "",
+    subject_kind: Any = "",
+    access_token: str = "",
+    application_id: Any = "",
+    integration_id: Any = "",
+    scope: Any = "",
+    request_id: Any = "",
+    client_ip: Any = "",
+    session_id: Any = "",
+    connection: Any = "unknown",
+) -> dict[str, Any]:
+    """The record of a request refused before a domain `CheckRequest` existed.
+
+    Fields are taken as given (whatever the caller could read from the message), each cut to
+    `MAX_RAW_LENGTH`; attributes are never included. The token is only ever hashed.
+    """
+    truncated: list[str] = []
+
+    def raw(name: str, value: Any) -> str:
+        return _bounded(value, name, truncated)
+
+    kind = raw("subject.kind", subject_kind) or "unknown"
+    record: dict[str, Any] = {
+        "schema_version": SCHEMA_VERSION,
+        "type": "decision",
+        "decision_id": decision_id,
+        "time": format_time(time) if isinstance(time, int | float) else time,
+        "organization": raw("organization", organization),
+        "subject": {
+            "id": raw("subject.id", subject_id),
+            "kind": kind,
+            "token_sha256": token_sha256(access_token),
+            "attributes": {},
+        },
+        "application": {"id": raw("application.id", application_id), "attributes": {}},
+        "integration": {"id": raw("integration.id", integration_id), "attributes": {}},
+        "scope": raw("scope", scope),
+        "context": {
+            "connection": raw("context.connection", connection) or "unknown",
+            "client_ip": raw("context.client_ip", client_ip),
+            "session_id": raw("context.session_id", session_id),
+            "time": None,
+            "attributes": {},
+        },
+        "decision": decision.effect.value,
+        "reasons": [_reason(r) for r in decision.reasons],
+        "matched_rules": _matched_rules(decision),
+        "policy_revision": decision.revision,
+        "cache_level": "none",
+        "latency_ms": round(float(latency_ms), 3),
+        "request_id": raw("request_id", request_id),
+        "instance": instance,
+    }
+    if truncated:
+        record["truncated"] = truncated
+    return record
+
+
+def dropped_record(
+    count: int, reason: str, since: float, until: float, now: float
+) -> dict[str, Any]:
+    """A record saying that `count` decisions were not written (and why, and when)."""
+    return {
+        "schema_version": SCHEMA_VERSION,
+        "type": "dropped",
+        "time": format_time(now),
+        "count": count,
+        "reason": reason,
+        "since": format_time(since),
+        "until": format_time(until),
+    }
+
+
+def decision_codes(record: Mapping[str, Any]) -> Sequence[str]:
+    """The reason codes of a decision record (for filters)."""
+    return [r.get("code", "") for r in record.get("reasons") or () if isinstance(r, Mapping)]

@@ -1,0 +1,54 @@
+"""The small interface every audit sink implements, so the writer treats them alike."""
+
+from __future__ import annotations
+
+import json
+from abc import ABC, abstractmethod
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from policy_engine.audit.chain import Sealed
+
+
+@dataclass(frozen=True, slots=True)
+class OpenState:
+    """What a sink knows when it opens: the last record already in its stream, and its size."""
+
+    last_record: dict[str, Any] | None = None
+    size: int = 0  # bytes in the current file (rotation accounting); 0 for non-files
+
+
+class Sink(ABC):
+    """One destination with its own hash chain.
+
+    The writer calls `open` until it succeeds, then `write` with sealed records in chain order.
+    `write` is all or nothing: on failure it raises and leaves no partial output behind (or
+    can recognise it on retry), because the writer retries exactly the same records.
+    """
+
+    name: str = "sink"  # also the `sink` label of the metrics: a small fixed set
+    rotate_at: int = 0  # bytes after which the writer rotates (0: never)
+
+    @abstractmethod
+    def open(self) -> OpenState: ...
+
+    @abstractmethod
+    def write(self, records: Sequence[Sealed]) -> None: ...
+
+    def rotate(self) -> None:
+        """Start a new file (file sinks only); the writer seals the old one first."""
+        return None
+
+    def close(self) -> None:
+        """Release the sink; called once, after the last write."""
+        return None
+
+
+def parse_record(line: str | bytes) -> dict[str, Any] | None:
+    """A stored line as a record, or None when it is not a JSON object."""
+    try:
+        value = json.loads(line)
+    except (ValueError, UnicodeDecodeError):
+        return None
+    return value if isinstance(value, dict) else None

@@ -1,0 +1,277 @@
+"""`pdp audit tail`: follow an audit file or Redis Stream, filtered, for people or for jq.
+
+Files are followed like `tail -F`: when the writer rotates, the old file is read to its end
+and the new file from its start. Redis Streams are followed with XREAD BLOCK from the current
+end (or from the beginning with --from-start). `--once` reads what is there and exits;
+`--count N` exits after N matching records.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, TextIO
+
+import redis
+
+from policy_engine.audit.record import decision_codes
+from policy_engine.audit.sinks.base import parse_record
+from policy_engine.audit.sinks.file import rotated_files
+from policy_engine.audit.sinks.redis import RECORD_FIELD
+
+_C1 = re.compile("[\x7f-\x9f]")
+_CONTROL = {c: f"\\x{c:02x}" for c in (*range(0x20), *range(0x7F, 0xA0))}
+
+
+@dataclass(frozen=True, slots=True)
+class Filters:
+    organization: str | None = None
+    subject: str | None = None
+    application: str | None = None
+    integration: str | None = None
+    decision: str | None = None  # ALLOW | DENY
+    code: str | None = None  # kontext_policy_denied, or policy_denied
+    include_all: bool = False  # also checkpoints, stream starts, ... (when no filter is set)
+
+    def any_set(self) -> bool:
+        return any(
+            v is not None
+            for v in (
+                self.organization,
+                self.subject,
+                self.application,
+                self.integration,
+                self.decision,
+                self.code,
+            )
+        )
+
+    def matches(self, record: dict[str, Any]) -> bool:
+        if record.get("type") != "decision":
+            return self.include_all and not self.any_set()
+
+        def id_of(key: str) -> Any:
+            value = record.get(key)
+            return value.get("id") if isinstance(value, dict) else None
+
+        if self.organization is not None and record.get("organization") != self.organization:
+            return False
+        if self.subject is not None and id_of("subject") != self.subject:
+            return False
+        if self.application is not None and id_of("application") != self.application:
+            return False
+        if self.integration is not None and id_of("integration") != self.integration:
+            return False
+        if self.decision is not None and record.get("decision") != self.decision.upper():
+            return False
+        if self.code is not None:
+            wanted = {self.code, f"kontext_{self.code}"}
+            if not wanted & set(decision_codes(record)):
+                return False
+        return True
+
+
+def _safe(value: Any) -> str:
+    """Text for a terminal: control characters from requests are shown escaped, never run."""
+    return str(value).translate(_CONTROL)
+
+
+def _json_line(line: str, record: dict[str, Any]) -> str:
+    """The stored line; re-encoded as ASCII JSON if it holds C1 control characters."""
+    if _C1.search(line):
+        return json.dumps(record, ensure_ascii=True, separators=(",", ":"))
+    return line
+
+
+def format_human(record: dict[str, Any]) -> str:
+    kind = record.get("type")
+    seq = record.get("seq")
+    when = record.get("time", "")
+    if kind != "decision":
+        detail = ""
+        if kind == "checkpoint":
+            detail = (
+                f" covers seq {record.get('covered_seq')} ({record.get('count')} records)"
+                f" key {record.get('key_id')}{' final' if record.get('final') else ''}"
+            )
+        elif kind == "dropped":
+            detail = f" {record.get('count')} decision(s) not recorded ({record.get('reason')})"
+        elif kind == "stream_start":
+            detail = f" stream {str(record.get('stream'))[:12]} by {record.get('instance')}"
+        return _safe(f"{when} -- {kind} #{seq}{detail}")
+
+    def part(key: str) -> dict[str, Any]:
+        value = record.get(key)
+        return value if isinstance(value, dict) else {}
+
+    subject = part("subject")
+    line = (
+        f"{when} {record.get('decision', '?'):<5} {record.get('organization')} "
+        f"{subject.get('id')}({subject.get('kind')}) {part('application').get('id')} -> "
+        f"{part('integration').get('id')} {record.get('scope')}"
+    )
+    reasons = record.get("reasons") or []
+    if reasons and isinstance(reasons[0], dict):
+        first = reasons[0]
+        where = f"{first.get('policy')}/{first.get('rule')}" if first.get("rule") else "default"
+        more = f" (+{len(reasons) - 1})" if len(reasons) > 1 else ""
+        line += f"  {first.get('code')} {first.get('layer')} {where}{more}"
+    line += f"  [{record.get('cache_level')} {record.get('latency_ms')}ms] #{seq}"
+    return _safe(line)
+
+
+def follow_file(path: Path, *, from_start: bool, once: bool, poll: float = 0.2) -> Iterator[str]:
+    """Lines of the file as they are written; follows rotation and truncation.
+
+    When the file being read is no longer the live one, it is read to its end and the reader
+    moves to its successor: the next rotated file by name (several rotations may have happened
+    between two polls), else the live file.
+    """
+    handle = _open_when_present(path, poll)
+    inode = os.fstat(handle.fileno()).st_ino
+    if not from_start and not once:
+        handle.seek(0, os.SEEK_END)
+    pending = b""
+    try:
+        while True:
+            chunk = handle.read(64 * 1024)
+            if chunk:
+                pending += chunk
+                *lines, pending = pending.split(b"\n")
+                for line in lines:
+                    if line.strip():
+                        yield line.decode("utf-8", "replace")
+                continue
+            if once:
+                return
+            try:
+                live = os.stat(path)
+            except FileNotFoundError:
+                live = None
+            if live is not None and live.st_ino == inode:
+                if live.st_size < handle.tell():  # truncated in place: start over
+                    handle.seek(0)
+                    pending = b""
+                    continue
+                time.sleep(poll)
+                continue
+            if live is None and _successor(path, inode) == path:
+                time.sleep(poll)  # between a rotation's rename and the new file
+                continue
+            # Ours was rotated away: finish it, then go on with its successor.
+            rest = pending + handle.read()
+            for line in rest.split(b"\n"):
+                if line.strip():
+                    yield line.decode("utf-8", "replace")
+            pending = b""
+            handle.close()
+            handle = _open_when_present(_successor(path, inode), poll)
+            new_inode = os.fstat(handle.fileno()).st_ino
+            later = _successor(path, inode)  # a rotation may have happened meanwhile
+            if later != path and os.stat(later).st_ino != new_inode:
+                handle.close()
+                handle = _open_when_present(later, poll)
+                new_inode = os.fstat(handle.fileno()).st_ino
+            inode = new_inode
+    finally:
+        handle.close()
+
+
+def _successor(path: Path, inode: int) -> Path:
+    """The file written after the one with `inode`: the next rotated one, else the live one."""
+    found = False
+    for rotated in rotated_files(path):
+        try:
+            current = os.stat(rotated).st_ino
+        except FileNotFoundError:
+            continue
+        if found:
+            return rotated
+        found = current == inode
+    return path
+
+
+def _open_when_present(path: Path, poll: float) -> Any:
+    while True:
+        try:
+            return open(path, "rb")
+        except FileNotFoundError:
+            time.sleep(poll)
+
+
+def follow_redis(
+    url: str, stream: str, *, from_start: bool, once: bool, block_ms: int = 1000
+) -> Iterator[str]:
+    """Records of a Redis Stream: what is there (--once), or new ones as they arrive."""
+    client = redis.Redis.from_url(url)
+    try:
+        if once:
+            low = "-"
+            while True:
+                entries = client.xrange(stream, min=low, count=500)
+                if not entries:
+                    return
+                for _entry_id, fields in entries:
+                    yield _field(fields)
+                last = entries[-1][0]
+                low = "(" + (last.decode() if isinstance(last, bytes) else str(last))
+        if from_start:
+            last_id = "0-0"
+        else:
+            newest = client.xrevrange(stream, count=1)
+            last_id = newest[0][0] if newest else "0-0"
+        while True:
+            response = client.xread({stream: last_id}, block=block_ms, count=500)
+            for _, entries in response or []:
+                for entry_id, fields in entries:
+                    last_id = entry_id
+                    yield _field(fields)
+    finally:
+        client.close()
+
+
+def _field(fields: dict[Any, Any]) -> str:
+    raw = fields.get(RECORD_FIELD.encode(), fields.get(RECORD_FIELD, b""))
+    return raw.decode("utf-8", "replace") if isinstance(raw, bytes) else str(raw)
+
+
+def is_redis_source(source: str) -> bool:
+    return source.startswith(("redis://", "rediss://", "unix://"))
+
+
+def run_tail(
+    source: str,
+    filters: Filters,
+    *,
+    stream: str = "pdp:audit",
+    json_output: bool = False,
+    from_start: bool = False,
+    once: bool = False,
+    count: int | None = None,
+    out: TextIO,
+    stop: Callable[[], bool] | None = None,
+) -> int:
+    """Print matching records; returns how many were printed."""
+    if is_redis_source(source):
+        lines = follow_redis(source, stream, from_start=from_start, once=once)
+    else:
+        lines = follow_file(Path(source), from_start=from_start, once=once)
+    printed = 0
+    for line in lines:
+        record = parse_record(line)
+        if record is None:
+            continue
+        if filters.matches(record):
+            out.write((_json_line(line, record) if json_output else format_human(record)) + "\n")
+            out.flush()
+            printed += 1
+            if count is not None and printed >= count:
+                break
+        if stop is not None and stop():
+            break
+    return printed

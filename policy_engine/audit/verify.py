@@ -1,0 +1,617 @@
+"""`pdp audit verify`: prove audit files intact, or say exactly where and how they were changed.
+
+Reads files in the order given (oldest first), one record per line, in a single pass with
+bounded memory, so a day of records can be checked. Records are grouped by `stream` (one writer
+segment; a file may hold several after restarts, a Redis dump several interleaved writers).
+
+Inside a stream, every record must hash to its `hash`, and records must link (`prev_hash` =
+the previous record's hash, `seq` + 1). Records that link are grouped into fragments while
+reading; an intact stream is a single fragment. Where there are several, the way they join
+says what happened: a gap in `seq` is a deletion, a fragment that links but appears earlier in
+the file is a reordering, two records claiming the same place is an insertion (a fork), a
+record sitting inside the chain without linking is an insertion, and a `seq` + 1 that does
+not link means a record was altered and re-hashed or replaced. Signed checkpoints vouch for
+everything before them; a rewrite of the whole chain breaks their signatures.
+
+What cannot be detected: records cut from the end of a stream after its last checkpoint
+(reported as the unsigned tail), unless a later segment linked to them when it started.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import re
+from collections import deque
+from collections.abc import Iterable, Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
+
+from policy_engine.audit.canonical import canonical, to_bytes
+from policy_engine.audit.chain import HASH_LENGTH, ZERO_HASH, signed_bytes
+from policy_engine.audit.keys import key_id, verify_signature
+from policy_engine.audit.sinks.base import parse_record
+
+_HEX = frozenset("0123456789abcdef")
+_RECENT = 64  # records remembered at each fragment's end, to find where a fork branched off
+MAX_PROBLEMS = 1000  # past this many, the input is clearly not an intact log: stop listing
+
+
+@dataclass(frozen=True, slots=True)
+class Problem:
+    """One break in the chain: where, which seq, what kind, and a sentence for people."""
+
+    where: str  # file:line
+    stream: str
+    seq: int | None
+    kind: str  # edited, deleted, inserted, reordered, altered, bad_signature, wrong_key, ...
+    message: str
+
+    def __str__(self) -> str:
+        seq = f" seq {self.seq}" if self.seq is not None else ""
+        stream = f" stream {self.stream[:12]}" if self.stream else ""
+        # Other places in the same file read as "line N".
+        file = self.where.rsplit(":", 1)[0]
+        message = re.sub(re.escape(file) + r":(\d+)", r"line \1", self.message)
+        return f"{self.where}:{stream}{seq}: {self.kind}: {message}"
+
+
+@dataclass
+class StreamSummary:
+    stream: str
+    first_seq: int = 0
+    last_seq: int = 0
+    first_where: str = ""
+    last_where: str = ""
+    records: int = 0  # decision records
+    checkpoints: int = 0  # valid checkpoints (or, without a key, well-formed ones)
+    last_signed_seq: int | None = None
+    final: bool = False
+    unsigned_tail: int = 0
+
+
+@dataclass
+class Report:
+    problems: list[Problem] = field(default_factory=list)
+    warnings: list[str] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+    streams: list[StreamSummary] = field(default_factory=list)
+    lines: int = 0
+    truncated: bool = False  # stopped listing after MAX_PROBLEMS
+
+    @property
+    def ok(self) -> bool:
+        return not self.problems
+
+    @property
+    def records(self) -> int:
+        return sum(s.records for s in self.streams)
+
+    @property
+    def checkpoints(self) -> int:
+        return sum(s.checkpoints for s in self.streams)
+
+    @property
+    def last_signed_seq(self) -> int | None:
+        for summary in reversed(self.streams):
+            if summary.last_signed_seq is not None:
+                return summary.last_signed_seq
+        return None
+
+    def render(self) -> str:
+        lines: list[str] = []
+        if self.ok:
+            signed = self.last_signed_seq
+            lines.append(
+                f"OK: {self.records} records, {self.checkpoints} checkpoints, "
+                f"last signed seq {signed if signed is not None else 'none'}"
+            )
+        else:
+            lines.append(
+                f"TAMPERED: {len(self.problems)} problem(s)"
+                f"{' (listing stopped)' if self.truncated else ''}; "
+                f"{self.records} records, {self.checkpoints} valid checkpoints"
+            )
+            lines.extend(f"FAIL {p}" for p in self.problems)
+        lines.extend(f"WARN {w}" for w in self.warnings)
+        if len(self.streams) > 1 or self.notes:
+            for s in self.streams:
+                ending = "final checkpoint" if s.final else "no final checkpoint"
+                signed = s.last_signed_seq if s.last_signed_seq is not None else "none"
+                lines.append(
+                    f"  stream {s.stream[:12]}: seq {s.first_seq}-{s.last_seq} "
+                    f"({s.first_where} .. {s.last_where}), {s.records} records, "
+                    f"signed up to seq {signed}, {ending}"
+                )
+        lines.extend(f"  note: {n}" for n in self.notes)
+        return "\n".join(lines)
+
+
+@dataclass
+class _Fragment:
+    """Records that link one to the next, in input order."""
+
+    start_seq: int
+    start_prev: str
+    start_where: str
+    start_type: str
+    start_file_first_line: bool
+    first_index: int
+    head_seq: int
+    head_hash: str
+    head_where: str
+    last_index: int
+    count: int = 1
+    recent: deque[tuple[int, str, str]] = field(default_factory=lambda: deque(maxlen=_RECENT))
+
+
+@dataclass
+class _Stream:
+    id: str
+    fragments: list[_Fragment] = field(default_factory=list)
+    by_head: dict[str, _Fragment] = field(default_factory=dict)
+    summary: StreamSummary = field(default_factory=lambda: StreamSummary(""))
+    final_seq: int | None = None
+    final_where: str = ""
+    link: dict[str, Any] | None = None  # stream_start.previous
+    link_hash: str = ""
+    link_where: str = ""
+
+
+def _span(first: int, last: int) -> str:
+    return f"seq {first}" if first == last else f"seq {first}-{last}"
+
+
+def _records(count: int, start: str, end: str) -> str:
+    return f"the record at {start}" if count == 1 else f"{count} records from {start} to {end}"
+
+
+def _is_hash(value: Any) -> bool:
+    return isinstance(value, str) and len(value) == HASH_LENGTH and set(value) <= _HEX
+
+
+class Verifier:
+    """Feed it records in file order (`add`), then `finish()` for the report."""
+
+    def __init__(self, public_key: Ed25519PublicKey | None, *, allow_partial: bool = False) -> None:
+        self.public_key = public_key
+        self.key_id = key_id(public_key) if public_key is not None else None
+        self.allow_partial = allow_partial
+        self.report = Report()
+        self.streams: dict[str, _Stream] = {}
+        self.index = 0
+
+    # --- reading -------------------------------------------------------------------------------
+
+    def problem(self, where: str, stream: str, seq: int | None, kind: str, message: str) -> None:
+        if len(self.report.problems) >= MAX_PROBLEMS:
+            self.report.truncated = True
+            return
+        self.report.problems.append(Problem(where, stream, seq, kind, message))
+
+    def add_line(self, raw: str | bytes, where: str, first_line_of_file: bool) -> None:
+        self.report.lines += 1
+        if not raw.strip():
+            return
+        record = parse_record(raw)
+        if record is None:
+            self.problem(
+                where, "", None, "malformed", "not a JSON object (altered, or torn by a crash)"
+            )
+            return
+        self.add(record, where, first_line_of_file)
+
+    def add(self, record: dict[str, Any], where: str, first_line_of_file: bool = False) -> None:
+        stream_id = record.get("stream")
+        seq = record.get("seq")
+        stored = record.get("hash")
+        prev = record.get("prev_hash")
+        kind = record.get("type")
+        if (
+            not isinstance(stream_id, str)
+            or not stream_id
+            or isinstance(seq, bool)
+            or not isinstance(seq, int)
+            or seq < 1
+            or not _is_hash(stored)
+            or not _is_hash(prev)
+            or not isinstance(kind, str)
+        ):
+            self.problem(
+                where,
+                stream_id if isinstance(stream_id, str) else "",
+                seq if isinstance(seq, int) else None,
+                "malformed",
+                "missing or invalid chain fields (stream, seq, prev_hash, hash, type)",
+            )
+            return
+        self.index += 1
+        stream = self.streams.get(stream_id)
+        if stream is None:
+            stream = self.streams[stream_id] = _Stream(stream_id)
+            stream.summary = StreamSummary(stream_id, seq, seq, where, where)
+            self.report.streams.append(stream.summary)
+        summary = stream.summary
+        if seq > summary.last_seq:
+            summary.last_seq, summary.last_where = seq, where
+        if seq < summary.first_seq:
+            summary.first_seq, summary.first_where = seq, where
+
+        body = {k: v for k, v in record.items() if k != "hash"}
+        try:
+            actual = hashlib.sha256(to_bytes(canonical(body))[1]).hexdigest()
+        except (ValueError, TypeError):
+            actual = ""
+        if actual != stored:
+            self.problem(
+                where,
+                stream_id,
+                seq,
+                "edited",
+                "the record's content does not match its hash (a field was changed)",
+            )
+        if stream.final_seq is not None and seq > stream.final_seq:
+            self.problem(
+                where,
+                stream_id,
+                seq,
+                "appended",
+                f"comes after the stream's final checkpoint (seq {stream.final_seq}, "
+                f"{stream.final_where}): added after the writer closed",
+            )
+
+        if kind == "decision":
+            summary.records += 1
+        elif kind == "checkpoint":
+            self._checkpoint(stream, record, where, seq)
+        elif kind == "stream_start":
+            self._stream_start(stream, record, where, seq, prev)
+        elif kind == "dropped":
+            self.report.warnings.append(
+                f"{where}: stream {stream_id[:12]} seq {seq}: {record.get('count')} decision(s) "
+                f"were not recorded ({record.get('reason')}) between {record.get('since')} "
+                f"and {record.get('until')}"
+            )
+
+        self._link(stream, seq, prev, stored, where, kind, first_line_of_file)
+
+    def _checkpoint(self, stream: _Stream, record: dict[str, Any], where: str, seq: int) -> None:
+        sid = stream.id
+        summary = stream.summary
+        valid = True
+        if record.get("covered_seq") != seq - 1:
+            self.problem(where, sid, seq, "malformed", "checkpoint covered_seq is not seq - 1")
+            valid = False
+        if self.public_key is not None:
+            signature = record.get("signature")
+            if not isinstance(signature, str) or not signature:
+                self.problem(where, sid, seq, "unsigned", "checkpoint has no signature")
+                valid = False
+            elif record.get("key_id") != self.key_id:
+                self.problem(
+                    where,
+                    sid,
+                    seq,
+                    "wrong_key",
+                    f"checkpoint is signed with key {record.get('key_id')}, "
+                    f"not the given public key ({self.key_id})",
+                )
+                valid = False
+            elif not verify_signature(self.public_key, signature, signed_bytes(record)):
+                self.problem(
+                    where,
+                    sid,
+                    seq,
+                    "bad_signature",
+                    "checkpoint signature does not verify: the checkpoint was altered, or the "
+                    "records before it were altered and re-hashed",
+                )
+                valid = False
+        if valid:
+            summary.checkpoints += 1
+            summary.last_signed_seq = seq
+        if record.get("final") is True:
+            stream.final_seq = seq
+            stream.final_where = where
+            summary.final = True
+
+    def _stream_start(
+        self, stream: _Stream, record: dict[str, Any], where: str, seq: int, prev: str
+    ) -> None:
+        if seq != 1:
+            self.problem(where, stream.id, seq, "malformed", "stream_start is not seq 1")
+        link = record.get("previous")
+        if isinstance(link, dict) and isinstance(link.get("stream"), str):
+            stream.link, stream.link_hash, stream.link_where = link, prev, where
+        elif prev != ZERO_HASH:
+            self.problem(
+                where,
+                stream.id,
+                seq,
+                "malformed",
+                "stream_start links to nothing yet has a prev_hash",
+            )
+
+    def _link(
+        self,
+        stream: _Stream,
+        seq: int,
+        prev: str,
+        digest: str,
+        where: str,
+        kind: str,
+        first_line_of_file: bool,
+    ) -> None:
+        fragment = stream.by_head.get(prev)
+        if fragment is not None and fragment.head_seq + 1 == seq:
+            del stream.by_head[prev]
+            fragment.recent.append((fragment.head_seq, fragment.head_hash, fragment.head_where))
+            fragment.head_seq, fragment.head_hash, fragment.head_where = seq, digest, where
+            fragment.last_index = self.index
+            fragment.count += 1
+        else:
+            fragment = _Fragment(
+                start_seq=seq,
+                start_prev=prev,
+                start_where=where,
+                start_type=kind,
+                start_file_first_line=first_line_of_file,
+                first_index=self.index,
+                head_seq=seq,
+                head_hash=digest,
+                head_where=where,
+                last_index=self.index,
+            )
+            stream.fragments.append(fragment)
+        stream.by_head[digest] = fragment
+
+    # --- judging -------------------------------------------------------------------------------
+
+    def finish(self) -> Report:
+        ends: dict[str, tuple[int, str, str]] = {}
+        for stream in self.streams.values():
+            end = self._judge(stream)
+            if end is not None:
+                ends[stream.id] = end
+        for stream in self.streams.values():
+            self._judge_link(stream, ends)
+        return self.report
+
+    def _judge(self, stream: _Stream) -> tuple[int, str, str] | None:
+        """Joins the stream's fragments; returns its chain end (seq, hash, where)."""
+        sid = stream.id
+        fragments = sorted(stream.fragments, key=lambda f: (f.start_seq, f.first_index))
+        if not fragments:
+            return None
+        fragments = self._drop_strays(stream, fragments)
+        first = fragments[0]
+        self._judge_beginning(stream, first)
+        current = first
+        for nxt in fragments[1:]:
+            if nxt.start_seq == current.head_seq + 1:
+                if nxt.start_prev == current.head_hash:
+                    self.problem(
+                        nxt.start_where,
+                        sid,
+                        nxt.start_seq,
+                        "reordered",
+                        f"seq {nxt.start_seq} ({nxt.start_where}) comes before seq "
+                        f"{current.head_seq} ({current.head_where}): records were moved",
+                    )
+                else:
+                    self.problem(
+                        nxt.start_where,
+                        sid,
+                        nxt.start_seq,
+                        "altered",
+                        f"prev_hash does not match seq {current.head_seq} "
+                        f"({current.head_where}): that record was altered and re-hashed, "
+                        "or replaced",
+                    )
+                current = nxt
+            elif nxt.start_seq > current.head_seq + 1:
+                missing = _span(current.head_seq + 1, nxt.start_seq - 1)
+                count = nxt.start_seq - current.head_seq - 1
+                self.problem(
+                    nxt.start_where,
+                    sid,
+                    current.head_seq + 1,
+                    "deleted",
+                    f"{missing} missing ({count} record(s) deleted) between "
+                    f"{current.head_where} (seq {current.head_seq}) and "
+                    f"{nxt.start_where} (seq {nxt.start_seq})",
+                )
+                current = nxt
+            else:
+                current = self._judge_fork(sid, current, nxt)
+        summary = stream.summary
+        last_signed = summary.last_signed_seq or 0
+        if current.head_seq > last_signed:
+            tail = current.head_seq - last_signed
+            summary.unsigned_tail = tail
+            if last_signed:
+                self.report.warnings.append(
+                    f"stream {sid[:12]}: {tail} record(s) after the last valid checkpoint "
+                    f"({_span(last_signed + 1, current.head_seq)}, up to {current.head_where}) "
+                    "are not signed: they could have been cut or changed without trace"
+                )
+            else:
+                self.report.warnings.append(
+                    f"stream {sid[:12]}: no valid checkpoint: none of its {tail} record(s) "
+                    f"({_span(first.start_seq, current.head_seq)}) are signed"
+                )
+        if stream.final_seq is None:
+            self.report.notes.append(
+                f"stream {sid[:12]} has no final checkpoint: its writer is still running, "
+                "stopped without closing, or the end of the stream was cut"
+            )
+        return current.head_seq, current.head_hash, current.head_where
+
+    def _drop_strays(self, stream: _Stream, fragments: list[_Fragment]) -> list[_Fragment]:
+        """Removes (and reports) records inserted inside the chain that link to nothing."""
+        heads = {f.head_hash for f in fragments}
+        hashes: set[str] = set(heads)
+        for f in fragments:
+            hashes.update(h for _, h, _ in f.recent)
+        kept: list[_Fragment] = []
+        for f in fragments:
+            inside = any(
+                o is not f and o.first_index < f.first_index and f.last_index < o.last_index
+                for o in fragments
+            )
+            if inside and f.start_prev not in hashes and f is not fragments[0]:
+                self.problem(
+                    f.start_where,
+                    stream.id,
+                    f.start_seq,
+                    "inserted",
+                    f"{_records(f.count, f.start_where, f.head_where)} "
+                    f"({_span(f.start_seq, f.head_seq)}) sits inside the chain but links to "
+                    "nothing in it",
+                )
+            else:
+                kept.append(f)
+        return kept
+
+    def _judge_beginning(self, stream: _Stream, first: _Fragment) -> None:
+        if first.start_type == "stream_start":
+            return
+        if first.start_type == "file_start" and first.start_file_first_line:
+            self.report.notes.append(
+                f"stream {stream.id[:12]} begins at seq {first.start_seq} "
+                f"({first.start_where}), the start of a rotated file: its earlier records are "
+                "in files not given"
+            )
+            return
+        if self.allow_partial:
+            self.report.notes.append(
+                f"stream {stream.id[:12]} begins mid-chain at seq {first.start_seq} "
+                f"({first.start_where}); accepted (--partial)"
+            )
+            return
+        self.problem(
+            first.start_where,
+            stream.id,
+            first.start_seq,
+            "cut",
+            f"the stream begins mid-chain at seq {first.start_seq} with a "
+            f"{first.start_type} record: the records before it were removed "
+            "(use --partial for an excerpt, such as a trimmed Redis Stream)",
+        )
+
+    def _judge_fork(self, sid: str, current: _Fragment, nxt: _Fragment) -> _Fragment:
+        """Two fragments claim the same seq: one branch was inserted. Returns the survivor."""
+        fork = next(
+            ((s, w) for s, h, w in current.recent if h == nxt.start_prev),
+            None,
+        )
+        if fork is None:
+            self.problem(
+                nxt.start_where,
+                sid,
+                nxt.start_seq,
+                "inserted",
+                f"{_span(nxt.start_seq, nxt.head_seq)} ({nxt.start_where} .. {nxt.head_where}) "
+                f"repeats seq numbers already used up to {current.head_where}",
+            )
+            return current if current.head_seq >= nxt.head_seq else nxt
+        fork_seq, fork_where = fork
+        branch_len = current.head_seq - fork_seq
+        if nxt.count >= branch_len:
+            # The chain goes on with `nxt`; `current`'s records after the fork were inserted.
+            after = [w for s, _, w in current.recent if s == fork_seq + 1]
+            inserted_from = after[0] if after else current.head_where
+            self.problem(
+                inserted_from,
+                sid,
+                fork_seq + 1,
+                "inserted",
+                f"{_records(branch_len, inserted_from, current.head_where)} branches off "
+                f"after seq {fork_seq} ({fork_where}); the chain continues at {nxt.start_where}",
+            )
+            return nxt
+        self.problem(
+            nxt.start_where,
+            sid,
+            nxt.start_seq,
+            "inserted",
+            f"{_records(nxt.count, nxt.start_where, nxt.head_where)} branches off after "
+            f"seq {fork_seq} ({fork_where}); the chain continues elsewhere",
+        )
+        return current
+
+    def _judge_link(self, stream: _Stream, ends: dict[str, tuple[int, str, str]]) -> None:
+        """A segment that started after another checks that one's end is still there."""
+        link = stream.link
+        if link is None:
+            return
+        previous_id, previous_seq = link.get("stream"), link.get("seq")
+        end = ends.get(str(previous_id))
+        if end is None:
+            self.report.notes.append(
+                f"stream {stream.id[:12]} ({stream.link_where}) continues from stream "
+                f"{str(previous_id)[:12]} seq {previous_seq}, which is not in the input"
+            )
+            return
+        end_seq, end_hash, end_where = end
+        if not isinstance(previous_seq, int):
+            return
+        if end_seq < previous_seq:
+            self.problem(
+                end_where,
+                str(previous_id),
+                end_seq + 1,
+                "deleted",
+                f"the stream ends at seq {end_seq} ({end_where}), but when the writer restarted "
+                f"({stream.link_where}) it ended at seq {previous_seq}: "
+                f"{_span(end_seq + 1, previous_seq)} cut",
+            )
+        elif end_seq == previous_seq and end_hash != stream.link_hash:
+            self.problem(
+                end_where,
+                str(previous_id),
+                end_seq,
+                "altered",
+                f"the stream's last record is not the one the restart at {stream.link_where} "
+                "linked to: it was altered or replaced",
+            )
+        elif end_seq > previous_seq:
+            self.report.notes.append(
+                f"stream {str(previous_id)[:12]} went on past seq {previous_seq} after stream "
+                f"{stream.id[:12]} started ({stream.link_where}): two writers shared the sink"
+            )
+
+
+def iter_lines(paths: Sequence[Path]) -> Iterator[tuple[bytes, str, bool]]:
+    """(line, "file:line", first line of its file) for every line of the files, in order."""
+    for path in paths:
+        with open(path, "rb") as handle:
+            for number, line in enumerate(handle, 1):
+                yield line, f"{path}:{number}", number == 1
+
+
+def verify_lines(
+    lines: Iterable[tuple[bytes | str, str, bool]],
+    public_key: Ed25519PublicKey | None,
+    *,
+    allow_partial: bool = False,
+) -> Report:
+    verifier = Verifier(public_key, allow_partial=allow_partial)
+    for raw, where, first in lines:
+        verifier.add_line(raw, where, first)
+    report = verifier.finish()
+    if public_key is None:
+        report.warnings.append("signatures not checked (no public key given)")
+    return report
+
+
+def verify_files(
+    paths: Sequence[Path],
+    public_key: Ed25519PublicKey | None,
+    *,
+    allow_partial: bool = False,
+) -> Report:
+    """Verify files given oldest first (rotated files before the live one)."""
+    return verify_lines(iter_lines(paths), public_key, allow_partial=allow_partial)

@@ -1,0 +1,728 @@
+"""`AuditLog`: the request path hands decisions to a bounded queue; threads write them out.
+
+    request threads --record()--> bounded queue --dispatcher--> per-sink worker --> sink
+                                                (builds records)  (chain, checkpoints,
+                                                                   retries, rotation)
+
+* `record()` only appends a tuple to a deque (about a microsecond). When the queue is full it
+  waits up to `block_timeout_ms` for room (`when_full=block`) or gives up at once (`drop`);
+  a decision that is given up is counted (`pdp_audit_dropped_total`), logged (rate-limited)
+  and reported inside the log itself by a `dropped` record, so nothing is lost silently.
+* One dispatcher thread builds each record once and hands it to every sink's worker.
+* Each sink has its own worker thread and hash chain, so a slow or failing sink never holds
+  up the others. A failing sink is retried with exponential backoff (up to `retry_max_ms`),
+  keeping order. While it fails, its backlog grows up to `sink_buffer` records; past that,
+  new records are not added to its chain (counted as `sink_backlog_full`) and, once it
+  recovers, a `dropped` record in its chain says how many are missing and when.
+* `close()` drains everything: the queue, every worker's backlog, a final checkpoint per sink.
+"""
+
+from __future__ import annotations
+
+import atexit
+import logging
+import threading
+import time
+from collections import deque
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from policy_engine import metrics
+from policy_engine.audit.canonical import Parts, split
+from policy_engine.audit.chain import Chain, Sealed
+from policy_engine.audit.keys import Signer, load_private_key
+from policy_engine.audit.record import (
+    default_instance,
+    dropped_record,
+    encode_invalid_record,
+    encode_record,
+)
+from policy_engine.audit.sinks import FileSink, RedisStreamSink, Sink, StdoutSink
+from policy_engine.config import AuditSettings, ConfigError
+from policy_engine.domain.decision import Decision
+from policy_engine.domain.request import CheckRequest
+
+log = logging.getLogger(__name__)
+
+SINK_NAMES = ("file", "redis", "stdout")
+WHEN_FULL = ("block", "drop")
+
+_BATCH = 512  # records per dispatcher round and per sink write
+_IDLE_WAIT = 0.5  # seconds the dispatcher sleeps with nothing to do (woken earlier on work)
+_RETRY_INITIAL = 0.05
+
+_DECISION = 0
+_INVALID = 1
+
+
+class _Rotate:
+    """Marker in a sink's outbox: rotate the file here (the old file is sealed before it)."""
+
+
+ROTATE = _Rotate()
+
+
+class _RateLimitedWarning:
+    """At most one log line per `interval` for a repeating problem, with the repeat count."""
+
+    def __init__(self, interval: float = 10.0) -> None:
+        self._interval = interval
+        self._last = -interval
+        self._suppressed = 0
+        self._lock = threading.Lock()
+
+    def warn(self, message: str, *args: Any) -> None:
+        now = time.monotonic()
+        with self._lock:
+            if now - self._last < self._interval:
+                self._suppressed += 1
+                return
+            suppressed, self._suppressed, self._last = self._suppressed, 0, now
+        if suppressed:
+            message += " (%d similar messages suppressed)"
+            args = (*args, suppressed)
+        log.warning(message, *args)
+
+
+@dataclass
+class AuditStats:
+    """Counts since this AuditLog started (the Prometheus metrics add up all of them)."""
+
+    queued: int = 0
+    dropped: dict[str, int] = field(default_factory=dict)  # "<sink>/<reason>" -> count
+    written: dict[str, int] = field(default_factory=dict)  # sink -> decision records written
+    errors: dict[str, int] = field(default_factory=dict)  # sink -> failed operations
+    backlog: dict[str, int] = field(default_factory=dict)  # sink -> records waiting
+
+
+def build_sinks(settings: AuditSettings, *, worker: int = 0) -> list[Sink]:
+    """The sinks named in `settings.sinks`; a ConfigError names any bad setting."""
+    names = [n.strip().lower() for n in settings.sinks.split(",") if n.strip()]
+    unknown = sorted(set(names) - set(SINK_NAMES))
+    if unknown:
+        raise ConfigError(
+            f"setting audit.sinks: unknown sink(s) {', '.join(unknown)}; "
+            f"choose from {', '.join(SINK_NAMES)}"
+        )
+    if not names:
+        raise ConfigError("setting audit.sinks: name at least one of file, redis, stdout")
+    sinks: list[Sink] = []
+    for name in dict.fromkeys(names):
+        if name == "file":
+            path = Path(str(settings.file_path).replace("{worker}", str(worker)))
+            sinks.append(
+                FileSink(
+                    path,
+                    max_bytes=settings.file_max_bytes,
+                    keep=settings.file_keep,
+                    fsync=settings.file_fsync,
+                )
+            )
+        elif name == "redis":
+            if not settings.redis_url:
+                raise ConfigError("setting audit.redis_url: required by the redis sink")
+            sinks.append(
+                RedisStreamSink(
+                    settings.redis_url,
+                    settings.redis_stream,
+                    maxlen=settings.redis_maxlen,
+                    timeout_seconds=settings.redis_timeout_ms / 1000,
+                )
+            )
+        else:
+            sinks.append(StdoutSink())
+    return sinks
+
+
+def _check(settings: AuditSettings) -> None:
+    if settings.when_full not in WHEN_FULL:
+        raise ConfigError(
+            f"setting audit.when_full: choose block or drop, not {settings.when_full!r}"
+        )
+    for name in ("queue_size", "sink_buffer"):
+        if getattr(settings, name) < 1:
+            raise ConfigError(f"setting audit.{name}: must be at least 1")
+
+
+class AuditLog:
+    """The audit log of one server process. Thread-safe; create it after forking workers.
+
+    With `settings.enabled` false, `record()` does nothing and returns False.
+    """
+
+    def __init__(
+        self,
+        settings: AuditSettings,
+        *,
+        worker: int = 0,
+        instance: str | None = None,
+        sinks: Sequence[Sink] | None = None,
+        signer: Signer | None = None,
+    ) -> None:
+        self.settings = settings
+        self.enabled = settings.enabled
+        self.instance = instance or default_instance()
+        self._queue: deque[tuple[Any, ...]] = deque()
+        self._max = settings.queue_size
+        self._block = settings.block_timeout_ms / 1000 if settings.when_full == "block" else 0.0
+        self._wake = threading.Event()
+        self._space = threading.Condition(threading.Lock())
+        self._waiters = 0
+        self._closing = False
+        self._drained = False  # set by the dispatcher before its final sweep
+        self._busy = False
+        self._closed_result: bool | None = None
+        self._drop_lock = threading.Lock()
+        self._drops_unreported = 0
+        self._drop_since = 0.0
+        self._drop_until = 0.0
+        self._dropped: dict[str, int] = {}
+        self._warn_full = _RateLimitedWarning()
+        self._workers: list[_SinkWorker] = []
+        self._dispatcher: threading.Thread | None = None
+        if not self.enabled:
+            return
+        _check(settings)
+        if signer is None and settings.signing_key_file:
+            signer = Signer(load_private_key(Path(settings.signing_key_file)))
+        if signer is None:
+            log.warning("audit log: no signing_key_file; checkpoints are not signed")
+        chosen = list(sinks) if sinks is not None else build_sinks(settings, worker=worker)
+        for sink in chosen:
+            chain = Chain(signer=signer, instance=self.instance, sink=sink.name)
+            self._workers.append(_SinkWorker(self, sink, chain, settings))
+        for w in self._workers:
+            w.thread.start()
+        self._dispatcher = threading.Thread(
+            target=self._dispatch, name="pdp-audit-dispatch", daemon=True
+        )
+        self._dispatcher.start()
+        atexit.register(self._at_exit)
+
+    # --- request path --------------------------------------------------------------------------
+
+    def record(
+        self,
+        request: CheckRequest,
+        decision: Decision,
+        *,
+        decision_id: str,
+        cache_level: str = "none",
+        latency_ms: float = 0.0,
+        at: float | None = None,
+    ) -> bool:
+        """Queue the record of one decision; False when it was dropped (and counted).
+
+        `at` is the decision's time (epoch seconds; now when omitted). The record itself is
+        built on the writer thread, so this costs about a microsecond.
+        """
+        if not self.enabled:
+            return False
+        return self._put(
+            (
+                _DECISION,
+                request,
+                decision,
+                decision_id,
+                cache_level,
+                latency_ms,
+                time.time() if at is None else at,
+            )
+        )
+
+    def record_invalid(
+        self,
+        decision: Decision,
+        *,
+        decision_id: str,
+        latency_ms: float = 0.0,
+        at: float | None = None,
+        **raw_fields: Any,
+    ) -> bool:
+        """Queue the record of a request refused before a domain request existed.
+
+        `raw_fields` are the keyword fields of `build_invalid_record` (organization,
+        subject_id, subject_kind, access_token, application_id, integration_id, scope,
+        request_id, client_ip, session_id, connection), as read from the message.
+        """
+        if not self.enabled:
+            return False
+        return self._put(
+            (
+                _INVALID,
+                decision,
+                decision_id,
+                latency_ms,
+                time.time() if at is None else at,
+                raw_fields,
+            )
+        )
+
+    def _put(self, item: tuple[Any, ...]) -> bool:
+        queue = self._queue
+        if len(queue) >= self._max and not self._wait_for_room():
+            return False
+        queue.append(item)
+        if self._drained and self._withdraw(item):
+            return False
+        if not self._wake.is_set():
+            self._wake.set()
+        return True
+
+    def _withdraw(self, item: tuple[Any, ...]) -> bool:
+        """After the final sweep, take back an item that no one will write (and count it)."""
+        try:
+            self._queue.remove(item)
+        except ValueError:
+            return False  # the final sweep took it: it will be written
+        self._count_drop("queue", "closed")
+        return True
+
+    def _wait_for_room(self) -> bool:
+        if self._closing and self._drained:
+            self._count_drop("queue", "closed")
+            return False
+        if self._block <= 0:
+            self._count_drop("queue", "queue_full")
+            return False
+        metrics.AUDIT_BLOCKED.inc()
+        deadline = time.monotonic() + self._block
+        with self._space:
+            self._waiters += 1
+            try:
+                while len(self._queue) >= self._max:
+                    remaining = deadline - time.monotonic()
+                    if remaining <= 0:
+                        self._count_drop("queue", "queue_full")
+                        return False
+                    self._space.wait(remaining)
+            finally:
+                self._waiters -= 1
+        return True
+
+    def _count_drop(self, sink: str, reason: str, count: int = 1) -> None:
+        now = time.time()
+        with self._drop_lock:
+            key = f"{sink}/{reason}"
+            self._dropped[key] = self._dropped.get(key, 0) + count
+            if sink == "queue" and reason != "closed":
+                if not self._drops_unreported:
+                    self._drop_since = now
+                self._drops_unreported += count
+                self._drop_until = now
+        metrics.AUDIT_DROPPED.labels(sink, reason).inc(count)
+        self._warn_full.warn("audit log: %d decision(s) not recorded (%s: %s)", count, sink, reason)
+
+    # --- dispatcher thread ---------------------------------------------------------------------
+
+    def _dispatch(self) -> None:
+        queue = self._queue
+        try:
+            while True:
+                if not queue:
+                    if self._closing:
+                        self._drained = True
+                        self._busy = True
+                        self._process(self._take(len(queue) + 1_000_000))
+                        break
+                    self._busy = False
+                    self._wake.clear()
+                    if not queue and not self._closing:
+                        self._wake.wait(_IDLE_WAIT)
+                    continue
+                self._busy = True
+                self._process(self._take(_BATCH))
+        except Exception:  # a bug must not leave close() waiting forever
+            log.exception("audit dispatcher failed")
+        finally:
+            self._busy = False
+            for w in self._workers:
+                w.finish()
+
+    def _take(self, limit: int) -> list[tuple[Any, ...]]:
+        queue = self._queue
+        batch: list[tuple[Any, ...]] = []
+        popleft = queue.popleft
+        try:
+            while len(batch) < limit:
+                batch.append(popleft())
+        except IndexError:
+            pass
+        if self._waiters:
+            with self._space:
+                self._space.notify_all()
+        metrics.AUDIT_QUEUE_DEPTH.set(len(queue))
+        return batch
+
+    def _process(self, batch: list[tuple[Any, ...]]) -> None:
+        records: list[Parts] = []
+        if self._drops_unreported:
+            with self._drop_lock:
+                count, since, until = self._drops_unreported, self._drop_since, self._drop_until
+                self._drops_unreported = 0
+            records.append(split(dropped_record(count, "queue_full", since, until, time.time())))
+        instance = self.instance
+        for item in batch:
+            try:
+                if item[0] == _DECISION:
+                    _, request, decision, decision_id, cache_level, latency_ms, at = item
+                    records.append(
+                        encode_record(
+                            request,
+                            decision,
+                            decision_id=decision_id,
+                            cache_level=cache_level,
+                            latency_ms=latency_ms,
+                            instance=instance,
+                            time=at,
+                        )
+                    )
+                else:
+                    _, decision, decision_id, latency_ms, at, raw = item
+                    records.append(
+                        encode_invalid_record(
+                            decision,
+                            decision_id=decision_id,
+                            latency_ms=latency_ms,
+                            instance=instance,
+                            time=at,
+                            **raw,
+                        )
+                    )
+            except Exception:
+                log.exception("audit record could not be built; counted as dropped")
+                self._count_drop("queue", "build_error")
+        if records:
+            for w in self._workers:
+                w.offer(records)
+
+    # --- lifecycle -----------------------------------------------------------------------------
+
+    def flush(self, timeout: float = 5.0) -> bool:
+        """Wait until everything queued so far is written; False on timeout."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if not self.enabled or (
+                not self._queue and not self._busy and all(w.idle() for w in self._workers)
+            ):
+                return True
+            if not self._wake.is_set():
+                self._wake.set()
+            time.sleep(0.002)
+        return False
+
+    def close(self, timeout: float = 10.0) -> bool:
+        """Stop accepting records, write everything queued plus a final checkpoint per sink.
+
+        Returns True when every accepted record reached every sink. Records offered after
+        close are refused and counted (`reason="closed"`). Safe to call more than once.
+        """
+        if not self.enabled:
+            return True
+        if self._closed_result is not None:
+            return self._closed_result
+        deadline = time.monotonic() + timeout
+        for w in self._workers:
+            w.deadline = deadline
+        self._closing = True
+        self._wake.set()
+        if self._dispatcher is not None:
+            self._dispatcher.join(max(deadline - time.monotonic(), 0))
+        ok = True
+        for w in self._workers:
+            # A little grace past the deadline, for a worker to count what it could not write.
+            w.thread.join(max(deadline - time.monotonic(), 0) + 0.5)
+            ok = w.complete() and ok
+        if self._dispatcher is not None and self._dispatcher.is_alive():
+            ok = False
+        self._closed_result = ok
+        atexit.unregister(self._at_exit)
+        if not ok:
+            log.error("audit log: closed before every record was written (see dropped metrics)")
+        return ok
+
+    def _at_exit(self) -> None:
+        self.close(timeout=5.0)
+
+    def __enter__(self) -> AuditLog:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def stats(self) -> AuditStats:
+        with self._drop_lock:
+            dropped = dict(self._dropped)
+        for w in self._workers:
+            for reason, count in w.dropped_by_reason.items():
+                key = f"{w.sink.name}/{reason}"
+                dropped[key] = dropped.get(key, 0) + count
+        return AuditStats(
+            queued=len(self._queue),
+            dropped=dropped,
+            written={w.sink.name: w.written for w in self._workers},
+            errors={w.sink.name: w.errors for w in self._workers},
+            backlog={w.sink.name: w.backlog() for w in self._workers},
+        )
+
+
+class _SinkWorker:
+    """Owns one sink and its chain: seals records, checkpoints, rotates, retries, drains."""
+
+    def __init__(self, log_: AuditLog, sink: Sink, chain: Chain, settings: AuditSettings) -> None:
+        self.audit = log_
+        self.sink = sink
+        self.chain = chain
+        self.inbox: deque[Parts] = deque()
+        self.outbox: deque[Sealed | _Rotate] = deque()
+        self.bound = settings.sink_buffer
+        self.checkpoint_every = settings.checkpoint_every
+        self.checkpoint_seconds = settings.checkpoint_seconds
+        self.retry_max = max(settings.retry_max_ms / 1000, _RETRY_INITIAL)
+        self.wake = threading.Event()
+        self.finishing = False
+        self.deadline = float("inf")
+        self.opened = False
+        self.done = False
+        self.final_sealed = False
+        self.busy = False
+        self.projected = 0  # bytes the current file will have once the outbox is written
+        self.next_retry = 0.0
+        self.backoff = _RETRY_INITIAL
+        self.last_checkpoint = time.monotonic()
+        self.written = 0
+        self.errors = 0
+        self.dropped_by_reason: dict[str, int] = {}
+        self._drop_lock = threading.Lock()
+        self._drops = 0
+        self._drop_since = 0.0
+        self._drop_until = 0.0
+        self._warn = _RateLimitedWarning()
+        self._backlog_gauge = metrics.AUDIT_SINK_BACKLOG.labels(sink.name)
+        self.thread = threading.Thread(target=self.run, name=f"pdp-audit-{sink.name}", daemon=True)
+
+    # --- called from the dispatcher ------------------------------------------------------------
+
+    def backlog(self) -> int:
+        return len(self.inbox) + len(self.outbox)
+
+    def idle(self) -> bool:
+        return not self.busy and not self.inbox and not self.outbox
+
+    def offer(self, records: list[Parts]) -> None:
+        room = self.bound - self.backlog()
+        if room >= len(records):
+            self.inbox.extend(records)
+        else:
+            # `dropped` records are always taken: they are what tells the reader about a gap.
+            keep = [r for r in records if r.kind == "dropped"]
+            decisions = [r for r in records if r.kind != "dropped"]
+            accepted = decisions[: max(room - len(keep), 0)]
+            self.inbox.extend(keep + accepted)
+            missed = len(decisions) - len(accepted)
+            if missed:
+                self._note_drop(missed, "sink_backlog_full")
+        if not self.wake.is_set():
+            self.wake.set()
+
+    def finish(self) -> None:
+        self.finishing = True
+        self.wake.set()
+
+    def complete(self) -> bool:
+        return self.done and not self.outbox and not self.inbox
+
+    def _note_drop(self, count: int, reason: str) -> None:
+        now = time.time()
+        with self._drop_lock:
+            self.dropped_by_reason[reason] = self.dropped_by_reason.get(reason, 0) + count
+            if reason == "sink_backlog_full":
+                if not self._drops:
+                    self._drop_since = now
+                self._drops += count
+                self._drop_until = now
+        metrics.AUDIT_DROPPED.labels(self.sink.name, reason).inc(count)
+        self._warn.warn("audit sink %s: %d record(s) dropped (%s)", self.sink.name, count, reason)
+
+    # --- the worker thread ---------------------------------------------------------------------
+
+    def run(self) -> None:
+        try:
+            self._loop()
+        except Exception:
+            log.exception("audit sink %s: worker failed", self.sink.name)
+        finally:
+            self.busy = False
+            self.done = True
+            try:
+                self.sink.close()
+            except Exception:
+                log.exception("audit sink %s: close failed", self.sink.name)
+
+    def _loop(self) -> None:
+        while True:
+            self.busy = bool(self.inbox or self.outbox)
+            now = time.monotonic()
+            if not self.opened and now >= self.next_retry:
+                self._open()
+            if self.opened:
+                self._seal_inbox()
+                self._maybe_checkpoint(now)
+                if self.outbox and time.monotonic() >= self.next_retry:
+                    self._flush()
+            if (
+                self.finishing
+                and (not self.inbox or time.monotonic() >= self.deadline)
+                and self._finish()
+            ):
+                return
+            self._backlog_gauge.set(self.backlog())
+            if not self.inbox and not self.outbox:
+                self.busy = False
+            self.wake.clear()
+            if self.inbox and self.opened and time.monotonic() >= self.next_retry:
+                continue
+            self.wake.wait(self._wait_time())
+
+    def _wait_time(self) -> float:
+        now = time.monotonic()
+        if self.finishing:
+            return 0.01
+        if self.next_retry > now:
+            return min(self.next_retry - now, 1.0)
+        if self.outbox:
+            return 0.001
+        if self.checkpoint_seconds > 0 and self.chain.since_checkpoint:
+            due = self.last_checkpoint + self.checkpoint_seconds - now
+            return min(max(due, 0.001), 1.0)
+        return 1.0
+
+    def _open(self) -> None:
+        try:
+            state = self.sink.open()
+        except Exception as exc:
+            self._failed("open", exc)
+            return
+        self._succeeded()
+        self.opened = True
+        self.projected = state.size
+        self._push(self.chain.start(state.last_record, time.time()))
+
+    def _push(self, sealed: Sealed) -> None:
+        self.outbox.append(sealed)
+        self.projected += len(sealed.line) + 1
+
+    def _seal_inbox(self) -> None:
+        inbox = self.inbox
+        chain = self.chain
+        every = self.checkpoint_every
+        rotate_at = self.sink.rotate_at
+        if self._drops:
+            with self._drop_lock:
+                count, since, until = self._drops, self._drop_since, self._drop_until
+                self._drops = 0
+            self._push(chain.dropped(count, "sink_backlog_full", since, until, time.time()))
+        while inbox:
+            self.busy = True
+            record = inbox.popleft()
+            self._push(chain.seal(record))
+            if every > 0 and chain.since_checkpoint >= every:
+                self._checkpoint()
+            if rotate_at and self.projected >= rotate_at:
+                self._rotate()
+
+    def _checkpoint(self, *, final: bool = False) -> None:
+        self._push(self.chain.checkpoint(time.time(), final=final))
+        self.last_checkpoint = time.monotonic()
+
+    def _rotate(self) -> None:
+        if self.chain.since_checkpoint:
+            self._checkpoint()  # every rotated file ends signed
+        self.outbox.append(ROTATE)
+        self.projected = 0
+        self._push(self.chain.file_start(time.time()))
+
+    def _maybe_checkpoint(self, now: float) -> None:
+        if (
+            self.checkpoint_seconds > 0
+            and self.chain.since_checkpoint
+            and now - self.last_checkpoint >= self.checkpoint_seconds
+        ):
+            self._checkpoint()
+
+    def _flush(self) -> bool:
+        outbox = self.outbox
+        while outbox:
+            head = outbox[0]
+            if head is ROTATE:
+                try:
+                    self.sink.rotate()
+                except Exception as exc:
+                    self._failed("rotate", exc)
+                    return False
+                outbox.popleft()
+                continue
+            chunk: list[Sealed] = []
+            for item in outbox:
+                if item is ROTATE or len(chunk) >= _BATCH:
+                    break
+                chunk.append(item)  # type: ignore[arg-type]
+            try:
+                self.sink.write(chunk)
+            except Exception as exc:
+                self._failed("write", exc)
+                return False
+            for _ in chunk:
+                outbox.popleft()
+            self._count_written(chunk)
+        self._succeeded()
+        return True
+
+    def _count_written(self, chunk: list[Sealed]) -> None:
+        kinds: dict[str, int] = {}
+        for sealed in chunk:
+            kinds[sealed.kind] = kinds.get(sealed.kind, 0) + 1
+        for kind, count in kinds.items():
+            metrics.AUDIT_RECORDS.labels(self.sink.name, kind).inc(count)
+        self.written += kinds.get("decision", 0)
+
+    def _failed(self, operation: str, exc: BaseException) -> None:
+        self.errors += 1
+        metrics.AUDIT_SINK_ERRORS.labels(self.sink.name).inc()
+        self._warn.warn(
+            "audit sink %s: %s failed (%s); retrying in %.2fs, %d record(s) waiting",
+            self.sink.name,
+            operation,
+            exc,
+            self.backoff,
+            self.backlog(),
+        )
+        self.next_retry = time.monotonic() + self.backoff
+        self.backoff = min(self.backoff * 2, self.retry_max)
+
+    def _succeeded(self) -> None:
+        self.backoff = _RETRY_INITIAL
+        self.next_retry = 0.0
+
+    def _finish(self) -> bool:
+        """True when the worker may stop: final checkpoint written, or out of time."""
+        if self.opened and not self.inbox and not self.final_sealed:
+            self._checkpoint(final=True)
+            self.final_sealed = True
+        if self.opened and not self.outbox:
+            return True
+        if time.monotonic() >= self.deadline:
+            lost = sum(
+                1 for item in self.outbox if isinstance(item, Sealed) and item.kind == "decision"
+            ) + sum(1 for parts in self.inbox if parts.kind == "decision")
+            if lost:
+                self._note_drop(lost, "shutdown")
+                log.error(
+                    "audit sink %s: %d record(s) could not be written before shutdown",
+                    self.sink.name,
+                    lost,
+                )
+            return True
+        return False

@@ -1,0 +1,175 @@
+"""Helpers for the audit log tests: sample decisions, schema checks, a private redis-server."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import socket
+import subprocess
+import time
+from pathlib import Path
+from typing import Any
+
+import jsonschema
+import redis
+
+from policy_engine.audit import load_schema
+from policy_engine.config import AuditSettings
+from policy_engine.domain.codes import ErrorCode
+from policy_engine.domain.decision import Decision, Effect, Layer, Reason
+from policy_engine.domain.request import (
+    CheckRequest,
+    ConnectionState,
+    RequestContext,
+    Resource,
+    Subject,
+    SubjectKind,
+)
+
+# A token no record may ever contain: tests search every sink's output for it.
+TOKEN = "eyJhbGciOiJIUzI1NiJ9.RECOGNISABLE-SUBJECT-TOKEN-4f1c9e.c2lnbmF0dXJl"
+
+VALIDATOR = jsonschema.Draft202012Validator(load_schema())
+
+
+def schema_errors(record: dict[str, Any]) -> list[str]:
+    return [f"{list(e.absolute_path)}: {e.message}" for e in VALIDATOR.iter_errors(record)]
+
+
+def assert_valid_lines(lines: list[str]) -> None:
+    for number, line in enumerate(lines, 1):
+        errors = schema_errors(json.loads(line))
+        assert not errors, f"line {number} does not match the schema: {errors}\n{line}"
+
+
+def read_records(*paths: Path) -> list[dict[str, Any]]:
+    records = []
+    for path in paths:
+        records.extend(json.loads(line) for line in path.read_text().splitlines() if line)
+    return records
+
+
+def make_request(
+    *,
+    subject: str = "alice",
+    organization: str = "acme",
+    application: str = "pr-reviewer",
+    integration: str = "github",
+    scope: str = "repo",
+    token: str = TOKEN,
+    request_id: str = "req-1",
+    subject_attributes: dict[str, Any] | None = None,
+) -> CheckRequest:
+    return CheckRequest(
+        organization=organization,
+        subject=Subject(
+            id=subject,
+            kind=SubjectKind.USER,
+            attributes=(
+                {"groups": ["engineering"], "email": "alice@acme.example"}
+                if subject_attributes is None
+                else subject_attributes
+            ),
+            access_token=token,
+        ),
+        application=Resource(application, {"owner": "platform"}),
+        integration=Resource(integration, {}),
+        scope=scope,
+        context=RequestContext(
+            connection=ConnectionState.ACTIVE,
+            client_ip="10.1.2.3",
+            session_id="sess-9",
+            attributes={"source": "test"},
+        ),
+        request_id=request_id,
+    )
+
+
+ALLOW = Decision(Effect.ALLOW, (), "rev-0123456789abcdef")
+DENY = Decision(
+    Effect.DENY,
+    (
+        Reason(
+            ErrorCode.POLICY_DENIED,
+            Layer.ORG,
+            "engineering-developer-tools",
+            "no-repository-deletion",
+            "Deleting repositories through an agent is not allowed at Acme.",
+        ),
+    ),
+    "rev-0123456789abcdef",
+)
+
+
+def settings(tmp_path: Path, **changes: Any) -> AuditSettings:
+    values: dict[str, Any] = {
+        "enabled": True,
+        "sinks": "file",
+        "file_path": tmp_path / "audit.jsonl",
+        "checkpoint_every": 50,
+        "checkpoint_seconds": 0,
+        "retry_max_ms": 200,
+    }
+    values.update(changes)
+    return AuditSettings(**values)
+
+
+# --- a private redis-server ----------------------------------------------------------------------
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+class RedisServer:
+    """A redis-server of our own on a free port, in a temporary directory, without persistence."""
+
+    def __init__(self, directory: Path) -> None:
+        self.directory = directory
+        self.port = _free_port()
+        self.process: subprocess.Popen[bytes] | None = None
+
+    @property
+    def url(self) -> str:
+        return f"redis://127.0.0.1:{self.port}/0"
+
+    def client(self) -> redis.Redis:
+        return redis.Redis.from_url(self.url, decode_responses=True)
+
+    def start(self) -> None:
+        binary = shutil.which("redis-server") or "/usr/bin/redis-server"
+        self.process = subprocess.Popen(
+            [
+                binary,
+                "--port",
+                str(self.port),
+                "--bind",
+                "127.0.0.1",
+                "--save",
+                "",
+                "--appendonly",
+                "no",
+                "--dir",
+                str(self.directory),
+            ],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+        deadline = time.monotonic() + 10
+        while True:
+            try:
+                with redis.Redis(port=self.port, socket_connect_timeout=0.2) as probe:
+                    probe.ping()
+                return
+            except redis.ConnectionError:
+                if time.monotonic() > deadline or self.process.poll() is not None:
+                    raise RuntimeError(f"redis-server did not start on port {self.port}") from None
+                time.sleep(0.02)
+
+    def stop(self) -> None:
+        if self.process is not None and self.process.poll() is None:
+            self.process.kill()
+            self.process.wait(10)
+        self.process = None
