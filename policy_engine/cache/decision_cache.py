@@ -52,10 +52,11 @@ class DecisionCache:
         settings: CacheSettings,
         *,
         fingerprint: bytes = b"",
+        max_id_length: int = 256,
         redis_backend: RedisBackend | None = None,
     ) -> None:
         self.settings = settings
-        self.keys_builder = KeyBuilder(settings.key_prefix, fingerprint)
+        self.keys_builder = KeyBuilder(settings.key_prefix, fingerprint, max_id_length)
         self._local_ttl = settings.local_ttl_seconds
         self._redis_ttl = settings.redis_ttl_seconds
         use_local = settings.local_max_entries > 0 and self._local_ttl > 0
@@ -266,11 +267,13 @@ class DecisionCache:
             self.redis.close()
 
 
-def build_cache(settings: CacheSettings, *, fingerprint: bytes = b"") -> DecisionCache | None:
+def build_cache(
+    settings: CacheSettings, *, fingerprint: bytes = b"", max_id_length: int = 256
+) -> DecisionCache | None:
     """The configured cache, or None when caching is off (`enabled: false`, or no level)."""
     if not settings.enabled:
         return None
     local = settings.local_max_entries > 0 and settings.local_ttl_seconds > 0
     if not local and not settings.redis_url.strip():
         return None
-    return DecisionCache(settings, fingerprint=fingerprint)
+    return DecisionCache(settings, fingerprint=fingerprint, max_id_length=max_id_length)

@@ -17,6 +17,10 @@ serve each other's entries. The revision is in clear in the key, so a new policy
 never be answered from an older revision's entries, and operators can see which revision a
 key belongs to.
 
+The excluded fields are still validated by the engine, so a request whose `request_id` or
+`context.time` is invalid gets no key: it bypasses the cache and is refused by validation, exactly
+as without a cache (a cached answer must never stand in for INVALID_ARGUMENT).
+
 This is the hot path of every hit: the request is not copied, the excluded fields are cleared
 in place and restored (about 1.8 µs for a typical request, against 2.4 µs with a copy).
 """
@@ -27,7 +31,14 @@ import hashlib
 from collections.abc import Iterable
 from typing import Any
 
+from policy_engine.engine.validation import IDENTIFIER_PATTERN
+
 DIGEST_BYTES = 16  # 128 bits: collisions are out of reach for any realistic cache size
+# The Timestamps a datetime can hold (0001-01-01 to 9999-12-31), as the request converter
+# accepts them; anything else is a validation error.
+_MIN_SECONDS = -62_135_596_800
+_MAX_SECONDS = 253_402_300_799
+_NANOS = 1_000_000_000
 
 
 def settings_fingerprint(parts: Iterable[Any]) -> bytes:
@@ -39,11 +50,16 @@ def settings_fingerprint(parts: Iterable[Any]) -> bytes:
 class KeyBuilder:
     """Builds cache keys for `CheckRequest` protobuf messages."""
 
-    __slots__ = ("_prefix", "_salt")
+    __slots__ = ("_max_id", "_prefix", "_salt", "_valid_id")
 
-    def __init__(self, prefix: str, fingerprint: bytes = b"") -> None:
+    def __init__(self, prefix: str, fingerprint: bytes = b"", max_id_length: int = 256) -> None:
         self._prefix = f"{prefix}:"
         self._salt = fingerprint[:16]
+        self._max_id = max_id_length
+        self._valid_id = IDENTIFIER_PATTERN.fullmatch
+
+    def _bad_request_id(self, request_id: str) -> bool:
+        return len(request_id) > self._max_id or self._valid_id(request_id) is None
 
     def keys(self, msgs: Iterable[Any], revision: str) -> list[str | None]:
         """`key` for each message, None for explain requests too (they bypass the cache).
@@ -64,6 +80,9 @@ class KeyBuilder:
                 continue
             request_id = msg.request_id
             if request_id:
+                if self._bad_request_id(request_id):
+                    append(None)
+                    continue
                 msg.request_id = ""
                 try:
                     data = msg.SerializeToString(deterministic=True)
@@ -77,6 +96,8 @@ class KeyBuilder:
     def key(self, msg: Any, revision: str) -> str | None:
         """The key for `msg` under `revision`, or None when the request must not be cached.
 
+        None also when an excluded field is invalid (see the module docstring).
+
         A request with both a subject token and `context.time` is evaluated at the broker's
         instant, which may lie on either side of the token's validity window; its answer is
         not a function of the keyed fields plus the PDP's clock, so it is never cached.
@@ -84,9 +105,15 @@ class KeyBuilder:
         """
         ctx = msg.context
         has_time = ctx.HasField("time")
-        if has_time and msg.subject.access_token:
-            return None
+        if has_time:
+            if msg.subject.access_token:
+                return None
+            when = ctx.time
+            if not (0 <= when.nanos < _NANOS and _MIN_SECONDS <= when.seconds <= _MAX_SECONDS):
+                return None
         request_id = msg.request_id
+        if request_id and self._bad_request_id(request_id):
+            return None
         explain = msg.explain
         saved_time = None
         try:

@@ -127,7 +127,11 @@ class PolicyDecisionServicer(pdp_pb2_grpc.PolicyDecisionServiceServicer):
         self._server_error_reason_pb = self._responses.reason(self._server_error_reasons[0])
         self._owns_cache = cache is _UNSET
         if cache is _UNSET:
-            cache = build_cache(settings.cache, fingerprint=answer_fingerprint(settings))
+            cache = build_cache(
+                settings.cache,
+                fingerprint=answer_fingerprint(settings),
+                max_id_length=settings.limits.max_id_length,
+            )
         self._cache: DecisionCache | None = cache
         # Labelled metric children, bound once (a `labels()` call costs a lock and a lookup).
         self._decision_counters: dict[tuple[int, str], Any] = {

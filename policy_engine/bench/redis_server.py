@@ -1,0 +1,125 @@
+"""A throwaway `redis-server` on a free port: for the benchmark's Redis rows and for the tests.
+
+Never the Redis a developer may run on 6379: every instance gets its own free port, its own
+working directory, no persistence (`--save ''`, `--appendonly no`), and is stopped afterwards.
+Tests also kill it (SIGKILL), restart it on the same port, and pause it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+START_TIMEOUT_S = 10.0
+
+
+class RedisUnavailable(RuntimeError):
+    """redis-server is not installed, or did not start."""
+
+
+def redis_server_path() -> str:
+    path = shutil.which("redis-server") or (
+        "/usr/bin/redis-server" if os.path.exists("/usr/bin/redis-server") else None
+    )
+    if path is None:
+        raise RedisUnavailable("redis-server not found (apt-get install -y redis-server)")
+    return path
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def _ping(port: int, timeout: float = 0.5) -> bool:
+    try:
+        with socket.create_connection(("127.0.0.1", port), timeout=timeout) as sock:
+            sock.sendall(b"PING\r\n")
+            return sock.recv(64).startswith(b"+PONG")
+    except OSError:
+        return False
+
+
+class RedisServer:
+    """One redis-server process; `start()` again after `kill()` reuses the same port."""
+
+    def __init__(self, workdir: Path, port: int | None = None, *extra_args: str) -> None:
+        self.workdir = workdir
+        self.port = port or free_port()
+        self.extra_args = extra_args
+        self.process: subprocess.Popen[bytes] | None = None
+
+    @property
+    def url(self) -> str:
+        return f"redis://127.0.0.1:{self.port}/0"
+
+    def start(self) -> RedisServer:
+        self.workdir.mkdir(parents=True, exist_ok=True)
+        command = [
+            redis_server_path(),
+            "--port", str(self.port),
+            "--bind", "127.0.0.1",
+            "--save", "",
+            "--appendonly", "no",
+            "--dir", str(self.workdir),
+            "--logfile", str(self.workdir / f"redis-{self.port}.log"),
+            *self.extra_args,
+        ]  # fmt: skip
+        self.process = subprocess.Popen(
+            command, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE
+        )
+        deadline = time.monotonic() + START_TIMEOUT_S
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                err = (
+                    self.process.stderr.read().decode(errors="replace")
+                    if self.process.stderr
+                    else ""
+                )
+                raise RedisUnavailable(f"redis-server exited {self.process.returncode}: {err}")
+            if _ping(self.port):
+                return self
+            time.sleep(0.02)
+        self.kill()
+        raise RedisUnavailable(f"redis-server on port {self.port} did not answer PING")
+
+    def kill(self) -> None:
+        """SIGKILL: no goodbye to clients, as when a Redis host dies."""
+        self._signal_and_wait(signal.SIGKILL)
+
+    def stop(self) -> None:
+        self._signal_and_wait(signal.SIGTERM)
+
+    def _signal_and_wait(self, sig: signal.Signals) -> None:
+        process, self.process = self.process, None
+        if process is None or process.poll() is not None:
+            return
+        process.send_signal(sig)
+        try:
+            process.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
+        if process.stderr is not None:
+            process.stderr.close()
+
+    @property
+    def running(self) -> bool:
+        return self.process is not None and self.process.poll() is None
+
+
+@contextlib.contextmanager
+def redis_server(workdir: Path, *extra_args: str) -> Iterator[RedisServer]:
+    server = RedisServer(workdir, None, *extra_args).start()
+    try:
+        yield server
+    finally:
+        server.stop()

@@ -1,0 +1,208 @@
+"""The cache's parts on their own: the local LRU, the breaker, the entry codec, write-behind."""
+
+from __future__ import annotations
+
+import threading
+import time
+
+from policy_engine.cache.breaker import BreakerState, CircuitBreaker
+from policy_engine.cache.entry import Entry, decode, encode
+from policy_engine.cache.local import LocalLRU
+from policy_engine.cache.writer import Write, WriteBehind
+
+
+def _entry(expires_at: float = 100.0, tag: bytes = b"t") -> Entry:
+    return Entry(tag, expires_at, 1, "")
+
+
+# --- local LRU -------------------------------------------------------------------------------
+
+
+def test_lru_is_bounded_and_evicts_the_least_recently_used() -> None:
+    lru = LocalLRU(3)
+    for key in "abc":
+        lru.put(key, _entry(tag=key.encode()))
+    assert lru.get("a", 0) is not None  # a is now the most recently used
+    lru.put("d", _entry())
+    assert len(lru) == 3
+    assert lru.get("b", 0) is None  # b was the least recently used
+    assert all(lru.get(k, 0) is not None for k in "acd")
+
+
+def test_lru_entries_expire() -> None:
+    lru = LocalLRU(10)
+    lru.put("k", _entry(expires_at=5.0))
+    assert lru.get("k", 4.999) is not None
+    assert lru.get("k", 5.0) is None
+    assert len(lru) == 0  # dropped when met
+
+
+def test_lru_get_many_and_put_many() -> None:
+    lru = LocalLRU(2)
+    lru.put_many([("a", _entry()), ("b", _entry(expires_at=1.0)), ("c", _entry())])
+    assert len(lru) == 2
+    found = lru.get_many(["a", None, "b", "c"], now=2.0)
+    assert found[0] is None and found[1] is None  # a evicted; None keys give None
+    assert found[2] is None  # b expired
+    assert found[3] is not None
+
+
+def test_lru_is_thread_safe() -> None:
+    lru = LocalLRU(500)
+    errors: list[BaseException] = []
+
+    def worker(seed: int) -> None:
+        try:
+            for i in range(3000):
+                key = f"k{(i * seed) % 1000}"
+                lru.put(key, _entry())
+                lru.get(key, 0)
+                lru.get_many([key, f"k{i % 997}"], 0)
+        except BaseException as exc:  # pragma: no cover - the failure we look for
+            errors.append(exc)
+
+    threads = [threading.Thread(target=worker, args=(s,)) for s in (1, 3, 7, 11)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors
+    assert len(lru) <= 500
+
+
+# --- breaker ---------------------------------------------------------------------------------
+
+
+class FakeTime:
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def test_breaker_opens_after_consecutive_failures_then_probes_once() -> None:
+    clock = FakeTime()
+    changes: list[BreakerState] = []
+    breaker = CircuitBreaker(3, 2.0, monotonic=clock, on_change=changes.append)
+    breaker.failure()
+    breaker.failure()
+    breaker.success()  # not consecutive: the count starts again
+    breaker.failure()
+    breaker.failure()
+    assert breaker.state is BreakerState.CLOSED and breaker.allow()
+    breaker.failure()
+    assert breaker.state is BreakerState.OPEN
+    assert not breaker.allow()
+    clock.now += 1.9
+    assert not breaker.allow()
+    clock.now += 0.2
+    assert breaker.allow()  # the probe
+    assert breaker.state is BreakerState.HALF_OPEN
+    assert not breaker.allow()  # only one
+    breaker.success()
+    assert breaker.state is BreakerState.CLOSED and breaker.allow()
+    assert changes == [BreakerState.OPEN, BreakerState.HALF_OPEN, BreakerState.CLOSED]
+
+
+def test_a_failed_probe_reopens_and_a_lost_probe_is_replaced() -> None:
+    clock = FakeTime()
+    breaker = CircuitBreaker(1, 1.0, monotonic=clock)
+    breaker.failure()
+    clock.now += 1.0
+    assert breaker.allow()
+    breaker.failure()  # the probe failed
+    assert breaker.state is BreakerState.OPEN and not breaker.allow()
+    clock.now += 1.0
+    assert breaker.allow()  # a probe that never reports back ...
+    clock.now += 1.0
+    assert breaker.allow()  # ... is replaced after reset_seconds
+    assert breaker.opened_count == 2
+
+
+def test_stragglers_do_not_close_an_open_breaker() -> None:
+    clock = FakeTime()
+    breaker = CircuitBreaker(1, 5.0, monotonic=clock)
+    breaker.failure()
+    breaker.success()  # a call that started before it opened
+    assert breaker.state is BreakerState.OPEN
+
+
+# --- entry codec -----------------------------------------------------------------------------
+
+
+def test_entries_round_trip_through_the_redis_encoding() -> None:
+    entry = Entry(b"\x08\x02\x12\x00template", 1_700_000_123.25, 2, "kontext_policy_denied")
+    back = decode(encode(entry))
+    assert back is not None
+    assert (back.template, back.expires_at, back.effect, back.code) == (
+        entry.template,
+        entry.expires_at,
+        entry.effect,
+        entry.code,
+    )
+
+
+def test_values_this_version_did_not_write_are_misses() -> None:
+    assert decode(b"") is None
+    assert decode(b"\x02" + encode(_entry())[1:]) is None  # another format version
+    assert decode(b"garbage") is None
+
+
+# --- write-behind ----------------------------------------------------------------------------
+
+
+def test_write_behind_batches_and_flushes() -> None:
+    seen: list[list[Write]] = []
+    gate = threading.Event()
+
+    def sink(batch: list[Write]) -> None:
+        gate.wait(5)
+        seen.append(batch)
+
+    writer = WriteBehind(sink, max_pending=100)
+    try:
+        writer.submit([("a", b"1", 10)])
+        time.sleep(0.05)  # the thread now waits in the sink with job 1
+        writer.submit([("b", b"2", 10), ("c", b"3", 10)])
+        writer.submit([("d", b"4", 10)])
+        gate.set()
+        assert writer.flush(5)
+        # The jobs queued while the sink was busy went out together, in order.
+        assert [[k for k, _, _ in batch] for batch in seen] == [["a"], ["b", "c", "d"]]
+    finally:
+        writer.close()
+
+
+def test_write_behind_drops_rather_than_blocks_when_full() -> None:
+    gate = threading.Event()
+    writer = WriteBehind(lambda batch: gate.wait(5), max_pending=2)
+    try:
+        assert writer.submit([("a", b"", 1)])
+        time.sleep(0.05)
+        assert writer.submit([("b", b"", 1), ("c", b"", 1)])
+        started = time.perf_counter()
+        assert not writer.submit([("d", b"", 1)])  # full: dropped at once
+        assert time.perf_counter() - started < 0.05
+        assert writer.dropped == 1
+    finally:
+        gate.set()
+        writer.close()
+
+
+def test_a_failing_sink_does_not_kill_the_writer() -> None:
+    calls: list[int] = []
+
+    def sink(batch: list[Write]) -> None:
+        calls.append(len(batch))
+        raise RuntimeError("boom")
+
+    writer = WriteBehind(sink)
+    try:
+        writer.submit([("a", b"", 1)])
+        assert writer.flush(5)
+        writer.submit([("b", b"", 1)])
+        assert writer.flush(5)
+        assert calls == [1, 1]
+    finally:
+        writer.close()
