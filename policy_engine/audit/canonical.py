@@ -19,7 +19,29 @@ from typing import Any, NamedTuple
 _ENCODER = json.JSONEncoder(
     sort_keys=True, separators=(",", ":"), ensure_ascii=False, allow_nan=False
 )
-_encode = _ENCODER.encode
+
+
+def _not_json(value: Any) -> Any:
+    raise TypeError(f"{type(value).__name__} is not JSON serializable")
+
+
+# json's own C encoder, built once: JSONEncoder.encode builds one per call (about half the
+# cost for a small map). No circular-reference check: records are trees built here or
+# converted from protobuf values, whose depth request validation bounds.
+_c_encoder = (
+    json.encoder.c_make_encoder(
+        None, _not_json, json.encoder.encode_basestring, None, ":", ",", True, False, False
+    )
+    if json.encoder.c_make_encoder is not None
+    else None
+)
+
+
+def _encode(value: Any) -> str:
+    if _c_encoder is None or isinstance(value, str):
+        return _ENCODER.encode(value)
+    return "".join(_c_encoder(value, 0))
+
 
 CHAIN_KEYS = ("prev_hash", "seq", "stream")
 

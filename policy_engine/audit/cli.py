@@ -112,7 +112,7 @@ def add_audit_commands(commands: argparse._SubParsersAction) -> None:  # type: i
     tail.add_argument("source", metavar="FILE|redis://HOST:PORT/DB")
     tail.add_argument(
         "--stream",
-        default=AuditSettings.redis_stream,
+        default=AuditSettings().redis_stream,
         help="Redis Stream key (default %(default)s)",
     )
     tail.add_argument("--org")

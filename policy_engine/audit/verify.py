@@ -602,6 +602,8 @@ def verify_lines(
     for raw, where, first in lines:
         verifier.add_line(raw, where, first)
     report = verifier.finish()
+    if not report.streams:
+        report.warnings.append("no audit records in the input")
     if public_key is None:
         report.warnings.append("signatures not checked (no public key given)")
     return report

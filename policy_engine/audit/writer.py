@@ -24,7 +24,7 @@ import logging
 import threading
 import time
 from collections import deque
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -55,6 +55,7 @@ _RETRY_INITIAL = 0.05
 
 _DECISION = 0
 _INVALID = 1
+_LAZY = 2
 
 
 class _Rotate:
@@ -208,7 +209,7 @@ class AuditLog:
         request: CheckRequest,
         decision: Decision,
         *,
-        decision_id: str,
+        decision_id: str | bytes,
         cache_level: str = "none",
         latency_ms: float = 0.0,
         at: float | None = None,
@@ -225,6 +226,36 @@ class AuditLog:
                 _DECISION,
                 request,
                 decision,
+                decision_id,
+                cache_level,
+                latency_ms,
+                time.time() if at is None else at,
+            )
+        )
+
+    def record_lazy(
+        self,
+        build: Callable[[], tuple[CheckRequest, Decision]],
+        *,
+        decision_id: str | bytes,
+        cache_level: str = "none",
+        latency_ms: float = 0.0,
+        at: float | None = None,
+    ) -> bool:
+        """Like `record`, with the request and decision made by `build()` on the writer thread.
+
+        For paths that never build domain values, such as a cache hit answered from stored
+        response bytes: pass e.g. `functools.partial(to_domain, message, cached_entry)` and
+        the conversion happens off the request path. `build` must not depend on anything the
+        caller mutates afterwards. If it raises, the record is counted as dropped
+        (`build_error`) and logged.
+        """
+        if not self.enabled:
+            return False
+        return self._put(
+            (
+                _LAZY,
+                build,
                 decision_id,
                 cache_level,
                 latency_ms,
@@ -366,8 +397,15 @@ class AuditLog:
         instance = self.instance
         for item in batch:
             try:
-                if item[0] == _DECISION:
-                    _, request, decision, decision_id, cache_level, latency_ms, at = item
+                kind = item[0]
+                if kind != _INVALID:
+                    if kind == _DECISION:
+                        _, request, decision, decision_id, cache_level, latency_ms, at = item
+                    else:
+                        _, build, decision_id, cache_level, latency_ms, at = item
+                        request, decision = build()
+                    if isinstance(decision_id, bytes):
+                        decision_id = decision_id.decode("utf-8", "replace")
                     records.append(
                         encode_record(
                             request,

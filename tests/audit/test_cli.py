@@ -214,3 +214,10 @@ def test_tail_redis_stream(
         "live1",
         "live2",
     ]
+
+
+def test_tail_defaults_to_the_configured_stream_key() -> None:
+    from policy_engine.cli.main import build_parser
+
+    args = build_parser().parse_args(["audit", "tail", "redis://127.0.0.1:1/0"])
+    assert args.stream == "pdp:audit"

@@ -278,3 +278,24 @@ def test_record_after_close_is_refused_and_counted(tmp_path: Path) -> None:
     assert audit.record(make_request(), DENY, decision_id="late") is False
     assert audit.stats().dropped == {"queue/closed": 1}
     assert audit.close()  # idempotent
+
+
+def test_record_lazy_builds_off_the_request_path(tmp_path: Path) -> None:
+    audit = AuditLog(settings(tmp_path))
+    caller = threading.get_ident()
+    built_on: list[int] = []
+
+    def build() -> tuple[Any, Any]:
+        built_on.append(threading.get_ident())
+        return make_request(), DENY
+
+    def broken() -> tuple[Any, Any]:
+        raise ValueError("an entry that cannot be read")
+
+    assert audit.record_lazy(build, decision_id=b"0123abcd", cache_level="redis", latency_ms=0.2)
+    assert audit.record_lazy(broken, decision_id="x")  # accepted now, found broken later
+    assert audit.close()
+    (record,) = decisions(tmp_path / "audit.jsonl")
+    assert record["decision_id"] == "0123abcd" and record["cache_level"] == "redis"
+    assert built_on and built_on[0] != caller
+    assert audit.stats().dropped == {"queue/build_error": 1}
