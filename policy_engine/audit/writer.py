@@ -32,7 +32,7 @@ from typing import Any
 from policy_engine import metrics
 from policy_engine.audit.canonical import Parts, split
 from policy_engine.audit.chain import Chain, Sealed
-from policy_engine.audit.keys import Signer, load_private_key
+from policy_engine.audit.keys import KeyFileError, Signer, load_private_key
 from policy_engine.audit.record import (
     default_instance,
     dropped_record,
@@ -98,6 +98,19 @@ class AuditStats:
     backlog: dict[str, int] = field(default_factory=dict)  # sink -> records waiting
 
 
+def file_path(configured: Path, worker: int) -> Path:
+    """The file one worker writes: `{worker}` in the path is replaced by its index; without
+    the placeholder, workers other than 0 get `.w<N>` before the suffix, so two processes
+    never append to (and rotate) the same file."""
+    text = str(configured)
+    if "{worker}" in text:
+        return Path(text.replace("{worker}", str(worker)))
+    path = Path(text)
+    if worker:
+        return path.with_name(f"{path.stem}.w{worker}{path.suffix}")
+    return path
+
+
 def build_sinks(settings: AuditSettings, *, worker: int = 0) -> list[Sink]:
     """The sinks named in `settings.sinks`; a ConfigError names any bad setting."""
     names = [n.strip().lower() for n in settings.sinks.split(",") if n.strip()]
@@ -112,7 +125,7 @@ def build_sinks(settings: AuditSettings, *, worker: int = 0) -> list[Sink]:
     sinks: list[Sink] = []
     for name in dict.fromkeys(names):
         if name == "file":
-            path = Path(str(settings.file_path).replace("{worker}", str(worker)))
+            path = file_path(settings.file_path, worker)
             sinks.append(
                 FileSink(
                     path,
@@ -187,7 +200,10 @@ class AuditLog:
             return
         _check(settings)
         if signer is None and settings.signing_key_file:
-            signer = Signer(load_private_key(Path(settings.signing_key_file)))
+            try:
+                signer = Signer(load_private_key(Path(settings.signing_key_file)))
+            except KeyFileError as exc:
+                raise ConfigError(f"setting audit.signing_key_file: {exc}") from exc
         if signer is None:
             log.warning("audit log: no signing_key_file; checkpoints are not signed")
         chosen = list(sinks) if sinks is not None else build_sinks(settings, worker=worker)

@@ -16,7 +16,7 @@ import pytest
 from policy_engine.audit import AuditLog
 from policy_engine.audit.keys import Signer, load_private_key
 from policy_engine.audit.sinks import rotated_files
-from policy_engine.cli.main import main
+from policy_engine.cli.main import build_parser, main
 from tests.audit.support import ALLOW, DENY, RedisServer, make_request, settings
 
 PDP = [sys.executable, "-m", "policy_engine.cli.main"]
@@ -217,7 +217,5 @@ def test_tail_redis_stream(
 
 
 def test_tail_defaults_to_the_configured_stream_key() -> None:
-    from policy_engine.cli.main import build_parser
-
     args = build_parser().parse_args(["audit", "tail", "redis://127.0.0.1:1/0"])
     assert args.stream == "pdp:audit"

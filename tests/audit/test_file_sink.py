@@ -115,3 +115,8 @@ def test_worker_placeholder_in_the_path(tmp_path: Path) -> None:
     audit.record(make_request(), DENY, decision_id="d")
     assert audit.close()
     assert (tmp_path / "audit-3.jsonl").exists()
+    # Without the placeholder, workers other than 0 still get a file of their own.
+    audit = AuditLog(settings(tmp_path, file_path=tmp_path / "audit.jsonl"), worker=2)
+    audit.record(make_request(), DENY, decision_id="d")
+    assert audit.close()
+    assert (tmp_path / "audit.w2.jsonl").exists()

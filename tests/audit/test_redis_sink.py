@@ -9,6 +9,10 @@ from pathlib import Path
 from typing import Any
 
 from policy_engine.audit import AuditLog
+from policy_engine.audit.canonical import split
+from policy_engine.audit.chain import Chain
+from policy_engine.audit.record import build_record
+from policy_engine.audit.sinks import RedisStreamSink
 from policy_engine.audit.verify import verify_lines
 from tests.audit.support import (
     DENY,
@@ -110,3 +114,22 @@ def test_redis_outage_and_recovery(tmp_path: Path, own_redis: RedisServer) -> No
     seqs = [json.loads(line)["seq"] for line in lines]
     assert seqs == list(range(seqs[0], seqs[0] + len(seqs)))  # no gap, no repeat
     assert_valid_lines(lines)
+
+
+def test_retry_after_an_uncertain_write_adds_nothing_twice(redis_server: RedisServer) -> None:
+    """A batch whose EXEC landed but whose reply was lost is not written again on retry."""
+    key = f"audit-{uuid.uuid4().hex}"
+    ours, other = RedisStreamSink(redis_server.url, key), RedisStreamSink(redis_server.url, key)
+    mine, theirs = (Chain(signer=None, instance="h:1", sink="redis") for _ in range(2))
+    parts = split(build_record(make_request(), DENY, decision_id="d", instance="h:1", time=0.0))
+    batch = [mine.start(ours.open().last_record, 0.0), mine.seal(parts), mine.seal(parts)]
+    ours.write(batch)
+    other.write([theirs.start(None, 0.0), theirs.seal(parts)])  # another writer, same stream
+    ours._uncertain = True  # as after a connection lost between EXEC and its reply
+    ours.write(batch)
+    later = [mine.seal(parts)]
+    ours._uncertain = True
+    ours.write([*batch[2:], *later])  # partly written before: only the new one is added
+    assert len(stream_lines(redis_server, key)) == 6
+    seqs = [json.loads(line)["seq"] for line in stream_lines(redis_server, key)]
+    assert seqs == [1, 2, 3, 1, 2, 4]

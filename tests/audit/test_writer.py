@@ -72,6 +72,9 @@ def test_bad_settings_are_refused(tmp_path: Path) -> None:
         AuditLog(settings(tmp_path, when_full="sometimes"))
     with pytest.raises(ConfigError, match=r"audit\.redis_url"):
         AuditLog(settings(tmp_path, sinks="redis"))
+    (tmp_path / "not-a-key.pem").write_text("hello")
+    with pytest.raises(ConfigError, match=r"audit\.signing_key_file.*not a PEM private key"):
+        AuditLog(settings(tmp_path, signing_key_file=str(tmp_path / "not-a-key.pem")))
 
 
 def test_drop_mode_counts_and_records_the_drops(

@@ -17,6 +17,7 @@ from policy_engine.audit.chain import Sealed
 from policy_engine.audit.sinks.base import OpenState, Sink, parse_record
 
 RECORD_FIELD = "record"
+_LOOK_BACK = 1000  # entries searched for this chain's last one after an uncertain write
 
 
 class RedisStreamSink(Sink):
@@ -82,14 +83,19 @@ class RedisStreamSink(Sink):
             raise
 
     def _unwritten(self, records: Sequence[Sealed]) -> Sequence[Sealed]:
-        """Drops the records the stream already holds (a batch that did land before an error)."""
-        last = self._last()
-        if not last or not records:
+        """Drops the records the stream already holds (a batch that did land before an error).
+
+        Other writers may share the stream, so this looks back for this chain's newest entry.
+        """
+        if not records:
             return records
-        first = parse_record(records[0].line) or {}
-        if last.get("stream") != first.get("stream") or not isinstance(last.get("seq"), int):
-            return records
-        return [r for r in records if r.seq > last["seq"]]
+        ours = (parse_record(records[0].line) or {}).get("stream")
+        for _, fields in self._connect().xrevrange(self.stream, count=_LOOK_BACK):
+            raw = fields.get(RECORD_FIELD.encode()) or fields.get(RECORD_FIELD)
+            entry = parse_record(raw) if raw is not None else None
+            if entry and entry.get("stream") == ours and isinstance(entry.get("seq"), int):
+                return [r for r in records if r.seq > entry["seq"]]
+        return records
 
     def close(self) -> None:
         if self._client is not None:
