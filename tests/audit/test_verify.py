@@ -9,11 +9,14 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from hypothesis import given
+from hypothesis import settings as hypothesis_settings
+from hypothesis import strategies as st
 
 from policy_engine.audit import AuditLog
 from policy_engine.audit.canonical import canonical
 from policy_engine.audit.keys import Signer, generate_keypair, load_private_key, load_public_key
-from policy_engine.audit.verify import Report, verify_files
+from policy_engine.audit.verify import Report, verify_files, verify_lines
 from tests.audit.support import ALLOW, DENY, make_request, settings
 
 RECORDS = 60
@@ -273,3 +276,40 @@ def test_restart_is_a_new_linked_segment(tmp_path: Path, keys: tuple[Path, Path]
     cut = both[: len(first) - 3] + both[len(first) :]
     report = check(tmp_path, cut, keys[1])
     assert kinds(report) == [("deleted", json.loads(first[-3])["seq"])]
+
+
+@hypothesis_settings(max_examples=120, deadline=None)
+@given(data=st.data())
+def test_any_change_but_cutting_the_tail_is_reported(
+    data: st.DataObject, intact: list[str], keys: tuple[Path, Path]
+) -> None:
+    lines = intact[:40]  # ends unsigned after the checkpoint at seq 33: a live file
+    n = len(lines)
+    operation = data.draw(st.sampled_from(["delete", "swap", "duplicate", "move", "edit"]))
+    changed = list(lines)
+    if operation == "delete":
+        i = data.draw(st.integers(0, n - 2))  # not the last line: that is a tail cut
+        del changed[i]
+    elif operation == "swap":
+        i = data.draw(st.integers(0, n - 2))
+        j = data.draw(st.integers(i + 1, n - 1))
+        changed[i], changed[j] = changed[j], changed[i]
+    elif operation == "duplicate":
+        i = data.draw(st.integers(0, n - 1))
+        changed.insert(data.draw(st.integers(0, n)), lines[i])
+    elif operation == "move":
+        i = data.draw(st.integers(0, n - 1))
+        line = changed.pop(i)
+        k = data.draw(st.integers(0, n - 1).filter(lambda k: k != i))
+        changed.insert(k, line)
+    else:
+        i = data.draw(st.integers(0, n - 1))
+        record = json.loads(changed[i])
+        record["time"] = "2000-01-01T00:00:00.000000Z"
+        changed[i] = json.dumps(record)
+    report = verify_lines(
+        [(line, f"f:{k}", k == 1) for k, line in enumerate(changed, 1)],
+        load_public_key(keys[1]),
+    )
+    assert not report.ok, f"{operation} went unnoticed"
+    assert report.problems[0].where.startswith("f:")
