@@ -88,6 +88,24 @@ class AuditSettings:
 
 
 @dataclass(frozen=True, slots=True)
+class TlsSettings:
+    """TLS on the gRPC port; with `client_ca_file`, decision calls need a client certificate."""
+
+    cert_file: str = ""  # PEM server certificate (chain); empty = plaintext
+    key_file: str = ""
+    client_ca_file: str = ""  # PEM CA bundle for client certificates (mutual TLS)
+
+
+@dataclass(frozen=True, slots=True)
+class CallerAuthSettings:
+    """Bearer JWTs the broker sends in call metadata (`authorization: Bearer ...`)."""
+
+    jwks_file: str = ""  # keys that sign callers' tokens; empty = no bearer check
+    audience: str = ""
+    issuer: str = ""
+
+
+@dataclass(frozen=True, slots=True)
 class Settings:
     address: str = "127.0.0.1:50051"
     policy_dir: Path = Path("policies")
@@ -99,6 +117,8 @@ class Settings:
     cache: CacheSettings = field(default_factory=CacheSettings)
     reload: ReloadSettings = field(default_factory=ReloadSettings)
     audit: AuditSettings = field(default_factory=AuditSettings)
+    tls: TlsSettings = field(default_factory=TlsSettings)
+    caller_auth: CallerAuthSettings = field(default_factory=CallerAuthSettings)
     # Prometheus metrics over HTTP; empty turns the endpoint off.
     metrics_address: str = "127.0.0.1:9464"
 

@@ -41,6 +41,7 @@ from policy_engine.server.metrics_http import (
     start_metrics,
     start_multiprocess_metrics,
 )
+from policy_engine.server.security import interceptors, server_credentials
 from policy_engine.server.service import SERVICE_NAME
 from policy_engine.server.status import STATUS_SERVICE_NAME, PolicyStatusServicer
 from policy_engine.store import DirectoryBackend, PolicyReloader, PolicyStore
@@ -77,6 +78,7 @@ def build_server(
             # Lets `--workers N` processes bind the same port; the kernel balances between them.
             ("grpc.so_reuseport", 1),
         ],
+        interceptors=interceptors(settings.caller_auth),
     )
     _add_pdp_servicer(
         servicer, server, docs_url(settings.docs_base_url, ErrorCode.VALIDATION_ERROR)
@@ -89,8 +91,12 @@ def build_server(
         pdp_pb2_grpc.add_PolicyStatusServiceServicer_to_server(status_servicer, server)
         services.insert(1, STATUS_SERVICE_NAME)
     reflection.enable_server_reflection(services, server)
+    credentials = server_credentials(settings.tls)
     try:
-        port = server.add_insecure_port(settings.address)
+        if credentials is None:
+            port = server.add_insecure_port(settings.address)
+        else:
+            port = server.add_secure_port(settings.address, credentials)
     except RuntimeError as exc:
         raise ConfigError(f"address {settings.address}: cannot bind ({exc})") from exc
     if port == 0:  # older grpcio reports a failed bind as port 0

@@ -1,0 +1,137 @@
+"""Who may ask the PDP at all: TLS, mutual TLS, and bearer JWTs in call metadata.
+
+Mutual TLS is enforced by the handshake itself (a client without a certificate signed by the
+configured CA cannot connect). A bearer token is checked per call by an interceptor; the health
+service is exempt, so load balancers and probes can reach it without credentials. A call that
+fails gets UNAUTHENTICATED and no decision.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections import OrderedDict
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import grpc
+import jwt
+from grpc_health.v1 import health
+
+from policy_engine.auth.keys import StaticKeySet
+from policy_engine.auth.tokens import DEFAULT_ALGORITHMS
+from policy_engine.config import CallerAuthSettings, ConfigError, TlsSettings
+
+log = logging.getLogger(__name__)
+
+BEARER_PREFIX = "bearer "
+_EXEMPT_PREFIXES = (f"/{health.SERVICE_NAME}/", "/grpc.reflection.")
+_VERIFIED_CACHE_SIZE = 1024
+
+
+def _read(path: str, what: str) -> bytes:
+    try:
+        return Path(path).read_bytes()
+    except OSError as exc:
+        raise ConfigError(f"{what} {path}: {exc.strerror or exc}") from exc
+
+
+def server_credentials(tls: TlsSettings) -> grpc.ServerCredentials | None:
+    """None for plaintext; TLS with a certificate; mutual TLS when a client CA is set."""
+    if not tls.cert_file and not tls.key_file:
+        if tls.client_ca_file:
+            raise ConfigError("tls.client_ca_file needs tls.cert_file and tls.key_file")
+        return None
+    if not (tls.cert_file and tls.key_file):
+        raise ConfigError("TLS needs both tls.cert_file and tls.key_file")
+    pair = (_read(tls.key_file, "tls.key_file"), _read(tls.cert_file, "tls.cert_file"))
+    client_ca = _read(tls.client_ca_file, "tls.client_ca_file") if tls.client_ca_file else None
+    return grpc.ssl_server_credentials(
+        [pair], root_certificates=client_ca, require_client_auth=client_ca is not None
+    )
+
+
+class BearerVerifier:
+    """Verifies callers' JWTs; a verified token is remembered until it expires (an LRU), so the
+    signature is checked once per token, not once per call."""
+
+    def __init__(self, settings: CallerAuthSettings) -> None:
+        self._keys = StaticKeySet.from_file(Path(settings.jwks_file))
+        self._audience = settings.audience or None
+        self._issuer = settings.issuer or None
+        self._verified: OrderedDict[str, float] = OrderedDict()
+        self._lock = threading.Lock()
+
+    def problem(self, authorization: str | None) -> str | None:
+        if not authorization or not authorization.lower().startswith(BEARER_PREFIX):
+            return "missing bearer token"
+        token = authorization[len(BEARER_PREFIX) :].strip()
+        with self._lock:
+            expires = self._verified.get(token)
+            if expires is not None and expires > time.time():
+                self._verified.move_to_end(token)
+                return None
+        try:
+            kid = jwt.get_unverified_header(token).get("kid")
+            key = self._keys.key_for(kid if isinstance(kid, str) else None)
+            if key is None:
+                return "bearer token signed with an unknown key"
+            claims = jwt.decode(
+                token,
+                key,
+                algorithms=list(DEFAULT_ALGORITHMS),
+                audience=self._audience,
+                issuer=self._issuer,
+                options={"require": ["exp"], "verify_aud": self._audience is not None},
+            )
+        except jwt.PyJWTError as exc:
+            return f"invalid bearer token: {type(exc).__name__}"
+        with self._lock:
+            self._verified[token] = float(claims["exp"])
+            while len(self._verified) > _VERIFIED_CACHE_SIZE:
+                self._verified.popitem(last=False)
+        return None
+
+
+class CallerAuthInterceptor(grpc.ServerInterceptor):
+    """Refuses every call but health and reflection without a valid bearer token."""
+
+    def __init__(self, verifier: BearerVerifier) -> None:
+        self._verifier = verifier
+
+    def intercept_service(
+        self,
+        continuation: Callable[[grpc.HandlerCallDetails], grpc.RpcMethodHandler | None],
+        handler_call_details: grpc.HandlerCallDetails,
+    ) -> grpc.RpcMethodHandler | None:
+        handler = continuation(handler_call_details)
+        method = handler_call_details.method
+        if handler is None or method.startswith(_EXEMPT_PREFIXES):
+            return handler
+        authorization = next(
+            (
+                value
+                for key, value in handler_call_details.invocation_metadata or ()
+                if key == "authorization"
+            ),
+            None,
+        )
+        problem = self._verifier.problem(authorization if isinstance(authorization, str) else None)
+        if problem is None:
+            return handler
+        log.info("refused %s: %s", method, problem)
+
+        def refuse(request: Any, context: grpc.ServicerContext) -> Any:
+            context.abort(grpc.StatusCode.UNAUTHENTICATED, problem)
+
+        return grpc.unary_unary_rpc_method_handler(
+            refuse,
+            request_deserializer=handler.request_deserializer,
+            response_serializer=handler.response_serializer,
+        )
+
+
+def interceptors(settings: CallerAuthSettings) -> list[grpc.ServerInterceptor]:
+    return [CallerAuthInterceptor(BearerVerifier(settings))] if settings.jwks_file else []
