@@ -24,7 +24,7 @@ def _audit_files_match_schema(tmp_path: Path) -> Iterator[None]:
 
 
 @pytest.fixture(scope="session")
-def redis_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisServer]:
+def audit_redis(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisServer]:
     if not (shutil.which("redis-server") or Path("/usr/bin/redis-server").exists()):
         pytest.skip("redis-server is not installed")
     server = RedisServer(tmp_path_factory.mktemp("redis"))
@@ -34,7 +34,7 @@ def redis_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisServ
 
 
 @pytest.fixture
-def own_redis(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisServer]:
+def audit_own_redis(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisServer]:
     """A redis-server for one test, which it may kill and restart."""
     if not (shutil.which("redis-server") or Path("/usr/bin/redis-server").exists()):
         pytest.skip("redis-server is not installed")

@@ -171,17 +171,17 @@ def test_tail_follows_a_file_across_rotation(keypair: tuple[Path, Path], tmp_pat
 
 
 def test_tail_redis_stream(
-    keypair: tuple[Path, Path], tmp_path: Path, redis_server: RedisServer
+    keypair: tuple[Path, Path], tmp_path: Path, audit_redis: RedisServer
 ) -> None:
     key = f"audit-{uuid.uuid4().hex}"
     write_sample(
         tmp_path / "unused.jsonl",
         keypair[0],
         sinks="redis",
-        redis_url=redis_server.url,
+        redis_url=audit_redis.url,
         redis_stream=key,
     )
-    result = pdp("audit", "tail", redis_server.url, "--stream", key, "--once", "--json")
+    result = pdp("audit", "tail", audit_redis.url, "--stream", key, "--once", "--json")
     assert result.returncode == 0, result.stderr
     assert [json.loads(line)["decision_id"] for line in result.stdout.splitlines()] == [
         "a1",
@@ -189,19 +189,19 @@ def test_tail_redis_stream(
         "a3",
         "g1",
     ]
-    denied = pdp("audit", "tail", redis_server.url, "--stream", key, "--once", "--decision", "DENY")
+    denied = pdp("audit", "tail", audit_redis.url, "--stream", key, "--once", "--decision", "DENY")
     assert len(denied.stdout.splitlines()) == 2
 
     # Following: starts at the end, prints what arrives, exits after --count.
     follower = subprocess.Popen(
-        [*PDP, "audit", "tail", redis_server.url, "--stream", key, "--json", "--count", "3"],
+        [*PDP, "audit", "tail", audit_redis.url, "--stream", key, "--json", "--count", "3"],
         stdout=subprocess.PIPE,
         text=True,
     )
     try:
         time.sleep(1.0)
         audit = AuditLog(
-            settings(tmp_path, sinks="redis", redis_url=redis_server.url, redis_stream=key)
+            settings(tmp_path, sinks="redis", redis_url=audit_redis.url, redis_stream=key)
         )
         for i in range(3):
             audit.record(make_request(), DENY, decision_id=f"live{i}")

@@ -34,12 +34,12 @@ def redis_log(tmp_path: Path, server: RedisServer, key: str, **changes: Any) -> 
     )
 
 
-def test_consumer_group_reads_every_record_once(tmp_path: Path, redis_server: RedisServer) -> None:
+def test_consumer_group_reads_every_record_once(tmp_path: Path, audit_redis: RedisServer) -> None:
     key = f"audit-{uuid.uuid4().hex}"
-    client = redis_server.client()
+    client = audit_redis.client()
     # The consumer's own group, made before the writer exists: the sink never needs one.
     client.xgroup_create(key, "siem", id="0", mkstream=True)
-    audit = redis_log(tmp_path, redis_server, key)
+    audit = redis_log(tmp_path, audit_redis, key)
     for i in range(300):
         audit.record(make_request(request_id=f"r{i}"), DENY, decision_id=f"d{i}")
     assert audit.close()
@@ -63,38 +63,38 @@ def test_consumer_group_reads_every_record_once(tmp_path: Path, redis_server: Re
                 break
     assert sorted(seen) == sorted(f"d{i}" for i in range(300))
     assert len(seen) == len(set(seen))
-    lines = stream_lines(redis_server, key)
+    lines = stream_lines(audit_redis, key)
     assert_valid_lines(lines)
     assert TOKEN not in "".join(lines)
     report = verify_lines([(line, f"{key}:{n}", n == 1) for n, line in enumerate(lines, 1)], None)
     assert report.ok, report.render()
 
 
-def test_stream_is_trimmed_to_about_maxlen(tmp_path: Path, redis_server: RedisServer) -> None:
+def test_stream_is_trimmed_to_about_maxlen(tmp_path: Path, audit_redis: RedisServer) -> None:
     key = f"audit-{uuid.uuid4().hex}"
-    audit = redis_log(tmp_path, redis_server, key, redis_maxlen=100)
+    audit = redis_log(tmp_path, audit_redis, key, redis_maxlen=100)
     for i in range(1000):
         audit.record(make_request(), DENY, decision_id=f"d{i}")
     assert audit.close()
-    length = redis_server.client().xlen(key)
+    length = audit_redis.client().xlen(key)
     assert 100 <= length < 400  # MAXLEN ~ trims whole macro nodes
     # A trimmed stream begins mid-chain: verify accepts it as an excerpt with --partial.
-    lines = stream_lines(redis_server, key)
+    lines = stream_lines(audit_redis, key)
     numbered = [(line, f"{key}:{n}", n == 1) for n, line in enumerate(lines, 1)]
     assert not verify_lines(numbered, None).ok
     assert verify_lines(numbered, None, allow_partial=True).ok
 
 
-def test_redis_outage_and_recovery(tmp_path: Path, own_redis: RedisServer) -> None:
+def test_redis_outage_and_recovery(tmp_path: Path, audit_own_redis: RedisServer) -> None:
     """Kill the server mid-stream, keep recording, restart it: the records resume, in order."""
     key = "pdp:audit"
-    audit = redis_log(tmp_path, own_redis, key, redis_timeout_ms=200, retry_max_ms=100)
+    audit = redis_log(tmp_path, audit_own_redis, key, redis_timeout_ms=200, retry_max_ms=100)
     for i in range(20):
         audit.record(make_request(), DENY, decision_id=f"before{i}")
     assert audit.flush(5)
-    assert len(stream_lines(own_redis, key)) >= 21
+    assert len(stream_lines(audit_own_redis, key)) >= 21
 
-    own_redis.stop()  # everything in the stream is gone with it: no persistence
+    audit_own_redis.stop()  # everything in the stream is gone with it: no persistence
     for i in range(30):
         assert audit.record(make_request(), DENY, decision_id=f"during{i}")
     deadline = time.monotonic() + 5
@@ -103,11 +103,11 @@ def test_redis_outage_and_recovery(tmp_path: Path, own_redis: RedisServer) -> No
     assert audit.stats().errors["redis"] >= 2
     assert audit.stats().backlog["redis"] >= 30
 
-    own_redis.start()
+    audit_own_redis.start()
     for i in range(10):
         assert audit.record(make_request(), DENY, decision_id=f"after{i}")
     assert audit.close(timeout=10)
-    lines = stream_lines(own_redis, key)
+    lines = stream_lines(audit_own_redis, key)
     ids = [json.loads(line).get("decision_id") for line in lines]
     ids = [i for i in ids if i]
     assert ids == [f"during{i}" for i in range(30)] + [f"after{i}" for i in range(10)]
@@ -116,10 +116,10 @@ def test_redis_outage_and_recovery(tmp_path: Path, own_redis: RedisServer) -> No
     assert_valid_lines(lines)
 
 
-def test_retry_after_an_uncertain_write_adds_nothing_twice(redis_server: RedisServer) -> None:
+def test_retry_after_an_uncertain_write_adds_nothing_twice(audit_redis: RedisServer) -> None:
     """A batch whose EXEC landed but whose reply was lost is not written again on retry."""
     key = f"audit-{uuid.uuid4().hex}"
-    ours, other = RedisStreamSink(redis_server.url, key), RedisStreamSink(redis_server.url, key)
+    ours, other = RedisStreamSink(audit_redis.url, key), RedisStreamSink(audit_redis.url, key)
     mine, theirs = (Chain(signer=None, instance="h:1", sink="redis") for _ in range(2))
     parts = split(build_record(make_request(), DENY, decision_id="d", instance="h:1", time=0.0))
     batch = [mine.start(ours.open().last_record, 0.0), mine.seal(parts), mine.seal(parts)]
@@ -130,6 +130,6 @@ def test_retry_after_an_uncertain_write_adds_nothing_twice(redis_server: RedisSe
     later = [mine.seal(parts)]
     ours._uncertain = True
     ours.write([*batch[2:], *later])  # partly written before: only the new one is added
-    assert len(stream_lines(redis_server, key)) == 6
-    seqs = [json.loads(line)["seq"] for line in stream_lines(redis_server, key)]
+    assert len(stream_lines(audit_redis, key)) == 6
+    seqs = [json.loads(line)["seq"] for line in stream_lines(audit_redis, key)]
     assert seqs == [1, 2, 3, 1, 2, 4]
