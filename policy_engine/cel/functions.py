@@ -25,6 +25,8 @@ from decimal import ROUND_DOWN, Decimal
 from typing import Any
 from zoneinfo import ZoneInfo
 
+import re2
+
 from policy_engine.cel.errors import CelEvaluationError
 from policy_engine.cel.values import (
     INT64_MAX,
@@ -85,17 +87,29 @@ def _require_string(value: Any, what: str) -> str:
 # Argument preparers (run at compile time for literals, per call otherwise)
 
 
-def prepare_regex(pattern: Any) -> re.Pattern[str]:
-    """Compile a ``matches`` pattern (Python ``re`` syntax, searched anywhere in the string)."""
+_RE2_OPTIONS = re2.Options()
+_RE2_OPTIONS.log_errors = False
+
+
+def prepare_regex(pattern: Any) -> Any:
+    """Compile a ``matches`` pattern with RE2, as the CEL spec prescribes.
+
+    RE2 runs in time linear in the input, so no pattern an operator writes can hang the server
+    on a hostile string (Python's backtracking ``re`` can, e.g. ``(a+)+$``). RE2 has no
+    backreferences or lookaround; such patterns are refused at policy load.
+    """
     text = _require_string(pattern, "regular expression")
 
-    def build() -> re.Pattern[str]:
+    def build() -> Any:
         try:
-            return re.compile(text)
-        except (re.error, OverflowError, RecursionError) as exc:
-            raise CelEvaluationError(f"invalid regular expression {text!r}: {exc}") from None
+            return re2.compile(text, _RE2_OPTIONS)
+        except (re2.error, OverflowError, RecursionError) as exc:
+            detail = exc.args[0] if exc.args else exc
+            if isinstance(detail, bytes):
+                detail = detail.decode("utf-8", "replace")
+            raise CelEvaluationError(f"invalid regular expression {text!r}: {detail}") from None
 
-    return _PREPARED.get(("regex", text), build)  # type: ignore[no-any-return]
+    return _PREPARED.get(("regex", text), build)
 
 
 class GlobPattern:
@@ -334,7 +348,7 @@ ends_with = _string_predicate("endsWith", str.endswith)
 contains = _string_predicate("contains", str.__contains__)
 
 
-def matches(text: Any, regex: re.Pattern[str]) -> bool:
+def matches(text: Any, regex: Any) -> bool:
     """``s.matches(re)`` / ``matches(s, re)``: ``re.search`` semantics (anchor explicitly)."""
     if not isinstance(text, str):
         raise no_overload("matches", text, regex.pattern)

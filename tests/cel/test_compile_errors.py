@@ -55,10 +55,10 @@ from tests.cel.support import compile_cel, compile_error
         (".f(1)", "leading-dot names (.name) are not supported", 1, 1),
         # literal arguments validated at compile time
         ('s.matches("(")',
-         "invalid regular expression '(': missing ), unterminated subpattern at position 0",
+         "invalid regular expression '(': missing ): (",
          1, 11),
         ('matches(s, "[a-")',
-         "invalid regular expression '[a-': unterminated character set at position 0",
+         "invalid regular expression '[a-': missing ]: [a-",
          1, 12),
         ('ip.inCidr("10.0.0.0/33")', "invalid CIDR: '10.0.0.0/33'", 1, 11),
         ('inCidr(ip, "nope")', "invalid CIDR: 'nope'", 1, 12),

@@ -308,3 +308,15 @@ class TestDurations:
     def test_duration_identity_and_errors(self) -> None:
         assert ev("duration(d)", d=timedelta(seconds=3)) == timedelta(seconds=3)
         assert ev_error("duration(1)") == "no matching overload for 'duration' on (int)"
+
+
+def test_matches_is_linear_time_re2() -> None:
+    """A pattern that makes a backtracking engine take exponential time returns at once."""
+    from policy_engine.cel import CelCompileError, Declarations, compile_expression
+
+    declarations = Declarations(variables={"s": None})
+    catastrophic = compile_expression('s.matches("^(a+)+$")', declarations)
+    assert catastrophic.evaluate({"s": "a" * 4096 + "!"}) is False
+    assert catastrophic.evaluate({"s": "aaaa"}) is True
+    with pytest.raises(CelCompileError, match="invalid regular expression"):
+        compile_expression(r's.matches("(a)\\1")', declarations)  # no backreferences in RE2
