@@ -282,22 +282,39 @@ def _fold(compute: Callable[..., Any], *args: Any) -> _Node | None:
         return None
 
 
+# Comprehension iterations one outermost comprehension may run, nested ones included. With
+# nesting bounded at compile time, this bounds any condition's evaluation cost:
+# at most (expression nodes) x (this budget) node evaluations, whatever the input.
+MAX_COMPREHENSION_ITERATIONS = 10_000
+
+
 class _Frame(dict):  # type: ignore[type-arg]
     """The activation inside a comprehension: loop variables, plus the request activation."""
 
-    __slots__ = ("root",)
+    __slots__ = ("budget", "root")
 
 
 def _top_frame(act: Any) -> _Frame:
     frame = _Frame()
     frame.root = act
+    frame.budget = [MAX_COMPREHENSION_ITERATIONS]
     return frame
 
 
 def _nested_frame(act: _Frame) -> _Frame:
     frame = _Frame(act)
     frame.root = act.root
+    frame.budget = act.budget  # shared: nested loops draw on their outermost loop's budget
     return frame
+
+
+def _charge(frame: _Frame, items: Any, macro: str) -> None:
+    """Pays for a loop before it runs, so a runaway product of loops stops at once."""
+    frame.budget[0] -= len(items)
+    if frame.budget[0] < 0:
+        raise CelEvaluationError(
+            f"{macro}(): more than {MAX_COMPREHENSION_ITERATIONS} comprehension iterations"
+        )
 
 
 def _iterable(value: Any, macro: str) -> Any:
@@ -470,6 +487,7 @@ def _quantifier(decisive: bool) -> MacroBuilder:
         def quantifier(act: Any) -> bool:
             items = _iterable(target(act), name)
             frame = new_frame(act)
+            _charge(frame, items, name)
             error: BaseException | None = None
             for item in items:
                 frame[var] = item
@@ -500,6 +518,7 @@ def _build_exists_one(
     def exists_one(act: Any) -> bool:
         items = _iterable(target(act), name)
         frame = new_frame(act)
+        _charge(frame, items, name)
         count = 0
         for item in items:
             frame[var] = item
@@ -529,6 +548,7 @@ def _build_collect(
     def collect(act: Any) -> list[Any]:
         items = _iterable(target(act), name)
         frame = new_frame(act)
+        _charge(frame, items, name)
         out = []
         for item in items:
             frame[var] = item
