@@ -33,17 +33,29 @@ def redis_server_path() -> str:
     return path
 
 
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
+def free_port(*, with_cluster_bus: bool = False) -> int:
+    """A free port; with `with_cluster_bus`, port + 10000 (Redis Cluster's bus) is free too."""
+    while True:
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+            sock.bind(("127.0.0.1", 0))
+            port = int(sock.getsockname()[1])
+        if not with_cluster_bus:
+            return port
+        if port + 10_000 <= 65_535:
+            with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as bus:
+                try:
+                    bus.bind(("127.0.0.1", port + 10_000))
+                except OSError:
+                    continue
+            return port
 
 
 def _ping(port: int, timeout: float = 0.5) -> bool:
     try:
         with socket.create_connection(("127.0.0.1", port), timeout=timeout) as sock:
             sock.sendall(b"PING\r\n")
-            return sock.recv(64).startswith(b"+PONG")
+            reply = sock.recv(64)
+            return reply.startswith(b"+PONG") or reply.startswith(b"-NOAUTH")  # up, with a password
     except OSError:
         return False
 
@@ -51,10 +63,18 @@ def _ping(port: int, timeout: float = 0.5) -> bool:
 class RedisServer:
     """One redis-server process; `start()` again after `kill()` reuses the same port."""
 
-    def __init__(self, workdir: Path, port: int | None = None, *extra_args: str) -> None:
+    def __init__(
+        self,
+        workdir: Path,
+        port: int | None = None,
+        *extra_args: str,
+        sentinel_of: tuple[str, int] | None = None,
+    ) -> None:
+        """`sentinel_of=(master name, master port)` starts a Sentinel watching that master."""
         self.workdir = workdir
         self.port = port or free_port()
         self.extra_args = extra_args
+        self.sentinel_of = sentinel_of
         self.process: subprocess.Popen[bytes] | None = None
 
     @property
@@ -63,8 +83,15 @@ class RedisServer:
 
     def start(self) -> RedisServer:
         self.workdir.mkdir(parents=True, exist_ok=True)
+        head = [redis_server_path()]
+        if self.sentinel_of is not None:
+            # Sentinel insists on a config file it can rewrite.
+            name, master_port = self.sentinel_of
+            config = self.workdir / f"sentinel-{self.port}.conf"
+            config.write_text(f"sentinel monitor {name} 127.0.0.1 {master_port} 1\n")
+            head += [str(config), "--sentinel"]
         command = [
-            redis_server_path(),
+            *head,
             "--port", str(self.port),
             "--bind", "127.0.0.1",
             "--save", "",

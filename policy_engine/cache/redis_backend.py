@@ -116,7 +116,6 @@ class RedisBackend:
         return RedisCluster.from_url(
             self._url,
             max_connections=max(self._settings.redis_pool_size, 1),
-            cluster_error_retry_attempts=0,
             **self._common(),
         )
 
