@@ -106,6 +106,13 @@ class CallerAuthSettings:
 
 
 @dataclass(frozen=True, slots=True)
+class BundleSettings:
+    """Signed policies: with a public key set, only a directory signed by its private key loads."""
+
+    public_key_file: str = ""  # PEM (Ed25519, P-256 or RSA); empty = signatures not required
+
+
+@dataclass(frozen=True, slots=True)
 class Settings:
     address: str = "127.0.0.1:50051"
     policy_dir: Path = Path("policies")
@@ -119,6 +126,7 @@ class Settings:
     audit: AuditSettings = field(default_factory=AuditSettings)
     tls: TlsSettings = field(default_factory=TlsSettings)
     caller_auth: CallerAuthSettings = field(default_factory=CallerAuthSettings)
+    bundle: BundleSettings = field(default_factory=BundleSettings)
     # Prometheus metrics over HTTP; empty turns the endpoint off.
     metrics_address: str = "127.0.0.1:9464"
 

@@ -7,15 +7,18 @@ Exit codes: 0 when the command did its job (for `eval`, whether it allowed or de
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import logging
 import sys
 from collections.abc import Sequence
 from datetime import UTC, datetime
 from pathlib import Path
+from types import MappingProxyType
 from typing import Any
 
 from policy_engine.audit.cli import add_audit_commands
+from policy_engine.auth.keys import KeySetError, StaticKeySet
 from policy_engine.config import ConfigError, Settings, load_settings
 from policy_engine.domain.decision import Decision
 from policy_engine.domain.request import (
@@ -28,8 +31,16 @@ from policy_engine.domain.request import (
 )
 from policy_engine.engine import decide
 from policy_engine.engine.serialize import decision_to_dict
-from policy_engine.policy import PolicyLoadError, load_policy_set
+from policy_engine.policy import CompiledPolicySet, PolicyLoadError, load_policy_set
+from policy_engine.policy.bundle import (
+    BUNDLE_FILE,
+    BundleError,
+    bundle_files,
+    sign_bundle,
+    verify_bundle,
+)
 
+DEFAULTS = Settings()
 EXIT_OK = 0
 EXIT_INVALID_POLICIES = 1
 EXIT_USAGE = 2
@@ -120,9 +131,37 @@ def format_decision(decision: Decision) -> str:
     return "\n".join(lines)
 
 
+def _read_key(path: str | None, flag: str) -> bytes | None:
+    if path is None:
+        return None
+    try:
+        return Path(path).read_bytes()
+    except OSError as exc:
+        raise UsageError(f"{flag} {path}: {exc.strerror or exc}") from exc
+
+
+def _with_jwks(policies: CompiledPolicySet, org: str, jwks_file: str) -> CompiledPolicySet:
+    """Dry runs verify tokens with the operator's JWKS file instead of the organization's keys."""
+    try:
+        keys = StaticKeySet.from_file(Path(jwks_file))
+    except KeySetError as exc:
+        raise UsageError(f"--jwks: {exc}") from exc
+    organization = policies.organizations.get(org)
+    if organization is None:
+        return policies
+    patched = dataclasses.replace(
+        organization, tokens=dataclasses.replace(organization.tokens, keys=keys)
+    )
+    return dataclasses.replace(
+        policies, organizations=MappingProxyType({**policies.organizations, org: patched})
+    )
+
+
 def cmd_eval(args: argparse.Namespace) -> int:
     request = build_request(args)
     policies = load_policy_set(Path(args.policies))
+    if args.jwks:
+        policies = _with_jwks(policies, args.org, args.jwks)
     decision = decide(policies, request, now=datetime.now(UTC))
     if args.json:
         print(json.dumps(decision_to_dict(decision), indent=2))
@@ -132,7 +171,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
 
 def cmd_validate(args: argparse.Namespace) -> int:
-    policies = load_policy_set(Path(args.directory))
+    key = _read_key(args.public_key, "--public-key")
+    policies = load_policy_set(Path(args.directory), bundle_public_key=key)
     summary = ", ".join(
         f"{org.name} ({org.policy_count} policies, {org.rule_count} rules)"
         for org in policies.organizations.values()
@@ -160,12 +200,46 @@ def cmd_serve(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def cmd_bundle_sign(args: argparse.Namespace) -> int:
+    directory = Path(args.directory)
+    load_policy_set(directory)  # never sign a set that would not load
+    try:
+        written = sign_bundle(directory, _read_key(args.key, "--key") or b"")
+    except BundleError as exc:
+        raise UsageError(str(exc)) from exc
+    print(f"signed {len(bundle_files(directory))} files: {written}")
+    return EXIT_OK
+
+
+def cmd_bundle_verify(args: argparse.Namespace) -> int:
+    problems = verify_bundle(
+        Path(args.directory), _read_key(args.public_key, "--public-key") or b""
+    )
+    for problem in problems:
+        print(f"  {problem}", file=sys.stderr)
+    print("OK: the files are exactly as signed" if not problems else "signature check FAILED")
+    return EXIT_INVALID_POLICIES if problems else EXIT_OK
+
+
+def add_bundle_commands(commands: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
+    bundle = commands.add_parser("bundle", help="sign and verify policy directories")
+    actions = bundle.add_subparsers(dest="bundle_command", required=True)
+    sign = actions.add_parser("sign", help=f"write DIR/{BUNDLE_FILE} over every file in DIR")
+    sign.add_argument("directory")
+    sign.add_argument("--key", required=True, help="PEM private key (Ed25519, P-256 or RSA)")
+    sign.set_defaults(handler=cmd_bundle_sign)
+    verify = actions.add_parser("verify", help="check DIR against its signature")
+    verify.add_argument("directory")
+    verify.add_argument("--public-key", required=True)
+    verify.set_defaults(handler=cmd_bundle_verify)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="pdp", description=__doc__.splitlines()[0])
     commands = parser.add_subparsers(dest="command", required=True)
 
     serve = commands.add_parser("serve", help="serve decisions over gRPC")
-    serve.add_argument("--address", help=f"host:port (default {Settings.address})")
+    serve.add_argument("--address", help=f"host:port (default {DEFAULTS.address})")
     serve.add_argument("--policies", help="policy directory (default policies)")
     serve.add_argument("--config", help="YAML config file (see README)")
     serve.add_argument("--workers", type=int, help="processes sharing the port (default 1)")
@@ -174,6 +248,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     validate = commands.add_parser("validate", help="check a policy directory; list every error")
     validate.add_argument("directory")
+    validate.add_argument("--public-key", help="also require a valid bundle signature")
     validate.set_defaults(handler=cmd_validate)
 
     evaluate = commands.add_parser("eval", help="dry-run one tuple against a policy directory")
@@ -189,11 +264,13 @@ def build_parser() -> argparse.ArgumentParser:
     for flag in ("--subject-attr", "--application-attr", "--integration-attr", "--context"):
         evaluate.add_argument(flag, action="append", default=[], metavar="KEY=VALUE")
     evaluate.add_argument("--token", help="the subject's access token (JWT)")
+    evaluate.add_argument("--jwks", help="verify --token with this JWKS file")
     evaluate.add_argument("--explain", action="store_true", help="show every layer and rule")
     evaluate.add_argument("--json", action="store_true", help="print one JSON object")
     evaluate.set_defaults(handler=cmd_eval)
 
     add_audit_commands(commands)
+    add_bundle_commands(commands)
     return parser
 
 

@@ -28,6 +28,7 @@ from policy_engine.auth.tokens import UNVERIFIED, TokenRules
 from policy_engine.cel import CelCompileError, CompiledExpression, compile_expression
 from policy_engine.domain.decision import POLICY_LAYERS, Effect, Layer
 from policy_engine.engine.activation import CEL_DECLARATIONS
+from policy_engine.policy.bundle import BUNDLE_FILE, verify_bundle
 from policy_engine.policy.compiled import (
     CompiledOrganization,
     CompiledPolicySet,
@@ -94,10 +95,18 @@ def _revision(directory: Path, contents: Iterable[tuple[Path, bytes]]) -> str:
     return digest.hexdigest()[:16]
 
 
-def load_policy_set(directory: Path) -> CompiledPolicySet:
+def load_policy_set(
+    directory: Path, *, bundle_public_key: bytes | None = None
+) -> CompiledPolicySet:
+    """With `bundle_public_key`, the directory must carry a valid signature over exactly its
+    files (see policy_engine.policy.bundle), or nothing in it is loaded."""
     directory = Path(directory)
     if not directory.is_dir():
         raise PolicyLoadError([LoadIssue(directory, 0, "policy directory does not exist")])
+    if bundle_public_key is not None:
+        problems = verify_bundle(directory, bundle_public_key)
+        if problems:
+            raise PolicyLoadError([LoadIssue(directory / BUNDLE_FILE, 0, p) for p in problems])
     issues: list[LoadIssue] = []
     contents: list[tuple[Path, bytes]] = []
     for path in policy_files(directory):

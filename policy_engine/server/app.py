@@ -23,6 +23,7 @@ import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from pathlib import Path
 from types import FrameType
 from typing import Any, Literal
 
@@ -52,6 +53,17 @@ Mode = Literal["policy", "empty"]
 
 STOP_GRACE_SECONDS = 5.0
 EXIT_WORKER_FAILED = 1
+
+
+def bundle_public_key(settings: Settings) -> bytes | None:
+    """Read once at startup: a missing key file must stop the server, not every reload."""
+    path = settings.bundle.public_key_file
+    if not path:
+        return None
+    try:
+        return Path(path).read_bytes()
+    except OSError as exc:
+        raise ConfigError(f"bundle.public_key_file {path}: {exc.strerror or exc}") from exc
 
 
 def build_server(
@@ -233,7 +245,9 @@ def start_server(settings: Settings, mode: Mode = "policy") -> RunningServer:
 
     from policy_engine.server.service import PolicyDecisionServicer
 
-    store = PolicyStore(DirectoryBackend(settings.policy_dir))
+    store = PolicyStore(
+        DirectoryBackend(settings.policy_dir, bundle_public_key=bundle_public_key(settings))
+    )
     store.reload("startup")  # logs every issue when invalid; the server starts either way
     reloader = PolicyReloader(
         store, watch=settings.reload.watch, debounce_ms=settings.reload.debounce_ms

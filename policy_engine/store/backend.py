@@ -19,6 +19,7 @@ from typing import Protocol
 from watchfiles import Change, watch
 
 from policy_engine.policy import CompiledPolicySet, load_policy_set
+from policy_engine.policy.bundle import BUNDLE_FILE
 from policy_engine.policy.loader import POLICY_SUFFIXES, policy_files
 
 log = logging.getLogger(__name__)
@@ -105,7 +106,7 @@ class PolicyChangeFilter:
         name = parts[-1]
         if _EDITOR_TEMPORARY.search(name):
             return False
-        if candidate.suffix in POLICY_SUFFIXES:
+        if candidate.suffix in POLICY_SUFFIXES or name == BUNDLE_FILE:
             return True
         if change is Change.deleted:
             return True
@@ -120,8 +121,9 @@ class DirectoryBackend:
     mid-read is never half-applied. `changes` watches the tree with watchfiles (inotify).
     """
 
-    def __init__(self, directory: Path) -> None:
+    def __init__(self, directory: Path, *, bundle_public_key: bytes | None = None) -> None:
         self.directory = Path(directory)
+        self.bundle_public_key = bundle_public_key
 
     @property
     def location(self) -> str:
@@ -129,7 +131,7 @@ class DirectoryBackend:
 
     def load(self) -> CompiledPolicySet:
         before = self._fingerprint()
-        policies = load_policy_set(self.directory)
+        policies = load_policy_set(self.directory, bundle_public_key=self.bundle_public_key)
         if self._fingerprint() != before:
             raise SourceChangedDuringLoad(f"{self.directory} changed while it was being loaded")
         return policies

@@ -261,3 +261,44 @@ def test_remote_keys_survive_an_unreachable_endpoint(jwks_server: JwksServer) ->
         check_token(RSA.sign(**claims()), now(), replace(RULES, keys=remote), "alice").problem
         is None
     )
+
+
+def test_pdp_eval_dry_runs_tokens_with_a_jwks_file(tmp_path: Path) -> None:
+    import json
+    import subprocess
+    import sys
+
+    from tests.scenarios import EXAMPLE_POLICIES
+
+    keys = tmp_path / "jwks.json"
+    keys.write_text(jwks(RSA))
+    base = [
+        sys.executable,
+        "-m",
+        "policy_engine.cli.main",
+        "eval",
+        "--policies",
+        str(EXAMPLE_POLICIES),
+        "--org",
+        "acme",
+        "--subject",
+        "alice",
+        "--subject-attr",
+        'groups=["engineering"]',
+        "--application",
+        "pr-reviewer",
+        "--integration",
+        "github",
+        "--scope",
+        "repo",
+        "--jwks",
+        str(keys),
+        "--json",
+        "--token",
+    ]
+    good = subprocess.run([*base, RSA.sign(**claims())], capture_output=True, text=True)
+    assert json.loads(good.stdout)["decision"] == "ALLOW", good.stderr
+    bad = subprocess.run([*base, tamper(RSA.sign(**claims()))], capture_output=True, text=True)
+    reason = json.loads(bad.stdout)["reasons"][0]
+    assert reason["code"] == "kontext_authorization_required"
+    assert "bad signature" in reason["message"]
