@@ -18,13 +18,33 @@ from policy_engine.domain.codes import ErrorCode
 
 ERROR_DOMAIN = "pdp.kontext.dev"
 VALIDATION_REASON = ErrorCode.VALIDATION_ERROR.value
+# Trailers must stay well under gRPC's 8 KiB metadata limit (past it the client sees
+# RESOURCE_EXHAUSTED instead of our error): bound every part of the status.
+MAX_VIOLATIONS = 8
+MAX_FIELD_CHARS = 120
+MAX_DESCRIPTION_CHARS = 160
+MAX_MESSAGE_CHARS = 1024
+
+
+def _clip(text: str, limit: int) -> str:
+    return text if len(text) <= limit else text[: limit - 1] + "…"
+
+
+def _bounded(pairs: list[tuple[str, str]]) -> list[tuple[str, str]]:
+    kept = [
+        (_clip(f, MAX_FIELD_CHARS), _clip(d, MAX_DESCRIPTION_CHARS))
+        for f, d in pairs[:MAX_VIOLATIONS]
+    ]
+    if len(pairs) > MAX_VIOLATIONS:
+        kept.append(("", f"and {len(pairs) - MAX_VIOLATIONS} more problems"))
+    return kept
 
 
 def invalid_argument(
     violations: Iterable[tuple[str, str]], *, docs_url: str, request_id: str = ""
 ) -> grpc.Status:
     """A gRPC status naming every (field, description) pair, in the message and in the details."""
-    pairs = list(violations) or [("", "invalid request")]
+    pairs = _bounded(list(violations)) or [("", "invalid request")]
     bad_request = error_details_pb2.BadRequest(
         field_violations=[
             error_details_pb2.BadRequest.FieldViolation(field=field, description=description)
@@ -34,15 +54,16 @@ def invalid_argument(
     fields = sorted({field for field, _ in pairs if field})
     metadata = {"fields": ",".join(fields)}
     if request_id:
-        metadata["request_id"] = request_id
+        metadata["request_id"] = _clip(request_id, MAX_FIELD_CHARS)
     info = error_details_pb2.ErrorInfo(
         reason=VALIDATION_REASON, domain=ERROR_DOMAIN, metadata=metadata
     )
     help_ = error_details_pb2.Help(
         links=[error_details_pb2.Help.Link(description=VALIDATION_REASON, url=docs_url)]
     )
-    message = "invalid request: " + "; ".join(
-        f"{field}: {description}" if field else description for field, description in pairs
+    message = _clip(
+        "invalid request: " + "; ".join(f"{f}: {d}" if f else d for f, d in pairs),
+        MAX_MESSAGE_CHARS,
     )
     details = []
     for detail in (bad_request, info, help_):

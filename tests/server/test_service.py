@@ -409,3 +409,23 @@ def test_the_clock_is_injected(policies: CompiledPolicySet) -> None:
         stub.Check(to_proto(ALLOWED), timeout=10)
         stub.CheckBatch(pdp_pb2.CheckBatchRequest(items=[to_proto(ALLOWED)] * 5), timeout=10)
     assert len(seen) == 2  # once per RPC: a batch is decided at one instant
+
+
+def test_validation_details_stay_within_the_metadata_limit(
+    stub: pdp_pb2_grpc.PolicyDecisionServiceStub,
+) -> None:
+    """Found by the fuzzer: long keys in many bad fields overflowed gRPC's 8 KiB trailers."""
+    long_key = "k" * 250
+    msg = pdp_pb2.CheckRequest(organization="\x00" * 250, scope='"' * 250, request_id="r" * 300)
+    for target in (
+        msg.subject.attributes,
+        msg.application.attributes,
+        msg.integration.attributes,
+        msg.context.attributes,
+    ):
+        target.update({long_key: "x" * 5000})
+    with pytest.raises(grpc.RpcError) as raised:
+        stub.Check(msg)
+    assert raised.value.code() is grpc.StatusCode.INVALID_ARGUMENT
+    status = rpc_status.from_call(raised.value)
+    assert status is not None and "organization" in status.message
