@@ -10,6 +10,7 @@ Exit code 0 when every row was measured with correct answers, 1 otherwise, 2 for
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import math
 import sys
@@ -25,15 +26,37 @@ from google.protobuf.message import Message
 from policy_engine.bench import h2load
 from policy_engine.bench.engine_bench import EngineResult
 from policy_engine.bench.engine_bench import measure as measure_engine
+from policy_engine.bench.hit_path import HitPathResult, hit_path_table
+from policy_engine.bench.hit_path import measure as measure_hit_path
+from policy_engine.bench.redis_server import (
+    RedisUnavailable,
+    free_port,
+    redis_server,
+    redis_server_version,
+)
 from policy_engine.bench.report import (
     RowResult,
     document,
     engine_table,
     machine_facts,
     results_table,
+    targets_table,
 )
-from policy_engine.bench.server import ServerError, ServerOptions, running
-from policy_engine.bench.workloads import METHODS, Row, default_rows, method_path, select
+from policy_engine.bench.server import (
+    CLOSED_REDIS_URL,
+    REDIS_URL,
+    ServerError,
+    ServerOptions,
+    running,
+)
+from policy_engine.bench.workloads import (
+    METHODS,
+    Check,
+    Row,
+    default_rows,
+    method_path,
+    select,
+)
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -54,6 +77,7 @@ class Plan:
     warmup_s: float
     workdir: Path
     logs: Path
+    substitutions: dict[str, str] = dataclasses.field(default_factory=dict)
 
 
 def _log(message: str) -> None:
@@ -76,15 +100,15 @@ class WrongAnswer(Exception):
     """The server failed the RPC or answered something other than what the row expects."""
 
 
-def verify(target: str, row: Row, when: str) -> None:
-    """Fail the row unless a real gRPC call gets the answer the row expects."""
+def verify(target: str, row: Row, when: str, check: Check | None = None) -> None:
+    """Fail the row unless a real gRPC call gets the answer the row expects (`check`)."""
     try:
         response = call_once(target, row)
     except grpc.RpcError as exc:
         raise WrongAnswer(
             f"{when}: {row.method} failed: {exc.code().name}: {exc.details()}"
         ) from None
-    problems = row.check(response)
+    problems = (check or row.check)(response)
     if problems:
         more = f"; ... {len(problems) - 5} more" if problems[5:] else ""
         raise WrongAnswer(f"{when}: wrong answer: {'; '.join(problems[:5])}{more}")
@@ -105,22 +129,27 @@ def run_row(row: Row, plan: Plan) -> RowResult:
     body = plan.workdir / f"{slug}.body"
     body.write_bytes(h2load.grpc_frame(row.request.SerializeToString()))
     log_file = plan.workdir / f"{slug}.log"
+    shape = row.shape or plan.shape
+    server_log = plan.logs / f"{slug}.server.log"
     try:
-        with running(row.server, plan.options, plan.logs / f"{slug}.server.log", cwd=REPO) as srv:
+        with running(
+            row.server, plan.options, server_log, cwd=REPO, substitutions=plan.substitutions
+        ) as srv:
             url = srv.url_base + method_path(row.method)
             verify(srv.target, row, "before load")
+            # The warm-up also fills a cache row's cache (h2load repeats one body).
             warm = h2load.run(
-                h2load.grpc_command(url, body, plan.shape, duration_s=plan.warmup_s),
+                h2load.grpc_command(url, body, shape, duration_s=plan.warmup_s),
                 timeout_s=plan.warmup_s + 60,
             )
             srv.check_alive()
-            count = requests_for(warm.req_per_s, plan.measure_s, plan.shape)
+            count = requests_for(warm.req_per_s, plan.measure_s, shape)
             expected_s = count / max(warm.req_per_s, 1.0)
             summary = h2load.run(
-                h2load.grpc_command(url, body, plan.shape, requests=count, log_file=log_file),
+                h2load.grpc_command(url, body, shape, requests=count, log_file=log_file),
                 timeout_s=expected_s * 5 + 60,
             )
-            verify(srv.target, row, "after load")
+            verify(srv.target, row, "after load", row.check_after)
         latency = h2load.summarize(h2load.parse_log(log_file.read_text()))
     except (WrongAnswer, ServerError, h2load.H2loadError, ValueError) as exc:
         return dataclasses.replace(base, error=str(exc))
@@ -136,6 +165,7 @@ def run_row(row: Row, plan: Plan) -> RowResult:
         latency=latency,
         requests=count,
         warmup_req_per_s=warm.req_per_s,
+        load=f"-c {shape.clients} -m {shape.streams}",
     )
 
 
@@ -186,7 +216,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     rows = default_rows()
     if args.list:
         for row in rows:
-            print(f"{row.name:<24} {row.server.kind:<7} {row.method:<11} {row.notes}")
+            print(f"{row.name:<36} {row.server.kind:<7} {row.method:<11} {row.notes}")
         return 0
     if args.duration_scale <= 0 or args.workers < 1 or args.threads < 1:
         print("bench: --duration-scale, --workers and --threads must be positive", file=sys.stderr)
@@ -207,7 +237,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     output = args.output.resolve()
     shape = h2load.LoadShape(clients=args.clients, streams=args.streams, threads=1)
     started = time.monotonic()
-    with tempfile.TemporaryDirectory(prefix="pdp-bench-") as tmp:
+    with tempfile.TemporaryDirectory(prefix="pdp-bench-") as tmp, contextlib.ExitStack() as stack:
+        substitutions = {CLOSED_REDIS_URL: f"redis://127.0.0.1:{free_port()}/0"}
+        redis_note = "not used"
+        if any(row.server.needs_redis for row in rows):
+            try:
+                redis = stack.enter_context(redis_server(Path(tmp) / "redis"))
+            except RedisUnavailable as exc:
+                print(f"bench: the Redis rows need redis-server: {exc}", file=sys.stderr)
+                return 2
+            substitutions[REDIS_URL] = redis.url
+            redis_note = f"{redis_server_version()} on {redis.url} (started by the harness)"
         plan = Plan(
             options=ServerOptions(args.workers, args.threads, policy_dir),
             shape=shape,
@@ -215,6 +255,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             warmup_s=WARMUP_SECONDS * args.duration_scale,
             workdir=Path(tmp),
             logs=REPO / "bench-results" / "logs",
+            substitutions=substitutions,
         )
         results: list[RowResult] = []
         for row in rows:
@@ -233,21 +274,34 @@ def main(argv: Sequence[str] | None = None) -> int:
             engine = measure_engine(policy_dir, ENGINE_SECONDS * args.duration_scale)
         except Exception as exc:  # reported, not fatal: the gRPC rows are still worth having
             _log(f"bench: engine timing FAILED: {exc}")
+    hit_path: list[HitPathResult] = []
+    if not args.no_engine:
+        _log("bench: in-process servicer (cache hit path) ...")
+        try:
+            hit_path = measure_hit_path(policy_dir, ENGINE_SECONDS * args.duration_scale)
+        except Exception as exc:
+            _log(f"bench: hit path timing FAILED: {exc}")
 
     facts = machine_facts(REPO, {
         "server": f"workers={args.workers} threads={args.threads} policies={args.policies}",
-        "load": f"h2load -c {shape.clients} -m {shape.streams} -t {shape.threads}, "
-                f"warm-up {plan.warmup_s:g}s then ~{plan.measure_s:g}s per row "
-                f"(duration scale {args.duration_scale:g})",
+        "load": f"h2load -c {shape.clients} -m {shape.streams} -t {shape.threads} unless the "
+                f"row says otherwise, warm-up {plan.warmup_s:g}s then ~{plan.measure_s:g}s per "
+                f"row (duration scale {args.duration_scale:g})",
+        "redis": redis_note,
         "wall time": f"{time.monotonic() - started:.0f}s",
         "server logs": str(plan.logs),
     })  # fmt: skip
-    text = document(results, engine, facts)
+    text = document(results, engine, facts, hit_path)
     output.parent.mkdir(parents=True, exist_ok=True)
     output.write_text(text)
     print(results_table(results))
+    print()
+    print(targets_table(results))
     if engine:
         print()
         print(engine_table(engine))
+    if hit_path:
+        print()
+        print(hit_path_table(hit_path))
     print(f"\n(full results with machine facts: {output})")
     return 1 if any(r.error for r in results) else 0

@@ -33,6 +33,16 @@ def redis_server_path() -> str:
     return path
 
 
+def redis_server_version() -> str:
+    try:
+        done = subprocess.run(
+            [redis_server_path(), "--version"], capture_output=True, text=True, check=False
+        )
+    except (OSError, RedisUnavailable):
+        return "redis-server (version unknown)"
+    return done.stdout.split(" sha=")[0].strip() or "redis-server (version unknown)"
+
+
 def free_port(*, with_cluster_bus: bool = False) -> int:
     """A free port; with `with_cluster_bus`, port + 10000 (Redis Cluster's bus) is free too."""
     while True:

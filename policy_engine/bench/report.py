@@ -16,6 +16,13 @@ from pathlib import Path
 
 from policy_engine.bench.engine_bench import EngineResult
 from policy_engine.bench.h2load import Latency
+from policy_engine.bench.hit_path import HitPathResult, hit_path_table
+from policy_engine.bench.workloads import (
+    BATCH_LOCAL,
+    CHECK_LOCAL,
+    CHECK_REDIS_MODERATE,
+    EMPTY_CHECK,
+)
 
 
 @dataclass(frozen=True, slots=True)
@@ -31,6 +38,7 @@ class RowResult:
     requests: int = 0
     warmup_req_per_s: float = 0.0
     error: str | None = None
+    load: str = ""  # the h2load shape this row ran with
 
     @property
     def decisions_per_s(self) -> float:
@@ -79,17 +87,17 @@ def results_table(results: Sequence[RowResult]) -> str:
 def details_table(results: Sequence[RowResult]) -> str:
     """Per-row facts behind the headline numbers, for judging how far to trust them."""
     lines = [
-        "| workload | server | baseline | requests | warm-up req/s | log req/s | mean ms "
+        "| workload | server | load | baseline | requests | warm-up req/s | log req/s | mean ms "
         "| max ms | non-200 |",
-        "|---|---|---|--:|--:|--:|--:|--:|--:|",
+        "|---|---|---|---|--:|--:|--:|--:|--:|--:|",
     ]
     for r in results:
         lat = r.latency
         if lat is None:
-            lines.append(f"| {r.name} | {r.server} | {r.baseline} | | | | | | |")
+            lines.append(f"| {r.name} | {r.server} | {r.load} | {r.baseline} | | | | | | |")
             continue
         lines.append(
-            f"| {r.name} | {r.server} | {r.baseline} | {r.requests:,} | "
+            f"| {r.name} | {r.server} | {r.load} | {r.baseline} | {r.requests:,} | "
             f"{_num(r.warmup_req_per_s)} | {_num(lat.req_per_s)} | {_ms(lat.mean_ms)} | "
             f"{_ms(lat.max_ms)} | {lat.not_ok} |"
         )
@@ -153,10 +161,58 @@ def machine_facts(cwd: Path, extra: dict[str, str]) -> dict[str, str]:
     return facts
 
 
+@dataclass(frozen=True, slots=True)
+class Target:
+    """A performance target from the cache issue, measured from rows of the same run."""
+
+    name: str
+    measured: str
+    met: bool | None  # None: the rows it needs were not run or failed
+
+
+def targets(results: Sequence[RowResult]) -> list[Target]:
+    ok = {r.name: r for r in results if r.error is None and r.latency is not None}
+    out: list[Target] = []
+    local, empty = ok.get(CHECK_LOCAL), ok.get(EMPTY_CHECK)
+    name = f"{CHECK_LOCAL} within 15% of {EMPTY_CHECK} (ratio >= 0.85)"
+    if local and empty:
+        share = local.req_per_s / empty.req_per_s
+        out.append(Target(name, f"{share:.2f} ({_num(local.req_per_s)} vs "
+                                f"{_num(empty.req_per_s)} req/s)", share >= 0.85))  # fmt: skip
+    else:
+        out.append(Target(name, "not measured", None))
+    moderate = ok.get(CHECK_REDIS_MODERATE)
+    name = f"{CHECK_REDIS_MODERATE}: p99 < 2 ms"
+    if moderate and moderate.latency:
+        p99 = moderate.latency.p99_ms
+        out.append(Target(name, f"p99 {p99:.2f} ms (p50 {moderate.latency.p50_ms:.2f} ms)",
+                          p99 < 2.0))  # fmt: skip
+    else:
+        out.append(Target(name, "not measured", None))
+    batch = ok.get(BATCH_LOCAL)
+    name = f"{BATCH_LOCAL} decisions/s ÷ {CHECK_LOCAL} decisions/s >= 20"
+    if batch and local:
+        factor = batch.decisions_per_s / local.decisions_per_s
+        out.append(Target(name, f"{factor:.1f}x ({_num(batch.decisions_per_s)} vs "
+                                f"{_num(local.decisions_per_s)})", factor >= 20))  # fmt: skip
+    else:
+        out.append(Target(name, "not measured", None))
+    return out
+
+
+def targets_table(results: Sequence[RowResult]) -> str:
+    lines = ["| target | measured | met |", "|---|---|---|"]
+    for t in targets(results):
+        met = "n/a" if t.met is None else ("yes" if t.met else "NO")
+        lines.append(f"| {t.name} | {t.measured} | {met} |")
+    return "\n".join(lines)
+
+
 def document(
     results: Sequence[RowResult],
     engine: Sequence[EngineResult],
     facts: dict[str, str],
+    hit_path: Sequence[HitPathResult] = (),
 ) -> str:
     """The whole results file: headline table, engine table, details, machine facts."""
     parts = [
@@ -168,9 +224,13 @@ def document(
         "answering the same RPC, measured in this run. Latencies are per RPC under closed-loop "
         "load (every connection keeps its streams busy), so they include queueing.",
         "",
+        targets_table(results),
+        "",
     ]
     if engine:
         parts += [engine_table(engine), ""]
+    if hit_path:
+        parts += [hit_path_table(hit_path), ""]
     parts += ["## Details", "", details_table(results), "", "## Machine and settings", ""]
     parts += [f"- {key}: {value}" for key, value in facts.items()]
     return "\n".join(parts) + "\n"

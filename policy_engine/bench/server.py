@@ -56,6 +56,11 @@ def _empty_command(address: str, options: ServerOptions) -> list[str]:
 
 CommandBuilder = Callable[[str, ServerOptions], list[str]]
 
+# Placeholders a row's environment may use; the harness substitutes them when it starts the
+# server: its own redis-server's URL, and a URL on which nothing listens (Redis down).
+REDIS_URL = "{redis_url}"
+CLOSED_REDIS_URL = "{closed_redis_url}"
+
 # A server "kind" names how to start it; a row adds flags and environment on top.
 SERVER_KINDS: dict[str, CommandBuilder] = {
     "policy": _policy_command,
@@ -70,6 +75,19 @@ class ServerSpec:
     kind: str
     args: tuple[str, ...] = ()
     env: Mapping[str, str] = field(default_factory=dict)
+
+    @property
+    def needs_redis(self) -> bool:
+        return any(REDIS_URL in value for value in self.env.values())
+
+    def environment(self, substitutions: Mapping[str, str]) -> dict[str, str]:
+        """The row's environment with the placeholders replaced."""
+        env: dict[str, str] = {}
+        for key, value in self.env.items():
+            for placeholder, actual in substitutions.items():
+                value = value.replace(placeholder, actual)
+            env[key] = value
+        return env
 
     def command(self, address: str, options: ServerOptions) -> list[str]:
         try:
@@ -163,6 +181,7 @@ def running(
     *,
     cwd: Path,
     health_timeout_s: float = HEALTH_TIMEOUT_S,
+    substitutions: Mapping[str, str] | None = None,
 ) -> Iterator[RunningServer]:
     """Start `spec` on a free port, yield it once healthy, always stop it afterwards.
 
@@ -170,7 +189,7 @@ def running(
     (an audit log line per decision) and quietly throttle the benchmark.
     """
     target = f"127.0.0.1:{free_port()}"
-    env = {**os.environ, **spec.env}
+    env = {**os.environ, **spec.environment(substitutions or {})}
     log_path.parent.mkdir(parents=True, exist_ok=True)
     with log_path.open("wb") as log:
         process = subprocess.Popen(

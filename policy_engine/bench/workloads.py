@@ -18,7 +18,8 @@ from google.protobuf.message import Message
 from google.protobuf.struct_pb2 import Struct
 
 from policy_engine.api import pdp_pb2
-from policy_engine.bench.server import ServerSpec
+from policy_engine.bench.h2load import LoadShape
+from policy_engine.bench.server import CLOSED_REDIS_URL, REDIS_URL, ServerSpec
 
 SERVICE = pdp_pb2.DESCRIPTOR.services_by_name["PolicyDecisionService"].full_name
 
@@ -157,6 +158,26 @@ def expect_decision(expected: Expected) -> Check:
     return check
 
 
+def _level_problems(response: pdp_pb2.CheckResponse, level: int) -> list[str]:
+    cached = level != pdp_pb2.CACHE_LEVEL_NONE
+    if response.cache_level != level or response.cached is not cached:
+        return [
+            f"answered from {pdp_pb2.CacheLevel.Name(response.cache_level)} "
+            f"(cached={response.cached}), expected {pdp_pb2.CacheLevel.Name(level)}"
+        ]
+    return []
+
+
+def expect_cached(expected: Expected, level: int) -> Check:
+    """The expected decision, answered by cache `level` (after load: the cache is warm)."""
+
+    def check(response: Message) -> list[str]:
+        assert isinstance(response, pdp_pb2.CheckResponse)
+        return decision_problems(response, expected) or _level_problems(response, level)
+
+    return check
+
+
 def expect_batch(expected: Sequence[Expected]) -> Check:
     """Every result in order is its item's expected decision."""
 
@@ -167,6 +188,20 @@ def expect_batch(expected: Sequence[Expected]) -> Check:
         problems: list[str] = []
         for index, (result, want) in enumerate(zip(response.results, expected, strict=True)):
             problems += [f"item {index}: {p}" for p in decision_problems(result, want)]
+        return problems
+
+    return check
+
+
+def expect_batch_cached(expected: Sequence[Expected], level: int) -> Check:
+    """Every result is its item's expected decision, each answered by cache `level`."""
+    decisions = expect_batch(expected)
+
+    def check(response: Message) -> list[str]:
+        assert isinstance(response, pdp_pb2.CheckBatchResponse)
+        problems = decisions(response)
+        for index, result in enumerate(response.results):
+            problems += [f"item {index}: {p}" for p in _level_problems(result, level)]
         return problems
 
     return check
@@ -183,7 +218,7 @@ def expect_results(count: int) -> Check:
     return check
 
 
-# --- rows ------------------------------------------------------------------------------------
+# --- rows ---------------------------------------------------------------------------------
 
 
 @dataclass(frozen=True, slots=True)
@@ -192,6 +227,9 @@ class Row:
 
     `baseline` names the row whose req/s this row's ratio is taken against: the empty
     servicer answering the same RPC, so the ratio is the share of the ceiling this row keeps.
+    `check` is run before the load and `check_after` (default: `check`) after it, when a
+    cache row must be answering from its cache. `shape` overrides the run's load shape
+    (connections x streams), for latency rows at moderate load.
     """
 
     name: str
@@ -202,6 +240,8 @@ class Row:
     decisions_per_request: int = 1
     baseline: str = "empty Check"
     notes: str = ""
+    check_after: Check | None = None
+    shape: LoadShape | None = None
 
     def __post_init__(self) -> None:
         if self.method not in METHODS:
@@ -211,25 +251,76 @@ class Row:
 
 
 BATCH_SIZE = 100
-POLICY = ServerSpec("policy")
+# Names the report's targets refer to.
+EMPTY_CHECK = "empty Check"
+CHECK_LOCAL = "Check cached (local)"
+CHECK_REDIS_MODERATE = "Check cached (Redis, -c1 -m1)"
+BATCH_LOCAL = f"CheckBatch {BATCH_SIZE} cached (local)"
+MODERATE = LoadShape(clients=1, streams=1)  # one request in flight: latency, not queueing
+
+# Environment for the servers, by cache configuration. `{redis_url}` is the harness's own
+# redis-server (started only when a selected row needs it); `{closed_redis_url}` a port on
+# which nothing listens (Redis down).
+CACHE_OFF = {"PDP_CACHE__ENABLED": "false"}
+LOCAL_ONLY = {"PDP_CACHE__ENABLED": "true", "PDP_CACHE__REDIS_URL": ""}
+REDIS_ONLY = {
+    "PDP_CACHE__ENABLED": "true",
+    "PDP_CACHE__LOCAL_MAX_ENTRIES": "0",
+    "PDP_CACHE__REDIS_URL": REDIS_URL,
+}
+REDIS_DOWN = {**REDIS_ONLY, "PDP_CACHE__REDIS_URL": CLOSED_REDIS_URL}
+
+POLICY = ServerSpec("policy", env=CACHE_OFF)
 EMPTY = ServerSpec("empty")
 
 
 def default_rows() -> list[Row]:
-    """The rows `python -m policy_engine.bench` runs, in order (baselines first)."""
+    """The rows `python -m policy_engine.bench` runs, in order (baselines first).
+
+    Uncached rows run with the cache off: h2load repeats one body, which a cache would
+    otherwise answer from the second request on.
+    """
     batch, batch_expected = mixed_batch(BATCH_SIZE)
+    local, redis = pdp_pb2.CACHE_LEVEL_LOCAL, pdp_pb2.CACHE_LEVEL_REDIS
     return [
         Row(
-            "empty Check", EMPTY, "Check", allow_tuple(), expect_decision(ALLOW),
+            EMPTY_CHECK, EMPTY, "Check", allow_tuple(), expect_decision(ALLOW),
             notes="EmptyServicer: constant answer, no decision work (the ceiling)",
         ),
         Row(
-            "Check allow", POLICY, "Check", allow_tuple(), expect_decision(ALLOW),
-            notes="alice, pr-reviewer, github, repo",
+            CHECK_LOCAL, ServerSpec("policy", env=LOCAL_ONLY), "Check",
+            allow_tuple(), expect_decision(ALLOW), check_after=expect_cached(ALLOW, local),
+            notes="alice, pr-reviewer, github, repo; warmed, then every call an in-process hit",
+        ),
+        Row(
+            "Check cached (Redis, local off)", ServerSpec("policy", env=REDIS_ONLY), "Check",
+            allow_tuple(), expect_decision(ALLOW), check_after=expect_cached(ALLOW, redis),
+            notes="in-process level off: every call one Redis GET",
+        ),
+        Row(
+            "Check uncached (cache off)", POLICY, "Check", allow_tuple(),
+            expect_decision(ALLOW), notes="alice, pr-reviewer, github, repo; cache disabled",
         ),
         Row(
             "Check deny", POLICY, "Check", deny_tuple(), expect_decision(DENY_ORG_DEFAULT),
-            notes="bob (sales), pr-reviewer, github, repo: org layer default deny",
+            notes="bob (sales), pr-reviewer, github, repo: org layer default deny; uncached",
+        ),
+        Row(
+            "Check (Redis down: breaker open)", ServerSpec("policy", env=REDIS_DOWN), "Check",
+            allow_tuple(), expect_decision(ALLOW),
+            check_after=expect_cached(ALLOW, pdp_pb2.CACHE_LEVEL_NONE),
+            notes="Redis URL on a closed port, local level off: evaluated, breaker open",
+        ),
+        Row(
+            "empty Check (-c1 -m1)", EMPTY, "Check", allow_tuple(), expect_decision(ALLOW),
+            baseline="empty Check (-c1 -m1)", shape=MODERATE,
+            notes="the ceiling at moderate load: one request in flight",
+        ),
+        Row(
+            CHECK_REDIS_MODERATE, ServerSpec("policy", env=REDIS_ONLY), "Check",
+            allow_tuple(), expect_decision(ALLOW), check_after=expect_cached(ALLOW, redis),
+            baseline="empty Check (-c1 -m1)", shape=MODERATE,
+            notes="Redis hit latency at moderate load (target: p99 < 2 ms)",
         ),
         Row(
             f"empty CheckBatch {BATCH_SIZE}", EMPTY, "CheckBatch", batch,
@@ -238,10 +329,18 @@ def default_rows() -> list[Row]:
             notes="EmptyServicer: one constant result per item",
         ),
         Row(
+            BATCH_LOCAL, ServerSpec("policy", env=LOCAL_ONLY),
+            "CheckBatch", batch, expect_batch(batch_expected),
+            check_after=expect_batch_cached(batch_expected, local),
+            decisions_per_request=BATCH_SIZE, baseline=f"empty CheckBatch {BATCH_SIZE}",
+            notes="100 distinct tuples, warmed: every item an in-process hit",
+        ),
+        Row(
             f"CheckBatch {BATCH_SIZE}", POLICY, "CheckBatch", batch,
             expect_batch(batch_expected), decisions_per_request=BATCH_SIZE,
             baseline=f"empty CheckBatch {BATCH_SIZE}",
-            notes="50 allow, 50 deny (org rule, user rule, application layer, org default)",
+            notes="50 allow, 50 deny (org rule, user rule, application layer, org default); "
+            "uncached",
         ),
     ]  # fmt: skip
 

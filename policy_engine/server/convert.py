@@ -234,6 +234,25 @@ def new_decision_ids(count: int) -> list[bytes]:
     return [text[i : i + 32] for i in range(0, 32 * count, 32)]
 
 
+_ID_POOL: list[bytes] = []
+_ID_POOL_REFILL = 256
+# A forked child must not hand out the IDs its parent has pooled.
+os.register_at_fork(after_in_child=_ID_POOL.clear)
+
+
+def next_decision_id() -> bytes:
+    """One UUID4 hex ID (ASCII bytes) from a pool refilled 256 at a time: ~0.1 µs, not ~1.2.
+
+    `list.pop` is atomic under the GIL, so every pooled ID is handed out exactly once even
+    when two threads refill at the same time (they only pool more).
+    """
+    try:
+        return _ID_POOL.pop()
+    except IndexError:
+        _ID_POOL.extend(new_decision_ids(_ID_POOL_REFILL))
+        return _ID_POOL.pop()
+
+
 # --- cached responses as bytes ---------------------------------------------------------------
 #
 # A cached decision is kept as a serialized "template" CheckResponse (effect, reasons,

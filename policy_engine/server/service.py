@@ -39,6 +39,7 @@ from policy_engine.server.convert import (
     batch_from,
     new_decision_id,
     new_decision_ids,
+    next_decision_id,
     response_from,
     stamp,
 )
@@ -187,7 +188,7 @@ class PolicyDecisionServicer(pdp_pb2_grpc.PolicyDecisionServiceServicer):
                 entry, level = hit
                 try:
                     resp = response_from(
-                        stamp(entry.template, new_decision_ids(1)[0], request.request_id, level)
+                        stamp(entry.template, next_decision_id(), request.request_id, level)
                     )
                 except Exception:
                     log.exception("a cached decision could not be answered; deciding anew")
@@ -376,7 +377,7 @@ class PolicyDecisionServicer(pdp_pb2_grpc.PolicyDecisionServiceServicer):
         cache = self._cache
         try:
             template = self._responses.template(decision)
-            resp = response_from(stamp(template, new_decision_ids(1)[0], request_id, _NONE))
+            resp = response_from(stamp(template, next_decision_id(), request_id, _NONE))
         except Exception:
             log.exception("building a cacheable response failed (request_id=%r)", request_id)
             return None

@@ -26,7 +26,14 @@ from policy_engine.domain.request import ConnectionState, SubjectKind
 from policy_engine.server.convert import (
     RequestConverter,
     ResponseBuilder,
+    add_response,
+    add_result,
+    batch_from,
     new_decision_id,
+    new_decision_ids,
+    next_decision_id,
+    response_from,
+    stamp,
     timestamp_to_datetime,
 )
 
@@ -403,3 +410,64 @@ def test_decision_ids_are_uuid4() -> None:
         assert parsed.version == 4
         assert parsed.variant == uuid.RFC_4122
         assert parsed.hex == value
+
+
+def test_batched_and_pooled_decision_ids_are_uuid4_and_unique() -> None:
+    ids = new_decision_ids(300) + [next_decision_id() for _ in range(600)]
+    assert len(set(ids)) == len(ids)
+    for raw in ids:
+        value = raw.decode()
+        parsed = uuid.UUID(hex=value)
+        assert parsed.version == 4
+        assert parsed.variant == uuid.RFC_4122
+        assert parsed.hex == value
+
+
+# --- cached answers as bytes -----------------------------------------------------------------
+
+
+def _deny() -> Decision:
+    return Decision(
+        effect=Effect.DENY,
+        reasons=(Reason(ErrorCode.POLICY_DENIED, Layer.ORG, "p", "r", "no " * 60),),
+        revision="rev-1",
+    )
+
+
+@pytest.mark.parametrize(
+    ("level", "request_id"),
+    [
+        (pdp_pb2.CACHE_LEVEL_NONE, ""),
+        (pdp_pb2.CACHE_LEVEL_LOCAL, "req-1"),
+        (pdp_pb2.CACHE_LEVEL_REDIS, "r" * 200),  # a length that needs a two-byte varint
+    ],
+)
+def test_a_stamped_template_is_the_full_response(
+    builder: ResponseBuilder, level: int, request_id: str
+) -> None:
+    decision = _deny()
+    template = builder.template(decision)
+    resp = response_from(stamp(template, b"ab" * 16, request_id, level))
+    plain = builder.response(decision, request_id=request_id, explain=False)
+    assert list(resp.reasons) == list(plain.reasons)
+    assert (resp.effect, resp.policy_revision) == (plain.effect, plain.policy_revision)
+    assert resp.decision_id == "ab" * 16
+    assert resp.request_id == request_id
+    assert resp.cache_level == level
+    assert resp.cached is (level != pdp_pb2.CACHE_LEVEL_NONE)
+    assert not resp.HasField("explain")
+
+
+def test_a_batch_is_assembled_from_framed_pieces(builder: ResponseBuilder) -> None:
+    template = builder.template(_deny())
+    explained = builder.response(_deny(), request_id="x", explain=True)
+    parts: list[bytes] = []
+    add_result(parts, template, b"1" * 32, "a", pdp_pb2.CACHE_LEVEL_LOCAL)
+    add_response(parts, explained.SerializeToString())
+    add_result(parts, template, b"2" * 32, "", pdp_pb2.CACHE_LEVEL_NONE)
+    batch = batch_from(parts)
+    assert [r.decision_id for r in batch.results] == ["1" * 32, explained.decision_id, "2" * 32]
+    assert [r.request_id for r in batch.results] == ["a", "x", ""]
+    assert batch.results[1] == explained
+    assert batch.results[0].cache_level == pdp_pb2.CACHE_LEVEL_LOCAL
+    assert batch.results[0].reasons[0].message == "no " * 60
