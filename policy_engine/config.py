@@ -53,6 +53,10 @@ class CacheSettings:
     breaker_failure_threshold: int = 3  # consecutive failures that open the breaker
     breaker_reset_seconds: float = 2.0  # then one probe is let through after this long
     key_prefix: str = "pdp:v1"
+    # Secret that keys the digest binding each Redis value to its key: with it, whoever can
+    # write to Redis still cannot forge or swap a decision. Empty: an unkeyed digest, which
+    # still turns a corrupted or misplaced value into a miss. Same value on every replica.
+    redis_signing_key: str = ""
 
 
 @dataclass(frozen=True, slots=True)

@@ -18,7 +18,7 @@ from collections.abc import Sequence
 from enum import IntEnum
 
 from policy_engine.cache.breaker import BreakerState, CircuitBreaker
-from policy_engine.cache.entry import Entry, decode, encode
+from policy_engine.cache.entry import Codec, Entry
 from policy_engine.cache.key import KeyBuilder
 from policy_engine.cache.local import LocalLRU
 from policy_engine.cache.redis_backend import RedisBackend
@@ -64,6 +64,7 @@ class DecisionCache:
         if redis_backend is None and settings.redis_url.strip():
             redis_backend = RedisBackend(settings)
         self.redis = redis_backend
+        self._codec = Codec(settings.redis_signing_key)
         self.breaker = CircuitBreaker(
             settings.breaker_failure_threshold,
             settings.breaker_reset_seconds,
@@ -119,7 +120,7 @@ class DecisionCache:
             self._failed("get", exc)
             return None
         self.breaker.success()
-        entry = decode(raw) if raw is not None else None
+        entry = self._codec.decode(key, raw) if raw is not None else None
         if entry is None or entry.expires_at <= now:
             self._lookups["redis", "miss"].inc()
             return None
@@ -163,8 +164,9 @@ class DecisionCache:
         self.breaker.success()
         by_key: dict[str, Entry] = {}
         fills: list[tuple[str, Entry]] = []
+        decode = self._codec.decode
         for key, raw in zip(wanted, values, strict=True):
-            entry = decode(raw) if raw is not None else None
+            entry = decode(key, raw) if raw is not None else None  # type: ignore[arg-type]
             if entry is not None and entry.expires_at > now:
                 by_key[key] = entry  # type: ignore[index]
                 if local is not None:
@@ -214,7 +216,7 @@ class DecisionCache:
                 ttl = min(self._redis_ttl, bound)
                 ttl_ms = int(ttl * 1000)
                 if ttl_ms > 0:
-                    value = encode(Entry(template, now + ttl, effect, code))
+                    value = self._codec.encode(key, Entry(template, now + ttl, effect, code))
                     redis_items.append((key, value, ttl_ms))
         if local_items:
             local.put_many(local_items)  # type: ignore[union-attr]

@@ -244,23 +244,27 @@ class PolicyDecisionServicer(pdp_pb2_grpc.PolicyDecisionServiceServicer):
             response = pdp_pb2.CheckBatchResponse(results=[respond(decision, i) for i in items])
             self._count(pdp_pb2.EFFECT_DENY, ErrorCode.SERVER_ERROR.value, count)
         elif self._cache is None:
-            decide_one = self._decide
-            policies, now, now_ts = snapshot
-            if now is None:
-                now = datetime.fromtimestamp(now_ts, UTC)
-            tally: dict[tuple[int, str], int] = {}
-            results = []
-            for item in items:
-                decision = decide_one(item, policies, now)
-                results.append(respond(decision, item))
-                label = (_EFFECT_NUMBERS.get(decision.effect, 0), _first_code(decision))
-                tally[label] = tally.get(label, 0) + 1
-            response = pdp_pb2.CheckBatchResponse(results=results)
-            self._count_tally(tally)
+            response = self._batch_uncached(items, *snapshot)
         else:
             response, level = self._batch_with_cache(self._cache, items, *snapshot)
         self._latency["CheckBatch", level].observe(time.perf_counter() - started)
         return response
+
+    def _batch_uncached(
+        self, items: Any, policies: CompiledPolicySet, now: datetime | None, now_ts: float
+    ) -> pdp_pb2.CheckBatchResponse:
+        if now is None:
+            now = datetime.fromtimestamp(now_ts, UTC)
+        decide_one, respond = self._decide, self._respond
+        tally: dict[tuple[int, str], int] = {}
+        results = []
+        for item in items:
+            decision = decide_one(item, policies, now)
+            results.append(respond(decision, item))
+            label = (_EFFECT_NUMBERS.get(decision.effect, 0), _first_code(decision))
+            tally[label] = tally.get(label, 0) + 1
+        self._count_tally(tally)
+        return pdp_pb2.CheckBatchResponse(results=results)
 
     # --- the cached batch ----------------------------------------------------------------------
 
@@ -314,6 +318,13 @@ class PolicyDecisionServicer(pdp_pb2_grpc.PolicyDecisionServiceServicer):
                 now = datetime.fromtimestamp(now_ts, UTC)
             evaluated += 1
             self._evaluate_item(parts, item, keys[index], ids[index], policies, now, stores, tally)
+        try:
+            response = batch_from(parts)
+        except Exception:
+            # Cannot happen with entries this code wrote; if it ever does, the batch is
+            # decided again from scratch rather than failed, and nothing is stored.
+            log.exception("assembling a batch from cached answers failed; deciding it anew")
+            return self._batch_uncached(items, policies, now, now_ts), "none"
         if stores:
             try:
                 cache.put_many(list(stores.values()), now_ts)
@@ -326,7 +337,7 @@ class PolicyDecisionServicer(pdp_pb2_grpc.PolicyDecisionServiceServicer):
             level_label = "mixed"
         else:
             level_label = "redis" if from_redis else "local"
-        return batch_from(parts), level_label
+        return response, level_label
 
     def _evaluate_item(
         self,

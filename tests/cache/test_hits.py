@@ -5,6 +5,7 @@ Every cached answer is compared with what the engine answers without any cache.
 
 from __future__ import annotations
 
+import time
 from collections.abc import Iterator
 from datetime import UTC, datetime
 from pathlib import Path
@@ -16,6 +17,7 @@ from prometheus_client import REGISTRY
 
 from policy_engine.api import pdp_pb2
 from policy_engine.bench.redis_server import RedisServer
+from policy_engine.cache import Entry
 from policy_engine.policy import CompiledPolicySet, load_policy_set
 from tests.cache.support import (
     Clock,
@@ -182,6 +184,51 @@ def test_what_redis_holds_is_the_decision_not_the_request(
     assert key.decode().startswith(f"pdp:v1:{revision}:")
     value = client.get(key)
     assert value is not None and token.encode() not in value and b"alice" not in key
+
+
+def test_a_forged_or_misplaced_redis_value_is_a_miss_never_an_answer(
+    policies: CompiledPolicySet, shared_redis: RedisServer
+) -> None:
+    """Someone copies a cached allow onto a deny's key: the deny is still what is answered."""
+    config = settings(shared_redis, local_max_entries=0)
+    servicer = servicer_for(policies, config)
+    allow, deny = TUPLES["allow"], TUPLES["org default"]
+    client = admin(shared_redis)
+    with serving(servicer, config) as stub:
+        stub.Check(allow, timeout=10)
+        assert servicer.cache is not None and servicer.cache.flush()
+        (allow_key,) = client.keys("*")
+        stub.Check(deny, timeout=10)
+        assert servicer.cache.flush()
+        (deny_key,) = set(client.keys("*")) - {allow_key}
+        client.set(deny_key, client.get(allow_key))  # the forgery
+        single = stub.Check(deny, timeout=10)
+        client.set(deny_key, client.get(allow_key))
+        batch = stub.CheckBatch(pdp_pb2.CheckBatchRequest(items=[deny, allow]), timeout=10)
+        client.set(deny_key, b"\x02garbage")
+        garbage = stub.Check(deny, timeout=10)
+    for resp in (single, batch.results[0], garbage):
+        assert resp.effect == pdp_pb2.EFFECT_DENY and not resp.cached
+    assert batch.results[1].cache_level == REDIS  # the genuine entry still serves
+
+
+def test_a_corrupt_local_entry_is_decided_anew_not_failed(
+    policies: CompiledPolicySet, uncached: dict[str, tuple[object, ...]]
+) -> None:
+    config = settings()
+    servicer = servicer_for(policies, config)
+    cache = servicer.cache
+    assert cache is not None and cache.local is not None
+    msg = TUPLES["org default"]
+    key = cache.key(msg, policies.revision)
+    assert key is not None
+    with serving(servicer, config) as stub:
+        cache.local.put(key, Entry(b"\xff\xff\xff", time.time() + 60, pdp_pb2.EFFECT_ALLOW, ""))
+        single = stub.Check(msg, timeout=10)
+        cache.local.put(key, Entry(b"\xff\xff\xff", time.time() + 60, pdp_pb2.EFFECT_ALLOW, ""))
+        batch = stub.CheckBatch(pdp_pb2.CheckBatchRequest(items=[msg, msg]), timeout=10)
+    for resp in (single, *batch.results):
+        assert answer(resp) == uncached["org default"] and not resp.cached
 
 
 # --- what is never cached --------------------------------------------------------------------

@@ -6,7 +6,7 @@ import threading
 import time
 
 from policy_engine.cache.breaker import BreakerState, CircuitBreaker
-from policy_engine.cache.entry import Entry, decode, encode
+from policy_engine.cache.entry import Codec, Entry
 from policy_engine.cache.local import LocalLRU
 from policy_engine.cache.writer import Write, WriteBehind
 
@@ -133,7 +133,8 @@ def test_stragglers_do_not_close_an_open_breaker() -> None:
 
 def test_entries_round_trip_through_the_redis_encoding() -> None:
     entry = Entry(b"\x08\x02\x12\x00template", 1_700_000_123.25, 2, "kontext_policy_denied")
-    back = decode(encode(entry))
+    codec = Codec()
+    back = codec.decode("k", codec.encode("k", entry))
     assert back is not None
     assert (back.template, back.expires_at, back.effect, back.code) == (
         entry.template,
@@ -143,10 +144,29 @@ def test_entries_round_trip_through_the_redis_encoding() -> None:
     )
 
 
-def test_values_this_version_did_not_write_are_misses() -> None:
-    assert decode(b"") is None
-    assert decode(b"\x02" + encode(_entry())[1:]) is None  # another format version
-    assert decode(b"garbage") is None
+def test_values_this_codec_did_not_write_under_this_key_are_misses() -> None:
+    codec = Codec()
+    value = codec.encode("k", _entry())
+    assert codec.decode("k", value) is not None
+    assert codec.decode("k", b"") is None
+    assert codec.decode("k", b"garbage") is None
+    assert codec.decode("k", b"\x09" + value[1:]) is None  # another format version
+    assert codec.decode("other-key", value) is None  # an entry copied onto another key
+    flipped = bytearray(value)
+    flipped[10] ^= 1  # the effect byte: an attempt to turn a deny into an allow
+    assert codec.decode("k", bytes(flipped)) is None
+    tampered = value[:-1] + bytes([value[-1] ^ 1])
+    assert codec.decode("k", tampered) is None
+
+
+def test_a_signing_key_makes_values_unforgeable_without_it() -> None:
+    signed, other, unsigned = Codec("s3cret"), Codec("another"), Codec()
+    value = signed.encode("k", _entry())
+    assert signed.decode("k", value) is not None
+    assert other.decode("k", value) is None
+    assert unsigned.decode("k", value) is None
+    assert signed.decode("k", unsigned.encode("k", _entry())) is None
+    assert Codec("x" * 100).decode("k", Codec("x" * 100).encode("k", _entry())) is not None
 
 
 # --- write-behind ----------------------------------------------------------------------------
