@@ -9,8 +9,9 @@ GEN    := $(GENDIR)/kontext/pdp/v1/pdp_pb2.py $(GENDIR)/kontext/pdp/v1/pdp_pb2_g
 
 PDP_ADDRESS  ?= 127.0.0.1:50051
 PDP_POLICIES ?= policies
+FUZZ_SECONDS ?= 300
 
-.PHONY: install generate run test lint bench clean
+.PHONY: install generate run test lint bench fuzz clean
 
 install: $(STAMP) generate
 
@@ -46,6 +47,14 @@ lint: install
 bench: install
 	command -v h2load >/dev/null 2>&1 || (apt-get update -qq && apt-get install -y -qq nghttp2-client)
 	$(BIN)/python -m policy_engine.bench
+
+# Kept out of `make test` (which runs a short pass): fresh seeds until FUZZ_SECONDS run out.
+fuzz: install
+	@end=$$(( $$(date +%s) + $(FUZZ_SECONDS) )); round=0; \
+	while [ $$(date +%s) -lt $$end ]; do round=$$((round + 1)); \
+		PDP_FUZZ_EXAMPLES=2000 $(BIN)/pytest -q -p no:cacheprovider tests/fuzz \
+			--hypothesis-seed=$$round$$RANDOM || exit 1; \
+	done; echo "fuzz: $$round rounds over $(FUZZ_SECONDS)s: no crash, hang or wrongful allow"
 
 clean:
 	rm -rf $(VENV) $(GENDIR)/kontext .pytest_cache .ruff_cache
