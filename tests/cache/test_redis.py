@@ -202,3 +202,39 @@ def test_redis_sentinel_mode(policies: CompiledPolicySet, tmp_path: Path) -> Non
     finally:
         sentinel.stop()
         master.stop()
+
+
+def test_sentinel_urls_list_the_sentinels() -> None:
+    from policy_engine.cache.redis_backend import RedisBackend
+    from policy_engine.config import CacheSettings
+
+    backend = RedisBackend(
+        CacheSettings(
+            redis_mode="sentinel",
+            redis_sentinel_master="m",
+            redis_url="rediss://u:p%40ss@h1:26379,[::1]:26380/3",
+        )
+    )
+    pool = backend.client().connection_pool  # creating it connects nothing
+    sentinels = [s.connection_pool.connection_kwargs for s in pool.sentinel_manager.sentinels]
+    assert [(s["host"], s["port"]) for s in sentinels] == [("h1", 26379), ("::1", 26380)]
+    kwargs = pool.connection_kwargs
+    assert (kwargs["db"], kwargs["username"], kwargs["password"]) == (3, "u", "p@ss")
+    assert "SSL" in pool.connection_class.__name__  # rediss:// means TLS to the master too
+    assert kwargs["socket_timeout"] == 0.05
+
+
+@pytest.mark.parametrize(
+    ("mode", "url", "message"),
+    [
+        ("replicated", "redis://h:1", "redis_mode"),
+        ("standalone", "http://h:1", "redis_url"),
+        ("cluster", "memcached://h:1", "redis_url"),
+    ],
+)
+def test_bad_redis_settings_are_named(mode: str, url: str, message: str) -> None:
+    from policy_engine.cache.redis_backend import RedisBackend
+    from policy_engine.config import CacheSettings, ConfigError
+
+    with pytest.raises(ConfigError, match=message):
+        RedisBackend(CacheSettings(redis_mode=mode, redis_url=url))
