@@ -65,6 +65,7 @@ class DecisionCache:
             redis_backend = RedisBackend(settings)
         self.redis = redis_backend
         self._codec = Codec(settings.redis_signing_key)
+        self._breaker_was_closed = True  # so only the first opening after a close warns
         self.breaker = CircuitBreaker(
             settings.breaker_failure_threshold,
             settings.breaker_reset_seconds,
@@ -245,13 +246,17 @@ class DecisionCache:
         self.breaker.failure()
 
     def _breaker_changed(self, state: BreakerState) -> None:
+        """Gauge and log; a failed probe re-opening it is not news (logged at debug)."""
         BREAKER_STATE.set(0 if state is BreakerState.CLOSED else 1)
         if state is BreakerState.OPEN:
-            log.warning(
-                "redis circuit breaker open: deciding without Redis for %.1fs",
+            log.log(
+                logging.WARNING if self._breaker_was_closed else logging.DEBUG,
+                "redis circuit breaker open: deciding without Redis, probing every %.1fs",
                 self.settings.breaker_reset_seconds,
             )
+            self._breaker_was_closed = False
         elif state is BreakerState.CLOSED:
+            self._breaker_was_closed = True
             log.warning("redis circuit breaker closed: using Redis again")
 
     def flush(self, timeout: float = 5.0) -> bool:
