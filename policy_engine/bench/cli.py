@@ -1,8 +1,13 @@
 """`python -m policy_engine.bench`: run the rows, print the table, write bench-results/latest.md.
 
 Per row: start its server on a free port, wait for gRPC health SERVING, check one real answer,
-warm up for a couple of seconds (which also measures the rate), size the measured run from that
-rate so every row takes about the same time, run it, check one real answer again, stop.
+warm up (which also measures the rate and fills a cache row's cache), size the measured run from
+that rate so every row takes about the same time, run it, check one real answer again, stop.
+
+The rows run round-robin `--rounds` times (3 by default), each round a third of the time: on a
+shared box throughput drifts by 10-20% over minutes, and a row measured once, a minute after its
+baseline, inherits that drift in its ratio. Each row reports the median of its rounds' req/s,
+and latency percentiles over the requests of all its rounds.
 
 Exit code 0 when every row was measured with correct answers, 1 otherwise, 2 for bad flags.
 """
@@ -13,6 +18,7 @@ import argparse
 import contextlib
 import dataclasses
 import math
+import statistics
 import sys
 import tempfile
 import time
@@ -61,8 +67,10 @@ from policy_engine.bench.workloads import (
 REPO = Path(__file__).resolve().parents[2]
 
 # Defaults for a 2-core box: one server process, h2load on the other core.
-MEASURE_SECONDS = 10.0
-WARMUP_SECONDS = 2.0
+MEASURE_SECONDS = 10.0  # per row, over all rounds
+WARMUP_SECONDS = 2.0  # per row, over all rounds (at least MIN_WARMUP_SECONDS per round)
+MIN_WARMUP_SECONDS = 0.6
+ROUNDS = 3
 ENGINE_SECONDS = 2.0
 MIN_REQUESTS = 500  # enough samples for a p99 that means something, even on slow rows
 
@@ -120,7 +128,8 @@ def requests_for(rate: float, seconds: float, shape: h2load.LoadShape) -> int:
     return max(floor, math.ceil(rate * seconds))
 
 
-def run_row(row: Row, plan: Plan) -> RowResult:
+def run_row(row: Row, plan: Plan, round_index: int = 0) -> tuple[RowResult, list[h2load.LogEntry]]:
+    """One round of one row: its result, and its requests' log entries (for pooling)."""
     server_desc = " ".join(
         [row.server.kind, *row.server.args, *(f"{k}={v}" for k, v in row.server.env.items())]
     )
@@ -128,7 +137,7 @@ def run_row(row: Row, plan: Plan) -> RowResult:
     slug = "".join(c if c.isalnum() else "-" for c in row.name.lower())
     body = plan.workdir / f"{slug}.body"
     body.write_bytes(h2load.grpc_frame(row.request.SerializeToString()))
-    log_file = plan.workdir / f"{slug}.log"
+    log_file = plan.workdir / f"{slug}.{round_index}.log"
     shape = row.shape or plan.shape
     server_log = plan.logs / f"{slug}.server.log"
     try:
@@ -150,23 +159,64 @@ def run_row(row: Row, plan: Plan) -> RowResult:
                 timeout_s=expected_s * 5 + 60,
             )
             verify(srv.target, row, "after load", row.check_after)
-        latency = h2load.summarize(h2load.parse_log(log_file.read_text()))
+        entries = h2load.parse_log(log_file.read_text())
+        latency = h2load.summarize(entries)
     except (WrongAnswer, ServerError, h2load.H2loadError, ValueError) as exc:
-        return dataclasses.replace(base, error=str(exc))
+        return dataclasses.replace(base, error=str(exc)), []
     if latency.count != summary.succeeded or latency.not_ok:
-        return dataclasses.replace(
-            base,
-            error=f"log has {latency.count} requests ({latency.not_ok} not 200), "
-            f"h2load reports {summary.succeeded} succeeded",
+        error = (
+            f"log has {latency.count} requests ({latency.not_ok} not 200), "
+            f"h2load reports {summary.succeeded} succeeded"
         )
-    return dataclasses.replace(
+        return dataclasses.replace(base, error=error), []
+    result = dataclasses.replace(
         base,
         req_per_s=summary.req_per_s,
         latency=latency,
         requests=count,
         warmup_req_per_s=warm.req_per_s,
         load=f"-c {shape.clients} -m {shape.streams}",
+        rounds=(summary.req_per_s,),
     )
+    return result, entries
+
+
+def combine(rounds: list[tuple[RowResult, list[h2load.LogEntry]]]) -> RowResult:
+    """One row from its rounds: median req/s, percentiles over every round's requests."""
+    results = [result for result, _ in rounds]
+    failed = [r for r in results if r.error is not None]
+    if failed:
+        return failed[0]
+    pooled = h2load.summarize([entry for _, entries in rounds for entry in entries])
+    log_rates = [r.latency.req_per_s for r in results if r.latency is not None]
+    return dataclasses.replace(
+        results[0],
+        req_per_s=statistics.median(r.req_per_s for r in results),
+        latency=dataclasses.replace(pooled, req_per_s=statistics.median(log_rates)),
+        requests=sum(r.requests for r in results),
+        warmup_req_per_s=statistics.median(r.warmup_req_per_s for r in results),
+        rounds=tuple(r.req_per_s for r in results),
+    )
+
+
+def split_names(text: str, known: Sequence[str]) -> list[str]:
+    """Comma-separated row names, where a name may itself contain commas (the longest known
+    name wins); unknown pieces are kept as they are, for `select` to report."""
+    parts = text.split(",")
+    names: list[str] = []
+    start = 0
+    while start < len(parts):
+        for end in range(len(parts), start, -1):
+            candidate = ",".join(parts[start:end]).strip()
+            if candidate in known:
+                names.append(candidate)
+                start = end
+                break
+        else:
+            if parts[start].strip():
+                names.append(parts[start].strip())
+            start += 1
+    return names
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -181,6 +231,12 @@ def build_parser() -> argparse.ArgumentParser:
         default=1.0,
         help=f"scale the warm-up ({WARMUP_SECONDS:g}s) and measured "
         f"({MEASURE_SECONDS:g}s) time of every row",
+    )
+    parser.add_argument(
+        "--rounds",
+        type=int,
+        default=ROUNDS,
+        help=f"run the rows round-robin this many times and report medians (default {ROUNDS})",
     )
     parser.add_argument(
         "--workers",
@@ -218,12 +274,15 @@ def main(argv: Sequence[str] | None = None) -> int:
         for row in rows:
             print(f"{row.name:<36} {row.server.kind:<7} {row.method:<11} {row.notes}")
         return 0
-    if args.duration_scale <= 0 or args.workers < 1 or args.threads < 1:
-        print("bench: --duration-scale, --workers and --threads must be positive", file=sys.stderr)
+    if args.duration_scale <= 0 or args.workers < 1 or args.threads < 1 or args.rounds < 1:
+        print(
+            "bench: --duration-scale, --rounds, --workers and --threads must be positive",
+            file=sys.stderr,
+        )
         return 2
     if args.rows:
         try:
-            rows = select(rows, [n.strip() for n in args.rows.split(",") if n.strip()])
+            rows = select(rows, split_names(args.rows, [row.name for row in rows]))
         except KeyError as exc:
             print(f"bench: {exc.args[0]}", file=sys.stderr)
             return 2
@@ -251,21 +310,26 @@ def main(argv: Sequence[str] | None = None) -> int:
         plan = Plan(
             options=ServerOptions(args.workers, args.threads, policy_dir),
             shape=shape,
-            measure_s=MEASURE_SECONDS * args.duration_scale,
-            warmup_s=WARMUP_SECONDS * args.duration_scale,
+            measure_s=MEASURE_SECONDS * args.duration_scale / args.rounds,
+            warmup_s=max(MIN_WARMUP_SECONDS, WARMUP_SECONDS * args.duration_scale / args.rounds),
             workdir=Path(tmp),
             logs=REPO / "bench-results" / "logs",
             substitutions=substitutions,
         )
-        results: list[RowResult] = []
-        for row in rows:
-            _log(f"bench: {row.name} ...")
-            result = run_row(row, plan)
-            _log(f"bench: {row.name}: " + (
-                f"FAILED: {result.error}" if result.error else
-                f"{result.req_per_s:,.0f} req/s over {result.requests:,} requests"
-            ))  # fmt: skip
-            results.append(result)
+        by_row: dict[str, list[tuple[RowResult, list[h2load.LogEntry]]]] = {
+            row.name: [] for row in rows
+        }
+        for round_index in range(args.rounds):
+            for row in rows:
+                where = f"bench: round {round_index + 1}/{args.rounds}: {row.name}"
+                _log(f"{where} ...")
+                result, entries = run_row(row, plan, round_index)
+                _log(f"{where}: " + (
+                    f"FAILED: {result.error}" if result.error else
+                    f"{result.req_per_s:,.0f} req/s over {result.requests:,} requests"
+                ))  # fmt: skip
+                by_row[row.name].append((result, entries))
+        results = [combine(by_row[row.name]) for row in rows]
 
     engine: list[EngineResult] = []
     if not args.no_engine:
@@ -285,8 +349,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     facts = machine_facts(REPO, {
         "server": f"workers={args.workers} threads={args.threads} policies={args.policies}",
         "load": f"h2load -c {shape.clients} -m {shape.streams} -t {shape.threads} unless the "
-                f"row says otherwise, warm-up {plan.warmup_s:g}s then ~{plan.measure_s:g}s per "
-                f"row (duration scale {args.duration_scale:g})",
+                f"row says otherwise; {args.rounds} round(s) round-robin, each a warm-up of "
+                f"{plan.warmup_s:.2g}s then ~{plan.measure_s:.2g}s per row "
+                f"(duration scale {args.duration_scale:g})",
         "redis": redis_note,
         "wall time": f"{time.monotonic() - started:.0f}s",
         "server logs": str(plan.logs),

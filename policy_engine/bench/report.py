@@ -39,6 +39,7 @@ class RowResult:
     warmup_req_per_s: float = 0.0
     error: str | None = None
     load: str = ""  # the h2load shape this row ran with
+    rounds: tuple[float, ...] = ()  # req/s of each round (req_per_s is their median)
 
     @property
     def decisions_per_s(self) -> float:
@@ -87,17 +88,20 @@ def results_table(results: Sequence[RowResult]) -> str:
 def details_table(results: Sequence[RowResult]) -> str:
     """Per-row facts behind the headline numbers, for judging how far to trust them."""
     lines = [
-        "| workload | server | load | baseline | requests | warm-up req/s | log req/s | mean ms "
-        "| max ms | non-200 |",
-        "|---|---|---|---|--:|--:|--:|--:|--:|--:|",
+        "| workload | server | load | baseline | req/s per round | requests | warm-up req/s "
+        "| log req/s | mean ms | max ms | non-200 |",
+        "|---|---|---|---|---|--:|--:|--:|--:|--:|--:|",
     ]
     for r in results:
         lat = r.latency
+        per_round = ", ".join(_num(v) for v in r.rounds)
         if lat is None:
-            lines.append(f"| {r.name} | {r.server} | {r.load} | {r.baseline} | | | | | | |")
+            lines.append(
+                f"| {r.name} | {r.server} | {r.load} | {r.baseline} | {per_round} | | | | | | |"
+            )
             continue
         lines.append(
-            f"| {r.name} | {r.server} | {r.load} | {r.baseline} | {r.requests:,} | "
+            f"| {r.name} | {r.server} | {r.load} | {r.baseline} | {per_round} | {r.requests:,} | "
             f"{_num(r.warmup_req_per_s)} | {_num(lat.req_per_s)} | {_ms(lat.mean_ms)} | "
             f"{_ms(lat.max_ms)} | {lat.not_ok} |"
         )

@@ -59,3 +59,33 @@ def test_targets_are_computed_from_rows_of_the_same_run() -> None:
     assert met == [True, False, True]  # 0.90 of empty; p99 2.5 ms; 100,000 / 3,600 = 27.8x
     assert "27.8x" in targets_table(results)
     assert [t.met for t in targets(results[:1])] == [None, None, None]
+
+
+def test_rounds_combine_to_the_median_rate_and_pooled_percentiles() -> None:
+    from policy_engine.bench.cli import combine
+    from policy_engine.bench.h2load import LogEntry
+
+    def round_of(rate: float, elapsed_us: int) -> tuple[RowResult, list[LogEntry]]:
+        entries = [LogEntry(i * 1000, 200, elapsed_us) for i in range(100)]
+        result = _row("r", rate)
+        return RowResult("r", "", 1, req_per_s=rate, latency=result.latency, requests=100,
+                         rounds=(rate,)), entries  # fmt: skip
+
+    combined = combine([round_of(1000, 500), round_of(3000, 500), round_of(2000, 900)])
+    assert combined.req_per_s == 2000  # the median, not the mean or the last
+    assert combined.rounds == (1000, 3000, 2000)
+    assert combined.requests == 300
+    assert combined.latency is not None
+    assert combined.latency.count == 300 and combined.latency.p99_ms == 0.9  # pooled
+    broken = RowResult("r", "", 1, error="server exited")
+    assert combine([round_of(1000, 500), (broken, [])]).error == "server exited"
+
+
+def test_row_names_with_commas_can_be_selected() -> None:
+    from policy_engine.bench.cli import split_names
+
+    known = [row.name for row in workloads.default_rows()]
+    text = "Check cached (Redis, local off),Check deny, CheckBatch 100 ,nope"
+    assert split_names(text, known) == [
+        "Check cached (Redis, local off)", "Check deny", "CheckBatch 100", "nope",
+    ]  # fmt: skip
