@@ -9,6 +9,7 @@ GEN    := $(GENDIR)/kontext/pdp/v1/pdp_pb2.py $(GENDIR)/kontext/pdp/v1/pdp_pb2_g
 
 PDP_ADDRESS  ?= 127.0.0.1:50051
 PDP_POLICIES ?= policies
+REDIS_URL    ?=
 FUZZ_SECONDS ?= 300
 
 .PHONY: install generate run test lint bench fuzz clean
@@ -35,7 +36,8 @@ $(GEN) &: $(PROTO) $(STAMP)
 	touch $(GEN)
 
 run: install
-	$(BIN)/pdp serve --address $(PDP_ADDRESS) --policies $(PDP_POLICIES)
+	$(BIN)/pdp serve --address $(PDP_ADDRESS) --policies $(PDP_POLICIES) \
+		$(if $(REDIS_URL),--redis-url $(REDIS_URL))
 
 test: install
 	$(BIN)/pytest -q

@@ -191,6 +191,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
             "policy_dir": args.policies,
             "workers": args.workers,
             "threads": args.threads,
+            "cache": {"redis_url": args.redis_url} if args.redis_url is not None else None,
         },
     )
     logging.basicConfig(
@@ -244,6 +245,10 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--config", help="YAML config file (see README)")
     serve.add_argument("--workers", type=int, help="processes sharing the port (default 1)")
     serve.add_argument("--threads", type=int, help="handler threads per process (default 16)")
+    serve.add_argument(
+        "--redis-url",
+        help="share decisions through this Redis (redis://, rediss://; default: in-process only)",
+    )
     serve.set_defaults(handler=cmd_serve)
 
     validate = commands.add_parser("validate", help="check a policy directory; list every error")

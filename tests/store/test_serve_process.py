@@ -13,9 +13,11 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import grpc
+import redis
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from policy_engine.api import pdp_pb2, pdp_pb2_grpc
+from policy_engine.bench.redis_server import RedisServer
 from policy_engine.policy import load_policy_set
 from tests.server.harness import REPO
 from tests.store.support import (
@@ -33,7 +35,7 @@ DENY_REPO = org_policy(["read"], deny=["repo"])
 
 @contextmanager
 def _serving(
-    tmp_path: Path, root: Path, *, workers: int, env: dict[str, str]
+    tmp_path: Path, root: Path, *, workers: int, env: dict[str, str], args: tuple[str, ...] = ()
 ) -> Iterator[tuple[subprocess.Popen[bytes], int, Path]]:
     """`pdp serve` on a free port; yields the process, the port and its log file."""
     port = free_port()
@@ -41,7 +43,7 @@ def _serving(
     command = [
         sys.executable, "-m", "policy_engine.cli.main", "serve",
         "--address", f"127.0.0.1:{port}", "--policies", str(root),
-        "--workers", str(workers), "--threads", "2",
+        "--workers", str(workers), "--threads", "2", *args,
     ]  # fmt: skip
     full_env = {**os.environ, "PYTHONPATH": str(REPO), "PDP_RELOAD__DEBOUNCE_MS": "50", **env}
     with log_file.open("w") as log:
@@ -97,6 +99,20 @@ def test_sighup_reloads_when_watching_is_off(tmp_path: Path) -> None:
         assert response.effect == pdp_pb2.EFFECT_DENY
         assert response.policy_revision == new_revision != old.policy_revision
         assert _status(port).instance.endswith(f":{proc.pid}")
+
+
+def test_redis_url_flag_shares_decisions_through_redis(
+    tmp_path: Path, redis_server: RedisServer
+) -> None:
+    root = write_policy_dir(tmp_path / "policies", ALLOW_REPO)
+    url = f"redis://127.0.0.1:{redis_server.port}/0"
+    env = {"PDP_METRICS_ADDRESS": ""}
+    with _serving(tmp_path, root, workers=1, env=env, args=("--redis-url", url)) as (_, port, _):
+        assert _check(port).effect == pdp_pb2.EFFECT_ALLOW
+        client = redis.Redis(port=redis_server.port)
+        wait_for(lambda: client.dbsize() == 1, what="the decision to reach Redis")
+        (key,) = client.keys()
+        assert key.startswith(f"pdp:v1:{load_policy_set(root).revision}:".encode())
 
 
 def _metrics(port: int) -> str:
