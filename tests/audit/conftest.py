@@ -6,7 +6,6 @@ the test (files named `*.tampered` are left alone: they are broken on purpose).
 
 from __future__ import annotations
 
-import shutil
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -23,22 +22,13 @@ def _audit_files_match_schema(tmp_path: Path) -> Iterator[None]:
             assert_valid_lines(path.read_text().splitlines())
 
 
-@pytest.fixture(scope="session")
-def audit_redis(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisServer]:
-    if not (shutil.which("redis-server") or Path("/usr/bin/redis-server").exists()):
-        pytest.skip("redis-server is not installed")
-    server = RedisServer(tmp_path_factory.mktemp("redis"))
-    server.start()
-    yield server
-    server.stop()
+@pytest.fixture
+def audit_redis(shared_redis_server: RedisServer) -> RedisServer:
+    """The session's redis-server (tests use keys of their own)."""
+    return shared_redis_server
 
 
 @pytest.fixture
-def audit_own_redis(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisServer]:
+def audit_own_redis(redis_server: RedisServer) -> RedisServer:
     """A redis-server for one test, which it may kill and restart."""
-    if not (shutil.which("redis-server") or Path("/usr/bin/redis-server").exists()):
-        pytest.skip("redis-server is not installed")
-    server = RedisServer(tmp_path_factory.mktemp("redis-own"))
-    server.start()
-    yield server
-    server.stop()
+    return redis_server

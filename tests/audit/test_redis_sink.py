@@ -21,11 +21,12 @@ from tests.audit.support import (
     assert_valid_lines,
     make_request,
     settings,
+    text_client,
 )
 
 
 def stream_lines(server: RedisServer, key: str) -> list[str]:
-    return [fields["record"] for _, fields in server.client().xrange(key)]
+    return [fields["record"] for _, fields in text_client(server).xrange(key)]
 
 
 def redis_log(tmp_path: Path, server: RedisServer, key: str, **changes: Any) -> AuditLog:
@@ -36,7 +37,7 @@ def redis_log(tmp_path: Path, server: RedisServer, key: str, **changes: Any) -> 
 
 def test_consumer_group_reads_every_record_once(tmp_path: Path, audit_redis: RedisServer) -> None:
     key = f"audit-{uuid.uuid4().hex}"
-    client = audit_redis.client()
+    client = text_client(audit_redis)
     # The consumer's own group, made before the writer exists: the sink never needs one.
     client.xgroup_create(key, "siem", id="0", mkstream=True)
     audit = redis_log(tmp_path, audit_redis, key)
@@ -76,7 +77,7 @@ def test_stream_is_trimmed_to_about_maxlen(tmp_path: Path, audit_redis: RedisSer
     for i in range(1000):
         audit.record(make_request(), DENY, decision_id=f"d{i}")
     assert audit.close()
-    length = audit_redis.client().xlen(key)
+    length = text_client(audit_redis).xlen(key)
     assert 100 <= length < 400  # MAXLEN ~ trims whole macro nodes
     # A trimmed stream begins mid-chain: verify accepts it as an excerpt with --partial.
     lines = stream_lines(audit_redis, key)
