@@ -33,6 +33,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from policy_engine.api import pdp_pb2, pdp_pb2_grpc
+from policy_engine.audit import AuditLog
 from policy_engine.config import ConfigError, Settings
 from policy_engine.domain.codes import ErrorCode, docs_url
 from policy_engine.server.errors import invalid_argument
@@ -43,7 +44,7 @@ from policy_engine.server.metrics_http import (
     start_multiprocess_metrics,
 )
 from policy_engine.server.security import interceptors, server_credentials
-from policy_engine.server.service import SERVICE_NAME
+from policy_engine.server.service import SERVICE_NAME, PolicyDecisionServicer
 from policy_engine.server.status import STATUS_SERVICE_NAME, PolicyStatusServicer
 from policy_engine.store import DirectoryBackend, PolicyReloader, PolicyStore
 
@@ -52,6 +53,7 @@ log = logging.getLogger(__name__)
 Mode = Literal["policy", "empty"]
 
 STOP_GRACE_SECONDS = 5.0
+AUDIT_CLOSE_SECONDS = 10.0  # after the grace period: the audit queue and sinks drain
 EXIT_WORKER_FAILED = 1
 
 
@@ -217,6 +219,8 @@ class RunningServer:
     health: health.HealthServicer
     store: PolicyStore | None = None
     reloader: PolicyReloader | None = None
+    servicer: PolicyDecisionServicer | None = None
+    audit: AuditLog | None = None
 
     def reload(self, reason: str = "SIGHUP") -> None:
         """Ask for a reload (done off this thread); safe to call from a signal handler."""
@@ -224,15 +228,22 @@ class RunningServer:
             self.reloader.request(reason)
 
     def stop(self, grace: float | None = STOP_GRACE_SECONDS) -> None:
+        """Refuse new calls, answer those in flight (up to `grace`), then drain the audit log:
+        every decision answered before this returns is in the log."""
         self.health.enter_graceful_shutdown()
         if self.reloader is not None:
             self.reloader.stop()
         self.server.stop(grace=grace).wait()
+        if self.servicer is not None:
+            self.servicer.close()
+        if self.audit is not None and not self.audit.close(AUDIT_CLOSE_SECONDS):
+            log.error("audit log: not every record was written before the deadline")
 
 
-def start_server(settings: Settings, mode: Mode = "policy") -> RunningServer:
+def start_server(settings: Settings, mode: Mode = "policy", *, worker: int = 0) -> RunningServer:
     """Build and start the server for `mode`; for "policy" also the store (initial load), the
-    health flip on the first valid set, the status service and the reloader."""
+    health flip on the first valid set, the status service, the reloader and the audit log
+    (`worker` numbers this process's audit file when several share a port)."""
     health_servicer = health.HealthServicer()
     if mode == "empty":
         from policy_engine.server.empty import EmptyServicer
@@ -243,8 +254,7 @@ def start_server(settings: Settings, mode: Mode = "policy") -> RunningServer:
         server.start()
         return RunningServer(server, port, health_servicer)
 
-    from policy_engine.server.service import PolicyDecisionServicer
-
+    audit = AuditLog(settings.audit, worker=worker) if settings.audit.enabled else None
     store = PolicyStore(
         DirectoryBackend(settings.policy_dir, bundle_public_key=bundle_public_key(settings))
     )
@@ -252,8 +262,9 @@ def start_server(settings: Settings, mode: Mode = "policy") -> RunningServer:
     reloader = PolicyReloader(
         store, watch=settings.reload.watch, debounce_ms=settings.reload.debounce_ms
     )
+    servicer = PolicyDecisionServicer(store.current, settings, audit=audit)
     server, port = build_server(
-        PolicyDecisionServicer(store.current, settings),
+        servicer,
         settings,
         policy_ready=store.peek() is not None,
         health_servicer=health_servicer,
@@ -263,10 +274,10 @@ def start_server(settings: Settings, mode: Mode = "policy") -> RunningServer:
     store.subscribe(lambda _policies: set_serving(health_servicer, True))
     server.start()
     reloader.start()
-    return RunningServer(server, port, health_servicer, store, reloader)
+    return RunningServer(server, port, health_servicer, store, reloader, servicer, audit)
 
 
-def _run_worker(settings: Settings, mode: Mode, *, parent_pid: int | None) -> int:
+def _run_worker(settings: Settings, mode: Mode, *, parent_pid: int | None, worker: int = 0) -> int:
     """Serve until signalled (or orphaned); returns the process exit code."""
     # Handlers first, so a signal during the initial load is not lost (or fatal): a SIGHUP
     # that arrives before the reloader exists is replayed to it once the server is up.
@@ -281,7 +292,7 @@ def _run_worker(settings: Settings, mode: Mode, *, parent_pid: int | None) -> in
         else None
     )
     try:
-        running = start_server(settings, mode)
+        running = start_server(settings, mode, worker=worker)
     except BaseException:
         if metrics_endpoint is not None:
             metrics_endpoint.close()
@@ -370,7 +381,7 @@ def _install_handlers(
 # --- several server processes --------------------------------------------------------------
 
 
-def _worker_main(settings: Settings, mode: Mode, parent_pid: int) -> None:
+def _worker_main(settings: Settings, mode: Mode, parent_pid: int, worker: int) -> None:
     """Entry point of a spawned worker: a fresh interpreter, so logging is configured anew."""
     if not logging.getLogger().handlers:
         logging.basicConfig(
@@ -378,7 +389,7 @@ def _worker_main(settings: Settings, mode: Mode, parent_pid: int) -> None:
             format="%(asctime)s %(levelname)s [%(process)d] %(name)s: %(message)s",
         )
     try:
-        code = _run_worker(settings, mode, parent_pid=parent_pid)
+        code = _run_worker(settings, mode, parent_pid=parent_pid, worker=worker)
     except ConfigError as exc:  # e.g. the port cannot be bound: one clear line, no traceback
         log.error("%s", exc)
         code = EXIT_WORKER_FAILED
@@ -443,7 +454,7 @@ def _supervise_workers(
             break
         proc = ctx.Process(
             target=_worker_main,
-            args=(settings, mode, os.getpid()),
+            args=(settings, mode, os.getpid(), index),
             name=f"pdp-worker-{index}",
         )
         proc.start()
@@ -462,7 +473,7 @@ def _supervise_workers(
         if stopping.is_set():
             # A worker gets its grace period plus some slack, then is killed.
             if kill_at is None:
-                kill_at = time.monotonic() + STOP_GRACE_SECONDS + 10.0
+                kill_at = time.monotonic() + STOP_GRACE_SECONDS + AUDIT_CLOSE_SECONDS + 10.0
             elif time.monotonic() > kill_at:
                 for proc in running:
                     log.error("worker %s did not stop in time; killing it", proc.name)

@@ -18,7 +18,7 @@ from google.protobuf import struct_pb2, timestamp_pb2
 from policy_engine.api import pdp_pb2
 from policy_engine.config import RequestLimits
 from policy_engine.domain.codes import ErrorCode, docs_url
-from policy_engine.domain.decision import Decision, Effect, Layer, Reason, RuleResult
+from policy_engine.domain.decision import Decision, Effect, Layer, Reason, RuleMatch, RuleResult
 from policy_engine.domain.request import (
     CheckRequest,
     ConnectionState,
@@ -167,6 +167,27 @@ class RequestConverter:
         if kind == "list_value":
             return self._list(v.list_value, depth + 1)
         return None  # null_value, or a Value with no kind set
+
+
+def raw_fields(msg: pdp_pb2.CheckRequest) -> dict[str, Any]:
+    """A message's identifying fields as read, for the audit record of a decision made without
+    a domain request (`build_invalid_record`'s keywords)."""
+    subject, context = msg.subject, msg.context
+    kind = _SUBJECT_KINDS.get(subject.kind)
+    connection = _CONNECTION_STATES.get(context.connection)
+    return {
+        "organization": msg.organization,
+        "subject_id": subject.id,
+        "subject_kind": kind.value if kind is not None else "unknown",
+        "access_token": subject.access_token,
+        "application_id": msg.application.id,
+        "integration_id": msg.integration.id,
+        "scope": msg.scope,
+        "request_id": msg.request_id,
+        "client_ip": context.client_ip,
+        "session_id": context.session_id,
+        "connection": connection.value if connection is not None else "unknown",
+    }
 
 
 def timestamp_to_datetime(ts: timestamp_pb2.Timestamp) -> datetime | None:
@@ -331,6 +352,49 @@ def batch_from(parts: list[bytes]) -> pdp_pb2.CheckBatchResponse:
     return pdp_pb2.CheckBatchResponse.FromString(b"".join(parts))
 
 
+def _rule_matches(decision: Decision) -> list[pdp_pb2.RuleMatch]:
+    return [
+        pdp_pb2.RuleMatch(
+            layer=_LAYERS.get(m.layer, pdp_pb2.LAYER_UNSPECIFIED),
+            policy=m.policy,
+            rule=m.rule,
+            effect=_EFFECTS.get(m.effect, pdp_pb2.EFFECT_UNSPECIFIED),
+        )
+        for m in decision.matched_rules
+    ]
+
+
+_DOMAIN_LAYERS: dict[int, Layer] = {number: layer for layer, number in _LAYERS.items()}
+_DOMAIN_EFFECTS: dict[int, Effect] = {number: effect for effect, number in _EFFECTS.items()}
+
+
+def decision_from_response(resp: pdp_pb2.CheckResponse) -> Decision:
+    """The domain decision a (cached) response stands for: what the audit log records of a hit.
+
+    Anything the domain does not know (a layer or code a newer writer added) raises ValueError
+    or KeyError; the audit writer counts such a record as one it could not build.
+    """
+    return Decision(
+        effect=_DOMAIN_EFFECTS[resp.effect],
+        reasons=tuple(
+            Reason(
+                code=ErrorCode(r.code),
+                layer=_DOMAIN_LAYERS[r.layer],
+                policy=r.policy,
+                rule=r.rule,
+                message=r.message,
+                field=r.field,
+            )
+            for r in resp.reasons
+        ),
+        revision=resp.policy_revision,
+        matched_rules=tuple(
+            RuleMatch(_DOMAIN_LAYERS[m.layer], m.policy, m.rule, _DOMAIN_EFFECTS[m.effect])
+            for m in resp.matched_rules
+        ),
+    )
+
+
 class ResponseBuilder:
     """Builds `CheckResponse`s; the per-code strings (docs URL, status) are computed once."""
 
@@ -359,13 +423,14 @@ class ResponseBuilder:
         )
 
     def template(self, decision: Decision) -> bytes:
-        """The cacheable part of the answer, serialized: effect, reasons, revision."""
+        """The cacheable part of the answer, serialized: effect, reasons, revision, matches."""
         effect = pdp_pb2.EFFECT_ALLOW if decision.effect is Effect.ALLOW else pdp_pb2.EFFECT_DENY
         reason = self.reason
         return pdp_pb2.CheckResponse(
             effect=effect,
             reasons=[reason(r) for r in decision.reasons],
             policy_revision=decision.revision,
+            matched_rules=_rule_matches(decision),
         ).SerializeToString()
 
     def response(
@@ -382,6 +447,7 @@ class ResponseBuilder:
             cached=False,
             cache_level=pdp_pb2.CACHE_LEVEL_NONE,
             request_id=request_id,
+            matched_rules=_rule_matches(decision),
         )
         if explain:
             trace = resp.explain

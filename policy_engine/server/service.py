@@ -10,6 +10,12 @@ the stored response bytes without building domain objects or touching the engine
 allows and denies are stored: never validation failures, server errors, decisions that read
 the clock, decisions a policy opted out of, and never past a subject token's validity. Any
 fault inside the cache path is a miss: the engine decides, the RPC never fails because of it.
+
+With an audit log, every decision (each Check, each CheckBatch item, cached or not, refused as
+invalid or answered with a server error) is queued as one record before the answer is
+returned, so a broker that got an answer can find it in the log. A cache hit is queued with
+the stored response and the request message; both are turned into domain values on the
+audit writer's thread, off the request path.
 """
 
 from __future__ import annotations
@@ -18,16 +24,19 @@ import logging
 import time
 from collections.abc import Callable
 from datetime import UTC, datetime
+from functools import partial
 from typing import TYPE_CHECKING, Any, NoReturn
 
 import grpc
 
 from policy_engine import __version__
 from policy_engine.api import pdp_pb2, pdp_pb2_grpc
+from policy_engine.audit import AuditLog
 from policy_engine.cache import CacheLevel, DecisionCache, Store, build_cache, settings_fingerprint
 from policy_engine.config import Settings
 from policy_engine.domain.codes import ErrorCode
 from policy_engine.domain.decision import Decision, Effect, Layer, Reason
+from policy_engine.domain.request import CheckRequest
 from policy_engine.engine import decide
 from policy_engine.engine.validation import is_validation_failure
 from policy_engine.metrics import DECISION_LATENCY, DECISIONS
@@ -37,9 +46,11 @@ from policy_engine.server.convert import (
     add_response,
     add_result,
     batch_from,
+    decision_from_response,
     new_decision_id,
     new_decision_ids,
     next_decision_id,
+    raw_fields,
     response_from,
     stamp,
 )
@@ -95,7 +106,8 @@ class PolicyDecisionServicer(pdp_pb2_grpc.PolicyDecisionServiceServicer):
     """Decides Check and CheckBatch requests against whatever the policy source returns.
 
     The cache is built from `settings.cache` unless one is passed (tests inject theirs;
-    `cache=None` turns caching off). The servicer does not own an injected cache's lifetime.
+    `cache=None` turns caching off). The servicer does not own an injected cache's lifetime,
+    nor the audit log's (the server closes it after the last RPC has been answered).
     """
 
     def __init__(
@@ -105,8 +117,10 @@ class PolicyDecisionServicer(pdp_pb2_grpc.PolicyDecisionServiceServicer):
         clock: Clock = utc_now,
         *,
         cache: DecisionCache | None = _UNSET,
+        audit: AuditLog | None = None,
     ) -> None:
         self._source = policy_source
+        self._audit = audit if audit is not None and audit.enabled else None
         self._clock = clock
         # The default clock is read as a float on the hit path (no datetime built there).
         self._fast_clock = clock is utc_now
@@ -163,8 +177,11 @@ class PolicyDecisionServicer(pdp_pb2_grpc.PolicyDecisionServiceServicer):
         started = time.perf_counter()
         snapshot = self._snapshot()
         if snapshot is None:
-            resp = self._respond(self._server_error(""), request)
+            decision = self._server_error("")
+            resp = self._respond(decision, request)
             self._count(resp.effect, ErrorCode.SERVER_ERROR.value)
+            if self._audit is not None:
+                self._audit_unconverted(request, decision, resp.decision_id, started)
             self._latency["Check", "none"].observe(time.perf_counter() - started)
             return resp
         policies, now, now_ts = snapshot
@@ -186,23 +203,32 @@ class PolicyDecisionServicer(pdp_pb2_grpc.PolicyDecisionServiceServicer):
                 key = hit = None
             if hit is not None:
                 entry, level = hit
+                decision_id = next_decision_id()
                 try:
                     resp = response_from(
-                        stamp(entry.template, next_decision_id(), request.request_id, level)
+                        stamp(entry.template, decision_id, request.request_id, level)
                     )
                 except Exception:
                     log.exception("a cached decision could not be answered; deciding anew")
                 else:
                     self._count(entry.effect, entry.code)
+                    if self._audit is not None:
+                        self._audit_hit(
+                            request, entry.template, decision_id, level, started, now_ts
+                        )
                     self._latency["Check", _LEVEL_LABELS[level]].observe(
                         time.perf_counter() - started
                     )
                     return resp
         if now is None:
             now = datetime.fromtimestamp(now_ts, UTC)
-        decision = self._decide(request, policies, now)
+        converted, decision = self._decide(request, policies, now)
         if is_validation_failure(decision):
             self._count(pdp_pb2.EFFECT_DENY, ErrorCode.VALIDATION_ERROR.value)
+            if self._audit is not None:
+                self._audit_decided(
+                    request, converted, decision, new_decision_id(), started, now_ts
+                )
             self._latency["Check", "none"].observe(time.perf_counter() - started)
             self._abort_invalid(
                 context,
@@ -219,6 +245,8 @@ class PolicyDecisionServicer(pdp_pb2_grpc.PolicyDecisionServiceServicer):
         if resp is None:
             resp = self._respond(decision, request)
         self._count(resp.effect, _first_code(decision))
+        if self._audit is not None:
+            self._audit_decided(request, converted, decision, resp.decision_id, started, now_ts)
         self._latency["Check", "none"].observe(time.perf_counter() - started)
         return resp
 
@@ -243,24 +271,35 @@ class PolicyDecisionServicer(pdp_pb2_grpc.PolicyDecisionServiceServicer):
             decision = self._server_error("")
             response = pdp_pb2.CheckBatchResponse(results=[respond(decision, i) for i in items])
             self._count(pdp_pb2.EFFECT_DENY, ErrorCode.SERVER_ERROR.value, count)
+            if self._audit is not None:
+                for item, result in zip(items, response.results, strict=True):
+                    self._audit_unconverted(item, decision, result.decision_id, started)
         elif self._cache is None:
-            response = self._batch_uncached(items, *snapshot)
+            response = self._batch_uncached(items, *snapshot, started)
         else:
-            response, level = self._batch_with_cache(self._cache, items, *snapshot)
+            response, level = self._batch_with_cache(self._cache, items, *snapshot, started)
         self._latency["CheckBatch", level].observe(time.perf_counter() - started)
         return response
 
     def _batch_uncached(
-        self, items: Any, policies: CompiledPolicySet, now: datetime | None, now_ts: float
+        self,
+        items: Any,
+        policies: CompiledPolicySet,
+        now: datetime | None,
+        now_ts: float,
+        started: float,
     ) -> pdp_pb2.CheckBatchResponse:
         if now is None:
             now = datetime.fromtimestamp(now_ts, UTC)
-        decide_one, respond = self._decide, self._respond
+        decide_one, respond, audit = self._decide, self._respond, self._audit
         tally: dict[tuple[int, str], int] = {}
         results = []
         for item in items:
-            decision = decide_one(item, policies, now)
-            results.append(respond(decision, item))
+            converted, decision = decide_one(item, policies, now)
+            result = respond(decision, item)
+            results.append(result)
+            if audit is not None:
+                self._audit_decided(item, converted, decision, result.decision_id, started, now_ts)
             label = (_EFFECT_NUMBERS.get(decision.effect, 0), _first_code(decision))
             tally[label] = tally.get(label, 0) + 1
         self._count_tally(tally)
@@ -275,6 +314,7 @@ class PolicyDecisionServicer(pdp_pb2_grpc.PolicyDecisionServiceServicer):
         policies: CompiledPolicySet,
         now: datetime | None,
         now_ts: float,
+        started: float,
     ) -> tuple[pdp_pb2.CheckBatchResponse, str]:
         """Local level per item, one MGET for the local misses, evaluate the rest, one write.
 
@@ -300,6 +340,10 @@ class PolicyDecisionServicer(pdp_pb2_grpc.PolicyDecisionServiceServicer):
         tally: dict[tuple[int, str], int] = {}
         evaluated = from_redis = 0
         redis_level = CacheLevel.REDIS
+        audit = self._audit
+        # Audit records wait until the batch is assembled: if that fails, it is decided anew
+        # and those decisions, not these, are the ones answered and recorded.
+        audited: list[tuple[Any, ...]] = []
         for index, item in enumerate(items):
             hit = hits[index]
             if hit is not None:
@@ -313,18 +357,24 @@ class PolicyDecisionServicer(pdp_pb2_grpc.PolicyDecisionServiceServicer):
                     tally[label] = tally.get(label, 0) + 1
                     if level is redis_level:
                         from_redis += 1
+                    if audit is not None:
+                        audited.append((item, entry.template, ids[index], level))
                     continue
             if now is None:
                 now = datetime.fromtimestamp(now_ts, UTC)
             evaluated += 1
-            self._evaluate_item(parts, item, keys[index], ids[index], policies, now, stores, tally)
+            self._evaluate_item(
+                parts, item, keys[index], ids[index], policies, now, stores, tally, audited
+            )
         try:
             response = batch_from(parts)
         except Exception:
             # Cannot happen with entries this code wrote; if it ever does, the batch is
             # decided again from scratch rather than failed, and nothing is stored.
             log.exception("assembling a batch from cached answers failed; deciding it anew")
-            return self._batch_uncached(items, policies, now, now_ts), "none"
+            return self._batch_uncached(items, policies, now, now_ts, started), "none"
+        if audit is not None:
+            self._audit_batch(audited, started, now_ts)
         if stores:
             try:
                 cache.put_many(list(stores.values()), now_ts)
@@ -349,9 +399,11 @@ class PolicyDecisionServicer(pdp_pb2_grpc.PolicyDecisionServiceServicer):
         now: datetime,
         stores: dict[str, Store],
         tally: dict[tuple[int, str], int],
+        audited: list[tuple[Any, ...]],
     ) -> None:
-        """One batch item the cache did not answer, added to `parts`; notes what to store."""
-        decision = self._decide(item, policies, now)
+        """One batch item the cache did not answer, added to `parts`; notes what to store and,
+        with an audit log, what to record (as `(item, request, decision, decision_id)`)."""
+        converted, decision = self._decide(item, policies, now)
         label = (_EFFECT_NUMBERS.get(decision.effect, 0), _first_code(decision))
         tally[label] = tally.get(label, 0) + 1
         if key is not None and _storable(decision):
@@ -364,8 +416,13 @@ class PolicyDecisionServicer(pdp_pb2_grpc.PolicyDecisionServiceServicer):
             else:
                 add_result(parts, template, decision_id, item.request_id, _NONE)
                 stores[key] = (key, template, label[0], label[1], _timestamp(decision))
+                if self._audit is not None:
+                    audited.append((item, converted, decision, decision_id))
                 return
-        add_response(parts, self._respond(decision, item).SerializeToString())
+        response = self._respond(decision, item)
+        add_response(parts, response.SerializeToString())
+        if self._audit is not None:
+            audited.append((item, converted, decision, response.decision_id))
 
     # --- helpers -------------------------------------------------------------------------------
 
@@ -417,21 +474,25 @@ class PolicyDecisionServicer(pdp_pb2_grpc.PolicyDecisionServiceServicer):
 
     def _decide(
         self, msg: pdp_pb2.CheckRequest, policies: CompiledPolicySet, now: datetime
-    ) -> Decision:
-        """The engine's decision; never raises (an exception becomes a server-error deny)."""
+    ) -> tuple[CheckRequest | None, Decision]:
+        """The domain request (None if it could not be built) and the engine's decision.
+
+        Never raises: an exception becomes a server-error deny.
+        """
+        request = None
         try:
             request, problems = self._converter.convert(msg)
             if problems:
-                return Decision(
+                return request, Decision(
                     effect=Effect.DENY,
                     reasons=problems,
                     revision=policies.revision,
                     cacheable=False,
                 )
-            return decide(policies, request, now=now, limits=self._limits)
+            return request, decide(policies, request, now=now, limits=self._limits)
         except Exception:
             log.exception("decision failed (request_id=%r); answering deny", msg.request_id)
-            return self._server_error(getattr(policies, "revision", ""))
+            return request, self._server_error(getattr(policies, "revision", ""))
 
     def _respond(self, decision: Decision, msg: pdp_pb2.CheckRequest) -> pdp_pb2.CheckResponse:
         try:
@@ -447,6 +508,74 @@ class PolicyDecisionServicer(pdp_pb2_grpc.PolicyDecisionServiceServicer):
                 decision_id=new_decision_id(),
                 request_id=msg.request_id,
             )
+
+    # --- audit -------------------------------------------------------------------------------
+
+    def _audit_decided(
+        self,
+        msg: pdp_pb2.CheckRequest,
+        request: CheckRequest | None,
+        decision: Decision,
+        decision_id: str | bytes,
+        started: float,
+        at: float,
+    ) -> None:
+        """Record a decision the engine (or validation) made."""
+        latency_ms = (time.perf_counter() - started) * 1000
+        if request is None:
+            self._audit_unconverted(msg, decision, decision_id, started)
+        else:
+            self._audit.record(  # type: ignore[union-attr]
+                request, decision, decision_id=decision_id, latency_ms=latency_ms, at=at
+            )
+
+    def _audit_unconverted(
+        self,
+        msg: pdp_pb2.CheckRequest,
+        decision: Decision,
+        decision_id: str | bytes,
+        started: float,
+    ) -> None:
+        """Record a decision made without a domain request (a server error), from the message."""
+        self._audit.record_invalid(  # type: ignore[union-attr]
+            decision,
+            decision_id=decision_id.decode() if isinstance(decision_id, bytes) else decision_id,
+            latency_ms=(time.perf_counter() - started) * 1000,
+            **raw_fields(msg),
+        )
+
+    def _audit_hit(
+        self,
+        msg: pdp_pb2.CheckRequest,
+        template: bytes,
+        decision_id: bytes,
+        level: CacheLevel,
+        started: float,
+        at: float,
+    ) -> None:
+        self._audit.record_lazy(  # type: ignore[union-attr]
+            partial(self._hit_inputs, msg, template),
+            decision_id=decision_id,
+            cache_level=_LEVEL_LABELS[level],
+            latency_ms=(time.perf_counter() - started) * 1000,
+            at=at,
+        )
+
+    def _audit_batch(self, audited: list[tuple[Any, ...]], started: float, at: float) -> None:
+        """Record a cached batch's items: `(item, template, id, level)` for a hit,
+        `(item, request, decision, id)` for an evaluated one."""
+        for item, second, third, fourth in audited:
+            if second.__class__ is bytes:
+                self._audit_hit(item, second, third, fourth, started, at)
+            else:
+                self._audit_decided(item, second, third, fourth, started, at)
+
+    def _hit_inputs(
+        self, msg: pdp_pb2.CheckRequest, template: bytes
+    ) -> tuple[CheckRequest, Decision]:
+        """What a cache hit decided, as domain values (runs on the audit writer's thread)."""
+        request, _ = self._converter.convert(msg)
+        return request, decision_from_response(pdp_pb2.CheckResponse.FromString(template))
 
     def _server_error(self, revision: str) -> Decision:
         return Decision(
