@@ -2,14 +2,9 @@
 
 from __future__ import annotations
 
-import os
 import re
 import signal
-import subprocess
-import sys
 import urllib.request
-from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 
 import grpc
@@ -19,10 +14,9 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from policy_engine.api import pdp_pb2, pdp_pb2_grpc
 from policy_engine.bench.redis_server import RedisServer
 from policy_engine.policy import load_policy_set
-from tests.server.harness import REPO
+from tests.server.harness import serve_process
 from tests.store.support import (
     check_request,
-    free_port,
     org_policy,
     wait_for,
     write_policy_dir,
@@ -31,41 +25,6 @@ from tests.store.support import (
 
 ALLOW_REPO = org_policy(["repo"])
 DENY_REPO = org_policy(["read"], deny=["repo"])
-
-
-@contextmanager
-def _serving(
-    tmp_path: Path, root: Path, *, workers: int, env: dict[str, str], args: tuple[str, ...] = ()
-) -> Iterator[tuple[subprocess.Popen[bytes], int, Path]]:
-    """`pdp serve` on a free port; yields the process, the port and its log file."""
-    port = free_port()
-    log_file = tmp_path / "serve.log"
-    command = [
-        sys.executable, "-m", "policy_engine.cli.main", "serve",
-        "--address", f"127.0.0.1:{port}", "--policies", str(root),
-        "--workers", str(workers), "--threads", "2", *args,
-    ]  # fmt: skip
-    full_env = {**os.environ, "PYTHONPATH": str(REPO), "PDP_RELOAD__DEBOUNCE_MS": "50", **env}
-    with log_file.open("w") as log:
-        proc = subprocess.Popen(command, cwd=REPO, env=full_env, stdout=log, stderr=log)
-    try:
-        wait_for(
-            lambda: (
-                proc.poll() is not None
-                or log_file.read_text().count("serving kontext.pdp.v1") >= workers
-            ),
-            timeout=60,
-            what="the server to start",
-        )
-        assert proc.poll() is None, log_file.read_text()
-        yield proc, port, log_file
-        proc.send_signal(signal.SIGTERM)
-        proc.wait(timeout=30)
-        assert proc.returncode == 0, log_file.read_text()
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
 
 
 def _check(port: int) -> pdp_pb2.CheckResponse:
@@ -85,7 +44,7 @@ def _status(port: int) -> pdp_pb2.GetStatusResponse:
 def test_sighup_reloads_when_watching_is_off(tmp_path: Path) -> None:
     root = write_policy_dir(tmp_path / "policies", ALLOW_REPO)
     env = {"PDP_RELOAD__WATCH": "false", "PDP_METRICS_ADDRESS": ""}
-    with _serving(tmp_path, root, workers=1, env=env) as (proc, port, _):
+    with serve_process(tmp_path, root, workers=1, env=env) as (proc, port, _):
         status = _status(port)
         assert not status.watching
         old = _check(port)
@@ -107,7 +66,8 @@ def test_redis_url_flag_shares_decisions_through_redis(
     root = write_policy_dir(tmp_path / "policies", ALLOW_REPO)
     url = f"redis://127.0.0.1:{redis_server.port}/0"
     env = {"PDP_METRICS_ADDRESS": ""}
-    with _serving(tmp_path, root, workers=1, env=env, args=("--redis-url", url)) as (_, port, _):
+    args = ("--redis-url", url)
+    with serve_process(tmp_path, root, workers=1, env=env, args=args) as (_, port, _):
         assert _check(port).effect == pdp_pb2.EFFECT_ALLOW
         client = redis.Redis(port=redis_server.port)
         wait_for(lambda: client.dbsize() == 1, what="the decision to reach Redis")
@@ -129,7 +89,7 @@ def test_workers_share_one_metrics_endpoint_and_all_reload_on_sighup(tmp_path: P
     root = write_policy_dir(tmp_path / "policies", ALLOW_REPO)
     first = load_policy_set(root).revision
     env = {"PDP_RELOAD__WATCH": "false", "PDP_METRICS_ADDRESS": "127.0.0.1:0"}
-    with _serving(tmp_path, root, workers=2, env=env) as (proc, port, log_file):
+    with serve_process(tmp_path, root, workers=2, env=env) as (proc, port, log_file):
         found = re.search(r"metrics on http://127\.0\.0\.1:(\d+)/metrics", log_file.read_text())
         assert found, log_file.read_text()
         metrics_port = int(found.group(1))
