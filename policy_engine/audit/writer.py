@@ -8,7 +8,9 @@
   waits up to `block_timeout_ms` for room (`when_full=block`) or gives up at once (`drop`);
   a decision that is given up is counted (`pdp_audit_dropped_total`), logged (rate-limited)
   and reported inside the log itself by a `dropped` record, so nothing is lost silently.
-* One dispatcher thread builds each record once and hands it to every sink's worker.
+* One dispatcher thread builds each record once and hands it to every sink's worker. It
+  works in rounds of up to 512 records, letting a trickle gather for 5 ms first: records
+  reach the sinks a few milliseconds later, at a fraction of the CPU.
 * Each sink has its own worker thread and hash chain, so a slow or failing sink never holds
   up the others. A failing sink is retried with exponential backoff (up to `retry_max_ms`),
   keeping order. While it fails, its backlog grows up to `sink_buffer` records; past that,
@@ -50,6 +52,7 @@ SINK_NAMES = ("file", "redis", "stdout")
 WHEN_FULL = ("block", "drop")
 
 _BATCH = 512  # records per dispatcher round and per sink write
+_LINGER = 0.005  # seconds the dispatcher lets records gather before a partial batch
 _IDLE_WAIT = 0.5  # seconds the dispatcher sleeps with nothing to do (woken earlier on work)
 _RETRY_INITIAL = 0.05
 
@@ -380,6 +383,10 @@ class AuditLog:
                         self._wake.wait(_IDLE_WAIT)
                     continue
                 self._busy = True
+                if len(queue) < _BATCH and not self._closing:
+                    # Let a trickle gather: one round per record costs a thread hand-off
+                    # and a write each, several times the record itself.
+                    time.sleep(_LINGER)
                 self._process(self._take(_BATCH))
         except Exception:  # a bug must not leave close() waiting forever
             log.exception("audit dispatcher failed")

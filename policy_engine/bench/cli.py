@@ -29,6 +29,7 @@ from pathlib import Path
 import grpc
 from google.protobuf.message import Message
 
+from policy_engine.audit.keys import generate_keypair
 from policy_engine.bench import h2load
 from policy_engine.bench.engine_bench import EngineResult
 from policy_engine.bench.engine_bench import measure as measure_engine
@@ -49,6 +50,8 @@ from policy_engine.bench.report import (
     targets_table,
 )
 from policy_engine.bench.server import (
+    AUDIT_DIR,
+    AUDIT_KEY,
     CLOSED_REDIS_URL,
     REDIS_URL,
     ServerError,
@@ -297,7 +300,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     shape = h2load.LoadShape(clients=args.clients, streams=args.streams, threads=1)
     started = time.monotonic()
     with tempfile.TemporaryDirectory(prefix="pdp-bench-") as tmp, contextlib.ExitStack() as stack:
-        substitutions = {CLOSED_REDIS_URL: f"redis://127.0.0.1:{free_port()}/0"}
+        substitutions = {
+            CLOSED_REDIS_URL: f"redis://127.0.0.1:{free_port()}/0",
+            AUDIT_DIR: str(Path(tmp) / "audit"),
+            AUDIT_KEY: str(Path(tmp) / "audit.key"),
+        }
+        generate_keypair(Path(tmp) / "audit.key", Path(tmp) / "audit.pub")
         redis_note = "not used"
         if any(row.server.needs_redis for row in rows):
             try:

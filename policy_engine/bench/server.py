@@ -57,9 +57,12 @@ def _empty_command(address: str, options: ServerOptions) -> list[str]:
 CommandBuilder = Callable[[str, ServerOptions], list[str]]
 
 # Placeholders a row's environment may use; the harness substitutes them when it starts the
-# server: its own redis-server's URL, and a URL on which nothing listens (Redis down).
+# server: its own redis-server's URL, a URL on which nothing listens (Redis down), and a
+# directory for audit files with a signing key made for the run.
 REDIS_URL = "{redis_url}"
 CLOSED_REDIS_URL = "{closed_redis_url}"
+AUDIT_DIR = "{audit_dir}"
+AUDIT_KEY = "{audit_key}"
 
 # A server "kind" names how to start it; a row adds flags and environment on top.
 SERVER_KINDS: dict[str, CommandBuilder] = {

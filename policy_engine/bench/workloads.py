@@ -19,7 +19,13 @@ from google.protobuf.struct_pb2 import Struct
 
 from policy_engine.api import pdp_pb2
 from policy_engine.bench.h2load import LoadShape
-from policy_engine.bench.server import CLOSED_REDIS_URL, REDIS_URL, ServerSpec
+from policy_engine.bench.server import (
+    AUDIT_DIR,
+    AUDIT_KEY,
+    CLOSED_REDIS_URL,
+    REDIS_URL,
+    ServerSpec,
+)
 
 SERVICE = pdp_pb2.DESCRIPTOR.services_by_name["PolicyDecisionService"].full_name
 
@@ -269,6 +275,18 @@ REDIS_ONLY = {
     "PDP_CACHE__REDIS_URL": REDIS_URL,
 }
 REDIS_DOWN = {**REDIS_ONLY, "PDP_CACHE__REDIS_URL": CLOSED_REDIS_URL}
+# The audit log as deployed: a file per worker, signed checkpoints; rotation bounds the disk.
+AUDIT_ON = {
+    "PDP_AUDIT__ENABLED": "true",
+    "PDP_AUDIT__SINKS": "file",
+    "PDP_AUDIT__FILE_PATH": f"{AUDIT_DIR}/audit-{{worker}}.jsonl",
+    "PDP_AUDIT__SIGNING_KEY_FILE": AUDIT_KEY,
+    "PDP_AUDIT__FILE_MAX_BYTES": str(64 * 1024 * 1024),
+    "PDP_AUDIT__FILE_KEEP": "1",
+}
+AUDIT_TARGET = 0.90  # the audit log may cost at most 10% of the same row without it
+CHECK_UNCACHED = "Check uncached (cache off)"
+BATCH_UNCACHED = f"CheckBatch {BATCH_SIZE}"
 
 POLICY = ServerSpec("policy", env=CACHE_OFF)
 EMPTY = ServerSpec("empty")
@@ -298,7 +316,7 @@ def default_rows() -> list[Row]:
             notes="in-process level off: every call one Redis GET",
         ),
         Row(
-            "Check uncached (cache off)", POLICY, "Check", allow_tuple(),
+            CHECK_UNCACHED, POLICY, "Check", allow_tuple(),
             expect_decision(ALLOW), notes="alice, pr-reviewer, github, repo; cache disabled",
         ),
         Row(
@@ -336,11 +354,44 @@ def default_rows() -> list[Row]:
             notes="100 distinct tuples, warmed: every item an in-process hit",
         ),
         Row(
-            f"CheckBatch {BATCH_SIZE}", POLICY, "CheckBatch", batch,
+            BATCH_UNCACHED, POLICY, "CheckBatch", batch,
             expect_batch(batch_expected), decisions_per_request=BATCH_SIZE,
             baseline=f"empty CheckBatch {BATCH_SIZE}",
             notes="50 allow, 50 deny (org rule, user rule, application layer, org default); "
             "uncached",
+        ),
+        *audit_rows(batch, batch_expected),
+    ]  # fmt: skip
+
+
+def audit_rows(batch: Message, batch_expected: Sequence[Expected]) -> list[Row]:
+    """The cached and uncached Check and CheckBatch rows again with the audit log on, each
+    compared with its audit-off row (`AUDIT_TARGET`)."""
+    local, none = pdp_pb2.CACHE_LEVEL_LOCAL, pdp_pb2.CACHE_LEVEL_NONE
+    return [
+        Row(
+            f"{CHECK_LOCAL}, audit on", ServerSpec("policy", env={**LOCAL_ONLY, **AUDIT_ON}),
+            "Check", allow_tuple(), expect_decision(ALLOW), check_after=expect_cached(ALLOW, local),
+            baseline=CHECK_LOCAL, notes="as its baseline, every decision also audited to a file",
+        ),
+        Row(
+            f"{CHECK_UNCACHED}, audit on", ServerSpec("policy", env={**CACHE_OFF, **AUDIT_ON}),
+            "Check", allow_tuple(), expect_decision(ALLOW),
+            check_after=expect_cached(ALLOW, none), baseline=CHECK_UNCACHED,
+            notes="as its baseline, every decision also audited to a file",
+        ),
+        Row(
+            f"{BATCH_LOCAL}, audit on", ServerSpec("policy", env={**LOCAL_ONLY, **AUDIT_ON}),
+            "CheckBatch", batch, expect_batch(batch_expected),
+            check_after=expect_batch_cached(batch_expected, local),
+            decisions_per_request=BATCH_SIZE, baseline=BATCH_LOCAL,
+            notes="as its baseline, every item also audited to a file",
+        ),
+        Row(
+            f"{BATCH_UNCACHED}, audit on", ServerSpec("policy", env={**CACHE_OFF, **AUDIT_ON}),
+            "CheckBatch", batch, expect_batch(batch_expected),
+            decisions_per_request=BATCH_SIZE, baseline=BATCH_UNCACHED,
+            notes="as its baseline, every item also audited to a file",
         ),
     ]  # fmt: skip
 

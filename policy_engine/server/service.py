@@ -46,7 +46,6 @@ from policy_engine.server.convert import (
     add_response,
     add_result,
     batch_from,
-    decision_from_response,
     new_decision_id,
     new_decision_ids,
     next_decision_id,
@@ -55,6 +54,7 @@ from policy_engine.server.convert import (
     stamp,
 )
 from policy_engine.server.errors import invalid_argument
+from policy_engine.server.hit_inputs import HitInputs
 
 if TYPE_CHECKING:
     from policy_engine.policy import CompiledPolicySet
@@ -127,6 +127,7 @@ class PolicyDecisionServicer(pdp_pb2_grpc.PolicyDecisionServiceServicer):
         self._limits = settings.limits
         self._max_batch = settings.limits.max_batch_size
         self._converter = RequestConverter(settings.limits)
+        self._hit_inputs = HitInputs(self._converter)
         self._responses = ResponseBuilder(settings.docs_base_url)
         self._validation_docs = self._responses.docs_url(ErrorCode.VALIDATION_ERROR)
         self._server_error_reasons: tuple[Reason, ...] = (
@@ -214,7 +215,7 @@ class PolicyDecisionServicer(pdp_pb2_grpc.PolicyDecisionServiceServicer):
                     self._count(entry.effect, entry.code)
                     if self._audit is not None:
                         self._audit_hit(
-                            request, entry.template, decision_id, level, started, now_ts
+                            request, key, entry.template, decision_id, level, started, now_ts
                         )
                     self._latency["Check", _LEVEL_LABELS[level]].observe(
                         time.perf_counter() - started
@@ -358,7 +359,7 @@ class PolicyDecisionServicer(pdp_pb2_grpc.PolicyDecisionServiceServicer):
                     if level is redis_level:
                         from_redis += 1
                     if audit is not None:
-                        audited.append((item, entry.template, ids[index], level))
+                        audited.append((item, keys[index], entry.template, ids[index], level))
                     continue
             if now is None:
                 now = datetime.fromtimestamp(now_ts, UTC)
@@ -547,6 +548,7 @@ class PolicyDecisionServicer(pdp_pb2_grpc.PolicyDecisionServiceServicer):
     def _audit_hit(
         self,
         msg: pdp_pb2.CheckRequest,
+        key: str,
         template: bytes,
         decision_id: bytes,
         level: CacheLevel,
@@ -554,7 +556,7 @@ class PolicyDecisionServicer(pdp_pb2_grpc.PolicyDecisionServiceServicer):
         at: float,
     ) -> None:
         self._audit.record_lazy(  # type: ignore[union-attr]
-            partial(self._hit_inputs, msg, template),
+            partial(self._hit_inputs, msg, key, template),
             decision_id=decision_id,
             cache_level=_LEVEL_LABELS[level],
             latency_ms=(time.perf_counter() - started) * 1000,
@@ -562,20 +564,13 @@ class PolicyDecisionServicer(pdp_pb2_grpc.PolicyDecisionServiceServicer):
         )
 
     def _audit_batch(self, audited: list[tuple[Any, ...]], started: float, at: float) -> None:
-        """Record a cached batch's items: `(item, template, id, level)` for a hit,
+        """Record a cached batch's items: `(item, key, template, id, level)` for a hit,
         `(item, request, decision, id)` for an evaluated one."""
-        for item, second, third, fourth in audited:
-            if second.__class__ is bytes:
-                self._audit_hit(item, second, third, fourth, started, at)
+        for entry in audited:
+            if len(entry) == 5:
+                self._audit_hit(*entry, started, at)
             else:
-                self._audit_decided(item, second, third, fourth, started, at)
-
-    def _hit_inputs(
-        self, msg: pdp_pb2.CheckRequest, template: bytes
-    ) -> tuple[CheckRequest, Decision]:
-        """What a cache hit decided, as domain values (runs on the audit writer's thread)."""
-        request, _ = self._converter.convert(msg)
-        return request, decision_from_response(pdp_pb2.CheckResponse.FromString(template))
+                self._audit_decided(*entry, started, at)
 
     def _server_error(self, revision: str) -> Decision:
         return Decision(
