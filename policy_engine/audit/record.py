@@ -17,7 +17,7 @@ import re
 import socket
 from collections.abc import Mapping, Sequence
 from datetime import UTC, datetime
-from typing import Any
+from typing import Any, NamedTuple
 
 from policy_engine.audit.canonical import Parts, canonical, split
 from policy_engine.domain.codes import ErrorCode
@@ -327,42 +327,102 @@ def _encode_fast(
     instance: str,
     time: float | str,
 ) -> Parts:
-    e = _esc
-    subject = request.subject
-    context = request.context
-    application = request.application
-    integration = request.integration
-    token = token_sha256(subject.access_token)
-    broker_time = _rfc3339(context.time)
-    stamp = format_time(time) if isinstance(time, int | float) else time
-    reasons = ",".join([_reason_json(r) for r in decision.reasons])
-    level = cache_level if cache_level in CACHE_LEVELS else "none"
-    before_prev_hash = (
-        f'"application":{{"attributes":{_attributes_json(application.attributes)},'
-        f'"id":{e(application.id)}}},'
-        f'"cache_level":{e(level)},'
-        f'"context":{{"attributes":{_attributes_json(context.attributes)},'
-        f'"client_ip":{e(context.client_ip)},"connection":{e(context.connection)},'
-        f'"session_id":{e(context.session_id)},'
-        f'"time":{e(broker_time) if broker_time is not None else "null"}}},'
-        f'"decision":{e(decision.effect)},"decision_id":{e(decision_id)},'
-        f'"instance":{e(instance)},'
-        f'"integration":{{"attributes":{_attributes_json(integration.attributes)},'
-        f'"id":{e(integration.id)}}},'
-        f'"latency_ms":{_float_json(latency_ms)},"matched_rules":[{_matched_json(decision)}],'
-        f'"organization":{e(request.organization)},"policy_revision":{e(decision.revision)}'
+    return PreparedRecord(request, decision).render(
+        decision_id=decision_id,
+        cache_level=cache_level,
+        latency_ms=latency_ms,
+        instance=instance,
+        time=time,
+        request_id=request.request_id,
+        context_time=request.context.time,
     )
-    before_seq = (
-        f'"reasons":[{reasons}],"request_id":{e(request.request_id)},'
-        f'"schema_version":{SCHEMA_VERSION},"scope":{e(request.scope)}'
-    )
-    after_stream = (
-        f'"subject":{{"attributes":{_attributes_json(subject.attributes)},'
-        f'"id":{e(subject.id)},"kind":{e(subject.kind)},'
-        f'"token_sha256":{e(token) if token is not None else "null"}}},'
-        f'"time":{e(stamp)},"type":"decision"'
-    )
-    return Parts(before_prev_hash, before_seq, "", after_stream, "decision")
+
+
+class PreparedRecord:
+    """A decision record serialized once, but for the fields that differ between calls.
+
+    Cache hits under one key share everything but the decision ID, times, latency, cache
+    level and request ID: preparing the rest once makes each hit's record a few string joins
+    (about 1.5 µs instead of 6). Building one raises ValueError or TypeError for values the
+    fast path does not handle (`encode_record` then takes the dict path).
+    """
+
+    __slots__ = (
+        "_application",
+        "_context",
+        "_decision",
+        "_integration",
+        "_reasons",
+        "_rest",
+        "_scope",
+        "_subject",
+    )  # fmt: skip
+
+    def __init__(self, request: CheckRequest, decision: Decision) -> None:
+        e = _esc
+        subject, context = request.subject, request.context
+        application, integration = request.application, request.integration
+        token = token_sha256(subject.access_token)
+        reasons = ",".join([_reason_json(r) for r in decision.reasons])
+        self._application = (
+            f'"application":{{"attributes":{_attributes_json(application.attributes)},'
+            f'"id":{e(application.id)}}},"cache_level":'
+        )
+        self._context = (
+            f',"context":{{"attributes":{_attributes_json(context.attributes)},'
+            f'"client_ip":{e(context.client_ip)},"connection":{e(context.connection)},'
+            f'"session_id":{e(context.session_id)},"time":'
+        )
+        self._decision = f'}},"decision":{e(decision.effect)},"decision_id":'
+        self._integration = (
+            f',"integration":{{"attributes":{_attributes_json(integration.attributes)},'
+            f'"id":{e(integration.id)}}},"latency_ms":'
+        )
+        self._rest = (
+            f',"matched_rules":[{_matched_json(decision)}],'
+            f'"organization":{e(request.organization)},"policy_revision":{e(decision.revision)}'
+        )
+        self._reasons = f'"reasons":[{reasons}],"request_id":'
+        self._scope = f',"schema_version":{SCHEMA_VERSION},"scope":{e(request.scope)}'
+        self._subject = (
+            f'"subject":{{"attributes":{_attributes_json(subject.attributes)},'
+            f'"id":{e(subject.id)},"kind":{e(subject.kind)},'
+            f'"token_sha256":{e(token) if token is not None else "null"}}},"time":'
+        )
+
+    def render(
+        self,
+        *,
+        decision_id: str,
+        cache_level: str,
+        latency_ms: float,
+        instance: str,
+        time: float | str,
+        request_id: str,
+        context_time: datetime | None,
+    ) -> Parts:
+        e = _esc
+        broker_time = _rfc3339(context_time)
+        stamp = format_time(time) if isinstance(time, int | float) else time
+        level = cache_level if cache_level in CACHE_LEVELS else "none"
+        return Parts(
+            f"{self._application}{e(level)}{self._context}"
+            f"{e(broker_time) if broker_time is not None else 'null'}{self._decision}"
+            f'{e(decision_id)},"instance":{e(instance)}{self._integration}'
+            f"{_float_json(latency_ms)}{self._rest}",
+            f"{self._reasons}{e(request_id)}{self._scope}",
+            "",
+            f'{self._subject}{e(stamp)},"type":"decision"',
+            "decision",
+        )
+
+
+class PreparedHit(NamedTuple):
+    """What a cache hit's lazy build may return instead of `(request, decision)`."""
+
+    prepared: PreparedRecord
+    request_id: str
+    context_time: datetime | None
 
 
 def encode_invalid_record(decision: Decision, **kwargs: Any) -> Parts:

@@ -36,6 +36,7 @@ from policy_engine.audit.canonical import Parts, split
 from policy_engine.audit.chain import Chain, Sealed
 from policy_engine.audit.keys import KeyFileError, Signer, load_private_key
 from policy_engine.audit.record import (
+    PreparedHit,
     default_instance,
     dropped_record,
     encode_invalid_record,
@@ -265,9 +266,10 @@ class AuditLog:
 
         For paths that never build domain values, such as a cache hit answered from stored
         response bytes: pass e.g. `functools.partial(to_domain, message, cached_entry)` and
-        the conversion happens off the request path. `build` must not depend on anything the
-        caller mutates afterwards. If it raises, the record is counted as dropped
-        (`build_error`) and logged.
+        the conversion happens off the request path. `build` may also return a `PreparedHit`
+        (a record serialized but for the per-call fields), which is cheaper still. `build`
+        must not depend on anything the caller mutates afterwards. If it raises, the record is
+        counted as dropped (`build_error`) and logged.
         """
         if not self.enabled:
             return False
@@ -426,7 +428,23 @@ class AuditLog:
                         _, request, decision, decision_id, cache_level, latency_ms, at = item
                     else:
                         _, build, decision_id, cache_level, latency_ms, at = item
-                        request, decision = build()
+                        built = build()
+                        if isinstance(decision_id, bytes):
+                            decision_id = decision_id.decode("utf-8", "replace")
+                        if built.__class__ is PreparedHit:
+                            records.append(
+                                built.prepared.render(
+                                    decision_id=decision_id,
+                                    cache_level=cache_level,
+                                    latency_ms=latency_ms,
+                                    instance=instance,
+                                    time=at,
+                                    request_id=built.request_id,
+                                    context_time=built.context_time,
+                                )
+                            )
+                            continue
+                        request, decision = built
                     if isinstance(decision_id, bytes):
                         decision_id = decision_id.decode("utf-8", "replace")
                     records.append(

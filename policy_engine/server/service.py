@@ -54,7 +54,7 @@ from policy_engine.server.convert import (
     stamp,
 )
 from policy_engine.server.errors import invalid_argument
-from policy_engine.server.hit_inputs import HitInputs
+from policy_engine.server.hit_records import HitRecords
 
 if TYPE_CHECKING:
     from policy_engine.policy import CompiledPolicySet
@@ -127,7 +127,7 @@ class PolicyDecisionServicer(pdp_pb2_grpc.PolicyDecisionServiceServicer):
         self._limits = settings.limits
         self._max_batch = settings.limits.max_batch_size
         self._converter = RequestConverter(settings.limits)
-        self._hit_inputs = HitInputs(self._converter)
+        self._hit_records = HitRecords(self._converter)
         self._responses = ResponseBuilder(settings.docs_base_url)
         self._validation_docs = self._responses.docs_url(ErrorCode.VALIDATION_ERROR)
         self._server_error_reasons: tuple[Reason, ...] = (
@@ -556,7 +556,7 @@ class PolicyDecisionServicer(pdp_pb2_grpc.PolicyDecisionServiceServicer):
         at: float,
     ) -> None:
         self._audit.record_lazy(  # type: ignore[union-attr]
-            partial(self._hit_inputs, msg, key, template),
+            partial(self._hit_records, msg, key, template),
             decision_id=decision_id,
             cache_level=_LEVEL_LABELS[level],
             latency_ms=(time.perf_counter() - started) * 1000,
