@@ -133,6 +133,10 @@ class Settings:
     bundle: BundleSettings = field(default_factory=BundleSettings)
     # Prometheus metrics over HTTP; empty turns the endpoint off.
     metrics_address: str = "127.0.0.1:9464"
+    # A second, plaintext gRPC port serving only grpc.health.v1, for probes and load balancers
+    # that cannot present the callers' credentials (under mutual TLS the main port refuses
+    # them at the handshake). Empty: health is served on `address` only.
+    health_address: str = ""
 
     def replace(self, **changes: Any) -> Settings:
         return dataclasses.replace(self, **changes)

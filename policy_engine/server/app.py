@@ -201,7 +201,9 @@ def serve_mode(settings: Settings, mode: Mode) -> None:
     if settings.workers == 1:
         code = _run_worker(settings, mode, parent_pid=None)
     else:
-        _explicit_port(settings.address)
+        _explicit_port(settings.address, "address")
+        if settings.health_address:
+            _explicit_port(settings.health_address, "health_address")
         code = _supervise(settings, mode)
     if code:
         raise SystemExit(code)
@@ -221,6 +223,8 @@ class RunningServer:
     reloader: PolicyReloader | None = None
     servicer: PolicyDecisionServicer | None = None
     audit: AuditLog | None = None
+    health_server: grpc.Server | None = None
+    health_port: int | None = None
 
     def reload(self, reason: str = "SIGHUP") -> None:
         """Ask for a reload (done off this thread); safe to call from a signal handler."""
@@ -234,6 +238,8 @@ class RunningServer:
         if self.reloader is not None:
             self.reloader.stop()
         self.server.stop(grace=grace).wait()
+        if self.health_server is not None:
+            self.health_server.stop(grace=None).wait()
         if self.servicer is not None:
             self.servicer.close()
         if self.audit is not None and not self.audit.close(AUDIT_CLOSE_SECONDS):
@@ -252,7 +258,7 @@ def start_server(settings: Settings, mode: Mode = "policy", *, worker: int = 0) 
             EmptyServicer(), settings, policy_ready=True, health_servicer=health_servicer
         )
         server.start()
-        return RunningServer(server, port, health_servicer)
+        return _with_health_port(RunningServer(server, port, health_servicer), settings)
 
     audit = AuditLog(settings.audit, worker=worker) if settings.audit.enabled else None
     store = PolicyStore(
@@ -274,7 +280,32 @@ def start_server(settings: Settings, mode: Mode = "policy", *, worker: int = 0) 
     store.subscribe(lambda _policies: set_serving(health_servicer, True))
     server.start()
     reloader.start()
-    return RunningServer(server, port, health_servicer, store, reloader, servicer, audit)
+    running = RunningServer(server, port, health_servicer, store, reloader, servicer, audit)
+    return _with_health_port(running, settings)
+
+
+def _with_health_port(running: RunningServer, settings: Settings) -> RunningServer:
+    """Serve the running server's health service on `settings.health_address` too."""
+    if not settings.health_address:
+        return running
+    server = grpc.server(
+        ThreadPoolExecutor(max_workers=2, thread_name_prefix="pdp-health"),
+        options=[("grpc.so_reuseport", 1)],
+    )
+    health_pb2_grpc.add_HealthServicer_to_server(running.health, server)
+    try:
+        port = server.add_insecure_port(settings.health_address)
+    except RuntimeError as exc:
+        port = 0
+        error: Exception | None = exc
+    else:
+        error = None
+    if port == 0:
+        running.stop(grace=None)
+        raise ConfigError(f"health_address {settings.health_address}: cannot bind ({error})")
+    server.start()
+    running.health_server, running.health_port = server, port
+    return running
 
 
 def _run_worker(settings: Settings, mode: Mode, *, parent_pid: int | None, worker: int = 0) -> int:
@@ -315,6 +346,11 @@ def _run_worker(settings: Settings, mode: Mode, *, parent_pid: int | None, worke
         organizations,
         "yes" if running.reloader is not None and running.reloader.watch else "no",
     )
+    if running.health_port is not None:
+        log.info(
+            "health (plaintext, grpc.health.v1 only) on %s",
+            _display_address(settings.health_address, running.health_port),
+        )
     # A timed wait keeps signal handlers responsive and lets an orphaned worker notice.
     while not stop.wait(1.0):
         if parent_pid is not None and os.getppid() != parent_pid:
@@ -346,7 +382,7 @@ def _display_address(address: str, port: int) -> str:
     return f"{host}:{port}" if sep else address
 
 
-def _explicit_port(address: str) -> int:
+def _explicit_port(address: str, setting: str) -> int:
     _, sep, port_text = address.rpartition(":")
     try:
         port = int(port_text) if sep else 0
@@ -354,7 +390,7 @@ def _explicit_port(address: str) -> int:
         port = 0
     if port <= 0:
         raise ConfigError(
-            f"setting address: workers > 1 need an explicit port to share, got {address!r}"
+            f"setting {setting}: workers > 1 need an explicit port to share, got {address!r}"
         )
     return port
 

@@ -1,9 +1,10 @@
 """Who may ask the PDP at all: TLS, mutual TLS, and bearer JWTs in call metadata.
 
 Mutual TLS is enforced by the handshake itself (a client without a certificate signed by the
-configured CA cannot connect). A bearer token is checked per call by an interceptor; the health
-service is exempt, so load balancers and probes can reach it without credentials. A call that
-fails gets UNAUTHENTICATED and no decision.
+configured CA cannot connect, so under mutual TLS probes use `health_address`, a plaintext port
+serving only health). A bearer token is checked per call by an interceptor; the health service
+is exempt, so load balancers and probes can reach it without credentials. A call that fails
+gets UNAUTHENTICATED and no decision.
 """
 
 from __future__ import annotations

@@ -11,11 +11,17 @@ import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from policy_engine.api import pdp_pb2
+from policy_engine.api import pdp_pb2, pdp_pb2_grpc
 from policy_engine.client import PdpClient, check_request
-from policy_engine.config import CallerAuthSettings, ConfigError, Settings, TlsSettings
+from policy_engine.config import (
+    CallerAuthSettings,
+    ConfigError,
+    ReloadSettings,
+    Settings,
+    TlsSettings,
+)
 from policy_engine.policy import load_policy_set
-from policy_engine.server.app import build_server
+from policy_engine.server.app import build_server, start_server
 from policy_engine.server.service import PolicyDecisionServicer
 from tests.auth.certs import CertificateAuthority
 from tests.auth.material import jwks, rsa_key
@@ -184,3 +190,47 @@ def test_bearer_needs_tls_unless_told_otherwise() -> None:
 def test_bad_tls_settings_are_config_errors(tls: TlsSettings) -> None:
     with pytest.raises(ConfigError), server(Settings(tls=tls)):
         pass
+
+
+def test_health_port_answers_probes_that_cannot_do_mutual_tls(
+    ca: CertificateAuthority, tmp_path: Path
+) -> None:
+    issued = ca.issue("pdp-server-h", server=True)
+    broker = ca.issue("broker-h", server=False)
+    settings = Settings(
+        address="127.0.0.1:0",
+        health_address="127.0.0.1:0",
+        policy_dir=EXAMPLE_POLICIES,
+        metrics_address="",
+        reload=ReloadSettings(watch=False),
+        docs_base_url=DOCS,
+        tls=TlsSettings(
+            cert_file=str(issued.cert_file),
+            key_file=str(issued.key_file),
+            client_ca_file=str(ca.cert_file),
+        ),
+    )
+    running = start_server(settings)
+    try:
+        assert running.health_port is not None and running.health_port != running.port
+        with grpc.insecure_channel(f"127.0.0.1:{running.health_port}") as probe:
+            answer = health_pb2_grpc.HealthStub(probe).Check(
+                health_pb2.HealthCheckRequest(), timeout=5
+            )
+            assert answer.status == health_pb2.HealthCheckResponse.SERVING
+            with pytest.raises(grpc.RpcError) as no_decisions:
+                pdp_pb2_grpc.PolicyDecisionServiceStub(probe).Check(ALICE, timeout=5)
+            assert no_decisions.value.code() is grpc.StatusCode.UNIMPLEMENTED
+        target = f"localhost:{running.port}"
+        with PdpClient(target, ca_file=str(ca.cert_file), timeout=2) as anonymous:
+            assert not anonymous.decide(ALICE).allowed  # the main port still wants a certificate
+        with PdpClient(
+            target,
+            ca_file=str(ca.cert_file),
+            client_cert_file=str(broker.cert_file),
+            client_key_file=str(broker.key_file),
+        ) as client:
+            assert client.decide(ALICE).allowed
+    finally:
+        running.stop(grace=None)
+    assert running.health_server is not None
