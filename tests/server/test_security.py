@@ -23,7 +23,7 @@ from policy_engine.config import (
 from policy_engine.policy import load_policy_set
 from policy_engine.server.app import build_server, start_server
 from policy_engine.server.service import PolicyDecisionServicer
-from tests.auth.certs import CertificateAuthority
+from tests.auth.certs import CertificateAuthority, Issued
 from tests.auth.material import jwks, rsa_key
 from tests.server.harness import DOCS, EXAMPLE_POLICIES
 
@@ -57,6 +57,23 @@ def broker_token(lifetime: int = 300, audience: str = AUDIENCE) -> str:
     return BROKER_KEY.sign(sub="broker", aud=audience, iat=now, exp=now + lifetime)
 
 
+def _mutual_tls(ca: CertificateAuthority, issued: Issued) -> TlsSettings:
+    return TlsSettings(
+        cert_file=str(issued.cert_file),
+        key_file=str(issued.key_file),
+        client_ca_file=str(ca.cert_file),
+    )
+
+
+def _with_certificate(target: str, ca: CertificateAuthority, cert: Issued) -> PdpClient:
+    return PdpClient(
+        target,
+        ca_file=str(ca.cert_file),
+        client_cert_file=str(cert.cert_file),
+        client_key_file=str(cert.key_file),
+    )
+
+
 @pytest.fixture
 def bearer_settings(tmp_path: Path) -> Settings:
     keys = tmp_path / "callers.jwks"
@@ -82,19 +99,9 @@ def test_mutual_tls_refuses_clients_without_a_certificate(
     broker = ca.issue("broker", server=False)
     rogue_ca = CertificateAuthority(tmp_path, "rogue-ca")
     rogue = rogue_ca.issue("rogue", server=False)
-    tls = TlsSettings(
-        cert_file=str(issued.cert_file),
-        key_file=str(issued.key_file),
-        client_ca_file=str(ca.cert_file),
-    )
-    with server(Settings(tls=tls)) as port:
+    with server(Settings(tls=_mutual_tls(ca, issued))) as port:
         target = f"localhost:{port}"
-        with PdpClient(
-            target,
-            ca_file=str(ca.cert_file),
-            client_cert_file=str(broker.cert_file),
-            client_key_file=str(broker.key_file),
-        ) as client:
+        with _with_certificate(target, ca, broker) as client:
             assert client.decide(ALICE).allowed
         with PdpClient(target, ca_file=str(ca.cert_file), timeout=2) as anonymous:
             with pytest.raises(grpc.RpcError) as refused:
@@ -204,11 +211,7 @@ def test_health_port_answers_probes_that_cannot_do_mutual_tls(
         metrics_address="",
         reload=ReloadSettings(watch=False),
         docs_base_url=DOCS,
-        tls=TlsSettings(
-            cert_file=str(issued.cert_file),
-            key_file=str(issued.key_file),
-            client_ca_file=str(ca.cert_file),
-        ),
+        tls=_mutual_tls(ca, issued),
     )
     running = start_server(settings)
     try:
@@ -224,12 +227,7 @@ def test_health_port_answers_probes_that_cannot_do_mutual_tls(
         target = f"localhost:{running.port}"
         with PdpClient(target, ca_file=str(ca.cert_file), timeout=2) as anonymous:
             assert not anonymous.decide(ALICE).allowed  # the main port still wants a certificate
-        with PdpClient(
-            target,
-            ca_file=str(ca.cert_file),
-            client_cert_file=str(broker.cert_file),
-            client_key_file=str(broker.key_file),
-        ) as client:
+        with _with_certificate(target, ca, broker) as client:
             assert client.decide(ALICE).allowed
     finally:
         running.stop(grace=None)
