@@ -54,6 +54,7 @@ def answer(resp: pdp_pb2.CheckResponse) -> tuple[Any, ...]:
             for r in resp.reasons
         ),
         resp.policy_revision,
+        tuple((m.layer, m.policy, m.rule, m.effect) for m in resp.matched_rules),
     )
 
 

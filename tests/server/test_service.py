@@ -101,6 +101,10 @@ def assert_matches(resp: pdp_pb2.CheckResponse, s: Scenario, policies: CompiledP
     if s.decision == "ALLOW":
         assert resp.effect == pdp_pb2.EFFECT_ALLOW, resp
         assert list(resp.reasons) == []
+        # Every layer allowed because one of its rules did: the response names each of them.
+        layers = [m.layer for m in resp.matched_rules]
+        assert layers == [pdp_pb2.LAYER_ORG, pdp_pb2.LAYER_USER, pdp_pb2.LAYER_APPLICATION]
+        assert all(m.effect == pdp_pb2.EFFECT_ALLOW and m.rule for m in resp.matched_rules)
         return
     assert resp.effect == pdp_pb2.EFFECT_DENY, resp
     assert resp.reasons, "a deny must carry reasons"
@@ -128,7 +132,8 @@ def test_check_decides_every_scenario(
 
 def test_deny_reason_details(stub: pdp_pb2_grpc.PolicyDecisionServiceStub) -> None:
     scenario = next(s for s in SCENARIOS if s.scope == "delete_repo")
-    (reason,) = stub.Check(to_proto(scenario), timeout=10).reasons
+    resp = stub.Check(to_proto(scenario), timeout=10)
+    (reason,) = resp.reasons
     assert reason.code == "kontext_policy_denied"
     assert reason.http_status == 403
     assert reason.layer == pdp_pb2.LAYER_ORG
@@ -136,6 +141,9 @@ def test_deny_reason_details(stub: pdp_pb2_grpc.PolicyDecisionServiceStub) -> No
     assert reason.rule == "no-repository-deletion"
     assert "Deleting repositories" in reason.message
     assert reason.docs_url == f"{DOCS}/errors/kontext_policy_denied"
+    denied_by = [(m.policy, m.rule, m.effect) for m in resp.matched_rules]
+    deny = pdp_pb2.EFFECT_DENY
+    assert ("engineering-developer-tools", "no-repository-deletion", deny) in denied_by
 
 
 @pytest.mark.parametrize("scenario", [s for s in SCENARIOS if s.field], ids=lambda s: s.name)
