@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.audit.support import RedisServer, assert_valid_lines
+from tests.audit.support import RedisServer, assert_valid_lines, jsonl
 
 
 @pytest.fixture(autouse=True)
@@ -19,7 +19,7 @@ def _audit_files_match_schema(tmp_path: Path) -> Iterator[None]:
     yield
     for path in sorted(tmp_path.rglob("*")):
         if path.is_file() and ".jsonl" in path.name and not path.name.endswith(".tampered"):
-            assert_valid_lines(path.read_text().splitlines())
+            assert_valid_lines(jsonl(path.read_text()))
 
 
 @pytest.fixture

@@ -39,10 +39,16 @@ def assert_valid_lines(lines: list[str]) -> None:
         assert not errors, f"line {number} does not match the schema: {errors}\n{line}"
 
 
+def jsonl(text: str) -> list[str]:
+    """The lines of JSON-lines text. Records may hold U+2028, U+0085 and other characters that
+    `str.splitlines` also splits on (JSON leaves them unescaped): only "\n" ends a record."""
+    return [line for line in text.split("\n") if line]
+
+
 def read_records(*paths: Path) -> list[dict[str, Any]]:
     records = []
     for path in paths:
-        records.extend(json.loads(line) for line in path.read_text().splitlines() if line)
+        records.extend(json.loads(line) for line in jsonl(path.read_text()))
     return records
 
 

@@ -29,7 +29,7 @@ from policy_engine.audit.verify import verify_files
 from policy_engine.bench.redis_server import RedisServer
 from policy_engine.config import AuditSettings, CacheSettings, ReloadSettings, Settings
 from policy_engine.server.app import RunningServer, start_server
-from tests.audit.support import TOKEN, text_client
+from tests.audit.support import TOKEN, jsonl, read_records, text_client
 from tests.cache.support import tuple_request
 from tests.server.harness import DOCS, EXAMPLE_POLICIES
 
@@ -177,7 +177,7 @@ def test_every_decision_is_logged_once_in_every_sink_under_concurrent_load(
     files = [*rotated_files(settings.audit.file_path), settings.audit.file_path]
     text = "".join(path.read_text() for path in files)
     assert TOKEN not in text
-    file_records = [json.loads(line) for line in text.splitlines()]
+    file_records = [json.loads(line) for line in jsonl(text)]
     _assert_logged_once(file_records, answered, "file")
     with_token = [r for r in _decisions(file_records) if r["subject"]["token_sha256"]]
     assert with_token and all(len(r["subject"]["token_sha256"]) == 64 for r in with_token)
@@ -214,9 +214,7 @@ def test_policy_source_failure_is_logged_as_a_server_error(
             timeout=10,
         )
     assert [r.code for r in resp.reasons] == ["kontext_server_error"]
-    records = _decisions(
-        [json.loads(line) for line in settings.audit.file_path.read_text().splitlines()]
-    )
+    records = _decisions(read_records(settings.audit.file_path))
     by_request = {r["request_id"]: r for r in records}
     assert set(by_request) == {"no-policies", "no-policies-item"}
     assert by_request["no-policies"]["decision_id"] == resp.decision_id
@@ -241,12 +239,7 @@ def test_a_cache_hit_is_recorded_with_its_level_and_the_original_rules(
         running.servicer.cache.flush()
         second = stub.Check(tuple_request(request_id="second"), timeout=10)
     assert LEVELS[first.cache_level] == "none" and LEVELS[second.cache_level] == level
-    records = {
-        r["request_id"]: r
-        for r in _decisions(
-            [json.loads(line) for line in settings.audit.file_path.read_text().splitlines()]
-        )
-    }
+    records = {r["request_id"]: r for r in _decisions(read_records(settings.audit.file_path))}
     assert records["second"]["cache_level"] == level
     assert records["second"]["matched_rules"] == records["first"]["matched_rules"] != []
     for name in ("subject", "application", "integration", "scope", "reasons", "decision"):

@@ -6,7 +6,6 @@ once, and each file's chain must verify to its final signed checkpoint.
 
 from __future__ import annotations
 
-import json
 import threading
 import time
 from collections import Counter
@@ -17,6 +16,7 @@ import grpc
 from policy_engine.api import pdp_pb2_grpc
 from policy_engine.audit.keys import generate_keypair, load_public_key
 from policy_engine.audit.verify import verify_files
+from tests.audit.support import read_records
 from tests.cache.support import tuple_request
 from tests.server.harness import EXAMPLE_POLICIES, serve_process
 from tests.store.support import wait_for
@@ -76,7 +76,7 @@ def test_sigterm_under_load_loses_no_answered_decision(tmp_path: Path) -> None:
     logged: Counter[str] = Counter()
     public_key = load_public_key(public)
     for path in files:
-        records = [json.loads(line) for line in path.read_text().splitlines()]
+        records = read_records(path)
         logged.update(r["decision_id"] for r in records if r["type"] == "decision")
         report = verify_files([path], public_key)
         assert report.ok, report.render()

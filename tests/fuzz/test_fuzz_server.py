@@ -1,10 +1,14 @@
 """Random and malformed requests against a live server: no crash, no hang, no wrongful allow.
 
+The server audits every decision: whatever the input, each record must be written (none lost
+to a build error), match the schema and chain intact.
+
 `make test` runs a short pass; `make fuzz FUZZ_SECONDS=600` keeps going with fresh seeds.
 """
 
 from __future__ import annotations
 
+import json
 import os
 from collections.abc import Iterator
 from datetime import UTC, datetime
@@ -16,11 +20,14 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from policy_engine.api import pdp_pb2, pdp_pb2_grpc
-from policy_engine.config import Settings
+from policy_engine.audit import AuditLog
+from policy_engine.audit.verify import verify_files
+from policy_engine.config import AuditSettings, Settings
 from policy_engine.engine import decide
 from policy_engine.policy import load_policy_set
 from policy_engine.server.convert import RequestConverter
 from policy_engine.server.service import PolicyDecisionServicer
+from tests.audit.support import jsonl, schema_errors
 from tests.server.harness import EXAMPLE_POLICIES, running
 
 EXAMPLES = int(os.environ.get("PDP_FUZZ_EXAMPLES", "60"))
@@ -120,9 +127,18 @@ def check_requests(draw: st.DrawFn) -> pdp_pb2.CheckRequest:
 
 
 @pytest.fixture(scope="module")
-def channel() -> Iterator[grpc.Channel]:
+def audit(tmp_path_factory: pytest.TempPathFactory) -> Iterator[AuditLog]:
+    path = tmp_path_factory.mktemp("fuzz-audit") / "audit.jsonl"
+    log = AuditLog(AuditSettings(enabled=True, file_path=path, queue_size=100_000))
+    yield log
+    log.close()
+
+
+@pytest.fixture(scope="module")
+def channel(audit: AuditLog) -> Iterator[grpc.Channel]:
     # The cache stays on: fuzzed requests also exercise its keying and validation bypass.
-    with running(PolicyDecisionServicer(lambda: POLICIES, SETTINGS), SETTINGS) as live:
+    servicer = PolicyDecisionServicer(lambda: POLICIES, SETTINGS, audit=audit)
+    with running(servicer, SETTINGS) as live:
         yield live
 
 
@@ -189,3 +205,17 @@ def test_random_bytes_are_refused_cleanly(channel, payload: bytes) -> None:
 
 def test_still_responsive_after_fuzzing(stub) -> None:
     assert_responsive(stub)
+
+
+def test_every_fuzzed_decision_was_audited_intact(stub, audit: AuditLog) -> None:
+    assert audit.flush(timeout=30)
+    stats = audit.stats()
+    assert stats.dropped == {}, stats.dropped
+    path = audit.settings.file_path
+    lines = jsonl(path.read_text())
+    assert len(lines) > 1
+    for line in lines:
+        errors = schema_errors(json.loads(line))
+        assert not errors, (errors, line[:500])
+    report = verify_files([path], None)
+    assert report.ok, report.render()
