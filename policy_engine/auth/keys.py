@@ -75,7 +75,13 @@ def fetch_url(url: str, timeout: float) -> bytes:
 
 
 class RemoteKeySet:
-    """A JWKS URL, fetched in the background: on first use, every `max_age`, and on unknown kids."""
+    """A JWKS URL, fetched in the background: on first use, every `max_age`, and on unknown kids.
+
+    A token signed with a key the set does not know yet (the IdP just rotated) waits up to
+    `unknown_kid_wait` seconds for the refresh it triggers, so the first request after a
+    rotation is not refused; refreshes stay rate-limited (`min_refresh_interval`), so tokens
+    with made-up kids cannot make the PDP fetch, or wait, more than once per interval.
+    """
 
     def __init__(
         self,
@@ -84,6 +90,7 @@ class RemoteKeySet:
         max_age: float = 300.0,
         min_refresh_interval: float = 30.0,
         timeout: float = 5.0,
+        unknown_kid_wait: float = 1.0,
         fetch: Callable[[str, float], bytes] = fetch_url,
     ) -> None:
         self.url = url
@@ -91,6 +98,9 @@ class RemoteKeySet:
         self._min_interval = min_refresh_interval
         self._timeout = timeout
         self._fetch = fetch
+        self._unknown_kid_wait = unknown_kid_wait
+        self._refreshed = threading.Event()  # set when the refresh in flight (if any) ends
+        self._refreshed.set()
         self._keys: dict[str, PyJWK] = {}
         self._fetched_at = float("-inf")
         self._last_attempt = float("-inf")
@@ -105,6 +115,10 @@ class RemoteKeySet:
         stale = now - self._fetched_at > self._max_age
         if (key is None or stale) and now - self._last_attempt >= self._min_interval:
             self._schedule_refresh()
+        if key is None and not self._refreshed.is_set():
+            # A refresh is in flight (ours or another request's): it may bring this key.
+            self._refreshed.wait(self._unknown_kid_wait)
+            key = _lookup(self._keys, kid)
         return key
 
     def refresh_now(self) -> None:
@@ -128,6 +142,7 @@ class RemoteKeySet:
             if self._refreshing or time.monotonic() - self._last_attempt < self._min_interval:
                 return
             self._refreshing = True
+            self._refreshed.clear()
             self._last_attempt = time.monotonic()
 
         def run() -> None:
@@ -136,5 +151,6 @@ class RemoteKeySet:
             finally:
                 with self._lock:
                     self._refreshing = False
+                    self._refreshed.set()
 
         threading.Thread(target=run, name="jwks-refresh", daemon=True).start()

@@ -6,6 +6,7 @@ import http.server
 import threading
 import time
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import replace
 from datetime import UTC, datetime
 from pathlib import Path
@@ -232,7 +233,7 @@ def wait_for(predicate, timeout: float = 5.0) -> bool:
 
 
 def test_remote_keys_rotate_with_one_rate_limited_refresh(jwks_server: JwksServer) -> None:
-    remote = RemoteKeySet(jwks_server.url, min_refresh_interval=0.5)
+    remote = RemoteKeySet(jwks_server.url, min_refresh_interval=0.2)
     remote.refresh_now()
     rules = replace(RULES, keys=remote)
     assert check_token(RSA.sign(**claims()), now(), rules, "alice").problem is None
@@ -240,15 +241,43 @@ def test_remote_keys_rotate_with_one_rate_limited_refresh(jwks_server: JwksServe
 
     jwks_server.document = jwks(RSA, EC)  # the IdP rotates in a new key
     token = EC.sign(**claims())
-    for _ in range(50):  # a burst of requests with the unknown kid
-        check_token(token, now(), rules, "alice")
-    assert wait_for(lambda: check_token(token, now(), rules, "alice").problem is None)
+    time.sleep(0.25)  # past the rate limit that follows the fetch above
+    # The first request with the new kid waits for the refresh it triggers and passes; the
+    # concurrent burst behind it causes no further fetch.
+    with ThreadPoolExecutor(8) as pool:
+        verdicts = list(pool.map(lambda _: check_token(token, now(), rules, "alice"), range(50)))
+    assert [v.problem for v in verdicts] == [None] * 50
     assert jwks_server.requests == fetched + 1  # the burst caused exactly one refresh
 
     for _ in range(50):  # a kid that never appears: refreshes stay rate-limited
         check_token(ed_key("never").sign(**claims()), now(), rules, "alice")
     time.sleep(0.1)
     assert jwks_server.requests <= fetched + 2
+
+
+def test_an_unknown_kid_waits_for_a_slow_refresh_only_so_long() -> None:
+    release = threading.Event()
+    calls: list[str] = []
+
+    def slow_fetch(url: str, timeout: float) -> bytes:
+        calls.append(url)
+        if len(calls) == 1:
+            return jwks(RSA).encode()
+        release.wait(10)  # the refresh after the rotation: the IdP is slow to answer
+        return jwks(RSA, EC).encode()
+
+    remote = RemoteKeySet(
+        "https://idp.test/jwks", min_refresh_interval=0, unknown_kid_wait=0.2, fetch=slow_fetch
+    )
+    remote.refresh_now()
+    rules = replace(RULES, keys=remote)
+    started = time.monotonic()
+    verdict = check_token(EC.sign(**claims()), now(), rules, "alice")
+    waited = time.monotonic() - started
+    assert verdict.problem is not None and "unknown key" in verdict.problem
+    assert 0.15 <= waited < 5  # bounded by unknown_kid_wait, not by the fetch
+    release.set()
+    assert wait_for(lambda: check_token(EC.sign(**claims()), now(), rules, "alice").problem is None)
 
 
 def test_remote_keys_survive_an_unreachable_endpoint(jwks_server: JwksServer) -> None:
