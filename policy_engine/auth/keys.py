@@ -154,3 +154,26 @@ class RemoteKeySet:
                     self._refreshed.set()
 
         threading.Thread(target=run, name="jwks-refresh", daemon=True).start()
+
+
+class RemoteKeySets:
+    """One `RemoteKeySet` per JWKS URL, kept across policy reloads.
+
+    Without it every reload would fetch every organization's JWKS again and start its rate
+    limit afresh; with it a reload reuses the set (and its keys), which refreshes itself.
+    Thread-safe; a URL is fetched synchronously the first time it is asked for (loads run off
+    the request path).
+    """
+
+    def __init__(self, factory: Callable[[str], RemoteKeySet] = RemoteKeySet) -> None:
+        self._factory = factory
+        self._sets: dict[str, RemoteKeySet] = {}
+        self._lock = threading.Lock()
+
+    def get(self, url: str) -> RemoteKeySet:
+        with self._lock:
+            remote = self._sets.get(url)
+            if remote is None:
+                remote = self._sets[url] = self._factory(url)
+                remote.refresh_now()
+            return remote

@@ -20,7 +20,7 @@ import yaml
 from policy_engine.auth.keys import (
     KeySetError,
     KeySource,
-    RemoteKeySet,
+    RemoteKeySets,
     StaticKeySet,
     parse_jwks,
 )
@@ -96,10 +96,16 @@ def _revision(directory: Path, contents: Iterable[tuple[Path, bytes]]) -> str:
 
 
 def load_policy_set(
-    directory: Path, *, bundle_public_key: bytes | None = None
+    directory: Path,
+    *,
+    bundle_public_key: bytes | None = None,
+    remote_keys: RemoteKeySets | None = None,
 ) -> CompiledPolicySet:
     """With `bundle_public_key`, the directory must carry a valid signature over exactly its
-    files (see policy_engine.policy.bundle), or nothing in it is loaded."""
+    files (see policy_engine.policy.bundle), or nothing in it is loaded. `remote_keys` keeps
+    JWKS URLs' key sets across loads (a long-running server passes one; without it each load
+    fetches them anew)."""
+    remote_keys = remote_keys if remote_keys is not None else RemoteKeySets()
     directory = Path(directory)
     if not directory.is_dir():
         raise PolicyLoadError([LoadIssue(directory, 0, "policy directory does not exist")])
@@ -132,7 +138,9 @@ def load_policy_set(
 
     organizations = {}
     for org, (configs, policies) in sorted(by_org.items()):
-        compiled = _compile_organization(directory / org, configs, policies, issues, contents)
+        compiled = _compile_organization(
+            directory / org, configs, policies, issues, contents, remote_keys
+        )
         if compiled is not None:
             organizations[org] = compiled
     if issues:
@@ -199,6 +207,7 @@ def _token_rules(
     issues: list[LoadIssue],
     contents: list[tuple[Path, bytes]],
     config_file: Path,
+    remote_keys: RemoteKeySets,
 ) -> TokenRules:
     """Keys are part of the policy set: a JWKS file is read now and counts in the revision."""
     if settings is None:
@@ -225,9 +234,7 @@ def _token_rules(
             return UNVERIFIED
         contents.append((path, data))
     else:
-        remote = RemoteKeySet(str(settings.jwks_url))
-        remote.refresh_now()  # off the request path: loads run in the background
-        keys = remote
+        keys = remote_keys.get(str(settings.jwks_url))  # fetched off the request path
     return TokenRules(
         keys=keys,
         issuer=settings.issuer,
@@ -245,6 +252,7 @@ def _compile_organization(
     policies: list[Policy],
     issues: list[LoadIssue],
     contents: list[tuple[Path, bytes]],
+    remote_keys: RemoteKeySets,
 ) -> CompiledOrganization | None:
     if len(configs) != 1:
         where = configs[1].position if len(configs) > 1 else None
@@ -299,7 +307,9 @@ def _compile_organization(
         layers=MappingProxyType(layers),
         policy_count=len(policies),
         rule_count=sum(len(p.rules) for p in policies),
-        tokens=_token_rules(folder, config.tokens, issues, contents, config.position.file),
+        tokens=_token_rules(
+            folder, config.tokens, issues, contents, config.position.file, remote_keys
+        ),
     )
 
 

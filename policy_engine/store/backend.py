@@ -18,6 +18,7 @@ from typing import Protocol
 
 from watchfiles import Change, watch
 
+from policy_engine.auth.keys import RemoteKeySets
 from policy_engine.policy import CompiledPolicySet, load_policy_set
 from policy_engine.policy.bundle import BUNDLE_FILE
 from policy_engine.policy.loader import POLICY_SUFFIXES, policy_files
@@ -124,6 +125,7 @@ class DirectoryBackend:
     def __init__(self, directory: Path, *, bundle_public_key: bytes | None = None) -> None:
         self.directory = Path(directory)
         self.bundle_public_key = bundle_public_key
+        self._remote_keys = RemoteKeySets()  # JWKS URLs' keys survive reloads
 
     @property
     def location(self) -> str:
@@ -131,7 +133,11 @@ class DirectoryBackend:
 
     def load(self) -> CompiledPolicySet:
         before = self._fingerprint()
-        policies = load_policy_set(self.directory, bundle_public_key=self.bundle_public_key)
+        policies = load_policy_set(
+            self.directory,
+            bundle_public_key=self.bundle_public_key,
+            remote_keys=self._remote_keys,
+        )
         if self._fingerprint() != before:
             raise SourceChangedDuringLoad(f"{self.directory} changed while it was being loaded")
         return policies

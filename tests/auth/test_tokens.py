@@ -20,6 +20,7 @@ from policy_engine.domain.decision import Effect
 from policy_engine.domain.request import SubjectKind
 from policy_engine.engine import decide
 from policy_engine.policy import PolicyLoadError, load_policy_set
+from policy_engine.store import DirectoryBackend
 from tests.auth.material import AUDIENCE, ISSUER, claims, ec_key, ed_key, jwks, rsa_key
 from tests.policy_builder import allow_all, request, write_organization
 
@@ -331,3 +332,20 @@ def test_pdp_eval_dry_runs_tokens_with_a_jwks_file(tmp_path: Path) -> None:
     reason = json.loads(bad.stdout)["reasons"][0]
     assert reason["code"] == "kontext_authorization_required"
     assert "bad signature" in reason["message"]
+
+
+def test_jwks_url_keys_are_fetched_once_and_kept_across_reloads(
+    tmp_path: Path, jwks_server: JwksServer
+) -> None:
+    tokens = {"issuer": ISSUER, "audience": AUDIENCE, "jwks_url": jwks_server.url}
+    backend = DirectoryBackend(org_with_tokens(tmp_path, tokens))
+    first = backend.load()
+    assert jwks_server.requests == 1
+    token = with_token(RSA.sign(**claims()))
+    assert decide(first, token, now=now()).effect is Effect.ALLOW
+    second = backend.load()  # a reload: same URL, same key set, no new fetch
+    assert jwks_server.requests == 1
+    assert second.organizations["acme"].tokens.keys is first.organizations["acme"].tokens.keys
+    assert decide(second, token, now=now()).effect is Effect.ALLOW
+    load_policy_set(backend.directory)  # a one-off load (pdp validate) fetches for itself
+    assert jwks_server.requests == 2
