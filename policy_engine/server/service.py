@@ -24,7 +24,6 @@ import logging
 import time
 from collections.abc import Callable
 from datetime import UTC, datetime
-from functools import partial
 from typing import TYPE_CHECKING, Any, NoReturn
 
 import grpc
@@ -49,12 +48,11 @@ from policy_engine.server.convert import (
     new_decision_id,
     new_decision_ids,
     next_decision_id,
-    raw_fields,
     response_from,
     stamp,
 )
 from policy_engine.server.errors import invalid_argument
-from policy_engine.server.hit_records import HitRecords
+from policy_engine.server.recording import CACHE_LEVEL_LABELS, DecisionRecorder
 
 if TYPE_CHECKING:
     from policy_engine.policy import CompiledPolicySet
@@ -75,7 +73,6 @@ _EFFECT_NUMBERS = {Effect.ALLOW: pdp_pb2.EFFECT_ALLOW, Effect.DENY: pdp_pb2.EFFE
 _EFFECT_NAMES = {pdp_pb2.EFFECT_ALLOW: "ALLOW", pdp_pb2.EFFECT_DENY: "DENY"}
 # Codes that describe the request or the server, not the policies: never cached.
 _UNCACHEABLE_CODES = frozenset({ErrorCode.VALIDATION_ERROR, ErrorCode.SERVER_ERROR})
-_LEVEL_LABELS = {_NONE: "none", CacheLevel.LOCAL: "local", CacheLevel.REDIS: "redis"}
 
 
 class _Unset:
@@ -120,14 +117,17 @@ class PolicyDecisionServicer(pdp_pb2_grpc.PolicyDecisionServiceServicer):
         audit: AuditLog | None = None,
     ) -> None:
         self._source = policy_source
-        self._audit = audit if audit is not None and audit.enabled else None
         self._clock = clock
         # The default clock is read as a float on the hit path (no datetime built there).
         self._fast_clock = clock is utc_now
         self._limits = settings.limits
         self._max_batch = settings.limits.max_batch_size
         self._converter = RequestConverter(settings.limits)
-        self._hit_records = HitRecords(self._converter)
+        self._recorder = (
+            DecisionRecorder(audit, self._converter)
+            if audit is not None and audit.enabled
+            else None
+        )
         self._responses = ResponseBuilder(settings.docs_base_url)
         self._validation_docs = self._responses.docs_url(ErrorCode.VALIDATION_ERROR)
         self._server_error_reasons: tuple[Reason, ...] = (
@@ -181,8 +181,8 @@ class PolicyDecisionServicer(pdp_pb2_grpc.PolicyDecisionServiceServicer):
             decision = self._server_error("")
             resp = self._respond(decision, request)
             self._count(resp.effect, ErrorCode.SERVER_ERROR.value)
-            if self._audit is not None:
-                self._audit_unconverted(request, decision, resp.decision_id, started)
+            if self._recorder is not None:
+                self._recorder.unconverted(request, decision, resp.decision_id, started)
             self._latency["Check", "none"].observe(time.perf_counter() - started)
             return resp
         policies, now, now_ts = snapshot
@@ -213,11 +213,11 @@ class PolicyDecisionServicer(pdp_pb2_grpc.PolicyDecisionServiceServicer):
                     log.exception("a cached decision could not be answered; deciding anew")
                 else:
                     self._count(entry.effect, entry.code)
-                    if self._audit is not None:
-                        self._audit_hit(
+                    if self._recorder is not None:
+                        self._recorder.hit(
                             request, key, entry.template, decision_id, level, started, now_ts
                         )
-                    self._latency["Check", _LEVEL_LABELS[level]].observe(
+                    self._latency["Check", CACHE_LEVEL_LABELS[level]].observe(
                         time.perf_counter() - started
                     )
                     return resp
@@ -226,8 +226,8 @@ class PolicyDecisionServicer(pdp_pb2_grpc.PolicyDecisionServiceServicer):
         converted, decision = self._decide(request, policies, now)
         if is_validation_failure(decision):
             self._count(pdp_pb2.EFFECT_DENY, ErrorCode.VALIDATION_ERROR.value)
-            if self._audit is not None:
-                self._audit_decided(
+            if self._recorder is not None:
+                self._recorder.decided(
                     request, converted, decision, new_decision_id(), started, now_ts
                 )
             self._latency["Check", "none"].observe(time.perf_counter() - started)
@@ -246,8 +246,8 @@ class PolicyDecisionServicer(pdp_pb2_grpc.PolicyDecisionServiceServicer):
         if resp is None:
             resp = self._respond(decision, request)
         self._count(resp.effect, _first_code(decision))
-        if self._audit is not None:
-            self._audit_decided(request, converted, decision, resp.decision_id, started, now_ts)
+        if self._recorder is not None:
+            self._recorder.decided(request, converted, decision, resp.decision_id, started, now_ts)
         self._latency["Check", "none"].observe(time.perf_counter() - started)
         return resp
 
@@ -272,9 +272,9 @@ class PolicyDecisionServicer(pdp_pb2_grpc.PolicyDecisionServiceServicer):
             decision = self._server_error("")
             response = pdp_pb2.CheckBatchResponse(results=[respond(decision, i) for i in items])
             self._count(pdp_pb2.EFFECT_DENY, ErrorCode.SERVER_ERROR.value, count)
-            if self._audit is not None:
+            if self._recorder is not None:
                 for item, result in zip(items, response.results, strict=True):
-                    self._audit_unconverted(item, decision, result.decision_id, started)
+                    self._recorder.unconverted(item, decision, result.decision_id, started)
         elif self._cache is None:
             response = self._batch_uncached(items, *snapshot, started)
         else:
@@ -292,15 +292,15 @@ class PolicyDecisionServicer(pdp_pb2_grpc.PolicyDecisionServiceServicer):
     ) -> pdp_pb2.CheckBatchResponse:
         if now is None:
             now = datetime.fromtimestamp(now_ts, UTC)
-        decide_one, respond, audit = self._decide, self._respond, self._audit
+        decide_one, respond, recorder = self._decide, self._respond, self._recorder
         tally: dict[tuple[int, str], int] = {}
         results = []
         for item in items:
             converted, decision = decide_one(item, policies, now)
             result = respond(decision, item)
             results.append(result)
-            if audit is not None:
-                self._audit_decided(item, converted, decision, result.decision_id, started, now_ts)
+            if recorder is not None:
+                recorder.decided(item, converted, decision, result.decision_id, started, now_ts)
             label = (_EFFECT_NUMBERS.get(decision.effect, 0), _first_code(decision))
             tally[label] = tally.get(label, 0) + 1
         self._count_tally(tally)
@@ -341,7 +341,7 @@ class PolicyDecisionServicer(pdp_pb2_grpc.PolicyDecisionServiceServicer):
         tally: dict[tuple[int, str], int] = {}
         evaluated = from_redis = 0
         redis_level = CacheLevel.REDIS
-        audit = self._audit
+        recorder = self._recorder
         # Audit records wait until the batch is assembled: if that fails, it is decided anew
         # and those decisions, not these, are the ones answered and recorded.
         audited: list[tuple[Any, ...]] = []
@@ -358,7 +358,7 @@ class PolicyDecisionServicer(pdp_pb2_grpc.PolicyDecisionServiceServicer):
                     tally[label] = tally.get(label, 0) + 1
                     if level is redis_level:
                         from_redis += 1
-                    if audit is not None:
+                    if recorder is not None:
                         audited.append((item, keys[index], entry.template, ids[index], level))
                     continue
             if now is None:
@@ -374,8 +374,8 @@ class PolicyDecisionServicer(pdp_pb2_grpc.PolicyDecisionServiceServicer):
             # decided again from scratch rather than failed, and nothing is stored.
             log.exception("assembling a batch from cached answers failed; deciding it anew")
             return self._batch_uncached(items, policies, now, now_ts, started), "none"
-        if audit is not None:
-            self._audit_batch(audited, started, now_ts)
+        if recorder is not None:
+            recorder.batch(audited, started, now_ts)
         if stores:
             try:
                 cache.put_many(list(stores.values()), now_ts)
@@ -417,12 +417,12 @@ class PolicyDecisionServicer(pdp_pb2_grpc.PolicyDecisionServiceServicer):
             else:
                 add_result(parts, template, decision_id, item.request_id, _NONE)
                 stores[key] = (key, template, label[0], label[1], _timestamp(decision))
-                if self._audit is not None:
+                if self._recorder is not None:
                     audited.append((item, converted, decision, decision_id))
                 return
         response = self._respond(decision, item)
         add_response(parts, response.SerializeToString())
-        if self._audit is not None:
+        if self._recorder is not None:
             audited.append((item, converted, decision, response.decision_id))
 
     # --- helpers -------------------------------------------------------------------------------
@@ -509,68 +509,6 @@ class PolicyDecisionServicer(pdp_pb2_grpc.PolicyDecisionServiceServicer):
                 decision_id=new_decision_id(),
                 request_id=msg.request_id,
             )
-
-    # --- audit -------------------------------------------------------------------------------
-
-    def _audit_decided(
-        self,
-        msg: pdp_pb2.CheckRequest,
-        request: CheckRequest | None,
-        decision: Decision,
-        decision_id: str | bytes,
-        started: float,
-        at: float,
-    ) -> None:
-        """Record a decision the engine (or validation) made."""
-        latency_ms = (time.perf_counter() - started) * 1000
-        if request is None:
-            self._audit_unconverted(msg, decision, decision_id, started)
-        else:
-            self._audit.record(  # type: ignore[union-attr]
-                request, decision, decision_id=decision_id, latency_ms=latency_ms, at=at
-            )
-
-    def _audit_unconverted(
-        self,
-        msg: pdp_pb2.CheckRequest,
-        decision: Decision,
-        decision_id: str | bytes,
-        started: float,
-    ) -> None:
-        """Record a decision made without a domain request (a server error), from the message."""
-        self._audit.record_invalid(  # type: ignore[union-attr]
-            decision,
-            decision_id=decision_id.decode() if isinstance(decision_id, bytes) else decision_id,
-            latency_ms=(time.perf_counter() - started) * 1000,
-            **raw_fields(msg),
-        )
-
-    def _audit_hit(
-        self,
-        msg: pdp_pb2.CheckRequest,
-        key: str,
-        template: bytes,
-        decision_id: bytes,
-        level: CacheLevel,
-        started: float,
-        at: float,
-    ) -> None:
-        self._audit.record_lazy(  # type: ignore[union-attr]
-            partial(self._hit_records, msg, key, template),
-            decision_id=decision_id,
-            cache_level=_LEVEL_LABELS[level],
-            latency_ms=(time.perf_counter() - started) * 1000,
-            at=at,
-        )
-
-    def _audit_batch(self, audited: list[tuple[Any, ...]], started: float, at: float) -> None:
-        """Record a cached batch's items: `(item, key, template, id, level)` for a hit,
-        `(item, request, decision, id)` for an evaluated one."""
-        for entry in audited:
-            if len(entry) == 5:
-                self._audit_hit(*entry, started, at)
-            else:
-                self._audit_decided(*entry, started, at)
 
     def _server_error(self, revision: str) -> Decision:
         return Decision(

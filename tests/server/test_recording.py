@@ -11,7 +11,7 @@ from policy_engine.config import RequestLimits
 from policy_engine.domain.codes import ErrorCode
 from policy_engine.domain.decision import Decision, Effect, Layer, Reason, RuleMatch
 from policy_engine.server.convert import RequestConverter, ResponseBuilder
-from policy_engine.server.hit_records import HitRecords
+from policy_engine.server.recording import HitRecords
 from tests.cache.support import tuple_request
 
 DECISION = Decision(

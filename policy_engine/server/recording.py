@@ -1,0 +1,145 @@
+"""What the servicer hands the audit log: one record per decision, as cheaply as it can.
+
+`DecisionRecorder` turns the servicer's three kinds of outcome into audit records: a decision
+the engine made (the domain request and decision exist), one made without a domain request (a
+server error: the message's raw fields), and a cache hit (only the message and the stored
+response bytes exist). Latency is measured from the start of the RPC.
+
+A hit is answered from stored response bytes, so the request path never builds the domain
+request or decision its audit record needs; the audit writer's thread does, through
+`HitRecords`. Converting the message, parsing the stored response and serializing the record
+cost ~25 µs, so the serialized record is remembered per cache key: the key covers everything
+in the request but `request_id` and `context.time`, so a later hit under the same key (with
+the same stored response) only fills in those and the per-call fields, about 2 µs.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from functools import partial
+from typing import Any
+
+from policy_engine.api import pdp_pb2
+from policy_engine.audit import AuditLog
+from policy_engine.audit.record import PreparedHit, PreparedRecord
+from policy_engine.domain.decision import Decision
+from policy_engine.domain.request import CheckRequest
+from policy_engine.server.convert import (
+    RequestConverter,
+    decision_from_response,
+    raw_fields,
+    timestamp_to_datetime,
+)
+
+CACHE_LEVEL_LABELS = {
+    pdp_pb2.CACHE_LEVEL_NONE: "none",
+    pdp_pb2.CACHE_LEVEL_LOCAL: "local",
+    pdp_pb2.CACHE_LEVEL_REDIS: "redis",
+}
+
+DEFAULT_MAX_ENTRIES = 4096
+
+
+class HitRecords:
+    """Audit inputs for cache hits; thread-safe, bounded (the oldest entry is evicted)."""
+
+    def __init__(self, converter: RequestConverter, max_entries: int = DEFAULT_MAX_ENTRIES) -> None:
+        self._converter = converter
+        self._max = max(max_entries, 1)
+        self._memo: dict[str, tuple[bytes, PreparedRecord]] = {}
+        self._lock = threading.Lock()
+
+    def __call__(
+        self, msg: pdp_pb2.CheckRequest, key: str, template: bytes
+    ) -> PreparedHit | tuple[CheckRequest, Decision]:
+        context_time = (
+            timestamp_to_datetime(msg.context.time) if msg.context.HasField("time") else None
+        )
+        remembered = self._memo.get(key)
+        # The same key can hold another answer later (an entry expired and was re-decided).
+        if remembered is not None and remembered[0] == template:
+            return PreparedHit(remembered[1], msg.request_id, context_time)
+        request, _ = self._converter.convert(msg)
+        decision = decision_from_response(pdp_pb2.CheckResponse.FromString(template))
+        try:
+            prepared = PreparedRecord(request, decision)
+        except (ValueError, TypeError):  # unusual attributes: the writer's general path
+            return request, decision
+        with self._lock:
+            if len(self._memo) >= self._max:
+                del self._memo[next(iter(self._memo))]
+            self._memo[key] = (template, prepared)
+        return PreparedHit(prepared, msg.request_id, context_time)
+
+
+class DecisionRecorder:
+    """Queues the audit record of each decision the servicer answers (see the module doc)."""
+
+    def __init__(self, audit: AuditLog, converter: RequestConverter) -> None:
+        self._audit = audit
+        self._hit_records = HitRecords(converter)
+
+    def decided(
+        self,
+        msg: pdp_pb2.CheckRequest,
+        request: CheckRequest | None,
+        decision: Decision,
+        decision_id: str | bytes,
+        started: float,
+        at: float,
+    ) -> None:
+        """A decision the engine (or validation) made; `request` None if none could be built."""
+        if request is None:
+            self.unconverted(msg, decision, decision_id, started)
+            return
+        self._audit.record(
+            request,
+            decision,
+            decision_id=decision_id,
+            latency_ms=(time.perf_counter() - started) * 1000,
+            at=at,
+        )
+
+    def unconverted(
+        self,
+        msg: pdp_pb2.CheckRequest,
+        decision: Decision,
+        decision_id: str | bytes,
+        started: float,
+    ) -> None:
+        """A decision made without a domain request (a server error), from the message."""
+        self._audit.record_invalid(
+            decision,
+            decision_id=decision_id.decode() if isinstance(decision_id, bytes) else decision_id,
+            latency_ms=(time.perf_counter() - started) * 1000,
+            **raw_fields(msg),
+        )
+
+    def hit(
+        self,
+        msg: pdp_pb2.CheckRequest,
+        key: str,
+        template: bytes,
+        decision_id: bytes,
+        level: int,
+        started: float,
+        at: float,
+    ) -> None:
+        """A cache hit: the record is built on the writer's thread from the stored response."""
+        self._audit.record_lazy(
+            partial(self._hit_records, msg, key, template),
+            decision_id=decision_id,
+            cache_level=CACHE_LEVEL_LABELS[level],
+            latency_ms=(time.perf_counter() - started) * 1000,
+            at=at,
+        )
+
+    def batch(self, outcomes: list[tuple[Any, ...]], started: float, at: float) -> None:
+        """A cached batch's items: `(item, key, template, id, level)` for a hit,
+        `(item, request, decision, id)` for an evaluated one."""
+        for outcome in outcomes:
+            if len(outcome) == 5:
+                self.hit(*outcome, started, at)
+            else:
+                self.decided(*outcome, started, at)
