@@ -21,7 +21,7 @@ from typing import Any, NamedTuple
 
 from policy_engine.audit.canonical import Parts, canonical, split
 from policy_engine.domain.codes import ErrorCode
-from policy_engine.domain.decision import Decision, Reason
+from policy_engine.domain.decision import Decision, Reason, reason_to_dict
 from policy_engine.domain.request import CheckRequest
 
 SCHEMA_VERSION = 1
@@ -110,34 +110,13 @@ def redact(value: Any) -> Any:
 
 
 def _reason(reason: Reason) -> dict[str, Any]:
-    return {
-        "code": reason.code.value,
-        "http_status": reason.http_status,
-        "layer": reason.layer.value,
-        "policy": reason.policy,
-        "rule": reason.rule,
-        "message": reason.message,
-        "field": reason.field,
-    }
+    return {**reason_to_dict(reason), "field": reason.field}  # the schema always has `field`
 
 
 def _matched_rules(decision: Decision) -> list[dict[str, Any]]:
-    """The rules that decided; from reasons when the decision does not list its matches."""
-    matched = getattr(decision, "matched_rules", None)
-    if matched is not None:
-        return [
-            {
-                "layer": m.layer.value,
-                "policy": m.policy,
-                "rule": m.rule,
-                "effect": m.effect.value,
-            }
-            for m in matched
-        ]
     return [
-        {"layer": r.layer.value, "policy": r.policy, "rule": r.rule, "effect": "DENY"}
-        for r in decision.reasons
-        if r.rule
+        {"layer": m.layer.value, "policy": m.policy, "rule": m.rule, "effect": m.effect.value}
+        for m in decision.matched_rules
     ]
 
 
@@ -267,16 +246,9 @@ def _reason_json(r: Reason) -> str:
 
 def _matched_json(decision: Decision) -> str:
     e = _esc
-    matched = getattr(decision, "matched_rules", None)
-    if matched is None:
-        return ",".join(
-            f'{{"effect":"DENY","layer":{e(r.layer)},"policy":{e(r.policy)},"rule":{e(r.rule)}}}'
-            for r in decision.reasons
-            if r.rule
-        )
     return ",".join(
         f'{{"effect":{e(m.effect)},"layer":{e(m.layer)},"policy":{e(m.policy)},"rule":{e(m.rule)}}}'
-        for m in matched
+        for m in decision.matched_rules
     )
 
 
@@ -327,15 +299,10 @@ def _encode_fast(
     instance: str,
     time: float | str,
 ) -> Parts:
-    return PreparedRecord(request, decision).render(
-        decision_id=decision_id,
-        cache_level=cache_level,
-        latency_ms=latency_ms,
-        instance=instance,
-        time=time,
-        request_id=request.request_id,
-        context_time=request.context.time,
+    prepared = PreparedHit(
+        PreparedRecord(request, decision), request.request_id, request.context.time
     )
+    return prepared.render(decision_id, cache_level, latency_ms, instance, time)
 
 
 class PreparedRecord:
@@ -418,11 +385,30 @@ class PreparedRecord:
 
 
 class PreparedHit(NamedTuple):
-    """What a cache hit's lazy build may return instead of `(request, decision)`."""
+    """A prepared record with this request's own IDs: what a cache hit's lazy build may return
+    instead of `(request, decision)`."""
 
     prepared: PreparedRecord
     request_id: str
     context_time: datetime | None
+
+    def render(
+        self,
+        decision_id: str,
+        cache_level: str,
+        latency_ms: float,
+        instance: str,
+        time: float | str,
+    ) -> Parts:
+        return self.prepared.render(
+            decision_id=decision_id,
+            cache_level=cache_level,
+            latency_ms=latency_ms,
+            instance=instance,
+            time=time,
+            request_id=self.request_id,
+            context_time=self.context_time,
+        )
 
 
 def encode_invalid_record(decision: Decision, **kwargs: Any) -> Parts:

@@ -426,38 +426,27 @@ class AuditLog:
                 if kind != _INVALID:
                     if kind == _DECISION:
                         _, request, decision, decision_id, cache_level, latency_ms, at = item
+                        built: Any = (request, decision)
                     else:
                         _, build, decision_id, cache_level, latency_ms, at = item
                         built = build()
-                        if isinstance(decision_id, bytes):
-                            decision_id = decision_id.decode("utf-8", "replace")
-                        if built.__class__ is PreparedHit:
-                            records.append(
-                                built.prepared.render(
-                                    decision_id=decision_id,
-                                    cache_level=cache_level,
-                                    latency_ms=latency_ms,
-                                    instance=instance,
-                                    time=at,
-                                    request_id=built.request_id,
-                                    context_time=built.context_time,
-                                )
-                            )
-                            continue
-                        request, decision = built
                     if isinstance(decision_id, bytes):
                         decision_id = decision_id.decode("utf-8", "replace")
-                    records.append(
-                        encode_record(
-                            request,
-                            decision,
-                            decision_id=decision_id,
-                            cache_level=cache_level,
-                            latency_ms=latency_ms,
-                            instance=instance,
-                            time=at,
+                    if built.__class__ is PreparedHit:
+                        records.append(
+                            built.render(decision_id, cache_level, latency_ms, instance, at)
                         )
-                    )
+                    else:
+                        records.append(
+                            encode_record(
+                                *built,
+                                decision_id=decision_id,
+                                cache_level=cache_level,
+                                latency_ms=latency_ms,
+                                instance=instance,
+                                time=at,
+                            )
+                        )
                 else:
                     _, decision, decision_id, latency_ms, at, raw = item
                     records.append(

@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from datetime import datetime
 from enum import StrEnum
+from typing import Any
 
 from policy_engine.domain.codes import ErrorCode
 
@@ -42,6 +43,21 @@ class Reason:
     @property
     def http_status(self) -> int:
         return self.code.http_status
+
+
+def reason_to_dict(reason: Reason) -> dict[str, Any]:
+    """A reason as JSON-ready data (`field` only when set), for the CLI and the audit log."""
+    data: dict[str, Any] = {
+        "code": reason.code.value,
+        "http_status": reason.http_status,
+        "layer": reason.layer.value,
+        "policy": reason.policy,
+        "rule": reason.rule,
+        "message": reason.message,
+    }
+    if reason.field:
+        data["field"] = reason.field
+    return data
 
 
 @dataclass(frozen=True, slots=True)

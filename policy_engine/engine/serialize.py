@@ -4,21 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from policy_engine.domain.decision import Decision, Reason
-
-
-def reason_to_dict(reason: Reason) -> dict[str, Any]:
-    data: dict[str, Any] = {
-        "code": reason.code.value,
-        "http_status": reason.http_status,
-        "layer": reason.layer.value,
-        "policy": reason.policy,
-        "rule": reason.rule,
-        "message": reason.message,
-    }
-    if reason.field:
-        data["field"] = reason.field
-    return data
+from policy_engine.domain.decision import Decision, reason_to_dict
 
 
 def decision_to_dict(decision: Decision) -> dict[str, Any]:

@@ -29,15 +29,11 @@ from policy_engine.audit.verify import verify_files
 from policy_engine.bench.redis_server import RedisServer
 from policy_engine.config import AuditSettings, CacheSettings, ReloadSettings, Settings
 from policy_engine.server.app import RunningServer, start_server
+from policy_engine.server.recording import CACHE_LEVEL_LABELS as LEVELS
 from tests.audit.support import TOKEN, jsonl, read_records, text_client
 from tests.cache.support import tuple_request
 from tests.server.harness import DOCS, EXAMPLE_POLICIES
 
-LEVELS = {
-    pdp_pb2.CACHE_LEVEL_NONE: "none",
-    pdp_pb2.CACHE_LEVEL_LOCAL: "local",
-    pdp_pb2.CACHE_LEVEL_REDIS: "redis",
-}
 EFFECTS = {pdp_pb2.EFFECT_ALLOW: "ALLOW", pdp_pb2.EFFECT_DENY: "DENY"}
 
 

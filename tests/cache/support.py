@@ -20,6 +20,11 @@ from policy_engine.server.service import PolicyDecisionServicer
 from tests.server.harness import DOCS, running
 
 BASE = Settings(docs_base_url=DOCS)
+NONE, LOCAL, REDIS = (
+    pdp_pb2.CACHE_LEVEL_NONE,
+    pdp_pb2.CACHE_LEVEL_LOCAL,
+    pdp_pb2.CACHE_LEVEL_REDIS,
+)
 
 
 def settings(redis_server: RedisServer | None = None, **cache: Any) -> Settings:

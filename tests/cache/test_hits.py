@@ -20,6 +20,9 @@ from policy_engine.bench.redis_server import RedisServer
 from policy_engine.cache import Entry
 from policy_engine.policy import CompiledPolicySet, load_policy_set
 from tests.cache.support import (
+    LOCAL,
+    NONE,
+    REDIS,
     Clock,
     admin,
     answer,
@@ -30,12 +33,6 @@ from tests.cache.support import (
 )
 from tests.policy_builder import allow_all, write_organization
 from tests.server.harness import EXAMPLE_POLICIES
-
-NONE, LOCAL, REDIS = (
-    pdp_pb2.CACHE_LEVEL_NONE,
-    pdp_pb2.CACHE_LEVEL_LOCAL,
-    pdp_pb2.CACHE_LEVEL_REDIS,
-)
 
 TUPLES = {
     "allow": tuple_request(),

@@ -15,6 +15,9 @@ from policy_engine.api import pdp_pb2
 from policy_engine.bench.redis_server import RedisServer, free_port
 from policy_engine.policy import CompiledPolicySet, load_policy_set
 from tests.cache.support import (
+    LOCAL,
+    NONE,
+    REDIS,
     admin,
     answer,
     command_calls,
@@ -24,12 +27,6 @@ from tests.cache.support import (
     tuple_request,
 )
 from tests.server.harness import EXAMPLE_POLICIES
-
-NONE, LOCAL, REDIS = (
-    pdp_pb2.CACHE_LEVEL_NONE,
-    pdp_pb2.CACHE_LEVEL_LOCAL,
-    pdp_pb2.CACHE_LEVEL_REDIS,
-)
 
 
 @pytest.fixture(scope="module")
