@@ -1,6 +1,11 @@
 """The hot-reloaded policy store: the serving policy set, its status, and what reloads it."""
 
-from policy_engine.store.backend import DirectoryBackend, PolicyBackend, SourceChangedDuringLoad
+from policy_engine.store.backend import (
+    DirectoryBackend,
+    FilesBeingWritten,
+    PolicyBackend,
+    SourceChangedDuringLoad,
+)
 from policy_engine.store.reloader import PolicyReloader
 from policy_engine.store.store import (
     NoPolicyLoaded,
@@ -11,6 +16,7 @@ from policy_engine.store.store import (
 
 __all__ = [
     "DirectoryBackend",
+    "FilesBeingWritten",
     "NoPolicyLoaded",
     "PolicyBackend",
     "PolicyReloader",

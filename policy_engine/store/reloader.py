@@ -3,6 +3,8 @@
 Two threads so that neither blocks the other: changes that arrive while a load is running
 collapse into one more reload afterwards, and a slow load never delays noticing changes.
 `request()` only sets an event, so it is safe to call from a signal handler (SIGHUP).
+A reload deferred because a file is still being written (at startup too) is tried again
+every DEFERRED_RETRY_SECONDS until it is not, and `stop()` ends that wait at once.
 """
 
 from __future__ import annotations
@@ -10,11 +12,14 @@ from __future__ import annotations
 import logging
 import threading
 
-from policy_engine.store.store import PolicyStore
+from policy_engine.store.store import PolicyStore, ReloadResult
 
 log = logging.getLogger(__name__)
 
 WATCH_RETRY_SECONDS = 1.0  # after the watcher itself failed unexpectedly
+# While a reload waits for a writer: the watcher's close event usually comes first; this
+# covers writers it cannot see (started before the server, no watch, lost events).
+DEFERRED_RETRY_SECONDS = 0.25
 
 
 class PolicyReloader:
@@ -61,12 +66,17 @@ class PolicyReloader:
                 log.warning("%s did not stop within %.0fs", thread.name, timeout)
 
     def _reload_loop(self) -> None:
+        status = self.store.status()
+        deferred = status.deferred  # the startup load waits for a writer
+        if deferred:
+            self._reason = self._reason or status.last_reason
         while True:
-            self._pending.wait()
+            self._pending.wait(DEFERRED_RETRY_SECONDS if deferred else None)
             if self._stop.is_set():
                 return
             self._pending.clear()  # before loading: a change during the load reloads again
-            self.store.reload(self._reason or "requested")
+            result = self.store.reload(self._reason or "requested")
+            deferred = result is ReloadResult.DEFERRED
 
     def _watch_loop(self) -> None:
         backend = self.store.backend

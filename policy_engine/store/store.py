@@ -28,6 +28,7 @@ from policy_engine.policy import CompiledPolicySet, PolicyLoadError
 from policy_engine.store.backend import (
     STABLE_LOAD_ATTEMPTS,
     STABLE_LOAD_PAUSE_SECONDS,
+    FilesBeingWritten,
     PolicyBackend,
     SourceChangedDuringLoad,
 )
@@ -35,6 +36,8 @@ from policy_engine.store.backend import (
 log = logging.getLogger(__name__)
 
 MAX_REPORTED_ISSUES = 100  # a status or log entry lists at most this many issues
+# A reload that has waited this long for a file's writer to close it is logged as a warning.
+LONG_WRITE_WARNING_SECONDS = 10.0
 
 Clock = Callable[[], datetime]
 Listener = Callable[[CompiledPolicySet], None]
@@ -52,6 +55,9 @@ class ReloadResult(enum.Enum):
     LOADED = "loaded"  # a new revision is now serving
     UNCHANGED = "unchanged"  # valid, and the same revision as the one serving: nothing swapped
     FAILED = "failed"  # invalid or unreadable: the previous set (if any) keeps serving
+    # A file is still being written: nothing was read, the previous set (if any) keeps
+    # serving, and the reloader tries again until the writer has closed it.
+    DEFERRED = "deferred"
 
 
 @dataclass(frozen=True, slots=True)
@@ -75,7 +81,13 @@ class StoreStatus:
 
     @property
     def last_ok(self) -> bool:
-        return self.last_result is not None and self.last_result is not ReloadResult.FAILED
+        """The last attempt ended with the directory's current content serving."""
+        return self.last_result in (ReloadResult.LOADED, ReloadResult.UNCHANGED)
+
+    @property
+    def deferred(self) -> bool:
+        """The last attempt waits for a file's writer to close it (see ReloadResult)."""
+        return self.last_result is ReloadResult.DEFERRED
 
 
 class PolicyStore:
@@ -88,6 +100,8 @@ class PolicyStore:
         self._status = StoreStatus(source=backend.location)
         self._reload_lock = threading.Lock()  # one load at a time; readers never take it
         self._listeners: list[Listener] = []
+        self._deferred_since: float | None = None  # time.monotonic() of the first deferral
+        self._deferral_warned = False
 
     # --- the request path ----------------------------------------------------------------------
 
@@ -118,7 +132,8 @@ class PolicyStore:
 
         Blocks for the duration of one load, so call it from a background thread (the
         reloader) or at startup. Never raises: failures are logged, counted and kept in
-        the status, and the previous set keeps serving.
+        the status, and the previous set keeps serving. DEFERRED when a file is still being
+        written: nothing is read, and the caller tries again later (the reloader does).
         """
         with self._reload_lock:
             attempt_at = self._clock()
@@ -127,6 +142,8 @@ class PolicyStore:
             error = ""
             try:
                 policies = self._load_consistent()
+            except FilesBeingWritten as exc:
+                return self._deferred(attempt_at, reason, exc)
             except PolicyLoadError as exc:
                 error = format_issues(exc)
             except SourceChangedDuringLoad as exc:
@@ -136,6 +153,7 @@ class PolicyStore:
                 error = f"{self.backend.location}:0: internal error while loading: {exc!r}"
             elapsed = time.perf_counter() - started
             metrics.RELOAD_DURATION.observe(elapsed)
+            self._deferred_since = None
             if policies is None:
                 return self._failed(attempt_at, reason, error)
             return self._succeeded(policies, attempt_at, reason, elapsed)
@@ -148,6 +166,39 @@ class PolicyStore:
             except SourceChangedDuringLoad:
                 time.sleep(STABLE_LOAD_PAUSE_SECONDS)
         return self.backend.load()
+
+    def _deferred(self, attempt_at: datetime, reason: str, exc: FilesBeingWritten) -> ReloadResult:
+        previous = self._status
+        serving = (
+            f"still serving revision {previous.revision}"
+            if previous.serving
+            else "no valid policy set yet, answering deny"
+        )
+        error = f"reload deferred: {exc}; {serving} until the writer closes it"
+        self._status = replace(
+            previous,
+            last_attempt_at=attempt_at,
+            last_result=ReloadResult.DEFERRED,
+            last_error=error,
+            last_reason=reason,
+            attempts=previous.attempts + 1,
+        )
+        metrics.RELOADS.labels(result="deferred").inc()
+        now = time.monotonic()
+        if self._deferred_since is None:
+            self._deferred_since = now
+            self._deferral_warned = False
+            log.info("policy reload (%s) %s", reason, error)
+        elif not self._deferral_warned and now - self._deferred_since >= LONG_WRITE_WARNING_SECONDS:
+            self._deferral_warned = True
+            log.warning(
+                "policy reload has waited %.0f s for %s to be closed; %s. Writers must close "
+                "the file (or write a temporary file and rename it into place)",
+                now - self._deferred_since,
+                ", ".join(exc.paths),
+                serving,
+            )
+        return ReloadResult.DEFERRED
 
     def _failed(self, attempt_at: datetime, reason: str, error: str) -> ReloadResult:
         previous = self._status

@@ -1,4 +1,4 @@
-"""The reloader with a real watcher (inotify through watchfiles) on real directories."""
+"""The reloader with a real watcher (inotify) on real directories."""
 
 from __future__ import annotations
 
@@ -8,11 +8,10 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from watchfiles import Change
 
 from policy_engine.policy import load_policy_set
 from policy_engine.store import DirectoryBackend, PolicyReloader, PolicyStore, ReloadResult
-from policy_engine.store.backend import PolicyChangeFilter
+from policy_engine.store.watch import PolicyChangeFilter
 from tests.store.support import (
     BAD_CEL,
     BAD_CEL_LINE,
@@ -174,33 +173,33 @@ def test_stop_ends_both_threads(watched: tuple[PolicyStore, PolicyReloader]) -> 
 
 
 @pytest.mark.parametrize(
-    ("change", "relative", "passes"),
+    ("relative", "deleted", "is_dir", "passes"),
     [
-        (Change.modified, "acme/org.yaml", True),
-        (Change.added, "acme/users/alice.yml", True),
-        (Change.deleted, "acme/org.yaml", True),
-        (Change.deleted, "acme", True),  # maybe a folder: cannot tell once deleted
-        (Change.deleted, "acme.io", True),
-        (Change.added, "", True),  # the root itself
-        (Change.added, "acme/.org.yaml.tmp", False),
-        (Change.added, "acme/.#org.yaml", False),
-        (Change.modified, "acme/.org.yaml.swp", False),
-        (Change.added, "acme/org.yaml~", False),
-        (Change.added, "acme/4913", False),
-        (Change.modified, "acme/notes.txt", False),
-        (Change.deleted, "acme/org.yaml.bak", False),
-        (Change.added, ".git/index", False),
-        (Change.added, "..data", True),  # Kubernetes ConfigMap volumes swap this link
+        ("acme/org.yaml", False, False, True),
+        ("acme/users/alice.yml", False, False, True),
+        ("acme/org.yaml", True, False, True),
+        ("acme", True, True, True),
+        ("acme.io", True, False, True),  # maybe a symlinked folder: cannot tell once deleted
+        ("", False, True, True),  # the root itself
+        ("acme/.org.yaml.tmp", False, False, False),
+        ("acme/.#org.yaml", False, False, False),
+        ("acme/.org.yaml.swp", False, False, False),
+        ("acme/org.yaml~", False, False, False),
+        ("acme/4913", False, False, False),
+        ("acme/notes.txt", False, False, False),
+        ("acme/org.yaml.bak", True, False, False),
+        (".git/index", False, False, False),
+        ("..data", False, False, True),  # Kubernetes ConfigMap volumes swap this link
     ],
 )
 def test_the_filter_passes_policy_files_and_folders_only(
-    tmp_path: Path, change: Change, relative: str, passes: bool
+    tmp_path: Path, relative: str, deleted: bool, is_dir: bool, passes: bool
 ) -> None:
     (tmp_path / "acme").mkdir()
     path = tmp_path / relative if relative else tmp_path
-    assert PolicyChangeFilter(tmp_path)(change, str(path)) is passes
+    assert PolicyChangeFilter(tmp_path)(str(path), deleted=deleted, is_dir=is_dir) is passes
 
 
 def test_the_filter_passes_a_new_folder(tmp_path: Path) -> None:
     (tmp_path / "globex").mkdir()
-    assert PolicyChangeFilter(tmp_path)(Change.added, str(tmp_path / "globex"))
+    assert PolicyChangeFilter(tmp_path)(str(tmp_path / "globex"))

@@ -1,0 +1,293 @@
+"""Watching a policy tree with inotify(7): a change is reported once a write is finished.
+
+A reload is triggered by a file closed after writing (IN_CLOSE_WRITE), renamed into place
+(IN_MOVED_TO), renamed away or deleted, a link or folder created, or metadata changed; never
+by a write itself (IN_MODIFY). Writes only mark the file as being written (`WriteTracker`)
+until it is closed, so a reload asked for some other way can wait for it too.
+
+watchfiles (Rust `notify` underneath) was used before; it drops close events, so it cannot
+tell a finished write from a half-done one. inotify_simple is a thin ctypes binding to the
+same kernel interface that passes every event through.
+
+inotify watches one folder each, not a tree: every folder below the root gets its own watch,
+added when it appears (new folders are rescanned, files created in them before their watch
+was in place included). A watch follows its inode, so a root that is deleted or replaced
+(rename, symlink swap) is noticed by checking which folder the path names. When the kernel
+queue overflows (IN_Q_OVERFLOW) events were lost: everything may have changed, so the tree
+is rescanned and a reload requested; the reload asks the kernel which files are still open
+for writing.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import logging
+import os
+import re
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+from inotify_simple import INotify, flags
+
+from policy_engine.policy.bundle import BUNDLE_FILE
+from policy_engine.policy.loader import POLICY_SUFFIXES
+from policy_engine.store.writes import WriteTracker
+
+log = logging.getLogger(__name__)
+
+# How often the watcher checks that the directory it watches is still the configured one
+# (deleted, recreated, replaced by a rename or a symlink swap: inotify reports none of these
+# on the old watch).
+IDENTITY_CHECK_MS = 500
+MISSING_POLL_SECONDS = 0.2  # while the directory is gone, how often to look for it again
+WATCH_STEP_MS = 50  # quiet time that ends a burst of changes (bounded by the debounce)
+STOP_POLL_MS = 100  # longest a blocked read delays noticing `stop`
+
+# Kubernetes ConfigMap/Secret volumes publish a new version by renaming the hidden
+# `..data` symlink; that rename is the one hidden change that matters.
+KUBERNETES_DATA_LINK = "..data"
+_EDITOR_TEMPORARY = re.compile(
+    r"(~|\.sw[a-p]|\.tmp|\.temp|\.bak|\.orig|\.part|\.crdownload|___jb_\w+___)$|^4913$|^#.*#$"
+)
+
+_FOLDER_MASK = (
+    flags.MODIFY
+    | flags.CLOSE_WRITE
+    | flags.ATTRIB
+    | flags.CREATE
+    | flags.DELETE
+    | flags.MOVED_FROM
+    | flags.MOVED_TO
+    | flags.DELETE_SELF
+    | flags.MOVE_SELF
+    | flags.ONLYDIR
+)
+_GONE = flags.DELETE | flags.MOVED_FROM
+_RESHAPES = flags.CREATE | flags.DELETE | flags.MOVED_FROM | flags.MOVED_TO
+
+
+class PolicyChangeFilter:
+    """Passes changes that can alter the policy set: *.yaml/*.yml files, the bundle manifest
+    and folders.
+
+    Hidden paths and editor temporaries are dropped (the loader ignores them too), except
+    Kubernetes' `..data` link swap. A deleted entry that is not known to be a file may have
+    been a symlinked folder, so it passes unless it looks like a temporary; an extra reload
+    is only a no-op.
+    """
+
+    def __init__(self, root: Path) -> None:
+        self.root = Path(os.path.abspath(root))
+
+    def __call__(self, path: str, *, deleted: bool = False, is_dir: bool = False) -> bool:
+        candidate = Path(path)
+        try:
+            parts = candidate.relative_to(self.root).parts
+        except ValueError:
+            return True  # outside the root as we spelled it (e.g. a resolved symlink): be safe
+        if not parts:
+            return True  # the directory itself
+        if KUBERNETES_DATA_LINK in parts:
+            return True
+        if any(part.startswith(".") for part in parts):
+            return False
+        name = parts[-1]
+        if _EDITOR_TEMPORARY.search(name):
+            return False
+        if candidate.suffix in POLICY_SUFFIXES or name == BUNDLE_FILE or is_dir:
+            return True
+        if deleted:
+            return True
+        return candidate.is_dir()
+
+
+def _identity(path: Path) -> tuple[int, int] | None:
+    """Which directory `path` is right now (following symlinks), or None when it is gone."""
+    try:
+        st = path.stat()
+    except OSError:
+        return None
+    return (st.st_dev, st.st_ino)
+
+
+def watch_tree(
+    root: Path, stop: threading.Event, debounce_ms: int, writes: WriteTracker
+) -> Iterator[str]:
+    """Yields a short description each time the policy set under `root` may have changed,
+    until `stop` is set; records unfinished writes in `writes` as they happen.
+
+    Survives the directory being deleted, recreated or swapped (rename, symlink): every
+    IDENTITY_CHECK_MS it checks which directory the path names, waits for it to come back
+    when it is gone, and re-watches when it is a different one. Each new watch yields once
+    when established, covering changes made before it was in place. When inotify itself
+    cannot be used (e.g. fs.inotify.max_user_instances reached) it logs and retries.
+    """
+    reported_missing = False
+    while not stop.is_set():
+        identity = _identity(root)
+        if identity is None:
+            if not reported_missing:
+                reported_missing = True
+                yield f"{root} is missing"
+            stop.wait(MISSING_POLL_SECONDS)
+            continue
+        if reported_missing:
+            reported_missing = False
+            yield f"{root} is back"
+        try:
+            tree = _TreeWatch(root, writes)
+        except OSError as exc:  # e.g. fs.inotify.max_user_instances reached
+            log.warning("cannot watch %s (%s); retrying", root, exc)
+            stop.wait(MISSING_POLL_SECONDS * 5)
+            continue
+        with tree:
+            if not tree.established:  # vanished between the check and the watch
+                stop.wait(MISSING_POLL_SECONDS)
+                continue
+            yield f"watching {root}"
+            while not stop.is_set():
+                change = tree.next_change(stop, debounce_ms)
+                if change:
+                    yield change
+                now = _identity(root)
+                if now != identity:
+                    if now is None:
+                        reported_missing = change is not None
+                    else:
+                        yield f"{root} was replaced"
+                    break
+
+
+class _TreeWatch:
+    """One inotify instance watching `root` and every (non-hidden) folder below it."""
+
+    def __init__(self, root: Path, writes: WriteTracker) -> None:
+        self.root = root
+        self.writes = writes
+        self.filter = PolicyChangeFilter(root)
+        self._inotify = INotify()
+        self._folders: dict[int, Path] = {}  # watch descriptor -> folder as spelled from root
+        self._full_reported = False
+        self.established = self._sync()
+
+    def __enter__(self) -> _TreeWatch:
+        return self
+
+    def __exit__(self, *_: object) -> None:
+        self._inotify.close()  # drops every watch
+
+    def _sync(self) -> bool:
+        """Watch every folder the loader would read (walked as it walks: symlinked folders
+        followed, hidden ones skipped) and drop watches on folders no longer in the tree.
+        False when the root itself cannot be watched."""
+        folders: dict[int, Path] = {}
+        seen: set[str] = set()
+        for folder, subfolders, _ in os.walk(self.root, followlinks=True):
+            real = os.path.realpath(folder)
+            if real in seen:  # a symlink cycle, or a second name for a watched folder
+                subfolders[:] = []
+                continue
+            seen.add(real)
+            subfolders[:] = [name for name in subfolders if not name.startswith(".")]
+            try:
+                wd = self._inotify.add_watch(folder, _FOLDER_MASK)
+            except OSError as exc:
+                if exc.errno == errno.ENOSPC and not self._full_reported:
+                    self._full_reported = True
+                    log.error(
+                        "cannot watch %s: the inotify watch limit is reached "
+                        "(raise fs.inotify.max_user_watches); changes below it are not "
+                        "noticed until the next SIGHUP or other change",
+                        folder,
+                    )
+                if Path(folder) == self.root:
+                    return False
+                continue  # deleted meanwhile: its parent's event brings another sync
+            folders[wd] = Path(folder)
+        for wd in set(self._folders) - set(folders):
+            with contextlib.suppress(OSError):  # already removed by the kernel
+                self._inotify.rm_watch(wd)
+        self._folders = folders
+        return bool(folders)
+
+    def next_change(self, stop: threading.Event, debounce_ms: int) -> str | None:
+        """Waits up to IDENTITY_CHECK_MS for a finished change, then collects the burst it
+        starts (until WATCH_STEP_MS pass quietly, at most `debounce_ms` in all). Returns a
+        description of the burst, or None when nothing finished in time."""
+        debounce = max(debounce_ms, 1) / 1000
+        step_ms = min(WATCH_STEP_MS, max(debounce_ms, 1))
+        deadline = time.monotonic() + IDENTITY_CHECK_MS / 1000
+        changed: list[str] = []
+        first_at = 0.0
+        while not stop.is_set():
+            now = time.monotonic()
+            if changed:
+                left = first_at + debounce - now
+                if left <= 0:
+                    break
+                timeout_ms = min(step_ms, left * 1000)
+            else:
+                left = deadline - now
+                if left <= 0:
+                    return None
+                timeout_ms = min(STOP_POLL_MS, left * 1000)
+            events = self._inotify.read(timeout=max(1, int(timeout_ms)))
+            if not events:
+                if changed and timeout_ms >= step_ms:
+                    break  # a quiet step: the burst is over
+                continue
+            found = self._handle(events)
+            if found and not changed:
+                first_at = time.monotonic()
+            changed.extend(found)
+        return _describe(changed) if changed else None
+
+    def _handle(self, events: list) -> list[str]:
+        """Applies a read's events to the write record; returns the finished changes."""
+        changed: list[str] = []
+        reshaped = False
+        for event in events:
+            if event.mask & flags.Q_OVERFLOW:
+                log.warning(
+                    "inotify queue overflowed under %s: events were lost; rescanning and "
+                    "reloading (files still open for writing are asked of the kernel)",
+                    self.root,
+                )
+                changed.append("inotify queue overflow")
+                reshaped = True
+                continue
+            folder = self._folders.get(event.wd)
+            if folder is None:
+                continue  # a watch already dropped
+            if event.mask & (flags.IGNORED | flags.DELETE_SELF | flags.MOVE_SELF):
+                reshaped = True  # a watched folder went away: its parent reports the change
+                if folder == self.root and not event.mask & flags.IGNORED:
+                    changed.append(str(folder))
+                continue
+            path = folder / event.name if event.name else folder
+            is_dir = bool(event.mask & flags.ISDIR)
+            gone = bool(event.mask & _GONE)
+            if not self.filter(str(path), deleted=gone, is_dir=is_dir):
+                continue
+            if event.mask & flags.MODIFY:
+                self.writes.modified(str(path))  # not a change yet: it is being written
+                continue
+            if event.mask & (flags.CLOSE_WRITE | flags.MOVED_TO | _GONE):
+                self.writes.finished(str(path))
+            if event.mask & _RESHAPES and (
+                is_dir or gone or event.name == KUBERNETES_DATA_LINK or path.is_dir()
+            ):
+                reshaped = True  # folders (or links to one) came or went: rewatch the tree
+            changed.append(str(path))
+        if reshaped and not self._sync():
+            changed.append(f"{self.root} (cannot be watched)")
+        return changed
+
+
+def _describe(changed: list[str]) -> str:
+    unique = sorted(set(changed))
+    more = f" and {len(unique) - 1} more" if len(unique) > 1 else ""
+    return f"changed: {unique[0]}{more}"
