@@ -14,13 +14,15 @@ is a DENY with reason `kontext_server_error`, so no error can ever turn into an 
 from __future__ import annotations
 
 import json
+import math
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
 import grpc
-from google.protobuf import struct_pb2
+from google.protobuf import struct_pb2, timestamp_pb2
 
 from policy_engine.api import pdp_pb2, pdp_pb2_grpc
 from policy_engine.domain.codes import ErrorCode
@@ -58,13 +60,142 @@ _CONNECTIONS = {
     False: pdp_pb2.CONNECTION_STATE_ABSENT,
 }
 
+MAX_SAFE_INTEGER = 2**53 - 1
+"""The largest integer a `google.protobuf.Value` carries exactly: its numbers are IEEE 754
+doubles, so 2^53 + 1 would arrive as 2^53 (RFC 7493 section 2.2, I-JSON's interoperable range)."""
 
-def _struct(values: Mapping[str, Any] | None) -> struct_pb2.Struct | None:
+MAX_ATTRIBUTE_NESTING = 30
+"""Nesting bound of the builder (maps and lists, the top map being level 1): protobuf parsers
+refuse messages nested deeper than 100 levels, which a Struct reaches at about 32 levels. The
+server's own, configurable bound (`limits.max_attribute_depth`, 8 by default) is lower still."""
+
+
+class RequestValueError(ValueError):
+    """A value the wire cannot carry exactly, or at all; `path` names it in the request.
+
+    Paths use the request's field names, attributes as `subject.attributes.account`,
+    `context.attributes.tags[2]`: the same spelling as the server's validation reasons.
+    """
+
+    def __init__(self, path: str, problem: str) -> None:
+        super().__init__(f"{path}: {problem}")
+        self.path = path
+        self.problem = problem
+
+
+def _text(value: object, path: str) -> str:
+    """`value` if it is text that UTF-8 can encode (protobuf strings are UTF-8)."""
+    if not isinstance(value, str):
+        raise RequestValueError(path, f"must be a string, not {type(value).__name__}")
+    try:
+        value.encode()
+    except UnicodeEncodeError as exc:
+        # A lone surrogate: what Python makes of undecodable bytes in argv or a JSON "\ud800".
+        raise RequestValueError(
+            path, f"is not valid Unicode text (a lone surrogate at position {exc.start})"
+        ) from None
+    return value
+
+
+def _set_value(target: struct_pb2.Value, value: Any, path: str, depth: int) -> None:
+    # bool before int: a bool is an int in Python, but a Value has a kind of its own for it.
+    if value is None:
+        target.null_value = struct_pb2.NULL_VALUE
+    elif isinstance(value, bool):
+        target.bool_value = value
+    elif isinstance(value, int):
+        if not -MAX_SAFE_INTEGER <= value <= MAX_SAFE_INTEGER:
+            raise RequestValueError(
+                path,
+                f"{_integer(value)} is beyond +-(2^53 - 1): a protobuf Struct carries "
+                f"numbers as doubles, so it would arrive as {_as_double(value)}; "
+                "send it as a string",
+            )
+        target.number_value = value
+    elif isinstance(value, float):
+        if not math.isfinite(value):
+            raise RequestValueError(
+                path, f"{value} is not a finite number; the server refuses NaN and infinities"
+            )
+        target.number_value = value
+    elif isinstance(value, str):
+        target.string_value = _text(value, path)
+    elif isinstance(value, Mapping):
+        _fill_struct(target.struct_value, value, path, depth + 1)
+    elif isinstance(value, list | tuple):
+        if depth + 1 > MAX_ATTRIBUTE_NESTING:
+            raise RequestValueError(path, f"nested deeper than {MAX_ATTRIBUTE_NESTING} levels")
+        items = target.list_value
+        items.SetInParent()  # an empty list is still a list, not an unset Value
+        for index, item in enumerate(value):
+            _set_value(items.values.add(), item, f"{path}[{index}]", depth + 1)
+    else:
+        # bytes, sets, datetimes...: refused rather than guessed at.
+        kind = type(value).__name__
+        raise RequestValueError(path, f"a {kind} has no protobuf Struct equivalent")
+
+
+def _integer(value: int) -> str:
+    # Python refuses to print integers of more than 4300 digits; say how long it is instead.
+    if value.bit_length() <= 128:
+        return f"the integer {value}"
+    return f"an integer of about {round(value.bit_length() * math.log10(2))} digits"
+
+
+def _as_double(value: int) -> str:
+    try:
+        return repr(float(value))
+    except OverflowError:
+        return "nothing (it is too large even for a double)"
+
+
+def _fill_struct(
+    target: struct_pb2.Struct, values: Mapping[Any, Any], path: str, depth: int
+) -> None:
+    if depth > MAX_ATTRIBUTE_NESTING:
+        raise RequestValueError(path, f"nested deeper than {MAX_ATTRIBUTE_NESTING} levels")
+    target.SetInParent()
+    fields = target.fields
+    for key, value in values.items():
+        if type(key) is not str:
+            raise RequestValueError(path, f"keys must be strings, not {type(key).__name__}")
+        name = _text(key, f"{path} key {key!r}")
+        _set_value(fields[name], value, f"{path}.{name}", depth)
+
+
+def attributes_struct(values: Mapping[str, Any] | None, path: str) -> struct_pb2.Struct | None:
+    """An attribute map as a `google.protobuf.Struct`, every value carried exactly, or None.
+
+    Values: None, bool, str, int within +-`MAX_SAFE_INTEGER`, finite float, Mappings with str
+    keys, lists and tuples (nested at most `MAX_ATTRIBUTE_NESTING` levels). An empty or absent
+    map is None (unset, which the server reads as empty). `path` prefixes error paths.
+
+    Raises `RequestValueError` naming the first value that does not fit: the server would
+    otherwise see a different value (a rounded integer) or none at all.
+    """
     if not values:
         return None
+    if not isinstance(values, Mapping):
+        raise RequestValueError(path, f"must be a mapping, not {type(values).__name__}")
     struct = struct_pb2.Struct()
-    struct.update(dict(values))
+    _fill_struct(struct, values, path, 1)
     return struct
+
+
+def _timestamp(when: datetime | None) -> timestamp_pb2.Timestamp | None:
+    if when is None:
+        return None
+    if type(when) is not datetime or when.tzinfo is None or when.utcoffset() is None:
+        raise RequestValueError("context.time", "must be a timezone-aware datetime")
+    stamp = timestamp_pb2.Timestamp()
+    try:
+        stamp.FromDatetime(when)  # RFC 3339 instant; datetime's microseconds are exact in nanos
+    except (OverflowError, ValueError):
+        # Years 1-9999 in UTC only: an offset can push the instant outside them.
+        raise RequestValueError(
+            "context.time", f"{when.isoformat()} is outside years 1-9999 in UTC"
+        ) from None
+    return stamp
 
 
 def check_request(
@@ -82,30 +213,55 @@ def check_request(
     connected: bool | None = None,
     client_ip: str = "",
     session_id: str = "",
+    time: datetime | None = None,
     context_attributes: Mapping[str, Any] | None = None,
     request_id: str = "",
     explain: bool = False,
 ) -> pdp_pb2.CheckRequest:
-    """A CheckRequest from plain values (`connected`: None = not known to the broker)."""
+    """A CheckRequest from plain values, carried exactly or refused.
+
+    `subject_kind`: user | service_account | external_user. `connected`: None = not known to
+    the broker. `time`: a timezone-aware datetime, the instant to decide at (None: the
+    server's clock). Attribute values: see `attributes_struct`.
+
+    Raises `RequestValueError` (a ValueError) naming the field or attribute path when a value
+    cannot be sent as it is: an integer beyond +-(2^53 - 1), NaN or an infinity, a lone
+    surrogate in a string, a type with no protobuf equivalent, an unknown subject kind.
+    """
+    kind = _SUBJECT_KINDS.get(str(subject_kind)) if isinstance(subject_kind, str) else None
+    if kind is None:
+        choices = " | ".join(_SUBJECT_KINDS)
+        raise RequestValueError("subject.kind", f"{subject_kind!r} is not one of {choices}")
+    if connected is not None and type(connected) is not bool:
+        raise RequestValueError(
+            "context.connection", f"connected must be True, False or None, not {connected!r}"
+        )
     return pdp_pb2.CheckRequest(
-        organization=organization,
+        organization=_text(organization, "organization"),
         subject=pdp_pb2.Subject(
-            id=subject,
-            kind=_SUBJECT_KINDS[subject_kind],
-            attributes=_struct(subject_attributes),
-            access_token=access_token,
+            id=_text(subject, "subject.id"),
+            kind=kind,
+            attributes=attributes_struct(subject_attributes, "subject.attributes"),
+            access_token=_text(access_token, "subject.access_token"),
         ),
-        application=pdp_pb2.Application(id=application, attributes=_struct(application_attributes)),
-        integration=pdp_pb2.Integration(id=integration, attributes=_struct(integration_attributes)),
-        scope=scope,
+        application=pdp_pb2.Application(
+            id=_text(application, "application.id"),
+            attributes=attributes_struct(application_attributes, "application.attributes"),
+        ),
+        integration=pdp_pb2.Integration(
+            id=_text(integration, "integration.id"),
+            attributes=attributes_struct(integration_attributes, "integration.attributes"),
+        ),
+        scope=_text(scope, "scope"),
         context=pdp_pb2.RequestContext(
             connection=_CONNECTIONS[connected],
-            client_ip=client_ip,
-            session_id=session_id,
-            attributes=_struct(context_attributes),
+            client_ip=_text(client_ip, "context.client_ip"),
+            session_id=_text(session_id, "context.session_id"),
+            time=_timestamp(time),
+            attributes=attributes_struct(context_attributes, "context.attributes"),
         ),
-        request_id=request_id,
-        explain=explain,
+        request_id=_text(request_id, "request_id"),
+        explain=bool(explain),
     )
 
 

@@ -17,18 +17,15 @@ from pathlib import Path
 from types import MappingProxyType
 from typing import Any
 
+from google.protobuf.message import DecodeError
+
+from policy_engine.api import pdp_pb2
 from policy_engine.audit.cli import add_audit_commands
 from policy_engine.auth.keys import KeySetError, StaticKeySet
-from policy_engine.config import ConfigError, Settings, load_settings
-from policy_engine.domain.decision import Decision
-from policy_engine.domain.request import (
-    CheckRequest,
-    ConnectionState,
-    RequestContext,
-    Resource,
-    Subject,
-    SubjectKind,
-)
+from policy_engine.client import RequestValueError, check_request
+from policy_engine.config import ConfigError, RequestLimits, Settings, load_settings
+from policy_engine.domain.decision import Decision, Effect
+from policy_engine.domain.request import ConnectionState, SubjectKind
 from policy_engine.engine import decide
 from policy_engine.engine.serialize import decision_to_dict
 from policy_engine.policy import CompiledPolicySet, PolicyLoadError, load_policy_set
@@ -39,6 +36,7 @@ from policy_engine.policy.bundle import (
     sign_bundle,
     verify_bundle,
 )
+from policy_engine.server.convert import RequestConverter
 
 DEFAULTS = Settings()
 EXIT_OK = 0
@@ -51,16 +49,35 @@ class UsageError(Exception):
 
 
 def _parse_pairs(pairs: Sequence[str], flag: str) -> dict[str, Any]:
-    """KEY=VALUE pairs; a VALUE that parses as JSON is taken as JSON, otherwise as a string."""
+    """KEY=VALUE pairs; a VALUE that parses as JSON is taken as JSON, otherwise as a string.
+
+    Raises UsageError for a KEY given twice, or JSON with a duplicate key, a number of more
+    digits than Python converts, or nesting too deep to parse: never a guess, never a traceback.
+    """
     values: dict[str, Any] = {}
     for pair in pairs:
         key, sep, raw = pair.partition("=")
         if not sep or not key:
             raise UsageError(f"{flag} expects KEY=VALUE, got {pair!r}")
+        if key in values:
+            raise UsageError(f"{flag} {key} is given twice")
         try:
-            values[key] = json.loads(raw)
+            values[key] = json.loads(raw, object_pairs_hook=_unique_keys)
         except json.JSONDecodeError:
             values[key] = raw
+        except (ValueError, RecursionError) as exc:
+            problem = "nested too deeply" if isinstance(exc, RecursionError) else str(exc)
+            raise UsageError(f"{flag} {key}: the JSON value cannot be read: {problem}") from None
+    return values
+
+
+def _unique_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    """A JSON object whose keys are unique; json.loads would keep only the last of two."""
+    values: dict[str, Any] = {}
+    for key, value in pairs:
+        if key in values:
+            raise ValueError(f"the key {key!r} appears twice in one object")
+        values[key] = value
     return values
 
 
@@ -72,7 +89,34 @@ def _parse_time(raw: str) -> datetime:
     return parsed if parsed.tzinfo else parsed.replace(tzinfo=UTC)
 
 
-def build_request(args: argparse.Namespace) -> CheckRequest:
+# Which flag sets which part of the request, to name it in errors (longest prefix first).
+_FLAGS_BY_FIELD = (
+    ("subject.attributes", "--subject-attr"),
+    ("application.attributes", "--application-attr"),
+    ("integration.attributes", "--integration-attr"),
+    ("subject.access_token", "--token"),
+    ("subject.kind", "--subject-kind"),
+    ("subject.id", "--subject"),
+    ("application.id", "--application"),
+    ("integration.id", "--integration"),
+    ("organization", "--org"),
+    ("scope", "--scope"),
+    ("context", "--context"),
+)
+
+_CONNECTED = {
+    ConnectionState.ACTIVE: True,
+    ConnectionState.ABSENT: False,
+    ConnectionState.UNKNOWN: None,
+}
+
+
+def build_message(args: argparse.Namespace) -> pdp_pb2.CheckRequest:
+    """The CheckRequest a broker would send for these flags, built by the broker's client.
+
+    Raises UsageError naming the flag and the request path of a value the wire cannot carry
+    exactly (an integer beyond +-(2^53 - 1), NaN, infinities, invalid Unicode).
+    """
     context = _parse_pairs(args.context, "--context")
     connection_raw = context.pop("connection", ConnectionState.UNKNOWN.value)
     if isinstance(connection_raw, bool):
@@ -83,30 +127,50 @@ def build_request(args: argparse.Namespace) -> CheckRequest:
         choices = ", ".join(c.value for c in ConnectionState)
         raise UsageError(f"--context connection must be one of {choices}") from exc
     time_raw = context.pop("time", None)
-    return CheckRequest(
-        organization=args.org,
-        subject=Subject(
-            id=args.subject,
-            kind=SubjectKind(args.subject_kind),
-            attributes=_parse_pairs(args.subject_attr, "--subject-attr"),
+    try:
+        return check_request(
+            args.org,
+            args.subject,
+            args.application,
+            args.integration,
+            args.scope,
+            subject_kind=args.subject_kind,
+            subject_attributes=_parse_pairs(args.subject_attr, "--subject-attr"),
             access_token=args.token or "",
-        ),
-        application=Resource(
-            args.application, _parse_pairs(args.application_attr, "--application-attr")
-        ),
-        integration=Resource(
-            args.integration, _parse_pairs(args.integration_attr, "--integration-attr")
-        ),
-        scope=args.scope,
-        context=RequestContext(
-            connection=connection,
+            application_attributes=_parse_pairs(args.application_attr, "--application-attr"),
+            integration_attributes=_parse_pairs(args.integration_attr, "--integration-attr"),
+            connected=_CONNECTED[connection],
             client_ip=str(context.pop("client_ip", "")),
-            time=_parse_time(str(time_raw)) if time_raw is not None else None,
             session_id=str(context.pop("session_id", "")),
-            attributes=context,
-        ),
-        explain=args.explain,
-    )
+            time=_parse_time(str(time_raw)) if time_raw is not None else None,
+            context_attributes=context,
+            explain=args.explain,
+        )
+    except RequestValueError as exc:
+        flag = next(f for field, f in _FLAGS_BY_FIELD if exc.path.startswith(field))
+        raise UsageError(f"{flag}: {exc}") from None
+
+
+def dry_run(
+    message: pdp_pb2.CheckRequest,
+    policies: CompiledPolicySet,
+    *,
+    now: datetime,
+    limits: RequestLimits = DEFAULTS.limits,
+) -> Decision:
+    """The decision the server would give `message`: its bytes decoded as the server decodes
+    them (protobuf parse, then `RequestConverter`), so both see identical values.
+
+    Raises UsageError when the bytes do not parse (the server answers INVALID_ARGUMENT).
+    """
+    try:
+        wire = pdp_pb2.CheckRequest.FromString(message.SerializeToString())
+    except DecodeError as exc:
+        raise UsageError(f"the request would not parse on the server: {exc}") from None
+    request, problems = RequestConverter(limits).convert(wire)
+    if problems:  # as the servicer: values the domain cannot express deny the request
+        return Decision(Effect.DENY, problems, policies.revision, cacheable=False)
+    return decide(policies, request, now=now, limits=limits)
 
 
 def format_decision(decision: Decision) -> str:
@@ -158,11 +222,11 @@ def _with_jwks(policies: CompiledPolicySet, org: str, jwks_file: str) -> Compile
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
-    request = build_request(args)
+    message = build_message(args)
     policies = load_policy_set(Path(args.policies))
     if args.jwks:
         policies = _with_jwks(policies, args.org, args.jwks)
-    decision = decide(policies, request, now=datetime.now(UTC))
+    decision = dry_run(message, policies, now=datetime.now(UTC))
     if args.json:
         print(json.dumps(decision_to_dict(decision), indent=2))
     else:
