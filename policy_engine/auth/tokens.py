@@ -1,15 +1,26 @@
 """Checking the subject's access token (a JWT) before any policy sees the request.
 
 With the organization's token settings (issuer, audience, keys), the token is fully verified:
-signature (RS256, ES256, EdDSA), `exp`/`nbf`/`iat` with a small leeway, issuer, audience, and
-that it belongs to the subject. Without them, only structure and time are checked: such a
-token can only ever deny, and its claims are never shown to policies.
+signature (RS256, ES256, EdDSA, ...) with a key whose JWK allows it (see `keys`), `exp`/`nbf`/
+`iat` with a small leeway, issuer, audience, and that it belongs to the subject. Without them,
+only structure and time are checked: such a token can only ever deny, and its claims are never
+shown to policies.
+
+Claims are read strictly, whatever the mode, before anything uses them: the payload must be
+I-JSON (RFC 7493: no NaN or Infinity, no repeated member names, integers within 64 bits, finite
+numbers), nested at most `MAX_CLAIM_DEPTH` levels; NumericDate claims (`exp`, `nbf`, `iat`,
+RFC 7519 section 2) are numbers from 0 to the end of year 9999; `iss`, `sub` and `jti` are
+strings and `aud` a string or an array of strings (RFC 7519 section 4.1). A token that breaks
+any of these is refused with a reason naming the claim and what is wrong with it, so no claim
+value can make the time arithmetic, a cache expiry or a CEL condition fail later.
 
 Reasons say what failed; they never contain key material or the token.
 """
 
 from __future__ import annotations
 
+import json
+import math
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -17,13 +28,22 @@ from types import MappingProxyType
 from typing import Any
 
 import jwt
+from jwt.api_jws import PyJWS
 
 from policy_engine.auth.keys import KeySource
 from policy_engine.domain.request import SubjectKind
 
 DEFAULT_LEEWAY_SECONDS = 30
 DEFAULT_ALGORITHMS: tuple[str, ...] = ("RS256", "ES256", "EdDSA")
+MAX_CLAIM_DEPTH = 32  # objects and arrays inside the claims set, counting the set itself
+# NumericDate bounds: 1970-01-01 to 9999-12-31T00:00:00Z, so that adding or subtracting any
+# accepted leeway (at most 300 s) still gives an instant a datetime can hold.
+MIN_NUMERIC_DATE = 0
+MAX_NUMERIC_DATE = 253_402_214_400
+_INT64_MIN, _INT64_MAX = -(1 << 63), (1 << 63) - 1
 _NO_CLAIMS: Mapping[str, Any] = MappingProxyType({})
+_JWS = PyJWS()
+_NO_SIGNATURE = {"verify_signature": False}
 
 
 @dataclass(frozen=True, slots=True)
@@ -55,12 +75,138 @@ class TokenCheck:
     claims: Mapping[str, Any] = field(default_factory=lambda: _NO_CLAIMS)
 
 
-def _numeric_claim(claims: Mapping[str, Any], name: str) -> float | None:
+def _malformed(problem: str) -> TokenCheck:
+    return TokenCheck(f"the access token is malformed: {problem}", None)
+
+
+def _shown(value: Any, limit: int = 40) -> str:
+    """A value from the token, short enough for a reason."""
+    text = repr(value)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+# -- reading the claims set -------------------------------------------------------------------
+
+
+class _ClaimsError(ValueError):
+    """The payload is not an I-JSON object; the message says where and why."""
+
+
+class _NonFinite:
+    """Stands for NaN, Infinity or -Infinity, which JSON has no notation for (RFC 8259 s. 6)."""
+
+    __slots__ = ("text",)
+
+    def __init__(self, text: str) -> None:
+        self.text = text
+
+
+class _HugeInteger:
+    """An integer literal too long for Python to convert (more than 4300 digits)."""
+
+    __slots__ = ()
+
+
+def _integer(text: str) -> int | _HugeInteger:
+    try:
+        return int(text)
+    except ValueError:
+        return _HugeInteger()
+
+
+def _unique_members(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    # RFC 7519 section 4: a claims set with duplicate names must be rejected (or last-wins);
+    # rejecting means no two parsers can read different claims out of one token.
+    members: dict[str, Any] = {}
+    for name, value in pairs:
+        if name in members:
+            raise _ClaimsError(f"the member name {_shown(name)} appears more than once")
+        members[name] = value
+    return members
+
+
+def _claim_name(path: tuple[str | int, ...]) -> str:
+    """`path` as written in reasons: 'address.country', 'groups[3]'."""
+    text = str(path[0])
+    for step in path[1:]:
+        text += f"[{step}]" if isinstance(step, int) else f".{step}"
+    return _shown(text, 60)
+
+
+def _value_problem(value: Any, path: tuple[str | int, ...]) -> str | None:
+    """What makes `value` (at `path` in the claims set) unacceptable, or None."""
+    kind = type(value)
+    if kind is str or kind is bool or value is None:
+        return None
+    if kind is int:
+        if _INT64_MIN <= value <= _INT64_MAX:
+            return None
+        return f"claim {_claim_name(path)} is an integer outside the 64-bit range"
+    if kind is float:
+        if math.isfinite(value):
+            return None
+        return f"claim {_claim_name(path)} is a number too large to represent"
+    if kind is _NonFinite:
+        return f"claim {_claim_name(path)} is {value.text}, which is not a JSON number"
+    if kind is _HugeInteger:
+        return f"claim {_claim_name(path)} is an integer with too many digits"
+    if len(path) >= MAX_CLAIM_DEPTH:
+        return f"claim {_claim_name(path)} is nested more than {MAX_CLAIM_DEPTH} levels deep"
+    items = value.items() if kind is dict else enumerate(value)
+    for key, item in items:
+        problem = _value_problem(item, (*path, key))
+        if problem is not None:
+            return problem
+    return None
+
+
+def parse_claims(payload: bytes) -> dict[str, Any]:
+    """The claims set of a JWS payload, read as I-JSON (RFC 7493, RFC 7519 section 7.2 step 10).
+
+    Raises ValueError naming the claim and what is wrong with it (see the module docstring).
+    """
+    try:
+        claims = json.loads(
+            payload,
+            parse_constant=_NonFinite,
+            parse_int=_integer,
+            object_pairs_hook=_unique_members,
+        )
+    except _ClaimsError:
+        raise
+    except (ValueError, RecursionError):
+        raise ValueError("the claims set is not JSON") from None
+    if not isinstance(claims, dict):
+        raise ValueError("the claims set is not a JSON object")
+    for name, value in claims.items():
+        problem = _value_problem(value, (name,))
+        if problem is not None:
+            raise ValueError(problem)
+    for name in ("iss", "sub", "jti"):
+        if name in claims and not isinstance(claims[name], str):
+            raise ValueError(f"claim {name!r} is not a string (RFC 7519 section 4.1)")
+    audience = claims.get("aud", "")
+    if not isinstance(audience, str) and not (
+        isinstance(audience, list) and all(isinstance(a, str) for a in audience)
+    ):
+        raise ValueError("claim 'aud' is not a string or an array of strings (RFC 7519 4.1.3)")
+    return claims
+
+
+# -- time -------------------------------------------------------------------------------------
+
+
+def _numeric_date(claims: Mapping[str, Any], name: str) -> float | None:
     value = claims.get(name)
     if value is None:
         return None
     if isinstance(value, bool) or not isinstance(value, int | float):
-        raise ValueError(f"claim '{name}' is not a number")
+        raise ValueError(f"claim {name!r} is not a number (RFC 7519 section 2, NumericDate)")
+    if not MIN_NUMERIC_DATE <= value <= MAX_NUMERIC_DATE:
+        raise ValueError(
+            f"claim {name!r} is out of range (a NumericDate from {MIN_NUMERIC_DATE} "
+            f"to {MAX_NUMERIC_DATE})"
+        )
     return float(value)
 
 
@@ -70,11 +216,11 @@ def _instant(seconds: float) -> datetime:
 
 def _time_check(claims: Mapping[str, Any], now: datetime, leeway: int) -> TokenCheck:
     try:
-        expires = _numeric_claim(claims, "exp")
-        not_before = _numeric_claim(claims, "nbf")
-        issued_at = _numeric_claim(claims, "iat")
+        expires = _numeric_date(claims, "exp")
+        not_before = _numeric_date(claims, "nbf")
+        issued_at = _numeric_date(claims, "iat")
     except ValueError as exc:
-        return TokenCheck(f"the access token is malformed: {exc}", None)
+        return _malformed(str(exc))
     current = now.timestamp()
     if expires is None:
         return TokenCheck("the access token has no expiry ('exp')", None)
@@ -92,39 +238,39 @@ def _time_check(claims: Mapping[str, Any], now: datetime, leeway: int) -> TokenC
     return TokenCheck(None, _instant(expires + leeway))
 
 
-_SKIP_CLAIM_CHECKS = {
-    "verify_exp": False,
-    "verify_nbf": False,
-    "verify_iat": False,
-    "verify_aud": False,
-    "verify_iss": False,
-}
+# -- signature --------------------------------------------------------------------------------
 
 
-def _verified_claims(
+def _verified_payload(
     token: str, rules: TokenRules, keys: KeySource, now: datetime
-) -> dict[str, Any] | TokenCheck:
-    """The signed claims, or what is wrong with the signature side of the token."""
+) -> bytes | TokenCheck:
+    """The signed payload, or what is wrong with the signature side of the token."""
     try:
         header = jwt.get_unverified_header(token)
     except jwt.PyJWTError:
         return TokenCheck("the access token is malformed (not a JWT)", None)
     algorithm = header.get("alg")
-    if algorithm not in rules.algorithms:
-        return TokenCheck(f"the access token's algorithm {algorithm!r} is not accepted", None)
-    kid = header.get("kid")
-    key = keys.key_for(kid if isinstance(kid, str) else None)
-    if key is None:
+    if not isinstance(algorithm, str) or algorithm not in rules.algorithms:
+        return TokenCheck(f"the access token's algorithm {_shown(algorithm)} is not accepted", None)
+    kid = header.get("kid")  # a string when present (PyJWT refuses any other kid)
+    candidates = keys.keys_for(kid, algorithm)
+    if not candidates:
         # A key refresh may make it known any moment: this verdict must not be cached.
-        return TokenCheck(f"the access token is signed with an unknown key (kid {kid!r})", now)
-    try:
-        return jwt.decode(token, key, algorithms=[algorithm], options=_SKIP_CLAIM_CHECKS)
-    except jwt.InvalidSignatureError:
-        return TokenCheck("the access token has a bad signature", None)
-    except jwt.PyJWTError:
         return TokenCheck(
-            "the access token is malformed or its key does not fit its algorithm", None
+            f"the access token is signed with an unknown key (kid {_shown(kid)}, "
+            f"alg {algorithm!r})",
+            now,
         )
+    for key in candidates:  # several only when a JWKS lists more than one key for this kid
+        try:
+            return _JWS.decode_complete(token, key, algorithms=[algorithm])["payload"]
+        except jwt.InvalidSignatureError:
+            continue
+        except jwt.PyJWTError:
+            return TokenCheck(
+                "the access token is malformed or its key does not fit its algorithm", None
+            )
+    return TokenCheck("the access token has a bad signature", None)
 
 
 def _audience_matches(claim: Any, audience: str) -> bool:
@@ -137,16 +283,16 @@ def _subject_problem(
     claims: Mapping[str, Any], subject_id: str, kind: SubjectKind, rules: TokenRules
 ) -> str | None:
     if kind is SubjectKind.EXTERNAL_USER:
-        if rules.external_subject_claim is None:
+        name = rules.external_subject_claim
+        if name is None:
             return (
                 "external user IDs need an identity mapping "
                 "(tokens.external_subject_claim) for this organization"
             )
-        if claims.get(rules.external_subject_claim) != subject_id:
-            return (
-                f"the access token's '{rules.external_subject_claim}' claim does not match "
-                "the subject"
-            )
+        if name in claims and not isinstance(claims[name], str):
+            return f"the access token is malformed: claim {name!r} is not a string"
+        if claims.get(name) != subject_id:
+            return f"the access token's '{name}' claim does not match the subject"
         return None
     if claims.get("sub") != subject_id:
         return "the access token's subject ('sub') does not match the subject"
@@ -160,23 +306,33 @@ def check_token(
     subject_id: str = "",
     kind: SubjectKind = SubjectKind.USER,
 ) -> TokenCheck:
+    """What `token` means for a decision at `now` under the organization's `rules`.
+
+    Never raises: every problem, including any malformed claim value, is a `TokenCheck` whose
+    `problem` names the cause (the engine answers it with kontext_authorization_required).
+    """
     if rules.keys is None:
         try:
-            claims = jwt.decode(token, options={"verify_signature": False})
+            payload = _JWS.decode_complete(token, options=_NO_SIGNATURE)["payload"]
         except jwt.PyJWTError:
             return TokenCheck("the access token is malformed (not a JWT)", None)
-        return _time_check(claims, now, rules.leeway_seconds)  # never exposes unverified claims
-    verified = _verified_claims(token, rules, rules.keys, now)
-    if isinstance(verified, TokenCheck):
-        return verified
-    timing = _time_check(verified, now, rules.leeway_seconds)
-    if timing.problem is not None:
-        return timing
-    if rules.issuer is not None and verified.get("iss") != rules.issuer:
+    else:
+        verified = _verified_payload(token, rules, rules.keys, now)
+        if isinstance(verified, TokenCheck):
+            return verified
+        payload = verified
+    try:
+        claims = parse_claims(payload)
+    except ValueError as exc:
+        return _malformed(str(exc))
+    timing = _time_check(claims, now, rules.leeway_seconds)
+    if rules.keys is None or timing.problem is not None:
+        return timing  # unverified claims are never exposed
+    if rules.issuer is not None and claims.get("iss") != rules.issuer:
         return TokenCheck("the access token is from the wrong issuer", None)
-    if rules.audience is not None and not _audience_matches(verified.get("aud"), rules.audience):
+    if rules.audience is not None and not _audience_matches(claims.get("aud"), rules.audience):
         return TokenCheck("the access token is for the wrong audience", None)
-    problem = _subject_problem(verified, subject_id, kind, rules)
+    problem = _subject_problem(claims, subject_id, kind, rules)
     if problem is not None:
         return TokenCheck(problem, None)
-    return TokenCheck(None, timing.changes_at, MappingProxyType(verified))
+    return TokenCheck(None, timing.changes_at, MappingProxyType(claims))

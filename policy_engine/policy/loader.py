@@ -224,7 +224,7 @@ def _token_rules(
             return UNVERIFIED
         try:
             data = path.read_bytes()
-            keys = StaticKeySet(parse_jwks(data))
+            keys = StaticKeySet(parse_jwks(data, source=str(path)))
         except OSError as exc:
             message = f"jwks_file: cannot read {settings.jwks_file!r}: {exc.strerror or exc}"
             issues.append(LoadIssue(config_file, settings.line, message))

@@ -75,22 +75,34 @@ class BearerVerifier:
                 self._verified.move_to_end(token)
                 return None
         try:
-            kid = jwt.get_unverified_header(token).get("kid")
-            key = self._keys.key_for(kid if isinstance(kid, str) else None)
-            if key is None:
+            header = jwt.get_unverified_header(token)
+            algorithm = header.get("alg")
+            if not isinstance(algorithm, str) or algorithm not in DEFAULT_ALGORITHMS:
+                return "bearer token algorithm not accepted"
+            # Only keys whose JWK allows this algorithm for signatures (see auth.keys).
+            keys = self._keys.keys_for(header.get("kid"), algorithm)
+            if not keys:
                 return "bearer token signed with an unknown key"
-            claims = jwt.decode(
-                token,
-                key,
-                algorithms=list(DEFAULT_ALGORITHMS),
-                audience=self._audience,
-                issuer=self._issuer,
-                options={"require": ["exp"], "verify_aud": self._audience is not None},
-            )
-        except jwt.PyJWTError as exc:
+            for index, key in enumerate(keys):  # several only when a kid has several keys
+                try:
+                    claims = jwt.decode(
+                        token,
+                        key,
+                        algorithms=[algorithm],
+                        audience=self._audience,
+                        issuer=self._issuer,
+                        options={"require": ["exp"], "verify_aud": self._audience is not None},
+                    )
+                    break
+                except jwt.InvalidSignatureError:
+                    if index == len(keys) - 1:
+                        raise
+            expires = float(claims["exp"])
+        except (jwt.PyJWTError, ArithmeticError, ValueError, TypeError) as exc:
+            # PyJWT accepts any integer exp; a 400-digit one overflows float().
             return f"invalid bearer token: {type(exc).__name__}"
         with self._lock:
-            self._verified[token] = float(claims["exp"])
+            self._verified[token] = expires
             while len(self._verified) > _VERIFIED_CACHE_SIZE:
                 self._verified.popitem(last=False)
         return None
