@@ -139,7 +139,7 @@ def _integer(value: int) -> str:
     # Python refuses to print integers of more than 4300 digits; say how long it is instead.
     if value.bit_length() <= 128:
         return f"the integer {value}"
-    return f"an integer of about {round(value.bit_length() * math.log10(2))} digits"
+    return f"an integer of about {int(abs(value).bit_length() * math.log10(2)) + 1} digits"
 
 
 def _as_double(value: int) -> str:

@@ -53,10 +53,16 @@ class CacheSettings:
     breaker_failure_threshold: int = 3  # consecutive failures that open the breaker
     breaker_reset_seconds: float = 2.0  # then one probe is let through after this long
     key_prefix: str = "pdp:v1"
-    # Secret that keys the digest binding each Redis value to its key: with it, whoever can
-    # write to Redis still cannot forge or swap a decision. Empty: an unkeyed digest, which
-    # still turns a corrupted or misplaced value into a miss. Same value on every replica.
+    # The secret that signs every Redis value (keyed BLAKE2b over the cache key and the value),
+    # so whoever can write to Redis cannot plant or move a decision. Required with redis_url,
+    # at least 32 bytes (`openssl rand -hex 32`), the same on every replica; inline or, better,
+    # in a file (one line). See policy_engine/cache/signing.py.
     redis_signing_key: str = ""
+    redis_signing_key_file: str = ""
+    # Keys whose entries are still accepted but never written (rotation: the previous key, or
+    # the next one staged before it signs): comma-separated, and/or a file with one per line.
+    redis_verify_keys: str = ""
+    redis_verify_keys_file: str = ""
 
 
 @dataclass(frozen=True, slots=True)

@@ -25,7 +25,8 @@ DECISION_LATENCY = Histogram(
 )
 CACHE_LOOKUPS = Counter(
     "pdp_cache_lookups_total",
-    "Decision cache lookups per level (local, redis) and result (hit, miss, error, skip).",
+    "Decision cache lookups per level (local, redis) and result (hit, miss, error, skip;"
+    " redis also rejected: a value that failed verification).",
     ["level", "result"],
 )
 REDIS_ERRORS = Counter(

@@ -5,12 +5,19 @@ from __future__ import annotations
 import math
 import time
 import uuid
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta, timezone
+from typing import Any
 
 import pytest
 from google.protobuf import struct_pb2, timestamp_pb2
 
 from policy_engine.api import pdp_pb2
+from policy_engine.client import (
+    MAX_ATTRIBUTE_NESTING,
+    MAX_SAFE_INTEGER,
+    RequestValueError,
+    check_request,
+)
 from policy_engine.config import RequestLimits
 from policy_engine.domain.codes import ErrorCode
 from policy_engine.domain.decision import (
@@ -22,7 +29,7 @@ from policy_engine.domain.decision import (
     RuleResult,
     RuleTrace,
 )
-from policy_engine.domain.request import ConnectionState, SubjectKind
+from policy_engine.domain.request import CheckRequest, ConnectionState, SubjectKind
 from policy_engine.server.convert import (
     RequestConverter,
     ResponseBuilder,
@@ -471,3 +478,194 @@ def test_a_batch_is_assembled_from_framed_pieces(builder: ResponseBuilder) -> No
     assert batch.results[1] == explained
     assert batch.results[0].cache_level == pdp_pb2.CACHE_LEVEL_LOCAL
     assert batch.results[0].reasons[0].message == "no " * 60
+
+
+# --- the broker's builder -> wire -> converter: values arrive exactly, or are refused -----------
+
+
+def _through_the_wire(converter: RequestConverter, **fields: Any) -> CheckRequest:
+    """What the server's engine sees of `check_request(...)`: bytes parsed, then converted."""
+    msg = check_request("acme", "alice", "pr-reviewer", "github", "repo", **fields)
+    request, problems = converter.convert(pdp_pb2.CheckRequest.FromString(msg.SerializeToString()))
+    assert problems == ()
+    return request
+
+
+EXACT_VALUES: dict[str, Any] = {
+    "largest safe integer": 2**53 - 1,
+    "smallest safe integer": -(2**53 - 1),
+    "zero": 0,
+    "bool true": True,  # stays a bool, never the number 1
+    "bool false": False,
+    "fraction": 0.1,
+    "huge float": 1e300,
+    "tiny float": -5e-324,
+    "unicode": "Zoë 🚀 日本 \u2028 \x00",
+    "empty string": "",
+    "null": None,
+    "empty list": [],
+    "empty map": {},
+    "nested": {"teams": [{"roles": ["admin", ""], "level": 2}, [[1, "x"], None]]},
+}
+
+
+@pytest.mark.parametrize("name", EXACT_VALUES)
+def test_builder_values_arrive_exactly(converter: RequestConverter, name: str) -> None:
+    value = EXACT_VALUES[name]
+    got = _through_the_wire(
+        converter,
+        subject_attributes={"v": value},
+        application_attributes={"v": value},
+        integration_attributes={"v": value},
+        context_attributes={"v": value},
+    )
+    for attributes in (
+        got.subject.attributes,
+        got.application.attributes,
+        got.integration.attributes,
+        got.context.attributes,
+    ):
+        assert attributes == {"v": value}
+        assert _types(attributes["v"]) == _types(value)
+
+
+def _types(value: Any) -> Any:
+    """The value's shape with each scalar replaced by its exact type (1 == True == 1.0)."""
+    if isinstance(value, dict):
+        return {k: _types(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_types(v) for v in value]
+    return type(value)
+
+
+def test_builder_integral_floats_arrive_as_the_server_reads_them(
+    converter: RequestConverter,
+) -> None:
+    # The wire has one number type; the server reads integral doubles as ints, and so does
+    # `pdp eval`, which decodes through this same path.
+    got = _through_the_wire(converter, subject_attributes={"a": 3.0, "b": -0.0, "c": 2.0**60})
+    assert got.subject.attributes == {"a": 3, "b": 0, "c": 2**60}
+    assert all(type(v) is int for v in got.subject.attributes.values())
+
+
+def test_builder_plain_fields_and_time_arrive_exactly(converter: RequestConverter) -> None:
+    when = datetime(2024, 2, 29, 23, 59, 59, 999_999, tzinfo=timezone(timedelta(hours=-5)))
+    got = _through_the_wire(
+        converter,
+        subject_kind="external_user",
+        access_token="tok",
+        connected=False,
+        client_ip="::1",
+        session_id="s-é",
+        time=when,
+        request_id="r-1",
+        explain=True,
+    )
+    assert got.subject.kind is SubjectKind.EXTERNAL_USER
+    assert got.context.connection is ConnectionState.ABSENT
+    assert got.context.time == when and got.context.time.tzinfo is UTC
+    assert (got.subject.access_token, got.context.client_ip) == ("tok", "::1")
+    assert (got.context.session_id, got.request_id, got.explain) == ("s-é", "r-1", True)
+
+
+def _cycle() -> list[Any]:
+    loop: list[Any] = []
+    loop.append(loop)
+    return loop
+
+
+def _nested_map(levels: int) -> dict[str, Any]:
+    value: dict[str, Any] = {"x": 1}
+    for _ in range(levels - 1):
+        value = {"a": value}
+    return value
+
+
+# name -> (check_request keywords, the path the error names, words of the message)
+REFUSED: dict[str, tuple[dict[str, Any], str, str]] = {
+    "2^53": ({"subject_attributes": {"n": 2**53}}, "subject.attributes.n", "9007199254740992"),
+    "2^53+1": (
+        {"subject_attributes": {"account": 2**53 + 1}},
+        "subject.attributes.account",
+        "would arrive as 9007199254740992.0",
+    ),
+    "-(2^53+1) nested": (
+        {"context_attributes": {"a": [0, {"b": -(2**53 + 1)}]}},
+        "context.attributes.a[1].b",
+        "-9007199254740993",
+    ),
+    "2^64 in a tuple": (
+        {"application_attributes": {"ids": (1, 2**64)}},
+        "application.attributes.ids[1]",
+        "18446744073709551616",
+    ),
+    "5000 digits": (
+        {"integration_attributes": {"n": 10**4999}},
+        "integration.attributes.n",
+        "about 5000 digits",
+    ),
+    "nan": ({"subject_attributes": {"f": math.nan}}, "subject.attributes.f", "not a finite"),
+    "infinity": ({"subject_attributes": {"f": math.inf}}, "subject.attributes.f", "not a finite"),
+    "-infinity": ({"subject_attributes": {"f": -math.inf}}, "subject.attributes.f", "finite"),
+    "lone surrogate value": (
+        {"subject_attributes": {"s": "ok\ud800"}},
+        "subject.attributes.s",
+        "lone surrogate at position 2",
+    ),
+    "lone surrogate key": (
+        {"subject_attributes": {"\udcff": 1}},
+        "subject.attributes key '\\udcff'",
+        "lone surrogate",
+    ),
+    "lone surrogate id": ({}, "subject.id", "lone surrogate"),  # subject given below
+    "non-string key": ({"subject_attributes": {1: "x"}}, "subject.attributes", "keys must"),
+    "bytes": ({"subject_attributes": {"b": b"x"}}, "subject.attributes.b", "bytes"),
+    "set": ({"subject_attributes": {"s": {"x"}}}, "subject.attributes.s", "set"),
+    "datetime": (
+        {"subject_attributes": {"d": datetime(2024, 1, 1, tzinfo=UTC)}},
+        "subject.attributes.d",
+        "datetime",
+    ),
+    "not a mapping": ({"subject_attributes": ["x"]}, "subject.attributes", "mapping"),
+    "cycle": ({"subject_attributes": {"loop": _cycle()}}, "subject.attributes.loop", "deeper"),
+    "too deep": ({"subject_attributes": _nested_map(MAX_ATTRIBUTE_NESTING + 1)}, "subject", "30"),
+    "unknown subject kind": ({"subject_kind": "robot"}, "subject.kind", "'robot'"),
+    "connected not a bool": ({"connected": 1}, "context.connection", "True, False or None"),
+    "naive time": ({"time": datetime(2024, 1, 1)}, "context.time", "timezone-aware"),
+    "time beyond year 9999": (
+        {"time": datetime(9999, 12, 31, 23, tzinfo=timezone(timedelta(hours=-2)))},
+        "context.time",
+        "outside years 1-9999",
+    ),
+    "id not a string": ({"request_id": 7}, "request_id", "must be a string"),
+}
+
+
+@pytest.mark.parametrize("name", REFUSED)
+def test_builder_refuses_what_the_wire_cannot_carry_naming_it(name: str) -> None:
+    fields, path, words = REFUSED[name]
+    subject = "\udcffalice" if name == "lone surrogate id" else "alice"
+    with pytest.raises(RequestValueError) as refused:
+        check_request("acme", subject, "pr-reviewer", "github", "repo", **fields)
+    assert isinstance(refused.value, ValueError)
+    assert refused.value.path.startswith(path)
+    assert words in str(refused.value)
+    assert str(refused.value).startswith(refused.value.path + ": ")
+
+
+def test_builder_bounds_are_the_wires() -> None:
+    # The last integer refused is the first a double cannot tell from its neighbour.
+    assert float(MAX_SAFE_INTEGER + 2) == float(MAX_SAFE_INTEGER + 1)
+    assert float(MAX_SAFE_INTEGER) != float(MAX_SAFE_INTEGER + 1)
+    # Anything the builder accepts parses again: nesting at the bound still fits protobuf's
+    # recursion limit, in a batch too (one message level more).
+    deepest = check_request(
+        "acme",
+        "alice",
+        "app",
+        "github",
+        "repo",
+        subject_attributes=_nested_map(MAX_ATTRIBUTE_NESTING),
+    )
+    batch = pdp_pb2.CheckBatchRequest(items=[deepest]).SerializeToString()
+    assert pdp_pb2.CheckBatchRequest.FromString(batch).items[0] == deepest
