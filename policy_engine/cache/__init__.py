@@ -5,6 +5,7 @@
 - `redis_backend`: redis-py (standalone, Sentinel, Cluster), short timeouts, no retries;
 - `breaker`: the circuit breaker that stops a dead or slow Redis from costing requests;
 - `writer`: write-behind, so responses never wait for a Redis write;
+- `entry`, `signing`: what a Redis value holds, signed with keys no Redis writer holds;
 - `decision_cache`: the two-level facade the servicer uses.
 """
 
@@ -12,8 +13,15 @@ from policy_engine.cache.breaker import BreakerState, CircuitBreaker
 from policy_engine.cache.decision_cache import CacheLevel, DecisionCache, Hit, Store, build_cache
 from policy_engine.cache.entry import Entry
 from policy_engine.cache.key import KeyBuilder, settings_fingerprint
+from policy_engine.cache.signing import (
+    MIN_KEY_BYTES,
+    SigningKeys,
+    load_signing_keys,
+    redis_level_on,
+)
 
 __all__ = [
+    "MIN_KEY_BYTES",
     "BreakerState",
     "CacheLevel",
     "CircuitBreaker",
@@ -21,7 +29,10 @@ __all__ = [
     "Entry",
     "Hit",
     "KeyBuilder",
+    "SigningKeys",
     "Store",
     "build_cache",
+    "load_signing_keys",
+    "redis_level_on",
     "settings_fingerprint",
 ]

@@ -6,8 +6,10 @@ the write-behind thread (one pipeline per drained queue). Every Redis call passe
 breaker first and reports its outcome to it.
 
 Nothing in here may fail a request or change an answer: a Redis error, a timeout, a value it
-cannot decode, an entry past its expiry are all a miss, and the engine decides. The cache
-stores only what the servicer hands it; what may be cached is the servicer's decision.
+cannot verify (forged, copied onto another key, signed by a key it does not hold, corrupt), an
+entry past its expiry are all a miss, and the engine decides. The Redis level needs a signing
+key (`signing.py`): without one it refuses to start. The cache stores only what the servicer
+hands it; what may be cached is the servicer's decision.
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ from policy_engine.cache.entry import Codec, Entry
 from policy_engine.cache.key import KeyBuilder
 from policy_engine.cache.local import LocalLRU
 from policy_engine.cache.redis_backend import RedisBackend
+from policy_engine.cache.signing import load_signing_keys
 from policy_engine.cache.writer import Write, WriteBehind
 from policy_engine.config import CacheSettings
 from policy_engine.metrics import BREAKER_STATE, CACHE_LOOKUPS, REDIS_ERRORS
@@ -42,11 +45,15 @@ Store = tuple[str, bytes, int, str, float | None]
 
 _LOOKUP_RESULTS = {
     "local": ("hit", "miss", "skip"),
-    "redis": ("hit", "miss", "error", "skip"),
+    # rejected: a value was there but failed verification (see entry.py), answered as a miss.
+    "redis": ("hit", "miss", "rejected", "error", "skip"),
 }
 
 
 class DecisionCache:
+    """The two levels behind one facade; raises ConfigError when the Redis level is configured
+    without a usable signing key (see `signing.load_signing_keys`)."""
+
     def __init__(
         self,
         settings: CacheSettings,
@@ -61,10 +68,13 @@ class DecisionCache:
         self._redis_ttl = settings.redis_ttl_seconds
         use_local = settings.local_max_entries > 0 and self._local_ttl > 0
         self.local: LocalLRU | None = LocalLRU(settings.local_max_entries) if use_local else None
-        if redis_backend is None and settings.redis_url.strip():
+        # Checked before any connection is made: no key, no Redis level.
+        redis_on = redis_backend is not None or bool(settings.redis_url.strip())
+        keys = load_signing_keys(settings) if redis_on else None
+        if redis_backend is None and keys is not None:
             redis_backend = RedisBackend(settings)
         self.redis = redis_backend
-        self._codec = Codec(settings.redis_signing_key)
+        self._codec = Codec(keys) if keys is not None else None
         self._breaker_was_closed = True  # so only the first opening after a close warns
         self.breaker = CircuitBreaker(
             settings.breaker_failure_threshold,
@@ -121,8 +131,14 @@ class DecisionCache:
             self._failed("get", exc)
             return None
         self.breaker.success()
-        entry = self._codec.decode(key, raw) if raw is not None else None
-        if entry is None or entry.expires_at <= now:
+        if raw is None:
+            self._lookups["redis", "miss"].inc()
+            return None
+        entry = self._codec.decode(key, raw)  # type: ignore[union-attr]  # set with redis
+        if entry is None:
+            self._rejected(1, [key])
+            return None
+        if entry.expires_at <= now:
             self._lookups["redis", "miss"].inc()
             return None
         self._lookups["redis", "hit"].inc()
@@ -165,10 +181,15 @@ class DecisionCache:
         self.breaker.success()
         by_key: dict[str, Entry] = {}
         fills: list[tuple[str, Entry]] = []
-        decode = self._codec.decode
+        decode = self._codec.decode  # type: ignore[union-attr]  # set with redis
+        rejected: list[str] = []
         for key, raw in zip(wanted, values, strict=True):
-            entry = decode(key, raw) if raw is not None else None  # type: ignore[arg-type]
-            if entry is not None and entry.expires_at > now:
+            if raw is None:
+                continue
+            entry = decode(key, raw)  # type: ignore[arg-type]
+            if entry is None:
+                rejected.append(key)  # type: ignore[arg-type]
+            elif entry.expires_at > now:
                 by_key[key] = entry  # type: ignore[index]
                 if local is not None:
                     expiry = min(entry.expires_at, now + self._local_ttl)
@@ -182,8 +203,13 @@ class DecisionCache:
                 found_count += 1
         if found_count:
             self._lookups["redis", "hit"].inc(found_count)
-        if found_count < len(misses):
-            self._lookups["redis", "miss"].inc(len(misses) - found_count)
+        rejected_count = 0
+        if rejected:
+            bad = set(rejected)
+            rejected_count = sum(1 for index in misses if keys[index] in bad)
+            self._rejected(rejected_count, rejected)
+        if found_count + rejected_count < len(misses):
+            self._lookups["redis", "miss"].inc(len(misses) - found_count - rejected_count)
         if fills:
             local.put_many(fills)  # type: ignore[union-attr]
         return hits
@@ -217,7 +243,8 @@ class DecisionCache:
                 ttl = min(self._redis_ttl, bound)
                 ttl_ms = int(ttl * 1000)
                 if ttl_ms > 0:
-                    value = self._codec.encode(key, Entry(template, now + ttl, effect, code))
+                    entry = Entry(template, now + ttl, effect, code)
+                    value = self._codec.encode(key, entry)  # type: ignore[union-attr]
                     redis_items.append((key, value, ttl_ms))
         if local_items:
             local.put_many(local_items)  # type: ignore[union-attr]
@@ -237,6 +264,12 @@ class DecisionCache:
         self.breaker.success()
 
     # --- faults, lifecycle ------------------------------------------------------------------
+
+    def _rejected(self, lookups: int, keys: Sequence[str]) -> None:
+        """Values that failed verification: during a key rotation, entries signed with a key
+        not (yet, or no longer) held here; otherwise corruption or someone writing into Redis."""
+        self._lookups["redis", "rejected"].inc(lookups)
+        log.debug("redis values failed verification (answered as misses): %s", ", ".join(keys))
 
     def _failed(self, operation: str, exc: Exception, lookups: int = 1) -> None:
         self._redis_errors[operation].inc()

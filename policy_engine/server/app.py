@@ -34,6 +34,7 @@ from grpc_reflection.v1alpha import reflection
 
 from policy_engine.api import pdp_pb2, pdp_pb2_grpc
 from policy_engine.audit import AuditLog
+from policy_engine.cache import load_signing_keys, redis_level_on
 from policy_engine.config import ConfigError, Settings
 from policy_engine.domain.codes import ErrorCode, docs_url
 from policy_engine.server.errors import invalid_argument
@@ -198,6 +199,8 @@ def serve_mode(settings: Settings, mode: Mode) -> None:
     """Run `mode` ("policy" or the benchmark's "empty") in this process or in N workers."""
     if settings.workers < 1:
         raise ConfigError(f"setting workers: must be at least 1, got {settings.workers}")
+    if mode == "policy" and redis_level_on(settings.cache):
+        load_signing_keys(settings.cache)  # refused here, before any worker starts
     if settings.workers == 1:
         code = _run_worker(settings, mode, parent_pid=None)
     else:

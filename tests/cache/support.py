@@ -20,6 +20,10 @@ from policy_engine.server.service import PolicyDecisionServicer
 from tests.server.harness import DOCS, running
 
 BASE = Settings(docs_base_url=DOCS)
+# Signing keys for the Redis level (64 hex characters, as `openssl rand -hex 32` makes them).
+KEY = "5e1f" * 16
+OLD_KEY = "0a1d" * 16
+NEW_KEY = "9e77" * 16
 NONE, LOCAL, REDIS = (
     pdp_pb2.CACHE_LEVEL_NONE,
     pdp_pb2.CACHE_LEVEL_LOCAL,
@@ -33,6 +37,8 @@ def settings(redis_server: RedisServer | None = None, **cache: Any) -> Settings:
     if redis_server is not None:
         values["redis_url"] = redis_server.url
         values["redis_timeout_ms"] = 200  # generous: CI boxes stall; faults are tested apart
+    if redis_server is not None or cache.get("redis_url"):
+        values["redis_signing_key"] = KEY
     values.update(cache)
     return BASE.replace(cache=replace(CacheSettings(), **values))
 

@@ -8,7 +8,9 @@ import time
 from policy_engine.cache.breaker import BreakerState, CircuitBreaker
 from policy_engine.cache.entry import Codec, Entry
 from policy_engine.cache.local import LocalLRU
+from policy_engine.cache.signing import SigningKeys
 from policy_engine.cache.writer import Write, WriteBehind
+from tests.cache.support import KEY, NEW_KEY, OLD_KEY
 
 
 def _entry(expires_at: float = 100.0, tag: bytes = b"t") -> Entry:
@@ -133,7 +135,7 @@ def test_stragglers_do_not_close_an_open_breaker() -> None:
 
 def test_entries_round_trip_through_the_redis_encoding() -> None:
     entry = Entry(b"\x08\x02\x12\x00template", 1_700_000_123.25, 2, "kontext_policy_denied")
-    codec = Codec()
+    codec = Codec(SigningKeys.of(KEY))
     back = codec.decode("k", codec.encode("k", entry))
     assert back is not None
     assert (back.template, back.expires_at, back.effect, back.code) == (
@@ -145,28 +147,55 @@ def test_entries_round_trip_through_the_redis_encoding() -> None:
 
 
 def test_values_this_codec_did_not_write_under_this_key_are_misses() -> None:
-    codec = Codec()
+    codec = Codec(SigningKeys.of(KEY))
     value = codec.encode("k", _entry())
     assert codec.decode("k", value) is not None
     assert codec.decode("k", b"") is None
     assert codec.decode("k", b"garbage") is None
     assert codec.decode("k", b"\x09" + value[1:]) is None  # another format version
     assert codec.decode("other-key", value) is None  # an entry copied onto another key
+    assert codec.decode("k\0", value) is None
     flipped = bytearray(value)
-    flipped[10] ^= 1  # the effect byte: an attempt to turn a deny into an allow
+    flipped[13] ^= 1  # the effect byte: an attempt to turn a deny into an allow
     assert codec.decode("k", bytes(flipped)) is None
+    later = bytearray(value)
+    later[12] ^= 1  # the expiry's low byte: an attempt to make an entry live longer
+    assert codec.decode("k", bytes(later)) is None
     tampered = value[:-1] + bytes([value[-1] ^ 1])
     assert codec.decode("k", tampered) is None
 
 
-def test_a_signing_key_makes_values_unforgeable_without_it() -> None:
-    signed, other, unsigned = Codec("s3cret"), Codec("another"), Codec()
+def test_only_a_held_key_makes_a_value_that_verifies() -> None:
+    signed = Codec(SigningKeys.of(KEY))
     value = signed.encode("k", _entry())
-    assert signed.decode("k", value) is not None
-    assert other.decode("k", value) is None
-    assert unsigned.decode("k", value) is None
-    assert signed.decode("k", unsigned.encode("k", _entry())) is None
-    assert Codec("x" * 100).decode("k", Codec("x" * 100).encode("k", _entry())) is not None
+    assert Codec(SigningKeys.of(NEW_KEY)).decode("k", value) is None
+    # The key id says which key signed; rewriting it to another held key's id does not help.
+    other = Codec(SigningKeys.of(NEW_KEY, KEY))
+    assert other.decode("k", value) is not None
+    relabelled = value[:1] + other.encode("k", _entry())[1:5] + value[5:]
+    assert other.decode("k", relabelled) is None
+    # Long key texts are used whole (derived, not truncated): a shared prefix is not enough.
+    long_a, long_b = "x" * 100 + "a", "x" * 100 + "b"
+    assert (
+        Codec(SigningKeys.of(long_b)).decode(
+            "k", Codec(SigningKeys.of(long_a)).encode("k", _entry())
+        )
+        is None
+    )
+
+
+def test_during_a_rotation_old_and_new_signers_read_each_other() -> None:
+    """Replica A still signs with the old key; B signs with the new one and still accepts the
+    old; the third phase drops the old key everywhere."""
+    old_only = Codec(SigningKeys.of(OLD_KEY))
+    new_staged = Codec(SigningKeys.of(OLD_KEY, NEW_KEY))  # phase 1: new key verifies only
+    new_signing = Codec(SigningKeys.of(NEW_KEY, OLD_KEY))  # phase 2: new key signs
+    retired = Codec(SigningKeys.of(NEW_KEY))  # phase 3: old key gone
+    from_old, from_new = old_only.encode("k", _entry()), new_signing.encode("k", _entry())
+    assert new_signing.decode("k", from_old) is not None
+    assert new_staged.decode("k", from_new) is not None
+    assert retired.decode("k", from_new) is not None
+    assert retired.decode("k", from_old) is None
 
 
 # --- write-behind ----------------------------------------------------------------------------

@@ -14,6 +14,7 @@ from policy_engine.api import pdp_pb2, pdp_pb2_grpc
 from policy_engine.client import check_request
 from policy_engine.config import CacheSettings, Settings
 from policy_engine.server.app import RunningServer, start_server
+from tests.cache.support import KEY
 from tests.scenarios import EXAMPLE_POLICIES
 
 ALICE_REPO = check_request(
@@ -32,7 +33,9 @@ def replicas(tmp_path: Path, redis_server) -> Iterator[list[tuple[Path, RunningS
             policy_dir=policies,
             threads=4,
             metrics_address="",
-            cache=CacheSettings(redis_url=redis_server.url, local_max_entries=0),
+            cache=CacheSettings(
+                redis_url=redis_server.url, redis_signing_key=KEY, local_max_entries=0
+            ),
         )
         started.append((policies, start_server(settings)))
     try:
