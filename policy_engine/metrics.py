@@ -78,6 +78,13 @@ AUDIT_SINK_ERRORS = Counter(
     "Failed audit sink operations (open, write, rotate); each is retried with backoff.",
     ["sink"],
 )
+AUDIT_STREAM_REMOVED = Counter(
+    "pdp_audit_stream_removed_total",
+    "Audit records found removed from a sink under the writer, by sink and reason: reset (the "
+    "Redis Stream was deleted or replaced), trimmed (trimmed past the writer's last entry), "
+    "unread (trimmed before a consumer group read them, counted per group).",
+    ["sink", "reason"],
+)
 AUDIT_QUEUE_DEPTH = Gauge(
     "pdp_audit_queue_depth",
     "Decisions waiting in the audit queue for the writer.",

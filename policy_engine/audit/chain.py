@@ -131,9 +131,22 @@ class Chain:
         }
         return self._seal_dict(record)
 
-    def dropped(self, count: int, reason: str, since: float, until: float, now: float) -> Sealed:
-        """Says in the chain itself that `count` decisions never reached this stream."""
-        return self._seal_dict(dropped_record(count, reason, since, until, now))
+    def dropped(
+        self,
+        count: int,
+        reason: str,
+        since: float,
+        until: float,
+        now: float,
+        *,
+        removed_through_seq: int | None = None,
+    ) -> Sealed:
+        """Says in the chain itself that records are missing from this stream (see
+        `dropped_record` for the reasons)."""
+        record = dropped_record(
+            count, reason, since, until, now, removed_through_seq=removed_through_seq
+        )
+        return self._seal_dict(record)
 
     def checkpoint(self, now: float, *, final: bool = False) -> Sealed:
         """A signed statement: "records up to seq N of this stream hash to prev_hash"."""

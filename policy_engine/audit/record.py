@@ -483,10 +483,21 @@ def build_invalid_record(
 
 
 def dropped_record(
-    count: int, reason: str, since: float, until: float, now: float
+    count: int,
+    reason: str,
+    since: float,
+    until: float,
+    now: float,
+    *,
+    removed_through_seq: int | None = None,
 ) -> dict[str, Any]:
-    """A record saying that `count` decisions were not written (and why, and when)."""
-    return {
+    """A record saying that `count` records are missing from the stream (and why, and when).
+
+    `reason` is queue_full, build_error or sink_backlog_full (`count` decisions never written),
+    or stream_reset / stream_trimmed (the stream's records seq 1..`removed_through_seq` were
+    written but removed from the sink under the writer). Times are epoch seconds.
+    """
+    record: dict[str, Any] = {
         "schema_version": SCHEMA_VERSION,
         "type": "dropped",
         "time": format_time(now),
@@ -495,6 +506,9 @@ def dropped_record(
         "since": format_time(since),
         "until": format_time(until),
     }
+    if removed_through_seq is not None:
+        record["removed_through_seq"] = removed_through_seq
+    return record
 
 
 def decision_codes(record: Mapping[str, Any]) -> Sequence[str]:

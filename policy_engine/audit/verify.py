@@ -13,8 +13,26 @@ record sitting inside the chain without linking is an insertion, and a `seq` + 1
 not link means a record was altered and re-hashed or replaced. Signed checkpoints vouch for
 everything before them; a rewrite of the whole chain breaks their signatures.
 
+Besides tampering, verify accounts for every record that is missing by the writer's own
+word or by the shape of the input, and gives one verdict (`Report.verdict`):
+
+* TAMPERED: a problem above (the chain was changed, or a stream begins mid-chain unexplained).
+* INCOMPLETE: the chain is intact, but records are known to be missing: `dropped` records
+  (decisions given up: queue_full, build_error, sink_backlog_full), a Redis Stream the writer
+  found deleted or replaced under it (stream_reset), or a stream that ends without its final
+  checkpoint (its writer was killed, or its end was cut; with `live`, an open end is accepted
+  as a writer still running, except when a later file segment shows the writer restarted).
+* PARTIAL: intact and complete from where the input begins, but the beginning of a stream is
+  not in the input: a rotated file's `file_start` on the first line (older files not given, or
+  deleted by `file_keep`), a stream the writer found trimmed past its last entry
+  (stream_trimmed), or, with `allow_partial`, any mid-chain start (a Redis Stream trimmed by
+  MAXLEN: trimming by the configured MAXLEN and by an attacker's XTRIM look alike, so an
+  excerpt is never reported as whole).
+* OK: none of these.
+
 What cannot be detected: records cut from the end of a stream after its last checkpoint
-(reported as the unsigned tail), unless a later segment linked to them when it started.
+(reported as the unsigned tail) when the final checkpoint is cut with them and `live` is given,
+unless a later segment linked to them when it started.
 """
 
 from __future__ import annotations
@@ -58,6 +76,10 @@ class Problem:
         return f"{self.where}:{stream}{seq}: {self.kind}: {message}"
 
 
+INCOMPLETE_KINDS = frozenset({"dropped", "reset", "unclosed"})
+PARTIAL_KINDS = frozenset({"head_missing", "trimmed"})
+
+
 @dataclass
 class StreamSummary:
     stream: str
@@ -75,15 +97,39 @@ class StreamSummary:
 @dataclass
 class Report:
     problems: list[Problem] = field(default_factory=list)
+    # Records known missing though the chain is intact (kinds in INCOMPLETE_KINDS), and
+    # streams whose beginning is not in the input (PARTIAL_KINDS).
+    gaps: list[Problem] = field(default_factory=list)
     warnings: list[str] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
+    missing_decisions: int = 0  # decisions the writers said they could not record (`dropped`)
     streams: list[StreamSummary] = field(default_factory=list)
     lines: int = 0
     truncated: bool = False  # stopped listing after MAX_PROBLEMS
 
     @property
     def ok(self) -> bool:
+        """The chain is intact: no tampering found (records may still be missing: `verdict`)."""
         return not self.problems
+
+    @property
+    def incomplete(self) -> list[Problem]:
+        return [g for g in self.gaps if g.kind in INCOMPLETE_KINDS]
+
+    @property
+    def partial(self) -> list[Problem]:
+        return [g for g in self.gaps if g.kind in PARTIAL_KINDS]
+
+    @property
+    def verdict(self) -> str:
+        """TAMPERED, INCOMPLETE, PARTIAL or OK (the first that applies)."""
+        if self.problems:
+            return "TAMPERED"
+        if self.incomplete:
+            return "INCOMPLETE"
+        if self.partial:
+            return "PARTIAL"
+        return "OK"
 
     @property
     def records(self) -> int:
@@ -102,19 +148,33 @@ class Report:
 
     def render(self) -> str:
         lines: list[str] = []
-        if self.ok:
-            signed = self.last_signed_seq
-            lines.append(
-                f"OK: {self.records} records, {self.checkpoints} checkpoints, "
-                f"last signed seq {signed if signed is not None else 'none'}"
-            )
-        else:
+        signed = self.last_signed_seq
+        counts = (
+            f"{self.records} records, {self.checkpoints} checkpoints, "
+            f"last signed seq {signed if signed is not None else 'none'}"
+        )
+        verdict = self.verdict
+        if verdict == "OK":
+            lines.append(f"OK: {counts}")
+        elif verdict == "TAMPERED":
             lines.append(
                 f"TAMPERED: {len(self.problems)} problem(s)"
                 f"{' (listing stopped)' if self.truncated else ''}; "
                 f"{self.records} records, {self.checkpoints} valid checkpoints"
             )
-            lines.extend(f"FAIL {p}" for p in self.problems)
+        elif verdict == "INCOMPLETE":
+            lines.append(
+                f"INCOMPLETE: {len(self.incomplete)} gap(s), {self.missing_decisions} "
+                f"decision(s) known not recorded; {counts}"
+            )
+        else:
+            lines.append(
+                f"PARTIAL: {len(self.partial)} stream(s) begin after the start of the log; "
+                f"{counts}"
+            )
+        lines.extend(f"FAIL {p}" for p in self.problems)
+        lines.extend(f"MISSING {g}" for g in self.incomplete)
+        lines.extend(f"PARTIAL {g}" for g in self.partial)
         lines.extend(f"WARN {w}" for w in self.warnings)
         if len(self.streams) > 1 or self.notes:
             for s in self.streams:
@@ -158,6 +218,11 @@ class _Stream:
     link: dict[str, Any] | None = None  # stream_start.previous
     link_hash: str = ""
     link_where: str = ""
+    sink: str = ""  # stream_start.sink
+    removed_through: int = 0  # the writer said seq 1..this are gone (stream_reset/_trimmed)
+    removed_reason: str = ""
+    removed_where: str = ""
+    successor: str = ""  # where a later file segment linked to this stream's last record
 
 
 def _span(first: int, last: int) -> str:
@@ -175,10 +240,17 @@ def _is_hash(value: Any) -> bool:
 class Verifier:
     """Feed it records in file order (`add`), then `finish()` for the report."""
 
-    def __init__(self, public_key: Ed25519PublicKey | None, *, allow_partial: bool = False) -> None:
+    def __init__(
+        self,
+        public_key: Ed25519PublicKey | None,
+        *,
+        allow_partial: bool = False,
+        live: bool = False,
+    ) -> None:
         self.public_key = public_key
         self.key_id = key_id(public_key) if public_key is not None else None
         self.allow_partial = allow_partial
+        self.live = live
         self.report = Report()
         self.streams: dict[str, _Stream] = {}
         self.index = 0
@@ -190,6 +262,13 @@ class Verifier:
             self.report.truncated = True
             return
         self.report.problems.append(Problem(where, stream, seq, kind, message))
+
+    def gap(self, where: str, stream: str, seq: int | None, kind: str, message: str) -> None:
+        """Records missing with the chain intact (INCOMPLETE_KINDS) or a missing beginning."""
+        if len(self.report.gaps) >= MAX_PROBLEMS:
+            self.report.truncated = True
+            return
+        self.report.gaps.append(Problem(where, stream, seq, kind, message))
 
     def add_line(self, raw: str | bytes, where: str, first_line_of_file: bool) -> None:
         self.report.lines += 1
@@ -269,11 +348,7 @@ class Verifier:
         elif kind == "stream_start":
             self._stream_start(stream, record, where, seq, prev)
         elif kind == "dropped":
-            self.report.warnings.append(
-                f"{where}: stream {stream_id[:12]} seq {seq}: {record.get('count')} decision(s) "
-                f"were not recorded ({record.get('reason')}) between {record.get('since')} "
-                f"and {record.get('until')}"
-            )
+            self._dropped(stream, record, where, seq)
 
         self._link(stream, seq, prev, stored, where, kind, first_line_of_file)
 
@@ -317,9 +392,44 @@ class Verifier:
             stream.final_where = where
             summary.final = True
 
+    def _dropped(self, stream: _Stream, record: dict[str, Any], where: str, seq: int) -> None:
+        count, reason = record.get("count"), record.get("reason")
+        count = count if isinstance(count, int) and not isinstance(count, bool) else 0
+        through = record.get("removed_through_seq")
+        if reason in ("stream_reset", "stream_trimmed"):
+            if isinstance(through, int) and not isinstance(through, bool) and 0 < through < seq:
+                if through > stream.removed_through:
+                    stream.removed_through, stream.removed_reason = through, str(reason)
+                    stream.removed_where = where
+                what = "deleted or replaced" if reason == "stream_reset" else "trimmed"
+                self.gap(
+                    where,
+                    stream.id,
+                    seq,
+                    "reset" if reason == "stream_reset" else "trimmed",
+                    f"the writer found the stream {what} under it between "
+                    f"{record.get('since')} and {record.get('until')}: "
+                    f"{_span(1, through)} ({through} record(s)) are no longer in the sink",
+                )
+            else:
+                self.problem(
+                    where, stream.id, seq, "malformed", f"{reason} without a valid seq range"
+                )
+            return
+        self.report.missing_decisions += count
+        self.gap(
+            where,
+            stream.id,
+            seq,
+            "dropped",
+            f"{count} decision(s) were not recorded ({reason}) between "
+            f"{record.get('since')} and {record.get('until')}",
+        )
+
     def _stream_start(
         self, stream: _Stream, record: dict[str, Any], where: str, seq: int, prev: str
     ) -> None:
+        stream.sink = str(record.get("sink") or "")
         if seq != 1:
             self.problem(where, stream.id, seq, "malformed", "stream_start is not seq 1")
         link = record.get("previous")
@@ -377,6 +487,8 @@ class Verifier:
                 ends[stream.id] = end
         for stream in self.streams.values():
             self._judge_link(stream, ends)
+        for stream in self.streams.values():
+            self._judge_end(stream, ends.get(stream.id))
         return self.report
 
     def _judge(self, stream: _Stream) -> tuple[int, str, str] | None:
@@ -442,12 +554,41 @@ class Verifier:
                     f"stream {sid[:12]}: no valid checkpoint: none of its {tail} record(s) "
                     f"({_span(first.start_seq, current.head_seq)}) are signed"
                 )
-        if stream.final_seq is None:
-            self.report.notes.append(
-                f"stream {sid[:12]} has no final checkpoint: its writer is still running, "
-                "stopped without closing, or the end of the stream was cut"
-            )
         return current.head_seq, current.head_hash, current.head_where
+
+    def _judge_end(self, stream: _Stream, end: tuple[int, str, str] | None) -> None:
+        """A stream must end with its final checkpoint, unless `live` and its writer may be
+        still running (no later file segment says it restarted)."""
+        if stream.final_seq is not None or end is None:
+            return
+        sid = stream.id
+        end_seq, _, end_where = end
+        if stream.successor:
+            self.gap(
+                end_where,
+                sid,
+                end_seq,
+                "unclosed",
+                f"the stream ends at seq {end_seq} without a final checkpoint, and its writer "
+                f"started again ({stream.successor}): it stopped without closing (killed or "
+                "crashed), losing the decisions it had accepted but not written (how many is "
+                "not known)",
+            )
+        elif self.live:
+            self.report.notes.append(
+                f"stream {sid[:12]} has no final checkpoint: accepted as still being written "
+                "(--live)"
+            )
+        else:
+            self.gap(
+                end_where,
+                sid,
+                end_seq,
+                "unclosed",
+                f"the stream ends at seq {end_seq} without a final checkpoint: its writer "
+                "was killed or is still running (use --live for a log being written), or "
+                "the end of the stream was cut",
+            )
 
     def _drop_strays(self, stream: _Stream, fragments: list[_Fragment]) -> list[_Fragment]:
         """Removes (and reports) records inserted inside the chain that link to nothing."""
@@ -478,17 +619,28 @@ class Verifier:
     def _judge_beginning(self, stream: _Stream, first: _Fragment) -> None:
         if first.start_type == "stream_start":
             return
+        if 0 < first.start_seq - 1 <= stream.removed_through:
+            return  # the writer said so in the chain: reported with its record
         if first.start_type == "file_start" and first.start_file_first_line:
-            self.report.notes.append(
-                f"stream {stream.id[:12]} begins at seq {first.start_seq} "
-                f"({first.start_where}), the start of a rotated file: its earlier records are "
-                "in files not given"
+            self.gap(
+                first.start_where,
+                stream.id,
+                first.start_seq,
+                "head_missing",
+                f"the stream begins at seq {first.start_seq}, the start of a rotated file: "
+                f"{_span(1, first.start_seq - 1)} are in files not given (or deleted by "
+                "file_keep)",
             )
             return
         if self.allow_partial:
-            self.report.notes.append(
-                f"stream {stream.id[:12]} begins mid-chain at seq {first.start_seq} "
-                f"({first.start_where}); accepted (--partial)"
+            self.gap(
+                first.start_where,
+                stream.id,
+                first.start_seq,
+                "trimmed",
+                f"the stream begins mid-chain at seq {first.start_seq}: "
+                f"{_span(1, first.start_seq - 1)} are not in the input (trimmed, or an "
+                "excerpt; accepted as such with --partial)",
             )
             return
         self.problem(
@@ -568,6 +720,11 @@ class Verifier:
                 f"({stream.link_where}) it ended at seq {previous_seq}: "
                 f"{_span(end_seq + 1, previous_seq)} cut",
             )
+        elif end_seq == previous_seq and end_hash == stream.link_hash:
+            if stream.sink == "file":  # one writer per file: the previous one is over
+                previous = self.streams.get(str(previous_id))
+                if previous is not None:
+                    previous.successor = stream.link_where
         elif end_seq == previous_seq and end_hash != stream.link_hash:
             self.problem(
                 end_where,
@@ -597,8 +754,10 @@ def verify_lines(
     public_key: Ed25519PublicKey | None,
     *,
     allow_partial: bool = False,
+    live: bool = False,
 ) -> Report:
-    verifier = Verifier(public_key, allow_partial=allow_partial)
+    """Verify records given as (line, "where", first line of a file), in stored order."""
+    verifier = Verifier(public_key, allow_partial=allow_partial, live=live)
     for raw, where, first in lines:
         verifier.add_line(raw, where, first)
     report = verifier.finish()
@@ -614,6 +773,57 @@ def verify_files(
     public_key: Ed25519PublicKey | None,
     *,
     allow_partial: bool = False,
+    live: bool = False,
 ) -> Report:
     """Verify files given oldest first (rotated files before the live one)."""
-    return verify_lines(iter_lines(paths), public_key, allow_partial=allow_partial)
+    return verify_lines(iter_lines(paths), public_key, allow_partial=allow_partial, live=live)
+
+
+def verify_redis(
+    url: str,
+    stream: str,
+    public_key: Ed25519PublicKey | None,
+    *,
+    allow_partial: bool = False,
+    live: bool = False,
+    page: int = 500,
+) -> Report:
+    """Verify a Redis Stream read with XRANGE (each record's place is `stream@entry-id`).
+
+    Adds a note with how many entries the stream has lost from its head (Redis 7's
+    `entries-added` minus `length`, from XINFO STREAM). Raises redis.RedisError when the
+    server cannot be read.
+    """
+    import redis
+
+    from policy_engine.audit.sinks.redis import RECORD_FIELD
+
+    client = redis.Redis.from_url(url)
+    try:
+
+        def lines() -> Iterator[tuple[bytes, str, bool]]:
+            low: str = "-"
+            while True:
+                entries = client.xrange(stream, min=low, count=page)
+                for entry_id, fields in entries:
+                    raw = fields.get(RECORD_FIELD.encode(), b"")
+                    yield raw, f"{stream}@{entry_id.decode()}", False
+                if len(entries) < page:
+                    return
+                low = "(" + entries[-1][0].decode()
+
+        report = verify_lines(lines(), public_key, allow_partial=allow_partial, live=live)
+        try:
+            info = client.xinfo_stream(stream)
+        except redis.ResponseError:
+            report.notes.append(f"Redis Stream {stream} does not exist")
+            return report
+        removed = (info.get("entries-added") or 0) - (info.get("length") or 0)
+        if removed > 0:
+            report.notes.append(
+                f"Redis Stream {stream} has lost {removed} entries since it was created "
+                "(trimmed by MAXLEN or XTRIM, or deleted with XDEL)"
+            )
+        return report
+    finally:
+        client.close()

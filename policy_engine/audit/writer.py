@@ -13,9 +13,14 @@
   reach the sinks a few milliseconds later, at a fraction of the CPU.
 * Each sink has its own worker thread and hash chain, so a slow or failing sink never holds
   up the others. A failing sink is retried with exponential backoff (up to `retry_max_ms`),
-  keeping order. While it fails, its backlog grows up to `sink_buffer` records; past that,
-  new records are not added to its chain (counted as `sink_backlog_full`) and, once it
-  recovers, a `dropped` record in its chain says how many are missing and when.
+  keeping order. While it fails, its backlog grows up to `sink_buffer` records, counting
+  every record it holds (decisions and the chain's own: start, checkpoints, `dropped`); past
+  that, new decisions are not added to its chain (counted as `sink_backlog_full`) and, once
+  there is room, one `dropped` record per reason in its chain says how many are missing and
+  when. Room for those chain records is reserved, so they are never starved by decisions.
+* A sink that finds records removed under it (a Redis Stream deleted, replaced or trimmed
+  past the writer's last entry) says so: a log line, `pdp_audit_stream_removed_total`, and a
+  `dropped` record (`stream_reset` / `stream_trimmed`) naming the last seq that is gone.
 * `close()` drains everything: the queue, every worker's backlog, a final checkpoint per sink.
 """
 
@@ -32,17 +37,17 @@ from pathlib import Path
 from typing import Any
 
 from policy_engine import metrics
-from policy_engine.audit.canonical import Parts, split
+from policy_engine.audit.canonical import Parts
 from policy_engine.audit.chain import Chain, Sealed
 from policy_engine.audit.keys import KeyFileError, Signer, load_private_key
 from policy_engine.audit.record import (
     PreparedHit,
     default_instance,
-    dropped_record,
     encode_invalid_record,
     encode_record,
 )
 from policy_engine.audit.sinks import FileSink, RedisStreamSink, Sink, StdoutSink
+from policy_engine.audit.sinks.base import StreamGap
 from policy_engine.config import AuditSettings, ConfigError
 from policy_engine.domain.decision import Decision
 from policy_engine.domain.request import CheckRequest
@@ -64,6 +69,25 @@ _LAZY = 2
 
 class _Rotate:
     """Marker in a sink's outbox: rotate the file here (the old file is sealed before it)."""
+
+
+@dataclass
+class _Missing:
+    """Records missing from a stream for one reason, not yet said in its chain.
+
+    `count` decisions (or, for stream gaps, records seq 1..`through_seq`) between `since` and
+    `until` (epoch seconds).
+    """
+
+    count: int
+    since: float
+    until: float
+    through_seq: int | None = None
+
+    def add(self, count: int, since: float, until: float) -> None:
+        self.count += count
+        self.since = min(self.since, since)
+        self.until = max(self.until, until)
 
 
 ROTATE = _Rotate()
@@ -193,9 +217,7 @@ class AuditLog:
         self._busy = False
         self._closed_result: bool | None = None
         self._drop_lock = threading.Lock()
-        self._drops_unreported = 0
-        self._drop_since = 0.0
-        self._drop_until = 0.0
+        self._unreported: dict[str, _Missing] = {}  # reason -> drops not yet in the chains
         self._dropped: dict[str, int] = {}
         self._warn_full = _RateLimitedWarning()
         self._workers: list[_SinkWorker] = []
@@ -359,11 +381,12 @@ class AuditLog:
         with self._drop_lock:
             key = f"{sink}/{reason}"
             self._dropped[key] = self._dropped.get(key, 0) + count
-            if sink == "queue" and reason != "closed":
-                if not self._drops_unreported:
-                    self._drop_since = now
-                self._drops_unreported += count
-                self._drop_until = now
+            if sink == "queue" and reason != "closed":  # "closed": the caller was told
+                missing = self._unreported.get(reason)
+                if missing is None:
+                    self._unreported[reason] = _Missing(count, now, now)
+                else:
+                    missing.add(count, now, now)
         metrics.AUDIT_DROPPED.labels(sink, reason).inc(count)
         self._warn_full.warn("audit log: %d decision(s) not recorded (%s: %s)", count, sink, reason)
 
@@ -414,11 +437,6 @@ class AuditLog:
 
     def _process(self, batch: list[tuple[Any, ...]]) -> None:
         records: list[Parts] = []
-        if self._drops_unreported:
-            with self._drop_lock:
-                count, since, until = self._drops_unreported, self._drop_since, self._drop_until
-                self._drops_unreported = 0
-            records.append(split(dropped_record(count, "queue_full", since, until, time.time())))
         instance = self.instance
         for item in batch:
             try:
@@ -462,6 +480,12 @@ class AuditLog:
             except Exception:
                 log.exception("audit record could not be built; counted as dropped")
                 self._count_drop("queue", "build_error")
+        if self._unreported:  # every sink's chain will say so, one record per reason
+            with self._drop_lock:
+                unreported, self._unreported = self._unreported, {}
+            for reason, missing in unreported.items():
+                for w in self._workers:
+                    w.note_missing(reason, missing.count, missing.since, missing.until)
         if records:
             for w in self._workers:
                 w.offer(records)
@@ -537,7 +561,12 @@ class AuditLog:
 
 
 class _SinkWorker:
-    """Owns one sink and its chain: seals records, checkpoints, rotates, retries, drains."""
+    """Owns one sink and its chain: seals records, checkpoints, rotates, retries, drains.
+
+    It holds at most `sink_buffer` records (inbox and sealed outbox together, of every kind):
+    a chain record (start, checkpoint, file start, `dropped`) is added only when there is room
+    for it, and decisions are refused while the room is reserved for the chain's own records.
+    """
 
     def __init__(self, log_: AuditLog, sink: Sink, chain: Chain, settings: AuditSettings) -> None:
         self.audit = log_
@@ -562,11 +591,12 @@ class _SinkWorker:
         self.last_checkpoint = time.monotonic()
         self.written = 0
         self.errors = 0
+        self.peak = 0  # the most records held at once (never above `bound`)
         self.dropped_by_reason: dict[str, int] = {}
+        self._held = 0  # records in the inbox plus sealed records in the outbox
+        self._room_lock = threading.Lock()
         self._drop_lock = threading.Lock()
-        self._drops = 0
-        self._drop_since = 0.0
-        self._drop_until = 0.0
+        self._owed: dict[str, _Missing] = {}  # reason -> missing records not yet in the chain
         self._warn = _RateLimitedWarning()
         self._backlog_gauge = metrics.AUDIT_SINK_BACKLOG.labels(sink.name)
         self.thread = threading.Thread(target=self.run, name=f"pdp-audit-{sink.name}", daemon=True)
@@ -574,24 +604,39 @@ class _SinkWorker:
     # --- called from the dispatcher ------------------------------------------------------------
 
     def backlog(self) -> int:
-        return len(self.inbox) + len(self.outbox)
+        """Records held: waiting to be sealed or written (at most `sink_buffer`)."""
+        return self._held
 
     def idle(self) -> bool:
-        return not self.busy and not self.inbox and not self.outbox
+        return not self.busy and not self.inbox and not self.outbox and not self._owed
+
+    def _reserved(self) -> int:
+        """Room kept for chain records the worker owes: its start, `dropped` records, a due
+        checkpoint or rotation. Read without the worker's cooperation, so only a reservation;
+        the bound itself is kept by `_take_room`."""
+        owed = len(self._owed) + (0 if self.chain.started else 1)
+        if self.checkpoint_every > 0 and self.chain.since_checkpoint >= self.checkpoint_every:
+            owed += 1
+        if self.sink.rotate_at and self.projected >= self.sink.rotate_at:
+            owed += 2
+        return owed
 
     def offer(self, records: list[Parts]) -> None:
-        room = self.bound - self.backlog()
-        if room >= len(records):
-            self.inbox.extend(records)
-        else:
-            # `dropped` records are always taken: they are what tells the reader about a gap.
-            keep = [r for r in records if r.kind == "dropped"]
-            decisions = [r for r in records if r.kind != "dropped"]
-            accepted = decisions[: max(room - len(keep), 0)]
-            self.inbox.extend(keep + accepted)
-            missed = len(decisions) - len(accepted)
-            if missed:
-                self._note_drop(missed, "sink_backlog_full")
+        with self._room_lock:
+            room = self.bound - self._held - self._reserved()
+            accepted = records if room >= len(records) else records[: max(room, 0)]
+            self.inbox.extend(accepted)
+            self._held += len(accepted)
+            self.peak = max(self.peak, self._held)
+        missed = len(records) - len(accepted)
+        if missed:
+            self._note_drop(missed, "sink_backlog_full")
+        if not self.wake.is_set():
+            self.wake.set()
+
+    def note_missing(self, reason: str, count: int, since: float, until: float) -> None:
+        """Decisions that never reached this sink (dropped before it); its chain will say so."""
+        self._owe(reason, count, since, until)
         if not self.wake.is_set():
             self.wake.set()
 
@@ -602,17 +647,54 @@ class _SinkWorker:
     def complete(self) -> bool:
         return self.done and not self.outbox and not self.inbox
 
+    def _owe(
+        self, reason: str, count: int, since: float, until: float, through: int | None = None
+    ) -> None:
+        with self._drop_lock:
+            missing = self._owed.get(reason)
+            if missing is None:
+                self._owed[reason] = _Missing(count, since, until, through)
+            elif through is not None:  # a later gap includes the earlier one: seq 1..through
+                self._owed[reason] = _Missing(count, min(missing.since, since), until, through)
+            else:
+                missing.add(count, since, until)
+
     def _note_drop(self, count: int, reason: str) -> None:
         now = time.time()
         with self._drop_lock:
             self.dropped_by_reason[reason] = self.dropped_by_reason.get(reason, 0) + count
-            if reason == "sink_backlog_full":
-                if not self._drops:
-                    self._drop_since = now
-                self._drops += count
-                self._drop_until = now
+        if reason == "sink_backlog_full":
+            self._owe(reason, count, now, now)
         metrics.AUDIT_DROPPED.labels(self.sink.name, reason).inc(count)
         self._warn.warn("audit sink %s: %d record(s) dropped (%s)", self.sink.name, count, reason)
+
+    def _stream_gap(self, gap: StreamGap) -> None:
+        """The sink found records removed under it: log, count, and say so in the chain."""
+        log.warning(
+            "audit sink %s: %s; %d record(s) no longer in the sink%s",
+            self.sink.name,
+            gap.detail,
+            gap.count,
+            f" (this stream's seq 1-{gap.through_seq})" if gap.through_seq else "",
+        )
+        metrics.AUDIT_STREAM_REMOVED.labels(self.sink.name, gap.reason).inc(gap.count)
+        if gap.through_seq:
+            now = time.time()
+            self._owe(f"stream_{gap.reason}", gap.through_seq, gap.since, now, gap.through_seq)
+
+    # --- room ----------------------------------------------------------------------------------
+
+    def _take_room(self, count: int) -> bool:
+        with self._room_lock:
+            if self._held + count > self.bound:
+                return False
+            self._held += count
+            self.peak = max(self.peak, self._held)
+            return True
+
+    def _free_room(self, count: int) -> None:
+        with self._room_lock:
+            self._held -= count
 
     # --- the worker thread ---------------------------------------------------------------------
 
@@ -660,7 +742,7 @@ class _SinkWorker:
             return 0.01
         if self.next_retry > now:
             return min(self.next_retry - now, 1.0)
-        if self.outbox:
+        if self.outbox or self._owed:
             return 0.001
         if self.checkpoint_seconds > 0 and self.chain.since_checkpoint:
             due = self.last_checkpoint + self.checkpoint_seconds - now
@@ -674,43 +756,76 @@ class _SinkWorker:
             self._failed("open", exc)
             return
         self._succeeded()
+        if not self._take_room(1):
+            # Never so while the start's room is reserved; if it were, make room rather than
+            # hold a chain that cannot begin.
+            with self._room_lock:
+                self.inbox.pop()
+            self._note_drop(1, "sink_backlog_full")
         self.opened = True
         self.projected = state.size
         self._push(self.chain.start(state.last_record, time.time()))
 
     def _push(self, sealed: Sealed) -> None:
+        """Appends a sealed record whose room is already counted."""
         self.outbox.append(sealed)
         self.projected += len(sealed.line) + 1
+
+    def _seal_owed(self) -> None:
+        """One `dropped` record per reason owed, each once there is room for it."""
+        for reason in list(self._owed):
+            if not self._take_room(1):
+                return
+            with self._drop_lock:
+                missing = self._owed.pop(reason)
+            self._push(
+                self.chain.dropped(
+                    missing.count,
+                    reason,
+                    missing.since,
+                    missing.until,
+                    time.time(),
+                    removed_through_seq=missing.through_seq,
+                )
+            )
+
+    def _duties(self) -> None:
+        """A checkpoint or rotation that is due, when there is room (else at the next chance)."""
+        if self.checkpoint_every > 0 and self.chain.since_checkpoint >= self.checkpoint_every:
+            self._checkpoint()
+        if self.sink.rotate_at and self.projected >= self.sink.rotate_at:
+            self._rotate()
 
     def _seal_inbox(self) -> None:
         inbox = self.inbox
         chain = self.chain
-        every = self.checkpoint_every
-        rotate_at = self.sink.rotate_at
-        if self._drops:
-            with self._drop_lock:
-                count, since, until = self._drops, self._drop_since, self._drop_until
-                self._drops = 0
-            self._push(chain.dropped(count, "sink_backlog_full", since, until, time.time()))
+        if self._owed:
+            self._seal_owed()
+        self._duties()
         while inbox:
             self.busy = True
-            record = inbox.popleft()
+            record = inbox.popleft()  # its room moves with it to the outbox
             self._push(chain.seal(record))
-            if every > 0 and chain.since_checkpoint >= every:
-                self._checkpoint()
-            if rotate_at and self.projected >= rotate_at:
-                self._rotate()
+            self._duties()
 
-    def _checkpoint(self, *, final: bool = False) -> None:
+    def _checkpoint(self, *, final: bool = False) -> bool:
+        if not self._take_room(1):
+            return False
         self._push(self.chain.checkpoint(time.time(), final=final))
         self.last_checkpoint = time.monotonic()
+        return True
 
-    def _rotate(self) -> None:
+    def _rotate(self) -> bool:
+        # Every rotated file ends signed: a checkpoint, then the new file's first record.
+        if not self._take_room(2 if self.chain.since_checkpoint else 1):
+            return False
         if self.chain.since_checkpoint:
-            self._checkpoint()  # every rotated file ends signed
+            self._push(self.chain.checkpoint(time.time()))
+            self.last_checkpoint = time.monotonic()
         self.outbox.append(ROTATE)
         self.projected = 0
         self._push(self.chain.file_start(time.time()))
+        return True
 
     def _maybe_checkpoint(self, now: float) -> None:
         if (
@@ -744,7 +859,10 @@ class _SinkWorker:
                 return False
             for _ in chunk:
                 outbox.popleft()
+            self._free_room(len(chunk))
             self._count_written(chunk)
+            for gap in self.sink.take_gaps():
+                self._stream_gap(gap)
         self._succeeded()
         return True
 
@@ -776,10 +894,17 @@ class _SinkWorker:
 
     def _finish(self) -> bool:
         """True when the worker may stop: final checkpoint written, or out of time."""
-        if self.opened and not self.inbox and not self.final_sealed:
-            self._checkpoint(final=True)
+        if self.opened and not self.inbox and self._owed:
+            self._seal_owed()
+        if (
+            self.opened
+            and not self.inbox
+            and not self._owed
+            and not self.final_sealed
+            and self._checkpoint(final=True)
+        ):
             self.final_sealed = True
-        if self.opened and not self.outbox:
+        if self.opened and self.final_sealed and not self.outbox:
             return True
         if time.monotonic() >= self.deadline:
             lost = sum(

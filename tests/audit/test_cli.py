@@ -12,6 +12,7 @@ import uuid
 from pathlib import Path
 
 import pytest
+import redis
 
 from policy_engine.audit import AuditLog
 from policy_engine.audit.keys import Signer, load_private_key
@@ -54,6 +55,21 @@ def wait_until_open(pid: int, path: Path) -> None:
             pass
         time.sleep(0.05)
     raise AssertionError(f"process {pid} never opened {path}")
+
+
+def wait_until_reading(server: RedisServer, pid: int) -> None:
+    """Until a `tail` process is blocked in XREAD on the server (it starts at the stream's end,
+    so records written before would be missed)."""
+    client = redis.Redis.from_url(server.url)
+    try:
+        deadline = time.monotonic() + 20
+        while time.monotonic() < deadline:
+            if any(c.get("cmd") == "xread" for c in client.client_list()):
+                return
+            time.sleep(0.05)
+    finally:
+        client.close()
+    raise AssertionError(f"process {pid} never waited on the stream")
 
 
 def write_sample(path: Path, private: Path, **changes: object) -> None:
@@ -199,7 +215,7 @@ def test_tail_redis_stream(
         text=True,
     )
     try:
-        time.sleep(1.0)
+        wait_until_reading(audit_redis, follower.pid)
         audit = AuditLog(
             settings(tmp_path, sinks="redis", redis_url=audit_redis.url, redis_stream=key)
         )

@@ -237,9 +237,15 @@ def test_cut_tail_is_a_warning_with_the_count(
     first_checkpoint = next(i for i, line in enumerate(intact) if '"checkpoint"' in line)
     kept = intact[: first_checkpoint + 4]  # three records after that checkpoint, no final one
     report = check(tmp_path, kept, keys[1])
-    assert report.ok
+    assert report.ok  # the chain is intact...
     assert any("3 record(s) after the last valid checkpoint" in w for w in report.warnings)
-    assert any("no final checkpoint" in n for n in report.notes)
+    # ...but it does not end with its final checkpoint: cut, or the writer was killed.
+    assert report.verdict == "INCOMPLETE"
+    assert [(g.kind, g.seq) for g in report.gaps] == [("unclosed", json.loads(kept[-1])["seq"])]
+    # A log still being written (--live) has no final checkpoint yet: the open end is accepted.
+    live = verify_files([tmp_path / "audit.tampered"], load_public_key(keys[1]), live=True)
+    assert live.verdict == "OK", live.render()
+    assert any("no final checkpoint" in n for n in live.notes)
 
 
 def test_record_after_the_final_checkpoint(

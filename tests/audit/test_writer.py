@@ -98,8 +98,10 @@ def test_drop_mode_counts_and_records_the_drops(
     assert len(dropped) == 1 and dropped[0]["count"] == 3
     assert dropped[0]["reason"] == "queue_full"
     report = verify_files([path], None)
-    assert report.ok
-    assert any("3 decision(s) were not recorded (queue_full)" in w for w in report.warnings)
+    assert report.ok  # intact, but not whole: the log says 3 decisions are missing
+    assert report.verdict == "INCOMPLETE" and report.missing_decisions == 3
+    assert [g.kind for g in report.gaps] == ["dropped"]
+    assert "3 decision(s) were not recorded (queue_full)" in report.gaps[0].message
 
 
 def test_block_mode_waits_then_drops(
@@ -241,7 +243,9 @@ def test_persistently_failing_sink_drops_past_its_buffer_and_says_so(tmp_path: P
     assert len(written) - 1 + sum(d["count"] for d in dropped) == 100  # every decision accounted
     report = verify_files([tmp_path / "audit.jsonl"], None)
     assert report.ok, report.render()
-    assert any("sink_backlog_full" in w for w in report.warnings)
+    assert report.verdict == "INCOMPLETE"
+    assert report.missing_decisions == sum(d["count"] for d in dropped)
+    assert all("sink_backlog_full" in g.message for g in report.incomplete)
 
 
 def test_close_gives_up_at_its_deadline_when_a_sink_stays_down(tmp_path: Path) -> None:

@@ -19,6 +19,25 @@ class OpenState:
     size: int = 0  # bytes in the current file (rotation accounting); 0 for non-files
 
 
+@dataclass(frozen=True, slots=True)
+class StreamGap:
+    """Records a sink found removed under the writer (seen while writing).
+
+    `reason`: reset (the stream was deleted or replaced), trimmed (trimmed past this writer's
+    last entry: every record of its chain is gone), or unread (trimmed before a consumer group
+    read them; those records may be any writer's). `through_seq`: for reset and trimmed, the
+    last seq of this writer's chain that is gone (all of seq 1..through_seq are); None for
+    unread. `count`: records gone. `since`: epoch seconds of the last write before which the
+    sink was still intact.
+    """
+
+    reason: str
+    detail: str
+    count: int
+    through_seq: int | None = None
+    since: float = 0.0
+
+
 class Sink(ABC):
     """One destination with its own hash chain.
 
@@ -39,6 +58,11 @@ class Sink(ABC):
     def rotate(self) -> None:
         """Start a new file (file sinks only); the writer seals the old one first."""
         return None
+
+    def take_gaps(self) -> list[StreamGap]:
+        """Records found removed since the last call (checked while writing); sinks that
+        cannot lose records under the writer return none."""
+        return []
 
     def close(self) -> None:
         """Release the sink; called once, after the last write."""

@@ -4,20 +4,41 @@ Each entry has a single field, `record`, holding the record's JSON line. The sin
 or needs a consumer group: consumers create their own (`XGROUP CREATE <stream> <group> 0
 MKSTREAM`) and read with XREADGROUP. Several writers (server processes) may share one stream:
 each record names its own chain segment (`stream`), which is how `verify` separates them.
+
+Records removed under the writer are noticed while writing: every batch's MULTI/EXEC begins
+with XINFO STREAM (Redis 7), so the sink sees, atomically with its own XADDs, whether the
+stream was deleted or replaced since its last batch (the key is gone, `entries-added` went
+back, or `last-generated-id` is below this writer's last entry) or trimmed past this writer's
+last entry (`first-entry` is newer than it). About once a second it also compares each
+consumer group's `entries-read` with the entries trimmed from the stream's head, to see
+records trimmed (by MAXLEN or XTRIM) before a group read them.
 """
 
 from __future__ import annotations
 
+import time
 from collections.abc import Sequence
 from typing import Any
 
 import redis
 
 from policy_engine.audit.chain import Sealed
-from policy_engine.audit.sinks.base import OpenState, Sink, parse_record
+from policy_engine.audit.sinks.base import OpenState, Sink, StreamGap, parse_record
 
 RECORD_FIELD = "record"
 _LOOK_BACK = 1000  # entries searched for this chain's last one after an uncertain write
+_GROUP_CHECK_SECONDS = 1.0  # consumer groups are checked for unread trimmed entries this often
+
+
+def entry_id(value: bytes | str) -> tuple[int, int]:
+    """A stream entry ID (`<ms>-<seq>`) as a comparable pair."""
+    text = value.decode() if isinstance(value, bytes) else str(value)
+    ms, _, seq = text.partition("-")
+    return int(ms), int(seq or 0)
+
+
+def _text(value: Any) -> str:
+    return value.decode("utf-8", "replace") if isinstance(value, bytes) else str(value)
 
 
 class RedisStreamSink(Sink):
@@ -39,6 +60,12 @@ class RedisStreamSink(Sink):
         self.timeout = timeout_seconds
         self._client: redis.Redis | None = None
         self._uncertain = False
+        self._last_id: tuple[int, int] | None = None  # this writer's newest entry
+        self._added = 0  # the stream's entries-added right after this writer's last batch
+        self._last_write = 0.0
+        self._gaps: list[StreamGap] = []
+        self._unread: dict[str, int] = {}  # group -> entries trimmed before it read them
+        self._next_group_check = 0.0
 
     def _connect(self) -> redis.Redis:
         if self._client is None:
@@ -70,6 +97,7 @@ class RedisStreamSink(Sink):
         client = self._connect()
         try:
             pipe = client.pipeline(transaction=True)
+            pipe.xinfo_stream(self.stream)  # the state just before this batch, atomically
             for record in records:
                 pipe.xadd(
                     self.stream,
@@ -77,10 +105,78 @@ class RedisStreamSink(Sink):
                     maxlen=self.maxlen,
                     approximate=True,
                 )
-            pipe.execute()
+            results = pipe.execute(raise_on_error=False)
         except Exception:
             self._uncertain = True
             raise
+        info, ids = results[0], results[1:]
+        for result in ids:
+            if isinstance(result, Exception):
+                raise result  # e.g. the key now holds another type: none of the batch was added
+        self._check(info, records[0].seq - 1)
+        before = info.get("entries-added") if isinstance(info, dict) else 0
+        self._added = (before or 0) + len(ids)
+        self._last_id = entry_id(ids[-1])
+        self._last_write = time.time()
+        if time.monotonic() >= self._next_group_check:
+            self._check_groups(client)
+
+    def _check(self, info: Any, through_seq: int) -> None:
+        """Compares the stream as found with how this writer left it after its last batch."""
+        last = self._last_id
+        if last is None or through_seq < 1:
+            return
+        if not isinstance(info, dict):  # a ResponseError: no such key
+            reason, detail = "reset", f"Redis Stream {self.stream} was deleted under the writer"
+        elif (info.get("entries-added") or 0) < self._added:
+            reason = "reset"
+            detail = (
+                f"Redis Stream {self.stream} was replaced under the writer (entries-added went "
+                f"from {self._added} to {info.get('entries-added')})"
+            )
+        elif entry_id(info.get("last-generated-id") or b"0-0") < last:
+            reason = "reset"
+            detail = f"Redis Stream {self.stream} was replaced under the writer (its IDs went back)"
+        else:
+            first = info.get("first-entry")
+            if first is not None and first[0] is not None and entry_id(first[0]) <= last:
+                return
+            reason = "trimmed"
+            detail = f"Redis Stream {self.stream} was trimmed past the writer's last entry"
+        self._gaps.append(StreamGap(reason, detail, through_seq, through_seq, self._last_write))
+
+    def _check_groups(self, client: redis.Redis) -> None:
+        """Records trimmed from the head before a consumer group read them (Redis 7 counts)."""
+        self._next_group_check = time.monotonic() + _GROUP_CHECK_SECONDS
+        try:
+            pipe = client.pipeline(transaction=True)
+            pipe.xinfo_stream(self.stream)
+            pipe.xinfo_groups(self.stream)
+            info, groups = pipe.execute()
+        except Exception:
+            return  # only a check: the next write tries again
+        removed = (info.get("entries-added") or 0) - (info.get("length") or 0)
+        for group in groups:
+            read, lag = group.get("entries-read"), group.get("lag")
+            if read is None or lag is None:
+                continue  # Redis cannot tell (entries deleted inside the range)
+            name = _text(group.get("name"))
+            unread = max(removed - read, 0)
+            seen = self._unread.setdefault(name, unread)  # what was lost before we looked
+            if unread > seen:
+                self._unread[name] = unread
+                self._gaps.append(
+                    StreamGap(
+                        "unread",
+                        f"Redis Stream {self.stream} was trimmed before consumer group "
+                        f"{name} read {unread - seen} of its entries",
+                        unread - seen,
+                    )
+                )
+
+    def take_gaps(self) -> list[StreamGap]:
+        gaps, self._gaps = self._gaps, []
+        return gaps
 
     def _unwritten(self, records: Sequence[Sealed]) -> Sequence[Sealed]:
         """Drops the records the stream already holds (a batch that did land before an error).
