@@ -37,6 +37,14 @@ class RequestLimits:
 
 
 @dataclass(frozen=True, slots=True)
+class PolicyLimits:
+    """Bounds on the policy files themselves, checked before any byte is parsed."""
+
+    max_file_bytes: int = 1024 * 1024  # one policy, JWKS or bundle file
+    max_set_bytes: int = 8 * 1024 * 1024  # every file a policy set reads, together
+
+
+@dataclass(frozen=True, slots=True)
 class CacheSettings:
     """The two-level decision cache: in-process LRU in front of Redis shared by all replicas."""
 
@@ -131,6 +139,7 @@ class Settings:
     docs_base_url: str = "https://docs.kontext.dev"
     log_level: str = "INFO"
     limits: RequestLimits = field(default_factory=RequestLimits)
+    policy_limits: PolicyLimits = field(default_factory=PolicyLimits)
     cache: CacheSettings = field(default_factory=CacheSettings)
     reload: ReloadSettings = field(default_factory=ReloadSettings)
     audit: AuditSettings = field(default_factory=AuditSettings)

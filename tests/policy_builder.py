@@ -10,6 +10,17 @@ import yaml
 from policy_engine.domain.request import CheckRequest, RequestContext, Resource, Subject
 
 
+class _PolicyDumper(yaml.SafeDumper):
+    """Policy files may not hold anchors or aliases, so shared objects are written out in full."""
+
+    def ignore_aliases(self, data: Any) -> bool:
+        return True
+
+
+def dump_yaml(value: Any) -> str:
+    return yaml.dump(value, Dumper=_PolicyDumper, sort_keys=False)
+
+
 def write_organization(
     root: Path,
     org: str,
@@ -30,10 +41,10 @@ def write_organization(
     }
     if defaults:
         config["defaults"] = defaults
-    (folder / "organization.yaml").write_text(yaml.safe_dump(config))
+    (folder / "organization.yaml").write_text(dump_yaml(config))
     for index, policy in enumerate(policies or []):
         (folder / f"policy-{index:03d}.yaml").write_text(
-            yaml.safe_dump({"kind": "Policy", **policy}, sort_keys=False)
+            dump_yaml({"kind": "Policy", **policy})
         )
     return folder
 

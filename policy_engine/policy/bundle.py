@@ -1,8 +1,12 @@
-"""Signed policy bundles: a manifest of every file's hash, signed as a JWS.
+"""Signed policy bundles: a manifest of every file's hash, signed as a JWS (RFC 7515).
 
-`pdp bundle sign DIR --key KEY` writes `DIR/policy-bundle.jws`. A server configured with the
-public key refuses (keeping its last good set) a directory whose signature is missing, invalid,
-or does not match the files exactly: a changed, added or removed file is named.
+`pdp bundle sign DIR --key KEY` writes `DIR/policy-bundle.jws` over every file the loader
+could read below DIR (hidden ones included: a JWKS in `.keys/` is signed like a policy).
+`read_signed_snapshot` is the one verification, used by the server, `pdp validate` and
+`pdp bundle verify` alike: it checks the signature, reads each signed file once (bounded),
+checks its SHA-256, refuses a file present but not signed or signed but missing, and returns
+the verified bytes as a SnapshotSource. The loader loads from that snapshot and nothing else,
+so a file swapped after the check is never loaded.
 """
 
 from __future__ import annotations
@@ -10,6 +14,8 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
+from collections.abc import Mapping
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -18,12 +24,42 @@ import jwt
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
 from cryptography.hazmat.primitives.serialization import load_pem_private_key, load_pem_public_key
 
-BUNDLE_FILE = "policy-bundle.jws"
+from policy_engine.config import PolicyLimits
+from policy_engine.policy.source import (
+    BUNDLE_FILE,
+    SnapshotSource,
+    SourceError,
+    SourceFile,
+    read_bounded,
+    read_snapshot,
+    tree_files,
+)
+
+__all__ = [
+    "BUNDLE_FILE",
+    "BundleError",
+    "BundleVerificationError",
+    "bundle_files",
+    "read_signed_snapshot",
+    "read_tree",
+    "sign_bundle",
+    "verify_bundle",
+]
+
 MANIFEST_VERSION = 1
+_SHA256_HEX = re.compile(r"[0-9a-f]{64}")
 
 
 class BundleError(ValueError):
-    """The bundle cannot be signed or does not verify; the message says exactly why."""
+    """The bundle cannot be signed; the message says exactly why."""
+
+
+class BundleVerificationError(Exception):
+    """The directory is not exactly as signed; `problems` names each reason (one per file)."""
+
+    def __init__(self, problems: list[str]) -> None:
+        super().__init__("\n".join(problems))
+        self.problems = problems
 
 
 def _algorithm(key: Any) -> str:
@@ -36,63 +72,148 @@ def _algorithm(key: Any) -> str:
     raise BundleError(f"unsupported key type {type(key).__name__} (use Ed25519, P-256 or RSA)")
 
 
-def bundle_files(directory: Path) -> dict[str, str]:
-    """sha256 of every regular, non-hidden file below `directory` but the signature itself."""
-    hashes: dict[str, str] = {}
-    for folder, subfolders, names in os.walk(directory, followlinks=True):
-        subfolders[:] = sorted(name for name in subfolders if not name.startswith("."))
-        for name in names:
-            path = Path(folder, name)
-            relative = path.relative_to(directory).as_posix()
-            if name.startswith(".") or relative == BUNDLE_FILE or not path.is_file():
-                continue
-            hashes[relative] = hashlib.sha256(path.read_bytes()).hexdigest()
-    return dict(sorted(hashes.items()))
+def read_tree(
+    directory: Path, limits: PolicyLimits | None = None
+) -> tuple[SnapshotSource, list[str]]:
+    """Every file below `directory` that the loader could read (see source.tree_files), read
+    once each: the snapshot to validate and sign, and one problem per unreadable file."""
+    names = tree_files(directory)
+    files, real_folders, problems = read_snapshot(directory, names, limits)
+    return SnapshotSource(directory, files, real_folders), problems
 
 
-def sign_bundle(directory: Path, private_key_pem: bytes) -> Path:
+def _hashes(files: Mapping[str, SourceFile]) -> dict[str, str]:
+    return {name: hashlib.sha256(files[name].data).hexdigest() for name in sorted(files)}
+
+
+def bundle_files(directory: Path, limits: PolicyLimits | None = None) -> dict[str, str]:
+    """sha256 (hex) of every file the loader could read below `directory`, by relative path."""
+    snapshot, problems = read_tree(directory, limits)
+    if problems:
+        raise BundleError("; ".join(problems))
+    return _hashes(snapshot.files)
+
+
+def sign_bundle(
+    directory: Path, private_key_pem: bytes, snapshot: SnapshotSource | None = None
+) -> Path:
+    """Writes `directory/policy-bundle.jws` over `snapshot` (default: the directory read now).
+
+    Pass the snapshot you validated, so exactly the bytes checked are the bytes signed.
+    Raises BundleError for an unusable key or an unreadable file.
+    """
     try:
         key = load_pem_private_key(private_key_pem, password=None)
     except (ValueError, TypeError) as exc:
         raise BundleError(f"not a usable PEM private key: {exc}") from exc
+    algorithm = _algorithm(key)
+    if snapshot is None:
+        snapshot, problems = read_tree(directory)
+        if problems:
+            raise BundleError("; ".join(problems))
     manifest = {
         "version": MANIFEST_VERSION,
         "signed_at": datetime.now(UTC).isoformat(),
-        "files": bundle_files(directory),
+        "files": _hashes(snapshot.files),
     }
     payload = json.dumps(manifest, sort_keys=True, separators=(",", ":")).encode()
-    token = jwt.api_jws.PyJWS().encode(payload, key, algorithm=_algorithm(key))
+    token = jwt.api_jws.PyJWS().encode(payload, key, algorithm=algorithm)
     target = directory / BUNDLE_FILE
     target.write_text(token + "\n")
     return target
 
 
-def verify_bundle(directory: Path, public_key_pem: bytes) -> list[str]:
-    """Every problem with the directory's signature; empty when the files are exactly as signed."""
+def _signed_manifest(
+    directory: Path, key: Any, algorithm: str, limits: PolicyLimits
+) -> dict[str, str]:
+    """The verified manifest's `files` (relative path -> sha256 hex); raises
+    BundleVerificationError naming what is wrong with the signature or its shape."""
+    path = directory / BUNDLE_FILE
+    if not os.path.lexists(path):
+        raise BundleVerificationError([f"{BUNDLE_FILE} is missing: signed policies are required"])
+    try:
+        # A manifest is ~100 bytes a file: the set limit bounds it as well as any.
+        token = read_bounded(path, limits.max_set_bytes).data
+    except SourceError as exc:
+        raise BundleVerificationError([f"{BUNDLE_FILE}: {exc}"]) from None
+    try:
+        payload = jwt.api_jws.PyJWS().decode(token.strip(), key, algorithms=[algorithm])
+        manifest = json.loads(payload)
+    except jwt.InvalidSignatureError:
+        raise BundleVerificationError([f"{BUNDLE_FILE} has an invalid signature"]) from None
+    except (jwt.PyJWTError, ValueError, RecursionError) as exc:
+        raise BundleVerificationError(
+            [f"{BUNDLE_FILE} is malformed: {type(exc).__name__}"]
+        ) from None
+    files = manifest.get("files") if isinstance(manifest, dict) else None
+    if (
+        not isinstance(manifest, dict)
+        or manifest.get("version") != MANIFEST_VERSION
+        or not isinstance(files, dict)
+        or not all(
+            isinstance(name, str)
+            and _is_relative(name)
+            and isinstance(digest, str)
+            and _SHA256_HEX.fullmatch(digest)
+            for name, digest in files.items()
+        )
+    ):
+        raise BundleVerificationError(
+            [f"{BUNDLE_FILE} is malformed: not a version {MANIFEST_VERSION} manifest"]
+        )
+    return dict(files)
+
+
+def _is_relative(name: str) -> bool:
+    parts = name.split("/")
+    return (
+        bool(name)
+        and "\\" not in name
+        and "\0" not in name
+        and all(part not in ("", ".", "..") for part in parts)
+    )
+
+
+def read_signed_snapshot(
+    directory: Path, public_key_pem: bytes, limits: PolicyLimits | None = None
+) -> SnapshotSource:
+    """The directory's files exactly as signed, read once each; the loader loads from this.
+
+    Raises BundleVerificationError with every problem: an unusable key; a missing, invalid or
+    malformed signature; and per file: not in the signed bundle, signed but missing, content
+    differs, unreadable or over the size limits.
+    """
+    limits = limits or PolicyLimits()
     try:
         key = load_pem_public_key(public_key_pem)
         algorithm = _algorithm(key)
     except (ValueError, TypeError, BundleError) as exc:
-        return [f"bundle public key is not usable: {exc}"]
-    path = directory / BUNDLE_FILE
-    try:
-        token = path.read_text().strip()
-    except OSError:
-        return [f"{BUNDLE_FILE} is missing: signed policies are required"]
-    try:
-        payload = jwt.api_jws.PyJWS().decode(token, key, algorithms=[algorithm])
-        manifest = json.loads(payload)
-        signed: dict[str, str] = dict(manifest["files"])
-    except jwt.InvalidSignatureError:
-        return [f"{BUNDLE_FILE} has an invalid signature"]
-    except (jwt.PyJWTError, ValueError, KeyError, TypeError) as exc:
-        return [f"{BUNDLE_FILE} is malformed: {type(exc).__name__}"]
-    actual = bundle_files(directory)
-    problems = [f"{name}: not in the signed bundle" for name in sorted(set(actual) - set(signed))]
-    problems += [f"{name}: signed but missing" for name in sorted(set(signed) - set(actual))]
+        raise BundleVerificationError([f"bundle public key is not usable: {exc}"]) from None
+    signed = _signed_manifest(directory, key, algorithm, limits)
+    present = set(tree_files(directory))
+    problems = [f"{name}: not in the signed bundle" for name in sorted(present - set(signed))]
+    problems += [f"{name}: signed but missing" for name in sorted(set(signed) - present)]
+    files, real_folders, unreadable = read_snapshot(
+        directory, sorted(set(signed) & present), limits
+    )
+    problems += unreadable
     problems += [
         f"{name}: content differs from the signed bundle"
-        for name in sorted(set(signed) & set(actual))
-        if signed[name] != actual[name]
+        for name, file in files.items()
+        if hashlib.sha256(file.data).hexdigest() != signed[name]
     ]
-    return problems
+    if problems:
+        raise BundleVerificationError(problems)
+    return SnapshotSource(directory, files, real_folders, missing="is not in the signed bundle")
+
+
+def verify_bundle(
+    directory: Path, public_key_pem: bytes, limits: PolicyLimits | None = None
+) -> list[str]:
+    """Every problem with the directory's signature; empty when the files are exactly as signed.
+    The same check the loader makes (read_signed_snapshot)."""
+    try:
+        read_signed_snapshot(directory, public_key_pem, limits)
+    except BundleVerificationError as exc:
+        return exc.problems
+    return []

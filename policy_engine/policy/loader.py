@@ -2,15 +2,16 @@
 
 Layout: one folder per organization under the policy directory; every `*.yaml`/`*.yml` inside
 it (at any depth) holds `kind: Organization` (exactly one per folder) or `kind: Policy`
-documents. Hidden files and folders are ignored (editors' temporaries).
+documents. Hidden files and folders are not policy files (editors' temporaries), though an
+organization may keep its JWKS in one.
+
+Every byte comes from a PolicySource (policy_engine.policy.source): the directory read once,
+or, with a bundle key, the snapshot whose hashes the signed manifest was checked against.
 """
 
 from __future__ import annotations
 
-import errno
 import hashlib
-import os
-import stat
 from collections.abc import Iterable
 from pathlib import Path
 from types import MappingProxyType
@@ -26,9 +27,10 @@ from policy_engine.auth.keys import (
 )
 from policy_engine.auth.tokens import UNVERIFIED, TokenRules
 from policy_engine.cel import CelCompileError, CompiledExpression, compile_expression
+from policy_engine.config import PolicyLimits
 from policy_engine.domain.decision import POLICY_LAYERS, Effect, Layer
 from policy_engine.engine.activation import CEL_DECLARATIONS
-from policy_engine.policy.bundle import BUNDLE_FILE, verify_bundle
+from policy_engine.policy.bundle import BUNDLE_FILE, BundleVerificationError, read_signed_snapshot
 from policy_engine.policy.compiled import (
     CompiledOrganization,
     CompiledPolicySet,
@@ -45,9 +47,24 @@ from policy_engine.policy.parse import (
     LoadIssue,
 )
 from policy_engine.policy.patterns import WILDCARD, Matcher, is_glob
+from policy_engine.policy.source import (
+    POLICY_SUFFIXES,
+    DirectorySource,
+    PolicySource,
+    SourceError,
+    join_inside,
+    policy_files,
+    within,
+)
 from policy_engine.policy.yamlpos import PositionedDict, error_line, load_documents
 
-POLICY_SUFFIXES = (".yaml", ".yml")
+__all__ = [
+    "POLICY_SUFFIXES",
+    "PolicyLoadError",
+    "load_policy_set",
+    "load_policy_source",
+    "policy_files",
+]
 
 
 class PolicyLoadError(Exception):
@@ -56,34 +73,6 @@ class PolicyLoadError(Exception):
     def __init__(self, issues: list[LoadIssue]) -> None:
         self.issues = issues
         super().__init__("\n".join(str(issue) for issue in issues))
-
-
-def policy_files(directory: Path) -> list[Path]:
-    """Every `*.yaml`/`*.yml` path below `directory`, regular file or not (the loader says which
-    cannot be read). Symlinked folders are followed, as Kubernetes volumes use them."""
-    found: list[Path] = []
-    seen: set[str] = set()
-    for folder, subfolders, names in os.walk(directory, followlinks=True):
-        real = os.path.realpath(folder)
-        if real in seen:  # a symlink cycle
-            subfolders[:] = []
-            continue
-        seen.add(real)
-        subfolders[:] = [name for name in subfolders if not name.startswith(".")]
-        found.extend(
-            Path(folder, name)
-            for name in names
-            if not name.startswith(".") and name.endswith(POLICY_SUFFIXES)
-        )
-    return sorted(found)
-
-
-def _read_policy_file(path: Path) -> bytes:
-    """Refuses anything but a regular file: a FIFO would block, a device would never end."""
-    info = path.stat()  # follows symlinks; a dangling one raises FileNotFoundError
-    if not stat.S_ISREG(info.st_mode):
-        raise OSError(errno.EINVAL, "not a regular file")
-    return path.read_bytes()
 
 
 def _revision(directory: Path, contents: Iterable[tuple[Path, bytes]]) -> str:
@@ -100,26 +89,48 @@ def load_policy_set(
     *,
     bundle_public_key: bytes | None = None,
     remote_keys: RemoteKeySets | None = None,
+    limits: PolicyLimits | None = None,
 ) -> CompiledPolicySet:
-    """With `bundle_public_key`, the directory must carry a valid signature over exactly its
-    files (see policy_engine.policy.bundle), or nothing in it is loaded. `remote_keys` keeps
-    JWKS URLs' key sets across loads (a long-running server passes one; without it each load
-    fetches them anew)."""
-    remote_keys = remote_keys if remote_keys is not None else RemoteKeySets()
+    """Loads `directory`; raises PolicyLoadError listing every problem (file:line).
+
+    With `bundle_public_key`, the directory must carry a valid signature over exactly the
+    files the loader could read (policy_engine.policy.bundle), and the set is compiled from the
+    verified bytes only, read once. `limits` bound each file and the whole set before anything
+    is parsed. `remote_keys` keeps JWKS URLs' key sets across loads (a long-running server
+    passes one; without it each load fetches them anew)."""
     directory = Path(directory)
     if not directory.is_dir():
         raise PolicyLoadError([LoadIssue(directory, 0, "policy directory does not exist")])
+    source: PolicySource
     if bundle_public_key is not None:
-        problems = verify_bundle(directory, bundle_public_key)
-        if problems:
-            raise PolicyLoadError([LoadIssue(directory / BUNDLE_FILE, 0, p) for p in problems])
+        try:
+            source = read_signed_snapshot(directory, bundle_public_key, limits)
+        except BundleVerificationError as exc:
+            raise PolicyLoadError(
+                [LoadIssue(directory / BUNDLE_FILE, 0, p) for p in exc.problems]
+            ) from None
+    else:
+        source = DirectorySource(directory, limits)
+    return load_policy_source(source, remote_keys=remote_keys)
+
+
+def load_policy_source(
+    source: PolicySource, *, remote_keys: RemoteKeySets | None = None
+) -> CompiledPolicySet:
+    """Compiles the policy set from `source` alone (see load_policy_set): every file is read
+    and size-checked before the first is parsed. Raises PolicyLoadError."""
+    remote_keys = remote_keys if remote_keys is not None else RemoteKeySets()
+    directory = source.directory
     issues: list[LoadIssue] = []
     contents: list[tuple[Path, bytes]] = []
-    for path in policy_files(directory):
+    for relative in source.policy_paths():
+        path = directory / relative
         try:
-            contents.append((path, _read_policy_file(path)))
-        except OSError as exc:
-            issues.append(LoadIssue(path, 0, f"cannot read: {exc.strerror or exc}"))
+            contents.append((path, source.read(relative).data))
+        except SourceError as exc:
+            issues.append(LoadIssue(path, 0, str(exc)))
+            if exc.set_too_large:
+                raise PolicyLoadError(issues) from None
     if not contents and not issues:
         issues.append(LoadIssue(directory, 0, "no policy files (*.yaml) found"))
 
@@ -139,7 +150,7 @@ def load_policy_set(
     organizations = {}
     for org, (configs, policies) in sorted(by_org.items()):
         compiled = _compile_organization(
-            directory / org, configs, policies, issues, contents, remote_keys
+            source, org, configs, policies, issues, contents, remote_keys
         )
         if compiled is not None:
             organizations[org] = compiled
@@ -161,13 +172,15 @@ def _parse_file(
     issues: list[LoadIssue],
 ) -> None:
     try:
-        documents = load_documents(data.decode("utf-8"))
+        loaded = load_documents(data.decode("utf-8"))
     except UnicodeDecodeError:
         issues.append(LoadIssue(path, 1, "not UTF-8 text"))
         return
     except yaml.YAMLError as exc:
         issues.append(LoadIssue(path, error_line(exc), f"invalid YAML: {_yaml_problem(exc)}"))
         return
+    issues.extend(LoadIssue(path, p.line, p.message) for p in loaded.problems)
+    documents = loaded.documents
     if not documents:
         # Usually the truncated moment of an in-place save: never load a set without the file.
         issues.append(LoadIssue(path, 1, "empty policy file (no YAML documents)"))
@@ -202,37 +215,40 @@ def _yaml_problem(exc: yaml.YAMLError) -> str:
 
 
 def _token_rules(
-    folder: Path,
+    source: PolicySource,
+    org: str,
     settings: TokenSettings | None,
     issues: list[LoadIssue],
     contents: list[tuple[Path, bytes]],
     config_file: Path,
     remote_keys: RemoteKeySets,
 ) -> TokenRules:
-    """Keys are part of the policy set: a JWKS file is read now and counts in the revision."""
+    """Keys are part of the policy set: a JWKS file is read from the source now and counts in
+    the revision. It must stay inside the organization's folder, as written (no `..`, not
+    absolute) and once symlinks are resolved."""
     if settings is None:
         return UNVERIFIED
     keys: KeySource
     if settings.jwks_file is not None:
-        path = folder / settings.jwks_file
-        if not path.resolve().is_relative_to(folder.resolve()):
-            issues.append(
-                LoadIssue(
-                    config_file, settings.line, "jwks_file must be inside the organization's folder"
-                )
-            )
-            return UNVERIFIED
+        relative = join_inside(org, settings.jwks_file)
         try:
-            data = path.read_bytes()
-            keys = StaticKeySet(parse_jwks(data, source=str(path)))
-        except OSError as exc:
-            message = f"jwks_file: cannot read {settings.jwks_file!r}: {exc.strerror or exc}"
-            issues.append(LoadIssue(config_file, settings.line, message))
+            if relative is None:
+                raise SourceError("must be inside the organization's folder")
+            file = source.read(relative)
+            if not within(file.real_path, source.real_folder(org)):
+                raise SourceError(
+                    "must be inside the organization's folder (it leads out through a symlink)"
+                )
+            keys = StaticKeySet(parse_jwks(file.data, source=str(source.directory / relative)))
+        except SourceError as exc:
+            issues.append(
+                LoadIssue(config_file, settings.line, f"jwks_file {settings.jwks_file!r}: {exc}")
+            )
             return UNVERIFIED
         except KeySetError as exc:
             issues.append(LoadIssue(config_file, settings.line, f"jwks_file: {exc}"))
             return UNVERIFIED
-        contents.append((path, data))
+        contents.append((source.directory / relative, file.data))
     else:
         keys = remote_keys.get(str(settings.jwks_url))  # fetched off the request path
     return TokenRules(
@@ -247,7 +263,8 @@ def _token_rules(
 
 
 def _compile_organization(
-    folder: Path,
+    source: PolicySource,
+    org: str,
     configs: list[OrganizationConfig],
     policies: list[Policy],
     issues: list[LoadIssue],
@@ -258,7 +275,7 @@ def _compile_organization(
         where = configs[1].position if len(configs) > 1 else None
         issues.append(
             LoadIssue(
-                where.file if where else folder,
+                where.file if where else source.directory / org,
                 where.line if where else 0,
                 f"expected exactly one 'kind: {KIND_ORGANIZATION}' document, found {len(configs)}",
             )
@@ -308,7 +325,7 @@ def _compile_organization(
         policy_count=len(policies),
         rule_count=sum(len(p.rules) for p in policies),
         tokens=_token_rules(
-            folder, config.tokens, issues, contents, config.position.file, remote_keys
+            source, org, config.tokens, issues, contents, config.position.file, remote_keys
         ),
     )
 

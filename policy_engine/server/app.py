@@ -265,7 +265,11 @@ def start_server(settings: Settings, mode: Mode = "policy", *, worker: int = 0) 
 
     audit = AuditLog(settings.audit, worker=worker) if settings.audit.enabled else None
     store = PolicyStore(
-        DirectoryBackend(settings.policy_dir, bundle_public_key=bundle_public_key(settings))
+        DirectoryBackend(
+            settings.policy_dir,
+            bundle_public_key=bundle_public_key(settings),
+            limits=settings.policy_limits,
+        )
     )
     store.reload("startup")  # logs every issue when invalid; the server starts either way
     reloader = PolicyReloader(

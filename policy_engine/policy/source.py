@@ -1,0 +1,280 @@
+"""Where the loader's bytes come from: the directory itself, or one verified in-memory snapshot.
+
+The loader never opens a file itself. It asks a `PolicySource` for the policy files' names and
+for each file's bytes (policy files, and the JWKS files organizations reference):
+- `DirectorySource` reads the directory as it is, each file once, bounded;
+- `SnapshotSource` serves bytes read earlier, once, e.g. the files whose hashes a signed
+  bundle's manifest was checked against (policy_engine.policy.bundle). It never touches the
+  disk again, so nothing swapped in after the check can be loaded.
+
+Both enforce PolicyLimits before a byte is parsed: a file larger than `max_file_bytes` is not
+read past that size, and the set stops being read once it exceeds `max_set_bytes`.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import posixpath
+import stat
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Protocol
+
+from policy_engine.config import PolicyLimits
+
+POLICY_SUFFIXES = (".yaml", ".yml")
+BUNDLE_FILE = "policy-bundle.jws"
+# Kubernetes ConfigMap/Secret volumes keep their versions in root-level `..<timestamp>`
+# folders behind a `..data` symlink; the published names link through them.
+KUBERNETES_PREFIX = ".."
+_READ_CHUNK = 64 * 1024
+
+
+class SourceError(Exception):
+    """A file cannot be used: unreadable, not a regular file, too large, or not in the
+    snapshot. The message says which and why; `set_too_large` stops reading the set."""
+
+    def __init__(self, message: str, *, set_too_large: bool = False) -> None:
+        super().__init__(message)
+        self.set_too_large = set_too_large
+
+
+@dataclass(frozen=True, slots=True)
+class SourceFile:
+    data: bytes
+    real_path: str  # where the bytes were read, symlinks resolved
+
+
+def is_policy_file(relative: str) -> bool:
+    """A `*.yaml`/`*.yml` path (relative, `/`-separated) with no hidden part."""
+    parts = relative.split("/")
+    return relative.endswith(POLICY_SUFFIXES) and not any(p.startswith(".") for p in parts)
+
+
+def policy_files(directory: Path) -> list[Path]:
+    """Every `*.yaml`/`*.yml` path below `directory`, regular file or not (the loader says which
+    cannot be read). Hidden files and folders are skipped; symlinked folders are followed, as
+    Kubernetes volumes use them, and a symlink cycle is walked once."""
+    found: list[Path] = []
+    seen: set[str] = set()
+    for folder, subfolders, names in os.walk(directory, followlinks=True):
+        real = os.path.realpath(folder)
+        if real in seen:  # a symlink cycle
+            subfolders[:] = []
+            continue
+        seen.add(real)
+        subfolders[:] = [name for name in subfolders if not name.startswith(".")]
+        found.extend(
+            Path(folder, name)
+            for name in names
+            if not name.startswith(".") and name.endswith(POLICY_SUFFIXES)
+        )
+    return sorted(found)
+
+
+def tree_files(directory: Path) -> list[str]:
+    """Every file the loader could be asked to read below `directory`, as sorted relative
+    `/`-separated paths: hidden files and folders included (a JWKS may live in `.keys/`), links
+    followed (a cycle walked once), anything that is not a folder listed (a FIFO or a dangling
+    link too). Left out: the bundle signature itself and Kubernetes' root-level `..*` entries,
+    whose files are reached through the published names."""
+    found: list[str] = []
+    seen: set[str] = set()
+    for folder, subfolders, names in os.walk(directory, followlinks=True):
+        real = os.path.realpath(folder)
+        if real in seen:
+            subfolders[:] = []
+            continue
+        seen.add(real)
+        relative_folder = Path(folder).relative_to(directory).as_posix()
+        at_root = relative_folder == "."
+        if at_root:
+            subfolders[:] = [n for n in subfolders if not n.startswith(KUBERNETES_PREFIX)]
+        subfolders.sort()
+        for name in names:
+            if at_root and (name == BUNDLE_FILE or name.startswith(KUBERNETES_PREFIX)):
+                continue
+            found.append(name if at_root else f"{relative_folder}/{name}")
+    return sorted(found)
+
+
+def read_bounded(path: Path, max_bytes: int) -> SourceFile:
+    """The bytes of the regular file at `path` (symlinks followed), reading at most
+    `max_bytes + 1` of them. Raises SourceError when it is not a regular file (a FIFO would
+    block, a device never end), cannot be read, or is larger than `max_bytes`."""
+    real_path = os.path.realpath(path)
+    try:
+        # O_NONBLOCK: opening a FIFO must not wait for a writer; no effect on regular files.
+        fd = os.open(real_path, os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0))
+    except OSError as exc:
+        raise SourceError(f"cannot read: {exc.strerror or exc}") from None
+    try:
+        info = os.fstat(fd)
+        if not stat.S_ISREG(info.st_mode):
+            raise SourceError(f"cannot read: {os.strerror(errno.EINVAL)}: not a regular file")
+        if info.st_size > max_bytes:
+            raise _too_large(info.st_size, max_bytes)
+        chunks: list[bytes] = []
+        size = 0
+        while size <= max_bytes:
+            chunk = os.read(fd, min(_READ_CHUNK, max_bytes + 1 - size))
+            if not chunk:
+                break
+            chunks.append(chunk)
+            size += len(chunk)
+        if size > max_bytes:  # it grew after the fstat
+            raise _too_large(size, max_bytes)
+        return SourceFile(b"".join(chunks), real_path)
+    except OSError as exc:
+        raise SourceError(f"cannot read: {exc.strerror or exc}") from None
+    finally:
+        os.close(fd)
+
+
+def _too_large(size: int, max_bytes: int) -> SourceError:
+    return SourceError(
+        f"file is {size} bytes or more, over policy_limits.max_file_bytes ({max_bytes}); "
+        "it was not parsed"
+    )
+
+
+def within(real_path: str, real_folder: str) -> bool:
+    return real_path == real_folder or real_path.startswith(real_folder.rstrip("/") + "/")
+
+
+def join_inside(folder: str, relative: str) -> str | None:
+    """`folder/relative` normalised, or None when `relative` is absolute or `..` leaves the
+    folder: a lexical check, before any symlink is followed."""
+    if relative.startswith("/") or "\\" in relative or "\0" in relative:
+        return None
+    joined = posixpath.normpath(posixpath.join(folder, relative))
+    return joined if joined.startswith(folder + "/") else None
+
+
+class PolicySource(Protocol):
+    """Bytes for the loader; every read is bounded by the source's PolicyLimits."""
+
+    @property
+    def directory(self) -> Path: ...
+
+    def policy_paths(self) -> list[str]:
+        """Relative `/`-separated paths of the policy files, sorted."""
+        ...
+
+    def read(self, relative: str) -> SourceFile:
+        """The bytes of one file; raises SourceError."""
+        ...
+
+    def real_folder(self, relative: str) -> str:
+        """Where the folder `relative` really is (symlinks resolved), to check that a file
+        read through it stays inside it."""
+        ...
+
+
+class _Budget:
+    """Counts the bytes a load reads; past `max_set_bytes` every further read is refused."""
+
+    def __init__(self, limits: PolicyLimits) -> None:
+        self.limits = limits
+        self.total = 0
+
+    def spend(self, size: int) -> None:
+        self.total += size
+        if self.total > self.limits.max_set_bytes:
+            raise SourceError(
+                f"the policy set is {self.total} bytes or more, over "
+                f"policy_limits.max_set_bytes ({self.limits.max_set_bytes}); nothing was parsed",
+                set_too_large=True,
+            )
+
+
+class DirectorySource:
+    """The directory as it is now: each file read once, when the loader asks for it."""
+
+    def __init__(self, directory: Path, limits: PolicyLimits | None = None) -> None:
+        self._directory = Path(directory)
+        self._limits = limits or PolicyLimits()
+        self._budget = _Budget(self._limits)
+
+    @property
+    def directory(self) -> Path:
+        return self._directory
+
+    def policy_paths(self) -> list[str]:
+        return [
+            path.relative_to(self._directory).as_posix() for path in policy_files(self._directory)
+        ]
+
+    def read(self, relative: str) -> SourceFile:
+        file = read_bounded(self._directory / relative, self._limits.max_file_bytes)
+        self._budget.spend(len(file.data))
+        return file
+
+    def real_folder(self, relative: str) -> str:
+        return os.path.realpath(self._directory / relative)
+
+
+class SnapshotSource:
+    """Files read earlier, once: the loader gets exactly these bytes and nothing else.
+
+    `files` maps relative paths to what was read; `real_folders` maps each top-level folder
+    to where it really was when they were read (see PolicySource.real_folder).
+    """
+
+    def __init__(
+        self,
+        directory: Path,
+        files: Mapping[str, SourceFile],
+        real_folders: Mapping[str, str],
+        *,
+        missing: str = "is not in the snapshot",
+    ) -> None:
+        self._directory = Path(directory)
+        self.files = dict(files)
+        self._real_folders = dict(real_folders)
+        self._missing = missing
+
+    @property
+    def directory(self) -> Path:
+        return self._directory
+
+    def policy_paths(self) -> list[str]:
+        return sorted(name for name in self.files if is_policy_file(name))
+
+    def read(self, relative: str) -> SourceFile:
+        file = self.files.get(relative)
+        if file is None:
+            raise SourceError(f"{relative} {self._missing}")
+        return file
+
+    def real_folder(self, relative: str) -> str:
+        return self._real_folders.get(relative, "")
+
+
+def read_snapshot(
+    directory: Path, names: list[str], limits: PolicyLimits | None = None
+) -> tuple[dict[str, SourceFile], dict[str, str], list[str]]:
+    """Reads `names` (relative paths below `directory`) once each, bounded by `limits`.
+
+    Returns the files read, the real location of every top-level folder, and one problem per
+    file that could not be read (`name: why`); stops at the first file past max_set_bytes.
+    """
+    limits = limits or PolicyLimits()
+    budget = _Budget(limits)
+    files: dict[str, SourceFile] = {}
+    problems: list[str] = []
+    for name in names:
+        try:
+            file = read_bounded(directory / name, limits.max_file_bytes)
+            budget.spend(len(file.data))
+        except SourceError as exc:
+            problems.append(f"{name}: {exc}")
+            if exc.set_too_large:
+                break
+            continue
+        files[name] = file
+    tops = {name.split("/", 1)[0] for name in names if "/" in name}
+    real_folders = {top: os.path.realpath(directory / top) for top in sorted(tops)}
+    return files, real_folders, problems
