@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 
+from policy_engine.cli.main import main
 from tests.scenarios import EXAMPLE_POLICIES, SCENARIOS, Scenario, token_for
 
 
@@ -165,3 +166,82 @@ def test_eval_with_invalid_policies_exits_non_zero(tmp_path: Path) -> None:
     )
     assert result.returncode == 1
     assert "kind" in result.stderr
+
+
+# flags -> (the flag and request path the error names, words of the message)
+REFUSED_FLAGS: dict[str, tuple[list[str], str, str]] = {
+    "2^53+1": (
+        ["--subject-attr", "account=9007199254740993"],
+        "--subject-attr: subject.attributes.account",
+        "would arrive as 9007199254740992.0",
+    ),
+    "-(2^53+1) nested in context": (
+        ["--context", 'ticket=[1, {"n": -9007199254740993}]'],
+        "--context: context.attributes.ticket[1].n",
+        "beyond +-(2^53 - 1)",
+    ),
+    "2^64 in a list": (
+        ["--application-attr", "ids=[18446744073709551616]"],
+        "--application-attr: application.attributes.ids[0]",
+        "1.8446744073709552e+19",
+    ),
+    "NaN": (["--subject-attr", "f=NaN"], "subject.attributes.f", "not a finite number"),
+    "Infinity": (["--subject-attr", "f=Infinity"], "subject.attributes.f", "not a finite"),
+    "1e400": (["--integration-attr", "f=-1e400"], "integration.attributes.f", "-inf"),
+    "lone surrogate in JSON": (
+        ["--subject-attr", 's="\\ud800"'],
+        "subject.attributes.s",
+        "lone surrogate",
+    ),
+    "undecodable argv": (["--subject", "\udcffalice"], "--subject: subject.id", "surrogate"),
+    "duplicate JSON key": (
+        ["--subject-attr", 'm={"a": 1, "a": 2}'],
+        "--subject-attr m",
+        "the key 'a' appears twice",
+    ),
+    "KEY given twice": (
+        ["--subject-attr", "a=1", "--subject-attr", "a=2"],
+        "--subject-attr a",
+        "given twice",
+    ),
+    "deeper than the builder's bound": (
+        ["--subject-attr", "d=" + "[" * 40 + "]" * 40],
+        "subject.attributes.d[0][0]",
+        "nested deeper than 30 levels",
+    ),
+    "deeper than JSON parses": (
+        ["--subject-attr", "d=" + "[" * 100_000 + "]" * 100_000],
+        "--subject-attr d",
+        "nested too deeply",
+    ),
+    "5000 digits": (["--subject-attr", "n=1" + "0" * 4999], "--subject-attr n", "digits"),
+    "time beyond year 9999": (
+        ["--context", "time=9999-12-31T23:00:00-02:00"],
+        "--context: context.time",
+        "outside years 1-9999",
+    ),
+}
+
+
+@pytest.mark.parametrize("name", REFUSED_FLAGS)
+def test_eval_refuses_values_the_wire_cannot_carry(
+    name: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    flags, where, words = REFUSED_FLAGS[name]
+    required = {
+        "--policies": str(EXAMPLE_POLICIES),
+        "--org": "acme",
+        "--subject": "alice",
+        "--application": "pr-reviewer",
+        "--integration": "github",
+        "--scope": "repo",
+    }
+    argv = ["eval", *flags, "--json"]
+    for flag, value in required.items():
+        if flag not in flags:
+            argv += [flag, value]
+    assert main(argv) == 2
+    out, err = capsys.readouterr()
+    assert out == ""
+    assert err.startswith("pdp: error: ") and err.count("\n") == 1
+    assert where in err and words in err
