@@ -15,8 +15,8 @@ from dataclasses import dataclass
 from itertools import cycle, islice
 
 from google.protobuf.message import Message
-from google.protobuf.struct_pb2 import Struct
 
+from policy_engine import client
 from policy_engine.api import pdp_pb2
 from policy_engine.bench.h2load import LoadShape
 from policy_engine.bench.server import (
@@ -55,16 +55,15 @@ def check_request(
     application: str = "pr-reviewer",
     organization: str = "acme",
 ) -> pdp_pb2.CheckRequest:
-    """One tuple, shaped like the broker sends it (subject attributes as a Struct)."""
-    attributes = Struct()
-    attributes.update({"groups": list(groups)})
-    return pdp_pb2.CheckRequest(
-        organization=organization,
-        subject=pdp_pb2.Subject(id=subject, kind=pdp_pb2.SUBJECT_KIND_USER, attributes=attributes),
-        application=pdp_pb2.Application(id=application),
-        integration=pdp_pb2.Integration(id=integration),
-        scope=scope,
-        context=pdp_pb2.RequestContext(connection=pdp_pb2.CONNECTION_STATE_ACTIVE),
+    """One tuple, built as the broker builds it (the client's `check_request`), connected."""
+    return client.check_request(
+        organization,
+        subject,
+        application,
+        integration,
+        scope,
+        subject_attributes={"groups": list(groups)},
+        connected=True,
     )
 
 
