@@ -7,12 +7,13 @@ only structure and time are checked: such a token can only ever deny, and its cl
 shown to policies.
 
 Claims are read strictly, whatever the mode, before anything uses them: the payload must be
-I-JSON (RFC 7493: no NaN or Infinity, no repeated member names, integers within 64 bits, finite
-numbers), nested at most `MAX_CLAIM_DEPTH` levels; NumericDate claims (`exp`, `nbf`, `iat`,
-RFC 7519 section 2) are numbers from 0 to the end of year 9999; `iss`, `sub` and `jti` are
-strings and `aud` a string or an array of strings (RFC 7519 section 4.1). A token that breaks
-any of these is refused with a reason naming the claim and what is wrong with it, so no claim
-value can make the time arithmetic, a cache expiry or a CEL condition fail later.
+I-JSON (RFC 7493: no NaN or Infinity, no repeated member names, no unpaired surrogates,
+integers within 64 bits, finite numbers), nested at most `MAX_CLAIM_DEPTH` levels; NumericDate
+claims (`exp`, `nbf`, `iat`, RFC 7519 section 2) are numbers from 0 to 9999-12-31T00:00:00Z;
+`iss`, `sub` and `jti` are strings and `aud` a string or an array of strings (RFC 7519 section
+4.1). A token that breaks any of these is refused with a reason naming the claim and what is
+wrong with it, so no claim value can make the time arithmetic, a cache expiry, a CEL condition
+or an answer's encoding fail later.
 
 Reasons say what failed; they never contain key material or the token.
 """
@@ -133,10 +134,26 @@ def _claim_name(path: tuple[str | int, ...]) -> str:
     return _shown(text, 60)
 
 
+def _is_unicode(text: str) -> bool:
+    """False for a string with an unpaired surrogate, which JSON escapes can make (RFC 7493
+    section 2.1) but UTF-8, and so protobuf and the audit log, cannot carry."""
+    if text.isascii():
+        return True
+    try:
+        text.encode()
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
 def _value_problem(value: Any, path: tuple[str | int, ...]) -> str | None:
     """What makes `value` (at `path` in the claims set) unacceptable, or None."""
     kind = type(value)
-    if kind is str or kind is bool or value is None:
+    if kind is str:
+        if _is_unicode(value):
+            return None
+        return f"claim {_claim_name(path)} holds an unpaired surrogate (RFC 7493 section 2.1)"
+    if kind is bool or value is None:
         return None
     if kind is int:
         if _INT64_MIN <= value <= _INT64_MAX:
@@ -154,6 +171,8 @@ def _value_problem(value: Any, path: tuple[str | int, ...]) -> str | None:
         return f"claim {_claim_name(path)} is nested more than {MAX_CLAIM_DEPTH} levels deep"
     items = value.items() if kind is dict else enumerate(value)
     for key, item in items:
+        if kind is dict and not _is_unicode(key):
+            return f"a member name in claim {_claim_name(path)} holds an unpaired surrogate"
         problem = _value_problem(item, (*path, key))
         if problem is not None:
             return problem
@@ -174,11 +193,17 @@ def parse_claims(payload: bytes) -> dict[str, Any]:
         )
     except _ClaimsError:
         raise
-    except (ValueError, RecursionError):
+    except RecursionError:
+        raise ValueError(
+            f"the claims set is nested more than {MAX_CLAIM_DEPTH} levels deep"
+        ) from None
+    except ValueError:
         raise ValueError("the claims set is not JSON") from None
     if not isinstance(claims, dict):
         raise ValueError("the claims set is not a JSON object")
     for name, value in claims.items():
+        if not _is_unicode(name):
+            raise ValueError("a claim name holds an unpaired surrogate (RFC 7493 section 2.1)")
         problem = _value_problem(value, (name,))
         if problem is not None:
             raise ValueError(problem)

@@ -9,7 +9,8 @@ from typing import Any
 
 import jwt
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
-from jwt.algorithms import ECAlgorithm, OKPAlgorithm, RSAAlgorithm
+from jwt.algorithms import ECAlgorithm, OKPAlgorithm, RSAAlgorithm, get_default_algorithms
+from jwt.utils import base64url_encode
 
 ISSUER = "https://idp.acme.test"
 AUDIENCE = "kontext-broker"
@@ -56,3 +57,15 @@ def claims(subject: str = "alice", *, lifetime: int = 600, **extra: Any) -> dict
         "exp": now + lifetime,
         **extra,
     }
+
+
+def raw_token(payload: str | bytes, key: SigningKey | None = None) -> str:
+    """A JWS whose payload is exactly `payload`: JSON that `jwt.encode` would never write (NaN,
+    1e400, 400-digit integers, repeated names). Signed with `key`, or unsigned (alg none)."""
+    data = payload.encode() if isinstance(payload, str) else payload
+    header = {"alg": key.algorithm, "kid": key.kid} if key else {"alg": "none"}
+    signing_input = base64url_encode(json.dumps(header).encode()) + b"." + base64url_encode(data)
+    signature = (
+        get_default_algorithms()[key.algorithm].sign(signing_input, key.private) if key else b""
+    )
+    return (signing_input + b"." + base64url_encode(signature)).decode()
