@@ -18,6 +18,7 @@ import argparse
 import contextlib
 import dataclasses
 import math
+import secrets
 import statistics
 import sys
 import tempfile
@@ -52,6 +53,7 @@ from policy_engine.bench.report import (
 from policy_engine.bench.server import (
     AUDIT_DIR,
     AUDIT_KEY,
+    CACHE_KEY_FILE,
     CLOSED_REDIS_URL,
     REDIS_URL,
     ServerError,
@@ -304,8 +306,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             CLOSED_REDIS_URL: f"redis://127.0.0.1:{free_port()}/0",
             AUDIT_DIR: str(Path(tmp) / "audit"),
             AUDIT_KEY: str(Path(tmp) / "audit.key"),
+            CACHE_KEY_FILE: str(Path(tmp) / "cache.key"),
         }
         generate_keypair(Path(tmp) / "audit.key", Path(tmp) / "audit.pub")
+        (Path(tmp) / "cache.key").write_text(secrets.token_hex(32) + "\n")
         redis_note = "not used"
         if any(row.server.needs_redis for row in rows):
             try:

@@ -57,10 +57,12 @@ def _empty_command(address: str, options: ServerOptions) -> list[str]:
 CommandBuilder = Callable[[str, ServerOptions], list[str]]
 
 # Placeholders a row's environment may use; the harness substitutes them when it starts the
-# server: its own redis-server's URL, a URL on which nothing listens (Redis down), and a
-# directory for audit files with a signing key made for the run.
+# server: its own redis-server's URL, a URL on which nothing listens (Redis down), the file
+# holding the run's random Redis signing key, and a directory for audit files with a signing
+# key made for the run.
 REDIS_URL = "{redis_url}"
 CLOSED_REDIS_URL = "{closed_redis_url}"
+CACHE_KEY_FILE = "{cache_key_file}"
 AUDIT_DIR = "{audit_dir}"
 AUDIT_KEY = "{audit_key}"
 

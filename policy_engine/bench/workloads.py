@@ -22,6 +22,7 @@ from policy_engine.bench.h2load import LoadShape
 from policy_engine.bench.server import (
     AUDIT_DIR,
     AUDIT_KEY,
+    CACHE_KEY_FILE,
     CLOSED_REDIS_URL,
     REDIS_URL,
     ServerSpec,
@@ -265,13 +266,15 @@ MODERATE = LoadShape(clients=1, streams=1)  # one request in flight: latency, no
 
 # Environment for the servers, by cache configuration. `{redis_url}` is the harness's own
 # redis-server (started only when a selected row needs it); `{closed_redis_url}` a port on
-# which nothing listens (Redis down).
+# which nothing listens (Redis down). The Redis level runs only with a signing key: the
+# harness writes a random one per run.
 CACHE_OFF = {"PDP_CACHE__ENABLED": "false"}
 LOCAL_ONLY = {"PDP_CACHE__ENABLED": "true", "PDP_CACHE__REDIS_URL": ""}
 REDIS_ONLY = {
     "PDP_CACHE__ENABLED": "true",
     "PDP_CACHE__LOCAL_MAX_ENTRIES": "0",
     "PDP_CACHE__REDIS_URL": REDIS_URL,
+    "PDP_CACHE__REDIS_SIGNING_KEY_FILE": CACHE_KEY_FILE,
 }
 REDIS_DOWN = {**REDIS_ONLY, "PDP_CACHE__REDIS_URL": CLOSED_REDIS_URL}
 # The audit log as deployed: a file per worker, signed checkpoints; rotation bounds the disk.

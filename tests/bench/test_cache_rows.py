@@ -6,20 +6,22 @@ from policy_engine.api import pdp_pb2
 from policy_engine.bench import workloads
 from policy_engine.bench.h2load import Latency
 from policy_engine.bench.report import RowResult, targets, targets_table
-from policy_engine.bench.server import CLOSED_REDIS_URL, REDIS_URL, ServerSpec
+from policy_engine.bench.server import CACHE_KEY_FILE, CLOSED_REDIS_URL, REDIS_URL, ServerSpec
 
 
 def test_redis_rows_get_the_harness_redis_url() -> None:
     spec = ServerSpec("policy", env=workloads.REDIS_ONLY)
     assert spec.needs_redis
-    env = spec.environment({REDIS_URL: "redis://127.0.0.1:1234/0"})
+    env = spec.environment({REDIS_URL: "redis://127.0.0.1:1234/0", CACHE_KEY_FILE: "/k"})
     assert env["PDP_CACHE__REDIS_URL"] == "redis://127.0.0.1:1234/0"
     assert env["PDP_CACHE__LOCAL_MAX_ENTRIES"] == "0"
+    assert env["PDP_CACHE__REDIS_SIGNING_KEY_FILE"] == "/k"  # the Redis level needs a key
     down = ServerSpec("policy", env=workloads.REDIS_DOWN)
     assert not down.needs_redis  # a closed port needs no server
     assert down.environment({CLOSED_REDIS_URL: "redis://x:1/0"})["PDP_CACHE__REDIS_URL"] == (
         "redis://x:1/0"
     )
+    assert down.env["PDP_CACHE__REDIS_SIGNING_KEY_FILE"] == CACHE_KEY_FILE
 
 
 def test_uncached_rows_run_with_the_cache_off() -> None:
