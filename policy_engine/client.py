@@ -9,6 +9,8 @@
 
 `check`/`check_batch` raise `grpc.RpcError`; `decide`/`decide_batch` never raise: any RPC failure
 is a DENY with reason `kontext_server_error`, so no error can ever turn into an allow.
+`check_request` carries every value exactly or raises `RequestValueError` naming it: the
+server must never decide on a value other than the one the broker holds.
 """
 
 from __future__ import annotations
@@ -173,10 +175,12 @@ def attributes_struct(values: Mapping[str, Any] | None, path: str) -> struct_pb2
     Raises `RequestValueError` naming the first value that does not fit: the server would
     otherwise see a different value (a rounded integer) or none at all.
     """
-    if not values:
+    if values is None:
         return None
     if not isinstance(values, Mapping):
         raise RequestValueError(path, f"must be a mapping, not {type(values).__name__}")
+    if not values:
+        return None
     struct = struct_pb2.Struct()
     _fill_struct(struct, values, path, 1)
     return struct
