@@ -89,7 +89,7 @@ def _parse_time(raw: str) -> datetime:
     return parsed if parsed.tzinfo else parsed.replace(tzinfo=UTC)
 
 
-# Which flag sets which part of the request, to name it in errors (longest prefix first).
+# Which flag sets which part of the request, to name it in errors (first matching prefix).
 _FLAGS_BY_FIELD = (
     ("subject.attributes", "--subject-attr"),
     ("application.attributes", "--application-attr"),
