@@ -205,7 +205,8 @@ def _parse_file(
                 LoadIssue(
                     path,
                     doc.line_of("kind"),
-                    f"'kind' must be {KIND_ORGANIZATION} or {KIND_POLICY}",
+                    f"'kind' must be {KIND_ORGANIZATION} or {KIND_POLICY}, not {kind!r} "
+                    "(keywords are spelled exactly so)",
                 )
             )
 

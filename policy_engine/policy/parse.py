@@ -85,7 +85,12 @@ class DocumentParser:
                 self.problem(doc.line, f"missing required field {key!r}", policy, rule)
             return default
         if not isinstance(value, str) or not value.strip():
-            self.problem(doc.line_of(key), f"{key!r} must be a non-empty string", policy, rule)
+            self.problem(
+                doc.line_of(key),
+                f"{key!r} must be a non-empty string{_as_written(value)}",
+                policy,
+                rule,
+            )
             return default
         return value
 
@@ -116,9 +121,16 @@ class DocumentParser:
                 )
             return default
         try:
-            return parse(str(raw))
+            if not isinstance(raw, str):
+                raise ValueError(raw)
+            return parse(raw)
         except ValueError:
-            self.problem(doc.line_of(key), f"{key} {raw!r} is not one of {choices}", policy, rule)
+            self.problem(
+                doc.line_of(key),
+                f"{key} {_shown(raw)} is not one of {choices} (keywords are spelled exactly so)",
+                policy,
+                rule,
+            )
             return default
 
     def _id_list(
@@ -144,7 +156,7 @@ class DocumentParser:
             if not isinstance(item, str) or not TARGET_PATTERN.match(item):
                 self.problem(
                     doc.value_lines.get(key, doc.line),
-                    f"{key}: {item!r} is not a valid ID or pattern",
+                    f"{key}: {_shown(item)} is not a valid ID or pattern{_as_written(item)}",
                     policy,
                     rule,
                 )
@@ -183,7 +195,11 @@ class DocumentParser:
             {"kind", "organization", "description", "defaults", "catalog", "tokens"},
             "Organization",
         )
-        name = doc.get("organization", folder_org)
+        name = (
+            self._string(doc, "organization", required=False, default=folder_org)
+            if "organization" in doc
+            else folder_org
+        )
         if name != folder_org:
             self.problem(
                 doc.line_of("organization"),
@@ -250,7 +266,9 @@ class DocumentParser:
             return None
         required, leeway = raw.get("required", False), raw.get("leeway_seconds", 30)
         if not isinstance(required, bool):
-            self.problem(raw.line_of("required"), "'required' must be true or false")
+            self.problem(
+                raw.line_of("required"), f"'required' must be true or false{_got(required)}"
+            )
             return None
         if isinstance(leeway, bool) or not isinstance(leeway, int) or not 0 <= leeway <= 300:
             self.problem(raw.line_of("leeway_seconds"), "'leeway_seconds' must be 0 to 300")
@@ -285,8 +303,15 @@ class DocumentParser:
             )
         cache = doc.get("cache", True)
         if not isinstance(cache, bool):
-            self.problem(doc.line_of("cache"), "'cache' must be true or false", name)
+            self.problem(doc.line_of("cache"), f"'cache' must be true or false{_got(cache)}", name)
             cache = True
+        description = doc.get("description", "")
+        if not isinstance(description, str):
+            self.problem(
+                doc.line_of("description"),
+                f"'description' must be text{_as_written(description)}",
+                name,
+            )
         raw_rules = doc.get("rules")
         if not isinstance(raw_rules, list) or not raw_rules:
             self.problem(doc.line_of("rules"), "'rules' must be a non-empty list", name)
@@ -311,7 +336,7 @@ class DocumentParser:
         return Policy(
             name=name,
             layer=layer,
-            description=str(doc.get("description", "")),
+            description=description if isinstance(description, str) else "",
             target=target,
             rules=tuple(rules),
             position=self._position(doc),
@@ -330,7 +355,7 @@ class DocumentParser:
         if condition is not None and (not isinstance(condition, str) or not condition.strip()):
             self.problem(
                 doc.line_of("condition"),
-                "'condition' must be a CEL expression string",
+                f"'condition' must be a CEL expression string{_as_written(condition)}",
                 policy,
                 name,
             )
@@ -352,7 +377,12 @@ class DocumentParser:
             self.problem(doc.line_of("code"), "only deny rules carry a code", policy, name)
         message = doc.get("message", "")
         if not isinstance(message, str):
-            self.problem(doc.line_of("message"), "'message' must be a string", policy, name)
+            self.problem(
+                doc.line_of("message"),
+                f"'message' must be a string{_as_written(message)}",
+                policy,
+                name,
+            )
             message = ""
         if effect is None or not name:
             return None
@@ -376,16 +406,51 @@ class DocumentParser:
 _OWNER_DIMENSION = {Layer.USER: "subjects", Layer.APPLICATION: "applications"}
 
 
+# Keywords are matched exactly as documented: one spelling each, no case folding.
+EFFECT_KEYWORDS: dict[str, Effect] = {"allow": Effect.ALLOW, "deny": Effect.DENY}
+LAYER_KEYWORDS: dict[str, Layer] = {layer.value: layer for layer in POLICY_LAYERS}
+
+
 def _code(raw: str) -> ErrorCode:
-    return ErrorCode(raw if raw.startswith("kontext_") else f"kontext_{raw}")
+    return ErrorCode(raw)
 
 
 def _effect(raw: str) -> Effect:
-    return Effect(raw.upper())
+    return EFFECT_KEYWORDS[raw] if raw in EFFECT_KEYWORDS else _refuse(raw)
 
 
 def _layer(raw: str) -> Layer:
-    layer = Layer(raw.lower())
-    if layer not in POLICY_LAYERS:
-        raise ValueError(raw)
-    return layer
+    return LAYER_KEYWORDS[raw] if raw in LAYER_KEYWORDS else _refuse(raw)
+
+
+def _refuse(raw: str) -> Any:
+    raise ValueError(raw)
+
+
+def _shown(value: Any) -> str:
+    """A value as the operator wrote it: the strict YAML reader types only `true`, `false`,
+    `null` and plain decimal integers, whose text is exactly this."""
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if value is None:
+        return "null"
+    if isinstance(value, int):
+        return str(value)
+    if isinstance(value, str):
+        return repr(value)
+    return "a list" if isinstance(value, list) else "a mapping"
+
+
+def _as_written(value: Any) -> str:
+    """For a field that wants text: how a plain scalar was read, and how to write it as text."""
+    if isinstance(value, bool | int) or value is None:
+        kind = "a boolean" if isinstance(value, bool) else "null" if value is None else "a number"
+        text = _shown(value)
+        return f" (`{text}` is read as {kind}: write '{text}' in quotes)"
+    if isinstance(value, list | dict):
+        return f", not {_shown(value)}"
+    return ""
+
+
+def _got(value: Any) -> str:
+    return f", not {_shown(value)}"
