@@ -203,3 +203,37 @@ def test_the_filter_passes_policy_files_and_folders_only(
 def test_the_filter_passes_a_new_folder(tmp_path: Path) -> None:
     (tmp_path / "globex").mkdir()
     assert PolicyChangeFilter(tmp_path)(str(tmp_path / "globex"))
+
+
+def _kubernetes_version(volume: Path, name: str, text: str) -> None:
+    """A ConfigMap volume's version folder, as the kubelet writes it (hidden, complete)."""
+    write_policy_dir(volume / name, text)
+
+
+def _kubernetes_publish(volume: Path, name: str) -> None:
+    """The kubelet's switch: a new `..data` link renamed over the old one."""
+    staged = volume / "..data_tmp"
+    staged.symlink_to(name)
+    os.replace(staged, volume / "..data")
+
+
+def test_a_kubernetes_configmap_update_is_applied_each_time(tmp_path: Path) -> None:
+    volume = tmp_path / "volume"
+    volume.mkdir()
+    _kubernetes_version(volume, "..v1", VERSION_A)
+    _kubernetes_publish(volume, "..v1")
+    (volume / "acme").symlink_to("..data/acme")  # the projected entry, stable across updates
+    store = PolicyStore(DirectoryBackend(volume))
+    assert store.reload("startup") is ReloadResult.LOADED
+    reloader = PolicyReloader(store, watch=True, debounce_ms=50)
+    reloader.start()
+    try:
+        wait_for(lambda: store.status().attempts >= 2, what="the watch to be established")
+        for index, text in enumerate([VERSION_B, VERSION_C, VERSION_A], start=2):
+            _kubernetes_version(volume, f"..v{index}", text)
+            _kubernetes_publish(volume, f"..v{index}")
+            shutil.rmtree(volume / f"..v{index - 1}")  # the kubelet removes the old version
+            revision = _revision_of(tmp_path, text)
+            wait_for(lambda r=revision: _serves(store, r), what=f"version {index}")
+    finally:
+        reloader.stop()
