@@ -4,6 +4,9 @@ This runs on every request, so it reads fields directly (no json_format round tr
 enum and code mappings in module-level dicts, and never raises on a well-formed message:
 anything it cannot represent faithfully becomes a `kontext_validation_error` reason instead,
 so the request is denied with the offending field named rather than failing the RPC.
+
+`pdp eval` decodes its dry run through this same `RequestConverter` (from the bytes of a
+request built by the broker's `check_request`), so the CLI and the server see identical values.
 """
 
 from __future__ import annotations
