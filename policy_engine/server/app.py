@@ -2,9 +2,11 @@
 
 One Python process decides on one core at a time (the GIL), so `--workers N` runs N
 independent server processes bound to the same port with SO_REUSEPORT and lets the kernel
-spread connections across them. Each worker runs its own policy store and watcher, exactly as
-separate replicas would; the supervisor forwards SIGTERM/SIGINT/SIGHUP and serves the
-workers' aggregated metrics.
+spread connections across them. Only its own workers share a port: a lone process never sets
+SO_REUSEPORT, and a supervisor reserves its ports before spawning (`ports.py`), so a second
+server on a port in use fails at startup with an error naming the address. Each worker runs
+its own policy store and watcher, exactly as separate replicas would; the supervisor forwards
+SIGTERM/SIGINT/SIGHUP and serves the workers' aggregated metrics.
 
 Bad policies never stop the server: it starts NOT_SERVING and denies every Check with
 kontext_server_error until a valid set loads (`pdp validate` is the deploy-time gate).
@@ -44,6 +46,7 @@ from policy_engine.server.metrics_http import (
     start_metrics,
     start_multiprocess_metrics,
 )
+from policy_engine.server.ports import Reservation, reserve, reuse_port
 from policy_engine.server.security import interceptors, server_credentials
 from policy_engine.server.service import SERVICE_NAME, PolicyDecisionServicer
 from policy_engine.server.status import STATUS_SERVICE_NAME, PolicyStatusServicer
@@ -90,8 +93,9 @@ def build_server(
         options=[
             ("grpc.max_receive_message_length", max_bytes),
             ("grpc.max_send_message_length", max_bytes),
-            # Lets `--workers N` processes bind the same port; the kernel balances between them.
-            ("grpc.so_reuseport", 1),
+            # Only `--workers N` processes share a port (the kernel balances between them);
+            # their supervisor has reserved it against any other server (see ports.py).
+            ("grpc.so_reuseport", reuse_port(settings.workers)),
         ],
         interceptors=interceptors(settings.caller_auth),
     )
@@ -207,7 +211,14 @@ def serve_mode(settings: Settings, mode: Mode) -> None:
         _explicit_port(settings.address, "address")
         if settings.health_address:
             _explicit_port(settings.health_address, "health_address")
-        code = _supervise(settings, mode)
+        reservation = Reservation()
+        try:
+            reserve(settings.address, "address", reservation)
+            if settings.health_address:
+                reserve(settings.health_address, "health_address", reservation)
+            code = _supervise(settings, mode)
+        finally:
+            reservation.close()
     if code:
         raise SystemExit(code)
 
@@ -297,7 +308,7 @@ def _with_health_port(running: RunningServer, settings: Settings) -> RunningServ
         return running
     server = grpc.server(
         ThreadPoolExecutor(max_workers=2, thread_name_prefix="pdp-health"),
-        options=[("grpc.so_reuseport", 1)],
+        options=[("grpc.so_reuseport", reuse_port(settings.workers))],
     )
     health_pb2_grpc.add_HealthServicer_to_server(running.health, server)
     try:
@@ -374,9 +385,10 @@ def _optional_metrics(
     start: Callable[[str], MetricsEndpoint | None], address: str
 ) -> MetricsEndpoint | None:
     """Metrics are for operators, decisions are for the broker: a taken metrics port is logged
-    and the server runs without the endpoint rather than refusing to decide. (With
-    SO_REUSEPORT two instances may share the gRPC port on one host during a restart; they
-    cannot share the metrics port.) A malformed address still fails at startup."""
+    and the server runs without the endpoint rather than refusing to decide (two servers on
+    one host on different gRPC ports may well both default to one metrics port). The metrics
+    listener never sets SO_REUSEPORT, so it is never shared. A malformed address still fails
+    at startup."""
     try:
         return start(address)
     except MetricsBindError as exc:

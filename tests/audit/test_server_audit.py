@@ -31,6 +31,7 @@ from policy_engine.config import AuditSettings, CacheSettings, ReloadSettings, S
 from policy_engine.server.app import RunningServer, start_server
 from policy_engine.server.recording import CACHE_LEVEL_LABELS as LEVELS
 from tests.audit.support import TOKEN, jsonl, read_records, text_client
+from tests.cache.support import KEY as CACHE_KEY
 from tests.cache.support import tuple_request
 from tests.server.harness import DOCS, EXAMPLE_POLICIES
 
@@ -63,7 +64,9 @@ def _settings(tmp_path: Path, redis_server: RedisServer, stream: str, **audit: A
         docs_base_url=DOCS,
         metrics_address="",
         reload=ReloadSettings(watch=False),
-        cache=CacheSettings(redis_url=redis_server.url, redis_timeout_ms=500),
+        cache=CacheSettings(
+            redis_url=redis_server.url, redis_signing_key=CACHE_KEY, redis_timeout_ms=500
+        ),
         audit=AuditSettings(
             enabled=True,
             sinks="file,redis",
@@ -226,7 +229,9 @@ def test_a_cache_hit_is_recorded_with_its_level_and_the_original_rules(
 ) -> None:
     settings = _settings(tmp_path, shared_redis, f"audit-{uuid.uuid4().hex}")
     if level == "redis":
-        cache = CacheSettings(redis_url=shared_redis.url, local_max_entries=0)
+        cache = CacheSettings(
+            redis_url=shared_redis.url, redis_signing_key=CACHE_KEY, local_max_entries=0
+        )
         settings = settings.replace(cache=cache)
     with _serving(settings) as (running, channel):
         stub = pdp_pb2_grpc.PolicyDecisionServiceStub(channel)

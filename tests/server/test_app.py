@@ -213,29 +213,37 @@ def test_serve_answers_and_stops_on_sigterm(tmp_path: Path, entry: str, workers:
 
 
 def test_workers_that_cannot_bind_make_serve_exit_non_zero(tmp_path: Path) -> None:
-    # A plain listener (no SO_REUSEPORT) holds the port: every worker fails to bind.
+    # A plain listener holds the port: the supervisor refuses before spawning any worker.
+    env = {**os.environ, "PYTHONPATH": str(REPO), "PDP_METRICS_ADDRESS": ""}
+    serve_command = [sys.executable, "-m", "policy_engine.cli.main", "serve", "--workers", "2"]
+    serve_command += ["--policies", str(EXAMPLE_POLICIES)]
     with socket.socket() as holder:
         holder.bind(("127.0.0.1", 0))
         holder.listen()
         port = holder.getsockname()[1]
-        code = textwrap.dedent(
-            f"""
-            from pathlib import Path
-            from policy_engine.config import Settings
-            from policy_engine.server.app import serve
-            serve(Settings(address="127.0.0.1:{port}", workers=2,
-                           policy_dir=Path({str(EXAMPLE_POLICIES)!r})))
-            """
-        )
-        env = {**os.environ, "PYTHONPATH": str(REPO)}
         done = subprocess.run(
-            [sys.executable, "-c", code],
+            [*serve_command, "--address", f"127.0.0.1:{port}"],
             cwd=REPO,
             env=env,
             capture_output=True,
             text=True,
             timeout=60,
         )
-    assert done.returncode != 0
-    assert "cannot bind" in done.stderr
+    assert done.returncode == 2
+    assert f"address 127.0.0.1:{port}: cannot bind" in done.stderr
+    assert "Traceback" not in done.stderr
+    assert "pdp-worker" not in done.stderr  # none was started
+
+    # A worker that fails on its own (here: its TLS files) stops the rest; non-zero exit.
+    env["PDP_TLS__CERT_FILE"] = env["PDP_TLS__KEY_FILE"] = str(tmp_path / "missing.pem")
+    done = subprocess.run(
+        [*serve_command, "--address", f"127.0.0.1:{_free_port()}"],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert done.returncode == 1
+    assert "tls.key_file" in done.stderr, done.stderr
     assert "Traceback" not in done.stderr

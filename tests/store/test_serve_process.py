@@ -65,7 +65,9 @@ def test_redis_url_flag_shares_decisions_through_redis(
 ) -> None:
     root = write_policy_dir(tmp_path / "policies", ALLOW_REPO)
     url = f"redis://127.0.0.1:{redis_server.port}/0"
-    env = {"PDP_METRICS_ADDRESS": ""}
+    key_file = tmp_path / "cache.key"
+    key_file.write_text("5e1f" * 16 + "\n")  # the Redis level runs only with a signing key
+    env = {"PDP_METRICS_ADDRESS": "", "PDP_CACHE__REDIS_SIGNING_KEY_FILE": str(key_file)}
     args = ("--redis-url", url)
     with serve_process(tmp_path, root, workers=1, env=env, args=args) as (_, port, _):
         assert _check(port).effect == pdp_pb2.EFFECT_ALLOW
