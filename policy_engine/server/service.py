@@ -4,6 +4,9 @@ Every answer is ALLOW or DENY. A request the engine cannot decide (a bug, a poli
 that fails) is answered DENY with `kontext_server_error` rather than an RPC failure, so the
 broker always gets a usable reason; the exception goes to the server log, never to the client.
 Only a malformed request fails the RPC, with INVALID_ARGUMENT naming the offending fields.
+While no valid policy set is loaded (a startup whose policies do not load), every request is
+denied with a reason that says so, and the log says it once when that state begins and once
+when it ends (a set loaded), never once per request; so does any other failing policy source.
 
 The cache (`policy_engine.cache`) is consulted before any conversion: a hit is answered from
 the stored response bytes without building domain objects or touching the engine. Only plain
@@ -21,8 +24,10 @@ audit writer's thread, off the request path.
 from __future__ import annotations
 
 import logging
+import threading
 import time
 from collections.abc import Callable
+from dataclasses import replace
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any, NoReturn
 
@@ -53,6 +58,7 @@ from policy_engine.server.convert import (
 )
 from policy_engine.server.errors import invalid_argument
 from policy_engine.server.recording import CACHE_LEVEL_LABELS, DecisionRecorder
+from policy_engine.store.store import NoPolicyLoaded
 
 if TYPE_CHECKING:
     from policy_engine.policy import CompiledPolicySet
@@ -67,6 +73,10 @@ Clock = Callable[[], datetime]
 SERVICE_NAME = pdp_pb2.DESCRIPTOR.services_by_name["PolicyDecisionService"].full_name
 
 SERVER_ERROR_MESSAGE = "the policy decision point could not decide this request; denied"
+NO_POLICY_SET_MESSAGE = (
+    "no valid policy set is loaded, so the policy decision point denies every request "
+    "until one loads"
+)
 
 _NONE = pdp_pb2.CACHE_LEVEL_NONE
 _EFFECT_NUMBERS = {Effect.ALLOW: pdp_pb2.EFFECT_ALLOW, Effect.DENY: pdp_pb2.EFFECT_DENY}
@@ -139,8 +149,19 @@ class PolicyDecisionServicer(pdp_pb2_grpc.PolicyDecisionServiceServicer):
                 message=SERVER_ERROR_MESSAGE,
             ),
         )
+        self._no_policy_reasons = (
+            replace(
+                self._server_error_reasons[0],
+                rule="policy-set-loaded",
+                message=NO_POLICY_SET_MESSAGE,
+            ),
+        )
         # The last-resort answer, built now so that producing it cannot fail later.
         self._server_error_reason_pb = self._responses.reason(self._server_error_reasons[0])
+        # What is wrong with the policy source (its exception type), None while it works:
+        # logged when it changes, so a server without policies does not log every request.
+        self._source_problem: type[BaseException] | None = None
+        self._source_lock = threading.Lock()
         self._owns_cache = cache is _UNSET
         if cache is _UNSET:
             cache = build_cache(
@@ -177,8 +198,8 @@ class PolicyDecisionServicer(pdp_pb2_grpc.PolicyDecisionServiceServicer):
     ) -> pdp_pb2.CheckResponse:
         started = time.perf_counter()
         snapshot = self._snapshot()
-        if snapshot is None:
-            decision = self._server_error("")
+        if isinstance(snapshot, Decision):
+            decision = snapshot
             resp = self._respond(decision, request)
             self._count(resp.effect, ErrorCode.SERVER_ERROR.value)
             if self._recorder is not None:
@@ -268,8 +289,8 @@ class PolicyDecisionServicer(pdp_pb2_grpc.PolicyDecisionServiceServicer):
         snapshot = self._snapshot()
         respond = self._respond
         level = "none"
-        if snapshot is None:
-            decision = self._server_error("")
+        if isinstance(snapshot, Decision):
+            decision = snapshot
             response = pdp_pb2.CheckBatchResponse(results=[respond(decision, i) for i in items])
             self._count(pdp_pb2.EFFECT_DENY, ErrorCode.SERVER_ERROR.value, count)
             if self._recorder is not None:
@@ -427,17 +448,45 @@ class PolicyDecisionServicer(pdp_pb2_grpc.PolicyDecisionServiceServicer):
 
     # --- helpers -------------------------------------------------------------------------------
 
-    def _snapshot(self) -> tuple[CompiledPolicySet, datetime | None, float] | None:
-        """The policy set and the time (a datetime only when the clock was injected)."""
+    def _snapshot(self) -> tuple[CompiledPolicySet, datetime | None, float] | Decision:
+        """The policy set and the time (a datetime only when the clock was injected), or the
+        deny to answer when either cannot be had."""
         try:
             policies = self._source()
             if self._fast_clock:
-                return policies, None, time.time()
-            now = self._clock()
-            return policies, now, now.timestamp()
-        except Exception:
-            log.exception("policy source or clock failed; answering deny")
-            return None
+                snapshot = policies, None, time.time()
+            else:
+                now = self._clock()
+                snapshot = policies, now, now.timestamp()
+        except NoPolicyLoaded as exc:
+            self._source_state(exc)
+            return self._server_error("", self._no_policy_reasons)
+        except Exception as exc:
+            self._source_state(exc)
+            return self._server_error("")
+        if self._source_problem is not None:
+            self._source_state(None, policies)
+        return snapshot
+
+    def _source_state(
+        self, exc: Exception | None, policies: CompiledPolicySet | None = None
+    ) -> None:
+        """Logs the policy source's state when it changes: failing (how), or working again."""
+        problem = None if exc is None else type(exc)
+        with self._source_lock:
+            if problem is self._source_problem:
+                return
+            self._source_problem = problem
+        if isinstance(exc, NoPolicyLoaded):  # a state, not a bug: no traceback
+            log.error("every request is denied until a valid policy set loads (%s)", exc)
+        elif exc is not None:
+            log.error(
+                "policy source or clock failed; denying every request until it recovers",
+                exc_info=exc,
+            )
+        else:
+            revision = getattr(policies, "revision", "")
+            log.info("policy set %s is loaded; deciding requests again", revision)
 
     def _store_and_respond(
         self, key: str, decision: Decision, request_id: str, now_ts: float
@@ -510,10 +559,10 @@ class PolicyDecisionServicer(pdp_pb2_grpc.PolicyDecisionServiceServicer):
                 request_id=msg.request_id,
             )
 
-    def _server_error(self, revision: str) -> Decision:
+    def _server_error(self, revision: str, reasons: tuple[Reason, ...] | None = None) -> Decision:
         return Decision(
             effect=Effect.DENY,
-            reasons=self._server_error_reasons,
+            reasons=reasons or self._server_error_reasons,
             revision=revision,
             cacheable=False,
         )
