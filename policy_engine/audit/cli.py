@@ -1,7 +1,17 @@
 """`pdp audit keygen | verify | tail`: the audit log's commands, added to the `pdp` parser.
 
-Exit codes: 0 when the command did its job (for `verify`: the files are intact); 1 when
-`verify` found tampering; 2 for bad flags, missing files or unusable keys.
+Exit codes (`verify` gives the first that applies, see `policy_engine.audit.verify`):
+
+* 0: the command did its job; for `verify`, OK: intact, complete, from each stream's start
+  to its final checkpoint, with no record missing.
+* 1: `verify` found tampering (TAMPERED).
+* 2: bad flags, missing files, unusable keys, an unreachable Redis.
+* 3: `verify`: INCOMPLETE: intact, but records are known to be missing (the writer's
+  `dropped` records, a Redis Stream reset under the writer, a stream without its final
+  checkpoint: writer killed or end cut).
+* 4: `verify`: PARTIAL: intact and complete from where the input begins, but the beginning of
+  a stream is not in it (older rotated files not given or deleted by file_keep, a Redis Stream
+  trimmed by MAXLEN).
 """
 
 from __future__ import annotations
@@ -11,13 +21,21 @@ import sys
 from pathlib import Path
 
 from policy_engine.audit.keys import KeyFileError, generate_keypair, load_public_key
-from policy_engine.audit.tail import Filters, run_tail
-from policy_engine.audit.verify import verify_files
+from policy_engine.audit.tail import Filters, is_redis_source, run_tail
+from policy_engine.audit.verify import Report, verify_files, verify_redis
 from policy_engine.config import AuditSettings
 
 EXIT_OK = 0
 EXIT_TAMPERED = 1
 EXIT_USAGE = 2
+EXIT_INCOMPLETE = 3
+EXIT_PARTIAL = 4
+VERDICT_EXIT = {
+    "OK": EXIT_OK,
+    "TAMPERED": EXIT_TAMPERED,
+    "INCOMPLETE": EXIT_INCOMPLETE,
+    "PARTIAL": EXIT_PARTIAL,
+}
 
 
 def _error(message: str) -> int:
@@ -37,7 +55,11 @@ def cmd_keygen(args: argparse.Namespace) -> int:
 def cmd_verify(args: argparse.Namespace) -> int:
     if args.public_key is None and not args.chain_only:
         return _error("--public-key KEY is required (or --chain-only to skip signatures)")
-    paths = [Path(p) for p in args.files]
+    sources: list[str] = args.files
+    redis_sources = [s for s in sources if is_redis_source(s)]
+    if redis_sources and len(sources) > 1:
+        return _error("give one redis:// URL, or files (not both, not several URLs)")
+    paths = [Path(p) for p in sources] if not redis_sources else []
     missing = [str(p) for p in paths if not p.is_file()]
     if missing:
         return _error(f"no such file: {', '.join(missing)}")
@@ -45,9 +67,18 @@ def cmd_verify(args: argparse.Namespace) -> int:
         key = load_public_key(Path(args.public_key)) if args.public_key else None
     except KeyFileError as exc:
         return _error(str(exc))
-    report = verify_files(paths, key, allow_partial=args.partial)
+    report: Report
+    if redis_sources:
+        try:
+            report = verify_redis(
+                redis_sources[0], args.stream, key, allow_partial=args.partial, live=args.live
+            )
+        except Exception as exc:  # redis errors: say what, not a traceback
+            return _error(f"{type(exc).__name__}: {exc}")
+    else:
+        report = verify_files(paths, key, allow_partial=args.partial, live=args.live)
     print(report.render())
-    return EXIT_OK if report.ok else EXIT_TAMPERED
+    return VERDICT_EXIT[report.verdict]
 
 
 def cmd_tail(args: argparse.Namespace) -> int:
@@ -94,9 +125,16 @@ def add_audit_commands(commands: argparse._SubParsersAction) -> None:  # type: i
     keygen.set_defaults(handler=cmd_keygen)
 
     verify = sub.add_parser(
-        "verify", help="check audit files (oldest first) for edits, deletions, reordering"
+        "verify",
+        help="check audit files (oldest first) or a Redis Stream for edits, deletions, "
+        "reordering and missing records (exit 0 OK, 1 TAMPERED, 3 INCOMPLETE, 4 PARTIAL)",
     )
-    verify.add_argument("files", nargs="+", metavar="FILE")
+    verify.add_argument("files", nargs="+", metavar="FILE|redis://HOST:PORT/DB")
+    verify.add_argument(
+        "--stream",
+        default=AuditSettings().redis_stream,
+        help="Redis Stream key, with a redis:// source (default %(default)s)",
+    )
     verify.add_argument("--public-key", metavar="KEY", help="PEM Ed25519 public key")
     verify.add_argument(
         "--chain-only", action="store_true", help="check hashes only, not signatures"
@@ -104,7 +142,14 @@ def add_audit_commands(commands: argparse._SubParsersAction) -> None:  # type: i
     verify.add_argument(
         "--partial",
         action="store_true",
-        help="accept streams that begin mid-chain (an excerpt, a trimmed Redis Stream)",
+        help="accept streams that begin mid-chain (an excerpt, a trimmed Redis Stream) as "
+        "PARTIAL (exit 4) rather than TAMPERED",
+    )
+    verify.add_argument(
+        "--live",
+        action="store_true",
+        help="the log is still being written: accept streams without a final checkpoint "
+        "(unless a later segment shows their writer restarted)",
     )
     verify.set_defaults(handler=cmd_verify)
 

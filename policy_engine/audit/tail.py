@@ -4,6 +4,12 @@ Files are followed like `tail -F`: when the writer rotates, the old file is read
 and the new file from its start. Redis Streams are followed with XREAD BLOCK from the current
 end (or from the beginning with --from-start). `--once` reads what is there and exits;
 `--count N` exits after N matching records.
+
+Records missing from what is read are reported on standard error, never passed over in
+silence: a stream's seq that jumps (records deleted, or trimmed before they were read), a
+stream that begins mid-chain when reading from the start (a trimmed head), the writer's own
+`dropped` records (decisions not recorded, a stream reset under the writer), and a Redis
+Stream deleted or replaced while it is followed (then read again from its new start).
 """
 
 from __future__ import annotations
@@ -11,6 +17,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import sys
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -22,7 +29,9 @@ import redis
 from policy_engine.audit.record import decision_codes
 from policy_engine.audit.sinks.base import parse_record
 from policy_engine.audit.sinks.file import rotated_files
-from policy_engine.audit.sinks.redis import RECORD_FIELD
+from policy_engine.audit.sinks.redis import RECORD_FIELD, entry_id
+
+_MAX_STREAMS = 10_000  # chain segments whose last seq is remembered for gap reports
 
 _C1 = re.compile("[\x7f-\x9f]")
 _CONTROL = {c: f"\\x{c:02x}" for c in (*range(0x20), *range(0x7F, 0xA0))}
@@ -76,6 +85,49 @@ class Filters:
         return True
 
 
+class GapWatch:
+    """Notices records missing from what is read and says so through `warn` (one line each)."""
+
+    def __init__(self, warn: Callable[[str], None], *, from_start: bool) -> None:
+        self._warn = warn
+        self._from_start = from_start
+        self._last: dict[str, int] = {}
+
+    def see(self, record: dict[str, Any]) -> None:
+        stream, seq, kind = record.get("stream"), record.get("seq"), record.get("type")
+        if not isinstance(stream, str) or not isinstance(seq, int) or isinstance(seq, bool):
+            return
+        name = _safe(stream[:12])
+        last = self._last.pop(stream, None)
+        if last is None:
+            if self._from_start and seq > 1 and kind not in ("stream_start", "file_start"):
+                self._warn(
+                    f"gap: stream {name} begins at seq {seq}: seq 1-{seq - 1} are not in the "
+                    "source (trimmed or removed)"
+                )
+        elif seq > last + 1:
+            missing = f"seq {last + 1}" if seq == last + 2 else f"seq {last + 1}-{seq - 1}"
+            self._warn(f"gap: stream {name}: {missing} missing (deleted, or trimmed unread)")
+        elif seq <= last:
+            self._warn(f"gap: stream {name}: seq {seq} after seq {last} (out of order)")
+        self._last[stream] = seq if last is None else max(last, seq)
+        if len(self._last) > _MAX_STREAMS:
+            del self._last[next(iter(self._last))]
+        if kind == "dropped":
+            self._warn(_safe(f"gap: stream {stream[:12]} seq {seq}: {_dropped_text(record)}"))
+
+
+def _dropped_text(record: dict[str, Any]) -> str:
+    reason = record.get("reason")
+    if reason in ("stream_reset", "stream_trimmed"):
+        what = "deleted or replaced" if reason == "stream_reset" else "trimmed"
+        return (
+            f"the writer found the stream {what} under it: seq 1-"
+            f"{record.get('removed_through_seq')} are no longer in it"
+        )
+    return f"{record.get('count')} decision(s) not recorded ({reason})"
+
+
 def _safe(value: Any) -> str:
     """Text for a terminal: control characters from requests are shown escaped, never run."""
     return str(value).translate(_CONTROL)
@@ -100,7 +152,7 @@ def format_human(record: dict[str, Any]) -> str:
                 f" key {record.get('key_id')}{' final' if record.get('final') else ''}"
             )
         elif kind == "dropped":
-            detail = f" {record.get('count')} decision(s) not recorded ({record.get('reason')})"
+            detail = f" {_dropped_text(record)}"
         elif kind == "stream_start":
             detail = f" stream {str(record.get('stream'))[:12]} by {record.get('instance')}"
         return _safe(f"{when} -- {kind} #{seq}{detail}")
@@ -205,9 +257,20 @@ def _open_when_present(path: Path, poll: float) -> Any:
 
 
 def follow_redis(
-    url: str, stream: str, *, from_start: bool, once: bool, block_ms: int = 1000
+    url: str,
+    stream: str,
+    *,
+    from_start: bool,
+    once: bool,
+    block_ms: int = 1000,
+    warn: Callable[[str], None] | None = None,
 ) -> Iterator[str]:
-    """Records of a Redis Stream: what is there (--once), or new ones as they arrive."""
+    """Records of a Redis Stream: what is there (--once), or new ones as they arrive.
+
+    While following, a stream deleted or replaced under the reader (its `entries-added` went
+    back, or its last ID is below the last one read) is reported through `warn` and read again
+    from its start, so records added with lower IDs are not missed.
+    """
     client = redis.Redis.from_url(url)
     try:
         if once:
@@ -225,14 +288,34 @@ def follow_redis(
         else:
             newest = client.xrevrange(stream, count=1)
             last_id = newest[0][0] if newest else "0-0"
+        added, _ = _stream_state(client, stream)
         while True:
             response = client.xread({stream: last_id}, block=block_ms, count=500)
             for _, entries in response or []:
-                for entry_id, fields in entries:
-                    last_id = entry_id
+                for entry, fields in entries:
+                    last_id = entry
                     yield _field(fields)
+            now_added, newest = _stream_state(client, stream)
+            if now_added < added or newest < entry_id(last_id):
+                if warn is not None:
+                    warn(
+                        f"gap: Redis Stream {_safe(stream)} was deleted or replaced while it "
+                        "was read; reading it again from its start"
+                    )
+                last_id = "0-0"
+            added = now_added
     finally:
         client.close()
+
+
+def _stream_state(client: redis.Redis, stream: str) -> tuple[int, tuple[int, int]]:
+    """(entries-added, last-generated-id) from XINFO STREAM; (0, (0, 0)) when it is gone."""
+    try:
+        info = client.xinfo_stream(stream)
+    except redis.ResponseError:  # no such key
+        return 0, (0, 0)
+    newest = info.get("last-generated-id")
+    return int(info.get("entries-added") or 0), entry_id(newest) if newest else (0, 0)
 
 
 def _field(fields: dict[Any, Any]) -> str:
@@ -255,17 +338,30 @@ def run_tail(
     count: int | None = None,
     out: TextIO,
     stop: Callable[[], bool] | None = None,
+    err: TextIO | None = None,
 ) -> int:
-    """Print matching records; returns how many were printed."""
+    """Print matching records to `out`; returns how many were printed.
+
+    Missing records (see `GapWatch`) are reported on `err` (standard error when None) as
+    `pdp audit tail: gap: ...` lines, whatever the filters.
+    """
+
+    def warn(message: str) -> None:
+        stream_ = err if err is not None else sys.stderr
+        stream_.write(f"pdp audit tail: {message}\n")
+        stream_.flush()
+
     if is_redis_source(source):
-        lines = follow_redis(source, stream, from_start=from_start, once=once)
+        lines = follow_redis(source, stream, from_start=from_start, once=once, warn=warn)
     else:
         lines = follow_file(Path(source), from_start=from_start, once=once)
+    watch = GapWatch(warn, from_start=from_start or once)
     printed = 0
     for line in lines:
         record = parse_record(line)
         if record is None:
             continue
+        watch.see(record)
         if filters.matches(record):
             out.write((_json_line(line, record) if json_output else format_human(record)) + "\n")
             out.flush()

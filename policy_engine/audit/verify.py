@@ -169,8 +169,7 @@ class Report:
             )
         else:
             lines.append(
-                f"PARTIAL: {len(self.partial)} stream(s) begin after the start of the log; "
-                f"{counts}"
+                f"PARTIAL: {len(self.partial)} stream(s) begin after the start of the log; {counts}"
             )
         lines.extend(f"FAIL {p}" for p in self.problems)
         lines.extend(f"MISSING {g}" for g in self.incomplete)

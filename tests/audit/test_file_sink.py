@@ -39,10 +39,12 @@ def test_rotation_keeps_k_files_and_each_file_is_sealed(tmp_path: Path) -> None:
         assert old.stat().st_size < 20_000 + 4_000  # at most one record and a checkpoint over
     assert json.loads(path.read_text().splitlines()[0])["type"] == "file_start"
 
-    # The kept files verify together, oldest first: the deleted ones are simply not there.
+    # The kept files verify together, oldest first; the deleted ones are not there, so the
+    # log is PARTIAL (intact from where it begins), never OK.
     report = verify_files([*rotated, path], load_public_key(public))
-    assert report.ok, report.render()
-    assert any("earlier records are in files not given" in note for note in report.notes)
+    assert report.ok and report.verdict == "PARTIAL", report.render()
+    assert [g.kind for g in report.gaps] == ["head_missing"]
+    assert "in files not given (or deleted by file_keep)" in report.gaps[0].message
     # The chain runs on across files: no seq restarts, no gaps.
     seqs = [r["seq"] for r in read_records(*rotated, path)]
     assert seqs == list(range(seqs[0], seqs[0] + len(seqs)))
@@ -62,7 +64,7 @@ def test_all_files_verify_when_none_was_deleted(tmp_path: Path) -> None:
     files = [*rotated_files(path), path]
     assert len(files) > 3
     report = verify_files(files, load_public_key(public))
-    assert report.ok and report.records == 100, report.render()
+    assert report.verdict == "OK" and report.records == 100, report.render()
     # Dropping a whole rotated file from the middle shows as a deletion.
     report = verify_files([files[0], *files[2:]], load_public_key(public))
     assert [p.kind for p in report.problems] == ["deleted"]

@@ -157,8 +157,10 @@ class RedisStreamSink(Sink):
             return  # only a check: the next write tries again
         removed = (info.get("entries-added") or 0) - (info.get("length") or 0)
         for group in groups:
-            read, lag = group.get("entries-read"), group.get("lag")
-            if read is None or lag is None:
+            read = group.get("entries-read")
+            if read is None and entry_id(group.get("last-delivered-id") or b"0-0") == (0, 0):
+                read = 0  # a group that has read nothing yet (Redis leaves the count unset)
+            if read is None or group.get("lag") is None:
                 continue  # Redis cannot tell (entries deleted inside the range)
             name = _text(group.get("name"))
             unread = max(removed - read, 0)
