@@ -28,14 +28,15 @@ from policy_engine.domain.decision import Decision, Effect
 from policy_engine.domain.request import ConnectionState, SubjectKind
 from policy_engine.engine import decide
 from policy_engine.engine.serialize import decision_to_dict
-from policy_engine.policy import CompiledPolicySet, PolicyLoadError, load_policy_set
+from policy_engine.policy import CompiledPolicySet, LoadIssue, PolicyLoadError, load_policy_set
 from policy_engine.policy.bundle import (
     BUNDLE_FILE,
     BundleError,
-    bundle_files,
+    read_tree,
     sign_bundle,
     verify_bundle,
 )
+from policy_engine.policy.loader import load_policy_source
 from policy_engine.server.convert import RequestConverter
 
 DEFAULTS = Settings()
@@ -266,13 +267,21 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
 
 def cmd_bundle_sign(args: argparse.Namespace) -> int:
+    """Signs every file the loader could read (hidden ones too), read once: the bytes that are
+    validated are the bytes that are signed."""
     directory = Path(args.directory)
-    load_policy_set(directory)  # never sign a set that would not load
+    if not directory.is_dir():
+        raise UsageError(f"{directory} is not a directory")
+    snapshot, unreadable = read_tree(directory)
+    if unreadable:
+        issues = [problem.partition(": ") for problem in unreadable]
+        raise PolicyLoadError([LoadIssue(directory / name, 0, why) for name, _, why in issues])
+    load_policy_source(snapshot)  # never sign a set that would not load
     try:
-        written = sign_bundle(directory, _read_key(args.key, "--key") or b"")
+        written = sign_bundle(directory, _read_key(args.key, "--key") or b"", snapshot)
     except BundleError as exc:
         raise UsageError(str(exc)) from exc
-    print(f"signed {len(bundle_files(directory))} files: {written}")
+    print(f"signed {len(snapshot.files)} files: {written}")
     return EXIT_OK
 
 

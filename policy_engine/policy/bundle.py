@@ -79,7 +79,7 @@ def read_tree(
     once each: the snapshot to validate and sign, and one problem per unreadable file."""
     names = tree_files(directory)
     files, real_folders, problems = read_snapshot(directory, names, limits)
-    return SnapshotSource(directory, files, real_folders), problems
+    return SnapshotSource(directory, files, real_folders, missing="does not exist"), problems
 
 
 def _hashes(files: Mapping[str, SourceFile]) -> dict[str, str]:
@@ -132,8 +132,7 @@ def _signed_manifest(
     if not os.path.lexists(path):
         raise BundleVerificationError([f"{BUNDLE_FILE} is missing: signed policies are required"])
     try:
-        # A manifest is ~100 bytes a file: the set limit bounds it as well as any.
-        token = read_bounded(path, limits.max_set_bytes).data
+        token = read_bounded(path, limits.max_file_bytes).data  # ~100 bytes a signed file
     except SourceError as exc:
         raise BundleVerificationError([f"{BUNDLE_FILE}: {exc}"]) from None
     try:
