@@ -10,6 +10,10 @@ GEN    := $(GENDIR)/kontext/pdp/v1/pdp_pb2.py $(GENDIR)/kontext/pdp/v1/pdp_pb2_g
 PDP_ADDRESS  ?= 127.0.0.1:50051
 PDP_POLICIES ?= policies
 REDIS_URL    ?=
+# The Redis level needs a signing key (see README, Decision cache). Unless one is given in the
+# environment, `make run REDIS_URL=...` makes a random one once and keeps it in this file, so
+# every `make run` on this checkout (and so every local replica) signs with the same key.
+CACHE_KEY_FILE ?= .pdp/cache-signing.key
 FUZZ_SECONDS ?= 300
 
 .PHONY: install generate run test lint bench fuzz clean
@@ -35,9 +39,14 @@ $(GEN) &: $(PROTO) $(STAMP)
 		$(GENDIR)/kontext/pdp/v1/pdp_pb2_grpc.py
 	touch $(GEN)
 
-run: install
+run: install $(if $(REDIS_URL),$(if $(PDP_CACHE__REDIS_SIGNING_KEY)$(PDP_CACHE__REDIS_SIGNING_KEY_FILE),,$(CACHE_KEY_FILE)))
+	$(if $(REDIS_URL),$(if $(PDP_CACHE__REDIS_SIGNING_KEY)$(PDP_CACHE__REDIS_SIGNING_KEY_FILE),,PDP_CACHE__REDIS_SIGNING_KEY_FILE=$(CACHE_KEY_FILE))) \
 	$(BIN)/pdp serve --address $(PDP_ADDRESS) --policies $(PDP_POLICIES) \
 		$(if $(REDIS_URL),--redis-url $(REDIS_URL))
+
+$(CACHE_KEY_FILE): | $(BIN)/python
+	mkdir -p $(dir $@)
+	umask 077 && $(BIN)/python -c 'import secrets; print(secrets.token_hex(32))' > $@
 
 test: install
 	$(BIN)/pytest -q
