@@ -205,6 +205,11 @@ class DocumentParser:
                 doc.line_of("organization"),
                 f"organization {name!r} does not match its folder {folder_org!r}",
             )
+        description = doc.get("description", "")
+        if not isinstance(description, str):
+            self.problem(
+                doc.line_of("description"), f"'description' must be text{_as_written(description)}"
+            )
         defaults = {layer: Effect.DENY for layer in POLICY_LAYERS}
         raw_defaults = doc.get("defaults")
         if raw_defaults is not None:

@@ -431,3 +431,11 @@ def test_what_is_accepted_reads_the_same_under_yaml_1_1(text: str) -> None:
     assert ours == expected["k"] and type(ours) is type(expected["k"]), (text, ours, expected)
     if isinstance(ours, str):
         assert ambiguity(ours) is None
+
+
+@pytest.mark.parametrize("document", ["organization.yaml", "org.yaml"])
+def test_a_description_must_be_text(tmp_path: Path, document: str) -> None:
+    root = write_policy_dir(tmp_path / "policies", org_policy(["repo"]))
+    path = root / "acme" / document
+    path.write_text(path.read_text().replace("kind: ", "description: [a, b]\nkind: ", 1))
+    assert "'description' must be text, not a list" in load_errors(root)
