@@ -43,9 +43,7 @@ def write_organization(
         config["defaults"] = defaults
     (folder / "organization.yaml").write_text(dump_yaml(config))
     for index, policy in enumerate(policies or []):
-        (folder / f"policy-{index:03d}.yaml").write_text(
-            dump_yaml({"kind": "Policy", **policy})
-        )
+        (folder / f"policy-{index:03d}.yaml").write_text(dump_yaml({"kind": "Policy", **policy}))
     return folder
 
 
