@@ -225,20 +225,48 @@ def _merge(base: dict[str, Any], override: Mapping[str, Any]) -> dict[str, Any]:
     return merged
 
 
+def _read_config_file(path: Path) -> Mapping[str, Any]:
+    """The file's one mapping, read as strictly as policy files (policy_engine.policy.yamlpos):
+    a duplicate key, anchor, alias, merge key or tag is refused with its line, so no setting
+    (a bundle key, a signing key) can be silently overridden or dropped. Plain scalars stay
+    text as written and are typed by the setting they belong to, as environment values are."""
+    # Imported here: the policy package imports this module (PolicyLimits).
+    from policy_engine.policy.yamlpos import error_line, load_documents
+
+    try:
+        parsed = load_documents(path.read_text(encoding="utf-8"), what="config files")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"config file {path}: cannot read: {exc}") from exc
+    except yaml.YAMLError as exc:
+        problem = str(getattr(exc, "problem", None) or exc).strip()
+        raise ConfigError(f"config file {path}:{error_line(exc)}: {problem}") from exc
+    fatal = [p for p in parsed.problems if not p.ambiguous]
+    if fatal:
+        raise ConfigError("\n".join(f"config file {path}:{p.line}: {p.message}" for p in fatal))
+    if not parsed.documents:
+        return {}
+    if len(parsed.documents) > 1:
+        raise ConfigError(f"config file {path}: expected one YAML document")
+    loaded = parsed.documents[0].value
+    if loaded is None:
+        return {}
+    if not isinstance(loaded, Mapping):
+        raise ConfigError(f"config file {path}: expected a mapping at the top level")
+    return loaded
+
+
 def load_settings(
     config_file: Path | None = None,
     environ: Mapping[str, str] | None = None,
     overrides: Mapping[str, Any] | None = None,
 ) -> Settings:
+    """Settings from defaults, `config_file`, `environ` (PDP_*) and `overrides`, in that order.
+
+    Raises ConfigError naming the setting (or the config file's line) that cannot be used.
+    """
     values: dict[str, Any] = {}
     if config_file is not None:
-        try:
-            loaded = yaml.safe_load(config_file.read_text()) or {}
-        except (OSError, yaml.YAMLError) as exc:
-            raise ConfigError(f"config file {config_file}: {exc}") from exc
-        if not isinstance(loaded, Mapping):
-            raise ConfigError(f"config file {config_file}: expected a mapping at the top level")
-        values = _merge(values, loaded)
+        values = _merge(values, _read_config_file(config_file))
     values = _merge(values, _env_values(os.environ if environ is None else environ))
     values = _merge(values, {k: v for k, v in (overrides or {}).items() if v is not None})
     return _build(Settings, values, "")

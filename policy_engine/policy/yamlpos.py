@@ -55,6 +55,9 @@ class YamlProblem:
 
     line: int
     message: str
+    # An ambiguous plain scalar (kept as text): fatal where the text is the value, harmless
+    # where a schema types every value itself (the server's config file, like its env vars).
+    ambiguous: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -129,12 +132,14 @@ class _StrictComposer(Composer, BaseResolver):
 
     problems: list[YamlProblem]
     _depth: int
+    _what: str
 
-    def _start(self) -> None:
+    def _start(self, what: str = "policy files") -> None:
         Composer.__init__(self)
         BaseResolver.__init__(self)
         self.problems = []
         self._depth = 0
+        self._what = what
 
     def compose_node(self, parent: Any, index: Any) -> Any:
         event = self.peek_event()
@@ -142,21 +147,21 @@ class _StrictComposer(Composer, BaseResolver):
             raise StrictYamlError(
                 None,
                 None,
-                f"aliases (*{event.anchor}) are not allowed in policy files",
+                f"aliases (*{event.anchor}) are not allowed in {self._what}",
                 event.start_mark,
             )
         if event.anchor is not None:  # type: ignore[attr-defined]
             raise StrictYamlError(
                 None,
                 None,
-                f"anchors (&{event.anchor}) are not allowed in policy files",  # type: ignore[attr-defined]
+                f"anchors (&{event.anchor}) are not allowed in {self._what}",  # type: ignore[attr-defined]
                 event.start_mark,
             )
         if event.tag is not None:  # type: ignore[attr-defined]
             raise StrictYamlError(
                 None,
                 None,
-                f"tags ({event.tag}) are not allowed in policy files: "  # type: ignore[attr-defined]
+                f"tags ({event.tag}) are not allowed in {self._what}: "  # type: ignore[attr-defined]
                 "write text in quotes instead",
                 event.start_mark,
             )
@@ -199,6 +204,7 @@ class _StrictComposer(Composer, BaseResolver):
                     f"`{text}` is ambiguous: some YAML readers take it for {what}. "
                     f"Write '{text}' in quotes if you mean the text"
                     + (" (or true/false for a yes/no field)" if what == "a boolean" else ""),
+                    ambiguous=True,
                 )
             )
         return text
@@ -216,7 +222,7 @@ class _StrictComposer(Composer, BaseResolver):
                 continue
             if not key_node.style and key_node.value == "<<":
                 self.problems.append(
-                    YamlProblem(line, "merge keys (<<) are not allowed in policy files")
+                    YamlProblem(line, f"merge keys (<<) are not allowed in {self._what}")
                 )
                 continue
             key = self._scalar(key_node)
@@ -239,11 +245,11 @@ class _StrictComposer(Composer, BaseResolver):
 
 
 class _PyLoader(_StrictComposer, Reader, Scanner, Parser):
-    def __init__(self, text: str) -> None:
+    def __init__(self, text: str, what: str = "policy files") -> None:
         Reader.__init__(self, text)
         Scanner.__init__(self)
         Parser.__init__(self)
-        self._start()
+        self._start(what)
 
 
 if yaml.__with_libyaml__:
@@ -252,24 +258,27 @@ if yaml.__with_libyaml__:
     class _CLoader(_StrictComposer, CParser):  # type: ignore[misc]
         """libyaml scans and parses (about 8x faster); events are checked the same way."""
 
-        def __init__(self, text: str) -> None:
+        def __init__(self, text: str, what: str = "policy files") -> None:
             CParser.__init__(self, text)
-            self._start()
+            self._start(what)
 
     _Loader: type[_StrictComposer] = _CLoader
 else:  # pragma: no cover - PyYAML built without libyaml
     _Loader = _PyLoader
 
 
-def load_documents(text: str, *, pure_python: bool = False) -> YamlDocuments:
+def load_documents(
+    text: str, *, pure_python: bool = False, what: str = "policy files"
+) -> YamlDocuments:
     """Parse every document of a (multi-document) YAML text under the strict rules above.
 
     Returns the documents and the problems that did not stop reading (duplicate keys,
     ambiguous scalars, merge keys); raises yaml.YAMLError (StrictYamlError for anchors,
     aliases, tags and excessive nesting) with a mark for problems that stop it.
-    `pure_python` uses PyYAML's own scanner instead of libyaml (tests compare the two).
+    `pure_python` uses PyYAML's own scanner instead of libyaml (tests compare the two); `what`
+    names the kind of file in messages ("policy files", "config files").
     """
-    loader = (_PyLoader if pure_python else _Loader)(text)  # type: ignore[call-arg]
+    loader = (_PyLoader if pure_python else _Loader)(text, what)  # type: ignore[call-arg]
     result = YamlDocuments()
     try:
         while loader.check_node():
