@@ -10,6 +10,8 @@ silence: a stream's seq that jumps (records deleted, or trimmed before they were
 stream that begins mid-chain when reading from the start (a trimmed head), the writer's own
 `dropped` records (decisions not recorded, a stream reset under the writer), and a Redis
 Stream deleted or replaced while it is followed (then read again from its new start).
+Entries and lines that are not audit records (anyone who can write to the Redis server can add
+them) are reported there too, never passed over in silence.
 """
 
 from __future__ import annotations
@@ -272,6 +274,18 @@ def follow_redis(
     from its start, so records added with lower IDs are not missed.
     """
     client = redis.Redis.from_url(url)
+
+    def record_of(entry: Any, fields: dict[Any, Any]) -> str | None:
+        """The entry's record line; None (and a warning) for an entry the writer never adds."""
+        line = _field(fields)
+        if len(fields) == 1 and line.strip():
+            return line
+        if warn is not None:
+            name = entry.decode() if isinstance(entry, bytes) else str(entry)
+            keys = ", ".join(sorted(repr(_text(k)) for k in fields))
+            warn(_safe(f"entry {name} is not an audit record (fields: {keys[:200]})"))
+        return None
+
     try:
         if once:
             low = "-"
@@ -279,8 +293,10 @@ def follow_redis(
                 entries = client.xrange(stream, min=low, count=500)
                 if not entries:
                     return
-                for _entry_id, fields in entries:
-                    yield _field(fields)
+                for entry, fields in entries:
+                    line = record_of(entry, fields)
+                    if line is not None:
+                        yield line
                 last = entries[-1][0]
                 low = "(" + (last.decode() if isinstance(last, bytes) else str(last))
         if from_start:
@@ -294,7 +310,9 @@ def follow_redis(
             for _, entries in response or []:
                 for entry, fields in entries:
                     last_id = entry
-                    yield _field(fields)
+                    line = record_of(entry, fields)
+                    if line is not None:
+                        yield line
             now_added, newest = _stream_state(client, stream)
             if now_added < added or newest < entry_id(last_id):
                 if warn is not None:
@@ -320,6 +338,10 @@ def _stream_state(client: redis.Redis, stream: str) -> tuple[int, tuple[int, int
 
 def _field(fields: dict[Any, Any]) -> str:
     raw = fields.get(RECORD_FIELD.encode(), fields.get(RECORD_FIELD, b""))
+    return _text(raw)
+
+
+def _text(raw: Any) -> str:
     return raw.decode("utf-8", "replace") if isinstance(raw, bytes) else str(raw)
 
 
@@ -360,6 +382,7 @@ def run_tail(
     for line in lines:
         record = parse_record(line)
         if record is None:
+            warn(_safe(f"not an audit record (not a JSON object): {line[:80]!r}"))
             continue
         watch.see(record)
         if filters.matches(record):

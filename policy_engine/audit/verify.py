@@ -64,7 +64,7 @@ class Problem:
     where: str  # file:line
     stream: str
     seq: int | None
-    kind: str  # edited, deleted, inserted, reordered, altered, bad_signature, wrong_key, ...
+    kind: str  # edited, deleted, inserted, reordered, altered, bad_signature, foreign, ...
     message: str
 
     def __str__(self) -> str:
@@ -759,6 +759,10 @@ def verify_lines(
     verifier = Verifier(public_key, allow_partial=allow_partial, live=live)
     for raw, where, first in lines:
         verifier.add_line(raw, where, first)
+    return _finish(verifier, public_key)
+
+
+def _finish(verifier: Verifier, public_key: Ed25519PublicKey | None) -> Report:
     report = verifier.finish()
     if not report.streams:
         report.warnings.append("no audit records in the input")
@@ -789,29 +793,43 @@ def verify_redis(
 ) -> Report:
     """Verify a Redis Stream read with XRANGE (each record's place is `stream@entry-id`).
 
-    Adds a note with how many entries the stream has lost from its head (Redis 7's
-    `entries-added` minus `length`, from XINFO STREAM). Raises redis.RedisError when the
-    server cannot be read.
+    The writer adds entries of exactly one field, `record`, holding a record: any other entry
+    (no `record`, an empty one, other fields besides) was written by someone else and is a
+    problem (`foreign`), never passed over. Adds a note with how many entries the stream has
+    lost from its head (Redis 7's `entries-added` minus `length`, from XINFO STREAM). Raises
+    redis.RedisError when the server cannot be read.
     """
     import redis
 
     from policy_engine.audit.sinks.redis import RECORD_FIELD
 
     client = redis.Redis.from_url(url)
+    field = RECORD_FIELD.encode()
     try:
-
-        def lines() -> Iterator[tuple[bytes, str, bool]]:
-            low: str = "-"
-            while True:
-                entries = client.xrange(stream, min=low, count=page)
-                for entry_id, fields in entries:
-                    raw = fields.get(RECORD_FIELD.encode(), b"")
-                    yield raw, f"{stream}@{entry_id.decode()}", False
-                if len(entries) < page:
-                    return
-                low = "(" + entries[-1][0].decode()
-
-        report = verify_lines(lines(), public_key, allow_partial=allow_partial, live=live)
+        verifier = Verifier(public_key, allow_partial=allow_partial, live=live)
+        low: str = "-"
+        while True:
+            entries = client.xrange(stream, min=low, count=page)
+            for entry_id, fields in entries:
+                where = f"{stream}@{entry_id.decode()}"
+                raw = fields.get(field, b"")
+                if set(fields) != {field} or not raw.strip():
+                    names = ", ".join(sorted(repr(k.decode("utf-8", "replace")) for k in fields))
+                    verifier.problem(
+                        where,
+                        "",
+                        None,
+                        "foreign",
+                        f"an entry the audit writer never writes (fields: {names[:200]}; the "
+                        f"writer adds one field, {RECORD_FIELD!r}, holding a record)",
+                    )
+                    if not raw.strip():
+                        continue
+                verifier.add_line(raw, where, False)
+            if len(entries) < page:
+                break
+            low = "(" + entries[-1][0].decode()
+        report = _finish(verifier, public_key)
         try:
             info = client.xinfo_stream(stream)
         except redis.ResponseError:

@@ -127,11 +127,11 @@ def test_retry_after_an_uncertain_write_adds_nothing_twice(audit_redis: RedisSer
     batch = [mine.start(ours.open().last_record, 0.0), mine.seal(parts), mine.seal(parts)]
     ours.write(batch)
     other.write([theirs.start(None, 0.0), theirs.seal(parts)])  # another writer, same stream
-    ours._uncertain = True  # as after a connection lost between EXEC and its reply
+    ours._uncertain = tuple(batch)  # as after a connection lost between EXEC and its reply
     ours.write(batch)
     later = [mine.seal(parts)]
-    ours._uncertain = True
-    ours.write([*batch[2:], *later])  # partly written before: only the new one is added
+    ours._uncertain = tuple(batch)
+    ours.write([*batch, *later])  # the retry holds more records: only the new one is added
     assert len(stream_lines(audit_redis, key)) == 6
     seqs = [json.loads(line)["seq"] for line in stream_lines(audit_redis, key)]
     assert seqs == [1, 2, 3, 1, 2, 4]

@@ -12,6 +12,15 @@ back, or `last-generated-id` is below this writer's last entry) or trimmed past 
 last entry (`first-entry` is newer than it). About once a second it also compares each
 consumer group's `entries-read` with the entries trimmed from the stream's head, to see
 records trimmed (by MAXLEN or XTRIM) before a group read them.
+
+Nothing read back from Redis can make the sink skip a record. Anyone who can write to the
+server can add entries (any `stream`, any `seq`), so after a write whose outcome is unknown
+the sink decides whether that batch landed only from evidence an outsider cannot forge: the
+batch's own records, byte for byte, as the contiguous run of entries one MULTI/EXEC makes.
+Each record holds its chain hash (random stream id, the previous record's hash, the decision's
+own id and time), so only the writer, or someone who read the batch, knows those bytes. Anything
+else counts as not written and the batch is sent again: at worst a record is in the stream twice,
+which `pdp audit verify` reports; it is never missing.
 """
 
 from __future__ import annotations
@@ -26,7 +35,8 @@ from policy_engine.audit.chain import Sealed
 from policy_engine.audit.sinks.base import OpenState, Sink, StreamGap, parse_record
 
 RECORD_FIELD = "record"
-_LOOK_BACK = 1000  # entries searched for this chain's last one after an uncertain write
+_LOOK_BACK = 1000  # entries searched, besides the batch's own, after an uncertain write
+_MAX_GROUPS = 1000  # consumer groups whose unread count is followed (anyone may add groups)
 _GROUP_CHECK_SECONDS = 1.0  # consumer groups are checked for unread trimmed entries this often
 
 
@@ -38,15 +48,22 @@ def entry_id(value: bytes | str) -> tuple[int, int]:
 
 
 def _text(value: Any) -> str:
-    return value.decode("utf-8", "replace") if isinstance(value, bytes) else str(value)
+    """A name read from Redis, for a log line: control characters escaped (anyone may name a
+    consumer group), at most 200 characters."""
+    text = value.decode("utf-8", "replace") if isinstance(value, bytes) else str(value)
+    text = text[:200]
+    return text if text.isprintable() else text.encode("unicode_escape").decode("ascii")
 
 
 class RedisStreamSink(Sink):
     """Writes a batch in one MULTI/EXEC, so it lands whole or not at all.
 
-    When a batch fails in a way that leaves its outcome unknown (the connection dropped after
-    EXEC was sent), the retry first reads the stream's last entry and skips what is already
-    there, so no record is written twice.
+    When a batch fails in a way that leaves its outcome unknown (a timeout, or the connection
+    dropped after EXEC was sent), the retry first reads the stream back and skips the batch
+    only if it finds that batch's exact records there as one contiguous run of entries (see
+    `_unwritten`); anything else, whoever wrote it, is not taken as proof and the batch is
+    sent again. So no record is ever lost to a forged or copied entry, and none is written
+    twice unless the stream changed under the writer.
     """
 
     name = "redis"
@@ -59,7 +76,7 @@ class RedisStreamSink(Sink):
         self.maxlen = maxlen if maxlen > 0 else None
         self.timeout = timeout_seconds
         self._client: redis.Redis | None = None
-        self._uncertain = False
+        self._uncertain: tuple[Sealed, ...] = ()  # the batch whose outcome is unknown
         self._last_id: tuple[int, int] | None = None  # this writer's newest entry
         self._added = 0  # the stream's entries-added right after this writer's last batch
         self._last_write = 0.0
@@ -91,7 +108,7 @@ class RedisStreamSink(Sink):
     def write(self, records: Sequence[Sealed]) -> None:
         if self._uncertain:
             records = self._unwritten(records)
-            self._uncertain = False
+            self._uncertain = ()
             if not records:
                 return
         client = self._connect()
@@ -107,7 +124,7 @@ class RedisStreamSink(Sink):
                 )
             results = pipe.execute(raise_on_error=False)
         except Exception:
-            self._uncertain = True
+            self._uncertain = tuple(records)
             raise
         info, ids = results[0], results[1:]
         for result in ids:
@@ -163,6 +180,8 @@ class RedisStreamSink(Sink):
             if read is None or group.get("lag") is None:
                 continue  # Redis cannot tell (entries deleted inside the range)
             name = _text(group.get("name"))
+            if name not in self._unread and len(self._unread) >= _MAX_GROUPS:
+                continue  # anyone may add groups: memory and log lines stay bounded
             unread = max(removed - read, 0)
             seen = self._unread.setdefault(name, unread)  # what was lost before we looked
             if unread > seen:
@@ -181,19 +200,33 @@ class RedisStreamSink(Sink):
         return gaps
 
     def _unwritten(self, records: Sequence[Sealed]) -> Sequence[Sealed]:
-        """Drops the records the stream already holds (a batch that did land before an error).
+        """`records` less the batch of unknown outcome, if that batch is in the stream.
 
-        Other writers may share the stream, so this looks back for this chain's newest entry.
+        The evidence is the batch itself: its records' exact bytes, each in an entry with no
+        other field, as one contiguous run (a MULTI/EXEC is never interleaved with another
+        client's commands). With MAXLEN, the run may have lost its beginning to trimming in
+        the same EXEC: a suffix of the batch that starts at the stream's first entry counts
+        too. An entry that merely claims this chain's stream id and a seq (forged), or a copy
+        of an earlier record, is no such evidence, so the batch is written again. Raises
+        redis.RedisError when the stream cannot be read (the outcome stays unknown).
         """
-        if not records:
+        sent = self._uncertain
+        if not sent:
             return records
-        ours = (parse_record(records[0].line) or {}).get("stream")
-        for _, fields in self._connect().xrevrange(self.stream, count=_LOOK_BACK):
-            raw = fields.get(RECORD_FIELD.encode()) or fields.get(RECORD_FIELD)
-            entry = parse_record(raw) if raw is not None else None
-            if entry and entry.get("stream") == ours and isinstance(entry.get("seq"), int):
-                return [r for r in records if r.seq > entry["seq"]]
-        return records
+        client = self._connect()
+        entries = client.xrevrange(self.stream, count=_LOOK_BACK + len(sent))
+        entries.reverse()
+        whole_stream = len(entries) < _LOOK_BACK + len(sent)
+        wanted = [{RECORD_FIELD.encode(): record.line.encode()} for record in sent]
+        found = _find_run(
+            [fields for _, fields in entries], wanted, suffix_at_start=bool(self.maxlen)
+        )
+        if found is None or (found[1] and not whole_stream):
+            return records  # a trimmed run must begin at the stream's first entry
+        index, missing = found
+        self._last_id = entry_id(entries[index + len(wanted) - missing - 1][0])
+        landed = {record.line for record in sent}
+        return [record for record in records if record.line not in landed]
 
     def close(self) -> None:
         if self._client is not None:
@@ -201,3 +234,25 @@ class RedisStreamSink(Sink):
                 self._client.close()
             finally:
                 self._client = None
+
+
+def _find_run(
+    entries: Sequence[Any], wanted: Sequence[dict[bytes, bytes]], *, suffix_at_start: bool
+) -> tuple[int, int] | None:
+    """Where `wanted` occurs in `entries` as one contiguous run: (index of its first entry,
+    how many of its first items are missing), the newest run first; None when it does not.
+
+    With `suffix_at_start`, a run at index 0 may lack up to all but one of its first items
+    (trimmed by MAXLEN in the same EXEC). Entries are compared whole: fields and bytes.
+    """
+    size = len(wanted)
+    for index in range(len(entries) - size, -1, -1):
+        if all(entries[index + i] == wanted[i] for i in range(size)):
+            return index, 0
+    if suffix_at_start:
+        for missing in range(1, size):
+            if len(entries) >= size - missing and all(
+                entries[i] == wanted[missing + i] for i in range(size - missing)
+            ):
+                return 0, missing
+    return None
