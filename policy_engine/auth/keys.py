@@ -13,16 +13,23 @@ then be denied for a reason the operator should see at load time.
 The request path never waits on the network: a remote key set answers from its cache, and an
 unknown `kid` only *schedules* a refresh (at most one at a time, rate-limited), so key rotation
 costs the first request that sees the new key a deny with a precise reason, never a hang.
+
+Every key source has a `fingerprint`: SHA-256 over the canonical JSON of its usable JWKs (see
+`key_set_fingerprint`), so it changes exactly when the keys that can verify a token change,
+and two processes that fetched the same keys compute the same value. The decision cache keys
+token decisions by it (`policy_engine.cache.key`): an entry decided with a key set is never
+served once that key set has changed.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import threading
 import time
 import urllib.request
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
@@ -111,18 +118,36 @@ def _signature_algorithms(jwk: Mapping[str, Any]) -> tuple[str, ...] | str:
     return usable or f"no supported algorithm for kty {kty!r}"
 
 
+def key_set_fingerprint(jwks: Iterable[Mapping[str, Any]]) -> bytes:
+    """SHA-256 (32 bytes) over the canonical form of a set of JWKs (RFC 7517 section 4).
+
+    Each JWK is written as JSON with its members sorted and no whitespace; the distinct texts
+    are sorted and hashed as one JSON array. So member order, key order in the `keys` array
+    and repeated keys never change it, while any change to a key's material or to the members
+    that decide what it may verify (`kid`, `alg`, `use`, `key_ops`, `kty`, `crv`) does.
+    Raises nothing for any JSON value.
+    """
+    texts = sorted({json.dumps(jwk, sort_keys=True, separators=(",", ":")) for jwk in jwks})
+    return hashlib.sha256(json.dumps(texts, separators=(",", ":")).encode()).digest()
+
+
 class KeySet:
     """The verification keys of one JWKS document, by `kid` and algorithm; immutable.
 
-    `skipped` lists the JWKs that can never verify a signature, with the reason for each.
+    `skipped` lists the JWKs that can never verify a signature, with the reason for each;
+    `fingerprint` identifies the usable keys (`key_set_fingerprint` of their JWKs).
     """
 
-    __slots__ = ("_by_algorithm", "_by_kid", "skipped")
+    __slots__ = ("_by_algorithm", "_by_kid", "fingerprint", "skipped")
 
     def __init__(
-        self, keys: list[tuple[str | None, PyJWK]], skipped: tuple[SkippedKey, ...] = ()
+        self,
+        keys: list[tuple[str | None, PyJWK]],
+        skipped: tuple[SkippedKey, ...],
+        fingerprint: bytes,
     ) -> None:
-        """`keys` holds one `(kid, PyJWK)` per JWK and algorithm it may verify."""
+        """`keys` holds one `(kid, PyJWK)` per JWK and algorithm it may verify; `fingerprint`
+        is `key_set_fingerprint` of those JWKs."""
         by_kid: dict[tuple[str | None, str], list[PyJWK]] = {}
         by_algorithm: dict[str, list[PyJWK]] = {}
         for kid, key in keys:
@@ -131,6 +156,7 @@ class KeySet:
         self._by_kid = {index: tuple(found) for index, found in by_kid.items()}
         self._by_algorithm = {alg: tuple(found) for alg, found in by_algorithm.items()}
         self.skipped = skipped
+        self.fingerprint = fingerprint
 
     def keys_for(self, kid: str | None, algorithm: str) -> tuple[PyJWK, ...]:
         """The keys that may verify a token with header `kid` and `alg`; empty when none.
@@ -143,7 +169,7 @@ class KeySet:
         return fitting if len(fitting) == 1 else ()
 
 
-EMPTY_KEY_SET = KeySet([])
+EMPTY_KEY_SET = KeySet([], (), key_set_fingerprint(()))
 
 
 def parse_jwks(data: bytes | str, source: str = "JWKS", *, log_skipped: bool = True) -> KeySet:
@@ -161,6 +187,7 @@ def parse_jwks(data: bytes | str, source: str = "JWKS", *, log_skipped: bool = T
     if not isinstance(members, list):
         raise KeySetError("invalid JWKS: not a JSON object with a 'keys' array")
     keys: list[tuple[str | None, PyJWK]] = []
+    usable: list[Mapping[str, Any]] = []
     skipped: list[SkippedKey] = []
     for position, jwk in enumerate(members):
         kid = jwk.get("kid") if isinstance(jwk, dict) else None
@@ -169,12 +196,14 @@ def parse_jwks(data: bytes | str, source: str = "JWKS", *, log_skipped: bool = T
             skipped.append(SkippedKey(position, kid if isinstance(kid, str) else None, problem))
             continue
         keys.extend((kid, key) for key in problem)
+        usable.append(jwk)
     for entry in skipped if log_skipped else ():
         log.warning("%s: %s; skipped", source, entry)
     if not keys:
         reasons = "; ".join(str(entry) for entry in skipped[:5]) or "the 'keys' array is empty"
         raise KeySetError(f"invalid JWKS: no usable signature key ({reasons})")
-    return KeySet(keys, tuple(skipped))
+    # Only usable keys count: a skipped JWK can verify nothing, so it cannot change a decision.
+    return KeySet(keys, tuple(skipped), key_set_fingerprint(usable))
 
 
 def _unusable(jwk: Any, kid: Any) -> list[PyJWK] | str:
@@ -193,6 +222,11 @@ def _unusable(jwk: Any, kid: Any) -> list[PyJWK] | str:
 
 
 class KeySource(Protocol):
+    @property
+    def fingerprint(self) -> bytes:
+        """The current key set's `KeySet.fingerprint` (32 bytes); it changes with the keys."""
+        ...
+
     def keys_for(self, kid: str | None, algorithm: str) -> tuple[PyJWK, ...]:
         """The keys that may verify a token with this `kid` and `alg` (never blocks on I/O)."""
         ...
@@ -207,6 +241,10 @@ class StaticKeySet:
     @property
     def skipped(self) -> tuple[SkippedKey, ...]:
         return self._keys.skipped
+
+    @property
+    def fingerprint(self) -> bytes:
+        return self._keys.fingerprint
 
     @classmethod
     def from_file(cls, path: Path) -> StaticKeySet:
@@ -264,6 +302,12 @@ class RemoteKeySet:
     @property
     def skipped(self) -> tuple[SkippedKey, ...]:
         return self._keys.skipped
+
+    @property
+    def fingerprint(self) -> bytes:
+        """The fetched keys' fingerprint; kept by a failed refresh, as the keys are. Before
+        the first successful fetch, the empty set's."""
+        return self._keys.fingerprint
 
     def keys_for(self, kid: str | None, algorithm: str) -> tuple[PyJWK, ...]:
         keys = self._keys.keys_for(kid, algorithm)

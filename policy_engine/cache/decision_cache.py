@@ -16,18 +16,22 @@ from __future__ import annotations
 
 import logging
 import math
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from enum import IntEnum
+from typing import TYPE_CHECKING
 
 from policy_engine.cache.breaker import BreakerState, CircuitBreaker
 from policy_engine.cache.entry import Codec, Entry
-from policy_engine.cache.key import KeyBuilder
+from policy_engine.cache.key import NO_KEY_SETS, KeyBuilder
 from policy_engine.cache.local import LocalLRU
 from policy_engine.cache.redis_backend import RedisBackend
 from policy_engine.cache.signing import load_signing_keys
 from policy_engine.cache.writer import Write, WriteBehind
 from policy_engine.config import CacheSettings
 from policy_engine.metrics import BREAKER_STATE, CACHE_LOOKUPS, REDIS_ERRORS
+
+if TYPE_CHECKING:
+    from policy_engine.auth.keys import KeySource
 
 log = logging.getLogger(__name__)
 
@@ -97,13 +101,22 @@ class DecisionCache:
 
     # --- keys -------------------------------------------------------------------------------
 
-    def key(self, msg: object, revision: str) -> str | None:
-        """The request's key under `revision`; None when it must bypass the cache."""
-        return self.keys_builder.key(msg, revision)
+    def key(
+        self, msg: object, revision: str, key_sets: Mapping[str, KeySource] = NO_KEY_SETS
+    ) -> str | None:
+        """The request's key under `revision` and the current fingerprint of its
+        organization's key set in `key_sets` (see `KeyBuilder.key`); None when it must
+        bypass the cache."""
+        return self.keys_builder.key(msg, revision, key_sets)
 
-    def keys(self, msgs: Sequence[object], revision: str) -> list[str | None]:
+    def keys(
+        self,
+        msgs: Sequence[object],
+        revision: str,
+        key_sets: Mapping[str, KeySource] = NO_KEY_SETS,
+    ) -> list[str | None]:
         """`key` for each request of a batch; None for explain requests too."""
-        return self.keys_builder.keys(msgs, revision)
+        return self.keys_builder.keys(msgs, revision, key_sets)
 
     def skipped(self, count: int = 1) -> None:
         """Record requests that bypassed the cache (explain, or not cacheable by their shape)."""

@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
+from policy_engine.auth.keys import KeySource
 from policy_engine.auth.tokens import UNVERIFIED, TokenRules
 from policy_engine.cel import CompiledExpression
 from policy_engine.domain.codes import ErrorCode
@@ -74,6 +75,42 @@ class CompiledOrganization:
 
 @dataclass(frozen=True, slots=True)
 class CompiledPolicySet:
+    """The policy set; `key_sets` is derived from `organizations`.
+
+    `key_sets` maps each organization that verifies subject tokens to its key source. A JWKS
+    file's bytes count in `revision`, but a JWKS URL's keys change without any file changing:
+    the decision cache keys token decisions by the key source's fingerprint too (see
+    `policy_engine.cache.key`). A plain dict, read on every cache lookup; never modified.
+    """
+
     revision: str  # content hash of every file in the set
     organizations: Mapping[str, CompiledOrganization]
     file_count: int
+    # Every file the loader read or tried to read for this set (policy files, JWKS files, the
+    # bundle signature): what the store watches and checks for changes during a load.
+    files_read: tuple[FileRead, ...] = ()
+    key_sets: dict[str, KeySource] = field(init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        key_sets = {
+            name: org.tokens.keys
+            for name, org in self.organizations.items()
+            if org.tokens.keys is not None
+        }
+        object.__setattr__(self, "key_sets", key_sets)  # frozen: set once, here
+
+
+@dataclass(frozen=True, slots=True)
+class FileRead:
+    """One file a load read, or tried to read.
+
+    `relative` is its `/`-separated path below the policy directory, as the loader named it
+    (hidden or not); `real_path` is where that led, symlinks resolved (for a file that could
+    not be read, as far as they resolve); `identity` is (st_dev, st_ino, st_size, st_mtime_ns,
+    st_ctime_ns) of the file named, symlinks followed, taken just before it was read, or None
+    when there was no file to stat.
+    """
+
+    relative: str
+    real_path: str
+    identity: tuple[int, int, int, int, int] | None

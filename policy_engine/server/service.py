@@ -215,7 +215,7 @@ class PolicyDecisionServicer(pdp_pb2_grpc.PolicyDecisionServiceServicer):
                 if request.explain:
                     cache.skipped()  # the trace needs the engine
                 else:
-                    key = cache.key(request, policies.revision)
+                    key = cache.key(request, policies.revision, policies.key_sets)
                     if key is None:
                         cache.skipped()
                     else:
@@ -347,7 +347,7 @@ class PolicyDecisionServicer(pdp_pb2_grpc.PolicyDecisionServiceServicer):
         hits: list[Any]
         keys: list[str | None]
         try:
-            keys = cache.keys(items, policies.revision)
+            keys = cache.keys(items, policies.revision, policies.key_sets)
             bypassed = keys.count(None)
             if bypassed:
                 cache.skipped(bypassed)
