@@ -44,6 +44,15 @@ def signed_bytes(checkpoint: Mapping[str, Any]) -> bytes:
     return to_bytes(canonical(body))[1]
 
 
+def _is_hex(value: Any, length: int) -> bool:
+    """`value` is `length` lowercase hex digits (a stream id or a sha256 as written here)."""
+    return (
+        isinstance(value, str)
+        and len(value) == length
+        and all(c in "0123456789abcdef" for c in value)
+    )
+
+
 def new_stream_id() -> str:
     return os.urandom(STREAM_ID_BYTES).hex()
 
@@ -96,15 +105,22 @@ class Chain:
         return self._finish(body, str(record["type"]))
 
     def start(self, previous: Mapping[str, Any] | None, now: float) -> Sealed:
-        """The segment's first record; links to `previous` (the sink's last record) if usable."""
+        """The segment's first record; links to `previous` (the sink's last record) if usable.
+
+        `previous` is read from the sink, where others may have written it (a Redis Stream):
+        it is linked to only when its stream id, seq and hash have the forms this module
+        writes, so a planted entry can make the link point at itself (which verify then
+        reports), never make this record malformed.
+        """
         link = None
         prev_hash = ZERO_HASH
         if (
             previous
-            and isinstance(previous.get("stream"), str)
+            and _is_hex(previous.get("stream"), 2 * STREAM_ID_BYTES)
             and isinstance(previous.get("seq"), int)
-            and isinstance(previous.get("hash"), str)
-            and len(previous["hash"]) == HASH_LENGTH
+            and not isinstance(previous.get("seq"), bool)
+            and previous["seq"] >= 1
+            and _is_hex(previous.get("hash"), HASH_LENGTH)
         ):
             link = {"stream": previous["stream"], "seq": previous["seq"]}
             prev_hash = previous["hash"]

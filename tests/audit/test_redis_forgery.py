@@ -261,3 +261,29 @@ def test_consumer_groups_anyone_adds_are_bounded_and_named_safely(
     for gap in gaps:
         assert gap.reason == "unread"
         assert "\n" not in gap.detail and "\x1b" not in gap.detail, gap.detail
+
+
+@pytest.mark.parametrize(
+    "last",
+    [
+        {"stream": "x" * 5000, "seq": 7, "hash": "Z" * 64},  # forms the writer never writes
+        {"stream": "ab" * 16, "seq": True, "hash": "ab" * 32},
+        {"stream": "ab" * 16, "seq": 0, "hash": "ab" * 32},
+    ],
+)
+def test_a_planted_last_entry_cannot_make_the_next_writers_start_malformed(
+    audit_redis: RedisServer, last: dict[str, Any]
+) -> None:
+    """The writer links its start to the stream's last entry; a planted one with the wrong
+    forms is not linked to, so only the planted entry is reported, not the writer's chain."""
+    key = f"audit-{uuid.uuid4().hex}"
+    planted = text_client(audit_redis).xadd(key, {"record": json.dumps(last)})
+    sink = RedisStreamSink(audit_redis.url, key)
+    chain = Chain(signer=None, instance="h:1", sink="redis")
+    start = chain.start(sink.open().last_record, time.time())
+    sink.write([start, *decisions(chain, "a", 2), chain.checkpoint(time.time(), final=True)])
+    sink.close()
+    assert json.loads(start.line)["previous"] is None
+    report = verify_redis(audit_redis.url, key, None)
+    assert report.verdict == "TAMPERED"
+    assert {p.where for p in report.problems} == {f"{key}@{planted}"}, report.render()
