@@ -125,7 +125,7 @@ def key_set_fingerprint(jwks: Iterable[Mapping[str, Any]]) -> bytes:
     are sorted and hashed as one JSON array. So member order, key order in the `keys` array
     and repeated keys never change it, while any change to a key's material or to the members
     that decide what it may verify (`kid`, `alg`, `use`, `key_ops`, `kty`, `crv`) does.
-    Raises nothing for any JSON value.
+    Raises ValueError or RecursionError only for values `json.dumps` cannot write.
     """
     texts = sorted({json.dumps(jwk, sort_keys=True, separators=(",", ":")) for jwk in jwks})
     return hashlib.sha256(json.dumps(texts, separators=(",", ":")).encode()).digest()
@@ -203,7 +203,11 @@ def parse_jwks(data: bytes | str, source: str = "JWKS", *, log_skipped: bool = T
         reasons = "; ".join(str(entry) for entry in skipped[:5]) or "the 'keys' array is empty"
         raise KeySetError(f"invalid JWKS: no usable signature key ({reasons})")
     # Only usable keys count: a skipped JWK can verify nothing, so it cannot change a decision.
-    return KeySet(keys, tuple(skipped), key_set_fingerprint(usable))
+    try:
+        fingerprint = key_set_fingerprint(usable)
+    except (ValueError, RecursionError) as exc:  # a member nested just within json's limit
+        raise KeySetError(f"invalid JWKS: cannot be fingerprinted ({exc})") from None
+    return KeySet(keys, tuple(skipped), fingerprint)
 
 
 def _unusable(jwk: Any, kid: Any) -> list[PyJWK] | str:

@@ -19,7 +19,13 @@ import pytest
 import yaml
 
 from policy_engine.api import pdp_pb2
-from policy_engine.auth.keys import RemoteKeySet, StaticKeySet, key_set_fingerprint, parse_jwks
+from policy_engine.auth.keys import (
+    KeySetError,
+    RemoteKeySet,
+    StaticKeySet,
+    key_set_fingerprint,
+    parse_jwks,
+)
 from policy_engine.bench.redis_server import RedisServer
 from policy_engine.cache import KeyBuilder
 from policy_engine.policy import CompiledPolicySet
@@ -100,6 +106,24 @@ def test_the_fingerprint_follows_the_usable_keys_and_nothing_else() -> None:
     prints = [parse_jwks(doc).fingerprint for doc in different]
     assert base not in prints and len(set(prints)) == len(prints)
     assert key_set_fingerprint([a, b]) == base  # the function the docs name
+
+
+@pytest.mark.parametrize("depth", [10, 900, 991, 992, 5000, 200_000])
+@pytest.mark.parametrize("extra", ["NaN", "1e999", '"\\ud800"', "-0.0"])
+def test_hostile_members_are_fingerprinted_or_refused_never_a_traceback(
+    depth: int, extra: str
+) -> None:
+    """Extra members of a usable JWK (nested to json's limit, NaN, unpaired surrogates)."""
+    member = "[" * depth + "]" * depth
+    jwk = json.dumps(KEPT.public_jwk())[:-1]
+    document = f'{{"keys":[{jwk},"nested":{member},"extra":{extra}}}]}}'
+    try:
+        fingerprint = parse_jwks(document).fingerprint
+    except KeySetError as exc:
+        assert "invalid JWKS" in str(exc)
+    else:
+        assert len(fingerprint) == 32
+        assert fingerprint == parse_jwks(document).fingerprint  # deterministic
 
 
 def test_a_failed_refresh_keeps_the_fingerprint_a_successful_one_moves_it(idp: JwksServer) -> None:
