@@ -12,6 +12,7 @@ or, with a bundle key, the snapshot whose hashes the signed manifest was checked
 from __future__ import annotations
 
 import hashlib
+import os
 from collections.abc import Iterable
 from pathlib import Path
 from types import MappingProxyType
@@ -35,6 +36,7 @@ from policy_engine.policy.compiled import (
     CompiledOrganization,
     CompiledPolicySet,
     CompiledRule,
+    FileRead,
     LayerIndex,
     RuleBucket,
 )
@@ -52,15 +54,19 @@ from policy_engine.policy.source import (
     DirectorySource,
     PolicySource,
     SourceError,
+    SourceFile,
     join_inside,
     policy_files,
+    tree_files,
     within,
 )
 from policy_engine.policy.yamlpos import PositionedDict, error_line, load_documents
 
 __all__ = [
     "POLICY_SUFFIXES",
+    "FileRead",
     "PolicyLoadError",
+    "file_identity",
     "load_policy_set",
     "load_policy_source",
     "policy_files",
@@ -68,11 +74,68 @@ __all__ = [
 
 
 class PolicyLoadError(Exception):
-    """The policy set is invalid; `issues` lists every problem found, each with file:line."""
+    """The policy set is invalid; `issues` lists every problem found, each with file:line.
+    `files_read` names every file the failed load read or tried to read (a missing JWKS
+    file too), so a watcher can reload when one of them changes or appears."""
 
-    def __init__(self, issues: list[LoadIssue]) -> None:
+    def __init__(self, issues: list[LoadIssue], files_read: tuple[FileRead, ...] = ()) -> None:
         self.issues = issues
+        self.files_read = files_read
         super().__init__("\n".join(str(issue) for issue in issues))
+
+
+def file_identity(path: Path) -> tuple[int, int, int, int, int] | None:
+    """(st_dev, st_ino, st_size, st_mtime_ns, st_ctime_ns) of the file `path` names, symlinks
+    followed, or None when there is none. Any write, rename over or link swap changes it
+    (ctime cannot be set back, unlike mtime); see FileRead."""
+    try:
+        st = os.stat(path)
+    except (OSError, ValueError):
+        return None
+    return (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
+
+
+class _RecordingSource:
+    """A PolicySource that records every file the loader asks it for (see FileRead)."""
+
+    def __init__(self, source: PolicySource) -> None:
+        self._source = source
+        self._read: dict[str, FileRead] = {}
+
+    @property
+    def directory(self) -> Path:
+        return self._source.directory
+
+    def policy_paths(self) -> list[str]:
+        return self._source.policy_paths()
+
+    def read(self, relative: str) -> SourceFile:
+        path = self._source.directory / relative
+        identity = file_identity(path)  # before reading: a write after it changes it
+        try:
+            file = self._source.read(relative)
+        except SourceError:
+            self.record(relative, os.path.realpath(path), identity)
+            raise
+        self.record(relative, file.real_path, identity)
+        return file
+
+    def real_folder(self, relative: str) -> str:
+        return self._source.real_folder(relative)
+
+    def record(
+        self, relative: str, real_path: str, identity: tuple[int, int, int, int, int] | None
+    ) -> None:
+        self._read.setdefault(relative, FileRead(relative, real_path, identity))
+
+    @property
+    def files_read(self) -> tuple[FileRead, ...]:
+        return tuple(self._read[name] for name in sorted(self._read))
+
+
+def _record_path(recording: _RecordingSource, relative: str) -> None:
+    path = recording.directory / relative
+    recording.record(relative, os.path.realpath(path), file_identity(path))
 
 
 def _revision(directory: Path, contents: Iterable[tuple[Path, bytes]]) -> str:
@@ -101,24 +164,50 @@ def load_policy_set(
     directory = Path(directory)
     if not directory.is_dir():
         raise PolicyLoadError([LoadIssue(directory, 0, "policy directory does not exist")])
-    source: PolicySource
     if bundle_public_key is not None:
+        # Verification read the signature and every file of the tree (hidden ones too): a
+        # change to any of them changes what loads, so all count as read.
+        identities = {name: file_identity(directory / name) for name in tree_files(directory)}
+        bundle = directory / BUNDLE_FILE
+        bundle_read = FileRead(BUNDLE_FILE, os.path.realpath(bundle), file_identity(bundle))
         try:
-            source = read_signed_snapshot(directory, bundle_public_key, limits)
+            snapshot = read_signed_snapshot(directory, bundle_public_key, limits)
         except BundleVerificationError as exc:
             raise PolicyLoadError(
-                [LoadIssue(directory / BUNDLE_FILE, 0, p) for p in exc.problems]
+                [LoadIssue(directory / BUNDLE_FILE, 0, p) for p in exc.problems],
+                (
+                    bundle_read,
+                    *(
+                        FileRead(name, os.path.realpath(directory / name), identity)
+                        for name, identity in sorted(identities.items())
+                    ),
+                ),
             ) from None
+        recording = _RecordingSource(snapshot)
+        recording.record(BUNDLE_FILE, bundle_read.real_path, bundle_read.identity)
+        for name, file in snapshot.files.items():
+            recording.record(name, file.real_path, identities.get(name))
     else:
-        source = DirectorySource(directory, limits)
-    return load_policy_source(source, remote_keys=remote_keys)
+        recording = _RecordingSource(DirectorySource(directory, limits))
+    return load_policy_source(recording, remote_keys=remote_keys)
 
 
 def load_policy_source(
     source: PolicySource, *, remote_keys: RemoteKeySets | None = None
 ) -> CompiledPolicySet:
     """Compiles the policy set from `source` alone (see load_policy_set): every file is read
-    and size-checked before the first is parsed. Raises PolicyLoadError."""
+    and size-checked before the first is parsed. Raises PolicyLoadError. Both the set and the
+    error carry `files_read`: every file asked of `source` (see FileRead)."""
+    recording = source if isinstance(source, _RecordingSource) else _RecordingSource(source)
+    try:
+        policies = _load(recording, remote_keys)
+    except PolicyLoadError as exc:
+        exc.files_read = recording.files_read
+        raise
+    return policies
+
+
+def _load(source: _RecordingSource, remote_keys: RemoteKeySets | None) -> CompiledPolicySet:
     remote_keys = remote_keys if remote_keys is not None else RemoteKeySets()
     directory = source.directory
     issues: list[LoadIssue] = []
@@ -160,6 +249,7 @@ def load_policy_source(
         revision=_revision(directory, contents),
         organizations=MappingProxyType(organizations),
         file_count=len(contents),
+        files_read=source.files_read,
     )
 
 

@@ -16,9 +16,9 @@ from typing import Protocol
 
 from policy_engine.auth.keys import RemoteKeySets
 from policy_engine.config import PolicyLimits
-from policy_engine.policy import CompiledPolicySet, load_policy_set
+from policy_engine.policy import CompiledPolicySet, PolicyLoadError, load_policy_set
 from policy_engine.policy.bundle import BUNDLE_FILE
-from policy_engine.policy.loader import policy_files
+from policy_engine.policy.loader import FileRead, file_identity, policy_files
 from policy_engine.store.watch import watch_tree
 from policy_engine.store.writes import WriteTracker, open_for_writing
 
@@ -79,12 +79,15 @@ def _identity(path: Path) -> _Identity | None:
 class DirectoryBackend:
     """Policies as files in a directory, one folder per organization (see the loader).
 
-    `load` reads a consistent snapshot: it fingerprints the files (path, size, mtime, inode)
-    before and after loading and refuses the result if they differ, so a deploy that lands
-    mid-read is never half-applied. Nor is a file still being written read at all: `load`
-    raises FilesBeingWritten while the watcher saw a policy file modified and not yet closed,
-    or the kernel reports one open for writing. `changes` watches the tree with inotify and
-    reports finished writes only (see policy_engine.store.watch).
+    `load` reads a consistent snapshot: it fingerprints the policy files (path, size, mtime,
+    inode) before and after loading, and checks that every file the load read (FileRead: JWKS
+    files and the bundle signature too) is still the one it read, and refuses the result if
+    anything differs, so a deploy that lands mid-read is never half-applied. Nor is a file
+    still being written read at all: `load` raises FilesBeingWritten while the watcher saw one
+    of those files modified and not yet closed, or the kernel reports one open for writing
+    (also when the load failed: a truncated file usually does not parse). `changes` watches
+    the tree and every file the last load read with inotify and reports finished writes only
+    (see policy_engine.store.watch).
     """
 
     # Asked of every file the loader reads; a class attribute so a test can take it away.
@@ -102,29 +105,57 @@ class DirectoryBackend:
         self.limits = limits or PolicyLimits()  # per file and per set, checked before parsing
         self._remote_keys = RemoteKeySets()  # JWKS URLs' keys survive reloads
         self._writes = WriteTracker()  # fed by the watcher in changes()
+        # What the last load read or tried to read; replaced whole by the reload thread, read
+        # by the watch thread.
+        self._files_read: tuple[FileRead, ...] = ()
 
     @property
     def location(self) -> str:
         return str(self.directory)
 
+    @property
+    def files_read(self) -> tuple[FileRead, ...]:
+        """Every file the last load read or tried to read (see FileRead)."""
+        return self._files_read
+
     def load(self) -> CompiledPolicySet:
         before = self._fingerprint()
         self._refuse_files_being_written()
-        policies = load_policy_set(
-            self.directory,
-            bundle_public_key=self.bundle_public_key,
-            remote_keys=self._remote_keys,
-            limits=self.limits,
-        )
-        if self._fingerprint() != before:
-            raise SourceChangedDuringLoad(f"{self.directory} changed while it was being loaded")
+        try:
+            policies = load_policy_set(
+                self.directory,
+                bundle_public_key=self.bundle_public_key,
+                remote_keys=self._remote_keys,
+                limits=self.limits,
+            )
+        except PolicyLoadError as exc:
+            self._files_read = exc.files_read
+            self._refuse_files_being_written()  # the error may be a truncated file's
+            raise
+        self._files_read = policies.files_read
+        changed = self.changed_since_read(policies.files_read)
+        if changed or self._fingerprint() != before:
+            shown = f" ({', '.join(changed[:5])})" if changed else ""
+            raise SourceChangedDuringLoad(
+                f"{self.directory} changed while it was being loaded{shown}"
+            )
         self._refuse_files_being_written()  # opened for writing while we read
         return policies
+
+    def changed_since_read(self, files_read: tuple[FileRead, ...]) -> list[str]:
+        """The relative paths among `files_read` whose file is no longer the one read (written,
+        replaced, removed or created since; see FileRead.identity)."""
+        return [
+            file.relative
+            for file in files_read
+            if file_identity(self.directory / file.relative) != file.identity
+        ]
 
     def files_being_written(self) -> list[str]:
         """Files the loader would read that are still being written, relative to the
         directory, sorted: those the watcher saw modified and not yet closed, and those the
-        kernel reports open for writing (see writes.open_for_writing). A file the watcher
+        kernel reports open for writing (see writes.open_for_writing) among the policy files,
+        the bundle signature and every file the last load read. A file the watcher
         still records but the kernel says no process holds open for writing is finished
         (its close event was lost, e.g. to a queue overflow) and is forgotten."""
         found: set[str] = set()
@@ -136,7 +167,12 @@ class DirectoryBackend:
                 self._writes.finished(path)  # gone: nothing left to read half-done
             else:
                 found.add(path)
-        for path in [*policy_files(self.directory), self.directory / BUNDLE_FILE]:
+        probed = [
+            *policy_files(self.directory),
+            self.directory / BUNDLE_FILE,
+            *(self.directory / file.relative for file in self._files_read),
+        ]
+        for path in dict.fromkeys(probed):
             if str(path) not in found and self.probe_open_for_writing(path):
                 found.add(str(path))
         return sorted(_relative(self.directory, path) for path in found)
@@ -159,9 +195,10 @@ class DirectoryBackend:
 
     def changes(self, stop: threading.Event, debounce_ms: int) -> Iterator[str]:
         """Yields once per burst of finished changes (files closed after writing, renamed,
-        deleted; folders added or removed; the directory deleted, recreated or swapped) and
+        deleted; folders added or removed; the directory deleted, recreated or swapped; any
+        file the last load read, hidden or not, changed or, if it was missing, created) and
         records files being written for `load`; see watch.watch_tree."""
-        return watch_tree(self.directory, stop, debounce_ms, self._writes)
+        return watch_tree(self.directory, stop, debounce_ms, self._writes, lambda: self._files_read)
 
 
 def _relative(directory: Path, path: str) -> str:

@@ -16,6 +16,14 @@ was in place included). A watch follows its inode, so a root that is deleted or 
 queue overflows (IN_Q_OVERFLOW) events were lost: everything may have changed, so the tree
 is rescanned and a reload requested; the reload asks the kernel which files are still open
 for writing.
+
+Besides the policy files the walk finds, every file the last load read or tried to read is
+watched (`FileRead`: JWKS files named by `tokens.jwks_file`, hidden or not, the bundle
+signature and, with a bundle key, every signed file), by the name the loader used and by
+where its symlinks led: the folder holding each (hidden or not), or for a missing file its
+nearest existing ancestor, so the file's appearing is noticed too. When a load reads a
+different list, the watches follow and a reload is requested (a change made before the new
+watch was in place is not lost).
 """
 
 from __future__ import annotations
@@ -27,13 +35,13 @@ import os
 import re
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 
 from inotify_simple import INotify, flags
 
 from policy_engine.policy.bundle import BUNDLE_FILE
-from policy_engine.policy.loader import POLICY_SUFFIXES
+from policy_engine.policy.loader import POLICY_SUFFIXES, FileRead
 from policy_engine.store.writes import WriteTracker
 
 log = logging.getLogger(__name__)
@@ -70,19 +78,28 @@ _RESHAPES = flags.CREATE | flags.DELETE | flags.MOVED_FROM | flags.MOVED_TO
 
 
 class PolicyChangeFilter:
-    """Passes changes that can alter the policy set: *.yaml/*.yml files, the bundle manifest
-    and folders.
+    """Passes changes that can alter the policy set: *.yaml/*.yml files, the bundle manifest,
+    folders, and every file the last load read (`files_read`, hidden or not) with the
+    folders leading to it.
 
-    Hidden paths and editor temporaries are dropped (the loader ignores them too), except
-    Kubernetes' `..data` link swap. A deleted entry that is not known to be a file may have
-    been a symlinked folder, so it passes unless it looks like a temporary; an extra reload
-    is only a no-op.
+    Other hidden paths and editor temporaries are dropped (the loader ignores them too),
+    except Kubernetes' `..data` link swap. A deleted entry that is not known to be a file may
+    have been a symlinked folder, so it passes unless it looks like a temporary; an extra
+    reload is only a no-op.
     """
 
-    def __init__(self, root: Path) -> None:
+    def __init__(self, root: Path, files_read: Iterable[FileRead] = ()) -> None:
         self.root = Path(os.path.abspath(root))
+        self.read_paths, self.read_folders = _read_targets(self.root, files_read)
+
+    def reads(self, path: str) -> bool:
+        """`path` is a file the last load read or one of the folders leading to it."""
+        path = os.path.abspath(path)
+        return path in self.read_paths or path in self.read_folders
 
     def __call__(self, path: str, *, deleted: bool = False, is_dir: bool = False) -> bool:
+        if self.reads(path):
+            return True
         candidate = Path(path)
         try:
             parts = candidate.relative_to(self.root).parts
@@ -104,6 +121,40 @@ class PolicyChangeFilter:
         return candidate.is_dir()
 
 
+def _read_targets(
+    root: Path, files_read: Iterable[FileRead]
+) -> tuple[frozenset[str], frozenset[str]]:
+    """The absolute paths naming each file read (as the loader named it below `root`, where
+    its folder really is, and where its symlinks led) and every folder above those paths."""
+    paths: set[str] = set()
+    for file in files_read:
+        named = os.path.abspath(root / file.relative)
+        paths.update(
+            (
+                named,
+                os.path.join(os.path.realpath(os.path.dirname(named)), os.path.basename(named)),
+                os.path.normpath(file.real_path),
+            )
+        )
+    folders: set[str] = set()
+    for path in paths:
+        parent = os.path.dirname(path)
+        while parent not in folders and parent != os.path.dirname(parent):
+            folders.add(parent)
+            parent = os.path.dirname(parent)
+    return frozenset(paths), frozenset(folders)
+
+
+def _nearest_folder(path: str) -> str | None:
+    """The folder holding `path`, or its nearest existing ancestor when that is missing."""
+    parent = os.path.dirname(path)
+    while not os.path.isdir(parent):
+        if parent == os.path.dirname(parent):
+            return None
+        parent = os.path.dirname(parent)
+    return parent
+
+
 def _identity(path: Path) -> tuple[int, int] | None:
     """Which directory `path` is right now (following symlinks), or None when it is gone."""
     try:
@@ -114,10 +165,16 @@ def _identity(path: Path) -> tuple[int, int] | None:
 
 
 def watch_tree(
-    root: Path, stop: threading.Event, debounce_ms: int, writes: WriteTracker
+    root: Path,
+    stop: threading.Event,
+    debounce_ms: int,
+    writes: WriteTracker,
+    files_read: Callable[[], tuple[FileRead, ...]] = tuple,
 ) -> Iterator[str]:
     """Yields a short description each time the policy set under `root` may have changed,
     until `stop` is set; records unfinished writes in `writes` as they happen.
+    `files_read()` gives what the last load read (asked again about every STOP_POLL_MS): each
+    of those files is watched too, hidden or not (see the module docstring).
 
     Survives the directory being deleted, recreated or swapped (rename, symlink): every
     IDENTITY_CHECK_MS it checks which directory the path names, waits for it to come back
@@ -138,7 +195,7 @@ def watch_tree(
             reported_missing = False
             yield f"{root} is back"
         try:
-            tree = _TreeWatch(root, writes)
+            tree = _TreeWatch(root, writes, files_read)
         except OSError as exc:  # e.g. fs.inotify.max_user_instances reached
             log.warning("cannot watch %s (%s); retrying", root, exc)
             stop.wait(MISSING_POLL_SECONDS * 5)
@@ -162,14 +219,20 @@ def watch_tree(
 
 
 class _TreeWatch:
-    """One inotify instance watching `root` and every (non-hidden) folder below it."""
+    """One inotify instance watching `root`, every (non-hidden) folder below it, and the
+    folders holding the files the last load read."""
 
-    def __init__(self, root: Path, writes: WriteTracker) -> None:
+    def __init__(
+        self, root: Path, writes: WriteTracker, files_read: Callable[[], tuple[FileRead, ...]]
+    ) -> None:
         self.root = root
         self.writes = writes
-        self.filter = PolicyChangeFilter(root)
+        self._files_read = files_read
+        self._read = files_read()
+        self.filter = PolicyChangeFilter(root, self._read)
         self._inotify = INotify()
         self._folders: dict[int, Path] = {}  # watch descriptor -> folder as spelled from root
+        self._real_folders: dict[int, str] = {}  # watch descriptor -> folder, links resolved
         self._full_reported = False
         self.established = self._sync()
 
@@ -181,8 +244,9 @@ class _TreeWatch:
 
     def _sync(self) -> bool:
         """Watch every folder the loader would read (walked as it walks: symlinked folders
-        followed, hidden ones skipped) and drop watches on folders no longer in the tree.
-        False when the root itself cannot be watched."""
+        followed, hidden ones skipped), the folder of every file the last load read (or its
+        nearest existing ancestor), and drop watches on folders no longer needed. False when
+        the root itself cannot be watched."""
         folders: dict[int, Path] = {}
         seen: set[str] = set()
         for folder, subfolders, _ in os.walk(self.root, followlinks=True):
@@ -192,26 +256,60 @@ class _TreeWatch:
                 continue
             seen.add(real)
             subfolders[:] = [name for name in subfolders if not name.startswith(".")]
-            try:
-                wd = self._inotify.add_watch(folder, _FOLDER_MASK)
-            except OSError as exc:
-                if exc.errno == errno.ENOSPC and not self._full_reported:
-                    self._full_reported = True
-                    log.error(
-                        "cannot watch %s: the inotify watch limit is reached "
-                        "(raise fs.inotify.max_user_watches); changes below it are not "
-                        "noticed until the next SIGHUP or other change",
-                        folder,
-                    )
+            wd = self._add_watch(folder)
+            if wd is None:
                 if Path(folder) == self.root:
                     return False
                 continue  # deleted meanwhile: its parent's event brings another sync
             folders[wd] = Path(folder)
+        if not folders:
+            return False
+        for path in sorted(self.filter.read_paths):
+            folder = _nearest_folder(path)
+            if folder is None or os.path.realpath(folder) in seen:
+                continue
+            seen.add(os.path.realpath(folder))
+            wd = self._add_watch(folder)
+            if wd is not None:
+                folders.setdefault(wd, Path(folder))
         for wd in set(self._folders) - set(folders):
             with contextlib.suppress(OSError):  # already removed by the kernel
                 self._inotify.rm_watch(wd)
         self._folders = folders
-        return bool(folders)
+        self._real_folders = {wd: os.path.realpath(folder) for wd, folder in folders.items()}
+        return True
+
+    def _add_watch(self, folder: str) -> int | None:
+        try:
+            return self._inotify.add_watch(folder, _FOLDER_MASK)
+        except OSError as exc:
+            if exc.errno == errno.ENOSPC and not self._full_reported:
+                self._full_reported = True
+                log.error(
+                    "cannot watch %s: the inotify watch limit is reached "
+                    "(raise fs.inotify.max_user_watches); changes below it are not "
+                    "noticed until the next SIGHUP or other change",
+                    folder,
+                )
+            return None
+
+    def _follow_files_read(self) -> str | None:
+        """Re-watches when the last load read other files than those watched; returns the
+        change to report then (a reload: the new files may have changed before their watch)."""
+        files_read = self._files_read()
+        if files_read is self._read:
+            return None
+        self._read = files_read
+        new_filter = PolicyChangeFilter(self.root, files_read)
+        if (new_filter.read_paths, new_filter.read_folders) == (
+            self.filter.read_paths,
+            self.filter.read_folders,
+        ):
+            return None
+        self.filter = new_filter
+        if not self._sync():
+            return f"{self.root} (cannot be watched)"
+        return f"{self.root}: the files the last load read (now watched)"
 
     def next_change(self, stop: threading.Event, debounce_ms: int) -> str | None:
         """Waits up to IDENTITY_CHECK_MS for a finished change, then collects the burst it
@@ -223,6 +321,11 @@ class _TreeWatch:
         changed: list[str] = []
         first_at = 0.0
         while not stop.is_set():
+            followed = self._follow_files_read()
+            if followed:
+                if not changed:
+                    first_at = time.monotonic()
+                changed.append(followed)
             now = time.monotonic()
             if changed:
                 left = first_at + debounce - now
@@ -270,7 +373,12 @@ class _TreeWatch:
             path = folder / event.name if event.name else folder
             is_dir = bool(event.mask & flags.ISDIR)
             gone = bool(event.mask & _GONE)
-            if not self.filter(str(path), deleted=gone, is_dir=is_dir):
+            # The same entry named through the folder's real location: a file read through a
+            # symlink is matched where the link leads.
+            real = os.path.join(self._real_folders.get(event.wd, ""), event.name)
+            if not self.filter(str(path), deleted=gone, is_dir=is_dir) and not (
+                event.name and self.filter.reads(real)
+            ):
                 continue
             if event.mask & flags.MODIFY:
                 self.writes.modified(str(path))  # not a change yet: it is being written
