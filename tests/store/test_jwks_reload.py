@@ -22,11 +22,15 @@ import pytest
 import yaml
 
 from policy_engine.api import pdp_pb2, pdp_pb2_grpc
-from policy_engine.config import ReloadSettings, Settings
+from policy_engine.config import BundleSettings, ReloadSettings, Settings
 from policy_engine.policy import CompiledPolicySet, load_policy_set
+from policy_engine.policy.bundle import read_tree, sign_bundle
+from policy_engine.policy.loader import FileRead
 from policy_engine.server.app import RunningServer, start_server
 from policy_engine.store import DirectoryBackend, PolicyStore, ReloadResult
+from policy_engine.store.watch import PolicyChangeFilter
 from tests.auth.material import AUDIENCE, ISSUER, claims, jwks, rsa_key
+from tests.policy.test_bundle import key_pair
 from tests.policy_builder import allow_all, write_organization
 from tests.store.support import wait_for, write_text_atomically
 
@@ -257,3 +261,69 @@ def test_a_jwks_rewritten_during_a_load_is_never_half_applied(tmp_path: Path, ro
     assert policies.revision == _revision_of(tmp_path, root)
     read = {file.relative for file in policies.files_read}
     assert {"acme/.keys/jwks.json", "globex/keys/jwks.json"} <= read
+
+
+def test_signed_policies_reload_when_the_jwks_lands_after_its_signature(
+    tmp_path: Path, root: Path
+) -> None:
+    """A deploy that writes the new signature first and the hidden JWKS second: the first
+    reload fails (the JWKS differs from the signed one) and the JWKS's arrival loads the set."""
+    private_file, public_file = key_pair(tmp_path)
+    sign_bundle(root, private_file.read_bytes())
+    running = start_server(
+        Settings(
+            address="127.0.0.1:0",
+            policy_dir=root,
+            threads=4,
+            metrics_address="",
+            reload=ReloadSettings(watch=True, debounce_ms=50),
+            bundle=BundleSettings(public_key_file=str(public_file)),
+        )
+    )
+    try:
+        stolen = COMPROMISED.sign(**claims())
+        with grpc.insecure_channel(f"127.0.0.1:{running.port}") as channel:
+            stub = pdp_pb2_grpc.PolicyDecisionServiceStub(channel)
+            assert _check(stub, "acme", stolen) == ALLOWED
+            staged = tmp_path / "staged"
+            shutil.copytree(root, staged)
+            (staged / "acme" / ".keys" / "jwks.json").write_text(jwks(KEPT))
+            snapshot, problems = read_tree(staged)
+            assert problems == []
+            sign_bundle(root, private_file.read_bytes(), snapshot)  # the signature first
+            wait_for(
+                lambda: "content differs" in _status(running).last_error,
+                what="the reload refused until the JWKS lands",
+            )
+            assert _check(stub, "acme", stolen) == ALLOWED  # the last good set
+            write_text_atomically(root / "acme" / ".keys" / "jwks.json", jwks(KEPT))
+            wait_for(lambda: _check(stub, "acme", stolen) == DENIED, what="the signed new JWKS")
+            assert _status(running).last_reload_ok
+    finally:
+        running.stop(grace=None)
+
+
+@pytest.mark.parametrize(
+    ("relative", "passes"),
+    [
+        ("acme/.keys/jwks.json", True),  # read by the last load, hidden or not
+        ("acme/.keys", True),  # the folder leading to it (created, renamed in)
+        ("acme/.rotated/jwks.json", True),  # read and missing: its appearance counts
+        ("acme/.rotated", True),
+        ("acme/.keys/.jwks.json.tmp", False),  # an editor's temporary beside it
+        ("acme/.keys/jwks.json~", False),
+        ("acme/.keys/other.json", False),  # not read
+        ("acme/.git/index", False),
+        ("acme/keys/jwks.json", False),  # not read by that load
+    ],
+)
+def test_the_filter_passes_the_files_the_last_load_read(
+    tmp_path: Path, relative: str, passes: bool
+) -> None:
+    (tmp_path / "acme" / ".keys").mkdir(parents=True)
+    files_read = [
+        FileRead(name, str(tmp_path / name), None)
+        for name in ("acme/.keys/jwks.json", "acme/.rotated/jwks.json", "acme/organization.yaml")
+    ]
+    changes = PolicyChangeFilter(tmp_path, files_read)
+    assert changes(str(tmp_path / relative)) is passes
