@@ -180,14 +180,16 @@ def _decide_layer(
     subject, application, scope = request.subject.id, request.application.id, request.scope
     outcome = _LayerOutcome(effect=index.default, by_default=True)
 
-    for rule in bucket.denies:
+    # The index narrows each effect's rules to the few that may apply (same order as the
+    # bucket); applies_to still decides, so what is evaluated is what a full scan finds.
+    for rule in bucket.denies.candidates(subject, application, scope):
         if rule.applies_to(subject, application, scope):
             _run_rule(layer, rule, activation, outcome, explain)
     if outcome.reasons:
         outcome.effect, outcome.by_default = Effect.DENY, False
         if not explain:
             return outcome
-    for rule in bucket.allows:
+    for rule in bucket.allows.candidates(subject, application, scope):
         if (
             rule.applies_to(subject, application, scope)
             and _run_rule(layer, rule, activation, outcome, explain) is RuleResult.MATCHED

@@ -10,6 +10,7 @@ from policy_engine.auth.tokens import UNVERIFIED, TokenRules
 from policy_engine.cel import CompiledExpression
 from policy_engine.domain.codes import ErrorCode
 from policy_engine.domain.decision import Effect, Layer
+from policy_engine.policy.index import RuleIndex
 from policy_engine.policy.model import Catalog
 from policy_engine.policy.patterns import Matcher
 
@@ -44,13 +45,14 @@ class CompiledRule:
 
 @dataclass(frozen=True, slots=True)
 class RuleBucket:
-    """The rules of one layer that can apply to one integration, denies apart from allows."""
+    """The rules of one layer that can apply to one integration, denies apart from allows,
+    each indexed by target (`RuleIndex.rules` holds them in (policy, rule) order)."""
 
-    denies: tuple[CompiledRule, ...]
-    allows: tuple[CompiledRule, ...]
+    denies: RuleIndex
+    allows: RuleIndex
 
 
-EMPTY_BUCKET = RuleBucket((), ())
+EMPTY_BUCKET = RuleBucket(RuleIndex(()), RuleIndex(()))
 
 
 @dataclass(frozen=True, slots=True)

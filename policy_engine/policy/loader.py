@@ -40,6 +40,7 @@ from policy_engine.policy.compiled import (
     LayerIndex,
     RuleBucket,
 )
+from policy_engine.policy.index import RuleIndex
 from policy_engine.policy.model import OrganizationConfig, Policy, Rule, TokenSettings
 from policy_engine.policy.parse import (
     KIND_ORGANIZATION,
@@ -442,16 +443,24 @@ def _conjunction(first: Matcher, second: Matcher) -> Matcher | _Conjunction:
 def _index_by_integration(
     integrations: frozenset[str], rules: list[tuple[CompiledRule, Matcher | _Conjunction]]
 ) -> dict[str, RuleBucket]:
-    """Sorted by (policy, rule) so file and rule order can never change a decision or a trace."""
+    """Sorted by (policy, rule) so file and rule order can never change a decision or a trace.
+
+    Integrations whose applicable rules are the same (usually all of them: most rules do not
+    target integrations) share one bucket, so its target indexes are built and held once."""
     ordered = sorted(rules, key=lambda item: (item[0].policy, item[0].name))
     index: dict[str, RuleBucket] = {}
+    shared: dict[tuple[CompiledRule, ...], RuleBucket] = {}
     for integration in sorted(integrations):
-        applicable = [rule for rule, matches in ordered if matches(integration)]
-        if applicable:
-            index[integration] = RuleBucket(
-                denies=tuple(r for r in applicable if r.effect is Effect.DENY),
-                allows=tuple(r for r in applicable if r.effect is Effect.ALLOW),
+        applicable = tuple(rule for rule, matches in ordered if matches(integration))
+        if not applicable:
+            continue
+        bucket = shared.get(applicable)  # CompiledRule compares by identity
+        if bucket is None:
+            bucket = shared[applicable] = RuleBucket(
+                denies=RuleIndex(r for r in applicable if r.effect is Effect.DENY),
+                allows=RuleIndex(r for r in applicable if r.effect is Effect.ALLOW),
             )
+        index[integration] = bucket
     return index
 
 
