@@ -15,8 +15,10 @@ REDIS_URL    ?=
 # every `make run` on this checkout (and so every local replica) signs with the same key.
 CACHE_KEY_FILE ?= .pdp/cache-signing.key
 FUZZ_SECONDS ?= 300
+# Flags for `make bench-scale`, e.g. SCALE_ARGS='--sizes 100,1000 --orgs off --duration-scale 0.3'.
+SCALE_ARGS ?=
 
-.PHONY: install generate run test lint bench fuzz clean
+.PHONY: install generate run test lint bench bench-scale fuzz clean
 
 install: $(STAMP) generate
 
@@ -58,6 +60,12 @@ lint: install
 bench: install
 	command -v h2load >/dev/null 2>&1 || (apt-get update -qq && apt-get install -y -qq nghttp2-client)
 	$(BIN)/python -m policy_engine.bench
+
+# Generated sets of 100 to 50,000 user policies and 1,000 organizations (README, Performance
+# at scale); the big rows take minutes. Results in bench-results/scale.md.
+bench-scale: install
+	command -v h2load >/dev/null 2>&1 || (apt-get update -qq && apt-get install -y -qq nghttp2-client)
+	$(BIN)/python -m policy_engine.bench.scale $(SCALE_ARGS)
 
 # Kept out of `make test` (which runs a short pass): fresh seeds until FUZZ_SECONDS run out.
 fuzz: install
