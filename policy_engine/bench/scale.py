@@ -451,7 +451,7 @@ def results_table(results: Sequence[ScaleResult], idle_timeout_s: float) -> str:
 
 def details_table(results: Sequence[ScaleResult]) -> str:
     lines = [
-        "| set | files | MB on disk | generated in s | req/s p50 / p99.9 / max ms "
+        "| set | files | MB on disk | generated in s | 64 in flight p50 / p99.9 / max ms "
         "| 1 in flight p99 ms | requests (load / 1 in flight) | error |",
         "|---|--:|--:|--:|--:|--:|--:|---|",
     ]
@@ -467,7 +467,7 @@ def details_table(results: Sequence[ScaleResult]) -> str:
         )
         error = "" if r.error is None else " ".join(r.error.split())[:300].replace("|", "/")
         lines.append(
-            f"| {r.spec.name} | {r.files:,} | {r.bytes / MB:.1f} | {r.generate_s:.1f} | {load} "
+            f"| {r.spec.name} | {r.files:,} | {r.bytes / MB:.2f} | {r.generate_s:.1f} | {load} "
             f"| {single} | {counts} | {error} |"
         )
     return "\n".join(lines)
@@ -661,6 +661,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--keep-sets", action="store_true", help="keep the generated sets")
     parser.add_argument(
+        "--logs",
+        type=Path,
+        default=REPO / "bench-results" / "logs" / "scale",
+        help="server logs, request bodies and h2load logs, a folder per set",
+    )
+    parser.add_argument(
         "--output",
         type=Path,
         default=REPO / "bench-results" / "scale.md",
@@ -697,7 +703,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             server_cpu=server_cpu,
             load_cpu=load_cpu,
             workdir=Path(tmp),
-            logs=REPO / "bench-results" / "logs" / "scale",
+            logs=args.logs.resolve(),
             keep_sets=args.keep_sets,
         )
         results: list[ScaleResult] = []

@@ -312,16 +312,24 @@ def probe_for(spec: SetSpec, o: int, i: int, *, allowed: bool) -> Probe:
 
 
 def spread(spec: SetSpec, count: int) -> list[tuple[int, int]]:
-    """`count` (organization, person) pairs spread evenly over the whole set, all different
-    when the set is large enough (never the person `edit_person` picks)."""
+    """`count` (organization, person) pairs spread evenly over the set, never the person
+    `edit_person` picks (when there is anyone else), all different when the set has more
+    people than `count`. With at least `count` organizations, each pick is in another one."""
+    edit = spec.global_index(*edit_person(spec))
     total = spec.user_policies
-    edit = edit_person(spec)
     picks: list[tuple[int, int]] = []
     for k in range(count):
-        g = (k * total) // count + (total // count) // 2
-        g = min(g, total - 1)
-        if divmod(g, spec.users) == edit and total > 1:
-            g = (g + 1) % total
+        if spec.organizations >= count:
+            o = (k * spec.organizations) // count + (spec.organizations // count) // 2
+            i = ((k * spec.users) // count + spec.users // 2) % spec.users
+            if spec.global_index(o, i) == edit and spec.users > 1:
+                i = (i + 1) % spec.users
+            picks.append((o, i))
+            continue
+        others = max(total - 1, 1)  # everyone but the edited person
+        g = (k * others) // count + (others // count) // 2
+        if total > 1 and g >= edit:
+            g += 1
         picks.append(divmod(g, spec.users))
     return picks
 
