@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import math
 import os
 import shutil
 import sys
@@ -82,6 +83,8 @@ MEASURE_SECONDS = 10.0
 LATENCY_SECONDS = 5.0  # the -c1 -m1 run, over all subjects in turn
 LOAD_PROCESSES = 8  # h2load processes (one subject each), one connection each
 STREAMS = 8  # per connection: 8 x 8 = 64 in flight, as in `make bench`
+MIN_RUN_S = 1.0  # a timed h2load run shorter than this may end before a loaded box answers
+MIN_SINGLE_REQUESTS = 100  # per subject at 1 in flight, enough for a p50
 START_TIMEOUT_S = 300.0
 POLL_S = 0.025  # how often an edit's new answer is polled for
 IDLE_WINDOW_S = 0.5
@@ -201,10 +204,11 @@ def parallel_load(
     logs: Path,
     cpu: int | None,
 ) -> LoadResult:
-    """One h2load process per body, all at once for `duration_s`, each one connection with
-    `streams` streams; the rate is the sum of their rates. Raises H2loadError or ValueError
-    when a request failed."""
+    """One h2load process per body, all at once for `duration_s` (at least MIN_RUN_S), each
+    one connection with `streams` streams; the rate is the sum of their rates. Raises
+    H2loadError or ValueError when a request failed."""
     shape = h2load.LoadShape(clients=1, streams=streams)
+    duration_s = max(duration_s, MIN_RUN_S)
     runs = [
         (
             pinned(h2load.grpc_command(url, body, shape, duration_s=duration_s, log_file=log), cpu),
@@ -219,17 +223,20 @@ def parallel_load(
 
 
 def one_in_flight(
-    url: str, bodies: Sequence[Path], duration_s: float, logs: Path, cpu: int | None
+    url: str, bodies: Sequence[Path], requests: int, logs: Path, cpu: int | None
 ) -> LoadResult:
-    """Each body in turn at -c1 -m1 for `duration_s / len(bodies)`, pooled."""
+    """Each body in turn at -c1 -m1 for `requests` requests, pooled; the rate is the mean of
+    the runs' rates. A count, not a duration: a short timed run at one in flight can end
+    before its first answer on a loaded box."""
     shape = h2load.LoadShape(clients=1, streams=1)
-    each = duration_s / len(bodies)
     entries: list[h2load.LogEntry] = []
     rates: list[float] = []
     for body in bodies:
         log = logs / f"{body.stem}.single.log"
-        command = pinned(h2load.grpc_command(url, body, shape, duration_s=each, log_file=log), cpu)
-        summary = h2load.run(command, each + 60)
+        command = pinned(
+            h2load.grpc_command(url, body, shape, requests=requests, log_file=log), cpu
+        )
+        summary = h2load.run(command, 120 + requests * 0.05)
         entries += _entries(log, summary)
         rates.append(summary.req_per_s)
     return LoadResult(sum(rates) / len(rates), entries)
@@ -365,7 +372,9 @@ def _measure(generated: GeneratedSet, result: ScaleResult, plan: Plan) -> ScaleR
             parallel_load(url, bodies, plan.streams, plan.warmup_s, logs, plan.load_cpu)
             srv.check_alive()
             measured = parallel_load(url, bodies, plan.streams, plan.measure_s, logs, plan.load_cpu)
-            single = one_in_flight(url, bodies, plan.latency_s, logs, plan.load_cpu)
+            # Sized from the loaded rate: about latency_s in all at one in flight.
+            each = math.ceil(measured.req_per_s * plan.latency_s / len(bodies))
+            single = one_in_flight(url, bodies, max(MIN_SINGLE_REQUESTS, each), logs, plan.load_cpu)
             for row in rows:
                 verify(srv.target, row, "after load")
             result = dataclasses.replace(
@@ -550,12 +559,13 @@ def document(results: Sequence[ScaleResult], plan: Plan, facts: dict[str, str]) 
         "",
         f"Load: {plan.processes} h2load processes at once, each one connection with "
         f"{plan.streams} streams and its own subject (people spread over the set, alternately "
-        f"allowed and denied); req/s is their sum over {plan.measure_s:g} s after a "
-        f"{plan.warmup_s:g} s warm-up. 1 in flight: the same subjects in turn at -c1 -m1 "
-        f"for {plan.latency_s:g} s in all. Edits: one person's file rewritten so their allowed "
-        "tuple is denied, then written back; seconds from the rename to the first new answer "
-        f"(polled every {POLL_S * 1000:.0f} ms). 'then busy': seconds after SERVING until the "
-        "server idles (a reload right after start shows here).",
+        f"allowed and denied); req/s is their sum over {max(plan.measure_s, MIN_RUN_S):g} s "
+        f"after a {max(plan.warmup_s, MIN_RUN_S):g} s warm-up. 1 in flight: the same subjects "
+        f"in turn at -c1 -m1, about {plan.latency_s:g} s in all (at least "
+        f"{MIN_SINGLE_REQUESTS} requests each). Edits: one person's file rewritten so their "
+        "allowed tuple is denied, then written back; seconds from the rename to the first new "
+        f"answer (polled every {POLL_S * 1000:.0f} ms). 'then busy': seconds after SERVING "
+        "until the server idles (a reload right after start shows here).",
         "",
     ]
     table = targets_table(results)
