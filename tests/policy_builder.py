@@ -77,3 +77,41 @@ def request(
         context=RequestContext(),
         explain=explain,
     )
+
+
+def user_policy(index: int, *, templated: bool) -> dict[str, Any]:
+    """User `user-<index>`'s policy: two rules with CEL conditions. `templated` ones are the
+    same text for every user (shared compile work); otherwise each embeds the user's index."""
+    tag = "" if templated else f"-{index}"
+    return {
+        "name": f"user-{index}",
+        "layer": "user",
+        "target": {"subjects": [f"user-{index}"]},
+        "rules": [
+            {
+                "name": "own-groups",
+                "effect": "allow",
+                "condition": f'"team{tag}" in subject.attributes.groups '
+                f'&& scope.startsWith("repo{tag}")',
+            },
+            {
+                "name": "no-admin",
+                "effect": "deny",
+                "condition": f'scope == "admin{tag}" || integration.id in ["slack{tag}", "x"]',
+            },
+        ],
+    }
+
+
+def write_user_policies(
+    root: Path, org: str = "acme", count: int = 100, *, templated: bool = True
+) -> Path:
+    """One organization holding `count` user policies of two rules each, one file each
+    (users/user-<index>.yaml), plus an org-layer and an application-layer allow-all."""
+    folder = write_organization(root, org, policies=[allow_all("org"), allow_all("application")])
+    users = folder / "users"
+    users.mkdir(exist_ok=True)
+    for index in range(count):
+        policy = {"kind": "Policy", **user_policy(index, templated=templated)}
+        (users / f"user-{index:05d}.yaml").write_text(dump_yaml(policy))
+    return folder

@@ -27,11 +27,12 @@ from policy_engine.auth.keys import (
     parse_jwks,
 )
 from policy_engine.auth.tokens import UNVERIFIED, TokenRules
-from policy_engine.cel import CelCompileError, CompiledExpression, compile_expression
+from policy_engine.cel import CelCompileError, CompiledExpression
 from policy_engine.config import PolicyLimits
 from policy_engine.domain.decision import POLICY_LAYERS, Effect, Layer
 from policy_engine.engine.activation import CEL_DECLARATIONS
 from policy_engine.policy.bundle import BUNDLE_FILE, BundleVerificationError, read_signed_snapshot
+from policy_engine.policy.compile_cache import CompileCache, LoadAttempt, ParsedFile
 from policy_engine.policy.compiled import (
     CompiledOrganization,
     CompiledPolicySet,
@@ -65,6 +66,7 @@ from policy_engine.policy.yamlpos import PositionedDict, error_line, load_docume
 
 __all__ = [
     "POLICY_SUFFIXES",
+    "CompileCache",
     "FileRead",
     "PolicyLoadError",
     "file_identity",
@@ -154,6 +156,7 @@ def load_policy_set(
     bundle_public_key: bytes | None = None,
     remote_keys: RemoteKeySets | None = None,
     limits: PolicyLimits | None = None,
+    cache: CompileCache | None = None,
 ) -> CompiledPolicySet:
     """Loads `directory`; raises PolicyLoadError listing every problem (file:line).
 
@@ -161,7 +164,9 @@ def load_policy_set(
     files the loader could read (policy_engine.policy.bundle), and the set is compiled from the
     verified bytes only, read once. `limits` bound each file and the whole set before anything
     is parsed. `remote_keys` keeps JWKS URLs' key sets across loads (a long-running server
-    passes one; without it each load fetches them anew)."""
+    passes one; without it each load fetches them anew). With `cache`, files and conditions
+    that an earlier load through the same cache parsed and compiled are reused (see
+    policy_engine.policy.compile_cache); the result is the same as without it."""
     directory = Path(directory)
     if not directory.is_dir():
         raise PolicyLoadError([LoadIssue(directory, 0, "policy directory does not exist")])
@@ -190,25 +195,37 @@ def load_policy_set(
             recording.record(name, file.real_path, identities.get(name))
     else:
         recording = _RecordingSource(DirectorySource(directory, limits))
-    return load_policy_source(recording, remote_keys=remote_keys)
+    return load_policy_source(recording, remote_keys=remote_keys, cache=cache)
 
 
 def load_policy_source(
-    source: PolicySource, *, remote_keys: RemoteKeySets | None = None
+    source: PolicySource,
+    *,
+    remote_keys: RemoteKeySets | None = None,
+    cache: CompileCache | None = None,
 ) -> CompiledPolicySet:
     """Compiles the policy set from `source` alone (see load_policy_set): every file is read
     and size-checked before the first is parsed. Raises PolicyLoadError. Both the set and the
-    error carry `files_read`: every file asked of `source` (see FileRead)."""
+    error carry `files_read`: every file asked of `source` (see FileRead). `cache`: see
+    load_policy_set; without one, identical conditions are still compiled once per load."""
     recording = source if isinstance(source, _RecordingSource) else _RecordingSource(source)
+    attempt = cache.begin() if cache is not None else LoadAttempt(None)
+    good = False
     try:
-        policies = _load(recording, remote_keys)
+        policies = _load(recording, remote_keys, attempt)
+        good = True
     except PolicyLoadError as exc:
         exc.files_read = recording.files_read
         raise
+    finally:
+        if cache is not None:
+            cache.finish(attempt, good=good)
     return policies
 
 
-def _load(source: _RecordingSource, remote_keys: RemoteKeySets | None) -> CompiledPolicySet:
+def _load(
+    source: _RecordingSource, remote_keys: RemoteKeySets | None, attempt: LoadAttempt
+) -> CompiledPolicySet:
     remote_keys = remote_keys if remote_keys is not None else RemoteKeySets()
     directory = source.directory
     issues: list[LoadIssue] = []
@@ -235,12 +252,18 @@ def _load(source: _RecordingSource, remote_keys: RemoteKeySets | None) -> Compil
             issues.append(LoadIssue(path, 1, f"organization folder name {org!r} is not valid"))
             continue
         configs, policies = by_org.setdefault(org, ([], []))
-        _parse_file(path, data, org, configs, policies, issues)
+        parsed = attempt.parsed_file(
+            path,
+            hashlib.sha256(data).digest(),
+            lambda path=path, data=data, org=org: _parse_new(path, data, org, issues),
+        )
+        configs.extend(parsed.configs)
+        policies.extend(parsed.policies)
 
     organizations = {}
     for org, (configs, policies) in sorted(by_org.items()):
         compiled = _compile_organization(
-            source, org, configs, policies, issues, contents, remote_keys
+            source, org, configs, policies, issues, contents, remote_keys, attempt
         )
         if compiled is not None:
             organizations[org] = compiled
@@ -252,6 +275,17 @@ def _load(source: _RecordingSource, remote_keys: RemoteKeySets | None) -> Compil
         file_count=len(contents),
         files_read=source.files_read,
     )
+
+
+def _parse_new(
+    path: Path, data: bytes, org: str, issues: list[LoadIssue]
+) -> tuple[ParsedFile, bool]:
+    """Parses one file; True when it added no issue (only then may it be cached)."""
+    before = len(issues)
+    configs: list[OrganizationConfig] = []
+    policies: list[Policy] = []
+    _parse_file(path, data, org, configs, policies, issues)
+    return ParsedFile(tuple(configs), tuple(policies)), len(issues) == before
 
 
 def _parse_file(
@@ -362,6 +396,7 @@ def _compile_organization(
     issues: list[LoadIssue],
     contents: list[tuple[Path, bytes]],
     remote_keys: RemoteKeySets,
+    attempt: LoadAttempt,
 ) -> CompiledOrganization | None:
     if len(configs) != 1:
         where = configs[1].position if len(configs) > 1 else None
@@ -393,7 +428,9 @@ def _compile_organization(
     for policy in policies:
         _check_catalog_references(config, policy, issues)
         for rule in policy.rules:
-            compiled = _compile_rule(policy, rule, issues)
+            compiled = attempt.compiled_rule(
+                rule, lambda policy=policy, rule=rule: _compile_rule(policy, rule, issues, attempt)
+            )
             if compiled is not None:
                 integrations = Matcher.of(policy.target.integrations)
                 narrowed = Matcher.of(rule.target.integrations)
@@ -490,11 +527,13 @@ def _check_catalog_references(
                     )
 
 
-def _compile_rule(policy: Policy, rule: Rule, issues: list[LoadIssue]) -> CompiledRule | None:
+def _compile_rule(
+    policy: Policy, rule: Rule, issues: list[LoadIssue], attempt: LoadAttempt
+) -> CompiledRule | None:
     condition: CompiledExpression | None = None
     if rule.condition is not None:
         try:
-            condition = compile_expression(rule.condition, CEL_DECLARATIONS)
+            condition = attempt.condition(rule.condition, CEL_DECLARATIONS)
         except CelCompileError as exc:
             issues.append(
                 LoadIssue(

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Protocol
@@ -18,7 +19,9 @@ from policy_engine.auth.keys import RemoteKeySets
 from policy_engine.config import PolicyLimits
 from policy_engine.policy import CompiledPolicySet, PolicyLoadError, load_policy_set
 from policy_engine.policy.bundle import BUNDLE_FILE
+from policy_engine.policy.compile_cache import CompileCache
 from policy_engine.policy.loader import FileRead, file_identity, policy_files
+from policy_engine.policy.source import is_policy_file, tree_files
 from policy_engine.store.watch import watch_tree
 from policy_engine.store.writes import WriteTracker, open_for_writing
 
@@ -26,6 +29,11 @@ log = logging.getLogger(__name__)
 
 STABLE_LOAD_ATTEMPTS = 5  # loads retried while files keep changing underneath
 STABLE_LOAD_PAUSE_SECONDS = 0.05
+# A file whose change time is this close to (or after) the moment the last load started
+# reading may have been written again within one tick of the file system's clock without
+# its identity changing: such a set is read again (through the caches) rather than trusted
+# from its stat identities. Covers coarse kernel timestamps (a jiffy) and small clock skew.
+RACY_WINDOW_NS = 1_000_000_000
 
 
 class SourceChangedDuringLoad(Exception):
@@ -79,6 +87,11 @@ def _identity(path: Path) -> _Identity | None:
 class DirectoryBackend:
     """Policies as files in a directory, one folder per organization (see the loader).
 
+    `load` skips reading altogether when nothing changed since the last successful load
+    (`unchanged_since_load`): it then returns that same set, at the cost of a directory walk
+    and one stat per file. Otherwise it reads every file, but parses and compiles only files
+    whose bytes changed (`cache`, a CompileCache; see policy_engine.policy.compile_cache).
+
     `load` reads a consistent snapshot: it fingerprints the policy files (path, size, mtime,
     inode) before and after loading, and checks that every file the load read (FileRead: JWKS
     files and the bundle signature too) is still the one it read, and refuses the result if
@@ -92,6 +105,7 @@ class DirectoryBackend:
 
     # Asked of every file the loader reads; a class attribute so a test can take it away.
     probe_open_for_writing = staticmethod(open_for_writing)
+    racy_window_ns = RACY_WINDOW_NS  # a class attribute so a test can narrow it
 
     def __init__(
         self,
@@ -108,6 +122,14 @@ class DirectoryBackend:
         # What the last load read or tried to read; replaced whole by the reload thread, read
         # by the watch thread.
         self._files_read: tuple[FileRead, ...] = ()
+        self.cache = CompileCache()  # what the last good load parsed and compiled
+        # The set the last good load returned (the one the store serves: no extra memory),
+        # with what that load read, when it started reading, and which directory it read.
+        self._last_good: CompiledPolicySet | None = None
+        self._last_good_read: tuple[FileRead, ...] = ()
+        self._last_good_read_ns = 0  # time.time_ns()
+        self._last_good_root: _Identity | None = None
+        self.full_loads = 0  # loads that read the files (a count for tests and metrics)
 
     @property
     def location(self) -> str:
@@ -119,14 +141,27 @@ class DirectoryBackend:
         return self._files_read
 
     def load(self) -> CompiledPolicySet:
-        before = self._fingerprint()
+        root = _identity(self.directory)
         self._refuse_files_being_written()
+        last_good = self._last_good
+        if last_good is not None and self.unchanged_since_load(root):
+            log.debug(
+                "%s: every file is the one revision %s was loaded from; nothing read",
+                self.directory,
+                last_good.revision,
+            )
+            self._files_read = self._last_good_read
+            return last_good
+        self.full_loads += 1
+        before = self._fingerprint()
+        read_ns = time.time_ns()
         try:
             policies = load_policy_set(
                 self.directory,
                 bundle_public_key=self.bundle_public_key,
                 remote_keys=self._remote_keys,
                 limits=self.limits,
+                cache=self.cache,
             )
         except PolicyLoadError as exc:
             self._files_read = exc.files_read
@@ -140,7 +175,42 @@ class DirectoryBackend:
                 f"{self.directory} changed while it was being loaded{shown}"
             )
         self._refuse_files_being_written()  # opened for writing while we read
+        if last_good is not None and last_good.revision == policies.revision:
+            # The same content read again: keep serving the same object, so the store and
+            # this backend never hold two copies of one revision.
+            policies, self._files_read = last_good, policies.files_read
+        self._last_good, self._last_good_read = policies, self._files_read
+        self._last_good_read_ns, self._last_good_root = read_ns, root
         return policies
+
+    def unchanged_since_load(self, root: _Identity | None) -> bool:
+        """True when loading now would read exactly the files the last good load read: the
+        directory is the same one (`root`, as _identity gives it), the walk finds the same
+        files, and every file read has the same identity (FileRead) and was last changed well
+        before that load started reading (see RACY_WINDOW_NS). Costs a walk and a stat per
+        file; reads none."""
+        if self._last_good is None or root is None or root != self._last_good_root:
+            return False
+        files_read = self._last_good_read
+        read = {file.relative for file in files_read}
+        if self.bundle_public_key is not None:
+            walked = set(tree_files(self.directory))  # the signature covers every file
+            read.discard(BUNDLE_FILE)
+        else:
+            walked = {
+                path.relative_to(self.directory).as_posix() for path in policy_files(self.directory)
+            }
+            read = {name for name in read if is_policy_file(name)}
+        if walked != read:
+            return False
+        racy_after = self._last_good_read_ns - self.racy_window_ns
+        for file in files_read:
+            identity = file_identity(self.directory / file.relative)
+            if identity != file.identity:
+                return False
+            if identity is not None and max(identity[3], identity[4]) >= racy_after:
+                return False
+        return True
 
     def changed_since_read(self, files_read: tuple[FileRead, ...]) -> list[str]:
         """The relative paths among `files_read` whose file is no longer the one read (written,
