@@ -314,15 +314,16 @@ def probe_for(spec: SetSpec, o: int, i: int, *, allowed: bool) -> Probe:
 def spread(spec: SetSpec, count: int) -> list[tuple[int, int]]:
     """`count` (organization, person) pairs spread evenly over the set, never the person
     `edit_person` picks (when there is anyone else), all different when the set has more
-    people than `count`. With at least `count` organizations, each pick is in another one."""
+    people than `count`. With at least `count` organizations (more than `count` when each has
+    one person), each pick is in another one."""
     edit = spec.global_index(*edit_person(spec))
     total = spec.user_policies
     picks: list[tuple[int, int]] = []
     for k in range(count):
-        if spec.organizations >= count:
+        if spec.organizations >= count and spec.users > 1:
             o = (k * spec.organizations) // count + (spec.organizations // count) // 2
             i = ((k * spec.users) // count + spec.users // 2) % spec.users
-            if spec.global_index(o, i) == edit and spec.users > 1:
+            if spec.global_index(o, i) == edit:
                 i = (i + 1) % spec.users
             picks.append((o, i))
             continue
