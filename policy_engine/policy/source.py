@@ -57,7 +57,9 @@ def policy_files(directory: Path) -> list[Path]:
     """Every `*.yaml`/`*.yml` path below `directory`, regular file or not (the loader says which
     cannot be read). Hidden files and folders are skipped; symlinked folders are followed, as
     Kubernetes volumes use them, and a symlink cycle is walked once."""
-    found: list[Path] = []
+    # Sorted as Paths sort (by their parts), but on tuples of strings: sorting thousands of
+    # Path objects is slow (every comparison builds their parts again).
+    found: list[tuple[tuple[str, ...], str]] = []
     seen: set[str] = set()
     for folder, subfolders, names in os.walk(directory, followlinks=True):
         real = os.path.realpath(folder)
@@ -66,12 +68,14 @@ def policy_files(directory: Path) -> list[Path]:
             continue
         seen.add(real)
         subfolders[:] = [name for name in subfolders if not name.startswith(".")]
+        parts = Path(folder).parts
         found.extend(
-            Path(folder, name)
+            ((*parts, name), os.path.join(folder, name))
             for name in names
             if not name.startswith(".") and name.endswith(POLICY_SUFFIXES)
         )
-    return sorted(found)
+    found.sort(key=lambda entry: entry[0])
+    return [Path(path) for _, path in found]
 
 
 def tree_files(directory: Path) -> list[str]:
