@@ -46,11 +46,11 @@ _DEFAULT_LIMITS = CompileLimits()
 class ParsedFile:
     """One policy file's documents, parsed without a single issue, and the rules compiled so
     far for its policies: `rules` maps id(rule) of a Rule in `policies` (kept alive by this
-    entry, so the id is stable) to its CompiledRule."""
+    entry, so the id is stable) to its CompiledRule and the condition cache key it used."""
 
     configs: tuple[OrganizationConfig, ...]
     policies: tuple[Policy, ...]
-    rules: dict[int, CompiledRule] = field(default_factory=dict)
+    rules: dict[int, tuple[CompiledRule, _ConditionKey | None]] = field(default_factory=dict)
 
 
 def environment_key(declarations: Declarations, limits: CompileLimits) -> _EnvironmentKey:
@@ -113,6 +113,7 @@ class LoadAttempt:
         self.conditions: set[_ConditionKey] = set()
         self._rule_homes: dict[int, ParsedFile] = {}  # id(rule) -> the entry holding it
         self._environments: dict[int, tuple[Declarations, CompileLimits, _EnvironmentKey]] = {}
+        self._condition_used: _ConditionKey | None = None  # by the rule being compiled
 
     def parsed_file(
         self, path: Path, digest: bytes, parse: Callable[[], tuple[ParsedFile, bool]]
@@ -141,12 +142,15 @@ class LoadAttempt:
         `compile_rule()`, kept with the file when it succeeds (None: it had an issue)."""
         home = self._rule_homes.get(id(rule))
         if home is not None:
-            compiled = home.rules.get(id(rule))
-            if compiled is not None:
-                return compiled
+            known = home.rules.get(id(rule))
+            if known is not None:
+                if known[1] is not None:
+                    self.conditions.add(known[1])  # still in use: kept by `finish`
+                return known[0]
+        self._condition_used = None
         compiled = compile_rule()
         if compiled is not None and home is not None:
-            home.rules[id(rule)] = compiled
+            home.rules[id(rule)] = (compiled, self._condition_used)
         return compiled
 
     def condition(
@@ -164,6 +168,7 @@ class LoadAttempt:
             compiled = compile_expression(source, declarations, limits)
             self._cache._conditions[key] = compiled
         self.conditions.add(key)
+        self._condition_used = key
         return compiled
 
     def _environment(self, declarations: Declarations, limits: CompileLimits) -> _EnvironmentKey:
