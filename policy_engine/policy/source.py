@@ -57,25 +57,31 @@ def policy_files(directory: Path) -> list[Path]:
     """Every `*.yaml`/`*.yml` path below `directory`, regular file or not (the loader says which
     cannot be read). Hidden files and folders are skipped; symlinked folders are followed, as
     Kubernetes volumes use them, and a symlink cycle is walked once."""
-    # Sorted as Paths sort (by their parts), but on tuples of strings: sorting thousands of
-    # Path objects is slow (every comparison builds their parts again).
-    found: list[tuple[tuple[str, ...], str]] = []
+    return [directory / name for name in policy_names(directory)]
+
+
+def policy_names(directory: Path) -> list[str]:
+    """The files policy_files lists, as relative `/`-separated paths in the same order (sorted
+    as Paths sort: by their parts). Cheaper than Paths for a large tree."""
+    found: list[tuple[list[str], str]] = []
     seen: set[str] = set()
-    for folder, subfolders, names in os.walk(directory, followlinks=True):
+    top = os.fspath(directory)
+    for folder, subfolders, names in os.walk(top, followlinks=True):
         real = os.path.realpath(folder)
         if real in seen:  # a symlink cycle
             subfolders[:] = []
             continue
         seen.add(real)
         subfolders[:] = [name for name in subfolders if not name.startswith(".")]
-        parts = Path(folder).parts
+        relative = os.path.relpath(folder, top)
+        prefix = "" if relative == "." else relative.replace(os.sep, "/") + "/"
         found.extend(
-            ((*parts, name), os.path.join(folder, name))
+            ((prefix + name).split("/"), prefix + name)
             for name in names
             if not name.startswith(".") and name.endswith(POLICY_SUFFIXES)
         )
-    found.sort(key=lambda entry: entry[0])
-    return [Path(path) for _, path in found]
+    found.sort(key=lambda entry: entry[0])  # lists of parts sort as Paths do
+    return [name for _, name in found]
 
 
 def tree_files(directory: Path) -> list[str]:
@@ -207,9 +213,7 @@ class DirectorySource:
         return self._directory
 
     def policy_paths(self) -> list[str]:
-        return [
-            path.relative_to(self._directory).as_posix() for path in policy_files(self._directory)
-        ]
+        return policy_names(self._directory)
 
     def read(self, relative: str) -> SourceFile:
         file = read_bounded(self._directory / relative, self._limits.max_file_bytes)

@@ -9,6 +9,7 @@ the reload thread or the server.
 from __future__ import annotations
 
 import logging
+import os
 import threading
 import time
 from collections.abc import Iterator
@@ -20,8 +21,8 @@ from policy_engine.config import PolicyLimits
 from policy_engine.policy import CompiledPolicySet, PolicyLoadError, load_policy_set
 from policy_engine.policy.bundle import BUNDLE_FILE
 from policy_engine.policy.compile_cache import CompileCache
-from policy_engine.policy.loader import FileRead, file_identity, policy_files
-from policy_engine.policy.source import is_policy_file, tree_files
+from policy_engine.policy.loader import FileRead, file_identity
+from policy_engine.policy.source import is_policy_file, policy_names, tree_files
 from policy_engine.store.watch import watch_tree
 from policy_engine.store.writes import WriteTracker, open_for_writing
 
@@ -197,9 +198,7 @@ class DirectoryBackend:
             walked = set(tree_files(self.directory))  # the signature covers every file
             read.discard(BUNDLE_FILE)
         else:
-            walked = {
-                path.relative_to(self.directory).as_posix() for path in policy_files(self.directory)
-            }
+            walked = set(policy_names(self.directory))
             read = {name for name in read if is_policy_file(name)}
         if walked != read:
             return False
@@ -237,15 +236,36 @@ class DirectoryBackend:
                 self._writes.finished(path)  # gone: nothing left to read half-done
             else:
                 found.add(path)
-        probed = [
-            *policy_files(self.directory),
-            self.directory / BUNDLE_FILE,
-            *(self.directory / file.relative for file in self._files_read),
+        unchanged = self._settled_files()
+        names = [
+            *policy_names(self.directory),
+            BUNDLE_FILE,
+            *(file.relative for file in self._files_read),
         ]
-        for path in dict.fromkeys(probed):
+        for name in dict.fromkeys(names):
+            if name in unchanged:
+                continue
+            path = self.directory / name
             if str(path) not in found and self.probe_open_for_writing(path):
                 found.add(str(path))
         return sorted(_relative(self.directory, path) for path in found)
+
+    def _settled_files(self) -> set[str]:
+        """Files the last good load read that have not changed since (same identity, last
+        changed well before that load read them: see RACY_WINDOW_NS). Reading one of these
+        now gives the bytes already loaded, however many writers hold it open, so it need not
+        be probed for writers; once one writes, its identity changes."""
+        racy_after = self._last_good_read_ns - self.racy_window_ns
+        settled = set()
+        for file in self._last_good_read:
+            identity = file.identity
+            if (
+                identity is not None
+                and max(identity[3], identity[4]) < racy_after
+                and file_identity(self.directory / file.relative) == identity
+            ):
+                settled.add(file.relative)
+        return settled
 
     def _refuse_files_being_written(self) -> None:
         being_written = self.files_being_written()
@@ -254,13 +274,15 @@ class DirectoryBackend:
 
     def _fingerprint(self) -> tuple[_Identity | None, _Fingerprint]:
         entries = []
-        for path in policy_files(self.directory):
+        top = str(self.directory)
+        for name in policy_names(self.directory):
+            path = os.path.join(top, name)
             try:
-                st = path.stat()
+                st = os.stat(path)
             except OSError:
-                entries.append((str(path), -1, -1, -1))
+                entries.append((path, -1, -1, -1))
                 continue
-            entries.append((str(path), st.st_size, st.st_mtime_ns, st.st_ino))
+            entries.append((path, st.st_size, st.st_mtime_ns, st.st_ino))
         return _identity(self.directory), tuple(entries)
 
     def changes(self, stop: threading.Event, debounce_ms: int) -> Iterator[str]:
