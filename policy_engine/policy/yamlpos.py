@@ -267,6 +267,29 @@ else:  # pragma: no cover - PyYAML built without libyaml
     _Loader = _PyLoader
 
 
+# YAML 1.1 (which PyYAML and libyaml follow here) ends a line at NEL, LS and PS; YAML 1.2
+# (spec 5.4) does not, and neither do editors, grep or a reviewer reading a diff: text after
+# one of them that looks like part of a comment would be read as a key. Refused anywhere.
+_AMBIGUOUS_LINE_BREAK = re.compile("[\x85\u2028\u2029]")
+
+
+def _refuse_ambiguous_line_breaks(text: str, what: str) -> None:
+    found = _AMBIGUOUS_LINE_BREAK.search(text)
+    if found is None:
+        return
+    before = text[: found.start()].replace("\r\n", "\n").replace("\r", "\n")
+    line = before.count("\n")
+    column = len(before) - before.rfind("\n") - 1
+    mark = yaml.Mark("<text>", found.start(), line, column, None, None)  # type: ignore[arg-type]
+    raise StrictYamlError(
+        None,
+        None,
+        f"U+{ord(found.group()):04X} is not allowed in {what}: some YAML readers end a line "
+        "there and others (and editors) do not, so the file could be read two ways",
+        mark,
+    )
+
+
 def load_documents(
     text: str, *, pure_python: bool = False, what: str = "policy files"
 ) -> YamlDocuments:
@@ -274,10 +297,12 @@ def load_documents(
 
     Returns the documents and the problems that did not stop reading (duplicate keys,
     ambiguous scalars, merge keys); raises yaml.YAMLError (StrictYamlError for anchors,
-    aliases, tags and excessive nesting) with a mark for problems that stop it.
+    aliases, tags, NEL/LS/PS characters and excessive nesting) with a mark for problems that
+    stop it.
     `pure_python` uses PyYAML's own scanner instead of libyaml (tests compare the two); `what`
     names the kind of file in messages ("policy files", "config files").
     """
+    _refuse_ambiguous_line_breaks(text, what)
     loader = (_PyLoader if pure_python else _Loader)(text, what)  # type: ignore[call-arg]
     result = YamlDocuments()
     try:
