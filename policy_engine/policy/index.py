@@ -17,6 +17,7 @@ one per distinct anchor length in use, plus the candidates found.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Iterable, Sequence
 from typing import TYPE_CHECKING
 
@@ -25,28 +26,32 @@ from policy_engine.policy.patterns import Matcher
 if TYPE_CHECKING:
     from policy_engine.policy.compiled import CompiledRule
 
-# A bucket with fewer rules than this is scanned: probing three maps costs more than testing
-# a handful of rules (measured on the acme example), and small buckets then hold no maps.
-SCAN_BELOW = 8
+# A bucket with fewer rules than this is scanned: three map probes cost about as much as
+# testing two or three rules (~0.3-0.6 µs each), and small buckets then hold no maps.
+SCAN_BELOW = 4
 
 _WILDCARDS = "*?"
 _SUBJECT, _APPLICATION, _SCOPE = 0, 1, 2
 
 
-def _anchor(pattern: str) -> tuple[bool, str]:
-    """(is_prefix, literal) for a glob: its longer literal end (the prefix on a tie)."""
+@functools.lru_cache(maxsize=4096)
+def _anchor(pattern: str) -> tuple[int, bool, str]:
+    """(length, is_prefix, literal) for a glob: its longer literal end (the prefix on a tie).
+    Cached: the same patterns recur across thousands of rules (`admin:*`, `team-*`)."""
     first = min(pattern.find(c) if c in pattern else len(pattern) for c in _WILDCARDS)
     last = max(pattern.rfind(c) for c in _WILDCARDS)
     prefix, suffix = pattern[:first], pattern[last + 1 :]
-    return (True, prefix) if len(prefix) >= len(suffix) else (False, suffix)
+    if len(prefix) >= len(suffix):
+        return len(prefix), True, prefix
+    return len(suffix), False, suffix
 
 
 def _score(matcher: Matcher) -> tuple[int, int]:
     """Higher is more selective: exact-only matchers first (fewer values better), then the
-    shortest anchor among the matcher's globs (longer better); 0 means no usable anchor."""
+    shortest anchor among the matcher's globs (longer better); (0, 0): no usable anchor."""
     if not matcher.globs:
         return (2, -len(matcher.exact))
-    shortest = min(len(_anchor(glob.pattern)[1]) for glob in matcher.globs)
+    shortest = min(_anchor(glob.pattern)[0] for glob in matcher.globs)
     return (1, shortest) if shortest else (0, 0)
 
 
@@ -55,16 +60,15 @@ def _choose(rule: CompiledRule) -> tuple[int, Matcher] | None:
 
     Any matcher of a dimension will do: a dimension's matchers are a conjunction (policy
     target and rule target), so every value the rule accepts is accepted by each of them."""
-    best: tuple[tuple[int, int], int, Matcher] | None = None
-    dimensions = (rule.subject_matchers, rule.application_matchers, rule.scope_matchers)
-    for dimension, matchers in enumerate(dimensions):
+    best_score, best = (0, 0), None
+    for dimension, matchers in enumerate(
+        (rule.subject_matchers, rule.application_matchers, rule.scope_matchers)
+    ):
         for matcher in matchers:
             score = _score(matcher)
-            if best is None or score > best[0]:  # ties: the earlier dimension
-                best = (score, dimension, matcher)
-    if best is None or best[0] == (0, 0):
-        return None
-    return best[1], best[2]
+            if score > best_score:  # ties: the earlier dimension
+                best_score, best = score, (dimension, matcher)
+    return best
 
 
 class _Dimension:
@@ -134,19 +138,14 @@ class RuleIndex:
                 always.append(rule)
                 continue
             dimension, matcher = chosen
-            # A rule is filed once per key even if two of its patterns share it (a repeat
-            # would make it a candidate twice); rules arrive in order, so lists stay sorted.
-            keys: set[tuple[int, bool, str]] = {(-1, True, value) for value in matcher.exact}
-            for glob in matcher.globs:
-                is_prefix, literal = _anchor(glob.pattern)
-                keys.add((len(literal), is_prefix, literal))
-            for length, is_prefix, literal in keys:
-                if length < 0:
-                    target = exact[dimension]
-                else:
-                    by_length = prefixes[dimension] if is_prefix else suffixes[dimension]
-                    target = by_length.setdefault(length, {})
-                target.setdefault(literal, []).append(rule)
+            # Rules arrive in order, so every list stays sorted. A rule is filed once per key
+            # (a repeat would make it a candidate twice): `exact` is a set, anchors deduped.
+            by_value = exact[dimension]
+            for value in matcher.exact:
+                by_value.setdefault(value, []).append(rule)
+            for length, is_prefix, literal in {_anchor(glob.pattern) for glob in matcher.globs}:
+                by_length = prefixes[dimension] if is_prefix else suffixes[dimension]
+                by_length.setdefault(length, {}).setdefault(literal, []).append(rule)
         for dimension, maps in enumerate(self._dimensions):
             maps.exact = {key: tuple(found) for key, found in exact[dimension].items()}
             maps.prefixes = _frozen(prefixes[dimension])
