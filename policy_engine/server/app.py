@@ -46,7 +46,7 @@ from policy_engine.server.metrics_http import (
     start_metrics,
     start_multiprocess_metrics,
 )
-from policy_engine.server.ports import Reservation, reserve, reuse_port
+from policy_engine.server.ports import Reservation, check_free, reserve, reuse_port
 from policy_engine.server.security import interceptors, server_credentials
 from policy_engine.server.service import SERVICE_NAME, PolicyDecisionServicer
 from policy_engine.server.status import STATUS_SERVICE_NAME, PolicyStatusServicer
@@ -206,6 +206,9 @@ def serve_mode(settings: Settings, mode: Mode) -> None:
     if mode == "policy" and redis_level_on(settings.cache):
         load_signing_keys(settings.cache)  # refused here, before any worker starts
     if settings.workers == 1:
+        check_free(settings.address, "address")
+        if settings.health_address:
+            check_free(settings.health_address, "health_address")
         code = _run_worker(settings, mode, parent_pid=None)
     else:
         _explicit_port(settings.address, "address")

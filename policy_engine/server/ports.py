@@ -91,19 +91,41 @@ def _socket(family: int, sockaddr: tuple[object, ...], *, held: bool) -> socket.
     return sock
 
 
-def reserve(address: str, setting: str, into: Reservation) -> None:
-    """Fail unless `address` is free, then hold it for this process's workers (see above).
+def check_free(address: str, setting: str) -> list[tuple[int, tuple[object, ...]]]:
+    """Fail unless every address `address` resolves to is free; returns them.
 
-    Raises ConfigError naming the setting and the address when anything listens there.
+    A name such as `localhost` resolves to several addresses (127.0.0.1 and ::1), and gRPC
+    starts when it can bind any one of them: without this check a second server would start
+    on the free one and answer every client that reaches the port that way. Port 0 (a free
+    port picked at bind time) is never in use. Raises ConfigError naming the setting and the
+    address when anything listens on any of them.
     """
-    for family, sockaddr in _bind_addresses(address, setting):
+    if address.rpartition(":")[2] == "0" or address.startswith(("unix:", "unix-abstract:")):
+        return []  # a port picked at bind time, or a Unix socket: gRPC's bind decides
+    addresses = _bind_addresses(address, setting)
+    for family, sockaddr in addresses:
         try:
             _socket(family, sockaddr, held=False).close()
         except OSError as exc:
             raise ConfigError(
-                f"{setting} {address}: cannot bind ({exc.strerror or exc}); another server "
-                "already listens there"
+                f"{setting} {address}: cannot bind {_shown(family, sockaddr)} "
+                f"({exc.strerror or exc}); another server already listens there"
             ) from exc
+    return addresses
+
+
+def _shown(family: int, sockaddr: tuple[object, ...]) -> str:
+    host, port = sockaddr[0], sockaddr[1]
+    return f"[{host}]:{port}" if family == socket.AF_INET6 else f"{host}:{port}"
+
+
+def reserve(address: str, setting: str, into: Reservation) -> None:
+    """Fail unless `address` is free (`check_free`), then hold it for this process's workers
+    (see above).
+
+    Raises ConfigError naming the setting and the address when anything listens there.
+    """
+    for family, sockaddr in check_free(address, setting):
         try:
             into.sockets.append(_socket(family, sockaddr, held=True))
         except OSError as exc:

@@ -101,3 +101,18 @@ def test_a_reserved_port_admits_only_the_reserving_supervisors_workers() -> None
         reservation.close()
     with pytest.raises(ConfigError, match="expected host:port"):
         reserve("127.0.0.1", "address", Reservation())
+
+
+def test_a_name_resolving_to_several_addresses_cannot_start_beside_a_server(
+    tmp_path: Path,
+) -> None:
+    """`localhost` is 127.0.0.1 and ::1: gRPC starts when any one of them binds, so without a
+    check a second server would own [::1]:port and answer every client that resolves there."""
+    with serve_process(tmp_path, EXAMPLE_POLICIES, workers=1, env=QUIET) as (_proc, port, _):
+        for second in (1, 2):
+            done = _second_serve(tmp_path, f"localhost:{port}", second)
+            assert done.returncode == 2, done.stderr
+            assert f"pdp: error: address localhost:{port}: cannot bind 127.0.0.1:{port}" in (
+                done.stderr
+            ), done.stderr
+            assert "Traceback" not in done.stderr
