@@ -31,7 +31,6 @@ if TYPE_CHECKING:
 SCAN_BELOW = 4
 
 _WILDCARDS = "*?"
-_SUBJECT, _APPLICATION, _SCOPE = 0, 1, 2
 
 
 @functools.lru_cache(maxsize=4096)
@@ -104,6 +103,10 @@ class _Dimension:
                     hits.append(hit)
 
 
+# What a scanned index holds instead of maps: never read, shared by every small bucket.
+_UNUSED = (_Dimension(), _Dimension(), _Dimension())
+
+
 class RuleIndex:
     """The rules of one effect in one bucket (layer and integration), in (policy, rule) order.
 
@@ -120,10 +123,11 @@ class RuleIndex:
         a candidate and no maps are built."""
         self.rules: tuple[CompiledRule, ...] = tuple(rules)
         self.scan = len(self.rules) < scan_below
-        self._dimensions = (_Dimension(), _Dimension(), _Dimension())
+        self._dimensions = _UNUSED
         self._always: tuple[CompiledRule, ...] = ()
         self._ordinal: dict[CompiledRule, int] = {}
         if not self.scan:
+            self._dimensions = (_Dimension(), _Dimension(), _Dimension())
             self._build()
 
     def _build(self) -> None:
