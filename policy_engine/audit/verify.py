@@ -76,7 +76,7 @@ class Problem:
         return f"{self.where}:{stream}{seq}: {self.kind}: {message}"
 
 
-INCOMPLETE_KINDS = frozenset({"dropped", "reset", "unclosed"})
+INCOMPLETE_KINDS = frozenset({"dropped", "reset", "unclosed", "empty"})
 PARTIAL_KINDS = frozenset({"head_missing", "trimmed"})
 
 
@@ -488,6 +488,19 @@ class Verifier:
             self._judge_link(stream, ends)
         for stream in self.streams.values():
             self._judge_end(stream, ends.get(stream.id))
+        if not self.streams and not self.report.problems:
+            # A writer opens every stream with a record: a log with none was emptied (or
+            # never written), which is not "nothing missing".
+            self.report.gaps.append(
+                Problem(
+                    "input",
+                    "",
+                    None,
+                    "empty",
+                    f"no audit records in {self.report.lines} line(s): the log was emptied, "
+                    "or no writer ever wrote to it",
+                )
+            )
         return self.report
 
     def _judge(self, stream: _Stream) -> tuple[int, str, str] | None:

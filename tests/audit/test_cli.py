@@ -235,3 +235,31 @@ def test_tail_redis_stream(
 def test_tail_defaults_to_the_configured_stream_key() -> None:
     args = build_parser().parse_args(["audit", "tail", "redis://127.0.0.1:1/0"])
     assert args.stream == "pdp:audit"
+
+
+@pytest.mark.parametrize("content", ["", "\n", "\n\n  \n"], ids=["empty", "newline", "blank"])
+def test_an_emptied_log_is_incomplete_not_ok(
+    keypair: tuple[Path, Path], tmp_path: Path, content: str
+) -> None:
+    """A writer opens every stream with a record, so a log with none was emptied: exit 3."""
+    _, public = keypair
+    path = tmp_path / "audit.jsonl.tampered"  # not checked against the schema at teardown
+    path.write_text(content)
+    result = pdp("audit", "verify", str(path), "--public-key", str(public))
+    assert result.returncode == 3, result.stdout + result.stderr
+    assert result.stdout.startswith("INCOMPLETE:")
+    assert "empty: no audit records" in result.stdout
+
+
+def test_a_line_nested_past_the_json_parser_is_a_failure_not_a_traceback(
+    keypair: tuple[Path, Path], tmp_path: Path
+) -> None:
+    private, public = keypair
+    path = tmp_path / "audit.jsonl.tampered"  # not checked against the schema at teardown
+    write_sample(path, private)
+    with path.open("a") as log:
+        log.write("[" * 100_000 + "]" * 100_000 + "\n")
+    result = pdp("audit", "verify", str(path), "--public-key", str(public))
+    assert result.returncode == 1, result.stdout + result.stderr
+    assert "Traceback" not in result.stderr
+    assert "malformed: not a JSON object" in result.stdout

@@ -73,6 +73,6 @@ def parse_record(line: str | bytes) -> dict[str, Any] | None:
     """A stored line as a record, or None when it is not a JSON object."""
     try:
         value = json.loads(line)
-    except (ValueError, UnicodeDecodeError):
+    except (ValueError, UnicodeDecodeError, RecursionError):  # nested past the parser's stack
         return None
     return value if isinstance(value, dict) else None
