@@ -63,10 +63,19 @@ class DocumentParser:
     def _check_keys(
         self, doc: PositionedDict, allowed: set[str], what: str, policy: str = "", rule: str = ""
     ) -> None:
-        for key in doc:
+        for key, value in doc.items():
             if key not in allowed:
                 self.problem(
                     doc.line_of(str(key)), f"unknown field {key!r} in {what}", policy, rule
+                )
+            elif value is None:
+                # Absent means "no constraint" for targets and conditions: a field written
+                # with no value (`scopes: ~`, `condition:`) must not quietly widen a rule.
+                self.problem(
+                    doc.line_of(str(key)),
+                    f"{key!r} in {what} has no value (null): give it one or remove the field",
+                    policy,
+                    rule,
                 )
 
     def _string(

@@ -67,3 +67,43 @@ def test_the_config_file_refuses_them(tmp_path: Path) -> None:
     config.write_text("workers: 1  # one\u2028workers: 2\n", encoding="utf-8")
     with pytest.raises(ConfigError, match="U\\+2028 is not allowed in config files"):
         load_settings(config, environ={})
+
+
+SCOPED_DENY = """\
+kind: Policy
+name: developer-tools
+layer: org
+target:
+  integrations: [github]
+rules:
+  - name: engineering-may-use-github
+    effect: allow
+    condition: '"engineering" in subject.attributes.groups'
+  - name: no-repository-deletion
+    effect: deny
+    target:
+      scopes: [delete_repo]
+"""
+
+
+@pytest.mark.parametrize(
+    ("written", "field"),
+    [
+        ("      scopes: [delete_repo]", "      scopes: ~"),
+        ("      scopes: [delete_repo]", "      scopes:"),
+        ("    effect: deny", "    effect: deny\n    condition: null"),
+    ],
+    ids=["scopes-tilde", "scopes-empty", "condition-null"],
+)
+def test_a_field_written_without_a_value_cannot_widen_a_rule(
+    tmp_path: Path, written: str, field: str
+) -> None:
+    """Absent means "no constraint": `scopes: ~` on the deny rule would make it deny every
+    scope, and on an allow rule allow every scope; `condition: null` would drop a condition."""
+    assert (
+        decide_scope(load_policy_set(write_policy_dir(tmp_path / "ok", SCOPED_DENY)), "repo").effect
+        is Effect.ALLOW
+    )
+    root = write_policy_dir(tmp_path / "null", SCOPED_DENY.replace(written, field, 1))
+    with pytest.raises(PolicyLoadError, match=r"has no value \(null\)"):
+        load_policy_set(root)
