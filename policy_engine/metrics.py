@@ -59,6 +59,18 @@ RELOAD_DURATION = Histogram(
     "Time to read and compile the whole policy set, per reload attempt.",
     buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0),
 )
+POLICY_WORK = Counter(
+    "pdp_policy_compiles_total",
+    "Policy load work actually done (a count, not a time): files parsed (file) and CEL"
+    " conditions compiled (condition). A reload parses and compiles only what changed.",
+    ["unit"],
+)
+POLICY_LOADS = Counter(
+    "pdp_policy_loads_total",
+    "Reload attempts that read the policy files (read) or found every file unchanged by its"
+    " identity and read none (unchanged).",
+    ["kind"],
+)
 AUDIT_RECORDS = Counter(
     "pdp_audit_records_total",
     "Audit records written, by sink (file, redis, stdout) and record type.",

@@ -28,6 +28,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from policy_engine import metrics
 from policy_engine.cel import CompiledExpression, compile_expression
 from policy_engine.cel.compiler import CompileLimits, Declarations
 from policy_engine.policy.compiled import CompiledRule
@@ -125,6 +126,7 @@ class LoadAttempt:
         entry = self._cache._files.get(key)
         if entry is None:
             self._cache.parses += 1
+            metrics.POLICY_WORK.labels(unit="file").inc()
             entry, clean = parse()
             if not clean:
                 return entry
@@ -165,6 +167,7 @@ class LoadAttempt:
         compiled = self._cache._conditions.get(key)
         if compiled is None:
             self._cache.compiles += 1
+            metrics.POLICY_WORK.labels(unit="condition").inc()
             compiled = compile_expression(source, declarations, limits)
             self._cache._conditions[key] = compiled
         self.conditions.add(key)

@@ -16,6 +16,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Protocol
 
+from policy_engine import metrics
 from policy_engine.auth.keys import RemoteKeySets
 from policy_engine.config import PolicyLimits
 from policy_engine.policy import CompiledPolicySet, PolicyLoadError, load_policy_set
@@ -152,8 +153,10 @@ class DirectoryBackend:
                 last_good.revision,
             )
             self._files_read = self._last_good_read
+            metrics.POLICY_LOADS.labels(kind="unchanged").inc()
             return last_good
         self.full_loads += 1
+        metrics.POLICY_LOADS.labels(kind="read").inc()
         before = self._fingerprint()
         read_ns = time.time_ns()
         try:
