@@ -6,11 +6,14 @@ the test (files named `*.tampered` are left alone: they are broken on purpose).
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
+from policy_engine.audit import writer as writer_module
 from tests.audit.support import RedisServer, assert_valid_lines, jsonl
 
 
@@ -32,3 +35,19 @@ def audit_redis(shared_redis_server: RedisServer) -> RedisServer:
 def audit_own_redis(redis_server: RedisServer) -> RedisServer:
     """A redis-server for one test, which it may kill and restart."""
     return redis_server
+
+
+@pytest.fixture
+def gate(monkeypatch: pytest.MonkeyPatch) -> Iterator[tuple[threading.Event, threading.Event]]:
+    """Holds the dispatcher inside its first record until released, so the queue fills."""
+    entered, release = threading.Event(), threading.Event()
+    real = writer_module.encode_record
+
+    def slow(*args: Any, **kwargs: Any) -> Any:
+        entered.set()
+        release.wait(10)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(writer_module, "encode_record", slow)
+    yield entered, release
+    release.set()

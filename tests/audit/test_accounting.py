@@ -15,7 +15,7 @@ import sys
 import threading
 import time
 import uuid
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -23,7 +23,6 @@ import pytest
 from prometheus_client import REGISTRY
 
 from policy_engine.audit import AuditLog
-from policy_engine.audit import writer as writer_module
 from policy_engine.audit.chain import Sealed
 from policy_engine.audit.sinks import FileSink, OpenState, Sink, rotated_files
 from policy_engine.audit.sinks import redis as redis_sink_module
@@ -124,22 +123,6 @@ def test_build_errors_are_reported_as_build_errors(tmp_path: Path) -> None:
 
 
 # --- verify: verdicts and exit codes, on real files ----------------------------------------------
-
-
-@pytest.fixture
-def gate(monkeypatch: pytest.MonkeyPatch) -> Iterator[tuple[threading.Event, threading.Event]]:
-    """Holds the dispatcher inside its first record until released, so the queue fills."""
-    entered, release = threading.Event(), threading.Event()
-    real = writer_module.encode_record
-
-    def slow(*args: Any, **kwargs: Any) -> Any:
-        entered.set()
-        release.wait(10)
-        return real(*args, **kwargs)
-
-    monkeypatch.setattr(writer_module, "encode_record", slow)
-    yield entered, release
-    release.set()
 
 
 def test_verify_exits_3_when_decisions_were_dropped(

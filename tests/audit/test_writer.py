@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -12,7 +12,6 @@ import pytest
 from prometheus_client import REGISTRY
 
 from policy_engine.audit import AuditLog
-from policy_engine.audit import writer as writer_module
 from policy_engine.audit.chain import Sealed
 from policy_engine.audit.sinks import FileSink, OpenState, Sink, StdoutSink
 from policy_engine.audit.verify import verify_files
@@ -33,22 +32,6 @@ def count_decisions(path: Path) -> int:
 
 def metric(name: str, **labels: str) -> float:
     return REGISTRY.get_sample_value(name, labels) or 0.0
-
-
-@pytest.fixture
-def gate(monkeypatch: pytest.MonkeyPatch) -> Iterator[tuple[threading.Event, threading.Event]]:
-    """Holds the dispatcher inside its first record until released, so the queue fills."""
-    entered, release = threading.Event(), threading.Event()
-    real = writer_module.encode_record
-
-    def slow(*args: Any, **kwargs: Any) -> Any:
-        entered.set()
-        release.wait(10)
-        return real(*args, **kwargs)
-
-    monkeypatch.setattr(writer_module, "encode_record", slow)
-    yield entered, release
-    release.set()
 
 
 def fill_queue(audit: AuditLog, entered: threading.Event, size: int) -> None:
