@@ -33,6 +33,7 @@ from jwt.api_jws import PyJWS
 
 from policy_engine.auth.keys import KeySource
 from policy_engine.domain.request import SubjectKind
+from policy_engine.strict_json import DuplicateKeyError, unique_keys
 
 DEFAULT_LEEWAY_SECONDS = 30
 DEFAULT_ALGORITHMS: tuple[str, ...] = ("RS256", "ES256", "EdDSA")
@@ -89,10 +90,6 @@ def _shown(value: Any, limit: int = 40) -> str:
 # -- reading the claims set -------------------------------------------------------------------
 
 
-class _ClaimsError(ValueError):
-    """The payload is not an I-JSON object; the message says where and why."""
-
-
 class _NonFinite:
     """Stands for NaN, Infinity or -Infinity, which JSON has no notation for (RFC 8259 s. 6)."""
 
@@ -113,17 +110,6 @@ def _integer(text: str) -> int | _HugeInteger:
         return int(text)
     except ValueError:
         return _HugeInteger()
-
-
-def _unique_members(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
-    # RFC 7519 section 4: a claims set with duplicate names must be rejected (or last-wins);
-    # rejecting means no two parsers can read different claims out of one token.
-    members: dict[str, Any] = {}
-    for name, value in pairs:
-        if name in members:
-            raise _ClaimsError(f"the member name {_shown(name)} appears more than once")
-        members[name] = value
-    return members
 
 
 def _claim_name(path: tuple[str | int, ...]) -> str:
@@ -189,10 +175,12 @@ def parse_claims(payload: bytes) -> dict[str, Any]:
             payload,
             parse_constant=_NonFinite,
             parse_int=_integer,
-            object_pairs_hook=_unique_members,
+            object_pairs_hook=unique_keys,
         )
-    except _ClaimsError:
-        raise
+    except DuplicateKeyError as exc:
+        # RFC 7519 section 4: a claims set with duplicate names must be rejected (or last-wins);
+        # rejecting means no two parsers can read different claims out of one token.
+        raise ValueError(f"the member name {_shown(exc.key)} appears more than once") from None
     except RecursionError:
         raise ValueError(
             f"the claims set is nested more than {MAX_CLAIM_DEPTH} levels deep"

@@ -38,6 +38,7 @@ from policy_engine.policy.bundle import (
 )
 from policy_engine.policy.loader import load_policy_source
 from policy_engine.server.convert import RequestConverter
+from policy_engine.strict_json import unique_keys
 
 DEFAULTS = Settings()
 EXIT_OK = 0
@@ -63,22 +64,12 @@ def _parse_pairs(pairs: Sequence[str], flag: str) -> dict[str, Any]:
         if key in values:
             raise UsageError(f"{flag} {key} is given twice")
         try:
-            values[key] = json.loads(raw, object_pairs_hook=_unique_keys)
+            values[key] = json.loads(raw, object_pairs_hook=unique_keys)
         except json.JSONDecodeError:
             values[key] = raw
         except (ValueError, RecursionError) as exc:
             problem = "nested too deeply" if isinstance(exc, RecursionError) else str(exc)
             raise UsageError(f"{flag} {key}: the JSON value cannot be read: {problem}") from None
-    return values
-
-
-def _unique_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
-    """A JSON object whose keys are unique; json.loads would keep only the last of two."""
-    values: dict[str, Any] = {}
-    for key, value in pairs:
-        if key in values:
-            raise ValueError(f"the key {key!r} appears twice in one object")
-        values[key] = value
     return values
 
 
