@@ -11,10 +11,18 @@ keeps, for the last good load:
   are compiled once, and a text compiled against other declarations or limits is never
   shared.
 
+- each compiled organization, keyed by the (path, SHA-256) of every policy file in its folder,
+  in order: an organization none of whose files changed keeps its rules, indexes and checks
+  (only its token settings are built again: a JWKS file or URL is not among those files);
+- each policy file as it was read (`KnownFile`: its identity before reading, the SHA-256 of its
+  bytes and their count), so that a load told a file is unchanged since (by the backend, which
+  compares identities: see DirectoryBackend) reuses its digest without opening it.
+
 Everything cached is a pure function of its key (parsing depends only on the file's path and
-bytes, compiling only on the policy, the rule and the environment), and only what parsed and
-compiled without a single issue is cached, so a broken file can never poison a later load.
-Indexes, catalog checks, duplicate-name checks and the revision are rebuilt by every load.
+bytes, compiling only on the policy, the rule and the environment, an organization's layers
+only on its files), and only what parsed and compiled without a single issue is cached, so a
+broken file can never poison a later load. The revision is computed by every load (from the
+files' digests).
 
 Bounded: after each attempt the cache keeps only what the last good load used plus what the
 attempt itself used (at most two sets' worth, each bounded by policy_limits.max_set_bytes),
@@ -26,20 +34,20 @@ from __future__ import annotations
 import threading
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from pathlib import Path
 
 from policy_engine import metrics
 from policy_engine.cel import CompiledExpression, compile_expression
 from policy_engine.cel.compiler import CompileLimits, Declarations
-from policy_engine.policy.compiled import CompiledRule
+from policy_engine.policy.compiled import CompiledOrganization, CompiledRule, FileRead
 from policy_engine.policy.model import OrganizationConfig, Policy, Rule
 
-__all__ = ["CompileCache", "LoadAttempt", "ParsedFile"]
+__all__ = ["CompileCache", "KnownFile", "LoadAttempt", "ParsedFile"]
 
 # (source text, declared variables with their fields, limits): what a compile depends on.
 _EnvironmentKey = tuple[tuple[tuple[str, frozenset[str] | None], ...], CompileLimits]
 _ConditionKey = tuple[str, _EnvironmentKey]
 _FileKey = tuple[str, bytes]  # (path as the loader names it, SHA-256 of its bytes)
+_OrganizationKey = tuple[_FileKey, ...]  # every policy file of the folder, in load order
 _DEFAULT_LIMITS = CompileLimits()
 
 
@@ -54,6 +62,23 @@ class ParsedFile:
     rules: dict[int, tuple[CompiledRule, _ConditionKey | None]] = field(default_factory=dict)
 
 
+@dataclass(frozen=True, slots=True)
+class KnownFile:
+    """A policy file as a good load read it: `read` (its identity, taken before reading, and
+    where it really was), the SHA-256 `digest` of its bytes and their `size` in bytes."""
+
+    read: FileRead
+    digest: bytes
+    size: int
+
+
+@dataclass(frozen=True, slots=True)
+class _KnownOrganization:
+    files: _OrganizationKey
+    conditions: frozenset[_ConditionKey]  # what its rules hold: kept in the cache with it
+    compiled: CompiledOrganization
+
+
 def environment_key(declarations: Declarations, limits: CompileLimits) -> _EnvironmentKey:
     """A hashable value equal for equal compile environments (Declarations holds a mapping,
     which is not hashable itself)."""
@@ -64,8 +89,9 @@ def environment_key(declarations: Declarations, limits: CompileLimits) -> _Envir
 class CompileCache:
     """Parsed files, compiled rules and conditions of the last good load (see module doc).
 
-    `parses` counts files parsed and `compiles` CEL conditions compiled through this cache
-    (counts, never times): what a test or a metric watches to see what a load redid.
+    `reads` counts policy files read (opened), `parses` files parsed, `compiles` CEL
+    conditions compiled and `organizations` organizations built (layers and indexes) through
+    this cache: counts, never times, that a test or a metric watches to see what a load redid.
     Thread-safe: one attempt at a time holds it (`begin` to `finish`).
     """
 
@@ -76,8 +102,12 @@ class CompileCache:
         # What the last good load used: kept through failed attempts.
         self._good_files: frozenset[_FileKey] = frozenset()
         self._good_conditions: frozenset[_ConditionKey] = frozenset()
+        self._known_files: dict[str, KnownFile] = {}  # by relative path
+        self._known_organizations: dict[str, _KnownOrganization] = {}  # by folder name
+        self.reads = 0
         self.parses = 0
         self.compiles = 0
+        self.organizations = 0
 
     def __len__(self) -> int:
         """Entries held: parsed files plus compiled conditions."""
@@ -95,6 +125,8 @@ class CompileCache:
             if good:
                 self._good_files = frozenset(attempt.files)
                 self._good_conditions = frozenset(attempt.conditions)
+                self._known_files = attempt.known_files
+                self._known_organizations = attempt.known_organizations
             keep_files = self._good_files | attempt.files
             keep_conditions = self._good_conditions | attempt.conditions
             self._files = {k: v for k, v in self._files.items() if k in keep_files}
@@ -112,46 +144,96 @@ class LoadAttempt:
         self._cache = cache if cache is not None else CompileCache()
         self.files: set[_FileKey] = set()
         self.conditions: set[_ConditionKey] = set()
-        self._rule_homes: dict[int, ParsedFile] = {}  # id(rule) -> the entry holding it
+        # What this load read or reused, and the organizations it built or reused: what the
+        # cache keeps for the next load if this one is good.
+        self.known_files: dict[str, KnownFile] = {}
+        self.known_organizations: dict[str, _KnownOrganization] = {}
         self._environments: dict[int, tuple[Declarations, CompileLimits, _EnvironmentKey]] = {}
         self._condition_used: _ConditionKey | None = None  # by the rule being compiled
+        self._organization_conditions: set[_ConditionKey] = set()  # by the one being built
+
+    def known_file(
+        self, relative: str, identity: tuple[int, int, int, int, int] | None
+    ) -> KnownFile | None:
+        """What the last good load read at `relative` (a path below the policy directory), if
+        the file had `identity` then and its parse is still cached; else None (read it). The
+        caller vouches that the file has not changed since (see DirectoryBackend)."""
+        known = self._cache._known_files.get(relative)
+        if known is None or identity is None or known.read.identity != identity:
+            return None
+        return known
+
+    def remember_file(self, relative: str, known: KnownFile) -> None:
+        """Records how this load got `relative`'s bytes (read, or reused as `known_file`)."""
+        self.known_files[relative] = known
+
+    def count_read(self) -> None:
+        """One policy file was opened and read (a count for tests and metrics)."""
+        self._cache.reads += 1
+
+    def cached_file(self, key: _FileKey) -> ParsedFile | None:
+        """The parsed file cached under `key` ((path, SHA-256)), marked used; None if absent."""
+        entry = self._cache._files.get(key)
+        if entry is not None:
+            self.files.add(key)
+        return entry
 
     def parsed_file(
-        self, path: Path, digest: bytes, parse: Callable[[], tuple[ParsedFile, bool]]
+        self, key: _FileKey, parse: Callable[[], tuple[ParsedFile, bool]]
     ) -> ParsedFile:
-        """The file at `path` whose bytes hash to `digest`: cached, or `parse()`, which
+        """The file whose (path, SHA-256 of its bytes) is `key`: cached, or `parse()`, which
         returns the parsed file and whether it parsed without issues (only then is it cached:
         its policies' rules are compiled anew by every load until it is fixed)."""
-        key = (str(path), digest)
-        entry = self._cache._files.get(key)
+        entry = self.cached_file(key)
         if entry is None:
             self._cache.parses += 1
             metrics.POLICY_WORK.labels(unit="file").inc()
             entry, clean = parse()
-            if not clean:
-                return entry
-            self._cache._files[key] = entry
-        self.files.add(key)
-        for policy in entry.policies:
-            for rule in policy.rules:
-                self._rule_homes[id(rule)] = entry
+            if clean:
+                self._cache._files[key] = entry
+                self.files.add(key)
         return entry
 
+    def known_organization(self, name: str, files: _OrganizationKey) -> CompiledOrganization | None:
+        """The organization `name` as the last good load built it from exactly `files` ((path,
+        SHA-256) of each policy file, in order), marked used with what it holds; else None."""
+        known = self._cache._known_organizations.get(name)
+        if known is None or known.files != files:
+            return None
+        self.files.update(files)
+        self.conditions.update(known.conditions)
+        self.known_organizations[name] = known
+        return known.compiled
+
+    def start_organization(self) -> None:
+        """Starts recording the conditions the organization about to be built uses."""
+        self._organization_conditions = set()
+        self._cache.organizations += 1
+
+    def built_organization(
+        self, name: str, files: _OrganizationKey, compiled: CompiledOrganization
+    ) -> None:
+        """Records `compiled`, built without issues from `files` since `start_organization`."""
+        self.known_organizations[name] = _KnownOrganization(
+            files, frozenset(self._organization_conditions), compiled
+        )
+
     def compiled_rule(
-        self, rule: Rule, compile_rule: Callable[[], CompiledRule | None]
+        self, home: ParsedFile, rule: Rule, compile_rule: Callable[[], CompiledRule | None]
     ) -> CompiledRule | None:
-        """`rule`'s CompiledRule: the one compiled by an earlier load of the same file, or
-        `compile_rule()`, kept with the file when it succeeds (None: it had an issue)."""
-        home = self._rule_homes.get(id(rule))
-        if home is not None:
-            known = home.rules.get(id(rule))
-            if known is not None:
-                if known[1] is not None:
-                    self.conditions.add(known[1])  # still in use: kept by `finish`
-                return known[0]
+        """`rule`'s CompiledRule (`rule` is one of `home`'s policies'): the one compiled by an
+        earlier load of the same file, or `compile_rule()`, kept with the file when it
+        succeeds (None: it had an issue)."""
+        known = home.rules.get(id(rule))
+        if known is not None:
+            if known[1] is not None:
+                self.conditions.add(known[1])  # still in use: kept by `finish`
+                self._organization_conditions.add(known[1])
+            return known[0]
         self._condition_used = None
         compiled = compile_rule()
-        if compiled is not None and home is not None:
+        if compiled is not None:
+            # An uncached (broken) file's entry is dropped with this load: harmless.
             home.rules[id(rule)] = (compiled, self._condition_used)
         return compiled
 
@@ -171,6 +253,7 @@ class LoadAttempt:
             compiled = compile_expression(source, declarations, limits)
             self._cache._conditions[key] = compiled
         self.conditions.add(key)
+        self._organization_conditions.add(key)
         self._condition_used = key
         return compiled
 

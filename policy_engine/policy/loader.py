@@ -11,9 +11,12 @@ or, with a bundle key, the snapshot whose hashes the signed manifest was checked
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import os
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Set as AbstractSet
+from dataclasses import dataclass
 from pathlib import Path
 from types import MappingProxyType
 
@@ -32,7 +35,7 @@ from policy_engine.config import PolicyLimits
 from policy_engine.domain.decision import POLICY_LAYERS, Effect, Layer
 from policy_engine.engine.activation import CEL_DECLARATIONS
 from policy_engine.policy.bundle import BUNDLE_FILE, BundleVerificationError, read_signed_snapshot
-from policy_engine.policy.compile_cache import CompileCache, LoadAttempt, ParsedFile
+from policy_engine.policy.compile_cache import CompileCache, KnownFile, LoadAttempt, ParsedFile
 from policy_engine.policy.compiled import (
     CompiledOrganization,
     CompiledPolicySet,
@@ -68,6 +71,7 @@ __all__ = [
     "POLICY_SUFFIXES",
     "CompileCache",
     "FileRead",
+    "Listing",
     "PolicyLoadError",
     "file_identity",
     "load_policy_set",
@@ -98,12 +102,36 @@ def file_identity(path: Path) -> tuple[int, int, int, int, int] | None:
     return (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
 
 
-class _RecordingSource:
-    """A PolicySource that records every file the loader asks it for (see FileRead)."""
+_FileIdentity = tuple[int, int, int, int, int]
 
-    def __init__(self, source: PolicySource) -> None:
+
+@dataclass(frozen=True, slots=True)
+class Listing:
+    """What a caller found in the policy directory just before a load, so the load need not
+    look again: `paths`, the policy files (relative `/`-separated paths, as policy_names lists
+    them); `identities`, file_identity per relative path (policy files, and any other file it
+    stat'ed), taken before the load read anything; `unchanged`, the policy files the caller
+    vouches have not changed since the last good load through the same cache read them (see
+    load_policy_set); a set, as it is asked once per file."""
+
+    paths: Sequence[str]
+    identities: Mapping[str, _FileIdentity | None]
+    unchanged: AbstractSet[str] = frozenset()
+
+
+class _RecordingSource:
+    """A PolicySource that records every file the loader asks it for (see FileRead).
+
+    `identities` (relative path -> file_identity) are identities taken before this load read
+    anything: a file's recorded identity is that one when given (one stat fewer), else a stat
+    taken just before reading it."""
+
+    def __init__(
+        self, source: PolicySource, identities: Mapping[str, _FileIdentity | None] | None = None
+    ) -> None:
         self._source = source
         self._read: dict[str, FileRead] = {}
+        self._identities = identities or {}
 
     @property
     def directory(self) -> Path:
@@ -114,7 +142,10 @@ class _RecordingSource:
 
     def read(self, relative: str) -> SourceFile:
         path = self._source.directory / relative
-        identity = file_identity(path)  # before reading: a write after it changes it
+        # Before reading: a write after it changes it.
+        identity = (
+            self._identities[relative] if relative in self._identities else file_identity(path)
+        )
         try:
             file = self._source.read(relative)
         except SourceError:
@@ -125,6 +156,17 @@ class _RecordingSource:
 
     def real_folder(self, relative: str) -> str:
         return self._source.real_folder(relative)
+
+    def reuse(self, known: KnownFile) -> None:
+        """Counts a file not read again (its bytes are `known`'s) as read: recorded, and its
+        size charged to the set's budget (raises SourceError past max_set_bytes)."""
+        charge = getattr(self._source, "charge", None)
+        if charge is not None:
+            charge(known.size)
+        self._read.setdefault(known.read.relative, known.read)
+
+    def recorded(self, relative: str) -> FileRead | None:
+        return self._read.get(relative)
 
     def record(
         self, relative: str, real_path: str, identity: tuple[int, int, int, int, int] | None
@@ -141,12 +183,14 @@ def _record_path(recording: _RecordingSource, relative: str) -> None:
     recording.record(relative, os.path.realpath(path), file_identity(path))
 
 
-def _revision(directory: Path, contents: Iterable[tuple[Path, bytes]]) -> str:
+def _revision(contents: Iterable[tuple[str, bytes]]) -> str:
+    """The content hash of the set: `contents` is (relative `/`-separated path, SHA-256 of
+    the file's bytes) per file, in load order."""
     digest = hashlib.sha256()
-    for path, data in contents:
-        digest.update(path.relative_to(directory).as_posix().encode())
+    for relative, file_digest in contents:
+        digest.update(relative.encode())
         digest.update(b"\0")
-        digest.update(hashlib.sha256(data).digest())
+        digest.update(file_digest)
     return digest.hexdigest()[:16]
 
 
@@ -157,6 +201,7 @@ def load_policy_set(
     remote_keys: RemoteKeySets | None = None,
     limits: PolicyLimits | None = None,
     cache: CompileCache | None = None,
+    listing: Listing | None = None,
 ) -> CompiledPolicySet:
     """Loads `directory`; raises PolicyLoadError listing every problem (file:line).
 
@@ -166,14 +211,21 @@ def load_policy_set(
     is parsed. `remote_keys` keeps JWKS URLs' key sets across loads (a long-running server
     passes one; without it each load fetches them anew). With `cache`, files and conditions
     that an earlier load through the same cache parsed and compiled are reused (see
-    policy_engine.policy.compile_cache); the result is the same as without it."""
+    policy_engine.policy.compile_cache); the result is the same as without it.
+
+    With a `listing`, the policy files loaded are `listing.paths` (the directory is not walked
+    again), a file read is recorded with its identity in `listing.identities` (FileRead), and
+    a file in `listing.unchanged` whose identity there is still the one the last good load
+    through `cache` recorded is not opened again: its digest and parse are reused and its size
+    still counts against max_set_bytes. Ignored with `bundle_public_key`: every signed byte is
+    read and verified."""
     directory = Path(directory)
     if not directory.is_dir():
         raise PolicyLoadError([LoadIssue(directory, 0, "policy directory does not exist")])
     if bundle_public_key is not None:
         # Verification read the signature and every file of the tree (hidden ones too): a
         # change to any of them changes what loads, so all count as read.
-        identities = {name: file_identity(directory / name) for name in tree_files(directory)}
+        tree = {name: file_identity(directory / name) for name in tree_files(directory)}
         bundle = directory / BUNDLE_FILE
         bundle_read = FileRead(BUNDLE_FILE, os.path.realpath(bundle), file_identity(bundle))
         try:
@@ -185,17 +237,20 @@ def load_policy_set(
                     bundle_read,
                     *(
                         FileRead(name, os.path.realpath(directory / name), identity)
-                        for name, identity in sorted(identities.items())
+                        for name, identity in sorted(tree.items())
                     ),
                 ),
             ) from None
         recording = _RecordingSource(snapshot)
         recording.record(BUNDLE_FILE, bundle_read.real_path, bundle_read.identity)
         for name, file in snapshot.files.items():
-            recording.record(name, file.real_path, identities.get(name))
+            recording.record(name, file.real_path, tree.get(name))
+        listing = None
     else:
-        recording = _RecordingSource(DirectorySource(directory, limits))
-    return load_policy_source(recording, remote_keys=remote_keys, cache=cache)
+        paths = listing.paths if listing is not None else None
+        identities = listing.identities if listing is not None else None
+        recording = _RecordingSource(DirectorySource(directory, limits, paths), identities)
+    return load_policy_source(recording, remote_keys=remote_keys, cache=cache, listing=listing)
 
 
 def load_policy_source(
@@ -203,16 +258,29 @@ def load_policy_source(
     *,
     remote_keys: RemoteKeySets | None = None,
     cache: CompileCache | None = None,
+    listing: Listing | None = None,
 ) -> CompiledPolicySet:
     """Compiles the policy set from `source` alone (see load_policy_set): every file is read
-    and size-checked before the first is parsed. Raises PolicyLoadError. Both the set and the
-    error carry `files_read`: every file asked of `source` (see FileRead). `cache`: see
-    load_policy_set; without one, identical conditions are still compiled once per load."""
-    recording = source if isinstance(source, _RecordingSource) else _RecordingSource(source)
+    (or reused, see `unchanged`) and size-checked before the first is parsed. Raises
+    PolicyLoadError. Both the set and the error carry `files_read`: every file asked of
+    `source` (see FileRead). `cache`: see load_policy_set; without one, identical conditions
+    are still compiled once per load. `listing`: its identities and unchanged files are used
+    as load_policy_set says (its paths are the source's business)."""
+    recording = (
+        source
+        if isinstance(source, _RecordingSource)
+        else _RecordingSource(source, listing.identities if listing is not None else None)
+    )
     attempt = cache.begin() if cache is not None else LoadAttempt(None)
     good = False
     try:
-        policies = _load(recording, remote_keys, attempt)
+        policies = _load(
+            recording,
+            remote_keys,
+            attempt,
+            listing.identities if listing is not None else {},
+            listing.unchanged if listing is not None else frozenset(),
+        )
         good = True
     except PolicyLoadError as exc:
         exc.files_read = recording.files_read
@@ -223,58 +291,119 @@ def load_policy_source(
     return policies
 
 
+_FileKey = tuple[str, bytes]  # (path as the loader names it, SHA-256 of its bytes)
+
+
 def _load(
-    source: _RecordingSource, remote_keys: RemoteKeySets | None, attempt: LoadAttempt
+    source: _RecordingSource,
+    remote_keys: RemoteKeySets | None,
+    attempt: LoadAttempt,
+    identities: Mapping[str, tuple[int, int, int, int, int] | None],
+    unchanged: AbstractSet[str],
 ) -> CompiledPolicySet:
     remote_keys = remote_keys if remote_keys is not None else RemoteKeySets()
     directory = source.directory
+    top = os.fspath(directory)
     issues: list[LoadIssue] = []
-    contents: list[tuple[Path, bytes]] = []
+    # (relative path, SHA-256): what the revision hashes, JWKS files appended as read.
+    contents: list[tuple[str, bytes]] = []
+    # The policy files: (relative path, cache key, bytes, or None when reused unread).
+    files: list[tuple[str, _FileKey, bytes | None]] = []
     for relative in source.policy_paths():
-        path = directory / relative
+        key_path = os.path.join(top, relative)  # as str(directory / relative), cheaper
         try:
-            contents.append((path, source.read(relative).data))
+            known = (
+                attempt.known_file(relative, identities.get(relative))
+                if relative in unchanged
+                else None
+            )
+            if known is not None and attempt.cached_file((key_path, known.digest)) is not None:
+                source.reuse(known)
+                digest, data = known.digest, None
+            else:
+                known = None
+                data = source.read(relative).data
+                attempt.count_read()
+                digest = hashlib.sha256(data).digest()
         except SourceError as exc:
-            issues.append(LoadIssue(path, 0, str(exc)))
+            issues.append(LoadIssue(directory / relative, 0, str(exc)))
             if exc.set_too_large:
                 raise PolicyLoadError(issues) from None
+            continue
+        read = known.read if known is not None else source.recorded(relative)
+        if read is not None:
+            size = known.size if known is not None else len(data or b"")
+            attempt.remember_file(relative, known or KnownFile(read, digest, size))
+        contents.append((relative, digest))
+        files.append((relative, (key_path, digest), data))
     if not contents and not issues:
         issues.append(LoadIssue(directory, 0, "no policy files (*.yaml) found"))
 
-    by_org: dict[str, tuple[list[OrganizationConfig], list[Policy]]] = {}
-    for path, data in contents:
-        relative = path.relative_to(directory)
-        if len(relative.parts) < 2:
-            issues.append(LoadIssue(path, 1, "policy files belong in an organization folder"))
+    by_org: dict[str, list[tuple[_FileKey, ParsedFile]]] = {}
+    for relative, key, data in files:
+        parts = relative.split("/")
+        if len(parts) < 2:
+            issues.append(
+                LoadIssue(directory / relative, 1, "policy files belong in an organization folder")
+            )
             continue
-        org = relative.parts[0]
+        org = parts[0]
         if not NAME_PATTERN.match(org):
-            issues.append(LoadIssue(path, 1, f"organization folder name {org!r} is not valid"))
+            issues.append(
+                LoadIssue(directory / relative, 1, f"organization folder name {org!r} is not valid")
+            )
             continue
-        configs, policies = by_org.setdefault(org, ([], []))
-        parsed = attempt.parsed_file(
-            path,
-            hashlib.sha256(data).digest(),
-            lambda path=path, data=data, org=org: _parse_new(path, data, org, issues),
-        )
-        configs.extend(parsed.configs)
-        policies.extend(parsed.policies)
+        if data is None:  # reused unread: its parse is cached (checked above)
+            parsed = attempt.cached_file(key)
+            assert parsed is not None
+        else:
+            path = directory / relative
+            parsed = attempt.parsed_file(
+                key, lambda path=path, data=data, org=org: _parse_new(path, data, org, issues)
+            )
+        by_org.setdefault(org, []).append((key, parsed))
 
     organizations = {}
-    for org, (configs, policies) in sorted(by_org.items()):
-        compiled = _compile_organization(
-            source, org, configs, policies, issues, contents, remote_keys, attempt
-        )
+    for org, org_files in sorted(by_org.items()):
+        compiled = _organization(source, org, org_files, issues, contents, remote_keys, attempt)
         if compiled is not None:
             organizations[org] = compiled
     if issues:
         raise PolicyLoadError(issues)
     return CompiledPolicySet(
-        revision=_revision(directory, contents),
+        revision=_revision(contents),
         organizations=MappingProxyType(organizations),
         file_count=len(contents),
         files_read=source.files_read,
     )
+
+
+def _organization(
+    source: PolicySource,
+    org: str,
+    files: list[tuple[_FileKey, ParsedFile]],
+    issues: list[LoadIssue],
+    contents: list[tuple[str, bytes]],
+    remote_keys: RemoteKeySets,
+    attempt: LoadAttempt,
+) -> CompiledOrganization | None:
+    """The organization in folder `org` from its parsed policy `files`: reused whole when the
+    last good load built it from the same files (its token settings are built again: a JWKS
+    file is not one of those files, and is read and counted in `contents` every load)."""
+    files_key = tuple(key for key, _ in files)
+    known = attempt.known_organization(org, files_key)
+    if known is not None:
+        (config,) = (config for _, parsed in files for config in parsed.configs)
+        tokens = _token_rules(
+            source, org, config.tokens, issues, contents, config.position.file, remote_keys
+        )
+        return dataclasses.replace(known, tokens=tokens)
+    attempt.start_organization()
+    before = len(issues)
+    compiled = _compile_organization(source, org, files, issues, contents, remote_keys, attempt)
+    if compiled is not None and len(issues) == before:
+        attempt.built_organization(org, files_key, compiled)
+    return compiled
 
 
 def _parse_new(
@@ -345,7 +474,7 @@ def _token_rules(
     org: str,
     settings: TokenSettings | None,
     issues: list[LoadIssue],
-    contents: list[tuple[Path, bytes]],
+    contents: list[tuple[str, bytes]],
     config_file: Path,
     remote_keys: RemoteKeySets,
 ) -> TokenRules:
@@ -374,7 +503,7 @@ def _token_rules(
         except KeySetError as exc:
             issues.append(LoadIssue(config_file, settings.line, f"jwks_file: {exc}"))
             return UNVERIFIED
-        contents.append((source.directory / relative, file.data))
+        contents.append((relative, hashlib.sha256(file.data).digest()))
     else:
         keys = remote_keys.get(str(settings.jwks_url))  # fetched off the request path
     return TokenRules(
@@ -391,13 +520,14 @@ def _token_rules(
 def _compile_organization(
     source: PolicySource,
     org: str,
-    configs: list[OrganizationConfig],
-    policies: list[Policy],
+    files: list[tuple[_FileKey, ParsedFile]],
     issues: list[LoadIssue],
-    contents: list[tuple[Path, bytes]],
+    contents: list[tuple[str, bytes]],
     remote_keys: RemoteKeySets,
     attempt: LoadAttempt,
 ) -> CompiledOrganization | None:
+    configs = [config for _, parsed in files for config in parsed.configs]
+    policies = [policy for _, parsed in files for policy in parsed.policies]
     if len(configs) != 1:
         where = configs[1].position if len(configs) > 1 else None
         issues.append(
@@ -425,18 +555,21 @@ def _compile_organization(
     rules_by_layer: dict[Layer, list[tuple[CompiledRule, Matcher | _Conjunction]]] = {
         layer: [] for layer in POLICY_LAYERS
     }
-    for policy in policies:
-        _check_catalog_references(config, policy, issues)
-        for rule in policy.rules:
-            compiled = attempt.compiled_rule(
-                rule, lambda policy=policy, rule=rule: _compile_rule(policy, rule, issues, attempt)
-            )
-            if compiled is not None:
-                integrations = Matcher.of(policy.target.integrations)
-                narrowed = Matcher.of(rule.target.integrations)
-                rules_by_layer[policy.layer].append(
-                    (compiled, _conjunction(integrations, narrowed))
+    for _, parsed in files:
+        for policy in parsed.policies:
+            _check_catalog_references(config, policy, issues)
+            for rule in policy.rules:
+                compiled = attempt.compiled_rule(
+                    parsed,
+                    rule,
+                    lambda policy=policy, rule=rule: _compile_rule(policy, rule, issues, attempt),
                 )
+                if compiled is not None:
+                    integrations = Matcher.of(policy.target.integrations)
+                    narrowed = Matcher.of(rule.target.integrations)
+                    rules_by_layer[policy.layer].append(
+                        (compiled, _conjunction(integrations, narrowed))
+                    )
 
     layers = {
         layer: LayerIndex(

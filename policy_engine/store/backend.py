@@ -13,6 +13,7 @@ import os
 import threading
 import time
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
 
@@ -22,7 +23,7 @@ from policy_engine.config import PolicyLimits
 from policy_engine.policy import CompiledPolicySet, PolicyLoadError, load_policy_set
 from policy_engine.policy.bundle import BUNDLE_FILE
 from policy_engine.policy.compile_cache import CompileCache
-from policy_engine.policy.loader import FileRead, file_identity
+from policy_engine.policy.loader import FileRead, Listing, file_identity
 from policy_engine.policy.source import is_policy_file, policy_names, tree_files
 from policy_engine.store.watch import watch_tree
 from policy_engine.store.writes import WriteTracker, open_for_writing
@@ -74,7 +75,25 @@ class PolicyBackend(Protocol):
 
 
 _Identity = tuple[int, int]
-_Fingerprint = tuple[tuple[str, int, int, int], ...]
+_FileIdentity = tuple[int, int, int, int, int]  # see loader.file_identity
+
+
+@dataclass(frozen=True, slots=True, eq=False)
+class _Snapshot:
+    """One look at the directory: which directory it is (`root`), the files a load would
+    read as one walk lists them (`names`: policy files; every file of the tree with a bundle
+    key), and one stat per file (`identities`: those files and every other file the last
+    loads read, e.g. JWKS files and the bundle signature)."""
+
+    root: _Identity | None
+    names: tuple[str, ...]
+    identities: dict[str, _FileIdentity | None]
+
+    def same_tree(self, other: _Snapshot) -> bool:
+        return self.root == other.root and self.names == other.names
+
+
+_Fingerprint = _Snapshot  # the name tests know it by
 
 
 def _identity(path: Path) -> _Identity | None:
@@ -89,20 +108,26 @@ def _identity(path: Path) -> _Identity | None:
 class DirectoryBackend:
     """Policies as files in a directory, one folder per organization (see the loader).
 
-    `load` skips reading altogether when nothing changed since the last successful load
-    (`unchanged_since_load`): it then returns that same set, at the cost of a directory walk
-    and one stat per file. Otherwise it reads every file, but parses and compiles only files
-    whose bytes changed (`cache`, a CompileCache; see policy_engine.policy.compile_cache).
+    Each `load` walks the directory once and stats each file once before reading (a
+    `_Snapshot`), and once more after: nothing else is listed or stat'ed. A file whose
+    identity (loader.file_identity: device, inode, size, mtime, ctime) is the one the last
+    good load recorded, and that was last changed well before that load started reading (see
+    RACY_WINDOW_NS), is settled: its bytes are the ones already loaded. `load` returns that
+    same set when every file is settled and the walk lists the same files
+    (`unchanged_since_load`); otherwise it reads only the files that are not settled, and
+    parses and compiles only files whose bytes changed (`cache`, a CompileCache: see
+    policy_engine.policy.compile_cache). With a bundle key every file of a changed set is read
+    and verified again.
 
-    `load` reads a consistent snapshot: it fingerprints the policy files (path, size, mtime,
-    inode) before and after loading, and checks that every file the load read (FileRead: JWKS
-    files and the bundle signature too) is still the one it read, and refuses the result if
-    anything differs, so a deploy that lands mid-read is never half-applied. Nor is a file
-    still being written read at all: `load` raises FilesBeingWritten while the watcher saw one
-    of those files modified and not yet closed, or the kernel reports one open for writing
-    (also when the load failed: a truncated file usually does not parse). `changes` watches
-    the tree and every file the last load read with inotify and reports finished writes only
-    (see policy_engine.store.watch).
+    `load` reads a consistent snapshot: the walk and every identity taken after loading must
+    match those taken before, and every file the load read (FileRead: JWKS files and the
+    bundle signature too) must still be the one it read; otherwise the result is refused, so
+    a deploy that lands mid-read is never half-applied. Nor is a file still being written read
+    at all: `load` raises FilesBeingWritten while the watcher saw one of those files modified
+    and not yet closed, or the kernel reports one that is not settled open for writing (also
+    when the load failed: a truncated file usually does not parse). `changes` watches the tree
+    and every file the last load read with inotify and reports finished writes only (see
+    policy_engine.store.watch).
     """
 
     # Asked of every file the loader reads; a class attribute so a test can take it away.
@@ -143,10 +168,10 @@ class DirectoryBackend:
         return self._files_read
 
     def load(self) -> CompiledPolicySet:
-        root = _identity(self.directory)
-        self._refuse_files_being_written()
+        before = self._fingerprint()
+        self._refuse_files_being_written(before)
         last_good = self._last_good
-        if last_good is not None and self.unchanged_since_load(root):
+        if last_good is not None and self._unchanged(before):
             log.debug(
                 "%s: every file is the one revision %s was loaded from; nothing read",
                 self.directory,
@@ -157,8 +182,10 @@ class DirectoryBackend:
             return last_good
         self.full_loads += 1
         metrics.POLICY_LOADS.labels(kind="read").inc()
-        before = self._fingerprint()
         read_ns = time.time_ns()
+        listing = None
+        if self.bundle_public_key is None:
+            listing = Listing(before.names, before.identities, self._settled(before))
         try:
             policies = load_policy_set(
                 self.directory,
@@ -166,51 +193,66 @@ class DirectoryBackend:
                 remote_keys=self._remote_keys,
                 limits=self.limits,
                 cache=self.cache,
+                listing=listing,
             )
         except PolicyLoadError as exc:
             self._files_read = exc.files_read
             self._refuse_files_being_written()  # the error may be a truncated file's
             raise
         self._files_read = policies.files_read
-        changed = self.changed_since_read(policies.files_read)
-        if changed or self._fingerprint() != before:
+        # Files the walk does not list (JWKS files, the signature) are stat'ed here, the
+        # others by the second walk's snapshot: each file once after loading.
+        changed = self.changed_since_read(
+            tuple(file for file in policies.files_read if file.relative not in before.identities)
+        )
+        after = self._fingerprint()
+        changed += [
+            file.relative
+            for file in policies.files_read
+            if file.relative in after.identities
+            and after.identities[file.relative] != file.identity
+        ]
+        if changed or not after.same_tree(before):
             shown = f" ({', '.join(changed[:5])})" if changed else ""
             raise SourceChangedDuringLoad(
                 f"{self.directory} changed while it was being loaded{shown}"
             )
-        self._refuse_files_being_written()  # opened for writing while we read
+        self._refuse_files_being_written(after)  # opened for writing while we read
         if last_good is not None and last_good.revision == policies.revision:
             # The same content read again: keep serving the same object, so the store and
             # this backend never hold two copies of one revision.
             policies, self._files_read = last_good, policies.files_read
         self._last_good, self._last_good_read = policies, self._files_read
-        self._last_good_read_ns, self._last_good_root = read_ns, root
+        self._last_good_read_ns, self._last_good_root = read_ns, before.root
         return policies
 
-    def unchanged_since_load(self, root: _Identity | None) -> bool:
+    def unchanged_since_load(self, root: _Identity | None = None) -> bool:
         """True when loading now would read exactly the files the last good load read: the
-        directory is the same one (`root`, as _identity gives it), the walk finds the same
-        files, and every file read has the same identity (FileRead) and was last changed well
-        before that load started reading (see RACY_WINDOW_NS). Costs a walk and a stat per
-        file; reads none."""
-        if self._last_good is None or root is None or root != self._last_good_root:
+        directory is the same one, the walk finds the same files, and every file read is
+        settled (same identity, last changed well before that load started reading: see
+        RACY_WINDOW_NS). Costs a walk and a stat per file; reads none. `root` is ignored
+        (the directory's identity is taken with the walk)."""
+        return self._unchanged(self._snapshot())
+
+    def _unchanged(self, snapshot: _Snapshot) -> bool:
+        if self._last_good is None or snapshot.root is None:
+            return False
+        if snapshot.root != self._last_good_root:
             return False
         files_read = self._last_good_read
         read = {file.relative for file in files_read}
         if self.bundle_public_key is not None:
-            walked = set(tree_files(self.directory))  # the signature covers every file
-            read.discard(BUNDLE_FILE)
+            read.discard(BUNDLE_FILE)  # the signature covers every other file of the tree
         else:
-            walked = set(policy_names(self.directory))
             read = {name for name in read if is_policy_file(name)}
-        if walked != read:
+        if set(snapshot.names) != read:
             return False
         racy_after = self._last_good_read_ns - self.racy_window_ns
         for file in files_read:
-            identity = file_identity(self.directory / file.relative)
+            identity = snapshot.identities.get(file.relative, _UNKNOWN)
             if identity != file.identity:
                 return False
-            if identity is not None and max(identity[3], identity[4]) >= racy_after:
+            if identity is not None and max(file.identity[3], file.identity[4]) >= racy_after:
                 return False
         return True
 
@@ -230,6 +272,9 @@ class DirectoryBackend:
         the bundle signature and every file the last load read. A file the watcher
         still records but the kernel says no process holds open for writing is finished
         (its close event was lost, e.g. to a queue overflow) and is forgotten."""
+        return self._being_written(self._snapshot())
+
+    def _being_written(self, snapshot: _Snapshot) -> list[str]:
         found: set[str] = set()
         for path in self._writes.pending():
             held = self.probe_open_for_writing(Path(path))
@@ -239,54 +284,66 @@ class DirectoryBackend:
                 self._writes.finished(path)  # gone: nothing left to read half-done
             else:
                 found.add(path)
-        unchanged = self._settled_files()
+        settled = self._settled(snapshot)
         names = [
-            *policy_names(self.directory),
+            *snapshot.names,
             BUNDLE_FILE,
             *(file.relative for file in self._files_read),
         ]
+        top = str(self.directory)
         for name in dict.fromkeys(names):
-            if name in unchanged:
+            if name in settled:
                 continue
-            path = self.directory / name
-            if str(path) not in found and self.probe_open_for_writing(path):
-                found.add(str(path))
+            path = os.path.join(top, name)
+            if path not in found and self.probe_open_for_writing(Path(path)):
+                found.add(path)
         return sorted(_relative(self.directory, path) for path in found)
 
-    def _settled_files(self) -> set[str]:
-        """Files the last good load read that have not changed since (same identity, last
-        changed well before that load read them: see RACY_WINDOW_NS). Reading one of these
-        now gives the bytes already loaded, however many writers hold it open, so it need not
-        be probed for writers; once one writes, its identity changes."""
+    def _settled(self, snapshot: _Snapshot) -> set[str]:
+        """Files the last good load read that have not changed since, by `snapshot`'s
+        identities (same identity, last changed well before that load read them: see
+        RACY_WINDOW_NS). Reading one of these now gives the bytes already loaded, however
+        many writers hold it open, so it is neither read again nor probed for writers; once
+        one writes, its identity changes."""
         racy_after = self._last_good_read_ns - self.racy_window_ns
+        identities = snapshot.identities
         settled = set()
         for file in self._last_good_read:
             identity = file.identity
             if (
                 identity is not None
-                and max(identity[3], identity[4]) < racy_after
-                and file_identity(self.directory / file.relative) == identity
+                and identity[3] < racy_after
+                and identity[4] < racy_after
+                and identities.get(file.relative, _UNKNOWN) == identity
             ):
                 settled.add(file.relative)
         return settled
 
-    def _refuse_files_being_written(self) -> None:
-        being_written = self.files_being_written()
+    def _refuse_files_being_written(self, snapshot: _Snapshot | None = None) -> None:
+        being_written = self._being_written(snapshot if snapshot is not None else self._snapshot())
         if being_written:
             raise FilesBeingWritten(self.directory, being_written)
 
-    def _fingerprint(self) -> tuple[_Identity | None, _Fingerprint]:
-        entries = []
+    def _fingerprint(self) -> _Snapshot:
+        """The snapshot `load` takes before and after reading (a hook for tests)."""
+        return self._snapshot()
+
+    def _snapshot(self) -> _Snapshot:
+        """One walk of the directory and one stat of each file it lists and of each other file
+        the last loads read (see _Snapshot)."""
+        root = _identity(self.directory)
+        if self.bundle_public_key is not None:
+            names = tree_files(self.directory)
+        else:
+            names = policy_names(self.directory)
         top = str(self.directory)
-        for name in policy_names(self.directory):
-            path = os.path.join(top, name)
-            try:
-                st = os.stat(path)
-            except OSError:
-                entries.append((path, -1, -1, -1))
-                continue
-            entries.append((path, st.st_size, st.st_mtime_ns, st.st_ino))
-        return _identity(self.directory), tuple(entries)
+        identities: dict[str, _FileIdentity | None] = {}
+        for name in names:
+            identities[name] = _stat(os.path.join(top, name))
+        for file in (*self._last_good_read, *self._files_read):
+            if file.relative not in identities:
+                identities[file.relative] = file_identity(self.directory / file.relative)
+        return _Snapshot(root, tuple(names), identities)
 
     def changes(self, stop: threading.Event, debounce_ms: int) -> Iterator[str]:
         """Yields once per burst of finished changes (files closed after writing, renamed,
@@ -294,6 +351,18 @@ class DirectoryBackend:
         file the last load read, hidden or not, changed or, if it was missing, created) and
         records files being written for `load`; see watch.watch_tree."""
         return watch_tree(self.directory, stop, debounce_ms, self._writes, lambda: self._files_read)
+
+
+_UNKNOWN = object()  # not stat'ed: never equal to an identity
+
+
+def _stat(path: str) -> _FileIdentity | None:
+    """loader.file_identity of a path already joined (the hot loop of a snapshot)."""
+    try:
+        st = os.stat(path)
+    except (OSError, ValueError):
+        return None
+    return (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
 
 
 def _relative(directory: Path, path: str) -> str:
