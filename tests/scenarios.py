@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -14,6 +16,16 @@ EXAMPLE_POLICIES = REPO / "policies"
 
 ENGINEERING = {"groups": ["engineering"]}
 SALES = {"groups": ["sales"]}
+
+
+def pdp(*args: str) -> subprocess.CompletedProcess[str]:
+    """The `pdp` command run as operators run it: a real subprocess."""
+    return subprocess.run(
+        [sys.executable, "-m", "policy_engine.cli.main", *args],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
 
 
 def expired_token(subject: str = "alice") -> str:

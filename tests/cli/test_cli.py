@@ -3,23 +3,12 @@
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
 from policy_engine.cli.main import main
-from tests.scenarios import EXAMPLE_POLICIES, SCENARIOS, Scenario, token_for
-
-
-def pdp(*args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "policy_engine.cli.main", *args],
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
+from tests.scenarios import EXAMPLE_POLICIES, SCENARIOS, Scenario, pdp, token_for
 
 
 def eval_args(scenario: Scenario) -> list[str]:

@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -14,7 +12,7 @@ from cryptography.hazmat.primitives.asymmetric import ed25519, rsa
 from policy_engine.policy import PolicyLoadError, load_policy_set
 from policy_engine.policy.bundle import BUNDLE_FILE, sign_bundle, verify_bundle
 from policy_engine.store import DirectoryBackend, PolicyStore
-from tests.scenarios import EXAMPLE_POLICIES
+from tests.scenarios import EXAMPLE_POLICIES, pdp
 
 
 def key_pair(folder: Path, kind: str = "ed25519") -> tuple[Path, Path]:
@@ -105,15 +103,6 @@ def test_the_store_keeps_the_last_good_set_on_a_tampered_change(signed) -> None:
     store.reload("tampered")
     assert store.current().revision == good
     assert "content differs" in store.status().last_error
-
-
-def pdp(*args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "policy_engine.cli.main", *args],
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
 
 
 def test_cli_sign_and_verify(tmp_path: Path) -> None:

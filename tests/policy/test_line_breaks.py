@@ -4,8 +4,6 @@ refused anywhere in a policy or config file, quoted or not. Real files, the real
 
 from __future__ import annotations
 
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -13,6 +11,7 @@ import pytest
 from policy_engine.config import ConfigError, load_settings
 from policy_engine.domain.decision import Effect
 from policy_engine.policy import PolicyLoadError, load_policy_set
+from tests.scenarios import pdp
 from tests.store.support import decide_scope, org_policy, write_policy_dir
 
 BREAKS = ["\u2028", "\u2029", "\x85"]
@@ -43,12 +42,7 @@ def test_a_key_hidden_behind_a_comment_is_refused(tmp_path: Path, line_break: st
     message = str(caught.value)
     assert f"U+{ord(line_break):04X} is not allowed in policy files" in message
     assert "org.yaml:" in message
-    validate = subprocess.run(
-        [sys.executable, "-m", "policy_engine.cli.main", "validate", str(root)],
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
+    validate = pdp("validate", str(root))
     assert validate.returncode != 0
     assert "Traceback" not in validate.stderr
 

@@ -6,8 +6,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import subprocess
-import sys
 from collections.abc import Callable, Iterator
 from dataclasses import replace
 from datetime import UTC, datetime
@@ -34,6 +32,7 @@ from policy_engine.store import DirectoryBackend, PolicyStore
 from tests.auth.material import AUDIENCE, ISSUER, SigningKey, claims, jwks, rsa_key
 from tests.policy.test_bundle import key_pair
 from tests.policy_builder import request
+from tests.scenarios import pdp
 from tests.store.support import check_request, decide_scope, org_policy, write_policy_dir
 
 LEGITIMATE = rsa_key("idp-1")
@@ -86,15 +85,6 @@ def token_decision(policies: CompiledPolicySet, key: SigningKey) -> Effect:
     base = request("repo", application="app", groups=["engineering"])
     with_token = replace(base, subject=replace(base.subject, access_token=key.sign(**claims())))
     return decide(policies, with_token, now=datetime.now(UTC)).effect
-
-
-def pdp(*args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "policy_engine.cli.main", *args],
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
 
 
 # -- signing covers what the loader can read ---------------------------------------------------

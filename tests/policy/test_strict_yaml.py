@@ -5,8 +5,6 @@ from __future__ import annotations
 
 import os
 import shutil
-import subprocess
-import sys
 import tracemalloc
 from pathlib import Path
 
@@ -20,7 +18,7 @@ from policy_engine.domain.decision import Effect
 from policy_engine.policy import PolicyLoadError, load_policy_set
 from policy_engine.policy.yamlpos import ambiguity, load_documents
 from policy_engine.store import DirectoryBackend, PolicyStore
-from tests.scenarios import EXAMPLE_POLICIES
+from tests.scenarios import EXAMPLE_POLICIES, pdp
 from tests.store.support import decide_scope, org_policy, write_policy_dir
 
 # Finding 1, as reported: the first `rules:` holds the deny, the second only the allow.
@@ -63,15 +61,6 @@ def load_errors(root: Path, limits: PolicyLimits | None = None) -> str:
     with pytest.raises(PolicyLoadError) as error:
         load_policy_set(root, limits=limits)
     return str(error.value)
-
-
-def pdp(*args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "policy_engine.cli.main", *args],
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
 
 
 # -- duplicate keys ---------------------------------------------------------------------------
