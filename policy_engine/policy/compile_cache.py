@@ -38,8 +38,9 @@ from dataclasses import dataclass, field
 from policy_engine import metrics
 from policy_engine.cel import CompiledExpression, compile_expression
 from policy_engine.cel.compiler import CompileLimits, Declarations
+from policy_engine.domain.decision import Layer
 from policy_engine.policy.compiled import CompiledOrganization, CompiledRule, FileRead
-from policy_engine.policy.model import OrganizationConfig, Policy, Rule
+from policy_engine.policy.model import Catalog, OrganizationConfig, Policy, Rule
 
 __all__ = ["CompileCache", "KnownFile", "LoadAttempt", "ParsedFile"]
 
@@ -60,6 +61,13 @@ class ParsedFile:
     configs: tuple[OrganizationConfig, ...]
     policies: tuple[Policy, ...]
     rules: dict[int, tuple[CompiledRule, _ConditionKey | None]] = field(default_factory=dict)
+    # Once every rule compiled: (layer, compiled rule, integration matcher) per rule in file
+    # order, and the condition keys they hold, so a later load appends them without a lookup
+    # per rule. Set by the loader.
+    layered: tuple[tuple[Layer, CompiledRule, Callable[[str], bool]], ...] | None = None
+    conditions: tuple[_ConditionKey, ...] = ()
+    # The catalog (by identity) every policy here was checked against without an issue.
+    catalog_checked: Catalog | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -217,6 +225,11 @@ class LoadAttempt:
         self.known_organizations[name] = _KnownOrganization(
             files, frozenset(self._organization_conditions), compiled
         )
+
+    def use_conditions(self, keys: tuple[_ConditionKey, ...]) -> None:
+        """Marks conditions held by rules reused whole (ParsedFile.layered) as in use."""
+        self.conditions.update(keys)
+        self._organization_conditions.update(keys)
 
     def compiled_rule(
         self, home: ParsedFile, rule: Rule, compile_rule: Callable[[], CompiledRule | None]

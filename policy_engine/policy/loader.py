@@ -556,20 +556,39 @@ def _compile_organization(
         layer: [] for layer in POLICY_LAYERS
     }
     for _, parsed in files:
+        if parsed.catalog_checked is not config.catalog:
+            before = len(issues)
+            for policy in parsed.policies:
+                _check_catalog_references(config, policy, issues)
+            if len(issues) == before:  # the same catalog object need not be checked again
+                parsed.catalog_checked = config.catalog
+        if parsed.layered is not None:  # every rule compiled before: reuse them whole
+            attempt.use_conditions(parsed.conditions)
+            for layer, compiled, matches in parsed.layered:
+                rules_by_layer[layer].append((compiled, matches))
+            continue
+        layered: list[tuple[Layer, CompiledRule, Matcher | _Conjunction]] = []
+        complete = True
         for policy in parsed.policies:
-            _check_catalog_references(config, policy, issues)
             for rule in policy.rules:
                 compiled = attempt.compiled_rule(
                     parsed,
                     rule,
                     lambda policy=policy, rule=rule: _compile_rule(policy, rule, issues, attempt),
                 )
-                if compiled is not None:
-                    integrations = Matcher.of(policy.target.integrations)
-                    narrowed = Matcher.of(rule.target.integrations)
-                    rules_by_layer[policy.layer].append(
-                        (compiled, _conjunction(integrations, narrowed))
-                    )
+                if compiled is None:
+                    complete = False
+                    continue
+                integrations = Matcher.of(policy.target.integrations)
+                narrowed = Matcher.of(rule.target.integrations)
+                matches = _conjunction(integrations, narrowed)
+                layered.append((policy.layer, compiled, matches))
+                rules_by_layer[policy.layer].append((compiled, matches))
+        if complete:
+            parsed.layered = tuple(layered)
+            parsed.conditions = tuple(
+                known[1] for known in parsed.rules.values() if known[1] is not None
+            )
 
     layers = {
         layer: LayerIndex(
