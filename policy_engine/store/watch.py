@@ -127,15 +127,15 @@ def _read_targets(
     """The absolute paths naming each file read (as the loader named it below `root`, where
     its folder really is, and where its symlinks led) and every folder above those paths."""
     paths: set[str] = set()
+    real_folders: dict[str, str] = {}  # thousands of files share a few folders: resolve once
+    top = os.path.abspath(root)
     for file in files_read:
-        named = os.path.abspath(root / file.relative)
-        paths.update(
-            (
-                named,
-                os.path.join(os.path.realpath(os.path.dirname(named)), os.path.basename(named)),
-                os.path.normpath(file.real_path),
-            )
-        )
+        named = os.path.normpath(os.path.join(top, file.relative))
+        folder, name = os.path.split(named)
+        real_folder = real_folders.get(folder)
+        if real_folder is None:
+            real_folder = real_folders[folder] = os.path.realpath(folder)
+        paths.update((named, os.path.join(real_folder, name), os.path.normpath(file.real_path)))
     folders: set[str] = set()
     for path in paths:
         parent = os.path.dirname(path)
