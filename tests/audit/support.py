@@ -3,13 +3,15 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 import jsonschema
 import redis
 
-from policy_engine.audit import load_schema
+from policy_engine.audit import AuditLog, load_schema
 from policy_engine.bench.redis_server import RedisServer
 from policy_engine.config import AuditSettings
 from policy_engine.domain.codes import ErrorCode
@@ -115,6 +117,19 @@ def settings(tmp_path: Path, **changes: Any) -> AuditSettings:
     }
     values.update(changes)
     return AuditSettings(**values)
+
+
+@contextmanager
+def module_audit_log(directory: Path) -> Iterator[AuditLog]:
+    """A file audit log (`directory`/audit.jsonl) whose queue holds a whole module's decisions;
+    closed on the way out."""
+    log = AuditLog(
+        AuditSettings(enabled=True, file_path=directory / "audit.jsonl", queue_size=100_000)
+    )
+    try:
+        yield log
+    finally:
+        log.close()
 
 
 # --- a private redis-server ----------------------------------------------------------------------

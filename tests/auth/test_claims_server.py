@@ -27,10 +27,10 @@ from policy_engine.api import pdp_pb2, pdp_pb2_grpc
 from policy_engine.audit import AuditLog
 from policy_engine.audit.verify import verify_files
 from policy_engine.auth.tokens import MAX_NUMERIC_DATE
-from policy_engine.config import AuditSettings, Settings
+from policy_engine.config import Settings
 from policy_engine.policy import CompiledPolicySet, load_policy_set
 from policy_engine.server.service import PolicyDecisionServicer
-from tests.audit.support import jsonl, schema_errors
+from tests.audit.support import jsonl, module_audit_log, schema_errors
 from tests.auth.material import AUDIENCE, ISSUER, jwks, raw_token, rsa_key
 from tests.policy_builder import allow_all, write_organization
 from tests.server.harness import running
@@ -195,10 +195,8 @@ def policies(tmp_path_factory: pytest.TempPathFactory) -> CompiledPolicySet:
 
 @pytest.fixture(scope="module")
 def audit(tmp_path_factory: pytest.TempPathFactory) -> Iterator[AuditLog]:
-    path = tmp_path_factory.mktemp("claims-audit") / "audit.jsonl"
-    log = AuditLog(AuditSettings(enabled=True, file_path=path, queue_size=100_000))
-    yield log
-    log.close()
+    with module_audit_log(tmp_path_factory.mktemp("claims-audit")) as log:
+        yield log
 
 
 @pytest.fixture(scope="module")

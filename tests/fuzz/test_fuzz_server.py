@@ -22,12 +22,12 @@ from hypothesis import strategies as st
 from policy_engine.api import pdp_pb2, pdp_pb2_grpc
 from policy_engine.audit import AuditLog
 from policy_engine.audit.verify import verify_files
-from policy_engine.config import AuditSettings, Settings
+from policy_engine.config import Settings
 from policy_engine.engine import decide
 from policy_engine.policy import load_policy_set
 from policy_engine.server.convert import RequestConverter
 from policy_engine.server.service import PolicyDecisionServicer
-from tests.audit.support import jsonl, schema_errors
+from tests.audit.support import jsonl, module_audit_log, schema_errors
 from tests.server.harness import EXAMPLE_POLICIES, running
 
 EXAMPLES = int(os.environ.get("PDP_FUZZ_EXAMPLES", "60"))
@@ -128,10 +128,8 @@ def check_requests(draw: st.DrawFn) -> pdp_pb2.CheckRequest:
 
 @pytest.fixture(scope="module")
 def audit(tmp_path_factory: pytest.TempPathFactory) -> Iterator[AuditLog]:
-    path = tmp_path_factory.mktemp("fuzz-audit") / "audit.jsonl"
-    log = AuditLog(AuditSettings(enabled=True, file_path=path, queue_size=100_000))
-    yield log
-    log.close()
+    with module_audit_log(tmp_path_factory.mktemp("fuzz-audit")) as log:
+        yield log
 
 
 @pytest.fixture(scope="module")
