@@ -39,6 +39,7 @@ from __future__ import annotations
 
 import functools
 import re
+import threading
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -48,6 +49,8 @@ from typing import Any
 import celpy.celparser
 from lark import Lark, Token, Tree
 from lark.exceptions import LarkError, UnexpectedCharacters, UnexpectedEOF, UnexpectedToken
+from lark.lexer import ContextualLexer, LexerThread
+from lark.tree import Meta
 
 from policy_engine.cel.errors import CelCompileError, CelEvaluationError
 from policy_engine.cel.functions import FUNCTIONS, MACRO_ARITIES, Function
@@ -175,7 +178,8 @@ def _end_of_input(source: str) -> CelCompileError:
     return CelCompileError("syntax error: unexpected end of expression", line, column)
 
 
-def _parse(source: str) -> Tree:
+def _full_parse(source: str) -> Tree:
+    """lark's own parse of ``source``; raises :class:`CelCompileError` for a syntax error."""
     try:
         return _parser().parse(source)
     except UnexpectedCharacters as exc:
@@ -195,6 +199,332 @@ def _parse(source: str) -> Tree:
         raise CelCompileError("expression is nested too deeply") from None
     except LarkError as exc:
         raise CelCompileError(f"syntax error: {exc}") from None
+
+
+def _parse(source: str) -> Tree:
+    """The lark tree of ``source``, equal to :func:`_full_parse`'s (tokens, positions and
+    metas included; see "Sharing parses" in the module doc); raises :class:`CelCompileError`.
+    """
+    skeleton = _skeleton(source)
+    template = _TEMPLATES.get(skeleton, _MISSING)
+    if template is None:  # this shape was refused: parse every text of it in full
+        return _full_parse(source)
+    if template is not _MISSING:
+        tree = template.rebuild(source)
+        return tree if tree is not None else _full_parse(source)
+    recorded = _recording_parse(source)
+    if recorded is None:  # a syntax error (or anything unexpected): lark's parse reports it
+        return _full_parse(source)
+    tree, tokens, states = recorded
+    _remember(skeleton, _Template.build(source, tree, tokens, states))
+    return tree
+
+
+# --------------------------------------------------------------------------------------------
+# Sharing parses between texts that differ only in literals (see the module doc)
+
+# Terminals whose value may differ between texts sharing a parse: their value is read only
+# by _Compiler._literal, never by the parser or the tree builder.
+_LITERAL_TERMINALS = frozenset(
+    {"INT_LIT", "UINT_LIT", "FLOAT_LIT", "STRING_LIT", "MLSTRING_LIT", "BYTES_LIT"}
+)
+# A lookup key only: texts with equal skeletons are candidates for one template, and a
+# candidate is used only once its own tokens are shown to match (_Template.rebuild).
+_SKELETON_LITERAL = re.compile(
+    r"""(?<![\w.])(?:[bB][rR]?|[rR][bB]?)?(?:\"\"\"(?:\\.|[^\\])*?\"\"\"|'''(?:\\.|[^\\])*?'''"""
+    r"""|"(?:\\.|[^\\"\n])*"|'(?:\\.|[^\\'\n])*')"""
+    r"|(?<![\w.])(?:0[xX][0-9a-fA-F]+|\d+\.?\d*(?:[eE][+-]?\d+)?|\.\d+(?:[eE][+-]?\d+)?)[uU]?"
+    r"|\s+",
+    re.S,
+)
+_MAX_TEMPLATES = 1024  # shapes remembered; each is a few KB
+_MISSING: Any = object()
+_TEMPLATES: dict[str, _Template | None] = {}
+_TEMPLATES_LOCK = threading.Lock()
+
+# The meta attributes lark's PropagatePositions sets: each copies one token's position, and
+# the three of a group always come from the same token (found by its unique position).
+_META_GROUPS: tuple[tuple[str, str, tuple[tuple[str, str], ...]], ...] = (
+    ("start_pos", "start_pos", (("line", "line"), ("column", "column"))),
+    (
+        "container_start_pos",
+        "start_pos",
+        (("container_line", "line"), ("container_column", "column")),
+    ),
+    ("end_pos", "end_pos", (("end_line", "end_line"), ("end_column", "end_column"))),
+    (
+        "container_end_pos",
+        "end_pos",
+        (("container_end_line", "end_line"), ("container_end_column", "end_column")),
+    ),
+)
+_META_ATTRIBUTES = frozenset(
+    {"empty"} | {name for group in _META_GROUPS for name in (group[0], *(a for a, _ in group[2]))}
+)
+# A meta spec: (start token, end token) when the start and container-start groups copy one
+# token, the end and container-end groups another, and empty is False (every node of
+# cel.lark); else (empty, ((meta attribute, token index, token attribute), ...)).
+_MetaSpec = tuple[int, int] | tuple[bool, tuple[tuple[str, int, str], ...]]
+_Step = int | tuple[str, int, _MetaSpec]
+
+
+def _skeleton_part(match: re.Match[str]) -> str:
+    text = match.group()
+    if text[0].isspace():
+        return " "
+    return "\x00" if text[-1] in "\"'" else "\x01"
+
+
+def _skeleton(source: str) -> str:
+    """``source`` with whitespace runs and literal-looking lexemes replaced by placeholders."""
+    return _SKELETON_LITERAL.sub(_skeleton_part, source)
+
+
+def _remember(skeleton: str, template: _Template | None) -> None:
+    with _TEMPLATES_LOCK:
+        if skeleton not in _TEMPLATES and len(_TEMPLATES) >= _MAX_TEMPLATES:
+            del _TEMPLATES[next(iter(_TEMPLATES))]  # oldest first
+        _TEMPLATES.setdefault(skeleton, template)
+
+
+def _recording_parse(source: str) -> tuple[Tree, list[Token], list[int]] | None:
+    """lark's parse of ``source`` through its interactive API, recording what it consumed.
+
+    Returns the tree, the tokens the parser was fed (in order) and, for each token and for
+    the end of input, the parser state whose contextual lexer produced it; None on any error
+    (the caller then lets :func:`_full_parse` produce the error).
+    """
+    try:
+        interactive = _parser().parse_interactive(source)
+        states: list[int] = []
+        tokens: list[Token] = []
+        # iter_parse feeds a token only when asked for the next one, so while a token is
+        # held here the parser is still in the state the lexer picked it in.
+        for token in interactive.iter_parse():
+            states.append(interactive.parser_state.position)
+            tokens.append(token)
+        states.append(interactive.parser_state.position)  # the state that lexed the end
+        tree = interactive.feed_eof(tokens[-1] if tokens else None)
+    except Exception:
+        return None
+    if not isinstance(tree, Tree):
+        return None
+    return tree, tokens, states
+
+
+@functools.lru_cache(maxsize=1)
+def _sharing_supported() -> bool:
+    """Sharing relies on a contextual lexer and on no per-terminal parser callbacks (which
+    could look at token values); anything else and every text is parsed in full."""
+    parser = _parser()
+    frontend = parser.parser
+    callbacks = frontend.parser.parser.callbacks
+    return isinstance(frontend.lexer, ContextualLexer) and not any(
+        isinstance(key, str) for key in callbacks
+    )
+
+
+@dataclass(frozen=True, eq=False)
+class _Template:
+    """The parse of one text, abstracted over its literal values, rebuilt for another text.
+
+    ``sublexers[i]`` is the contextual lexer the parser used for token i (the last one found
+    the end of input); ``expected[i]`` is token i's type and, unless it is a literal, its
+    value. ``program`` rebuilds the tree in post-order from a new text's tokens: an ``int``
+    pushes that token; ``(data, child count, meta spec)`` pops the children and pushes a
+    new tree, its meta copied from the tokens the spec names (see ``_MetaSpec``).
+    """
+
+    sublexers: tuple[Any, ...]
+    expected: tuple[tuple[str, str | None], ...]
+    program: tuple[_Step, ...]
+
+    @classmethod
+    def build(
+        cls, source: str, tree: Tree, tokens: list[Token], states: list[int]
+    ) -> _Template | None:
+        """A template from a recorded parse, or None (never share this shape) unless
+        rebuilding ``source`` through it gives back exactly ``tree``."""
+        try:
+            if not _sharing_supported():
+                return None
+            lexers = _parser().parser.lexer.lexers
+            template = cls(
+                sublexers=tuple(lexers[state] for state in states),
+                expected=tuple(
+                    (t.type, None if t.type in _LITERAL_TERMINALS else t.value) for t in tokens
+                ),
+                program=_program(tree, tokens),
+            )
+            rebuilt = template.rebuild(source)
+        except Exception:
+            return None
+        if rebuilt is None or not _same_tree(rebuilt, tree):
+            return None
+        return template
+
+    def rebuild(self, source: str) -> Tree | None:
+        """The tree of ``source`` if lark's parse of it takes exactly this template's
+        steps (see the module doc), else None."""
+        tokens = self._lex(source)
+        if tokens is None:
+            return None
+        starts = [
+            {
+                "empty": False,
+                "line": t.line,
+                "column": t.column,
+                "start_pos": t.start_pos,
+                "container_line": t.line,
+                "container_column": t.column,
+                "container_start_pos": t.start_pos,
+            }
+            for t in tokens
+        ]
+        ends = [
+            {
+                "end_line": t.end_line,
+                "end_column": t.end_column,
+                "end_pos": t.end_pos,
+                "container_end_line": t.end_line,
+                "container_end_column": t.end_column,
+                "container_end_pos": t.end_pos,
+            }
+            for t in tokens
+        ]
+        stack: list[Any] = []
+        for step in self.program:
+            if type(step) is int:
+                stack.append(tokens[step])
+                continue
+            data, count, (first, second) = step  # type: ignore[misc]
+            if count:
+                children = stack[-count:]
+                del stack[-count:]
+            else:
+                children = []
+            meta = Meta()
+            if type(first) is int:
+                fields = vars(meta)
+                fields.update(starts[first])
+                fields.update(ends[second])
+            else:
+                meta.empty = first
+                for attribute, index, token_attribute in second:
+                    setattr(meta, attribute, getattr(tokens[index], token_attribute))
+            stack.append(Tree(data, children, meta))
+        return stack[0] if len(stack) == 1 and isinstance(stack[0], Tree) else None
+
+    def _lex(self, source: str) -> list[Token] | None:
+        """``source``'s tokens, each lexed by the sublexer the template's parse used at that
+        point; None unless they match the template's types (and non-literal values) one for
+        one and are followed by the end of input."""
+        lexer_state = LexerThread.from_text(_parser().parser.lexer, source).state
+        tokens: list[Token] = []
+        try:
+            for (kind, value), sublexer in zip(self.expected, self.sublexers, strict=False):
+                token = sublexer.next_token(lexer_state, None)
+                if token.type != kind or (value is not None and token.value != value):
+                    return None
+                tokens.append(token)
+            self.sublexers[-1].next_token(lexer_state, None)
+        except EOFError:
+            return tokens if len(tokens) == len(self.expected) else None
+        except Exception:  # a lexing error: the full parse reports it
+            return None
+        return None  # a token after the template's last one
+
+
+def _program(tree: Tree, tokens: list[Token]) -> tuple[_Step, ...]:
+    """The post-order rebuild program of ``tree`` (see :class:`_Template`); raises
+    ValueError when a leaf or a meta value cannot be traced to exactly one token."""
+    index_of = {id(token): index for index, token in enumerate(tokens)}
+    by_position = {
+        "start_pos": {token.start_pos: index for index, token in enumerate(tokens)},
+        "end_pos": {token.end_pos: index for index, token in enumerate(tokens)},
+    }
+    if any(len(positions) != len(tokens) for positions in by_position.values()):
+        raise ValueError("tokens share a position")
+    program: list[_Step] = []
+    # Iterative post-order: nesting depth is bounded only by the expression length.
+    pending: list[tuple[Tree | Token, bool]] = [(tree, False)]
+    while pending:
+        item, expanded = pending.pop()
+        if isinstance(item, Token):
+            if id(item) not in index_of:
+                raise ValueError("a leaf the parser was not fed")
+            program.append(index_of[id(item)])
+        elif not isinstance(item, Tree) or not isinstance(item.data, str):
+            raise ValueError("unexpected tree node")
+        elif expanded:
+            program.append((item.data, len(item.children), _meta_spec(item, tokens, by_position)))
+        else:
+            pending.append((item, True))
+            pending.extend((child, False) for child in reversed(item.children))
+    return tuple(program)
+
+
+def _meta_spec(
+    tree: Tree, tokens: list[Token], by_position: dict[str, dict[int, int]]
+) -> _MetaSpec:
+    """Which token attribute each of ``tree``'s meta attributes was copied from; raises
+    ValueError for an attribute lark's PropagatePositions would not have set that way."""
+    values = vars(tree.meta)
+    if not set(values) <= _META_ATTRIBUTES:
+        raise ValueError(f"unknown meta attributes {set(values) - _META_ATTRIBUTES}")
+    spec: list[tuple[str, int, str]] = []
+    sources: list[int | None] = []
+    for key_attribute, token_attribute, companions in _META_GROUPS:
+        if key_attribute not in values:
+            if any(attribute in values for attribute, _ in companions):
+                raise ValueError("a partial position")
+            sources.append(None)
+            continue
+        index = by_position[token_attribute][values[key_attribute]]
+        sources.append(index)
+        spec.append((key_attribute, index, token_attribute))
+        for attribute, source in companions:
+            if values.get(attribute, _MISSING) != getattr(tokens[index], source):
+                raise ValueError("a position from two tokens")
+            spec.append((attribute, index, source))
+    start, container_start, end, container_end = sources
+    empty = values.get("empty", True)
+    same_start = start is not None and start == container_start
+    if empty is False and same_start and end is not None and end == container_end:
+        return start, end
+    return bool(empty), tuple(spec)
+
+
+def _same_tree(left: Tree | Token, right: Tree | Token) -> bool:
+    """Equal trees: same rules, same tokens (type, value, every position), same metas."""
+    pending = [(left, right)]
+    while pending:
+        a, b = pending.pop()
+        if isinstance(a, Token) or isinstance(b, Token):
+            if not (isinstance(a, Token) and isinstance(b, Token)) or _token_facts(
+                a
+            ) != _token_facts(b):
+                return False
+            continue
+        if a.data != b.data or len(a.children) != len(b.children):
+            return False
+        if vars(a.meta) != vars(b.meta):
+            return False
+        pending.extend(zip(a.children, b.children, strict=True))
+    return True
+
+
+def _token_facts(token: Token) -> tuple[Any, ...]:
+    return (
+        token.type,
+        token.value,
+        token.start_pos,
+        token.line,
+        token.column,
+        token.end_line,
+        token.end_column,
+        token.end_pos,
+    )
 
 
 def _position(where: Tree | Token) -> tuple[int, int]:
