@@ -39,7 +39,7 @@ rules:
     condition: '"engineering" in subject.attributes.groups'
 """
 
-DENY_THEN_ALLOW = """\
+SCOPED_DENY = """\
 kind: Policy
 name: developer-tools
 layer: org
@@ -53,8 +53,10 @@ rules:
     effect: deny
     target:
       scopes: [delete_repo]
-    effect: allow
 """
+
+# The deny rule's effect written a second time.
+DENY_THEN_ALLOW = SCOPED_DENY + "    effect: allow\n"
 
 
 def load_errors(root: Path, limits: PolicyLimits | None = None) -> str:
@@ -354,6 +356,29 @@ def test_unambiguous_scalars_and_the_shipped_policies_still_load(tmp_path: Path)
         "a": True, "b": False, "c": 30, "d": None, "e": None, "f": None, "g": "repo:read",
         "h": "2fa",
     }  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    ("written", "field"),
+    [
+        ("      scopes: [delete_repo]", "      scopes: ~"),
+        ("      scopes: [delete_repo]", "      scopes:"),
+        ("    effect: deny", "    effect: deny\n    condition: null"),
+    ],
+    ids=["scopes-tilde", "scopes-empty", "condition-null"],
+)
+def test_a_field_written_without_a_value_cannot_widen_a_rule(
+    tmp_path: Path, written: str, field: str
+) -> None:
+    """Absent means "no constraint": `scopes: ~` on the deny rule would make it deny every
+    scope, and on an allow rule allow every scope; `condition: null` would drop a condition."""
+    assert (
+        decide_scope(load_policy_set(write_policy_dir(tmp_path / "ok", SCOPED_DENY)), "repo").effect
+        is Effect.ALLOW
+    )
+    root = write_policy_dir(tmp_path / "null", SCOPED_DENY.replace(written, field, 1))
+    with pytest.raises(PolicyLoadError, match=r"has no value \(null\)"):
+        load_policy_set(root)
 
 
 # -- one case rule for keywords ----------------------------------------------------------------
