@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
+import time
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -12,6 +13,7 @@ import jsonschema
 import redis
 
 from policy_engine.audit import AuditLog, load_schema
+from policy_engine.audit.verify import verify_files
 from policy_engine.bench.redis_server import RedisServer
 from policy_engine.config import AuditSettings
 from policy_engine.domain.codes import ErrorCode
@@ -130,6 +132,31 @@ def module_audit_log(directory: Path) -> Iterator[AuditLog]:
         yield log
     finally:
         log.close()
+
+
+def assert_audited_intact(audit: AuditLog) -> None:
+    """Every decision `audit` was given is in its file: none dropped, every line matches the
+    schema and the chain verifies."""
+    assert audit.flush(timeout=30)
+    stats = audit.stats()
+    assert stats.dropped == {}, stats.dropped
+    path = audit.settings.file_path
+    lines = jsonl(path.read_text())
+    assert len(lines) > 1
+    for line in lines:
+        errors = schema_errors(json.loads(line))
+        assert not errors, (errors, line[:500])
+    report = verify_files([path], None)
+    assert report.ok, report.render()
+
+
+def wait_for(condition: Callable[[], Any], timeout: float = 10.0) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if condition():
+            return
+        time.sleep(0.005)
+    raise AssertionError("condition not reached")
 
 
 # --- a private redis-server ----------------------------------------------------------------------

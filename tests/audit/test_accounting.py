@@ -13,7 +13,6 @@ import logging
 import subprocess
 import sys
 import threading
-import time
 import uuid
 from collections.abc import Sequence
 from pathlib import Path
@@ -28,20 +27,19 @@ from policy_engine.audit.sinks import FileSink, OpenState, Sink, rotated_files
 from policy_engine.audit.sinks import redis as redis_sink_module
 from policy_engine.audit.verify import verify_files, verify_redis
 from policy_engine.cli.main import main
-from tests.audit.support import DENY, RedisServer, make_request, read_records, settings, text_client
+from tests.audit.support import (
+    DENY,
+    RedisServer,
+    make_request,
+    read_records,
+    settings,
+    text_client,
+    wait_for,
+)
 
 
 def metric(name: str, **labels: str) -> float:
     return REGISTRY.get_sample_value(name, labels) or 0.0
-
-
-def wait_for(condition: Any, timeout: float = 10.0) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if condition():
-            return
-        time.sleep(0.005)
-    raise AssertionError("condition not reached")
 
 
 class FlakySink(Sink):

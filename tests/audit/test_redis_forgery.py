@@ -30,7 +30,7 @@ from policy_engine.audit.sinks import redis as redis_sink_module
 from policy_engine.audit.tail import Filters, run_tail
 from policy_engine.audit.verify import verify_redis
 from policy_engine.cli.main import main
-from tests.audit.support import DENY, RedisServer, make_request, text_client
+from tests.audit.support import DENY, RedisServer, make_request, text_client, wait_for
 
 TIMEOUT = 0.3  # the sink's socket timeout (seconds): the pause outlasts it
 
@@ -75,15 +75,6 @@ def paused(server: RedisServer) -> Iterator[None]:
     finally:
         if server.process is not None and server.process.pid == pid:
             os.kill(pid, signal.SIGCONT)
-
-
-def wait_for(condition: Any, timeout: float = 10.0) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if condition():
-            return
-        time.sleep(0.01)
-    raise AssertionError("condition not reached")
 
 
 @pytest.mark.parametrize(

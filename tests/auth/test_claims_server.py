@@ -25,12 +25,11 @@ from hypothesis import strategies as st
 
 from policy_engine.api import pdp_pb2, pdp_pb2_grpc
 from policy_engine.audit import AuditLog
-from policy_engine.audit.verify import verify_files
 from policy_engine.auth.tokens import MAX_NUMERIC_DATE
 from policy_engine.config import Settings
 from policy_engine.policy import CompiledPolicySet, load_policy_set
 from policy_engine.server.service import PolicyDecisionServicer
-from tests.audit.support import jsonl, module_audit_log, schema_errors
+from tests.audit.support import assert_audited_intact, module_audit_log
 from tests.auth.material import AUDIENCE, ISSUER, jwks, raw_token, rsa_key
 from tests.policy_builder import allow_all, write_organization
 from tests.server.harness import running
@@ -244,13 +243,4 @@ def test_no_claim_value_gives_a_server_error(stub: Any, claims: dict[str, Any], 
 
 
 def test_every_decision_was_audited_intact(stub: Any, audit: AuditLog) -> None:
-    assert audit.flush(timeout=30)
-    assert audit.stats().dropped == {}
-    path = audit.settings.file_path
-    lines = jsonl(path.read_text())
-    assert len(lines) > 1
-    for line in lines:
-        errors = schema_errors(json.loads(line))
-        assert not errors, (errors, line[:500])
-    report = verify_files([path], None)
-    assert report.ok, report.render()
+    assert_audited_intact(audit)

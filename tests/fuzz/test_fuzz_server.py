@@ -8,7 +8,6 @@ to a build error), match the schema and chain intact.
 
 from __future__ import annotations
 
-import json
 import os
 from collections.abc import Iterator
 from datetime import UTC, datetime
@@ -21,13 +20,12 @@ from hypothesis import strategies as st
 
 from policy_engine.api import pdp_pb2, pdp_pb2_grpc
 from policy_engine.audit import AuditLog
-from policy_engine.audit.verify import verify_files
 from policy_engine.config import Settings
 from policy_engine.engine import decide
 from policy_engine.policy import load_policy_set
 from policy_engine.server.convert import RequestConverter
 from policy_engine.server.service import PolicyDecisionServicer
-from tests.audit.support import jsonl, module_audit_log, schema_errors
+from tests.audit.support import assert_audited_intact, module_audit_log
 from tests.server.harness import EXAMPLE_POLICIES, running
 
 EXAMPLES = int(os.environ.get("PDP_FUZZ_EXAMPLES", "60"))
@@ -206,14 +204,4 @@ def test_still_responsive_after_fuzzing(stub) -> None:
 
 
 def test_every_fuzzed_decision_was_audited_intact(stub, audit: AuditLog) -> None:
-    assert audit.flush(timeout=30)
-    stats = audit.stats()
-    assert stats.dropped == {}, stats.dropped
-    path = audit.settings.file_path
-    lines = jsonl(path.read_text())
-    assert len(lines) > 1
-    for line in lines:
-        errors = schema_errors(json.loads(line))
-        assert not errors, (errors, line[:500])
-    report = verify_files([path], None)
-    assert report.ok, report.render()
+    assert_audited_intact(audit)
