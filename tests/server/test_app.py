@@ -217,11 +217,9 @@ def test_workers_that_cannot_bind_make_serve_exit_non_zero(tmp_path: Path) -> No
     env = {**os.environ, "PYTHONPATH": str(REPO), "PDP_METRICS_ADDRESS": ""}
     serve_command = [sys.executable, "-m", "policy_engine.cli.main", "serve", "--workers", "2"]
     serve_command += ["--policies", str(EXAMPLE_POLICIES)]
-    with socket.socket() as holder:
-        holder.bind(("127.0.0.1", 0))
-        holder.listen()
-        port = holder.getsockname()[1]
-        done = subprocess.run(
+
+    def serve(port: int) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
             [*serve_command, "--address", f"127.0.0.1:{port}"],
             cwd=REPO,
             env=env,
@@ -229,6 +227,12 @@ def test_workers_that_cannot_bind_make_serve_exit_non_zero(tmp_path: Path) -> No
             text=True,
             timeout=60,
         )
+
+    with socket.socket() as holder:
+        holder.bind(("127.0.0.1", 0))
+        holder.listen()
+        port = holder.getsockname()[1]
+        done = serve(port)
     assert done.returncode == 2
     assert f"address 127.0.0.1:{port}: cannot bind" in done.stderr
     assert "Traceback" not in done.stderr
@@ -236,14 +240,7 @@ def test_workers_that_cannot_bind_make_serve_exit_non_zero(tmp_path: Path) -> No
 
     # A worker that fails on its own (here: its TLS files) stops the rest; non-zero exit.
     env["PDP_TLS__CERT_FILE"] = env["PDP_TLS__KEY_FILE"] = str(tmp_path / "missing.pem")
-    done = subprocess.run(
-        [*serve_command, "--address", f"127.0.0.1:{_free_port()}"],
-        cwd=REPO,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
+    done = serve(_free_port())
     assert done.returncode == 1
     assert "tls.key_file" in done.stderr, done.stderr
     assert "Traceback" not in done.stderr
