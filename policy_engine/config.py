@@ -128,6 +128,9 @@ class BundleSettings:
     """Signed policies: with a public key set, only a directory signed by its private key loads."""
 
     public_key_file: str = ""  # PEM (Ed25519, P-256 or RSA); empty = signatures not required
+    # ISO 8601 time with a zone: bundles signed earlier are refused, also at startup (a
+    # running server already refuses any bundle signed before the one it serves).
+    not_before: str = ""
 
 
 @dataclass(frozen=True, slots=True)

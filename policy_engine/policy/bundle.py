@@ -125,8 +125,8 @@ def sign_bundle(
 
 def _signed_manifest(
     directory: Path, key: Any, algorithm: str, limits: PolicyLimits
-) -> dict[str, str]:
-    """The verified manifest's `files` (relative path -> sha256 hex); raises
+) -> tuple[dict[str, str], datetime]:
+    """The verified manifest's `files` (relative path -> sha256 hex) and `signed_at`; raises
     BundleVerificationError naming what is wrong with the signature or its shape."""
     path = directory / BUNDLE_FILE
     if not os.path.lexists(path):
@@ -160,7 +160,23 @@ def _signed_manifest(
         raise BundleVerificationError(
             [f"{BUNDLE_FILE} is malformed: not a version {MANIFEST_VERSION} manifest"]
         )
-    return dict(files)
+    signed_at = _instant(manifest.get("signed_at"))
+    if signed_at is None:
+        raise BundleVerificationError(
+            [f"{BUNDLE_FILE} is malformed: 'signed_at' is not an ISO 8601 time with a zone"]
+        )
+    return dict(files), signed_at
+
+
+def _instant(value: Any) -> datetime | None:
+    """An ISO 8601 time with a UTC offset, as `sign_bundle` writes it; None otherwise."""
+    if not isinstance(value, str):
+        return None
+    try:
+        instant = datetime.fromisoformat(value)
+    except ValueError:
+        return None
+    return instant if instant.tzinfo is not None else None
 
 
 def _is_relative(name: str) -> bool:
@@ -174,13 +190,19 @@ def _is_relative(name: str) -> bool:
 
 
 def read_signed_snapshot(
-    directory: Path, public_key_pem: bytes, limits: PolicyLimits | None = None
+    directory: Path,
+    public_key_pem: bytes,
+    limits: PolicyLimits | None = None,
+    *,
+    not_before: datetime | None = None,
 ) -> SnapshotSource:
     """The directory's files exactly as signed, read once each; the loader loads from this.
+    The snapshot's `signed_at` is the manifest's signing time.
 
     Raises BundleVerificationError with every problem: an unusable key; a missing, invalid or
-    malformed signature; and per file: not in the signed bundle, signed but missing, content
-    differs, unreadable or over the size limits.
+    malformed signature; a bundle signed before `not_before` (a rollback to an older signed
+    set: the serving set's signing time, or `bundle.not_before`); and per file: not in the
+    signed bundle, signed but missing, content differs, unreadable or over the size limits.
     """
     limits = limits or PolicyLimits()
     try:
@@ -188,7 +210,14 @@ def read_signed_snapshot(
         algorithm = _algorithm(key)
     except (ValueError, TypeError, BundleError) as exc:
         raise BundleVerificationError([f"bundle public key is not usable: {exc}"]) from None
-    signed = _signed_manifest(directory, key, algorithm, limits)
+    signed, signed_at = _signed_manifest(directory, key, algorithm, limits)
+    if not_before is not None and signed_at < not_before:
+        raise BundleVerificationError(
+            [
+                f"{BUNDLE_FILE} was signed at {signed_at.isoformat()}, before "
+                f"{not_before.isoformat()}: an older signed set is not loaded (rollback)"
+            ]
+        )
     present = set(tree_files(directory))
     problems = [f"{name}: not in the signed bundle" for name in sorted(present - set(signed))]
     problems += [f"{name}: signed but missing" for name in sorted(set(signed) - present)]
@@ -203,7 +232,13 @@ def read_signed_snapshot(
     ]
     if problems:
         raise BundleVerificationError(problems)
-    return SnapshotSource(directory, files, real_folders, missing="is not in the signed bundle")
+    return SnapshotSource(
+        directory,
+        files,
+        real_folders,
+        missing="is not in the signed bundle",
+        signed_at=signed_at,
+    )
 
 
 def verify_bundle(

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from datetime import datetime
 
 from policy_engine.auth.keys import KeySource
 from policy_engine.auth.tokens import UNVERIFIED, TokenRules
@@ -91,6 +92,9 @@ class CompiledPolicySet:
     # Every file the loader read or tried to read for this set (policy files, JWKS files, the
     # bundle signature): what the store watches and checks for changes during a load.
     files_read: tuple[FileRead, ...] = ()
+    # A signed bundle's signing time (None when signatures are not required): a later load
+    # of a bundle signed earlier is refused as a rollback (policy_engine.policy.bundle).
+    signed_at: datetime | None = None
     key_sets: dict[str, KeySource] = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:

@@ -17,6 +17,7 @@ import os
 from collections.abc import Iterable, Mapping, Sequence
 from collections.abc import Set as AbstractSet
 from dataclasses import dataclass
+from datetime import datetime
 from pathlib import Path
 from types import MappingProxyType
 
@@ -198,6 +199,7 @@ def load_policy_set(
     directory: Path,
     *,
     bundle_public_key: bytes | None = None,
+    bundle_not_before: datetime | None = None,
     remote_keys: RemoteKeySets | None = None,
     limits: PolicyLimits | None = None,
     cache: CompileCache | None = None,
@@ -205,7 +207,8 @@ def load_policy_set(
 ) -> CompiledPolicySet:
     """Loads `directory`; raises PolicyLoadError listing every problem (file:line).
 
-    With `bundle_public_key`, the directory must carry a valid signature over exactly the
+    With `bundle_public_key`, the directory must carry a valid signature, made no earlier than
+    `bundle_not_before` (a rollback to an older signed set is refused), over exactly the
     files the loader could read (policy_engine.policy.bundle), and the set is compiled from the
     verified bytes only, read once. `limits` bound each file and the whole set before anything
     is parsed. `remote_keys` keeps JWKS URLs' key sets across loads (a long-running server
@@ -229,7 +232,9 @@ def load_policy_set(
         bundle = directory / BUNDLE_FILE
         bundle_read = FileRead(BUNDLE_FILE, os.path.realpath(bundle), file_identity(bundle))
         try:
-            snapshot = read_signed_snapshot(directory, bundle_public_key, limits)
+            snapshot = read_signed_snapshot(
+                directory, bundle_public_key, limits, not_before=bundle_not_before
+            )
         except BundleVerificationError as exc:
             raise PolicyLoadError(
                 [LoadIssue(directory / BUNDLE_FILE, 0, p) for p in exc.problems],
@@ -250,7 +255,11 @@ def load_policy_set(
         paths = listing.paths if listing is not None else None
         identities = listing.identities if listing is not None else None
         recording = _RecordingSource(DirectorySource(directory, limits, paths), identities)
-    return load_policy_source(recording, remote_keys=remote_keys, cache=cache, listing=listing)
+        snapshot = None
+    policies = load_policy_source(recording, remote_keys=remote_keys, cache=cache, listing=listing)
+    if snapshot is not None:
+        policies = dataclasses.replace(policies, signed_at=snapshot.signed_at)
+    return policies
 
 
 def load_policy_source(

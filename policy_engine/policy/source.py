@@ -19,6 +19,7 @@ import posixpath
 import stat
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from datetime import datetime
 from pathlib import Path
 from typing import Protocol
 
@@ -258,11 +259,13 @@ class SnapshotSource:
         real_folders: Mapping[str, str],
         *,
         missing: str = "is not in the snapshot",
+        signed_at: datetime | None = None,
     ) -> None:
         self._directory = Path(directory)
         self.files = dict(files)
         self._real_folders = dict(real_folders)
         self._missing = missing
+        self.signed_at = signed_at  # a signed bundle's signing time
 
     @property
     def directory(self) -> Path:

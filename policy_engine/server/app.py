@@ -25,6 +25,7 @@ import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from datetime import datetime
 from pathlib import Path
 from types import FrameType
 from typing import Any, Literal
@@ -70,6 +71,23 @@ def bundle_public_key(settings: Settings) -> bytes | None:
         return Path(path).read_bytes()
     except OSError as exc:
         raise ConfigError(f"bundle.public_key_file {path}: {exc.strerror or exc}") from exc
+
+
+def bundle_not_before(settings: Settings) -> datetime | None:
+    """`bundle.not_before` as an instant; raises ConfigError when it is not one."""
+    text = settings.bundle.not_before.strip()
+    if not text:
+        return None
+    try:
+        instant = datetime.fromisoformat(text)
+    except ValueError:
+        instant = None
+    if instant is None or instant.tzinfo is None:
+        raise ConfigError(
+            f"setting bundle.not_before: {text!r} is not an ISO 8601 time with a zone "
+            "(e.g. 2026-11-30T12:00:00+00:00)"
+        )
+    return instant
 
 
 def build_server(
@@ -205,6 +223,7 @@ def serve_mode(settings: Settings, mode: Mode) -> None:
         raise ConfigError(f"setting workers: must be at least 1, got {settings.workers}")
     if mode == "policy" and redis_level_on(settings.cache):
         load_signing_keys(settings.cache)  # refused here, before any worker starts
+    bundle_not_before(settings)  # likewise
     if settings.workers == 1:
         check_free(settings.address, "address")
         if settings.health_address:
@@ -282,6 +301,7 @@ def start_server(settings: Settings, mode: Mode = "policy", *, worker: int = 0) 
         DirectoryBackend(
             settings.policy_dir,
             bundle_public_key=bundle_public_key(settings),
+            bundle_not_before=bundle_not_before(settings),
             limits=settings.policy_limits,
         )
     )

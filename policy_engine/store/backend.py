@@ -14,6 +14,7 @@ import threading
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
+from datetime import datetime
 from pathlib import Path
 from typing import Protocol
 
@@ -139,10 +140,14 @@ class DirectoryBackend:
         directory: Path,
         *,
         bundle_public_key: bytes | None = None,
+        bundle_not_before: datetime | None = None,
         limits: PolicyLimits | None = None,
     ) -> None:
         self.directory = Path(directory)
         self.bundle_public_key = bundle_public_key
+        # No bundle signed before this loads (`bundle.not_before`); raised to each loaded
+        # set's signing time, so an older signed set put back cannot replace a newer one.
+        self.bundle_not_before = bundle_not_before
         self.limits = limits or PolicyLimits()  # per file and per set, checked before parsing
         self._remote_keys = RemoteKeySets()  # JWKS URLs' keys survive reloads
         self._writes = WriteTracker()  # fed by the watcher in changes()
@@ -190,6 +195,7 @@ class DirectoryBackend:
             policies = load_policy_set(
                 self.directory,
                 bundle_public_key=self.bundle_public_key,
+                bundle_not_before=self._not_before(),
                 remote_keys=self._remote_keys,
                 limits=self.limits,
                 cache=self.cache,
@@ -225,6 +231,13 @@ class DirectoryBackend:
         self._last_good, self._last_good_read = policies, self._files_read
         self._last_good_read_ns, self._last_good_root = read_ns, before.root
         return policies
+
+    def _not_before(self) -> datetime | None:
+        """The earliest signing time a bundle may have: the configured floor, raised to the
+        serving set's signing time."""
+        serving = self._last_good.signed_at if self._last_good is not None else None
+        floors = [t for t in (self.bundle_not_before, serving) if t is not None]
+        return max(floors) if floors else None
 
     def unchanged_since_load(self, root: _Identity | None = None) -> bool:
         """True when loading now would read exactly the files the last good load read: the
