@@ -263,9 +263,10 @@ class RunningServer:
     health_port: int | None = None
 
     def reload(self, reason: str = "SIGHUP") -> None:
-        """Ask for a reload (done off this thread); safe to call from a signal handler."""
+        """Ask for a full reload, every file read anew (done off this thread); safe to call
+        from a signal handler."""
         if self.reloader is not None:
-            self.reloader.request(reason)
+            self.reloader.request(reason, full=True)
 
     def stop(self, grace: float | None = STOP_GRACE_SECONDS) -> None:
         """Refuse new calls, answer those in flight (up to `grace`), then drain the audit log:

@@ -63,10 +63,11 @@ class PolicyBackend(Protocol):
         """Where the policies come from, for logs and the status RPC."""
         ...
 
-    def load(self) -> CompiledPolicySet:
+    def load(self, *, full: bool = False) -> CompiledPolicySet:
         """The whole compiled set; raises PolicyLoadError (with file:line issues) when invalid,
         SourceChangedDuringLoad when it could not get a consistent snapshot, FilesBeingWritten
-        when a file is still being written (try again once it is closed)."""
+        when a file is still being written (try again once it is closed). `full`: read every
+        file's bytes, trusting no shortcut (an operator's SIGHUP)."""
         ...
 
     def changes(self, stop: threading.Event, debounce_ms: int) -> Iterator[str]:
@@ -172,11 +173,17 @@ class DirectoryBackend:
         """Every file the last load read or tried to read (see FileRead)."""
         return self._files_read
 
-    def load(self) -> CompiledPolicySet:
+    def load(self, *, full: bool = False) -> CompiledPolicySet:
+        """See PolicyBackend.load. Without `full`, files whose stat identity shows no change
+        since the last good load are not read again (their cached digest and parse are reused),
+        and a set whose files all show none is not read at all. A writer can change a file's
+        bytes without changing its identity (stores through a shared mmap after the first
+        dirty page leave size, mtime and ctime alone), so `full` (SIGHUP) reads and hashes
+        every file; parsing and compiling are still reused by content hash."""
         before = self._fingerprint()
         self._refuse_files_being_written(before)
         last_good = self._last_good
-        if last_good is not None and self._unchanged(before):
+        if last_good is not None and not full and self._unchanged(before):
             log.debug(
                 "%s: every file is the one revision %s was loaded from; nothing read",
                 self.directory,
@@ -190,7 +197,8 @@ class DirectoryBackend:
         read_ns = time.time_ns()
         listing = None
         if self.bundle_public_key is None:
-            listing = Listing(before.names, before.identities, self._settled(before))
+            settled = set() if full else self._settled(before)
+            listing = Listing(before.names, before.identities, settled)
         try:
             policies = load_policy_set(
                 self.directory,

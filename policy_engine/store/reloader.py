@@ -31,6 +31,7 @@ class PolicyReloader:
         self.debounce_ms = debounce_ms
         self._pending = threading.Event()
         self._reason = ""
+        self._full = False  # a full reload was asked for (SIGHUP) and has not run yet
         self._stop = threading.Event()
         self._threads: list[threading.Thread] = []
 
@@ -52,9 +53,11 @@ class PolicyReloader:
         for thread in self._threads:
             thread.start()
 
-    def request(self, reason: str = "requested") -> None:
-        """Ask for a reload soon; never blocks (safe in a signal handler)."""
+    def request(self, reason: str = "requested", *, full: bool = False) -> None:
+        """Ask for a reload soon; never blocks (safe in a signal handler). `full`: read every
+        file anew (see PolicyStore.reload), as an operator's SIGHUP asks."""
         self._reason = reason
+        self._full = self._full or full
         self._pending.set()
 
     def stop(self, timeout: float = 5.0) -> None:
@@ -75,7 +78,8 @@ class PolicyReloader:
             if self._stop.is_set():
                 return
             self._pending.clear()  # before loading: a change during the load reloads again
-            result = self.store.reload(self._reason or "requested")
+            full, self._full = self._full, False
+            result = self.store.reload(self._reason or "requested", full=full)
             deferred = result is ReloadResult.DEFERRED
 
     def _watch_loop(self) -> None:

@@ -15,6 +15,7 @@ deny everything writes that as policy (every layer defaults to deny).
 from __future__ import annotations
 
 import enum
+import functools
 import logging
 import os
 import threading
@@ -127,13 +128,14 @@ class PolicyStore:
 
     # --- reloading (never on the request path) -------------------------------------------------
 
-    def reload(self, reason: str = "requested") -> ReloadResult:
+    def reload(self, reason: str = "requested", *, full: bool = False) -> ReloadResult:
         """Load and compile the whole set; swap it in only if it is valid and new.
 
         Blocks for the duration of one load, so call it from a background thread (the
         reloader) or at startup. Never raises: failures are logged, counted and kept in
         the status, and the previous set keeps serving. DEFERRED when a file is still being
         written: nothing is read, and the caller tries again later (the reloader does).
+        `full` asks the backend to read every file anew, trusting no shortcut (SIGHUP).
         """
         with self._reload_lock:
             attempt_at = self._clock()
@@ -141,7 +143,7 @@ class PolicyStore:
             policies: CompiledPolicySet | None = None
             error = ""
             try:
-                policies = self._load_consistent()
+                policies = self._load_consistent(full)
             except FilesBeingWritten as exc:
                 return self._deferred(attempt_at, reason, exc)
             except PolicyLoadError as exc:
@@ -158,14 +160,15 @@ class PolicyStore:
                 return self._failed(attempt_at, reason, error)
             return self._succeeded(policies, attempt_at, reason, elapsed)
 
-    def _load_consistent(self) -> CompiledPolicySet:
+    def _load_consistent(self, full: bool) -> CompiledPolicySet:
         """Retry briefly while files change under the loader; a deploy usually lands fast."""
+        load = functools.partial(self.backend.load, full=True) if full else self.backend.load
         for _ in range(STABLE_LOAD_ATTEMPTS - 1):
             try:
-                return self.backend.load()
+                return load()
             except SourceChangedDuringLoad:
                 time.sleep(STABLE_LOAD_PAUSE_SECONDS)
-        return self.backend.load()
+        return load()
 
     def _deferred(self, attempt_at: datetime, reason: str, exc: FilesBeingWritten) -> ReloadResult:
         previous = self._status
