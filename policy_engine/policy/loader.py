@@ -646,10 +646,29 @@ def _index_by_integration(
     Integrations whose applicable rules are the same (usually all of them: most rules do not
     target integrations) share one bucket, so its target indexes are built and held once."""
     ordered = sorted(rules, key=lambda item: (item[0].policy, item[0].name))
+    names = sorted(integrations)
+    # Thousands of rules share a few distinct integration targets (usually "*"): test each
+    # target against the catalog once, not once per rule. Equal Matchers accept the same.
+    accepts: dict[Matcher | _Conjunction, frozenset[str]] = {}
+    accepted: list[frozenset[str]] = []
+    for _, matches in ordered:
+        found = accepts.get(matches)
+        if found is None:
+            found = accepts[matches] = frozenset(name for name in names if matches(name))
+        accepted.append(found)
+    every = tuple(rule for rule, _ in ordered)
+    everywhere = frozenset(names)
+    general = all(found == everywhere for found in accepts.values())
     index: dict[str, RuleBucket] = {}
     shared: dict[tuple[CompiledRule, ...], RuleBucket] = {}
-    for integration in sorted(integrations):
-        applicable = tuple(rule for rule, matches in ordered if matches(integration))
+    for integration in names:
+        applicable = (
+            every
+            if general
+            else tuple(
+                rule for rule, found in zip(every, accepted, strict=True) if integration in found
+            )
+        )
         if not applicable:
             continue
         bucket = shared.get(applicable)  # CompiledRule compares by identity

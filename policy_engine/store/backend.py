@@ -357,10 +357,10 @@ class DirectoryBackend:
             names = tree_files(self.directory)
         else:
             names = policy_names(self.directory)
-        top = str(self.directory)
-        identities: dict[str, _FileIdentity | None] = {}
-        for name in names:
-            identities[name] = _stat(os.path.join(top, name))
+        # One string concatenation per name: os.path.join costs more than the stat at 10,000
+        # files, and a relative name never restarts the path.
+        top = os.path.join(str(self.directory), "")
+        identities: dict[str, _FileIdentity | None] = {name: _stat(top + name) for name in names}
         for file in (*self._last_good_read, *self._files_read):
             if file.relative not in identities:
                 identities[file.relative] = file_identity(self.directory / file.relative)
