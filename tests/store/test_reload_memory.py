@@ -85,3 +85,50 @@ def test_rss_does_not_grow_across_reloads(tmp_path: Path) -> None:
     assert figures["sets_without_gc"] == 1  # only the serving set: every replaced one freed
     assert figures["held_after_last"] == figures["held_after_first"]  # the cache is bounded
     assert figures["last"] <= figures["first"] * 1.10, figures
+
+
+_FROZEN_SCRIPT = textwrap.dedent(
+    """
+    import gc, json, sys
+    from pathlib import Path
+    from policy_engine.policy import CompiledPolicySet
+    from policy_engine.store import DirectoryBackend, PolicyStore, ReloadResult
+    from tests.policy_builder import dump_yaml, user_policy
+
+    root = Path(sys.argv[1])
+    store = PolicyStore(DirectoryBackend(root))
+    assert store.reload("startup") is ReloadResult.LOADED
+    frozen, alive = [gc.get_freeze_count()], []
+    for step in range(5):
+        policy = user_policy(7, templated=True)
+        policy["rules"][0]["condition"] = f'scope == "edit-{step}"'
+        (root / "acme" / "users" / "user-00007.yaml").write_text(
+            dump_yaml({"kind": "Policy", **policy})
+        )
+        assert store.reload("edit") is ReloadResult.LOADED
+        frozen.append(gc.get_freeze_count())
+        gc.unfreeze()  # to count the sets alive, frozen or not, without collecting any
+        alive.append(sum(type(o) is CompiledPolicySet for o in gc.get_objects()))
+        gc.freeze()
+    print(json.dumps({"frozen": frozen, "alive": alive}))
+    """
+)
+
+
+def test_a_large_serving_set_is_frozen_and_still_freed_when_replaced(tmp_path: Path) -> None:
+    """Full collections skip a large serving set (gc.freeze after each swap), and a replaced
+    set, frozen or not, is freed by reference counting: never more than one set alive."""
+    root = tmp_path / "policies"
+    write_user_policies(root, "acme", 3_000, templated=True)  # 6,000 rules
+    done = subprocess.run(
+        [sys.executable, "-c", _FROZEN_SCRIPT, str(root)],
+        capture_output=True,
+        text=True,
+        check=False,
+        cwd=Path(__file__).resolve().parents[2],
+        timeout=300,
+    )
+    assert done.returncode == 0, done.stderr
+    figures = json.loads(done.stdout.strip().splitlines()[-1])
+    assert all(count > 6_000 for count in figures["frozen"]), figures
+    assert figures["alive"] == [1] * 5, figures
