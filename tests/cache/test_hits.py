@@ -200,8 +200,12 @@ def test_a_forged_or_misplaced_redis_value_is_a_miss_never_an_answer(
         (deny_key,) = set(client.keys("*")) - {allow_key}
         client.set(deny_key, client.get(allow_key))  # the forgery
         single = stub.Check(deny, timeout=10)
+        # The honest answer is written back behind the response: let it land before the next
+        # forgery, or it would overwrite that forgery and be served (honestly) from Redis.
+        assert servicer.cache.flush()
         client.set(deny_key, client.get(allow_key))
         batch = stub.CheckBatch(pdp_pb2.CheckBatchRequest(items=[deny, allow]), timeout=10)
+        assert servicer.cache.flush()
         client.set(deny_key, b"\x02garbage")
         garbage = stub.Check(deny, timeout=10)
     for resp in (single, batch.results[0], garbage):
