@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import enum
 import functools
-import gc
 import logging
 import os
 import threading
@@ -38,9 +37,6 @@ from policy_engine.store.backend import (
 log = logging.getLogger(__name__)
 
 MAX_REPORTED_ISSUES = 100  # a status or log entry lists at most this many issues
-# From this many rules on, the serving set is frozen out of the garbage collector's full
-# collections after each swap (see _settle_heap); below it a full collection is cheap anyway.
-FREEZE_MIN_RULES = 5_000
 # A reload that has waited this long for a file's writer to close it is logged as a warning.
 LONG_WRITE_WARNING_SECONDS = 10.0
 
@@ -279,28 +275,7 @@ class PolicyStore:
                 listener(policies)
             except Exception:
                 log.exception("policy swap listener failed")
-        _settle_heap(policies)
         return ReloadResult.LOADED
-
-
-def _settle_heap(policies: CompiledPolicySet) -> None:
-    """After a swap, move a large serving set out of the cyclic garbage collector's way.
-
-    A compiled set holds some 20 tracked objects a rule and lives until the next swap; every
-    full collection walks all of them (~0.25 s at 20,000 rules on a 2-core box), pausing
-    requests and reloads at random. So once per swap, off the request path and after the new
-    set already answers: thaw what an earlier swap froze, collect everything (so no garbage,
-    cyclic or not, is frozen and an old set's leftovers go), and freeze what is alive
-    (gc.freeze, Python's `gc` module docs): later collections skip it, while reference counting
-    still frees it when it is replaced. Skipped for small sets, and when the application has
-    turned the collector off.
-    """
-    rules = sum(org.rule_count for org in policies.organizations.values())
-    if rules < FREEZE_MIN_RULES or not gc.isenabled():
-        return
-    gc.unfreeze()
-    gc.collect()
-    gc.freeze()
 
 
 def format_issues(exc: PolicyLoadError) -> str:
