@@ -150,17 +150,8 @@ class FedTokens(PostLex):
 FED_TOKENS = FedTokens()
 
 
-def token_facts(token: Token) -> tuple[Any, ...]:
-    return (
-        token.type,
-        token.value,
-        token.start_pos,
-        token.line,
-        token.column,
-        token.end_line,
-        token.end_column,
-        token.end_pos,
-    )
+# Everything a token carries into the tree: value and every position field.
+token_facts = compiler._token_facts
 
 
 def token_key(text: str) -> list[tuple[str, str | None]]:
