@@ -166,15 +166,49 @@ def compile_expression(
         raise CelCompileError(
             f"expression longer than {limits.max_expression_length} characters", line, column
         )
-    tree = _parse(source)
     compiler = _Compiler(declarations, limits)
     try:
-        node = compiler.compile(tree)
+        node = _compile_shared(source, compiler)
+        if node is None:
+            node = compiler.compile(_parse(source))
     except RecursionError:
         raise CelCompileError("expression is nested too deeply") from None
     return CompiledExpression(
         source=source, variables=frozenset(compiler.referenced), _evaluator=node.fn
     )
+
+
+def _compile_shared(source: str, compiler: _Compiler) -> _Node | None:
+    """``source`` compiled through its shape's shared compilation (see "Sharing compiled
+    shapes" in the module doc), recording that compilation if this is the shape's first
+    text in ``compiler``'s environment; None (``compiler`` untouched) when its text has no
+    usable template. Raises :class:`CelCompileError` as compiling lark's tree would."""
+    if _parse is not _shared_parse:  # parses are not shared (tests replace _parse): nor this
+        return None
+    skeleton = _skeleton(source)
+    template = _TEMPLATES.get(skeleton)
+    if template is not None:
+        shape = template.shape(compiler.declarations, compiler.limits)
+        if shape is not None:
+            tokens = template._lex(source)
+            if tokens is None:
+                return None
+            compiler.shared = shape.compiled
+            return compiler.compile(shape.spine(tokens))
+    tree = _parse(source)
+    template = _TEMPLATES.get(skeleton)
+    items = template.aligned(tree) if template is not None else None
+    if template is None or items is None:
+        return compiler.compile(tree)
+    holds_literal = template.holds_literal()
+    compiler.recording = {
+        id(item): None
+        for item, literal in zip(items, holds_literal, strict=True)
+        if not literal and isinstance(item, Tree)
+    }
+    node = compiler.compile(tree)
+    template.add_shape(_Shape.build(template, items, compiler))
+    return node
 
 
 # --------------------------------------------------------------------------------------------
@@ -261,6 +295,9 @@ def _parse(source: str) -> Tree:
     return tree
 
 
+_shared_parse = _parse
+
+
 # --------------------------------------------------------------------------------------------
 # Sharing parses between texts that differ only in literals (see the module doc)
 
@@ -279,6 +316,7 @@ _SKELETON_LITERAL = re.compile(
     re.S,
 )
 _MAX_TEMPLATES = 1024  # shapes remembered; each is a few KB
+_MAX_SHAPES_PER_TEMPLATE = 8  # environments a shape's compilation is kept for
 _MISSING: Any = object()
 _new_meta = object.__new__
 _TEMPLATES: dict[str, _Template | None] = {}
@@ -380,6 +418,8 @@ class _Template:
     sublexers: tuple[Any, ...]
     expected: tuple[tuple[str, str | None], ...]
     program: tuple[_Step, ...]
+    # The shape's shared compilations, one per environment (declarations and limits).
+    shapes: list[_Shape] = field(default_factory=list, repr=False)
 
     @classmethod
     def build(
@@ -409,8 +449,10 @@ class _Template:
         """The tree of ``source`` if lark's parse of it takes exactly this template's
         steps (see the module doc), else None."""
         tokens = self._lex(source)
-        if tokens is None:
-            return None
+        return None if tokens is None else self._assemble(tokens)
+
+    def _assemble(self, tokens: list[Token]) -> Tree | None:
+        """The tree the program builds from ``tokens`` (a text's tokens from :meth:`_lex`)."""
         starts = [
             {
                 "empty": False,
@@ -474,6 +516,164 @@ class _Template:
         except Exception:  # a lexing error: the full parse reports it
             return None
         return None  # a token after the template's last one
+
+    def shape(self, declarations: Declarations, limits: CompileLimits) -> _Shape | None:
+        """The shared compilation of this shape in an environment, if one was recorded."""
+        for shape in self.shapes:
+            if shape.limits == limits and (
+                shape.declarations is declarations or shape.declarations == declarations
+            ):
+                return shape
+        return None
+
+    def add_shape(self, shape: _Shape) -> None:
+        with _TEMPLATES_LOCK:
+            if self.shape(shape.declarations, shape.limits) is None:
+                if len(self.shapes) >= _MAX_SHAPES_PER_TEMPLATE:
+                    del self.shapes[0]  # oldest first
+                self.shapes.append(shape)
+
+    def aligned(self, tree: Tree) -> list[Tree | Token] | None:
+        """``tree``'s nodes and tokens in post-order, one per program step, if ``tree`` has
+        the structure, token types and non-literal values the program builds; else None."""
+        items: list[Tree | Token] = []
+        pending: list[tuple[Any, bool]] = [(tree, False)]
+        while pending:
+            item, expanded = pending.pop()
+            if expanded or isinstance(item, Token):
+                items.append(item)
+            elif isinstance(item, Tree):
+                pending.append((item, True))
+                pending.extend((child, False) for child in reversed(item.children))
+            else:
+                return None
+        if len(items) != len(self.program):
+            return None
+        for item, step in zip(items, self.program, strict=True):
+            if type(step) is int:
+                kind, value = self.expected[step]
+                if not isinstance(item, Token) or item.type != kind:
+                    return None
+                if value is not None and item.value != value:
+                    return None
+            elif not isinstance(item, Tree) or (item.data, len(item.children)) != step[:2]:
+                return None
+        return items
+
+    def holds_literal(self) -> list[bool]:
+        """For each program step: whether its token, or a token under its tree, is a literal
+        (whose value may differ between this shape's texts)."""
+        holds: list[bool] = []
+        stack: list[bool] = []
+        for step in self.program:
+            if type(step) is int:
+                literal = self.expected[step][0] in _LITERAL_TERMINALS
+            else:
+                count = step[1]  # type: ignore[index]
+                literal = any(stack[len(stack) - count :])
+                del stack[len(stack) - count :]
+            stack.append(literal)
+            holds.append(literal)
+        return holds
+
+
+class _StartMeta:
+    """What the compiler reads of a node's lark ``Meta`` (:func:`_position`: its first
+    token's line and column), for the nodes a shared compilation rebuilds."""
+
+    __slots__ = ("column", "line")
+    empty = False
+
+    def __init__(self, token: Token) -> None:
+        self.line = token.line
+        self.column = token.column
+
+
+# A compiled literal-free subtree: its node, the AST nodes it counted, the variables it read.
+_Shared = tuple["_Node", int, frozenset[str]]
+# A spine step: an int pushes that token of the new text, a Tree pushes that literal-free
+# subtree of the recorded text, a tuple builds a node as in _Step.
+_SpineStep = int | Tree | tuple[str, int, _MetaSpec]
+
+
+@dataclass(frozen=True, eq=False)
+class _Shape:
+    """One template's compilation in one environment, shared by all texts of the template.
+
+    ``compiled`` maps the id of each literal-free subtree of the recorded text's ``tree`` (kept
+    alive here, so ids stay unique) to its compiled node; ``program`` rebuilds only the nodes
+    above a literal (the spine) from a new text's tokens, with those subtrees in place.
+    """
+
+    declarations: Declarations
+    limits: CompileLimits
+    tree: Tree
+    program: tuple[_SpineStep, ...]
+    compiled: dict[int, _Shared] = field(repr=False)
+
+    @classmethod
+    def build(cls, template: _Template, items: list[Tree | Token], compiler: _Compiler) -> _Shape:
+        """The shape recorded by ``compiler``'s compilation of the tree whose post-order
+        ``items`` match ``template``'s program (:meth:`_Template.aligned`)."""
+        holds_literal = template.holds_literal()
+        children: list[list[int]] = []
+        stack: list[int] = []
+        for at, step in enumerate(template.program):
+            count = 0 if type(step) is int else step[1]  # type: ignore[index]
+            children.append(stack[len(stack) - count :])
+            del stack[len(stack) - count :]
+            stack.append(at)
+        program: list[_SpineStep] = []
+        pending = [(len(template.program) - 1, False)]
+        while pending:
+            at, expanded = pending.pop()
+            step = template.program[at]
+            if type(step) is int:
+                program.append(step)  # every token comes from the new text: its positions
+            elif not holds_literal[at]:
+                program.append(items[at])  # type: ignore[arg-type]
+            elif expanded:
+                program.append(step)
+            else:
+                pending.append((at, True))
+                pending.extend((child, False) for child in reversed(children[at]))
+        recorded = compiler.recording or {}
+        return cls(
+            declarations=compiler.declarations,
+            limits=compiler.limits,
+            tree=items[-1],  # type: ignore[arg-type]
+            program=tuple(program),
+            compiled={key: value for key, value in recorded.items() if value is not None},
+        )
+
+    def spine(self, tokens: list[Token]) -> Tree:
+        """The tree to compile for a text with ``tokens``: lark's tree of that text, but for
+        the literal-free subtrees (the recorded text's, equal but for positions, compiled
+        already) and metas holding only what the compiler reads."""
+        starts = [_StartMeta(token) for token in tokens]
+        stack: list[Any] = []
+        for step in self.program:
+            kind = type(step)
+            if kind is int:
+                stack.append(tokens[step])  # type: ignore[index]
+            elif kind is tuple:
+                data, count, (first, second) = step  # type: ignore[misc]
+                if count:
+                    children = stack[-count:]
+                    del stack[-count:]
+                else:
+                    children = []
+                if type(first) is int:
+                    meta: Any = starts[first]
+                else:
+                    meta = Meta()
+                    meta.empty = first
+                    for attribute, source, token_attribute in second:
+                        setattr(meta, attribute, getattr(tokens[source], token_attribute))
+                stack.append(Tree(data, children, meta))
+            else:
+                stack.append(step)
+        return stack[0]  # type: ignore[no-any-return]
 
 
 def _program(tree: Tree, tokens: list[Token]) -> tuple[_Step, ...]:
@@ -952,12 +1152,17 @@ class _Compiler:
     """Walks one lark tree; holds only per-compilation state."""
 
     def __init__(self, declarations: Declarations, limits: CompileLimits) -> None:
+        self.declarations = declarations
         self.declared = declarations.variables
         self.limits = limits
         self.referenced: set[str] = set()
         self.loop_vars: tuple[str, ...] = ()  # enclosing comprehension variables, innermost last
         self.nodes = 0
         self.depth = 0
+        # Sharing a shape's compilation (see the module doc): subtrees compiled already, by
+        # id; or, while recording, the ids of the subtrees to record, and what they compiled to.
+        self.shared: dict[int, _Shared] | None = None
+        self.recording: dict[int, _Shared | None] | None = None
         self.handlers: dict[str, Callable[[Tree], _Node]] = {
             "expr": self._ternary,
             "conditionalor": self._logical,
@@ -991,6 +1196,36 @@ class _Compiler:
             )
 
     def compile(self, tree: Tree) -> _Node:
+        if self.shared is not None:
+            known = self.shared.get(id(tree))
+            if known is not None:
+                # Compiled once for the shape, in this environment, at this very place: the
+                # same node, the same count, the same variables as compiling it again.
+                node, nodes, names = known
+                self.nodes += nodes
+                self.referenced.update(names)
+                return node
+        elif self.recording is not None and id(tree) in self.recording:
+            return self._record(tree)
+        return self._compile(tree)
+
+    def _record(self, tree: Tree) -> _Node:
+        """Compile a literal-free subtree, noting its node, node count and variables."""
+        outer_referenced, outer_nodes = self.referenced, self.nodes
+        self.referenced = set()
+        try:
+            node = self._compile(tree)
+            self.recording[id(tree)] = (  # type: ignore[index]
+                node,
+                self.nodes - outer_nodes,
+                frozenset(self.referenced),
+            )
+        finally:
+            outer_referenced |= self.referenced
+            self.referenced = outer_referenced
+        return node
+
+    def _compile(self, tree: Tree) -> _Node:
         tree = _descend(tree)
         self.count(tree)
         self.depth += 1
