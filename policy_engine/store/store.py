@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import enum
 import functools
+import gc
 import logging
 import os
 import threading
@@ -37,6 +38,9 @@ from policy_engine.store.backend import (
 log = logging.getLogger(__name__)
 
 MAX_REPORTED_ISSUES = 100  # a status or log entry lists at most this many issues
+# From this many rules on, the first set loaded is frozen out of the garbage collector's full
+# collections (see _freeze_first_set); below it a full collection is cheap anyway.
+FREEZE_MIN_RULES = 5_000
 # A reload that has waited this long for a file's writer to close it is logged as a warning.
 LONG_WRITE_WARNING_SECONDS = 10.0
 
@@ -248,6 +252,8 @@ class PolicyStore:
                 log.debug("policy reload (%s): revision %s unchanged", reason, policies.revision)
             return ReloadResult.UNCHANGED
         self._policies = policies  # the swap: one reference assignment
+        if not previous.revision:
+            _freeze_first_set(policies)
         self._status = replace(
             previous,
             revision=policies.revision,
@@ -276,6 +282,30 @@ class PolicyStore:
             except Exception:
                 log.exception("policy swap listener failed")
         return ReloadResult.LOADED
+
+
+def _freeze_first_set(policies: CompiledPolicySet) -> None:
+    """After the first swap, move everything alive out of the cyclic collector's full passes.
+
+    A compiled set holds ~60 tracked objects a rule (1.2 million at 20,000 rules), and most
+    of them live as long as the server: later sets reuse the first one's parsed files,
+    compiled rules and conditions. Every full collection walks them all (~0.25 s on an idle
+    core at 20,000 rules, holding the GIL), and the objects a reload builds trigger one on most
+    edits, delaying the first answer of the new revision. gc.freeze (Python's `gc` module
+    docs) moves every tracked object to a permanent generation that collections skip;
+    reference counting still frees each one when nothing holds it any more (a replaced set
+    holds no cycle: tests/store/test_reload_memory.py). Done once, with no full collection
+    first (it would cost the same ~0.25 s at startup): only the young generations are
+    collected, and a full collection right after a load finds no cyclic garbage to freeze
+    (measured at 10,000 user policies: 0 objects). Objects later reloads build stay collected
+    as usual; they are few. Skipped for small sets, and when the application has turned the
+    collector off.
+    """
+    rules = sum(org.rule_count for org in policies.organizations.values())
+    if rules < FREEZE_MIN_RULES or not gc.isenabled():
+        return
+    gc.collect(1)
+    gc.freeze()
 
 
 def format_issues(exc: PolicyLoadError) -> str:
