@@ -577,6 +577,34 @@ class _Template:
         return holds
 
 
+# Rules whose handlers look at a child's rule and child count without descending into it.
+_FLATTENED = frozenset(
+    {"conditionalor", "conditionaland", "relation", "addition", "multiplication", "unary"}
+)
+
+
+def _skippable(steps: tuple[_Step, ...], at: int, descended: int) -> bool:
+    """Whether a spine may hold the node of step ``descended`` in place of that of step
+    ``at``, a chain of single-child precedence rules (``relation -> addition -> ... ->
+    primary``) above it: the compiler then does exactly what it does with the chain.
+
+    It compiles a chain by compiling the node :func:`_descend` reaches, which is the same; a
+    handler that looks at a child without descending (``_logical``, ``_binary``,
+    ``_unary``) only goes on into a child of its own rule with two children, which the chain
+    head is not and the node reached must not be either; and the compiler reads no meta but
+    the first token's line and column, the same for the chain and the node it ends at.
+    """
+    if descended == at:
+        return False
+    head, end = steps[at], steps[descended]
+    return (
+        type(end) is tuple
+        and type(head[2][0]) is int  # type: ignore[index]
+        and type(end[2][0]) is int  # type: ignore[index]
+        and end[0] not in _FLATTENED  # type: ignore[index]
+    )
+
+
 class _StartMeta:
     """What the compiler reads of a node's lark ``Meta`` (:func:`_position`: its first
     token's line and column), for the nodes a shared compilation rebuilds."""
@@ -615,25 +643,32 @@ class _Shape:
     def build(cls, template: _Template, items: list[Tree | Token], compiler: _Compiler) -> _Shape:
         """The shape recorded by ``compiler``'s compilation of the tree whose post-order
         ``items`` match ``template``'s program (:meth:`_Template.aligned`)."""
+        steps = template.program
         holds_literal = template.holds_literal()
         children: list[list[int]] = []
+        descended: list[int] = []  # the step _descend reaches from each step
         stack: list[int] = []
-        for at, step in enumerate(template.program):
+        for at, step in enumerate(steps):
             count = 0 if type(step) is int else step[1]  # type: ignore[index]
             children.append(stack[len(stack) - count :])
             del stack[len(stack) - count :]
             stack.append(at)
+            passthrough = count == 1 and step[0] in _PASSTHROUGH  # type: ignore[index]
+            descended.append(descended[children[at][0]] if passthrough else at)
         program: list[_SpineStep] = []
-        pending = [(len(template.program) - 1, False)]
+        pending = [(len(steps) - 1, False)]
         while pending:
             at, expanded = pending.pop()
-            step = template.program[at]
+            step = steps[at]
             if type(step) is int:
                 program.append(step)  # every token comes from the new text: its positions
             elif not holds_literal[at]:
                 program.append(items[at])  # type: ignore[arg-type]
             elif expanded:
-                program.append(step)
+                data, count, meta = step  # type: ignore[misc]
+                program.append((str(data), count, meta))  # a str compares faster than a Token
+            elif _skippable(steps, at, descended[at]):
+                pending.append((children[at][0], False))
             else:
                 pending.append((at, True))
                 pending.extend((child, False) for child in reversed(children[at]))
