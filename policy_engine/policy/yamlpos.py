@@ -18,14 +18,22 @@ Policies use a small, unambiguous subset of YAML (YAML 1.2, https://yaml.org/spe
 from __future__ import annotations
 
 import re
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, NoReturn
 
 import yaml
-from yaml.composer import Composer
+from yaml.events import (
+    AliasEvent,
+    MappingEndEvent,
+    MappingStartEvent,
+    ScalarEvent,
+    SequenceEndEvent,
+    SequenceStartEvent,
+    StreamEndEvent,
+)
 from yaml.parser import Parser
 from yaml.reader import Reader
-from yaml.resolver import BaseResolver
 from yaml.scanner import Scanner
 
 MAX_DEPTH = 32  # mappings and sequences nested in each other; policies need about 6
@@ -38,6 +46,8 @@ class StrictYamlError(yaml.MarkedYAMLError):
 
 class PositionedDict(dict):  # type: ignore[type-arg]
     """A mapping that remembers the line of itself, of each key, and of each value's first line."""
+
+    __slots__ = ("block_scalar", "key_lines", "line", "value_lines")
 
     line: int
     key_lines: dict[str, int]
@@ -78,16 +88,23 @@ _CANONICAL_NULL = frozenset({"", "~", "null"})
 _CANONICAL_INT = re.compile(r"0|-?[1-9][0-9]*")
 
 # What YAML 1.1 (https://yaml.org/type/) or YAML 1.2 core (spec 10.3.2) would read as a
-# non-string; a plain scalar matching one of these and not canonical above is ambiguous.
-_AMBIGUOUS: tuple[tuple[str, re.Pattern[str]], ...] = (
-    (
-        "a boolean",
-        re.compile(
-            r"y|Y|yes|Yes|YES|n|N|no|No|NO|true|True|TRUE|false|False|FALSE"
-            r"|on|On|ON|off|Off|OFF"
-        ),
-    ),
-    ("null", re.compile(r"~|null|Null|NULL")),
+# non-string; a plain scalar that is one of these and not canonical above is ambiguous.
+# The words are YAML 1.1's bool and null spellings and its merge and value keys, looked up
+# exactly; every other form a reader types starts with a digit, a sign or a dot, and only
+# such text is tried against the patterns, in this order (the first that matches names it).
+_MERGE_OR_VALUE_KEY = "a YAML 1.1 merge key or value key"
+_YAML_1_1_BOOLEANS = (
+    "y", "Y", "yes", "Yes", "YES", "n", "N", "no", "No", "NO", "true", "True", "TRUE",
+    "false", "False", "FALSE", "on", "On", "ON", "off", "Off", "OFF",
+)  # fmt: skip
+_AMBIGUOUS_WORDS: dict[str, str] = {
+    **dict.fromkeys(_YAML_1_1_BOOLEANS, "a boolean"),
+    **dict.fromkeys(("~", "null", "Null", "NULL"), "null"),
+    "<<": _MERGE_OR_VALUE_KEY,
+    "=": _MERGE_OR_VALUE_KEY,
+}
+_NUMERIC_FIRST = frozenset("0123456789+-.")
+_AMBIGUOUS_NUMERIC: tuple[tuple[str, re.Pattern[str]], ...] = (
     (
         "a date or time",
         re.compile(
@@ -111,8 +128,10 @@ _AMBIGUOUS: tuple[tuple[str, re.Pattern[str]], ...] = (
             r"|[-+]?\.(?:inf|Inf|INF)|\.(?:nan|NaN|NAN)"
         ),
     ),
-    ("a YAML 1.1 merge key or value key", re.compile(r"<<|=")),
 )
+
+# Plain scalars typed as something other than text (the canonical forms above).
+_CANONICAL_VALUES: dict[str, bool | None] = {**_CANONICAL_BOOL, **dict.fromkeys(_CANONICAL_NULL)}
 
 
 def ambiguity(text: str) -> str | None:
@@ -120,87 +139,104 @@ def ambiguity(text: str) -> str | None:
     and not what every reader agrees on; None when `text` is unambiguous."""
     if text in _CANONICAL_BOOL or text in _CANONICAL_NULL or _CANONICAL_INT.fullmatch(text):
         return None
-    for what, pattern in _AMBIGUOUS:
+    return _non_canonical_ambiguity(text)
+
+
+def _non_canonical_ambiguity(text: str) -> str | None:
+    """ambiguity() for a `text` known not to be canonical (not empty, either)."""
+    what = _AMBIGUOUS_WORDS.get(text)
+    if what is not None or text[0] not in _NUMERIC_FIRST:
+        return what
+    for what, pattern in _AMBIGUOUS_NUMERIC:
         if pattern.fullmatch(text):
             return what
     return None
 
 
-class _StrictComposer(Composer, BaseResolver):
-    """PyYAML's composer with our checks on every event, and our own construction (no PyYAML
-    constructor, so no implicit typing and no merge handling). Mixed into a parser below."""
+class _Composer:
+    """Builds values straight from parser events (libyaml's or PyYAML's own), checking each
+    event as it arrives, before the next one is parsed: the first anchor, alias, tag or level
+    too deep stops reading there (so an alias bomb costs nothing), exactly where PyYAML's
+    composer would. No yaml Node objects and no PyYAML constructor: no implicit typing, no
+    merge handling. Non-fatal problems are collected in document order: for each mapping
+    entry, the key's, then the value's, then a duplicate key's."""
 
-    problems: list[YamlProblem]
-    _depth: int
-    _what: str
+    __slots__ = ("_deferred", "_depth", "_get_event", "_what", "problems")
 
-    def _start(self, what: str = "policy files") -> None:
-        Composer.__init__(self)
-        BaseResolver.__init__(self)
-        self.problems = []
-        self._depth = 0
+    def __init__(self, get_event: Callable[[], Any], what: str) -> None:
+        self._get_event = get_event
+        self.problems: list[YamlProblem] = []
         self._what = what
+        self._depth = 0
+        # An error raised only once the document is complete (see _plain).
+        self._deferred: ValueError | None = None
 
-    def compose_node(self, parent: Any, index: Any) -> Any:
-        event = self.peek_event()
-        if isinstance(event, yaml.AliasEvent):
-            raise StrictYamlError(
-                None,
-                None,
-                f"aliases (*{event.anchor}) are not allowed in {self._what}",
-                event.start_mark,
+    def documents(self, into: list[YamlDocument]) -> None:
+        """Reads the whole stream (raises yaml.YAMLError, StrictYamlError, see load_documents)."""
+        get = self._get_event
+        get()  # STREAM-START
+        while get().__class__ is not StreamEndEvent:  # DOCUMENT-START, or the end
+            root = get()
+            value = self._node(root)
+            get()  # DOCUMENT-END: parsed before the document is used, as PyYAML does
+            if self._deferred is not None:
+                raise self._deferred
+            into.append(YamlDocument(value, root.start_mark.line + 1))
+
+    def _refuse(self, event: Any) -> NoReturn:
+        """Raises StrictYamlError for an alias, anchor or tag on `event`, checked in that order."""
+        if event.__class__ is AliasEvent:
+            message = f"aliases (*{event.anchor}) are not allowed in {self._what}"
+        elif event.anchor is not None:
+            message = f"anchors (&{event.anchor}) are not allowed in {self._what}"
+        else:
+            message = (
+                f"tags ({event.tag}) are not allowed in {self._what}: write text in quotes instead"
             )
-        if event.anchor is not None:  # type: ignore[attr-defined]
-            raise StrictYamlError(
-                None,
-                None,
-                f"anchors (&{event.anchor}) are not allowed in {self._what}",  # type: ignore[attr-defined]
-                event.start_mark,
-            )
-        if event.tag is not None:  # type: ignore[attr-defined]
-            raise StrictYamlError(
-                None,
-                None,
-                f"tags ({event.tag}) are not allowed in {self._what}: "  # type: ignore[attr-defined]
-                "write text in quotes instead",
-                event.start_mark,
-            )
-        if isinstance(event, yaml.MappingStartEvent | yaml.SequenceStartEvent):
-            self._depth += 1
-            if self._depth > MAX_DEPTH:
-                raise StrictYamlError(
-                    None, None, f"nested deeper than {MAX_DEPTH} levels", event.start_mark
-                )
+        raise StrictYamlError(None, None, message, event.start_mark)
+
+    def _node(self, event: Any) -> Any:
+        """The value of the node that starts with `event` (its events are read to its end)."""
+        kind = event.__class__
+        if kind is ScalarEvent:
+            if event.anchor is not None or event.tag is not None:
+                self._refuse(event)
+            # Quoted or block: always text, exactly as written (plain: "" from libyaml,
+            # None from PyYAML's own parser).
+            return event.value if event.style else self._plain(event)
+        if kind is MappingStartEvent:
+            return self._mapping(event)
+        if kind is SequenceStartEvent:
+            return self._sequence(event)
+        self._refuse(event)  # an alias: the only other event a node can start with
+
+    def _ignored(self, event: Any) -> None:
+        """Reads the node starting with `event` for its fatal errors only: its non-fatal
+        problems are not reported (it is dropped, with a problem of its own)."""
+        kept = self.problems
+        self.problems = []
+        try:
+            self._node(event)
+        finally:
+            self.problems = kept
+
+    def _plain(self, event: Any) -> Any:
+        text: str = event.value
+        if text in _CANONICAL_VALUES:
+            return _CANONICAL_VALUES[text]
+        if text[0] in _NUMERIC_FIRST and _CANONICAL_INT.fullmatch(text):
             try:
-                return super().compose_node(parent, index)
-            finally:
-                self._depth -= 1
-        return super().compose_node(parent, index)
-
-    # -- construction: our own, from nodes --------------------------------------------------
-
-    def construct(self, node: yaml.Node) -> Any:
-        if isinstance(node, yaml.ScalarNode):
-            return self._scalar(node)
-        if isinstance(node, yaml.SequenceNode):
-            return [self.construct(child) for child in node.value]
-        return self._mapping(node)  # type: ignore[arg-type]
-
-    def _scalar(self, node: yaml.ScalarNode) -> Any:
-        text: str = node.value
-        if node.style:  # quoted or block: always text, exactly as written (plain: None or "")
-            return text
-        if text in _CANONICAL_BOOL:
-            return _CANONICAL_BOOL[text]
-        if text in _CANONICAL_NULL:
-            return None
-        if _CANONICAL_INT.fullmatch(text):
-            return int(text)
-        what = ambiguity(text)
+                return int(text)
+            except ValueError as exc:  # over sys.get_int_max_str_digits
+                # Raised when the document is complete, where building it raised it before.
+                if self._deferred is None:
+                    self._deferred = exc
+                return text
+        what = _non_canonical_ambiguity(text)
         if what is not None:
             self.problems.append(
                 YamlProblem(
-                    node.start_mark.line + 1,
+                    event.start_mark.line + 1,
                     f"`{text}` is ambiguous: some YAML readers take it for {what}. "
                     f"Write '{text}' in quotes if you mean the text"
                     + (" (or true/false for a yes/no field)" if what == "a boolean" else ""),
@@ -209,62 +245,98 @@ class _StrictComposer(Composer, BaseResolver):
             )
         return text
 
-    def _mapping(self, node: yaml.MappingNode) -> PositionedDict:
+    def _enter(self, start: Any) -> None:
+        if start.anchor is not None or start.tag is not None:
+            self._refuse(start)
+        self._depth += 1
+        if self._depth > MAX_DEPTH:
+            raise StrictYamlError(
+                None, None, f"nested deeper than {MAX_DEPTH} levels", start.start_mark
+            )
+
+    def _sequence(self, start: Any) -> list[Any]:
+        self._enter(start)
+        get = self._get_event
+        items: list[Any] = []
+        while True:
+            event = get()
+            if event.__class__ is SequenceEndEvent:
+                break
+            items.append(self._node(event))
+        self._depth -= 1
+        return items
+
+    def _mapping(self, start: Any) -> PositionedDict:
+        self._enter(start)
+        get = self._get_event
+        problems = self.problems
         mapping = PositionedDict()
-        mapping.line = node.start_mark.line + 1
-        mapping.key_lines = {}
-        mapping.value_lines = {}
-        mapping.block_scalar = {}
-        for key_node, value_node in node.value:
-            line = key_node.start_mark.line + 1
-            if not isinstance(key_node, yaml.ScalarNode):
-                self.problems.append(YamlProblem(line, "a mapping key must be plain text"))
+        mapping.line = line = start.start_mark.line + 1
+        mapping.key_lines = key_lines = {}
+        mapping.value_lines = value_lines = {}
+        mapping.block_scalar = block_scalar = {}
+        while True:
+            event = get()
+            kind = event.__class__
+            if kind is MappingEndEvent:
+                break
+            key_line = event.start_mark.line + 1
+            if kind is not ScalarEvent:
+                self._ignored(event)
+                self._ignored(get())
+                problems.append(YamlProblem(key_line, "a mapping key must be plain text"))
                 continue
-            if not key_node.style and key_node.value == "<<":
-                self.problems.append(
-                    YamlProblem(line, f"merge keys (<<) are not allowed in {self._what}")
+            if event.anchor is not None or event.tag is not None:
+                self._refuse(event)
+            style = event.style
+            if style:
+                key = event.value
+            elif event.value == "<<":
+                self._ignored(get())
+                problems.append(
+                    YamlProblem(key_line, f"merge keys (<<) are not allowed in {self._what}")
                 )
                 continue
-            key = self._scalar(key_node)
-            value = self.construct(value_node)
+            else:
+                key = self._plain(event)
+            value_event = get()
+            value = self._node(value_event)
+            name = key if key.__class__ is str else str(key)
             if key in mapping:
-                first = mapping.key_lines.get(str(key), mapping.line)
-                self.problems.append(
+                first = key_lines.get(name, line)
+                problems.append(
                     YamlProblem(
-                        line,
-                        f"duplicate key {str(key)!r} at lines {first} and {line} "
+                        key_line,
+                        f"duplicate key {name!r} at lines {first} and {key_line} "
                         "(YAML requires unique keys; which one was meant?)",
                     )
                 )
                 continue  # keep the first; the file is refused anyway
             mapping[key] = value
-            mapping.key_lines[str(key)] = line
-            mapping.value_lines[str(key)] = value_node.start_mark.line + 1
-            mapping.block_scalar[str(key)] = getattr(value_node, "style", None) in ("|", ">")
+            key_lines[name] = key_line
+            value_lines[name] = value_event.start_mark.line + 1
+            block_scalar[name] = value_event.__class__ is ScalarEvent and value_event.style in (
+                "|",
+                ">",
+            )
+        self._depth -= 1
         return mapping
 
 
-class _PyLoader(_StrictComposer, Reader, Scanner, Parser):
-    def __init__(self, text: str, what: str = "policy files") -> None:
+class _PyParser(Reader, Scanner, Parser):
+    """PyYAML's own scanner and parser, for when libyaml is missing (and for tests)."""
+
+    def __init__(self, text: str) -> None:
         Reader.__init__(self, text)
         Scanner.__init__(self)
         Parser.__init__(self)
-        self._start(what)
 
 
 if yaml.__with_libyaml__:
-    from yaml._yaml import CParser
-
-    class _CLoader(_StrictComposer, CParser):  # type: ignore[misc]
-        """libyaml scans and parses (about 8x faster); events are checked the same way."""
-
-        def __init__(self, text: str, what: str = "policy files") -> None:
-            CParser.__init__(self, text)
-            self._start(what)
-
-    _Loader: type[_StrictComposer] = _CLoader
+    # libyaml scans and parses (about 8x faster); its events are the same classes.
+    from yaml._yaml import CParser as _FastParser
 else:  # pragma: no cover - PyYAML built without libyaml
-    _Loader = _PyLoader
+    _FastParser = _PyParser
 
 
 # YAML 1.1 (which PyYAML and libyaml follow here) ends a line at NEL, LS and PS; YAML 1.2
@@ -303,17 +375,14 @@ def load_documents(
     names the kind of file in messages ("policy files", "config files").
     """
     _refuse_ambiguous_line_breaks(text, what)
-    loader = (_PyLoader if pure_python else _Loader)(text, what)  # type: ignore[call-arg]
+    parser = (_PyParser if pure_python else _FastParser)(text)
+    composer = _Composer(parser.get_event, what)
     result = YamlDocuments()
     try:
-        while loader.check_node():
-            node = loader.get_node()
-            if node is None:
-                continue
-            result.documents.append(YamlDocument(loader.construct(node), node.start_mark.line + 1))
+        composer.documents(result.documents)
     finally:
-        loader.dispose()  # type: ignore[attr-defined]
-    result.problems.extend(loader.problems)
+        parser.dispose()
+    result.problems.extend(composer.problems)
     return result
 
 
