@@ -26,6 +26,7 @@ from policy_engine.policy.bundle import BUNDLE_FILE
 from policy_engine.policy.compile_cache import CompileCache
 from policy_engine.policy.loader import FileRead, Listing, file_identity
 from policy_engine.policy.source import is_policy_file, policy_names, tree_files
+from policy_engine.store.journal import ChangeJournal
 from policy_engine.store.watch import watch_tree
 from policy_engine.store.writes import WriteTracker, open_for_writing
 
@@ -110,8 +111,12 @@ def _identity(path: Path) -> _Identity | None:
 class DirectoryBackend:
     """Policies as files in a directory, one folder per organization (see the loader).
 
-    Each `load` walks the directory once and stats each file once before reading (a
-    `_Snapshot`), and once more after: nothing else is listed or stat'ed. A file whose
+    Each `load` looks at the directory once before reading (a `_Snapshot`), and once more
+    after: nothing else is listed or stat'ed. While the watcher runs and its journal knows
+    every path that changed since the last look (see policy_engine.store.journal), a look
+    re-stats only those paths (and the directory itself); otherwise (no watcher, startup, a
+    queue overflow, folders added or removed, symlinked folders, a signed bundle, SIGHUP) it
+    walks the tree and stats every file. A file whose
     identity (loader.file_identity: device, inode, size, mtime, ctime) is the one the last
     good load recorded, and that was last changed well before that load started reading (see
     RACY_WINDOW_NS), is settled: its bytes are the ones already loaded. `load` returns that
@@ -152,6 +157,9 @@ class DirectoryBackend:
         self.limits = limits or PolicyLimits()  # per file and per set, checked before parsing
         self._remote_keys = RemoteKeySets()  # JWKS URLs' keys survive reloads
         self._writes = WriteTracker()  # fed by the watcher in changes()
+        self._journal = ChangeJournal()  # fed by the watcher in changes()
+        self._base: _Snapshot | None = None  # the last look _fingerprint took
+        self._expected: tuple[tuple[FileRead, ...], frozenset[str]] | None = None
         # What the last load read or tried to read; replaced whole by the reload thread, read
         # by the watch thread.
         self._files_read: tuple[FileRead, ...] = ()
@@ -179,7 +187,10 @@ class DirectoryBackend:
         and a set whose files all show none is not read at all. A writer can change a file's
         bytes without changing its identity (stores through a shared mmap after the first
         dirty page leave size, mtime and ctime alone), so `full` (SIGHUP) reads and hashes
-        every file; parsing and compiling are still reused by content hash."""
+        every file; parsing and compiling are still reused by content hash, and the tree is
+        walked before and after reading."""
+        if full:
+            self._base = None  # trust no journal either: walk
         before = self._fingerprint()
         self._refuse_files_being_written(before)
         last_good = self._last_good
@@ -219,6 +230,8 @@ class DirectoryBackend:
         changed = self.changed_since_read(
             tuple(file for file in policies.files_read if file.relative not in before.identities)
         )
+        if full:
+            self._base = None
         after = self._fingerprint()
         changed += [
             file.relative
@@ -261,12 +274,9 @@ class DirectoryBackend:
         if snapshot.root != self._last_good_root:
             return False
         files_read = self._last_good_read
-        read = {file.relative for file in files_read}
-        if self.bundle_public_key is not None:
-            read.discard(BUNDLE_FILE)  # the signature covers every other file of the tree
-        else:
-            read = {name for name in read if is_policy_file(name)}
-        if set(snapshot.names) != read:
+        expected = self._expected_names(files_read)
+        # The same order almost always; a set compare is what decides.
+        if snapshot.names != expected and set(snapshot.names) != set(expected):
             return False
         racy_after = self._last_good_read_ns - self.racy_window_ns
         for file in files_read:
@@ -276,6 +286,19 @@ class DirectoryBackend:
             if identity is not None and max(file.identity[3], file.identity[4]) >= racy_after:
                 return False
         return True
+
+    def _expected_names(self, files_read: tuple[FileRead, ...]) -> tuple[str, ...]:
+        """The walk's names that would list exactly the files `files_read` names (the last
+        good load's), in the walk's order; computed once per good load."""
+        if self._expected is None or self._expected[0] is not files_read:
+            if self.bundle_public_key is not None:
+                # The signature covers every other file of the tree.
+                read = [file.relative for file in files_read if file.relative != BUNDLE_FILE]
+            else:
+                read = [file.relative for file in files_read if is_policy_file(file.relative)]
+            # files_read is sorted by name; the walk sorts by path parts (see _walk_order).
+            self._expected = (files_read, tuple(sorted(read, key=_walk_order)))
+        return self._expected[1]
 
     def changed_since_read(self, files_read: tuple[FileRead, ...]) -> list[str]:
         """The relative paths among `files_read` whose file is no longer the one read (written,
@@ -346,8 +369,56 @@ class DirectoryBackend:
             raise FilesBeingWritten(self.directory, being_written)
 
     def _fingerprint(self) -> _Snapshot:
-        """The snapshot `load` takes before and after reading (a hook for tests)."""
-        return self._snapshot()
+        """The snapshot `load` takes before and after reading (a hook for tests): the last
+        one with just the paths the watcher saw change since stat'ed again, when its journal
+        knows them all (see ChangeJournal); else a walk of the tree (`_snapshot`)."""
+        changed = self._journal.take()
+        base, snapshot = self._base, None
+        if changed is not None and base is not None and self.bundle_public_key is None:
+            snapshot = self._derived(base, changed)
+        if snapshot is None:
+            snapshot = self._snapshot()
+        self._base = snapshot
+        return snapshot
+
+    def _derived(self, base: _Snapshot, changed: frozenset[str]) -> _Snapshot | None:
+        """`base` brought up to date by stat'ing the `changed` absolute paths (and the files
+        the last loads read that `base` did not stat): the snapshot a walk would take now, as
+        the watcher reported every change since `base` (ChangeJournal.take). None when it
+        cannot tell (the directory itself changed, a path outside it): walk instead."""
+        root = _identity(self.directory)
+        if root is None or root != base.root:
+            return None
+        top = os.path.join(str(self.directory), "")
+        identities = dict(base.identities)
+        listed: set[str] | None = None
+        added: list[str] = []
+        removed: set[str] = set()
+        for path in changed:
+            if not path.startswith(top):
+                return None
+            relative = path[len(top) :].replace(os.sep, "/")
+            if is_policy_file(relative):
+                if listed is None:
+                    listed = set(base.names)
+                # What os.walk lists as a file: any entry but a folder (links followed), a
+                # FIFO or dangling link too (the loader says it cannot be read).
+                exists = os.path.lexists(path) and not os.path.isdir(path)
+                if exists and relative not in listed:
+                    added.append(relative)
+                elif not exists and relative in listed:
+                    removed.add(relative)
+                identities[relative] = _stat(path)
+            elif relative in identities:  # another file a load read (a JWKS file)
+                identities[relative] = _stat(path)
+        for file in (*self._last_good_read, *self._files_read):
+            if file.relative not in identities:
+                identities[file.relative] = file_identity(self.directory / file.relative)
+        names = base.names
+        if added or removed:
+            kept = [name for name in names if name not in removed]
+            names = tuple(sorted(kept + added, key=_walk_order))
+        return _Snapshot(root, names, identities)
 
     def _snapshot(self) -> _Snapshot:
         """One walk of the directory and one stat of each file it lists and of each other file
@@ -371,7 +442,14 @@ class DirectoryBackend:
         deleted; folders added or removed; the directory deleted, recreated or swapped; any
         file the last load read, hidden or not, changed or, if it was missing, created) and
         records files being written for `load`; see watch.watch_tree."""
-        return watch_tree(self.directory, stop, debounce_ms, self._writes, lambda: self._files_read)
+        return watch_tree(
+            self.directory,
+            stop,
+            debounce_ms,
+            self._writes,
+            lambda: self._files_read,
+            self._journal,
+        )
 
 
 _UNKNOWN = object()  # not stat'ed: never equal to an identity
@@ -384,6 +462,12 @@ def _stat(path: str) -> _FileIdentity | None:
     except (OSError, ValueError):
         return None
     return (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
+
+
+def _walk_order(relative: str) -> str:
+    """Sort key giving the order policy_names lists paths in (by their parts: "/" made "\\0",
+    which sorts before any character a name holds)."""
+    return relative.replace("/", "\0")
 
 
 def _relative(directory: Path, path: str) -> str:

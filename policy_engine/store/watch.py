@@ -24,15 +24,23 @@ where its symlinks led: the folder holding each (hidden or not), or for a missin
 nearest existing ancestor, so the file's appearing is noticed too. When a load reads a
 different list, the watches follow and a reload is requested (a change made before the new
 watch was in place is not lost).
+
+Every path a passing event names is also recorded in a ChangeJournal (see
+policy_engine.store.journal), read and recorded under the journal's lock, so a reload can
+re-stat just those paths instead of walking the tree.
 """
 
 from __future__ import annotations
 
 import contextlib
 import errno
+import fcntl
 import logging
 import os
 import re
+import select
+import struct
+import termios
 import threading
 import time
 from collections.abc import Callable, Iterable, Iterator
@@ -42,6 +50,7 @@ from inotify_simple import INotify, flags
 
 from policy_engine.policy.bundle import BUNDLE_FILE
 from policy_engine.policy.loader import POLICY_SUFFIXES, FileRead
+from policy_engine.store.journal import ChangeJournal
 from policy_engine.store.writes import WriteTracker
 
 log = logging.getLogger(__name__)
@@ -170,9 +179,11 @@ def watch_tree(
     debounce_ms: int,
     writes: WriteTracker,
     files_read: Callable[[], tuple[FileRead, ...]] = tuple,
+    journal: ChangeJournal | None = None,
 ) -> Iterator[str]:
     """Yields a short description each time the policy set under `root` may have changed,
-    until `stop` is set; records unfinished writes in `writes` as they happen.
+    until `stop` is set; records unfinished writes in `writes` as they happen, and every
+    changed path in `journal` (exact only while a watch is in place: see ChangeJournal).
     `files_read()` gives what the last load read (asked again about every STOP_POLL_MS): each
     of those files is watched too, hidden or not (see the module docstring).
 
@@ -195,7 +206,7 @@ def watch_tree(
             reported_missing = False
             yield f"{root} is back"
         try:
-            tree = _TreeWatch(root, writes, files_read)
+            tree = _TreeWatch(root, writes, files_read, journal or ChangeJournal())
         except OSError as exc:  # e.g. fs.inotify.max_user_instances reached
             log.warning("cannot watch %s (%s); retrying", root, exc)
             stop.wait(MISSING_POLL_SECONDS * 5)
@@ -223,38 +234,60 @@ class _TreeWatch:
     folders holding the files the last load read."""
 
     def __init__(
-        self, root: Path, writes: WriteTracker, files_read: Callable[[], tuple[FileRead, ...]]
+        self,
+        root: Path,
+        writes: WriteTracker,
+        files_read: Callable[[], tuple[FileRead, ...]],
+        journal: ChangeJournal,
     ) -> None:
         self.root = root
         self.writes = writes
+        self.journal = journal
         self._files_read = files_read
         self._read = files_read()
         self.filter = PolicyChangeFilter(root, self._read)
         self._inotify = INotify()
+        self._poll = select.poll()  # waits for events without reading them (see next_change)
+        self._poll.register(self._inotify.fileno(), select.POLLIN)
         self._folders: dict[int, Path] = {}  # watch descriptor -> folder as spelled from root
         self._real_folders: dict[int, str] = {}  # watch descriptor -> folder, links resolved
         self._full_reported = False
+        self._linked = False  # a watched folder below the root is a symlink
         self.established = self._sync()
+        if self.established:
+            journal.attach(self._unread, exact=not self._linked)
 
     def __enter__(self) -> _TreeWatch:
         return self
 
     def __exit__(self, *_: object) -> None:
-        self._inotify.close()  # drops every watch
+        with self.journal.lock:  # no settle() may ask a closed descriptor
+            self.journal.detach()
+            self._inotify.close()  # drops every watch
+
+    def _unread(self) -> bool:
+        """The kernel holds events this watch has not read yet (FIONREAD, inotify(7))."""
+        size = fcntl.ioctl(self._inotify.fileno(), termios.FIONREAD, struct.pack("i", 0))
+        return struct.unpack("i", size)[0] > 0
 
     def _sync(self) -> bool:
         """Watch every folder the loader would read (walked as it walks: symlinked folders
         followed, hidden ones skipped), the folder of every file the last load read (or its
         nearest existing ancestor), and drop watches on folders no longer needed. False when
         the root itself cannot be watched."""
+        # Folders watched anew may have changed before their watch: the journal cannot say.
+        self.journal.lose()
         folders: dict[int, Path] = {}
         seen: set[str] = set()
+        linked = False
         for folder, subfolders, _ in os.walk(self.root, followlinks=True):
             real = os.path.realpath(folder)
             if real in seen:  # a symlink cycle, or a second name for a watched folder
                 subfolders[:] = []
                 continue
             seen.add(real)
+            # A symlinked folder may name files the loader names otherwise (or twice).
+            linked = linked or (Path(folder) != self.root and os.path.islink(folder))
             subfolders[:] = [name for name in subfolders if not name.startswith(".")]
             wd = self._add_watch(folder)
             if wd is None:
@@ -277,6 +310,7 @@ class _TreeWatch:
                 self._inotify.rm_watch(wd)
         self._folders = folders
         self._real_folders = {wd: os.path.realpath(folder) for wd, folder in folders.items()}
+        self._linked = linked
         return True
 
     def _add_watch(self, folder: str) -> int | None:
@@ -337,12 +371,18 @@ class _TreeWatch:
                 if left <= 0:
                     return None
                 timeout_ms = min(STOP_POLL_MS, left * 1000)
-            events = self._inotify.read(timeout=max(1, int(timeout_ms)))
+            # Wait without reading, then read and record under the journal's lock: whoever
+            # holds it sees every event read so far recorded (ChangeJournal.settle).
+            if self._poll.poll(max(1, int(timeout_ms))):
+                with self.journal.lock:
+                    events = self._inotify.read(timeout=0)
+                    found = self._handle(events) if events else []
+            else:
+                events, found = [], []
             if not events:
                 if changed and timeout_ms >= step_ms:
                     break  # a quiet step: the burst is over
                 continue
-            found = self._handle(events)
             if found and not changed:
                 first_at = time.monotonic()
             changed.extend(found)
@@ -360,6 +400,7 @@ class _TreeWatch:
                     self.root,
                 )
                 changed.append("inotify queue overflow")
+                self.journal.lose()
                 reshaped = True
                 continue
             folder = self._folders.get(event.wd)
@@ -380,6 +421,9 @@ class _TreeWatch:
                 event.name and self.filter.reads(real)
             ):
                 continue
+            # As the watch spells it: a path outside the root (a file read through a symlink,
+            # watched where it leads) makes the next reload walk the tree.
+            self.journal.record(str(path))
             if event.mask & flags.MODIFY:
                 self.writes.modified(str(path))  # not a change yet: it is being written
                 continue
