@@ -117,16 +117,29 @@ def tree_files(directory: Path) -> list[str]:
     return sorted(found)
 
 
-def read_bounded(path: Path, max_bytes: int) -> SourceFile:
+def read_bounded(
+    path: Path | str, max_bytes: int, real_folders: dict[str, str] | None = None
+) -> SourceFile:
     """The bytes of the regular file at `path` (symlinks followed), reading at most
     `max_bytes + 1` of them. Raises SourceError when it is not a regular file (a FIFO would
-    block, a device never end), cannot be read, or is larger than `max_bytes`."""
-    real_path = os.path.realpath(path)
-    try:
-        # O_NONBLOCK: opening a FIFO must not wait for a writer; no effect on regular files.
-        fd = os.open(real_path, os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0))
-    except OSError as exc:
-        raise SourceError(f"cannot read: {exc.strerror or exc}") from None
+    block, a device never end), cannot be read, or is larger than `max_bytes`.
+
+    `real_folders` (folder as written -> os.path.realpath of it) lets many reads share the
+    resolution of their folder: the caller's, for the duration of one load (a folder link
+    swapped after its first read is seen by the next load). The real path is then the real
+    folder joined with the file's name, opened with O_NOFOLLOW: it is exactly what
+    os.path.realpath returns, since the name is no link (or the open fails and the path is
+    resolved in full, as without `real_folders`)."""
+    fd = _open_in_real_folder(os.fspath(path), real_folders) if real_folders is not None else None
+    if fd is not None:
+        fd, real_path = fd
+    else:
+        real_path = os.path.realpath(path)
+        try:
+            # O_NONBLOCK: opening a FIFO must not wait for a writer; no effect on regular files.
+            fd = os.open(real_path, _OPEN_FLAGS)
+        except OSError as exc:
+            raise SourceError(f"cannot read: {exc.strerror or exc}") from None
     try:
         info = os.fstat(fd)
         if not stat.S_ISREG(info.st_mode):
@@ -148,6 +161,27 @@ def read_bounded(path: Path, max_bytes: int) -> SourceFile:
         raise SourceError(f"cannot read: {exc.strerror or exc}") from None
     finally:
         os.close(fd)
+
+
+_OPEN_FLAGS = os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0)
+_NO_FOLLOW = getattr(os, "O_NOFOLLOW", 0)
+
+
+def _open_in_real_folder(path: str, real_folders: dict[str, str]) -> tuple[int, str] | None:
+    """(open descriptor, real path) for `path` when its last part is no symlink, its folder
+    resolved once per `real_folders`; None when that cannot be shown (a link, a missing file,
+    any error): the caller then resolves and opens the whole path, as it always did."""
+    folder, name = os.path.split(path)
+    if not _NO_FOLLOW or name in ("", ".", ".."):
+        return None
+    real_folder = real_folders.get(folder)
+    if real_folder is None:
+        real_folder = real_folders[folder] = os.path.realpath(folder)
+    real_path = os.path.join(real_folder, name)
+    try:
+        return os.open(real_path, _OPEN_FLAGS | _NO_FOLLOW), real_path
+    except OSError:  # ELOOP for a symlink; any other error is reported by the full path
+        return None
 
 
 def _too_large(size: int, max_bytes: int) -> SourceError:
@@ -223,6 +257,10 @@ class DirectorySource:
         self._limits = limits or PolicyLimits()
         self._budget = _Budget(self._limits)
         self._paths = list(paths) if paths is not None else None
+        # Folder -> its real path, resolved once per folder for this source's reads: a
+        # DirectorySource serves one load (see read_bounded).
+        self._real_folders: dict[str, str] = {}
+        self._top = os.fspath(self._directory)
 
     @property
     def directory(self) -> Path:
@@ -232,7 +270,9 @@ class DirectorySource:
         return list(self._paths) if self._paths is not None else policy_names(self._directory)
 
     def read(self, relative: str) -> SourceFile:
-        file = read_bounded(self._directory / relative, self._limits.max_file_bytes)
+        file = read_bounded(
+            os.path.join(self._top, relative), self._limits.max_file_bytes, self._real_folders
+        )
         self._budget.spend(len(file.data))
         return file
 
@@ -296,9 +336,11 @@ def read_snapshot(
     budget = _Budget(limits)
     files: dict[str, SourceFile] = {}
     problems: list[str] = []
+    real_parents: dict[str, str] = {}  # see read_bounded
+    top = os.fspath(directory)
     for name in names:
         try:
-            file = read_bounded(directory / name, limits.max_file_bytes)
+            file = read_bounded(os.path.join(top, name), limits.max_file_bytes, real_parents)
             budget.spend(len(file.data))
         except SourceError as exc:
             problems.append(f"{name}: {exc}")
