@@ -141,9 +141,13 @@ class CompileLimits:
     max_nesting_depth: int = 100
 
 
-@dataclass(frozen=True, eq=False)
+@dataclass(frozen=True, eq=False, slots=True)
 class CompiledExpression:
-    """A compiled expression: immutable, thread-safe, evaluated any number of times."""
+    """A compiled expression: immutable, thread-safe, evaluated any number of times.
+
+    Slotted, and ``variables`` interned (texts of one shape read the same variables): tens of
+    thousands of conditions are held at once, each costing only what it must.
+    """
 
     source: str
     variables: frozenset[str]
@@ -175,9 +179,16 @@ def compile_expression(
             node = compiler.compile(_parse(source))
     except RecursionError:
         raise CelCompileError("expression is nested too deeply") from None
-    return CompiledExpression(
-        source=source, variables=frozenset(compiler.referenced), _evaluator=node.fn
-    )
+    variables = frozenset(compiler.referenced)
+    if len(_VARIABLE_SETS) < _MAX_VARIABLE_SETS:
+        variables = _VARIABLE_SETS.setdefault(variables, variables)
+    return CompiledExpression(source=source, variables=variables, _evaluator=node.fn)
+
+
+# One frozenset per distinct set of variables read (a handful: subsets of the declared
+# names): each condition holds a shared one. Bounded, whatever the declarations.
+_VARIABLE_SETS: dict[frozenset[str], frozenset[str]] = {}
+_MAX_VARIABLE_SETS = 4096
 
 
 def _compile_shared(source: str, compiler: _Compiler) -> _Node | None:
