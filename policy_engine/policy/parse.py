@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import functools
 import re
+import sys
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,6 +29,10 @@ from policy_engine.policy.yamlpos import PositionedDict
 NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.:-]{0,127}$")
 # Target patterns: IDs and scopes as requests may carry them, plus the glob characters.
 TARGET_PATTERN = re.compile(r"^[\x21\x23-\x5B\x5D-\x7E]{1,256}$")
+
+# Distinct targets kept built (see _shared_target): about one per user policy, plus the few
+# rule targets repeated across thousands of them.
+TARGET_CACHE_SIZE = 32 * 1024
 
 SUPPORTED_ALGORITHMS = ("RS256", "RS384", "RS512", "ES256", "ES384", "PS256", "EdDSA")
 KIND_ORGANIZATION = "Organization"
@@ -177,21 +183,22 @@ class DocumentParser:
                     rule,
                 )
             else:
-                values.append(item)
+                # The same IDs and scopes recur across thousands of files: one string each.
+                values.append(sys.intern(item))
         return tuple(values)
 
     def _target(self, doc: PositionedDict, key: str, policy: str = "", rule: str = "") -> Target:
         raw = doc.get(key)
         if raw is None:
-            return Target()
+            return EVERYWHERE
         if not isinstance(raw, PositionedDict):
             self.problem(
                 doc.line_of(key), f"{key!r} must be a mapping of {TARGET_DIMENSIONS}", policy, rule
             )
-            return Target()
+            return EVERYWHERE
         self._check_keys(raw, set(TARGET_DIMENSIONS), key, policy, rule)
-        values = {dim: self._id_list(raw, dim, policy, rule) for dim in TARGET_DIMENSIONS}
-        return Target(**{dim: v for dim, v in values.items() if v is not None})
+        values = [self._id_list(raw, dim, policy, rule) for dim in TARGET_DIMENSIONS]
+        return _shared_target(*(EVERYWHERE_VALUES if v is None else v for v in values))
 
     def _position(self, doc: PositionedDict, key: str | None = None) -> Position:
         return Position(self.file, doc.line if key is None else doc.line_of(key))
@@ -404,16 +411,34 @@ class DocumentParser:
         first_line = doc.value_lines.get("condition", doc.line)
         if doc.block_scalar.get("condition"):
             first_line += 1
+        # Rule names, conditions and messages repeat across thousands of generated or
+        # templated files: one string each (interned strings are freed with their last user).
         return Rule(
-            name=name,
+            name=sys.intern(name),
             effect=effect,
-            condition=condition,
+            condition=None if condition is None else sys.intern(condition),
             target=self._target(doc, "target", policy, name),
-            message=message,
+            message=sys.intern(message),
             code=code,
             position=self._position(doc),
             condition_position=Position(self.file, first_line),
         )
+
+
+EVERYWHERE = Target()  # no target: every dimension `*`
+EVERYWHERE_VALUES = EVERYWHERE.subjects
+
+
+@functools.lru_cache(maxsize=TARGET_CACHE_SIZE)
+def _shared_target(
+    subjects: tuple[str, ...],
+    applications: tuple[str, ...],
+    integrations: tuple[str, ...],
+    scopes: tuple[str, ...],
+) -> Target:
+    """One immutable Target (and one tuple per dimension) per distinct target: the same rule
+    targets recur across thousands of files, each then held once."""
+    return Target(subjects, applications, integrations, scopes)
 
 
 # Who owns a layer's policies decides which target dimension each must name explicitly.
