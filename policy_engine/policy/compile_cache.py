@@ -14,6 +14,8 @@ keeps, for the last good load:
 - each compiled organization, keyed by the (path, SHA-256) of every policy file in its folder,
   in order: an organization none of whose files changed keeps its rules, indexes and checks
   (only its token settings are built again: a JWKS file or URL is not among those files);
+  one where a few files changed is updated from it (`previous_organization`: the loader
+  replaces just those files' rules in its indexes);
 - each policy file as it was read (`KnownFile`: its identity before reading, the SHA-256 of its
   bytes and their count), so that a load told a file is unchanged since (by the backend, which
   compares identities: see DirectoryBackend) reuses its digest without opening it.
@@ -42,7 +44,7 @@ from policy_engine.domain.decision import Layer
 from policy_engine.policy.compiled import CompiledOrganization, CompiledRule, FileRead
 from policy_engine.policy.model import Catalog, OrganizationConfig, Policy, Rule
 
-__all__ = ["CompileCache", "KnownFile", "LoadAttempt", "ParsedFile"]
+__all__ = ["CompileCache", "KnownFile", "KnownOrganization", "LoadAttempt", "ParsedFile"]
 
 # (source text, declared variables with their fields, limits): what a compile depends on.
 _EnvironmentKey = tuple[tuple[tuple[str, frozenset[str] | None], ...], CompileLimits]
@@ -81,10 +83,20 @@ class KnownFile:
 
 
 @dataclass(frozen=True, slots=True)
-class _KnownOrganization:
+class KnownOrganization:
+    """An organization a good load built from `files` (its `compiled` form), with what a
+    later load needs to update it rather than build it again: the `config` (its
+    Organization document, by identity), its `policy_names`, how many of its files hold
+    each condition (`condition_counts`: what its rules hold, kept in the cache with it) and
+    the layers whose every rule applies to every catalog integration (`general`: one bucket
+    shared by all integrations)."""
+
     files: _OrganizationKey
-    conditions: frozenset[_ConditionKey]  # what its rules hold: kept in the cache with it
+    condition_counts: Mapping[_ConditionKey, int]
     compiled: CompiledOrganization
+    config: OrganizationConfig | None = None
+    policy_names: frozenset[str] = frozenset()
+    general: frozenset[Layer] = frozenset()
 
 
 def environment_key(declarations: Declarations, limits: CompileLimits) -> _EnvironmentKey:
@@ -111,7 +123,7 @@ class CompileCache:
         self._good_files: frozenset[_FileKey] = frozenset()
         self._good_conditions: frozenset[_ConditionKey] = frozenset()
         self._known_files: dict[str, KnownFile] = {}  # by relative path
-        self._known_organizations: dict[str, _KnownOrganization] = {}  # by folder name
+        self._known_organizations: dict[str, KnownOrganization] = {}  # by folder name
         self.reads = 0
         self.parses = 0
         self.compiles = 0
@@ -155,10 +167,9 @@ class LoadAttempt:
         # What this load read or reused, and the organizations it built or reused: what the
         # cache keeps for the next load if this one is good.
         self.known_files: dict[str, KnownFile] = {}
-        self.known_organizations: dict[str, _KnownOrganization] = {}
+        self.known_organizations: dict[str, KnownOrganization] = {}
         self._environments: dict[int, tuple[Declarations, CompileLimits, _EnvironmentKey]] = {}
         self._condition_used: _ConditionKey | None = None  # by the rule being compiled
-        self._organization_conditions: set[_ConditionKey] = set()  # by the one being built
 
     def known_file(
         self, relative: str, identity: tuple[int, int, int, int, int] | None
@@ -209,27 +220,39 @@ class LoadAttempt:
         if known is None or known.files != files:
             return None
         self.files.update(files)
-        self.conditions.update(known.conditions)
+        self.conditions.update(known.condition_counts)
         self.known_organizations[name] = known
         return known.compiled
 
+    def previous_organization(self, name: str) -> KnownOrganization | None:
+        """The organization `name` as the last good load built it (from other files than
+        this load's, if `known_organization` said None), to update; marks nothing used."""
+        return self._cache._known_organizations.get(name)
+
+    def previous_file(self, key: _FileKey) -> ParsedFile | None:
+        """The parsed file cached under `key`, without marking it used (a file the last good
+        load had and this one has not)."""
+        return self._cache._files.get(key)
+
+    def updated_organization(self, known: KnownOrganization) -> None:
+        """Records `known`, updated from the previous one without issues, and marks the
+        conditions it holds used (its files were marked as this load found them). Counted
+        with the organizations built: its layers and indexes are new."""
+        self._cache.organizations += 1
+        self.conditions.update(known.condition_counts)
+        self.known_organizations[known.compiled.name] = known
+
     def start_organization(self) -> None:
-        """Starts recording the conditions the organization about to be built uses."""
-        self._organization_conditions = set()
+        """An organization is about to be built (a count for tests and metrics)."""
         self._cache.organizations += 1
 
-    def built_organization(
-        self, name: str, files: _OrganizationKey, compiled: CompiledOrganization
-    ) -> None:
-        """Records `compiled`, built without issues from `files` since `start_organization`."""
-        self.known_organizations[name] = _KnownOrganization(
-            files, frozenset(self._organization_conditions), compiled
-        )
+    def built_organization(self, name: str, known: KnownOrganization) -> None:
+        """Records `known`, built without issues since `start_organization`."""
+        self.known_organizations[name] = known
 
     def use_conditions(self, keys: tuple[_ConditionKey, ...]) -> None:
         """Marks conditions held by rules reused whole (ParsedFile.layered) as in use."""
         self.conditions.update(keys)
-        self._organization_conditions.update(keys)
 
     def compiled_rule(
         self, home: ParsedFile, rule: Rule, compile_rule: Callable[[], CompiledRule | None]
@@ -241,7 +264,6 @@ class LoadAttempt:
         if known is not None:
             if known[1] is not None:
                 self.conditions.add(known[1])  # still in use: kept by `finish`
-                self._organization_conditions.add(known[1])
             return known[0]
         self._condition_used = None
         compiled = compile_rule()
@@ -266,7 +288,6 @@ class LoadAttempt:
             compiled = compile_expression(source, declarations, limits)
             self._cache._conditions[key] = compiled
         self.conditions.add(key)
-        self._organization_conditions.add(key)
         self._condition_used = key
         return compiled
 

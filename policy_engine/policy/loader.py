@@ -14,6 +14,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import os
+from collections import Counter
 from collections.abc import Iterable, Mapping, Sequence
 from collections.abc import Set as AbstractSet
 from dataclasses import dataclass
@@ -36,7 +37,13 @@ from policy_engine.config import PolicyLimits
 from policy_engine.domain.decision import POLICY_LAYERS, Effect, Layer
 from policy_engine.engine.activation import CEL_DECLARATIONS
 from policy_engine.policy.bundle import BUNDLE_FILE, BundleVerificationError, read_signed_snapshot
-from policy_engine.policy.compile_cache import CompileCache, KnownFile, LoadAttempt, ParsedFile
+from policy_engine.policy.compile_cache import (
+    CompileCache,
+    KnownFile,
+    KnownOrganization,
+    LoadAttempt,
+    ParsedFile,
+)
 from policy_engine.policy.compiled import (
     CompiledOrganization,
     CompiledPolicySet,
@@ -398,7 +405,8 @@ def _organization(
 ) -> CompiledOrganization | None:
     """The organization in folder `org` from its parsed policy `files`: reused whole when the
     last good load built it from the same files (its token settings are built again: a JWKS
-    file is not one of those files, and is read and counted in `contents` every load)."""
+    file is not one of those files, and is read and counted in `contents` every load);
+    updated from it when only a few files differ (see _updated_organization); else built."""
     files_key = tuple(key for key, _ in files)
     known = attempt.known_organization(org, files_key)
     if known is not None:
@@ -407,12 +415,198 @@ def _organization(
             source, org, config.tokens, issues, contents, config.position.file, remote_keys
         )
         return dataclasses.replace(known, tokens=tokens)
+    previous = attempt.previous_organization(org)
+    if previous is not None:
+        updated = _updated_organization(previous, files, files_key, issues, attempt)
+        if updated is not None:
+            config = updated.config
+            assert config is not None
+            tokens = _token_rules(
+                source, org, config.tokens, issues, contents, config.position.file, remote_keys
+            )
+            attempt.updated_organization(updated)
+            return dataclasses.replace(updated.compiled, tokens=tokens)
     attempt.start_organization()
     before = len(issues)
-    compiled = _compile_organization(source, org, files, issues, contents, remote_keys, attempt)
-    if compiled is not None and len(issues) == before:
-        attempt.built_organization(org, files_key, compiled)
+    built = _compile_organization(source, org, files, issues, contents, remote_keys, attempt)
+    if built is None:
+        return None
+    compiled, general = built
+    if len(issues) == before:
+        attempt.built_organization(
+            org,
+            KnownOrganization(
+                files=files_key,
+                condition_counts=_condition_counts(parsed for _, parsed in files),
+                compiled=compiled,
+                config=next(config for _, parsed in files for config in parsed.configs),
+                policy_names=frozenset(p.name for _, parsed in files for p in parsed.policies),
+                general=general,
+            ),
+        )
     return compiled
+
+
+# An organization in which more policy files than this changed is built again, not updated.
+UPDATE_MAX_FILES = 64
+
+
+def _condition_counts(files: Iterable[ParsedFile]) -> Counter[tuple]:
+    """How many of `files` hold each condition (cache key) their rules use."""
+    counts: Counter[tuple] = Counter()
+    for parsed in files:
+        counts.update(set(parsed.conditions))
+    return counts
+
+
+def _updated_organization(
+    previous: KnownOrganization,
+    files: list[tuple[_FileKey, ParsedFile]],
+    files_key: tuple[_FileKey, ...],
+    issues: list[LoadIssue],
+    attempt: LoadAttempt,
+) -> KnownOrganization | None:
+    """`previous` (built by the last good load) with the rules of the policy files it had
+    and `files` has not taken out of its indexes, and the rules of those `files` has that it
+    had not compiled and put in (RuleIndex.updated): the organization _compile_organization
+    would build from `files`, in time proportional to the changed files plus one pass over
+    the indexes' rules, with no target of an unchanged rule looked at again.
+
+    None, with nothing added to `issues`, when it cannot be done so (then build it): more
+    than UPDATE_MAX_FILES files changed, the Organization document is not the same object
+    (a changed catalog or defaults re-checks every policy), a changed file has an issue
+    (the full build reports every issue, in order), a policy name repeats, or a changed
+    layer does not share one bucket across all integrations before and after."""
+    known_keys = set(previous.files)
+    now_keys = set(files_key)
+    removed = [key for key in previous.files if key not in now_keys]
+    added = [(key, parsed) for key, parsed in files if key not in known_keys]
+    if len(removed) + len(added) > UPDATE_MAX_FILES:
+        return None
+    configs = [config for _, parsed in files for config in parsed.configs]
+    config = previous.config
+    if len(configs) != 1 or config is None or configs[0] is not config:
+        return None
+    gone: list[ParsedFile] = []
+    for key in removed:
+        parsed = attempt.previous_file(key)
+        if parsed is None or parsed.layered is None:
+            return None
+        gone.append(parsed)
+    names = set(previous.policy_names)
+    for parsed in gone:
+        names.difference_update(policy.name for policy in parsed.policies)
+    for _, parsed in added:
+        for policy in parsed.policies:
+            if policy.name in names:
+                return None  # a duplicate: the full build says where both are
+            names.add(policy.name)
+    before = len(issues)
+    compiled_added: list[ParsedFile] = []
+    for _, parsed in added:
+        if parsed.catalog_checked is not config.catalog:
+            for policy in parsed.policies:
+                _check_catalog_references(config, policy, issues)
+            if len(issues) != before:
+                break
+            parsed.catalog_checked = config.catalog
+        if not _compile_file(parsed, issues, attempt):
+            break
+        compiled_added.append(parsed)
+    if len(issues) != before:
+        del issues[before:]  # reported again, in file order, by the full build
+        return None
+    integrations = config.catalog.integrations
+    removed_by_layer: dict[Layer, set[CompiledRule]] = {}
+    for parsed in gone:
+        for layer, rule, _ in parsed.layered or ():
+            removed_by_layer.setdefault(layer, set()).add(rule)
+    added_by_layer: dict[Layer, list[CompiledRule]] = {}
+    general = set(previous.general)
+    for parsed in compiled_added:
+        for layer, rule, matches in parsed.layered or ():
+            added_by_layer.setdefault(layer, []).append(rule)
+            if not all(matches(name) for name in integrations):
+                general.discard(layer)
+    layers = dict(previous.compiled.layers)
+    for layer in removed_by_layer.keys() | added_by_layer.keys():
+        index = layers[layer]
+        buckets = set(map(id, index.by_integration.values()))
+        if (
+            layer not in general
+            or len(buckets) != 1
+            or len(index.by_integration) != len(integrations)
+        ):
+            return None  # several buckets (or none): build them all again
+        bucket = next(iter(index.by_integration.values()))
+        gone_rules = removed_by_layer.get(layer, set())
+        new_rules = added_by_layer.get(layer, [])
+        updated = RuleBucket(
+            denies=bucket.denies.updated(
+                gone_rules, (r for r in new_rules if r.effect is Effect.DENY)
+            ),
+            allows=bucket.allows.updated(
+                gone_rules, (r for r in new_rules if r.effect is Effect.ALLOW)
+            ),
+        )
+        if not updated.denies.rules and not updated.allows.rules:
+            return None  # an emptied layer has no bucket: build it again
+        layers[layer] = LayerIndex(
+            default=index.default,
+            by_integration=MappingProxyType(dict.fromkeys(index.by_integration, updated)),
+        )
+    counts = Counter(previous.condition_counts)
+    counts.subtract(_condition_counts(gone))
+    counts.update(_condition_counts(compiled_added))
+    counts = +counts  # drops conditions no file holds any more
+    policy_count = previous.compiled.policy_count
+    rule_count = previous.compiled.rule_count
+    for parsed, sign in [*((p, -1) for p in gone), *((p, 1) for p in compiled_added)]:
+        policy_count += sign * len(parsed.policies)
+        rule_count += sign * sum(len(policy.rules) for policy in parsed.policies)
+    compiled = dataclasses.replace(
+        previous.compiled,
+        layers=MappingProxyType(layers),
+        policy_count=policy_count,
+        rule_count=rule_count,
+    )
+    return KnownOrganization(
+        files=files_key,
+        condition_counts=counts,
+        compiled=compiled,
+        config=config,
+        policy_names=frozenset(names),
+        general=frozenset(general),
+    )
+
+
+def _compile_file(parsed: ParsedFile, issues: list[LoadIssue], attempt: LoadAttempt) -> bool:
+    """Compiles every rule of `parsed` (reusing what it holds), setting `parsed.layered` and
+    `parsed.conditions` when all compile; False when one had an issue (added to `issues`)."""
+    if parsed.layered is not None:
+        attempt.use_conditions(parsed.conditions)
+        return True
+    layered: list[tuple[Layer, CompiledRule, Matcher | _Conjunction]] = []
+    complete = True
+    for policy in parsed.policies:
+        for rule in policy.rules:
+            compiled = attempt.compiled_rule(
+                parsed,
+                rule,
+                lambda policy=policy, rule=rule: _compile_rule(policy, rule, issues, attempt),
+            )
+            if compiled is None:
+                complete = False
+                continue
+            integrations = Matcher.of(policy.target.integrations)
+            narrowed = Matcher.of(rule.target.integrations)
+            layered.append((policy.layer, compiled, _conjunction(integrations, narrowed)))
+    if complete:
+        parsed.layered = tuple(layered)
+        parsed.conditions = tuple(
+            known[1] for known in parsed.rules.values() if known[1] is not None
+        )
+    return complete
 
 
 def _parse_new(
@@ -534,7 +728,10 @@ def _compile_organization(
     contents: list[tuple[str, bytes]],
     remote_keys: RemoteKeySets,
     attempt: LoadAttempt,
-) -> CompiledOrganization | None:
+) -> tuple[CompiledOrganization, frozenset[Layer]] | None:
+    """The organization built from its parsed `files`, and the layers whose every rule
+    applies to every catalog integration (see _index_by_integration); None when it has not
+    exactly one Organization document. Issues go to `issues`."""
     configs = [config for _, parsed in files for config in parsed.configs]
     policies = [policy for _, parsed in files for policy in parsed.policies]
     if len(configs) != 1:
@@ -599,16 +796,17 @@ def _compile_organization(
                 known[1] for known in parsed.rules.values() if known[1] is not None
             )
 
-    layers = {
-        layer: LayerIndex(
+    layers: dict[Layer, LayerIndex] = {}
+    general: set[Layer] = set()
+    for layer in POLICY_LAYERS:
+        index, everywhere = _index_layer(config.catalog.integrations, rules_by_layer[layer])
+        layers[layer] = LayerIndex(
             default=config.defaults.get(layer, Effect.DENY),
-            by_integration=MappingProxyType(
-                _index_by_integration(config.catalog.integrations, rules_by_layer[layer])
-            ),
+            by_integration=MappingProxyType(index),
         )
-        for layer in POLICY_LAYERS
-    }
-    return CompiledOrganization(
+        if everywhere:
+            general.add(layer)
+    compiled = CompiledOrganization(
         name=config.name,
         catalog=config.catalog,
         layers=MappingProxyType(layers),
@@ -618,6 +816,7 @@ def _compile_organization(
             source, org, config.tokens, issues, contents, config.position.file, remote_keys
         ),
     )
+    return compiled, frozenset(general)
 
 
 class _Conjunction:
@@ -641,10 +840,19 @@ def _conjunction(first: Matcher, second: Matcher) -> Matcher | _Conjunction:
 def _index_by_integration(
     integrations: frozenset[str], rules: list[tuple[CompiledRule, Matcher | _Conjunction]]
 ) -> dict[str, RuleBucket]:
+    """The buckets of one layer's `rules` by integration (see _index_layer)."""
+    return _index_layer(integrations, rules)[0]
+
+
+def _index_layer(
+    integrations: frozenset[str], rules: list[tuple[CompiledRule, Matcher | _Conjunction]]
+) -> tuple[dict[str, RuleBucket], bool]:
     """Sorted by (policy, rule) so file and rule order can never change a decision or a trace.
 
     Integrations whose applicable rules are the same (usually all of them: most rules do not
-    target integrations) share one bucket, so its target indexes are built and held once."""
+    target integrations) share one bucket, so its target indexes are built and held once.
+    Also says whether every rule applies to every integration (then, with any rule, every
+    integration has the one bucket of all rules)."""
     ordered = sorted(rules, key=lambda item: (item[0].policy, item[0].name))
     names = sorted(integrations)
     # Thousands of rules share a few distinct integration targets (usually "*"): test each
@@ -678,7 +886,7 @@ def _index_by_integration(
                 allows=RuleIndex(r for r in applicable if r.effect is Effect.ALLOW),
             )
         index[integration] = bucket
-    return index
+    return index, general
 
 
 def _check_catalog_references(
