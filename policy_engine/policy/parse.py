@@ -6,6 +6,7 @@ import functools
 import re
 import sys
 from collections.abc import Callable
+from collections.abc import Set as AbstractSet
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -67,7 +68,12 @@ class DocumentParser:
     # -- generic field readers -------------------------------------------------------------
 
     def _check_keys(
-        self, doc: PositionedDict, allowed: set[str], what: str, policy: str = "", rule: str = ""
+        self,
+        doc: PositionedDict,
+        allowed: AbstractSet[str],
+        what: str,
+        policy: str = "",
+        rule: str = "",
     ) -> None:
         for key, value in doc.items():
             if key not in allowed:
@@ -196,7 +202,7 @@ class DocumentParser:
                 doc.line_of(key), f"{key!r} must be a mapping of {TARGET_DIMENSIONS}", policy, rule
             )
             return EVERYWHERE
-        self._check_keys(raw, set(TARGET_DIMENSIONS), key, policy, rule)
+        self._check_keys(raw, _TARGET_KEYS, key, policy, rule)
         values = [self._id_list(raw, dim, policy, rule) for dim in TARGET_DIMENSIONS]
         return _shared_target(*(EVERYWHERE_VALUES if v is None else v for v in values))
 
@@ -306,7 +312,7 @@ class DocumentParser:
         name = self._name(doc, "name")
         self._check_keys(
             doc,
-            {"kind", "name", "layer", "description", "target", "rules", "cache"},
+            _POLICY_KEYS,
             "Policy",
             name,
         )
@@ -366,9 +372,7 @@ class DocumentParser:
 
     def rule(self, doc: PositionedDict, policy: str) -> Rule | None:
         name = self._name(doc, "name", policy)
-        self._check_keys(
-            doc, {"name", "effect", "condition", "target", "message", "code"}, "rule", policy, name
-        )
+        self._check_keys(doc, _RULE_KEYS, "rule", policy, name)
         effect = self._choice(
             doc, "effect", _effect, "allow, deny", default=None, policy=policy, rule=name
         )
@@ -385,7 +389,7 @@ class DocumentParser:
             doc,
             "code",
             _code,
-            ", ".join(sorted(c.value for c in RULE_CODES)),
+            _RULE_CODE_CHOICES,
             default=ErrorCode.POLICY_DENIED,
             policy=policy,
             rule=name,
@@ -439,6 +443,13 @@ def _shared_target(
     """One immutable Target (and one tuple per dimension) per distinct target: the same rule
     targets recur across thousands of files, each then held once."""
     return Target(subjects, applications, integrations, scopes)
+
+
+# Fields each document kind allows; built once, as every rule of every file is checked.
+_TARGET_KEYS = frozenset(TARGET_DIMENSIONS)
+_POLICY_KEYS = frozenset({"kind", "name", "layer", "description", "target", "rules", "cache"})
+_RULE_KEYS = frozenset({"name", "effect", "condition", "target", "message", "code"})
+_RULE_CODE_CHOICES = ", ".join(sorted(c.value for c in RULE_CODES))
 
 
 # Who owns a layer's policies decides which target dimension each must name explicitly.
