@@ -922,7 +922,7 @@ def _const(value: Any) -> _Node:
         value = tuple(value)  # constants are shared by every evaluation: keep them immutable
     elif type(value) is dict:
         value = MappingProxyType(value)
-    return _Node(lambda act: value, True, value)
+    return _Node(lambda act, value=value: value, True, value)
 
 
 def _fold(compute: Callable[..., Any], *args: Any) -> _Node | None:
@@ -978,6 +978,11 @@ def _iterable(value: Any, macro: str) -> Any:
 
 # --------------------------------------------------------------------------------------------
 # Closure builders (one per operator family)
+#
+# What an evaluator needs is bound as default arguments, not closed over: one defaults tuple
+# per function instead of a cell per name plus a closure tuple (~40 bytes a name, with
+# tens of thousands of conditions held), and read as fast locals. Evaluators are only ever
+# called with the activation.
 
 
 def _make_logical(fns: tuple[Evaluator, ...], decisive: bool, symbol: str) -> Evaluator:
@@ -989,7 +994,13 @@ def _make_logical(fns: tuple[Evaluator, ...], decisive: bool, symbol: str) -> Ev
     """
     other = not decisive
 
-    def logical(act: Any) -> bool:
+    def logical(
+        act: Any,
+        fns: tuple[Evaluator, ...] = fns,
+        decisive: bool = decisive,
+        other: bool = other,
+        symbol: str = symbol,
+    ) -> bool:
         error: BaseException | None = None
         for fn in fns:
             try:
@@ -1022,13 +1033,13 @@ def _make_binary(symbol: str, left: _Node, right: _Node) -> Evaluator:
         if symbol in ("==", "!=") and (type(constant) in (str, bytes) or constant is None):
             # Python == on these agrees with CEL for every plain value on the other side.
             if symbol == "==":
-                return lambda act: lf(act) == constant
-            return lambda act: lf(act) != constant
-        return lambda act: op(lf(act), constant)
+                return lambda act, lf=lf, constant=constant: lf(act) == constant
+            return lambda act, lf=lf, constant=constant: lf(act) != constant
+        return lambda act, op=op, lf=lf, constant=constant: op(lf(act), constant)
     if left.is_const:
         constant = left.value
-        return lambda act: op(constant, rf(act))
-    return lambda act: op(lf(act), rf(act))
+        return lambda act, op=op, constant=constant, rf=rf: op(constant, rf(act))
+    return lambda act, op=op, lf=lf, rf=rf: op(lf(act), rf(act))
 
 
 def _make_constant_membership(lf: Evaluator, members: tuple[Any, ...]) -> Evaluator | None:
@@ -1043,7 +1054,9 @@ def _make_constant_membership(lf: Evaluator, members: tuple[Any, ...]) -> Evalua
     if all(type(m) is str for m in members):
         strings = frozenset(members)
 
-        def in_strings(act: Any) -> bool:
+        def in_strings(
+            act: Any, lf: Evaluator = lf, strings: frozenset[str] = strings, members: Any = members
+        ) -> bool:
             needle = lf(act)
             if type(needle) is str:
                 return needle in strings
@@ -1053,7 +1066,9 @@ def _make_constant_membership(lf: Evaluator, members: tuple[Any, ...]) -> Evalua
     if all(type(m) is int for m in members):
         ints = frozenset(members)
 
-        def in_ints(act: Any) -> bool:
+        def in_ints(
+            act: Any, lf: Evaluator = lf, ints: frozenset[int] = ints, members: Any = members
+        ) -> bool:
             needle = lf(act)
             if type(needle) is int or type(needle) is float:
                 return needle in ints
@@ -1069,7 +1084,7 @@ _ChainStep = tuple[Callable[[Any, Any], Any], Evaluator]
 def _make_chain(first: Evaluator, rest: tuple[_ChainStep, ...]) -> Evaluator:
     """A left-associative run of same-precedence operators, evaluated in a loop."""
 
-    def chain(act: Any) -> Any:
+    def chain(act: Any, first: Evaluator = first, rest: tuple[_ChainStep, ...] = rest) -> Any:
         value = first(act)
         for op, fn in rest:
             value = op(value, fn(act))
@@ -1081,9 +1096,11 @@ def _make_chain(first: Evaluator, rest: tuple[_ChainStep, ...]) -> Evaluator:
 def _make_unary(operand: Evaluator, ops: tuple[Callable[[Any], Any], ...]) -> Evaluator:
     if len(ops) == 1:
         op = ops[0]
-        return lambda act: op(operand(act))
+        return lambda act, op=op, operand=operand: op(operand(act))
 
-    def unary(act: Any) -> Any:
+    def unary(
+        act: Any, operand: Evaluator = operand, ops: tuple[Callable[[Any], Any], ...] = ops
+    ) -> Any:
         value = operand(act)
         for op in ops:
             value = op(value)
@@ -1093,7 +1110,7 @@ def _make_unary(operand: Evaluator, ops: tuple[Callable[[Any], Any], ...]) -> Ev
 
 
 def _make_select(operand: Evaluator, name: str) -> Evaluator:
-    def select(act: Any) -> Any:
+    def select(act: Any, operand: Evaluator = operand, name: str = name) -> Any:
         obj = operand(act)
         if type(obj) is dict:
             try:
@@ -1107,21 +1124,21 @@ def _make_select(operand: Evaluator, name: str) -> Evaluator:
 
 def _make_call(impl: Callable[..., Any], args: Sequence[_Node]) -> Evaluator:
     """A function call with constant arguments bound at compile time."""
-    fns = [a.fn for a in args]
+    fns = tuple(a.fn for a in args)
     if len(args) == 1:
         f0 = fns[0]
-        return lambda act: impl(f0(act))
+        return lambda act, impl=impl, f0=f0: impl(f0(act))
     if len(args) == 2:
         f0, f1 = fns
         if args[1].is_const:
             c1 = args[1].value
-            return lambda act: impl(f0(act), c1)
-        return lambda act: impl(f0(act), f1(act))
-    return lambda act: impl(*[fn(act) for fn in fns])
+            return lambda act, impl=impl, f0=f0, c1=c1: impl(f0(act), c1)
+        return lambda act, impl=impl, f0=f0, f1=f1: impl(f0(act), f1(act))
+    return lambda act, impl=impl, fns=fns: impl(*[fn(act) for fn in fns])
 
 
 def _prepared(fn: Evaluator, prepare: Callable[[Any], Any]) -> Evaluator:
-    return lambda act: prepare(fn(act))
+    return lambda act, fn=fn, prepare=prepare: prepare(fn(act))
 
 
 MacroBuilder = Callable[..., Evaluator]
@@ -1135,7 +1152,16 @@ def _quantifier(decisive: bool) -> MacroBuilder:
     ) -> Evaluator:
         other = not decisive
 
-        def quantifier(act: Any) -> bool:
+        def quantifier(
+            act: Any,
+            name: str = name,
+            target: Evaluator = target,
+            var: str = var,
+            new_frame: Evaluator = new_frame,
+            predicate: Evaluator = predicate,
+            decisive: bool = decisive,
+            other: bool = other,
+        ) -> bool:
             items = _iterable(target(act), name)
             frame = new_frame(act)
             _charge(frame, items, name)
@@ -1166,7 +1192,14 @@ def _build_exists_one(
 ) -> Evaluator:
     """``exists_one``: exactly one element satisfies the predicate; any error propagates."""
 
-    def exists_one(act: Any) -> bool:
+    def exists_one(
+        act: Any,
+        name: str = name,
+        target: Evaluator = target,
+        var: str = var,
+        new_frame: Evaluator = new_frame,
+        predicate: Evaluator = predicate,
+    ) -> bool:
         items = _iterable(target(act), name)
         frame = new_frame(act)
         _charge(frame, items, name)
@@ -1196,7 +1229,15 @@ def _build_collect(
     else:
         predicate, transform = bodies
 
-    def collect(act: Any) -> list[Any]:
+    def collect(
+        act: Any,
+        name: str = name,
+        target: Evaluator = target,
+        var: str = var,
+        new_frame: Evaluator = new_frame,
+        predicate: Evaluator | None = predicate,
+        transform: Evaluator | None = transform,
+    ) -> list[Any]:
         items = _iterable(target(act), name)
         frame = new_frame(act)
         _charge(frame, items, name)
@@ -1326,7 +1367,7 @@ class _Compiler:
             return when_true if condition.value else when_false
         cf, tf, ff = condition.fn, when_true.fn, when_false.fn
 
-        def ternary(act: Any) -> Any:
+        def ternary(act: Any, cf: Evaluator = cf, tf: Evaluator = tf, ff: Evaluator = ff) -> Any:
             test = cf(act)
             if test is True:
                 return tf(act)
@@ -1405,13 +1446,13 @@ class _Compiler:
 
     def _variable(self, name: str, token: Token) -> Evaluator:
         if name in self.loop_vars:
-            return lambda act: act[name]  # the comprehension frame always holds it
+            return lambda act, name=name: act[name]  # the comprehension frame always holds it
         if name not in self.declared:
             raise self.error(f"unknown variable '{name}'", token)
         self.referenced.add(name)
         if self.loop_vars:  # inside a comprehension the activation is a _Frame
 
-            def frame_variable(act: Any) -> Any:
+            def frame_variable(act: Any, name: str = name) -> Any:
                 try:
                     return act.root[name]
                 except KeyError:
@@ -1419,7 +1460,7 @@ class _Compiler:
 
             return frame_variable
 
-        def variable(act: Any) -> Any:
+        def variable(act: Any, name: str = name) -> Any:
             try:
                 return act[name]
             except KeyError:
@@ -1491,7 +1532,7 @@ class _Compiler:
         if all(e.is_const for e in elements):
             return _const(tuple(e.value for e in elements))
         fns = tuple(e.fn for e in elements)
-        return _Node(lambda act: [fn(act) for fn in fns])
+        return _Node(lambda act, fns=fns: [fn(act) for fn in fns])
 
     def _map(self, tree: Tree) -> _Node:
         children = tree.children[0].children if tree.children else []
@@ -1502,7 +1543,9 @@ class _Compiler:
             if folded is not None:
                 return folded
         fn_pairs = tuple((k.fn, v.fn) for k, v in pairs)
-        return _Node(lambda act: build_map([(kf(act), vf(act)) for kf, vf in fn_pairs]))
+        return _Node(
+            lambda act, fn_pairs=fn_pairs: build_map([(kf(act), vf(act)) for kf, vf in fn_pairs])
+        )
 
     # -- calls and macros --------------------------------------------------------------------
 
@@ -1584,7 +1627,7 @@ class _Compiler:
         name = str(field_token)
         of = operand.fn
 
-        def has(act: Any) -> bool:
+        def has(act: Any, of: Evaluator = of, name: str = name) -> bool:
             obj = of(act)
             if type(obj) is dict:
                 return name in obj

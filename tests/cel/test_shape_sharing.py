@@ -188,17 +188,21 @@ def _scratch(text: str) -> Any:
 
 
 def functions_in(fn: Callable[..., Any]) -> set[int]:
-    """The ids of the closures reachable from ``fn`` (module-level functions left out)."""
+    """The ids of the functions built at compile time (nested ones, not module-level ones)
+    reachable from ``fn`` through what they close over or bind as default arguments."""
     seen: set[int] = set()
     pending: list[Any] = [fn]
     while pending:
         item = pending.pop()
-        if not getattr(item, "__closure__", None) or id(item) in seen:
+        if not callable(item) or "<locals>" not in getattr(item, "__qualname__", ""):
+            continue
+        if id(item) in seen:
             continue
         seen.add(id(item))
-        for cell in item.__closure__:
-            contents = cell.cell_contents
-            pending.extend(contents if isinstance(contents, tuple) else (contents,))
+        bound = [cell.cell_contents for cell in item.__closure__ or ()]
+        bound.extend(item.__defaults__ or ())
+        for value in bound:
+            pending.extend(value if isinstance(value, tuple) else (value,))
     return seen
 
 
