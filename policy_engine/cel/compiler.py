@@ -92,8 +92,9 @@ from typing import Any
 import celpy.celparser
 from lark import Lark, Token, Tree
 from lark.exceptions import LarkError, UnexpectedCharacters, UnexpectedEOF, UnexpectedToken
-from lark.lexer import ContextualLexer, LexerThread
+from lark.lexer import ContextualLexer
 from lark.tree import Meta
+from lark.utils import TextSlice
 
 from policy_engine.cel.errors import CelCompileError, CelEvaluationError
 from policy_engine.cel.functions import FUNCTIONS, MACRO_ARITIES, Function
@@ -546,21 +547,64 @@ class _Template:
     def _lex(self, source: str) -> list[Token] | None:
         """``source``'s tokens, each lexed by the sublexer the template's parse used at that
         point; None unless they match the template's types (and non-literal values) one for
-        one and are followed by the end of input."""
-        lexer_state = LexerThread.from_text(_parser().parser.lexer, source).state
+        one and are followed by the end of input.
+
+        The loop is lark's ``BasicLexer.next_token`` (lark 1.3) over the recorded sublexers'
+        own scanners, ignored and newline terminals and callbacks, minus its per-token method
+        calls and state objects (lexing was half of a shared compile): the same tokens, with
+        the same values and positions, as tests/cel/test_parse_sharing.py checks against
+        lark's own parse. A lexing error (no terminal matches) is a None, as before.
+        """
+        text = TextSlice(source, 0, len(source))
+        end = len(source)
+        expected = self.expected
+        last = len(expected)
         tokens: list[Token] = []
+        pos, line, line_start = 0, 1, 0  # lark's LineCounter: column = pos - line_start + 1
         try:
-            for (kind, value), sublexer in zip(self.expected, self.sublexers, strict=False):
-                token = sublexer.next_token(lexer_state, None)
-                if token.type != kind or (value is not None and token.value != value):
-                    return None
-                tokens.append(token)
-            self.sublexers[-1].next_token(lexer_state, None)
-        except EOFError:
-            return tokens if len(tokens) == len(self.expected) else None
-        except Exception:  # a lexing error: the full parse reports it
+            for index, sublexer in enumerate(self.sublexers):
+                scanner = sublexer.scanner
+                ignore_types = sublexer.ignore_types
+                newline_types = sublexer.newline_types
+                callbacks = sublexer.callback
+                while True:
+                    if pos >= end:  # the end of input: right after the last token only
+                        return tokens if index == last else None
+                    match = scanner.match(text, pos)
+                    if not match:
+                        return None
+                    value, kind = match
+                    ignored = kind in ignore_types
+                    token = None
+                    if not ignored or kind in callbacks:
+                        token = Token(kind, value, pos, line, pos - line_start + 1)
+                    if kind in newline_types:
+                        newlines = value.count("\n")
+                        if newlines:
+                            line += newlines
+                            line_start = pos + value.rindex("\n") + 1
+                    pos += len(value)
+                    if token is None:
+                        continue
+                    token.end_line = line
+                    token.end_column = pos - line_start + 1
+                    token.end_pos = pos
+                    if kind in callbacks:
+                        token = callbacks[kind](token)
+                    if ignored:
+                        continue
+                    if index == last:
+                        return None  # a token after the template's last one
+                    want_kind, want_value = expected[index]
+                    if not isinstance(token, Token) or token.type != want_kind:
+                        return None
+                    if want_value is not None and token.value != want_value:
+                        return None
+                    tokens.append(token)
+                    break
+        except Exception:  # anything unexpected: the full parse decides
             return None
-        return None  # a token after the template's last one
+        return None  # pragma: no cover (the last sublexer's loop always returns)
 
     def shape(self, declarations: Declarations, limits: CompileLimits) -> _Shape | None:
         """The shared compilation of this shape in an environment, if one was recorded."""
