@@ -66,10 +66,13 @@ class ChangeJournal:
             self._exact = self._live = False
             self._unread = None
 
-    def lose(self) -> None:
-        """Changes may have been missed (queue overflow, folders watched anew)."""
+    def lose(self, *, for_good: bool = False) -> None:
+        """Changes may have been missed (queue overflow, folders watched anew or gone);
+        `for_good`: and may be again while this watch lasts (a symlinked folder appeared)."""
         with self.lock:
             self._exact = False
+            if for_good:
+                self._live = False
 
     def record(self, path: str) -> None:
         """`path` (absolute, as the watch spells it) changed."""

@@ -275,8 +275,6 @@ class _TreeWatch:
         followed, hidden ones skipped), the folder of every file the last load read (or its
         nearest existing ancestor), and drop watches on folders no longer needed. False when
         the root itself cannot be watched."""
-        # Folders watched anew may have changed before their watch: the journal cannot say.
-        self.journal.lose()
         folders: dict[int, Path] = {}
         seen: set[str] = set()
         linked = False
@@ -308,6 +306,10 @@ class _TreeWatch:
         for wd in set(self._folders) - set(folders):
             with contextlib.suppress(OSError):  # already removed by the kernel
                 self._inotify.rm_watch(wd)
+        # A folder watched anew may have changed before its watch: the journal cannot say.
+        # (Callers hold the journal's lock, so no reload takes the journal in between.)
+        if linked or any(wd not in self._folders for wd in folders):
+            self.journal.lose(for_good=linked)
         self._folders = folders
         self._real_folders = {wd: os.path.realpath(folder) for wd, folder in folders.items()}
         self._linked = linked
@@ -341,7 +343,9 @@ class _TreeWatch:
         ):
             return None
         self.filter = new_filter
-        if not self._sync():
+        with self.journal.lock:
+            synced = self._sync()
+        if not synced:
             return f"{self.root} (cannot be watched)"
         return f"{self.root}: the files the last load read (now watched)"
 
@@ -408,6 +412,7 @@ class _TreeWatch:
                 continue  # a watch already dropped
             if event.mask & (flags.IGNORED | flags.DELETE_SELF | flags.MOVE_SELF):
                 reshaped = True  # a watched folder went away: its parent reports the change
+                self.journal.lose()  # with every file in it, reported by no event of theirs
                 if folder == self.root and not event.mask & flags.IGNORED:
                     changed.append(str(folder))
                 continue
@@ -433,6 +438,8 @@ class _TreeWatch:
                 is_dir or gone or event.name == KUBERNETES_DATA_LINK or path.is_dir()
             ):
                 reshaped = True  # folders (or links to one) came or went: rewatch the tree
+                if is_dir and gone:
+                    self.journal.lose()  # a folder renamed away: its files left unreported
             changed.append(str(path))
         if reshaped and not self._sync():
             changed.append(f"{self.root} (cannot be watched)")
