@@ -224,7 +224,11 @@ class _Composer:
         text: str = event.value
         if text in _CANONICAL_VALUES:
             return _CANONICAL_VALUES[text]
-        if text[0] in _NUMERIC_FIRST and _CANONICAL_INT.fullmatch(text):
+        if text[0] not in _NUMERIC_FIRST:  # most text: only the words can be read otherwise
+            what = _AMBIGUOUS_WORDS.get(text)
+            if what is None:
+                return text
+        elif _CANONICAL_INT.fullmatch(text):
             try:
                 return int(text)
             except ValueError as exc:  # over sys.get_int_max_str_digits
@@ -232,7 +236,8 @@ class _Composer:
                 if self._deferred is None:
                     self._deferred = exc
                 return text
-        what = _non_canonical_ambiguity(text)
+        else:
+            what = _non_canonical_ambiguity(text)
         if what is not None:
             self.problems.append(
                 YamlProblem(
