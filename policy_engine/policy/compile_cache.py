@@ -48,7 +48,24 @@ __all__ = ["CompileCache", "KnownFile", "KnownOrganization", "LoadAttempt", "Par
 
 # (source text, declared variables with their fields, limits): what a compile depends on.
 _EnvironmentKey = tuple[tuple[tuple[str, frozenset[str] | None], ...], CompileLimits]
-_ConditionKey = tuple[str, _EnvironmentKey]
+
+
+class _Environment:
+    """One compile environment (its `key`: declared variables and limits), interned per
+    CompileCache so that equal environments are one object, hashed and compared by identity:
+    the key's own hash calls CompileLimits' dataclass __hash__ in Python, and a reload hashes
+    each of up to 20,000 condition keys several times."""
+
+    __slots__ = ("key",)
+
+    def __init__(self, key: _EnvironmentKey) -> None:
+        self.key = key
+
+    def __repr__(self) -> str:
+        return f"_Environment({self.key!r})"
+
+
+_ConditionKey = tuple[str, _Environment]
 _FileKey = tuple[str, bytes]  # (path as the loader names it, SHA-256 of its bytes)
 _OrganizationKey = tuple[_FileKey, ...]  # every policy file of the folder, in load order
 _DEFAULT_LIMITS = CompileLimits()
@@ -124,6 +141,7 @@ class CompileCache:
         self._good_conditions: frozenset[_ConditionKey] = frozenset()
         self._known_files: dict[str, KnownFile] = {}  # by relative path
         self._known_organizations: dict[str, KnownOrganization] = {}  # by folder name
+        self._environments: dict[_EnvironmentKey, _Environment] = {}  # interned, never dropped
         self.reads = 0
         self.parses = 0
         self.compiles = 0
@@ -147,10 +165,11 @@ class CompileCache:
                 self._good_conditions = frozenset(attempt.conditions)
                 self._known_files = attempt.known_files
                 self._known_organizations = attempt.known_organizations
-            keep_files = self._good_files | attempt.files
-            keep_conditions = self._good_conditions | attempt.conditions
-            self._files = {k: v for k, v in self._files.items() if k in keep_files}
-            self._conditions = {k: v for k, v in self._conditions.items() if k in keep_conditions}
+            # Set operations (in C) find the few stale entries; most loads drop one or none.
+            for key in self._files.keys() - self._good_files - attempt.files:
+                del self._files[key]
+            for condition in self._conditions.keys() - self._good_conditions - attempt.conditions:
+                del self._conditions[condition]
         finally:
             self._lock.release()
 
@@ -168,7 +187,7 @@ class LoadAttempt:
         # cache keeps for the next load if this one is good.
         self.known_files: dict[str, KnownFile] = {}
         self.known_organizations: dict[str, KnownOrganization] = {}
-        self._environments: dict[int, tuple[Declarations, CompileLimits, _EnvironmentKey]] = {}
+        self._environments: dict[int, tuple[Declarations, CompileLimits, _Environment]] = {}
         self._condition_used: _ConditionKey | None = None  # by the rule being compiled
 
     def known_file(
@@ -291,14 +310,15 @@ class LoadAttempt:
         self._condition_used = key
         return compiled
 
-    def _environment(self, declarations: Declarations, limits: CompileLimits) -> _EnvironmentKey:
+    def _environment(self, declarations: Declarations, limits: CompileLimits) -> _Environment:
         # Memoised by identity (the objects are held, so ids stay theirs): one key per load.
         known = self._environments.get(id(declarations))
         if known is not None and known[0] is declarations and known[1] is limits:
             return known[2]
         key = environment_key(declarations, limits)
-        self._environments[id(declarations)] = (declarations, limits, key)
-        return key
+        interned = self._cache._environments.setdefault(key, _Environment(key))
+        self._environments[id(declarations)] = (declarations, limits, interned)
+        return interned
 
 
 def cached_conditions(cache: CompileCache) -> Mapping[_ConditionKey, CompiledExpression]:

@@ -556,9 +556,13 @@ def _updated_organization(
             by_integration=MappingProxyType(dict.fromkeys(index.by_integration, updated)),
         )
     counts = Counter(previous.condition_counts)
-    counts.subtract(_condition_counts(gone))
+    for condition, count in _condition_counts(gone).items():
+        left = counts[condition] - count
+        if left > 0:
+            counts[condition] = left
+        else:
+            del counts[condition]  # no file holds it any more
     counts.update(_condition_counts(compiled_added))
-    counts = +counts  # drops conditions no file holds any more
     policy_count = previous.compiled.policy_count
     rule_count = previous.compiled.rule_count
     for parsed, sign in [*((p, -1) for p in gone), *((p, 1) for p in compiled_added)]:

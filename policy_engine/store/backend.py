@@ -159,7 +159,10 @@ class DirectoryBackend:
         self._writes = WriteTracker()  # fed by the watcher in changes()
         self._journal = ChangeJournal()  # fed by the watcher in changes()
         self._base: _Snapshot | None = None  # the last look _fingerprint took
-        self._expected: tuple[tuple[FileRead, ...], frozenset[str]] | None = None
+        self._expected: tuple[tuple[FileRead, ...], tuple[str, ...]] | None = None
+        self._settled_memo: (
+            tuple[_Snapshot, tuple[FileRead, ...], tuple[int, int], set[str]] | None
+        ) = None
         # What the last load read or tried to read; replaced whole by the reload thread, read
         # by the watch thread.
         self._files_read: tuple[FileRead, ...] = ()
@@ -349,6 +352,14 @@ class DirectoryBackend:
         RACY_WINDOW_NS). Reading one of these now gives the bytes already loaded, however
         many writers hold it open, so it is neither read again nor probed for writers; once
         one writes, its identity changes."""
+        memo = self._settled_memo
+        if (
+            memo is not None
+            and memo[0] is snapshot
+            and memo[1] is self._last_good_read
+            and memo[2] == (self._last_good_read_ns, self.racy_window_ns)
+        ):
+            return memo[3]  # asked again of the same look at the same last good load
         racy_after = self._last_good_read_ns - self.racy_window_ns
         identities = snapshot.identities
         settled = set()
@@ -361,6 +372,12 @@ class DirectoryBackend:
                 and identities.get(file.relative, _UNKNOWN) == identity
             ):
                 settled.add(file.relative)
+        self._settled_memo = (
+            snapshot,
+            self._last_good_read,
+            (self._last_good_read_ns, self.racy_window_ns),
+            settled,
+        )
         return settled
 
     def _refuse_files_being_written(self, snapshot: _Snapshot | None = None) -> None:
