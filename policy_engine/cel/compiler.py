@@ -120,6 +120,7 @@ tables come from lark's cache (see :func:`_parser`).
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import os
 import re
@@ -249,8 +250,12 @@ def _compile_shared(source: str, compiler: _Compiler) -> _Node | None:
             tokens = template._lex(source)
             if tokens is None:
                 return None
+            try:
+                spine = shape.spine(tokens)
+            except Exception:  # anything unexpected: the full path decides
+                return None
             compiler.shared = shape.compiled
-            return compiler.compile(shape.spine(tokens))
+            return compiler.compile(spine)
     tree = _parse(source)
     template = _TEMPLATES.get(skeleton)
     items = template.aligned(tree) if template is not None else None
@@ -263,7 +268,9 @@ def _compile_shared(source: str, compiler: _Compiler) -> _Node | None:
         if not literal and isinstance(item, Tree)
     }
     node = compiler.compile(tree)
-    template.add_shape(_Shape.build(template, items, compiler))
+    # Anything unexpected while recording: this shape's texts keep being compiled in full.
+    with contextlib.suppress(Exception):
+        template.add_shape(_Shape.build(template, items, compiler))
     return node
 
 
