@@ -8,10 +8,10 @@ extra environment reaches the empty server the same way it reaches the real one.
 from __future__ import annotations
 
 import argparse
-import logging
 from collections.abc import Sequence
 
 from policy_engine.config import load_settings
+from policy_engine.logs import setup_logging
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -23,10 +23,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     settings = load_settings(
         overrides={"address": args.address, "workers": args.workers, "threads": args.threads}
     )
-    logging.basicConfig(
-        level=settings.log_level.upper(),
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-    )
+    setup_logging(settings.log_level, settings.log_format)
     from policy_engine.server.empty import serve_empty
 
     serve_empty(settings)

@@ -1,7 +1,7 @@
-"""`pdp`: serve decisions, validate a policy directory, dry-run one tuple.
+"""`pdp`: serve decisions, validate a policy directory, dry-run one tuple, check settings.
 
 Exit codes: 0 when the command did its job (for `eval`, whether it allowed or denied);
-1 when policies are invalid; 2 for bad flags or input.
+1 when policies are invalid; 2 for bad flags, settings or input.
 """
 
 from __future__ import annotations
@@ -9,7 +9,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
-import logging
 import sys
 from collections.abc import Sequence
 from datetime import UTC, datetime
@@ -17,17 +16,25 @@ from pathlib import Path
 from types import MappingProxyType
 from typing import Any
 
+import yaml
 from google.protobuf.message import DecodeError
 
 from policy_engine.api import pdp_pb2
 from policy_engine.audit.cli import add_audit_commands
 from policy_engine.auth.keys import KeySetError, StaticKeySet
 from policy_engine.client import RequestValueError, check_request
-from policy_engine.config import ConfigError, RequestLimits, Settings, load_settings
+from policy_engine.config import (
+    ConfigError,
+    RequestLimits,
+    Settings,
+    load_settings,
+    settings_dict,
+)
 from policy_engine.domain.decision import Decision, Effect
 from policy_engine.domain.request import ConnectionState, SubjectKind
 from policy_engine.engine import decide
 from policy_engine.engine.serialize import decision_to_dict
+from policy_engine.logs import setup_logging
 from policy_engine.policy import CompiledPolicySet, LoadIssue, PolicyLoadError, load_policy_set
 from policy_engine.policy.bundle import (
     BUNDLE_FILE,
@@ -237,10 +244,10 @@ def cmd_validate(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
-def cmd_serve(args: argparse.Namespace) -> int:
-    from policy_engine.server.app import serve
-
-    settings = load_settings(
+def _settings_from_args(args: argparse.Namespace) -> Settings:
+    """Settings as `pdp serve` reads them: defaults, --config FILE, PDP_* environment, then
+    the flags given. Raises ConfigError naming every setting that cannot be used."""
+    return load_settings(
         config_file=Path(args.config) if args.config else None,
         overrides={
             "address": args.address,
@@ -250,11 +257,60 @@ def cmd_serve(args: argparse.Namespace) -> int:
             "cache": {"redis_url": args.redis_url} if args.redis_url is not None else None,
         },
     )
-    logging.basicConfig(
-        level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
-    )
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    from policy_engine.server.app import serve
+
+    settings = _settings_from_args(args)
+    setup_logging(settings.log_level, settings.log_format)
     serve(settings)
     return EXIT_OK
+
+
+def cmd_config_check(args: argparse.Namespace) -> int:
+    """Print the effective settings (secrets masked) and exit 0, or every error and exit 2."""
+    try:
+        settings = _settings_from_args(args)
+    except ConfigError as exc:
+        lines = str(exc).splitlines()
+        print(f"pdp: invalid configuration: {len(lines)} error(s)", file=sys.stderr)
+        for line in lines:
+            print(f"  {line}", file=sys.stderr)
+        return EXIT_USAGE
+    shown = settings_dict(settings)
+    if args.format == "json":
+        print(json.dumps(shown, indent=2))
+    else:
+        print(yaml.safe_dump(shown, sort_keys=False, default_flow_style=False), end="")
+    return EXIT_OK
+
+
+def _add_settings_flags(parser: argparse.ArgumentParser) -> None:
+    """The flags that override settings, shared by `serve` and `config check`."""
+    parser.add_argument("--address", help=f"host:port (default {DEFAULTS.address})")
+    parser.add_argument("--policies", help="policy directory (default policies)")
+    parser.add_argument("--config", help="YAML config file (see README)")
+    parser.add_argument("--workers", type=int, help="processes sharing the port (default 1)")
+    parser.add_argument("--threads", type=int, help="handler threads per process (default 16)")
+    parser.add_argument(
+        "--redis-url",
+        help="share decisions through this Redis (redis://, rediss://; default: in-process only)",
+    )
+
+
+def add_config_commands(commands: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
+    config = commands.add_parser("config", help="check the server's settings")
+    actions = config.add_subparsers(dest="config_command", required=True)
+    check = actions.add_parser(
+        "check",
+        help="print the effective settings (secrets masked), or every error (exit 2)",
+        description="Settings are read as `pdp serve` reads them: defaults, --config FILE, "
+        "PDP_* environment variables, then these flags.",
+    )
+    _add_settings_flags(check)
+    check.add_argument("--format", choices=("yaml", "json"), default="yaml")
+    check.set_defaults(handler=cmd_config_check)
 
 
 def cmd_bundle_sign(args: argparse.Namespace) -> int:
@@ -304,15 +360,7 @@ def build_parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", required=True)
 
     serve = commands.add_parser("serve", help="serve decisions over gRPC")
-    serve.add_argument("--address", help=f"host:port (default {DEFAULTS.address})")
-    serve.add_argument("--policies", help="policy directory (default policies)")
-    serve.add_argument("--config", help="YAML config file (see README)")
-    serve.add_argument("--workers", type=int, help="processes sharing the port (default 1)")
-    serve.add_argument("--threads", type=int, help="handler threads per process (default 16)")
-    serve.add_argument(
-        "--redis-url",
-        help="share decisions through this Redis (redis://, rediss://; default: in-process only)",
-    )
+    _add_settings_flags(serve)
     serve.set_defaults(handler=cmd_serve)
 
     validate = commands.add_parser("validate", help="check a policy directory; list every error")
@@ -340,6 +388,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_audit_commands(commands)
     add_bundle_commands(commands)
+    add_config_commands(commands)
     return parser
 
 

@@ -40,6 +40,7 @@ from policy_engine.audit import AuditLog
 from policy_engine.cache import load_signing_keys, redis_level_on
 from policy_engine.config import ConfigError, Settings
 from policy_engine.domain.codes import ErrorCode, docs_url
+from policy_engine.logs import setup_logging
 from policy_engine.server.errors import invalid_argument
 from policy_engine.server.metrics_http import (
     MetricsBindError,
@@ -462,11 +463,7 @@ def _install_handlers(
 
 def _worker_main(settings: Settings, mode: Mode, parent_pid: int, worker: int) -> None:
     """Entry point of a spawned worker: a fresh interpreter, so logging is configured anew."""
-    if not logging.getLogger().handlers:
-        logging.basicConfig(
-            level=settings.log_level.upper(),
-            format="%(asctime)s %(levelname)s [%(process)d] %(name)s: %(message)s",
-        )
+    setup_logging(settings.log_level, settings.log_format, process=True)
     try:
         code = _run_worker(settings, mode, parent_pid=parent_pid, worker=worker)
     except ConfigError as exc:  # e.g. the port cannot be bound: one clear line, no traceback
