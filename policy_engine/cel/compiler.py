@@ -1377,26 +1377,6 @@ class _Compiler:
         # id; or, while recording, the ids of the subtrees to record, and what they compiled to.
         self.shared: dict[int, _Shared] | None = None
         self.recording: dict[int, _Shared | None] | None = None
-        self.handlers: dict[str, Callable[[Tree], _Node]] = {
-            "expr": self._ternary,
-            "conditionalor": self._logical,
-            "conditionaland": self._logical,
-            "relation": self._binary,
-            "addition": self._binary,
-            "multiplication": self._binary,
-            "unary": self._unary,
-            "member_dot": self._select,
-            "member_dot_arg": self._method_call,
-            "member_index": self._index,
-            "member_object": self._unsupported,
-            "dot_ident": self._unsupported,
-            "dot_ident_arg": self._unsupported,
-            "ident_arg": self._global_call,
-            "ident": self._ident,
-            "literal": self._literal,
-            "list_lit": self._list,
-            "map_lit": self._map,
-        }
 
     def error(self, message: str, where: Tree | Token) -> CelCompileError:
         line, column = _position(where)
@@ -1448,7 +1428,7 @@ class _Compiler:
                 raise self.error(
                     f"expression nested deeper than {self.limits.max_nesting_depth} levels", tree
                 )
-            return self.handlers[tree.data](tree)
+            return _HANDLERS[tree.data](self, tree)
         finally:
             self.depth -= 1
 
@@ -1751,3 +1731,28 @@ class _Compiler:
             self.loop_vars = self.loop_vars[:-1]
         build = _COMPREHENSIONS[name]
         return _Node(build(name, target.fn, variable, new_frame, *bodies))
+
+
+# Each rule's handler, as a plain function of (compiler, tree): built once, and no compiler
+# holds a table of bound methods of itself (a reference cycle per compilation, left to the
+# cyclic collector at tens of thousands of conditions).
+_HANDLERS: dict[str, Callable[[_Compiler, Tree], _Node]] = {
+    "expr": _Compiler._ternary,
+    "conditionalor": _Compiler._logical,
+    "conditionaland": _Compiler._logical,
+    "relation": _Compiler._binary,
+    "addition": _Compiler._binary,
+    "multiplication": _Compiler._binary,
+    "unary": _Compiler._unary,
+    "member_dot": _Compiler._select,
+    "member_dot_arg": _Compiler._method_call,
+    "member_index": _Compiler._index,
+    "member_object": _Compiler._unsupported,
+    "dot_ident": _Compiler._unsupported,
+    "dot_ident_arg": _Compiler._unsupported,
+    "ident_arg": _Compiler._global_call,
+    "ident": _Compiler._ident,
+    "literal": _Compiler._literal,
+    "list_lit": _Compiler._list,
+    "map_lit": _Compiler._map,
+}
