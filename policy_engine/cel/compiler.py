@@ -236,10 +236,12 @@ _MAX_VARIABLE_SETS = 4096
 
 
 def _compile_shared(source: str, compiler: _Compiler) -> _Node | None:
-    """``source`` compiled through its shape's shared compilation (see "Sharing compiled
-    shapes" in the module doc), recording that compilation if this is the shape's first
-    text in ``compiler``'s environment; None (``compiler`` untouched) when its text has no
-    usable template. Raises :class:`CelCompileError` as compiling lark's tree would."""
+    """``source`` compiled by ``compiler``: through its shape's shared compilation when one
+    is recorded for ``compiler``'s environment (see "Sharing compiled shapes" in the module
+    doc), else from its tree, recording the shape's compilation when the tree is one of a
+    template's. None, ``compiler`` untouched, when a recorded shape does not fit the text
+    (the caller compiles lark's tree). Raises :class:`CelCompileError` as compiling lark's
+    tree would."""
     if _parse is not _shared_parse:  # parses are not shared (tests replace _parse): nor this
         return None
     skeleton = _skeleton(source)
