@@ -254,3 +254,31 @@ def test_a_literal_error_in_the_first_text_of_a_shape_leaves_the_next_text_corre
     assert isinstance(outcome(bad), tuple)
     assert_same(outcome(good), _scratch(good), good)
     assert_same(outcome(bad.replace("1", "3")), _scratch(bad.replace("1", "3")), bad)
+
+
+def test_every_cel_test_expression_compiles_through_its_shape_as_from_scratch() -> None:
+    from tests.cel.test_parse_sharing import TEST_EXPRESSIONS, swapped_variants
+
+    shared = 0
+    for text in TEST_EXPRESSIONS:
+        for variant in swapped_variants(text):
+            compiler._TEMPLATES.clear()
+            outcome(text)  # records the template, and the shape if it compiles
+            template = compiler._TEMPLATES.get(compiler._skeleton(variant))
+            fits = (
+                template is not None
+                and template.shape(DECLARATIONS, CompileLimits()) is not None
+                and template._lex(variant) is not None
+            )
+            with mock.patch.object(
+                compiler._Template,
+                "rebuild",
+                autospec=True,
+                side_effect=compiler._Template.rebuild,
+            ) as rebuild:
+                got = outcome(variant)
+            if fits:
+                shared += 1
+                assert rebuild.call_count == 0, variant
+            assert_same(got, _scratch(variant), variant)
+    assert shared > 200, shared
