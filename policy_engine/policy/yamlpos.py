@@ -37,6 +37,7 @@ from yaml.reader import Reader
 from yaml.scanner import Scanner
 
 MAX_DEPTH = 32  # mappings and sequences nested in each other; policies need about 6
+MAX_INT_DIGITS = 40  # longer decimal integers are refused: no setting or field needs more
 
 
 class StrictYamlError(yaml.MarkedYAMLError):
@@ -161,15 +162,13 @@ class _Composer:
     merge handling. Non-fatal problems are collected in document order: for each mapping
     entry, the key's, then the value's, then a duplicate key's."""
 
-    __slots__ = ("_deferred", "_depth", "_get_event", "_what", "problems")
+    __slots__ = ("_depth", "_get_event", "_what", "problems")
 
     def __init__(self, get_event: Callable[[], Any], what: str) -> None:
         self._get_event = get_event
         self.problems: list[YamlProblem] = []
         self._what = what
         self._depth = 0
-        # An error raised only once the document is complete (see _plain).
-        self._deferred: ValueError | None = None
 
     def documents(self, into: list[YamlDocument]) -> None:
         """Reads the whole stream (raises yaml.YAMLError, StrictYamlError, see load_documents)."""
@@ -179,8 +178,6 @@ class _Composer:
             root = get()
             value = self._node(root)
             get()  # DOCUMENT-END: parsed before the document is used, as PyYAML does
-            if self._deferred is not None:
-                raise self._deferred
             into.append(YamlDocument(value, root.start_mark.line + 1))
 
     def _refuse(self, event: Any) -> NoReturn:
@@ -229,13 +226,18 @@ class _Composer:
             if what is None:
                 return text
         elif _CANONICAL_INT.fullmatch(text):
-            try:
-                return int(text)
-            except ValueError as exc:  # over sys.get_int_max_str_digits
-                # Raised when the document is complete, where building it raised it before.
-                if self._deferred is None:
-                    self._deferred = exc
+            if len(text.lstrip("+-")) > MAX_INT_DIGITS:
+                # No field takes such a number, and int() would refuse it past Python's
+                # digit limit (sys.get_int_max_str_digits): report it here, with its line.
+                self.problems.append(
+                    YamlProblem(
+                        event.start_mark.line + 1,
+                        f"a number of {len(text.lstrip('+-')):,} digits is too long "
+                        f"(at most {MAX_INT_DIGITS} digits)",
+                    )
+                )
                 return text
+            return int(text)
         else:
             what = _non_canonical_ambiguity(text)
         if what is not None:
