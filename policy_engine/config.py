@@ -357,10 +357,14 @@ def _read_config_file(path: Path) -> Mapping[str, Any]:
 
 @dataclass(frozen=True, slots=True)
 class _Sources:
-    """What one `load_settings` call reads, handed to the pydantic-settings sources."""
+    """What one `load_settings` call reads, handed to the pydantic-settings sources, and
+    what names each source's values in errors."""
 
     file_values: Mapping[str, Any]
     environ: Mapping[str, str]
+    overrides: Mapping[str, Any]
+    config_file: Path | None = None
+    flag_names: Mapping[str, str] = field(default_factory=dict)
 
 
 # The sources of the call in progress: pydantic-settings builds its sources from the class,
@@ -436,18 +440,16 @@ def _lookup(values: Mapping[str, Any], path: list[str]) -> bool:
     return True
 
 
-def _origin(
-    path: list[str], config_file: Path | None, sources: _Sources, overrides: Mapping[str, Any]
-) -> str:
+def _origin(path: list[str], sources: _Sources) -> str:
     """Where the value at `path` came from, highest precedence first: ' (from X)' or ''."""
-    if _lookup(overrides, path):
-        return " (from the command line)"
+    if _lookup(sources.overrides, path):
+        return f" (from {sources.flag_names.get('.'.join(path), 'the command line')})"
     wanted = ENV_NESTED_DELIMITER.join(path).lower()
     for key in sources.environ:
         if key.startswith(ENV_PREFIX) and key[len(ENV_PREFIX) :].lower() == wanted:
             return f" (from {key})"
     if _lookup(sources.file_values, path):
-        return f" (from {config_file})"
+        return f" (from {sources.config_file})"
     return ""
 
 
@@ -482,15 +484,13 @@ def _shown(name: str, value: Any) -> str:
     return text if len(text) <= 80 else text[:77] + "..."
 
 
-def _config_error(
-    exc: ValidationError, config_file: Path | None, sources: _Sources, overrides: Mapping[str, Any]
-) -> list[str]:
+def _config_error(exc: ValidationError, sources: _Sources) -> list[str]:
     """One line per problem: 'setting a.b: what is wrong, got X (from where)'."""
     lines = []
     for error in exc.errors(include_url=False):
         path = [str(part) for part in error["loc"]]
         name = ".".join(path)
-        where = _origin(path, config_file, sources, overrides)
+        where = _origin(path, sources)
         if error["type"] in ("extra_forbidden", "unexpected_keyword_argument"):
             lines.append(f"setting {name}: unknown setting{where}")
             continue
@@ -503,11 +503,15 @@ def load_settings(
     config_file: Path | None = None,
     environ: Mapping[str, str] | None = None,
     overrides: Mapping[str, Any] | None = None,
+    *,
+    flag_names: Mapping[str, str] | None = None,
 ) -> Settings:
     """Settings from defaults, `config_file`, `environ` (PDP_*) and `overrides`, in that order,
     every value validated by its annotation (pydantic-settings).
 
     `overrides` are the flags' values, nested like the settings; None means "not given".
+    `flag_names` ({"cache.redis_url": "--redis-url"}) names them in errors; otherwise they
+    are "the command line".
     Raises ConfigError naming every setting that cannot be used, one per line, with where its
     value came from; or naming the config file's line when the file cannot be read as one
     unambiguous mapping.
@@ -517,17 +521,19 @@ def load_settings(
     sources = _Sources(
         file_values=_read_config_file(config_file) if config_file is not None else {},
         environ=os.environ if environ is None else environ,
+        overrides={k: v for k, v in (overrides or {}).items() if v is not None},
+        config_file=config_file,
+        flag_names=flag_names or {},
     )
-    given = {k: v for k, v in (overrides or {}).items() if v is not None}
     problems = [
         f"setting {'.'.join(path)}: unknown setting (from {key})"
         for path, key in _unknown_env(sources.environ)
     ]
     token = _SOURCES.set(sources)
     try:
-        loaded = _loader()(**given)
+        loaded = _loader()(**sources.overrides)
     except ValidationError as exc:
-        problems += _config_error(exc, config_file, sources, given)
+        problems += _config_error(exc, sources)
         loaded = None
     finally:
         _SOURCES.reset(token)

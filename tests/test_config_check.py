@@ -85,8 +85,7 @@ def test_prints_every_error_and_exits_2(tmp_path: Path) -> None:
     lines = done.stderr.splitlines()
     assert lines[0] == "pdp: invalid configuration: 6 error(s)"
     for expected in (
-        "setting workers: Input should be greater than or equal to 1, got 0 "
-        "(from the command line)",
+        "setting workers: Input should be greater than or equal to 1, got 0 (from --workers)",
         "setting log_format: Input should be 'text' or 'json', got 'xml' (from PDP_LOG_FORMAT)",
         "setting cache.redis_mode: Input should be 'standalone', 'sentinel' or 'cluster', "
         "got 'ring' (from PDP_CACHE__REDIS_MODE)",

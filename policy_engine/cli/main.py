@@ -244,6 +244,16 @@ def cmd_validate(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+# The settings that flags of `serve` and `config check` set, to name the flag in errors.
+SETTINGS_FLAGS = {
+    "address": "--address",
+    "policy_dir": "--policies",
+    "workers": "--workers",
+    "threads": "--threads",
+    "cache.redis_url": "--redis-url",
+}
+
+
 def _settings_from_args(args: argparse.Namespace) -> Settings:
     """Settings as `pdp serve` reads them: defaults, --config FILE, PDP_* environment, then
     the flags given. Raises ConfigError naming every setting that cannot be used."""
@@ -256,6 +266,7 @@ def _settings_from_args(args: argparse.Namespace) -> Settings:
             "threads": args.threads,
             "cache": {"redis_url": args.redis_url} if args.redis_url is not None else None,
         },
+        flag_names=SETTINGS_FLAGS,
     )
 
 
