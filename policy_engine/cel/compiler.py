@@ -110,12 +110,13 @@ not recorded (a first text that fails to compile records nothing). At most
 Evaluators also bind what they use as default arguments (see "Closure builders"), and a
 :class:`CompiledExpression` is slotted with an interned variable set.
 
-Measured on the 20,000 distinct conditions (seven shapes) with the scale benchmark's
-generator, pinned, medians of 3 on a loaded 2-vCPU box: a shared compile 240 -> 91 µs per
-condition (lexing, now one loop over lark's scanners, is about half of what is left); the
-cold in-process load of the 10,000-user distinct set 7.4 -> 4.1 s CPU, RSS after it 171 ->
-125 MB; per-evaluation cost unchanged (0.68 µs per condition on those shapes). The grammar's
-tables come from lark's cache (see :func:`_parser`).
+Measured on the 20,000 distinct conditions (seven shapes) of the scale benchmark's
+generator, pinned to one core, medians of 3 to 5 interleaved runs: a compile 212 -> 74 µs
+per condition (lexing, now one loop over lark's scanners, is about half of what is left); the
+cold in-process load of the 10,000-user distinct set 6.8 -> 3.7 s CPU, RSS after it 171 ->
+126 MB (templated set: 1.9 -> 1.7 s, 103 -> 102 MB); evaluation 0.69 -> 0.66 µs per
+condition on those shapes (bound defaults are fast locals). The grammar's tables come from
+lark's cache (see :func:`_parser`).
 """
 
 from __future__ import annotations
