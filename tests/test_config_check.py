@@ -108,12 +108,16 @@ def test_a_file_that_cannot_be_read_as_one_mapping_is_an_error_with_its_line(
 
 
 def test_pdp_serve_refuses_the_same_settings_before_serving(tmp_path: Path) -> None:
-    done = _pdp(
-        "serve",
-        "--policies",
-        str(tmp_path),
-        env={"PDP_AUDIT__WHEN_FULL": "wait", "PDP_METRICS_ADDRESS": ""},
-    )
+    env = {"PDP_AUDIT__WHEN_FULL": "wait", "PDP_METRICS_ADDRESS": ""}
+    done = _pdp("serve", "--policies", str(tmp_path), env=env)
     assert done.returncode == 2
-    assert "setting audit.when_full: Input should be 'block' or 'drop'" in done.stderr
+    assert done.stderr.startswith("pdp: error: setting audit.when_full: Input should be 'block'")
     assert "Traceback" not in done.stderr
+    done = _pdp("serve", "--policies", str(tmp_path), "--threads", "0", env=env)
+    assert done.returncode == 2
+    assert done.stderr.splitlines() == [
+        "pdp: invalid configuration: 2 error(s)",
+        "  setting threads: Input should be greater than or equal to 1, got 0 (from --threads)",
+        "  setting audit.when_full: Input should be 'block' or 'drop', got 'wait' "
+        "(from PDP_AUDIT__WHEN_FULL)",
+    ]

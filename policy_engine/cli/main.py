@@ -279,15 +279,20 @@ def cmd_serve(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def _print_config_errors(exc: ConfigError) -> None:
+    """Every line of `exc` (one bad setting each) on stderr, under a count."""
+    lines = str(exc).splitlines()
+    print(f"pdp: invalid configuration: {len(lines)} error(s)", file=sys.stderr)
+    for line in lines:
+        print(f"  {line}", file=sys.stderr)
+
+
 def cmd_config_check(args: argparse.Namespace) -> int:
     """Print the effective settings (secrets masked) and exit 0, or every error and exit 2."""
     try:
         settings = _settings_from_args(args)
     except ConfigError as exc:
-        lines = str(exc).splitlines()
-        print(f"pdp: invalid configuration: {len(lines)} error(s)", file=sys.stderr)
-        for line in lines:
-            print(f"  {line}", file=sys.stderr)
+        _print_config_errors(exc)
         return EXIT_USAGE
     shown = settings_dict(settings)
     if args.format == "json":
@@ -413,7 +418,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         for issue in exc.issues:
             print(f"  {issue}", file=sys.stderr)
         return EXIT_INVALID_POLICIES
-    except (UsageError, ConfigError) as exc:
+    except ConfigError as exc:
+        if "\n" in str(exc):  # several bad settings: as `pdp config check` lists them
+            _print_config_errors(exc)
+        else:
+            print(f"pdp: error: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    except UsageError as exc:
         print(f"pdp: error: {exc}", file=sys.stderr)
         return EXIT_USAGE
 
