@@ -23,11 +23,13 @@ from __future__ import annotations
 import hashlib
 import os
 from collections.abc import Mapping
-from typing import Any, NamedTuple
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 from policy_engine.audit.canonical import Parts, assemble, canonical, sanitize, to_bytes
-from policy_engine.audit.keys import Signer
 from policy_engine.audit.record import SCHEMA_VERSION, dropped_record, format_time
+
+if TYPE_CHECKING:
+    from policy_engine.audit.keys import Signer  # cryptography: only with a signing key
 
 ZERO_HASH = "0" * 64
 HASH_LENGTH = 64

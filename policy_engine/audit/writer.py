@@ -34,23 +34,27 @@ from collections import deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from policy_engine import metrics
 from policy_engine.audit.canonical import Parts
 from policy_engine.audit.chain import Chain, Sealed
-from policy_engine.audit.keys import KeyFileError, Signer, load_private_key
 from policy_engine.audit.record import (
     PreparedHit,
     default_instance,
     encode_invalid_record,
     encode_record,
 )
-from policy_engine.audit.sinks import FileSink, RedisStreamSink, Sink, StdoutSink
-from policy_engine.audit.sinks.base import StreamGap
+from policy_engine.audit.sinks.base import Sink, StreamGap
+from policy_engine.audit.sinks.file import FileSink
+from policy_engine.audit.sinks.stdout import StdoutSink
 from policy_engine.config import AuditSettings, ConfigError
 from policy_engine.domain.decision import Decision
 from policy_engine.domain.request import CheckRequest
+
+if TYPE_CHECKING:
+    # Imported where used: redis (~10 MB) and cryptography (~8 MB) only when configured.
+    from policy_engine.audit.keys import Signer
 
 log = logging.getLogger(__name__)
 
@@ -165,6 +169,8 @@ def build_sinks(settings: AuditSettings, *, worker: int = 0) -> list[Sink]:
         elif name == "redis":
             if not settings.redis_url:
                 raise ConfigError("setting audit.redis_url: required by the redis sink")
+            from policy_engine.audit.sinks.redis import RedisStreamSink  # imports redis
+
             sinks.append(
                 RedisStreamSink(
                     settings.redis_url,
@@ -226,6 +232,8 @@ class AuditLog:
             return
         _check(settings)
         if signer is None and settings.signing_key_file:
+            from policy_engine.audit.keys import KeyFileError, Signer, load_private_key
+
             try:
                 signer = Signer(load_private_key(Path(settings.signing_key_file)))
             except KeyFileError as exc:

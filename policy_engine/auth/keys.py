@@ -23,6 +23,7 @@ served once that key set has changed.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import logging
@@ -32,10 +33,12 @@ import urllib.request
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
-from jwt import PyJWK
-from jwt.algorithms import get_default_algorithms
+if TYPE_CHECKING:
+    # PyJWT (and through it cryptography, ~8 MB of RSS) is imported when a key set is built:
+    # a server whose organizations configure no token keys never needs it.
+    from jwt import PyJWK
 
 log = logging.getLogger(__name__)
 
@@ -54,7 +57,14 @@ _ALGORITHMS_BY_CURVE: Mapping[tuple[str, str], tuple[str, ...]] = {
 }
 # RFC 7518 sections 6.2.2 and 6.3.2, RFC 8037 section 2: members only a private key has.
 _PRIVATE_MEMBERS = ("d", "p", "q", "dp", "dq", "qi", "oth")
-_AVAILABLE = frozenset(get_default_algorithms())
+
+
+@functools.cache
+def _available() -> frozenset[str]:
+    """The algorithms this PyJWT build can verify (asked once, on the first key)."""
+    from jwt.algorithms import get_default_algorithms
+
+    return frozenset(get_default_algorithms())
 
 
 class KeySetError(ValueError):
@@ -114,7 +124,7 @@ def _signature_algorithms(jwk: Mapping[str, Any]) -> tuple[str, ...] | str:
         if alg not in fitting:
             return f"'alg' {_shown(alg)} does not fit kty {kty!r} (RFC 7518 section 3.1)"
         fitting = (alg,)
-    usable = tuple(a for a in fitting if a in _AVAILABLE)
+    usable = tuple(a for a in fitting if a in _available())
     return usable or f"no supported algorithm for kty {kty!r}"
 
 
@@ -219,6 +229,8 @@ def _unusable(jwk: Any, kid: Any) -> list[PyJWK] | str:
     algorithms = _signature_algorithms(jwk)
     if isinstance(algorithms, str):
         return algorithms
+    from jwt import PyJWK
+
     try:
         return [PyJWK(jwk, algorithm) for algorithm in algorithms]
     except Exception as exc:  # any fault in hostile key material skips this key only

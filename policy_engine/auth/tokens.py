@@ -26,14 +26,14 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from types import MappingProxyType
-from typing import Any
-
-import jwt
-from jwt.api_jws import PyJWS
+from typing import TYPE_CHECKING, Any
 
 from policy_engine.auth.keys import KeySource
 from policy_engine.domain.request import SubjectKind
 from policy_engine.strict_json import DuplicateKeyError, unique_keys
+
+if TYPE_CHECKING:
+    from jwt.api_jws import PyJWS
 
 DEFAULT_LEEWAY_SECONDS = 30
 DEFAULT_ALGORITHMS: tuple[str, ...] = ("RS256", "ES256", "EdDSA")
@@ -44,7 +44,7 @@ MIN_NUMERIC_DATE = 0
 MAX_NUMERIC_DATE = 253_402_214_400
 _INT64_MIN, _INT64_MAX = -(1 << 63), (1 << 63) - 1
 _NO_CLAIMS: Mapping[str, Any] = MappingProxyType({})
-_JWS = PyJWS()
+_JWS: PyJWS | None = None  # see _jws()
 _NO_SIGNATURE = {"verify_signature": False}
 
 
@@ -251,6 +251,17 @@ def _time_check(claims: Mapping[str, Any], now: datetime, leeway: int) -> TokenC
     return TokenCheck(None, _instant(expires + leeway))
 
 
+def _jws() -> PyJWS:
+    """PyJWT's JWS decoder, imported with the first token: PyJWT imports cryptography (~8 MB of
+    RSS, ~25 ms once), which a server whose requests carry no token never needs."""
+    global _JWS
+    if _JWS is None:
+        from jwt.api_jws import PyJWS
+
+        _JWS = PyJWS()  # a race builds two equal, stateless decoders: harmless
+    return _JWS
+
+
 # -- signature --------------------------------------------------------------------------------
 
 
@@ -258,6 +269,9 @@ def _verified_payload(
     token: str, rules: TokenRules, keys: KeySource, now: datetime
 ) -> bytes | TokenCheck:
     """The signed payload, or what is wrong with the signature side of the token."""
+    import jwt  # already loaded once any key set exists (keys.py); a dict lookup then
+
+    decoder = _jws()
     try:
         header = jwt.get_unverified_header(token)
     except jwt.PyJWTError:
@@ -276,7 +290,7 @@ def _verified_payload(
         )
     for key in candidates:  # several only when a JWKS lists more than one key for this kid
         try:
-            return _JWS.decode_complete(token, key, algorithms=[algorithm])["payload"]
+            return decoder.decode_complete(token, key, algorithms=[algorithm])["payload"]
         except jwt.InvalidSignatureError:
             continue
         except jwt.PyJWTError:
@@ -325,8 +339,11 @@ def check_token(
     `problem` names the cause (the engine answers it with kontext_authorization_required).
     """
     if rules.keys is None:
+        decoder = _jws()  # imports jwt
+        import jwt
+
         try:
-            payload = _JWS.decode_complete(token, options=_NO_SIGNATURE)["payload"]
+            payload = decoder.decode_complete(token, options=_NO_SIGNATURE)["payload"]
         except jwt.PyJWTError:
             return TokenCheck("the access token is malformed (not a JWT)", None)
     else:

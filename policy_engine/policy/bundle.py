@@ -20,10 +20,6 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-import jwt
-from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
-from cryptography.hazmat.primitives.serialization import load_pem_private_key, load_pem_public_key
-
 from policy_engine.config import PolicyLimits
 from policy_engine.policy.source import (
     BUNDLE_FILE,
@@ -62,7 +58,13 @@ class BundleVerificationError(Exception):
         self.problems = problems
 
 
+# PyJWT and cryptography (~8 MB of RSS) are imported by the functions that sign or verify:
+# the loader imports this module, and a server without a bundle key never needs them.
+
+
 def _algorithm(key: Any) -> str:
+    from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
+
     if isinstance(key, ed25519.Ed25519PrivateKey | ed25519.Ed25519PublicKey):
         return "EdDSA"
     if isinstance(key, ec.EllipticCurvePrivateKey | ec.EllipticCurvePublicKey):
@@ -102,6 +104,9 @@ def sign_bundle(
     Pass the snapshot you validated, so exactly the bytes checked are the bytes signed.
     Raises BundleError for an unusable key or an unreadable file.
     """
+    import jwt
+    from cryptography.hazmat.primitives.serialization import load_pem_private_key
+
     try:
         key = load_pem_private_key(private_key_pem, password=None)
     except (ValueError, TypeError) as exc:
@@ -135,6 +140,8 @@ def _signed_manifest(
         token = read_bounded(path, limits.max_file_bytes).data  # ~100 bytes a signed file
     except SourceError as exc:
         raise BundleVerificationError([f"{BUNDLE_FILE}: {exc}"]) from None
+    import jwt
+
     try:
         payload = jwt.api_jws.PyJWS().decode(token.strip(), key, algorithms=[algorithm])
         manifest = json.loads(payload)
@@ -204,6 +211,8 @@ def read_signed_snapshot(
     set: the serving set's signing time, or `bundle.not_before`); and per file: not in the
     signed bundle, signed but missing, content differs, unreadable or over the size limits.
     """
+    from cryptography.hazmat.primitives.serialization import load_pem_public_key
+
     limits = limits or PolicyLimits()
     try:
         key = load_pem_public_key(public_key_pem)

@@ -18,7 +18,6 @@ from pathlib import Path
 from typing import Any
 
 import grpc
-import jwt
 from grpc_health.v1 import health
 
 from policy_engine.auth.keys import StaticKeySet
@@ -66,6 +65,10 @@ class BearerVerifier:
         self._lock = threading.Lock()
 
     def problem(self, authorization: str | None) -> str | None:
+        # Imported here: a server without caller auth never loads PyJWT and cryptography
+        # (~8 MB of RSS); with it, StaticKeySet has imported it already (a dict lookup).
+        import jwt
+
         if not authorization or not authorization.lower().startswith(BEARER_PREFIX):
             return "missing bearer token"
         token = authorization[len(BEARER_PREFIX) :].strip()
