@@ -8,8 +8,8 @@ breaker first and reports its outcome to it.
 Nothing in here may fail a request or change an answer: a Redis error, a timeout, a value it
 cannot verify (forged, copied onto another key, signed by a key it does not hold, corrupt), an
 entry past its expiry are all a miss, and the engine decides. The Redis level needs a signing
-key (`signing.py`): without one it refuses to start. The cache stores only what the servicer
-hands it; what may be cached is the servicer's decision.
+key (`signing.py`): without one it refuses to start. The cache stores only what the decision
+pipeline (`policy_engine.decision`) hands it; what may be cached is the pipeline's call.
 """
 
 from __future__ import annotations
@@ -17,6 +17,7 @@ from __future__ import annotations
 import logging
 import math
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from enum import IntEnum
 from typing import TYPE_CHECKING
 
@@ -43,9 +44,26 @@ class CacheLevel(IntEnum):
     REDIS = 2
 
 
-Hit = tuple[Entry, CacheLevel]
-Store = tuple[str, bytes, int, str, float | None]
-"""What the servicer stores: key, response template, effect, first code, valid_until (unix s)."""
+@dataclass(slots=True)
+class Hit:
+    """A lookup's answer: the entry, and the level it came from."""
+
+    entry: Entry
+    level: CacheLevel
+
+
+@dataclass(slots=True)
+class Store:
+    """What the decision pipeline stores: the answer's template under `key`, with the proto
+    effect number and first reason code a hit counts, and the instant (unix s) the answer
+    stops being valid (a subject token's expiry), None when only the TTLs bound it."""
+
+    key: str
+    template: bytes
+    effect: int
+    code: str
+    valid_until: float | None = None
+
 
 _LOOKUP_RESULTS = {
     "local": ("hit", "miss", "skip"),
@@ -130,7 +148,7 @@ class DecisionCache:
             entry = local.get(key, now)
             if entry is not None:
                 self._local_hit.inc()
-                return entry, CacheLevel.LOCAL
+                return Hit(entry, CacheLevel.LOCAL)
             self._local_miss.inc()
         redis = self.redis
         if redis is None:
@@ -157,7 +175,7 @@ class DecisionCache:
         self._lookups["redis", "hit"].inc()
         if local is not None:
             local.put(key, entry.with_expiry(min(entry.expires_at, now + self._local_ttl)))
-        return entry, CacheLevel.REDIS
+        return Hit(entry, CacheLevel.REDIS)
 
     def get_many(self, keys: Sequence[str | None], now: float) -> list[Hit | None]:
         """One result per key, in order: local level per key, then one MGET for the rest."""
@@ -170,7 +188,7 @@ class DecisionCache:
             hit_count = 0
             for index, entry in enumerate(found):
                 if entry is not None:
-                    hits[index] = (entry, local_level)
+                    hits[index] = Hit(entry, local_level)
                     hit_count += 1
             if hit_count:
                 self._local_hit.inc(hit_count)
@@ -212,7 +230,7 @@ class DecisionCache:
         for index in misses:
             entry = by_key.get(keys[index])  # type: ignore[arg-type]
             if entry is not None:
-                hits[index] = (entry, redis_level)
+                hits[index] = Hit(entry, redis_level)
                 found_count += 1
         if found_count:
             self._lookups["redis", "hit"].inc(found_count)
@@ -238,14 +256,16 @@ class DecisionCache:
         now: float,
         valid_until: float | None = None,
     ) -> None:
-        self.put_many([(key, template, effect, code, valid_until)], now)
+        self.put_many([Store(key, template, effect, code, valid_until)], now)
 
     def put_many(self, stores: Sequence[Store], now: float) -> None:
         """Local entries at once; Redis entries queued as one job (one pipeline)."""
         local_items: list[tuple[str, Entry]] = []
         redis_items: list[Write] = []
         local, writer = self.local, self._writer
-        for key, template, effect, code, valid_until in stores:
+        for store in stores:
+            key, template, effect, code = store.key, store.template, store.effect, store.code
+            valid_until = store.valid_until
             bound = math.inf if valid_until is None else valid_until - now
             if bound <= 0:
                 continue  # the token's verdict flips now or already has

@@ -50,7 +50,7 @@ from policy_engine.server.metrics_http import (
 )
 from policy_engine.server.ports import Reservation, check_free, reserve, reuse_port
 from policy_engine.server.security import interceptors, server_credentials
-from policy_engine.server.service import SERVICE_NAME, PolicyDecisionServicer
+from policy_engine.server.service import SERVICE_NAME, PolicyDecisionServicer, build_decider
 from policy_engine.server.status import STATUS_SERVICE_NAME, PolicyStatusServicer
 from policy_engine.store import DirectoryBackend, PolicyReloader, PolicyStore
 
@@ -311,7 +311,9 @@ def start_server(settings: Settings, mode: Mode = "policy", *, worker: int = 0) 
     reloader = PolicyReloader(
         store, watch=settings.reload.watch, debounce_ms=settings.reload.debounce_ms
     )
-    servicer = PolicyDecisionServicer(store.current, settings, audit=audit)
+    servicer = PolicyDecisionServicer.over(
+        build_decider(store.current, settings, audit=audit), settings
+    )
     server, port = build_server(
         servicer,
         settings,

@@ -1,9 +1,10 @@
-"""What the servicer hands the audit log: one record per decision, as cheaply as it can.
+"""What the decision pipeline hands the audit log: one record per decision, as cheaply as it can.
 
-`DecisionRecorder` turns the servicer's three kinds of outcome into audit records: a decision
-the engine made (the domain request and decision exist), one made without a domain request (a
-server error: the message's raw fields), and a cache hit (only the message and the stored
-response bytes exist). Latency is measured from the start of the RPC.
+`DecisionRecorder` is an observer of the pipeline (`policy_engine.decision`): it turns each
+typed outcome into an audit record: a decision the engine made or refused as invalid (the
+domain request and decision exist), one made without a domain request (a server error: the
+message's raw fields), and a cache hit (only the message and the stored response bytes
+exist). Latency is measured from the start of the pipeline's call.
 
 A hit is answered from stored response bytes, so the request path never builds the domain
 request or decision its audit record needs; the audit writer's thread does, through
@@ -18,11 +19,11 @@ from __future__ import annotations
 import threading
 import time
 from functools import partial
-from typing import Any
 
 from policy_engine.api import pdp_pb2
 from policy_engine.audit import AuditLog
 from policy_engine.audit.record import PreparedHit, PreparedRecord
+from policy_engine.decision.outcome import CacheHit, Decided, Decisions, Invalid, ServerError
 from policy_engine.domain.decision import Decision
 from policy_engine.domain.request import CheckRequest
 from policy_engine.server.convert import (
@@ -135,11 +136,27 @@ class DecisionRecorder:
             at=at,
         )
 
-    def batch(self, outcomes: list[tuple[Any, ...]], started: float, at: float) -> None:
-        """A cached batch's items: `(item, key, template, id, level)` for a hit,
-        `(item, request, decision, id)` for an evaluated one."""
-        for outcome in outcomes:
-            if len(outcome) == 5:
-                self.hit(*outcome, started, at)
-            else:
-                self.decided(*outcome, started, at)
+    def observe(self, decisions: Decisions) -> None:
+        """Queue one record per outcome, in order (the pipeline's observer entry)."""
+        started, at = decisions.started, decisions.at
+        for outcome in decisions.outcomes:
+            match outcome:
+                case CacheHit():
+                    self.hit(
+                        outcome.item,
+                        outcome.key,
+                        outcome.template,
+                        outcome.decision_id,
+                        outcome.level,
+                        started,
+                        at,
+                    )
+                case Decided() | Invalid() | ServerError():
+                    self.decided(
+                        outcome.item,
+                        outcome.request,
+                        outcome.decision,
+                        outcome.decision_id,
+                        started,
+                        at,
+                    )

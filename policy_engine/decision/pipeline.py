@@ -1,0 +1,559 @@
+"""The decision pipeline: requests in, typed outcomes and their answer out, outside gRPC.
+
+`Decider.decide(items)` is the only entry, for a `Check` (a batch of one) and a `CheckBatch`
+alike. For one call it
+
+1. snapshots one policy set and one clock reading (every item is decided under both);
+2. looks the cacheable items up in one round trip (`get` for one key, `get_many` for more);
+   any cache fault is a miss for the whole call, never an error;
+3. evaluates the misses with the pure engine (`policy_engine.engine.decide`);
+4. stores the storable decisions (one `put_many`) and answers them from the stored bytes;
+5. builds the answer (one parse of the assembled bytes), and
+6. hands every outcome to each observer (audit recorder, metrics) in one `observe` call.
+
+Its input is the API's `CheckRequest` messages, not domain requests: the cache key is a digest
+of the message and the cache holds answers as serialized responses, so a hit is answered
+without building a domain request or touching the engine (conversion alone costs more than a
+whole hit). Only misses are converted (`RequestConverter`). Nothing here knows about gRPC (no
+context, no status codes): the servicer maps `Invalid` to INVALID_ARGUMENT for a `Check`, and
+an asyncio server can use the same pipeline through asyncio versions of the two ports below.
+
+What may be cached is decided here (`storable`): only plain allows and denies, never
+validation failures, server errors, decisions that read the clock or that a policy opted out
+of, and never past a subject token's validity. The answer fingerprint salting every key
+(`answer_fingerprint`) and the clock are the pipeline's too.
+
+Every answer is ALLOW or DENY: a request the engine cannot decide (a bug, a failing policy
+source or clock) is answered DENY with `kontext_server_error`, and the exception goes to the
+log, never to the caller. While no valid policy set is loaded every request is denied with a
+reason saying so; the log says it once when that state begins and once when it ends.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import replace
+from datetime import UTC, datetime
+from typing import TYPE_CHECKING, Any, Protocol
+
+from policy_engine import __version__
+from policy_engine.api import pdp_pb2
+from policy_engine.cache import CacheLevel, DecisionCache, Hit, Store, build_cache
+from policy_engine.cache import settings_fingerprint as _settings_fingerprint
+from policy_engine.config import Settings
+from policy_engine.decision.outcome import (
+    CacheHit,
+    Decided,
+    Decisions,
+    Invalid,
+    Outcome,
+    ServerError,
+)
+from policy_engine.domain.codes import ErrorCode
+from policy_engine.domain.decision import Decision, Effect, Layer, Reason
+from policy_engine.engine import decide
+from policy_engine.engine.validation import is_validation_failure
+from policy_engine.metrics import DECISIONS
+from policy_engine.server.convert import (
+    RequestConverter,
+    ResponseBuilder,
+    add_response,
+    add_result,
+    batch_from,
+    new_decision_ids,
+    next_decision_id,
+    response_from,
+)
+from policy_engine.store.store import NoPolicyLoaded
+
+if TYPE_CHECKING:
+    from collections.abc import Mapping
+
+    from policy_engine.auth.keys import KeySource
+    from policy_engine.policy import CompiledPolicySet
+
+# The logger the decision path has always logged under (log filters and alerts name it).
+log = logging.getLogger("policy_engine.server.service")
+
+PolicySource = Callable[[], "CompiledPolicySet"]
+"""Returns the policy set to decide with; called once per `decide` so a reload can swap it."""
+
+Clock = Callable[[], datetime]
+
+SERVER_ERROR_MESSAGE = "the policy decision point could not decide this request; denied"
+NO_POLICY_SET_MESSAGE = (
+    "no valid policy set is loaded, so the policy decision point denies every request "
+    "until one loads"
+)
+
+_NONE = pdp_pb2.CACHE_LEVEL_NONE
+_ALLOW, _DENY = pdp_pb2.EFFECT_ALLOW, pdp_pb2.EFFECT_DENY
+# Codes that describe the request or the server, not the policies: never cached.
+_UNCACHEABLE_CODES = frozenset({ErrorCode.VALIDATION_ERROR, ErrorCode.SERVER_ERROR})
+
+
+class DecisionStore(Protocol):
+    """The cache as the pipeline uses it (`DecisionCache` is one); an asyncio pipeline
+    mirrors it with awaitable `get`, `get_many` and `put_many`."""
+
+    def keys(
+        self, msgs: Sequence[Any], revision: str, key_sets: Mapping[str, KeySource]
+    ) -> list[str | None]: ...
+
+    def skipped(self, count: int = 1) -> None: ...
+
+    def get(self, key: str, now: float) -> Hit | None: ...
+
+    def get_many(self, keys: Sequence[str | None], now: float) -> list[Hit | None]: ...
+
+    def put_many(self, stores: Sequence[Store], now: float) -> None: ...
+
+
+class Observer(Protocol):
+    """Sees every call's outcomes once, before the answer is returned (the audit recorder
+    queues records, the metrics count decisions). It must not block: it runs on the request
+    path. An exception fails the call (an audit log that must not lose records says so)."""
+
+    def observe(self, decisions: Decisions) -> None: ...
+
+
+def utc_now() -> datetime:
+    return datetime.now(UTC)
+
+
+def answer_fingerprint(settings: Settings) -> bytes:
+    """What besides the request and the policies shapes a cached answer (salts every key).
+
+    The docs URL is inside every reason; the limits decide which requests are valid; the code
+    version covers engine changes between deployments sharing one Redis.
+    """
+    return _settings_fingerprint((__version__, settings.docs_base_url, settings.limits))
+
+
+def storable(decision: Decision) -> bool:
+    """May this decision be served to a later identical request? (See the module docstring.)"""
+    return (
+        decision.cacheable
+        and not decision.time_dependent
+        and not any(r.code in _UNCACHEABLE_CODES for r in decision.reasons)
+    )
+
+
+def _first_code(decision: Decision) -> str:
+    return decision.reasons[0].code.value if decision.reasons else ""
+
+
+def _valid_until(decision: Decision) -> float | None:
+    until = decision.valid_until
+    return None if until is None else until.timestamp()
+
+
+class DecisionMetrics:
+    """The `pdp_decisions_total` observer: one increment per (effect, code) seen in a call."""
+
+    def __init__(self) -> None:
+        self._names = {_ALLOW: "ALLOW", _DENY: "DENY"}
+        # Labelled children, bound once (a `labels()` call costs a lock and a lookup).
+        self._counters: dict[tuple[int, str], Any] = {
+            (number, code): DECISIONS.labels(name, code)
+            for number, name in self._names.items()
+            for code in ("", *(c.value for c in ErrorCode))
+        }
+
+    def observe(self, decisions: Decisions) -> None:
+        outcomes = decisions.outcomes
+        if len(outcomes) == 1:
+            first = outcomes[0]
+            self._count(first.effect, first.code, 1)
+            return
+        tally: dict[tuple[int, str], int] = {}
+        for outcome in outcomes:
+            label = (outcome.effect, outcome.code)
+            tally[label] = tally.get(label, 0) + 1
+        for (effect, code), amount in tally.items():
+            self._count(effect, code, amount)
+
+    def _count(self, effect: int, code: str, amount: int) -> None:
+        counter = self._counters.get((effect, code))
+        if counter is None:
+            counter = DECISIONS.labels(self._names.get(effect, "DENY"), code)
+        counter.inc(amount)
+
+
+class _FromSettings:
+    """The default of the `cache` argument: build the cache from the settings."""
+
+
+FROM_SETTINGS: Any = _FromSettings()
+
+
+class Decider:
+    """Decides lists of `CheckRequest` messages (see the module docstring).
+
+    The cache is built from `settings.cache` unless one is passed (`cache=None` turns caching
+    off); `close()` stops only a cache built here. `clock` None reads `time.time()` (no
+    datetime is built on the hit path); a clock passed in is read once per call.
+    """
+
+    def __init__(
+        self,
+        policy_source: PolicySource,
+        settings: Settings,
+        *,
+        clock: Clock | None = None,
+        cache: DecisionStore | None = FROM_SETTINGS,
+        observers: Sequence[Observer] = (),
+    ) -> None:
+        self.source = policy_source
+        self._clock = clock
+        self._limits = settings.limits
+        self.converter = RequestConverter(settings.limits)
+        self._responses = ResponseBuilder(settings.docs_base_url)
+        self.observers: list[Observer] = list(observers)
+        self._server_error_reasons: tuple[Reason, ...] = (
+            Reason(
+                code=ErrorCode.SERVER_ERROR,
+                layer=Layer.SYSTEM,
+                policy="builtin",
+                rule="decision-failed",
+                message=SERVER_ERROR_MESSAGE,
+            ),
+        )
+        self._no_policy_reasons = (
+            replace(
+                self._server_error_reasons[0],
+                rule="policy-set-loaded",
+                message=NO_POLICY_SET_MESSAGE,
+            ),
+        )
+        # The last-resort answer, built now so that producing it cannot fail later.
+        self._server_error_reason_pb = self._responses.reason(self._server_error_reasons[0])
+        # What is wrong with the policy source (its exception type), None while it works:
+        # logged when it changes, so a server without policies does not log every request.
+        self._source_problem: type[BaseException] | None = None
+        self._source_lock = threading.Lock()
+        self._owns_cache = cache is FROM_SETTINGS
+        if cache is FROM_SETTINGS:
+            cache = build_cache(
+                settings.cache,
+                fingerprint=answer_fingerprint(settings),
+                max_id_length=settings.limits.max_id_length,
+            )
+        self.cache: DecisionStore | None = cache
+
+    def close(self) -> None:
+        """Stop the cache's writer and Redis pool (only a cache this decider built)."""
+        if self._owns_cache and isinstance(self.cache, DecisionCache):
+            self.cache.close()
+
+    # --- the entry -----------------------------------------------------------------------------
+
+    def decide(self, items: Sequence[pdp_pb2.CheckRequest]) -> Decisions:
+        """One outcome per item, in order, and the answer; observers have seen them.
+
+        `items` must not be empty (the caller refuses an empty batch). Never raises for a
+        request's sake: whatever fails becomes a server-error deny; only an observer's
+        exception propagates.
+        """
+        started = time.perf_counter()
+        count = len(items)
+        snapshot = self._snapshot()
+        if isinstance(snapshot, Decision):
+            decisions = self._unavailable(items, snapshot, started)
+        else:
+            policies, now, now_ts = snapshot
+            decisions = self._decide(items, policies, now, now_ts, started, count)
+        for observer in self.observers:
+            observer.observe(decisions)
+        return decisions
+
+    # --- the steps -----------------------------------------------------------------------------
+
+    def _decide(
+        self,
+        items: Sequence[pdp_pb2.CheckRequest],
+        policies: CompiledPolicySet,
+        now: datetime | None,
+        now_ts: float,
+        started: float,
+        count: int,
+    ) -> Decisions:
+        cache = self.cache
+        keys: list[str | None] | None = None
+        hits: list[Hit | None] | None = None
+        if cache is not None:
+            keys, hits = self._lookup(cache, items, policies, now_ts, count)
+        ids = [next_decision_id()] if count == 1 else new_decision_ids(count)
+        outcomes: list[Outcome] = []
+        parts: list[bytes] = []
+        stores: list[Store] = []
+        evaluated = from_redis = 0
+        for index, item in enumerate(items):
+            hit = hits[index] if hits is not None else None
+            if hit is not None:
+                entry, level = hit.entry, hit.level
+                outcomes.append(
+                    CacheHit(
+                        item, ids[index], entry.effect, entry.code,
+                        keys[index], entry.template, level,  # type: ignore[index,arg-type]
+                    )
+                )  # fmt: skip
+                add_result(parts, entry.template, ids[index], item.request_id, level)
+                if level is CacheLevel.REDIS:
+                    from_redis += 1
+                continue
+            if now is None:
+                now = datetime.fromtimestamp(now_ts, UTC)
+            evaluated += 1
+            key = keys[index] if keys is not None else None
+            outcomes.append(self._evaluate(item, key, ids[index], policies, now, parts, stores))
+        try:
+            single, batch = self._assemble(parts, count)
+        except Exception:
+            # Cannot happen with entries this code wrote (a corrupt local entry, a value that
+            # verified yet does not parse): the call is decided anew, bypassing the lookup.
+            log.exception("a cached decision could not be answered; deciding anew")
+            if now is None:
+                now = datetime.fromtimestamp(now_ts, UTC)
+            return self._decide_anew(items, keys, policies, now, now_ts, started, count)
+        if stores:
+            try:
+                cache.put_many(stores, now_ts)  # type: ignore[union-attr]
+            except Exception:
+                log.exception("decision cache write failed; answers are unaffected")
+        if evaluated == count:
+            level_label = "none"
+        elif evaluated:
+            level_label = "mixed"
+        else:
+            level_label = "redis" if from_redis else "local"
+        return Decisions(outcomes, level_label, started, now_ts, single, batch)
+
+    def _decide_anew(
+        self,
+        items: Sequence[pdp_pb2.CheckRequest],
+        keys: list[str | None] | None,
+        policies: CompiledPolicySet,
+        now: datetime,
+        now_ts: float,
+        started: float,
+        count: int,
+    ) -> Decisions:
+        """Every item evaluated (no lookup); storable answers replace the entries under their
+        keys, so a corrupt entry is overwritten by a good one."""
+        ids = [next_decision_id()] if count == 1 else new_decision_ids(count)
+        outcomes: list[Outcome] = []
+        parts: list[bytes] = []
+        stores: list[Store] = []
+        for index, item in enumerate(items):
+            key = keys[index] if keys is not None else None
+            outcomes.append(self._evaluate(item, key, ids[index], policies, now, parts, stores))
+        single, batch = self._assemble(parts, count)
+        if stores:
+            try:
+                self.cache.put_many(stores, now_ts)  # type: ignore[union-attr]
+            except Exception:
+                log.exception("decision cache write failed; answers are unaffected")
+        return Decisions(outcomes, "none", started, now_ts, single, batch)
+
+    def _lookup(
+        self,
+        cache: DecisionStore,
+        items: Sequence[pdp_pb2.CheckRequest],
+        policies: CompiledPolicySet,
+        now_ts: float,
+        count: int,
+    ) -> tuple[list[str | None] | None, list[Hit | None] | None]:
+        """Keys and hits, one round trip for all (GET for one key, MGET for more); (None,
+        None) when the cache failed: the whole call is decided without it."""
+        try:
+            keys = cache.keys(items, policies.revision, policies.key_sets)
+            if count == 1:
+                key = keys[0]
+                if key is None:
+                    cache.skipped()  # explain (the trace needs the engine), or not cacheable
+                    return keys, None
+                return keys, [cache.get(key, now_ts)]
+            bypassed = keys.count(None)
+            if bypassed:
+                cache.skipped(bypassed)
+            return keys, cache.get_many(keys, now_ts)
+        except Exception:
+            log.exception("decision cache lookup failed; deciding without it")
+            return None, None
+
+    def _evaluate(
+        self,
+        item: pdp_pb2.CheckRequest,
+        key: str | None,
+        decision_id: bytes,
+        policies: CompiledPolicySet,
+        now: datetime,
+        parts: list[bytes],
+        stores: list[Store],
+    ) -> Outcome:
+        """One item the cache did not answer: its outcome; its answer added to `parts`, and
+        to `stores` when it may be cached under `key`."""
+        request, decision = self._convert_and_decide(item, policies, now)
+        code = _first_code(decision)
+        if is_validation_failure(decision):
+            self._add_response(parts, decision, item, decision_id)
+            return Invalid(item, decision_id, _DENY, code, request, decision)
+        if request is None or decision.reasons is self._server_error_reasons:
+            self._add_response(parts, decision, item, decision_id)
+            return ServerError(item, decision_id, _DENY, code, request, decision)
+        effect = _ALLOW if decision.effect is Effect.ALLOW else _DENY
+        if not item.explain:
+            try:
+                template = self._responses.template(decision)
+            except Exception:
+                log.exception("building a response failed (request_id=%r)", item.request_id)
+            else:
+                add_result(parts, template, decision_id, item.request_id, _NONE)
+                stored = key is not None and storable(decision)
+                if stored:
+                    stores.append(Store(key, template, effect, code, _valid_until(decision)))  # type: ignore[arg-type]
+                return Decided(item, decision_id, effect, code, request, decision, stored)
+        effect = self._add_response(parts, decision, item, decision_id)
+        return Decided(item, decision_id, effect, code, request, decision)
+
+    @staticmethod
+    def _assemble(
+        parts: list[bytes], count: int
+    ) -> tuple[pdp_pb2.CheckResponse | None, pdp_pb2.CheckBatchResponse | None]:
+        """The answer, parsed once: a `CheckResponse` for one item, else the batch's."""
+        if count == 1:
+            # parts = [result tag, length, the response's own bytes...]: parse those alone.
+            return response_from(b"".join(parts[2:])), None
+        return None, batch_from(parts)
+
+    def _unavailable(
+        self, items: Sequence[pdp_pb2.CheckRequest], decision: Decision, started: float
+    ) -> Decisions:
+        """Every item denied with the snapshot's server error (no policy set, source failed)."""
+        count = len(items)
+        ids = [next_decision_id()] if count == 1 else new_decision_ids(count)
+        code = _first_code(decision)
+        parts: list[bytes] = []
+        outcomes: list[Outcome] = []
+        for item, decision_id in zip(items, ids, strict=True):
+            self._add_response(parts, decision, item, decision_id)
+            outcomes.append(ServerError(item, decision_id, _DENY, code, None, decision))
+        single, batch = self._assemble(parts, count)
+        return Decisions(outcomes, "none", started, time.time(), single, batch)
+
+    # --- helpers -------------------------------------------------------------------------------
+
+    def _snapshot(self) -> tuple[CompiledPolicySet, datetime | None, float] | Decision:
+        """The policy set and the time (a datetime only when the clock was injected), or the
+        deny to answer when either cannot be had."""
+        try:
+            policies = self.source()
+            if self._clock is None:
+                snapshot = policies, None, time.time()
+            else:
+                now = self._clock()
+                snapshot = policies, now, now.timestamp()
+        except NoPolicyLoaded as exc:
+            self._source_state(exc)
+            return self._server_error("", self._no_policy_reasons)
+        except Exception as exc:
+            self._source_state(exc)
+            return self._server_error("")
+        if self._source_problem is not None:
+            self._source_state(None, policies)
+        return snapshot
+
+    def _source_state(
+        self, exc: Exception | None, policies: CompiledPolicySet | None = None
+    ) -> None:
+        """Logs the policy source's state when it changes: failing (how), or working again."""
+        problem = None if exc is None else type(exc)
+        with self._source_lock:
+            if problem is self._source_problem:
+                return
+            self._source_problem = problem
+        if isinstance(exc, NoPolicyLoaded):  # a state, not a bug: no traceback
+            log.error("every request is denied until a valid policy set loads (%s)", exc)
+        elif exc is not None:
+            log.error(
+                "policy source or clock failed; denying every request until it recovers",
+                exc_info=exc,
+            )
+        else:
+            revision = getattr(policies, "revision", "")
+            log.info("policy set %s is loaded; deciding requests again", revision)
+
+    def _convert_and_decide(
+        self, msg: pdp_pb2.CheckRequest, policies: CompiledPolicySet, now: datetime
+    ) -> tuple[Any, Decision]:
+        """The domain request (None if it could not be built) and the engine's decision.
+
+        Never raises: an exception becomes a server-error deny.
+        """
+        request = None
+        try:
+            request, problems = self.converter.convert(msg)
+            if problems:
+                return request, Decision(
+                    effect=Effect.DENY,
+                    reasons=problems,
+                    revision=policies.revision,
+                    cacheable=False,
+                )
+            return request, decide(policies, request, now=now, limits=self._limits)
+        except Exception:
+            log.exception("decision failed (request_id=%r); answering deny", msg.request_id)
+            return request, self._server_error(getattr(policies, "revision", ""))
+
+    def _add_response(
+        self,
+        parts: list[bytes],
+        decision: Decision,
+        msg: pdp_pb2.CheckRequest,
+        decision_id: bytes,
+    ) -> int:
+        """The full answer (with the explain trace when asked) added to `parts`; returns its
+        effect number. A failure to build it answers the last-resort server error."""
+        try:
+            resp = self._responses.response(
+                decision, request_id=msg.request_id, explain=msg.explain
+            )
+        except Exception:
+            log.exception("building the response failed (request_id=%r)", msg.request_id)
+            resp = pdp_pb2.CheckResponse(
+                effect=pdp_pb2.EFFECT_DENY,
+                reasons=[self._server_error_reason_pb],
+                policy_revision=getattr(decision, "revision", ""),
+                request_id=msg.request_id,
+            )
+        resp.decision_id = decision_id.decode()
+        add_response(parts, resp.SerializeToString())
+        return resp.effect
+
+    def _server_error(self, revision: str, reasons: tuple[Reason, ...] | None = None) -> Decision:
+        return Decision(
+            effect=Effect.DENY,
+            reasons=reasons or self._server_error_reasons,
+            revision=revision,
+            cacheable=False,
+        )
+
+
+__all__ = [
+    "FROM_SETTINGS",
+    "NO_POLICY_SET_MESSAGE",
+    "SERVER_ERROR_MESSAGE",
+    "Clock",
+    "Decider",
+    "DecisionMetrics",
+    "DecisionStore",
+    "Observer",
+    "PolicySource",
+    "answer_fingerprint",
+    "storable",
+    "utc_now",
+]
