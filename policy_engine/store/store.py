@@ -26,6 +26,7 @@ from dataclasses import dataclass, replace
 from datetime import UTC, datetime
 
 from policy_engine import metrics
+from policy_engine.memory import release_free_memory
 from policy_engine.policy import CompiledPolicySet, PolicyLoadError
 from policy_engine.store.backend import (
     STABLE_LOAD_ATTEMPTS,
@@ -161,8 +162,15 @@ class PolicyStore:
             metrics.RELOAD_DURATION.observe(elapsed)
             self._deferred_since = None
             if policies is None:
-                return self._failed(attempt_at, reason, error)
-            return self._succeeded(policies, attempt_at, reason, elapsed)
+                result = self._failed(attempt_at, reason, error)
+            else:
+                result = self._succeeded(policies, attempt_at, reason, elapsed)
+                del policies  # unchanged: this copy goes now, before the memory is handed back
+            # The load's transient objects (and a replaced set) are freed by now; without
+            # this, malloc keeps their pages and RSS stays at the load's peak (10-15 MB more at
+            # 10,000 user policies; see policy_engine.memory). Costs ~1-8 ms, without the GIL.
+            release_free_memory()
+            return result
 
     def _load_consistent(self, full: bool) -> CompiledPolicySet:
         """Retry briefly while files change under the loader; a deploy usually lands fast."""
