@@ -28,6 +28,7 @@ from policy_engine.config import (
     RequestLimits,
     Settings,
     load_settings,
+    load_settings_apart,
     settings_dict,
 )
 from policy_engine.domain.decision import Decision, Effect
@@ -254,10 +255,11 @@ SETTINGS_FLAGS = {
 }
 
 
-def _settings_from_args(args: argparse.Namespace) -> Settings:
+def _settings_from_args(args: argparse.Namespace, *, apart: bool = False) -> Settings:
     """Settings as `pdp serve` reads them: defaults, --config FILE, PDP_* environment, then
-    the flags given. Raises ConfigError naming every setting that cannot be used."""
-    return load_settings(
+    the flags given. Raises ConfigError naming every setting that cannot be used. `apart`:
+    validated in a child process, so this one never imports pydantic (see config.py)."""
+    return (load_settings_apart if apart else load_settings)(
         config_file=Path(args.config) if args.config else None,
         overrides={
             "address": args.address,
@@ -273,7 +275,7 @@ def _settings_from_args(args: argparse.Namespace) -> Settings:
 def cmd_serve(args: argparse.Namespace) -> int:
     from policy_engine.server.app import serve
 
-    settings = _settings_from_args(args)
+    settings = _settings_from_args(args, apart=True)  # the server never holds pydantic
     setup_logging(settings.log_level, settings.log_format)
     serve(settings)
     return EXIT_OK
