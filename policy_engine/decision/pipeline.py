@@ -288,28 +288,27 @@ class Decider:
             keys, hits = self._lookup(cache, items, policies, now_ts, count)
         ids = [next_decision_id()] if count == 1 else new_decision_ids(count)
         outcomes: list[Outcome] = []
+        append = outcomes.append
         parts: list[bytes] = []
         stores: list[Store] = []
         evaluated = from_redis = 0
-        for index, item in enumerate(items):
-            hit = hits[index] if hits is not None else None
+        redis_level = CacheLevel.REDIS
+        nothing: list[Any] = [None] * count
+        for item, decision_id, key, hit in zip(
+            items, ids, keys or nothing, hits or nothing, strict=True
+        ):
             if hit is not None:
                 entry, level = hit.entry, hit.level
-                outcomes.append(
-                    CacheHit(
-                        item, ids[index], entry.effect, entry.code,
-                        keys[index], entry.template, level,  # type: ignore[index,arg-type]
-                    )
-                )  # fmt: skip
-                add_result(parts, entry.template, ids[index], item.request_id, level)
-                if level is CacheLevel.REDIS:
+                template = entry.template
+                append(CacheHit(item, decision_id, entry.effect, entry.code, key, template, level))
+                add_result(parts, template, decision_id, item.request_id, level)
+                if level is redis_level:
                     from_redis += 1
                 continue
             if now is None:
                 now = datetime.fromtimestamp(now_ts, UTC)
             evaluated += 1
-            key = keys[index] if keys is not None else None
-            outcomes.append(self._evaluate(item, key, ids[index], policies, now, parts, stores))
+            append(self._evaluate(item, key, decision_id, policies, now, parts, stores))
         try:
             single, batch = self._assemble(parts, count)
         except Exception:
@@ -413,10 +412,10 @@ class Decider:
                 log.exception("building a response failed (request_id=%r)", item.request_id)
             else:
                 add_result(parts, template, decision_id, item.request_id, _NONE)
-                stored = key is not None and storable(decision)
-                if stored:
-                    stores.append(Store(key, template, effect, code, _valid_until(decision)))  # type: ignore[arg-type]
-                return Decided(item, decision_id, effect, code, request, decision, stored)
+                if key is None or not storable(decision):
+                    return Decided(item, decision_id, effect, code, request, decision)
+                stores.append(Store(key, template, effect, code, _valid_until(decision)))
+                return Decided(item, decision_id, effect, code, request, decision, stored=True)
         effect = self._add_response(parts, decision, item, decision_id)
         return Decided(item, decision_id, effect, code, request, decision)
 
