@@ -115,17 +115,14 @@ generator, pinned to one core, medians of 3 to 5 interleaved runs: a compile 212
 per condition (lexing, now one loop over lark's scanners, is about half of what is left); the
 cold in-process load of the 10,000-user distinct set 6.8 -> 3.7 s CPU, RSS after it 171 ->
 126 MB (templated set: 1.9 -> 1.7 s, 103 -> 102 MB); evaluation 0.69 -> 0.66 µs per
-condition on those shapes (bound defaults are fast locals). The grammar's tables come from
-lark's cache (see :func:`_parser`).
+condition on those shapes (bound defaults are fast locals).
 """
 
 from __future__ import annotations
 
 import contextlib
 import functools
-import os
 import re
-import stat
 import threading
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -295,13 +292,10 @@ def _parser() -> Lark:
     celpy's ``CELParser`` keeps a process-wide singleton whose tree class depends on which
     runner created it first; building our own instance leaves celpy's untouched.
 
-    The LALR tables are cached with lark's own ``cache=`` option (see
-    :func:`_grammar_cache_path`): building them costs ~0.1 s of CPU at every start, loading
-    them ~5 ms. lark keys the file by a SHA-256 of the grammar, the options, its own version
-    and Python's, so a stale file is rebuilt and overwritten; it falls back to building the
-    tables, silently (its logger is at CRITICAL), when the file is corrupt, truncated or
-    cannot be written. A table loaded from the cache names rules with plain ``str`` rather
-    than ``Token('RULE', ...)``; the two compare equal and the compiler reads nothing else.
+    The LALR tables are built at every start (~0.1 s of CPU), never taken from a cache
+    file: lark's ``cache=`` unpickles its file before checking it, so whoever can write that
+    file or any folder on its path (a shared ``/tmp``, a ``HOME`` or ``XDG_CACHE_HOME``
+    another user controls) could run code in the server.
     """
     grammar = (Path(celpy.celparser.__file__).parent / "cel.lark").read_text()
     return Lark(
@@ -313,31 +307,7 @@ def _parser() -> Lark:
         propagate_positions=True,
         maybe_placeholders=False,
         priority="invert",
-        cache=_grammar_cache_path() or False,
     )
-
-
-def _grammar_cache_path() -> str | None:
-    """Where lark may cache cel.lark's parse tables: ``$XDG_CACHE_HOME/policy-engine``
-    (default ``~/.cache/policy-engine``), created mode 0700; None (no cache) when that
-    directory cannot be made, or is not a directory owned by this user that only this user
-    can write. lark unpickles the file, so it must be as trusted as the code: not lark's
-    default, a predictable name in the shared temporary directory.
-    """
-    try:
-        base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
-        directory = Path(base) / "policy-engine"
-        directory.mkdir(mode=0o700, parents=True, exist_ok=True)
-        info = directory.lstat()
-    except (OSError, RuntimeError):  # no home, read-only file system, a file in the way
-        return None
-    if (
-        not stat.S_ISDIR(info.st_mode)
-        or info.st_uid != os.getuid()
-        or info.st_mode & (stat.S_IWGRP | stat.S_IWOTH)
-    ):
-        return None
-    return str(directory / "cel-lark-tables.pickle")
 
 
 def _offset_position(source: str, offset: int) -> tuple[int, int]:
