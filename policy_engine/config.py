@@ -24,6 +24,7 @@ import sys
 import threading
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
+from datetime import datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any, Literal, get_type_hints
 from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
@@ -99,8 +100,13 @@ def _upper(raw: Any) -> Any:
 
 
 def _finite(value: float) -> float:
+    """Raises ValueError for NaN and the infinities (they pass pydantic's bounds)."""
     if not math.isfinite(value):
         raise ValueError("expected a finite number")
+    # Checked here, not by an `at.Le` (which pydantic would test before `at.Gt`, so NaN
+    # would be reported as too large).
+    if value > MAX_SECONDS:
+        raise ValueError(f"Input should be less than or equal to {MAX_SECONDS} (30 days)")
     return value
 
 
@@ -120,12 +126,115 @@ def _sink_list(value: str) -> str:
     return value
 
 
+_PORT = re.compile(r"[0-9]{1,5}")
+_HOST = re.compile(r"\[[0-9A-Fa-f:.%a-zA-Z]+\]|[^\s:\[\]/@,]*")
+
+
+def _host_port_problem(text: str) -> str | None:
+    """Why `text` is not `host:port`, `[v6]:port` or `:port` with a port 0-65535; None if it is.
+
+    The reason never quotes `text` (the caller decides whether the value may be shown)."""
+    host, sep, port = text.rpartition(":")
+    if not sep or not _PORT.fullmatch(port) or int(port) > 65535:
+        return "expected host:port with a port from 0 to 65535"
+    if not _HOST.fullmatch(host):
+        return "expected host:port (an IPv6 host in brackets: [::1]:port)"
+    return None
+
+
+_UNIX_PREFIXES = ("unix:", "unix-abstract:")
+
+
+def _grpc_address(value: str) -> str:
+    """A gRPC listen address: host:port (port 0 picks a free one) or unix:PATH.
+
+    Raises ValueError for anything else, e.g. '127.0.0.1:99999' or 'nonsense'."""
+    if value.startswith(_UNIX_PREFIXES) and value.partition(":")[2]:
+        return value
+    problem = _host_port_problem(value)
+    if problem:
+        raise ValueError(f"{problem} (or unix:PATH)")
+    return value
+
+
+def _optional_grpc_address(value: str) -> str:
+    """Empty (off) or a gRPC listen address (see `_grpc_address`)."""
+    return _grpc_address(value) if value else value
+
+
+def _http_address(value: str) -> str:
+    """Empty (off) or host:port for the metrics endpoint. Raises ValueError otherwise."""
+    problem = _host_port_problem(value) if value else None
+    if problem:
+        raise ValueError(problem)
+    return value
+
+
+REDIS_SCHEMES = ("redis", "rediss", "unix")
+_REDIS_HOST = re.compile(r"(\[[0-9A-Fa-f:.%a-zA-Z]+\]|[^\s:\[\]/@,]+)(?::([0-9]{1,5}))?")
+
+
+def _redis_url(value: str) -> str:
+    """Empty (off) or a URL redis-py opens: redis:// or rediss:// naming at least one
+    host[:port] (several, comma-separated, for Sentinel), or unix://PATH.
+
+    Raises ValueError without quoting the URL (it may carry a password)."""
+    text = value.strip()
+    if not text:
+        return value
+    try:
+        parts = urlsplit(text)
+    except ValueError:
+        raise ValueError("not a URL") from None
+    if parts.scheme not in REDIS_SCHEMES:
+        raise ValueError("expected a redis://, rediss:// or unix:// URL")
+    if parts.scheme == "unix":
+        if not parts.path:
+            raise ValueError("expected unix://PATH")
+        return value
+    for host in parts.netloc.rpartition("@")[2].split(","):
+        found = _REDIS_HOST.fullmatch(host.strip())
+        if not found or not 0 < int(found.group(2) or 6379) <= 65535:
+            raise ValueError("expected redis[s]://[user:password@]host[:port][/db]")
+    return value
+
+
+def _zoned_time(value: str) -> str:
+    """Empty or an ISO 8601 time with a zone (`bundle.not_before`). Raises ValueError."""
+    text = value.strip()
+    if not text:
+        return value
+    try:
+        instant = datetime.fromisoformat(text)
+    except ValueError:
+        instant = None
+    if instant is None or instant.tzinfo is None:
+        raise ValueError("expected an ISO 8601 time with a zone (e.g. 2026-11-30T12:00:00+00:00)")
+    return value
+
+
+# Upper bounds: past these a value is a typo, not a deployment (README's configuration table).
+MAX_COUNT = 2**31 - 1  # C int: gRPC's message limit, queue and cache sizes
+MAX_WORKERS = 256  # processes sharing one port
+MAX_THREADS = 1024  # gRPC handler threads per process
+MAX_MILLIS = 3_600_000  # 1 hour: any timeout, wait, debounce or backoff in milliseconds
+MAX_SECONDS = 30 * 86_400  # 30 days: any TTL or interval in seconds
+
 Flag = Annotated[bool, _Before(_flag)]
-Count = Annotated[int, at.Ge(1)]  # sizes, lengths, counts that must allow something
-NonNegative = Annotated[int, at.Ge(0)]  # 0 has a meaning (off, none kept, no wait)
-Millis = Annotated[int, at.Gt(0)]  # timeouts
+# sizes, lengths, counts that must allow something
+Count = Annotated[int, at.Ge(1), at.Le(MAX_COUNT)]
+NonNegative = Annotated[int, at.Ge(0), at.Le(MAX_COUNT)]  # 0 has a meaning (off, none kept)
+Millis = Annotated[int, at.Gt(0), at.Le(MAX_MILLIS)]  # timeouts
+MillisOrOff = Annotated[int, at.Ge(0), at.Le(MAX_MILLIS)]  # 0: no wait
 Seconds = Annotated[float, at.Gt(0), _After(_finite)]
 SecondsOrOff = Annotated[float, at.Ge(0), _After(_finite)]
+Workers = Annotated[int, at.Ge(1), at.Le(MAX_WORKERS)]
+Threads = Annotated[int, at.Ge(1), at.Le(MAX_THREADS)]
+GrpcAddress = Annotated[str, _After(_grpc_address)]
+OptionalGrpcAddress = Annotated[str, _After(_optional_grpc_address)]
+HttpAddress = Annotated[str, _After(_http_address)]
+RedisUrl = Annotated[str, _After(_redis_url)]
+ZonedTime = Annotated[str, _After(_zoned_time)]
 RedisMode = Annotated[Literal["standalone", "sentinel", "cluster"], _Before(_lower)]
 WhenFull = Annotated[Literal["block", "drop"], _Before(_lower)]
 LogLevel = Annotated[Literal["DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"], _Before(_upper)]
@@ -166,7 +275,7 @@ class CacheSettings:
     local_max_entries: NonNegative = 100_000  # 0 turns the in-process level off
     local_ttl_seconds: Seconds = 10.0
     # Empty: in-process only. redis://, rediss:// (TLS), with user:password@ for auth.
-    redis_url: str = ""
+    redis_url: RedisUrl = ""
     redis_mode: RedisMode = "standalone"
     redis_sentinel_master: str = "mymaster"  # with redis_mode=sentinel
     redis_ttl_seconds: Seconds = 300.0
@@ -192,7 +301,7 @@ class ReloadSettings:
     """Hot reload of the policy directory."""
 
     watch: Flag = True  # watch the directory; SIGHUP always reloads
-    debounce_ms: NonNegative = 150  # changes closer together than this are applied once
+    debounce_ms: MillisOrOff = 150  # changes closer together than this are applied once
 
 
 @dataclass(frozen=True, slots=True)
@@ -205,15 +314,15 @@ class AuditSettings:
     file_max_bytes: Count = 100 * 1024 * 1024  # rotate once the live file reaches this size
     file_keep: NonNegative = 10  # rotated files kept
     file_fsync: Flag = False  # fsync every batch (survives power loss, costs throughput)
-    redis_url: str = ""  # required with the redis sink
+    redis_url: RedisUrl = ""  # required with the redis sink
     redis_stream: str = "pdp:audit"
     redis_maxlen: NonNegative = 1_000_000  # XADD MAXLEN ~ (0: never trimmed)
     redis_timeout_ms: Millis = 1000
     queue_size: Count = 10_000  # records waiting for the writer
     when_full: WhenFull = "block"  # block (wait up to block_timeout_ms, then drop) | drop
-    block_timeout_ms: NonNegative = 10
+    block_timeout_ms: MillisOrOff = 10
     sink_buffer: Count = 100_000  # records a failing sink holds before dropping (and saying so)
-    retry_max_ms: NonNegative = 5000  # a failing sink is retried with backoff up to this interval
+    retry_max_ms: MillisOrOff = 5000  # a failing sink is retried with backoff up to this interval
     checkpoint_every: NonNegative = 1000  # records between signed checkpoints (0: only by time)
     checkpoint_seconds: SecondsOrOff = 10.0  # at most this long between checkpoints (0: by count)
     signing_key_file: str = ""  # PEM Ed25519 private key (pdp audit keygen); empty: unsigned
@@ -244,15 +353,15 @@ class BundleSettings:
     public_key_file: str = ""  # PEM (Ed25519, P-256 or RSA); empty = signatures not required
     # ISO 8601 time with a zone: bundles signed earlier are refused, also at startup (a
     # running server already refuses any bundle signed before the one it serves).
-    not_before: str = ""
+    not_before: ZonedTime = ""
 
 
 @dataclass(frozen=True, slots=True)
 class Settings:
-    address: str = "127.0.0.1:50051"
+    address: GrpcAddress = "127.0.0.1:50051"
     policy_dir: Path = Path("policies")
-    workers: Count = 1  # processes sharing the port (one Python process uses one core)
-    threads: Count = 16  # gRPC handler threads per process
+    workers: Workers = 1  # processes sharing the port (one Python process uses one core)
+    threads: Threads = 16  # gRPC handler threads per process
     docs_base_url: str = "https://docs.kontext.dev"
     log_level: LogLevel = "INFO"
     log_format: LogFormat = "text"  # json: one object per line (policy_engine/logs.py)
@@ -265,11 +374,11 @@ class Settings:
     caller_auth: CallerAuthSettings = field(default_factory=CallerAuthSettings)
     bundle: BundleSettings = field(default_factory=BundleSettings)
     # Prometheus metrics over HTTP; empty turns the endpoint off.
-    metrics_address: str = "127.0.0.1:9464"
+    metrics_address: HttpAddress = "127.0.0.1:9464"
     # A second, plaintext gRPC port serving only grpc.health.v1, for probes and load balancers
     # that cannot present the callers' credentials (under mutual TLS the main port refuses
     # them at the handshake). Empty: health is served on `address` only.
-    health_address: str = ""
+    health_address: OptionalGrpcAddress = ""
 
     def replace(self, **changes: Any) -> Settings:
         """A copy with `changes` (not validated: `load_settings` is where checks happen)."""
@@ -480,11 +589,55 @@ def _unknown_env(environ: Mapping[str, str]) -> list[tuple[list[str], str]]:
     return unknown
 
 
+# What an error may quote of a bad value: only a short scalar of a setting that is known not
+# to hold a secret. Anything else (a group given as text, a key, a password, a URL, a path
+# named like a key file where the key itself may have been pasted) is described instead.
+_MAY_HOLD_SECRETS = re.compile(r"key|password|passwd|secret|token|credential|url|auth", re.I)
+_QUOTED_MAX = 40  # characters of repr()
+
+
+def _leaf_settings(kind: Any = Settings, prefix: str = "") -> frozenset[str]:
+    """Every plain setting's dotted name, e.g. 'cache.redis_mode' (not the groups)."""
+    names: set[str] = set()
+    for item in dataclasses.fields(kind):
+        inner = get_type_hints(kind)[item.name]
+        if isinstance(inner, type) and dataclasses.is_dataclass(inner):
+            names |= _leaf_settings(inner, f"{prefix}{item.name}.")
+        else:
+            names.add(prefix + item.name)
+    return frozenset(names)
+
+
+@functools.cache
+def _quotable() -> frozenset[str]:
+    """The settings whose bad values an error may quote (see `_shown`)."""
+    return (
+        frozenset(name for name in _leaf_settings() if not _MAY_HOLD_SECRETS.search(name))
+        - SECRET_SETTINGS
+        - URL_SETTINGS
+    )
+
+
+def _described(value: Any) -> str:
+    """What `value` is, without any of its content: its kind and size."""
+    if isinstance(value, str):
+        return f"a text of {len(value)} characters"
+    if isinstance(value, Mapping):
+        return f"a mapping of {len(value)} entries"
+    if isinstance(value, (list, tuple, set, frozenset)):
+        return f"a list of {len(value)} items"
+    return f"a value of type {type(value).__name__}"
+
+
 def _shown(name: str, value: Any) -> str:
-    if name in SECRET_SETTINGS:
-        return MASK
-    text = repr(_masked(name, value))
-    return text if len(text) <= 80 else text[:77] + "..."
+    """`value` as an error about setting `name` may show it: quoted (repr) when `name` is known
+    not to hold a secret and the value is a scalar of at most `_QUOTED_MAX` characters
+    quoted, otherwise only described ("a text of 64 characters")."""
+    if name in _quotable() and isinstance(value, (str, int, float, bool)):
+        text = repr(value)
+        if len(text) <= _QUOTED_MAX:
+            return text
+    return _described(value)
 
 
 def _config_error(exc: ValidationError, sources: _Sources) -> list[str]:
@@ -542,9 +695,89 @@ def load_settings(
         _SOURCES.reset(token)
     if problems:
         raise ConfigError("\n".join(problems))
-    return Settings(
+    settings = Settings(
         **{item.name: getattr(loaded, item.name) for item in dataclasses.fields(Settings)}
     )
+    problems = [
+        f"setting {name}: {message}{_origin(name.split('.'), sources)}"
+        for name, message in cross_checks(settings)
+    ]
+    if problems:
+        raise ConfigError("\n".join(problems))
+    return settings
+
+
+def _explicit_port(address: str) -> bool:
+    """Whether `address` names a port other than 0 (workers can share only such a port)."""
+    _, sep, port = address.rpartition(":")
+    return bool(sep) and _PORT.fullmatch(port) is not None and int(port) > 0
+
+
+def cross_checks(settings: Settings) -> list[tuple[str, str]]:
+    """The rules that tie settings together, none needing I/O: [(dotted setting, what is
+    wrong)], empty when the combination is usable. `load_settings` runs them, so `pdp config
+    check` refuses what `pdp serve` would (the server still checks what needs files: reading
+    key files, certificates; `pdp config check` runs those too, see cli/main.py)."""
+    found: list[tuple[str, str]] = []
+    if settings.workers > 1:
+        for name in ("address", "health_address"):
+            address = getattr(settings, name)
+            if address and not _explicit_port(address):
+                found.append((name, f"workers > 1 need an explicit port to share, got {address!r}"))
+    tls = settings.tls
+    if tls.client_ca_file and not (tls.cert_file and tls.key_file):
+        found.append(("tls.client_ca_file", "needs tls.cert_file and tls.key_file"))
+    elif bool(tls.cert_file) != bool(tls.key_file):
+        missing = "tls.key_file" if tls.cert_file else "tls.cert_file"
+        found.append((missing, "TLS needs both tls.cert_file and tls.key_file"))
+    cache = settings.cache
+    if cache.enabled and cache.redis_url.strip():
+        if cache.redis_mode != "standalone" and urlsplit(cache.redis_url.strip()).scheme == "unix":
+            found.append(("cache.redis_url", "unix:// only with redis_mode standalone"))
+        found += _signing_key_problems(cache)
+    audit = settings.audit
+    names = {n.strip().lower() for n in audit.sinks.split(",")}
+    if audit.enabled and "redis" in names and not audit.redis_url.strip():
+        found.append(("audit.redis_url", "required by the redis sink"))
+    return found
+
+
+def _signing_key_problems(cache: CacheSettings) -> list[tuple[str, str]]:
+    """What `load_signing_keys` (cache/signing.py) refuses without reading a file: no key,
+    both forms, an inline key too short. Keys in files are read at startup (and by `pdp
+    config check`)."""
+    # Imported here: signing.py imports this module.
+    from policy_engine.cache.signing import MIN_KEY_BYTES
+
+    make = "make one with `openssl rand -hex 32`"
+    inline, path = cache.redis_signing_key.strip(), cache.redis_signing_key_file.strip()
+    if inline and path:
+        return [("cache.redis_signing_key", "set this or cache.redis_signing_key_file, not both")]
+    if not inline and not path:
+        return [
+            (
+                "cache.redis_signing_key",
+                "required with cache.redis_url (or cache.redis_signing_key_file), so that "
+                f"whoever can write to Redis cannot plant decisions; {make} and give every "
+                "replica the same key",
+            )
+        ]
+    found = []
+    for name, keys in (
+        ("cache.redis_signing_key", [inline]),
+        ("cache.redis_verify_keys", cache.redis_verify_keys.split(",")),
+    ):
+        for key in keys:
+            size = len(key.strip().encode())
+            if 0 < size < MIN_KEY_BYTES:
+                found.append(
+                    (
+                        name,
+                        f"a key of {size} bytes is too short to be secret (at least "
+                        f"{MIN_KEY_BYTES} bytes); {make}",
+                    )
+                )
+    return found
 
 
 def load_settings_apart(
