@@ -195,7 +195,9 @@ class Decider:
 
     The cache is built from `settings.cache` unless one is passed (`cache=None` turns caching
     off); `close()` stops only a cache built here. `clock` None reads `time.time()` (no
-    datetime is built on the hit path); a clock passed in is read once per call.
+    datetime is built on the hit path); a clock passed in is read once per call. One
+    instance serves every handler thread: a call's state lives in the call, and `source` may
+    be swapped at any time (the next call reads it).
     """
 
     def __init__(
@@ -210,7 +212,7 @@ class Decider:
         self.source = policy_source
         self._clock = clock
         self._limits = settings.limits
-        self.converter = RequestConverter(settings.limits)
+        self._converter = RequestConverter(settings.limits)
         self._responses = ResponseBuilder(settings.docs_base_url)
         self.observers: list[Observer] = list(observers)
         self._server_error_reasons: tuple[Reason, ...] = (
@@ -495,7 +497,7 @@ class Decider:
         """
         request = None
         try:
-            request, problems = self.converter.convert(msg)
+            request, problems = self._converter.convert(msg)
             if problems:
                 return request, Decision(
                     effect=Effect.DENY,
