@@ -10,7 +10,7 @@ import argparse
 import dataclasses
 import json
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from datetime import UTC, datetime
 from pathlib import Path
 from types import MappingProxyType
@@ -289,10 +289,51 @@ def _print_config_errors(exc: ConfigError) -> None:
         print(f"  {line}", file=sys.stderr)
 
 
+def startup_file_checks(settings: Settings) -> list[str]:
+    """What `pdp serve` refuses at startup by reading files the settings name, with the
+    server's own messages: the Redis signing and verify keys (with a Redis level), the bundle
+    public key, the TLS certificate, key and client CA, the audit signing key (audit on).
+    Not run: the caller JWKS (read as the server builds its interceptor) and any port (a port
+    free now may be taken when the server starts). Every problem found, one per entry."""
+    from policy_engine.cache.signing import load_signing_keys, redis_level_on
+    from policy_engine.server.app import bundle_public_key
+    from policy_engine.server.security import server_credentials
+
+    checks: list[Callable[[], object]] = [
+        lambda: bundle_public_key(settings),
+        lambda: server_credentials(settings.tls),
+    ]
+    if redis_level_on(settings.cache):
+        checks.insert(0, lambda: load_signing_keys(settings.cache))
+    if settings.audit.enabled and settings.audit.signing_key_file:
+        checks.append(lambda: _audit_signing_key(settings.audit.signing_key_file))
+    problems = []
+    for check in checks:
+        try:
+            check()
+        except ConfigError as exc:
+            problems.append(str(exc))
+    return problems
+
+
+def _audit_signing_key(path: str) -> None:
+    """Raises ConfigError as the audit writer does when its signing key cannot be used."""
+    from policy_engine.audit.keys import KeyFileError, load_private_key
+
+    try:
+        load_private_key(Path(path))
+    except KeyFileError as exc:
+        raise ConfigError(f"setting audit.signing_key_file: {exc}") from exc
+
+
 def cmd_config_check(args: argparse.Namespace) -> int:
-    """Print the effective settings (secrets masked) and exit 0, or every error and exit 2."""
+    """Print the effective settings (secrets masked) and exit 0, or every error and exit 2:
+    the settings' own rules, then the files they name (`startup_file_checks`)."""
     try:
         settings = _settings_from_args(args)
+        problems = startup_file_checks(settings)
+        if problems:
+            raise ConfigError("\n".join(problems))
     except ConfigError as exc:
         _print_config_errors(exc)
         return EXIT_USAGE
