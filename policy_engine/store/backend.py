@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import os
+import stat
 import threading
 import time
 from collections.abc import Iterator
@@ -86,11 +87,15 @@ class _Snapshot:
     """One look at the directory: which directory it is (`root`), the files a load would
     read as one walk lists them (`names`: policy files; every file of the tree with a bundle
     key), and one stat per file (`identities`: those files and every other file the last
-    loads read, e.g. JWKS files and the bundle signature)."""
+    loads read, e.g. JWKS files and the bundle signature). `aliased`: the relative paths among
+    `identities` whose file has another name too (a symlink, or more than one hard link), as
+    the same lstat found; a write through that other name is reported by no watch on this
+    one, so while any is listed the next look walks (see DirectoryBackend._fingerprint)."""
 
     root: _Identity | None
     names: tuple[str, ...]
     identities: dict[str, _FileIdentity | None]
+    aliased: frozenset[str] = frozenset()
 
     def same_tree(self, other: _Snapshot) -> bool:
         return self.root == other.root and self.names == other.names
@@ -163,6 +168,7 @@ class DirectoryBackend:
         self._settled_memo: (
             tuple[_Snapshot, tuple[FileRead, ...], tuple[int, int], set[str]] | None
         ) = None
+        self._linked_memo: tuple[tuple[FileRead, ...], tuple[FileRead, ...], bool] | None = None
         # What the last load read or tried to read; replaced whole by the reload thread, read
         # by the watch thread.
         self._files_read: tuple[FileRead, ...] = ()
@@ -388,10 +394,21 @@ class DirectoryBackend:
     def _fingerprint(self) -> _Snapshot:
         """The snapshot `load` takes before and after reading (a hook for tests): the last
         one with just the paths the watcher saw change since stat'ed again, when its journal
-        knows them all (see ChangeJournal); else a walk of the tree (`_snapshot`)."""
+        knows them all (see ChangeJournal) and every file the loader reads has just the name
+        it reads it by: no file of the last look was aliased (a symlink, or hard-linked: see
+        _Snapshot.aliased) and no file the last loads read was reached through a symlinked
+        folder (see _reads_through_links). Otherwise a walk of the tree (`_snapshot`): a
+        change made through a file's other name is reported under that name or not at all
+        (a hard link outside the tree), so only a stat by the loader's name sees it."""
         changed = self._journal.take()
         base, snapshot = self._base, None
-        if changed is not None and base is not None and self.bundle_public_key is None:
+        if (
+            changed is not None
+            and base is not None
+            and not base.aliased
+            and self.bundle_public_key is None
+            and not self._reads_through_links()
+        ):
             snapshot = self._derived(base, changed)
         if snapshot is None:
             snapshot = self._snapshot()
@@ -408,6 +425,7 @@ class DirectoryBackend:
             return None
         top = os.path.join(str(self.directory), "")
         identities = dict(base.identities)
+        aliased = set(base.aliased)  # empty: _fingerprint walks otherwise
         listed: set[str] | None = None
         added: list[str] = []
         removed: set[str] = set()
@@ -425,17 +443,19 @@ class DirectoryBackend:
                     added.append(relative)
                 elif not exists and relative in listed:
                     removed.add(relative)
-                identities[relative] = _stat(path)
+                identities[relative] = _look(path, relative, aliased)
             elif relative in identities:  # another file a load read (a JWKS file)
-                identities[relative] = _stat(path)
+                identities[relative] = _look(path, relative, aliased)
         for file in (*self._last_good_read, *self._files_read):
             if file.relative not in identities:
-                identities[file.relative] = file_identity(self.directory / file.relative)
+                identities[file.relative] = _look(
+                    os.path.join(top, file.relative), file.relative, aliased
+                )
         names = base.names
         if added or removed:
             kept = [name for name in names if name not in removed]
             names = tuple(sorted(kept + added, key=_walk_order))
-        return _Snapshot(root, names, identities)
+        return _Snapshot(root, names, identities, frozenset(aliased))
 
     def _snapshot(self) -> _Snapshot:
         """One walk of the directory and one stat of each file it lists and of each other file
@@ -448,11 +468,34 @@ class DirectoryBackend:
         # One string concatenation per name: os.path.join costs more than the stat at 10,000
         # files, and a relative name never restarts the path.
         top = os.path.join(str(self.directory), "")
-        identities: dict[str, _FileIdentity | None] = {name: _stat(top + name) for name in names}
+        aliased: set[str] = set()
+        identities: dict[str, _FileIdentity | None] = {
+            name: _look(top + name, name, aliased) for name in names
+        }
         for file in (*self._last_good_read, *self._files_read):
             if file.relative not in identities:
-                identities[file.relative] = file_identity(self.directory / file.relative)
-        return _Snapshot(root, tuple(names), identities)
+                identities[file.relative] = _look(
+                    os.path.join(top, file.relative), file.relative, aliased
+                )
+        return _Snapshot(root, tuple(names), identities, frozenset(aliased))
+
+    def _reads_through_links(self) -> bool:
+        """True when a file the last loads read was not where its name below the directory
+        (the directory's real path joined with it) says: a symlinked folder on its way (a JWKS
+        file in a hidden `.keys` linked to `.keys-v2`), which the watcher may report under the
+        folder's other name. Computed once per load's list (a string compare per file)."""
+        reads = (self._last_good_read, self._files_read)
+        memo = self._linked_memo
+        if memo is not None and memo[0] is reads[0] and memo[1] is reads[1]:
+            return memo[2]
+        top = os.path.join(os.path.realpath(self.directory), "")
+        linked = any(
+            os.path.normpath(top + file.relative) != os.path.normpath(file.real_path)
+            for files in reads
+            for file in files
+        )
+        self._linked_memo = (reads[0], reads[1], linked)
+        return linked
 
     def changes(self, stop: threading.Event, debounce_ms: int) -> Iterator[str]:
         """Yields once per burst of finished changes (files closed after writing, renamed,
@@ -472,10 +515,19 @@ class DirectoryBackend:
 _UNKNOWN = object()  # not stat'ed: never equal to an identity
 
 
-def _stat(path: str) -> _FileIdentity | None:
-    """loader.file_identity of a path already joined (the hot loop of a snapshot)."""
+def _look(path: str, relative: str, aliased: set[str]) -> _FileIdentity | None:
+    """loader.file_identity of a path already joined (the hot loop of a snapshot), adding
+    `relative` to `aliased` when the file has another name: `path` is a symlink (even a
+    dangling one), or the file has more than one hard link (another organization's file, a
+    copy outside the tree made by `cp -al` or `rsync --link-dest`). One lstat per file, as a
+    plain file's lstat is its stat; a symlink's target is stat'ed too."""
     try:
-        st = os.stat(path)
+        st = os.lstat(path)
+        if stat.S_ISLNK(st.st_mode):
+            aliased.add(relative)
+            st = os.stat(path)
+        elif st.st_nlink > 1 and not stat.S_ISDIR(st.st_mode):
+            aliased.add(relative)
     except (OSError, ValueError):
         return None
     return (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)

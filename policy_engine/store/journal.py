@@ -9,10 +9,14 @@ watcher records them here (`ChangeJournal.record`), and the backend re-stats onl
 The journal is only trusted while it is *exact*: every change since the last `take` went
 through a watch that was already in place when that `take` happened, and no event was lost.
 It stops being exact (`lose`) when a watch is (re)established or dropped, the watched folders
-change (a folder created, removed or renamed: new folders were not watched before), the
-kernel queue overflows, or the tree holds symlinked folders (a file reachable by two names
-reports under one). A `take` while it is not exact returns None: the backend walks the whole
-tree, as before.
+change (a folder created, removed or renamed: new folders were not watched before), or the
+kernel queue overflows; and for good (until `resume`) while a folder the loader reads has a
+second name (a symlinked folder, a bind mount: a change is reported under one name only) or
+cannot be watched (fs.inotify.max_user_watches reached, EACCES: its changes are not reported
+at all). A `take` while it is not exact returns None: the backend walks the whole tree, as
+before. The backend adds what only a stat shows (DirectoryBackend._fingerprint): while a file
+it reads is a symlink, has more than one hard link (another name, in the tree or outside it,
+that no watch here reports), or was reached through a symlinked folder, it walks too.
 
 Ordering: the watcher reads the kernel queue and records a batch while holding `lock`, and
 `settle` waits until the kernel holds no unread event for this watch. So after `settle`, every
@@ -68,11 +72,19 @@ class ChangeJournal:
 
     def lose(self, *, for_good: bool = False) -> None:
         """Changes may have been missed (queue overflow, folders watched anew or gone);
-        `for_good`: and may be again while this watch lasts (a symlinked folder appeared)."""
+        `for_good`: and may be again while this watch lasts, until `resume` (a folder with a
+        second name or without a watch)."""
         with self.lock:
             self._exact = False
             if for_good:
                 self._live = False
+
+    def resume(self) -> None:
+        """What made `lose(for_good=True)` is gone (every folder watched again, by one name):
+        the periods from the next `take` on are exact again, while this watch lasts."""
+        with self.lock:
+            if self._unread is not None:
+                self._live = True
 
     def record(self, path: str) -> None:
         """`path` (absolute, as the watch spells it) changed."""

@@ -252,10 +252,10 @@ class _TreeWatch:
         self._folders: dict[int, Path] = {}  # watch descriptor -> folder as spelled from root
         self._real_folders: dict[int, str] = {}  # watch descriptor -> folder, links resolved
         self._full_reported = False
-        self._linked = False  # a watched folder below the root is a symlink
+        self._blind = False  # the last sync left a folder unwatched or with two names
         self.established = self._sync()
         if self.established:
-            journal.attach(self._unread, exact=not self._linked)
+            journal.attach(self._unread, exact=not self._blind)
 
     def __enter__(self) -> _TreeWatch:
         return self
@@ -274,24 +274,36 @@ class _TreeWatch:
         """Watch every folder the loader would read (walked as it walks: symlinked folders
         followed, hidden ones skipped), the folder of every file the last load read (or its
         nearest existing ancestor), and drop watches on folders no longer needed. False when
-        the root itself cannot be watched."""
+        the root itself cannot be watched.
+
+        The journal is told (callers hold its lock) when it cannot be trusted: for good while
+        a folder has a second name (a symlinked folder, or one the kernel gives an existing
+        watch: a bind mount) or one could not be watched (the watch limit reached, EACCES),
+        until a later sync finds neither (`resume`); once when folders were watched anew (they
+        may have changed before their watch)."""
         folders: dict[int, Path] = {}
         seen: set[str] = set()
-        linked = False
+        linked = False  # a folder has a second name: changes may be reported under it
+        unwatched = False  # a folder could not be watched: its changes are not reported
         for folder, subfolders, _ in os.walk(self.root, followlinks=True):
+            # A symlinked folder may name files the loader names otherwise (or twice); a
+            # link to a folder already walked too (the walk order decides which name wins).
+            linked = linked or (Path(folder) != self.root and os.path.islink(folder))
             real = os.path.realpath(folder)
             if real in seen:  # a symlink cycle, or a second name for a watched folder
                 subfolders[:] = []
                 continue
             seen.add(real)
-            # A symlinked folder may name files the loader names otherwise (or twice).
-            linked = linked or (Path(folder) != self.root and os.path.islink(folder))
             subfolders[:] = [name for name in subfolders if not name.startswith(".")]
             wd = self._add_watch(folder)
             if wd is None:
                 if Path(folder) == self.root:
                     return False
-                continue  # deleted meanwhile: its parent's event brings another sync
+                unwatched = True  # or deleted meanwhile: its parent's event syncs again
+                continue
+            if wd in folders:  # one folder by two names (a bind mount): events name one
+                linked = True
+                continue
             folders[wd] = Path(folder)
         if not folders:
             return False
@@ -301,21 +313,31 @@ class _TreeWatch:
                 continue
             seen.add(os.path.realpath(folder))
             wd = self._add_watch(folder)
-            if wd is not None:
-                folders.setdefault(wd, Path(folder))
+            if wd is None:
+                unwatched = True
+            elif wd in folders:
+                linked = True
+            else:
+                folders[wd] = Path(folder)
         for wd in set(self._folders) - set(folders):
             with contextlib.suppress(OSError):  # already removed by the kernel
                 self._inotify.rm_watch(wd)
-        # A folder watched anew may have changed before its watch: the journal cannot say.
-        # (Callers hold the journal's lock, so no reload takes the journal in between.)
-        if linked or any(wd not in self._folders for wd in folders):
-            self.journal.lose(for_good=linked)
+        blind = linked or unwatched
+        if blind:
+            self.journal.lose(for_good=True)
+        elif any(wd not in self._folders for wd in folders):
+            self.journal.lose()
+        if self._blind and not blind:
+            self.journal.resume()  # exact again from the next take on
         self._folders = folders
         self._real_folders = {wd: os.path.realpath(folder) for wd, folder in folders.items()}
-        self._linked = linked
+        self._blind = blind
         return True
 
     def _add_watch(self, folder: str) -> int | None:
+        """The watch descriptor for `folder` (an existing one when the kernel already watches
+        that folder under another name), or None when it cannot be watched (logged once for
+        the watch limit)."""
         try:
             return self._inotify.add_watch(folder, _FOLDER_MASK)
         except OSError as exc:
@@ -323,10 +345,12 @@ class _TreeWatch:
                 self._full_reported = True
                 log.error(
                     "cannot watch %s: the inotify watch limit is reached "
-                    "(raise fs.inotify.max_user_watches); changes below it are not "
-                    "noticed until the next SIGHUP or other change",
+                    "(raise fs.inotify.max_user_watches); changes below it are noticed "
+                    "only on the next SIGHUP or other change (each reload walks the tree)",
                     folder,
                 )
+            elif exc.errno not in (errno.ENOENT, errno.ENOTDIR, errno.ENOSPC):
+                log.warning("cannot watch %s (%s); each reload walks the tree", folder, exc)
             return None
 
     def _follow_files_read(self) -> str | None:
