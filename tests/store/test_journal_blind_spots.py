@@ -1,7 +1,8 @@
 """Where the watcher's journal cannot see a change, a reload walks the tree: each scenario runs
 a real DirectoryBackend with its watcher, revokes a user's allow through a name the journal
 does not report (a symlink's target, a hard link's other name, a bind mount's other path, a
-folder left unwatched at the watch limit), and expects the served set to equal a fresh load.
+folder left unwatched at the watch limit, a JWKS file through a symlinked hidden folder),
+and expects the served set to equal a fresh load.
 With the journal trusted there, the revoked allow was served until SIGHUP."""
 
 from __future__ import annotations
@@ -21,8 +22,10 @@ import pytest
 from policy_engine.engine import decide
 from policy_engine.policy import load_policy_set
 from policy_engine.store import DirectoryBackend, PolicyReloader, PolicyStore, ReloadResult
+from tests.auth.material import jwks
 from tests.policy_builder import dump_yaml, request, user_policy, write_user_policies
 from tests.store.support import wait_for
+from tests.store.test_jwks_reload import KEPT, write_policies
 
 REPOSITORY = Path(__file__).resolve().parents[2]
 
@@ -215,3 +218,21 @@ def test_a_folder_bind_mounted_into_another_organization_edited_by_its_first_nam
     tmp_path: Path,
 ) -> None:
     _in_namespace(tmp_path, "bind-mount", "-Urm")
+
+
+def test_a_jwks_file_through_a_symlinked_hidden_folder_edited_where_it_leads(
+    tmp_path: Path,
+) -> None:
+    root = write_policies(tmp_path / "policies")  # acme: .keys/jwks.json, two keys
+    keys = root / "acme" / ".keys"
+    keys.rename(root / "acme" / ".keys-v2")  # `.keys` now leads there, as a deploy swaps it
+    keys.symlink_to(".keys-v2")
+    with serve(root) as store:
+        before = store.current().revision
+        write_in_place(root / "acme" / ".keys-v2" / "jwks.json", jwks(KEPT))
+        wait_for(
+            lambda: store.current().revision == load_policy_set(root).revision,
+            timeout=8,
+            what="the JWKS without the compromised key to be served",
+        )
+        assert store.current().revision != before
