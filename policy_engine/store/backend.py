@@ -168,7 +168,8 @@ class DirectoryBackend:
         self._settled_memo: (
             tuple[_Snapshot, tuple[FileRead, ...], tuple[int, int], set[str]] | None
         ) = None
-        self._linked_memo: tuple[tuple[FileRead, ...], tuple[FileRead, ...], bool] | None = None
+        # _reads_through_links's answer per list of files read (the last two asked).
+        self._linked_memo: list[tuple[tuple[FileRead, ...], bool]] = []
         # What the last load read or tried to read; replaced whole by the reload thread, read
         # by the watch thread.
         self._files_read: tuple[FileRead, ...] = ()
@@ -484,18 +485,21 @@ class DirectoryBackend:
         (the directory's real path joined with it) says: a symlinked folder on its way (a JWKS
         file in a hidden `.keys` linked to `.keys-v2`), which the watcher may report under the
         folder's other name. Computed once per load's list (a string compare per file)."""
-        reads = (self._last_good_read, self._files_read)
-        memo = self._linked_memo
-        if memo is not None and memo[0] is reads[0] and memo[1] is reads[1]:
-            return memo[2]
         top = os.path.join(os.path.realpath(self.directory), "")
-        linked = any(
-            os.path.normpath(top + file.relative) != os.path.normpath(file.real_path)
-            for files in reads
-            for file in files
-        )
-        self._linked_memo = (reads[0], reads[1], linked)
-        return linked
+        memo = self._linked_memo
+        answers: list[tuple[tuple[FileRead, ...], bool]] = []
+        for files in (self._last_good_read, self._files_read):
+            known = next((linked for seen, linked in memo if seen is files), None)
+            if known is None:
+                # The plain case compares equal as joined; normalize only what does not.
+                known = any(
+                    top + file.relative != file.real_path
+                    and os.path.normpath(top + file.relative) != os.path.normpath(file.real_path)
+                    for file in files
+                )
+            answers.append((files, known))
+        self._linked_memo = answers  # both lists: the next load's first look asks again
+        return any(linked for _, linked in answers)
 
     def changes(self, stop: threading.Event, debounce_ms: int) -> Iterator[str]:
         """Yields once per burst of finished changes (files closed after writing, renamed,
