@@ -119,9 +119,10 @@ class DirectoryBackend:
     Each `load` looks at the directory once before reading (a `_Snapshot`), and once more
     after: nothing else is listed or stat'ed. While the watcher runs and its journal knows
     every path that changed since the last look (see policy_engine.store.journal), a look
-    re-stats only those paths (and the directory itself); otherwise (no watcher, startup, a
-    queue overflow, folders added or removed, symlinked folders, a signed bundle, SIGHUP) it
-    walks the tree and stats every file. A file whose
+    re-stats only those paths (and the directory itself), as long as every file a load reads
+    has one name (see _fingerprint); otherwise (no watcher, startup, a queue overflow, folders
+    added or removed, a folder with two names or none watched, a symlinked or hard-linked
+    file, a signed bundle, SIGHUP) it walks the tree and stats every file. A file whose
     identity (loader.file_identity: device, inode, size, mtime, ctime) is the one the last
     good load recorded, and that was last changed well before that load started reading (see
     RACY_WINDOW_NS), is settled: its bytes are the ones already loaded. `load` returns that
