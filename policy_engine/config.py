@@ -713,17 +713,29 @@ def _explicit_port(address: str) -> bool:
     return bool(sep) and _PORT.fullmatch(port) is not None and int(port) > 0
 
 
+def shared_port_problems(settings: Settings) -> list[str]:
+    """`workers` > 1 share `address` (and `health_address`), so each needs a port other than
+    0; one 'setting NAME: ...' line per address without one, the server's own message.
+
+    Not part of `load_settings` (no I/O needed, though): `pdp serve` has always reported a
+    missing signing key alone when both are wrong, so this runs where the server runs it,
+    after the settings load, and `pdp config check` runs it too."""
+    if settings.workers <= 1:
+        return []
+    return [
+        f"setting {name}: workers > 1 need an explicit port to share, got {address!r}"
+        for name in ("address", "health_address")
+        if (address := getattr(settings, name)) and not _explicit_port(address)
+    ]
+
+
 def cross_checks(settings: Settings) -> list[tuple[str, str]]:
     """The rules that tie settings together, none needing I/O: [(dotted setting, what is
     wrong)], empty when the combination is usable. `load_settings` runs them, so `pdp config
     check` refuses what `pdp serve` would (the server still checks what needs files: reading
-    key files, certificates; `pdp config check` runs those too, see cli/main.py)."""
+    key files, certificates, and the shared port, `shared_port_problems`; `pdp config
+    check` runs those too, see cli/main.py)."""
     found: list[tuple[str, str]] = []
-    if settings.workers > 1:
-        for name in ("address", "health_address"):
-            address = getattr(settings, name)
-            if address and not _explicit_port(address):
-                found.append((name, f"workers > 1 need an explicit port to share, got {address!r}"))
     tls = settings.tls
     if tls.client_ca_file and not (tls.cert_file and tls.key_file):
         found.append(("tls.client_ca_file", "needs tls.cert_file and tls.key_file"))

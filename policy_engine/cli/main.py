@@ -30,6 +30,7 @@ from policy_engine.config import (
     load_settings,
     load_settings_apart,
     settings_dict,
+    shared_port_problems,
 )
 from policy_engine.domain.decision import Decision, Effect
 from policy_engine.domain.request import ConnectionState, SubjectKind
@@ -289,25 +290,30 @@ def _print_config_errors(exc: ConfigError) -> None:
         print(f"  {line}", file=sys.stderr)
 
 
-def startup_file_checks(settings: Settings) -> list[str]:
-    """What `pdp serve` refuses at startup by reading files the settings name, with the
-    server's own messages: the Redis signing and verify keys (with a Redis level), the bundle
-    public key, the TLS certificate, key and client CA, the audit signing key (audit on).
-    Not run: the caller JWKS (read as the server builds its interceptor) and any port (a port
-    free now may be taken when the server starts). Every problem found, one per entry."""
+def startup_checks(settings: Settings) -> list[str]:
+    """What `pdp serve` refuses at startup once its settings have loaded, in its order and
+    with its own messages: the Redis signing and verify key files (with a Redis level), the
+    port `workers` > 1 share, the bundle public key file, the TLS certificate, key and client
+    CA files, the audit signing key file (audit on). Not run: the caller JWKS (read as the
+    server builds its interceptor) and whether a port is free (it may not be when the server
+    starts). Every problem found, one per entry."""
     from policy_engine.cache.signing import load_signing_keys, redis_level_on
     from policy_engine.server.app import bundle_public_key
     from policy_engine.server.security import server_credentials
 
+    problems: list[str] = []
     checks: list[Callable[[], object]] = [
         lambda: bundle_public_key(settings),
         lambda: server_credentials(settings.tls),
     ]
-    if redis_level_on(settings.cache):
-        checks.insert(0, lambda: load_signing_keys(settings.cache))
     if settings.audit.enabled and settings.audit.signing_key_file:
         checks.append(lambda: _audit_signing_key(settings.audit.signing_key_file))
-    problems = []
+    if redis_level_on(settings.cache):
+        try:
+            load_signing_keys(settings.cache)
+        except ConfigError as exc:
+            problems.append(str(exc))
+    problems += shared_port_problems(settings)
     for check in checks:
         try:
             check()
@@ -328,10 +334,10 @@ def _audit_signing_key(path: str) -> None:
 
 def cmd_config_check(args: argparse.Namespace) -> int:
     """Print the effective settings (secrets masked) and exit 0, or every error and exit 2:
-    the settings' own rules, then the files they name (`startup_file_checks`)."""
+    the settings' own rules, then what the server checks next (`startup_checks`)."""
     try:
         settings = _settings_from_args(args)
-        problems = startup_file_checks(settings)
+        problems = startup_checks(settings)
         if problems:
             raise ConfigError("\n".join(problems))
     except ConfigError as exc:
