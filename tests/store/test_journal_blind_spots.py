@@ -236,3 +236,49 @@ def test_a_jwks_file_through_a_symlinked_hidden_folder_edited_where_it_leads(
             what="the JWKS without the compromised key to be served",
         )
         assert store.current().revision != before
+
+
+class _CountingBackend(DirectoryBackend):
+    """Counts walks of the whole tree."""
+
+    walks = 0
+
+    def _snapshot(self):  # type: ignore[no-untyped-def]
+        self.walks += 1
+        return super()._snapshot()
+
+
+def test_once_a_symlinked_folder_is_gone_edits_are_taken_from_the_journal_again(
+    root: Path,
+) -> None:
+    (root / ".elsewhere").mkdir()
+    (root / "acme" / "more").symlink_to("../.elsewhere")
+    backend = _CountingBackend(root)
+    store = PolicyStore(backend)
+    assert store.reload("startup") is ReloadResult.LOADED
+    reloader = PolicyReloader(store, watch=True, debounce_ms=50)
+    reloader.start()
+    user = root / "acme" / "users" / "user-00002.yaml"
+
+    def served() -> bool:
+        return store.current().revision == load_policy_set(root).revision
+
+    try:
+        wait_for(lambda: store.status().attempts >= 2, what="the watcher's first notice")
+        write_in_place(user, user.read_text() + "\n")
+        wait_for(served, timeout=8, what="an edit while the link is there")
+        walks = backend.walks
+        write_in_place(user, user.read_text() + "\n")
+        wait_for(served, timeout=8, what="a second edit while the link is there")
+        assert backend.walks > walks  # a folder with two names: every reload walks
+        (root / "acme" / "more").unlink()
+        wait_for(served, timeout=8, what="the link's removal")
+        write_in_place(user, user.read_text() + "\n")  # the first period after: not exact
+        wait_for(served, timeout=8, what="an edit after the link is gone")
+        walks = backend.walks
+        for _ in range(2):
+            write_in_place(user, user.read_text() + "\n")
+            wait_for(served, timeout=8, what="an edit taken from the journal")
+        assert backend.walks == walks
+    finally:
+        reloader.stop()
