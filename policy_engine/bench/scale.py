@@ -700,6 +700,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     server_cpu, load_cpu = (None, None) if args.no_pin else default_cpus()
     sets = specs(args.sizes, args.variants, args.orgs == "on", args.org_count, args.org_users)
     output = args.output.resolve()
+    if args.workdir is not None:
+        try:
+            args.workdir.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            print(f"bench-scale: --workdir {args.workdir}: {exc.strerror}", file=sys.stderr)
+            return 2
     with tempfile.TemporaryDirectory(prefix="pdp-scale-", dir=args.workdir) as tmp:
         plan = Plan(
             threads=args.threads,
