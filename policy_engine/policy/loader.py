@@ -510,7 +510,7 @@ def _updated_organization(
             if len(issues) != before:
                 break
             parsed.catalog_checked = config.catalog
-        if not _compile_file(parsed, issues, attempt):
+        if not _compile_file(parsed, issues, attempt)[1]:
             break
         compiled_added.append(parsed)
     if len(issues) != before:
@@ -584,12 +584,18 @@ def _updated_organization(
     )
 
 
-def _compile_file(parsed: ParsedFile, issues: list[LoadIssue], attempt: LoadAttempt) -> bool:
-    """Compiles every rule of `parsed` (reusing what it holds), setting `parsed.layered` and
-    `parsed.conditions` when all compile; False when one had an issue (added to `issues`)."""
-    if parsed.layered is not None:
+_Layered = tuple[tuple[Layer, CompiledRule, "Matcher | _Conjunction"], ...]
+
+
+def _compile_file(
+    parsed: ParsedFile, issues: list[LoadIssue], attempt: LoadAttempt
+) -> tuple[_Layered, bool]:
+    """Compiles every rule of `parsed` (reusing what it holds): each rule that compiled with
+    its layer and integration matcher, and whether all did. When all did, `parsed.layered`
+    and `parsed.conditions` keep them for the next load; an issue is added to `issues`."""
+    if parsed.layered is not None:  # every rule compiled before: reuse them whole
         attempt.use_conditions(parsed.conditions)
-        return True
+        return parsed.layered, True
     layered: list[tuple[Layer, CompiledRule, Matcher | _Conjunction]] = []
     complete = True
     for policy in parsed.policies:
@@ -610,7 +616,7 @@ def _compile_file(parsed: ParsedFile, issues: list[LoadIssue], attempt: LoadAtte
         parsed.conditions = tuple(
             known[1] for known in parsed.rules.values() if known[1] is not None
         )
-    return complete
+    return tuple(layered), complete
 
 
 def _parse_new(
@@ -772,33 +778,8 @@ def _compile_organization(
                 _check_catalog_references(config, policy, issues)
             if len(issues) == before:  # the same catalog object need not be checked again
                 parsed.catalog_checked = config.catalog
-        if parsed.layered is not None:  # every rule compiled before: reuse them whole
-            attempt.use_conditions(parsed.conditions)
-            for layer, compiled, matches in parsed.layered:
-                rules_by_layer[layer].append((compiled, matches))
-            continue
-        layered: list[tuple[Layer, CompiledRule, Matcher | _Conjunction]] = []
-        complete = True
-        for policy in parsed.policies:
-            for rule in policy.rules:
-                compiled = attempt.compiled_rule(
-                    parsed,
-                    rule,
-                    lambda policy=policy, rule=rule: _compile_rule(policy, rule, issues, attempt),
-                )
-                if compiled is None:
-                    complete = False
-                    continue
-                integrations = Matcher.of(policy.target.integrations)
-                narrowed = Matcher.of(rule.target.integrations)
-                matches = _conjunction(integrations, narrowed)
-                layered.append((policy.layer, compiled, matches))
-                rules_by_layer[policy.layer].append((compiled, matches))
-        if complete:
-            parsed.layered = tuple(layered)
-            parsed.conditions = tuple(
-                known[1] for known in parsed.rules.values() if known[1] is not None
-            )
+        for layer, compiled, matches in _compile_file(parsed, issues, attempt)[0]:
+            rules_by_layer[layer].append((compiled, matches))
 
     layers: dict[Layer, LayerIndex] = {}
     general: set[Layer] = set()
