@@ -302,6 +302,9 @@ class ReloadSettings:
 
     watch: Flag = True  # watch the directory; SIGHUP always reloads
     debounce_ms: MillisOrOff = 150  # changes closer together than this are applied once
+    # While watching, compare the tree with what the last load read this often and reload on
+    # a difference inotify did not report (a hard link made outside the tree, NFS); 0: off.
+    resync_seconds: SecondsOrOff = 30.0
 
 
 @dataclass(frozen=True, slots=True)

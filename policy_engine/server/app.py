@@ -309,7 +309,10 @@ def start_server(settings: Settings, mode: Mode = "policy", *, worker: int = 0) 
     )
     store.reload("startup")  # logs every issue when invalid; the server starts either way
     reloader = PolicyReloader(
-        store, watch=settings.reload.watch, debounce_ms=settings.reload.debounce_ms
+        store,
+        watch=settings.reload.watch,
+        debounce_ms=settings.reload.debounce_ms,
+        resync_seconds=settings.reload.resync_seconds,
     )
     servicer = PolicyDecisionServicer.over(
         build_decider(store.current, settings, audit=audit), settings

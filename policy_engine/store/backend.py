@@ -182,6 +182,9 @@ class DirectoryBackend:
         self._last_good_read_ns = 0  # time.time_ns()
         self._last_good_root: _Identity | None = None
         self.full_loads = 0  # loads that read the files (a count for tests and metrics)
+        # The look the last load took before failing (None after a good one): what a resync
+        # compares with then, so a broken tree left alone is not reloaded again and again.
+        self._failed_look: _Snapshot | None = None
 
     @property
     def location(self) -> str:
@@ -213,6 +216,7 @@ class DirectoryBackend:
             )
             self._files_read = self._last_good_read
             metrics.POLICY_LOADS.labels(kind="unchanged").inc()
+            self._failed_look = None
             return last_good
         self.full_loads += 1
         metrics.POLICY_LOADS.labels(kind="read").inc()
@@ -234,6 +238,7 @@ class DirectoryBackend:
         except PolicyLoadError as exc:
             self._files_read = exc.files_read
             self._refuse_files_being_written()  # the error may be a truncated file's
+            self._failed_look = before  # what a resync compares with until a load is good
             raise
         self._files_read = policies.files_read
         # Files the walk does not list (JWKS files, the signature) are stat'ed here, the
@@ -262,6 +267,7 @@ class DirectoryBackend:
             policies, self._files_read = last_good, policies.files_read
         self._last_good, self._last_good_read = policies, self._files_read
         self._last_good_read_ns, self._last_good_root = read_ns, before.root
+        self._failed_look = None
         return policies
 
     def _not_before(self) -> datetime | None:
@@ -280,23 +286,61 @@ class DirectoryBackend:
         return self._unchanged(self._snapshot())
 
     def _unchanged(self, snapshot: _Snapshot) -> bool:
-        if self._last_good is None or snapshot.root is None:
-            return False
-        if snapshot.root != self._last_good_root:
-            return False
+        return self._last_good is not None and next(self._differences(snapshot), None) is None
+
+    def _differences(self, snapshot: _Snapshot) -> Iterator[str]:
+        """What keeps `snapshot` from being the look the last good load read, lazily (a load
+        stops at the first; a resync lists them): "<directory>" (gone or another one),
+        "+name"/"-name" (a policy file the walk lists now / no longer), "name" (a file read
+        whose identity differs), "~name" (same identity, but changed within the racy window
+        of that load: it may have been written again within one clock tick). Nothing when
+        there is no last good load either (callers check that)."""
+        if self._last_good is None:
+            return
+        if snapshot.root is None or snapshot.root != self._last_good_root:
+            yield str(self.directory)
+            return
         files_read = self._last_good_read
         expected = self._expected_names(files_read)
         # The same order almost always; a set compare is what decides.
-        if snapshot.names != expected and set(snapshot.names) != set(expected):
-            return False
+        if snapshot.names != expected:
+            listed, wanted = set(snapshot.names), set(expected)
+            yield from (f"+{name}" for name in sorted(listed - wanted, key=_walk_order))
+            yield from (f"-{name}" for name in sorted(wanted - listed, key=_walk_order))
         racy_after = self._last_good_read_ns - self.racy_window_ns
         for file in files_read:
             identity = snapshot.identities.get(file.relative, _UNKNOWN)
             if identity != file.identity:
-                return False
-            if identity is not None and max(file.identity[3], file.identity[4]) >= racy_after:
-                return False
-        return True
+                yield file.relative
+            elif identity is not None and max(file.identity[3], file.identity[4]) >= racy_after:
+                yield f"~{file.relative}"
+
+    def resync(self) -> tuple[list[str], bool]:
+        """Walks the tree as a load's slow path does (one stat per file, nothing read) and
+        compares it with what the last load read, for changes no watch reported (a write
+        through a hard link made later outside the tree, a network file system's other
+        clients). Compared with the last good load (see _differences) or, when the last load
+        failed, with that attempt's look (its tree, and the identities it saw), so a broken
+        tree left alone is not reloaded over and over.
+
+        Returns (differences, aliased): the paths that differ, relative to the directory
+        (marked as in _differences; empty: reloading now would read nothing new), and whether
+        a file the walk lists has another name (a symlink, more than one hard link). Either
+        makes the journal inexact, so the next reload walks: a difference means a change
+        went unreported, and an aliased file means edits through its other name may too
+        (the rule _fingerprint applies to its own looks). Called with loads excluded
+        (PolicyStore.resync holds the reload lock)."""
+        snapshot = self._snapshot()
+        failed = self._failed_look
+        if failed is not None:
+            differences = _snapshot_differences(failed, snapshot, str(self.directory))
+        elif self._last_good is None:
+            differences = []  # nothing loaded nor tried yet: the first load walks anyway
+        else:
+            differences = list(self._differences(snapshot))
+        if differences or snapshot.aliased:
+            self._journal.lose()
+        return differences, bool(snapshot.aliased)
 
     def _expected_names(self, files_read: tuple[FileRead, ...]) -> tuple[str, ...]:
         """The walk's names that would list exactly the files `files_read` names (the last
@@ -536,6 +580,22 @@ def _look(path: str, relative: str, aliased: set[str]) -> _FileIdentity | None:
     except (OSError, ValueError):
         return None
     return (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
+
+
+def _snapshot_differences(before: _Snapshot, now: _Snapshot, directory: str) -> list[str]:
+    """The relative paths whose identity or listing differs between two looks (marked as in
+    DirectoryBackend._differences), or [`directory`] when it is another one or gone."""
+    if before.root != now.root or now.root is None:
+        return [directory]
+    listed, was = set(now.names), set(before.names)
+    found = [f"+{name}" for name in sorted(listed - was, key=_walk_order)]
+    found += [f"-{name}" for name in sorted(was - listed, key=_walk_order)]
+    found += [
+        name
+        for name, identity in now.identities.items()
+        if before.identities.get(name, _UNKNOWN) != identity and name in before.identities
+    ]
+    return found
 
 
 def _walk_order(relative: str) -> str:

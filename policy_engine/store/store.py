@@ -44,6 +44,7 @@ MAX_REPORTED_ISSUES = 100  # a status or log entry lists at most this many issue
 FREEZE_MIN_RULES = 5_000
 # A reload that has waited this long for a file's writer to close it is logged as a warning.
 LONG_WRITE_WARNING_SECONDS = 10.0
+RESYNC_SHOWN_PATHS = 5  # a resync's log line names at most this many differing paths
 
 Clock = Callable[[], datetime]
 Listener = Callable[[CompiledPolicySet], None]
@@ -171,6 +172,50 @@ class PolicyStore:
             # 10,000 user policies; see policy_engine.memory). Costs ~1-8 ms, without the GIL.
             release_free_memory()
             return result
+
+    def resync(self) -> list[str]:
+        """Asks the backend whether its source differs from what the last load read, for
+        changes its watcher was not told of (see DirectoryBackend.resync); returns what
+        differs (empty: nothing to reload), logged at info with a count and the first few
+        paths (at debug when only files changed within a clock tick of the last load differ,
+        which a reload reads again, as the load's own racy check would).
+
+        Takes the reload lock, so it never overlaps a load (its walk would race the load's
+        own looks); never on the request path, which takes no lock. A backend without a
+        `resync` (another source) has nothing to compare: empty. Never raises."""
+        resync = getattr(self.backend, "resync", None)
+        if resync is None:
+            return []
+        with self._reload_lock:
+            started = time.perf_counter()
+            try:
+                differences, aliased = resync()
+            except Exception:  # a bug here must not kill the reload thread
+                log.exception("resync of %s failed", self.backend.location)
+                return []
+            elapsed_ms = (time.perf_counter() - started) * 1000
+        if not differences:
+            log.debug(
+                "resync of %s: nothing differs (%.0f ms)%s",
+                self.backend.location,
+                elapsed_ms,
+                "; a file has a second name, so reloads walk" if aliased else "",
+            )
+            return []
+        level = logging.DEBUG if all(d.startswith("~") for d in differences) else logging.INFO
+        shown = ", ".join(differences[:RESYNC_SHOWN_PATHS])
+        more = len(differences) - RESYNC_SHOWN_PATHS
+        log.log(
+            level,
+            "resync of %s: %d path(s) differ from what the last load read, unreported by "
+            "the watcher (+ listed now, - gone, ~ changed within a clock tick of that "
+            "load): %s%s; reloading",
+            self.backend.location,
+            len(differences),
+            shown,
+            f" and {more} more" if more > 0 else "",
+        )
+        return differences
 
     def _load_consistent(self, full: bool) -> CompiledPolicySet:
         """Retry briefly while files change under the loader; a deploy usually lands fast."""
