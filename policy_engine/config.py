@@ -360,11 +360,36 @@ class BundleSettings:
 
 
 @dataclass(frozen=True, slots=True)
+class TransportSettings:
+    """HTTP/2 connection limits of the gRPC port(s): idle, silent and half-open connections are
+    closed instead of held forever (gRPC core's channel arguments of the same names)."""
+
+    # A connection that has not finished its handshake (TLS and the HTTP/2 preface) in this
+    # time is closed: a TCP connection that sends nothing.
+    handshake_timeout_ms: Millis = 20_000
+    # The server pings a connection idle this long, and closes it when the ping is not
+    # answered within `keepalive_timeout_ms` (a peer that vanished: half-open).
+    keepalive_time_ms: Millis = 60_000
+    keepalive_timeout_ms: Millis = 20_000
+    # A connection with no RPC in flight for this long is closed (0: never).
+    max_connection_idle_ms: MillisOrOff = 300_000
+    # Any connection is closed after this long (0: never), after up to `..._grace_ms` for the
+    # RPCs in flight; spreads long-lived clients over `--workers` processes and replicas.
+    max_connection_age_ms: MillisOrOff = 0
+    max_connection_age_grace_ms: MillisOrOff = 10_000
+    # Clients' keepalive pings: no more often than this (a flood gets GOAWAY ENHANCE_YOUR_CALM).
+    min_ping_interval_ms: Millis = 10_000
+    permit_keepalive_without_calls: Flag = False
+
+
+@dataclass(frozen=True, slots=True)
 class Settings:
     address: GrpcAddress = "127.0.0.1:50051"
     policy_dir: Path = Path("policies")
     workers: Workers = 1  # processes sharing the port (one Python process uses one core)
-    threads: Threads = 16  # gRPC handler threads per process
+    # Threads for the blocking Redis lookups of the asyncio server (calls run on its event
+    # loop, not in a thread each); the name is kept for existing configurations.
+    threads: Threads = 16
     docs_base_url: str = "https://docs.kontext.dev"
     log_level: LogLevel = "INFO"
     log_format: LogFormat = "text"  # json: one object per line (policy_engine/logs.py)
@@ -382,6 +407,8 @@ class Settings:
     # that cannot present the callers' credentials (under mutual TLS the main port refuses
     # them at the handshake). Empty: health is served on `address` only.
     health_address: OptionalGrpcAddress = ""
+    # HTTP/2 connection limits: keepalive, idle and age (TransportSettings).
+    transport: TransportSettings = field(default_factory=TransportSettings)
 
     def replace(self, **changes: Any) -> Settings:
         """A copy with `changes` (not validated: `load_settings` is where checks happen)."""

@@ -23,6 +23,12 @@ DECISION_LATENCY = Histogram(
     ["method", "cache_level"],
     buckets=(0.00005, 0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.1, 0.5),
 )
+DEADLINE_EXCEEDED = Counter(
+    "pdp_deadline_exceeded_total",
+    "Calls not evaluated because the caller's deadline had passed: when their turn came"
+    " (stage=queued) or while waiting for the cache (stage=cache). Answered DEADLINE_EXCEEDED.",
+    ["stage"],
+)
 CACHE_LOOKUPS = Counter(
     "pdp_cache_lookups_total",
     "Decision cache lookups per level (local, redis) and result (hit, miss, error, skip;"

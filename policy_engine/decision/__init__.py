@@ -15,6 +15,7 @@ from policy_engine.decision.outcome import (
     ServerError,
 )
 from policy_engine.decision.pipeline import (
+    DeadlineExceeded,
     Decider,
     DecisionMetrics,
     DecisionStore,
@@ -25,6 +26,7 @@ from policy_engine.decision.pipeline import (
 
 __all__ = [
     "CacheHit",
+    "DeadlineExceeded",
     "Decided",
     "Decider",
     "DecisionMetrics",

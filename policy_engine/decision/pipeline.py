@@ -1,7 +1,8 @@
 """The decision pipeline: requests in, typed outcomes and their answer out, outside gRPC.
 
 `Decider.decide(items)` is the only entry, for a `Check` (a batch of one) and a `CheckBatch`
-alike. For one call it
+alike (`decide_async(items, deadline)` is the same pipeline for the asyncio server: see
+below). For one call it
 
 1. snapshots one policy set and one clock reading (every item is decided under both);
 2. looks the cacheable items up in one round trip (`get` for one key, `get_many` for more);
@@ -23,6 +24,12 @@ validation failures, server errors, decisions that read the clock or that a poli
 of, and never past a subject token's validity. The answer fingerprint salting every key
 (`answer_fingerprint`) and the clock are the pipeline's too.
 
+On the asyncio server everything runs on the event loop (a thread hand-off costs as much as a
+decision) except a lookup that may wait on Redis: that one runs on a small thread pool, and
+the wait for it is bounded by the caller's deadline. A call whose deadline has passed when its
+turn comes, or passes while it waits for the cache, is not evaluated: `DeadlineExceeded` is
+raised (the server answers DEADLINE_EXCEEDED) and `pdp_deadline_exceeded_total` counts it.
+
 Every answer is ALLOW or DENY: a request the engine cannot decide (a bug, a failing policy
 source or clock) is answered DENY with `kontext_server_error`, and the exception goes to the
 log, never to the caller. While no valid policy set is loaded every request is denied with a
@@ -31,10 +38,12 @@ reason saying so; the log says it once when that state begins and once when it e
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import threading
 import time
 from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import replace
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any, Protocol
@@ -56,7 +65,7 @@ from policy_engine.domain.codes import ErrorCode
 from policy_engine.domain.decision import Decision, Effect, Layer, Reason
 from policy_engine.engine import decide
 from policy_engine.engine.validation import is_validation_failure
-from policy_engine.metrics import DECISIONS
+from policy_engine.metrics import DEADLINE_EXCEEDED, DECISIONS
 from policy_engine.server.convert import (
     RequestConverter,
     ResponseBuilder,
@@ -142,6 +151,12 @@ def storable(decision: Decision) -> bool:
     )
 
 
+def _may_wait(cache: DecisionStore) -> bool:
+    """Can a lookup in `cache` wait on the network? Whenever it has a Redis level: even with
+    the breaker open, a lookup may be the probe that waits (the in-process level never does)."""
+    return isinstance(cache, DecisionCache) and cache.redis is not None
+
+
 def _first_code(decision: Decision) -> str:
     return decision.reasons[0].code.value if decision.reasons else ""
 
@@ -181,6 +196,23 @@ class DecisionMetrics:
         if counter is None:
             counter = DECISIONS.labels(self._names.get(effect, "DENY"), code)
         counter.inc(amount)
+
+
+class DeadlineExceeded(Exception):
+    """The caller's deadline passed before its call was evaluated (`stage`: "queued" when its
+    turn came too late, "cache" while it waited for the cache); nothing was evaluated."""
+
+    def __init__(self, stage: str) -> None:
+        super().__init__(f"the deadline passed before the decision ({stage})")
+        self.stage = stage
+
+
+_DEADLINE_COUNTERS = {stage: DEADLINE_EXCEEDED.labels(stage) for stage in ("queued", "cache")}
+
+
+def _expired(stage: str) -> DeadlineExceeded:
+    _DEADLINE_COUNTERS[stage].inc()
+    return DeadlineExceeded(stage)
 
 
 class _FromSettings:
@@ -245,9 +277,16 @@ class Decider:
                 max_id_length=settings.limits.max_id_length,
             )
         self.cache: DecisionStore | None = cache
+        # Threads for lookups that may wait on Redis (decide_async); made on first use.
+        self._lookup_threads = settings.threads
+        self._executor: ThreadPoolExecutor | None = None
 
     def close(self) -> None:
-        """Stop the cache's writer and Redis pool (only a cache this decider built)."""
+        """Stop the lookup threads, then the cache's writer and Redis pool (only a cache this
+        decider built)."""
+        if self._executor is not None:
+            # Not waiting: a lookup stuck on Redis ends at the Redis socket timeout.
+            self._executor.shutdown(wait=False, cancel_futures=True)
         if self._owns_cache and isinstance(self.cache, DecisionCache):
             self.cache.close()
 
@@ -272,6 +311,67 @@ class Decider:
             observer.observe(decisions)
         return decisions
 
+    async def decide_async(
+        self, items: Sequence[pdp_pb2.CheckRequest], deadline: float | None = None
+    ) -> Decisions:
+        """`decide` for a caller on an event loop; `deadline` is the caller's, on the
+        `time.monotonic()` clock (None: none).
+
+        Runs on the loop, except a lookup that may wait on Redis, which runs on the lookup
+        threads for at most the time left. Raises `DeadlineExceeded` (counted) when the
+        deadline has passed before the evaluation: nothing is evaluated, stored or observed.
+        """
+        started = time.perf_counter()
+        if deadline is not None and deadline <= time.monotonic():
+            raise _expired("queued")
+        snapshot = self._snapshot()
+        if isinstance(snapshot, Decision):
+            decisions = self._unavailable(items, snapshot, started)
+        else:
+            policies, now, now_ts = snapshot
+            count = len(items)
+            cache = self.cache
+            looked_up = None
+            if cache is not None and _may_wait(cache):
+                looked_up = await self._lookup_off_loop(
+                    cache, items, policies, now_ts, count, deadline
+                )
+            decisions = self._decide(items, policies, now, now_ts, started, count, looked_up)
+        for observer in self.observers:
+            observer.observe(decisions)
+        return decisions
+
+    async def _lookup_off_loop(
+        self,
+        cache: DecisionStore,
+        items: Sequence[pdp_pb2.CheckRequest],
+        policies: CompiledPolicySet,
+        now_ts: float,
+        count: int,
+        deadline: float | None,
+    ) -> tuple[list[str | None] | None, list[Hit | None] | None]:
+        """`_lookup` on the lookup threads, waited for until `deadline`; raises
+        DeadlineExceeded when it passes first (the lookup itself ends at Redis's timeout)."""
+        # Interim until the cache has an asyncio Redis client: a blocking lookup in a thread.
+        if self._executor is None:
+            self._executor = ThreadPoolExecutor(
+                max_workers=self._lookup_threads, thread_name_prefix="pdp-lookup"
+            )
+        loop = asyncio.get_running_loop()
+        future = loop.run_in_executor(
+            self._executor, self._lookup, cache, items, policies, now_ts, count
+        )
+        timeout = None if deadline is None else deadline - time.monotonic()
+        try:
+            return await asyncio.wait_for(future, timeout)
+        except TimeoutError:
+            raise _expired("cache") from None
+        except asyncio.CancelledError:
+            # gRPC cancels the call at its deadline, which may come first: still counted.
+            if deadline is not None and deadline <= time.monotonic():
+                _DEADLINE_COUNTERS["cache"].inc()
+            raise
+
     # --- the steps -----------------------------------------------------------------------------
 
     def _decide(
@@ -282,11 +382,15 @@ class Decider:
         now_ts: float,
         started: float,
         count: int,
+        looked_up: tuple[list[str | None] | None, list[Hit | None] | None] | None = None,
     ) -> Decisions:
+        """`looked_up`: the keys and hits when the caller has looked the items up already."""
         cache = self.cache
         keys: list[str | None] | None = None
         hits: list[Hit | None] | None = None
-        if cache is not None:
+        if looked_up is not None:
+            keys, hits = looked_up
+        elif cache is not None:
             keys, hits = self._lookup(cache, items, policies, now_ts, count)
         ids = [next_decision_id()] if count == 1 else new_decision_ids(count)
         outcomes: list[Outcome] = []
@@ -549,6 +653,7 @@ __all__ = [
     "NO_POLICY_SET_MESSAGE",
     "SERVER_ERROR_MESSAGE",
     "Clock",
+    "DeadlineExceeded",
     "Decider",
     "DecisionMetrics",
     "DecisionStore",

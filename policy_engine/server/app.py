@@ -8,12 +8,23 @@ server on a port in use fails at startup with an error naming the address. Each 
 its own policy store and watcher, exactly as separate replicas would; the supervisor forwards
 SIGTERM/SIGINT/SIGHUP and serves the workers' aggregated metrics.
 
+Each process serves with grpc's asyncio server (`grpc.aio`): a call is a task on one event
+loop, not a handler thread, so no number of stalled or slow callers can keep the server from
+answering others and health. Decisions run on the loop (a thread hand-off costs as much as a
+decision); only a cache lookup that may wait on Redis runs on a few threads, bounded by the
+caller's deadline (`policy_engine.decision`). The loop runs in a dedicated thread
+(`EventLoop`), so the synchronous API (`start_server` returning a `RunningServer` with `stop()`
+and `reload()`, `build_server`) stays, the main thread keeps the signal handlers, and the
+policy store's reloads run beside it on their own thread. Idle, silent and half-open
+connections are closed after the `transport` settings' times.
+
 Bad policies never stop the server: it starts NOT_SERVING and denies every Check with
 kontext_server_error until a valid set loads (`pdp validate` is the deploy-time gate).
 """
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import logging
 import multiprocessing
@@ -22,17 +33,17 @@ import os
 import signal
 import threading
 import time
-from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
+from collections.abc import Awaitable, Callable, Coroutine
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
 from types import FrameType
-from typing import Any, Literal
+from typing import Any, Literal, NoReturn, TypeVar
 
 import grpc
 from google.protobuf.message import DecodeError
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_health.v1._async import HealthServicer as AsyncHealthServicer
 from grpc_reflection.v1alpha import reflection
 
 from policy_engine.api import pdp_pb2, pdp_pb2_grpc
@@ -41,7 +52,7 @@ from policy_engine.cache import load_signing_keys, redis_level_on
 from policy_engine.config import ConfigError, Settings
 from policy_engine.domain.codes import ErrorCode, docs_url
 from policy_engine.logs import setup_logging
-from policy_engine.server.errors import invalid_argument
+from policy_engine.server.errors import Status, invalid_argument
 from policy_engine.server.metrics_http import (
     MetricsBindError,
     MetricsEndpoint,
@@ -61,6 +72,107 @@ Mode = Literal["policy", "empty"]
 STOP_GRACE_SECONDS = 5.0
 AUDIT_CLOSE_SECONDS = 10.0  # after the grace period: the audit queue and sinks drain
 EXIT_WORKER_FAILED = 1
+LOOP_START_SECONDS = 10.0
+
+T = TypeVar("T")
+
+
+class EventLoop:
+    """The process's asyncio event loop, running in a daemon thread ("pdp-loop"): every
+    grpc.aio server of the process (the decision port, the health port) is served on it, and
+    synchronous code drives them through `call`. Started by the first `event_loop()`."""
+
+    def __init__(self) -> None:
+        self.loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(target=self._run, name="pdp-loop", daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        asyncio.set_event_loop(self.loop)
+        self.loop.run_forever()
+
+    def on_loop(self) -> bool:
+        """Is the caller running on the loop's thread (where `call` would deadlock)?"""
+        return threading.current_thread() is self._thread
+
+    def call(self, coro: Coroutine[Any, Any, T], timeout: float | None = None) -> T:
+        """Run `coro` on the loop and return its result (its exception is raised here)."""
+        return asyncio.run_coroutine_threadsafe(coro, self.loop).result(timeout)
+
+
+_loop: EventLoop | None = None
+_loop_lock = threading.Lock()
+
+
+def event_loop() -> EventLoop:
+    """The process's `EventLoop`, started on first use."""
+    global _loop
+    with _loop_lock:
+        if _loop is None:
+            _loop = EventLoop()
+        return _loop
+
+
+class AsyncServer:
+    """A `grpc.aio.Server` driven from synchronous code (as `grpc.Server` was): `start()` and
+    `stop(grace)` run on the process's event loop and return once done."""
+
+    def __init__(self, runner: EventLoop, server: grpc.aio.Server) -> None:
+        self._runner = runner
+        self.aio = server
+
+    def start(self) -> None:
+        self._runner.call(self.aio.start(), LOOP_START_SECONDS)
+
+    def stop(self, grace: float | None) -> threading.Event:
+        """Refuse new calls, let those in flight finish for up to `grace` seconds (None: cancel
+        them), close every connection; returns a set event (`stop(grace).wait()` as before)."""
+        self._runner.call(self.aio.stop(grace))
+        done = threading.Event()
+        done.set()
+        return done
+
+
+class Health:
+    """The asyncio health service ("" and the PDP service), set from any thread: a reload
+    (the store's thread) flips it to SERVING, `stop()` to NOT_SERVING for good."""
+
+    def __init__(self, runner: EventLoop) -> None:
+        self._runner = runner
+        self.servicer = AsyncHealthServicer()
+
+    def _run(self, coro: Coroutine[Any, Any, None]) -> None:
+        if self._runner.on_loop():
+            self._runner.loop.create_task(coro)
+        else:
+            self._runner.call(coro)
+
+    def set(self, service: str, status: health_pb2.HealthCheckResponse.ServingStatus) -> None:
+        self._run(self.servicer.set(service, status))
+
+    def enter_graceful_shutdown(self) -> None:
+        self._run(self.servicer.enter_graceful_shutdown())
+
+
+def transport_options(settings: Settings) -> list[tuple[str, int]]:
+    """gRPC core's channel arguments for `settings.transport` (see TransportSettings): what
+    closes silent, idle and half-open connections."""
+    transport = settings.transport
+    options = [
+        ("grpc.server_handshake_timeout_ms", transport.handshake_timeout_ms),
+        ("grpc.keepalive_time_ms", transport.keepalive_time_ms),
+        ("grpc.keepalive_timeout_ms", transport.keepalive_timeout_ms),
+        ("grpc.keepalive_permit_without_calls", int(transport.permit_keepalive_without_calls)),
+        ("grpc.http2.min_recv_ping_interval_without_data_ms", transport.min_ping_interval_ms),
+        ("grpc.http2.max_ping_strikes", 2),
+    ]
+    # 0 means "never"; gRPC's own default (no limit) is what leaving them out gives.
+    if transport.max_connection_idle_ms:
+        options.append(("grpc.max_connection_idle_ms", transport.max_connection_idle_ms))
+    if transport.max_connection_age_ms:
+        options.append(("grpc.max_connection_age_ms", transport.max_connection_age_ms))
+        options.append(("grpc.max_connection_age_grace_ms", transport.max_connection_age_grace_ms))
+    return options
 
 
 def bundle_public_key(settings: Settings) -> bytes | None:
@@ -96,34 +208,48 @@ def build_server(
     settings: Settings,
     *,
     policy_ready: bool,
-    health_servicer: health.HealthServicer | None = None,
+    health_servicer: Health | None = None,
     status_servicer: PolicyStatusServicer | None = None,
-) -> tuple[grpc.Server, int]:
-    """A bound, not yet started server for `servicer`, plus the port it bound.
+) -> tuple[AsyncServer, int]:
+    """A bound, not yet started asyncio server for `servicer`, plus the port it bound.
 
     Health ("" and the PDP service) reads SERVING only when `policy_ready`; pass your own
     `health_servicer` to flip it later (hot reload, graceful shutdown). `status_servicer`
     adds PolicyStatusService (listed by reflection too). An address ending in ":0" binds an
-    ephemeral port.
+    ephemeral port. Raises ConfigError when the address cannot be bound.
     """
+    runner = event_loop()
+    health_servicer = health_servicer or Health(runner)
+    set_serving(health_servicer, policy_ready)
+    server, port = runner.call(
+        _build_server(servicer, settings, health_servicer, status_servicer), LOOP_START_SECONDS
+    )
+    return AsyncServer(runner, server), port
+
+
+async def _build_server(
+    servicer: pdp_pb2_grpc.PolicyDecisionServiceServicer,
+    settings: Settings,
+    health_servicer: Health,
+    status_servicer: PolicyStatusServicer | None,
+) -> tuple[grpc.aio.Server, int]:
+    """`build_server` on the loop (a grpc.aio server belongs to the loop it is made on)."""
     max_bytes = settings.limits.max_message_bytes
-    server = grpc.server(
-        ThreadPoolExecutor(max_workers=settings.threads, thread_name_prefix="pdp-rpc"),
+    server = grpc.aio.server(
         options=[
             ("grpc.max_receive_message_length", max_bytes),
             ("grpc.max_send_message_length", max_bytes),
             # Only `--workers N` processes share a port (the kernel balances between them);
             # their supervisor has reserved it against any other server (see ports.py).
             ("grpc.so_reuseport", reuse_port(settings.workers)),
+            *transport_options(settings),
         ],
         interceptors=interceptors(settings.caller_auth),
     )
     _add_pdp_servicer(
         servicer, server, docs_url(settings.docs_base_url, ErrorCode.VALIDATION_ERROR)
     )
-    health_servicer = health_servicer or health.HealthServicer()
-    set_serving(health_servicer, policy_ready)
-    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+    health_pb2_grpc.add_HealthServicer_to_server(health_servicer.servicer, server)
     services = [SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME]
     if status_servicer is not None:
         pdp_pb2_grpc.add_PolicyStatusServiceServicer_to_server(status_servicer, server)
@@ -161,35 +287,73 @@ def _lenient(parse: Callable[[bytes], Any]) -> Callable[[bytes], Any]:
     return deserialize
 
 
+class Aborted(Exception):
+    """Raised by `_SyncContext.abort*`: the asyncio adapter then awaits the real abort."""
+
+    def __init__(self, status: grpc.Status) -> None:
+        super().__init__(status.details)
+        self.status = status
+
+
+class _SyncContext:
+    """An asyncio call's context as a synchronous servicer sees it (its `abort` raises, as
+    the sync server's does; everything else is the real context's)."""
+
+    __slots__ = ("_context",)
+
+    def __init__(self, context: grpc.aio.ServicerContext) -> None:
+        self._context = context
+
+    def abort(self, code: grpc.StatusCode, details: str = "") -> NoReturn:
+        raise Aborted(Status(code, details))
+
+    def abort_with_status(self, status: grpc.Status) -> NoReturn:
+        raise Aborted(status)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._context, name)
+
+
+Handler = Callable[[Any, grpc.aio.ServicerContext], Awaitable[Any]]
+
+
 def _add_pdp_servicer(
-    servicer: pdp_pb2_grpc.PolicyDecisionServiceServicer, server: grpc.Server, docs: str
+    servicer: pdp_pb2_grpc.PolicyDecisionServiceServicer, server: grpc.aio.Server, docs: str
 ) -> None:
-    """Like the generated `add_..._to_server`, but an unparseable request is INVALID_ARGUMENT.
+    """Like the generated `add_..._to_server`, but an unparseable request is INVALID_ARGUMENT,
+    and every handler is a coroutine on the loop.
 
     gRPC would answer INTERNAL ("Exception deserializing request!"), which tells the broker
-    nothing; the request is the client's fault and should say so, with the usual details.
+    nothing; the request is the client's fault and should say so, with the usual details. A
+    servicer with `check_async`/`check_batch_async` (PolicyDecisionServicer) is awaited
+    through them; a synchronous one (the benchmark's EmptyServicer) is called on the loop.
     """
 
-    def guard(behavior: Callable[[Any, grpc.ServicerContext], Any]) -> Callable[..., Any]:
-        def handle(request: Any, context: grpc.ServicerContext) -> Any:
+    def guard(behavior: Callable[[Any, Any], Any], native: Handler | None) -> Handler:
+        async def handle(request: Any, context: grpc.aio.ServicerContext) -> Any:
             if request.__class__ is _Unparseable:
-                context.abort_with_status(
+                await context.abort_with_status(
                     invalid_argument(
                         [("request", f"could not be parsed: {request.error}")], docs_url=docs
                     )
                 )
-            return behavior(request, context)
+            if native is not None:
+                return await native(request, context)
+            try:
+                return behavior(request, _SyncContext(context))
+            except Aborted as exc:
+                await context.abort_with_status(exc.status)
 
         return handle
 
     handlers = {
         "Check": grpc.unary_unary_rpc_method_handler(
-            guard(servicer.Check),
+            guard(servicer.Check, getattr(servicer, "check_async", None)),
             request_deserializer=_lenient(pdp_pb2.CheckRequest.FromString),
             response_serializer=pdp_pb2.CheckResponse.SerializeToString,
         ),
         "CheckBatch": grpc.unary_unary_rpc_method_handler(
-            guard(servicer.CheckBatch),
+            guard(servicer.CheckBatch, getattr(servicer, "check_batch_async", None)),
             request_deserializer=_lenient(pdp_pb2.CheckBatchRequest.FromString),
             response_serializer=pdp_pb2.CheckBatchResponse.SerializeToString,
         ),
@@ -198,7 +362,7 @@ def _add_pdp_servicer(
     server.add_registered_method_handlers(SERVICE_NAME, handlers)
 
 
-def set_serving(health_servicer: health.HealthServicer, ready: bool) -> None:
+def set_serving(health_servicer: Health, ready: bool) -> None:
     """Overall health and the PDP service's health follow whether a valid policy set is loaded."""
     status = (
         health_pb2.HealthCheckResponse.SERVING
@@ -253,14 +417,14 @@ def serve_mode(settings: Settings, mode: Mode) -> None:
 class RunningServer:
     """A started server and what keeps its policies current; `stop()` undoes `start_server`."""
 
-    server: grpc.Server
+    server: AsyncServer
     port: int
-    health: health.HealthServicer
+    health: Health
     store: PolicyStore | None = None
     reloader: PolicyReloader | None = None
     servicer: PolicyDecisionServicer | None = None
     audit: AuditLog | None = None
-    health_server: grpc.Server | None = None
+    health_server: AsyncServer | None = None
     health_port: int | None = None
 
     def reload(self, reason: str = "SIGHUP") -> None:
@@ -288,7 +452,7 @@ def start_server(settings: Settings, mode: Mode = "policy", *, worker: int = 0) 
     """Build and start the server for `mode`; for "policy" also the store (initial load), the
     health flip on the first valid set, the status service, the reloader and the audit log
     (`worker` numbers this process's audit file when several share a port)."""
-    health_servicer = health.HealthServicer()
+    health_servicer = Health(event_loop())
     if mode == "empty":
         from policy_engine.server.empty import EmptyServicer
 
@@ -336,11 +500,27 @@ def _with_health_port(running: RunningServer, settings: Settings) -> RunningServ
     """Serve the running server's health service on `settings.health_address` too."""
     if not settings.health_address:
         return running
-    server = grpc.server(
-        ThreadPoolExecutor(max_workers=2, thread_name_prefix="pdp-health"),
-        options=[("grpc.so_reuseport", reuse_port(settings.workers))],
+    runner = event_loop()
+    try:
+        server, port = runner.call(
+            _build_health_server(running.health, settings), LOOP_START_SECONDS
+        )
+    except ConfigError:
+        running.stop(grace=None)
+        raise
+    health_server = AsyncServer(runner, server)
+    health_server.start()
+    running.health_server, running.health_port = health_server, port
+    return running
+
+
+async def _build_health_server(
+    health_servicer: Health, settings: Settings
+) -> tuple[grpc.aio.Server, int]:
+    server = grpc.aio.server(
+        options=[("grpc.so_reuseport", reuse_port(settings.workers)), *transport_options(settings)]
     )
-    health_pb2_grpc.add_HealthServicer_to_server(running.health, server)
+    health_pb2_grpc.add_HealthServicer_to_server(health_servicer.servicer, server)
     try:
         port = server.add_insecure_port(settings.health_address)
     except RuntimeError as exc:
@@ -349,11 +529,8 @@ def _with_health_port(running: RunningServer, settings: Settings) -> RunningServ
     else:
         error = None
     if port == 0:
-        running.stop(grace=None)
         raise ConfigError(f"health_address {settings.health_address}: cannot bind ({error})")
-    server.start()
-    running.health_server, running.health_port = server, port
-    return running
+    return server, port
 
 
 def _run_worker(settings: Settings, mode: Mode, *, parent_pid: int | None, worker: int = 0) -> int:

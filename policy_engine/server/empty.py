@@ -1,6 +1,6 @@
 """A servicer that answers ALLOW without looking at the request: the benchmark's ceiling.
 
-It is served through the very same `build_server` (same options, thread pool, health and
+It is served through the very same `build_server` (same options, event loop, health and
 reflection) as the real service, so the gap between the two measures the decision path
 alone: conversion, the engine and response building. Never deploy it.
 """
@@ -30,6 +30,17 @@ class EmptyServicer(pdp_pb2_grpc.PolicyDecisionServiceServicer):
 
     def CheckBatch(
         self, request: pdp_pb2.CheckBatchRequest, context: grpc.ServicerContext
+    ) -> pdp_pb2.CheckBatchResponse:
+        return pdp_pb2.CheckBatchResponse(results=[_ALLOW] * len(request.items))
+
+    # The asyncio server awaits these, as it does the PolicyDecisionServicer's.
+    async def check_async(
+        self, request: pdp_pb2.CheckRequest, context: object
+    ) -> pdp_pb2.CheckResponse:
+        return _ALLOW
+
+    async def check_batch_async(
+        self, request: pdp_pb2.CheckBatchRequest, context: object
     ) -> pdp_pb2.CheckBatchResponse:
         return pdp_pb2.CheckBatchResponse(results=[_ALLOW] * len(request.items))
 

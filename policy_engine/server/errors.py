@@ -26,6 +26,16 @@ MAX_DESCRIPTION_CHARS = 160
 MAX_MESSAGE_CHARS = 1024
 
 
+class Status(grpc.Status):
+    """A status to abort a call with (`context.abort_with_status`): code, details, no
+    trailing metadata."""
+
+    def __init__(self, code: grpc.StatusCode, details: str) -> None:
+        self.code = code
+        self.details = details
+        self.trailing_metadata = ()
+
+
 def _clip(text: str, limit: int) -> str:
     return text if len(text) <= limit else text[: limit - 1] + "…"
 

@@ -6,6 +6,11 @@ Every decision is made by one `Decider` (`policy_engine.decision`): `Check` is a
 naming the offending fields (with `kontext_validation_error` in the details), observes the
 RPC's latency, and returns the pipeline's answer.
 
+The asyncio server calls `check_async` and `check_batch_async` (on its event loop, with the
+caller's deadline: a call whose deadline has passed is answered DEADLINE_EXCEEDED and not
+evaluated); `Check` and `CheckBatch` are the same adapter for synchronous callers (the
+in-process benchmark, tests).
+
 Every answer is ALLOW or DENY. A request that cannot be decided (a bug, a failing policy
 source, no valid policy set loaded) is answered DENY with `kontext_server_error`, never an RPC
 failure; what may be cached, the audit records and the decision counts are the pipeline's (see
@@ -15,14 +20,14 @@ failure; what may be cached, the audit records and the decision counts are the p
 from __future__ import annotations
 
 import time
-from typing import Any, NoReturn
+from typing import Any, NoReturn, Protocol
 
 import grpc
 
 from policy_engine.api import pdp_pb2, pdp_pb2_grpc
 from policy_engine.audit import AuditLog
 from policy_engine.config import Settings
-from policy_engine.decision import Decider, DecisionMetrics, Invalid, Observer
+from policy_engine.decision import DeadlineExceeded, Decider, DecisionMetrics, Invalid, Observer
 from policy_engine.decision.pipeline import (
     FROM_SETTINGS,
     NO_POLICY_SET_MESSAGE,
@@ -36,7 +41,7 @@ from policy_engine.decision.pipeline import (
 from policy_engine.domain.codes import ErrorCode, docs_url
 from policy_engine.metrics import DECISION_LATENCY
 from policy_engine.server.convert import RequestConverter
-from policy_engine.server.errors import invalid_argument
+from policy_engine.server.errors import Status, invalid_argument
 from policy_engine.server.recording import DecisionRecorder
 
 SERVICE_NAME = pdp_pb2.DESCRIPTOR.services_by_name["PolicyDecisionService"].full_name
@@ -45,13 +50,29 @@ __all__ = [
     "NO_POLICY_SET_MESSAGE",
     "SERVER_ERROR_MESSAGE",
     "SERVICE_NAME",
+    "AsyncContext",
     "Clock",
     "PolicyDecisionServicer",
     "PolicySource",
     "answer_fingerprint",
     "build_decider",
+    "deadline_of",
     "utc_now",
 ]
+
+
+class AsyncContext(Protocol):
+    """What the asyncio handlers use of `grpc.aio.ServicerContext`."""
+
+    def time_remaining(self) -> float | None: ...
+
+    async def abort_with_status(self, status: grpc.Status) -> NoReturn: ...
+
+
+def deadline_of(context: AsyncContext) -> float | None:
+    """The caller's deadline on the `time.monotonic()` clock, None when it set none."""
+    remaining = context.time_remaining()
+    return None if remaining is None else time.monotonic() + remaining
 
 
 def build_decider(
@@ -146,14 +167,9 @@ class PolicyDecisionServicer(pdp_pb2_grpc.PolicyDecisionServiceServicer):
         self, request: pdp_pb2.CheckBatchRequest, context: grpc.ServicerContext
     ) -> pdp_pb2.CheckBatchResponse:
         items = request.items
-        count = len(items)
-        if count == 0:
-            self._abort_invalid(context, [("items", "the batch is empty")])
-        if count > self._max_batch:
-            self._abort_invalid(
-                context,
-                [("items", f"the batch has {count} items; at most {self._max_batch} allowed")],
-            )
+        problem = self._batch_problem(len(items))
+        if problem is not None:
+            self._abort_invalid(context, [problem])
         decisions = self.decider.decide(items)
         response = decisions.batch()
         self._latency["CheckBatch", decisions.level].observe(
@@ -161,13 +177,54 @@ class PolicyDecisionServicer(pdp_pb2_grpc.PolicyDecisionServiceServicer):
         )
         return response
 
+    async def check_async(
+        self, request: pdp_pb2.CheckRequest, context: AsyncContext
+    ) -> pdp_pb2.CheckResponse:
+        """`Check` on the event loop, bounded by the caller's deadline."""
+        try:
+            decisions = await self.decider.decide_async((request,), deadline_of(context))
+        except DeadlineExceeded as exc:
+            await context.abort_with_status(Status(grpc.StatusCode.DEADLINE_EXCEEDED, str(exc)))
+        outcome = decisions.outcomes[0]
+        self._latency["Check", decisions.level].observe(time.perf_counter() - decisions.started)
+        if isinstance(outcome, Invalid):
+            await context.abort_with_status(self._invalid(outcome.violations, request.request_id))
+        return decisions.only()
+
+    async def check_batch_async(
+        self, request: pdp_pb2.CheckBatchRequest, context: AsyncContext
+    ) -> pdp_pb2.CheckBatchResponse:
+        """`CheckBatch` on the event loop, bounded by the caller's deadline."""
+        items = request.items
+        problem = self._batch_problem(len(items))
+        if problem is not None:
+            await context.abort_with_status(self._invalid([problem]))
+        try:
+            decisions = await self.decider.decide_async(items, deadline_of(context))
+        except DeadlineExceeded as exc:
+            await context.abort_with_status(Status(grpc.StatusCode.DEADLINE_EXCEEDED, str(exc)))
+        response = decisions.batch()
+        self._latency["CheckBatch", decisions.level].observe(
+            time.perf_counter() - decisions.started
+        )
+        return response
+
+    def _batch_problem(self, count: int) -> tuple[str, str] | None:
+        """Why a batch of `count` items is refused at the RPC level, None when it is not."""
+        if count == 0:
+            return ("items", "the batch is empty")
+        if count > self._max_batch:
+            return ("items", f"the batch has {count} items; at most {self._max_batch} allowed")
+        return None
+
+    def _invalid(self, violations: list[tuple[str, str]], request_id: str = "") -> grpc.Status:
+        return invalid_argument(violations, docs_url=self._validation_docs, request_id=request_id)
+
     def _abort_invalid(
         self,
         context: grpc.ServicerContext,
         violations: list[tuple[str, str]],
         request_id: str = "",
     ) -> NoReturn:
-        context.abort_with_status(
-            invalid_argument(violations, docs_url=self._validation_docs, request_id=request_id)
-        )
+        context.abort_with_status(self._invalid(violations, request_id))
         raise AssertionError("unreachable: abort_with_status raises")  # pragma: no cover

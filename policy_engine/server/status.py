@@ -32,9 +32,10 @@ class PolicyStatusServicer(pdp_pb2_grpc.PolicyStatusServiceServicer):
         self._store = store
         self._watching = watching
 
-    def GetStatus(
-        self, request: pdp_pb2.GetStatusRequest, context: grpc.ServicerContext
+    async def GetStatus(
+        self, request: pdp_pb2.GetStatusRequest, context: grpc.aio.ServicerContext
     ) -> pdp_pb2.GetStatusResponse:
+        # On the event loop: the store's status is a plain attribute read, never a wait.
         status = self._store.status()
         response = pdp_pb2.GetStatusResponse(
             revision=status.revision,
