@@ -338,6 +338,9 @@ class DirectoryBackend:
             differences = []  # nothing loaded nor tried yet: the first load walks anyway
         else:
             differences = list(self._differences(snapshot))
+            gone = {d[1:] for d in differences if d.startswith("-")}
+            if gone:  # a removed file is listed once, not also as changed
+                differences = [d for d in differences if d not in gone]
         if differences or snapshot.aliased:
             self._journal.lose()
         return differences, bool(snapshot.aliased)

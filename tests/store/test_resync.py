@@ -162,3 +162,22 @@ def test_resync_seconds_is_bounded_like_the_other_intervals(value: str, expected
 def test_resync_seconds_defaults_to_30_and_takes_0() -> None:
     assert load_settings(environ={}).reload.resync_seconds == 30.0
     assert load_settings(environ={"PDP_RELOAD__RESYNC_SECONDS": "0"}).reload.resync_seconds == 0
+
+
+def test_a_resync_lists_each_difference_once(root: Path) -> None:
+    """Without a watcher too: what differs from the last good load, each path once."""
+    backend = DirectoryBackend(root)
+    backend.load()
+    assert backend.resync() == ([], False)
+    (root / "acme" / "users" / "user-00002.yaml").unlink()
+    (root / "acme" / "users" / "user-00009.yaml").write_text(policy_text(9, revoked=False))
+    write_in_place(root / "acme" / "users" / "user-00003.yaml", policy_text(3, revoked=True))
+    os.link(root / "acme" / "users" / "user-00004.yaml", root.parent / "user-4.yaml")
+    differences, aliased = backend.resync()
+    assert sorted(differences) == [
+        "+acme/users/user-00009.yaml",
+        "-acme/users/user-00002.yaml",
+        "acme/users/user-00003.yaml",
+        "acme/users/user-00004.yaml",  # linked: its ctime changed
+    ]
+    assert aliased
