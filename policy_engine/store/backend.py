@@ -77,6 +77,12 @@ class PolicyBackend(Protocol):
         `stop` is set. Spurious yields are fine: reloading an unchanged set is a no-op."""
         ...
 
+    def resync(self) -> tuple[list[str], bool]:
+        """Compares the source with what the last load read, for changes `changes` did not
+        report: (what differs, whether the source holds an item reachable by two names).
+        A source that cannot tell returns ([], False)."""
+        ...
+
 
 _Identity = tuple[int, int]
 _FileIdentity = tuple[int, int, int, int, int]  # see loader.file_identity

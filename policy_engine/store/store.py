@@ -181,15 +181,11 @@ class PolicyStore:
         which a reload reads again, as the load's own racy check would).
 
         Takes the reload lock, so it never overlaps a load (its walk would race the load's
-        own looks); never on the request path, which takes no lock. A backend without a
-        `resync` (another source) has nothing to compare: empty. Never raises."""
-        resync = getattr(self.backend, "resync", None)
-        if resync is None:
-            return []
+        own looks); never on the request path, which takes no lock. Never raises."""
         with self._reload_lock:
             started = time.perf_counter()
             try:
-                differences, aliased = resync()
+                differences, aliased = self.backend.resync()
             except Exception:  # a bug here must not kill the reload thread
                 log.exception("resync of %s failed", self.backend.location)
                 return []
