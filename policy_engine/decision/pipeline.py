@@ -228,8 +228,9 @@ class Decider:
     The cache is built from `settings.cache` unless one is passed (`cache=None` turns caching
     off); `close()` stops only a cache built here. `clock` None reads `time.time()` (no
     datetime is built on the hit path); a clock passed in is read once per call. One
-    instance serves every handler thread: a call's state lives in the call, and `source` may
-    be swapped at any time (the next call reads it).
+    instance serves every call, on the event loop and from any thread (`decide`): a call's
+    state lives in the call, and `source` may be swapped at any time (the next call reads it).
+    `settings.threads` sizes the pool for lookups that may wait on Redis (`decide_async`).
     """
 
     def __init__(
