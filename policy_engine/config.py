@@ -199,17 +199,26 @@ def _redis_url(value: str) -> str:
     return value
 
 
-def _zoned_time(value: str) -> str:
-    """Empty or an ISO 8601 time with a zone (`bundle.not_before`). Raises ValueError."""
-    text = value.strip()
+ZONED_TIME_FORM = "an ISO 8601 time with a zone (e.g. 2026-11-30T12:00:00+00:00)"
+
+
+def parse_zoned_time(text: str) -> datetime | None:
+    """`text` as an instant (ISO 8601 with a zone), None when empty; raises ValueError."""
+    text = text.strip()
     if not text:
-        return value
+        return None
     try:
         instant = datetime.fromisoformat(text)
     except ValueError:
         instant = None
     if instant is None or instant.tzinfo is None:
-        raise ValueError("expected an ISO 8601 time with a zone (e.g. 2026-11-30T12:00:00+00:00)")
+        raise ValueError(f"expected {ZONED_TIME_FORM}")
+    return instant
+
+
+def _zoned_time(value: str) -> str:
+    """Empty or an ISO 8601 time with a zone (`bundle.not_before`). Raises ValueError."""
+    parse_zoned_time(value)
     return value
 
 

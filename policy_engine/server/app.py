@@ -49,7 +49,7 @@ from grpc_reflection.v1alpha import reflection
 from policy_engine.api import pdp_pb2, pdp_pb2_grpc
 from policy_engine.audit import AuditLog
 from policy_engine.cache import load_signing_keys, redis_level_on
-from policy_engine.config import ConfigError, Settings
+from policy_engine.config import ZONED_TIME_FORM, ConfigError, Settings, parse_zoned_time
 from policy_engine.domain.codes import ErrorCode, docs_url
 from policy_engine.logs import setup_logging
 from policy_engine.server.errors import Status, invalid_argument
@@ -188,19 +188,13 @@ def bundle_public_key(settings: Settings) -> bytes | None:
 
 def bundle_not_before(settings: Settings) -> datetime | None:
     """`bundle.not_before` as an instant; raises ConfigError when it is not one."""
-    text = settings.bundle.not_before.strip()
-    if not text:
-        return None
     try:
-        instant = datetime.fromisoformat(text)
+        return parse_zoned_time(settings.bundle.not_before)
     except ValueError:
-        instant = None
-    if instant is None or instant.tzinfo is None:
         raise ConfigError(
-            f"setting bundle.not_before: {text!r} is not an ISO 8601 time with a zone "
-            "(e.g. 2026-11-30T12:00:00+00:00)"
-        )
-    return instant
+            f"setting bundle.not_before: {settings.bundle.not_before.strip()!r} is not "
+            + ZONED_TIME_FORM
+        ) from None
 
 
 def build_server(
