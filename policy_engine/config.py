@@ -20,6 +20,7 @@ import math
 import os
 import pickle
 import re
+import stat
 import sys
 import threading
 from collections.abc import Callable, Mapping
@@ -97,6 +98,10 @@ def _lower(raw: Any) -> Any:
 
 def _upper(raw: Any) -> Any:
     return raw.strip().upper() if isinstance(raw, str) else raw
+
+
+MIN_INTERVAL_SECONDS = 1.0  # the shortest periodic walk of the policy tree (reload.resync)
+MAX_CONFIG_BYTES = 1024 * 1024  # a config file larger than this is refused unread
 
 
 def _finite(value: float) -> float:
@@ -237,6 +242,17 @@ Millis = Annotated[int, at.Gt(0), at.Le(MAX_MILLIS)]  # timeouts
 MillisOrOff = Annotated[int, at.Ge(0), at.Le(MAX_MILLIS)]  # 0: no wait
 Seconds = Annotated[float, at.Gt(0), _After(_finite)]
 SecondsOrOff = Annotated[float, at.Ge(0), _After(_finite)]
+
+
+def _interval_or_off(value: float) -> float:
+    """0 (off) or at least MIN_INTERVAL_SECONDS: a walk of the whole tree back to back would
+    hold a core (1e-300, or milliseconds typed as seconds)."""
+    if 0 < value < MIN_INTERVAL_SECONDS:
+        raise ValueError(f"expected 0 (off) or at least {MIN_INTERVAL_SECONDS:g} seconds")
+    return value
+
+
+IntervalOrOff = Annotated[float, at.Ge(0), _After(_finite), _After(_interval_or_off)]
 Workers = Annotated[int, at.Ge(1), at.Le(MAX_WORKERS)]
 Threads = Annotated[int, at.Ge(1), at.Le(MAX_THREADS)]
 GrpcAddress = Annotated[str, _After(_grpc_address)]
@@ -313,7 +329,7 @@ class ReloadSettings:
     debounce_ms: MillisOrOff = 150  # changes closer together than this are applied once
     # While watching, compare the tree with what the last load read this often and reload on
     # a difference inotify did not report (a hard link made outside the tree, NFS); 0: off.
-    resync_seconds: SecondsOrOff = 30.0
+    resync_seconds: IntervalOrOff = 30.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -476,7 +492,31 @@ def settings_dict(settings: Any, *, prefix: str = "") -> dict[str, Any]:
 # --- loading ---------------------------------------------------------------------------------
 
 
-def _read_config_file(path: Path) -> Mapping[str, Any]:
+def read_config_text(path: Path) -> str:
+    """The config file's text: a regular file of at most MAX_CONFIG_BYTES, UTF-8. Raises
+    ConfigError (a FIFO, device or directory is refused unread: it could block or never end)."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+    except OSError as exc:
+        raise ConfigError(f"config file {path}: cannot read: {exc.strerror or exc}") from None
+    try:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            raise ConfigError(f"config file {path}: not a regular file")
+        with os.fdopen(fd, "rb", closefd=False) as file:
+            data = file.read(MAX_CONFIG_BYTES + 1)
+    except OSError as exc:
+        raise ConfigError(f"config file {path}: cannot read: {exc.strerror or exc}") from None
+    finally:
+        os.close(fd)
+    if len(data) > MAX_CONFIG_BYTES:
+        raise ConfigError(f"config file {path}: larger than {MAX_CONFIG_BYTES} bytes")
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"config file {path}: not UTF-8 (byte {exc.start})") from None
+
+
+def _read_config_file(path: Path, text: str | None = None) -> Mapping[str, Any]:
     """The file's one mapping, read as strictly as policy files (policy_engine.policy.yamlpos):
     a duplicate key, anchor, alias, merge key or tag is refused with its line, so no setting
     (a bundle key, a signing key) can be silently overridden or dropped. Plain scalars stay
@@ -484,10 +524,10 @@ def _read_config_file(path: Path) -> Mapping[str, Any]:
     # Imported here: the policy package imports this module (PolicyLimits).
     from policy_engine.policy.yamlpos import error_line, load_documents
 
+    if text is None:
+        text = read_config_text(path)
     try:
-        parsed = load_documents(path.read_text(encoding="utf-8"), what="config files")
-    except (OSError, UnicodeDecodeError) as exc:
-        raise ConfigError(f"config file {path}: cannot read: {exc}") from exc
+        parsed = load_documents(text, what="config files")
     except yaml.YAMLError as exc:
         problem = str(getattr(exc, "problem", None) or exc).strip()
         raise ConfigError(f"config file {path}:{error_line(exc)}: {problem}") from exc
@@ -700,9 +740,11 @@ def load_settings(
     overrides: Mapping[str, Any] | None = None,
     *,
     flag_names: Mapping[str, str] | None = None,
+    config_text: str | None = None,
 ) -> Settings:
     """Settings from defaults, `config_file`, `environ` (PDP_*) and `overrides`, in that order,
-    every value validated by its annotation (pydantic-settings).
+    every value validated by its annotation (pydantic-settings). `config_text`: the config
+    file's text when already read (read_config_text); `config_file` then names it in errors.
 
     `overrides` are the flags' values, nested like the settings; None means "not given".
     `flag_names` ({"cache.redis_url": "--redis-url"}) names them in errors; otherwise they
@@ -714,7 +756,9 @@ def load_settings(
     from pydantic import ValidationError
 
     sources = _Sources(
-        file_values=_read_config_file(config_file) if config_file is not None else {},
+        file_values=(
+            _read_config_file(config_file, config_text) if config_file is not None else {}
+        ),
         environ=os.environ if environ is None else environ,
         overrides={k: v for k, v in (overrides or {}).items() if v is not None},
         config_file=config_file,
@@ -844,11 +888,15 @@ def load_settings_apart(
 
     Done in this process instead where fork is unsafe or pointless: no `os.fork` (Windows),
     other threads running (a child of a threaded process may inherit a held lock), or
-    pydantic already imported. A child that fails in any other way (killed, an unexpected
-    exception) is answered by loading here, which raises what the child met.
+    pydantic already imported. The config file is read here, once, before the fork (a pipe
+    or FIFO could not be read twice). A child that ends any other way (killed, out of
+    memory) is a ConfigError: the settings were not checked, so nothing starts with them.
     """
+    text = read_config_text(config_file) if config_file is not None else None
     if not hasattr(os, "fork") or threading.active_count() > 1 or "pydantic" in sys.modules:
-        return load_settings(config_file, overrides=overrides, flag_names=flag_names)
+        return load_settings(
+            config_file, overrides=overrides, flag_names=flag_names, config_text=text
+        )
     read_end, write_end = os.pipe()
     pid = os.fork()
     if pid == 0:  # the child: validate, answer, and leave without running any exit handler
@@ -858,7 +906,8 @@ def load_settings_apart(
             outcome: tuple[str, Any]
             try:
                 outcome = ("settings", load_settings(config_file, overrides=overrides,
-                                                     flag_names=flag_names))  # fmt: skip
+                                                     flag_names=flag_names,
+                                                     config_text=text))  # fmt: skip
             except ConfigError as exc:
                 outcome = ("error", str(exc))
             with os.fdopen(write_end, "wb") as pipe:
@@ -870,8 +919,10 @@ def load_settings_apart(
     with os.fdopen(read_end, "rb") as pipe:
         data = pipe.read()
     _, status = os.waitpid(pid, 0)
-    if os.waitstatus_to_exitcode(status) != 0 or not data:
-        return load_settings(config_file, overrides=overrides, flag_names=flag_names)
+    code = os.waitstatus_to_exitcode(status)
+    if code != 0 or not data:
+        how = f"was killed by signal {-code}" if code < 0 else f"exited with code {code}"
+        raise ConfigError(f"settings could not be checked: the checking process {how}")
     kind, value = pickle.loads(data)  # from our own child
     if kind == "error":
         raise ConfigError(value)
