@@ -244,28 +244,13 @@ class DirectoryBackend:
         except PolicyLoadError as exc:
             self._files_read = exc.files_read
             self._refuse_files_being_written()  # the error may be a truncated file's
+            # A file deleted or replaced between the look and its read fails the load too:
+            # that is a torn read, tried again, not the set's own error.
+            self._check_consistent(before, exc.files_read, full)
             self._failed_look = before  # what a resync compares with until a load is good
             raise
         self._files_read = policies.files_read
-        # Files the walk does not list (JWKS files, the signature) are stat'ed here, the
-        # others by the second walk's snapshot: each file once after loading.
-        changed = self.changed_since_read(
-            tuple(file for file in policies.files_read if file.relative not in before.identities)
-        )
-        if full:
-            self._base = None
-        after = self._fingerprint()
-        changed += [
-            file.relative
-            for file in policies.files_read
-            if file.relative in after.identities
-            and after.identities[file.relative] != file.identity
-        ]
-        if changed or not after.same_tree(before):
-            shown = f" ({', '.join(changed[:5])})" if changed else ""
-            raise SourceChangedDuringLoad(
-                f"{self.directory} changed while it was being loaded{shown}"
-            )
+        after = self._check_consistent(before, policies.files_read, full)
         self._refuse_files_being_written(after)  # opened for writing while we read
         if last_good is not None and last_good.revision == policies.revision:
             # The same content read again: keep serving the same object, so the store and
@@ -275,6 +260,32 @@ class DirectoryBackend:
         self._last_good_read_ns, self._last_good_root = read_ns, before.root
         self._failed_look = None
         return policies
+
+    def _check_consistent(
+        self, before: _Snapshot, files_read: tuple[FileRead, ...], full: bool
+    ) -> _Snapshot:
+        """The look after a load that began with `before` and read `files_read`; raises
+        SourceChangedDuringLoad when the tree or a file read changed in between."""
+        # Files the walk does not list (JWKS files, the signature) are stat'ed here, the
+        # others by the second look: each file once after loading.
+        changed = self.changed_since_read(
+            tuple(file for file in files_read if file.relative not in before.identities)
+        )
+        if full:
+            self._base = None
+        after = self._fingerprint()
+        changed += [
+            file.relative
+            for file in files_read
+            if file.relative in after.identities
+            and after.identities[file.relative] != file.identity
+        ]
+        if changed or not after.same_tree(before):
+            shown = f" ({', '.join(changed[:5])})" if changed else ""
+            raise SourceChangedDuringLoad(
+                f"{self.directory} changed while it was being loaded{shown}"
+            )
+        return after
 
     def _not_before(self) -> datetime | None:
         """The earliest signing time a bundle may have: the configured floor, raised to the

@@ -238,3 +238,34 @@ def test_a_policy_path_that_cannot_be_read_as_a_file_fails_the_load(
 def test_an_empty_policy_file_fails_the_load(root: Path, store: PolicyStore) -> None:
     (root / "acme" / "org.yaml").write_text("")
     assert store.reload("truncated") is ReloadResult.FAILED
+
+
+class _FileDeletedMidRead(DirectoryBackend):
+    """A deploy deletes a policy file after the load listed it and before it is read."""
+
+    def __init__(self, directory: Path, doomed: Path) -> None:
+        super().__init__(directory)
+        self.doomed = doomed
+        self.fingerprints = 0
+
+    def _fingerprint(self) -> _Fingerprint:
+        fingerprint = super()._fingerprint()
+        self.fingerprints += 1
+        if self.fingerprints == 1:
+            self.doomed.unlink()
+        return fingerprint
+
+
+def test_a_file_deleted_between_listing_and_reading_is_a_retry_not_a_failure(
+    root: Path,
+) -> None:
+    doomed = root / "acme" / "gone.yaml"
+    doomed.write_text(
+        "kind: Policy\nname: soon-gone\nlayer: user\ntarget:\n  subjects: [nobody]\n"
+        "rules:\n  - name: r\n    effect: deny\n"
+    )
+    backend = _FileDeletedMidRead(root, doomed)
+    store = PolicyStore(backend)
+    assert store.reload("startup") is ReloadResult.LOADED  # was FAILED: "cannot read"
+    assert backend.fingerprints > 2  # the torn read was refused and retried
+    assert store.current().revision == load_policy_set(root).revision
