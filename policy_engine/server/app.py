@@ -24,7 +24,6 @@ kontext_server_error until a valid set loads (`pdp validate` is the deploy-time 
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import logging
 import multiprocessing
@@ -38,7 +37,7 @@ from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
 from types import FrameType
-from typing import Any, Literal, NoReturn, TypeVar
+from typing import Any, Literal, NoReturn
 
 import grpc
 from google.protobuf.message import DecodeError
@@ -51,6 +50,7 @@ from policy_engine.audit import AuditLog
 from policy_engine.cache import load_signing_keys, redis_level_on
 from policy_engine.config import ZONED_TIME_FORM, ConfigError, Settings, parse_zoned_time
 from policy_engine.domain.codes import ErrorCode, docs_url
+from policy_engine.lifecycle import EventLoop, event_loop
 from policy_engine.logs import setup_logging
 from policy_engine.server.errors import Status, invalid_argument
 from policy_engine.server.metrics_http import (
@@ -73,44 +73,6 @@ STOP_GRACE_SECONDS = 5.0
 AUDIT_CLOSE_SECONDS = 10.0  # after the grace period: the audit queue and sinks drain
 EXIT_WORKER_FAILED = 1
 LOOP_START_SECONDS = 10.0
-
-T = TypeVar("T")
-
-
-class EventLoop:
-    """The process's asyncio event loop, running in a daemon thread ("pdp-loop"): every
-    grpc.aio server of the process (the decision port, the health port) is served on it, and
-    synchronous code drives them through `call`. Started by the first `event_loop()`."""
-
-    def __init__(self) -> None:
-        self.loop = asyncio.new_event_loop()
-        self._thread = threading.Thread(target=self._run, name="pdp-loop", daemon=True)
-        self._thread.start()
-
-    def _run(self) -> None:
-        asyncio.set_event_loop(self.loop)
-        self.loop.run_forever()
-
-    def on_loop(self) -> bool:
-        """Is the caller running on the loop's thread (where `call` would deadlock)?"""
-        return threading.current_thread() is self._thread
-
-    def call(self, coro: Coroutine[Any, Any, T], timeout: float | None = None) -> T:
-        """Run `coro` on the loop and return its result (its exception is raised here)."""
-        return asyncio.run_coroutine_threadsafe(coro, self.loop).result(timeout)
-
-
-_loop: EventLoop | None = None
-_loop_lock = threading.Lock()
-
-
-def event_loop() -> EventLoop:
-    """The process's `EventLoop`, started on first use."""
-    global _loop
-    with _loop_lock:
-        if _loop is None:
-            _loop = EventLoop()
-        return _loop
 
 
 class AsyncServer:
