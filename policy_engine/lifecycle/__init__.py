@@ -12,6 +12,7 @@ from policy_engine.lifecycle.component import (
     Component,
     ComponentStatus,
     Lifecycle,
+    StartFailed,
     State,
     deadline_in,
 )
@@ -22,6 +23,7 @@ __all__ = [
     "ComponentStatus",
     "EventLoop",
     "Lifecycle",
+    "StartFailed",
     "State",
     "deadline_in",
     "event_loop",

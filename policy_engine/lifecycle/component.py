@@ -66,17 +66,32 @@ class Component(Protocol):
     def status(self) -> ComponentStatus: ...
 
 
+class StartFailed(RuntimeError):
+    """A component failed to start for a reason other than a setting (a `ConfigError` is
+    raised as it is); the message names the component, the cause is chained."""
+
+    def __init__(self, name: str, cause: BaseException) -> None:
+        super().__init__(f"{name} could not start: {cause}")
+        self.component = name
+
+
+STOP_AFTER_FAILED_START_SECONDS = 5.0
+
+
 class Lifecycle:
     """Components started in the order given and stopped in reverse.
 
     `start()` stops what it has started (in reverse) and re-raises if a component fails to
-    start. `stop(deadline)` gives every component the same overall deadline, so a slow one
-    leaves less time to those after it but never stops them being stopped.
+    start: a `ConfigError` (or KeyboardInterrupt, SystemExit) as it is, any other exception
+    as `StartFailed` naming the component. `stop(deadline)` gives every component the same
+    overall deadline, so a slow one leaves less time to those after it but never stops them
+    being stopped. From the moment `stop` begins, `ready()` is False for good.
     """
 
     def __init__(self, components: Sequence[Component] = ()) -> None:
         self.components: list[Component] = list(components)
         self._started: list[Component] = []
+        self._stopping = False
 
     def add(self, component: Component) -> Component:
         """Append a component (before `start`)."""
@@ -84,17 +99,29 @@ class Lifecycle:
         return component
 
     def start(self) -> None:
+        # Imported here: config is heavier than this module, and only a failure needs it.
+        from policy_engine.config import ConfigError
+
         for component in self.components:
             try:
                 component.start()
-            except BaseException:
-                log.debug("%s failed to start; stopping the rest", component.name)
-                self.stop(deadline_in(5.0))
-                raise
+            except BaseException as exc:
+                log.debug("%s failed to start; stopping the rest", component.name, exc_info=True)
+                self._started.append(component)  # a half-started component is stopped too
+                self.stop(deadline_in(STOP_AFTER_FAILED_START_SECONDS))
+                if isinstance(exc, ConfigError) or not isinstance(exc, Exception):
+                    raise
+                raise StartFailed(component.name, exc) from exc
             self._started.append(component)
+
+    @property
+    def stopping(self) -> bool:
+        """`stop` has begun (the process is shutting down, or failed to start)."""
+        return self._stopping
 
     def stop(self, deadline: float) -> bool:
         """Stop every started component, last first; True when every one stopped cleanly."""
+        self._stopping = True
         clean = True
         while self._started:
             component = self._started.pop()
@@ -108,8 +135,9 @@ class Lifecycle:
         return clean
 
     def statuses(self) -> list[ComponentStatus]:
+        """Every component's status, in start order (never blocks)."""
         return [component.status() for component in self.components]
 
     def ready(self) -> bool:
-        """Every component ready (health SERVING)."""
-        return all(status.ready for status in self.statuses())
+        """Every component ready and no stop begun (health SERVING)."""
+        return not self._stopping and all(status.ready for status in self.statuses())

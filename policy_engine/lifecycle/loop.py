@@ -7,18 +7,45 @@ import threading
 from collections.abc import Coroutine
 from typing import Any, TypeVar
 
+from policy_engine.lifecycle.component import ComponentStatus, State
+
 T = TypeVar("T")
 
 
 class EventLoop:
     """The process's asyncio event loop, running in a daemon thread ("pdp-loop"): every
     grpc.aio server of the process, the asyncio Redis client and the JWKS fetcher live on it,
-    and synchronous code drives them through `call`. Started by the first `event_loop()`."""
+    and synchronous code drives them through `call`. The process's one loop is started by the
+    first `event_loop()`.
+
+    A `Component` (the first a server starts): `start()` starts the thread (once; again is a
+    no-op). `stop()` leaves the loop running: it is the process's, shared by every server and
+    client in it (tests run several servers in one process), and its daemon thread ends with
+    the process; what runs on it is stopped by its own component.
+    """
+
+    name = "event_loop"
 
     def __init__(self) -> None:
         self.loop = asyncio.new_event_loop()
         self._thread = threading.Thread(target=self._run, name="pdp-loop", daemon=True)
-        self._thread.start()
+        self._start_lock = threading.Lock()
+
+    def start(self) -> None:
+        with self._start_lock:
+            if self._thread.ident is None:
+                self._thread.start()
+
+    def stop(self, deadline: float) -> bool:
+        """Leaves the process's loop running (see the class docstring); True."""
+        return True
+
+    def status(self) -> ComponentStatus:
+        if self._thread.ident is None:
+            return ComponentStatus(self.name, State.NEW, False, "not started")
+        if not self._thread.is_alive() or self.loop.is_closed():
+            return ComponentStatus(self.name, State.FAILED, False, "the loop's thread has ended")
+        return ComponentStatus(self.name, State.RUNNING, True)
 
     def _run(self) -> None:
         asyncio.set_event_loop(self.loop)
@@ -54,4 +81,5 @@ def event_loop() -> EventLoop:
     with _loop_lock:
         if _loop is None:
             _loop = EventLoop()
+            _loop.start()
         return _loop
