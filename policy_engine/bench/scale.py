@@ -32,7 +32,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import math
-import os
 import shutil
 import sys
 import tempfile
@@ -46,6 +45,7 @@ import grpc
 
 from policy_engine.bench import h2load
 from policy_engine.bench.cli import WrongAnswer, verify
+from policy_engine.bench.procs import cpu_seconds
 from policy_engine.bench.report import machine_facts
 from policy_engine.bench.scale_sets import (
     VARIANTS,
@@ -61,6 +61,8 @@ from policy_engine.bench.server import (
     ServerError,
     ServerOptions,
     ServerSpec,
+    default_cpus,
+    pinned,
     running,
 )
 from policy_engine.bench.workloads import (
@@ -99,11 +101,6 @@ def _log(message: str) -> None:
 # --- pinning -----------------------------------------------------------------------------------
 
 
-def pinned(command: list[str], cpu: int | None) -> list[str]:
-    """`command` run on `cpu` only (through taskset, which execs it: the pid stays the same)."""
-    return command if cpu is None else ["taskset", "-c", str(cpu), *command]
-
-
 def policy_server(cpu: int | None, env: dict[str, str]) -> ServerSpec:
     """The `pdp serve` server kind pinned to `cpu` (registered in SERVER_KINDS on first use)."""
     if cpu is None:
@@ -113,15 +110,6 @@ def policy_server(cpu: int | None, env: dict[str, str]) -> ServerSpec:
         base = SERVER_KINDS["policy"]
         SERVER_KINDS[kind] = lambda address, options: pinned(base(address, options), cpu)
     return ServerSpec(kind, env=env)
-
-
-def default_cpus() -> tuple[int | None, int | None]:
-    """(server core, load core): the first two usable cores, or no pinning with fewer or
-    without taskset."""
-    cpus = sorted(os.sched_getaffinity(0))
-    if len(cpus) < 2 or shutil.which("taskset") is None:
-        return None, None
-    return cpus[0], cpus[1]
 
 
 # --- the server process, from /proc --------------------------------------------------------------
@@ -134,14 +122,6 @@ def rss_mb(pid: int) -> float:
         if line.startswith("VmRSS:"):
             return int(line.split()[1]) * 1024 / MB  # the kernel reports kB
     raise ValueError(f"/proc/{pid}/status has no VmRSS line")
-
-
-def cpu_seconds(pid: int) -> float:
-    """User plus system CPU time of process `pid` (all its threads) so far, in seconds."""
-    stat = Path(f"/proc/{pid}/stat").read_text()
-    # The command name may hold spaces and parentheses: the fields follow its last ')'.
-    fields = stat[stat.rindex(")") + 2 :].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def wait_idle(pid: int, timeout_s: float) -> float | None:

@@ -8,7 +8,9 @@ exactly as deployed: the `pdp serve` command line, its flags and its environment
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -31,26 +33,49 @@ class ServerError(RuntimeError):
 
 @dataclass(frozen=True, slots=True)
 class ServerOptions:
-    """What every server in one benchmark run shares (set from the harness's flags)."""
+    """What every server in one benchmark run shares (set from the harness's flags).
+
+    `threads` None leaves the server's own default (`--threads` is not passed); `cpu` pins a
+    one-process server to that core with taskset (a server of several workers is never
+    pinned: its workers need the cores).
+    """
 
     workers: int
-    threads: int
+    threads: int | None
     policy_dir: Path
+    cpu: int | None = None
+
+
+def pinned(command: list[str], cpu: int | None) -> list[str]:
+    """`command` run on `cpu` only (through taskset, which execs it: the pid stays the same)."""
+    return command if cpu is None else ["taskset", "-c", str(cpu), *command]
+
+
+def default_cpus() -> tuple[int | None, int | None]:
+    """(server core, load core): the first two usable cores, or no pinning with fewer or
+    without taskset."""
+    cpus = sorted(os.sched_getaffinity(0))
+    if len(cpus) < 2 or shutil.which("taskset") is None:
+        return None, None
+    return cpus[0], cpus[1]
+
+
+def _process_flags(options: ServerOptions) -> list[str]:
+    threads = [] if options.threads is None else ["--threads", str(options.threads)]
+    return ["--workers", str(options.workers), *threads]
 
 
 def _policy_command(address: str, options: ServerOptions) -> list[str]:
     return [
         sys.executable, "-m", "policy_engine.cli.main", "serve",
-        "--address", address, "--policies", str(options.policy_dir),
-        "--workers", str(options.workers), "--threads", str(options.threads),
+        "--address", address, "--policies", str(options.policy_dir), *_process_flags(options),
     ]  # fmt: skip
 
 
 def _empty_command(address: str, options: ServerOptions) -> list[str]:
     return [
         sys.executable, "-m", "policy_engine.bench.empty_server",
-        "--address", address,
-        "--workers", str(options.workers), "--threads", str(options.threads),
+        "--address", address, *_process_flags(options),
     ]  # fmt: skip
 
 
@@ -75,11 +100,13 @@ SERVER_KINDS: dict[str, CommandBuilder] = {
 
 @dataclass(frozen=True, slots=True)
 class ServerSpec:
-    """Which server a row measures: a kind from SERVER_KINDS, extra flags, extra environment."""
+    """Which server a row measures: a kind from SERVER_KINDS, extra flags, extra environment,
+    and its own number of worker processes (None: the run's `--workers`)."""
 
     kind: str
     args: tuple[str, ...] = ()
     env: Mapping[str, str] = field(default_factory=dict)
+    workers: int | None = None
 
     @property
     def needs_redis(self) -> bool:
@@ -94,14 +121,24 @@ class ServerSpec:
             env[key] = value
         return env
 
+    def options(self, options: ServerOptions) -> ServerOptions:
+        """The run's options with this server's own worker count, if it has one."""
+        if self.workers is None:
+            return options
+        return dataclasses.replace(options, workers=self.workers)
+
     def command(self, address: str, options: ServerOptions) -> list[str]:
+        """The command line: the kind's, then the extra flags; pinned to `options.cpu` when
+        this server is one process."""
         try:
             build = SERVER_KINDS[self.kind]
         except KeyError:
             raise ServerError(
                 f"unknown server kind {self.kind!r}; known: {', '.join(SERVER_KINDS)}"
             ) from None
-        return [*build(address, options), *self.args]
+        own = self.options(options)
+        command = [*build(address, own), *self.args]
+        return pinned(command, own.cpu if own.workers == 1 else None)
 
 
 def free_port() -> int:
@@ -187,14 +224,16 @@ def running(
     cwd: Path,
     health_timeout_s: float = HEALTH_TIMEOUT_S,
     substitutions: Mapping[str, str] | None = None,
+    extra_env: Mapping[str, str] | None = None,
 ) -> Iterator[RunningServer]:
-    """Start `spec` on a free port, yield it once healthy, always stop it afterwards.
+    """Start `spec` in `cwd` on a free port, yield it once healthy, always stop it afterwards.
 
+    `extra_env` goes under the row's own environment (a previous build's PYTHONPATH).
     Output goes to a file, not a pipe: a pipe nobody drains would block a chatty server
     (an audit log line per decision) and quietly throttle the benchmark.
     """
     target = f"127.0.0.1:{free_port()}"
-    env = {**os.environ, **spec.environment(substitutions or {})}
+    env = {**os.environ, **(extra_env or {}), **spec.environment(substitutions or {})}
     log_path.parent.mkdir(parents=True, exist_ok=True)
     with log_path.open("wb") as log:
         process = subprocess.Popen(
