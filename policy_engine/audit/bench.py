@@ -78,6 +78,7 @@ def measure(count: int, directory: Path) -> dict[str, float]:
     writer_module.encode_record = held  # type: ignore[assignment]
     try:
         audit = AuditLog(settings)
+        audit.start()
         audit.record(request, decision, decision_id="warm-up")
         time.sleep(0.05)
         started = time.perf_counter()

@@ -26,7 +26,6 @@
 
 from __future__ import annotations
 
-import atexit
 import logging
 import threading
 import time
@@ -51,6 +50,7 @@ from policy_engine.audit.sinks.stdout import StdoutSink
 from policy_engine.config import AuditSettings, ConfigError
 from policy_engine.domain.decision import Decision
 from policy_engine.domain.request import CheckRequest
+from policy_engine.lifecycle.component import ComponentStatus, State
 
 if TYPE_CHECKING:
     # Imported where used: redis (~10 MB) and cryptography (~8 MB) only when configured.
@@ -65,6 +65,7 @@ _BATCH = 512  # records per dispatcher round and per sink write
 _LINGER = 0.005  # seconds the dispatcher lets records gather before a partial batch
 _IDLE_WAIT = 0.5  # seconds the dispatcher sleeps with nothing to do (woken earlier on work)
 _RETRY_INITIAL = 0.05
+_COUNT_GRACE = 0.5  # seconds past close's deadline for workers to count what they left
 
 _DECISION = 0
 _INVALID = 1
@@ -184,6 +185,16 @@ def build_sinks(settings: AuditSettings, *, worker: int = 0) -> list[Sink]:
     return sinks
 
 
+def _load_signer(path: str) -> Signer:
+    """The checkpoint signer from `audit.signing_key_file`; ConfigError naming the setting."""
+    from policy_engine.audit.keys import KeyFileError, Signer, load_private_key
+
+    try:
+        return Signer(load_private_key(Path(path)))
+    except KeyFileError as exc:
+        raise ConfigError(f"setting audit.signing_key_file: {exc}") from exc
+
+
 def _check(settings: AuditSettings) -> None:
     if settings.when_full not in WHEN_FULL:
         raise ConfigError(
@@ -197,8 +208,17 @@ def _check(settings: AuditSettings) -> None:
 class AuditLog:
     """The audit log of one server process. Thread-safe; create it after forking workers.
 
+    A lifecycle `Component` ("audit"): the constructor checks the settings and builds the
+    sinks without touching them (no file opened, no connection, no thread); `start()` reads
+    the signing key and starts the writer threads; `stop(deadline)` drains (see `close`);
+    `status()` is DEGRADED while a sink fails. `required`: decisions must not be made
+    unaudited, so the log is not ready (health NOT_SERVING) while any sink cannot write.
+    Records offered before `start()` wait in the queue (bounded as ever).
+
     With `settings.enabled` false, `record()` does nothing and returns False.
     """
+
+    name = "audit"
 
     def __init__(
         self,
@@ -208,6 +228,7 @@ class AuditLog:
         instance: str | None = None,
         sinks: Sequence[Sink] | None = None,
         signer: Signer | None = None,
+        required: bool = False,
     ) -> None:
         self.settings = settings
         self.enabled = settings.enabled
@@ -228,29 +249,48 @@ class AuditLog:
         self._warn_full = _RateLimitedWarning()
         self._workers: list[_SinkWorker] = []
         self._dispatcher: threading.Thread | None = None
+        self._signer = signer
+        self.required = required
+        self._state = State.NEW
+        self._start_lock = threading.Lock()
+        self._sinks: list[Sink] = []
         if not self.enabled:
             return
         _check(settings)
-        if signer is None and settings.signing_key_file:
-            from policy_engine.audit.keys import KeyFileError, Signer, load_private_key
+        self._sinks = list(sinks) if sinks is not None else build_sinks(settings, worker=worker)
 
+    # --- lifecycle: start ----------------------------------------------------------------------
+
+    def start(self) -> None:
+        """Read the signing key, then start the dispatcher and one worker per sink (each opens
+        its sink, retrying with backoff while it cannot). Records queued before this are
+        written now. Raises ConfigError when `audit.signing_key_file` cannot be used. A
+        second call does nothing; a log that was closed is not started again."""
+        if not self.enabled:
+            return
+        with self._start_lock:
+            if self._state is not State.NEW:
+                return
+            self._state = State.STARTING
+            signer = self._signer
             try:
-                signer = Signer(load_private_key(Path(settings.signing_key_file)))
-            except KeyFileError as exc:
-                raise ConfigError(f"setting audit.signing_key_file: {exc}") from exc
-        if signer is None:
-            log.warning("audit log: no signing_key_file; checkpoints are not signed")
-        chosen = list(sinks) if sinks is not None else build_sinks(settings, worker=worker)
-        for sink in chosen:
-            chain = Chain(signer=signer, instance=self.instance, sink=sink.name)
-            self._workers.append(_SinkWorker(self, sink, chain, settings))
-        for w in self._workers:
-            w.thread.start()
-        self._dispatcher = threading.Thread(
-            target=self._dispatch, name="pdp-audit-dispatch", daemon=True
-        )
-        self._dispatcher.start()
-        atexit.register(self._at_exit)
+                if signer is None and self.settings.signing_key_file:
+                    signer = _load_signer(self.settings.signing_key_file)
+            except BaseException:
+                self._state = State.NEW
+                raise
+            if signer is None:
+                log.warning("audit log: no signing_key_file; checkpoints are not signed")
+            for sink in self._sinks:
+                chain = Chain(signer=signer, instance=self.instance, sink=sink.name)
+                self._workers.append(_SinkWorker(self, sink, chain, self.settings))
+            for w in self._workers:
+                w.thread.start()
+            self._dispatcher = threading.Thread(
+                target=self._dispatch, name="pdp-audit-dispatch", daemon=True
+            )
+            self._dispatcher.start()
+            self._state = State.RUNNING
 
     # --- request path --------------------------------------------------------------------------
 
@@ -513,14 +553,32 @@ class AuditLog:
             time.sleep(0.002)
         return False
 
+    def stop(self, deadline: float) -> bool:
+        """`close` by `deadline` (`time.monotonic()` seconds): True when every accepted record
+        reached every sink, False when some were left unwritten (counted and logged)."""
+        return self.close(max(deadline - time.monotonic(), 0.0))
+
     def close(self, timeout: float = 10.0) -> bool:
         """Stop accepting records, write everything queued plus a final checkpoint per sink.
 
         Returns True when every accepted record reached every sink. Records offered after
-        close are refused and counted (`reason="closed"`). Safe to call more than once.
+        close are refused and counted (`reason="closed"`); so are records still queued when
+        the log was never started (False then). Safe to call more than once.
         """
         if not self.enabled:
             return True
+        with self._start_lock:  # not beside a start: close after it, or instead of it
+            if self._state is State.NEW:
+                self._state = State.STOPPED
+                self._closing = self._drained = True
+                left = len(self._queue)
+                self._queue.clear()
+                if left:
+                    self._count_drop("queue", "closed", left)
+                    log.error("audit log: closed before it started; %d record(s) not written", left)
+                self._closed_result = not left
+            if self._state is State.RUNNING:
+                self._state = State.STOPPING
         if self._closed_result is not None:
             return self._closed_result
         deadline = time.monotonic() + timeout
@@ -531,22 +589,54 @@ class AuditLog:
         if self._dispatcher is not None:
             self._dispatcher.join(max(deadline - time.monotonic(), 0))
         ok = True
+        # A little grace past the deadline, for a worker to count what it could not write.
+        grace_end = deadline + _COUNT_GRACE
         for w in self._workers:
-            # A little grace past the deadline, for a worker to count what it could not write.
-            w.thread.join(max(deadline - time.monotonic(), 0) + 0.5)
+            w.thread.join(max(grace_end - time.monotonic(), 0))
+            if w.thread.is_alive():  # stuck in its sink: it cannot count what it holds
+                log.error(
+                    "audit sink %s: still busy at the deadline (%s); %d record(s) it holds "
+                    "are not written",
+                    w.sink.name,
+                    w.problem or "a write has not returned",
+                    w.backlog(),
+                )
             ok = w.complete() and ok
         if self._dispatcher is not None and self._dispatcher.is_alive():
             ok = False
         self._closed_result = ok
-        atexit.unregister(self._at_exit)
+        self._state = State.STOPPED
         if not ok:
             log.error("audit log: closed before every record was written (see dropped metrics)")
         return ok
 
-    def _at_exit(self) -> None:
-        self.close(timeout=5.0)
+    def status(self) -> ComponentStatus:
+        """RUNNING, or DEGRADED naming each failing sink (with the records it holds) and a
+        dispatcher that died; ready unless `required` and a sink cannot write. Never blocks."""
+        if not self.enabled:
+            return ComponentStatus(self.name, State.STOPPED, True, "disabled")
+        state = self._state
+        if state is not State.RUNNING:
+            return ComponentStatus(self.name, state, False)
+        problems = [
+            f"sink {w.sink.name}: {w.problem}; {w.backlog()} record(s) waiting"
+            for w in self._workers
+            if w.problem
+        ]
+        dispatcher = self._dispatcher
+        if dispatcher is None or not dispatcher.is_alive():
+            problems.append("the dispatcher has stopped: nothing more is written")
+        if not problems:
+            return ComponentStatus(self.name, State.RUNNING, True, self._summary())
+        ready = not self.required
+        return ComponentStatus(self.name, State.DEGRADED, ready, "; ".join(problems))
+
+    def _summary(self) -> str:
+        names = ", ".join(w.sink.name for w in self._workers)
+        return f"writing to {names}" + (" (required)" if self.required else "")
 
     def __enter__(self) -> AuditLog:
+        self.start()
         return self
 
     def __exit__(self, *exc: object) -> None:
@@ -596,6 +686,7 @@ class _SinkWorker:
         self.projected = 0  # bytes the current file will have once the outbox is written
         self.next_retry = 0.0
         self.backoff = _RETRY_INITIAL
+        self.problem = ""  # why the last open, write or rotation failed; "" once one succeeds
         self.last_checkpoint = time.monotonic()
         self.written = 0
         self.errors = 0
@@ -884,6 +975,7 @@ class _SinkWorker:
 
     def _failed(self, operation: str, exc: BaseException) -> None:
         self.errors += 1
+        self.problem = f"{operation} failed ({exc})"
         metrics.AUDIT_SINK_ERRORS.labels(self.sink.name).inc()
         self._warn.warn(
             "audit sink %s: %s failed (%s); retrying in %.2fs, %d record(s) waiting",
@@ -897,6 +989,7 @@ class _SinkWorker:
         self.backoff = min(self.backoff * 2, self.retry_max)
 
     def _succeeded(self) -> None:
+        self.problem = ""
         self.backoff = _RETRY_INITIAL
         self.next_retry = 0.0
 

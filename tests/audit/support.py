@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import json
+import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -13,6 +14,8 @@ import jsonschema
 import redis
 
 from policy_engine.audit import AuditLog, load_schema
+from policy_engine.audit.chain import Sealed
+from policy_engine.audit.sinks import FileSink, OpenState, Sink
 from policy_engine.audit.verify import verify_files
 from policy_engine.bench.redis_server import RedisServer
 from policy_engine.config import AuditSettings
@@ -128,6 +131,7 @@ def module_audit_log(directory: Path) -> Iterator[AuditLog]:
     log = AuditLog(
         AuditSettings(enabled=True, file_path=directory / "audit.jsonl", queue_size=100_000)
     )
+    log.start()
     try:
         yield log
     finally:
@@ -162,6 +166,54 @@ def wait_for(condition: Callable[[], Any], timeout: float = 10.0) -> None:
 # --- a private redis-server ----------------------------------------------------------------------
 
 
+def redis_log(tmp_path: Path, server: RedisServer, key: str, **changes: Any) -> AuditLog:
+    audit = AuditLog(
+        settings(tmp_path, sinks="redis", redis_url=server.url, redis_stream=key, **changes)
+    )
+    audit.start()
+    return audit
+
+
 def text_client(server: RedisServer) -> redis.Redis:
     """A client for one of the tests' redis-servers that answers with str."""
     return redis.Redis.from_url(server.url, decode_responses=True)
+
+
+class FlakySink(Sink):
+    """A file sink that fails while `broken` is set (a disk that is full for a while)."""
+
+    name = "flaky"
+
+    def __init__(self, path: Path) -> None:
+        self.inner = FileSink(path)
+        self.broken = threading.Event()
+        self.failures = 0
+
+    def open(self) -> OpenState:
+        return self.inner.open()
+
+    def write(self, records: Sequence[Sealed]) -> None:
+        if self.broken.is_set():
+            self.failures += 1
+            raise OSError(28, "No space left on device")
+        self.inner.write(records)
+
+    def close(self) -> None:
+        self.inner.close()
+
+
+class HangingSink(Sink):
+    """A sink whose writes hang until `release` is set (a stuck NFS mount, a frozen peer)."""
+
+    name = "hanging"
+
+    def __init__(self) -> None:
+        self.release = threading.Event()
+        self.entered = threading.Event()
+
+    def open(self) -> OpenState:
+        return OpenState()
+
+    def write(self, records: Sequence[Sealed]) -> None:
+        self.entered.set()
+        self.release.wait()

@@ -14,7 +14,6 @@ import subprocess
 import sys
 import threading
 import uuid
-from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -22,16 +21,17 @@ import pytest
 from prometheus_client import REGISTRY
 
 from policy_engine.audit import AuditLog
-from policy_engine.audit.chain import Sealed
-from policy_engine.audit.sinks import FileSink, OpenState, Sink, rotated_files
 from policy_engine.audit.sinks import redis as redis_sink_module
+from policy_engine.audit.sinks import rotated_files
 from policy_engine.audit.verify import verify_files, verify_redis
 from policy_engine.cli.main import main
 from tests.audit.support import (
     DENY,
+    FlakySink,
     RedisServer,
     make_request,
     read_records,
+    redis_log,
     settings,
     text_client,
     wait_for,
@@ -40,27 +40,6 @@ from tests.audit.support import (
 
 def metric(name: str, **labels: str) -> float:
     return REGISTRY.get_sample_value(name, labels) or 0.0
-
-
-class FlakySink(Sink):
-    """A file sink whose writes fail while `broken` is set (a disk that is full for a while)."""
-
-    name = "flaky"
-
-    def __init__(self, path: Path) -> None:
-        self.inner = FileSink(path)
-        self.broken = threading.Event()
-
-    def open(self) -> OpenState:
-        return self.inner.open()
-
-    def write(self, records: Sequence[Sealed]) -> None:
-        if self.broken.is_set():
-            raise OSError(28, "No space left on device")
-        self.inner.write(records)
-
-    def close(self) -> None:
-        self.inner.close()
 
 
 # --- a failing sink's backlog ------------------------------------------------------------------
@@ -78,6 +57,7 @@ def test_failing_sink_backlog_stays_within_sink_buffer_including_dropped_records
         settings(tmp_path, sink_buffer=bound, checkpoint_every=3, retry_max_ms=20),
         sinks=[flaky],
     )
+    audit.start()
     worker = audit._workers[0]
     audit.record(make_request(), DENY, decision_id="before")
     assert audit.flush()
@@ -109,6 +89,7 @@ def test_build_errors_are_reported_as_build_errors(tmp_path: Path) -> None:
     """Decisions lost because their record could not be built are said as such in the chain
     (before, they were reported as queue_full)."""
     audit = AuditLog(settings(tmp_path))
+    audit.start()
 
     def broken() -> tuple[Any, Any]:
         raise ValueError("an entry that cannot be read")
@@ -130,6 +111,7 @@ def test_verify_exits_3_when_decisions_were_dropped(
 ) -> None:
     entered, release = gate
     audit = AuditLog(settings(tmp_path, queue_size=2, when_full="drop"))
+    audit.start()
     assert audit.record(make_request(), DENY, decision_id="first")
     assert entered.wait(5)
     for i in range(2):
@@ -152,6 +134,7 @@ from pathlib import Path
 from policy_engine.audit import AuditLog
 from tests.audit.support import DENY, make_request, settings
 audit = AuditLog(settings(Path({directory!r})))
+audit.start()
 for i in range(5):
     audit.record(make_request(), DENY, decision_id=f"k{{i}}")
 assert audit.flush()
@@ -170,6 +153,7 @@ def test_verify_reports_a_killed_writer_even_for_a_live_log(
     path = tmp_path / "audit.jsonl"
     first_segment_end = json.loads(path.read_text().splitlines()[-1])["seq"]
     audit = AuditLog(settings(tmp_path))
+    audit.start()
     audit.record(make_request(), DENY, decision_id="after-restart")
     assert audit.close()
     for live in (False, True):
@@ -187,6 +171,7 @@ def test_verify_exits_4_when_rotation_deleted_the_oldest_files(
     """`file_keep` deletes old files by design: what is left verifies as PARTIAL, not OK."""
     path = tmp_path / "audit.jsonl"
     audit = AuditLog(settings(tmp_path, file_max_bytes=4000, file_keep=2, checkpoint_every=5))
+    audit.start()
     for i in range(40):
         audit.record(make_request(), DENY, decision_id=f"r{i}")
     assert audit.close()
@@ -215,6 +200,7 @@ def test_tail_reports_missing_records_on_stderr(
 ) -> None:
     path = tmp_path / "audit.jsonl"
     audit = AuditLog(settings(tmp_path))
+    audit.start()
     for i in range(6):
         audit.record(make_request(), DENY, decision_id=f"d{i}")
     assert audit.close()
@@ -233,12 +219,6 @@ def test_tail_reports_missing_records_on_stderr(
 
 
 # --- a Redis Stream changed under the writer ----------------------------------------------------
-
-
-def redis_log(tmp_path: Path, server: RedisServer, key: str, **changes: Any) -> AuditLog:
-    return AuditLog(
-        settings(tmp_path, sinks="redis", redis_url=server.url, redis_stream=key, **changes)
-    )
 
 
 def stream_records(server: RedisServer, key: str) -> list[dict[str, Any]]:

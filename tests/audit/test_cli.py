@@ -78,6 +78,7 @@ def write_sample(path: Path, private: Path, **changes: object) -> None:
         settings(path.parent, file_path=path, **changes),  # type: ignore[arg-type]
         signer=Signer(load_private_key(private)),
     )
+    audit.start()
     audit.record(make_request(), ALLOW, decision_id="a1")
     audit.record(make_request(scope="delete_repo"), DENY, decision_id="a2")
     audit.record(make_request(subject="bob"), DENY, decision_id="a3")
@@ -158,6 +159,7 @@ def test_tail_follows_a_file_across_rotation(keypair: tuple[Path, Path], tmp_pat
         settings(tmp_path, file_path=path, file_max_bytes=3000, file_keep=50),
         signer=Signer(load_private_key(keypair[0])),
     )
+    audit.start()
     audit.record(make_request(), DENY, decision_id="warmup")
     assert audit.flush()
     follower = subprocess.Popen(
@@ -219,6 +221,7 @@ def test_tail_redis_stream(
         audit = AuditLog(
             settings(tmp_path, sinks="redis", redis_url=audit_redis.url, redis_stream=key)
         )
+        audit.start()
         for i in range(3):
             audit.record(make_request(), DENY, decision_id=f"live{i}")
         assert audit.close()

@@ -26,6 +26,7 @@ def test_rotation_keeps_k_files_and_each_file_is_sealed(tmp_path: Path) -> None:
     audit = AuditLog(
         settings(tmp_path, file_path=path, file_max_bytes=20_000, file_keep=3), signer=signer
     )
+    audit.start()
     for i in range(400):
         audit.record(make_request(request_id=f"r{i}"), DENY, decision_id=f"d{i}")
     assert audit.close()
@@ -58,6 +59,7 @@ def test_all_files_verify_when_none_was_deleted(tmp_path: Path) -> None:
     audit = AuditLog(
         settings(tmp_path, file_path=path, file_max_bytes=10_000, file_keep=100), signer=signer
     )
+    audit.start()
     for i in range(100):
         audit.record(make_request(), DENY, decision_id=f"d{i}")
     assert audit.close()
@@ -76,6 +78,7 @@ def test_restart_appends_a_linked_segment(tmp_path: Path) -> None:
     path = tmp_path / "audit.jsonl"
     for round_ in range(3):
         audit = AuditLog(settings(tmp_path, file_path=path))
+        audit.start()
         for i in range(5):
             audit.record(make_request(), DENY, decision_id=f"d{round_}-{i}")
         assert audit.close()
@@ -93,6 +96,7 @@ def test_restart_appends_a_linked_segment(tmp_path: Path) -> None:
 def test_torn_last_line_is_not_glued_to_the_next_segment(tmp_path: Path) -> None:
     path = tmp_path / "audit.jsonl"
     audit = AuditLog(settings(tmp_path, file_path=path))
+    audit.start()
     audit.record(make_request(), DENY, decision_id="d")
     assert audit.close()
     complete = last_record(path)
@@ -114,11 +118,13 @@ def test_torn_last_line_is_not_glued_to_the_next_segment(tmp_path: Path) -> None
 
 def test_worker_placeholder_in_the_path(tmp_path: Path) -> None:
     audit = AuditLog(settings(tmp_path, file_path=tmp_path / "audit-{worker}.jsonl"), worker=3)
+    audit.start()
     audit.record(make_request(), DENY, decision_id="d")
     assert audit.close()
     assert (tmp_path / "audit-3.jsonl").exists()
     # Without the placeholder, workers other than 0 still get a file of their own.
     audit = AuditLog(settings(tmp_path, file_path=tmp_path / "audit.jsonl"), worker=2)
+    audit.start()
     audit.record(make_request(), DENY, decision_id="d")
     assert audit.close()
     assert (tmp_path / "audit.w2.jsonl").exists()

@@ -6,9 +6,7 @@ import json
 import time
 import uuid
 from pathlib import Path
-from typing import Any
 
-from policy_engine.audit import AuditLog
 from policy_engine.audit.canonical import split
 from policy_engine.audit.chain import Chain
 from policy_engine.audit.record import build_record
@@ -20,19 +18,13 @@ from tests.audit.support import (
     RedisServer,
     assert_valid_lines,
     make_request,
-    settings,
+    redis_log,
     text_client,
 )
 
 
 def stream_lines(server: RedisServer, key: str) -> list[str]:
     return [fields["record"] for _, fields in text_client(server).xrange(key)]
-
-
-def redis_log(tmp_path: Path, server: RedisServer, key: str, **changes: Any) -> AuditLog:
-    return AuditLog(
-        settings(tmp_path, sinks="redis", redis_url=server.url, redis_stream=key, **changes)
-    )
 
 
 def test_consumer_group_reads_every_record_once(tmp_path: Path, audit_redis: RedisServer) -> None:

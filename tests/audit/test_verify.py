@@ -36,6 +36,7 @@ def write_log(path: Path, private: Path, count: int = RECORDS) -> list[str]:
         settings(path.parent, file_path=path, checkpoint_every=EVERY),
         signer=Signer(load_private_key(private)),
     )
+    audit.start()
     for i in range(count):
         audit.record(
             make_request(request_id=f"r{i}"), DENY if i % 3 else ALLOW, decision_id=f"d{i}"

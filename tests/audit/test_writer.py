@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -12,11 +11,18 @@ import pytest
 from prometheus_client import REGISTRY
 
 from policy_engine.audit import AuditLog
-from policy_engine.audit.chain import Sealed
-from policy_engine.audit.sinks import FileSink, OpenState, Sink, StdoutSink
+from policy_engine.audit.sinks import FileSink, StdoutSink
 from policy_engine.audit.verify import verify_files
 from policy_engine.config import AuditSettings, ConfigError
-from tests.audit.support import ALLOW, DENY, TOKEN, make_request, read_records, settings
+from tests.audit.support import (
+    ALLOW,
+    DENY,
+    TOKEN,
+    FlakySink,
+    make_request,
+    read_records,
+    settings,
+)
 
 
 def decisions(path: Path) -> list[dict[str, Any]]:
@@ -43,6 +49,7 @@ def fill_queue(audit: AuditLog, entered: threading.Event, size: int) -> None:
 
 def test_disabled_log_does_nothing(tmp_path: Path) -> None:
     audit = AuditLog(AuditSettings(enabled=False, file_path=tmp_path / "audit.jsonl"))
+    audit.start()
     assert audit.record(make_request(), ALLOW, decision_id="d") is False
     assert audit.close()
     assert not (tmp_path / "audit.jsonl").exists()
@@ -56,8 +63,9 @@ def test_bad_settings_are_refused(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match=r"audit\.redis_url"):
         AuditLog(settings(tmp_path, sinks="redis"))
     (tmp_path / "not-a-key.pem").write_text("hello")
+    unusable_key = AuditLog(settings(tmp_path, signing_key_file=str(tmp_path / "not-a-key.pem")))
     with pytest.raises(ConfigError, match=r"audit\.signing_key_file.*not a PEM private key"):
-        AuditLog(settings(tmp_path, signing_key_file=str(tmp_path / "not-a-key.pem")))
+        unusable_key.start()  # the key file is read by start, not by the constructor
 
 
 def test_drop_mode_counts_and_records_the_drops(
@@ -66,6 +74,7 @@ def test_drop_mode_counts_and_records_the_drops(
     entered, release = gate
     before = metric("pdp_audit_dropped_total", sink="queue", reason="queue_full")
     audit = AuditLog(settings(tmp_path, queue_size=5, when_full="drop"))
+    audit.start()
     fill_queue(audit, entered, 5)
     started = time.monotonic()
     results = [audit.record(make_request(), ALLOW, decision_id=f"x{i}") for i in range(3)]
@@ -93,6 +102,7 @@ def test_block_mode_waits_then_drops(
     entered, release = gate
     blocked_before = metric("pdp_audit_blocked_total")
     audit = AuditLog(settings(tmp_path, queue_size=5, when_full="block", block_timeout_ms=150))
+    audit.start()
     fill_queue(audit, entered, 5)
     started = time.monotonic()
     assert audit.record(make_request(), ALLOW, decision_id="late") is False
@@ -119,6 +129,7 @@ def test_block_mode_waits_then_drops(
 
 def test_close_drains_everything_under_concurrent_producers(tmp_path: Path) -> None:
     audit = AuditLog(settings(tmp_path, queue_size=200, when_full="block", block_timeout_ms=1000))
+    audit.start()
     accepted: list[list[str]] = [[] for _ in range(8)]
     refused = [0] * 8
     start = threading.Barrier(9)
@@ -156,33 +167,11 @@ def test_close_drains_everything_under_concurrent_producers(tmp_path: Path) -> N
     assert verify_files([tmp_path / "audit.jsonl"], None).ok
 
 
-class FlakySink(Sink):
-    """A file sink that fails while `broken` is set (a disk that is full for a while)."""
-
-    name = "flaky"
-
-    def __init__(self, path: Path) -> None:
-        self.inner = FileSink(path)
-        self.broken = threading.Event()
-        self.failures = 0
-
-    def open(self) -> OpenState:
-        return self.inner.open()
-
-    def write(self, records: Sequence[Sealed]) -> None:
-        if self.broken.is_set():
-            self.failures += 1
-            raise OSError(28, "No space left on device")
-        self.inner.write(records)
-
-    def close(self) -> None:
-        self.inner.close()
-
-
 def test_failing_sink_is_retried_in_order_and_never_blocks_the_others(tmp_path: Path) -> None:
     flaky = FlakySink(tmp_path / "audit.jsonl")
     healthy = FileSink(tmp_path / "other.jsonl")
     audit = AuditLog(settings(tmp_path, retry_max_ms=100), sinks=[flaky, healthy])
+    audit.start()
     for i in range(10):
         audit.record(make_request(), DENY, decision_id=f"a{i}")
     assert audit.flush()
@@ -209,6 +198,7 @@ def test_failing_sink_is_retried_in_order_and_never_blocks_the_others(tmp_path: 
 def test_persistently_failing_sink_drops_past_its_buffer_and_says_so(tmp_path: Path) -> None:
     flaky = FlakySink(tmp_path / "audit.jsonl")
     audit = AuditLog(settings(tmp_path, sink_buffer=20, retry_max_ms=50), sinks=[flaky])
+    audit.start()
     audit.record(make_request(), DENY, decision_id="before")
     assert audit.flush()
     flaky.broken.set()
@@ -234,6 +224,7 @@ def test_persistently_failing_sink_drops_past_its_buffer_and_says_so(tmp_path: P
 def test_close_gives_up_at_its_deadline_when_a_sink_stays_down(tmp_path: Path) -> None:
     flaky = FlakySink(tmp_path / "audit.jsonl")
     audit = AuditLog(settings(tmp_path, retry_max_ms=50), sinks=[flaky])
+    audit.start()
     flaky.broken.set()
     for i in range(5):
         audit.record(make_request(), DENY, decision_id=f"x{i}")
@@ -250,6 +241,7 @@ def test_stdout_sink_and_checkpoints_by_time(
         settings(tmp_path, sinks="stdout", checkpoint_every=0, checkpoint_seconds=0.1),
         sinks=[StdoutSink()],
     )
+    audit.start()
     audit.record(make_request(), DENY, decision_id="d")
     time.sleep(0.4)
     assert audit.close()
@@ -264,6 +256,7 @@ def test_stdout_sink_and_checkpoints_by_time(
 
 def test_record_after_close_is_refused_and_counted(tmp_path: Path) -> None:
     audit = AuditLog(settings(tmp_path))
+    audit.start()
     assert audit.close()
     assert audit.record(make_request(), DENY, decision_id="late") is False
     assert audit.stats().dropped == {"queue/closed": 1}
@@ -272,6 +265,7 @@ def test_record_after_close_is_refused_and_counted(tmp_path: Path) -> None:
 
 def test_record_lazy_builds_off_the_request_path(tmp_path: Path) -> None:
     audit = AuditLog(settings(tmp_path))
+    audit.start()
     caller = threading.get_ident()
     built_on: list[int] = []
 
