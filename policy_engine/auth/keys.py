@@ -10,9 +10,12 @@ private key, broken key material) is skipped when the set is parsed, with a reas
 a set with no usable signature key at all is refused (`KeySetError`), since every token would
 then be denied for a reason the operator should see at load time.
 
-The request path never waits on the network: a remote key set answers from its cache, and an
-unknown `kid` only *schedules* a refresh (at most one at a time, rate-limited), so key rotation
-costs the first request that sees the new key a deny with a precise reason, never a hang.
+Nothing waits on the network where it would hold others up: a remote key set answers from the
+keys it has, and an unknown `kid` only *starts* a refresh (at most one at a time, rate-limited)
+on the event loop (`policy_engine.auth.fetch` does the HTTP). A policy load takes a remote set
+at once, empty until its first fetch lands. The asyncio pipeline waits for a refresh that may
+bring a token's key, for that request only and within its deadline
+(`policy_engine.auth.pending`), so the first request after a rotation at the IdP is not refused.
 
 Every key source has a `fingerprint`: SHA-256 over the canonical JSON of its usable JWKs (see
 `key_set_fingerprint`), so it changes exactly when the keys that can verify a token change,
@@ -23,17 +26,23 @@ served once that key set has changed.
 
 from __future__ import annotations
 
+import asyncio
 import functools
 import hashlib
 import json
 import logging
 import threading
 import time
-import urllib.request
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Awaitable, Callable, Iterable, Iterator, Mapping
+from concurrent.futures import Future
+from concurrent.futures import wait as futures_wait
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
+
+from policy_engine.auth.fetch import MAX_JWKS_BYTES, JwksFetcher
+from policy_engine.lifecycle import ComponentStatus, State, event_loop
 
 if TYPE_CHECKING:
     # PyJWT (and through it cryptography, ~8 MB of RSS) is imported when a key set is built:
@@ -42,7 +51,6 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-MAX_JWKS_BYTES = 1024 * 1024
 
 # RFC 7518 section 3.1 (RSA, EC), RFC 8812 section 3.2 (secp256k1), RFC 8037 section 3.1 (OKP):
 # the signature algorithms each key type and curve can verify.
@@ -60,7 +68,7 @@ _PRIVATE_MEMBERS = ("d", "p", "q", "dp", "dq", "qi", "oth")
 
 
 @functools.cache
-def _available() -> frozenset[str]:
+def supported_algorithms() -> frozenset[str]:
     """The algorithms this PyJWT build can verify (asked once, on the first key)."""
     from jwt.algorithms import get_default_algorithms
 
@@ -124,7 +132,7 @@ def _signature_algorithms(jwk: Mapping[str, Any]) -> tuple[str, ...] | str:
         if alg not in fitting:
             return f"'alg' {_shown(alg)} does not fit kty {kty!r} (RFC 7518 section 3.1)"
         fitting = (alg,)
-    usable = tuple(a for a in fitting if a in _available())
+    usable = tuple(a for a in fitting if a in supported_algorithms())
     return usable or f"no supported algorithm for kty {kty!r}"
 
 
@@ -148,16 +156,17 @@ class KeySet:
     `fingerprint` identifies the usable keys (`key_set_fingerprint` of their JWKs).
     """
 
-    __slots__ = ("_by_algorithm", "_by_kid", "fingerprint", "skipped")
+    __slots__ = ("_by_algorithm", "_by_kid", "fingerprint", "size", "skipped")
 
     def __init__(
         self,
         keys: list[tuple[str | None, PyJWK]],
         skipped: tuple[SkippedKey, ...],
         fingerprint: bytes,
+        size: int = 0,
     ) -> None:
         """`keys` holds one `(kid, PyJWK)` per JWK and algorithm it may verify; `fingerprint`
-        is `key_set_fingerprint` of those JWKs."""
+        is `key_set_fingerprint` of those JWKs, `size` their number."""
         by_kid: dict[tuple[str | None, str], list[PyJWK]] = {}
         by_algorithm: dict[str, list[PyJWK]] = {}
         for kid, key in keys:
@@ -167,6 +176,7 @@ class KeySet:
         self._by_algorithm = {alg: tuple(found) for alg, found in by_algorithm.items()}
         self.skipped = skipped
         self.fingerprint = fingerprint
+        self.size = size
 
     def keys_for(self, kid: str | None, algorithm: str) -> tuple[PyJWK, ...]:
         """The keys that may verify a token with header `kid` and `alg`; empty when none.
@@ -217,7 +227,7 @@ def parse_jwks(data: bytes | str, source: str = "JWKS", *, log_skipped: bool = T
         fingerprint = key_set_fingerprint(usable)
     except (ValueError, RecursionError) as exc:  # a member nested just within json's limit
         raise KeySetError(f"invalid JWKS: cannot be fingerprinted ({exc})") from None
-    return KeySet(keys, tuple(skipped), fingerprint)
+    return KeySet(keys, tuple(skipped), fingerprint, len(usable))
 
 
 def _unusable(jwk: Any, kid: Any) -> list[PyJWK] | str:
@@ -243,6 +253,11 @@ class KeySource(Protocol):
         """The current key set's `KeySet.fingerprint` (32 bytes); it changes with the keys."""
         ...
 
+    @property
+    def available(self) -> bool:
+        """False while the keys are not known at all (a JWKS URL not fetched yet)."""
+        ...
+
     def keys_for(self, kid: str | None, algorithm: str) -> tuple[PyJWK, ...]:
         """The keys that may verify a token with this `kid` and `alg` (never blocks on I/O)."""
         ...
@@ -250,6 +265,8 @@ class KeySource(Protocol):
 
 class StaticKeySet:
     """Keys read once, at policy load: a file shipped with the policies, or given to the CLI."""
+
+    available = True
 
     def __init__(self, keys: KeySet) -> None:
         self._keys = keys
@@ -274,19 +291,35 @@ class StaticKeySet:
         return self._keys.keys_for(kid, algorithm)
 
 
-def fetch_url(url: str, timeout: float) -> bytes:
-    request = urllib.request.Request(url, headers={"Accept": "application/json"})
-    with urllib.request.urlopen(request, timeout=timeout) as response:
-        return response.read(MAX_JWKS_BYTES + 1)
+Fetch = Callable[[str, float], Awaitable[bytes]]
+"""Fetches a JWKS URL within a timeout (seconds) on an event loop: `JwksFetcher.fetch`."""
+
+LoopOf = Callable[[], "asyncio.AbstractEventLoop | None"]
+"""The event loop refreshes run on; None when they may no longer start (stopped)."""
+
+
+def _process_loop() -> asyncio.AbstractEventLoop:
+    return event_loop().loop
+
+
+def _wait(future: Future[None], deadline: float) -> None:
+    """Block (off the loop) until `future` is done or `deadline` (time.monotonic()) passes."""
+    futures_wait([future], timeout=max(0.0, deadline - time.monotonic()))
 
 
 class RemoteKeySet:
-    """A JWKS URL, fetched in the background: on first use, every `max_age`, and on unknown kids.
+    """A JWKS URL's keys, fetched in the background on an event loop: once when it is first
+    asked for (`RemoteKeySets.get`), every `max_age` seconds, and when a token names a key the
+    set does not have (the IdP rotated).
 
-    A token signed with a key the set does not know yet (the IdP just rotated) waits up to
-    `unknown_kid_wait` seconds for the refresh it triggers, so the first request after a
-    rotation is not refused; refreshes stay rate-limited (`min_refresh_interval`), so tokens
-    with made-up kids cannot make the PDP fetch, or wait, more than once per interval.
+    `keys_for` never waits: it answers from the keys it has and, when they lack the key asked
+    for or are older than `max_age`, starts a refresh (at most one at a time, at most one per
+    `min_refresh_interval`, so tokens with made-up kids cannot make the PDP fetch more often).
+    Whoever may wait (the asyncio pipeline, for at most the caller's remaining time) awaits
+    `pending_refresh` first: see `policy_engine.auth.pending`. A refresh that fails keeps the
+    keys (and so the fingerprint) it had; each new failure is logged once, as is the recovery.
+    Before the first fetch has succeeded the set is empty and `available` is False: tokens are
+    denied ("keys not available"), never allowed. Thread-safe.
     """
 
     def __init__(
@@ -297,23 +330,27 @@ class RemoteKeySet:
         min_refresh_interval: float = 30.0,
         timeout: float = 5.0,
         unknown_kid_wait: float = 1.0,
-        fetch: Callable[[str, float], bytes] = fetch_url,
+        fetch: Fetch | None = None,
+        loop: LoopOf = _process_loop,
     ) -> None:
+        """`timeout`: seconds for a whole fetch; `unknown_kid_wait`: the most a request whose
+        key is missing waits for a refresh (`pending_refresh`); `fetch`: default, a
+        `JwksFetcher` of this set's own; `loop`: where refreshes run (default: the process's
+        `policy_engine.lifecycle.event_loop()`, started on first use). No I/O here."""
         self.url = url
+        self.unknown_kid_wait = unknown_kid_wait
         self._max_age = max_age
         self._min_interval = min_refresh_interval
         self._timeout = timeout
-        self._fetch = fetch
-        self._unknown_kid_wait = unknown_kid_wait
-        self._refreshed = threading.Event()  # set when the refresh in flight (if any) ends
-        self._refreshed.set()
-        self._keys = EMPTY_KEY_SET
-        self._fetched_at = float("-inf")
-        self._last_attempt = float("-inf")
+        self._fetch = fetch if fetch is not None else JwksFetcher().fetch
+        self._loop = loop
         self._lock = threading.Lock()
-        self._refreshing = False
+        self._keys = EMPTY_KEY_SET
+        self._fetched_at = float("-inf")  # time.monotonic() of the last successful fetch
+        self._last_attempt = float("-inf")
+        self._pending: Future[None] | None = None  # the refresh in flight
         self.refresh_count = 0
-        self.last_error = ""
+        self.last_error = ""  # why the last refresh failed; empty once one succeeds
 
     @property
     def skipped(self) -> tuple[SkippedKey, ...]:
@@ -325,75 +362,268 @@ class RemoteKeySet:
         the first successful fetch, the empty set's."""
         return self._keys.fingerprint
 
+    @property
+    def available(self) -> bool:
+        """Has a fetch succeeded (are there keys at all)?"""
+        return self._fetched_at > float("-inf")
+
     def keys_for(self, kid: str | None, algorithm: str) -> tuple[PyJWK, ...]:
         keys = self._keys.keys_for(kid, algorithm)
         now = time.monotonic()
         stale = now - self._fetched_at > self._max_age
         if (not keys or stale) and now - self._last_attempt >= self._min_interval:
-            self._schedule_refresh()
-        if not keys and not self._refreshed.is_set():
-            # A refresh is in flight (ours or another request's): it may bring this key.
-            self._refreshed.wait(self._unknown_kid_wait)
-            keys = self._keys.keys_for(kid, algorithm)
+            self.refresh()
         return keys
 
-    def refresh_now(self) -> None:
-        """Fetch synchronously (used at startup and by tests); failures keep the old keys."""
-        self._last_attempt = time.monotonic()
+    def pending_refresh(self, kid: str | None, algorithm: str) -> Future[None] | None:
+        """The refresh that may bring the keys for `kid` and `algorithm` when the set has none:
+        the one in flight, or one started now if the rate limit allows; None when the keys
+        are there or no refresh is in flight or allowed. Never blocks."""
+        if self._keys.keys_for(kid, algorithm):
+            return None
+        return self.refresh()
+
+    def refresh(self, *, force: bool = False) -> Future[None] | None:
+        """Start a refresh on the loop unless one is in flight or (without `force`) the rate
+        limit forbids it; returns the refresh in flight (a `concurrent.futures.Future` that
+        never raises), or None. Thread-safe; never blocks."""
+        with self._lock:
+            pending = self._pending
+            if pending is not None:
+                return pending
+            now = time.monotonic()
+            if not force and now - self._last_attempt < self._min_interval:
+                return None
+            loop = self._loop()
+            if loop is None or loop.is_closed():
+                return None
+            self._last_attempt = now
+            refresh = self._refresh()
+            try:
+                pending = asyncio.run_coroutine_threadsafe(refresh, loop)
+            except RuntimeError:  # the loop closed in between
+                refresh.close()
+                return None
+            self._pending = pending
+        pending.add_done_callback(self._refreshed)
+        return pending
+
+    def refresh_now(self, timeout: float | None = None) -> None:
+        """Fetch now and wait for it, at most `timeout` seconds (default: the fetch timeout
+        plus 5 s to parse); for tests and one-off loads. A refresh in flight is waited for
+        first, so the keys returned come from a fetch started after this call. Failures
+        keep the old keys (see `last_error`). Raises RuntimeError on the loop's own thread."""
+        loop = self._loop()
+        if loop is not None and _running_loop() is loop:
+            raise RuntimeError("RemoteKeySet.refresh_now on its event loop would deadlock")
+        deadline = time.monotonic() + (self._timeout + 5.0 if timeout is None else timeout)
+        earlier = self._pending
+        if earlier is not None:
+            _wait(earlier, deadline)
+        fresh = self.refresh(force=True)
+        if fresh is not None:
+            _wait(fresh, deadline)
+
+    def describe(self, now: float) -> tuple[bool, str]:
+        """(failing, one line for status): the URL and its state, fetching, ok or failing."""
+        count = self._keys.size
+        age = f"fetched {now - self._fetched_at:.0f} s ago"
+        if self.last_error:
+            kept = f"keeping {count} keys {age}" if self.available else "no keys yet"
+            return True, f"{self.url}: failing ({kept}): {self.last_error}"
+        if not self.available:
+            state = "fetching" if self._pending is not None else "not fetched yet"
+            return False, f"{self.url}: {state}"
+        return False, f"{self.url}: ok, {count} keys, {age}"
+
+    def _refreshed(self, future: Future[None]) -> None:
+        with self._lock:
+            if self._pending is future:
+                self._pending = None
+
+    async def _refresh(self) -> None:
         try:
-            data = self._fetch(self.url, self._timeout)
+            data = await self._fetch(self.url, self._timeout)
             if len(data) > MAX_JWKS_BYTES:
                 raise KeySetError("JWKS document larger than 1 MiB")
-            keys = parse_jwks(data, source=self.url, log_skipped=False)
-            if keys.skipped != self._keys.skipped:  # logged when they change, not every refresh
-                for entry in keys.skipped:
-                    log.warning("%s: %s; skipped", self.url, entry)
-            self._keys = keys
-            self._fetched_at = time.monotonic()
-            self.last_error = ""
-        except Exception as exc:  # network, HTTP, JSON: keep serving the keys we have
-            self.last_error = f"{type(exc).__name__}: {exc}"
-            log.warning("JWKS refresh from %s failed: %s", self.url, self.last_error)
+            # Parsing builds a key object per JWK (up to 1 MiB of them): off the loop.
+            parse = functools.partial(parse_jwks, data, source=self.url, log_skipped=False)
+            keys = await asyncio.get_running_loop().run_in_executor(None, parse)
+        except Exception as exc:  # network, HTTP, size, JSON, keys: keep serving the keys we have
+            self._failed(f"{type(exc).__name__}: {exc}")
+        else:
+            self._succeeded(keys)
         finally:
             self.refresh_count += 1
 
-    def _schedule_refresh(self) -> None:
-        with self._lock:
-            if self._refreshing or time.monotonic() - self._last_attempt < self._min_interval:
-                return
-            self._refreshing = True
-            self._refreshed.clear()
-            self._last_attempt = time.monotonic()
+    def _failed(self, error: str) -> None:
+        if error != self.last_error:  # once per change, not every refresh
+            log.warning(
+                "JWKS refresh from %s failed: %s (%s)",
+                self.url,
+                error,
+                f"keeping its {self._keys.size} keys" if self.available else "no keys yet",
+            )
+        self.last_error = error
 
-        def run() -> None:
-            try:
-                self.refresh_now()
-            finally:
-                with self._lock:
-                    self._refreshing = False
-                    self._refreshed.set()
+    def _succeeded(self, keys: KeySet) -> None:
+        if keys.skipped != self._keys.skipped:  # logged when they change, not every refresh
+            for entry in keys.skipped:
+                log.warning("%s: %s; skipped", self.url, entry)
+        if self.last_error:
+            log.warning("JWKS refresh from %s works again (%d keys)", self.url, keys.size)
+        self._keys = keys
+        self._fetched_at = time.monotonic()
+        self.last_error = ""
 
-        threading.Thread(target=run, name="jwks-refresh", daemon=True).start()
+
+def _running_loop() -> asyncio.AbstractEventLoop | None:
+    try:
+        return asyncio.get_running_loop()
+    except RuntimeError:
+        return None
 
 
 class RemoteKeySets:
-    """One `RemoteKeySet` per JWKS URL, kept across policy reloads.
+    """One `RemoteKeySet` per JWKS URL, kept across policy reloads; the "jwks" component.
 
     Without it every reload would fetch every organization's JWKS again and start its rate
     limit afresh; with it a reload reuses the set (and its keys), which refreshes itself.
-    Thread-safe; a URL is fetched synchronously the first time it is asked for (loads run off
-    the request path).
+    `get(url)` never waits for the network: a URL asked for the first time gets an empty set
+    whose first fetch starts in the background, so a policy load goes on while an identity
+    provider hangs. Refreshes run on the process's event loop with one shared HTTP client.
+
+    A `policy_engine.lifecycle.Component`: the constructor does no I/O; `start()` takes the
+    event loop (the first `get` starts the component when nobody did: a load outside a
+    server); `stop(deadline)` cancels the fetches in flight and closes the client, returning
+    by `deadline` whatever an identity provider does; `status()` names each URL's state and
+    is DEGRADED while any fails (always ready: an organization whose keys fail denies its
+    tokens, it does not stop the server). Thread-safe.
     """
 
-    def __init__(self, factory: Callable[[str], RemoteKeySet] = RemoteKeySet) -> None:
-        self._factory = factory
+    name = "jwks"
+
+    def __init__(
+        self,
+        *,
+        max_age: float = 300.0,
+        min_refresh_interval: float = 30.0,
+        timeout: float = 5.0,
+        unknown_kid_wait: float = 1.0,
+        fetch: Fetch | None = None,
+        loop: Callable[[], asyncio.AbstractEventLoop] = _process_loop,
+    ) -> None:
+        """The options are each `RemoteKeySet`'s (seconds); `fetch` defaults to this
+        component's `JwksFetcher`; `loop` is asked once, by `start()`."""
+        self._options = {
+            "max_age": max_age,
+            "min_refresh_interval": min_refresh_interval,
+            "timeout": timeout,
+            "unknown_kid_wait": unknown_kid_wait,
+        }
+        self._fetcher = JwksFetcher()
+        self._fetch = fetch if fetch is not None else self._fetcher.fetch
+        self._loop_of = loop
+        self._loop: asyncio.AbstractEventLoop | None = None
         self._sets: dict[str, RemoteKeySet] = {}
         self._lock = threading.Lock()
+        self._state = State.NEW
+
+    def start(self) -> None:
+        """Take the event loop refreshes run on; idempotent. The HTTP client is built (httpx
+        imported, the trust store read) off the loop by the first `get`, so a server none of
+        whose organizations names a `jwks_url` never loads it."""
+        with self._lock:
+            if self._state is State.NEW:
+                self._loop = self._loop_of()
+                self._state = State.RUNNING
+
+    def stop(self, deadline: float) -> bool:
+        """Cancel the fetches in flight and close the HTTP client by `deadline`
+        (time.monotonic()); True when the client closed in time. Sets keep their keys and no
+        longer refresh. Safe to call twice or before `start`."""
+        with self._lock:
+            if self._state in (State.STOPPING, State.STOPPED):
+                return True
+            started = self._state is not State.NEW
+            self._state = State.STOPPING
+            loop = self._loop
+            in_flight = [s._pending for s in self._sets.values() if s._pending is not None]
+        for future in in_flight:
+            future.cancel()  # cancels the fetch's task on the loop
+        clean = True
+        if started and loop is not None and not loop.is_closed():
+            if _running_loop() is loop:  # cannot wait on the loop's own thread
+                loop.create_task(self._fetcher.aclose())
+            else:
+                try:
+                    closing = asyncio.run_coroutine_threadsafe(self._fetcher.aclose(), loop)
+                    closing.result(max(0.0, deadline - time.monotonic()))
+                except TimeoutError:
+                    closing.cancel()
+                    clean = False
+                except Exception:
+                    log.exception("closing the JWKS HTTP client failed")
+                    clean = False
+        with self._lock:
+            self._state = State.STOPPED
+        return clean
+
+    def status(self) -> ComponentStatus:
+        with self._lock:
+            state, sets = self._state, list(self._sets.values())
+        if state is not State.RUNNING:
+            return ComponentStatus(self.name, state, True, state.value)
+        if not sets:
+            return ComponentStatus(self.name, State.RUNNING, True, "no jwks_url in use")
+        now = time.monotonic()
+        described = [remote.describe(now) for remote in sets]
+        failing = any(bad for bad, _ in described)
+        detail = "; ".join(line for _, line in described)
+        return ComponentStatus(
+            self.name, State.DEGRADED if failing else State.RUNNING, True, detail
+        )
 
     def get(self, url: str) -> RemoteKeySet:
+        """The key set for `url`, at once: the one kept from earlier loads, or a new, empty
+        one whose first fetch has started. Never waits for the network."""
         with self._lock:
             remote = self._sets.get(url)
+            created = remote is None
             if remote is None:
-                remote = self._sets[url] = self._factory(url)
-                remote.refresh_now()
-            return remote
+                if self._fetch == self._fetcher.fetch:
+                    self._fetcher.open()  # here, off the loop: ~50 ms the first time
+                remote = self._sets[url] = RemoteKeySet(
+                    url, fetch=self._fetch, loop=self._running_loop, **self._options
+                )
+            state = self._state
+        if state is State.NEW:
+            self.start()
+        if created:
+            remote.refresh(force=True)
+        return remote
+
+    def wait_for_fetches(self, deadline: float) -> None:
+        """Block (off the loop) until no fetch is in flight or `deadline` passes."""
+        for remote in list(self._sets.values()):
+            pending = remote._pending
+            if pending is not None:
+                _wait(pending, deadline)
+
+    def _running_loop(self) -> asyncio.AbstractEventLoop | None:
+        return self._loop if self._state is State.RUNNING else None
+
+
+@contextmanager
+def one_off_key_sets(wait: float = 10.0) -> Iterator[RemoteKeySets]:
+    """Key sets for one load outside a server (`pdp eval`, `pdp validate`): when the load
+    succeeds its first fetches are waited for (each ends within its 5 s timeout; all within
+    `wait` seconds), then the component stops. The sets keep their keys and never refresh."""
+    sets = RemoteKeySets()
+    try:
+        yield sets
+    except BaseException:
+        sets.stop(time.monotonic() + 1.0)
+        raise
+    sets.wait_for_fetches(time.monotonic() + wait)
+    sets.stop(time.monotonic() + 1.0)

@@ -20,6 +20,7 @@ Reasons say what failed; they never contain key material or the token.
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 from collections.abc import Mapping
@@ -28,7 +29,7 @@ from datetime import UTC, datetime
 from types import MappingProxyType
 from typing import TYPE_CHECKING, Any
 
-from policy_engine.auth.keys import KeySource
+from policy_engine.auth.keys import KeySource, supported_algorithms
 from policy_engine.domain.request import SubjectKind
 from policy_engine.strict_json import DuplicateKeyError, unique_keys
 
@@ -262,6 +263,17 @@ def _jws() -> PyJWS:
     return _JWS
 
 
+@functools.cache
+def warm_imports() -> None:
+    """Import PyJWT and cryptography and build the decoder now (~50 ms, once per process).
+
+    The policy loader calls it, off the event loop, for every organization with `tokens:`, so
+    the first token a server verifies does not stall the loop (and every other caller) with
+    those imports."""
+    _jws()
+    supported_algorithms()
+
+
 # -- signature --------------------------------------------------------------------------------
 
 
@@ -281,6 +293,13 @@ def _verified_payload(
         return TokenCheck(f"the access token's algorithm {_shown(algorithm)} is not accepted", None)
     kid = header.get("kid")  # a string when present (PyJWT refuses any other kid)
     candidates = keys.keys_for(kid, algorithm)
+    if not candidates and not keys.available:
+        # The JWKS URL's first fetch has not landed (or keeps failing): deny, never cached.
+        return TokenCheck(
+            "the access token cannot be verified: the organization's signing keys are not "
+            f"available yet (unknown key, kid {_shown(kid)}, alg {algorithm!r})",
+            now,
+        )
     if not candidates:
         # A key refresh may make it known any moment: this verdict must not be cached.
         return TokenCheck(

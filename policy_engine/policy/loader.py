@@ -17,6 +17,7 @@ import os
 from collections import Counter
 from collections.abc import Iterable, Mapping, Sequence
 from collections.abc import Set as AbstractSet
+from contextlib import nullcontext
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
@@ -24,14 +25,16 @@ from types import MappingProxyType
 
 import yaml
 
+from policy_engine.auth.fetch import scheme_problem
 from policy_engine.auth.keys import (
     KeySetError,
     KeySource,
     RemoteKeySets,
     StaticKeySet,
+    one_off_key_sets,
     parse_jwks,
 )
-from policy_engine.auth.tokens import UNVERIFIED, TokenRules
+from policy_engine.auth.tokens import UNVERIFIED, TokenRules, warm_imports
 from policy_engine.cel import CelCompileError, CompiledExpression
 from policy_engine.config import PolicyLimits
 from policy_engine.domain.decision import POLICY_LAYERS, Effect, Layer
@@ -219,7 +222,10 @@ def load_policy_set(
     files the loader could read (policy_engine.policy.bundle), and the set is compiled from the
     verified bytes only, read once. `limits` bound each file and the whole set before anything
     is parsed. `remote_keys` keeps JWKS URLs' key sets across loads (a long-running server
-    passes one; without it each load fetches them anew). With `cache`, files and conditions
+    passes one): the load takes each set at once, its first fetch in the background, and
+    never waits for the network. Without it the load is a one-off (`pdp eval`, `pdp
+    validate`): it fetches for itself and, once loaded, waits for those fetches (each within
+    its 5 s timeout). With `cache`, files and conditions
     that an earlier load through the same cache parsed and compiled are reused (see
     policy_engine.policy.compile_cache); the result is the same as without it.
 
@@ -290,13 +296,16 @@ def load_policy_source(
     attempt = cache.begin() if cache is not None else LoadAttempt(None)
     good = False
     try:
-        policies = _load(
-            recording,
-            remote_keys,
-            attempt,
-            listing.identities if listing is not None else {},
-            listing.unchanged if listing is not None else frozenset(),
-        )
+        with (
+            nullcontext(remote_keys) if remote_keys is not None else one_off_key_sets()
+        ) as key_sets:
+            policies = _load(
+                recording,
+                key_sets,
+                attempt,
+                listing.identities if listing is not None else {},
+                listing.unchanged if listing is not None else frozenset(),
+            )
         good = True
     except PolicyLoadError as exc:
         exc.files_read = recording.files_read
@@ -312,12 +321,11 @@ _FileKey = tuple[str, bytes]  # (path as the loader names it, SHA-256 of its byt
 
 def _load(
     source: _RecordingSource,
-    remote_keys: RemoteKeySets | None,
+    remote_keys: RemoteKeySets,
     attempt: LoadAttempt,
     identities: Mapping[str, tuple[int, int, int, int, int] | None],
     unchanged: AbstractSet[str],
 ) -> CompiledPolicySet:
-    remote_keys = remote_keys if remote_keys is not None else RemoteKeySets()
     directory = source.directory
     top = os.fspath(directory)
     issues: list[LoadIssue] = []
@@ -693,9 +701,11 @@ def _token_rules(
 ) -> TokenRules:
     """Keys are part of the policy set: a JWKS file is read from the source now and counts in
     the revision. It must stay inside the organization's folder, as written (no `..`, not
-    absolute) and once symlinks are resolved."""
+    absolute) and once symlinks are resolved. A `jwks_url` must be http or https; its key set
+    is taken from `remote_keys` without waiting for the network."""
     if settings is None:
         return UNVERIFIED
+    warm_imports()  # here, off the event loop, not with the first token
     keys: KeySource
     if settings.jwks_file is not None:
         relative = join_inside(org, settings.jwks_file)
@@ -718,7 +728,12 @@ def _token_rules(
             return UNVERIFIED
         contents.append((relative, hashlib.sha256(file.data).digest()))
     else:
-        keys = remote_keys.get(str(settings.jwks_url))  # fetched off the request path
+        url = str(settings.jwks_url)
+        problem = scheme_problem(url)
+        if problem is not None:
+            issues.append(LoadIssue(config_file, settings.line, f"jwks_url {url!r}: {problem}"))
+            return UNVERIFIED
+        keys = remote_keys.get(url)  # at once: the first fetch lands in the background
     return TokenRules(
         keys=keys,
         issuer=settings.issuer,

@@ -160,14 +160,19 @@ class DirectoryBackend:
         bundle_public_key: bytes | None = None,
         bundle_not_before: datetime | None = None,
         limits: PolicyLimits | None = None,
+        remote_keys: RemoteKeySets | None = None,
     ) -> None:
+        """`remote_keys`: the JWKS URLs' key sets (the "jwks" component a server starts and
+        stops); without it the backend keeps its own, started by the first load that needs
+        one."""
         self.directory = Path(directory)
         self.bundle_public_key = bundle_public_key
         # No bundle signed before this loads (`bundle.not_before`); raised to each loaded
         # set's signing time, so an older signed set put back cannot replace a newer one.
         self.bundle_not_before = bundle_not_before
         self.limits = limits or PolicyLimits()  # per file and per set, checked before parsing
-        self._remote_keys = RemoteKeySets()  # JWKS URLs' keys survive reloads
+        # JWKS URLs' keys survive reloads; a load takes them without waiting for the network.
+        self._remote_keys = remote_keys if remote_keys is not None else RemoteKeySets()
         self._writes = WriteTracker()  # fed by the watcher in changes()
         self._journal = ChangeJournal()  # fed by the watcher in changes()
         self._base: _Snapshot | None = None  # the last look _fingerprint took
@@ -195,6 +200,11 @@ class DirectoryBackend:
     @property
     def location(self) -> str:
         return str(self.directory)
+
+    @property
+    def remote_keys(self) -> RemoteKeySets:
+        """The JWKS URLs' key sets this backend's loads use (a lifecycle component)."""
+        return self._remote_keys
 
     @property
     def files_read(self) -> tuple[FileRead, ...]:

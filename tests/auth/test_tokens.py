@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
+import asyncio
 import http.server
 import threading
 import time
 from collections.abc import Iterator
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import replace
 from datetime import UTC, datetime
 from pathlib import Path
@@ -14,12 +14,15 @@ from typing import Any
 
 import pytest
 
-from policy_engine.auth.keys import RemoteKeySet, StaticKeySet, parse_jwks
-from policy_engine.auth.tokens import TokenRules, check_token
+from policy_engine.api import pdp_pb2
+from policy_engine.auth.keys import RemoteKeySet, RemoteKeySets, StaticKeySet, parse_jwks
+from policy_engine.auth.pending import await_pending_keys
+from policy_engine.auth.tokens import TokenCheck, TokenRules, check_token
 from policy_engine.domain.decision import Effect
 from policy_engine.domain.request import SubjectKind
 from policy_engine.engine import decide
-from policy_engine.policy import PolicyLoadError, load_policy_set
+from policy_engine.lifecycle import deadline_in
+from policy_engine.policy import CompiledPolicySet, PolicyLoadError, load_policy_set
 from policy_engine.store import DirectoryBackend
 from tests.auth.material import AUDIENCE, ISSUER, claims, ec_key, ed_key, jwks, rsa_key
 from tests.policy_builder import allow_all, request, write_organization
@@ -233,52 +236,88 @@ def wait_for(predicate, timeout: float = 5.0) -> bool:
     return predicate()
 
 
-def test_remote_keys_rotate_with_one_rate_limited_refresh(jwks_server: JwksServer) -> None:
-    remote = RemoteKeySet(jwks_server.url, min_refresh_interval=0.2)
-    remote.refresh_now()
-    rules = replace(RULES, keys=remote)
+def message(token: str) -> pdp_pb2.CheckRequest:
+    """A CheckRequest to acme carrying `token` (what the pre-step reads)."""
+    return pdp_pb2.CheckRequest(
+        organization="acme", subject=pdp_pb2.Subject(id="alice", access_token=token)
+    )
+
+
+def url_policies(tmp_path: Path, url: str, remote_keys: RemoteKeySets) -> CompiledPolicySet:
+    """acme, its tokens verified with the keys at `url`, once they are fetched."""
+    tokens = {"issuer": ISSUER, "audience": AUDIENCE, "jwks_url": url}
+    policies = DirectoryBackend(org_with_tokens(tmp_path, tokens), remote_keys=remote_keys).load()
+    keys = policies.organizations["acme"].tokens.keys
+    assert isinstance(keys, RemoteKeySet)
+    assert wait_for(lambda: keys.available), keys.last_error
+    return policies
+
+
+def test_remote_keys_rotate_with_one_rate_limited_refresh(
+    tmp_path: Path, jwks_server: JwksServer
+) -> None:
+    remote_keys = RemoteKeySets(min_refresh_interval=0.2)
+    policies = url_policies(tmp_path, jwks_server.url, remote_keys)
+    rules = policies.organizations["acme"].tokens
     assert check_token(RSA.sign(**claims()), now(), rules, "alice").problem is None
     fetched = jwks_server.requests
 
     jwks_server.document = jwks(RSA, EC)  # the IdP rotates in a new key
     token = EC.sign(**claims())
     time.sleep(0.25)  # past the rate limit that follows the fetch above
-    # The first request with the new kid waits for the refresh it triggers and passes; the
-    # concurrent burst behind it causes no further fetch.
-    with ThreadPoolExecutor(8) as pool:
-        verdicts = list(pool.map(lambda _: check_token(token, now(), rules, "alice"), range(50)))
+
+    async def one_call(token: str) -> TokenCheck:
+        # What the asyncio pipeline does: wait for the refresh the token needs, then verify.
+        await await_pending_keys([message(token)], policies, time.monotonic() + 10)
+        return check_token(token, now(), rules, "alice")
+
+    async def burst() -> list[TokenCheck]:
+        return await asyncio.gather(*(one_call(token) for _ in range(50)))
+
+    # The first call with the new kid waits for the refresh it triggers and passes; the
+    # concurrent burst behind it waits for the same refresh and causes no further fetch.
+    verdicts = asyncio.run(burst())
     assert [v.problem for v in verdicts] == [None] * 50
-    assert jwks_server.requests == fetched + 1  # the burst caused exactly one refresh
+    assert jwks_server.requests == fetched + 1
 
+    started = time.monotonic()
     for _ in range(50):  # a kid that never appears: refreshes stay rate-limited
-        check_token(ed_key("never").sign(**claims()), now(), rules, "alice")
+        asyncio.run(one_call(ed_key("never").sign(**claims())))
+    elapsed = time.monotonic() - started
     time.sleep(0.1)
-    assert jwks_server.requests <= fetched + 2
+    assert jwks_server.requests <= fetched + 2 + int(elapsed / 0.2)
+    assert remote_keys.stop(deadline_in(5))
 
 
-def test_an_unknown_kid_waits_for_a_slow_refresh_only_so_long() -> None:
+def test_an_unknown_kid_waits_for_a_slow_refresh_only_so_long(tmp_path: Path) -> None:
     release = threading.Event()
     calls: list[str] = []
 
-    def slow_fetch(url: str, timeout: float) -> bytes:
+    async def slow_fetch(url: str, timeout: float) -> bytes:
         calls.append(url)
         if len(calls) == 1:
             return jwks(RSA).encode()
-        release.wait(10)  # the refresh after the rotation: the IdP is slow to answer
+        # The refresh after the rotation: the IdP is slow to answer (the loop goes on).
+        await asyncio.get_running_loop().run_in_executor(None, release.wait, 10)
         return jwks(RSA, EC).encode()
 
-    remote = RemoteKeySet(
-        "https://idp.test/jwks", min_refresh_interval=0, unknown_kid_wait=0.2, fetch=slow_fetch
-    )
-    remote.refresh_now()
-    rules = replace(RULES, keys=remote)
-    started = time.monotonic()
-    verdict = check_token(EC.sign(**claims()), now(), rules, "alice")
-    waited = time.monotonic() - started
+    remote_keys = RemoteKeySets(min_refresh_interval=0, unknown_kid_wait=1.0, fetch=slow_fetch)
+    policies = url_policies(tmp_path, "https://idp.test/jwks", remote_keys)
+    rules = policies.organizations["acme"].tokens
+    token = EC.sign(**claims())
+
+    def wait(deadline: float) -> float:
+        started = time.monotonic()
+        asyncio.run(await_pending_keys([message(token)], policies, deadline))
+        return time.monotonic() - started
+
+    assert 0.9 <= wait(time.monotonic() + 30) < 5  # bounded by unknown_kid_wait, not the fetch
+    assert wait(time.monotonic() + 0.05) < 0.9  # and by the caller's deadline
+    verdict = check_token(token, now(), rules, "alice")
     assert verdict.problem is not None and "unknown key" in verdict.problem
-    assert 0.15 <= waited < 5  # bounded by unknown_kid_wait, not by the fetch
     release.set()
-    assert wait_for(lambda: check_token(EC.sign(**claims()), now(), rules, "alice").problem is None)
+    assert wait_for(lambda: check_token(token, now(), rules, "alice").problem is None)
+    assert remote_keys.stop(deadline_in(5))
 
 
 def test_remote_keys_survive_an_unreachable_endpoint(jwks_server: JwksServer) -> None:
@@ -339,7 +378,8 @@ def test_jwks_url_keys_are_fetched_once_and_kept_across_reloads(
 ) -> None:
     tokens = {"issuer": ISSUER, "audience": AUDIENCE, "jwks_url": jwks_server.url}
     backend = DirectoryBackend(org_with_tokens(tmp_path, tokens))
-    first = backend.load()
+    first = backend.load()  # takes the key set at once; its first fetch lands in the background
+    assert wait_for(lambda: first.organizations["acme"].tokens.keys.available)
     assert jwks_server.requests == 1
     token = with_token(RSA.sign(**claims()))
     assert decide(first, token, now=now()).effect is Effect.ALLOW
