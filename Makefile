@@ -17,6 +17,12 @@ CACHE_KEY_FILE ?= .pdp/cache-signing.key
 FUZZ_SECONDS ?= 300
 # Flags for `make bench-scale`, e.g. SCALE_ARGS='--sizes 100,1000 --orgs off --duration-scale 0.3'.
 SCALE_ARGS ?=
+# `make bench` runs every row on this checkout and, round by round, on the server of BASELINE
+# (a git ref, checked out in a temporary worktree): by default the threaded server before
+# grpc.aio (issue 11). BASELINE= runs this checkout alone. BENCH_ARGS: more flags, e.g.
+# BENCH_ARGS='--rows "Check uncached (cache off)" --duration-scale 0.3'.
+BASELINE ?= 87f68df^
+BENCH_ARGS ?=
 
 .PHONY: install generate run test lint bench bench-scale fuzz clean
 
@@ -61,7 +67,7 @@ lint: install
 
 bench: install
 	command -v h2load >/dev/null 2>&1 || (apt-get update -qq && apt-get install -y -qq nghttp2-client)
-	$(BIN)/python -m policy_engine.bench
+	$(BIN)/python -m policy_engine.bench $(if $(BASELINE),--baseline '$(BASELINE)') $(BENCH_ARGS)
 
 # Generated sets of 100 to 50,000 user policies and 1,000 organizations (README, Performance
 # at scale); the big rows take minutes. Results in bench-results/scale.md.

@@ -235,7 +235,10 @@ class Row:
     servicer answering the same RPC, so the ratio is the share of the ceiling this row keeps.
     `check` is run before the load and `check_after` (default: `check`) after it, when a
     cache row must be answering from its cache. `shape` overrides the run's load shape
-    (connections x streams), for latency rows at moderate load.
+    (connections x streams), for latency rows at moderate load; `family` names the row at
+    64 in flight that a `-c1 -m1` row repeats (the latency table pairs them). `in_process`
+    names the in-process servicer case (`hit_path`) doing this row's decision work, shown
+    beside the row's server CPU per decision.
     """
 
     name: str
@@ -248,6 +251,13 @@ class Row:
     notes: str = ""
     check_after: Check | None = None
     shape: LoadShape | None = None
+    family: str = ""
+    in_process: str = ""
+
+    @property
+    def group(self) -> str:
+        """The workload this row measures, whatever the load shape (its family or itself)."""
+        return self.family or self.name
 
     def __post_init__(self) -> None:
         if self.method not in METHODS:
@@ -260,9 +270,16 @@ BATCH_SIZE = 100
 # Names the report's targets refer to.
 EMPTY_CHECK = "empty Check"
 CHECK_LOCAL = "Check cached (local)"
+CHECK_REDIS = "Check cached (Redis, local off)"
 CHECK_REDIS_MODERATE = "Check cached (Redis, -c1 -m1)"
 BATCH_LOCAL = f"CheckBatch {BATCH_SIZE} cached (local)"
+EMPTY_MODERATE = "empty Check (-c1 -m1)"
+CHECK_LOCAL_MODERATE = "Check cached (local, -c1 -m1)"
+CHECK_UNCACHED_MODERATE = "Check uncached (-c1 -m1)"
+EMPTY_TWO_WORKERS = "empty Check, 2 workers"
+CHECK_UNCACHED_TWO_WORKERS = "Check uncached, 2 workers"
 MODERATE = LoadShape(clients=1, streams=1)  # one request in flight: latency, not queueing
+BATCH_CACHED_TARGET = 150_000  # decisions/s of BATCH_LOCAL on one process (issue 11)
 
 # Environment for the servers, by cache configuration. `{redis_url}` is the harness's own
 # redis-server (started only when a selected row needs it); `{closed_redis_url}` a port on
@@ -292,34 +309,46 @@ BATCH_UNCACHED = f"CheckBatch {BATCH_SIZE}"
 
 POLICY = ServerSpec("policy", env=CACHE_OFF)
 EMPTY = ServerSpec("empty")
+# The in-process servicer cases (`hit_path`) doing the rows' decision work.
+IN_PROCESS_HIT = "servicer.Check, local hit"
+IN_PROCESS_UNCACHED = "servicer.Check, uncached (cache off)"
+IN_PROCESS_BATCH_HITS = f"servicer.CheckBatch {BATCH_SIZE}, local hits"
+IN_PROCESS_BATCH_UNCACHED = f"servicer.CheckBatch {BATCH_SIZE}, uncached (cache off)"
 
 
 def default_rows() -> list[Row]:
     """The rows `python -m policy_engine.bench` runs, in order (baselines first).
 
     Uncached rows run with the cache off: h2load repeats one body, which a cache would
-    otherwise answer from the second request on.
+    otherwise answer from the second request on. The main Check rows run at 64 in flight and
+    again at one (`-c1 -m1`); two rows run 2 worker processes, for each worker's share.
     """
     batch, batch_expected = mixed_batch(BATCH_SIZE)
     local, redis = pdp_pb2.CACHE_LEVEL_LOCAL, pdp_pb2.CACHE_LEVEL_REDIS
+    local_only, redis_only = (
+        ServerSpec("policy", env=LOCAL_ONLY),
+        ServerSpec("policy", env=REDIS_ONLY),
+    )
     return [
         Row(
             EMPTY_CHECK, EMPTY, "Check", allow_tuple(), expect_decision(ALLOW),
             notes="EmptyServicer: constant answer, no decision work (the ceiling)",
         ),
         Row(
-            CHECK_LOCAL, ServerSpec("policy", env=LOCAL_ONLY), "Check",
+            CHECK_LOCAL, local_only, "Check",
             allow_tuple(), expect_decision(ALLOW), check_after=expect_cached(ALLOW, local),
+            in_process=IN_PROCESS_HIT,
             notes="alice, pr-reviewer, github, repo; warmed, then every call an in-process hit",
         ),
         Row(
-            "Check cached (Redis, local off)", ServerSpec("policy", env=REDIS_ONLY), "Check",
+            CHECK_REDIS, redis_only, "Check",
             allow_tuple(), expect_decision(ALLOW), check_after=expect_cached(ALLOW, redis),
             notes="in-process level off: every call one Redis GET",
         ),
         Row(
-            CHECK_UNCACHED, POLICY, "Check", allow_tuple(),
-            expect_decision(ALLOW), notes="alice, pr-reviewer, github, repo; cache disabled",
+            CHECK_UNCACHED, POLICY, "Check", allow_tuple(), expect_decision(ALLOW),
+            in_process=IN_PROCESS_UNCACHED,
+            notes="alice, pr-reviewer, github, repo; cache disabled",
         ),
         Row(
             "Check deny", POLICY, "Check", deny_tuple(), expect_decision(DENY_ORG_DEFAULT),
@@ -332,15 +361,26 @@ def default_rows() -> list[Row]:
             notes="Redis URL on a closed port, local level off: evaluated, breaker open",
         ),
         Row(
-            "empty Check (-c1 -m1)", EMPTY, "Check", allow_tuple(), expect_decision(ALLOW),
-            baseline="empty Check (-c1 -m1)", shape=MODERATE,
+            EMPTY_MODERATE, EMPTY, "Check", allow_tuple(), expect_decision(ALLOW),
+            baseline=EMPTY_MODERATE, shape=MODERATE, family=EMPTY_CHECK,
             notes="the ceiling at moderate load: one request in flight",
         ),
         Row(
-            CHECK_REDIS_MODERATE, ServerSpec("policy", env=REDIS_ONLY), "Check",
+            CHECK_LOCAL_MODERATE, local_only, "Check",
+            allow_tuple(), expect_decision(ALLOW), check_after=expect_cached(ALLOW, local),
+            baseline=EMPTY_MODERATE, shape=MODERATE, family=CHECK_LOCAL,
+            in_process=IN_PROCESS_HIT, notes="in-process hit latency, one request in flight",
+        ),
+        Row(
+            CHECK_REDIS_MODERATE, redis_only, "Check",
             allow_tuple(), expect_decision(ALLOW), check_after=expect_cached(ALLOW, redis),
-            baseline="empty Check (-c1 -m1)", shape=MODERATE,
+            baseline=EMPTY_MODERATE, shape=MODERATE, family=CHECK_REDIS,
             notes="Redis hit latency at moderate load (target: p99 < 2 ms)",
+        ),
+        Row(
+            CHECK_UNCACHED_MODERATE, POLICY, "Check", allow_tuple(), expect_decision(ALLOW),
+            baseline=EMPTY_MODERATE, shape=MODERATE, family=CHECK_UNCACHED,
+            in_process=IN_PROCESS_UNCACHED, notes="uncached latency, one request in flight",
         ),
         Row(
             f"empty CheckBatch {BATCH_SIZE}", EMPTY, "CheckBatch", batch,
@@ -349,20 +389,32 @@ def default_rows() -> list[Row]:
             notes="EmptyServicer: one constant result per item",
         ),
         Row(
-            BATCH_LOCAL, ServerSpec("policy", env=LOCAL_ONLY),
+            BATCH_LOCAL, local_only,
             "CheckBatch", batch, expect_batch(batch_expected),
             check_after=expect_batch_cached(batch_expected, local),
             decisions_per_request=BATCH_SIZE, baseline=f"empty CheckBatch {BATCH_SIZE}",
+            in_process=IN_PROCESS_BATCH_HITS,
             notes="100 distinct tuples, warmed: every item an in-process hit",
         ),
         Row(
             BATCH_UNCACHED, POLICY, "CheckBatch", batch,
             expect_batch(batch_expected), decisions_per_request=BATCH_SIZE,
-            baseline=f"empty CheckBatch {BATCH_SIZE}",
+            baseline=f"empty CheckBatch {BATCH_SIZE}", in_process=IN_PROCESS_BATCH_UNCACHED,
             notes="50 allow, 50 deny (org rule, user rule, application layer, org default); "
             "uncached",
         ),
         *audit_rows(batch, batch_expected),
+        Row(
+            EMPTY_TWO_WORKERS, ServerSpec("empty", workers=2), "Check", allow_tuple(),
+            expect_decision(ALLOW), baseline=EMPTY_TWO_WORKERS,
+            notes="the ceiling of 2 processes sharing the port (not pinned): each one's share",
+        ),
+        Row(
+            CHECK_UNCACHED_TWO_WORKERS, ServerSpec("policy", env=CACHE_OFF, workers=2), "Check",
+            allow_tuple(), expect_decision(ALLOW), baseline=EMPTY_TWO_WORKERS,
+            in_process=IN_PROCESS_UNCACHED,
+            notes="2 processes sharing the port (not pinned): each one's share of the decisions",
+        ),
     ]  # fmt: skip
 
 

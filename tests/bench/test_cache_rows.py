@@ -57,10 +57,11 @@ def test_targets_are_computed_from_rows_of_the_same_run() -> None:
         _row(workloads.CHECK_REDIS_MODERATE, 1500, p99=2.5),
         _row(workloads.BATCH_LOCAL, 1000, per_request=100),
     ]
-    met = [t.met for t in targets(results)]
+    # The cache issue's three targets come first (issue 11's follow: test_server_figures).
+    met = [t.met for t in targets(results)][:3]
     assert met == [True, False, True]  # 0.90 of empty; p99 2.5 ms; 100,000 / 3,600 = 27.8x
     assert "27.8x" in targets_table(results)
-    assert [t.met for t in targets(results[:1])] == [None, None, None]
+    assert [t.met for t in targets(results[:1])][:3] == [None, None, None]
 
 
 def test_rounds_combine_to_the_median_rate_and_pooled_percentiles() -> None:
