@@ -38,6 +38,12 @@ CACHE_LOOKUPS = Counter(
 REDIS_ERRORS = Counter(
     "pdp_redis_errors_total", "Redis operations that failed or timed out.", ["operation"]
 )
+CACHE_WRITES_DROPPED = Counter(
+    "pdp_cache_writes_dropped_total",
+    "Redis cache writes not made, by reason: queue_full (Redis slower than the misses; the"
+    " request never waits for a write), shutdown (still queued at the stop deadline).",
+    ["reason"],
+)
 BREAKER_STATE = Gauge(
     "pdp_redis_breaker_open", "1 while the Redis circuit breaker is open (Redis bypassed)."
 )

@@ -2,39 +2,62 @@
 
 Reads go local first, then Redis (one GET for a Check, one MGET for a batch's local misses);
 a Redis hit fills the local level. Writes go to the local level at once and to Redis through
-the write-behind thread (one pipeline per drained queue). Every Redis call passes the circuit
+the write-behind task (one pipeline per drained queue). Every Redis call passes the circuit
 breaker first and reports its outcome to it.
+
+Lookups are coroutines on the process's event loop (`policy_engine.lifecycle.event_loop()`),
+where the Redis client lives. A caller's deadline bounds its wait for Redis: when it passes,
+the lookup raises `DeadlinePassed` at once, while the Redis command itself runs on in its own
+task until Redis answers or `redis_timeout_ms` passes, and reports to the breaker then. A
+command is never cancelled for a caller's sake (see `redis_backend.py` for why), so a Redis
+that hangs holds no call past its deadline and leaves no connection in a broken state.
 
 Nothing in here may fail a request or change an answer: a Redis error, a timeout, a value it
 cannot verify (forged, copied onto another key, signed by a key it does not hold, corrupt), an
-entry past its expiry are all a miss, and the engine decides. The Redis level needs a signing
-key (`signing.py`): without one it refuses to start. The cache stores only what the decision
-pipeline (`policy_engine.decision`) hands it; what may be cached is the pipeline's call.
+entry past its expiry are all a miss, and the engine decides. The Redis level needs signing
+keys (`signing.py`): `build_cache` reads them and refuses to build it without. The cache stores
+only what the decision pipeline (`policy_engine.decision`) hands it; what may be cached is the
+pipeline's call.
+
+It is a lifecycle `Component` ("cache"): the constructor does no I/O and starts nothing;
+`start()` starts the write-behind task on the process's loop; `stop(deadline)` writes what is
+queued until the deadline, then closes the Redis connections; `status()` is DEGRADED while
+the breaker keeps Redis off the path (still ready: an outage costs hits, not answers). A cache
+that is never started still works (tests, tools): its first Redis write starts the task.
 """
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import math
-from collections.abc import Mapping, Sequence
+import time
+from collections.abc import Coroutine, Mapping, Sequence
 from dataclasses import dataclass
 from enum import IntEnum
-from typing import TYPE_CHECKING
+from functools import partial
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from policy_engine.cache.breaker import BreakerState, CircuitBreaker
 from policy_engine.cache.entry import Codec, Entry
 from policy_engine.cache.key import NO_KEY_SETS, KeyBuilder
 from policy_engine.cache.local import LocalLRU
 from policy_engine.cache.redis_backend import RedisBackend
-from policy_engine.cache.signing import load_signing_keys
+from policy_engine.cache.signing import SigningKeys, load_signing_keys
 from policy_engine.cache.writer import Write, WriteBehind
-from policy_engine.config import CacheSettings
+from policy_engine.config import CacheSettings, ConfigError
+from policy_engine.lifecycle import ComponentStatus, State, event_loop
 from policy_engine.metrics import BREAKER_STATE, CACHE_LOOKUPS, REDIS_ERRORS
 
 if TYPE_CHECKING:
     from policy_engine.auth.keys import KeySource
 
 log = logging.getLogger(__name__)
+
+T = TypeVar("T")
+
+# After the stop deadline: time for the cancelled writer and the connections to close.
+_STOP_SLACK_SECONDS = 1.0
 
 
 class CacheLevel(IntEnum):
@@ -65,6 +88,11 @@ class Store:
     valid_until: float | None = None
 
 
+class DeadlinePassed(TimeoutError):
+    """The caller's deadline passed while its lookup waited for Redis: nothing was answered
+    (the Redis command runs on, bounded by `redis_timeout_ms`, and reports to the breaker)."""
+
+
 _LOOKUP_RESULTS = {
     "local": ("hit", "miss", "skip"),
     # rejected: a value was there but failed verification (see entry.py), answered as a miss.
@@ -73,8 +101,12 @@ _LOOKUP_RESULTS = {
 
 
 class DecisionCache:
-    """The two levels behind one facade; raises ConfigError when the Redis level is configured
-    without a usable signing key (see `signing.load_signing_keys`)."""
+    """The two levels behind one facade, and the "cache" lifecycle component (see the module
+    docstring). The Redis level is on when `keys` are given with a `redis_backend` (or a
+    `settings.redis_url`); raises ConfigError when it is configured without `keys`
+    (`build_cache` reads them)."""
+
+    name = "cache"
 
     def __init__(
         self,
@@ -82,6 +114,7 @@ class DecisionCache:
         *,
         fingerprint: bytes = b"",
         max_id_length: int = 256,
+        keys: SigningKeys | None = None,
         redis_backend: RedisBackend | None = None,
     ) -> None:
         self.settings = settings
@@ -90,13 +123,16 @@ class DecisionCache:
         self._redis_ttl = settings.redis_ttl_seconds
         use_local = settings.local_max_entries > 0 and self._local_ttl > 0
         self.local: LocalLRU | None = LocalLRU(settings.local_max_entries) if use_local else None
-        # Checked before any connection is made: no key, no Redis level.
         redis_on = redis_backend is not None or bool(settings.redis_url.strip())
-        keys = load_signing_keys(settings) if redis_on else None
-        if redis_backend is None and keys is not None:
-            redis_backend = RedisBackend(settings)
+        if redis_on and keys is None:
+            raise ConfigError(
+                "setting cache.redis_signing_key: the Redis level needs its signing keys "
+                "(build_cache reads them from the settings)"
+            )
+        if redis_on and redis_backend is None:
+            redis_backend = RedisBackend(settings)  # checks the settings; connects nothing
         self.redis = redis_backend
-        self._codec = Codec(keys) if keys is not None else None
+        self._codec = Codec(keys) if keys is not None and redis_on else None
         self._breaker_was_closed = True  # so only the first opening after a close warns
         self.breaker = CircuitBreaker(
             settings.breaker_failure_threshold,
@@ -104,6 +140,9 @@ class DecisionCache:
             on_change=self._breaker_changed,
         )
         self._writer = WriteBehind(self._write) if redis_backend is not None else None
+        self._started = False
+        self._stopped = False
+        self._stopped_clean = True
         self.pipelines = 0  # Redis write pipelines executed (for tests and diagnostics)
         # Labelled metric children, bound once: `labels()` is a dict lookup under a lock.
         self._lookups = {
@@ -142,7 +181,10 @@ class DecisionCache:
 
     # --- reads ------------------------------------------------------------------------------
 
-    def get(self, key: str, now: float) -> Hit | None:
+    async def get(self, key: str, now: float, deadline: float | None = None) -> Hit | None:
+        """The entry under `key` valid at `now` (unix s), local level first; None on a miss
+        or any Redis fault. `deadline` (`time.monotonic()` s, None: none) bounds the wait for
+        Redis: past it, raises `DeadlinePassed`."""
         local = self.local
         if local is not None:
             entry = local.get(key, now)
@@ -151,13 +193,12 @@ class DecisionCache:
                 return Hit(entry, CacheLevel.LOCAL)
             self._local_miss.inc()
         redis = self.redis
-        if redis is None:
-            return None
-        if not self.breaker.allow():
-            self._lookups["redis", "skip"].inc()
+        if redis is None or not self._redis_allowed():
             return None
         try:
-            raw = redis.get(key)
+            raw = await self._bounded("get", redis.get(key), deadline)
+        except DeadlinePassed:
+            raise
         except Exception as exc:
             self._failed("get", exc)
             return None
@@ -177,8 +218,11 @@ class DecisionCache:
             local.put(key, entry.with_expiry(min(entry.expires_at, now + self._local_ttl)))
         return Hit(entry, CacheLevel.REDIS)
 
-    def get_many(self, keys: Sequence[str | None], now: float) -> list[Hit | None]:
-        """One result per key, in order: local level per key, then one MGET for the rest."""
+    async def get_many(
+        self, keys: Sequence[str | None], now: float, deadline: float | None = None
+    ) -> list[Hit | None]:
+        """One result per key, in order: local level per key, then one MGET for the rest
+        (`deadline` as for `get`)."""
         count = len(keys)
         hits: list[Hit | None] = [None] * count
         local = self.local
@@ -200,12 +244,13 @@ class DecisionCache:
         redis = self.redis
         if not misses or redis is None:
             return hits
-        if not self.breaker.allow():
-            self._lookups["redis", "skip"].inc(len(misses))
+        if not self._redis_allowed(len(misses)):
             return hits
         wanted = list(dict.fromkeys(keys[i] for i in misses))  # distinct, in order
         try:
-            values = redis.mget(wanted)  # type: ignore[arg-type]  # no None in `wanted`
+            values = await self._bounded("mget", redis.mget(wanted), deadline)  # type: ignore[arg-type]
+        except DeadlinePassed:
+            raise
         except Exception as exc:
             self._failed("mget", exc, len(misses))
             return hits
@@ -245,6 +290,55 @@ class DecisionCache:
             local.put_many(fills)  # type: ignore[union-attr]
         return hits
 
+    def _redis_allowed(self, lookups: int = 1) -> bool:
+        """May these lookups go to Redis now? False (counted as skips) while the breaker is
+        open or after `stop`. Raises RuntimeError off the process's event loop."""
+        if asyncio.get_running_loop() is not event_loop().loop:
+            raise RuntimeError(
+                "the decision cache's Redis level runs on the process's event loop "
+                "(policy_engine.lifecycle.event_loop()); decide there (Decider.decide_sync)"
+            )
+        if self._stopped or not self.breaker.allow():
+            self._lookups["redis", "skip"].inc(lookups)
+            return False
+        return True
+
+    async def _bounded(
+        self, operation: str, command: Coroutine[Any, Any, T], deadline: float | None
+    ) -> T:
+        """`command`'s result, waited for until `deadline` at most; raises DeadlinePassed
+        then. The command runs as its own task and is never cancelled here: one the caller
+        stops waiting for (deadline, or the caller's task cancelled) reports to the breaker
+        when it ends."""
+        if deadline is not None and deadline <= time.monotonic():
+            command.close()
+            raise DeadlinePassed(f"the deadline passed before redis {operation}")
+        task = asyncio.ensure_future(command)
+        timeout = None if deadline is None else max(0.0, deadline - time.monotonic())
+        try:
+            await asyncio.wait((task,), timeout=timeout)
+        except asyncio.CancelledError:
+            self._abandon(operation, task)
+            raise
+        if not task.done():
+            self._abandon(operation, task)
+            raise DeadlinePassed(f"the deadline passed while waiting for redis {operation}")
+        return task.result()
+
+    def _abandon(self, operation: str, task: asyncio.Future[Any]) -> None:
+        task.add_done_callback(partial(self._settle, operation))
+
+    def _settle(self, operation: str, task: asyncio.Future[Any]) -> None:
+        """A command nobody waits for any more ended: its outcome still tells the breaker
+        whether Redis answers (so callers with short deadlines cannot hide a hung Redis)."""
+        if task.cancelled():
+            return
+        exc = task.exception()
+        if exc is None:
+            self.breaker.success()
+        elif isinstance(exc, Exception):
+            self._failed(operation, exc, lookups=0)
+
     # --- writes -----------------------------------------------------------------------------
 
     def put(
@@ -281,15 +375,17 @@ class DecisionCache:
                     redis_items.append((key, value, ttl_ms))
         if local_items:
             local.put_many(local_items)  # type: ignore[union-attr]
-        if redis_items and self.breaker.state is BreakerState.CLOSED:
+        if redis_items and self.breaker.state is BreakerState.CLOSED and not self._stopped:
+            if not writer.started:  # type: ignore[union-attr]
+                writer.start(event_loop().loop)  # type: ignore[union-attr]  # never started
             writer.submit(redis_items)  # type: ignore[union-attr]
 
-    def _write(self, batch: list[Write]) -> None:
-        """The write-behind thread's sink: one pipeline, through the breaker."""
+    async def _write(self, batch: list[Write]) -> None:
+        """The write-behind task's sink: one pipeline, through the breaker."""
         if self.redis is None or not self.breaker.allow():
             return
         try:
-            self.redis.set_many(batch)
+            await self.redis.set_many(batch)
         except Exception as exc:
             self._failed("set", exc)
             return
@@ -306,7 +402,7 @@ class DecisionCache:
 
     def _failed(self, operation: str, exc: Exception, lookups: int = 1) -> None:
         self._redis_errors[operation].inc()
-        if operation != "set":
+        if operation != "set" and lookups:
             self._lookups["redis", "error"].inc(lookups)
         log.debug("redis %s failed: %s: %s", operation, type(exc).__name__, exc)
         self.breaker.failure()
@@ -326,27 +422,93 @@ class DecisionCache:
             log.warning("redis circuit breaker closed: using Redis again")
 
     def flush(self, timeout: float = 5.0) -> bool:
-        """Wait for queued Redis writes (tests and benchmarks warming Redis)."""
-        return self._writer.flush(timeout) if self._writer is not None else True
+        """Wait up to `timeout` s for queued Redis writes (tests and benchmarks warming
+        Redis); from any thread but the event loop's."""
+        writer = self._writer
+        if writer is None or not writer.started:
+            return True
+        return event_loop().call(writer.flush(timeout), timeout + _STOP_SLACK_SECONDS)
 
     def clear_local(self) -> None:
         if self.local is not None:
             self.local.clear()
 
-    def close(self) -> None:
+    # --- the lifecycle component ------------------------------------------------------------
+
+    def start(self) -> None:
+        """Start the write-behind task on the process's event loop (no connection is made:
+        the first command connects). Raises nothing; a second call is a no-op."""
+        if self._writer is not None and not self._stopped:
+            self._writer.start(event_loop().loop)
+        self._started = True
+
+    def stop(self, deadline: float) -> bool:
+        """Write what is queued until `deadline` (`time.monotonic()` s), then close the Redis
+        connections; False when writes were left unwritten (counted in
+        `pdp_cache_writes_dropped_total{reason="shutdown"}`). Lookups after it skip Redis.
+        Safe to call twice or unstarted; from any thread but the event loop's."""
+        if self._stopped:
+            return self._stopped_clean
+        self._stopped = True
+        if self.redis is None:
+            return True
+        wait = max(0.0, deadline - time.monotonic()) + _STOP_SLACK_SECONDS
+        try:
+            self._stopped_clean = event_loop().call(self._stop(deadline), wait)
+        except TimeoutError:
+            log.error("decision cache: Redis connections still closing at the stop deadline")
+            self._stopped_clean = False
+        return self._stopped_clean
+
+    async def _stop(self, deadline: float) -> bool:
+        clean = True
         if self._writer is not None:
-            self._writer.close()
-        if self.redis is not None:
-            self.redis.close()
+            clean = await self._writer.close(deadline)
+            if not clean:
+                log.warning("decision cache: Redis writes still queued at the stop were dropped")
+        assert self.redis is not None
+        await self.redis.aclose()
+        return clean
+
+    def status(self) -> ComponentStatus:
+        """Never blocks. Always ready: without Redis the engine decides every miss."""
+        levels = []
+        if self.local is not None:
+            levels.append(f"in-process {len(self.local)}/{self.settings.local_max_entries}")
+        if self.redis is None:
+            state = State.STOPPED if self._stopped else State.RUNNING
+            return ComponentStatus(self.name, state, True, ", ".join(levels) or "off")
+        levels.append(f"redis {self.redis.mode}")
+        dropped = self._writer.dropped if self._writer is not None else 0
+        detail = ", ".join(levels) + f"; {dropped} writes dropped"
+        if self._stopped:
+            return ComponentStatus(self.name, State.STOPPED, True, detail)
+        breaker = self.breaker.state
+        if breaker is not BreakerState.CLOSED:
+            return ComponentStatus(
+                self.name,
+                State.DEGRADED,
+                True,
+                f"{detail}; Redis circuit breaker {breaker.value.replace('_', '-')}: deciding "
+                f"without Redis, probing every {self.settings.breaker_reset_seconds:g}s",
+            )
+        running = self._started or (self._writer is not None and self._writer.started)
+        return ComponentStatus(self.name, State.RUNNING if running else State.NEW, True, detail)
 
 
 def build_cache(
     settings: CacheSettings, *, fingerprint: bytes = b"", max_id_length: int = 256
 ) -> DecisionCache | None:
-    """The configured cache, or None when caching is off (`enabled: false`, or no level)."""
+    """The configured cache, or None when caching is off (`enabled: false`, or no level).
+
+    Reads the Redis level's signing keys (files included) when it is configured: raises
+    ConfigError naming the setting when they are missing or unusable, or when a Redis
+    setting is malformed. Connects nothing and starts nothing."""
     if not settings.enabled:
         return None
     local = settings.local_max_entries > 0 and settings.local_ttl_seconds > 0
-    if not local and not settings.redis_url.strip():
+    redis_on = bool(settings.redis_url.strip())
+    if not local and not redis_on:
         return None
-    return DecisionCache(settings, fingerprint=fingerprint, max_id_length=max_id_length)
+    keys = load_signing_keys(settings) if redis_on else None  # checked before Redis is
+    return DecisionCache(settings, fingerprint=fingerprint, max_id_length=max_id_length, keys=keys)

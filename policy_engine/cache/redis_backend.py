@@ -1,10 +1,21 @@
-"""The shared level: Redis, through redis-py's own clients (standalone, Sentinel, Cluster).
+"""The shared level: Redis through `redis.asyncio` (standalone, Sentinel, Cluster).
 
-One client per process, hence one connection pool, shared by every handler thread. Timeouts
-are short (`redis_timeout_ms` for connect, socket reads and waiting for a pooled connection)
-and there are no retries: on the request path a slow Redis is a missing Redis, and the
-circuit breaker (see `breaker.py`) decides when to try again. This module only talks to
-Redis; it raises on any failure and leaves counting failures to its caller.
+One client per process, hence one connection pool, living on one event loop: the process's
+(`policy_engine.lifecycle.event_loop()`, which the decision cache checks). Timeouts are short
+(`redis_timeout_ms` for connect, socket reads and waiting for a pooled connection) and there
+are no retries: on the request path a slow Redis is a missing Redis, and the circuit breaker
+(see `breaker.py`) decides when to try again. This module only talks to Redis; it raises on
+any failure and leaves counting failures, and bounding a wait by a caller's deadline, to its
+caller (`decision_cache.py`).
+
+Cancellation, as redis-py 8 on Python 3.11 behaves (tests/cache/test_deadlines.py): a command
+cancelled while it waits for a reply closes its connection before the cancellation propagates
+(`read_response` and `send_packed_command` disconnect on any BaseException), so its late reply
+is never read as another command's. But a cancellation that lands while a command waits for a
+pooled connection and then connects can be lost (the task runs on to the socket timeout). So
+the decision cache never cancels a command for a caller's sake: it stops waiting at the
+caller's deadline and lets the command end on its own, within `redis_timeout_ms` (see
+`decision_cache.py`); only `aclose` at shutdown ends commands early.
 
 URLs:
 - standalone: `redis://[user:password@]host:port/db`, or `rediss://...` for TLS
@@ -13,13 +24,12 @@ URLs:
   the sentinels to ask for `redis_sentinel_master`; the password is the master's;
 - cluster: `redis://[user:password@]any-node:6379` (or `rediss://`); the client discovers
   the other nodes. Keys of one batch hash to different slots, so batch reads use
-  `mget_nonatomic` (one MGET per node, in parallel) and writes a cluster pipeline.
+  `mget_nonatomic` (one MGET per node, concurrently) and writes a cluster pipeline.
 """
 
 from __future__ import annotations
 
 import contextlib
-import threading
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 from urllib.parse import parse_qsl, unquote, urlsplit
@@ -29,21 +39,25 @@ from policy_engine.config import CacheSettings, ConfigError
 if TYPE_CHECKING:
     # redis is imported when a client is built: it costs ~10 MB of RSS in a server whose
     # cache has no Redis level (this module is imported by the decision cache either way).
-    import redis
-    from redis.retry import Retry
+    import redis.asyncio
+    from redis.asyncio.retry import Retry
 
 MODES = ("standalone", "sentinel", "cluster")
 
 
 def _no_retry() -> Retry:
+    from redis.asyncio.retry import Retry
     from redis.backoff import NoBackoff
-    from redis.retry import Retry
 
     return Retry(NoBackoff(), 0)
 
 
 class RedisBackend:
-    """GET, MGET and pipelined SET ... PX against one Redis deployment."""
+    """GET, MGET and pipelined SET ... PX against one Redis deployment, as coroutines.
+
+    The constructor only checks the settings (raises ConfigError naming the setting); the
+    client is created at the first `client()` call and connects at its first command.
+    """
 
     def __init__(self, settings: CacheSettings) -> None:
         mode = settings.redis_mode.strip().lower()
@@ -64,10 +78,7 @@ class RedisBackend:
         self._settings = settings
         self._timeout = max(settings.redis_timeout_ms, 1) / 1000.0
         self._client: Any = None
-        self._client_lock = threading.Lock()
-        if mode == "standalone":
-            # Creating it connects nothing: the first command does.
-            self._client = self._standalone()
+        self._sentinel: Any = None
 
     # --- clients ----------------------------------------------------------------------------
 
@@ -79,19 +90,19 @@ class RedisBackend:
             "health_check_interval": 0,
         }
 
-    def _standalone(self) -> redis.Redis:
-        import redis
+    def _standalone(self) -> redis.asyncio.Redis:
+        import redis.asyncio
 
-        pool = redis.BlockingConnectionPool.from_url(
+        pool = redis.asyncio.BlockingConnectionPool.from_url(
             self._url,
             max_connections=max(self._settings.redis_pool_size, 1),
             timeout=self._timeout,  # waiting for a free connection is bounded too
             **self._common(),
         )
-        return redis.Redis(connection_pool=pool)
+        return redis.asyncio.Redis.from_pool(pool)  # the client owns (and closes) the pool
 
-    def _sentinel(self) -> redis.Redis:
-        from redis.sentinel import Sentinel
+    def _sentinel_master(self) -> redis.asyncio.Redis:
+        from redis.asyncio.sentinel import Sentinel
 
         parts = urlsplit(self._url)
         hosts: list[tuple[str, int]] = []
@@ -101,14 +112,13 @@ class RedisBackend:
         db = int(parts.path.strip("/") or 0)
         options = dict(parse_qsl(parts.query))
         ssl = parts.scheme == "rediss"
-        kwargs = self._common()
         sentinel_kwargs = {
             "socket_timeout": self._timeout,
             "socket_connect_timeout": self._timeout,
             "ssl": ssl,
         }
-        sentinel = Sentinel(hosts, sentinel_kwargs=sentinel_kwargs, **kwargs, ssl=ssl)
-        return sentinel.master_for(
+        self._sentinel = Sentinel(hosts, sentinel_kwargs=sentinel_kwargs, **self._common(), ssl=ssl)
+        master: redis.asyncio.Redis = self._sentinel.master_for(
             self._settings.redis_sentinel_master,
             db=db,
             username=unquote(parts.username) if parts.username else None,
@@ -116,9 +126,10 @@ class RedisBackend:
             max_connections=max(self._settings.redis_pool_size, 1),
             **{k: v for k, v in options.items() if k.startswith("ssl_")},
         )
+        return master
 
     def _cluster(self) -> Any:
-        from redis.cluster import RedisCluster
+        from redis.asyncio.cluster import RedisCluster
 
         return RedisCluster.from_url(
             self._url,
@@ -127,37 +138,47 @@ class RedisBackend:
         )
 
     def client(self) -> Any:
-        """The client, created on first use (Sentinel and Cluster connect when created)."""
+        """The client, created on first use (creating it connects nothing)."""
         client = self._client
-        if client is not None:
-            return client
-        with self._client_lock:
-            if self._client is None:
-                self._client = self._sentinel() if self.mode == "sentinel" else self._cluster()
-            return self._client
+        if client is None:
+            if self.mode == "standalone":
+                client = self._standalone()
+            elif self.mode == "sentinel":
+                client = self._sentinel_master()
+            else:
+                client = self._cluster()
+            self._client = client
+        return client
 
     # --- operations (raise on any failure) --------------------------------------------------
 
-    def get(self, key: str) -> bytes | None:
-        value: bytes | None = self.client().get(key)
+    async def get(self, key: str) -> bytes | None:
+        value: bytes | None = await self.client().get(key)
         return value
 
-    def mget(self, keys: Sequence[str]) -> list[bytes | None]:
+    async def mget(self, keys: Sequence[str]) -> list[bytes | None]:
         """All keys in one round trip (per cluster node)."""
         client = self.client()
         if self.mode == "cluster":
-            return list(client.mget_nonatomic(list(keys)))
-        return list(client.mget(list(keys)))
+            return list(await client.mget_nonatomic(list(keys)))
+        return list(await client.mget(list(keys)))
 
-    def set_many(self, items: Sequence[tuple[str, bytes, int]]) -> None:
+    async def set_many(self, items: Sequence[tuple[str, bytes, int]]) -> None:
         """`SET key value PX ttl_ms` for every item, in one pipeline (no MULTI/EXEC)."""
         pipe = self.client().pipeline(transaction=False)
         for key, value, ttl_ms in items:
             pipe.set(key, value, px=ttl_ms)
-        pipe.execute()
+        await pipe.execute()
 
-    def close(self) -> None:
+    async def aclose(self) -> None:
+        """Close every connection (the pool's, and Sentinel's own); best effort, never
+        raises. The next command would create a new client."""
         client, self._client = self._client, None
+        sentinel, self._sentinel = self._sentinel, None
         if client is not None:
-            with contextlib.suppress(Exception):  # closing is best effort
-                client.close()
+            with contextlib.suppress(Exception):
+                await client.aclose()
+        if sentinel is not None:
+            for sentinel_client in sentinel.sentinels:
+                with contextlib.suppress(Exception):
+                    await sentinel_client.aclose()

@@ -1,8 +1,8 @@
 """The decision pipeline: requests in, typed outcomes and their answer out, outside gRPC.
 
-`Decider.decide(items)` is the only entry, for a `Check` (a batch of one) and a `CheckBatch`
-alike (`decide_async(items, deadline)` is the same pipeline for the asyncio server: see
-below). For one call it
+`Decider.decide(items, deadline)` is the only entry, a coroutine, for a `Check` (a batch of
+one) and a `CheckBatch` alike; synchronous callers (the CLI, tools, tests) use
+`decide_sync`, which runs it on the process's event loop. For one call it
 
 1. snapshots one policy set and one clock reading (every item is decided under both);
 2. looks the cacheable items up in one round trip (`get` for one key, `get_many` for more);
@@ -16,24 +16,25 @@ Its input is the API's `CheckRequest` messages, not domain requests: the cache k
 of the message and the cache holds answers as serialized responses, so a hit is answered
 without building a domain request or touching the engine (conversion alone costs more than a
 whole hit). Only misses are converted (`RequestConverter`). Nothing here knows about gRPC (no
-context, no status codes): the servicer maps `Invalid` to INVALID_ARGUMENT for a `Check`, and
-an asyncio server can use the same pipeline through asyncio versions of the two ports below.
+context, no status codes): the servicer maps `Invalid` to INVALID_ARGUMENT for a `Check`.
 
 What may be cached is decided here (`storable`): only plain allows and denies, never
 validation failures, server errors, decisions that read the clock or that a policy opted out
 of, and never past a subject token's validity. The answer fingerprint salting every key
 (`answer_fingerprint`) and the clock are the pipeline's too.
 
-On the asyncio server everything runs on the event loop (a thread hand-off costs as much as a
-decision) except a lookup that may wait on Redis: that one runs on a small thread pool, and
-the wait for it is bounded by the caller's deadline. A call whose deadline has passed when its
-turn comes, or passes while it waits for the cache, is not evaluated: `DeadlineExceeded` is
-raised (the server answers DEADLINE_EXCEEDED) and `pdp_deadline_exceeded_total` counts it.
+Everything runs on the event loop (a thread hand-off costs as much as a decision); the one
+wait is a lookup that goes to Redis, awaited for at most the caller's remaining time. A call
+whose deadline has passed when its turn comes, or passes while it waits for the cache, is not
+evaluated: `DeadlineExceeded` is raised (the server answers DEADLINE_EXCEEDED) and
+`pdp_deadline_exceeded_total` counts it.
 
 Every answer is ALLOW or DENY: a request the engine cannot decide (a bug, a failing policy
 source or clock) is answered DENY with `kontext_server_error`, and the exception goes to the
-log, never to the caller. While no valid policy set is loaded every request is denied with a
-reason saying so; the log says it once when that state begins and once when it ends.
+log, never to the caller; such log records carry `request_id` and `decision_id` as fields
+(`extra`), JSON keys with `log_format: json`. While no valid policy set is loaded every
+request is denied with a reason saying so; the log says it once when that state begins and
+once when it ends.
 """
 
 from __future__ import annotations
@@ -43,14 +44,20 @@ import logging
 import threading
 import time
 from collections.abc import Callable, Sequence
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import replace
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any, Protocol
 
 from policy_engine import __version__
 from policy_engine.api import pdp_pb2
-from policy_engine.cache import CacheLevel, DecisionCache, Hit, Store, build_cache
+from policy_engine.cache import (
+    CacheLevel,
+    DeadlinePassed,
+    DecisionCache,
+    Hit,
+    Store,
+    build_cache,
+)
 from policy_engine.cache import settings_fingerprint as _settings_fingerprint
 from policy_engine.config import Settings
 from policy_engine.decision.outcome import (
@@ -65,6 +72,7 @@ from policy_engine.domain.codes import ErrorCode
 from policy_engine.domain.decision import Decision, Effect, Layer, Reason
 from policy_engine.engine import decide
 from policy_engine.engine.validation import is_validation_failure
+from policy_engine.lifecycle import deadline_in, event_loop
 from policy_engine.metrics import DEADLINE_EXCEEDED, DECISIONS
 from policy_engine.server.convert import (
     RequestConverter,
@@ -105,8 +113,9 @@ _UNCACHEABLE_CODES = frozenset({ErrorCode.VALIDATION_ERROR, ErrorCode.SERVER_ERR
 
 
 class DecisionStore(Protocol):
-    """The cache as the pipeline uses it (`DecisionCache` is one); an asyncio pipeline
-    mirrors it with awaitable `get`, `get_many` and `put_many`."""
+    """The cache as the pipeline uses it (`DecisionCache` is one). `get` and `get_many` are
+    coroutines bounded by the caller's deadline (`time.monotonic()` s, None: none): past it
+    they raise `DeadlinePassed`; any other fault is a miss. `put_many` never blocks."""
 
     def keys(
         self, msgs: Sequence[Any], revision: str, key_sets: Mapping[str, KeySource]
@@ -114,9 +123,11 @@ class DecisionStore(Protocol):
 
     def skipped(self, count: int = 1) -> None: ...
 
-    def get(self, key: str, now: float) -> Hit | None: ...
+    async def get(self, key: str, now: float, deadline: float | None = None) -> Hit | None: ...
 
-    def get_many(self, keys: Sequence[str | None], now: float) -> list[Hit | None]: ...
+    async def get_many(
+        self, keys: Sequence[str | None], now: float, deadline: float | None = None
+    ) -> list[Hit | None]: ...
 
     def put_many(self, stores: Sequence[Store], now: float) -> None: ...
 
@@ -151,10 +162,20 @@ def storable(decision: Decision) -> bool:
     )
 
 
-def _may_wait(cache: DecisionStore) -> bool:
-    """Can a lookup in `cache` wait on the network? Whenever it has a Redis level: even with
-    the breaker open, a lookup may be the probe that waits (the in-process level never does)."""
-    return isinstance(cache, DecisionCache) and cache.redis is not None
+def _log_fields(item: pdp_pb2.CheckRequest, decision_id: bytes) -> dict[str, str]:
+    """One item's identifiers as log record fields (`extra`), never pasted into messages."""
+    return {"request_id": item.request_id, "decision_id": decision_id.decode()}
+
+
+def _call_fields(items: Sequence[pdp_pb2.CheckRequest], ids: Sequence[bytes]) -> dict[str, Any]:
+    """A whole call's identifiers as log record fields: an item's for a batch of one, else
+    the lists (`request_ids`, `decision_ids`, in request order)."""
+    if len(items) == 1:
+        return _log_fields(items[0], ids[0])
+    return {
+        "request_ids": [item.request_id for item in items],
+        "decision_ids": [decision_id.decode() for decision_id in ids],
+    }
 
 
 def _first_code(decision: Decision) -> str:
@@ -228,9 +249,9 @@ class Decider:
     The cache is built from `settings.cache` unless one is passed (`cache=None` turns caching
     off); `close()` stops only a cache built here. `clock` None reads `time.time()` (no
     datetime is built on the hit path); a clock passed in is read once per call. One
-    instance serves every call, on the event loop and from any thread (`decide`): a call's
-    state lives in the call, and `source` may be swapped at any time (the next call reads it).
-    `settings.threads` sizes the pool for lookups that may wait on Redis (`decide_async`).
+    instance serves every call on the process's event loop (`decide`), and synchronous
+    callers through it (`decide_sync`): a call's state lives in the call, and `source` may be
+    swapped at any time (the next call reads it).
     """
 
     def __init__(
@@ -278,49 +299,27 @@ class Decider:
                 max_id_length=settings.limits.max_id_length,
             )
         self.cache: DecisionStore | None = cache
-        # Threads for lookups that may wait on Redis (decide_async); made on first use.
-        self._lookup_threads = settings.threads
-        self._executor: ThreadPoolExecutor | None = None
 
-    def close(self) -> None:
-        """Stop the lookup threads, then the cache's writer and Redis pool (only a cache this
-        decider built)."""
-        if self._executor is not None:
-            # Not waiting: a lookup stuck on Redis ends at the Redis socket timeout.
-            self._executor.shutdown(wait=False, cancel_futures=True)
+    def close(self, deadline: float | None = None) -> bool:
+        """Stop the cache if this decider built it (its queued Redis writes are written until
+        `deadline`, `time.monotonic()` s, default 5 s from now; then its connections close);
+        False when writes were left unwritten. A cache passed in is its owner's to stop."""
         if self._owns_cache and isinstance(self.cache, DecisionCache):
-            self.cache.close()
+            return self.cache.stop(deadline_in(5.0) if deadline is None else deadline)
+        return True
 
     # --- the entry -----------------------------------------------------------------------------
 
-    def decide(self, items: Sequence[pdp_pb2.CheckRequest]) -> Decisions:
-        """One outcome per item, in order, and the answer; observers have seen them.
-
-        `items` must not be empty (the caller refuses an empty batch). Never raises for a
-        request's sake: whatever fails becomes a server-error deny; only an observer's
-        exception propagates.
-        """
-        started = time.perf_counter()
-        count = len(items)
-        snapshot = self._snapshot()
-        if isinstance(snapshot, Decision):
-            decisions = self._unavailable(items, snapshot, started)
-        else:
-            policies, now, now_ts = snapshot
-            decisions = self._decide(items, policies, now, now_ts, started, count)
-        for observer in self.observers:
-            observer.observe(decisions)
-        return decisions
-
-    async def decide_async(
+    async def decide(
         self, items: Sequence[pdp_pb2.CheckRequest], deadline: float | None = None
     ) -> Decisions:
-        """`decide` for a caller on an event loop; `deadline` is the caller's, on the
-        `time.monotonic()` clock (None: none).
+        """One outcome per item, in order, and the answer; observers have seen them.
 
-        Runs on the loop, except a lookup that may wait on Redis, which runs on the lookup
-        threads for at most the time left. Raises `DeadlineExceeded` (counted) when the
-        deadline has passed before the evaluation: nothing is evaluated, stored or observed.
+        `items` must not be empty (the caller refuses an empty batch). `deadline` is the
+        caller's, on the `time.monotonic()` clock (None: none). Raises `DeadlineExceeded`
+        (counted) when it passes before the evaluation: nothing is then evaluated, stored or
+        observed. Otherwise never raises for a request's sake: whatever fails becomes a
+        server-error deny; only an observer's exception propagates.
         """
         started = time.perf_counter()
         if deadline is not None and deadline <= time.monotonic():
@@ -331,69 +330,80 @@ class Decider:
         else:
             policies, now, now_ts = snapshot
             count = len(items)
+            ids = [next_decision_id()] if count == 1 else new_decision_ids(count)
             cache = self.cache
-            looked_up = None
-            if cache is not None and _may_wait(cache):
-                looked_up = await self._lookup_off_loop(
-                    cache, items, policies, now_ts, count, deadline
-                )
-            decisions = self._decide(items, policies, now, now_ts, started, count, looked_up)
+            keys: list[str | None] | None = None
+            hits: list[Hit | None] | None = None
+            if cache is not None:
+                keys, hits = await self._lookup(cache, items, ids, policies, now_ts, deadline)
+            decisions = self._decide(items, ids, keys, hits, policies, now, now_ts, started)
         for observer in self.observers:
             observer.observe(decisions)
         return decisions
 
-    async def _lookup_off_loop(
+    def decide_sync(
+        self,
+        items: Sequence[pdp_pb2.CheckRequest],
+        deadline: float | None = None,
+        timeout: float | None = None,
+    ) -> Decisions:
+        """`decide` for synchronous callers (CLI, tools, tests): run on the process's event
+        loop, waited for up to `timeout` seconds (None: as long as it takes; TimeoutError
+        then). Raises RuntimeError on the loop's own thread (await `decide` there)."""
+        return event_loop().call(self.decide(items, deadline), timeout)
+
+    async def _lookup(
         self,
         cache: DecisionStore,
         items: Sequence[pdp_pb2.CheckRequest],
+        ids: list[bytes],
         policies: CompiledPolicySet,
         now_ts: float,
-        count: int,
         deadline: float | None,
     ) -> tuple[list[str | None] | None, list[Hit | None] | None]:
-        """`_lookup` on the lookup threads, waited for until `deadline`; raises
-        DeadlineExceeded when it passes first (the lookup itself ends at Redis's timeout)."""
-        # Interim until the cache has an asyncio Redis client: a blocking lookup in a thread.
-        if self._executor is None:
-            self._executor = ThreadPoolExecutor(
-                max_workers=self._lookup_threads, thread_name_prefix="pdp-lookup"
-            )
-        loop = asyncio.get_running_loop()
-        future = loop.run_in_executor(
-            self._executor, self._lookup, cache, items, policies, now_ts, count
-        )
-        timeout = None if deadline is None else deadline - time.monotonic()
+        """Keys and hits, one round trip for all (GET for one key, MGET for more); (None,
+        None) when the cache failed: the whole call is decided without it. Raises
+        DeadlineExceeded when `deadline` passes while waiting for it."""
         try:
-            return await asyncio.wait_for(future, timeout)
-        except TimeoutError:
+            keys = cache.keys(items, policies.revision, policies.key_sets)
+            if len(keys) == 1:
+                key = keys[0]
+                if key is None:
+                    cache.skipped()  # explain (the trace needs the engine), or not cacheable
+                    return keys, None
+                return keys, [await cache.get(key, now_ts, deadline)]
+            bypassed = keys.count(None)
+            if bypassed:
+                cache.skipped(bypassed)
+            return keys, await cache.get_many(keys, now_ts, deadline)
+        except DeadlinePassed:
             raise _expired("cache") from None
         except asyncio.CancelledError:
             # gRPC cancels the call at its deadline, which may come first: still counted.
             if deadline is not None and deadline <= time.monotonic():
                 _DEADLINE_COUNTERS["cache"].inc()
             raise
+        except Exception:
+            log.exception(
+                "decision cache lookup failed; deciding without it", extra=_call_fields(items, ids)
+            )
+            return None, None
 
     # --- the steps -----------------------------------------------------------------------------
 
     def _decide(
         self,
         items: Sequence[pdp_pb2.CheckRequest],
+        ids: list[bytes],
+        keys: list[str | None] | None,
+        hits: list[Hit | None] | None,
         policies: CompiledPolicySet,
         now: datetime | None,
         now_ts: float,
         started: float,
-        count: int,
-        looked_up: tuple[list[str | None] | None, list[Hit | None] | None] | None = None,
     ) -> Decisions:
-        """`looked_up`: the keys and hits when the caller has looked the items up already."""
-        cache = self.cache
-        keys: list[str | None] | None = None
-        hits: list[Hit | None] | None = None
-        if looked_up is not None:
-            keys, hits = looked_up
-        elif cache is not None:
-            keys, hits = self._lookup(cache, items, policies, now_ts, count)
-        ids = [next_decision_id()] if count == 1 else new_decision_ids(count)
+        """The outcomes from the looked-up `keys` and `hits` (None: no cache, or it failed)."""
+        count = len(items)
         outcomes: list[Outcome] = []
         append = outcomes.append
         parts: list[bytes] = []
@@ -421,15 +431,14 @@ class Decider:
         except Exception:
             # Cannot happen with entries this code wrote (a corrupt local entry, a value that
             # verified yet does not parse): the call is decided anew, bypassing the lookup.
-            log.exception("a cached decision could not be answered; deciding anew")
+            log.exception(
+                "a cached decision could not be answered; deciding anew",
+                extra=_call_fields(items, ids),
+            )
             if now is None:
                 now = datetime.fromtimestamp(now_ts, UTC)
-            return self._decide_anew(items, keys, policies, now, now_ts, started, count)
-        if stores:
-            try:
-                cache.put_many(stores, now_ts)  # type: ignore[union-attr]
-            except Exception:
-                log.exception("decision cache write failed; answers are unaffected")
+            return self._decide_anew(items, ids, keys, policies, now, now_ts, started)
+        self._store(stores, now_ts, items, ids)
         if evaluated == count:
             level_label = "none"
         elif evaluated:
@@ -441,55 +450,42 @@ class Decider:
     def _decide_anew(
         self,
         items: Sequence[pdp_pb2.CheckRequest],
+        ids: list[bytes],
         keys: list[str | None] | None,
         policies: CompiledPolicySet,
         now: datetime,
         now_ts: float,
         started: float,
-        count: int,
     ) -> Decisions:
         """Every item evaluated (no lookup); storable answers replace the entries under their
         keys, so a corrupt entry is overwritten by a good one."""
-        ids = [next_decision_id()] if count == 1 else new_decision_ids(count)
         outcomes: list[Outcome] = []
         parts: list[bytes] = []
         stores: list[Store] = []
         for index, item in enumerate(items):
             key = keys[index] if keys is not None else None
             outcomes.append(self._evaluate(item, key, ids[index], policies, now, parts, stores))
-        single, batch = self._assemble(parts, count)
-        if stores:
-            try:
-                self.cache.put_many(stores, now_ts)  # type: ignore[union-attr]
-            except Exception:
-                log.exception("decision cache write failed; answers are unaffected")
+        single, batch = self._assemble(parts, len(items))
+        self._store(stores, now_ts, items, ids)
         return Decisions(outcomes, "none", started, now_ts, single, batch)
 
-    def _lookup(
+    def _store(
         self,
-        cache: DecisionStore,
-        items: Sequence[pdp_pb2.CheckRequest],
-        policies: CompiledPolicySet,
+        stores: list[Store],
         now_ts: float,
-        count: int,
-    ) -> tuple[list[str | None] | None, list[Hit | None] | None]:
-        """Keys and hits, one round trip for all (GET for one key, MGET for more); (None,
-        None) when the cache failed: the whole call is decided without it."""
+        items: Sequence[pdp_pb2.CheckRequest],
+        ids: list[bytes],
+    ) -> None:
+        """Hand the storable answers to the cache (never blocks; a failure costs hits only)."""
+        if not stores:
+            return
         try:
-            keys = cache.keys(items, policies.revision, policies.key_sets)
-            if count == 1:
-                key = keys[0]
-                if key is None:
-                    cache.skipped()  # explain (the trace needs the engine), or not cacheable
-                    return keys, None
-                return keys, [cache.get(key, now_ts)]
-            bypassed = keys.count(None)
-            if bypassed:
-                cache.skipped(bypassed)
-            return keys, cache.get_many(keys, now_ts)
+            self.cache.put_many(stores, now_ts)  # type: ignore[union-attr]  # stores need one
         except Exception:
-            log.exception("decision cache lookup failed; deciding without it")
-            return None, None
+            log.exception(
+                "decision cache write failed; answers are unaffected",
+                extra=_call_fields(items, ids),
+            )
 
     def _evaluate(
         self,
@@ -503,7 +499,7 @@ class Decider:
     ) -> Outcome:
         """One item the cache did not answer: its outcome; its answer added to `parts`, and
         to `stores` when it may be cached under `key`."""
-        request, decision = self._convert_and_decide(item, policies, now)
+        request, decision = self._convert_and_decide(item, decision_id, policies, now)
         code = _first_code(decision)
         if is_validation_failure(decision):
             self._add_response(parts, decision, item, decision_id)
@@ -516,7 +512,7 @@ class Decider:
             try:
                 template = self._responses.template(decision)
             except Exception:
-                log.exception("building a response failed (request_id=%r)", item.request_id)
+                log.exception("building a response failed", extra=_log_fields(item, decision_id))
             else:
                 add_result(parts, template, decision_id, item.request_id, _NONE)
                 if key is None or not storable(decision):
@@ -594,7 +590,11 @@ class Decider:
             log.info("policy set %s is loaded; deciding requests again", revision)
 
     def _convert_and_decide(
-        self, msg: pdp_pb2.CheckRequest, policies: CompiledPolicySet, now: datetime
+        self,
+        msg: pdp_pb2.CheckRequest,
+        decision_id: bytes,
+        policies: CompiledPolicySet,
+        now: datetime,
     ) -> tuple[Any, Decision]:
         """The domain request (None if it could not be built) and the engine's decision.
 
@@ -612,7 +612,7 @@ class Decider:
                 )
             return request, decide(policies, request, now=now, limits=self._limits)
         except Exception:
-            log.exception("decision failed (request_id=%r); answering deny", msg.request_id)
+            log.exception("decision failed; answering deny", extra=_log_fields(msg, decision_id))
             return request, self._server_error(getattr(policies, "revision", ""))
 
     def _add_response(
@@ -629,7 +629,7 @@ class Decider:
                 decision, request_id=msg.request_id, explain=msg.explain
             )
         except Exception:
-            log.exception("building the response failed (request_id=%r)", msg.request_id)
+            log.exception("building the response failed", extra=_log_fields(msg, decision_id))
             resp = pdp_pb2.CheckResponse(
                 effect=pdp_pb2.EFFECT_DENY,
                 reasons=[self._server_error_reason_pb],

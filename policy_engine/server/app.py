@@ -25,6 +25,7 @@ kontext_server_error until a valid set loads (`pdp validate` is the deploy-time 
 from __future__ import annotations
 
 import contextlib
+import inspect
 import logging
 import multiprocessing
 import multiprocessing.connection
@@ -61,7 +62,7 @@ from policy_engine.server.metrics_http import (
 )
 from policy_engine.server.ports import Reservation, check_free, reserve, reuse_port
 from policy_engine.server.security import interceptors, server_credentials
-from policy_engine.server.service import SERVICE_NAME, PolicyDecisionServicer, build_decider
+from policy_engine.server.service import SERVICE_NAME, PolicyDecisionServicer
 from policy_engine.server.status import STATUS_SERVICE_NAME, PolicyStatusServicer
 from policy_engine.store import DirectoryBackend, PolicyReloader, PolicyStore
 
@@ -280,12 +281,14 @@ def _add_pdp_servicer(
     and every handler is a coroutine on the loop.
 
     gRPC would answer INTERNAL ("Exception deserializing request!"), which tells the broker
-    nothing; the request is the client's fault and should say so, with the usual details. A
-    servicer with `check_async`/`check_batch_async` (PolicyDecisionServicer) is awaited
-    through them; a synchronous one (the benchmark's EmptyServicer) is called on the loop.
+    nothing; the request is the client's fault and should say so, with the usual details.
+    Handlers that are coroutines (PolicyDecisionServicer's, EmptyServicer's) are awaited; a
+    synchronous servicer's are called on the loop.
     """
 
-    def guard(behavior: Callable[[Any, Any], Any], native: Handler | None) -> Handler:
+    def guard(behavior: Callable[[Any, Any], Any]) -> Handler:
+        native: Handler | None = behavior if inspect.iscoroutinefunction(behavior) else None
+
         async def handle(request: Any, context: grpc.aio.ServicerContext) -> Any:
             if request.__class__ is _Unparseable:
                 await context.abort_with_status(
@@ -304,12 +307,12 @@ def _add_pdp_servicer(
 
     handlers = {
         "Check": grpc.unary_unary_rpc_method_handler(
-            guard(servicer.Check, getattr(servicer, "check_async", None)),
+            guard(servicer.Check),
             request_deserializer=_lenient(pdp_pb2.CheckRequest.FromString),
             response_serializer=pdp_pb2.CheckResponse.SerializeToString,
         ),
         "CheckBatch": grpc.unary_unary_rpc_method_handler(
-            guard(servicer.CheckBatch, getattr(servicer, "check_batch_async", None)),
+            guard(servicer.CheckBatch),
             request_deserializer=_lenient(pdp_pb2.CheckBatchRequest.FromString),
             response_serializer=pdp_pb2.CheckBatchResponse.SerializeToString,
         ),
@@ -436,9 +439,7 @@ def start_server(settings: Settings, mode: Mode = "policy", *, worker: int = 0) 
         debounce_ms=settings.reload.debounce_ms,
         resync_seconds=settings.reload.resync_seconds,
     )
-    servicer = PolicyDecisionServicer.over(
-        build_decider(store.current, settings, audit=audit), settings
-    )
+    servicer = PolicyDecisionServicer(store.current, settings, audit=audit)
     server, port = build_server(
         servicer,
         settings,

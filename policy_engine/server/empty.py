@@ -7,8 +7,6 @@ alone: conversion, the engine and response building. Never deploy it.
 
 from __future__ import annotations
 
-import grpc
-
 from policy_engine.api import pdp_pb2, pdp_pb2_grpc
 from policy_engine.config import Settings
 
@@ -21,25 +19,13 @@ _ALLOW = pdp_pb2.CheckResponse(
 
 
 class EmptyServicer(pdp_pb2_grpc.PolicyDecisionServiceServicer):
-    """Check returns one constant response; CheckBatch one constant result per item."""
+    """Check returns one constant response; CheckBatch one constant result per item. Both are
+    coroutines, awaited by the asyncio server as the PolicyDecisionServicer's are."""
 
-    def Check(
-        self, request: pdp_pb2.CheckRequest, context: grpc.ServicerContext
-    ) -> pdp_pb2.CheckResponse:
+    async def Check(self, request: pdp_pb2.CheckRequest, context: object) -> pdp_pb2.CheckResponse:
         return _ALLOW
 
-    def CheckBatch(
-        self, request: pdp_pb2.CheckBatchRequest, context: grpc.ServicerContext
-    ) -> pdp_pb2.CheckBatchResponse:
-        return pdp_pb2.CheckBatchResponse(results=[_ALLOW] * len(request.items))
-
-    # The asyncio server awaits these, as it does the PolicyDecisionServicer's.
-    async def check_async(
-        self, request: pdp_pb2.CheckRequest, context: object
-    ) -> pdp_pb2.CheckResponse:
-        return _ALLOW
-
-    async def check_batch_async(
+    async def CheckBatch(
         self, request: pdp_pb2.CheckBatchRequest, context: object
     ) -> pdp_pb2.CheckBatchResponse:
         return pdp_pb2.CheckBatchResponse(results=[_ALLOW] * len(request.items))

@@ -1,15 +1,12 @@
 """The PolicyDecisionService: a thin gRPC adapter over the decision pipeline.
 
 Every decision is made by one `Decider` (`policy_engine.decision`): `Check` is a batch of one,
-`CheckBatch` a batch of its items. This module only refuses what is malformed at the RPC level
-(an empty or oversized batch), maps an `Invalid` outcome of a `Check` to INVALID_ARGUMENT
-naming the offending fields (with `kontext_validation_error` in the details), observes the
-RPC's latency, and returns the pipeline's answer.
-
-The asyncio server calls `check_async` and `check_batch_async` (on its event loop, with the
-caller's deadline: a call whose deadline has passed is answered DEADLINE_EXCEEDED and not
-evaluated); `Check` and `CheckBatch` are the same adapter for synchronous callers (the
-in-process benchmark, tests).
+`CheckBatch` a batch of its items. Both are coroutines on the asyncio server's event loop,
+bounded by the caller's deadline (a call whose deadline has passed is answered
+DEADLINE_EXCEEDED and not evaluated). This module only refuses what is malformed at the RPC
+level (an empty or oversized batch), maps an `Invalid` outcome of a `Check` to
+INVALID_ARGUMENT naming the offending fields (with `kontext_validation_error` in the details),
+observes the RPC's latency, and returns the pipeline's answer.
 
 Every answer is ALLOW or DENY. A request that cannot be decided (a bug, a failing policy
 source, no valid policy set loaded) is answered DENY with `kontext_server_error`, never an RPC
@@ -19,6 +16,7 @@ failure; what may be cached, the audit records and the decision counts are the p
 
 from __future__ import annotations
 
+import logging
 import time
 from typing import Any, NoReturn, Protocol
 
@@ -45,6 +43,11 @@ from policy_engine.server.errors import Status, invalid_argument
 from policy_engine.server.recording import DecisionRecorder
 
 SERVICE_NAME = pdp_pb2.DESCRIPTOR.services_by_name["PolicyDecisionService"].full_name
+
+log = logging.getLogger(__name__)
+
+_DEFAULT_THREADS = Settings().threads  # the `threads` default: no warning for it
+_threads_warned = False
 
 __all__ = [
     "NO_POLICY_SET_MESSAGE",
@@ -86,19 +89,35 @@ def build_decider(
     """The server's pipeline: the cache from the settings (unless `cache` is given; None turns
     it off), and as observers the decisions metric and, with an enabled audit log, its
     recorder. The decider does not own the audit log (the server closes it after the last
-    RPC has been answered)."""
+    RPC has been answered). Raises ConfigError when the cache settings cannot be used."""
+    _warn_threads(settings)
     observers: list[Observer] = [DecisionMetrics()]
     if audit is not None and audit.enabled:
         observers.append(DecisionRecorder(audit, RequestConverter(settings.limits)))
+    # The default clock is read as a float by the pipeline (no datetime on the hit path).
+    clock = None if clock is utc_now else clock
     return Decider(policy_source, settings, clock=clock, cache=cache, observers=observers)
 
 
-class PolicyDecisionServicer(pdp_pb2_grpc.PolicyDecisionServiceServicer):
-    """Answers Check and CheckBatch from a `Decider` (see the module docstring).
+def _warn_threads(settings: Settings) -> None:
+    """`threads` sized the old server's handler threads, then a Redis lookup pool; nothing
+    uses it now (calls and Redis are on the event loop). Old configurations keep working:
+    one warning per process when it is set to anything but its default."""
+    global _threads_warned
+    if settings.threads != _DEFAULT_THREADS and not _threads_warned:
+        _threads_warned = True
+        log.warning(
+            "setting threads (%d) is ignored: calls and Redis lookups run on the event loop; "
+            "remove it from the configuration",
+            settings.threads,
+        )
 
-    Built from a policy source and settings (`clock`, `cache`, `audit` as for `build_decider`),
-    or over a decider built elsewhere with `over`; `close()` closes the decider (which stops
-    only a cache it built itself).
+
+class PolicyDecisionServicer(pdp_pb2_grpc.PolicyDecisionServiceServicer):
+    """Answers Check and CheckBatch from a `Decider` (see the module docstring), built by
+    `build_decider` from the policy source, the settings and `clock`, `cache`, `audit` as
+    there (the server passes the cache it starts and stops itself). `decider` is the
+    pipeline; `close()` closes it (which stops only a cache it built itself).
     """
 
     def __init__(
@@ -110,20 +129,7 @@ class PolicyDecisionServicer(pdp_pb2_grpc.PolicyDecisionServiceServicer):
         cache: DecisionStore | None = FROM_SETTINGS,
         audit: AuditLog | None = None,
     ) -> None:
-        # The default clock is read as a float by the pipeline (no datetime on the hit path).
-        clock = None if clock is utc_now else clock
-        decider = build_decider(policy_source, settings, clock=clock, cache=cache, audit=audit)
-        self._serve(decider, settings)
-
-    @classmethod
-    def over(cls, decider: Decider, settings: Settings) -> PolicyDecisionServicer:
-        """A servicer answering from `decider` (the server builds the decider itself)."""
-        servicer = cls.__new__(cls)
-        servicer._serve(decider, settings)
-        return servicer
-
-    def _serve(self, decider: Decider, settings: Settings) -> None:
-        self.decider = decider
+        self.decider = build_decider(policy_source, settings, clock=clock, cache=cache, audit=audit)
         self._max_batch = settings.limits.max_batch_size
         self._validation_docs = docs_url(settings.docs_base_url, ErrorCode.VALIDATION_ERROR)
         # Labelled metric children, bound once (a `labels()` call costs a lock and a lookup).
@@ -153,36 +159,12 @@ class PolicyDecisionServicer(pdp_pb2_grpc.PolicyDecisionServiceServicer):
 
     # --- RPCs ----------------------------------------------------------------------------------
 
-    def Check(
-        self, request: pdp_pb2.CheckRequest, context: grpc.ServicerContext
-    ) -> pdp_pb2.CheckResponse:
-        decisions = self.decider.decide((request,))
-        outcome = decisions.outcomes[0]
-        self._latency["Check", decisions.level].observe(time.perf_counter() - decisions.started)
-        if isinstance(outcome, Invalid):
-            self._abort_invalid(context, outcome.violations, request.request_id)
-        return decisions.only()
-
-    def CheckBatch(
-        self, request: pdp_pb2.CheckBatchRequest, context: grpc.ServicerContext
-    ) -> pdp_pb2.CheckBatchResponse:
-        items = request.items
-        problem = self._batch_problem(len(items))
-        if problem is not None:
-            self._abort_invalid(context, [problem])
-        decisions = self.decider.decide(items)
-        response = decisions.batch()
-        self._latency["CheckBatch", decisions.level].observe(
-            time.perf_counter() - decisions.started
-        )
-        return response
-
-    async def check_async(
+    async def Check(
         self, request: pdp_pb2.CheckRequest, context: AsyncContext
     ) -> pdp_pb2.CheckResponse:
-        """`Check` on the event loop, bounded by the caller's deadline."""
+        """One decision, bounded by the caller's deadline."""
         try:
-            decisions = await self.decider.decide_async((request,), deadline_of(context))
+            decisions = await self.decider.decide((request,), deadline_of(context))
         except DeadlineExceeded as exc:
             await context.abort_with_status(Status(grpc.StatusCode.DEADLINE_EXCEEDED, str(exc)))
         outcome = decisions.outcomes[0]
@@ -191,16 +173,16 @@ class PolicyDecisionServicer(pdp_pb2_grpc.PolicyDecisionServiceServicer):
             await context.abort_with_status(self._invalid(outcome.violations, request.request_id))
         return decisions.only()
 
-    async def check_batch_async(
+    async def CheckBatch(
         self, request: pdp_pb2.CheckBatchRequest, context: AsyncContext
     ) -> pdp_pb2.CheckBatchResponse:
-        """`CheckBatch` on the event loop, bounded by the caller's deadline."""
+        """A batch's decisions, bounded by the caller's deadline."""
         items = request.items
         problem = self._batch_problem(len(items))
         if problem is not None:
             await context.abort_with_status(self._invalid([problem]))
         try:
-            decisions = await self.decider.decide_async(items, deadline_of(context))
+            decisions = await self.decider.decide(items, deadline_of(context))
         except DeadlineExceeded as exc:
             await context.abort_with_status(Status(grpc.StatusCode.DEADLINE_EXCEEDED, str(exc)))
         response = decisions.batch()
@@ -219,12 +201,3 @@ class PolicyDecisionServicer(pdp_pb2_grpc.PolicyDecisionServiceServicer):
 
     def _invalid(self, violations: list[tuple[str, str]], request_id: str = "") -> grpc.Status:
         return invalid_argument(violations, docs_url=self._validation_docs, request_id=request_id)
-
-    def _abort_invalid(
-        self,
-        context: grpc.ServicerContext,
-        violations: list[tuple[str, str]],
-        request_id: str = "",
-    ) -> NoReturn:
-        context.abort_with_status(self._invalid(violations, request_id))
-        raise AssertionError("unreachable: abort_with_status raises")  # pragma: no cover

@@ -58,7 +58,7 @@ def policies() -> CompiledPolicySet:
 def expected(policies: CompiledPolicySet) -> list[tuple[Any, ...]]:
     """The uncached engine's answer for every tuple."""
     servicer = servicer_for(policies, settings(), cache=None)
-    return [answer(servicer.Check(msg, None)) for msg in TUPLES]  # type: ignore[arg-type]
+    return [answer(servicer.decider.decide_sync([msg]).only()) for msg in TUPLES]
 
 
 def _sample(name: str, **labels: str) -> float:

@@ -60,7 +60,8 @@ def policies() -> CompiledPolicySet:
 def uncached(policies: CompiledPolicySet) -> dict[str, tuple[object, ...]]:
     """The engine's own answers, with no cache anywhere."""
     servicer = servicer_for(policies, settings(), cache=None)
-    return {name: answer(servicer.Check(msg, None)) for name, msg in TUPLES.items()}  # type: ignore[arg-type]
+    decider = servicer.decider
+    return {name: answer(decider.decide_sync([msg]).only()) for name, msg in TUPLES.items()}
 
 
 def _with_id(msg: pdp_pb2.CheckRequest, request_id: str) -> pdp_pb2.CheckRequest:

@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+import asyncio
 import threading
 import time
+from collections.abc import Awaitable, Callable
+
+from prometheus_client import REGISTRY
 
 from policy_engine.cache.breaker import BreakerState, CircuitBreaker
 from policy_engine.cache.entry import Codec, Entry
@@ -201,57 +205,116 @@ def test_during_a_rotation_old_and_new_signers_read_each_other() -> None:
 # --- write-behind ----------------------------------------------------------------------------
 
 
+def _writer_run(scenario: Callable[[asyncio.AbstractEventLoop], Awaitable[None]]) -> None:
+    """Run an asyncio scenario on a fresh loop of this test's own."""
+
+    async def main() -> None:
+        await scenario(asyncio.get_running_loop())
+
+    asyncio.run(main())
+
+
 def test_write_behind_batches_and_flushes() -> None:
-    seen: list[list[Write]] = []
-    gate = threading.Event()
+    async def scenario(loop: asyncio.AbstractEventLoop) -> None:
+        seen: list[list[Write]] = []
+        gate = asyncio.Event()
 
-    def sink(batch: list[Write]) -> None:
-        gate.wait(5)
-        seen.append(batch)
+        async def sink(batch: list[Write]) -> None:
+            await gate.wait()
+            seen.append(batch)
 
-    writer = WriteBehind(sink, max_pending=100)
-    try:
+        writer = WriteBehind(sink, max_pending=100)
+        writer.start(loop)
         writer.submit([("a", b"1", 10)])
-        time.sleep(0.05)  # the thread now waits in the sink with job 1
+        while writer.pending != 1 or not writer._in_flight:  # the task waits in the sink
+            await asyncio.sleep(0.001)
         writer.submit([("b", b"2", 10), ("c", b"3", 10)])
         writer.submit([("d", b"4", 10)])
         gate.set()
-        assert writer.flush(5)
+        assert await writer.flush(5)
         # The jobs queued while the sink was busy went out together, in order.
         assert [[k for k, _, _ in batch] for batch in seen] == [["a"], ["b", "c", "d"]]
-    finally:
-        writer.close()
+        assert await writer.close(time.monotonic() + 5)
+
+    _writer_run(scenario)
 
 
 def test_write_behind_drops_rather_than_blocks_when_full() -> None:
-    gate = threading.Event()
-    writer = WriteBehind(lambda batch: gate.wait(5), max_pending=2)
-    try:
+    async def scenario(loop: asyncio.AbstractEventLoop) -> None:
+        gate = asyncio.Event()
+
+        async def sink(batch: list[Write]) -> None:
+            await gate.wait()
+
+        writer = WriteBehind(sink, max_pending=2)
+        writer.start(loop)
+        dropped_before = _dropped("queue_full")
         assert writer.submit([("a", b"", 1)])
-        time.sleep(0.05)
+        while not writer._in_flight:
+            await asyncio.sleep(0.001)
         assert writer.submit([("b", b"", 1), ("c", b"", 1)])
-        started = time.perf_counter()
-        assert not writer.submit([("d", b"", 1)])  # full: dropped at once
-        assert time.perf_counter() - started < 0.05
-        assert writer.dropped == 1
-    finally:
+        # Full: dropped at once, counted, and the caller never waits (no await here at all).
+        assert not writer.submit([("d", b"", 1)])
+        assert not writer.submit([("e", b"", 1), ("f", b"", 1)])
+        assert writer.dropped == 3
+        assert _dropped("queue_full") - dropped_before == 3
         gate.set()
-        writer.close()
+        assert await writer.flush(5)
+        assert writer.submit([("g", b"", 1)])  # room again once drained
+
+    _writer_run(scenario)
+
+
+def test_write_behind_close_writes_what_is_queued_or_counts_it_dropped() -> None:
+    async def scenario(loop: asyncio.AbstractEventLoop) -> None:
+        written: list[str] = []
+
+        async def sink(batch: list[Write]) -> None:
+            written.extend(key for key, _, _ in batch)
+
+        writer = WriteBehind(sink)
+        writer.submit([("early", b"", 1)])  # before start: waits in the queue
+        writer.start(loop)
+        writer.submit([("a", b"", 1)])
+        assert await writer.close(time.monotonic() + 5)
+        assert sorted(written) == ["a", "early"]
+        assert not writer.submit([("late", b"", 1)])  # closed
+
+        async def hung(batch: list[Write]) -> None:
+            await asyncio.sleep(3600)  # Redis never answers
+
+        stuck = WriteBehind(hung)
+        stuck.start(loop)
+        stuck.submit([("x", b"", 1), ("y", b"", 1)])
+        shutdown_before = _dropped("shutdown")
+        started = time.monotonic()
+        assert not await stuck.close(time.monotonic() + 0.2)
+        assert time.monotonic() - started < 5  # the deadline, not the hung write
+        assert stuck.dropped == 2
+        assert _dropped("shutdown") - shutdown_before == 2
+
+    _writer_run(scenario)
 
 
 def test_a_failing_sink_does_not_kill_the_writer() -> None:
-    calls: list[int] = []
+    async def scenario(loop: asyncio.AbstractEventLoop) -> None:
+        calls: list[int] = []
 
-    def sink(batch: list[Write]) -> None:
-        calls.append(len(batch))
-        raise RuntimeError("boom")
+        async def sink(batch: list[Write]) -> None:
+            calls.append(len(batch))
+            raise RuntimeError("boom")
 
-    writer = WriteBehind(sink)
-    try:
+        writer = WriteBehind(sink)
+        writer.start(loop)
         writer.submit([("a", b"", 1)])
-        assert writer.flush(5)
+        assert await writer.flush(5)
         writer.submit([("b", b"", 1)])
-        assert writer.flush(5)
+        assert await writer.flush(5)
         assert calls == [1, 1]
-    finally:
-        writer.close()
+        assert await writer.close(time.monotonic() + 5)
+
+    _writer_run(scenario)
+
+
+def _dropped(reason: str) -> float:
+    return REGISTRY.get_sample_value("pdp_cache_writes_dropped_total", {"reason": reason}) or 0.0

@@ -109,8 +109,8 @@ def test_a_redis_writer_cannot_change_an_answer(
         assert "cache.redis_signing_key" in str(exc)
         return
     assert configured in ("key", "key file"), "started with a key an attacker can know"
-    honest = {name: answer(servicer_for(policies, settings(), cache=None).Check(msg, None))
-              for name, msg in DENIED.items()}  # fmt: skip
+    uncached = servicer_for(policies, settings(), cache=None).decider
+    honest = {name: answer(uncached.decide_sync([msg]).only()) for name, msg in DENIED.items()}
     assert all(a[0] == pdp_pb2.EFFECT_DENY for a in honest.values())
     client = admin(shared_redis)
     rejected_before = _sample("pdp_cache_lookups_total", level="redis", result="rejected")

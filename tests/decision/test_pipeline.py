@@ -65,7 +65,7 @@ def policies() -> CompiledPolicySet:
 def uncached(policies: CompiledPolicySet) -> list[tuple[object, ...]]:
     """Each tuple's answer from a pipeline without a cache."""
     decider = build_decider(lambda: policies, BASE, cache=None)
-    return [answer(decider.decide([msg]).only()) for msg in TUPLES]
+    return [answer(decider.decide_sync([msg]).only()) for msg in TUPLES]
 
 
 def _sample(name: str, **labels: str) -> float:
@@ -94,11 +94,11 @@ def test_a_batch_of_one_answers_as_check_and_as_a_batch_item(
         "local": settings(),
         "local+redis": settings(shared_redis),
     }[levels]
-    decider = build_decider(lambda: policies, config)
-    servicer = PolicyDecisionServicer.over(decider, config)
+    servicer = PolicyDecisionServicer(lambda: policies, config)
+    decider = servicer.decider
     try:
-        singles = [decider.decide([msg]).only() for msg in TUPLES]
-        batch = decider.decide(TUPLES).batch()
+        singles = [decider.decide_sync([msg]).only() for msg in TUPLES]
+        batch = decider.decide_sync(TUPLES).batch()
         with serving(servicer, config) as stub:
             checks = [stub.Check(msg, timeout=10) for msg in TUPLES]
             batch_of_one = [
@@ -124,7 +124,7 @@ def test_a_hit_and_a_decision_are_told_apart_by_type(policies: CompiledPolicySet
     allow, explain = tuple_request(), tuple_request(explain=True)
     invalid = tuple_request(scope="has space")
 
-    first = decider.decide([allow, invalid, explain])
+    first = decider.decide_sync([allow, invalid, explain])
     decided, refused, explained = first.outcomes
     assert type(decided) is Decided and decided.stored
     assert decided.request.organization == "acme" and decided.decision.revision
@@ -134,20 +134,20 @@ def test_a_hit_and_a_decision_are_told_apart_by_type(policies: CompiledPolicySet
     assert first.batch().results[2].HasField("explain")
     assert first.level == "none"
 
-    second = decider.decide([allow, explain])
+    second = decider.decide_sync([allow, explain])
     hit, explained_again = second.outcomes
     assert type(hit) is CacheHit and not isinstance(hit, Decided)
     assert hit.level is CacheLevel.LOCAL and hit.key and hit.template
     assert (hit.effect, hit.code) == (decided.effect, decided.code)
     assert type(explained_again) is Decided
     assert second.level == "mixed"
-    assert decider.decide([allow]).level == "local"
+    assert decider.decide_sync([allow]).level == "local"
 
     def no_policy_set() -> CompiledPolicySet:
         raise NoPolicyLoaded("none loaded yet")
 
     decider.source = no_policy_set
-    (failed,) = decider.decide([allow]).outcomes
+    (failed,) = decider.decide_sync([allow]).outcomes
     assert type(failed) is ServerError and failed.request is None
     assert failed.code == "kontext_server_error"
     assert [len(d.outcomes) for d in seen.calls] == [3, 2, 1, 1]  # one call per decide
@@ -166,11 +166,11 @@ def test_redis_failing_mid_batch_costs_evaluations_not_answers(
     assert isinstance(cache, DecisionCache)
     half = len(TUPLES) // 2
     try:
-        decider.decide(TUPLES[:half])  # stored in both levels
+        decider.decide_sync(TUPLES[:half])  # stored in both levels
         assert cache.flush()
         redis_server.kill()
         errors = _sample("pdp_redis_errors_total", operation="mget")
-        mixed = decider.decide(TUPLES)  # local hits, then the MGET for the rest fails
+        mixed = decider.decide_sync(TUPLES)  # local hits, then the MGET for the rest fails
         assert _sample("pdp_redis_errors_total", operation="mget") == errors + 1
         types = [type(o) for o in mixed.outcomes]
         assert types == [CacheHit] * half + [Decided] * (len(TUPLES) - half)
@@ -178,7 +178,7 @@ def test_redis_failing_mid_batch_costs_evaluations_not_answers(
         assert [answer(r) for r in mixed.batch().results] == uncached
 
         cache.clear_local()  # nothing local, Redis gone: every item evaluated
-        evaluated = decider.decide(TUPLES)
+        evaluated = decider.decide_sync(TUPLES)
         assert all(type(o) is Decided for o in evaluated.outcomes)
         assert [answer(r) for r in evaluated.batch().results] == uncached
     finally:
@@ -191,14 +191,14 @@ def test_a_corrupt_entry_mid_batch_is_decided_anew_and_replaced(
     decider = build_decider(lambda: policies, settings())
     cache = decider.cache
     assert isinstance(cache, DecisionCache) and cache.local is not None
-    decider.decide(TUPLES)
+    decider.decide_sync(TUPLES)
     key = cache.key(TUPLES[1], policies.revision)
     assert key is not None
     cache.local.put(key, Entry(b"\xff\xff\xff", time.time() + 60, pdp_pb2.EFFECT_ALLOW, ""))
-    anew = decider.decide(TUPLES)
+    anew = decider.decide_sync(TUPLES)
     assert all(type(o) is Decided for o in anew.outcomes)
     assert [answer(r) for r in anew.batch().results] == uncached
-    repaired = decider.decide(TUPLES)  # the corrupt entry was overwritten by a good one
+    repaired = decider.decide_sync(TUPLES)  # the corrupt entry was overwritten by a good one
     assert all(type(o) is CacheHit for o in repaired.outcomes)
     assert [answer(r) for r in repaired.batch().results] == uncached
 
@@ -208,6 +208,7 @@ def test_observers_see_each_outcome_exactly_once(
 ) -> None:
     audit_file = tmp_path / "audit.jsonl"
     audit = AuditLog(AuditSettings(enabled=True, sinks="file", file_path=audit_file))
+    audit.start()
     config = settings()
     decider = build_decider(lambda: policies, config, audit=audit)
     seen = Seen()
@@ -222,7 +223,7 @@ def test_observers_see_each_outcome_exactly_once(
         ],
         [tuple_request(request_id="explained", explain=True)],
     ]
-    returned = [decider.decide(batch) for batch in batches]
+    returned = [decider.decide_sync(batch) for batch in batches]
     assert audit.close(10)
     decider.close()
     assert seen.calls == returned  # one call per decide, with exactly what was returned
