@@ -135,6 +135,7 @@ def test_redis_killed_under_load_and_restarted(
     errors_before = sum(
         _sample("pdp_redis_errors_total", operation=op) for op in ("get", "mget", "set")
     )
+    rejected_before = _sample("pdp_cache_lookups_total", level="redis", result="rejected")
     with serving(servicer, config) as stub:
         load = Load(stub, expected)
         workers = _start_load(load)
@@ -162,6 +163,9 @@ def test_redis_killed_under_load_and_restarted(
         _sample("pdp_redis_errors_total", operation=op) for op in ("get", "mget", "set")
     )
     assert errors_after > errors_before
+    # No connection from before the kill answered a command with another's reply (a value
+    # read under the wrong key fails verification and would count as rejected).
+    assert _sample("pdp_cache_lookups_total", level="redis", result="rejected") == rejected_before
 
 
 def test_redis_down_from_the_start(
