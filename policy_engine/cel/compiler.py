@@ -142,6 +142,7 @@ from policy_engine.cel.functions import FUNCTIONS, MACRO_ARITIES, Function
 from policy_engine.cel.literals import parse_int, parse_string, parse_uint
 from policy_engine.cel.values import (
     BINARY_OPERATORS,
+    TYPES,
     as_cel_error,
     build_map,
     has_field,
@@ -166,6 +167,11 @@ class Declarations:
     """
 
     variables: Mapping[str, frozenset[str] | None]
+    #: CEL's container (a dotted namespace such as ``com.example``): a name ``y`` means
+    #: ``com.example.y``, then ``com.y``, then ``y``, whichever is declared first; ``.y``
+    #: means ``y`` only. Variable names may be dotted (``a.b``): the longest declared
+    #: prefix of a selection ``a.b.c`` is the variable, the rest are field selections.
+    container: str = ""
 
 
 @dataclass(frozen=True)
@@ -285,6 +291,19 @@ def _bool_literal(token: Token) -> Token:
     return token
 
 
+def _grammar() -> str:
+    """cel-python's grammar (``celpy/cel.lark``) plus backtick-quoted field names
+    (``m.`content-type```, a ``QUOTED_IDENT``), which cel-python 0.5's grammar lacks."""
+    grammar = (Path(celpy.celparser.__file__).parent / "cel.lark").read_text()
+    member_dot = 'member_dot     : member "." IDENT\n'
+    if member_dot not in grammar:  # pragma: no cover - a cel-python upgrade changed it
+        raise RuntimeError("cel-python's grammar changed: member_dot not found")
+    return (
+        grammar.replace(member_dot, 'member_dot     : member "." (IDENT | QUOTED_IDENT)\n')
+        + "\nQUOTED_IDENT   : /`[_a-zA-Z0-9.\\/ -]+`/\n"
+    )
+
+
 @functools.lru_cache(maxsize=1)
 def _parser() -> Lark:
     """cel-python's grammar and parser options, in our own Lark instance.
@@ -297,9 +316,8 @@ def _parser() -> Lark:
     file or any folder on its path (a shared ``/tmp``, a ``HOME`` or ``XDG_CACHE_HOME``
     another user controls) could run code in the server.
     """
-    grammar = (Path(celpy.celparser.__file__).parent / "cel.lark").read_text()
     return Lark(
-        grammar,
+        _grammar(),
         parser="lalr",
         start="expr",
         g_regex_flags=re.M,
@@ -946,6 +964,12 @@ _PASSTHROUGH = frozenset(
 )
 
 
+def _field_name(token: Token) -> str:
+    """A field's name: an IDENT, or a QUOTED_IDENT without its backticks."""
+    text = str(token)
+    return text[1:-1] if token.type == "QUOTED_IDENT" else text
+
+
 def _descend(tree: Tree) -> Tree:
     while tree.data in _PASSTHROUGH and len(tree.children) == 1:
         tree = tree.children[0]
@@ -1488,10 +1512,55 @@ class _Compiler:
 
     def _ident(self, tree: Tree) -> _Node:
         token = tree.children[0]
-        return _Node(self._variable(str(token), token))
+        name = str(token)
+        root_only = tree.data == "dot_ident"
+        if name in self.loop_vars and not root_only:
+            return _Node(self._variable(name, token))
+        return self._resolve(name, tree if root_only else token, root_only)
 
-    def _variable(self, name: str, token: Token) -> Evaluator:
-        if name in self.loop_vars:
+    def _candidates(self, name: str, root_only: bool) -> list[str]:
+        """The names ``name`` may mean in the container, most qualified first."""
+        if root_only or not self.declarations.container:
+            return [name]
+        parts = self.declarations.container.split(".")
+        return [".".join((*parts[:n], name)) for n in range(len(parts), -1, -1)]
+
+    def _lookup(self, name: str, root_only: bool) -> str | None:
+        """The declared variable ``name`` resolves to, if any."""
+        for candidate in self._candidates(name, root_only):
+            if candidate in self.declared:
+                return candidate
+        return None
+
+    def _resolve(self, name: str, where: Tree | Token, root_only: bool) -> _Node:
+        """An identifier: a declared variable, else a type denotation (``int``)."""
+        found = self._lookup(name, root_only)
+        if found is not None:
+            return _Node(self._variable(found, where, declared_only=True))  # type: ignore[arg-type]
+        denoted = TYPES.get(name)
+        if denoted is not None:
+            return _const(denoted)
+        raise self.error(f"unknown variable '{name}'", where)
+
+    def _qualified(self, tree: Tree) -> tuple[list[str], bool] | None:
+        """The names of a selection chain ``a.b.c`` (or ``.a.b.c``: root_only), else None."""
+        parts: list[str] = []
+        tree = _descend(tree)
+        while tree.data == "member_dot":
+            operand, field_token = tree.children
+            if field_token.type != "IDENT":
+                return None
+            parts.append(str(field_token))
+            tree = _descend(operand)
+        if tree.data not in ("ident", "dot_ident"):
+            return None
+        parts.append(str(tree.children[0]))
+        parts.reverse()
+        return parts, tree.data == "dot_ident"
+
+    def _variable(self, name: str, token: Token, declared_only: bool = False) -> Evaluator:
+        """A comprehension variable (unless ``declared_only``: a resolved declared name)."""
+        if name in self.loop_vars and not declared_only:
             return lambda act, name=name: act[name]  # the comprehension frame always holds it
         if name not in self.declared:
             raise self.error(f"unknown variable '{name}'", token)
@@ -1523,14 +1592,37 @@ class _Compiler:
         if name in self.loop_vars or name not in self.declared:
             return
         fields = self.declared[name]
-        if fields is not None and str(field_token) not in fields:
+        if fields is not None and _field_name(field_token) not in fields:
             raise self.error(f"unknown field '{field_token}' on '{name}'", field_token)
 
+    def _select_qualified(self, tree: Tree) -> _Node | None:
+        """``a.b.c`` where a dotted prefix of at least two names is a declared variable or
+        the whole is a type name (``google.protobuf.Timestamp``); else None."""
+        qualified = self._qualified(tree)
+        if qualified is None:
+            return None
+        parts, root_only = qualified
+        if not root_only and parts[0] in self.loop_vars:
+            return None  # a comprehension variable shadows every qualified name
+        for length in range(len(parts), 1, -1):
+            found = self._lookup(".".join(parts[:length]), root_only)
+            if found is None:
+                continue
+            fn = self._variable(found, tree.children[1], declared_only=True)
+            for field_name in parts[length:]:
+                fn = _make_select(fn, field_name)
+            return _Node(fn)
+        denoted = TYPES.get(".".join(parts))
+        return _const(denoted) if denoted is not None else None
+
     def _select(self, tree: Tree) -> _Node:
+        qualified = self._select_qualified(tree)
+        if qualified is not None:
+            return qualified
         operand_tree, field_token = tree.children
         operand = self.compile(operand_tree)
         self._check_field(operand_tree, field_token)
-        name = str(field_token)
+        name = _field_name(field_token)
         if operand.is_const:
             folded = _fold(select_field, operand.value, name)
             if folded is not None:
@@ -1548,7 +1640,7 @@ class _Compiler:
     def _unsupported(self, tree: Tree) -> _Node:
         if tree.data == "member_object":
             raise self.error("message construction (Type{field: value}) is not supported", tree)
-        raise self.error("leading-dot names (.name) are not supported", tree)
+        raise self.error("leading-dot function calls (.f(x)) are not supported", tree)
 
     # -- literals --------------------------------------------------------------------------
 
@@ -1670,7 +1762,7 @@ class _Compiler:
         operand_tree, field_token = selection.children
         operand = self.compile(operand_tree)
         self._check_field(operand_tree, field_token)
-        name = str(field_token)
+        name = _field_name(field_token)
         of = operand.fn
 
         def has(act: Any, of: Evaluator = of, name: str = name) -> bool:
@@ -1721,7 +1813,7 @@ _HANDLERS: dict[str, Callable[[_Compiler, Tree], _Node]] = {
     "member_dot_arg": _Compiler._method_call,
     "member_index": _Compiler._index,
     "member_object": _Compiler._unsupported,
-    "dot_ident": _Compiler._unsupported,
+    "dot_ident": _Compiler._ident,
     "dot_ident_arg": _Compiler._unsupported,
     "ident_arg": _Compiler._global_call,
     "ident": _Compiler._ident,

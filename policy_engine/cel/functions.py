@@ -31,18 +31,25 @@ from policy_engine.cel.errors import CelEvaluationError
 from policy_engine.cel.values import (
     INT64_MAX,
     INT64_MIN,
-    MAX_DURATION_SECONDS,
+    NANOS_PER_SECOND,
     UINT64_MAX,
+    Duration,
+    Timestamp,
     as_utc,
+    duration_from_nanos,
+    duration_nanos,
     kind_of,
     no_overload,
+    timestamp_from_nanos,
+    timestamp_nanos,
     trunc_div,
+    type_of,
+    uint,
 )
 
 Converter = Callable[[Any], Any]
 _UTC = UTC
 _EPOCH = datetime(1970, 1, 1, tzinfo=_UTC)
-_US_PER_SECOND = 1_000_000
 
 
 # --------------------------------------------------------------------------------------------
@@ -199,7 +206,8 @@ def prepare_cidr(cidr: Any) -> IPNetwork:
     return _PREPARED.get(("cidr", text), build)  # type: ignore[no-any-return]
 
 
-_FIXED_OFFSET = re.compile(r"([+-])([0-9]{2}):([0-9]{2})", re.ASCII)
+# The sign may be left out (``"02:00"``), as cel-go and the conformance cases accept.
+_FIXED_OFFSET = re.compile(r"([+-]?)([0-9]{2}):([0-9]{2})", re.ASCII)
 
 
 def prepare_zone(name: Any) -> tzinfo:
@@ -285,7 +293,9 @@ def in_cidr(address: Any, network: IPNetwork) -> bool:
 
 
 def _local_time(value: Any, zone: tzinfo | None, function: str) -> datetime:
-    if not isinstance(value, datetime):
+    if type(value) is Timestamp:
+        value = value.to_datetime()
+    elif not isinstance(value, datetime):
         raise no_overload(function, value)
     try:
         return as_utc(value).astimezone(zone or _UTC)
@@ -383,15 +393,18 @@ _DOUBLE_TEXT = re.compile(
 
 
 def _double_to_int(value: float, low: int, high: int, name: str) -> int:
-    if value != value or not low <= value < high:
+    """Truncate toward zero; the double must lie strictly inside (low - 1, high + 1), where
+    the bounds themselves, rounded to doubles, are out of range (cel-go's rule: 2^63 and
+    -2^63 as doubles are no int64)."""
+    if value != value or not low < value < high:
         raise CelEvaluationError(f"{name}() out of range: {value!r}")
-    return int(value)  # int() truncates toward zero, as CEL does
+    return int(value)
 
 
 def to_int(value: Any) -> int:
     """``int(x)`` from int, uint, double (truncated), decimal string or timestamp (epoch s)."""
     kind = kind_of(value)
-    if kind == "int":
+    if kind == "int" or kind == "uint":
         if INT64_MIN <= value <= INT64_MAX:
             return int(value)
         raise CelEvaluationError(f"int() out of range: {value}")
@@ -402,19 +415,19 @@ def to_int(value: Any) -> int:
             return to_int(int(value))
         raise CelEvaluationError(f"cannot convert {value!r} to int")
     if kind == "timestamp":
-        return (as_utc(value) - _EPOCH) // timedelta(seconds=1)
+        return timestamp_nanos(value) // NANOS_PER_SECOND
     raise no_overload("int", value)
 
 
 def to_uint(value: Any) -> int:
-    """``uint(x)``: like ``int(x)`` but 0..2^64-1 (uints are represented as Python ints)."""
+    """``uint(x)`` from int, uint, double (truncated) or a decimal string: 0..2^64-1."""
     kind = kind_of(value)
-    if kind == "int":
+    if kind == "int" or kind == "uint":
         if 0 <= value <= UINT64_MAX:
-            return int(value)
+            return uint(int(value))
         raise CelEvaluationError(f"uint() out of range: {value}")
     if kind == "double":
-        return _double_to_int(value, 0, UINT64_MAX + 1, "uint")
+        return uint(_double_to_int(value, -1, UINT64_MAX + 1, "uint"))
     if kind == "string":
         if _UINT_TEXT.fullmatch(value):
             return to_uint(int(value))
@@ -425,7 +438,7 @@ def to_uint(value: Any) -> int:
 def to_double(value: Any) -> float:
     """``double(x)`` from int, uint, double or a decimal string (``"1.5"``, ``"1e3"``)."""
     kind = kind_of(value)
-    if kind in ("int", "double"):
+    if kind in ("int", "uint", "double"):
         return float(value)
     if kind == "string":
         if _DOUBLE_TEXT.fullmatch(value):
@@ -461,22 +474,22 @@ def format_double(value: float) -> str:
     return f"{prefix}{digits[:point]}.{digits[point:]}"
 
 
-def format_timestamp(value: datetime) -> str:
-    """RFC 3339 in UTC with trailing fractional zeros removed, e.g. ``2024-01-02T03:04:05Z``."""
-    utc = as_utc(value).astimezone(_UTC)
-    text = utc.strftime("%Y-%m-%dT%H:%M:%S")
-    if utc.microsecond:
-        text += f".{utc.microsecond:06d}".rstrip("0")
+def format_timestamp(value: Any) -> str:
+    """RFC 3339 in UTC, fractional seconds to the nanosecond without trailing zeros, e.g.
+    ``2024-01-02T03:04:05Z``, ``9999-12-31T23:59:59.999999999Z``."""
+    nanos = timestamp_nanos(value)
+    seconds, fraction = divmod(nanos, NANOS_PER_SECOND)
+    text = (_EPOCH + timedelta(seconds=seconds)).strftime("%Y-%m-%dT%H:%M:%S")
+    if len(text) < 19:  # strftime drops leading zeros of years before 1000 on some libcs
+        text = text.zfill(19)
+    if fraction:
+        text += f".{fraction:09d}".rstrip("0")
     return text + "Z"
 
 
-def _total_microseconds(value: timedelta) -> int:
-    return (value.days * 86_400 + value.seconds) * _US_PER_SECOND + value.microseconds
-
-
-def format_duration(value: timedelta) -> str:
+def format_duration(value: Any) -> str:
     """Seconds with a trailing ``s``, as CEL prints durations: ``90s``, ``1.5s``, ``-0.001s``."""
-    seconds = Decimal(_total_microseconds(value)).scaleb(-6).normalize()
+    seconds = Decimal(duration_nanos(value)).scaleb(-9).normalize()
     return f"{seconds:f}s"
 
 
@@ -485,7 +498,7 @@ def to_string(value: Any) -> str:
     kind = kind_of(value)
     if kind == "string":
         return str(value)
-    if kind == "int":
+    if kind == "int" or kind == "uint":
         return str(int(value))
     if kind == "double":
         return format_double(value)
@@ -539,45 +552,36 @@ _RFC3339 = re.compile(
 )
 
 
-def parse_timestamp(text: str) -> datetime:
-    """Parse RFC 3339 (``2024-01-02T03:04:05.5+01:00``) into an aware UTC datetime."""
+def parse_timestamp(text: str) -> Timestamp:
+    """Parse RFC 3339 (``2024-01-02T03:04:05.5+01:00``), to the nanosecond; the instant must
+    lie in 0001-01-01T00:00:00Z..9999-12-31T23:59:59.999999999Z."""
     parsed = _RFC3339.fullmatch(text)
     if parsed is None:
         raise CelEvaluationError(f"invalid timestamp {text!r}: expected RFC 3339")
     year, month, day, hour, minute, second, fraction, zulu, sign, off_h, off_m = parsed.groups()
-    micros = int((fraction or "0")[:6].ljust(6, "0"))
     try:
-        offset = timedelta(0)
-        if not zulu:
-            offset = timedelta(hours=int(off_h), minutes=int(off_m))
-            offset = -offset if sign == "-" else offset
         local = datetime(
-            int(year),
-            int(month),
-            int(day),
-            int(hour),
-            int(minute),
-            int(second),
-            micros,
-            tzinfo=timezone(offset),
+            int(year), int(month), int(day), int(hour), int(minute), int(second), tzinfo=_UTC
         )
-        return local.astimezone(_UTC)
-    except (ValueError, OverflowError) as exc:
+    except ValueError as exc:
         raise CelEvaluationError(f"invalid timestamp {text!r}: {exc}") from None
+    offset = 0
+    if not zulu:
+        offset = (int(off_h) * 60 + int(off_m)) * 60 * (-1 if sign == "-" else 1)
+    seconds = (local - _EPOCH) // timedelta(seconds=1) - offset
+    nanos = seconds * NANOS_PER_SECOND + int((fraction or "0").ljust(9, "0"))
+    return timestamp_from_nanos(nanos)
 
 
-def to_timestamp(value: Any) -> datetime:
+def to_timestamp(value: Any) -> Timestamp:
     """``timestamp(x)`` from an RFC 3339 string, a timestamp, or int seconds since the epoch."""
     kind = kind_of(value)
     if kind == "string":
         return parse_timestamp(value)
     if kind == "timestamp":
-        return as_utc(value)
+        return Timestamp(timestamp_nanos(value))
     if kind == "int":
-        try:
-            return _EPOCH + timedelta(seconds=value)
-        except OverflowError:
-            raise CelEvaluationError(f"timestamp() out of range: {value}") from None
+        return timestamp_from_nanos(value * NANOS_PER_SECOND)
     raise no_overload("timestamp", value)
 
 
@@ -596,11 +600,9 @@ _DURATION_TEXT = re.compile(rf"([+-]?)((?:{_DURATION_PART})+|0)", re.ASCII)
 _DURATION_PARTS = re.compile(r"([0-9]+(?:\.[0-9]*)?|\.[0-9]+)(h|ms|m|s|us|µs|μs|ns)")
 
 
-def parse_duration(text: str) -> timedelta:
-    """Parse a Go-style duration: ``"1h30m"``, ``"90s"``, ``"1.5h"``, ``"-2m"``, ``"250ms"``.
-
-    Sub-microsecond precision is truncated (Python's timedelta resolution).
-    """
+def parse_duration(text: str) -> Duration:
+    """Parse a Go-style duration: ``"1h30m"``, ``"90s"``, ``"1.5h"``, ``"-2m"``, ``"250ms"``,
+    to the nanosecond (finer fractions are truncated); at most int64 nanoseconds."""
     parsed = _DURATION_TEXT.fullmatch(text)
     if parsed is None:
         raise CelEvaluationError(f"invalid duration {text!r}")
@@ -608,35 +610,48 @@ def parse_duration(text: str) -> timedelta:
         (Decimal(number) * _DURATION_UNITS_NS[unit])
         for number, unit in _DURATION_PARTS.findall(parsed.group(2))
     )
-    micros = int((Decimal(nanos) / 1000).to_integral_value(rounding=ROUND_DOWN))
-    if micros > MAX_DURATION_SECONDS * _US_PER_SECOND:
-        raise CelEvaluationError(f"duration out of range: {text!r}")
-    return timedelta(microseconds=-micros if parsed.group(1) == "-" else micros)
+    whole = int(Decimal(nanos).to_integral_value(rounding=ROUND_DOWN))
+    try:
+        return duration_from_nanos(-whole if parsed.group(1) == "-" else whole)
+    except CelEvaluationError:
+        raise CelEvaluationError(f"duration out of range: {text!r}") from None
 
 
-def to_duration(value: Any) -> timedelta:
+def to_duration(value: Any) -> Duration:
     """``duration(x)`` from a duration string or a duration."""
     kind = kind_of(value)
     if kind == "string":
         return parse_duration(value)
     if kind == "duration":
-        return value  # type: ignore[no-any-return]
+        return Duration(duration_nanos(value))
     raise no_overload("duration", value)
 
 
+def dyn(value: Any) -> Any:
+    """``dyn(x)``: x itself (it only tells a type checker to treat x as dynamic)."""
+    return value
+
+
 def _timestamp_getter(
-    name: str, extract: Callable[[datetime], int], duration_unit_us: int | None
+    name: str, extract: Callable[[datetime], int], duration_unit_ns: int | None
 ) -> Callable[..., int]:
     """A ``t.getX([tz])`` accessor; some (hours, minutes, ...) also apply to durations.
 
-    On a duration the result is the total in that unit, truncated toward zero (as CEL does).
+    On a duration the result is the total in that unit, truncated toward zero (as CEL does),
+    except ``getMilliseconds``: the 0-999 milliseconds part, as the spec says.
     """
 
     def getter(value: Any, zone: tzinfo | None = None) -> int:
-        if isinstance(value, datetime):
+        if isinstance(value, (datetime, Timestamp)):
+            if name == "getMilliseconds":  # a zone shifts whole minutes: no effect on this
+                _local_time(value, zone, name)
+                return (timestamp_nanos(value) // 1_000_000) % 1000
             return extract(_local_time(value, zone, name))
-        if duration_unit_us is not None and isinstance(value, timedelta) and zone is None:
-            return trunc_div(_total_microseconds(value), duration_unit_us)
+        if duration_unit_ns is not None and kind_of(value) == "duration" and zone is None:
+            total = trunc_div(duration_nanos(value), duration_unit_ns)
+            if name == "getMilliseconds":
+                return total - trunc_div(total, 1000) * 1000
+            return total
         raise no_overload(name, value) if zone is None else no_overload(name, value, "string")
 
     getter.__name__ = name
@@ -651,10 +666,10 @@ _TIMESTAMP_FIELDS: dict[str, tuple[Callable[[datetime], int], int | None]] = {
     "getDate": (lambda d: d.day, None),
     "getDayOfWeek": (lambda d: (d.weekday() + 1) % 7, None),
     "getDayOfYear": (lambda d: d.timetuple().tm_yday - 1, None),
-    "getHours": (lambda d: d.hour, 3_600 * _US_PER_SECOND),
-    "getMinutes": (lambda d: d.minute, 60 * _US_PER_SECOND),
-    "getSeconds": (lambda d: d.second, _US_PER_SECOND),
-    "getMilliseconds": (lambda d: d.microsecond // 1000, 1000),
+    "getHours": (lambda d: d.hour, 3_600 * NANOS_PER_SECOND),
+    "getMinutes": (lambda d: d.minute, 60 * NANOS_PER_SECOND),
+    "getSeconds": (lambda d: d.second, NANOS_PER_SECOND),
+    "getMilliseconds": (lambda d: d.microsecond // 1000, 1_000_000),
 }
 _TIMESTAMP_GETTERS = {
     name: _timestamp_getter(name, extract, unit)
@@ -717,6 +732,8 @@ FUNCTIONS: Mapping[str, Function] = {
         _fn("bytes", to_bytes, (1,), "global"),
         _fn("timestamp", to_timestamp, (1,), "global"),
         _fn("duration", to_duration, (1,), "global"),
+        _fn("dyn", dyn, (1,), "global"),
+        _fn("type", type_of, (1,), "global"),
         *(
             _fn(name, getter, (1, 2), "method", (None, prepare_zone))
             for name, getter in _TIMESTAMP_GETTERS.items()

@@ -7,7 +7,7 @@ message; the compiler turns that into a positioned ``CelCompileError``.
 
 from __future__ import annotations
 
-from policy_engine.cel.values import INT64_MAX, INT64_MIN, UINT64_MAX
+from policy_engine.cel.values import INT64_MAX, INT64_MIN, UINT64_MAX, UInt
 
 _SIMPLE_ESCAPES = {
     "a": "\a",
@@ -38,15 +38,15 @@ def parse_int(text: str) -> int:
     return value
 
 
-def parse_uint(text: str) -> int:
-    """A ``UINT_LIT`` such as ``42u``; uint values are represented as Python ints."""
+def parse_uint(text: str) -> UInt:
+    """A ``UINT_LIT`` such as ``42u``: a :class:`~policy_engine.cel.values.UInt`."""
     if text.startswith("-"):
         raise ValueError(f"uint literal cannot be negative: {text}")
     body = text[:-1]
     value = int(body, 16) if body[:2].lower() == "0x" else int(body, 10)
     if value > UINT64_MAX:
         raise ValueError(f"uint literal out of range: {text}")
-    return value
+    return UInt(value)
 
 
 def parse_string(text: str) -> str | bytes:

@@ -33,9 +33,177 @@ from policy_engine.cel.errors import CelEvaluationError
 INT64_MIN = -(1 << 63)
 INT64_MAX = (1 << 63) - 1
 UINT64_MAX = (1 << 64) - 1
-#: CEL durations are limited to +-10000 years (expressed in seconds).
-MAX_DURATION_SECONDS = 315_576_000_000
-_MAX_DURATION = timedelta(seconds=MAX_DURATION_SECONDS)
+NANOS_PER_SECOND = 1_000_000_000
+#: Timestamps span 0001-01-01T00:00:00Z to 9999-12-31T23:59:59.999999999Z (ns since the epoch).
+MIN_TIMESTAMP_NANOS = -62_135_596_800 * NANOS_PER_SECOND
+MAX_TIMESTAMP_NANOS = 253_402_300_800 * NANOS_PER_SECOND - 1
+#: Durations are int64 nanoseconds (about +-292 years), as cel-go and the conformance cases
+#: have them (``timestamp('9999-12-31T23:59:59Z') - timestamp('0001-01-01T00:00:00Z')``
+#: is a range error).
+MIN_DURATION_NANOS = INT64_MIN
+MAX_DURATION_NANOS = INT64_MAX
+_EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
+
+
+class UInt(int):
+    """A CEL ``uint``: its own type, 0..2^64-1, never mixed with ``int`` in arithmetic.
+
+    A subclass of ``int`` so that comparisons, hashing and map lookups across int, uint and
+    double work as CEL's heterogeneous equality says (``1u == 1``); every operator
+    dispatches on the exact type, so ``1u + 1`` has no overload and ``0u - 1u`` overflows.
+    """
+
+    __slots__ = ()
+
+    def __repr__(self) -> str:
+        return f"{int(self)}u"
+
+
+def uint(value: int) -> UInt:
+    """A uint value; raises :class:`CelEvaluationError` outside 0..2^64-1."""
+    if 0 <= value <= UINT64_MAX:
+        return UInt(value)
+    raise CelEvaluationError(f"uint out of range: {value}")
+
+
+class Timestamp:
+    """A CEL timestamp: nanoseconds since the Unix epoch, within the spec's range.
+
+    Activations may also hold aware ``datetime`` values (microseconds); every operator reads
+    both through :func:`timestamp_nanos`.
+    """
+
+    __slots__ = ("nanos",)
+
+    def __init__(self, nanos: int) -> None:
+        self.nanos = nanos
+
+    def __eq__(self, other: object) -> bool:
+        if isinstance(other, (Timestamp, datetime)):
+            return self.nanos == timestamp_nanos(other)
+        return NotImplemented
+
+    def __hash__(self) -> int:
+        return hash(("timestamp", self.nanos))
+
+    def __repr__(self) -> str:
+        return f"Timestamp({self.nanos})"
+
+    def to_datetime(self) -> datetime:
+        """The aware UTC datetime, truncated to microseconds."""
+        return _EPOCH + timedelta(microseconds=self.nanos // 1000)
+
+
+class Duration:
+    """A CEL duration: signed int64 nanoseconds (``timedelta`` values are read as well)."""
+
+    __slots__ = ("nanos",)
+
+    def __init__(self, nanos: int) -> None:
+        self.nanos = nanos
+
+    def __eq__(self, other: object) -> bool:
+        if isinstance(other, (Duration, timedelta)):
+            return self.nanos == duration_nanos(other)
+        return NotImplemented
+
+    def __hash__(self) -> int:
+        return hash(("duration", self.nanos))
+
+    def __repr__(self) -> str:
+        return f"Duration({self.nanos})"
+
+
+def timestamp_from_nanos(nanos: int) -> Timestamp:
+    """A timestamp; raises :class:`CelEvaluationError` outside 0001-01-01..9999-12-31."""
+    if MIN_TIMESTAMP_NANOS <= nanos <= MAX_TIMESTAMP_NANOS:
+        return Timestamp(nanos)
+    raise CelEvaluationError("timestamp out of range")
+
+
+def duration_from_nanos(nanos: int) -> Duration:
+    """A duration; raises :class:`CelEvaluationError` outside int64 nanoseconds."""
+    if MIN_DURATION_NANOS <= nanos <= MAX_DURATION_NANOS:
+        return Duration(nanos)
+    raise CelEvaluationError("duration out of range")
+
+
+def timestamp_nanos(value: Timestamp | datetime) -> int:
+    """Nanoseconds since the epoch of a timestamp or an aware (or UTC naive) datetime."""
+    if type(value) is Timestamp:
+        return value.nanos
+    if value.tzinfo is None or value.utcoffset() is None:  # type: ignore[union-attr]
+        # Which zone was meant is unknown: refuse rather than guess (fails closed).
+        raise CelEvaluationError("cannot compare or compute with a timestamp without a zone")
+    delta = value - _EPOCH  # type: ignore[operator]
+    return (delta.days * 86_400 + delta.seconds) * NANOS_PER_SECOND + delta.microseconds * 1000
+
+
+def duration_nanos(value: Duration | timedelta) -> int:
+    """Nanoseconds of a duration or a timedelta."""
+    if type(value) is Duration:
+        return value.nanos
+    delta: timedelta = value  # type: ignore[assignment]
+    return (delta.days * 86_400 + delta.seconds) * NANOS_PER_SECOND + delta.microseconds * 1000
+
+
+class CelType:
+    """A CEL type value (``type(1) == int``): compared by name."""
+
+    __slots__ = ("name",)
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, CelType) and other.name == self.name
+
+    def __hash__(self) -> int:
+        return hash(("type", self.name))
+
+    def __repr__(self) -> str:
+        return self.name
+
+
+_KIND_TYPE_NAMES = {
+    "timestamp": "google.protobuf.Timestamp",
+    "duration": "google.protobuf.Duration",
+}
+#: The type denotations an expression may name, by name.
+TYPES: Mapping[str, CelType] = MappingProxyType(
+    {
+        name: CelType(name)
+        for name in (
+            "int",
+            "uint",
+            "double",
+            "bool",
+            "string",
+            "bytes",
+            "list",
+            "map",
+            "null_type",
+            "type",
+            "google.protobuf.Timestamp",
+            "google.protobuf.Duration",
+        )
+    }
+)
+
+
+def type_named(name: str) -> CelType | None:
+    """The type value a denotation names, or None."""
+    return TYPES.get(name)
+
+
+def type_of(value: Any) -> CelType:
+    """CEL ``type(x)``."""
+    kind = kind_of(value)
+    found = TYPES.get(_KIND_TYPE_NAMES.get(kind, kind))
+    if found is None:
+        raise no_overload("type", value)
+    return found
+
 
 #: Sentinel returned by :func:`map_lookup` for an absent key (``None`` is a valid value).
 MISSING: Any = object()
@@ -45,6 +213,7 @@ BinaryOp = Callable[[Any, Any], Any]
 _KIND_BY_TYPE: dict[type, str] = {
     bool: "bool",
     int: "int",
+    UInt: "uint",
     float: "double",
     str: "string",
     bytes: "bytes",
@@ -55,13 +224,19 @@ _KIND_BY_TYPE: dict[type, str] = {
     type(None): "null_type",
     datetime: "timestamp",
     timedelta: "duration",
+    Timestamp: "timestamp",
+    Duration: "duration",
+    CelType: "type",
 }
 _TYPES_BY_KIND: dict[str, tuple[type, ...]] = {}
 for _type, _kind in _KIND_BY_TYPE.items():
     _TYPES_BY_KIND[_kind] = (*_TYPES_BY_KIND.get(_kind, ()), _type)
 
-NUMERIC_KINDS = frozenset({"int", "double"})
-_ORDERED_KINDS = frozenset({"int", "double", "string", "bytes", "bool", "timestamp", "duration"})
+NUMERIC_KINDS = frozenset({"int", "uint", "double"})
+_ORDERED_KINDS = frozenset(
+    {"int", "uint", "double", "string", "bytes", "bool", "timestamp", "duration"}
+)
+_TIME_KINDS = frozenset({"timestamp", "duration"})
 _SCALAR_TYPES = frozenset({str, int, float, bool, bytes, type(None)})
 
 
@@ -139,6 +314,10 @@ def cel_equals(a: Any, b: Any) -> bool:
         return len(a) == len(b) and all(cel_equals(x, y) for x, y in zip(a, b, strict=True))
     if ka == "map":
         return _maps_equal(a, b)
+    if ka == "timestamp":
+        return timestamp_nanos(a) == timestamp_nanos(b)
+    if ka == "duration":
+        return duration_nanos(a) == duration_nanos(b)
     return bool(a == b)
 
 
@@ -232,10 +411,15 @@ def index(container: Any, key: Any) -> Any:
             raise CelEvaluationError(f"no such key: {key!r}") from None
     kind = kind_of(container)
     if kind == "list":
-        if kind_of(key) != "int":
+        key_kind = kind_of(key)
+        if key_kind == "double" and float(key).is_integer():
+            position = int(key)  # a whole double indexes, as cel-go and the conformance say
+        elif key_kind == "int" or key_kind == "uint":
+            position = int(key)
+        else:
             raise no_overload("_[_]", container, key)
-        if 0 <= key < len(container):
-            return container[key]
+        if 0 <= position < len(container):
+            return container[position]
         raise CelEvaluationError(f"index out of range: {key}")
     if kind == "map":
         value = map_lookup(container, key)
@@ -245,7 +429,7 @@ def index(container: Any, key: Any) -> Any:
     raise no_overload("_[_]", container, key)
 
 
-_MAP_KEY_KINDS = frozenset({"string", "int", "bool"})
+_MAP_KEY_KINDS = frozenset({"string", "int", "uint", "bool"})
 
 
 def build_map(pairs: Iterable[tuple[Any, Any]]) -> dict[Any, Any]:
@@ -277,11 +461,17 @@ def _make_ordering(symbol: str, compare: BinaryOp) -> BinaryOp:
             return compare(a, b)  # type: ignore[no-any-return]
         ka = kind_of(a)
         kb = kind_of(b)
-        if (ka == kb and ka in _ORDERED_KINDS) or (ka in NUMERIC_KINDS and kb in NUMERIC_KINDS):
-            try:
-                return bool(compare(a, b))
-            except TypeError as exc:  # e.g. naive vs aware datetimes
-                raise CelEvaluationError(f"cannot compare with '{symbol}': {exc}") from None
+        if ka == kb and ka in _TIME_KINDS:
+            nanos = timestamp_nanos if ka == "timestamp" else duration_nanos
+            return bool(compare(nanos(a), nanos(b)))
+        if ka == kb and ka in _ORDERED_KINDS:
+            return bool(compare(a, b))
+        if ka in NUMERIC_KINDS and kb in NUMERIC_KINDS:
+            if ka == "double" or kb == "double":
+                # int/uint against double compares as doubles (cel-go; the conformance
+                # cases: 2^63-1 < 2^63 as a double is false).
+                return bool(compare(float(a), float(b)))
+            return bool(compare(a, b))
         raise no_overload(symbol, a, b)
 
     ordering.__name__ = f"ordering_{compare.__name__}"
@@ -312,12 +502,6 @@ def _int64(result: int, symbol: str) -> int:
     if INT64_MIN <= result <= INT64_MAX:
         return result
     raise CelEvaluationError(f"integer overflow in '{symbol}'")
-
-
-def _duration(result: timedelta) -> timedelta:
-    if -_MAX_DURATION <= result <= _MAX_DURATION:
-        return result
-    raise CelEvaluationError("duration out of range")
 
 
 def _int_add(a: int, b: int) -> int:
@@ -366,47 +550,87 @@ def _list_concat(a: Any, b: Any) -> list[Any]:
     return [*a, *b]
 
 
-def _time_arith(compute: BinaryOp, what: str) -> BinaryOp:
-    """Wrap datetime arithmetic: Python raises OverflowError/TypeError, CEL reports an error."""
-
-    def arith(a: Any, b: Any) -> Any:
-        try:
-            result = compute(a, b)
-        except OverflowError:
-            raise CelEvaluationError(f"{what} out of range") from None
-        except TypeError as exc:  # naive vs aware datetimes
-            raise CelEvaluationError(f"invalid {what} arithmetic: {exc}") from None
-        return _duration(result) if isinstance(result, timedelta) else result
-
-    return arith
+def _uint64(result: int, symbol: str) -> UInt:
+    if 0 <= result <= UINT64_MAX:
+        return UInt(result)
+    raise CelEvaluationError(f"unsigned integer overflow in '{symbol}'")
 
 
-_ts_plus = _time_arith(operator.add, "timestamp")
-_ts_minus = _time_arith(operator.sub, "timestamp")
-_dur_plus = _time_arith(operator.add, "duration")
-_dur_minus = _time_arith(operator.sub, "duration")
+def _uint_add(a: int, b: int) -> UInt:
+    return _uint64(a + b, "+")
+
+
+def _uint_sub(a: int, b: int) -> UInt:
+    return _uint64(a - b, "-")
+
+
+def _uint_mul(a: int, b: int) -> UInt:
+    return _uint64(a * b, "*")
+
+
+def _uint_div(a: int, b: int) -> UInt:
+    if b == 0:
+        raise CelEvaluationError("division by zero")
+    return UInt(a // b)
+
+
+def _uint_mod(a: int, b: int) -> UInt:
+    if b == 0:
+        raise CelEvaluationError("modulus by zero")
+    return UInt(a % b)
+
+
+def _ts_plus_duration(a: Any, b: Any) -> Timestamp:
+    return timestamp_from_nanos(timestamp_nanos(a) + duration_nanos(b))
+
+
+def _duration_plus_ts(a: Any, b: Any) -> Timestamp:
+    return timestamp_from_nanos(duration_nanos(a) + timestamp_nanos(b))
+
+
+def _ts_minus_duration(a: Any, b: Any) -> Timestamp:
+    return timestamp_from_nanos(timestamp_nanos(a) - duration_nanos(b))
+
+
+def _ts_minus_ts(a: Any, b: Any) -> Duration:
+    return duration_from_nanos(timestamp_nanos(a) - timestamp_nanos(b))
+
+
+def _dur_plus(a: Any, b: Any) -> Duration:
+    return duration_from_nanos(duration_nanos(a) + duration_nanos(b))
+
+
+def _dur_minus(a: Any, b: Any) -> Duration:
+    return duration_from_nanos(duration_nanos(a) - duration_nanos(b))
+
 
 _ARITHMETIC_BY_KIND: dict[str, dict[tuple[str, str], BinaryOp]] = {
     "+": {
         ("int", "int"): _int_add,
+        ("uint", "uint"): _uint_add,
         ("double", "double"): operator.add,
         ("string", "string"): operator.add,
         ("bytes", "bytes"): operator.add,
         ("list", "list"): _list_concat,
-        ("timestamp", "duration"): _ts_plus,
-        ("duration", "timestamp"): _ts_plus,
+        ("timestamp", "duration"): _ts_plus_duration,
+        ("duration", "timestamp"): _duration_plus_ts,
         ("duration", "duration"): _dur_plus,
     },
     "-": {
         ("int", "int"): _int_sub,
+        ("uint", "uint"): _uint_sub,
         ("double", "double"): operator.sub,
-        ("timestamp", "timestamp"): _ts_minus,
-        ("timestamp", "duration"): _ts_minus,
+        ("timestamp", "timestamp"): _ts_minus_ts,
+        ("timestamp", "duration"): _ts_minus_duration,
         ("duration", "duration"): _dur_minus,
     },
-    "*": {("int", "int"): _int_mul, ("double", "double"): operator.mul},
-    "/": {("int", "int"): _int_div, ("double", "double"): _double_div},
-    "%": {("int", "int"): _int_mod},
+    "*": {
+        ("int", "int"): _int_mul,
+        ("uint", "uint"): _uint_mul,
+        ("double", "double"): operator.mul,
+    },
+    "/": {("int", "int"): _int_div, ("uint", "uint"): _uint_div, ("double", "double"): _double_div},
+    "%": {("int", "int"): _int_mod, ("uint", "uint"): _uint_mod},
 }
 
 

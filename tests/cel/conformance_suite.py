@@ -23,12 +23,19 @@ import sys
 import tomllib
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
-from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
 from policy_engine.cel import CelCompileError, CelEvaluationError, Declarations, compile_expression
-from policy_engine.cel.values import kind_of, map_lookup
+from policy_engine.cel.values import (
+    CelType,
+    duration_from_nanos,
+    kind_of,
+    map_lookup,
+    timestamp_from_nanos,
+    type_named,
+    uint,
+)
 
 DATA = Path(__file__).parent / "conformance"
 SKIPS = DATA / "skips.toml"
@@ -57,42 +64,6 @@ _INTERNAL_FAULT = "evaluation failed:"
 
 class Unsupported(Exception):
     """A typed value the project has no representation for (a protobuf message)."""
-
-
-# --------------------------------------------------------------------------------------------
-# The evaluator's representations of the suite's values
-
-_EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
-
-
-class CelType:
-    """Placeholder: the project has no type values yet."""
-
-    name = ""
-
-
-def uint(value: int) -> int:
-    return value  # uints are plain ints for now
-
-
-def timestamp_from_nanos(nanos: int) -> datetime:
-    if nanos % 1000:
-        raise Unsupported("timestamp with nanoseconds")
-    return _EPOCH + timedelta(microseconds=nanos // 1000)
-
-
-def duration_from_nanos(nanos: int) -> timedelta:
-    if nanos % 1000:
-        raise Unsupported("duration with nanoseconds")
-    return timedelta(microseconds=nanos // 1000)
-
-
-def type_named(name: str) -> CelType | None:
-    return None
-
-
-def declarations(names: dict[str, None], container: str) -> Declarations:
-    return Declarations(names)  # no containers yet
 
 
 @dataclass(frozen=True)
@@ -251,7 +222,7 @@ def run_case(case: Case) -> Outcome:
         return Outcome(False, f"binding of unsupported type: {exc}")
     names = dict.fromkeys((*case.names, *case.bindings), None)
     try:
-        compiled = compile_expression(case.expr, declarations(names, case.container))
+        compiled = compile_expression(case.expr, Declarations(names, container=case.container))
     except CelCompileError as exc:
         return Outcome(expect_error, f"compile error: {exc}")
     except Exception as exc:

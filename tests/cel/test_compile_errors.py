@@ -51,8 +51,8 @@ from tests.cel.support import compile_cel, compile_error
         ("m.has(a)", "'has' must be called as a function: has(a.b)", 1, 3),
         # unsupported syntax
         ("Foo{a: 1}", "message construction (Type{field: value}) is not supported", 1, 1),
-        ("s == .x", "leading-dot names (.name) are not supported", 1, 6),
-        (".f(1)", "leading-dot names (.name) are not supported", 1, 1),
+        ("s == .x", "unknown variable 'x'", 1, 6),  # .x: x in the root scope only
+        (".f(1)", "leading-dot function calls (.f(x)) are not supported", 1, 1),
         # literal arguments validated at compile time
         ('s.matches("(")',
          "invalid regular expression '(': missing ): (",

@@ -22,6 +22,7 @@ from celpy import celtypes
 from celpy.adapter import json_to_cel
 
 from policy_engine.cel import CelEvaluationError, Declarations, compile_expression
+from policy_engine.cel.values import Duration, Timestamp, UInt, duration_nanos, timestamp_nanos
 
 ACTIVATION: dict[str, Any] = {
     "i": 7,
@@ -135,9 +136,11 @@ def from_celpy(value: Any) -> Any:
     if isinstance(value, celtypes.BoolType | bool):
         return bool(value)
     if isinstance(value, celtypes.TimestampType):
-        return datetime.fromtimestamp(value.timestamp(), UTC)
+        return Timestamp(timestamp_nanos(datetime.fromtimestamp(value.timestamp(), UTC)))
     if isinstance(value, celtypes.DurationType):
-        return timedelta(seconds=value.total_seconds())
+        return Duration(duration_nanos(timedelta(seconds=value.total_seconds())))
+    if isinstance(value, celtypes.UintType):
+        return UInt(value)
     if isinstance(value, int):
         return int(value)
     if isinstance(value, float):

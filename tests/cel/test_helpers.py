@@ -242,6 +242,7 @@ def test_function_names_cover_the_registry_and_macros() -> None:
     expected = {
         "size", "startsWith", "endsWith", "contains", "matches", "lowerAscii", "upperAscii",
         "int", "uint", "double", "string", "bool", "bytes", "timestamp", "duration",
+        "dyn", "type",
         "getFullYear", "getMonth", "getDayOfMonth", "getDate", "getDayOfWeek", "getDayOfYear",
         "getHours", "getMinutes", "getSeconds", "getMilliseconds",
         "glob", "globMatch", "startsWithAny", "inCidr", "timeOfDay", "betweenHours",

@@ -7,6 +7,7 @@ from types import MappingProxyType
 
 import pytest
 
+from policy_engine.cel.values import UInt
 from tests.cel.support import compile_error, ev, ev_error
 
 
@@ -22,9 +23,9 @@ from tests.cel.support import compile_error, ev, ev_error
         ("-0x10", -16),
         ("9223372036854775807", 2**63 - 1),
         ("-9223372036854775808", -(2**63)),
-        ("1u", 1),
-        ("0x10u", 16),
-        ("18446744073709551615u", 2**64 - 1),
+        ("1u", UInt(1)),
+        ("0x10u", UInt(16)),
+        ("18446744073709551615u", UInt(2**64 - 1)),
         ("1.5", 1.5),
         ("1.", 1.0),
         (".5", 0.5),

@@ -84,7 +84,7 @@ class TestIndex:
             ('m["zz"]', "no such key: 'zz'"),
             ("m[1]", "no such key: 1"),
             ("{1: 'one'}[true]", "no such key: True"),
-            ("l[1.0]", "no matching overload for '_[_]' on (list, double)"),
+            ("l[1.5]", "no matching overload for '_[_]' on (list, double)"),
             ("l[true]", "no matching overload for '_[_]' on (list, bool)"),
             ('l["0"]', "no matching overload for '_[_]' on (list, string)"),
             ("s[0]", "no matching overload for '_[_]' on (string, int)"),

@@ -15,7 +15,6 @@ from pathlib import Path
 from typing import Any
 from unittest import mock
 
-import celpy.celparser
 import pytest
 from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
@@ -120,9 +119,8 @@ class FedTokens(PostLex):
 
     def __init__(self) -> None:
         self.tokens: list[Token] = []
-        grammar = (Path(celpy.celparser.__file__).parent / "cel.lark").read_text()
         self.parser = Lark(
-            grammar,
+            compiler._grammar(),
             parser="lalr",
             start="expr",
             g_regex_flags=re.M,

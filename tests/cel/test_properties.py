@@ -18,6 +18,7 @@ from policy_engine.cel import (
     Declarations,
     compile_expression,
 )
+from policy_engine.cel.values import CelType, Duration, Timestamp
 
 
 class Hostile:
@@ -140,7 +141,20 @@ EXPRESSIONS = [
     "a - b < duration('1h')",
 ]
 COMPILED = [compile_expression(source, DECLARATIONS) for source in EXPRESSIONS]
-PLAIN = (type(None), bool, int, float, str, bytes, datetime, timedelta)
+# The evaluator's own value types: uint, nanosecond timestamps and durations, type values.
+PLAIN = (
+    type(None),
+    bool,
+    int,
+    float,
+    str,
+    bytes,
+    datetime,
+    timedelta,
+    Timestamp,
+    Duration,
+    CelType,
+)
 
 
 def assert_plain(value: Any, depth: int = 0) -> None:
