@@ -11,6 +11,7 @@ ephemeral ports and a real redis-server.
 from __future__ import annotations
 
 import json
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -69,6 +70,16 @@ def with_token(key: SigningKey, organization: str = "acme") -> pdp_pb2.CheckRequ
     msg.organization = organization
     msg.subject.access_token = key.sign(**claims())
     return msg
+
+
+def fetched(root: Path) -> CompiledPolicySet:
+    """The policy set as a server holds it once its first JWKS fetch is done (a load takes
+    the key set at once and fetches it in the background)."""
+    backend = DirectoryBackend(root)
+    policies = backend.load()
+    backend.remote_keys.wait_for_fetches(time.monotonic() + 10)
+    assert remote(policies).available
+    return policies
 
 
 def remote(policies: CompiledPolicySet) -> RemoteKeySet:
@@ -167,7 +178,7 @@ def test_a_key_set_salts_only_its_own_organizations_keys() -> None:
 def test_a_removed_key_is_denied_at_once_not_served_from_the_local_level(
     tmp_path: Path, idp: JwksServer
 ) -> None:
-    policies = DirectoryBackend(policy_dir(tmp_path / "policies", idp.url)).load()
+    policies = fetched(policy_dir(tmp_path / "policies", idp.url))
     config = settings(local_ttl_seconds=300)  # far longer than the test: only keys can miss
     servicer = servicer_for(policies, config)
     signed_removed, signed_kept = with_token(REMOVED), with_token(KEPT)
@@ -221,11 +232,11 @@ def test_replicas_share_redis_entries_until_one_sees_the_key_removed(
     # Two replicas, each with its own policy store and JWKS fetch, no local level: every
     # answer they do not decide comes from Redis.
     config = settings(shared_redis, local_max_entries=0)
-    policies_a = DirectoryBackend(root).load()
+    policies_a = fetched(root)
     idp.document = json.dumps(  # the same keys, served in another order and layout
         {"keys": [REMOVED.public_jwk(), KEPT.public_jwk()]}, indent=2
     )
-    policies_b = DirectoryBackend(root).load()
+    policies_b = fetched(root)
     assert remote(policies_a) is not remote(policies_b)
     assert remote(policies_a).fingerprint == remote(policies_b).fingerprint
     replica_a, replica_b = servicer_for(policies_a, config), servicer_for(policies_b, config)

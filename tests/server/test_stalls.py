@@ -72,8 +72,8 @@ def _decisions() -> float:
 
 
 def test_a_thousand_stalled_streams_do_not_stop_checks_or_health() -> None:
-    # 16 threads was the old server's whole capacity: 16 such streams stopped it.
-    with serving(Settings(threads=16)) as (port, _):
+    # The old threaded server had 16 handler threads: 16 such streams stopped it.
+    with serving(Settings()) as (port, _):
         stalled = [RawConnection(port) for _ in range(8)]
         try:
             for connection in stalled:
@@ -143,7 +143,7 @@ def test_callers_whose_deadline_passes_behind_a_stopped_redis_are_not_evaluated(
         redis_timeout_ms=2000,  # a Redis call waits up to 2 s
         breaker_failure_threshold=1000,  # and the breaker stays closed throughout
     )
-    with serving(Settings(cache=cache, threads=4)) as (port, servicer):
+    with serving(Settings(cache=cache)) as (port, servicer):
         with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
             stub = pdp_pb2_grpc.PolicyDecisionServiceStub(channel)
             health = health_pb2_grpc.HealthStub(channel)
