@@ -230,7 +230,7 @@ def _zoned_time(value: str) -> str:
 # Upper bounds: past these a value is a typo, not a deployment (README's configuration table).
 MAX_COUNT = 2**31 - 1  # C int: gRPC's message limit, queue and cache sizes
 MAX_WORKERS = 256  # processes sharing one port
-MAX_THREADS = 1024  # gRPC handler threads per process
+MAX_THREADS = 1024  # the retired `threads` setting (ignored, still bounded)
 MAX_MILLIS = 3_600_000  # 1 hour: any timeout, wait, debounce or backoff in milliseconds
 MAX_SECONDS = 30 * 86_400  # 30 days: any TTL or interval in seconds
 
@@ -412,8 +412,8 @@ class Settings:
     address: GrpcAddress = "127.0.0.1:50051"
     policy_dir: Path = Path("policies")
     workers: Workers = 1  # processes sharing the port (one Python process uses one core)
-    # Threads for the blocking Redis lookups of the asyncio server (calls run on its event
-    # loop, not in a thread each); the name is kept for existing configurations.
+    # Ignored: calls and Redis lookups run on the event loop. Accepted so that existing
+    # configurations load; any other value than the default logs one warning (build_decider).
     threads: Threads = 16
     docs_base_url: str = "https://docs.kontext.dev"
     log_level: LogLevel = "INFO"

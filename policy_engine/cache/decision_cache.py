@@ -140,6 +140,7 @@ class DecisionCache:
             on_change=self._breaker_changed,
         )
         self._writer = WriteBehind(self._write) if redis_backend is not None else None
+        self._process_loop: asyncio.AbstractEventLoop | None = None  # see _loop
         self._started = False
         self._stopped = False
         self._stopped_clean = True
@@ -290,10 +291,17 @@ class DecisionCache:
             local.put_many(fills)  # type: ignore[union-attr]
         return hits
 
+    def _loop(self) -> asyncio.AbstractEventLoop:
+        """The process's event loop, where the Redis level lives (looked up once)."""
+        loop = self._process_loop
+        if loop is None:
+            loop = self._process_loop = event_loop().loop
+        return loop
+
     def _redis_allowed(self, lookups: int = 1) -> bool:
         """May these lookups go to Redis now? False (counted as skips) while the breaker is
         open or after `stop`. Raises RuntimeError off the process's event loop."""
-        if asyncio.get_running_loop() is not event_loop().loop:
+        if asyncio.get_running_loop() is not self._loop():
             raise RuntimeError(
                 "the decision cache's Redis level runs on the process's event loop "
                 "(policy_engine.lifecycle.event_loop()); decide there (Decider.decide_sync)"
@@ -377,7 +385,7 @@ class DecisionCache:
             local.put_many(local_items)  # type: ignore[union-attr]
         if redis_items and self.breaker.state is BreakerState.CLOSED and not self._stopped:
             if not writer.started:  # type: ignore[union-attr]
-                writer.start(event_loop().loop)  # type: ignore[union-attr]  # never started
+                writer.start(self._loop())  # type: ignore[union-attr]  # never started
             writer.submit(redis_items)  # type: ignore[union-attr]
 
     async def _write(self, batch: list[Write]) -> None:
@@ -439,7 +447,7 @@ class DecisionCache:
         """Start the write-behind task on the process's event loop (no connection is made:
         the first command connects). Raises nothing; a second call is a no-op."""
         if self._writer is not None and not self._stopped:
-            self._writer.start(event_loop().loop)
+            self._writer.start(self._loop())
         self._started = True
 
     def stop(self, deadline: float) -> bool:

@@ -21,6 +21,7 @@ from policy_engine.decision.pipeline import (
     DecisionStore,
     Observer,
     answer_fingerprint,
+    cache_from_settings,
     storable,
 )
 
@@ -37,5 +38,6 @@ __all__ = [
     "Outcome",
     "ServerError",
     "answer_fingerprint",
+    "cache_from_settings",
     "storable",
 ]

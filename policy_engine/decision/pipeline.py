@@ -153,6 +153,18 @@ def answer_fingerprint(settings: Settings) -> bytes:
     return _settings_fingerprint((__version__, settings.docs_base_url, settings.limits))
 
 
+def cache_from_settings(settings: Settings) -> DecisionCache | None:
+    """The cache `settings.cache` describes, keyed for this pipeline's answers (salted with
+    `answer_fingerprint`); None when caching is off. Reads the Redis signing keys: raises
+    ConfigError naming the setting when they cannot be used. Connects and starts nothing:
+    a server starts and stops it as the "cache" component and passes it to the `Decider`."""
+    return build_cache(
+        settings.cache,
+        fingerprint=answer_fingerprint(settings),
+        max_id_length=settings.limits.max_id_length,
+    )
+
+
 def storable(decision: Decision) -> bool:
     """May this decision be served to a later identical request? (See the module docstring.)"""
     return (
@@ -293,11 +305,7 @@ class Decider:
         self._source_lock = threading.Lock()
         self._owns_cache = cache is FROM_SETTINGS
         if cache is FROM_SETTINGS:
-            cache = build_cache(
-                settings.cache,
-                fingerprint=answer_fingerprint(settings),
-                max_id_length=settings.limits.max_id_length,
-            )
+            cache = cache_from_settings(settings)
         self.cache: DecisionStore | None = cache
 
     def close(self, deadline: float | None = None) -> bool:
@@ -661,6 +669,7 @@ __all__ = [
     "Observer",
     "PolicySource",
     "answer_fingerprint",
+    "cache_from_settings",
     "storable",
     "utc_now",
 ]
