@@ -1,5 +1,11 @@
 """Background reloading: a watch thread notices changes, a reload thread applies them.
 
+`PolicyReloader` is the policy store's lifecycle `Component` ("policy_store"): `start()` does
+the first load (logging every issue of an invalid set; it never raises for the policies'
+sake) and starts both threads; the store is ready once a valid set has loaded, and stays so
+(a failed reload leaves the last good set serving); its status is DEGRADED, with the reason,
+while the last reload failed or waits for a writer, or while the directory is not watched.
+
 Two threads so that neither blocks the other: changes that arrive while a load is running
 collapse into one more reload afterwards, and a slow load never delays noticing changes.
 `request()` only sets an event, so it is safe to call from a signal handler (SIGHUP).
@@ -17,7 +23,9 @@ import logging
 import threading
 import time
 
-from policy_engine.store.store import PolicyStore, ReloadResult
+from policy_engine.lifecycle.component import ComponentStatus, State
+from policy_engine.store.store import PolicyStore, ReloadResult, StoreStatus
+from policy_engine.store.watch import WatchNotice
 
 log = logging.getLogger(__name__)
 
@@ -28,10 +36,14 @@ DEFERRED_RETRY_SECONDS = 0.25
 # How often the source is compared with what the last load read, for changes the watcher is
 # not told of (reload.resync_seconds; see PolicyStore.resync).
 DEFAULT_RESYNC_SECONDS = 30.0
+STOP_SECONDS = 5.0  # `stop()` without a deadline
 
 
 class PolicyReloader:
-    """Reloads `store` when its backend reports a change (if `watch`) or on `request()`."""
+    """Reloads `store` when its backend reports a change (if `watch`) or on `request()`; the
+    store's lifecycle component (see the module docstring)."""
+
+    name = "policy_store"
 
     def __init__(
         self,
@@ -53,15 +65,27 @@ class PolicyReloader:
         self._full = False  # a full reload was asked for (SIGHUP) and has not run yet
         self._stop = threading.Event()
         self._threads: list[threading.Thread] = []
+        self._state = State.NEW
+        # Why the source is not watched right now ("" while it is): told by the watcher.
+        self._watch_problem = ""
 
     @property
     def watching(self) -> bool:
-        """True while changes to the policy source are picked up without a signal."""
-        return any(t.name == "pdp-policy-watch" and t.is_alive() for t in self._threads)
+        """True while changes to the policy source are picked up without a signal: the
+        watcher runs and has a watch in place."""
+        return not self._watch_problem and any(
+            t.name == "pdp-policy-watch" and t.is_alive() for t in self._threads
+        )
 
     def start(self) -> None:
-        if self._threads:
-            raise RuntimeError("reloader already started")
+        """The first load, unless the store has tried one already (a set that fails to load
+        leaves the store not ready, and the server answering deny), then the reload thread
+        and, with `watch`, the watch thread. A second call does nothing."""
+        if self._state is not State.NEW:
+            return
+        self._state = State.STARTING
+        if not self.store.status().attempts:
+            self.store.reload("startup")  # logs every issue when invalid; never raises
         self._threads.append(
             threading.Thread(target=self._reload_loop, name="pdp-policy-reload", daemon=True)
         )
@@ -71,6 +95,7 @@ class PolicyReloader:
             )
         for thread in self._threads:
             thread.start()
+        self._state = State.RUNNING
 
     def request(self, reason: str = "requested", *, full: bool = False) -> None:
         """Ask for a reload soon; never blocks (safe in a signal handler). `full`: read every
@@ -79,13 +104,44 @@ class PolicyReloader:
         self._full = self._full or full
         self._pending.set()
 
-    def stop(self, timeout: float = 5.0) -> None:
+    def stop(self, deadline: float | None = None) -> bool:
+        """Stop both threads by `deadline` (`time.monotonic()` seconds; default STOP_SECONDS
+        from now): a load in progress is finished, none is started. False when a thread
+        was still running at the deadline (a load longer than that, logged)."""
+        if deadline is None:
+            deadline = time.monotonic() + STOP_SECONDS
+        if self._state is not State.NEW:
+            self._state = State.STOPPING
         self._stop.set()
         self._pending.set()
+        clean = True
         for thread in self._threads:
-            thread.join(timeout)
+            thread.join(max(deadline - time.monotonic(), 0.0))
             if thread.is_alive():
-                log.warning("%s did not stop within %.0fs", thread.name, timeout)
+                log.warning("%s did not stop by its deadline", thread.name)
+                clean = False
+        self._state = State.STOPPED
+        return clean
+
+    def status(self) -> ComponentStatus:
+        """Ready while a valid set is loaded (from the first valid load on: a failed reload
+        keeps the last good set serving); DEGRADED naming what is wrong. Never blocks."""
+        state = self._state
+        store = self.store.status()
+        if state is not State.RUNNING:
+            return ComponentStatus(self.name, state, False, _serving(store))
+        problems = _reload_problems(store)
+        if self.watch:
+            if self._watch_problem:
+                problems.append(f"not watching: {self._watch_problem}")
+            elif not any(t.name == "pdp-policy-watch" and t.is_alive() for t in self._threads):
+                problems.append("not watching: the watcher has stopped (SIGHUP reloads)")
+        if not any(t.name == "pdp-policy-reload" and t.is_alive() for t in self._threads):
+            problems.append("the reload thread has stopped: no change is loaded")
+        detail = "; ".join([_serving(store), *problems])
+        return ComponentStatus(
+            self.name, State.DEGRADED if problems else State.RUNNING, store.serving, detail
+        )
 
     def _reload_loop(self) -> None:
         status = self.store.status()
@@ -119,7 +175,27 @@ class PolicyReloader:
         while not self._stop.is_set():
             try:
                 for reason in backend.changes(self._stop, self.debounce_ms):
+                    if isinstance(reason, WatchNotice):
+                        self._watch_problem = reason.problem
                     self.request(reason)
-            except Exception:
+            except Exception as exc:
+                self._watch_problem = f"the watcher failed ({exc!r}); retrying"
                 log.exception("watching %s failed; retrying", backend.location)
             self._stop.wait(WATCH_RETRY_SECONDS)  # only reached on failure or when stopping
+
+
+def _serving(store: StoreStatus) -> str:
+    if not store.serving:
+        return "no valid policy set loaded: every Check is denied"
+    return f"serving revision {store.revision} ({len(store.organizations)} organization(s))"
+
+
+def _reload_problems(store: StoreStatus) -> list[str]:
+    """The last reload's trouble, on one line: its first issue and how many more."""
+    if store.last_result not in (ReloadResult.FAILED, ReloadResult.DEFERRED):
+        return []
+    lines = store.last_error.splitlines() or ["no detail"]
+    more = f" (and {len(lines) - 1} more issue(s))" if len(lines) > 1 else ""
+    if store.deferred:
+        return [lines[0] + more]
+    return [f"last reload ({store.last_reason}) failed: {lines[0]}{more}"]

@@ -173,6 +173,19 @@ def _identity(path: Path) -> tuple[int, int] | None:
     return (st.st_dev, st.st_ino)
 
 
+class WatchNotice(str):
+    """A change `watch_tree` yields that also says whether `root` is watched from now on:
+    `problem` is empty once a watch is in place, else why there is none (the directory is
+    missing, inotify refused); the reloader shows it in the store's status."""
+
+    problem: str
+
+    def __new__(cls, text: str, problem: str = "") -> WatchNotice:
+        notice = super().__new__(cls, text)
+        notice.problem = problem
+        return notice
+
+
 def watch_tree(
     root: Path,
     stop: threading.Event,
@@ -194,12 +207,15 @@ def watch_tree(
     cannot be used (e.g. fs.inotify.max_user_instances reached) it logs and retries.
     """
     reported_missing = False
+    unwatchable = ""  # why inotify refused, while it does (said once, not every retry)
     while not stop.is_set():
         identity = _identity(root)
         if identity is None:
             if not reported_missing:
                 reported_missing = True
-                yield f"{root} is missing"
+                yield WatchNotice(
+                    f"{root} is missing", problem=f"the policy directory {root} is missing"
+                )
             stop.wait(MISSING_POLL_SECONDS)
             continue
         if reported_missing:
@@ -209,13 +225,18 @@ def watch_tree(
             tree = _TreeWatch(root, writes, files_read, journal or ChangeJournal())
         except OSError as exc:  # e.g. fs.inotify.max_user_instances reached
             log.warning("cannot watch %s (%s); retrying", root, exc)
+            if not unwatchable:
+                unwatchable = f"cannot watch {root} ({exc}); retrying"
+                # A reload: changes made meanwhile are not reported by any watch.
+                yield WatchNotice(f"{root} (cannot be watched)", problem=unwatchable)
             stop.wait(MISSING_POLL_SECONDS * 5)
             continue
+        unwatchable = ""
         with tree:
             if not tree.established:  # vanished between the check and the watch
                 stop.wait(MISSING_POLL_SECONDS)
                 continue
-            yield f"watching {root}"
+            yield WatchNotice(f"watching {root}")
             while not stop.is_set():
                 change = tree.next_change(stop, debounce_ms)
                 if change:

@@ -20,6 +20,7 @@ import pytest
 
 from policy_engine.api import pdp_pb2, pdp_pb2_grpc
 from policy_engine.config import ReloadSettings, Settings
+from policy_engine.lifecycle import deadline_in
 from policy_engine.policy import CompiledPolicySet, load_policy_set
 from policy_engine.server.app import RunningServer, start_server
 from policy_engine.store import DirectoryBackend, PolicyReloader, PolicyStore, ReloadResult
@@ -343,11 +344,11 @@ def test_a_writer_that_keeps_the_file_open_is_logged_and_stop_does_not_hang(
         message = next(r.getMessage() for r in caplog.records if "waited" in r.getMessage())
         assert "acme/org.yaml" in message and f"still serving revision {old}" in message
         assert store.status().deferred and store.status().revision == old
-        reloader.stop(timeout=5)  # while still waiting for the writer
+        reloader.stop(deadline_in(5))  # while still waiting for the writer
         assert not any(thread.is_alive() for thread in reloader._threads)
     finally:
         os.close(fd)
-        reloader.stop(timeout=5)
+        reloader.stop(deadline_in(5))
     assert store.status().revision == old
 
 

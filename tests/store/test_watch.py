@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 
+from policy_engine.lifecycle import deadline_in
 from policy_engine.policy import load_policy_set
 from policy_engine.store import DirectoryBackend, PolicyReloader, PolicyStore, ReloadResult
 from policy_engine.store.watch import PolicyChangeFilter
@@ -168,7 +169,7 @@ def test_requests_reload_without_watching(tmp_path: Path, root: Path) -> None:
 
 def test_stop_ends_both_threads(watched: tuple[PolicyStore, PolicyReloader]) -> None:
     _, reloader = watched
-    reloader.stop(timeout=5)
+    reloader.stop(deadline_in(5))
     assert not reloader.watching
 
 
