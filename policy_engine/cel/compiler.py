@@ -1135,9 +1135,9 @@ def _make_binary(symbol: str, left: _Node, right: _Node) -> Evaluator:
 def _make_constant_membership(lf: Evaluator, members: tuple[Any, ...]) -> Evaluator | None:
     """``x in [literal, ...]`` as a frozenset lookup when that preserves CEL equality.
 
-    Only for lists of exactly-str or exactly-int elements, and only for needles of the
-    matching kind (ints also accept doubles: ``1.0 in [1]`` is true in CEL as in Python);
-    any other needle takes the general path.
+    Only for lists of exactly-str or exactly-int elements, and only for needles of exactly
+    that type; any other needle (a double compares with ints as doubles do) takes the
+    general path.
     """
     if not members:
         return None
@@ -1160,7 +1160,7 @@ def _make_constant_membership(lf: Evaluator, members: tuple[Any, ...]) -> Evalua
             act: Any, lf: Evaluator = lf, ints: frozenset[int] = ints, members: Any = members
         ) -> bool:
             needle = lf(act)
-            if type(needle) is int or type(needle) is float:
+            if type(needle) is int:
                 return needle in ints
             return list_contains(members, needle)
 

@@ -309,7 +309,11 @@ def cel_equals(a: Any, b: Any) -> bool:
     ka = kind_of(a)
     kb = kind_of(b)
     if ka != kb:
-        return ka in NUMERIC_KINDS and kb in NUMERIC_KINDS and bool(a == b)
+        if ka not in NUMERIC_KINDS or kb not in NUMERIC_KINDS:
+            return False
+        if ka == "double" or kb == "double":
+            return float(a) == float(b)  # as ordering does (cel-go, the C++ runtime)
+        return bool(a == b)
     if ka == "list":
         return len(a) == len(b) and all(cel_equals(x, y) for x, y in zip(a, b, strict=True))
     if ka == "map":
