@@ -483,3 +483,34 @@ def test_an_organization_with_tokens_warms_the_token_imports_at_load(
         [sys.executable, "-c", child], capture_output=True, text=True, timeout=60, check=True
     )
     assert out.stdout.strip() == "['cryptography', 'httpx', 'jwt']", out.stderr
+
+
+def test_a_failure_is_logged_once_per_change_and_the_recovery_once(
+    idp: Idp, key_sets: RemoteKeySets, caplog: pytest.LogCaptureFixture
+) -> None:
+    remote = key_sets.get(idp.url)
+    wait_for(lambda: remote.available, timeout=10, what="the first fetch")
+    idp.mode = "missing"
+    for _ in range(3):
+        remote.refresh_now()
+    idp.mode = "html"
+    remote.refresh_now()
+    idp.mode = "ok"
+    remote.refresh_now()
+    remote.refresh_now()
+    lines = [r.getMessage() for r in caplog.records if r.name == "policy_engine.auth.keys"]
+    assert len(lines) == 3, lines  # three changes: 404, not JSON, working again
+    assert "failed: JwksFetchError: HTTP 404 Not Found (keeping its 1 keys)" in lines[0]
+    assert "failed: KeySetError: invalid JWKS: not JSON" in lines[1]
+    assert lines[2] == f"JWKS refresh from {idp.url} works again (1 keys)"
+
+
+def test_the_component_stops_safely_before_start_and_twice() -> None:
+    never_started = RemoteKeySets()
+    assert never_started.status().state is State.NEW and never_started.status().ready
+    assert never_started.stop(deadline_in(1)) and never_started.stop(deadline_in(1))
+    assert never_started.status().state is State.STOPPED
+    idle = RemoteKeySets()
+    idle.start()
+    assert idle.status().detail == "no jwks_url in use"
+    assert idle.stop(deadline_in(1)) and idle.stop(deadline_in(1))
