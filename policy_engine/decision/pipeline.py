@@ -50,6 +50,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 
 from policy_engine import __version__
 from policy_engine.api import pdp_pb2
+from policy_engine.auth.pending import await_pending_keys
 from policy_engine.cache import (
     CacheLevel,
     DeadlinePassed,
@@ -338,6 +339,11 @@ class Decider:
         else:
             policies, now, now_ts = snapshot
             count = len(items)
+            # Before the lookup: a refresh it waits for changes the key set salting the keys.
+            try:
+                await await_pending_keys(items, policies, deadline)
+            except Exception:  # only a hint: verification decides whatever happened here
+                log.exception("waiting for JWKS refreshes failed; deciding with the keys held")
             ids = [next_decision_id()] if count == 1 else new_decision_ids(count)
             cache = self.cache
             keys: list[str | None] | None = None
