@@ -159,6 +159,7 @@ class Window:
     counters: Path | None
     cpu_before: dict[int, float]
     decisions_before: dict[int, float] | None
+    sampler: procs.ConnectionSampler | None = None
 
     @classmethod
     def open(cls, server: RunningServer) -> Window:
@@ -173,6 +174,13 @@ class Window:
             procs.decisions_by_pid(counters, workers) if counters else None,
         )
 
+    def connections(self, port: int) -> contextlib.AbstractContextManager[object]:
+        """Samples each worker's connections while the load runs (several workers only)."""
+        if len(self.workers) < 2:
+            return contextlib.nullcontext()
+        self.sampler = procs.ConnectionSampler(port, self.workers)
+        return self.sampler
+
     def close(self) -> tuple[float | None, tuple[procs.WorkerShare, ...]]:
         """Server CPU seconds over the window (None when /proc had nothing), and each
         worker's share when there are several."""
@@ -182,7 +190,10 @@ class Window:
         if len(self.workers) < 2:
             return sum(used.values()), ()
         after = procs.decisions_by_pid(self.counters, self.workers) if self.counters else None
-        return sum(used.values()), procs.shares(used, self.decisions_before, after, self.workers)
+        held = self.sampler.busiest if self.sampler is not None else None
+        return sum(used.values()), procs.shares(
+            used, self.decisions_before, after, self.workers, held
+        )
 
 
 def _pinned_load(command: list[str], plan: Plan, server_pinned: bool) -> list[str]:
@@ -231,13 +242,14 @@ def run_row(
             count = requests_for(warm.req_per_s, plan.measure_s, shape)
             expected_s = count / max(warm.req_per_s, 1.0)
             window = Window.open(srv)
-            summary = h2load.run(
-                _pinned_load(
-                    h2load.grpc_command(url, body, shape, requests=count, log_file=log_file),
-                    plan, server_pinned,
-                ),
-                timeout_s=expected_s * 5 + 60,
-            )  # fmt: skip
+            with window.connections(int(srv.target.rpartition(":")[2])):
+                summary = h2load.run(
+                    _pinned_load(
+                        h2load.grpc_command(url, body, shape, requests=count, log_file=log_file),
+                        plan, server_pinned,
+                    ),
+                    timeout_s=expected_s * 5 + 60,
+                )  # fmt: skip
             cpu_s, shares = window.close()
             verify(srv.target, row, "after load", row.check_after)
         entries = h2load.parse_log(log_file.read_text())

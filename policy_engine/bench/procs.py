@@ -14,9 +14,13 @@ from __future__ import annotations
 
 import contextlib
 import os
+import threading
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
+from types import TracebackType
+
+from policy_engine.server.balance import connections_by_pid
 
 PROC = Path("/proc")
 # The command line multiprocessing's 'spawn' gives a worker (the resource tracker's differs).
@@ -123,11 +127,13 @@ def decisions_by_pid(directory: Path, pids: Iterable[int]) -> dict[int, float]:
 
 @dataclass(frozen=True, slots=True)
 class WorkerShare:
-    """One worker's part of a measured window: CPU seconds, and decisions when counted."""
+    """One worker's part of a measured window: CPU seconds, decisions when counted, and the
+    client connections it held (the most seen at once during the window, when sampled)."""
 
     pid: int
     cpu_s: float
     decisions: float | None = None  # None: the server keeps no per-worker count (empty server)
+    connections: int | None = None
 
 
 def shares(
@@ -135,6 +141,7 @@ def shares(
     decisions_before: Mapping[int, float] | None,
     decisions_after: Mapping[int, float] | None,
     worker_pids: Iterable[int],
+    connections: Mapping[int, int] | None = None,
 ) -> tuple[WorkerShare, ...]:
     """Each worker's CPU and (when both readings exist) decisions over the window."""
     out = []
@@ -142,8 +149,42 @@ def shares(
         counted = None
         if decisions_before is not None and decisions_after is not None:
             counted = decisions_after.get(pid, 0.0) - decisions_before.get(pid, 0.0)
-        out.append(WorkerShare(pid, cpu.get(pid, 0.0), counted))
+        held = None if connections is None else connections.get(pid, 0)
+        out.append(WorkerShare(pid, cpu.get(pid, 0.0), counted, held))
     return tuple(out)
+
+
+class ConnectionSampler:
+    """While open, samples how many connections to `port` each of `pids` holds every
+    `every_s` seconds on a thread; `busiest` is the sample with the most connections in all
+    (the load's connections all open), None when none was taken or none held any."""
+
+    def __init__(self, port: int, pids: list[int], every_s: float = 0.02) -> None:
+        self._port, self._pids, self._every_s = port, pids, every_s
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="connection-sampler", daemon=True)
+        self.busiest: dict[int, int] | None = None
+
+    def _run(self) -> None:
+        while True:
+            sample = connections_by_pid(self._port, self._pids)
+            if sum(sample.values()) > sum((self.busiest or {}).values()):
+                self.busiest = sample
+            if self._stop.wait(self._every_s):
+                return
+
+    def __enter__(self) -> ConnectionSampler:
+        self._thread.start()
+        return self
+
+    def __exit__(
+        self,
+        kind: type[BaseException] | None,
+        value: BaseException | None,
+        traceback: TracebackType | None,
+    ) -> None:
+        self._stop.set()
+        self._thread.join()
 
 
 def balance(values: Iterable[float]) -> float | None:

@@ -257,8 +257,8 @@ def balance_table(current: Sequence[RowResult], previous: Sequence[RowResult] = 
     """Each worker's share of the measured requests, per round, for rows with several workers:
     decisions counted by each worker (`pdp serve`) or, when a server counts none (the empty
     servicer), each worker's CPU; and the round's least over busiest share."""
-    lines = ["| workload | build | round | share per worker | by | least ÷ busiest |",
-             "|---|---|--:|---|---|--:|"]  # fmt: skip
+    lines = ["| workload | build | round | share per worker | by | connections per worker "
+             "| least ÷ busiest |", "|---|---|--:|---|---|---|--:|"]  # fmt: skip
     for label, results in (("current", current), ("previous", previous)):
         for r in results:
             for index, shares in enumerate(r.workers, start=1):
@@ -268,13 +268,15 @@ def balance_table(current: Sequence[RowResult], previous: Sequence[RowResult] = 
                     w.cpu_s for w in shares
                 ]  # fmt: skip
                 total = sum(values)
-                parts = ", ".join(
-                    f"{(v / total if total else 0):.0%}" for v in sorted(values, reverse=True)
+                ranked = sorted(zip(values, shares, strict=True), key=lambda p: -p[0])
+                parts = ", ".join(f"{(v / total if total else 0):.0%}" for v, _ in ranked)
+                held = ", ".join(
+                    "?" if w.connections is None else str(w.connections) for _, w in ranked
                 )
-                found = balance(values)
                 lines.append(
                     f"| {r.name} | {label} | {index} | {parts} | "
-                    f"{'decisions' if by_decisions else 'CPU'} | {_ratio(found)} |"
+                    f"{'decisions' if by_decisions else 'CPU'} | {held} | "
+                    f"{_ratio(balance(values))} |"
                 )
     return "\n".join(lines)
 

@@ -106,6 +106,8 @@ def test_two_workers_each_count_their_share_of_the_measured_requests(tmp_path: P
     # load are outside the window.
     assert sum(w.decisions or 0 for w in shares) == result.requests
     assert len(result.balances) == 1
+    # h2load's 4 connections were seen, each held by one worker, while the load ran.
+    assert sum(w.connections or 0 for w in shares) >= 4
 
 
 @needs_h2load

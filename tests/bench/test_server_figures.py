@@ -225,13 +225,15 @@ def test_latency_pairs_one_in_flight_with_64() -> None:
 
 
 def test_worker_shares_by_decisions_or_by_cpu() -> None:
-    by_decisions = _row("two", 100, workers=((WorkerShare(1, 1.0, 600), WorkerShare(2, 1.0, 400)),))
+    counted = (WorkerShare(1, 1.0, 400, connections=3), WorkerShare(2, 1.0, 600, connections=5))
+    by_decisions = _row("two", 100, workers=(counted,))
     by_cpu = _row("empty two", 100, workers=((WorkerShare(3, 3.0), WorkerShare(4, 1.0)),))
     assert by_decisions.balances == [pytest.approx(400 / 600)]
     assert by_cpu.balances == [pytest.approx(1 / 3)]
     table = balance_table([by_decisions, by_cpu])
-    assert "| two | current | 1 | 60%, 40% | decisions | 0.67 |" in table
-    assert "| empty two | current | 1 | 75%, 25% | CPU | 0.33 |" in table
+    # Busiest first, each worker's connections beside its share.
+    assert "| two | current | 1 | 60%, 40% | decisions | 5, 3 | 0.67 |" in table
+    assert "| empty two | current | 1 | 75%, 25% | CPU | ?, ? | 0.33 |" in table
 
 
 def _targets_by_name(results: list[RowResult], previous: list[RowResult], cost: float) -> dict:
