@@ -24,6 +24,7 @@ import asyncio
 import base64
 import functools
 import json
+import logging
 import time
 from collections.abc import Mapping, Sequence
 from concurrent.futures import Future
@@ -33,6 +34,8 @@ from policy_engine.auth.keys import RemoteKeySet
 
 if TYPE_CHECKING:
     from policy_engine.policy import CompiledPolicySet
+
+log = logging.getLogger(__name__)
 
 MAX_HEADER_CHARS = 2048  # base64url characters of a JOSE header read; a longer one is not
 _HEADER_MEMO = 256  # distinct headers remembered (a deployment's tokens share a few)
@@ -120,7 +123,11 @@ async def await_pending_keys(
     `time.monotonic()` instant; None: none). Returns how many items needed a refresh (0:
     nothing was awaited). Never raises but CancelledError (the caller's); refreshes go on
     when the wait ends first."""
-    refreshes, waiting = pending_refreshes(items, policies)
+    try:
+        refreshes, waiting = pending_refreshes(items, policies)
+    except Exception:  # a hint only: a fault here must not fail the call (verification decides)
+        log.exception("looking for the JWKS refreshes a call needs failed; not waiting")
+        return 0
     if not refreshes:
         return 0
     wait = max(keys.unknown_kid_wait for keys in refreshes.values())

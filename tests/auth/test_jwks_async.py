@@ -514,3 +514,12 @@ def test_the_component_stops_safely_before_start_and_twice() -> None:
     idle.start()
     assert idle.status().detail == "no jwks_url in use"
     assert idle.stop(deadline_in(1)) and idle.stop(deadline_in(1))
+
+
+def test_a_fault_in_the_pre_step_never_fails_the_call(caplog: pytest.LogCaptureFixture) -> None:
+    class Broken:
+        """A policy set the pre-step cannot read (a bug's stand-in)."""
+
+    waiting = asyncio.run(await_pending_keys([with_token(KEY)], Broken(), None))  # type: ignore[arg-type]
+    assert waiting == 0
+    assert "JWKS refreshes a call needs failed; not waiting" in caplog.text
