@@ -449,11 +449,6 @@ def test_sigterm_while_a_jwks_fetch_hangs_exits_promptly(tmp_path: Path, idp: Id
     assert proc.returncode == 0
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="until the pipeline awaits policy_engine.auth.pending.await_pending_keys before its "
-    "cache lookup (issue 11): remove this marker then",
-)
 def test_the_first_call_after_a_rotation_is_allowed_through_grpc(tmp_path: Path, idp: Idp) -> None:
     key_sets = RemoteKeySets(min_refresh_interval=0.2)
     policies = load(policy_dir(tmp_path / "policies", idp.url), key_sets)
