@@ -1,20 +1,22 @@
 """PolicyStatusService: what an operator asks after saving a policy file.
 
 "Is my change live?" (the revision and when it loaded) and "if not, why?" (the last reload's
-result and every issue as file:line), answered by the process that serves the decisions.
+result and every issue as file:line), answered by the process that serves the decisions,
+with the status of each of its background parts (the lifecycle's components).
 """
 
 from __future__ import annotations
 
 import os
 import socket
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from datetime import datetime
 
 import grpc
 from google.protobuf.timestamp_pb2 import Timestamp
 
 from policy_engine.api import pdp_pb2, pdp_pb2_grpc
+from policy_engine.lifecycle import ComponentStatus
 from policy_engine.store import PolicyStore
 
 STATUS_SERVICE_NAME = pdp_pb2.DESCRIPTOR.services_by_name["PolicyStatusService"].full_name
@@ -26,11 +28,18 @@ def instance_name() -> str:
 
 
 class PolicyStatusServicer(pdp_pb2_grpc.PolicyStatusServiceServicer):
-    """Reads the store's status record; `watching` reports whether the watcher is alive."""
+    """Reads the store's status record; `watching` reports whether the watcher is alive,
+    `components` the lifecycle's component statuses (calls that never block)."""
 
-    def __init__(self, store: PolicyStore, watching: Callable[[], bool] = lambda: False) -> None:
+    def __init__(
+        self,
+        store: PolicyStore,
+        watching: Callable[[], bool] = lambda: False,
+        components: Callable[[], Sequence[ComponentStatus]] = tuple,
+    ) -> None:
         self._store = store
         self._watching = watching
+        self._components = components
 
     async def GetStatus(
         self, request: pdp_pb2.GetStatusRequest, context: grpc.aio.ServicerContext
@@ -45,6 +54,12 @@ class PolicyStatusServicer(pdp_pb2_grpc.PolicyStatusServiceServicer):
             watching=self._watching(),
             instance=instance_name(),
             source=status.source,
+            components=[
+                pdp_pb2.ComponentStatus(
+                    name=c.name, state=c.state.value, ready=c.ready, detail=c.detail
+                )
+                for c in self._components()
+            ],
         )
         if status.loaded_at is not None:
             response.loaded_at.CopyFrom(_timestamp(status.loaded_at))
