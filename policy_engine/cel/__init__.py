@@ -9,6 +9,7 @@ from policy_engine.cel.compiler import (
     CompileLimits,
     Declarations,
     compile_expression,
+    require_bool,
 )
 from policy_engine.cel.errors import CelCompileError, CelEvaluationError
 from policy_engine.cel.functions import FUNCTION_NAMES, HELPERS_DOC
@@ -22,4 +23,5 @@ __all__ = [
     "CompiledExpression",
     "Declarations",
     "compile_expression",
+    "require_bool",
 ]

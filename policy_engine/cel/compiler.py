@@ -138,8 +138,31 @@ from lark.tree import Meta
 from lark.utils import TextSlice
 
 from policy_engine.cel.errors import CelCompileError, CelEvaluationError
-from policy_engine.cel.functions import FUNCTIONS, MACRO_ARITIES, Function
+from policy_engine.cel.functions import (
+    FUNCTIONS,
+    MACRO_ARITIES,
+    OPERATOR_SIGNATURES,
+    Function,
+)
 from policy_engine.cel.literals import parse_int, parse_string, parse_uint
+from policy_engine.cel.types import (
+    BOOL,
+    BYTES,
+    DOUBLE,
+    DYN,
+    INT,
+    NULL,
+    STRING,
+    TYPE,
+    UINT,
+    CelT,
+    Signature,
+    elements,
+    join,
+    list_of,
+    map_of,
+    resolve,
+)
 from policy_engine.cel.values import (
     BINARY_OPERATORS,
     TYPES,
@@ -160,10 +183,14 @@ Evaluator = Callable[[Any], Any]
 
 @dataclass(frozen=True)
 class Declarations:
-    """The variables an expression may reference.
+    """The variables an expression may reference, and their CEL types.
 
     ``variables`` maps a name to the frozenset of its known field names (``subject.nme`` is
-    then a compile error), or to ``None`` for a scalar or free-form map.
+    then a compile error), or to ``None`` for a scalar or free-form map. ``types`` gives a
+    variable's static type (:mod:`policy_engine.cel.types`; dyn when absent), and with
+    ``checked`` (the default) an expression is type-checked as it compiles: a call or
+    operator with no overload for its operands' known types is a compile error, as with
+    cel-go's checker. Values of type dyn are never refused; they fail closed at evaluation.
     """
 
     variables: Mapping[str, frozenset[str] | None]
@@ -172,6 +199,28 @@ class Declarations:
     #: means ``y`` only. Variable names may be dotted (``a.b``): the longest declared
     #: prefix of a selection ``a.b.c`` is the variable, the rest are field selections.
     container: str = ""
+    types: Mapping[str, CelT] = field(default_factory=lambda: MappingProxyType({}))
+    checked: bool = True
+
+    @classmethod
+    def typed(cls, types: Mapping[str, CelT], container: str = "") -> Declarations:
+        """Declarations from variable types alone: a variable whose type has known fields
+        (:func:`policy_engine.cel.types.record`) accepts only those fields."""
+        variables = {
+            name: None if t.fields is None else frozenset(f for f, _ in t.fields)
+            for name, t in types.items()
+        }
+        return cls(variables, container, MappingProxyType(dict(types)))
+
+    @property
+    def key(self) -> tuple[Any, ...]:
+        """A hashable value equal for equal declarations (they hold mappings)."""
+        return (
+            tuple(sorted(self.variables.items())),
+            self.container,
+            tuple(sorted(self.types.items())),
+            self.checked,
+        )
 
 
 @dataclass(frozen=True)
@@ -200,6 +249,8 @@ class CompiledExpression:
     source: str
     variables: frozenset[str]
     _evaluator: Evaluator = field(repr=False)
+    #: The static type of the result (:mod:`policy_engine.cel.types`): dyn when unknown.
+    result_type: CelT = DYN
 
     def evaluate(self, activation: Mapping[str, Any]) -> Any:
         """Evaluate against ``activation``; raises :class:`CelEvaluationError` and nothing else."""
@@ -230,7 +281,18 @@ def compile_expression(
     variables = frozenset(compiler.referenced)
     if len(_VARIABLE_SETS) < _MAX_VARIABLE_SETS:
         variables = _VARIABLE_SETS.setdefault(variables, variables)
-    return CompiledExpression(source=source, variables=variables, _evaluator=node.fn)
+    return CompiledExpression(
+        source=source, variables=variables, _evaluator=node.fn, result_type=node.ctype
+    )
+
+
+def require_bool(compiled: CompiledExpression) -> None:
+    """Raises :class:`CelCompileError` unless ``compiled`` is of type bool or dyn (a policy
+    condition: a dyn result that is no bool fails closed at evaluation)."""
+    if compiled.result_type not in (BOOL, DYN):
+        raise CelCompileError(
+            f"a condition must be a bool, and this expression is of type '{compiled.result_type}'"
+        )
 
 
 # One frozenset per distinct set of variables read (a handful: subsets of the declared
@@ -997,30 +1059,55 @@ _BINARY_SYMBOLS = {
 
 
 class _Node:
-    """A compiled sub-expression: its closure, and its value when known at compile time."""
+    """A compiled sub-expression: its closure, its value when known at compile time, and its
+    static type (``ctype``; what the checker infers from the text alone, never from a
+    literal's value, so texts of one shape get the same types)."""
 
-    __slots__ = ("fn", "is_const", "value")
+    __slots__ = ("ctype", "fn", "is_const", "value")
 
-    def __init__(self, fn: Evaluator, is_const: bool = False, value: Any = None) -> None:
+    def __init__(
+        self, fn: Evaluator, is_const: bool = False, value: Any = None, ctype: CelT = DYN
+    ) -> None:
         self.fn = fn
         self.is_const = is_const
         self.value = value
+        self.ctype = ctype
 
 
-def _const(value: Any) -> _Node:
+def _const(value: Any, ctype: CelT) -> _Node:
     if type(value) is list:
         value = tuple(value)  # constants are shared by every evaluation: keep them immutable
     elif type(value) is dict:
         value = MappingProxyType(value)
-    return _Node(lambda act, value=value: value, True, value)
+    return _Node(lambda act, value=value: value, True, value, ctype)
 
 
-def _fold(compute: Callable[..., Any], *args: Any) -> _Node | None:
+def _fold(ctype: CelT, compute: Callable[..., Any], *args: Any) -> _Node | None:
     """Evaluate a pure operation on constants now; None when it fails (it fails at run time)."""
     try:
-        return _const(compute(*args))
+        return _const(compute(*args), ctype)
     except Exception:
         return None
+
+
+def _typed(node: _Node, ctype: CelT) -> _Node:
+    """``node`` with the static type ``ctype``."""
+    if node.ctype == ctype:
+        return node
+    return _Node(node.fn, node.is_const, node.value, ctype)
+
+
+_LITERAL_TYPES = {
+    "INT_LIT": INT,
+    "UINT_LIT": UINT,
+    "FLOAT_LIT": DOUBLE,
+    "STRING_LIT": STRING,
+    "MLSTRING_LIT": STRING,
+    "BYTES_LIT": BYTES,
+    "BOOL_LIT": BOOL,
+    "NULL_LIT": NULL,
+}
+_UNARY_SYMBOLS = {logical_not: "!_", negate: "-_"}
 
 
 # Comprehension iterations one outermost comprehension may run, nested ones included. With
@@ -1365,9 +1452,12 @@ class _Compiler:
     def __init__(self, declarations: Declarations, limits: CompileLimits) -> None:
         self.declarations = declarations
         self.declared = declarations.variables
+        self.types = declarations.types
+        self.checked = declarations.checked
         self.limits = limits
         self.referenced: set[str] = set()
         self.loop_vars: tuple[str, ...] = ()  # enclosing comprehension variables, innermost last
+        self.loop_types: tuple[CelT, ...] = ()  # their static types, in the same order
         self.nodes = 0
         self.depth = 0
         # Sharing a shape's compilation (see the module doc): subtrees compiled already, by
@@ -1378,6 +1468,32 @@ class _Compiler:
     def error(self, message: str, where: Tree | Token) -> CelCompileError:
         line, column = _position(where)
         return CelCompileError(message, line, column)
+
+    def refuse(self, message: str, where: Tree | Token) -> CelT:
+        """A type check failed: a compile error when checking, else the type is dyn (the
+        operation fails closed at evaluation)."""
+        if self.checked:
+            raise self.error(message, where)
+        return DYN
+
+    def overload(
+        self,
+        name: str,
+        signatures: Sequence[Signature],
+        arguments: Sequence[CelT],
+        where: Tree | Token,
+    ) -> CelT:
+        """The result type of ``name`` applied to ``arguments`` (see :func:`resolve`)."""
+        if not signatures:
+            return DYN
+        found = resolve(signatures, arguments)
+        if found is not None:
+            return found
+        kinds = ", ".join(str(t) for t in arguments)
+        return self.refuse(f"no matching overload for '{name}' applied to ({kinds})", where)
+
+    def operator(self, symbol: str, arguments: Sequence[CelT], where: Tree | Token) -> CelT:
+        return self.overload(symbol, OPERATOR_SIGNATURES[symbol], arguments, where)
 
     def count(self, where: Tree | Token, nodes: int = 1) -> None:
         self.nodes += nodes
@@ -1433,8 +1549,11 @@ class _Compiler:
 
     def _ternary(self, tree: Tree) -> _Node:
         condition, when_true, when_false = (self.compile(child) for child in tree.children)
+        ctype = self.operator(
+            "_?_:_", (condition.ctype, when_true.ctype, when_false.ctype), tree.children[1]
+        )
         if condition.is_const and type(condition.value) is bool:
-            return when_true if condition.value else when_false
+            return _typed(when_true if condition.value else when_false, ctype)
         cf, tf, ff = condition.fn, when_true.fn, when_false.fn
 
         def ternary(act: Any, cf: Evaluator = cf, tf: Evaluator = tf, ff: Evaluator = ff) -> Any:
@@ -1445,7 +1564,7 @@ class _Compiler:
                 return ff(act)
             raise no_overload("_?_:_", test)
 
-        return _Node(ternary)
+        return _Node(ternary, ctype=ctype)
 
     def _logical(self, tree: Tree) -> _Node:
         rule = tree.data
@@ -1457,14 +1576,20 @@ class _Compiler:
         operand_trees.reverse()
         self.count(tree, len(operand_trees) - 2)
         decisive = rule == "conditionalor"
+        symbol = "||" if decisive else "&&"
         nodes = [self.compile(operand) for operand in operand_trees]
+        for at, node in enumerate(nodes):
+            if node.ctype not in (BOOL, DYN):
+                other = nodes[at - 1 if at else min(1, len(nodes) - 1)].ctype
+                pair = (other, node.ctype) if at else (node.ctype, other)
+                self.operator(symbol, pair, operand_trees[at])
         if any(node.is_const and node.value is decisive for node in nodes):
-            return _const(decisive)  # decides the result whatever the others do
+            return _const(decisive, BOOL)  # decides the result whatever the others do
         # A constant identity operand (true for &&, false for ||) can be dropped.
         fns = [n.fn for n in nodes if not (n.is_const and n.value is (not decisive))]
         if not fns:
-            return _const(not decisive)
-        return _Node(_make_logical(tuple(fns), decisive, "||" if decisive else "&&"))
+            return _const(not decisive, BOOL)
+        return _Node(_make_logical(tuple(fns), decisive, symbol), ctype=BOOL)
 
     def _binary(self, tree: Tree) -> _Node:
         rule = tree.data
@@ -1476,23 +1601,25 @@ class _Compiler:
         steps.reverse()
         self.count(tree, len(steps) - 1)
         accumulated = self.compile(tree)
+        ctype = accumulated.ctype
         pending: list[tuple[str, _Node]] = []
         for symbol, right_tree in steps:
             right = self.compile(right_tree)
+            ctype = self.operator(symbol, (ctype, right.ctype), right_tree)
             if not pending and accumulated.is_const and right.is_const:
-                folded = _fold(BINARY_OPERATORS[symbol], accumulated.value, right.value)
+                folded = _fold(ctype, BINARY_OPERATORS[symbol], accumulated.value, right.value)
                 if folded is not None:
                     accumulated = folded
                     continue
             pending.append((symbol, right))
         if not pending:
-            return accumulated
+            return _typed(accumulated, ctype)
         symbol, right = pending[0]
         first = _make_binary(symbol, accumulated, right)
         if len(pending) == 1:
-            return _Node(first)
+            return _Node(first, ctype=ctype)
         rest = tuple((BINARY_OPERATORS[s], node.fn) for s, node in pending[1:])
-        return _Node(_make_chain(first, rest))
+        return _Node(_make_chain(first, rest), ctype=ctype)
 
     def _unary(self, tree: Tree) -> _Node:
         ops: list[Callable[[Any], Any]] = []
@@ -1502,11 +1629,14 @@ class _Compiler:
         self.count(tree, len(ops) - 1)
         ops.reverse()  # innermost operator applies first
         operand = self.compile(tree)
+        ctype = operand.ctype
+        for op in ops:
+            ctype = self.operator(_UNARY_SYMBOLS[op], (ctype,), tree)
         if operand.is_const:
-            folded = _fold(_make_unary(lambda act: operand.value, tuple(ops)), None)
+            folded = _fold(ctype, _make_unary(lambda act: operand.value, tuple(ops)), None)
             if folded is not None:
                 return folded
-        return _Node(_make_unary(operand.fn, tuple(ops)))
+        return _Node(_make_unary(operand.fn, tuple(ops)), ctype=ctype)
 
     # -- names and members ---------------------------------------------------------------
 
@@ -1515,8 +1645,17 @@ class _Compiler:
         name = str(token)
         root_only = tree.data == "dot_ident"
         if name in self.loop_vars and not root_only:
-            return _Node(self._variable(name, token))
+            return _Node(self._variable(name, token), ctype=self._loop_type(name))
         return self._resolve(name, tree if root_only else token, root_only)
+
+    def _loop_type(self, name: str) -> CelT:
+        """The static type of the innermost comprehension variable called ``name``."""
+        for variable, ctype in zip(
+            reversed(self.loop_vars), reversed(self.loop_types), strict=True
+        ):
+            if variable == name:
+                return ctype
+        return DYN  # pragma: no cover - only called for a loop variable
 
     def _candidates(self, name: str, root_only: bool) -> list[str]:
         """The names ``name`` may mean in the container, most qualified first."""
@@ -1536,10 +1675,11 @@ class _Compiler:
         """An identifier: a declared variable, else a type denotation (``int``)."""
         found = self._lookup(name, root_only)
         if found is not None:
-            return _Node(self._variable(found, where, declared_only=True))  # type: ignore[arg-type]
+            fn = self._variable(found, where, declared_only=True)  # type: ignore[arg-type]
+            return _Node(fn, ctype=self.types.get(found, DYN))
         denoted = TYPES.get(name)
         if denoted is not None:
-            return _const(denoted)
+            return _const(denoted, TYPE)
         raise self.error(f"unknown variable '{name}'", where)
 
     def _qualified(self, tree: Tree) -> tuple[list[str], bool] | None:
@@ -1609,11 +1749,23 @@ class _Compiler:
             if found is None:
                 continue
             fn = self._variable(found, tree.children[1], declared_only=True)
+            ctype = self.types.get(found, DYN)
             for field_name in parts[length:]:
                 fn = _make_select(fn, field_name)
-            return _Node(fn)
+                ctype = self._field_type(ctype, field_name, tree)
+            return _Node(fn, ctype=ctype)
         denoted = TYPES.get(".".join(parts))
-        return _const(denoted) if denoted is not None else None
+        return _const(denoted, TYPE) if denoted is not None else None
+
+    def _field_type(self, ctype: CelT, name: str, where: Tree | Token) -> CelT:
+        """The static type of ``x.name`` for an ``x`` of type ``ctype``."""
+        if ctype.kind == "dyn":
+            return DYN
+        if ctype.kind == "map":
+            if ctype.fields is not None:
+                return ctype.field(name) or DYN
+            return ctype.params[1]
+        return self.refuse(f"type '{ctype}' does not support field selection", where)
 
     def _select(self, tree: Tree) -> _Node:
         qualified = self._select_qualified(tree)
@@ -1623,19 +1775,21 @@ class _Compiler:
         operand = self.compile(operand_tree)
         self._check_field(operand_tree, field_token)
         name = _field_name(field_token)
+        ctype = self._field_type(operand.ctype, name, field_token)
         if operand.is_const:
-            folded = _fold(select_field, operand.value, name)
+            folded = _fold(ctype, select_field, operand.value, name)
             if folded is not None:
                 return folded
-        return _Node(_make_select(operand.fn, name))
+        return _Node(_make_select(operand.fn, name), ctype=ctype)
 
     def _index(self, tree: Tree) -> _Node:
         container, key = (self.compile(child) for child in tree.children)
+        ctype = self.operator("_[_]", (container.ctype, key.ctype), tree.children[1])
         if container.is_const and key.is_const:
-            folded = _fold(index, container.value, key.value)
+            folded = _fold(ctype, index, container.value, key.value)
             if folded is not None:
                 return folded
-        return _Node(_make_call(index, (container, key)))
+        return _Node(_make_call(index, (container, key)), ctype=ctype)
 
     def _unsupported(self, tree: Tree) -> _Node:
         if tree.data == "member_object":
@@ -1647,19 +1801,20 @@ class _Compiler:
     def _literal(self, tree: Tree) -> _Node:
         token: Token = tree.children[0]
         kind = token.type
+        ctype = _LITERAL_TYPES.get(kind, DYN)
         try:
             if kind == "INT_LIT":
-                return _const(parse_int(token.value))
+                return _const(parse_int(token.value), ctype)
             if kind == "UINT_LIT":
-                return _const(parse_uint(token.value))
+                return _const(parse_uint(token.value), ctype)
             if kind == "FLOAT_LIT":
-                return _const(float(token.value))
+                return _const(float(token.value), ctype)
             if kind in ("STRING_LIT", "MLSTRING_LIT", "BYTES_LIT"):
-                return _const(parse_string(token.value))
+                return _const(parse_string(token.value), ctype)
             if kind == "BOOL_LIT":
-                return _const(token.value == "true")
+                return _const(token.value == "true", ctype)
             if kind == "NULL_LIT":
-                return _const(None)
+                return _const(None, ctype)
         except ValueError as exc:
             raise self.error(str(exc), token) from None
         raise self.error(f"unsupported literal {token.value!r}", token)  # pragma: no cover
@@ -1667,22 +1822,27 @@ class _Compiler:
     def _list(self, tree: Tree) -> _Node:
         children = tree.children[0].children if tree.children else []
         elements = [self.compile(child) for child in children]
+        ctype = list_of(join(e.ctype for e in elements) or DYN)  # mixed elements: list(dyn)
         if all(e.is_const for e in elements):
-            return _const(tuple(e.value for e in elements))
+            return _const(tuple(e.value for e in elements), ctype)
         fns = tuple(e.fn for e in elements)
-        return _Node(lambda act, fns=fns: [fn(act) for fn in fns])
+        return _Node(lambda act, fns=fns: [fn(act) for fn in fns], ctype=ctype)
 
     def _map(self, tree: Tree) -> _Node:
         children = tree.children[0].children if tree.children else []
         nodes = [self.compile(child) for child in children]
         pairs = list(zip(nodes[::2], nodes[1::2], strict=True))
+        ctype = map_of(
+            join(k.ctype for k, _ in pairs) or DYN, join(v.ctype for _, v in pairs) or DYN
+        )
         if all(k.is_const and v.is_const for k, v in pairs):
-            folded = _fold(build_map, [(k.value, v.value) for k, v in pairs])
+            folded = _fold(ctype, build_map, [(k.value, v.value) for k, v in pairs])
             if folded is not None:
                 return folded
         fn_pairs = tuple((k.fn, v.fn) for k, v in pairs)
         return _Node(
-            lambda act, fn_pairs=fn_pairs: build_map([(kf(act), vf(act)) for kf, vf in fn_pairs])
+            lambda act, fn_pairs=fn_pairs: build_map([(kf(act), vf(act)) for kf, vf in fn_pairs]),
+            ctype=ctype,
         )
 
     # -- calls and macros --------------------------------------------------------------------
@@ -1731,12 +1891,14 @@ class _Compiler:
             len(args),
         )
         arg_trees = ([receiver] if receiver is not None else []) + args
-        return self._apply(function, arg_trees)
+        return self._apply(function, arg_trees, name_token)
 
-    def _apply(self, function: Function, arg_trees: list[Tree]) -> _Node:
+    def _apply(self, function: Function, arg_trees: list[Tree], where: Token) -> _Node:
         nodes: list[_Node] = []
+        argument_types: list[CelT] = []
         for position, arg_tree in enumerate(arg_trees):
             node = self.compile(arg_tree)
+            argument_types.append(node.ctype)
             prepare = function.preparers[position] if position < len(function.preparers) else None
             if prepare is not None:
                 if node.is_const:
@@ -1748,11 +1910,12 @@ class _Compiler:
                 else:
                     node = _Node(_prepared(node.fn, prepare))
             nodes.append(node)
+        ctype = self.overload(function.name, function.signatures, argument_types, where)
         if all(n.is_const for n in nodes):
-            folded = _fold(function.impl, *(n.value for n in nodes))
+            folded = _fold(ctype, function.impl, *(n.value for n in nodes))
             if folded is not None:
                 return folded
-        return _Node(_make_call(function.impl, nodes))
+        return _Node(_make_call(function.impl, nodes), ctype=ctype)
 
     def _has(self, name_token: Token, args: list[Tree]) -> _Node:
         self._check_arity("has", name_token, MACRO_ARITIES["has"], len(args))
@@ -1763,6 +1926,8 @@ class _Compiler:
         operand = self.compile(operand_tree)
         self._check_field(operand_tree, field_token)
         name = _field_name(field_token)
+        if operand.ctype.kind not in ("map", "dyn"):
+            self.refuse(f"type '{operand.ctype}' does not support field selection", field_token)
         of = operand.fn
 
         def has(act: Any, of: Evaluator = of, name: str = name) -> bool:
@@ -1771,7 +1936,7 @@ class _Compiler:
                 return name in obj
             return has_field(obj, name)
 
-        return _Node(has)
+        return _Node(has, ctype=BOOL)
 
     def _comprehension(
         self, name: str, name_token: Token, target_tree: Tree, args: list[Tree]
@@ -1789,13 +1954,30 @@ class _Compiler:
                 name_token,
             )
         new_frame = _nested_frame if self.loop_vars else _top_frame
+        if target.ctype.kind not in ("list", "map", "dyn"):
+            self.refuse(f"{name}() cannot range over a value of type '{target.ctype}'", target_tree)
+        element = elements(target.ctype)
         self.loop_vars += (variable,)
+        self.loop_types += (element,)
         try:
-            bodies = [self.compile(body).fn for body in args[1:]]
+            bodies = [self.compile(body) for body in args[1:]]
         finally:
             self.loop_vars = self.loop_vars[:-1]
+            self.loop_types = self.loop_types[:-1]
+        # Every body but map's transform is a predicate.
+        predicates = bodies if name != "map" else bodies[:-1]
+        for body, body_tree in zip(predicates, args[1:], strict=False):
+            if body.ctype not in (BOOL, DYN):
+                self.refuse(f"{name}() needs a bool predicate, not '{body.ctype}'", body_tree)
+        if name == "map":
+            ctype = list_of(bodies[-1].ctype)
+        elif name == "filter":
+            ctype = list_of(element)
+        else:
+            ctype = BOOL
         build = _COMPREHENSIONS[name]
-        return _Node(build(name, target.fn, variable, new_frame, *bodies))
+        fns = [body.fn for body in bodies]
+        return _Node(build(name, target.fn, variable, new_frame, *fns), ctype=ctype)
 
 
 # Each rule's handler, as a plain function of (compiler, tree): built once, and no compiler

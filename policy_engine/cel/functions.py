@@ -28,6 +28,23 @@ from zoneinfo import ZoneInfo
 import re2
 
 from policy_engine.cel.errors import CelEvaluationError
+from policy_engine.cel.types import (
+    BOOL,
+    BYTES,
+    DOUBLE,
+    DURATION,
+    DYN,
+    INT,
+    STRING,
+    TIMESTAMP,
+    TYPE,
+    UINT,
+    CelT,
+    Signature,
+    list_of,
+    map_of,
+    param,
+)
 from policy_engine.cel.values import (
     INT64_MAX,
     INT64_MIN,
@@ -686,7 +703,8 @@ class Function:
     """How a CEL function may be called and what implements it.
 
     ``arities`` count every positional argument including the receiver of a method call;
-    ``preparers[i]`` (when not None) converts argument ``i`` before ``impl`` sees it.
+    ``preparers[i]`` (when not None) converts argument ``i`` before ``impl`` sees it;
+    ``signatures`` are its overloads (receiver first) as the load-time check knows them.
     """
 
     name: str
@@ -695,6 +713,7 @@ class Function:
     as_method: bool
     as_global: bool
     preparers: tuple[Converter | None, ...] = ()
+    signatures: tuple[Signature, ...] = ()
 
 
 def _fn(
@@ -703,6 +722,7 @@ def _fn(
     arities: tuple[int, ...],
     style: str,
     preparers: tuple[Converter | None, ...] = (),
+    signatures: tuple[Signature, ...] = (),
 ) -> Function:
     return Function(
         name=name,
@@ -711,44 +731,143 @@ def _fn(
         as_method=style in ("method", "both"),
         as_global=style in ("global", "both"),
         preparers=preparers,
+        signatures=signatures,
     )
+
+
+def sig(*types: CelT) -> Signature:
+    """An overload: argument types, then the result type (``sig(STRING, INT)``)."""
+    return tuple(types[:-1]), types[-1]
+
+
+_A, _K, _V = param("A"), param("K"), param("V")
+
+
+def _from(result: CelT, *arguments: CelT) -> tuple[Signature, ...]:
+    """One-argument overloads from each of ``arguments`` to ``result`` (conversions)."""
+    return tuple(sig(argument, result) for argument in arguments)
+
+
+_NUMBERS = (INT, UINT, DOUBLE)
+_ORDERED = (BOOL, INT, UINT, DOUBLE, STRING, BYTES, TIMESTAMP, DURATION)
+_ORDERING = (
+    *(sig(t, t, BOOL) for t in _ORDERED),
+    *(sig(a, b, BOOL) for a in _NUMBERS for b in _NUMBERS if a != b),
+)
+#: The operators' overloads, by CEL symbol (unary minus is ``-_``, not ``!_``).
+OPERATOR_SIGNATURES: Mapping[str, tuple[Signature, ...]] = {
+    "+": (
+        *(sig(t, t, t) for t in (INT, UINT, DOUBLE, STRING, BYTES, DURATION)),
+        sig(list_of(_A), list_of(_A), list_of(_A)),
+        sig(TIMESTAMP, DURATION, TIMESTAMP),
+        sig(DURATION, TIMESTAMP, TIMESTAMP),
+    ),
+    "-": (
+        *(sig(t, t, t) for t in (INT, UINT, DOUBLE, DURATION)),
+        sig(TIMESTAMP, TIMESTAMP, DURATION),
+        sig(TIMESTAMP, DURATION, TIMESTAMP),
+    ),
+    "*": tuple(sig(t, t, t) for t in _NUMBERS),
+    "/": tuple(sig(t, t, t) for t in _NUMBERS),
+    "%": (sig(INT, INT, INT), sig(UINT, UINT, UINT)),
+    "<": _ORDERING,
+    "<=": _ORDERING,
+    ">": _ORDERING,
+    ">=": _ORDERING,
+    "==": (sig(_A, _A, BOOL),),
+    "!=": (sig(_A, _A, BOOL),),
+    "in": (sig(_A, list_of(_A), BOOL), sig(_A, map_of(_A, _V), BOOL)),
+    "!_": (sig(BOOL, BOOL),),
+    "-_": (sig(INT, INT), sig(DOUBLE, DOUBLE)),
+    "_[_]": (
+        sig(list_of(_A), INT, _A),
+        sig(list_of(_A), UINT, _A),
+        sig(list_of(_A), DOUBLE, _A),
+        sig(map_of(_K, _V), _K, _V),
+    ),
+    "_?_:_": (sig(BOOL, _A, _A, _A),),
+    "&&": (sig(BOOL, BOOL, BOOL),),
+    "||": (sig(BOOL, BOOL, BOOL),),
+}
 
 
 FUNCTIONS: Mapping[str, Function] = {
     f.name: f
     for f in (
-        _fn("size", size, (1,), "both"),
-        _fn("startsWith", starts_with, (2,), "method"),
-        _fn("endsWith", ends_with, (2,), "method"),
-        _fn("contains", contains, (2,), "method"),
-        _fn("matches", matches, (2,), "both", (None, prepare_regex)),
-        _fn("lowerAscii", lower_ascii, (1,), "method"),
-        _fn("upperAscii", upper_ascii, (1,), "method"),
-        _fn("int", to_int, (1,), "global"),
-        _fn("uint", to_uint, (1,), "global"),
-        _fn("double", to_double, (1,), "global"),
-        _fn("string", to_string, (1,), "global"),
-        _fn("bool", to_bool, (1,), "global"),
-        _fn("bytes", to_bytes, (1,), "global"),
-        _fn("timestamp", to_timestamp, (1,), "global"),
-        _fn("duration", to_duration, (1,), "global"),
-        _fn("dyn", dyn, (1,), "global"),
-        _fn("type", type_of, (1,), "global"),
+        _fn(
+            "size",
+            size,
+            (1,),
+            "both",
+            (),
+            (sig(STRING, INT), sig(BYTES, INT), sig(list_of(_A), INT), sig(map_of(_K, _V), INT)),
+        ),
+        _fn("startsWith", starts_with, (2,), "method", (), (sig(STRING, STRING, BOOL),)),
+        _fn("endsWith", ends_with, (2,), "method", (), (sig(STRING, STRING, BOOL),)),
+        _fn("contains", contains, (2,), "method", (), (sig(STRING, STRING, BOOL),)),
+        _fn("matches", matches, (2,), "both", (None, prepare_regex), (sig(STRING, STRING, BOOL),)),
+        _fn("lowerAscii", lower_ascii, (1,), "method", (), (sig(STRING, STRING),)),
+        _fn("upperAscii", upper_ascii, (1,), "method", (), (sig(STRING, STRING),)),
+        _fn("int", to_int, (1,), "global", (), _from(INT, INT, UINT, DOUBLE, STRING, TIMESTAMP)),
+        _fn("uint", to_uint, (1,), "global", (), _from(UINT, INT, UINT, DOUBLE, STRING)),
+        _fn("double", to_double, (1,), "global", (), _from(DOUBLE, INT, UINT, DOUBLE, STRING)),
+        _fn("string", to_string, (1,), "global", (), _from(STRING, *_ORDERED)),
+        _fn("bool", to_bool, (1,), "global", (), _from(BOOL, BOOL, STRING)),
+        _fn("bytes", to_bytes, (1,), "global", (), _from(BYTES, BYTES, STRING)),
+        _fn(
+            "timestamp", to_timestamp, (1,), "global", (), _from(TIMESTAMP, STRING, TIMESTAMP, INT)
+        ),
+        _fn("duration", to_duration, (1,), "global", (), _from(DURATION, STRING, DURATION)),
+        _fn("dyn", dyn, (1,), "global", (), (sig(_A, DYN),)),
+        _fn("type", type_of, (1,), "global", (), (sig(_A, TYPE),)),
         *(
-            _fn(name, getter, (1, 2), "method", (None, prepare_zone))
+            _fn(
+                name,
+                getter,
+                (1, 2),
+                "method",
+                (None, prepare_zone),
+                (
+                    sig(TIMESTAMP, INT),
+                    sig(TIMESTAMP, STRING, INT),
+                    *((sig(DURATION, INT),) if _TIMESTAMP_FIELDS[name][1] else ()),
+                ),
+            )
             for name, getter in _TIMESTAMP_GETTERS.items()
         ),
-        _fn("glob", glob_match, (2,), "method", (None, prepare_glob)),
-        _fn("globMatch", glob_match, (2,), "global", (None, prepare_glob)),
-        _fn("startsWithAny", starts_with_any, (2,), "method", (None, prepare_prefixes)),
-        _fn("inCidr", in_cidr, (2,), "both", (None, prepare_cidr)),
-        _fn("timeOfDay", time_of_day, (2,), "method", (None, prepare_zone)),
+        _fn("glob", glob_match, (2,), "method", (None, prepare_glob), (sig(STRING, STRING, BOOL),)),
+        _fn(
+            "globMatch",
+            glob_match,
+            (2,),
+            "global",
+            (None, prepare_glob),
+            (sig(STRING, STRING, BOOL),),
+        ),
+        _fn(
+            "startsWithAny",
+            starts_with_any,
+            (2,),
+            "method",
+            (None, prepare_prefixes),
+            (sig(STRING, list_of(STRING), BOOL),),
+        ),
+        _fn("inCidr", in_cidr, (2,), "both", (None, prepare_cidr), (sig(STRING, STRING, BOOL),)),
+        _fn(
+            "timeOfDay",
+            time_of_day,
+            (2,),
+            "method",
+            (None, prepare_zone),
+            (sig(TIMESTAMP, STRING, STRING),),
+        ),
         _fn(
             "betweenHours",
             between_hours,
             (4,),
             "method",
             (None, prepare_hhmm, prepare_hhmm, prepare_zone),
+            (sig(TIMESTAMP, STRING, STRING, STRING, BOOL),),
         ),
     )
 }

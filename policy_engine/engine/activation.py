@@ -7,18 +7,30 @@ from datetime import datetime
 from typing import Any
 
 from policy_engine.cel import Declarations
+from policy_engine.cel.types import BOOL, DYN, STRING, TIMESTAMP, map_of, record
 from policy_engine.domain.request import CheckRequest, ConnectionState
 
-# Every variable a condition may read; fields listed are checked at load time.
-CEL_DECLARATIONS = Declarations(
-    variables={
-        "organization": None,
-        "subject": frozenset({"id", "kind", "attributes", "claims"}),
-        "application": frozenset({"id", "attributes"}),
-        "integration": frozenset({"id", "attributes"}),
-        "scope": None,
-        "context": frozenset({"connection", "connected", "client_ip", "session_id", "attributes"}),
-        "now": None,
+# Attributes and claims are whatever the broker and the token send: dynamic values, checked
+# when a rule reads them (a wrong type fails closed at evaluation).
+_ATTRIBUTES = map_of(STRING, DYN)
+
+# Every variable a condition may read, with its CEL type (what build_activation binds): only
+# the fields listed are accepted, and calls on known types are checked at load time.
+CEL_DECLARATIONS = Declarations.typed(
+    {
+        "organization": STRING,
+        "subject": record(id=STRING, kind=STRING, attributes=_ATTRIBUTES, claims=_ATTRIBUTES),
+        "application": record(id=STRING, attributes=_ATTRIBUTES),
+        "integration": record(id=STRING, attributes=_ATTRIBUTES),
+        "scope": STRING,
+        "context": record(
+            connection=STRING,
+            connected=BOOL,
+            client_ip=STRING,
+            session_id=STRING,
+            attributes=_ATTRIBUTES,
+        ),
+        "now": TIMESTAMP,
     }
 )
 

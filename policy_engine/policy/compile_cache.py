@@ -36,6 +36,7 @@ from __future__ import annotations
 import threading
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
+from typing import Any
 
 from policy_engine import metrics
 from policy_engine.cel import CompiledExpression, compile_expression
@@ -46,8 +47,9 @@ from policy_engine.policy.model import Catalog, OrganizationConfig, Policy, Rule
 
 __all__ = ["CompileCache", "KnownFile", "KnownOrganization", "LoadAttempt", "ParsedFile"]
 
-# (source text, declared variables with their fields, limits): what a compile depends on.
-_EnvironmentKey = tuple[tuple[tuple[str, frozenset[str] | None], ...], CompileLimits]
+# (declarations' key: variables with their fields and types, limits): what a compile
+# depends on besides the source text.
+_EnvironmentKey = tuple[tuple[Any, ...], CompileLimits]
 
 
 class _Environment:
@@ -119,8 +121,7 @@ class KnownOrganization:
 def environment_key(declarations: Declarations, limits: CompileLimits) -> _EnvironmentKey:
     """A hashable value equal for equal compile environments (Declarations holds a mapping,
     which is not hashable itself)."""
-    variables = tuple(sorted(declarations.variables.items()))
-    return variables, limits
+    return declarations.key, limits
 
 
 class CompileCache:

@@ -35,7 +35,7 @@ from policy_engine.auth.keys import (
     parse_jwks,
 )
 from policy_engine.auth.tokens import UNVERIFIED, TokenRules, warm_imports
-from policy_engine.cel import CelCompileError, CompiledExpression
+from policy_engine.cel import CelCompileError, CompiledExpression, require_bool
 from policy_engine.config import PolicyLimits
 from policy_engine.domain.decision import POLICY_LAYERS, Effect, Layer
 from policy_engine.engine.activation import CEL_DECLARATIONS
@@ -922,6 +922,7 @@ def _compile_rule(
     if rule.condition is not None:
         try:
             condition = attempt.condition(rule.condition, CEL_DECLARATIONS)
+            require_bool(condition)
         except CelCompileError as exc:
             issues.append(
                 LoadIssue(

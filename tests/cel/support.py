@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Mapping
+from dataclasses import replace
 from datetime import UTC, datetime
 from typing import Any
 
@@ -50,20 +51,28 @@ DECLARATIONS = Declarations(
 
 
 def compile_cel(
-    source: str, limits: CompileLimits | None = None, extra_names: tuple[str, ...] = ()
+    source: str,
+    limits: CompileLimits | None = None,
+    extra_names: tuple[str, ...] = (),
+    checked: bool = True,
 ) -> Any:
-    """Compile against the shared declarations (plus free-form ``extra_names``)."""
+    """Compile against the shared declarations (plus free-form ``extra_names``), type-checked
+    unless ``checked`` is False."""
     declarations = DECLARATIONS
     if extra_names:
         declarations = Declarations({**DECLARATIONS.variables, **dict.fromkeys(extra_names, None)})
+    if not checked:
+        declarations = replace(declarations, checked=False)
     return compile_expression(source, declarations, limits or CompileLimits())
 
 
 def ev(source: str, activation: Mapping[str, Any] | None = None, **extra: Any) -> Any:
-    """Compile and evaluate ``source`` against the shared activation (plus ``extra``)."""
+    """Compile ``source`` unchecked and evaluate it against the shared activation (plus
+    ``extra``): what the evaluator does with these values, as it must with dyn ones (the
+    load-time check is tested in test_checker.py)."""
     act = dict(ACTIVATION if activation is None else activation)
     act.update(extra)
-    return compile_cel(source, extra_names=tuple(extra)).evaluate(act)
+    return compile_cel(source, extra_names=tuple(extra), checked=False).evaluate(act)
 
 
 def ev_error(source: str, activation: Mapping[str, Any] | None = None, **extra: Any) -> str:

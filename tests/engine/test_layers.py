@@ -112,7 +112,7 @@ def test_erroring_deny_rule_denies_and_says_why(tmp_path: Path) -> None:
 
 def test_non_boolean_condition_is_an_error_not_a_match(tmp_path: Path) -> None:
     policies = [
-        org_policy({"name": "string", "effect": "allow", "condition": "subject.id"}),
+        org_policy({"name": "string", "effect": "allow", "condition": "dyn(subject.id)"}),
         *OPEN_USER_AND_APP,
     ]
     decision = decide_with(tmp_path, policies, request(explain=True))
