@@ -1,7 +1,9 @@
 """`pdp`: serve decisions, validate a policy directory, dry-run one tuple, check settings.
 
 Exit codes: 0 when the command did its job (for `eval`, whether it allowed or denied);
-1 when policies are invalid; 2 for bad flags, settings or input.
+1 when policies are invalid, a server could not start or stop cleanly, or (`status`) a
+component of the asked server is not ready; 2 for bad flags, settings or input, or a server
+that cannot be asked; 130 when interrupted (Ctrl-C).
 """
 
 from __future__ import annotations
@@ -22,6 +24,8 @@ from google.protobuf.message import DecodeError
 from policy_engine.api import pdp_pb2
 from policy_engine.audit.cli import add_audit_commands
 from policy_engine.auth.keys import KeySetError, StaticKeySet
+from policy_engine.cli.early import EXIT_INTERRUPTED, sighup_received
+from policy_engine.cli.status import add_status_command
 from policy_engine.client import RequestValueError, check_request
 from policy_engine.config import (
     ConfigError,
@@ -36,6 +40,7 @@ from policy_engine.domain.decision import Decision, Effect
 from policy_engine.domain.request import ConnectionState, SubjectKind
 from policy_engine.engine import decide
 from policy_engine.engine.serialize import decision_to_dict
+from policy_engine.lifecycle import StartFailed
 from policy_engine.logs import setup_logging
 from policy_engine.policy import CompiledPolicySet, LoadIssue, PolicyLoadError, load_policy_set
 from policy_engine.policy.bundle import (
@@ -53,6 +58,7 @@ DEFAULTS = Settings()
 EXIT_OK = 0
 EXIT_INVALID_POLICIES = 1
 EXIT_USAGE = 2
+EXIT_START_FAILED = 1  # as a worker that failed: the server did not run
 
 
 class UsageError(Exception):
@@ -278,7 +284,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
     settings = _settings_from_args(args, apart=True)  # the server never holds pydantic
     setup_logging(settings.log_level, settings.log_format)
-    serve(settings)
+    serve(settings, early_sighup=sighup_received)
     return EXIT_OK
 
 
@@ -454,6 +460,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_audit_commands(commands)
     add_bundle_commands(commands)
     add_config_commands(commands)
+    add_status_command(commands, DEFAULTS.address)
     return parser
 
 
@@ -476,6 +483,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     except UsageError as exc:
         print(f"pdp: error: {exc}", file=sys.stderr)
         return EXIT_USAGE
+    except StartFailed as exc:  # the cause's traceback is in the log at debug level
+        print(f"pdp: error: {exc}", file=sys.stderr)
+        return EXIT_START_FAILED
+    except KeyboardInterrupt:
+        return EXIT_INTERRUPTED
 
 
 if __name__ == "__main__":

@@ -16,7 +16,7 @@ from policy_engine.lifecycle.component import (
     State,
     deadline_in,
 )
-from policy_engine.lifecycle.loop import EventLoop, event_loop
+from policy_engine.lifecycle.loop import EventLoop, event_loop, process_event_loop
 
 __all__ = [
     "Component",
@@ -27,4 +27,5 @@ __all__ = [
     "State",
     "deadline_in",
     "event_loop",
+    "process_event_loop",
 ]

@@ -75,11 +75,18 @@ _loop: EventLoop | None = None
 _loop_lock = threading.Lock()
 
 
-def event_loop() -> EventLoop:
-    """The process's `EventLoop`, started on first use."""
+def process_event_loop() -> EventLoop:
+    """The process's `EventLoop`, made (not started) on first use: what a server's lifecycle
+    starts as its first component."""
     global _loop
     with _loop_lock:
         if _loop is None:
             _loop = EventLoop()
-            _loop.start()
         return _loop
+
+
+def event_loop() -> EventLoop:
+    """The process's `EventLoop`, started on first use."""
+    loop = process_event_loop()
+    loop.start()
+    return loop

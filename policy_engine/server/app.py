@@ -33,7 +33,7 @@ import os
 import signal
 import threading
 import time
-from collections.abc import Awaitable, Callable, Coroutine
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
@@ -42,24 +42,36 @@ from typing import Any, Literal, NoReturn
 
 import grpc
 from google.protobuf.message import DecodeError
-from grpc_health.v1 import health, health_pb2, health_pb2_grpc
-from grpc_health.v1._async import HealthServicer as AsyncHealthServicer
+from grpc_health.v1 import health, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from policy_engine.api import pdp_pb2, pdp_pb2_grpc
 from policy_engine.audit import AuditLog
-from policy_engine.cache import load_signing_keys, redis_level_on
-from policy_engine.config import ZONED_TIME_FORM, ConfigError, Settings, parse_zoned_time
+from policy_engine.auth.keys import RemoteKeySets
+from policy_engine.cache import DecisionCache, load_signing_keys, redis_level_on
+from policy_engine.config import (
+    ZONED_TIME_FORM,
+    ConfigError,
+    Settings,
+    parse_zoned_time,
+    shared_port_problems,
+)
+from policy_engine.decision import cache_from_settings
 from policy_engine.domain.codes import ErrorCode, docs_url
-from policy_engine.lifecycle import EventLoop, event_loop
+from policy_engine.lifecycle import (
+    ComponentStatus,
+    EventLoop,
+    Lifecycle,
+    StartFailed,
+    State,
+    deadline_in,
+    event_loop,
+    process_event_loop,
+)
 from policy_engine.logs import setup_logging
 from policy_engine.server.errors import Status, invalid_argument
-from policy_engine.server.metrics_http import (
-    MetricsBindError,
-    MetricsEndpoint,
-    start_metrics,
-    start_multiprocess_metrics,
-)
+from policy_engine.server.health import Health
+from policy_engine.server.metrics_http import MetricsEndpoint
 from policy_engine.server.ports import Reservation, check_free, reserve, reuse_port
 from policy_engine.server.security import interceptors, server_credentials
 from policy_engine.server.service import SERVICE_NAME, PolicyDecisionServicer
@@ -73,7 +85,12 @@ Mode = Literal["policy", "empty"]
 STOP_GRACE_SECONDS = 5.0
 AUDIT_CLOSE_SECONDS = 10.0  # after the grace period: the audit queue and sinks drain
 EXIT_WORKER_FAILED = 1
+EXIT_INTERRUPTED = 130  # 128 + SIGINT: a Ctrl-C before the server could stop gracefully
 LOOP_START_SECONDS = 10.0
+
+
+def _never() -> bool:
+    return False
 
 
 class AsyncServer:
@@ -94,27 +111,6 @@ class AsyncServer:
         done = threading.Event()
         done.set()
         return done
-
-
-class Health:
-    """The asyncio health service ("" and the PDP service), set from any thread: a reload
-    (the store's thread) flips it to SERVING, `stop()` to NOT_SERVING for good."""
-
-    def __init__(self, runner: EventLoop) -> None:
-        self._runner = runner
-        self.servicer = AsyncHealthServicer()
-
-    def _run(self, coro: Coroutine[Any, Any, None]) -> None:
-        if self._runner.on_loop():
-            self._runner.loop.create_task(coro)
-        else:
-            self._runner.call(coro)
-
-    def set(self, service: str, status: health_pb2.HealthCheckResponse.ServingStatus) -> None:
-        self._run(self.servicer.set(service, status))
-
-    def enter_graceful_shutdown(self) -> None:
-        self._run(self.servicer.enter_graceful_shutdown())
 
 
 def transport_options(settings: Settings) -> list[tuple[str, int]]:
@@ -164,20 +160,21 @@ def build_server(
     servicer: pdp_pb2_grpc.PolicyDecisionServiceServicer,
     settings: Settings,
     *,
-    policy_ready: bool,
+    policy_ready: bool = True,
     health_servicer: Health | None = None,
     status_servicer: PolicyStatusServicer | None = None,
 ) -> tuple[AsyncServer, int]:
     """A bound, not yet started asyncio server for `servicer`, plus the port it bound.
 
-    Health ("" and the PDP service) reads SERVING only when `policy_ready`; pass your own
-    `health_servicer` to flip it later (hot reload, graceful shutdown). `status_servicer`
-    adds PolicyStatusService (listed by reflection too). An address ending in ":0" binds an
-    ephemeral port. Raises ConfigError when the address cannot be bound.
+    Health ("" and the PDP service) reads SERVING only when `policy_ready`, unless you pass
+    your own `health_servicer` (a server's is derived from its lifecycle; see health.py).
+    `status_servicer` adds PolicyStatusService (listed by reflection too). An address ending
+    in ":0" binds an ephemeral port. Raises ConfigError when the address cannot be bound.
     """
     runner = event_loop()
-    health_servicer = health_servicer or Health(runner)
-    set_serving(health_servicer, policy_ready)
+    if health_servicer is None:
+        health_servicer = Health(runner)
+        health_servicer.set_serving(policy_ready)
     server, port = runner.call(
         _build_server(servicer, settings, health_servicer, status_servicer), LOOP_START_SECONDS
     )
@@ -321,48 +318,47 @@ def _add_pdp_servicer(
     server.add_registered_method_handlers(SERVICE_NAME, handlers)
 
 
-def set_serving(health_servicer: Health, ready: bool) -> None:
-    """Overall health and the PDP service's health follow whether a valid policy set is loaded."""
-    status = (
-        health_pb2.HealthCheckResponse.SERVING
-        if ready
-        else health_pb2.HealthCheckResponse.NOT_SERVING
-    )
-    health_servicer.set("", status)
-    health_servicer.set(SERVICE_NAME, status)
-
-
-def serve(settings: Settings) -> None:
+def serve(settings: Settings, *, early_sighup: Callable[[], bool] = _never) -> None:
     """Serve the policy decision service until SIGTERM/SIGINT; SIGHUP reloads the policies.
 
     Invalid policies at startup do not stop it: it serves NOT_SERVING (every Check denied
     with kontext_server_error) until the watcher or a SIGHUP loads a valid set.
+    `early_sighup()`: whether a SIGHUP came before the server could take it (the `pdp`
+    entry point holds SIGHUP from its first line; see cli/early.py); it is replayed as a
+    reload once the store runs. Raises ConfigError for settings that cannot be served,
+    StartFailed when a component could not start, SystemExit(1) when a worker failed or a
+    stop left work undone.
     """
-    serve_mode(settings, "policy")
+    serve_mode(settings, "policy", early_sighup=early_sighup)
 
 
-def serve_mode(settings: Settings, mode: Mode) -> None:
-    """Run `mode` ("policy" or the benchmark's "empty") in this process or in N workers."""
-    if settings.workers < 1:
-        raise ConfigError(f"setting workers: must be at least 1, got {settings.workers}")
+def serve_mode(
+    settings: Settings, mode: Mode, *, early_sighup: Callable[[], bool] = _never
+) -> None:
+    """Run `mode` ("policy" or the benchmark's "empty") in this process or in N workers.
+
+    Settings come validated (`load_settings`: `workers` in range, well-formed addresses);
+    what needs files or the combination of settings is refused here, before anything starts:
+    the Redis signing keys, `bundle.not_before`, the port `workers` > 1 share
+    (`config.shared_port_problems`, the one place that rule lives), then a port in use."""
     if mode == "policy" and redis_level_on(settings.cache):
         load_signing_keys(settings.cache)  # refused here, before any worker starts
     bundle_not_before(settings)  # likewise
+    problems = shared_port_problems(settings)
+    if problems:
+        raise ConfigError("\n".join(problems))
     if settings.workers == 1:
         check_free(settings.address, "address")
         if settings.health_address:
             check_free(settings.health_address, "health_address")
-        code = _run_worker(settings, mode, parent_pid=None)
+        code = _run_worker(settings, mode, parent_pid=None, early_sighup=early_sighup)
     else:
-        _explicit_port(settings.address, "address")
-        if settings.health_address:
-            _explicit_port(settings.health_address, "health_address")
         reservation = Reservation()
         try:
             reserve(settings.address, "address", reservation)
             if settings.health_address:
                 reserve(settings.health_address, "health_address", reservation)
-            code = _supervise(settings, mode)
+            code = _supervise(settings, mode, early_sighup=early_sighup)
         finally:
             reservation.close()
     if code:
@@ -372,19 +368,96 @@ def serve_mode(settings: Settings, mode: Mode) -> None:
 # --- one server process --------------------------------------------------------------------
 
 
+class ServerComponent:
+    """A gRPC server (the decision port, or the plaintext health port) as a lifecycle
+    `Component`: `bind()` (called by `start`, on the process's loop) builds and binds it,
+    `start` starts it; `stop(deadline)` refuses new calls and lets those in flight finish for
+    up to `grace` seconds (None: cancels them), bounded by the deadline, then runs
+    `after_stop` (the servicer's own close)."""
+
+    def __init__(
+        self,
+        name: str,
+        address: str,
+        bind: Callable[[], tuple[AsyncServer, int]],
+        *,
+        grace: float | None = STOP_GRACE_SECONDS,
+        after_stop: Callable[[], object] | None = None,
+    ) -> None:
+        self.name = name
+        self.address = address
+        self.grace = grace
+        self.port = 0
+        self.server: AsyncServer | None = None
+        self._bind = bind
+        self._after_stop = after_stop
+        self._state = State.NEW
+
+    def start(self) -> None:
+        """Raises ConfigError when the address cannot be bound."""
+        if self._state is not State.NEW:
+            return
+        self._state = State.STARTING
+        self.server, self.port = self._bind()
+        self.server.start()
+        self._state = State.RUNNING
+
+    def stop(self, deadline: float) -> bool:
+        if self._state in (State.STOPPING, State.STOPPED):
+            return True
+        self._state = State.STOPPING
+        if self.server is not None:
+            left = max(deadline - time.monotonic(), 0.0)
+            self.server.stop(None if self.grace is None else min(self.grace, left))
+        clean = True
+        if self._after_stop is not None:
+            clean = self._after_stop() is not False
+        self._state = State.STOPPED
+        return clean
+
+    def status(self) -> ComponentStatus:
+        state = self._state
+        if state is State.RUNNING:
+            listening = f"listening on {_display_address(self.address, self.port)}"
+            return ComponentStatus(self.name, state, True, listening)
+        return ComponentStatus(self.name, state, False)
+
+
 @dataclass
 class RunningServer:
-    """A started server and what keeps its policies current; `stop()` undoes `start_server`."""
+    """One server process's components (see `build_components`): `start()` starts them in
+    order, `stop()` stops them in reverse; health is derived from their statuses. The
+    decision server, the store, its reloader, the servicer, the audit log, the cache and the
+    metrics endpoint are kept for callers (tests, tools) that look at them."""
 
-    server: AsyncServer
-    port: int
+    lifecycle: Lifecycle
     health: Health
+    grpc: ServerComponent
+    health_grpc: ServerComponent | None = None
     store: PolicyStore | None = None
     reloader: PolicyReloader | None = None
     servicer: PolicyDecisionServicer | None = None
     audit: AuditLog | None = None
-    health_server: AsyncServer | None = None
-    health_port: int | None = None
+    cache: DecisionCache | None = None
+    metrics: MetricsEndpoint | None = None
+
+    @property
+    def port(self) -> int:
+        return self.grpc.port
+
+    @property
+    def health_port(self) -> int | None:
+        """The plaintext health port (`health_address`), None without one."""
+        return self.health_grpc.port if self.health_grpc is not None else None
+
+    @property
+    def health_server(self) -> ServerComponent | None:
+        return self.health_grpc
+
+    def start(self) -> None:
+        """Start every component in order; on a failure, stop those started and raise (see
+        `Lifecycle.start`)."""
+        self.lifecycle.start()
 
     def reload(self, reason: str = "SIGHUP") -> None:
         """Ask for a full reload, every file read anew (done off this thread); safe to call
@@ -392,85 +465,112 @@ class RunningServer:
         if self.reloader is not None:
             self.reloader.request(reason, full=True)
 
-    def stop(self, grace: float | None = STOP_GRACE_SECONDS) -> None:
-        """Refuse new calls, answer those in flight (up to `grace`), then drain the audit log:
-        every decision answered before this returns is in the log."""
+    def stop(self, grace: float | None = STOP_GRACE_SECONDS) -> bool:
+        """Health NOT_SERVING at once, then every component stopped in reverse: metrics, the
+        servers (new calls refused, those in flight answered for up to `grace` seconds), the
+        store, the JWKS fetcher, the cache, the audit log (drained: every decision answered
+        before this returns is in the log, within AUDIT_CLOSE_SECONDS more). False when a
+        component left work undone (logged)."""
         self.health.enter_graceful_shutdown()
-        if self.reloader is not None:
-            self.reloader.stop()
-        self.server.stop(grace=grace).wait()
-        if self.health_server is not None:
-            self.health_server.stop(grace=None).wait()
-        if self.servicer is not None:
-            self.servicer.close()
-        if self.audit is not None and not self.audit.close(AUDIT_CLOSE_SECONDS):
-            log.error("audit log: not every record was written before the deadline")
+        self.grpc.grace = grace
+        return self.lifecycle.stop(deadline_in((grace or 0.0) + AUDIT_CLOSE_SECONDS))
 
 
-def start_server(settings: Settings, mode: Mode = "policy", *, worker: int = 0) -> RunningServer:
-    """Build and start the server for `mode`; for "policy" also the store (initial load), the
-    health flip on the first valid set, the status service, the reloader and the audit log
-    (`worker` numbers this process's audit file when several share a port)."""
-    health_servicer = Health(event_loop())
+def build_components(
+    settings: Settings, mode: Mode = "policy", *, worker: int = 0, serve_metrics: bool = False
+) -> RunningServer:
+    """Every component of one server process, built from `settings` and not started, in the
+    order they start: the event loop, the audit log (`audit.enabled`), the decision cache
+    (when caching is on), the JWKS fetcher, the policy store with its reloader and watcher,
+    the decision server, the health server (`health_address`), the metrics endpoint (with
+    `serve_metrics` and a `metrics_address`: a lone process serves its own, a supervisor
+    its workers'). Mode "empty" (the benchmark's servicer) has the loop and the servers.
+
+    Nothing here starts a thread or opens anything; what is read is what must stop a start
+    before anything runs (the bundle key file, the Redis signing keys): ConfigError naming
+    the setting. `worker` numbers this process's audit file when several share a port.
+    """
+    loop = process_event_loop()
+    lifecycle = Lifecycle([loop])
+    health = Health(loop, readiness=lifecycle.ready)
     if mode == "empty":
         from policy_engine.server.empty import EmptyServicer
 
-        server, port = build_server(
-            EmptyServicer(), settings, policy_ready=True, health_servicer=health_servicer
+        empty = EmptyServicer()
+        server = ServerComponent(
+            "grpc_server",
+            settings.address,
+            lambda: build_server(empty, settings, health_servicer=health),
         )
-        server.start()
-        return _with_health_port(RunningServer(server, port, health_servicer), settings)
+        lifecycle.add(server)
+        running = RunningServer(lifecycle, health, server)
+        _add_health_server(running, settings)
+        return running
 
     audit = AuditLog(settings.audit, worker=worker) if settings.audit.enabled else None
-    if audit is not None:
-        audit.start()
+    cache = cache_from_settings(settings)
+    jwks = RemoteKeySets()
     store = PolicyStore(
         DirectoryBackend(
             settings.policy_dir,
             bundle_public_key=bundle_public_key(settings),
             bundle_not_before=bundle_not_before(settings),
             limits=settings.policy_limits,
+            remote_keys=jwks,
         )
     )
-    store.reload("startup")  # logs every issue when invalid; the server starts either way
     reloader = PolicyReloader(
         store,
         watch=settings.reload.watch,
         debounce_ms=settings.reload.debounce_ms,
         resync_seconds=settings.reload.resync_seconds,
     )
-    servicer = PolicyDecisionServicer(store.current, settings, audit=audit)
-    server, port = build_server(
-        servicer,
-        settings,
-        policy_ready=store.peek() is not None,
-        health_servicer=health_servicer,
-        status_servicer=PolicyStatusServicer(store, lambda: reloader.watching),
+    servicer = PolicyDecisionServicer(store.current, settings, cache=cache, audit=audit)
+    status = PolicyStatusServicer(store, lambda: reloader.watching, lifecycle.statuses)
+    server = ServerComponent(
+        "grpc_server",
+        settings.address,
+        lambda: build_server(servicer, settings, health_servicer=health, status_servicer=status),
+        after_stop=servicer.close,
     )
-    # Never flipped back: after a failed reload the last good set keeps serving.
-    store.subscribe(lambda _policies: set_serving(health_servicer, True))
-    server.start()
-    reloader.start()
-    running = RunningServer(server, port, health_servicer, store, reloader, servicer, audit)
-    return _with_health_port(running, settings)
-
-
-def _with_health_port(running: RunningServer, settings: Settings) -> RunningServer:
-    """Serve the running server's health service on `settings.health_address` too."""
-    if not settings.health_address:
-        return running
-    runner = event_loop()
-    try:
-        server, port = runner.call(
-            _build_health_server(running.health, settings), LOOP_START_SECONDS
-        )
-    except ConfigError:
-        running.stop(grace=None)
-        raise
-    health_server = AsyncServer(runner, server)
-    health_server.start()
-    running.health_server, running.health_port = health_server, port
+    for component in (audit, cache, jwks, reloader, server):
+        if component is not None:
+            lifecycle.add(component)
+    running = RunningServer(
+        lifecycle, health, server, None, store, reloader, servicer, audit, cache
+    )
+    _add_health_server(running, settings)
+    if serve_metrics and settings.metrics_address:
+        running.metrics = MetricsEndpoint(settings.metrics_address, optional=True)
+        lifecycle.add(running.metrics)
     return running
+
+
+def start_server(
+    settings: Settings, mode: Mode = "policy", *, worker: int = 0, serve_metrics: bool = False
+) -> RunningServer:
+    """`build_components`, then started: a running server (whose policies may still be
+    invalid: it is then NOT_SERVING and denies). Raises what `RunningServer.start` raises,
+    with every component it had started stopped again."""
+    running = build_components(settings, mode, worker=worker, serve_metrics=serve_metrics)
+    running.start()
+    return running
+
+
+def _add_health_server(running: RunningServer, settings: Settings) -> None:
+    """Serve the process's health service on `settings.health_address` too."""
+    if not settings.health_address:
+        return
+    runner = process_event_loop()
+
+    def bind() -> tuple[AsyncServer, int]:
+        aio, port = runner.call(_build_health_server(running.health, settings), LOOP_START_SECONDS)
+        return AsyncServer(runner, aio), port
+
+    running.health_grpc = ServerComponent(
+        "health_server", settings.health_address, bind, grace=None
+    )
+    running.lifecycle.add(running.health_grpc)
 
 
 async def _build_health_server(
@@ -492,29 +592,49 @@ async def _build_health_server(
     return server, port
 
 
-def _run_worker(settings: Settings, mode: Mode, *, parent_pid: int | None, worker: int = 0) -> int:
-    """Serve until signalled (or orphaned); returns the process exit code."""
+def _run_worker(
+    settings: Settings,
+    mode: Mode,
+    *,
+    parent_pid: int | None,
+    worker: int = 0,
+    early_sighup: Callable[[], bool] = _never,
+) -> int:
+    """Serve until signalled (or orphaned); returns the process exit code: 0, or
+    EXIT_WORKER_FAILED when the stop left work undone (audit records, cache writes)."""
     # Handlers first, so a signal during the initial load is not lost (or fatal): a SIGHUP
     # that arrives before the reloader exists is replayed to it once the server is up.
     stop = threading.Event()
     early_reload = threading.Event()
     reload_target: list[Callable[[], None]] = [early_reload.set]
     _install_handlers(stop.set, on_reload=lambda: reload_target[0]())
+    if early_sighup():  # held by the entry point before this process could reload
+        early_reload.set()
     # A lone process serves its own metrics; workers' metrics are served by the supervisor.
-    metrics_endpoint = (
-        _optional_metrics(start_metrics, settings.metrics_address)
-        if mode == "policy" and parent_pid is None
-        else None
+    running = start_server(
+        settings, mode, worker=worker, serve_metrics=mode == "policy" and parent_pid is None
     )
     try:
-        running = start_server(settings, mode, worker=worker)
-    except BaseException:
-        if metrics_endpoint is not None:
-            metrics_endpoint.close()
-        raise
-    reload_target[0] = running.reload
-    if early_reload.is_set():
-        running.reload("SIGHUP during startup")
+        reload_target[0] = running.reload
+        if early_reload.is_set():
+            log.info("a SIGHUP received while starting: reloading")
+            running.reload("SIGHUP during startup")
+        _log_serving(running, settings, mode)
+        # A timed wait keeps signal handlers responsive and lets an orphaned worker notice.
+        while not stop.wait(1.0):
+            if parent_pid is not None and os.getppid() != parent_pid:
+                log.error("supervisor %d is gone; shutting down", parent_pid)
+                break
+        log.info("shutting down (pid %d), grace %.0fs", os.getpid(), STOP_GRACE_SECONDS)
+    finally:
+        clean = running.stop(STOP_GRACE_SECONDS)
+    if not clean:
+        log.error("stopped with work left undone (see the errors above)")
+        return EXIT_WORKER_FAILED
+    return 0
+
+
+def _log_serving(running: RunningServer, settings: Settings, mode: Mode) -> None:
     if running.store is None:
         revision, organizations = "empty", "-"
     else:
@@ -535,49 +655,11 @@ def _run_worker(settings: Settings, mode: Mode, *, parent_pid: int | None, worke
             "health (plaintext, grpc.health.v1 only) on %s",
             _display_address(settings.health_address, running.health_port),
         )
-    # A timed wait keeps signal handlers responsive and lets an orphaned worker notice.
-    while not stop.wait(1.0):
-        if parent_pid is not None and os.getppid() != parent_pid:
-            log.error("supervisor %d is gone; shutting down", parent_pid)
-            break
-    log.info("shutting down (pid %d), grace %.0fs", os.getpid(), STOP_GRACE_SECONDS)
-    running.stop(STOP_GRACE_SECONDS)
-    if metrics_endpoint is not None:
-        metrics_endpoint.close()
-    return 0
-
-
-def _optional_metrics(
-    start: Callable[[str], MetricsEndpoint | None], address: str
-) -> MetricsEndpoint | None:
-    """Metrics are for operators, decisions are for the broker: a taken metrics port is logged
-    and the server runs without the endpoint rather than refusing to decide (two servers on
-    one host on different gRPC ports may well both default to one metrics port). The metrics
-    listener never sets SO_REUSEPORT, so it is never shared. A malformed address still fails
-    at startup."""
-    try:
-        return start(address)
-    except MetricsBindError as exc:
-        log.error("%s; serving without a metrics endpoint", exc)
-        return None
 
 
 def _display_address(address: str, port: int) -> str:
     host, sep, _ = address.rpartition(":")
     return f"{host}:{port}" if sep else address
-
-
-def _explicit_port(address: str, setting: str) -> int:
-    _, sep, port_text = address.rpartition(":")
-    try:
-        port = int(port_text) if sep else 0
-    except ValueError:
-        port = 0
-    if port <= 0:
-        raise ConfigError(
-            f"setting {setting}: workers > 1 need an explicit port to share, got {address!r}"
-        )
-    return port
 
 
 def _install_handlers(
@@ -607,13 +689,15 @@ def _worker_main(settings: Settings, mode: Mode, parent_pid: int, worker: int) -
     setup_logging(settings.log_level, settings.log_format, process=True)
     try:
         code = _run_worker(settings, mode, parent_pid=parent_pid, worker=worker)
-    except ConfigError as exc:  # e.g. the port cannot be bound: one clear line, no traceback
+    except (ConfigError, StartFailed) as exc:  # e.g. a port: one clear line, no traceback
         log.error("%s", exc)
         code = EXIT_WORKER_FAILED
+    except KeyboardInterrupt:  # Ctrl-C reached the worker before its handlers: quietly
+        code = EXIT_INTERRUPTED
     raise SystemExit(code)
 
 
-def _supervise(settings: Settings, mode: Mode) -> int:
+def _supervise(settings: Settings, mode: Mode, *, early_sighup: Callable[[], bool] = _never) -> int:
     """Start `settings.workers` processes on one port, serve their metrics, wait for them all.
 
     Forwards SIGTERM/SIGINT (stop) and SIGHUP (reload) to every worker.
@@ -626,23 +710,28 @@ def _supervise(settings: Settings, mode: Mode) -> int:
 
     If a worker dies on its own, the others are stopped and the supervisor exits non-zero, so
     the process manager (systemd, Kubernetes) restarts the whole unit rather than it serving
-    on fewer cores unnoticed.
+    on fewer cores unnoticed. The supervisor's own components (the aggregated metrics
+    endpoint) start before the workers and stop after them.
     """
     # Before spawning: the workers inherit PROMETHEUS_MULTIPROC_DIR from os.environ.
-    metrics_endpoint = (
-        _optional_metrics(start_multiprocess_metrics, settings.metrics_address)
-        if mode == "policy"
+    metrics = (
+        MetricsEndpoint(settings.metrics_address, multiprocess=True, optional=True)
+        if mode == "policy" and settings.metrics_address
         else None
     )
+    lifecycle = Lifecycle([metrics] if metrics is not None else [])
+    lifecycle.start()
     try:
-        return _supervise_workers(settings, mode, metrics_endpoint)
+        return _supervise_workers(settings, mode, metrics, early_sighup)
     finally:
-        if metrics_endpoint is not None:
-            metrics_endpoint.close()
+        lifecycle.stop(deadline_in(STOP_GRACE_SECONDS))
 
 
 def _supervise_workers(
-    settings: Settings, mode: Mode, metrics_endpoint: MetricsEndpoint | None
+    settings: Settings,
+    mode: Mode,
+    metrics_endpoint: MetricsEndpoint | None,
+    early_sighup: Callable[[], bool],
 ) -> int:
     ctx = multiprocessing.get_context("spawn")
     procs: list[multiprocessing.process.BaseProcess] = []
@@ -679,6 +768,8 @@ def _supervise_workers(
     _install_handlers(stop_all, on_reload=reload_all)
     if stopping.is_set():
         stop_all()
+    elif early_sighup():  # held by the entry point: the workers reload what they loaded
+        reload_all()
     log.info("supervising %d workers on %s", len(procs), settings.address)
 
     failed = False

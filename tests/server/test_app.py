@@ -17,7 +17,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from policy_engine.api import pdp_pb2, pdp_pb2_grpc
 from policy_engine.config import ConfigError, Settings
-from policy_engine.server.app import build_server, serve
+from policy_engine.server.app import build_server
 from policy_engine.server.empty import EmptyServicer
 from policy_engine.server.service import SERVICE_NAME
 from tests.server.harness import EXAMPLE_POLICIES, REPO, running
@@ -63,14 +63,36 @@ def test_empty_servicer_answers_allow_without_reading_the_request() -> None:
         assert status.status == health_pb2.HealthCheckResponse.SERVING
 
 
-def test_workers_need_an_explicit_port() -> None:
-    with pytest.raises(ConfigError, match="explicit port"):
-        serve(Settings(address="127.0.0.1:0", workers=2, policy_dir=EXAMPLE_POLICIES))
-
-
-def test_workers_must_be_positive() -> None:
-    with pytest.raises(ConfigError, match="workers"):
-        serve(Settings(address="127.0.0.1:0", workers=0, policy_dir=EXAMPLE_POLICIES))
+@pytest.mark.parametrize(
+    ("flags", "env", "error"),
+    [
+        (["--workers", "0"], {}, "setting workers: Input should be greater than or equal to 1"),
+        (
+            ["--workers", "2", "--address", "127.0.0.1:0"],
+            {},
+            "setting address: workers > 1 need an explicit port to share, got '127.0.0.1:0'",
+        ),
+        (
+            ["--workers", "2", "--address", "127.0.0.1:1"],
+            {"PDP_HEALTH_ADDRESS": "127.0.0.1:0"},
+            "setting health_address: workers > 1 need an explicit port to share",
+        ),
+    ],
+)
+def test_pdp_serve_refuses_workers_it_cannot_run(
+    tmp_path: Path, flags: list[str], env: dict[str, str], error: str
+) -> None:
+    """Settings validation (the Workers range) and `config.shared_port_problems` are the one
+    place these rules live; `pdp serve` reports them before anything starts."""
+    command = [sys.executable, "-m", "policy_engine.cli.main", "serve", *flags]
+    command += ["--policies", str(EXAMPLE_POLICIES)]
+    full_env = {**os.environ, "PYTHONPATH": str(REPO), "PDP_METRICS_ADDRESS": "", **env}
+    done = subprocess.run(
+        command, cwd=tmp_path, env=full_env, capture_output=True, text=True, timeout=60
+    )
+    assert done.returncode == 2, done.stderr
+    assert error in done.stderr
+    assert "Traceback" not in done.stderr and "serving" not in done.stderr
 
 
 def test_invalid_policies_start_not_serving_with_every_issue_logged(tmp_path: Path) -> None:

@@ -27,7 +27,8 @@ def test_start_binds_and_stop_closes() -> None:
         assert endpoint.stop(deadline_in(10))
     assert endpoint.status().state is State.STOPPED
     with socket.socket() as sock:
-        sock.bind(("127.0.0.1", endpoint.port))  # released
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # a TIME_WAIT may remain
+        sock.bind(("127.0.0.1", endpoint.port))  # nothing listens there any more
 
 
 @pytest.mark.parametrize("multiprocess", [False, True])
