@@ -12,7 +12,8 @@ from policy_engine.cel.compiler import (
     require_bool,
 )
 from policy_engine.cel.errors import CelCompileError, CelEvaluationError
-from policy_engine.cel.functions import FUNCTION_NAMES, HELPERS_DOC
+from policy_engine.cel.functions import HELPERS_DOC
+from policy_engine.cel.library import FUNCTION_NAMES
 
 __all__ = [
     "FUNCTION_NAMES",

@@ -138,12 +138,8 @@ from lark.tree import Meta
 from lark.utils import TextSlice
 
 from policy_engine.cel.errors import CelCompileError, CelEvaluationError
-from policy_engine.cel.functions import (
-    FUNCTIONS,
-    MACRO_ARITIES,
-    OPERATOR_SIGNATURES,
-    Function,
-)
+from policy_engine.cel.functions import MACRO_ARITIES, OPERATOR_SIGNATURES, Function
+from policy_engine.cel.library import EXTENSION_MACRO_ARITIES, FUNCTIONS
 from policy_engine.cel.literals import parse_int, parse_string, parse_uint
 from policy_engine.cel.types import (
     BOOL,
@@ -161,11 +157,13 @@ from policy_engine.cel.types import (
     join,
     list_of,
     map_of,
+    optional_of,
     resolve,
 )
 from policy_engine.cel.values import (
     BINARY_OPERATORS,
     TYPES,
+    Optional,
     as_cel_error,
     build_map,
     has_field,
@@ -175,6 +173,8 @@ from policy_engine.cel.values import (
     logical_not,
     negate,
     no_overload,
+    optional_index,
+    optional_select,
     select_field,
 )
 
@@ -353,17 +353,35 @@ def _bool_literal(token: Token) -> Token:
     return token
 
 
+# cel-python 0.5's grammar rules we extend, and what replaces each: backtick-quoted field
+# names (``m.`content-type```, a ``QUOTED_IDENT``) and the optional syntax of cel-go's
+# optionals library (``m.?f``, ``l[?0]``, ``[?x]``, ``{?k: v}``).
+_GRAMMAR_CHANGES = {
+    "member         : member_dot | member_dot_arg | member_index | member_object | primary\n": (
+        "member         : member_dot | member_dot_arg | member_index | member_object | primary\n"
+        "               | member_dot_opt | member_index_opt\n"
+        'member_dot_opt : member "." "?" (IDENT | QUOTED_IDENT)\n'
+        'member_index_opt : member "[" "?" expr "]"\n'
+        'opt_expr       : "?" expr\n'
+        "?list_element  : expr | opt_expr\n"
+    ),
+    'member_dot     : member "." IDENT\n': 'member_dot     : member "." (IDENT | QUOTED_IDENT)\n',
+    'list_lit       : "[" [exprlist] "]"\n': 'list_lit       : "[" [list_elements] "]"\n'
+    'list_elements  : list_element ("," list_element)*\n',
+    'mapinits       : expr ":" expr ("," expr ":" expr)*\n': (
+        'mapinits       : list_element ":" expr ("," list_element ":" expr)*\n'
+    ),
+}
+
+
 def _grammar() -> str:
-    """cel-python's grammar (``celpy/cel.lark``) plus backtick-quoted field names
-    (``m.`content-type```, a ``QUOTED_IDENT``), which cel-python 0.5's grammar lacks."""
+    """cel-python's grammar (``celpy/cel.lark``) with :data:`_GRAMMAR_CHANGES`."""
     grammar = (Path(celpy.celparser.__file__).parent / "cel.lark").read_text()
-    member_dot = 'member_dot     : member "." IDENT\n'
-    if member_dot not in grammar:  # pragma: no cover - a cel-python upgrade changed it
-        raise RuntimeError("cel-python's grammar changed: member_dot not found")
-    return (
-        grammar.replace(member_dot, 'member_dot     : member "." (IDENT | QUOTED_IDENT)\n')
-        + "\nQUOTED_IDENT   : /`[_a-zA-Z0-9.\\/ -]+`/\n"
-    )
+    for rule, replacement in _GRAMMAR_CHANGES.items():
+        if rule not in grammar:  # pragma: no cover - a cel-python upgrade changed it
+            raise RuntimeError(f"cel-python's grammar changed: {rule.strip()!r} not found")
+        grammar = grammar.replace(rule, replacement)
+    return grammar + "\nQUOTED_IDENT   : /`[_a-zA-Z0-9.\\/ -]+`/\n"
 
 
 @functools.lru_cache(maxsize=1)
@@ -1110,6 +1128,19 @@ _LITERAL_TYPES = {
 _UNARY_SYMBOLS = {logical_not: "!_", negate: "-_"}
 
 
+def _unwrap(ctype: CelT) -> CelT:
+    """What an optional of type ``ctype`` holds (dyn for dyn); other types as they are."""
+    return ctype.params[0] if ctype.kind == "optional_type" else ctype
+
+
+def _present(value: Any) -> bool:
+    """An optional entry's value: included when present; anything but an optional is an
+    error."""
+    if type(value) is Optional:
+        return value.has_value()
+    raise no_overload("?_", value)
+
+
 # Comprehension iterations one outermost comprehension may run, nested ones included. With
 # nesting bounded at compile time, this bounds any condition's evaluation cost:
 # at most (expression nodes) x (this budget) node evaluations, whatever the input.
@@ -1312,6 +1343,15 @@ def _make_call(impl: Callable[..., Any], args: Sequence[_Node]) -> Evaluator:
             return lambda act, impl=impl, f0=f0, c1=c1: impl(f0(act), c1)
         return lambda act, impl=impl, f0=f0, f1=f1: impl(f0(act), f1(act))
     return lambda act, impl=impl, fns=fns: impl(*[fn(act) for fn in fns])
+
+
+def _make_lazy_call(impl: Callable[..., Any], args: Sequence[_Node]) -> Evaluator:
+    """A call whose last argument is handed over unevaluated, as a thunk."""
+    fns = tuple(a.fn for a in args[:-1])
+    last = args[-1].fn
+    return lambda act, impl=impl, fns=fns, last=last: impl(
+        *[fn(act) for fn in fns], lambda: last(act)
+    )
 
 
 def _prepared(fn: Evaluator, prepare: Callable[[Any], Any]) -> Evaluator:
@@ -1765,6 +1805,8 @@ class _Compiler:
             if ctype.fields is not None:
                 return ctype.field(name) or DYN
             return ctype.params[1]
+        if ctype.kind == "optional_type":  # o.f is o.?f
+            return optional_of(_unwrap(self._field_type(ctype.params[0], name, where)))
         return self.refuse(f"type '{ctype}' does not support field selection", where)
 
     def _select(self, tree: Tree) -> _Node:
@@ -1781,6 +1823,24 @@ class _Compiler:
             if folded is not None:
                 return folded
         return _Node(_make_select(operand.fn, name), ctype=ctype)
+
+    def _select_optional(self, tree: Tree) -> _Node:
+        """``x.?f``: the field as an optional, empty when absent."""
+        operand_tree, field_token = tree.children
+        operand = self.compile(operand_tree)
+        self._check_field(operand_tree, field_token)
+        name = _field_name(field_token)
+        ctype = optional_of(_unwrap(self._field_type(_unwrap(operand.ctype), name, field_token)))
+        of = operand.fn
+        return _Node(lambda act, of=of, name=name: optional_select(of(act), name), ctype=ctype)
+
+    def _index_optional(self, tree: Tree) -> _Node:
+        """``x[?k]``: the element or entry as an optional, empty when absent."""
+        container, key = (self.compile(child) for child in tree.children)
+        element = self.operator("_[_]", (_unwrap(container.ctype), key.ctype), tree.children[1])
+        return _Node(
+            _make_call(optional_index, (container, key)), ctype=optional_of(_unwrap(element))
+        )
 
     def _index(self, tree: Tree) -> _Node:
         container, key = (self.compile(child) for child in tree.children)
@@ -1821,6 +1881,8 @@ class _Compiler:
 
     def _list(self, tree: Tree) -> _Node:
         children = tree.children[0].children if tree.children else []
+        if any(child.data == "opt_expr" for child in children):
+            return self._list_with_optionals(children)
         elements = [self.compile(child) for child in children]
         ctype = list_of(join(e.ctype for e in elements) or DYN)  # mixed elements: list(dyn)
         if all(e.is_const for e in elements):
@@ -1828,8 +1890,38 @@ class _Compiler:
         fns = tuple(e.fn for e in elements)
         return _Node(lambda act, fns=fns: [fn(act) for fn in fns], ctype=ctype)
 
+    def _optional_entry(self, tree: Tree, is_key: bool = False) -> tuple[_Node, bool]:
+        """A list element or map key that may be marked ``?``: its node and whether it was
+        marked (an element's value, or the key's map value, must then be an optional: only a
+        present one is included)."""
+        if tree.data != "opt_expr":
+            return self.compile(tree), False
+        node = self.compile(tree.children[0])
+        if not is_key and node.ctype.kind not in ("optional_type", "dyn"):
+            self.refuse(f"an optional entry (?x) needs an optional, not '{node.ctype}'", tree)
+        return node, True
+
+    def _list_with_optionals(self, children: list[Tree]) -> _Node:
+        entries = [self._optional_entry(child) for child in children]
+        types = [_unwrap(node.ctype) if optional else node.ctype for node, optional in entries]
+        parts = tuple((node.fn, optional) for node, optional in entries)
+
+        def build(act: Any, parts: tuple[tuple[Evaluator, bool], ...] = parts) -> list[Any]:
+            out = []
+            for fn, optional in parts:
+                value = fn(act)
+                if not optional:
+                    out.append(value)
+                elif _present(value):
+                    out.append(value.value)
+            return out
+
+        return _Node(build, ctype=list_of(join(types) or DYN))
+
     def _map(self, tree: Tree) -> _Node:
         children = tree.children[0].children if tree.children else []
+        if any(child.data == "opt_expr" for child in children[::2]):
+            return self._map_with_optionals(children)
         nodes = [self.compile(child) for child in children]
         pairs = list(zip(nodes[::2], nodes[1::2], strict=True))
         ctype = map_of(
@@ -1844,6 +1936,39 @@ class _Compiler:
             lambda act, fn_pairs=fn_pairs: build_map([(kf(act), vf(act)) for kf, vf in fn_pairs]),
             ctype=ctype,
         )
+
+    def _map_with_optionals(self, children: list[Tree]) -> _Node:
+        keys = [self._optional_entry(child, is_key=True) for child in children[::2]]
+        values = [self.compile(child) for child in children[1::2]]
+        for (_, optional), value, value_tree in zip(keys, values, children[1::2], strict=True):
+            if optional and value.ctype.kind not in ("optional_type", "dyn"):
+                self.refuse(
+                    f"an optional entry (?k: v) needs an optional value, not '{value.ctype}'",
+                    value_tree,
+                )
+        value_types = [
+            _unwrap(value.ctype) if optional else value.ctype
+            for (_, optional), value in zip(keys, values, strict=True)
+        ]
+        ctype = map_of(join(k.ctype for k, _ in keys) or DYN, join(value_types) or DYN)
+        parts = tuple(
+            (key.fn, value.fn, optional)
+            for (key, optional), value in zip(keys, values, strict=True)
+        )
+
+        def build(
+            act: Any, parts: tuple[tuple[Evaluator, Evaluator, bool], ...] = parts
+        ) -> dict[Any, Any]:
+            pairs = []
+            for kf, vf, optional in parts:
+                key, value = kf(act), vf(act)
+                if not optional:
+                    pairs.append((key, value))
+                elif _present(value):
+                    pairs.append((key, value.value))
+            return build_map(pairs)
+
+        return _Node(build, ctype=ctype)
 
     # -- calls and macros --------------------------------------------------------------------
 
@@ -1866,10 +1991,28 @@ class _Compiler:
                 f"wrong number of arguments to '{name}': expected {expected}, got {got}", token
             )
 
+    def _namespace(self, receiver: Tree) -> str | None:
+        """The namespace ``receiver`` names when it is a qualified name (``optional`` in
+        ``optional.of(x)``, ``math`` in ``math.greatest(...)``) rather than a loop variable."""
+        qualified = self._qualified(receiver)
+        if qualified is None or qualified[1] or qualified[0][0] in self.loop_vars:
+            return None
+        return ".".join(qualified[0])
+
     def _call(self, name_token: Token, receiver: Tree | None, args: list[Tree]) -> _Node:
         name = str(name_token)
+        if receiver is not None:
+            # A namespaced function (``math.least``) takes precedence over a method call on a
+            # variable of the namespace's name, as in cel-go.
+            namespace = self._namespace(receiver)
+            if namespace is not None and f"{namespace}.{name}" in FUNCTIONS:
+                return self._call_function(
+                    f"{namespace}.{name}", FUNCTIONS[f"{namespace}.{name}"], name_token, None, args
+                )
         if receiver is not None and name in _COMPREHENSIONS:
             return self._comprehension(name, name_token, receiver, args)
+        if receiver is not None and name in EXTENSION_MACRO_ARITIES:
+            return self._optional_map(name, name_token, receiver, args)
         if receiver is None and name == "has":
             return self._has(name_token, args)
         function = FUNCTIONS.get(name)
@@ -1879,6 +2022,16 @@ class _Compiler:
                 raise self.error(f"'{name}' must be called as {style}", name_token)
             what = "function" if receiver is None else "method"
             raise self.error(f"unknown {what} '{name}'", name_token)
+        return self._call_function(name, function, name_token, receiver, args)
+
+    def _call_function(
+        self,
+        name: str,
+        function: Function,
+        name_token: Token,
+        receiver: Tree | None,
+        args: list[Tree],
+    ) -> _Node:
         if receiver is not None and not function.as_method:
             raise self.error(f"'{name}' is not a method; call it as {name}(...)", name_token)
         if receiver is None and not function.as_global:
@@ -1911,6 +2064,8 @@ class _Compiler:
                     node = _Node(_prepared(node.fn, prepare))
             nodes.append(node)
         ctype = self.overload(function.name, function.signatures, argument_types, where)
+        if function.lazy:
+            return _Node(_make_lazy_call(function.impl, nodes), ctype=ctype)
         if all(n.is_const for n in nodes):
             folded = _fold(ctype, function.impl, *(n.value for n in nodes))
             if folded is not None:
@@ -1926,7 +2081,7 @@ class _Compiler:
         operand = self.compile(operand_tree)
         self._check_field(operand_tree, field_token)
         name = _field_name(field_token)
-        if operand.ctype.kind not in ("map", "dyn"):
+        if operand.ctype.kind not in ("map", "dyn", "optional_type"):
             self.refuse(f"type '{operand.ctype}' does not support field selection", field_token)
         of = operand.fn
 
@@ -1937,6 +2092,61 @@ class _Compiler:
             return has_field(obj, name)
 
         return _Node(has, ctype=BOOL)
+
+    def _optional_map(
+        self, name: str, name_token: Token, target_tree: Tree, args: list[Tree]
+    ) -> _Node:
+        """``o.optMap(v, e)`` (an optional of ``e``) and ``o.optFlatMap(v, e)`` (``e``, an
+        optional), with ``v`` bound to ``o``'s value; an empty ``o`` gives an empty optional."""
+        self._check_arity(name, name_token, EXTENSION_MACRO_ARITIES[name], len(args))
+        variable_tree = _descend(args[0])
+        if variable_tree.data != "ident":
+            raise self.error(f"{name}() needs a simple variable name first", args[0])
+        variable = str(variable_tree.children[0])
+        target = self.compile(target_tree)
+        if target.ctype.kind not in ("optional_type", "dyn"):
+            self.refuse(f"{name}() needs an optional, not '{target.ctype}'", target_tree)
+        new_frame = _nested_frame if self.loop_vars else _top_frame
+        self.loop_vars += (variable,)
+        self.loop_types += (_unwrap(target.ctype),)
+        try:
+            body = self.compile(args[1])
+        finally:
+            self.loop_vars = self.loop_vars[:-1]
+            self.loop_types = self.loop_types[:-1]
+        flat = name == "optFlatMap"
+        if flat and body.ctype.kind not in ("optional_type", "dyn"):
+            self.refuse(f"optFlatMap() needs an optional result, not '{body.ctype}'", args[1])
+        ctype = (
+            (body.ctype if body.ctype.kind == "optional_type" else optional_of(DYN))
+            if flat
+            else optional_of(body.ctype)
+        )
+
+        def optional_map(
+            act: Any,
+            target: Evaluator = target.fn,
+            variable: str = variable,
+            new_frame: Evaluator = new_frame,
+            body: Evaluator = body.fn,
+            flat: bool = flat,
+            name: str = name,
+        ) -> Any:
+            optional = target(act)
+            if type(optional) is not Optional:
+                raise no_overload(name, optional)
+            if not optional.has_value():
+                return optional
+            frame = new_frame(act)
+            frame[variable] = optional.value
+            result = body(frame)
+            if not flat:
+                return Optional(result)
+            if type(result) is not Optional:
+                raise no_overload(name, optional, result)
+            return result
+
+        return _Node(optional_map, ctype=ctype)
 
     def _comprehension(
         self, name: str, name_token: Token, target_tree: Tree, args: list[Tree]
@@ -1992,6 +2202,8 @@ _HANDLERS: dict[str, Callable[[_Compiler, Tree], _Node]] = {
     "multiplication": _Compiler._binary,
     "unary": _Compiler._unary,
     "member_dot": _Compiler._select,
+    "member_dot_opt": _Compiler._select_optional,
+    "member_index_opt": _Compiler._index_optional,
     "member_dot_arg": _Compiler._method_call,
     "member_index": _Compiler._index,
     "member_object": _Compiler._unsupported,

@@ -43,6 +43,7 @@ from policy_engine.cel.types import (
     Signature,
     list_of,
     map_of,
+    optional_of,
     param,
 )
 from policy_engine.cel.values import (
@@ -704,7 +705,9 @@ class Function:
 
     ``arities`` count every positional argument including the receiver of a method call;
     ``preparers[i]`` (when not None) converts argument ``i`` before ``impl`` sees it;
-    ``signatures`` are its overloads (receiver first) as the load-time check knows them.
+    ``signatures`` are its overloads (receiver first) as the load-time check knows them;
+    a ``lazy`` function gets its last argument as a thunk to call only if it needs it
+    (cel-go's short-circuiting ``or``/``orValue``).
     """
 
     name: str
@@ -714,16 +717,19 @@ class Function:
     as_global: bool
     preparers: tuple[Converter | None, ...] = ()
     signatures: tuple[Signature, ...] = ()
+    lazy: bool = False
 
 
-def _fn(
+def function(
     name: str,
     impl: Callable[..., Any],
     arities: tuple[int, ...],
     style: str,
     preparers: tuple[Converter | None, ...] = (),
     signatures: tuple[Signature, ...] = (),
+    lazy: bool = False,
 ) -> Function:
+    """A :class:`Function`; ``style`` is ``method``, ``global`` or ``both``."""
     return Function(
         name=name,
         impl=impl,
@@ -732,6 +738,7 @@ def _fn(
         as_global=style in ("global", "both"),
         preparers=preparers,
         signatures=signatures,
+        lazy=lazy,
     )
 
 
@@ -740,7 +747,8 @@ def sig(*types: CelT) -> Signature:
     return tuple(types[:-1]), types[-1]
 
 
-_A, _K, _V = param("A"), param("K"), param("V")
+A, K, V = param("A"), param("K"), param("V")
+_A, _K, _V = A, K, V
 
 
 def _from(result: CelT, *arguments: CelT) -> tuple[Signature, ...]:
@@ -784,6 +792,9 @@ OPERATOR_SIGNATURES: Mapping[str, tuple[Signature, ...]] = {
         sig(list_of(_A), UINT, _A),
         sig(list_of(_A), DOUBLE, _A),
         sig(map_of(_K, _V), _K, _V),
+        # An optional container indexes to an optional (cel-go's optionals library).
+        sig(optional_of(list_of(_A)), INT, optional_of(_A)),
+        sig(optional_of(map_of(_K, _V)), _K, optional_of(_V)),
     ),
     "_?_:_": (sig(BOOL, _A, _A, _A),),
     "&&": (sig(BOOL, BOOL, BOOL),),
@@ -794,7 +805,7 @@ OPERATOR_SIGNATURES: Mapping[str, tuple[Signature, ...]] = {
 FUNCTIONS: Mapping[str, Function] = {
     f.name: f
     for f in (
-        _fn(
+        function(
             "size",
             size,
             (1,),
@@ -802,26 +813,30 @@ FUNCTIONS: Mapping[str, Function] = {
             (),
             (sig(STRING, INT), sig(BYTES, INT), sig(list_of(_A), INT), sig(map_of(_K, _V), INT)),
         ),
-        _fn("startsWith", starts_with, (2,), "method", (), (sig(STRING, STRING, BOOL),)),
-        _fn("endsWith", ends_with, (2,), "method", (), (sig(STRING, STRING, BOOL),)),
-        _fn("contains", contains, (2,), "method", (), (sig(STRING, STRING, BOOL),)),
-        _fn("matches", matches, (2,), "both", (None, prepare_regex), (sig(STRING, STRING, BOOL),)),
-        _fn("lowerAscii", lower_ascii, (1,), "method", (), (sig(STRING, STRING),)),
-        _fn("upperAscii", upper_ascii, (1,), "method", (), (sig(STRING, STRING),)),
-        _fn("int", to_int, (1,), "global", (), _from(INT, INT, UINT, DOUBLE, STRING, TIMESTAMP)),
-        _fn("uint", to_uint, (1,), "global", (), _from(UINT, INT, UINT, DOUBLE, STRING)),
-        _fn("double", to_double, (1,), "global", (), _from(DOUBLE, INT, UINT, DOUBLE, STRING)),
-        _fn("string", to_string, (1,), "global", (), _from(STRING, *_ORDERED)),
-        _fn("bool", to_bool, (1,), "global", (), _from(BOOL, BOOL, STRING)),
-        _fn("bytes", to_bytes, (1,), "global", (), _from(BYTES, BYTES, STRING)),
-        _fn(
+        function("startsWith", starts_with, (2,), "method", (), (sig(STRING, STRING, BOOL),)),
+        function("endsWith", ends_with, (2,), "method", (), (sig(STRING, STRING, BOOL),)),
+        function("contains", contains, (2,), "method", (), (sig(STRING, STRING, BOOL),)),
+        function(
+            "matches", matches, (2,), "both", (None, prepare_regex), (sig(STRING, STRING, BOOL),)
+        ),
+        function("lowerAscii", lower_ascii, (1,), "method", (), (sig(STRING, STRING),)),
+        function("upperAscii", upper_ascii, (1,), "method", (), (sig(STRING, STRING),)),
+        function(
+            "int", to_int, (1,), "global", (), _from(INT, INT, UINT, DOUBLE, STRING, TIMESTAMP)
+        ),
+        function("uint", to_uint, (1,), "global", (), _from(UINT, INT, UINT, DOUBLE, STRING)),
+        function("double", to_double, (1,), "global", (), _from(DOUBLE, INT, UINT, DOUBLE, STRING)),
+        function("string", to_string, (1,), "global", (), _from(STRING, *_ORDERED)),
+        function("bool", to_bool, (1,), "global", (), _from(BOOL, BOOL, STRING)),
+        function("bytes", to_bytes, (1,), "global", (), _from(BYTES, BYTES, STRING)),
+        function(
             "timestamp", to_timestamp, (1,), "global", (), _from(TIMESTAMP, STRING, TIMESTAMP, INT)
         ),
-        _fn("duration", to_duration, (1,), "global", (), _from(DURATION, STRING, DURATION)),
-        _fn("dyn", dyn, (1,), "global", (), (sig(_A, DYN),)),
-        _fn("type", type_of, (1,), "global", (), (sig(_A, TYPE),)),
+        function("duration", to_duration, (1,), "global", (), _from(DURATION, STRING, DURATION)),
+        function("dyn", dyn, (1,), "global", (), (sig(_A, DYN),)),
+        function("type", type_of, (1,), "global", (), (sig(_A, TYPE),)),
         *(
-            _fn(
+            function(
                 name,
                 getter,
                 (1, 2),
@@ -835,8 +850,10 @@ FUNCTIONS: Mapping[str, Function] = {
             )
             for name, getter in _TIMESTAMP_GETTERS.items()
         ),
-        _fn("glob", glob_match, (2,), "method", (None, prepare_glob), (sig(STRING, STRING, BOOL),)),
-        _fn(
+        function(
+            "glob", glob_match, (2,), "method", (None, prepare_glob), (sig(STRING, STRING, BOOL),)
+        ),
+        function(
             "globMatch",
             glob_match,
             (2,),
@@ -844,7 +861,7 @@ FUNCTIONS: Mapping[str, Function] = {
             (None, prepare_glob),
             (sig(STRING, STRING, BOOL),),
         ),
-        _fn(
+        function(
             "startsWithAny",
             starts_with_any,
             (2,),
@@ -852,8 +869,10 @@ FUNCTIONS: Mapping[str, Function] = {
             (None, prepare_prefixes),
             (sig(STRING, list_of(STRING), BOOL),),
         ),
-        _fn("inCidr", in_cidr, (2,), "both", (None, prepare_cidr), (sig(STRING, STRING, BOOL),)),
-        _fn(
+        function(
+            "inCidr", in_cidr, (2,), "both", (None, prepare_cidr), (sig(STRING, STRING, BOOL),)
+        ),
+        function(
             "timeOfDay",
             time_of_day,
             (2,),
@@ -861,7 +880,7 @@ FUNCTIONS: Mapping[str, Function] = {
             (None, prepare_zone),
             (sig(TIMESTAMP, STRING, STRING),),
         ),
-        _fn(
+        function(
             "betweenHours",
             between_hours,
             (4,),

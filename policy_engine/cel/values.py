@@ -30,6 +30,9 @@ from typing import Any
 
 from policy_engine.cel.errors import CelEvaluationError
 
+#: Sentinel returned by :func:`map_lookup` for an absent key (``None`` is a valid value).
+MISSING: Any = object()
+
 INT64_MIN = -(1 << 63)
 INT64_MAX = (1 << 63) - 1
 UINT64_MAX = (1 << 64) - 1
@@ -147,6 +150,32 @@ def duration_nanos(value: Duration | timedelta) -> int:
     return (delta.days * 86_400 + delta.seconds) * NANOS_PER_SECOND + delta.microseconds * 1000
 
 
+class Optional:
+    """A CEL optional value (cel-go's optionals library): ``optional.of(x)`` holds ``x``,
+    ``optional.none()`` holds nothing (``value`` is :data:`MISSING`)."""
+
+    __slots__ = ("value",)
+
+    def __init__(self, value: Any) -> None:
+        self.value = value
+
+    def has_value(self) -> bool:
+        return self.value is not MISSING
+
+    def __eq__(self, other: object) -> bool:
+        if not isinstance(other, Optional):
+            return NotImplemented
+        if not self.has_value() or not other.has_value():
+            return self.has_value() == other.has_value()
+        return cel_equals(self.value, other.value)
+
+    def __hash__(self) -> int:
+        return hash("optional")
+
+    def __repr__(self) -> str:
+        return f"optional.of({self.value!r})" if self.has_value() else "optional.none()"
+
+
 class CelType:
     """A CEL type value (``type(1) == int``): compared by name."""
 
@@ -186,6 +215,7 @@ TYPES: Mapping[str, CelType] = MappingProxyType(
             "type",
             "google.protobuf.Timestamp",
             "google.protobuf.Duration",
+            "optional_type",
         )
     }
 )
@@ -204,9 +234,6 @@ def type_of(value: Any) -> CelType:
         raise no_overload("type", value)
     return found
 
-
-#: Sentinel returned by :func:`map_lookup` for an absent key (``None`` is a valid value).
-MISSING: Any = object()
 
 BinaryOp = Callable[[Any, Any], Any]
 
@@ -227,6 +254,7 @@ _KIND_BY_TYPE: dict[type, str] = {
     Timestamp: "timestamp",
     Duration: "duration",
     CelType: "type",
+    Optional: "optional_type",
 }
 _TYPES_BY_KIND: dict[str, tuple[type, ...]] = {}
 for _type, _kind in _KIND_BY_TYPE.items():
@@ -385,7 +413,10 @@ def cel_in(needle: Any, container: Any) -> bool:
 
 
 def select_field(obj: Any, field: str) -> Any:
-    """``obj.field``: a string-key lookup on a map; anything else is an error."""
+    """``obj.field``: a string-key lookup on a map (on an optional: ``obj.?field``);
+    anything else is an error."""
+    if type(obj) is Optional:
+        return optional_select(obj, field)
     if type(obj) is dict:
         try:
             return obj[field]
@@ -400,7 +431,10 @@ def select_field(obj: Any, field: str) -> Any:
 
 
 def has_field(obj: Any, field: str) -> bool:
-    """``has(obj.field)``: key presence on a map, without failing on a missing key."""
+    """``has(obj.field)``: key presence on a map (or an optional's map), without failing on a
+    missing key; false on an empty optional."""
+    if type(obj) is Optional:
+        return obj.has_value() and has_field(obj.value, field)
     if isinstance(obj, Mapping):
         return field in obj
     raise CelEvaluationError(f"has() cannot test field '{field}' on a value of type {kind_of(obj)}")
@@ -413,6 +447,8 @@ def index(container: Any, key: Any) -> Any:
             return container[key]
         except KeyError:
             raise CelEvaluationError(f"no such key: {key!r}") from None
+    if type(container) is Optional:
+        return optional_index(container, key)
     kind = kind_of(container)
     if kind == "list":
         key_kind = kind_of(key)
@@ -431,6 +467,43 @@ def index(container: Any, key: Any) -> Any:
             raise CelEvaluationError(f"no such key: {key!r}")
         return value
     raise no_overload("_[_]", container, key)
+
+
+OPTIONAL_NONE = Optional(MISSING)
+
+
+def optional_select(obj: Any, field: str) -> Optional:
+    """``obj.?field``: the field's value as an optional, empty when the map has no such key
+    or ``obj`` is an empty optional."""
+    if type(obj) is Optional:
+        if not obj.has_value():
+            return OPTIONAL_NONE
+        obj = obj.value
+    if isinstance(obj, Mapping):
+        value = obj.get(field, MISSING)
+        return OPTIONAL_NONE if value is MISSING else Optional(value)
+    raise CelEvaluationError(f"cannot select field '{field}' from a value of type {kind_of(obj)}")
+
+
+def optional_index(container: Any, key: Any) -> Optional:
+    """``container[?key]``: the element or entry as an optional, empty when absent (or out
+    of range) or ``container`` is an empty optional."""
+    if type(container) is Optional:
+        if not container.has_value():
+            return OPTIONAL_NONE
+        container = container.value
+    kind = kind_of(container)
+    if kind == "map":
+        value = map_lookup(container, key)
+        return OPTIONAL_NONE if value is MISSING else Optional(value)
+    if kind == "list":
+        try:
+            return Optional(index(container, key))
+        except CelEvaluationError:
+            if kind_of(key) in NUMERIC_KINDS:
+                return OPTIONAL_NONE
+            raise
+    raise no_overload("_[?_]", container, key)
 
 
 _MAP_KEY_KINDS = frozenset({"string", "int", "uint", "bool"})

@@ -58,6 +58,10 @@ CORE_FILES = (
     "parse",
 )
 
+#: The extension libraries' files (cel-go's ``ext`` packages) the project supports.
+EXTENSION_FILES = ("optionals",)
+ALL_FILES = CORE_FILES + EXTENSION_FILES
+
 #: What an internal fault looks like once the evaluator has wrapped it (values.as_cel_error).
 _INTERNAL_FAULT = "evaluation failed:"
 
@@ -86,7 +90,7 @@ class Case:
         return f"{self.file}/{self.section}/{self.name}"
 
 
-def load_cases(files: tuple[str, ...] = CORE_FILES) -> list[Case]:
+def load_cases(files: tuple[str, ...] = ALL_FILES) -> list[Case]:
     """Every case of ``files``, in file order."""
     cases = []
     for file in files:

@@ -1,0 +1,93 @@
+"""cel-go's extension libraries as a policy reads them: on the PDP's typed variables, checked
+at load (the conformance files cover their semantics case by case)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+
+from policy_engine.cel import (
+    CelCompileError,
+    CelEvaluationError,
+    compile_expression,
+    require_bool,
+)
+from policy_engine.engine.activation import CEL_DECLARATIONS
+
+ACTIVATION: dict[str, Any] = {
+    "organization": "acme",
+    "subject": {
+        "id": "alice",
+        "kind": "user",
+        "attributes": {"department": "sales", "groups": ["eng", "ops"], "level": 3},
+        "claims": {},
+    },
+    "application": {"id": "app", "attributes": {}},
+    "integration": {"id": "github", "attributes": {}},
+    "scope": "repo:read",
+    "context": {
+        "connection": "active",
+        "connected": True,
+        "client_ip": "10.1.2.3",
+        "session_id": "",
+        "attributes": {},
+    },
+    "now": None,
+}
+
+
+def ev(source: str) -> Any:
+    return compile_expression(source, CEL_DECLARATIONS).evaluate(ACTIVATION)
+
+
+def refused(source: str) -> str:
+    with pytest.raises(CelCompileError) as info:
+        compile_expression(source, CEL_DECLARATIONS)
+    return info.value.message
+
+
+class TestOptionals:
+    @pytest.mark.parametrize(
+        ("source", "expected"),
+        [
+            ('subject.attributes.?department.orValue("none") == "sales"', True),
+            ('subject.attributes.?region.orValue("none") == "none"', True),
+            ("subject.attributes.?region.hasValue()", False),
+            ('subject.attributes[?"level"].orValue(0) > 2', True),
+            ("subject.attributes.?groups.optMap(g, size(g)).orValue(0)", 2),
+            ("context.attributes.?ticket.optFlatMap(t, t.?id).hasValue()", False),
+            ('[?subject.attributes.?region, ?optional.of("x")]', ["x"]),
+            ('{?"r": subject.attributes.?region, "k": 1}', {"k": 1}),
+            ("optional.ofNonZeroValue(subject.attributes.level).value()", 3),
+            ('subject.attributes.?department.or(optional.of("x")).value()', "sales"),
+            # or/orValue evaluate their argument only when they need it
+            ("subject.attributes.?department.orValue(subject.attributes.missing)", "sales"),
+            ("has(subject.attributes.?region.x)", False),
+        ],
+    )
+    def test_reading_attributes_that_may_be_missing(self, source: str, expected: Any) -> None:
+        assert ev(source) == expected
+
+    def test_value_of_an_empty_optional_fails_closed(self) -> None:
+        with pytest.raises(CelEvaluationError, match=r"optional\.none"):
+            ev("subject.attributes.?region.value()")
+
+    @pytest.mark.parametrize(
+        ("source", "message"),
+        [
+            ("scope.?x.hasValue()", "type 'string' does not support field selection"),
+            ("scope.hasValue()", "'hasValue' applied to (string)"),
+            (
+                'optional.of(1).orValue("a") == 1',
+                "'orValue' applied to (optional_type(int), string)",
+            ),
+            ("[?scope]", "an optional entry (?x) needs an optional, not 'string'"),
+        ],
+    )
+    def test_refused_at_load(self, source: str, message: str) -> None:
+        assert message in refused(source)
+
+    def test_an_optional_is_no_condition(self) -> None:
+        with pytest.raises(CelCompileError, match="a condition must be a bool"):
+            require_bool(compile_expression("optional.of(scope)", CEL_DECLARATIONS))
