@@ -6,11 +6,13 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 
-from policy_engine.cel.ext import optionals
+from policy_engine.cel.ext import optionals, strings
 from policy_engine.cel.functions import FUNCTIONS as STANDARD_FUNCTIONS
 from policy_engine.cel.functions import MACRO_ARITIES, Function
 
-EXTENSION_FUNCTIONS: Mapping[str, Function] = {f.name: f for f in (*optionals.FUNCTIONS,)}
+EXTENSION_FUNCTIONS: Mapping[str, Function] = {
+    f.name: f for f in (*optionals.FUNCTIONS, *strings.FUNCTIONS)
+}
 
 FUNCTIONS: Mapping[str, Function] = {**STANDARD_FUNCTIONS, **EXTENSION_FUNCTIONS}
 

@@ -59,7 +59,7 @@ CORE_FILES = (
 )
 
 #: The extension libraries' files (cel-go's ``ext`` packages) the project supports.
-EXTENSION_FILES = ("optionals",)
+EXTENSION_FILES = ("optionals", "string_ext")
 ALL_FILES = CORE_FILES + EXTENSION_FILES
 
 #: What an internal fault looks like once the evaluator has wrapped it (values.as_cel_error).
@@ -84,19 +84,26 @@ class Case:
     expected: Mapping[str, Any]
     #: The case runs unchecked (the spec's checker would refuse it; a runtime need not).
     disable_check: bool = False
+    #: 2, 3, ... for a later case of a file with the same section and name (string_ext has
+    #: a few): its id ends in ``#2``.
+    ordinal: int = 1
 
     @property
     def id(self) -> str:
-        return f"{self.file}/{self.section}/{self.name}"
+        suffix = f"#{self.ordinal}" if self.ordinal > 1 else ""
+        return f"{self.file}/{self.section}/{self.name}{suffix}"
 
 
 def load_cases(files: tuple[str, ...] = ALL_FILES) -> list[Case]:
     """Every case of ``files``, in file order."""
     cases = []
+    seen: dict[tuple[str, str, str], int] = {}
     for file in files:
         with (DATA / f"{file}.jsonl").open(encoding="utf-8") as lines:
             for line in lines:
                 raw = json.loads(line)
+                key = (raw["file"], raw["section"], raw["name"])
+                seen[key] = seen.get(key, 0) + 1
                 cases.append(
                     Case(
                         file=raw["file"],
@@ -108,6 +115,7 @@ def load_cases(files: tuple[str, ...] = ALL_FILES) -> list[Case]:
                         names=tuple(raw["names"]),
                         expected=raw["expected"],
                         disable_check=raw["disable_check"],
+                        ordinal=seen[key],
                     )
                 )
     return cases

@@ -91,3 +91,38 @@ class TestOptionals:
     def test_an_optional_is_no_condition(self) -> None:
         with pytest.raises(CelCompileError, match="a condition must be a bool"):
             require_bool(compile_expression("optional.of(scope)", CEL_DECLARATIONS))
+
+
+class TestStrings:
+    @pytest.mark.parametrize(
+        ("source", "expected"),
+        [
+            ('scope.split(":")[0] == "repo"', True),
+            ('scope.split(":", 1)', ["repo:read"]),
+            ("scope.substring(0, 4).upperAscii()", "REPO"),
+            ('scope.indexOf(":") == 4 && scope.lastIndexOf("e") == 6', True),
+            ('scope.replace(":", "/")', "repo/read"),
+            ('subject.attributes.groups.join(",")', "eng,ops"),
+            ('"%s may %s".format([subject.id, scope])', "alice may repo:read"),
+            ('"  x ".trim() + scope.charAt(0) + "ab".reverse()', "xrba"),
+            ("strings.quote(scope)", '"repo:read"'),
+        ],
+    )
+    def test_values(self, source: str, expected: Any) -> None:
+        assert ev(source) == expected
+
+    @pytest.mark.parametrize(
+        ("source", "message"),
+        [
+            ('scope.charAt("1") == "r"', "'charAt' applied to (string, string)"),
+            ("[1, 2].join(',') == ''", "'join' applied to (list(int), string)"),
+            ("scope.split(1).size() > 0", "'split' applied to (string, int)"),
+            ('"%d".format(scope) == ""', "'format' applied to (string, string)"),
+        ],
+    )
+    def test_refused_at_load(self, source: str, message: str) -> None:
+        assert message in refused(source)
+
+    def test_an_index_out_of_range_fails_closed(self) -> None:
+        with pytest.raises(CelEvaluationError, match="index out of range"):
+            ev("scope.substring(3, 40) == ''")
