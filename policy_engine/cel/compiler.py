@@ -2063,7 +2063,15 @@ class _Compiler:
                 else:
                     node = _Node(_prepared(node.fn, prepare))
             nodes.append(node)
-        ctype = self.overload(function.name, function.signatures, argument_types, where)
+        if function.check is not None:
+            found = function.check(argument_types)
+            if found is None:
+                kinds = ", ".join(str(t) for t in argument_types)
+                message = f"no matching overload for '{function.name}' applied to ({kinds})"
+                found = self.refuse(message, where)
+            ctype = found
+        else:
+            ctype = self.overload(function.name, function.signatures, argument_types, where)
         if function.lazy:
             return _Node(_make_lazy_call(function.impl, nodes), ctype=ctype)
         if all(n.is_const for n in nodes):

@@ -18,7 +18,7 @@ from __future__ import annotations
 import ipaddress
 import re
 import threading
-from collections.abc import Callable, Hashable, Mapping
+from collections.abc import Callable, Hashable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta, timezone, tzinfo
 from decimal import ROUND_DOWN, Decimal
@@ -707,7 +707,9 @@ class Function:
     ``preparers[i]`` (when not None) converts argument ``i`` before ``impl`` sees it;
     ``signatures`` are its overloads (receiver first) as the load-time check knows them;
     a ``lazy`` function gets its last argument as a thunk to call only if it needs it
-    (cel-go's short-circuiting ``or``/``orValue``).
+    (cel-go's short-circuiting ``or``/``orValue``); ``check``, when set, types a call in
+    place of ``signatures`` (argument types -> result type, None when refused: variadic
+    functions such as ``math.greatest``).
     """
 
     name: str
@@ -718,6 +720,7 @@ class Function:
     preparers: tuple[Converter | None, ...] = ()
     signatures: tuple[Signature, ...] = ()
     lazy: bool = False
+    check: Callable[[Sequence[CelT]], CelT | None] | None = None
 
 
 def function(

@@ -6,12 +6,19 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 
-from policy_engine.cel.ext import optionals, strings
+from policy_engine.cel.ext import encoders, math, optionals, sets, strings
 from policy_engine.cel.functions import FUNCTIONS as STANDARD_FUNCTIONS
 from policy_engine.cel.functions import MACRO_ARITIES, Function
 
 EXTENSION_FUNCTIONS: Mapping[str, Function] = {
-    f.name: f for f in (*optionals.FUNCTIONS, *strings.FUNCTIONS)
+    f.name: f
+    for f in (
+        *optionals.FUNCTIONS,
+        *strings.FUNCTIONS,
+        *sets.FUNCTIONS,
+        *math.FUNCTIONS,
+        *encoders.FUNCTIONS,
+    )
 }
 
 FUNCTIONS: Mapping[str, Function] = {**STANDARD_FUNCTIONS, **EXTENSION_FUNCTIONS}

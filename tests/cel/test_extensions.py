@@ -126,3 +126,53 @@ class TestStrings:
     def test_an_index_out_of_range_fails_closed(self) -> None:
         with pytest.raises(CelEvaluationError, match="index out of range"):
             ev("scope.substring(3, 40) == ''")
+
+
+class TestSetsMathEncoders:
+    @pytest.mark.parametrize(
+        ("source", "expected"),
+        [
+            ('sets.intersects(subject.attributes.groups, ["ops", "sre"])', True),
+            ('sets.contains(subject.attributes.groups, ["eng"])', True),
+            ('sets.contains(["eng"], subject.attributes.groups)', False),
+            ('sets.equivalent(["ops", "eng", "eng"], subject.attributes.groups)', True),
+            ("sets.contains([1, 2.0], [2, 1u])", True),  # CEL equality across numbers
+            ("sets.intersects([true], [dyn(1)])", False),  # a bool is no number
+            ("sets.contains([1], [])", True),
+            ("math.greatest(subject.attributes.level, 2, 2.5)", 3),
+            ("math.least([5u, 3u])", 3),
+            ("math.abs(-3) + math.sign(-2)", 2),
+            ("math.round(2.5) == 3.0 && math.trunc(-2.7) == -2.0", True),
+            ("math.bitShiftRight(-1, 60)", 15),
+            ('base64.decode(base64.encode(b"\\x00\\xff")) == b"\\x00\\xff"', True),
+            ("base64.encode(bytes(scope))", "cmVwbzpyZWFk"),
+        ],
+    )
+    def test_values(self, source: str, expected: Any) -> None:
+        assert ev(source) == expected
+
+    @pytest.mark.parametrize(
+        ("source", "message"),
+        [
+            ('sets.contains(["a"], [1])', "'sets.contains' applied to (list(string), list(int))"),
+            ("sets.intersects(scope, [])", "'sets.intersects' applied to (string, list(dyn))"),
+            ('math.greatest(1, "a") == 1', "'math.greatest' applied to (int, string)"),
+            ("math.ceil(1) == 1.0", "'math.ceil' applied to (int)"),
+            ("math.bitAnd(1, 1u) == 1", "'math.bitAnd' applied to (int, uint)"),
+            ('base64.decode(b"x") == b""', "'base64.decode' applied to (bytes)"),
+        ],
+    )
+    def test_refused_at_load(self, source: str, message: str) -> None:
+        assert message in refused(source)
+
+    @pytest.mark.parametrize(
+        "source",
+        [
+            "math.greatest([]) == 1",
+            'base64.decode("!!") == b""',
+            "math.abs(-9223372036854775808) > 0",
+        ],
+    )
+    def test_errors_fail_closed(self, source: str) -> None:
+        with pytest.raises(CelEvaluationError):
+            ev(source)
