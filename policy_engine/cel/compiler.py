@@ -139,7 +139,7 @@ from lark.utils import TextSlice
 
 from policy_engine.cel.errors import CelCompileError, CelEvaluationError
 from policy_engine.cel.functions import MACRO_ARITIES, OPERATOR_SIGNATURES, Function
-from policy_engine.cel.library import EXTENSION_MACRO_ARITIES, FUNCTIONS
+from policy_engine.cel.library import EXTENSION_MACRO_ARITIES, FUNCTIONS, GLOBALS, METHODS
 from policy_engine.cel.literals import parse_int, parse_string, parse_uint
 from policy_engine.cel.types import (
     BOOL,
@@ -2005,9 +2005,9 @@ class _Compiler:
             # A namespaced function (``math.least``) takes precedence over a method call on a
             # variable of the namespace's name, as in cel-go.
             namespace = self._namespace(receiver)
-            if namespace is not None and f"{namespace}.{name}" in FUNCTIONS:
+            if namespace is not None and f"{namespace}.{name}" in GLOBALS:
                 return self._call_function(
-                    f"{namespace}.{name}", FUNCTIONS[f"{namespace}.{name}"], name_token, None, args
+                    f"{namespace}.{name}", GLOBALS[f"{namespace}.{name}"], name_token, None, args
                 )
         if receiver is not None and name in _COMPREHENSIONS:
             return self._comprehension(name, name_token, receiver, args)
@@ -2015,7 +2015,7 @@ class _Compiler:
             return self._optional_map(name, name_token, receiver, args)
         if receiver is None and name == "has":
             return self._has(name_token, args)
-        function = FUNCTIONS.get(name)
+        function = (GLOBALS if receiver is None else METHODS).get(name) or FUNCTIONS.get(name)
         if function is None:
             if name in MACRO_ARITIES:
                 style = "a function: has(a.b)" if name == "has" else f"a method: list.{name}(...)"

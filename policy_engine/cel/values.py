@@ -199,26 +199,25 @@ _KIND_TYPE_NAMES = {
     "duration": "google.protobuf.Duration",
 }
 #: The type denotations an expression may name, by name.
-TYPES: Mapping[str, CelType] = MappingProxyType(
-    {
-        name: CelType(name)
-        for name in (
-            "int",
-            "uint",
-            "double",
-            "bool",
-            "string",
-            "bytes",
-            "list",
-            "map",
-            "null_type",
-            "type",
-            "google.protobuf.Timestamp",
-            "google.protobuf.Duration",
-            "optional_type",
-        )
-    }
-)
+_TYPES: dict[str, CelType] = {
+    name: CelType(name)
+    for name in (
+        "int",
+        "uint",
+        "double",
+        "bool",
+        "string",
+        "bytes",
+        "list",
+        "map",
+        "null_type",
+        "type",
+        "google.protobuf.Timestamp",
+        "google.protobuf.Duration",
+        "optional_type",
+    )
+}
+TYPES: Mapping[str, CelType] = MappingProxyType(_TYPES)
 
 
 def type_named(name: str) -> CelType | None:
@@ -259,6 +258,16 @@ _KIND_BY_TYPE: dict[type, str] = {
 _TYPES_BY_KIND: dict[str, tuple[type, ...]] = {}
 for _type, _kind in _KIND_BY_TYPE.items():
     _TYPES_BY_KIND[_kind] = (*_TYPES_BY_KIND.get(_kind, ()), _type)
+
+
+def register_type(python_type: type, name: str) -> CelType:
+    """Make ``python_type``'s values CEL values of the type ``name`` (an extension library's
+    own type, such as ``net.IP``): ``type(x)`` and ``kind_of`` name it, and ``name`` is a
+    type denotation. Called once, at import."""
+    _KIND_BY_TYPE[python_type] = name
+    _TYPES_BY_KIND[name] = (*_TYPES_BY_KIND.get(name, ()), python_type)
+    return _TYPES.setdefault(name, CelType(name))
+
 
 NUMERIC_KINDS = frozenset({"int", "uint", "double"})
 _ORDERED_KINDS = frozenset(

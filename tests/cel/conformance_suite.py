@@ -59,7 +59,13 @@ CORE_FILES = (
 )
 
 #: The extension libraries' files (cel-go's ``ext`` packages) the project supports.
-EXTENSION_FILES = ("optionals", "string_ext", "math_ext", "encoders_ext")
+EXTENSION_FILES = (
+    "optionals",
+    "string_ext",
+    "math_ext",
+    "encoders_ext",
+    "network_ext",
+)
 ALL_FILES = CORE_FILES + EXTENSION_FILES
 
 #: What an internal fault looks like once the evaluator has wrapped it (values.as_cel_error).

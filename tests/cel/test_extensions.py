@@ -176,3 +176,43 @@ class TestSetsMathEncoders:
     def test_errors_fail_closed(self, source: str) -> None:
         with pytest.raises(CelEvaluationError):
             ev(source)
+
+
+class TestNetwork:
+    @pytest.mark.parametrize(
+        ("source", "expected"),
+        [
+            ('cidr("10.0.0.0/8").containsIP(context.client_ip)', True),
+            ('cidr("10.0.0.0/8").containsIP(ip(context.client_ip))', True),
+            ('context.client_ip.inCidr("10.0.0.0/8")', True),  # the project's alias stays
+            ('inCidr(context.client_ip, "192.168.0.0/16")', False),
+            ("isIP(context.client_ip) && ip(context.client_ip).family() == 4", True),
+            ("ip(context.client_ip).isGlobalUnicast()", True),  # private is global to Go
+            ('cidr("10.1.2.3/8").masked() == cidr("10.0.0.0/8")', True),
+            ('string(cidr("10.1.2.3/8").ip())', "10.1.2.3"),
+            ('ip("::ffff:a01:203") == ip(context.client_ip)', True),
+            ('type(ip("::1")) == net.IP', True),
+        ],
+    )
+    def test_values(self, source: str, expected: Any) -> None:
+        assert ev(source) == expected
+
+    @pytest.mark.parametrize(
+        ("source", "message"),
+        [
+            ("isIP(cidr('10.0.0.0/8'))", "'isIP' applied to (net.CIDR)"),
+            ("ip(context.client_ip).containsIP(scope)", "'containsIP' applied to (net.IP, string)"),
+            ('cidr("10.0.0.0/8").containsCIDR(1)', "'containsCIDR' applied to (net.CIDR, int)"),
+        ],
+    )
+    def test_refused_at_load(self, source: str, message: str) -> None:
+        assert message in refused(source)
+
+    @pytest.mark.parametrize("text", ["10.0.0.1.5", "fe80::1%en0", "::ffff:10.0.0.1", ""])
+    def test_a_bad_address_fails_closed(self, text: str) -> None:
+        act = {**ACTIVATION, "context": {**ACTIVATION["context"], "client_ip": text}}
+        compiled = compile_expression(
+            'cidr("10.0.0.0/8").containsIP(context.client_ip)', CEL_DECLARATIONS
+        )
+        with pytest.raises(CelEvaluationError, match="invalid IP address"):
+            compiled.evaluate(act)
