@@ -206,6 +206,7 @@ def watch_tree(
     when established, covering changes made before it was in place. When inotify itself
     cannot be used (e.g. fs.inotify.max_user_instances reached) it logs and retries.
     """
+    missing = f"the policy directory {root} is missing"
     reported_missing = False
     unwatchable = ""  # why inotify refused, while it does (said once, not every retry)
     while not stop.is_set():
@@ -213,9 +214,7 @@ def watch_tree(
         if identity is None:
             if not reported_missing:
                 reported_missing = True
-                yield WatchNotice(
-                    f"{root} is missing", problem=f"the policy directory {root} is missing"
-                )
+                yield WatchNotice(f"{root} is missing", problem=missing)
             stop.wait(MISSING_POLL_SECONDS)
             continue
         if reported_missing:
@@ -239,9 +238,10 @@ def watch_tree(
             yield WatchNotice(f"watching {root}")
             while not stop.is_set():
                 change = tree.next_change(stop, debounce_ms)
-                if change:
-                    yield change
                 now = _identity(root)
+                if change:
+                    # A change that took the directory away says so: it is its notice too.
+                    yield WatchNotice(change, problem=missing) if now is None else change
                 if now != identity:
                     if now is None:
                         reported_missing = change is not None
