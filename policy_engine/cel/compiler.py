@@ -1473,6 +1473,94 @@ def _build_collect(
     return collect
 
 
+# The two-variable comprehensions and their argument counts (variables included).
+_TWO_VARIABLE: dict[str, tuple[int, ...]] = {
+    "all": (3,),
+    "exists": (3,),
+    "existsOne": (3,),
+    "transformList": (3, 4),
+    "transformMap": (3, 4),
+}
+
+
+def _pairs(value: Any, name: str) -> list[tuple[Any, Any]]:
+    """(index, element) of a list, (key, value) of a map."""
+    items = _iterable(value, name)
+    if kind_of(items) == "map":
+        return list(items.items())
+    return list(enumerate(items))
+
+
+def _build_two_variable(
+    name: str,
+    target: Evaluator,
+    variables: tuple[str, str],
+    new_frame: Evaluator,
+    bodies: tuple[Evaluator, ...],
+) -> Evaluator:
+    """The evaluator of a two-variable comprehension (see _Compiler._comprehension2)."""
+    first, second = variables
+    if name in ("all", "exists"):
+        decisive = name == "exists"
+        predicate = bodies[0]
+
+        def quantifier(act: Any) -> bool:
+            pairs = _pairs(target(act), name)
+            frame = new_frame(act)
+            _charge(frame, pairs, name)
+            error: BaseException | None = None
+            for a, b in pairs:
+                frame[first], frame[second] = a, b
+                try:
+                    value = predicate(frame)
+                except Exception as exc:
+                    if error is None:
+                        error = exc
+                    continue
+                if value is decisive:
+                    return decisive
+                if value is not (not decisive) and error is None:
+                    error = no_overload(name, value)
+            if error is not None:
+                raise as_cel_error(error)
+            return not decisive
+
+        return quantifier
+
+    def collect(act: Any) -> Any:
+        pairs = _pairs(target(act), name)
+        frame = new_frame(act)
+        _charge(frame, pairs, name)
+        count = 0
+        out_list: list[Any] = []
+        out_map: list[tuple[Any, Any]] = []
+        for a, b in pairs:
+            frame[first], frame[second] = a, b
+            if name == "existsOne":
+                value = bodies[0](frame)
+                if value is True:
+                    count += 1
+                elif value is not False:
+                    raise no_overload(name, value)
+                continue
+            if len(bodies) == 2:
+                keep = bodies[0](frame)
+                if keep is False:
+                    continue
+                if keep is not True:
+                    raise no_overload(name, keep)
+            result = bodies[-1](frame)
+            if name == "transformList":
+                out_list.append(result)
+            else:
+                out_map.append((a, result))
+        if name == "existsOne":
+            return count == 1
+        return out_list if name == "transformList" else build_map(out_map)
+
+    return collect
+
+
 _COMPREHENSIONS: dict[str, MacroBuilder] = {
     "all": _quantifier(decisive=False),
     "exists": _quantifier(decisive=True),
@@ -1498,6 +1586,7 @@ class _Compiler:
         self.referenced: set[str] = set()
         self.loop_vars: tuple[str, ...] = ()  # enclosing comprehension variables, innermost last
         self.loop_types: tuple[CelT, ...] = ()  # their static types, in the same order
+        self.comprehensions = 0  # enclosing comprehensions (loops, not cel.bind or optMap)
         self.nodes = 0
         self.depth = 0
         # Sharing a shape's compilation (see the module doc): subtrees compiled already, by
@@ -2001,6 +2090,7 @@ class _Compiler:
 
     def _call(self, name_token: Token, receiver: Tree | None, args: list[Tree]) -> _Node:
         name = str(name_token)
+        namespace = None
         if receiver is not None:
             # A namespaced function (``math.least``) takes precedence over a method call on a
             # variable of the namespace's name, as in cel-go.
@@ -2009,10 +2099,18 @@ class _Compiler:
                 return self._call_function(
                     f"{namespace}.{name}", GLOBALS[f"{namespace}.{name}"], name_token, None, args
                 )
+        if receiver is not None and namespace == "cel" and name == "bind":
+            return self._bind(name_token, args)
+        if receiver is not None and name in _TWO_VARIABLE and len(args) in _TWO_VARIABLE[name]:
+            return self._comprehension2(name, name_token, receiver, args)
+        if receiver is not None and name == "existsOne":  # cel-go's name for exists_one
+            return self._comprehension("exists_one", name_token, receiver, args)
         if receiver is not None and name in _COMPREHENSIONS:
             return self._comprehension(name, name_token, receiver, args)
-        if receiver is not None and name in EXTENSION_MACRO_ARITIES:
+        if receiver is not None and name in ("optMap", "optFlatMap"):
             return self._optional_map(name, name_token, receiver, args)
+        if receiver is not None and name in ("transformList", "transformMap"):
+            self._check_arity(name, name_token, _TWO_VARIABLE[name], len(args))
         if receiver is None and name == "has":
             return self._has(name_token, args)
         function = (GLOBALS if receiver is None else METHODS).get(name) or FUNCTIONS.get(name)
@@ -2115,13 +2213,7 @@ class _Compiler:
         if target.ctype.kind not in ("optional_type", "dyn"):
             self.refuse(f"{name}() needs an optional, not '{target.ctype}'", target_tree)
         new_frame = _nested_frame if self.loop_vars else _top_frame
-        self.loop_vars += (variable,)
-        self.loop_types += (_unwrap(target.ctype),)
-        try:
-            body = self.compile(args[1])
-        finally:
-            self.loop_vars = self.loop_vars[:-1]
-            self.loop_types = self.loop_types[:-1]
+        (body,) = self._scoped(((variable, _unwrap(target.ctype)),), args[1:], loop=False)
         flat = name == "optFlatMap"
         if flat and body.ctype.kind not in ("optional_type", "dyn"):
             self.refuse(f"optFlatMap() needs an optional result, not '{body.ctype}'", args[1])
@@ -2156,6 +2248,97 @@ class _Compiler:
 
         return _Node(optional_map, ctype=ctype)
 
+    def _check_nesting(self, name_token: Token) -> None:
+        if self.comprehensions + 1 > self.limits.max_comprehension_nesting:
+            raise self.error(
+                f"comprehensions nested more than {self.limits.max_comprehension_nesting} deep",
+                name_token,
+            )
+
+    def _scoped(
+        self, variables: tuple[tuple[str, CelT], ...], bodies: list[Tree], loop: bool
+    ) -> list[_Node]:
+        """``bodies`` compiled with ``variables`` (name, type) in scope."""
+        count = len(variables)
+        self.loop_vars += tuple(name for name, _ in variables)
+        self.loop_types += tuple(ctype for _, ctype in variables)
+        self.comprehensions += loop
+        try:
+            return [self.compile(body) for body in bodies]
+        finally:
+            self.loop_vars = self.loop_vars[:-count]
+            self.loop_types = self.loop_types[:-count]
+            self.comprehensions -= loop
+
+    def _variable_name(self, name: str, tree: Tree) -> str:
+        variable_tree = _descend(tree)
+        if variable_tree.data != "ident":
+            raise self.error(f"{name}() needs a simple variable name first", tree)
+        return str(variable_tree.children[0])
+
+    def _bind(self, name_token: Token, args: list[Tree]) -> _Node:
+        """``cel.bind(v, init, e)``: ``e`` with ``v`` bound to ``init`` (evaluated once)."""
+        self._check_arity("cel.bind", name_token, (3,), len(args))
+        variable = self._variable_name("cel.bind", args[0])
+        init = self.compile(args[1])
+        new_frame = _nested_frame if self.loop_vars else _top_frame
+        (body,) = self._scoped(((variable, init.ctype),), args[2:], loop=False)
+
+        def bind(
+            act: Any,
+            init: Evaluator = init.fn,
+            variable: str = variable,
+            new_frame: Evaluator = new_frame,
+            body: Evaluator = body.fn,
+        ) -> Any:
+            value = init(act)
+            frame = new_frame(act)
+            frame[variable] = value
+            return body(frame)
+
+        return _Node(bind, ctype=body.ctype)
+
+    def _comprehension2(
+        self, name: str, name_token: Token, target_tree: Tree, args: list[Tree]
+    ) -> _Node:
+        """The two-variable comprehensions (cel-go's ext.TwoVarComprehensions): ``all``,
+        ``exists``, ``existsOne`` (``(i, v, p)``), ``transformList`` and ``transformMap``
+        (``(i, v[, filter], e)``); ``i``/``v`` are a list's index and element or a map's key
+        and value."""
+        first = self._variable_name(name, args[0])
+        second = self._variable_name(name, args[1])
+        if first == second:
+            raise self.error(f"{name}() needs two different variable names", args[1])
+        target = self.compile(target_tree)
+        self._check_nesting(name_token)
+        new_frame = _nested_frame if self.loop_vars else _top_frame
+        kind = target.ctype.kind
+        if kind == "list":
+            types = (INT, target.ctype.params[0])
+        elif kind == "map":
+            types = (target.ctype.params[0], target.ctype.params[1])
+        else:
+            if kind != "dyn":
+                self.refuse(
+                    f"{name}() cannot range over a value of type '{target.ctype}'", target_tree
+                )
+            types = (DYN, DYN)
+        bodies = self._scoped(((first, types[0]), (second, types[1])), args[2:], loop=True)
+        transform = name.startswith("transform")
+        predicates = bodies[:-1] if transform else bodies
+        for body, body_tree in zip(predicates, args[2:], strict=False):
+            if body.ctype not in (BOOL, DYN):
+                self.refuse(f"{name}() needs a bool predicate, not '{body.ctype}'", body_tree)
+        if name == "transformList":
+            ctype = list_of(bodies[-1].ctype)
+        elif name == "transformMap":
+            ctype = map_of(types[0], bodies[-1].ctype)
+        else:
+            ctype = BOOL
+        fns = tuple(body.fn for body in bodies)
+        build = _build_two_variable(name, target.fn, (first, second), new_frame, fns)
+        return _Node(build, ctype=ctype)
+
     def _comprehension(
         self, name: str, name_token: Token, target_tree: Tree, args: list[Tree]
     ) -> _Node:
@@ -2165,23 +2348,12 @@ class _Compiler:
             raise self.error(f"{name}() needs a simple variable name first", args[0])
         variable = str(variable_tree.children[0])
         target = self.compile(target_tree)
-        nesting = len(self.loop_vars) + 1
-        if nesting > self.limits.max_comprehension_nesting:
-            raise self.error(
-                f"comprehensions nested more than {self.limits.max_comprehension_nesting} deep",
-                name_token,
-            )
+        self._check_nesting(name_token)
         new_frame = _nested_frame if self.loop_vars else _top_frame
         if target.ctype.kind not in ("list", "map", "dyn"):
             self.refuse(f"{name}() cannot range over a value of type '{target.ctype}'", target_tree)
         element = elements(target.ctype)
-        self.loop_vars += (variable,)
-        self.loop_types += (element,)
-        try:
-            bodies = [self.compile(body) for body in args[1:]]
-        finally:
-            self.loop_vars = self.loop_vars[:-1]
-            self.loop_types = self.loop_types[:-1]
+        bodies = self._scoped(((variable, element),), args[1:], loop=True)
         # Every body but map's transform is a predicate.
         predicates = bodies if name != "map" else bodies[:-1]
         for body, body_tree in zip(predicates, args[1:], strict=False):

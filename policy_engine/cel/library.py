@@ -58,6 +58,10 @@ FUNCTIONS: Mapping[str, Function] = {**GLOBALS, **METHODS}
 EXTENSION_MACRO_ARITIES: Mapping[str, tuple[int, ...]] = {
     "optMap": (2,),
     "optFlatMap": (2,),
+    "existsOne": (2, 3),
+    "transformList": (3, 4),
+    "transformMap": (3, 4),
+    "cel.bind": (3,),
 }
 
 FUNCTION_NAMES: frozenset[str] = (

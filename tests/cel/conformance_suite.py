@@ -65,6 +65,8 @@ EXTENSION_FILES = (
     "math_ext",
     "encoders_ext",
     "network_ext",
+    "bindings_ext",
+    "macros2",
 )
 ALL_FILES = CORE_FILES + EXTENSION_FILES
 

@@ -216,3 +216,35 @@ class TestNetwork:
         )
         with pytest.raises(CelEvaluationError, match="invalid IP address"):
             compiled.evaluate(act)
+
+
+class TestComprehensionsAndBind:
+    @pytest.mark.parametrize(
+        ("source", "expected"),
+        [
+            ('subject.attributes.groups.exists(i, g, i == 0 && g == "eng")', True),
+            ('subject.attributes.all(k, v, k != "")', True),
+            ("subject.attributes.groups.transformList(i, g, g + string(i))", ["eng0", "ops1"]),
+            ("subject.attributes.groups.transformMap(i, g, i > 0, g)", {1: "ops"}),
+            ('subject.attributes.groups.existsOne(g, g == "ops")', True),
+            ('cel.bind(g, subject.attributes.groups, "eng" in g && size(g) == 2)', True),
+            ('cel.bind(p, scope.split(":"), p[0] + "/" + p[1])', "repo/read"),
+        ],
+    )
+    def test_values(self, source: str, expected: Any) -> None:
+        assert ev(source) == expected
+
+    @pytest.mark.parametrize(
+        ("source", "message"),
+        [
+            ('[1].exists(i, v, v == "a")', "'==' applied to (int, string)"),
+            ("scope.all(i, v, true)", "all() cannot range over a value of type 'string'"),
+            ("[1].transformList(i, v, i, v) == []", "transformList() needs a bool predicate"),
+            ("[1].exists(i, i, true)", "exists() needs two different variable names"),
+            ("[1].transformList(i, v) == []", "wrong number of arguments to 'transformList'"),
+            ("cel.bind(n, 1, n + scope) == ''", "'+' applied to (int, string)"),
+            ("[[1]].all(a, b, b.all(c, d, c.all(e, f, true)))", "comprehensions nested more"),
+        ],
+    )
+    def test_refused_at_load(self, source: str, message: str) -> None:
+        assert message in refused(source)
