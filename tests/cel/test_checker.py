@@ -315,14 +315,36 @@ def _known_extension(source: str) -> bool:
     return source in ("li[u]", "ls[u]", "int(r)", "duration(i)")
 
 
-def test_same_refusals_as_the_cpp_checker_on_the_conformance_cases() -> None:
+def _cpp_extensions() -> list[Any]:
+    from cel_expr_python.ext import ext_bindings, ext_encoders, ext_math, ext_optional, ext_strings
+
+    return [
+        ext_strings.ExtStrings(),
+        ext_math.ExtMath(),
+        ext_optional.ExtOptional(),
+        ext_encoders.ExtEncoders(),
+        ext_bindings.ExtBindings(),
+    ]
+
+
+# The extension files whose libraries the C++ runtime has (not network_ext nor macros2).
+_CPP_EXTENSION_FILES = ("optionals", "string_ext", "math_ext", "encoders_ext", "bindings_ext")
+
+
+@pytest.mark.parametrize("files", [CORE_FILES, _CPP_EXTENSION_FILES], ids=["core", "extensions"])
+def test_same_refusals_as_the_cpp_checker_on_the_conformance_cases(
+    files: tuple[str, ...],
+) -> None:
+    extensions = _cpp_extensions() if files is _CPP_EXTENSION_FILES else []
     disagreements = []
-    for case in load_cases(CORE_FILES):
+    for case in load_cases(files):
         if case.disable_check:
             continue
         names = dict.fromkeys((*case.names, *case.bindings), None)
         options: dict[str, Any] = {"container": case.container} if case.container else {}
-        env = cel.NewEnv(variables=dict.fromkeys(names, cel.Type.DYN), **options)
+        env = cel.NewEnv(
+            variables=dict.fromkeys(names, cel.Type.DYN), extensions=extensions, **options
+        )
         declarations = Declarations(names, container=case.container)
         try:
             compile_expression(case.expr, declarations)
