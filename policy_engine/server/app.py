@@ -49,6 +49,7 @@ from policy_engine.api import pdp_pb2, pdp_pb2_grpc
 from policy_engine.audit import AuditLog
 from policy_engine.auth.keys import RemoteKeySets
 from policy_engine.cache import DecisionCache, load_signing_keys, redis_level_on
+from policy_engine.cli.early import EXIT_INTERRUPTED
 from policy_engine.config import (
     ZONED_TIME_FORM,
     ConfigError,
@@ -85,7 +86,6 @@ Mode = Literal["policy", "empty"]
 STOP_GRACE_SECONDS = 5.0
 AUDIT_CLOSE_SECONDS = 10.0  # after the grace period: the audit queue and sinks drain
 EXIT_WORKER_FAILED = 1
-EXIT_INTERRUPTED = 130  # 128 + SIGINT: a Ctrl-C before the server could stop gracefully
 LOOP_START_SECONDS = 10.0
 
 
