@@ -34,6 +34,17 @@ celpy ``InterpretedRunner``        566
 Compiling that expression takes ~0.6 ms (almost all of it lark parsing); building the parser
 once per process takes ~0.25 s, on first use.
 
+Type checking
+-------------
+Every compiled node carries its static type (:mod:`policy_engine.cel.types`), inferred from
+its children as the node is built: literals, declared variables (``Declarations.types``,
+dyn when absent), field selection, and each operator's and function's overloads
+(``OPERATOR_SIGNATURES``, ``Function.signatures``). With ``Declarations.checked`` a call with
+no overload for the known argument types is a compile error at the call's position, as with
+cel-go's checker; an operand of type dyn matches any overload, so attributes are checked
+when evaluated (fail closed). A type never depends on a literal's value, only on its token
+type, so the shared shapes below carry their types with their closures.
+
 Sharing parses
 --------------
 Large policy sets hold thousands of conditions of a few shapes that differ only in their
