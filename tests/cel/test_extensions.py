@@ -146,6 +146,7 @@ class TestSetsMathEncoders:
             ("math.bitShiftRight(-1, 60)", 15),
             ('base64.decode(base64.encode(b"\\x00\\xff")) == b"\\x00\\xff"', True),
             ("base64.encode(bytes(scope))", "cmVwbzpyZWFk"),
+            ('base64.decode("YQ") == base64.decode("YQ==\\n")', True),
         ],
     )
     def test_values(self, source: str, expected: Any) -> None:
@@ -170,6 +171,7 @@ class TestSetsMathEncoders:
         [
             "math.greatest([]) == 1",
             'base64.decode("!!") == b""',
+            'base64.decode("YQ=") == b"a"',
             "math.abs(-9223372036854775808) > 0",
         ],
     )

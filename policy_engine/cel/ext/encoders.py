@@ -21,13 +21,17 @@ def base64_encode(value: Any) -> str:
 
 
 def base64_decode(value: Any) -> bytes:
-    """``base64.decode(s)``: the bytes of standard base64 text, padded or not; an error for
-    anything else."""
+    """``base64.decode(s)``: the bytes of standard base64 text, padded or not (line breaks
+    skipped); an error for anything else."""
     if kind_of(value) != "string":
         raise no_overload("base64.decode", value)
-    text = str(value)
+    # Go's decoder skips line breaks; unpadded text (RawStdEncoding) is padded here, and
+    # text with some but not all of its padding is refused, as in cel-go.
+    text = str(value).replace("\r", "").replace("\n", "")
+    if "=" not in text:
+        text += "=" * (-len(text) % 4)
     try:
-        return base64.b64decode(text + "=" * (-len(text) % 4), validate=True)
+        return base64.b64decode(text, validate=True)
     except (binascii.Error, ValueError):
         raise CelEvaluationError("base64.decode(): invalid base64 text") from None
 

@@ -10,13 +10,13 @@ from __future__ import annotations
 import math
 import re
 from collections.abc import Callable, Sequence
-from decimal import Decimal
 from typing import Any
 
 from policy_engine.cel.errors import CelEvaluationError
 from policy_engine.cel.functions import (
     A,
     Function,
+    format_double,
     format_duration,
     format_timestamp,
     function,
@@ -167,12 +167,9 @@ def _special_double(value: float) -> str | None:
 
 
 def _plain_double(value: float) -> str:
-    """A double as cel-go's %s prints it: shortest digits, no exponent."""
+    """A double as %s prints it: as ``string(x)`` does, but NaN and Infinity by name."""
     special = _special_double(value)
-    if special is not None:
-        return special
-    text = format(Decimal(repr(value)), "f")
-    return text[:-2] if text.endswith(".0") else text
+    return special if special is not None else format_double(value)
 
 
 def _as_string(value: Any, top: bool = True) -> str:
