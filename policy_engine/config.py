@@ -354,6 +354,7 @@ class AuditSettings:
     checkpoint_every: NonNegative = 1000  # records between signed checkpoints (0: only by time)
     checkpoint_seconds: SecondsOrOff = 10.0  # at most this long between checkpoints (0: by count)
     signing_key_file: str = ""  # PEM Ed25519 private key (pdp audit keygen); empty: unsigned
+    required: Flag = False  # health NOT_SERVING while a sink cannot write
 
 
 @dataclass(frozen=True, slots=True)

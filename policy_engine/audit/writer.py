@@ -26,11 +26,12 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import threading
 import time
 from collections import deque
-from collections.abc import Callable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -203,6 +204,15 @@ def _check(settings: AuditSettings) -> None:
     for name in ("queue_size", "sink_buffer"):
         if getattr(settings, name) < 1:
             raise ConfigError(f"setting audit.{name}: must be at least 1")
+
+
+def _on_event_loop() -> bool:
+    """Is the caller running on an asyncio event loop's thread?"""
+    try:
+        asyncio.get_running_loop()
+    except RuntimeError:
+        return False
+    return True
 
 
 class AuditLog:
@@ -402,11 +412,42 @@ class AuditLog:
         self._count_drop("queue", "closed")
         return True
 
+    def admit(self, count: int, deadline: float | None) -> Awaitable[None] | None:
+        """None when `count` records fit in the queue now, or when the log would not wait for
+        them (`when_full: drop`, disabled, closing); else a coroutine, for the asyncio
+        pipeline to await before it queues them, that waits until they fit, for at most
+        `block_timeout_ms` and never past `deadline` (`time.monotonic()` s). Records that still
+        do not fit afterwards are dropped (counted) when queued: the loop never blocks."""
+        if (
+            not self.enabled
+            or self._block <= 0
+            or self._closing
+            or len(self._queue) + count <= self._max
+        ):
+            return None
+        return self._room_for(count, deadline)
+
+    async def _room_for(self, count: int, deadline: float | None) -> None:
+        metrics.AUDIT_BLOCKED.inc()
+        until = time.monotonic() + self._block
+        if deadline is not None:
+            until = min(until, deadline)
+        pause = 0.0005
+        # Polling: the writer threads free room without knowing about the loop, and this
+        # only runs while the queue is full.
+        while len(self._queue) + min(count, self._max) > self._max and not self._closing:
+            remaining = until - time.monotonic()
+            if remaining <= 0:
+                return
+            await asyncio.sleep(min(pause, remaining))
+            pause = min(pause * 2, 0.005)
+
     def _wait_for_room(self) -> bool:
         if self._closing and self._drained:
             self._count_drop("queue", "closed")
             return False
-        if self._block <= 0:
+        if self._block <= 0 or _on_event_loop():
+            # On the event loop the wait was `admit`'s: blocking here would stall every call.
             self._count_drop("queue", "queue_full")
             return False
         metrics.AUDIT_BLOCKED.inc()

@@ -43,7 +43,7 @@ import asyncio
 import logging
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import replace
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any, Protocol
@@ -136,7 +136,15 @@ class DecisionStore(Protocol):
 class Observer(Protocol):
     """Sees every call's outcomes once, before the answer is returned (the audit recorder
     queues records, the metrics count decisions). It must not block: it runs on the request
-    path. An exception fails the call (an audit log that must not lose records says so)."""
+    path, on the event loop. An exception fails the call (an audit log that must not lose
+    records says so).
+
+    `admit(count, deadline)` comes first: None when `count` outcomes can be observed at
+    once, else an awaitable the pipeline awaits before `observe` (the audit log waiting for
+    room in its queue, `when_full: block`), which must end by `deadline` (a
+    `time.monotonic()` instant; None: none) and never raise."""
+
+    def admit(self, count: int, deadline: float | None) -> Awaitable[None] | None: ...
 
     def observe(self, decisions: Decisions) -> None: ...
 
@@ -211,6 +219,9 @@ class DecisionMetrics:
             for number, name in self._names.items()
             for code in ("", *(c.value for c in ErrorCode))
         }
+
+    def admit(self, count: int, deadline: float | None) -> None:
+        return None  # counting never waits
 
     def observe(self, decisions: Decisions) -> None:
         outcomes = decisions.outcomes
@@ -352,6 +363,10 @@ class Decider:
                 keys, hits = await self._lookup(cache, items, ids, policies, now_ts, deadline)
             decisions = self._decide(items, ids, keys, hits, policies, now, now_ts, started)
         for observer in self.observers:
+            # Waiting for room happens here, off the loop's back (an observer never blocks).
+            admission = observer.admit(len(items), deadline)
+            if admission is not None:
+                await admission
             observer.observe(decisions)
         return decisions
 

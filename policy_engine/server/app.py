@@ -507,7 +507,11 @@ def build_components(
         _add_health_server(running, settings)
         return running
 
-    audit = AuditLog(settings.audit, worker=worker) if settings.audit.enabled else None
+    audit = (
+        AuditLog(settings.audit, worker=worker, required=settings.audit.required)
+        if settings.audit.enabled
+        else None
+    )
     cache = cache_from_settings(settings)
     jwks = RemoteKeySets()
     store = PolicyStore(

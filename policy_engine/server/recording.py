@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import threading
 import time
+from collections.abc import Awaitable
 from functools import partial
 
 from policy_engine.api import pdp_pb2
@@ -135,6 +136,10 @@ class DecisionRecorder:
             latency_ms=(time.perf_counter() - started) * 1000,
             at=at,
         )
+
+    def admit(self, count: int, deadline: float | None) -> Awaitable[None] | None:
+        """The audit log's wait for room for `count` records (`AuditLog.admit`)."""
+        return self._audit.admit(count, deadline)
 
     def observe(self, decisions: Decisions) -> None:
         """Queue one record per outcome, in order (the pipeline's observer entry)."""

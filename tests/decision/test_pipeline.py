@@ -52,6 +52,9 @@ class Seen:
     def __init__(self) -> None:
         self.calls: list[Decisions] = []
 
+    def admit(self, count: int, deadline: float | None) -> None:
+        return None
+
     def observe(self, decisions: Decisions) -> None:
         self.calls.append(decisions)
 
