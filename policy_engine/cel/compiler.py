@@ -1484,6 +1484,10 @@ def _build_collect(
     return collect
 
 
+# The last part of every namespaced function's name (``of`` of ``optional.of``), and bind:
+# only a method call of one of these names may be a namespaced call.
+_NAMESPACED = frozenset(name.rpartition(".")[2] for name in GLOBALS if "." in name) | {"bind"}
+
 # The two-variable comprehensions and their argument counts (variables included).
 _TWO_VARIABLE: dict[str, tuple[int, ...]] = {
     "all": (3,),
@@ -2102,7 +2106,7 @@ class _Compiler:
     def _call(self, name_token: Token, receiver: Tree | None, args: list[Tree]) -> _Node:
         name = str(name_token)
         namespace = None
-        if receiver is not None:
+        if receiver is not None and name in _NAMESPACED:
             # A namespaced function (``math.least``) takes precedence over a method call on a
             # variable of the namespace's name, as in cel-go.
             namespace = self._namespace(receiver)

@@ -17,7 +17,7 @@ dyn.
 from __future__ import annotations
 
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 __all__ = [
     "BOOL",
@@ -51,6 +51,26 @@ class CelT:
     params: tuple[CelT, ...] = ()
     #: Known field names and types of a declared variable (a map with fixed keys), or None.
     fields: tuple[tuple[str, CelT], ...] | None = None
+    # Computed once: types are compared and hashed on every node a compile builds.
+    _hash: int = field(default=0, init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "_hash", hash((self.kind, self.params, self.fields)))
+
+    def __hash__(self) -> int:
+        return self._hash
+
+    def __eq__(self, other: object) -> bool:
+        if self is other:
+            return True
+        if type(other) is not CelT:
+            return NotImplemented
+        return (
+            self._hash == other._hash
+            and self.kind == other.kind
+            and self.params == other.params
+            and self.fields == other.fields
+        )
 
     def __str__(self) -> str:
         if self.kind == "list":
@@ -202,9 +222,28 @@ def join(types: Iterable[CelT]) -> CelT | None:
     return out
 
 
+# resolve()'s answers by (id of the signatures, argument types): the signatures are the
+# long-lived tables of the operators and functions, and a policy set asks the same few
+# questions thousands of times. Bounded; cleared when full.
+_RESOLVED: dict[tuple[int, tuple[CelT, ...]], tuple[Sequence[Signature], CelT | None]] = {}
+_MAX_RESOLVED = 4096
+
+
 def resolve(signatures: Sequence[Signature], arguments: Sequence[CelT]) -> CelT | None:
     """The result type of a call with ``arguments``: the common result of every overload
     they fit (dyn if those differ), or None when none fits (the checker's refusal)."""
+    key = (id(signatures), tuple(arguments))
+    known = _RESOLVED.get(key)
+    if known is not None and known[0] is signatures:
+        return known[1]
+    found = _resolve(signatures, key[1])
+    if len(_RESOLVED) >= _MAX_RESOLVED:
+        _RESOLVED.clear()
+    _RESOLVED[key] = (signatures, found)  # holding the signatures keeps their id unique
+    return found
+
+
+def _resolve(signatures: Sequence[Signature], arguments: Sequence[CelT]) -> CelT | None:
     results: list[CelT] = []
     for tag, signature in enumerate(signatures):
         wanted, result = _fresh(signature, tag)
