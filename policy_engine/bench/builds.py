@@ -15,9 +15,11 @@ from __future__ import annotations
 import contextlib
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -34,6 +36,7 @@ FIXED_IMPORT = "from policy_engine.api.kontext.pdp.v1 import"
 # The threaded server, the commit before grpc.aio (issue 11's comparison).
 PREVIOUS_SERVER_REF = "87f68df^"
 GIT_TIMEOUT_S = 120.0
+KILL_WAIT_S = 5.0
 
 
 class BuildError(RuntimeError):
@@ -53,11 +56,59 @@ class Build:
     env: dict[str, str] = field(default_factory=dict)  # for its server processes
 
 
+def _run(command: list[str], cwd: Path, env: dict[str, str] | None = None) -> _Done:
+    """Run `command` to its end (at most GIT_TIMEOUT_S), output captured, in a process group
+    of its own. Whatever interrupts the wait (Ctrl-C, the harness's SIGTERM, the timeout)
+    kills the whole group and waits until it is gone before going on: `git worktree add`
+    checks the files out in a child process, which, still writing, would refill the directory
+    the cleanup removes. Raises OSError when it cannot start."""
+    with subprocess.Popen(
+        command, cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        start_new_session=True,
+    ) as process:  # fmt: skip
+        try:
+            stdout, stderr = process.communicate(timeout=GIT_TIMEOUT_S)
+        except BaseException:
+            _kill_group(process)
+            raise
+    return _Done(process.returncode, stdout, stderr)
+
+
+def _kill_group(process: subprocess.Popen[str]) -> None:
+    """SIGKILL `process`'s group, reap it, and wait (up to KILL_WAIT_S) for the rest of the
+    group to be gone."""
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(process.pid, signal.SIGKILL)
+    process.wait()
+    deadline = time.monotonic() + KILL_WAIT_S
+    while _group_running(process.pid) and time.monotonic() < deadline:
+        time.sleep(0.01)
+
+
+def _group_running(pgid: int) -> bool:
+    """Whether any process of group `pgid` still runs (a zombie does not: it writes nothing,
+    and an orphan's may wait a while for its reaper)."""
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        with contextlib.suppress(OSError, ValueError, IndexError):
+            stat = (entry / "stat").read_text()
+            state, _, group = stat[stat.rindex(")") + 2 :].split()[:3]
+            if int(group) == pgid and state != "Z":
+                return True
+    return False
+
+
+@dataclass(frozen=True, slots=True)
+class _Done:
+    returncode: int
+    stdout: str
+    stderr: str
+
+
 def _git(repo: Path, *args: str) -> str:
     try:
-        done = subprocess.run(
-            ["git", *args], cwd=repo, capture_output=True, text=True, timeout=GIT_TIMEOUT_S
-        )
+        done = _run(["git", *args], repo)
     except (OSError, subprocess.TimeoutExpired) as exc:
         raise BuildError(f"git {' '.join(args)}: {exc}") from exc
     if done.returncode != 0:
@@ -87,12 +138,12 @@ def generate_stubs(root: Path) -> None:
         raise BuildError(f"{root}: no {PROTO} to generate the gRPC stubs from")
     (root / GENDIR).mkdir(parents=True, exist_ok=True)
     out = str(GENDIR)
-    done = subprocess.run(
+    done = _run(
         [
             sys.executable, "-m", "grpc_tools.protoc", "-Iprotos", f"--python_out={out}",
             f"--grpc_python_out={out}", f"--pyi_out={out}", str(PROTO),
         ],
-        cwd=root, capture_output=True, text=True, timeout=GIT_TIMEOUT_S,
+        root,
     )  # fmt: skip
     if done.returncode != 0:
         raise BuildError(f"protoc in {root}: {done.stderr.strip() or done.stdout.strip()}")
@@ -116,14 +167,7 @@ def check_imports_from(root: Path, env: dict[str, str]) -> None:
     """Fail unless a server process started in `root` with `env` imports `policy_engine` (and
     its stubs) from `root`, not from the editable install of this checkout."""
     probe = "import policy_engine.api as api; print(api.__file__)"
-    done = subprocess.run(
-        [sys.executable, "-c", probe],
-        cwd=root,
-        env={**os.environ, **env},
-        capture_output=True,
-        text=True,
-        timeout=GIT_TIMEOUT_S,
-    )
+    done = _run([sys.executable, "-c", probe], root, {**os.environ, **env})
     where = Path(done.stdout.strip() or "?").resolve()
     if done.returncode != 0 or root.resolve() not in where.parents:
         raise BuildError(
@@ -155,9 +199,16 @@ def previous(ref: str, repo: Path = REPO) -> Iterator[Build]:
 
 
 def remove_worktree(repo: Path, root: Path) -> None:
-    """Remove the worktree at `root` and its registration; never raises (a cleanup step)."""
+    """Remove the worktree at `root` and its registration; never raises (a cleanup step).
+
+    A `git worktree add` interrupted half way leaves its worktree locked ("initializing"),
+    which a single --force and `prune` both leave alone: hence the second --force, and the
+    unlock before pruning a registration whose directory is already gone.
+    """
     with contextlib.suppress(BuildError):
-        _git(repo, "worktree", "remove", "--force", str(root))
+        _git(repo, "worktree", "remove", "--force", "--force", str(root))
     shutil.rmtree(root, ignore_errors=True)
+    with contextlib.suppress(BuildError):
+        _git(repo, "worktree", "unlock", str(root))
     with contextlib.suppress(BuildError):
         _git(repo, "worktree", "prune")

@@ -15,13 +15,18 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from policy_engine.bench import procs
+from policy_engine.server import balance
 
 HEALTH_TIMEOUT_S = 30.0
 STOP_TIMEOUT_S = 20.0  # the server's own grace (5 s) plus the supervisor's slack
@@ -186,18 +191,37 @@ class RunningServer:
             )
 
 
-def _wait_healthy(server: RunningServer, timeout_s: float) -> None:
+def _wait_healthy(server: RunningServer, timeout_s: float, workers: int = 1) -> None:
+    """Until health says SERVING and, with several `workers`, every worker listens on the
+    port: health answers from whichever worker a connection reaches, and a worker still
+    starting would leave every connection of the load to the others."""
     deadline = time.monotonic() + timeout_s
     status: int | None = None
     while time.monotonic() < deadline:
         server.check_alive()
         status = _health(server.target, timeout_s=1.0)
         if status == health_pb2.HealthCheckResponse.SERVING:
+            break
+        time.sleep(0.1)
+    else:
+        raise ServerError(
+            f"server at {server.target} not SERVING after {timeout_s:.0f}s (last status "
+            f"{status}); last lines of {server.log_path}:\n{_tail(server.log_path)}"
+        )
+    if workers < 2:
+        return
+    port = int(server.target.rpartition(":")[2])
+    ready: dict[int, bool] = {}
+    while time.monotonic() < deadline:
+        server.check_alive()
+        found = [p for p in procs.workers(server.process.pid) if p != server.process.pid]
+        ready = balance.listening(port, found)
+        if len(ready) == workers and all(ready.values()):
             return
         time.sleep(0.1)
     raise ServerError(
-        f"server at {server.target} not SERVING after {timeout_s:.0f}s (last status {status}); "
-        f"last lines of {server.log_path}:\n{_tail(server.log_path)}"
+        f"server at {server.target}: {sum(ready.values())} of {workers} workers listening "
+        f"after {timeout_s:.0f}s; last lines of {server.log_path}:\n{_tail(server.log_path)}"
     )
 
 
@@ -213,6 +237,39 @@ def _stop(process: subprocess.Popen[bytes]) -> None:
         with contextlib.suppress(ProcessLookupError):
             os.killpg(process.pid, signal.SIGKILL)
         process.wait()
+
+
+SPAWN_WAIT_S = 10.0  # after a signal: how long to wait for a Popen under way to finish
+
+
+def _spawn(command: list[str], into: list[subprocess.Popen[bytes]], **options: Any) -> None:
+    """`subprocess.Popen` on a thread of its own, the process appended to `into`.
+
+    A signal (Ctrl-C, the harness's SIGTERM) raises in the main thread, and raised inside
+    Popen after its fork it would leave the child running with no one holding its pid. Here it
+    raises while the main thread waits; the wait for the Popen under way goes on (up to
+    SPAWN_WAIT_S, in case the thread never started), so the caller, who holds `into`, stops
+    whatever started.
+    """
+    failed: list[BaseException] = []
+    finished = threading.Event()
+
+    def start() -> None:
+        try:
+            into.append(subprocess.Popen(command, **options))
+        except BaseException as exc:
+            failed.append(exc)
+        finally:
+            finished.set()
+
+    thread = threading.Thread(target=start, name="spawn-server", daemon=True)
+    try:
+        thread.start()
+        finished.wait()
+    finally:
+        finished.wait(SPAWN_WAIT_S)
+    if failed:
+        raise failed[0]
 
 
 @contextlib.contextmanager
@@ -235,20 +292,23 @@ def running(
     target = f"127.0.0.1:{free_port()}"
     env = {**os.environ, **(extra_env or {}), **spec.environment(substitutions or {})}
     log_path.parent.mkdir(parents=True, exist_ok=True)
-    with log_path.open("wb") as log:
-        process = subprocess.Popen(
-            spec.command(target, options),
-            cwd=cwd,
-            env=env,
-            stdin=subprocess.DEVNULL,
-            stdout=log,
-            stderr=subprocess.STDOUT,
-            start_new_session=True,  # its own process group, so a hung one can be killed whole
-        )
-    server = RunningServer(target, process, log_path)
+    started: list[subprocess.Popen[bytes]] = []
     try:
-        _wait_healthy(server, health_timeout_s)
+        with log_path.open("wb") as log:
+            _spawn(
+                spec.command(target, options),
+                started,
+                cwd=cwd,
+                env=env,
+                stdin=subprocess.DEVNULL,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,  # its own process group: a hung one is killed whole
+            )
+        server = RunningServer(target, started[0], log_path)
+        _wait_healthy(server, health_timeout_s, spec.options(options).workers)
         yield server
         server.check_alive()
     finally:
-        _stop(process)
+        for process in started:
+            _stop(process)

@@ -51,6 +51,7 @@ WORKER_CONNECTION_AGE_MS = 30_000
 _PROC = Path("/proc")
 _TCP_TABLES = ("net/tcp", "net/tcp6")
 _ESTABLISHED = "01"
+_LISTEN = "0A"
 
 
 def connection_age_ms(workers: int, configured_ms: int) -> int:
@@ -69,9 +70,10 @@ def connection_age_ms(workers: int, configured_ms: int) -> int:
     return WORKER_CONNECTION_AGE_MS if workers > 1 else 0
 
 
-def _established_to(port: int) -> set[int]:
-    """Socket inodes of the server side of every established TCP connection to `port` (IPv4
-    and IPv6), from /proc/net/tcp{,6} of this network namespace."""
+def _sockets_on(port: int, state: str) -> set[int]:
+    """Inodes of the TCP sockets (IPv4 and IPv6) in `state` whose local port is `port`, from
+    /proc/net/tcp{,6} of this network namespace: the server side of connections to the port
+    (ESTABLISHED), or its listeners (LISTEN)."""
     wanted = f"{port:04X}"
     inodes: set[int] = set()
     for table in _TCP_TABLES:
@@ -83,8 +85,8 @@ def _established_to(port: int) -> set[int]:
             fields = line.split()
             # sl, local address:port (hex), remote, state, queues, timers, retransmits, uid,
             # timeout, inode
-            established = len(fields) > 9 and fields[3] == _ESTABLISHED
-            if established and fields[1].rpartition(":")[2] == wanted:
+            in_state = len(fields) > 9 and fields[3] == state
+            if in_state and fields[1].rpartition(":")[2] == wanted:
                 inodes.add(int(fields[9]))
     return inodes
 
@@ -105,5 +107,12 @@ def connections_by_pid(port: int, pids: Iterable[int]) -> dict[int, int]:
     """How many established connections to local `port` each process in `pids` holds right
     now (the workers' shares of the port's clients). Linux only; 0 for a process that is gone
     or whose file descriptors cannot be read."""
-    established = _established_to(port)
+    established = _sockets_on(port, _ESTABLISHED)
     return {pid: len(_socket_inodes(pid) & established) for pid in pids}
+
+
+def listening(port: int, pids: Iterable[int]) -> dict[int, bool]:
+    """Whether each process in `pids` has a socket listening on local `port` (a worker that
+    is still starting has none yet: the kernel gives it no connection)."""
+    listeners = _sockets_on(port, _LISTEN)
+    return {pid: bool(_socket_inodes(pid) & listeners) for pid in pids}

@@ -9,6 +9,7 @@ asserted (runs are tiny), only that every figure is there and every answer was c
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import signal
@@ -133,21 +134,34 @@ def test_a_bad_baseline_stops_the_run_before_any_row(capsys: pytest.CaptureFixtu
 
 @needs_h2load
 @pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM])
-def test_ctrl_c_or_sigterm_removes_the_previous_build(tmp_path: Path, signum: int) -> None:
+@pytest.mark.parametrize("when", ["preparing", "serving"])
+def test_ctrl_c_or_sigterm_removes_the_previous_build(
+    tmp_path: Path, signum: int, when: str
+) -> None:
+    """Signalled while the worktree is being made (an interrupted `git worktree add` leaves it
+    locked), or while the previous build's server is measured."""
     before = _worktrees()
-    process = subprocess.Popen(
-        [
-            sys.executable, "-m", "policy_engine.bench", "--rows", workloads.EMPTY_CHECK,
-            "--baseline", "HEAD", "--rounds", "1", "--no-engine",
-            "--output", str(tmp_path / "bench.md"),
-        ],
-        cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
-    )  # fmt: skip
+    log = tmp_path / "stderr.log"
+    with log.open("w") as stderr:
+        process = subprocess.Popen(
+            [
+                sys.executable, "-m", "policy_engine.bench", "--rows", workloads.EMPTY_CHECK,
+                "--baseline", "HEAD", "--rounds", "1", "--no-engine",
+                "--output", str(tmp_path / "bench.md"),
+            ],
+            cwd=REPO, stdout=subprocess.DEVNULL, stderr=stderr, text=True,
+        )  # fmt: skip
     try:
         deadline = time.monotonic() + 120
-        while not (_worktrees() - before) and time.monotonic() < deadline:
-            assert process.poll() is None, process.stderr.read() if process.stderr else ""
-            time.sleep(0.05)
+
+        def ready() -> bool:
+            if when == "preparing":
+                return bool(_worktrees() - before)
+            return f"{workloads.EMPTY_CHECK} [previous] ..." in log.read_text()
+
+        while not ready() and time.monotonic() < deadline:
+            assert process.poll() is None, log.read_text()
+            time.sleep(0.02)
         (added,) = _worktrees() - before
         process.send_signal(signum)
         process.wait(timeout=120)
@@ -158,3 +172,10 @@ def test_ctrl_c_or_sigterm_removes_the_previous_build(tmp_path: Path, signum: in
     assert process.returncode != 0
     assert _worktrees() == before
     assert not Path(added).exists()
+    # No server of the previous build is left running (its working directory was there).
+    left = []
+    for entry in Path("/proc").iterdir():
+        with contextlib.suppress(OSError):
+            if entry.name.isdigit() and os.readlink(entry / "cwd").startswith(added):
+                left.append(int(entry.name))
+    assert left == []

@@ -26,6 +26,7 @@ from policy_engine.server.balance import (
     WORKER_CONNECTION_AGE_MS,
     connection_age_ms,
     connections_by_pid,
+    listening,
 )
 
 REPO = Path(__file__).resolve().parents[2]
@@ -106,6 +107,21 @@ def test_connections_are_counted_for_the_process_that_accepted_them(
     finally:
         for client in clients:
             client.close()
+
+
+def test_listeners_are_found_per_process(
+    acceptors: tuple[int, list[subprocess.Popen[str]]],
+) -> None:
+    port, processes = acceptors
+    sleeper = subprocess.Popen(["sleep", "30"])
+    try:
+        pids = [p.pid for p in processes]
+        assert listening(port, [*pids, sleeper.pid]) == {**dict.fromkeys(pids, True),
+                                                          sleeper.pid: False}  # fmt: skip
+        assert listening(_free_port(), pids) == dict.fromkeys(pids, False)
+    finally:
+        sleeper.kill()
+        sleeper.wait()
 
 
 def test_several_workers_recycle_connections_unless_configured() -> None:
