@@ -401,7 +401,9 @@ class TransportSettings:
     max_connection_idle_ms: MillisOrOff = 300_000
     # Any connection is closed after this long (0: never), after up to `..._grace_ms` for the
     # RPCs in flight; spreads long-lived clients over `--workers` processes and replicas.
-    max_connection_age_ms: MillisOrOff = 0
+    # Unset (None): 30 s with several workers (their kernel-hashed shares are redrawn, see
+    # server/balance.py), never with one.
+    max_connection_age_ms: MillisOrOff | None = None
     max_connection_age_grace_ms: MillisOrOff = 10_000
     # Clients' keepalive pings: no more often than this (a flood gets GOAWAY ENHANCE_YOUR_CALM).
     min_ping_interval_ms: Millis = 10_000

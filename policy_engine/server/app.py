@@ -70,6 +70,7 @@ from policy_engine.lifecycle import (
     process_event_loop,
 )
 from policy_engine.logs import setup_logging
+from policy_engine.server.balance import connection_age_ms
 from policy_engine.server.errors import Status, invalid_argument
 from policy_engine.server.health import Health
 from policy_engine.server.metrics_http import MetricsEndpoint
@@ -128,8 +129,9 @@ def transport_options(settings: Settings) -> list[tuple[str, int]]:
     # 0 means "never"; gRPC's own default (no limit) is what leaving them out gives.
     if transport.max_connection_idle_ms:
         options.append(("grpc.max_connection_idle_ms", transport.max_connection_idle_ms))
-    if transport.max_connection_age_ms:
-        options.append(("grpc.max_connection_age_ms", transport.max_connection_age_ms))
+    age = connection_age_ms(settings.workers, transport.max_connection_age_ms)
+    if age:
+        options.append(("grpc.max_connection_age_ms", age))
         options.append(("grpc.max_connection_age_grace_ms", transport.max_connection_age_grace_ms))
     return options
 

@@ -54,18 +54,18 @@ _ESTABLISHED = "01"
 _LISTEN = "0A"
 
 
-def connection_age_ms(workers: int, configured_ms: int) -> int:
+def connection_age_ms(workers: int, configured_ms: int | None) -> int:
     """The `grpc.max_connection_age_ms` a server process should use (0: never recycle).
 
-    `configured_ms` (transport.max_connection_age_ms, 0 = not set) wins when set. A lone
-    process keeps its connections (there is no other worker to move them to); with several
-    workers sharing a port, connections are recycled every WORKER_CONNECTION_AGE_MS so the
-    kernel redraws their worker (see the module docstring). Raises ValueError for a negative
-    value or fewer than one worker.
+    `configured_ms` (transport.max_connection_age_ms) wins when set, 0 included (never).
+    Unset (None): a lone process keeps its connections (there is no other worker to move them
+    to); with several workers sharing a port, connections are recycled every
+    WORKER_CONNECTION_AGE_MS so the kernel redraws their worker (see the module docstring).
+    Raises ValueError for a negative value or fewer than one worker.
     """
-    if workers < 1 or configured_ms < 0:
+    if workers < 1 or (configured_ms is not None and configured_ms < 0):
         raise ValueError(f"workers must be >= 1 and the age >= 0, got {workers}, {configured_ms}")
-    if configured_ms > 0:
+    if configured_ms is not None:
         return configured_ms
     return WORKER_CONNECTION_AGE_MS if workers > 1 else 0
 

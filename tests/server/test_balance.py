@@ -22,6 +22,8 @@ import pytest
 from policy_engine.api import pdp_pb2
 from policy_engine.bench import procs, workloads
 from policy_engine.bench.server import RunningServer, ServerOptions, ServerSpec, running
+from policy_engine.config import Settings, TransportSettings
+from policy_engine.server.app import transport_options
 from policy_engine.server.balance import (
     WORKER_CONNECTION_AGE_MS,
     connection_age_ms,
@@ -125,15 +127,29 @@ def test_listeners_are_found_per_process(
 
 
 def test_several_workers_recycle_connections_unless_configured() -> None:
-    assert connection_age_ms(1, 0) == 0  # one process: nothing to move a connection to
-    assert connection_age_ms(2, 0) == WORKER_CONNECTION_AGE_MS
-    assert connection_age_ms(8, 0) == WORKER_CONNECTION_AGE_MS
-    assert connection_age_ms(2, 5_000) == 5_000  # the operator's setting wins
+    assert connection_age_ms(1, None) == 0  # one process: nothing to move a connection to
+    assert connection_age_ms(2, None) == WORKER_CONNECTION_AGE_MS
+    assert connection_age_ms(8, None) == WORKER_CONNECTION_AGE_MS
+    assert connection_age_ms(2, 0) == 0  # the operator's "never" wins
+    assert connection_age_ms(2, 5_000) == 5_000  # as does any age
     assert connection_age_ms(1, 5_000) == 5_000
     with pytest.raises(ValueError):
-        connection_age_ms(0, 0)
+        connection_age_ms(0, None)
     with pytest.raises(ValueError):
         connection_age_ms(2, -1)
+
+
+def test_the_server_recycles_connections_only_with_several_workers() -> None:
+    def options(**fields: object) -> dict[str, int]:
+        transport = TransportSettings(**fields)  # type: ignore[arg-type]
+        return dict(transport_options(Settings(workers=workers, transport=transport)))
+
+    workers = 1
+    assert "grpc.max_connection_age_ms" not in options()
+    workers = 2
+    assert options()["grpc.max_connection_age_ms"] == WORKER_CONNECTION_AGE_MS
+    assert "grpc.max_connection_age_ms" not in options(max_connection_age_ms=0)
+    assert options(max_connection_age_ms=7_000)["grpc.max_connection_age_ms"] == 7_000
 
 
 @contextlib.contextmanager
