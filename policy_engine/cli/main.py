@@ -363,7 +363,11 @@ def _add_settings_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--policies", help="policy directory (default policies)")
     parser.add_argument("--config", help="YAML config file (see README)")
     parser.add_argument("--workers", type=int, help="processes sharing the port (default 1)")
-    parser.add_argument("--threads", type=int, help="handler threads per process (default 16)")
+    parser.add_argument(
+        "--threads",
+        type=int,
+        help="retired: calls run on the event loop (accepted, ignored with a warning)",
+    )
     parser.add_argument(
         "--redis-url",
         help="share decisions through this Redis (redis://, rediss://; default: in-process only)",

@@ -11,12 +11,17 @@ SIGTERM/SIGINT/SIGHUP and serves the workers' aggregated metrics.
 Each process serves with grpc's asyncio server (`grpc.aio`): a call is a task on one event
 loop, not a handler thread, so no number of stalled or slow callers can keep the server from
 answering others and health. Decisions run on the loop (a thread hand-off costs as much as a
-decision); only a cache lookup that may wait on Redis runs on a few threads, bounded by the
-caller's deadline (`policy_engine.decision`). The loop runs in a dedicated thread
-(`EventLoop`), so the synchronous API (`start_server` returning a `RunningServer` with `stop()`
-and `reload()`, `build_server`) stays, the main thread keeps the signal handlers, and the
-policy store's reloads run beside it on their own thread. Idle, silent and half-open
-connections are closed after the `transport` settings' times.
+decision); what waits (a Redis lookup through redis.asyncio, a JWKS refresh a token needs, room
+in a full audit queue) is awaited for at most the caller's remaining deadline
+(`policy_engine.decision`). The loop runs in a dedicated thread (`policy_engine.lifecycle`),
+so the synchronous API (`start_server` returning a `RunningServer` with `stop()` and
+`reload()`) stays, the main thread keeps the signal handlers, and the policy store's reloads
+run beside it on their own thread. Idle, silent and half-open connections are closed after the
+`transport` settings' times.
+
+Every background part is a lifecycle `Component` built by `build_components` (no thread, no
+I/O) and started in order by `RunningServer.start`, stopped in reverse by `stop`; health on
+every port is derived from their statuses.
 
 Bad policies never stop the server: it starts NOT_SERVING and denies every Check with
 kontext_server_error until a valid set loads (`pdp validate` is the deploy-time gate).
