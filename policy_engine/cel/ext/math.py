@@ -81,15 +81,21 @@ def _rounding(name: str, compute: Callable[[float], float]) -> Callable[[Any], f
         number = _double(name, value)
         if math.isnan(number) or math.isinf(number):
             return number
-        return float(compute(number))
+        # Python's ceil/floor/trunc give an int, which has no -0: as Go's math functions, a
+        # result keeps the operand's sign (math.ceil(-0.5) is -0.0, so 1.0 / it is -inf).
+        return math.copysign(float(compute(number)), number)
 
     rounding.__name__ = name.replace(".", "_")
     return rounding
 
 
 def _round_half_away(value: float) -> float:
-    rounded = math.floor(abs(value) + 0.5)
-    return math.copysign(rounded, value)
+    """Go's math.Round: exact where ``floor(|x| + 0.5)`` is not (the sum rounds up for
+    0.49999999999999994 and for odd integers above 2^52)."""
+    whole = float(math.trunc(value))
+    if abs(value - whole) >= 0.5:  # the difference of a double and its truncation is exact
+        whole += math.copysign(1.0, value)
+    return whole
 
 
 def absolute(value: Any) -> Any:
