@@ -26,7 +26,8 @@ DECISION_LATENCY = Histogram(
 DEADLINE_EXCEEDED = Counter(
     "pdp_deadline_exceeded_total",
     "Calls not evaluated because the caller's deadline had passed: when their turn came"
-    " (stage=queued) or while waiting for the cache (stage=cache). Answered DEADLINE_EXCEEDED.",
+    " (stage=queued), while waiting for a JWKS refresh (stage=keys) or for the cache"
+    " (stage=cache). Answered DEADLINE_EXCEEDED.",
     ["stage"],
 )
 CACHE_LOOKUPS = Counter(

@@ -25,8 +25,8 @@ of, and never past a subject token's validity. The answer fingerprint salting ev
 
 Everything runs on the event loop (a thread hand-off costs as much as a decision); the one
 wait is a lookup that goes to Redis, awaited for at most the caller's remaining time. A call
-whose deadline has passed when its turn comes, or passes while it waits for the cache, is not
-evaluated: `DeadlineExceeded` is raised (the server answers DEADLINE_EXCEEDED) and
+whose deadline has passed when its turn comes, or passes while it waits for a JWKS refresh or
+the cache, is not evaluated: `DeadlineExceeded` is raised (the server answers DEADLINE_EXCEEDED) and
 `pdp_deadline_exceeded_total` counts it.
 
 Every answer is ALLOW or DENY: a request the engine cannot decide (a bug, a failing policy
@@ -245,19 +245,30 @@ class DecisionMetrics:
 
 class DeadlineExceeded(Exception):
     """The caller's deadline passed before its call was evaluated (`stage`: "queued" when its
-    turn came too late, "cache" while it waited for the cache); nothing was evaluated."""
+    turn came too late, "keys" while it waited for a JWKS refresh its token needs, "cache"
+    while it waited for the cache); nothing was evaluated."""
 
     def __init__(self, stage: str) -> None:
         super().__init__(f"the deadline passed before the decision ({stage})")
         self.stage = stage
 
 
-_DEADLINE_COUNTERS = {stage: DEADLINE_EXCEEDED.labels(stage) for stage in ("queued", "cache")}
+# queued: its turn came too late; keys: it ran out waiting for a JWKS refresh; cache: for Redis.
+_DEADLINE_COUNTERS = {
+    stage: DEADLINE_EXCEEDED.labels(stage) for stage in ("queued", "keys", "cache")
+}
 
 
 def _expired(stage: str) -> DeadlineExceeded:
     _DEADLINE_COUNTERS[stage].inc()
     return DeadlineExceeded(stage)
+
+
+def _count_if_past(deadline: float | None, stage: str) -> None:
+    """Count a call cancelled while waiting at `stage` when its deadline had passed (gRPC
+    cancels the call at its deadline, which may come before the wait's own bound)."""
+    if deadline is not None and deadline <= time.monotonic():
+        _DEADLINE_COUNTERS[stage].inc()
 
 
 class _FromSettings:
@@ -352,9 +363,16 @@ class Decider:
             count = len(items)
             # Before the lookup: a refresh it waits for changes the key set salting the keys.
             try:
-                await await_pending_keys(items, policies, deadline)
+                waited = await await_pending_keys(items, policies, deadline)
+            except asyncio.CancelledError:
+                _count_if_past(deadline, "keys")
+                raise
             except Exception:  # only a hint: verification decides whatever happened here
                 log.exception("waiting for JWKS refreshes failed; deciding with the keys held")
+                waited = 1
+            # The wait may have used up the caller's time: nobody would read the answer.
+            if waited and deadline is not None and deadline <= time.monotonic():
+                raise _expired("keys")
             ids = [next_decision_id()] if count == 1 else new_decision_ids(count)
             cache = self.cache
             keys: list[str | None] | None = None
@@ -408,9 +426,7 @@ class Decider:
         except DeadlinePassed:
             raise _expired("cache") from None
         except asyncio.CancelledError:
-            # gRPC cancels the call at its deadline, which may come first: still counted.
-            if deadline is not None and deadline <= time.monotonic():
-                _DEADLINE_COUNTERS["cache"].inc()
+            _count_if_past(deadline, "cache")
             raise
         except Exception:
             log.exception(

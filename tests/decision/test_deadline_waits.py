@@ -1,0 +1,98 @@
+"""No evaluation for a caller whose deadline ran out while it waited before the decision.
+
+A call whose token names a key its organization's JWKS lacks waits for the refresh (within its
+deadline) before the cache lookup. When that wait uses up the caller's time, the call is over:
+it must not be evaluated, stored or observed (its answer would be thrown away), and it is
+counted in `pdp_deadline_exceeded_total{stage="keys"}`. Real parts: a JWKS endpoint on a real
+socket that never answers, a real gRPC server on an ephemeral port.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import grpc
+import pytest
+from prometheus_client import REGISTRY
+
+from policy_engine.api import pdp_pb2
+from policy_engine.auth.keys import RemoteKeySets
+from policy_engine.decision import DeadlineExceeded
+from policy_engine.lifecycle import deadline_in
+from policy_engine.policy import CompiledPolicySet
+from tests.auth.test_jwks_async import ROTATED, Idp, load
+from tests.cache.support import servicer_for, serving, settings
+from tests.cache.test_key_sets import policy_dir, with_token
+
+
+def decisions_total() -> float:
+    return sum(
+        sample.value
+        for metric in REGISTRY.collect()
+        if metric.name == "pdp_decisions"
+        for sample in metric.samples
+        if sample.name == "pdp_decisions_total"
+    )
+
+
+def expired(stage: str) -> float:
+    value = REGISTRY.get_sample_value("pdp_deadline_exceeded_total", {"stage": stage})
+    return value or 0.0
+
+
+@pytest.fixture
+def stalled(tmp_path: Path) -> Iterator[CompiledPolicySet]:
+    """acme's policies with their keys fetched, then an IdP that never answers again; no
+    rate limit on refreshes, so every call with an unknown kid waits for one."""
+    idp = Idp()
+    key_sets = RemoteKeySets(min_refresh_interval=0.0)
+    try:
+        policies = load(policy_dir(tmp_path / "policies", idp.url), key_sets)
+        idp.mode = "silent"
+        yield policies
+    finally:
+        assert key_sets.stop(deadline_in(5))
+        idp.close()
+
+
+def test_a_call_whose_deadline_passes_waiting_for_keys_is_not_evaluated(
+    stalled: CompiledPolicySet,
+) -> None:
+    config = settings(local_max_entries=0)  # no cache: nothing after the wait bounds it
+    decider = servicer_for(stalled, config).decider
+    before, counted = decisions_total(), expired("keys")
+    with pytest.raises(DeadlineExceeded) as raised:
+        # 0.3 s: far less than the 1 s the call may wait for the refresh.
+        decider.decide_sync([with_token(ROTATED)], deadline=time.monotonic() + 0.3, timeout=10)
+    assert raised.value.stage == "keys"
+    assert decisions_total() == before  # nothing evaluated, nothing observed
+    assert expired("keys") == counted + 1
+
+
+def test_callers_that_time_out_waiting_for_keys_cost_no_evaluation(
+    stalled: CompiledPolicySet,
+) -> None:
+    config = settings(local_max_entries=0)
+    with serving(servicer_for(stalled, config), config) as stub:
+        before = decisions_total()
+        codes = []
+        for _ in range(8):
+            try:
+                stub.Check(with_token(ROTATED), timeout=0.2)
+                codes.append(grpc.StatusCode.OK)
+            except grpc.RpcError as exc:
+                codes.append(exc.code())
+        assert codes == [grpc.StatusCode.DEADLINE_EXCEEDED] * 8
+        # The server saw each of them to its deadline; none was decided for nobody.
+        assert decisions_total() == before
+
+
+def test_a_call_that_needs_no_refresh_is_decided_at_once(stalled: CompiledPolicySet) -> None:
+    config = settings(local_max_entries=0)
+    decider = servicer_for(stalled, config).decider
+    msg = with_token(ROTATED)
+    msg.organization = "globex"  # no tokens there: nothing to wait for
+    outcome = decider.decide_sync([msg], deadline=time.monotonic() + 5, timeout=10).outcomes[0]
+    assert outcome.effect in (pdp_pb2.EFFECT_ALLOW, pdp_pb2.EFFECT_DENY)
