@@ -173,6 +173,7 @@ from policy_engine.cel.types import (
 )
 from policy_engine.cel.values import (
     BINARY_OPERATORS,
+    MAX_FOLDED_ALLOCATION,
     TYPES,
     Optional,
     as_cel_error,
@@ -186,6 +187,7 @@ from policy_engine.cel.values import (
     no_overload,
     optional_index,
     optional_select,
+    reset_allocation,
     select_field,
 )
 
@@ -264,7 +266,9 @@ class CompiledExpression:
     result_type: CelT = DYN
 
     def evaluate(self, activation: Mapping[str, Any]) -> Any:
-        """Evaluate against ``activation``; raises :class:`CelEvaluationError` and nothing else."""
+        """Evaluate against ``activation``; raises :class:`CelEvaluationError` and nothing else
+        (also when the values it builds exceed :data:`~policy_engine.cel.values.MAX_ALLOCATION`)."""
+        reset_allocation()
         try:
             return self._evaluator(activation)
         except CelEvaluationError:
@@ -283,6 +287,7 @@ def compile_expression(
             f"expression longer than {limits.max_expression_length} characters", line, column
         )
     compiler = _Compiler(declarations, limits)
+    reset_allocation(MAX_FOLDED_ALLOCATION)  # what constant folding may build and keep
     try:
         node = _compile_shared(source, compiler)
         if node is None:

@@ -54,6 +54,7 @@ from policy_engine.cel.values import (
     Duration,
     Timestamp,
     as_utc,
+    charged,
     duration_from_nanos,
     duration_nanos,
     kind_of,
@@ -732,7 +733,11 @@ def function(
     signatures: tuple[Signature, ...] = (),
     lazy: bool = False,
 ) -> Function:
-    """A :class:`Function`; ``style`` is ``method``, ``global`` or ``both``."""
+    """A :class:`Function`; ``style`` is ``method``, ``global`` or ``both``. One that can
+    build a string, bytes or list charges its result to the evaluation's allocation budget
+    (:func:`policy_engine.cel.values.allocate`)."""
+    if any(result.kind in _BUILT_KINDS for _, result in signatures):
+        impl = charged(impl, name)
     return Function(
         name=name,
         impl=impl,
@@ -743,6 +748,9 @@ def function(
         signatures=signatures,
         lazy=lazy,
     )
+
+
+_BUILT_KINDS = frozenset({"string", "bytes", "list"})
 
 
 def sig(*types: CelT) -> Signature:

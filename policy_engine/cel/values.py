@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import math
 import operator
+import threading
 from collections.abc import Callable, Iterable, Mapping
 from datetime import UTC, datetime, timedelta
 from types import MappingProxyType
@@ -305,6 +306,65 @@ def kind_of(value: Any) -> str:
     if isinstance(value, timedelta):
         return "duration"
     return type(value).__name__
+
+
+# --------------------------------------------------------------------------------------------
+# The allocation budget
+#
+# A value can grow exponentially with the text that builds it (each ``s.replace('a', 'aaaa')``
+# or ``cel.bind(b, a + a, ...)`` multiplies its size), and copies pile up in comprehensions
+# (``l.map(x, big.reverse())``). Every operation that builds a string, bytes or list charges
+# its size (code points, bytes, elements) to its evaluation, before it allocates where it
+# could multiply: past the budget, the evaluation fails (a deny) instead of taking the
+# server's memory. Operations that only select or compare build nothing and charge nothing.
+
+#: Units (code points, bytes, list elements) the values built by one evaluation may add up to.
+MAX_ALLOCATION = 1 << 23
+#: What constant folding may build for one expression (its results are kept with it; a
+#: larger constant is computed at evaluation instead, under the evaluation's budget).
+MAX_FOLDED_ALLOCATION = 1 << 16
+
+
+class _Allocation(threading.local):
+    remaining: int = MAX_ALLOCATION
+
+
+_ALLOCATION = _Allocation()
+
+
+def reset_allocation(units: int = MAX_ALLOCATION) -> None:
+    """Start a budget of ``units`` for what this thread builds next (one evaluation)."""
+    _ALLOCATION.remaining = units
+
+
+def allocate(units: int, operation: str) -> None:
+    """Charge ``units`` to this thread's evaluation; raises :class:`CelEvaluationError` when
+    its budget (:data:`MAX_ALLOCATION`) is spent."""
+    remaining = _ALLOCATION.remaining - units
+    _ALLOCATION.remaining = remaining
+    if remaining < 0:
+        raise CelEvaluationError(
+            f"{operation}: the values this expression builds exceed {MAX_ALLOCATION} "
+            "code points, bytes or list elements"
+        )
+
+
+def charged(impl: Callable[..., Any], name: str) -> Callable[..., Any]:
+    """``impl`` charging the size of the string, bytes or list it returns (for functions whose
+    result is at most a few times the size of their operands; others check before)."""
+
+    def run(*args: Any) -> Any:
+        result = impl(*args)
+        if type(result) in _SIZED_TYPES:
+            allocate(len(result), name)
+        return result
+
+    run.__name__ = getattr(impl, "__name__", name)
+    run.__doc__ = impl.__doc__
+    return run
+
+
+_SIZED_TYPES = frozenset({str, bytes, list, tuple})
 
 
 def no_overload(op: str, *args: Any) -> CelEvaluationError:
@@ -633,7 +693,14 @@ def _double_div(a: float, b: float) -> float:
 
 
 def _list_concat(a: Any, b: Any) -> list[Any]:
+    allocate(len(a) + len(b), "+")
     return [*a, *b]
+
+
+def _sequence_concat(a: Any, b: Any) -> Any:
+    """Strings or bytes joined, charged before they are built."""
+    allocate(len(a) + len(b), "+")
+    return a + b
 
 
 def _uint64(result: int, symbol: str) -> UInt:
@@ -695,8 +762,8 @@ _ARITHMETIC_BY_KIND: dict[str, dict[tuple[str, str], BinaryOp]] = {
         ("int", "int"): _int_add,
         ("uint", "uint"): _uint_add,
         ("double", "double"): operator.add,
-        ("string", "string"): operator.add,
-        ("bytes", "bytes"): operator.add,
+        ("string", "string"): _sequence_concat,
+        ("bytes", "bytes"): _sequence_concat,
         ("list", "list"): _list_concat,
         ("timestamp", "duration"): _ts_plus_duration,
         ("duration", "timestamp"): _duration_plus_ts,

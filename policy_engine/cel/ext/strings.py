@@ -23,7 +23,7 @@ from policy_engine.cel.functions import (
     sig,
 )
 from policy_engine.cel.types import INT, STRING, list_of
-from policy_engine.cel.values import CelType, kind_of, no_overload
+from policy_engine.cel.values import CelType, allocate, kind_of, no_overload
 
 
 def _string(value: Any, name: str, *others: Any) -> str:
@@ -75,6 +75,9 @@ def replace(text: Any, old: Any, new: Any, *limit: Any) -> str:
     o = _string(old, "replace", s, new)
     n = _string(new, "replace", s, o)
     count = -1 if not limit else _int(limit[0], "replace", s, o, n)
+    if len(n) > len(o):  # the result can be many times the operands: charged before
+        found = s.count(o) + 1 if o == "" else s.count(o)
+        allocate(len(s) + min(found, count if count >= 0 else found) * (len(n) - len(o)), "replace")
     return s.replace(o, n, count if count >= 0 else -1)
 
 
@@ -130,6 +133,8 @@ def join(items: Any, *separator: Any) -> str:
     for item in items:
         if kind_of(item) != "string":
             raise CelEvaluationError(f"join: the list holds a {kind_of(item)}, not a string")
+    # Checked before: a list of one shared string (l.map(x, big)) joins to many copies.
+    allocate(sum(map(len, items)) + len(sep) * max(len(items) - 1, 0), "join")
     return sep.join(items)
 
 
@@ -193,11 +198,19 @@ def _as_string(value: Any, top: bool = True) -> str:
     if kind == "type":
         return value.name if isinstance(value, CelType) else str(value)
     if kind == "list":
-        return "[" + ", ".join(_as_string(item, False) for item in value) + "]"
+        return "[" + ", ".join(_charged_string(item) for item in value) + "]"
     if kind == "map":
-        entries = sorted((_as_string(k, False), _as_string(v, False)) for k, v in value.items())
+        entries = sorted((_charged_string(k), _charged_string(v)) for k, v in value.items())
         return "{" + ", ".join(f"{k}: {v}" for k, v in entries) + "}"
     raise CelEvaluationError(f"format: string clause can only be used on strings, not {kind}")
+
+
+def _charged_string(value: Any) -> str:
+    """An element of a list or map printed by %s, charged as it is printed: the elements can
+    all be one shared large value."""
+    text = _as_string(value, False)
+    allocate(len(text), "format")
+    return text
 
 
 def _integer(value: Any, clause: str, allow_bool: bool = False) -> int:
@@ -230,6 +243,7 @@ def _format_one(clause: str, precision: str | None, value: Any) -> str:
         if special is not None:
             return special
         digits = 6 if precision is None else int(precision)
+        allocate(digits, "format")  # before Python builds that many digits
         return format(number, f".{digits}{clause}")
     if clause == "b":
         return format(_integer(value, clause, allow_bool=True), "b")
