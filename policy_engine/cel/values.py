@@ -24,7 +24,7 @@ from __future__ import annotations
 import math
 import operator
 import threading
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from datetime import UTC, datetime, timedelta
 from types import MappingProxyType
 from typing import Any
@@ -349,6 +349,24 @@ def allocate(units: int, operation: str) -> None:
         )
 
 
+#: Lists up to this long are compared or searched without charge (attribute lists are at most
+#: 64 entries); a longer one charges its length, so a scan of a built list inside a loop or
+#: ``sets.intersects`` of two built lists (quadratic) stops at the budget instead of hanging.
+FREE_SCAN = 64
+
+
+def scan(units: int, operation: str) -> None:
+    """Charge a scan of ``units`` list elements to this thread's evaluation (the budget
+    values built draw on); raises :class:`CelEvaluationError` when it is spent."""
+    remaining = _ALLOCATION.remaining - units
+    _ALLOCATION.remaining = remaining
+    if remaining < 0:
+        raise CelEvaluationError(
+            f"{operation}: the list elements this expression scans and the values it builds "
+            f"exceed {MAX_ALLOCATION}"
+        )
+
+
 def charged(impl: Callable[..., Any], name: str) -> Callable[..., Any]:
     """``impl`` charging the size of the string, bytes or list it returns (for functions whose
     result is at most a few times the size of their operands; others check before)."""
@@ -412,8 +430,14 @@ def cel_equals(a: Any, b: Any) -> bool:
             return float(a) == float(b)  # as ordering does (cel-go, the C++ runtime)
         return bool(a == b)
     if ka == "list":
-        return len(a) == len(b) and all(cel_equals(x, y) for x, y in zip(a, b, strict=True))
+        if len(a) != len(b):
+            return False
+        if len(a) > FREE_SCAN:
+            scan(len(a), "==")
+        return all(cel_equals(x, y) for x, y in zip(a, b, strict=True))
     if ka == "map":
+        if len(a) > FREE_SCAN:
+            scan(len(a), "==")
         return _maps_equal(a, b)
     if ka == "timestamp":
         return timestamp_nanos(a) == timestamp_nanos(b)
@@ -459,8 +483,10 @@ def map_lookup(mapping: Mapping[Any, Any], key: Any) -> Any:
     return value
 
 
-def list_contains(items: Iterable[Any], needle: Any) -> bool:
+def list_contains(items: Sequence[Any], needle: Any) -> bool:
     """CEL list membership. Python's ``in`` is only trusted for needles it cannot confuse."""
+    if len(items) > FREE_SCAN:
+        scan(len(items), "in")
     if type(needle) is str or type(needle) is bytes or needle is None:
         return needle in items  # type: ignore[operator]
     return any(cel_equals(needle, item) for item in items)

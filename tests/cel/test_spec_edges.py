@@ -99,3 +99,28 @@ class TestAllocationBudget:
         compiled = compile_cel("'x'" + ".replace('x', 'xxxxxxxxxx')" * 6 + ".size() == 1000000")
         for _ in range(10):
             assert compiled.evaluate(ACTIVATION) is True
+
+    BUILT = (
+        "cel.bind(a, [0,1,2,3,4,5,6,7,8,9], cel.bind(b, a+a+a+a+a+a+a+a+a+a, cel.bind(c, "
+        "b+b+b+b+b+b+b+b+b+b, cel.bind(d, c+c+c+c+c+c+c+c+c+c, cel.bind(e, "
+        "d+d+d+d+d+d+d+d+d+d, {})))))"
+    )
+
+    @pytest.mark.parametrize(
+        "test",
+        [
+            "sets.intersects(e, l.map(x, x + 100))",
+            "l.exists(x, x + 100 in e)",
+            "l.exists(x, (e == e) == (x < 0))",  # list equality scans too
+        ],
+    )
+    def test_scans_of_built_lists_are_charged(self, test: str) -> None:
+        # 99 scans of a built list of 100,000 elements: 10^7 comparisons (quadratic: one
+        # more ten-fold bind took minutes), past the budget.
+        message = ev_error(self.BUILT.format(test), l=list(range(99)))
+        assert "scans" in message and "exceed" in message
+
+    def test_small_lists_scan_free(self) -> None:
+        # Attribute-sized lists (at most 64 entries) are searched without charge.
+        source = "l.all(x, l.all(y, y in l && l == l))"
+        assert ev(source, l=list(range(64))) is True
