@@ -639,6 +639,7 @@ def _run_worker(
         log.info("shutting down (pid %d), grace %.0fs", os.getpid(), STOP_GRACE_SECONDS)
     finally:
         clean = running.stop(STOP_GRACE_SECONDS)
+        _ignore_stop_signals()
     if not clean:
         log.error("stopped with work left undone (see the errors above)")
         return EXIT_WORKER_FAILED
@@ -671,6 +672,28 @@ def _log_serving(running: RunningServer, settings: Settings, mode: Mode) -> None
 def _display_address(address: str, port: int) -> str:
     host, sep, _ = address.rpartition(":")
     return f"{host}:{port}" if sep else address
+
+
+def _ignore_stop_signals() -> None:
+    """Once the stop is done: SIGTERM, SIGINT and SIGHUP are ignored until the process ends.
+
+    Python's exit restores the default action for every signal with a Python handler, and
+    the default ends the process: a second SIGTERM from a process manager (or a repeated
+    Ctrl-C, or a SIGHUP) during the exit's last milliseconds turned a clean stop into a
+    death by signal (a worker's made its supervisor exit 1). An ignored signal stays
+    ignored. Main thread only, as `_install_handlers`."""
+    if threading.current_thread() is not threading.main_thread():
+        return
+    for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+        signal.signal(signum, signal.SIG_IGN)
+
+
+def _exit_description(code: int | None) -> str:
+    """A worker's exit code as words: `code N`, or the signal that ended it."""
+    if code is not None and code < 0:
+        with contextlib.suppress(ValueError):
+            return f"signal {signal.Signals(-code).name}"
+    return f"code {code}"
 
 
 def _install_handlers(
@@ -736,6 +759,7 @@ def _supervise(settings: Settings, mode: Mode, *, early_sighup: Callable[[], boo
         return _supervise_workers(settings, mode, metrics, early_sighup)
     finally:
         lifecycle.stop(deadline_in(STOP_GRACE_SECONDS))
+        _ignore_stop_signals()
 
 
 def _supervise_workers(
@@ -802,7 +826,9 @@ def _supervise_workers(
             dead = [p for p in procs if p.exitcode is not None]
             if dead:
                 for proc in dead:
-                    log.error("worker %s exited with code %s", proc.name, proc.exitcode)
+                    log.error(
+                        "worker %s exited with %s", proc.name, _exit_description(proc.exitcode)
+                    )
                 failed = True
                 stop_all()
         multiprocessing.connection.wait([p.sentinel for p in running], timeout=1.0)
@@ -810,6 +836,8 @@ def _supervise_workers(
         proc.join()
         if metrics_endpoint is not None and proc.pid is not None:
             metrics_endpoint.mark_worker_dead(proc.pid)
+        if stopping.is_set() and proc.exitcode != 0:  # an unclean stop says which and how
+            log.error("worker %s stopped with %s", proc.name, _exit_description(proc.exitcode))
     if failed or any(p.exitcode != 0 for p in procs):
         return EXIT_WORKER_FAILED
     return 0
