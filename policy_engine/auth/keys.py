@@ -5,9 +5,13 @@ RFC 8037 section 2): `use` absent or "sig", `key_ops` absent or containing "veri
 present) equal to the token header's `alg`, and a `kty` (and `crv` for EC and OKP keys) that fits
 that algorithm. Keys selected for a token are those under the header's `kid` that fit its `alg`;
 several keys may share one `kid` (an RSA and an EC key, say) and each answers only for its own
-algorithms. A JWK that can never verify (an encryption key, a symmetric or unknown key type, a
-private key, broken key material) is skipped when the set is parsed, with a reason that is logged;
-a set with no usable signature key at all is refused (`KeySetError`), since every token would
+algorithms, but at most `MAX_KEYS_PER_KID` of them: verification tries every key under a
+token's `kid`, so a document listing thousands under one `kid` would let anyone with a forged
+token spend a signature check per listed key (2,300 RSA keys: 0.13 s of the event loop, every
+organization's, per token). The keys past that bound are skipped, with a reason. A JWK that
+can never verify (an encryption key, a symmetric or unknown key type, a private key, broken
+key material) is skipped when the set is parsed, with a reason that is logged; a set with no
+usable signature key at all is refused (`KeySetError`), since every token would
 then be denied for a reason the operator should see at load time.
 
 Nothing waits on the network where it would hold others up: a remote key set answers from the
@@ -63,6 +67,8 @@ _ALGORITHMS_BY_CURVE: Mapping[tuple[str, str], tuple[str, ...]] = {
     ("OKP", "Ed25519"): ("EdDSA",),
     ("OKP", "Ed448"): ("EdDSA",),
 }
+# Usable JWKs kept under one `kid`: a rotation may publish a few, verification tries them all.
+MAX_KEYS_PER_KID = 4
 # RFC 7518 sections 6.2.2 and 6.3.2, RFC 8037 section 2: members only a private key has.
 _PRIVATE_MEMBERS = ("d", "p", "q", "dp", "dq", "qi", "oth")
 
@@ -209,12 +215,22 @@ def parse_jwks(data: bytes | str, source: str = "JWKS", *, log_skipped: bool = T
     keys: list[tuple[str | None, PyJWK]] = []
     usable: list[Mapping[str, Any]] = []
     skipped: list[SkippedKey] = []
+    per_kid: dict[str, int] = {}
     for position, jwk in enumerate(members):
         kid = jwk.get("kid") if isinstance(jwk, dict) else None
-        problem = _unusable(jwk, kid)
+        if isinstance(kid, str) and per_kid.get(kid, 0) >= MAX_KEYS_PER_KID:
+            # Checked before the key material is read: a flood of them costs no parsing.
+            problem: list[PyJWK] | str = (
+                f"more than {MAX_KEYS_PER_KID} usable keys share this kid (verification "
+                "tries each of them)"
+            )
+        else:
+            problem = _unusable(jwk, kid)
         if isinstance(problem, str):
             skipped.append(SkippedKey(position, kid if isinstance(kid, str) else None, problem))
             continue
+        if isinstance(kid, str):
+            per_kid[kid] = per_kid.get(kid, 0) + 1
         keys.extend((kid, key) for key in problem)
         usable.append(jwk)
     for entry in skipped if log_skipped else ():
