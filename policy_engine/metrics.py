@@ -27,7 +27,8 @@ DEADLINE_EXCEEDED = Counter(
     "pdp_deadline_exceeded_total",
     "Calls not evaluated because the caller's deadline had passed: when their turn came"
     " (stage=queued), while waiting for a JWKS refresh (stage=keys) or for the cache"
-    " (stage=cache), or during a batch's evaluation (stage=evaluation: the rest is not"
+    " (stage=cache) or for room in a full audit queue (stage=audit), or during a batch's"
+    " evaluation (stage=evaluation: the rest is not"
     " evaluated). Answered DEADLINE_EXCEEDED.",
     ["stage"],
 )

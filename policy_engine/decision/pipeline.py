@@ -258,7 +258,8 @@ class DeadlineExceeded(Exception):
 # queued: its turn came too late; keys: it ran out waiting for a JWKS refresh; cache: for
 # Redis; evaluation: while a batch was evaluated (the rest of it was not).
 _DEADLINE_COUNTERS = {
-    stage: DEADLINE_EXCEEDED.labels(stage) for stage in ("queued", "keys", "cache", "evaluation")
+    stage: DEADLINE_EXCEEDED.labels(stage)
+    for stage in ("queued", "keys", "cache", "audit", "evaluation")
 }
 # Evaluations between two looks at the clock in a batch (a look costs ~0.1 us, one
 # evaluation tens of us): a batch runs at most this many past its caller's deadline.
@@ -354,15 +355,18 @@ class Decider:
 
         `items` must not be empty (the caller refuses an empty batch). `deadline` is the
         caller's, on the `time.monotonic()` clock (None: none). Raises `DeadlineExceeded`
-        (counted) when it passes before the evaluation, or during a batch's evaluation:
-        nothing (more) is then evaluated, and nothing stored or observed. Otherwise never raises for a request's sake: whatever fails becomes a
-        server-error deny; only an observer's exception propagates.
+        (counted) when it passes before the evaluation (while waiting for a JWKS refresh, the
+        cache or room in the audit queue), or during a batch's evaluation: nothing (more) is
+        then evaluated, and nothing stored or observed. Otherwise never raises for a request's
+        sake: whatever fails becomes a server-error deny; only an observer's exception
+        propagates.
         """
         started = time.perf_counter()
         if deadline is not None and deadline <= time.monotonic():
             raise _expired("queued")
         snapshot = self._snapshot()
         if isinstance(snapshot, Decision):
+            await self._admit(len(items), deadline)
             decisions = self._unavailable(items, snapshot, started)
         else:
             policies, now, now_ts = snapshot
@@ -385,16 +389,31 @@ class Decider:
             hits: list[Hit | None] | None = None
             if cache is not None:
                 keys, hits = await self._lookup(cache, items, ids, policies, now_ts, deadline)
+            # The last wait: from here to the observers nothing awaits, so the room it got holds.
+            await self._admit(count, deadline)
             decisions = self._decide(
                 items, ids, keys, hits, policies, now, now_ts, started, deadline
             )
         for observer in self.observers:
-            # Waiting for room happens here, off the loop's back (an observer never blocks).
-            admission = observer.admit(len(items), deadline)
-            if admission is not None:
-                await admission
             observer.observe(decisions)
         return decisions
+
+    async def _admit(self, count: int, deadline: float | None) -> None:
+        """Wait until every observer can take `count` outcomes at once (room in a full audit
+        queue, `when_full: block`), before anything is decided: an outcome is then observed
+        without blocking the loop, and a call whose deadline passes while it waits is decided
+        for nobody (DeadlineExceeded, stage "audit"), never audited as answered."""
+        for observer in self.observers:
+            admission = observer.admit(count, deadline)
+            if admission is None:
+                continue
+            try:
+                await admission
+            except asyncio.CancelledError:
+                _count_if_past(deadline, "audit")
+                raise
+            if deadline is not None and deadline <= time.monotonic():
+                raise _expired("audit")
 
     def decide_sync(
         self,

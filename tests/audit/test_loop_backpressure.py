@@ -14,6 +14,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import grpc
+import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from policy_engine.api import pdp_pb2, pdp_pb2_grpc
@@ -22,6 +23,8 @@ from policy_engine.lifecycle import deadline_in
 from policy_engine.server.app import start_server
 from tests.audit.support import read_records
 from tests.cache.support import tuple_request
+from tests.metrics import decisions_total as _decisions
+from tests.metrics import sample as _sample
 from tests.server.harness import DOCS, EXAMPLE_POLICIES
 
 BLOCK_MS = 1500
@@ -143,3 +146,37 @@ def test_a_required_audit_log_is_not_ready_while_a_sink_cannot_write(tmp_path: P
         channel.close()
         # The sink never writes: stop by a short deadline rather than the server's drain time.
         running.lifecycle.stop(deadline_in(1.0))
+
+
+def test_a_call_whose_deadline_passes_waiting_for_audit_room_is_decided_for_nobody(
+    tmp_path: Path, gate: tuple[threading.Event, threading.Event]
+) -> None:
+    entered, release = gate
+    running = start_server(_settings(tmp_path))
+    channel = grpc.insecure_channel(f"127.0.0.1:{running.port}")
+    expired_before = _sample("pdp_deadline_exceeded_total", stage="audit")
+    try:
+        stub = pdp_pb2_grpc.PolicyDecisionServiceStub(channel)
+        stub.Check(tuple_request(request_id="first"), timeout=10)
+        assert entered.wait(10)
+        for i in range(QUEUE):
+            stub.Check(tuple_request(request_id=f"q{i}"), timeout=10)
+        decided_before = _decisions()
+        # The caller gives up (0.3 s) long before the audit log would (BLOCK_MS).
+        with pytest.raises(grpc.RpcError) as caught:
+            stub.Check(tuple_request(request_id="late"), timeout=0.3)
+        assert caught.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+        deadline = time.monotonic() + 5
+        while _sample("pdp_deadline_exceeded_total", stage="audit") == expired_before:
+            assert time.monotonic() < deadline, "the expired wait was not counted"
+            time.sleep(0.02)
+        # Not evaluated, not counted as a decision, not queued and then dropped as one.
+        assert _decisions() == decided_before
+        assert running.audit is not None
+        assert "queue/queue_full" not in running.audit.stats().dropped
+    finally:
+        release.set()
+        channel.close()
+        running.stop(grace=1)
+    ids = [r.get("request_id") for r in read_records(tmp_path / "audit.jsonl")]
+    assert "late" not in ids
