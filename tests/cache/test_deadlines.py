@@ -19,7 +19,6 @@ from concurrent.futures import Future
 import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
-from prometheus_client import REGISTRY
 
 from policy_engine.api import pdp_pb2, pdp_pb2_grpc
 from policy_engine.bench.redis_server import RedisServer
@@ -38,6 +37,8 @@ from tests.cache.support import (
     settings,
     tuple_request,
 )
+from tests.metrics import decisions_total as _decisions
+from tests.metrics import sample as _sample
 from tests.server.harness import EXAMPLE_POLICIES, running
 
 REDIS_TIMEOUT_MS = 3000  # far beyond every deadline below: only the deadline can end a wait
@@ -60,26 +61,12 @@ def frozen(server: RedisServer) -> Iterator[None]:
         os.kill(server.process.pid, signal.SIGCONT)
 
 
-def _sample(name: str, **labels: str) -> float:
-    return REGISTRY.get_sample_value(name, labels) or 0.0
-
-
 def _late() -> float:
     return sum(_sample("pdp_deadline_exceeded_total", stage=s) for s in ("queued", "cache"))
 
 
 def _rejected() -> float:
     return _sample("pdp_cache_lookups_total", level="redis", result="rejected")
-
-
-def _decisions() -> float:
-    return sum(
-        sample.value
-        for metric in REGISTRY.collect()
-        if metric.name == "pdp_decisions"
-        for sample in metric.samples
-        if sample.name == "pdp_decisions_total"
-    )
 
 
 def _strangers(count: int, prefix: str) -> list[pdp_pb2.CheckRequest]:

@@ -15,7 +15,6 @@ from typing import Any
 
 import grpc
 import pytest
-from prometheus_client import REGISTRY
 
 from policy_engine.api import pdp_pb2, pdp_pb2_grpc
 from policy_engine.bench.redis_server import RedisServer, free_port
@@ -23,6 +22,7 @@ from policy_engine.cache import BreakerState
 from policy_engine.policy import CompiledPolicySet, load_policy_set
 from policy_engine.server.service import PolicyDecisionServicer
 from tests.cache.support import admin, answer, servicer_for, serving, settings, tuple_request
+from tests.metrics import sample as _sample
 from tests.server.harness import EXAMPLE_POLICIES
 
 REDIS = pdp_pb2.CACHE_LEVEL_REDIS
@@ -59,10 +59,6 @@ def expected(policies: CompiledPolicySet) -> list[tuple[Any, ...]]:
     """The uncached engine's answer for every tuple."""
     servicer = servicer_for(policies, settings(), cache=None)
     return [answer(servicer.decider.decide_sync([msg]).only()) for msg in TUPLES]
-
-
-def _sample(name: str, **labels: str) -> float:
-    return REGISTRY.get_sample_value(name, labels) or 0.0
 
 
 @dataclass

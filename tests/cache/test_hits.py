@@ -13,7 +13,6 @@ from pathlib import Path
 import grpc
 import jwt
 import pytest
-from prometheus_client import REGISTRY
 
 from policy_engine.api import pdp_pb2
 from policy_engine.bench.redis_server import RedisServer
@@ -31,6 +30,7 @@ from tests.cache.support import (
     settings,
     tuple_request,
 )
+from tests.metrics import sample as _sample
 from tests.policy_builder import allow_all, write_organization
 from tests.server.harness import EXAMPLE_POLICIES
 
@@ -69,10 +69,6 @@ def _with_id(msg: pdp_pb2.CheckRequest, request_id: str) -> pdp_pb2.CheckRequest
     out.CopyFrom(msg)
     out.request_id = request_id.replace(" ", "-")
     return out
-
-
-def _sample(name: str, **labels: str) -> float:
-    return REGISTRY.get_sample_value(name, labels) or 0.0
 
 
 # --- the local level -------------------------------------------------------------------------

@@ -13,7 +13,6 @@ from pathlib import Path
 
 import jwt
 import pytest
-from prometheus_client import REGISTRY
 
 from policy_engine.api import pdp_pb2, pdp_pb2_grpc
 from policy_engine.bench.redis_server import RedisServer
@@ -36,6 +35,7 @@ from tests.cache.support import (
     settings,
     tuple_request,
 )
+from tests.metrics import sample as _sample
 from tests.policy_builder import allow_all, write_organization
 from tests.server.harness import EXAMPLE_POLICIES, running
 
@@ -59,10 +59,6 @@ GUESSES = ("", "s3cret", "attacker-key-" * 4)
 @pytest.fixture(scope="module")
 def policies() -> CompiledPolicySet:
     return load_policy_set(EXAMPLE_POLICIES)
-
-
-def _sample(name: str, **labels: str) -> float:
-    return REGISTRY.get_sample_value(name, labels) or 0.0
 
 
 def _token(expires: datetime) -> str:

@@ -27,17 +27,8 @@ from policy_engine.policy import CompiledPolicySet, load_policy_set
 from tests.auth.test_jwks_async import ROTATED, Idp, load
 from tests.cache.support import servicer_for, serving, settings, tuple_request
 from tests.cache.test_key_sets import policy_dir, with_token
+from tests.metrics import decisions_total
 from tests.server.harness import EXAMPLE_POLICIES
-
-
-def decisions_total() -> float:
-    return sum(
-        sample.value
-        for metric in REGISTRY.collect()
-        if metric.name == "pdp_decisions"
-        for sample in metric.samples
-        if sample.name == "pdp_decisions_total"
-    )
 
 
 def expired(stage: str) -> float:

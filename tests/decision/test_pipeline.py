@@ -12,7 +12,6 @@ from collections import Counter
 from pathlib import Path
 
 import pytest
-from prometheus_client import REGISTRY
 
 from policy_engine.api import pdp_pb2
 from policy_engine.audit import AuditLog
@@ -33,6 +32,7 @@ from policy_engine.server.service import PolicyDecisionServicer, build_decider
 from policy_engine.store.store import NoPolicyLoaded
 from tests.audit.support import read_records
 from tests.cache.support import BASE, answer, serving, settings, tuple_request
+from tests.metrics import sample as _sample
 from tests.server.harness import EXAMPLE_POLICIES
 
 TUPLES = [
@@ -69,10 +69,6 @@ def uncached(policies: CompiledPolicySet) -> list[tuple[object, ...]]:
     """Each tuple's answer from a pipeline without a cache."""
     decider = build_decider(lambda: policies, BASE, cache=None)
     return [answer(decider.decide_sync([msg]).only()) for msg in TUPLES]
-
-
-def _sample(name: str, **labels: str) -> float:
-    return REGISTRY.get_sample_value(name, labels) or 0.0
 
 
 def _decisions_counted() -> float:

@@ -17,7 +17,6 @@ from dataclasses import replace
 import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
-from prometheus_client import REGISTRY
 
 from policy_engine.api import pdp_pb2, pdp_pb2_grpc
 from policy_engine.bench.redis_server import RedisServer
@@ -26,6 +25,8 @@ from policy_engine.config import CacheSettings, Settings, TransportSettings
 from policy_engine.policy import load_policy_set
 from policy_engine.server.app import AsyncServer, build_server
 from policy_engine.server.service import SERVICE_NAME, PolicyDecisionServicer
+from tests.metrics import decisions_total as _decisions
+from tests.metrics import sample as _sample
 from tests.server.harness import DOCS, EXAMPLE_POLICIES
 from tests.server.rawh2 import RawConnection, closed_by_server
 
@@ -52,23 +53,9 @@ def serving(settings: Settings) -> Iterator[tuple[int, PolicyDecisionServicer]]:
         servicer.close()
 
 
-def _sample(name: str, **labels: str) -> float:
-    return REGISTRY.get_sample_value(name, labels) or 0.0
-
-
 def _late() -> float:
     """Calls not evaluated because their deadline passed (waiting for the cache or before)."""
     return sum(_sample("pdp_deadline_exceeded_total", stage=s) for s in ("queued", "cache"))
-
-
-def _decisions() -> float:
-    return sum(
-        sample.value
-        for metric in REGISTRY.collect()
-        if metric.name == "pdp_decisions"
-        for sample in metric.samples
-        if sample.name == "pdp_decisions_total"
-    )
 
 
 def test_a_thousand_stalled_streams_do_not_stop_checks_or_health() -> None:
