@@ -166,13 +166,18 @@ class Window:
         pid = server.process.pid
         workers = procs.workers(pid)
         counters = procs.multiproc_dir(workers[0]) if workers != [pid] else None
-        return cls(
-            pid,
-            workers,
-            counters,
-            procs.tree_cpu(pid),
-            procs.decisions_by_pid(counters, workers) if counters else None,
-        )
+        decisions = procs.decisions_by_pid(counters, workers) if counters else None
+        if counters:
+            # A request the warm-up's h2load left in flight may still be decided: wait until
+            # the counts hold still (at most a second), so it is not counted in the window.
+            settle_by = time.monotonic() + 1.0
+            while time.monotonic() < settle_by:
+                time.sleep(0.05)
+                again = procs.decisions_by_pid(counters, workers)
+                if again == decisions:
+                    break
+                decisions = again
+        return cls(pid, workers, counters, procs.tree_cpu(pid), decisions)
 
     def connections(self, port: int) -> contextlib.AbstractContextManager[object]:
         """Samples each worker's connections while the load runs (several workers only)."""

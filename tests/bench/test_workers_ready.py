@@ -18,10 +18,17 @@ from policy_engine.server import balance
 
 STAGGERED = textwrap.dedent(
     """
-    import multiprocessing, sys, time
+    import multiprocessing, os, signal, sys, threading, time
     from concurrent.futures import ThreadPoolExecutor
 
-    def serve(address, delay):
+    def orphaned(parent):
+        # A worker outlives no parent (the harness SIGTERMs the parent, then SIGKILLs).
+        while os.getppid() == parent:
+            time.sleep(0.1)
+        os._exit(0)
+
+    def serve(address, delay, parent):
+        threading.Thread(target=orphaned, args=(parent,), daemon=True).start()
         time.sleep(delay)
         import grpc
         from grpc_health.v1 import health, health_pb2, health_pb2_grpc
@@ -35,9 +42,18 @@ STAGGERED = textwrap.dedent(
 
     if __name__ == "__main__":
         ctx = multiprocessing.get_context("spawn")
-        workers = [ctx.Process(target=serve, args=(sys.argv[1], delay)) for delay in (0, 3)]
+        workers = [
+            ctx.Process(target=serve, args=(sys.argv[1], delay, os.getpid())) for delay in (0, 3)
+        ]
         for worker in workers:
             worker.start()
+
+        def stop(signum, frame):
+            for worker in workers:
+                worker.terminate()
+            sys.exit(0)
+
+        signal.signal(signal.SIGTERM, stop)
         for worker in workers:
             worker.join()
     """
