@@ -405,6 +405,10 @@ class TransportSettings:
     # server/balance.py), never with one.
     max_connection_age_ms: MillisOrOff | None = None
     max_connection_age_grace_ms: MillisOrOff = 10_000
+    # After a stop signal, health reads NOT_SERVING at once but calls are still taken for this
+    # long before the server stops taking new ones (OPA's --shutdown-wait-period): load
+    # balancers and health-watching clients move away first, so a rolling restart drops none.
+    shutdown_wait_ms: MillisOrOff = 0
     # Clients' keepalive pings: no more often than this (a flood gets GOAWAY ENHANCE_YOUR_CALM).
     min_ping_interval_ms: Millis = 10_000
     permit_keepalive_without_calls: Flag = False

@@ -447,6 +447,7 @@ class RunningServer:
     audit: AuditLog | None = None
     cache: DecisionCache | None = None
     metrics: MetricsEndpoint | None = None
+    shutdown_wait: float = 0.0  # seconds of NOT_SERVING before new calls are refused
 
     @property
     def port(self) -> int:
@@ -473,12 +474,16 @@ class RunningServer:
             self.reloader.request(reason, full=True)
 
     def stop(self, grace: float | None = STOP_GRACE_SECONDS) -> bool:
-        """Health NOT_SERVING at once, then every component stopped in reverse: metrics, the
+        """Health NOT_SERVING at once; calls still taken for `shutdown_wait` seconds
+        (`transport.shutdown_wait_ms`); then every component stopped in reverse: metrics, the
         servers (new calls refused, those in flight answered for up to `grace` seconds), the
         store, the JWKS fetcher, the cache, the audit log (drained: every decision answered
         before this returns is in the log, within AUDIT_CLOSE_SECONDS more). False when a
         component left work undone (logged)."""
         self.health.enter_graceful_shutdown()
+        if self.shutdown_wait > 0:
+            log.info("NOT_SERVING; still answering for %.1fs before stopping", self.shutdown_wait)
+            time.sleep(self.shutdown_wait)
         self.grpc.grace = grace
         return self.lifecycle.stop(deadline_in((grace or 0.0) + AUDIT_CLOSE_SECONDS))
 
@@ -550,6 +555,7 @@ def build_components(
     running = RunningServer(
         lifecycle, health, server, None, store, reloader, servicer, audit, cache
     )
+    running.shutdown_wait = settings.transport.shutdown_wait_ms / 1000
     _add_health_server(running, settings)
     if serve_metrics and settings.metrics_address:
         running.metrics = MetricsEndpoint(settings.metrics_address, optional=True)
@@ -816,7 +822,13 @@ def _supervise_workers(
         if stopping.is_set():
             # A worker gets its grace period plus some slack, then is killed.
             if kill_at is None:
-                kill_at = time.monotonic() + STOP_GRACE_SECONDS + AUDIT_CLOSE_SECONDS + 10.0
+                kill_at = (
+                    time.monotonic()
+                    + settings.transport.shutdown_wait_ms / 1000
+                    + STOP_GRACE_SECONDS
+                    + AUDIT_CLOSE_SECONDS
+                    + 10.0
+                )
             elif time.monotonic() > kill_at:
                 for proc in running:
                     log.error("worker %s did not stop in time; killing it", proc.name)
