@@ -23,7 +23,7 @@ from google.protobuf.message import DecodeError
 
 from policy_engine.api import pdp_pb2
 from policy_engine.audit.cli import add_audit_commands
-from policy_engine.auth.keys import KeySetError, StaticKeySet
+from policy_engine.auth.keys import KeySetError, KeySource, StaticKeySet
 from policy_engine.cli.early import EXIT_INTERRUPTED, sighup_received
 from policy_engine.cli.status import add_status_command
 from policy_engine.client import RequestValueError, check_request
@@ -125,17 +125,9 @@ def build_message(args: argparse.Namespace) -> pdp_pb2.CheckRequest:
     exactly (an integer beyond +-(2^53 - 1), NaN, infinities, invalid Unicode).
     """
     context = _parse_pairs(args.context, "--context")
-    connection_raw = context.pop("connection", ConnectionState.UNKNOWN.value)
-    if isinstance(connection_raw, bool):
-        connection_raw = "active" if connection_raw else "absent"
-    try:
-        connection = ConnectionState(str(connection_raw).lower())
-    except ValueError as exc:
-        choices = ", ".join(c.value for c in ConnectionState)
-        raise UsageError(f"--context connection must be one of {choices}") from exc
     time_raw = context.pop("time", None)
     try:
-        return check_request(
+        return request_message(
             args.org,
             args.subject,
             args.application,
@@ -146,16 +138,67 @@ def build_message(args: argparse.Namespace) -> pdp_pb2.CheckRequest:
             access_token=args.token or "",
             application_attributes=_parse_pairs(args.application_attr, "--application-attr"),
             integration_attributes=_parse_pairs(args.integration_attr, "--integration-attr"),
-            connected=_CONNECTED[connection],
-            client_ip=str(context.pop("client_ip", "")),
-            session_id=str(context.pop("session_id", "")),
+            context=context,
             time=_parse_time(str(time_raw)) if time_raw is not None else None,
-            context_attributes=context,
             explain=args.explain,
         )
     except RequestValueError as exc:
         flag = next(f for field, f in _FLAGS_BY_FIELD if exc.path.startswith(field))
         raise UsageError(f"{flag}: {exc}") from None
+    except ValueError as exc:  # the connection state
+        raise UsageError(f"--context {exc}") from None
+
+
+def request_message(
+    org: str,
+    subject: str,
+    application: str,
+    integration: str,
+    scope: str,
+    *,
+    subject_kind: str,
+    subject_attributes: dict[str, Any],
+    access_token: str,
+    application_attributes: dict[str, Any],
+    integration_attributes: dict[str, Any],
+    context: dict[str, Any],
+    time: datetime | None,
+    explain: bool,
+) -> pdp_pb2.CheckRequest:
+    """The CheckRequest for one tuple, as `pdp eval` and `pdp test` build it. `context` (not
+    modified) knows `connection` (active | absent | unknown, or a bool), `client_ip` and
+    `session_id`; any other key becomes `context.attributes`.
+
+    Raises RequestValueError (see check_request), or ValueError for a connection state that
+    is none of those.
+    """
+    context = dict(context)
+    connection_raw = context.pop("connection", ConnectionState.UNKNOWN.value)
+    if isinstance(connection_raw, bool):
+        connection_raw = "active" if connection_raw else "absent"
+    try:
+        connection = ConnectionState(str(connection_raw).lower())
+    except ValueError:
+        choices = ", ".join(c.value for c in ConnectionState)
+        raise ValueError(f"connection must be one of {choices}") from None
+    return check_request(
+        org,
+        subject,
+        application,
+        integration,
+        scope,
+        subject_kind=subject_kind,
+        subject_attributes=subject_attributes,
+        access_token=access_token,
+        application_attributes=application_attributes,
+        integration_attributes=integration_attributes,
+        connected=_CONNECTED[connection],
+        client_ip=str(context.pop("client_ip", "")),
+        session_id=str(context.pop("session_id", "")),
+        time=time,
+        context_attributes=context,
+        explain=explain,
+    )
 
 
 def dry_run(
@@ -217,6 +260,12 @@ def _with_jwks(policies: CompiledPolicySet, org: str, jwks_file: str) -> Compile
         keys = StaticKeySet.from_file(Path(jwks_file))
     except KeySetError as exc:
         raise UsageError(f"--jwks: {exc}") from exc
+    return with_key_set(policies, org, keys)
+
+
+def with_key_set(policies: CompiledPolicySet, org: str, keys: KeySource) -> CompiledPolicySet:
+    """`policies` with organization `org`'s subject tokens verified by `keys` (its other token
+    settings kept); unchanged when `org` is not loaded."""
     organization = policies.organizations.get(org)
     if organization is None:
         return policies

@@ -2,8 +2,9 @@
 
 Layout: one folder per organization under the policy directory; every `*.yaml`/`*.yml` inside
 it (at any depth) holds `kind: Organization` (exactly one per folder) or `kind: Policy`
-documents. Hidden files and folders are not policy files (editors' temporaries), though an
-organization may keep its JWKS in one.
+documents. Test suites (`*.test.yaml`/`*.test.yml`, see policy_engine.testing) and hidden
+files and folders are not policy files (editors' temporaries), though an organization may
+keep its JWKS in one.
 
 Every byte comes from a PolicySource (policy_engine.policy.source): the directory read once,
 or, with a bundle key, the snapshot whose hashes the signed manifest was checked against.

@@ -26,6 +26,9 @@ from typing import Protocol
 from policy_engine.config import PolicyLimits
 
 POLICY_SUFFIXES = (".yaml", ".yml")
+# Policy test suites (`pdp test`, policy_engine.testing) live beside the policies: the loader
+# never reads them, so editing one changes no policy set, yet a bundle signs them.
+SUITE_SUFFIXES = (".test.yaml", ".test.yml")
 BUNDLE_FILE = "policy-bundle.jws"
 # Kubernetes ConfigMap/Secret volumes keep their versions in root-level `..<timestamp>`
 # folders behind a `..data` symlink; the published names link through them.
@@ -49,15 +52,25 @@ class SourceFile:
 
 
 def is_policy_file(relative: str) -> bool:
-    """A `*.yaml`/`*.yml` path (relative, `/`-separated) with no hidden part."""
+    """A `*.yaml`/`*.yml` path (relative, `/`-separated) with no hidden part, and no test
+    suite (`*.test.yaml`/`*.test.yml`)."""
     parts = relative.split("/")
-    return relative.endswith(POLICY_SUFFIXES) and not any(p.startswith(".") for p in parts)
+    return (
+        relative.endswith(POLICY_SUFFIXES)
+        and not relative.endswith(SUITE_SUFFIXES)
+        and not any(p.startswith(".") for p in parts)
+    )
+
+
+def is_suite_file(name: str) -> bool:
+    """A test suite's name (`*.test.yaml`/`*.test.yml`): never a policy file."""
+    return name.endswith(SUITE_SUFFIXES)
 
 
 def policy_files(directory: Path) -> list[Path]:
-    """Every `*.yaml`/`*.yml` path below `directory`, regular file or not (the loader says which
-    cannot be read). Hidden files and folders are skipped; symlinked folders are followed, as
-    Kubernetes volumes use them, and a symlink cycle is walked once."""
+    """Every `*.yaml`/`*.yml` path below `directory` but test suites, regular file or not (the
+    loader says which cannot be read). Hidden files and folders are skipped; symlinked
+    folders are followed, as Kubernetes volumes use them, and a symlink cycle is walked once."""
     return [directory / name for name in policy_names(directory)]
 
 
@@ -79,7 +92,9 @@ def policy_names(directory: Path) -> list[str]:
         found.extend(
             prefix + name
             for name in names
-            if not name.startswith(".") and name.endswith(POLICY_SUFFIXES)
+            if not name.startswith(".")
+            and name.endswith(POLICY_SUFFIXES)
+            and not name.endswith(SUITE_SUFFIXES)
         )
     # Paths sort by their lists of parts; with "/" made "\0", which sorts before any
     # character a name can hold, the strings sort exactly so (and faster than lists).

@@ -50,6 +50,7 @@ from inotify_simple import INotify, flags
 
 from policy_engine.policy.bundle import BUNDLE_FILE
 from policy_engine.policy.loader import POLICY_SUFFIXES, FileRead
+from policy_engine.policy.source import is_suite_file
 from policy_engine.store.journal import ChangeJournal
 from policy_engine.store.writes import WriteTracker
 
@@ -87,7 +88,8 @@ _RESHAPES = flags.CREATE | flags.DELETE | flags.MOVED_FROM | flags.MOVED_TO
 
 
 class PolicyChangeFilter:
-    """Passes changes that can alter the policy set: *.yaml/*.yml files, the bundle manifest,
+    """Passes changes that can alter the policy set: *.yaml/*.yml files (not test suites,
+    `*.test.yaml`, which the loader never reads), the bundle manifest,
     folders, and every file the last load read (`files_read`, hidden or not) with the
     folders leading to it.
 
@@ -121,8 +123,8 @@ class PolicyChangeFilter:
         if any(part.startswith(".") for part in parts):
             return False
         name = parts[-1]
-        if _EDITOR_TEMPORARY.search(name):
-            return False
+        if _EDITOR_TEMPORARY.search(name) or is_suite_file(name):
+            return False  # a suite is no policy file (unless signed: then `reads` passed it)
         if candidate.suffix in POLICY_SUFFIXES or name == BUNDLE_FILE or is_dir:
             return True
         if deleted:
