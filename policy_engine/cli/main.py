@@ -1,6 +1,7 @@
 """`pdp`: serve decisions, validate a policy directory, dry-run one tuple, check settings.
 
-Exit codes: 0 when the command did its job (for `eval`, whether it allowed or denied);
+Exit codes (`pdp test` has its own: see policy_engine.testing.cli): 0 when the command did
+its job (for `eval`, whether it allowed or denied);
 1 when policies are invalid, a server could not start or stop cleanly, or (`status`) a
 component of the asked server is not ready; 2 for bad flags, settings or input, or a server
 that cannot be asked; 130 when interrupted (Ctrl-C).
@@ -53,6 +54,7 @@ from policy_engine.policy.bundle import (
 from policy_engine.policy.loader import load_policy_source
 from policy_engine.server.convert import RequestConverter
 from policy_engine.strict_json import unique_keys
+from policy_engine.testing.cli import add_test_command
 
 DEFAULTS = Settings()
 EXIT_OK = 0
@@ -510,6 +512,7 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--json", action="store_true", help="print one JSON object")
     evaluate.set_defaults(handler=cmd_eval)
 
+    add_test_command(commands)
     add_audit_commands(commands)
     add_bundle_commands(commands)
     add_config_commands(commands)
