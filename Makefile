@@ -56,8 +56,10 @@ $(CACHE_KEY_FILE): | $(BIN)/python
 	mkdir -p $(dir $@)
 	umask 077 && $(BIN)/python -c 'import secrets; print(secrets.token_hex(32))' > $@
 
+# The example policies' own suites (README, Policy tests) must pass and match every rule.
 # The bench harness tests drive a real server with h2load: installed here, not skipped.
 test: install
+	$(BIN)/pdp test --coverage-min 100 policies/
 	command -v h2load >/dev/null 2>&1 || (apt-get update -qq && apt-get install -y -qq nghttp2-client)
 	$(BIN)/pytest -q
 
