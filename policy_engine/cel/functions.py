@@ -446,6 +446,9 @@ def to_uint(value: Any) -> int:
             return uint(int(value))
         raise CelEvaluationError(f"uint() out of range: {value}")
     if kind == "double":
+        # cel-go refuses any negative double (uint(-0.5) is an error, not 0); -0.0 is 0.
+        if value < 0:
+            raise CelEvaluationError(f"uint() out of range: {value!r}")
         return uint(_double_to_int(value, -1, UINT64_MAX + 1, "uint"))
     if kind == "string":
         if _UINT_TEXT.fullmatch(value):
@@ -566,7 +569,9 @@ def to_bytes(value: Any) -> bytes:
 
 _RFC3339 = re.compile(
     r"([0-9]{4})-([0-9]{2})-([0-9]{2})[Tt]([0-9]{2}):([0-9]{2}):([0-9]{2})"
-    r"(?:\.([0-9]{1,9}))?(?:([Zz])|([+-])([0-9]{2}):([0-9]{2}))",
+    # RFC 3339's offset is 00:00..23:59, as the reference runtimes parse it (+24:00 or
+    # +99:00 would move the instant by days).
+    r"(?:\.([0-9]{1,9}))?(?:([Zz])|([+-])([01][0-9]|2[0-3]):([0-5][0-9]))",
     re.ASCII,
 )
 

@@ -535,6 +535,17 @@ def has_field(obj: Any, field: str) -> bool:
     raise CelEvaluationError(f"has() cannot test field '{field}' on a value of type {kind_of(obj)}")
 
 
+def _list_position(container: Any, key: Any) -> int:
+    """The position ``key`` names in a list (not bounds-checked): an int, a uint or a whole
+    double inside int64 (as cel-go and the conformance say); any other key has no overload."""
+    key_kind = kind_of(key)
+    if key_kind == "int" or key_kind == "uint":
+        return int(key)
+    if key_kind == "double" and float(key).is_integer() and -(2.0**63) < key < 2.0**63:
+        return int(key)
+    raise no_overload("_[_]", container, key)
+
+
 def index(container: Any, key: Any) -> Any:
     """``container[key]``: bounds-checked list index by int, or map lookup by key."""
     if type(container) is dict and type(key) is str:
@@ -546,13 +557,7 @@ def index(container: Any, key: Any) -> Any:
         return optional_index(container, key)
     kind = kind_of(container)
     if kind == "list":
-        key_kind = kind_of(key)
-        if key_kind == "double" and float(key).is_integer():
-            position = int(key)  # a whole double indexes, as cel-go and the conformance say
-        elif key_kind == "int" or key_kind == "uint":
-            position = int(key)
-        else:
-            raise no_overload("_[_]", container, key)
+        position = _list_position(container, key)
         if 0 <= position < len(container):
             return container[position]
         raise CelEvaluationError(f"index out of range: {key}")
@@ -592,12 +597,12 @@ def optional_index(container: Any, key: Any) -> Optional:
         value = map_lookup(container, key)
         return OPTIONAL_NONE if value is MISSING else Optional(value)
     if kind == "list":
-        try:
-            return Optional(index(container, key))
-        except CelEvaluationError:
-            if kind_of(key) in NUMERIC_KINDS:
-                return OPTIONAL_NONE
-            raise
+        # Only a position past the end is absent: a key that is no position (1.5) is an
+        # error, as in cel-go, not an empty optional a negated hasValue() would turn true.
+        position = _list_position(container, key)
+        if 0 <= position < len(container):
+            return Optional(container[position])
+        return OPTIONAL_NONE
     raise no_overload("_[?_]", container, key)
 
 

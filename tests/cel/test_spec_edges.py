@@ -6,12 +6,20 @@ from __future__ import annotations
 
 import math
 import tracemalloc
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
 
 import pytest
 
 from policy_engine.cel import CelEvaluationError
 from policy_engine.cel.values import MAX_ALLOCATION
+from policy_engine.domain.decision import Effect
+from policy_engine.engine import decide
+from policy_engine.policy import load_policy_set
 from tests.cel.support import ACTIVATION, compile_cel, ev, ev_error
+from tests.policy_builder import request
+from tests.store.support import write_policy_dir
 
 
 class TestMathRounding:
@@ -124,3 +132,92 @@ class TestAllocationBudget:
         # Attribute-sized lists (at most 64 entries) are searched without charge.
         source = "l.all(x, l.all(y, y in l && l == l))"
         assert ev(source, l=list(range(64))) is True
+
+
+class TestValuesWhereTheSpecGivesAnError:
+    """A second hostile review: conversions and lookups that gave a value where cel-go (and
+    the C++ runtime) give an error. In an allow rule such a value can be a wrongful ALLOW."""
+
+    @pytest.mark.parametrize("source", ["uint(-0.5)", "uint(-1e-300)", "uint(-0.9999)"])
+    def test_a_negative_double_is_no_uint(self, source: str) -> None:
+        # cel-go's doubleToUint64Checked refuses v < 0: no truncation toward zero first.
+        assert "out of range" in ev_error(source)
+
+    def test_negative_zero_is_a_uint(self) -> None:
+        assert ev("uint(-0.0) == 0u") is True
+
+    @pytest.mark.parametrize(
+        "text",
+        [
+            "2024-01-01T00:00:00+24:00",
+            "2024-01-01T00:00:00-99:00",
+            "2024-01-01T00:00:00+23:60",
+            "2024-01-01T00:00:00-00:99",
+        ],
+    )
+    def test_an_offset_outside_rfc_3339_is_no_timestamp(self, text: str) -> None:
+        assert "expected RFC 3339" in ev_error(f"timestamp('{text}')")
+
+    def test_offsets_inside_rfc_3339_parse(self) -> None:
+        assert ev("timestamp('2024-01-01T23:59:00+23:59') == timestamp('2024-01-01T00:00:00Z')")
+        assert ev("timestamp('2024-01-01T00:00:00-00:01') == timestamp('2024-01-01T00:01:00Z')")
+
+    @pytest.mark.parametrize("key", ["1.5", "1e300", "-9223372036854775808.0", "'a'", "true"])
+    def test_an_optional_index_that_is_no_position_is_an_error(self, key: str) -> None:
+        # Only a position past either end is absent (cel-go's IndexOrError first).
+        assert "no matching overload" in ev_error(f"[1, 2][?{key}].hasValue()")
+        assert "no matching overload" in ev_error(f"optional.of([1, 2])[?{key}].hasValue()")
+
+    @pytest.mark.parametrize(
+        ("source", "expected"),
+        [
+            ("[1, 2][?1.0].value() == 2", True),
+            ("[1, 2][?1u].value() == 2", True),
+            ("[1, 2][?2].hasValue()", False),
+            ("[1, 2][?-1].hasValue()", False),
+            ("[1, 2][?2.0].hasValue()", False),
+        ],
+    )
+    def test_optional_positions(self, source: str, expected: bool) -> None:
+        assert ev(source) is expected
+
+
+class TestEndToEnd:
+    """The faults above as an attacker meets them: a real policy file, the real loader, a
+    request whose attributes (sent by the broker) reach the condition through decide()."""
+
+    NOW = datetime(2024, 7, 1, 20, 30, tzinfo=UTC)
+
+    @pytest.mark.parametrize(
+        ("condition", "benign", "attack"),
+        [
+            # Allowed while nothing is owed: a debt of -0.5 was uint 0.
+            ("uint(subject.attributes.debt) == 0u", {"debt": 0.0}, {"debt": -0.5}),
+            # A grant that lasts until its expiry: -99:00 moved it four days on.
+            (
+                "timestamp(subject.attributes.expires) > now",
+                {"expires": "2024-07-02T00:00:00-01:00"},
+                {"expires": "2024-07-01T00:00:00-99:00"},
+            ),
+            # Allowed unless the n-th ban is set: a slot of 1.5 read as "no such ban".
+            (
+                "!subject.attributes.bans[?subject.attributes.slot].orValue(false)",
+                {"bans": [False, True], "slot": 2},
+                {"bans": [False, True], "slot": 1.5},
+            ),
+        ],
+    )
+    def test_no_wrongful_allow(
+        self,
+        tmp_path: Path,
+        condition: str,
+        benign: dict[str, Any],
+        attack: dict[str, Any],
+    ) -> None:
+        org = (
+            "kind: Policy\nname: attack\nlayer: org\ntarget:\n  integrations: [github]\n"
+            f"rules:\n  - name: the-rule\n    effect: allow\n    condition: {condition!r}\n"
+        )
+        policies = load_policy_set(write_policy_dir(tmp_path, org))
+        assert decide(policies, request(**benign), now=self.NOW).effect is Effect.ALLOW
+        assert decide(policies, request(**attack), now=self.NOW).effect is Effect.DENY
