@@ -414,9 +414,7 @@ class _SuiteParser(DocumentParser):
             self.problem(doc.line_of("expect"), "'expect' is required: {decision: allow|deny}")
             return None
         self._check_keys(raw, _EXPECT_KEYS, "a case's expect")
-        decision = self._choice(
-            raw, "decision", _DECISIONS.__getitem__, "allow | deny", default=None
-        )
+        decision = self._choice(raw, "decision", _decision, "allow | deny", default=None)
         code = self._choice(raw, "code", ErrorCode, "a kontext_... code", default=False)
         layer = self._choice(
             raw, "layer", Layer, " | ".join(layer.value for layer in Layer), default=False
@@ -428,6 +426,12 @@ class _SuiteParser(DocumentParser):
         if decision is None:
             return None
         return Expectation(decision, code or None, layer or None, policy, rule)
+
+
+def _decision(raw: str) -> Effect:
+    if raw not in _DECISIONS:
+        raise ValueError(raw)
+    return _DECISIONS[raw]
 
 
 def _private_key(data: bytes) -> Any:
