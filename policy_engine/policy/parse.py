@@ -27,6 +27,7 @@ from policy_engine.policy.model import (
 )
 from policy_engine.policy.yamlpos import PositionedDict
 
+# Matched with fullmatch: `$` alone also matches before a final newline ("repo\n").
 NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.:-]{0,127}$")
 # Target patterns: IDs and scopes as requests may carry them, plus the glob characters.
 TARGET_PATTERN = re.compile(r"^[\x21\x23-\x5B\x5D-\x7E]{1,256}$")
@@ -117,7 +118,7 @@ class DocumentParser:
 
     def _name(self, doc: PositionedDict, key: str, policy: str = "") -> str:
         name = self._string(doc, key, required=True, policy=policy)
-        if name and not NAME_PATTERN.match(name):
+        if name and not NAME_PATTERN.fullmatch(name):
             self.problem(
                 doc.line_of(key), f"{key} {name!r} must match {NAME_PATTERN.pattern}", policy
             )
@@ -174,7 +175,7 @@ class DocumentParser:
             return None
         values: list[str] = []
         for item in raw:
-            if not isinstance(item, str) or not TARGET_PATTERN.match(item):
+            if not isinstance(item, str) or not TARGET_PATTERN.fullmatch(item):
                 self.problem(
                     doc.value_lines.get(key, doc.line),
                     f"{key}: {_shown(item)} is not a valid ID or pattern{_as_written(item)}",
