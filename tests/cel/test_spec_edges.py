@@ -169,6 +169,23 @@ class TestValuesWhereTheSpecGivesAnError:
         assert "no matching overload" in ev_error(f"optional.of([1, 2])[?{key}].hasValue()")
 
     @pytest.mark.parametrize(
+        "source",
+        [
+            "'%s'.format([b'\\xff'])",
+            "'%s'.format([[b'\\xff']])",
+            "'%s'.format([{'a': b'\\xc3'}])",
+            # Two different byte strings printed alike (U+FFFD) compared equal.
+            "'%s'.format([b'\\xff']) == '%s'.format([b'\\xfe'])",
+        ],
+    )
+    def test_bytes_that_are_no_utf8_do_not_print(self, source: str) -> None:
+        # cel-go's %s converts bytes as string(b) does: an error, not U+FFFD.
+        assert "not valid UTF-8" in ev_error(source)
+
+    def test_bytes_that_are_utf8_print(self) -> None:
+        assert ev("'%s'.format([[b'\\xc3\\xa9', b'a']]) == '[\u00e9, a]'") is True
+
+    @pytest.mark.parametrize(
         ("source", "expected"),
         [
             ("[1, 2][?1.0].value() == 2", True),

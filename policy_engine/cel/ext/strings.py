@@ -21,6 +21,7 @@ from policy_engine.cel.functions import (
     format_timestamp,
     function,
     sig,
+    to_string,
 )
 from policy_engine.cel.types import INT, STRING, list_of
 from policy_engine.cel.values import CelType, allocate, kind_of, no_overload
@@ -182,7 +183,9 @@ def _as_string(value: Any, top: bool = True) -> str:
     if kind == "string":
         return str(value)
     if kind == "bytes":
-        return bytes(value).decode("utf-8", "replace")
+        # As string(b): invalid UTF-8 is an error (cel-go), not U+FFFD, which would make
+        # different bytes print alike.
+        return to_string(value)
     if kind == "null_type":
         return "null"
     if kind == "bool":
