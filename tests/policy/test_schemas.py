@@ -573,3 +573,18 @@ def test_the_test_builders_policies_validate(templated: bool) -> None:
     for layer in ("org", "user", "application"):
         assert _schema_errors({"kind": "Policy", **allow_all(layer)}) == []
     assert _schema_errors({"kind": "Policy", **user_policy(3, templated=templated)}) == []
+
+
+def test_a_target_written_as_a_block_scalar_is_refused(tmp_path: Path) -> None:
+    """`scopes: |` reads as 'delete_repo' and a newline, which no request carries: a deny
+    rule targeted at it would never apply."""
+    folder = tmp_path / "acme"
+    folder.mkdir()
+    (folder / "organization.yaml").write_text(yaml.dump(ORGANIZATION, Dumper=_QuotingDumper))
+    (folder / "jwks.json").write_text(JWKS)
+    (folder / "org.yaml").write_text(
+        "kind: Policy\nname: no-deletion\nlayer: org\nrules:\n"
+        "  - name: never\n    effect: deny\n    target:\n      scopes: |\n        delete_repo\n"
+    )
+    with pytest.raises(PolicyLoadError, match=r"org.yaml:8:.*'delete_repo\\n' is not a valid ID"):
+        load_policy_set(tmp_path)
