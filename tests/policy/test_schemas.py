@@ -27,6 +27,8 @@ from referencing import Registry
 from referencing.jsonschema import DRAFT202012
 
 from policy_engine.policy import PolicyLoadError, load_policy_set
+from policy_engine.policy.model import RULE_CODES
+from policy_engine.policy.parse import NAME_PATTERN, SUPPORTED_ALGORITHMS, TARGET_PATTERN
 from policy_engine.policy.source import policy_files
 from policy_engine.policy.yamlpos import load_documents
 from tests.auth.material import ed_key, jwks
@@ -84,6 +86,18 @@ def test_schemas_are_valid_draft_2020_12() -> None:
     assert {"document.schema.json", *SCHEMA_FOR_KIND.values()} <= set(names)
     for name in names:
         _validator(name)
+
+
+def test_the_schemas_spell_the_parsers_keywords_and_patterns() -> None:
+    policy = json.loads((SCHEMAS / "policy.schema.json").read_text())
+    organization = json.loads((SCHEMAS / "organization.schema.json").read_text())
+    rule = policy["$defs"]["rule"]["properties"]
+    assert sorted(rule["code"]["enum"]) == POLICY_SCHEMA_CODES
+    assert policy["$defs"]["name"]["pattern"] == NAME_PATTERN.pattern
+    assert organization["properties"]["organization"]["pattern"] == NAME_PATTERN.pattern
+    assert policy["$defs"]["pattern"]["pattern"] == TARGET_PATTERN.pattern
+    algorithms = organization["properties"]["tokens"]["properties"]["algorithms"]["items"]
+    assert algorithms["enum"] == list(SUPPORTED_ALGORITHMS)
 
 
 SHIPPED = policy_files(REPOSITORY / "policies")
@@ -544,12 +558,7 @@ def _plausible_organization(draw: st.DrawFn) -> Document:
     return organization
 
 
-POLICY_SCHEMA_CODES = [
-    "kontext_policy_denied",
-    "kontext_integration_connection_required",
-    "kontext_authorization_required",
-    "kontext_rate_limited",
-]
+POLICY_SCHEMA_CODES = sorted(code.value for code in RULE_CODES)
 
 GENERATED = settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 
