@@ -1,8 +1,9 @@
 """`pdp test [DIR]`: run the policy test suites below DIR against the policies in DIR.
 
 Exit codes: 0 every case passed (and coverage reached --coverage-min); 1 a case failed;
-2 bad flags; 3 invalid policies or suites (every problem listed as file:line), or no suite
-found; 4 every case passed but rule coverage is below --coverage-min.
+2 bad flags (a --run that selects no case too); 3 invalid policies or suites (every problem
+listed as file:line), or no suite found; 4 every case passed but rule coverage is below
+--coverage-min.
 """
 
 from __future__ import annotations
@@ -54,6 +55,8 @@ def cmd_test(args: argparse.Namespace) -> int:
         print(f"no test suites (*.test.yaml) below {directory}", file=sys.stderr)
         return EXIT_INVALID
     outcome = run_suites(policies, suites, select=select)
+    if not outcome.results:  # a CI job whose regex matches nothing must not pass silently
+        raise UsageError(f"--run {args.run!r} selects no case")
     coverage = args.coverage or args.coverage_min is not None
     if args.junit:
         try:

@@ -195,6 +195,8 @@ def test_run_selects_cases_by_name(tmp_path: Path, capsys: pytest.CaptureFixture
         "acme/basics/admin-errors",
     ]
     assert _run(capsys, str(root), "--run", "alice-may")[0] == EXIT_FAILED
+    code, _, err = _run(capsys, str(root), "--run", "nobody")
+    assert code == EXIT_USAGE and "--run 'nobody' selects no case" in err
 
 
 def test_junit_xml_parses_with_one_testcase_per_case(
