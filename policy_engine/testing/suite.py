@@ -77,6 +77,14 @@ _TOKEN_KEYS = frozenset({"key", "claims"})
 _EXPECT_KEYS = frozenset({"decision", "code", "layer", "policy", "rule"})
 _DECISIONS = {"allow": Effect.ALLOW, "deny": Effect.DENY}
 _ALGORITHM_BY_KEY = {"Ed25519": "EdDSA", "RSA": "RS256", "P-256": "ES256", "P-384": "ES384"}
+# What each kind of key may sign with (RFC 7518 section 3.1, RFC 8037).
+_ALGORITHMS_OF_KEY = {
+    "Ed25519": ("EdDSA",),
+    "RSA": ("RS256", "RS384", "RS512", "PS256", "PS384", "PS512"),
+    "P-256": ("ES256",),
+    "P-384": ("ES384",),
+}
+_CONNECTIONS = ("active", "absent", "unknown")
 
 
 @dataclass(frozen=True, slots=True)
@@ -331,6 +339,13 @@ class _SuiteParser(DocumentParser):
                 f"{file}: an Ed25519, P-256, P-384 or RSA private key is needed",
             )
             return None
+        if algorithm not in _ALGORITHMS_OF_KEY[kind]:
+            choices = " | ".join(_ALGORITHMS_OF_KEY[kind])
+            self.problem(
+                doc.line_of("algorithm"),
+                f"algorithm {algorithm!r} does not fit this {kind} key (one of {choices})",
+            )
+            return None
         codec = {"Ed25519": OKPAlgorithm, "RSA": RSAAlgorithm}.get(kind, ECAlgorithm)
         jwk = dict(codec.to_jwk(public, as_dict=True))
         jwk.update(kid=kid, use="sig", alg=algorithm)
@@ -391,6 +406,11 @@ class _SuiteParser(DocumentParser):
         for key in ("connection", "client_ip", "session_id"):
             if key in raw:
                 context[key] = self._string(raw, key, required=True)
+        if context.get("connection", "unknown") not in _CONNECTIONS:
+            self.problem(
+                raw.line_of("connection"),
+                f"connection {context['connection']!r} is not one of {' | '.join(_CONNECTIONS)}",
+            )
         return MappingProxyType(context)
 
     def _token(self, doc: PositionedDict, keys: dict[str, FixtureKey]) -> TokenSpec | None:

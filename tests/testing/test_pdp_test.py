@@ -151,6 +151,13 @@ def test_a_wrong_rule_is_a_failure(tmp_path: Path, capsys: pytest.CaptureFixture
             SUITE.replace("code: kontext_policy_denied", "code: policy_denied"),
             "code 'policy_denied'",
         ),
+        (
+            SUITE.replace(
+                "    scope: admin\n", "    scope: admin\n    context: {connection: up}\n"
+            ),
+            "connection 'up' is not one of active | absent | unknown",
+        ),
+        (SUITE.replace("subject: bob", "subject: [bob]"), "'subject' must name a fixture"),
     ],
 )
 def test_an_invalid_suite_exits_3_naming_file_and_line(
@@ -293,6 +300,12 @@ cases:
     )
     code, out, _ = _run(capsys, str(root))
     assert code == EXIT_PASSED, out
+    # A key asked to sign with an algorithm it cannot is refused where it is written.
+    suite_file = root / "acme" / "basics.test.yaml"
+    suite_file.write_text(suite.replace("kid: k1}", "kid: k1, algorithm: ES256}"))
+    code, _, err = _run(capsys, str(root))
+    assert code == EXIT_INVALID
+    assert f"{suite_file}:5: algorithm 'ES256' does not fit this Ed25519 key (one of EdDSA)" in err
 
 
 def test_suites_are_not_policy_files(tmp_path: Path) -> None:
