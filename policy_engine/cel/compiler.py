@@ -1503,9 +1503,12 @@ _TWO_VARIABLE: dict[str, tuple[int, ...]] = {
 }
 
 
-def _pairs(value: Any, name: str) -> list[tuple[Any, Any]]:
-    """(index, element) of a list, (key, value) of a map."""
+def _pairs(value: Any, name: str, frame: _Frame) -> list[tuple[Any, Any]]:
+    """(index, element) of a list, (key, value) of a map, paid for (``_charge``) before
+    they are built: a list of a million is refused at once, not after a second of pairing
+    (a hundred such loops absorbed by || took minutes)."""
     items = _iterable(value, name)
+    _charge(frame, items, name)
     if kind_of(items) == "map":
         return list(items.items())
     return list(enumerate(items))
@@ -1525,9 +1528,8 @@ def _build_two_variable(
         predicate = bodies[0]
 
         def quantifier(act: Any) -> bool:
-            pairs = _pairs(target(act), name)
             frame = new_frame(act)
-            _charge(frame, pairs, name)
+            pairs = _pairs(target(act), name, frame)
             error: BaseException | None = None
             for a, b in pairs:
                 frame[first], frame[second] = a, b
@@ -1548,9 +1550,8 @@ def _build_two_variable(
         return quantifier
 
     def collect(act: Any) -> Any:
-        pairs = _pairs(target(act), name)
         frame = new_frame(act)
-        _charge(frame, pairs, name)
+        pairs = _pairs(target(act), name, frame)
         count = 0
         out_list: list[Any] = []
         out_map: list[tuple[Any, Any]] = []

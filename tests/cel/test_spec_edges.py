@@ -238,3 +238,44 @@ class TestEndToEnd:
         policies = load_policy_set(write_policy_dir(tmp_path, org))
         assert decide(policies, request(**benign), now=self.NOW).effect is Effect.ALLOW
         assert decide(policies, request(**attack), now=self.NOW).effect is Effect.DENY
+
+
+class _CountingList(list):  # type: ignore[type-arg]
+    """A list that counts how many of its elements were read by iteration."""
+
+    reads = 0
+
+    def __iter__(self) -> Any:
+        for item in super().__iter__():
+            type(self).reads += 1
+            yield item
+
+
+class TestLoopsArePaidForFirst:
+    """A loop is refused before it touches a list longer than the iteration budget: each of
+    a hundred two-variable loops absorbed by || paired a million elements first (9 s for
+    one evaluation, the server's loop blocked)."""
+
+    @pytest.mark.parametrize(
+        "source",
+        [
+            "l.transformList(i, v, v).size() > 0",
+            "l.transformList(i, v, v > 0, v).size() > 0",
+            "l.transformMap(i, v, v).size() > 0",
+            "l.all(i, v, v >= 0)",
+            "l.exists(i, v, v < 0)",
+            "l.existsOne(i, v, v < 0)",
+            "l.map(x, x).size() > 0",
+            "l.exists(x, x < 0)",
+        ],
+    )
+    def test_a_long_list_is_refused_unread(self, source: str) -> None:
+        _CountingList.reads = 0
+        message = ev_error(source, l=_CountingList(range(20_000)))
+        assert "comprehension iterations" in message
+        assert _CountingList.reads == 0
+
+    def test_a_short_list_is_read_once(self) -> None:
+        _CountingList.reads = 0
+        assert ev("l.transformList(i, v, v * i)[2] == 4", l=_CountingList([0, 1, 2])) is True
+        assert _CountingList.reads == 3
