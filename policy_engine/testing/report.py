@@ -30,7 +30,8 @@ def summary_line(outcome: Outcome, coverage: bool) -> str:
     passed = len(outcome.results) - failed
     suites = len({(r.suite.organization, r.suite.name) for r in outcome.results})
     line = f"{'FAILED' if failed else 'OK'}: {passed} passed, {failed} failed"
-    line += f" ({len(outcome.results)} cases in {suites} suites)"
+    cases = len(outcome.results)
+    line += f" ({cases} case{'s' * (cases != 1)} in {suites} suite{'s' * (suites != 1)})"
     if coverage:
         line += f"; rules matched: {outcome.coverage.percent():.1f}%"
     return line

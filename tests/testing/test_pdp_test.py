@@ -103,7 +103,7 @@ def _run(capsys: pytest.CaptureFixture[str], *args: str) -> tuple[int, str, str]
 def test_all_cases_passing_exit_0(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     code, out, _ = _run(capsys, str(_policy_dir(tmp_path)))
     assert code == EXIT_PASSED
-    assert out.strip().splitlines()[-1] == "OK: 3 passed, 0 failed (3 cases in 1 suites)"
+    assert out.strip().splitlines()[-1] == "OK: 3 passed, 0 failed (3 cases in 1 suite)"
 
 
 def test_a_failing_case_exits_1_with_expected_actual_and_trace(
