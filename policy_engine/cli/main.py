@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import os
 import sys
 from collections.abc import Callable, Sequence
 from datetime import UTC, datetime
@@ -60,6 +61,7 @@ DEFAULTS = Settings()
 EXIT_OK = 0
 EXIT_INVALID_POLICIES = 1
 EXIT_USAGE = 2
+EXIT_BROKEN_PIPE = 141  # 128 + SIGPIPE, as a shell reports a pipe's writer that was cut off
 EXIT_START_FAILED = 1  # as a worker that failed: the server did not run
 
 
@@ -544,6 +546,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         return EXIT_START_FAILED
     except KeyboardInterrupt:
         return EXIT_INTERRUPTED
+    except BrokenPipeError:
+        # The reader left (`pdp test --json | head`): no traceback, and none at exit either
+        # when Python flushes stdout into the closed pipe.
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        return EXIT_BROKEN_PIPE
 
 
 if __name__ == "__main__":

@@ -373,7 +373,7 @@ def _load(
             )
             continue
         org = parts[0]
-        if not NAME_PATTERN.match(org):
+        if not NAME_PATTERN.fullmatch(org):
             issues.append(
                 LoadIssue(directory / relative, 1, f"organization folder name {org!r} is not valid")
             )

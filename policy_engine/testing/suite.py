@@ -378,7 +378,7 @@ class _SuiteParser(DocumentParser):
         before = len(self.issues)
         self._check_keys(doc, _CASE_KEYS, "a case")
         name = self._string(doc, "name", required=True)
-        if name and not NAME_PATTERN.match(name):
+        if name and not NAME_PATTERN.fullmatch(name):
             self.problem(
                 doc.line_of("name"), f"case name {name!r} must match {NAME_PATTERN.pattern}"
             )
