@@ -460,6 +460,19 @@ def cmd_bundle_sign(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def cmd_bundle_keygen(args: argparse.Namespace) -> int:
+    """Writes an Ed25519 pair in PEM for `pdp bundle sign --key` and `--public-key`: the same
+    pair `pdp audit keygen` makes (private key mode 0600, created atomically)."""
+    from policy_engine.audit.keys import KeyFileError, generate_keypair
+
+    try:
+        kid = generate_keypair(Path(args.out_private), Path(args.out_public), force=args.force)
+    except (KeyFileError, OSError) as exc:
+        raise UsageError(str(exc)) from exc
+    print(f"wrote {args.out_private} (private, mode 0600) and {args.out_public}; key id {kid}")
+    return EXIT_OK
+
+
 def cmd_bundle_verify(args: argparse.Namespace) -> int:
     problems = verify_bundle(
         Path(args.directory), _read_key(args.public_key, "--public-key") or b""
@@ -471,8 +484,13 @@ def cmd_bundle_verify(args: argparse.Namespace) -> int:
 
 
 def add_bundle_commands(commands: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
-    bundle = commands.add_parser("bundle", help="sign and verify policy directories")
+    bundle = commands.add_parser("bundle", help="make keys for, sign and verify policy directories")
     actions = bundle.add_subparsers(dest="bundle_command", required=True)
+    keygen = actions.add_parser("keygen", help="make an Ed25519 key pair for signing bundles")
+    keygen.add_argument("--out-private", required=True, metavar="FILE")
+    keygen.add_argument("--out-public", required=True, metavar="FILE")
+    keygen.add_argument("--force", action="store_true", help="overwrite existing files")
+    keygen.set_defaults(handler=cmd_bundle_keygen)
     sign = actions.add_parser("sign", help=f"write DIR/{BUNDLE_FILE} over every file in DIR")
     sign.add_argument("directory")
     sign.add_argument("--key", required=True, help="PEM private key (Ed25519, P-256 or RSA)")
