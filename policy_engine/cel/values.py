@@ -367,11 +367,24 @@ def scan(units: int, operation: str) -> None:
         )
 
 
+def check_budget(operation: str) -> None:
+    """Raise :class:`CelEvaluationError` if this evaluation's budget is already spent: an
+    operation that charges after its work (or scans before charging) refuses to start, so
+    errors absorbed by ``||`` cannot repeat that work for every operand of a long chain."""
+    if _ALLOCATION.remaining < 0:
+        raise CelEvaluationError(
+            f"{operation}: the values this expression builds exceed {MAX_ALLOCATION} "
+            "code points, bytes or list elements"
+        )
+
+
 def charged(impl: Callable[..., Any], name: str) -> Callable[..., Any]:
     """``impl`` charging the size of the string, bytes or list it returns (for functions whose
-    result is at most a few times the size of their operands; others check before)."""
+    result is at most a few times the size of their operands; others check before); it does
+    not start once the budget is spent."""
 
     def run(*args: Any) -> Any:
+        check_budget(name)
         result = impl(*args)
         if type(result) in _SIZED_TYPES:
             allocate(len(result), name)

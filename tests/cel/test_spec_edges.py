@@ -279,3 +279,55 @@ class TestLoopsArePaidForFirst:
         _CountingList.reads = 0
         assert ev("l.transformList(i, v, v * i)[2] == 4", l=_CountingList([0, 1, 2])) is True
         assert _CountingList.reads == 3
+
+
+class TestASpentBudgetStopsWork:
+    """Once an evaluation's budget is spent (an error || absorbs), an operation that charges
+    after its work, or reads a list before charging, refuses to start: a few hundred such
+    operands after one absorbed error repeated a million-element join or quote each
+    (10 s for one evaluation)."""
+
+    # l[0] == 'a' is no constant: the compiler cannot fold the || away.
+    SPEND = "'x'" + ".replace('x', 'xxxxxxxxxx')" * 7 + ".size() > 0 || l[0] == 'a'"
+
+    def test_join_reads_nothing_after_the_budget_is_spent(self) -> None:
+        _CountingList.reads = 0
+        message = ev_error(f"({self.SPEND}) && l.join().size() > 0", l=_CountingList("ab"))
+        assert "exceed" in message and _CountingList.reads == 0
+
+    def test_a_charged_function_does_not_start(self) -> None:
+        text = "x" * 1_000_000
+        source = f"({self.SPEND}) && s.split('').size() > 0"
+        tracemalloc.start()
+        try:
+            message = ev_error(source, l=["b"], s=text)
+            peak = tracemalloc.get_traced_memory()[1]
+        finally:
+            tracemalloc.stop()
+        # The spend builds a million code points (1 MB); a split would add a list of a
+        # million parts (8 MB).
+        assert "exceed" in message and peak < 5 * len(text)
+
+    @pytest.mark.parametrize(
+        ("source", "expected"),
+        [
+            ("'abc'.split('', 2)", ["a", "bc"]),
+            ("'abc'.split('', 3)", ["a", "b", "c"]),
+            ("'abc'.split('', 9)", ["a", "b", "c"]),
+            ("'abc'.split('', -1)", ["a", "b", "c"]),
+            ("'a😀c'.split('', 2)", ["a", "😀c"]),
+            ("''.split('', 2)", []),
+        ],
+    )
+    def test_split_into_code_points_with_a_limit(self, source: str, expected: list[str]) -> None:
+        assert list(ev(source)) == expected
+
+    def test_split_with_a_limit_does_not_explode_the_whole_text(self) -> None:
+        text = "x" * 1_000_000
+        tracemalloc.start()
+        try:
+            assert ev("s.split('', 2).size() == 2", s=text) is True
+            peak = tracemalloc.get_traced_memory()[1]
+        finally:
+            tracemalloc.stop()
+        assert peak < 3 * len(text)  # a copy of the tail, not a list of a million parts

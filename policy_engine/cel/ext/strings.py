@@ -24,7 +24,7 @@ from policy_engine.cel.functions import (
     to_string,
 )
 from policy_engine.cel.types import INT, STRING, list_of
-from policy_engine.cel.values import CelType, allocate, kind_of, no_overload
+from policy_engine.cel.values import CelType, allocate, check_budget, kind_of, no_overload
 
 
 def _string(value: Any, name: str, *others: Any) -> str:
@@ -91,10 +91,9 @@ def split(text: Any, separator: Any, *limit: Any) -> list[str]:
     if n == 0:
         return []
     if sep == "":
-        parts = list(s)
-        if 0 < n < len(parts):
-            parts = [*parts[: n - 1], "".join(parts[n - 1 :])]
-        return parts
+        if 0 < n < len(s):  # only the first n - 1 code points are split off
+            return [*s[: n - 1], s[n - 1 :]]
+        return list(s)
     return s.split(sep, n - 1 if n > 0 else -1)
 
 
@@ -131,6 +130,7 @@ def join(items: Any, *separator: Any) -> str:
     if kind_of(items) != "list":
         raise no_overload("join", items, *separator)
     sep = "" if not separator else _string(separator[0], "join", items)
+    check_budget("join")  # the checks below read every element
     for item in items:
         if kind_of(item) != "string":
             raise CelEvaluationError(f"join: the list holds a {kind_of(item)}, not a string")
