@@ -27,8 +27,9 @@ Every problem is collected with file:line (LoadIssue); nothing is guessed.
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
+from datetime import datetime
 from pathlib import Path
 from types import MappingProxyType
 from typing import Any
@@ -85,6 +86,12 @@ _ALGORITHMS_OF_KEY = {
     "P-384": ("ES384",),
 }
 _CONNECTIONS = ("active", "absent", "unknown")
+# RFC 3339 date-time: seconds and an offset are required, so no case time is read in an
+# assumed zone (fromisoformat alone also takes a bare date, a naive time or basic format).
+RFC3339 = re.compile(
+    r"[0-9]{4}-[0-9]{2}-[0-9]{2}[Tt ][0-9]{2}:[0-9]{2}:[0-9]{2}(\.[0-9]+)?"
+    r"([Zz]|[+-][0-9]{2}:[0-9]{2})"
+)
 
 
 @dataclass(frozen=True, slots=True)
@@ -270,13 +277,12 @@ class _SuiteParser(DocumentParser):
         if raw is None:
             return None
         try:
-            if not isinstance(raw, str):
+            if not isinstance(raw, str) or not RFC3339.fullmatch(raw):
                 raise ValueError(raw)
-            parsed = datetime.fromisoformat(raw.replace("Z", "+00:00"))
+            return datetime.fromisoformat(raw.upper().replace("Z", "+00:00"))
         except ValueError:
             self.problem(doc.line_of(key), f"{key} {raw!r} is not an RFC 3339 timestamp")
             return None
-        return parsed if parsed.tzinfo else parsed.replace(tzinfo=UTC)
 
     def _fixtures(self, fixtures: PositionedDict | None, key: str, parse: Any) -> dict[str, Any]:
         raw = self._mapping(fixtures, key, f"fixtures.{key}") if fixtures else None
