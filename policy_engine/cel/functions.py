@@ -47,6 +47,7 @@ from policy_engine.cel.types import (
     param,
 )
 from policy_engine.cel.values import (
+    FREE_TEXT_SCAN,
     INT64_MAX,
     INT64_MIN,
     NANOS_PER_SECOND,
@@ -59,6 +60,7 @@ from policy_engine.cel.values import (
     duration_nanos,
     kind_of,
     no_overload,
+    scan_text,
     timestamp_from_nanos,
     timestamp_nanos,
     trunc_div,
@@ -275,6 +277,7 @@ def glob_match(text: Any, glob: GlobPattern) -> bool:
     """
     if not isinstance(text, str):
         raise no_overload("glob", text, glob.pattern)
+    scan_text(text, "glob")
     return glob.match(text)
 
 
@@ -359,11 +362,16 @@ def size(value: Any) -> int:
     raise no_overload("size", value)
 
 
-def _string_predicate(name: str, test: Callable[[str, str], bool]) -> Callable[[Any, Any], bool]:
-    """``startsWith``/``endsWith``/``contains``: (string, string) -> bool."""
+def _string_predicate(
+    name: str, test: Callable[[str, str], bool], searches: bool = False
+) -> Callable[[Any, Any], bool]:
+    """``startsWith``/``endsWith``/``contains``: (string, string) -> bool; one that
+    ``searches`` the whole text charges a long one (:func:`scan_text`)."""
 
-    def predicate(text: Any, other: Any) -> bool:
+    def predicate(text: Any, other: Any, searches: bool = searches) -> bool:
         if isinstance(text, str) and isinstance(other, str):
+            if searches and len(text) > FREE_TEXT_SCAN:
+                scan_text(text, name)
             return test(text, other)
         raise no_overload(name, text, other)
 
@@ -374,13 +382,14 @@ def _string_predicate(name: str, test: Callable[[str, str], bool]) -> Callable[[
 
 starts_with = _string_predicate("startsWith", str.startswith)
 ends_with = _string_predicate("endsWith", str.endswith)
-contains = _string_predicate("contains", str.__contains__)
+contains = _string_predicate("contains", str.__contains__, searches=True)
 
 
 def matches(text: Any, regex: Any) -> bool:
     """``s.matches(re)`` / ``matches(s, re)``: ``re.search`` semantics (anchor explicitly)."""
     if not isinstance(text, str):
         raise no_overload("matches", text, regex.pattern)
+    scan_text(text, "matches")
     return regex.search(text) is not None
 
 

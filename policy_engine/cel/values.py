@@ -356,15 +356,29 @@ FREE_SCAN = 64
 
 
 def scan(units: int, operation: str) -> None:
-    """Charge a scan of ``units`` list elements to this thread's evaluation (the budget
-    values built draw on); raises :class:`CelEvaluationError` when it is spent."""
+    """Charge a scan of ``units`` list elements or code points to this thread's evaluation
+    (the budget values built draw on); raises :class:`CelEvaluationError` when it is spent."""
     remaining = _ALLOCATION.remaining - units
     _ALLOCATION.remaining = remaining
     if remaining < 0:
         raise CelEvaluationError(
-            f"{operation}: the list elements this expression scans and the values it builds "
-            f"exceed {MAX_ALLOCATION}"
+            f"{operation}: the list elements and text this expression scans and the values "
+            f"it builds exceed {MAX_ALLOCATION}"
         )
+
+
+#: Strings up to this long (request strings are at most a few KiB) are searched without
+#: charge; a longer one, which only a condition can build, charges its length to each search
+#: (contains, indexOf, matches, glob), so a few hundred searches of a built text of millions
+#: of code points, errors absorbed by ||, stop at the budget instead of taking seconds.
+FREE_TEXT_SCAN = 1 << 16
+
+
+def scan_text(text: str, operation: str) -> None:
+    """Charge a search of ``text`` (see :data:`FREE_TEXT_SCAN`); raises
+    :class:`CelEvaluationError` when the evaluation's budget is spent."""
+    if len(text) > FREE_TEXT_SCAN:
+        scan(len(text), operation)
 
 
 def check_budget(operation: str) -> None:

@@ -13,7 +13,7 @@ from typing import Any
 import pytest
 
 from policy_engine.cel import CelEvaluationError
-from policy_engine.cel.values import MAX_ALLOCATION
+from policy_engine.cel.values import FREE_TEXT_SCAN, MAX_ALLOCATION
 from policy_engine.domain.decision import Effect
 from policy_engine.engine import decide
 from policy_engine.policy import load_policy_set
@@ -331,3 +331,30 @@ class TestASpentBudgetStopsWork:
         finally:
             tracemalloc.stop()
         assert peak < 3 * len(text)  # a copy of the tail, not a list of a million parts
+
+
+class TestSearchesOfBuiltTextAreCharged:
+    """Searching a string longer than FREE_TEXT_SCAN draws on the evaluation's budget as a
+    list scan does: a built text of a million code points searched in a loop of 99 (or by a
+    few hundred operands of ||) stops at the budget instead of taking seconds."""
+
+    BIG = "'x'" + ".replace('x', 'xxxxxxxxxx')" * 6  # a million code points
+
+    @pytest.mark.parametrize(
+        "search",
+        [
+            "big.contains('y' + string(x))",
+            "big.indexOf('y' + string(x)) >= 0",
+            "big.lastIndexOf('y' + string(x)) >= 0",
+            "big.matches('y' + string(x))",
+            "big.glob('*y*')",
+        ],
+    )
+    def test_a_search_in_a_loop_is_charged(self, search: str) -> None:
+        message = ev_error(f"cel.bind(big, {self.BIG}, l.exists(x, {search}))", l=list(range(99)))
+        assert "scans" in message and "exceed" in message
+
+    def test_request_sized_text_is_searched_free(self) -> None:
+        text = "x" * FREE_TEXT_SCAN
+        source = "l.all(x, !s.contains('y') && s.indexOf('y') < 0 && !s.matches('y'))"
+        assert ev(source, l=list(range(200)), s=text) is True  # 39 Mi code points

@@ -24,7 +24,14 @@ from policy_engine.cel.functions import (
     to_string,
 )
 from policy_engine.cel.types import INT, STRING, list_of
-from policy_engine.cel.values import CelType, allocate, check_budget, kind_of, no_overload
+from policy_engine.cel.values import (
+    CelType,
+    allocate,
+    check_budget,
+    kind_of,
+    no_overload,
+    scan_text,
+)
 
 
 def _string(value: Any, name: str, *others: Any) -> str:
@@ -56,6 +63,7 @@ def index_of(text: Any, sub: Any, start: Any = 0) -> int:
     i = _int(start, "indexOf", s, t)
     if not 0 <= i <= len(s):
         raise CelEvaluationError(f"indexOf: index out of range: {i}")
+    scan_text(s, "indexOf")
     return s.find(t, i)
 
 
@@ -67,6 +75,7 @@ def last_index_of(text: Any, sub: Any, *last: Any) -> int:
     end = len(s) if not last else _int(last[0], "lastIndexOf", s, t)
     if not 0 <= end <= len(s):
         raise CelEvaluationError(f"lastIndexOf: index out of range: {end}")
+    scan_text(s, "lastIndexOf")
     return s.rfind(t, 0, end + len(t))
 
 
