@@ -351,8 +351,95 @@ def _mutated(draw: st.DrawFn) -> Document:
     return document
 
 
+def _optional(draw: st.DrawFn, document: Document, key: str, values: st.SearchStrategy) -> None:
+    if draw(st.booleans()):
+        document[key] = draw(values)
+
+
+NAMES = st.sampled_from(["c", "case-2", "a.b:c_d", "C" * 128])
+TIMES = st.sampled_from(
+    ["2026-03-02T15:00:00Z", "2026-03-02t15:00:00.123456789z", "2026-03-02 10:00:00-05:00"]
+)
+ATTRIBUTES = st.dictionaries(st.sampled_from(["groups", "tier"]), SCALARS, max_size=2)
+PRINCIPALS = st.fixed_dictionaries(
+    {"id": st.sampled_from(["alice", "c-1029", "x"])},
+    optional={
+        "kind": st.sampled_from([kind.value for kind in SubjectKind]),
+        "attributes": ATTRIBUTES,
+    },
+)
+RESOURCES = st.fixed_dictionaries(
+    {"id": st.sampled_from(["github", "pr-reviewer", "é"])}, optional={"attributes": ATTRIBUTES}
+)
+KEYS = st.fixed_dictionaries(
+    {"private_key_file": st.sampled_from(["test-idp.pem", "./test-idp.pem", "x/../test-idp.pem"])},
+    optional={"kid": st.sampled_from(["k", "acme-test"]), "algorithm": st.just("EdDSA")},
+)
+FIXTURE_NAMES = st.sampled_from(["alice", "gh", "idp"])
+EXPECTS = st.fixed_dictionaries(
+    {"decision": st.sampled_from(["allow", "deny"])},
+    optional={
+        "code": st.sampled_from([code.value for code in ErrorCode]),
+        "layer": st.sampled_from([layer.value for layer in Layer]),
+        "policy": st.sampled_from(["p", "any text"]),
+        "rule": st.sampled_from(["default", "r"]),
+    },
+)
+CONTEXTS = st.fixed_dictionaries(
+    {},
+    optional={
+        "connection": st.sampled_from(list(suite_parser._CONNECTIONS)),
+        "client_ip": st.sampled_from(["10.0.0.1", "::1"]),
+        "session_id": st.just("s"),
+        "attributes": ATTRIBUTES,
+    },
+)
+TOKENS = st.one_of(
+    st.sampled_from(["", "eyJ.e30.", "not a jwt"]),
+    st.fixed_dictionaries({"key": st.just("idp")}, optional={"claims": ATTRIBUTES}),
+)
+
+
+@st.composite
+def _case(draw: st.DrawFn) -> Document:
+    case: Document = {
+        "name": draw(NAMES),
+        "subject": draw(st.one_of(FIXTURE_NAMES, st.just("bob"), PRINCIPALS)),
+        "application": draw(st.one_of(FIXTURE_NAMES, RESOURCES)),
+        "integration": draw(st.one_of(FIXTURE_NAMES, RESOURCES)),
+        "scope": draw(st.sampled_from(["repo", "chat:write", "a b"])),
+        "expect": draw(EXPECTS),
+    }
+    _optional(draw, case, "description", st.just("why"))
+    _optional(draw, case, "context", CONTEXTS)
+    _optional(draw, case, "time", TIMES)
+    _optional(draw, case, "token", TOKENS)
+    return case
+
+
+@st.composite
+def _plausible_suite(draw: st.DrawFn) -> Document:
+    """A suite built from values each valid for its field (together they may not be)."""
+    suite: Document = {
+        "kind": "TestSuite",
+        "name": draw(NAMES),
+        "cases": draw(st.lists(_case(), min_size=1, max_size=3, unique_by=lambda c: c["name"])),
+    }
+    _optional(draw, suite, "organization", st.just("acme"))
+    _optional(draw, suite, "description", st.just("Cases."))
+    _optional(draw, suite, "time", TIMES)
+    fixtures = {
+        "principals": st.dictionaries(FIXTURE_NAMES, PRINCIPALS, max_size=2),
+        "applications": st.dictionaries(FIXTURE_NAMES, RESOURCES, max_size=2),
+        "integrations": st.dictionaries(FIXTURE_NAMES, RESOURCES, max_size=2),
+        "keys": st.dictionaries(FIXTURE_NAMES, KEYS, max_size=2),
+    }
+    _optional(draw, suite, "fixtures", st.fixed_dictionaries({}, optional=fixtures))
+    return suite
+
+
 @settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-@given(_mutated())
+@given(st.one_of(_mutated(), _plausible_suite()))
 def test_a_generated_suite_the_parser_accepts_validates(suite: Document) -> None:
     if _parses(suite):
         assert _errors(suite) == []
