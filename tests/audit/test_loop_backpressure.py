@@ -10,7 +10,9 @@ from __future__ import annotations
 import dataclasses
 import threading
 import time
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 from pathlib import Path
 
 import grpc
@@ -20,7 +22,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from policy_engine.api import pdp_pb2, pdp_pb2_grpc
 from policy_engine.config import AuditSettings, ReloadSettings, Settings
 from policy_engine.lifecycle import deadline_in
-from policy_engine.server.app import start_server
+from policy_engine.server.app import RunningServer, start_server
 from tests.audit.support import read_records
 from tests.cache.support import tuple_request
 from tests.metrics import decisions_total as _decisions
@@ -49,19 +51,34 @@ def _settings(tmp_path: Path) -> Settings:
     )
 
 
-def test_a_full_audit_queue_blocks_the_calls_that_need_room_not_the_loop(
+@contextmanager
+def _full_queue(
     tmp_path: Path, gate: tuple[threading.Event, threading.Event]
-) -> None:
+) -> Iterator[tuple[RunningServer, grpc.Channel]]:
+    """A running server whose audit queue is full: the dispatcher is held inside the first
+    record (`gate`) and QUEUE more are waiting. Released and stopped on the way out."""
     entered, release = gate
     running = start_server(_settings(tmp_path))
     channel = grpc.insecure_channel(f"127.0.0.1:{running.port}")
     try:
         stub = pdp_pb2_grpc.PolicyDecisionServiceStub(channel)
-        health = health_pb2_grpc.HealthStub(channel)
         stub.Check(tuple_request(request_id="first"), timeout=10)
         assert entered.wait(10)  # the dispatcher holds "first": nothing leaves the queue now
         for i in range(QUEUE):
             stub.Check(tuple_request(request_id=f"q{i}"), timeout=10)
+        yield running, channel
+    finally:
+        release.set()
+        channel.close()
+        running.stop(grace=1)
+
+
+def test_a_full_audit_queue_blocks_the_calls_that_need_room_not_the_loop(
+    tmp_path: Path, gate: tuple[threading.Event, threading.Event]
+) -> None:
+    with _full_queue(tmp_path, gate) as (running, channel):
+        stub = pdp_pb2_grpc.PolicyDecisionServiceStub(channel)
+        health = health_pb2_grpc.HealthStub(channel)
 
         # A batch of 20 needs room for 20 records: it waits (up to BLOCK_MS), then its records
         # are dropped and counted. On the old code every record waited BLOCK_MS on the loop.
@@ -85,10 +102,6 @@ def test_a_full_audit_queue_blocks_the_calls_that_need_room_not_the_loop(
         assert took < 3 * BLOCK_MS / 1000
         assert running.audit is not None
         assert running.audit.stats().dropped.get("queue/queue_full") == 20
-    finally:
-        release.set()
-        channel.close()
-        running.stop(grace=1)
     ids = [r.get("request_id") for r in read_records(tmp_path / "audit.jsonl")]
     assert ["first", *[f"q{i}" for i in range(QUEUE)]] == [
         i for i in ids if i and not i.startswith("b")
@@ -98,15 +111,9 @@ def test_a_full_audit_queue_blocks_the_calls_that_need_room_not_the_loop(
 def test_room_made_while_a_call_waits_lets_its_records_in(
     tmp_path: Path, gate: tuple[threading.Event, threading.Event]
 ) -> None:
-    entered, release = gate
-    running = start_server(_settings(tmp_path))
-    channel = grpc.insecure_channel(f"127.0.0.1:{running.port}")
-    try:
+    _, release = gate
+    with _full_queue(tmp_path, gate) as (running, channel):
         stub = pdp_pb2_grpc.PolicyDecisionServiceStub(channel)
-        stub.Check(tuple_request(request_id="first"), timeout=10)
-        assert entered.wait(10)
-        for i in range(QUEUE):
-            stub.Check(tuple_request(request_id=f"q{i}"), timeout=10)
         with ThreadPoolExecutor(1) as pool:
             waiting = pool.submit(stub.Check, tuple_request(request_id="waited"), timeout=30)
             time.sleep(0.2)
@@ -115,10 +122,6 @@ def test_room_made_while_a_call_waits_lets_its_records_in(
             assert waiting.result(timeout=30).request_id == "waited"
         assert running.audit is not None
         assert "queue/queue_full" not in running.audit.stats().dropped
-    finally:
-        release.set()
-        channel.close()
-        running.stop(grace=1)
     ids = [r.get("request_id") for r in read_records(tmp_path / "audit.jsonl")]
     assert "waited" in ids
 
@@ -151,16 +154,9 @@ def test_a_required_audit_log_is_not_ready_while_a_sink_cannot_write(tmp_path: P
 def test_a_call_whose_deadline_passes_waiting_for_audit_room_is_decided_for_nobody(
     tmp_path: Path, gate: tuple[threading.Event, threading.Event]
 ) -> None:
-    entered, release = gate
-    running = start_server(_settings(tmp_path))
-    channel = grpc.insecure_channel(f"127.0.0.1:{running.port}")
     expired_before = _sample("pdp_deadline_exceeded_total", stage="audit")
-    try:
+    with _full_queue(tmp_path, gate) as (running, channel):
         stub = pdp_pb2_grpc.PolicyDecisionServiceStub(channel)
-        stub.Check(tuple_request(request_id="first"), timeout=10)
-        assert entered.wait(10)
-        for i in range(QUEUE):
-            stub.Check(tuple_request(request_id=f"q{i}"), timeout=10)
         decided_before = _decisions()
         # The caller gives up (0.3 s) long before the audit log would (BLOCK_MS).
         with pytest.raises(grpc.RpcError) as caught:
@@ -174,9 +170,5 @@ def test_a_call_whose_deadline_passes_waiting_for_audit_room_is_decided_for_nobo
         assert _decisions() == decided_before
         assert running.audit is not None
         assert "queue/queue_full" not in running.audit.stats().dropped
-    finally:
-        release.set()
-        channel.close()
-        running.stop(grace=1)
     ids = [r.get("request_id") for r in read_records(tmp_path / "audit.jsonl")]
     assert "late" not in ids

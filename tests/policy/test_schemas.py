@@ -13,7 +13,7 @@ import copy
 import json
 import re
 import tempfile
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from functools import cache
 from pathlib import Path
 from typing import Any
@@ -459,8 +459,14 @@ def _slots(value: Any) -> Iterator[tuple[Any, Any]]:
 
 
 @st.composite
-def _mutated(draw: st.DrawFn, bases: tuple[Document, ...]) -> Document:
-    """A valid document with one to three fields replaced, removed, or added."""
+def _mutated(
+    draw: st.DrawFn,
+    bases: tuple[Document, ...],
+    replacements: st.SearchStrategy[Any] = REPLACEMENTS,
+    field_names: Sequence[str] = FIELD_NAMES,
+) -> Document:
+    """A valid document with one to three fields replaced (by `replacements`), removed, or
+    added (under one of `field_names`)."""
     document = copy.deepcopy(draw(st.sampled_from(bases)))
     for _ in range(draw(st.integers(min_value=1, max_value=3))):
         slots = list(_slots(document))
@@ -469,13 +475,13 @@ def _mutated(draw: st.DrawFn, bases: tuple[Document, ...]) -> Document:
         container, key = draw(st.sampled_from(slots))
         operation = draw(st.sampled_from(["replace", "remove", "add"]))
         if operation == "replace":
-            container[key] = draw(REPLACEMENTS)
+            container[key] = draw(replacements)
         elif operation == "remove":
             del container[key]
         elif isinstance(container, dict):
-            container[draw(st.sampled_from(FIELD_NAMES))] = draw(REPLACEMENTS)
+            container[draw(st.sampled_from(field_names))] = draw(replacements)
         else:
-            container.append(draw(REPLACEMENTS))
+            container.append(draw(replacements))
     return document
 
 
