@@ -22,13 +22,20 @@ TEXT = README.read_text()
 
 
 def _mentions() -> list[str]:
-    found = re.findall(r"`(pdp [^`]+)`", TEXT)
+    found = [" ".join(span.split()) for span in re.findall(r"`(pdp [^`]+)`", TEXT)]
     fenced = False
+    pending = ""
     for line in TEXT.splitlines():
         if line.startswith("```"):
             fenced = not fenced
-        elif fenced and line.removeprefix("$ ").startswith("pdp "):
-            found.append(line.removeprefix("$ ").split("  #")[0].strip())
+            continue
+        command = line.removeprefix("$ ")
+        if fenced and (pending or command.startswith("pdp ")):
+            pending += " " + command.split("  #")[0].strip()
+            if not pending.endswith("\\"):
+                found.append(pending.strip())
+                pending = ""
+            pending = pending.removesuffix("\\")
     return sorted({m for m in found if not any(w.endswith(":") for w in m.split())})
 
 
