@@ -4,7 +4,8 @@ Exit codes (`pdp test` has its own: see policy_engine.testing.cli): 0 when the c
 its job (for `eval`, whether it allowed or denied);
 1 when policies are invalid, a server could not start or stop cleanly, or (`status`) a
 component of the asked server is not ready; 2 for bad flags, settings or input, or a server
-that cannot be asked; 130 when interrupted (Ctrl-C).
+that cannot be asked; 3 when `replay --fail-on-new-allows` finds a DENY that would become
+ALLOW; 130 when interrupted (Ctrl-C).
 """
 
 from __future__ import annotations
@@ -61,6 +62,7 @@ DEFAULTS = Settings()
 EXIT_OK = 0
 EXIT_INVALID_POLICIES = 1
 EXIT_USAGE = 2
+EXIT_NEW_ALLOWS = 3  # `pdp replay --fail-on-new-allows`: some DENY would become ALLOW
 EXIT_BROKEN_PIPE = 141  # 128 + SIGPIPE, as a shell reports a pipe's writer that was cut off
 EXIT_START_FAILED = 1  # as a worker that failed: the server did not run
 
@@ -305,6 +307,48 @@ def cmd_validate(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def cmd_replay(args: argparse.Namespace) -> int:
+    """Re-decide the audit records against --policies; print what would change."""
+    from policy_engine.replay.replay import order_audit_files, replay_files, terminal_progress
+
+    policies = load_policy_set(Path(args.policies))
+    paths = order_audit_files([Path(p) for p in args.audit])
+    try:
+        progress = terminal_progress(paths)
+        report = replay_files(paths, policies, progress=progress.step if progress else None)
+    except OSError as exc:
+        raise UsageError(f"--audit {exc.filename}: {exc.strerror or exc}") from None
+    if progress is not None:
+        progress.close()
+    if args.json:
+        print(json.dumps(report.to_dict(), indent=2))
+    else:
+        print(report.render())
+    if args.fail_on_new_allows and report.new_allows:
+        return EXIT_NEW_ALLOWS
+    return EXIT_OK
+
+
+def add_replay_command(commands: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
+    replay = commands.add_parser(
+        "replay",
+        help="re-decide audited decisions against candidate policies; report what changes",
+        description="Each decision record is decided again with its recorded inputs and "
+        "decision time. Records that cannot be replayed exactly are counted by reason.",
+    )
+    replay.add_argument(
+        "--audit", required=True, nargs="+", metavar="FILE", help="audit files (rotated too)"
+    )
+    replay.add_argument("--policies", required=True, help="candidate policy directory")
+    replay.add_argument("--json", action="store_true", help="print one JSON object")
+    replay.add_argument(
+        "--fail-on-new-allows",
+        action="store_true",
+        help=f"exit {EXIT_NEW_ALLOWS} if any DENY would become ALLOW",
+    )
+    replay.set_defaults(handler=cmd_replay)
+
+
 # The settings that flags of `serve` and `config check` set, to name the flag in errors.
 SETTINGS_FLAGS = {
     "address": "--address",
@@ -533,6 +577,7 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.set_defaults(handler=cmd_eval)
 
     add_test_command(commands)
+    add_replay_command(commands)
     add_audit_commands(commands)
     add_bundle_commands(commands)
     add_config_commands(commands)

@@ -1,0 +1,364 @@
+"""Re-decide audit decision records against candidate policies and count what would change.
+
+Each record is decided again as `pdp eval` decides a tuple (the broker's message, decoded as
+the server decodes it) with the recorded inputs and the recorded decision time as the clock.
+A record whose inputs the log does not hold exactly is never guessed at: it is counted under
+a reason (see `unreplayable_reason`).
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import sys
+from collections import Counter
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any, TextIO
+
+from policy_engine.audit.record import REDACTED
+from policy_engine.audit.sinks.file import _STAMP, _stamp_key
+from policy_engine.audit.verify import iter_lines
+from policy_engine.cli.main import UsageError, dry_run, request_message
+from policy_engine.client import RequestValueError
+from policy_engine.domain.codes import ErrorCode
+from policy_engine.domain.decision import Decision, Effect, reason_to_dict
+from policy_engine.policy import CompiledPolicySet
+
+ALLOW_TO_DENY = "ALLOW->DENY"
+DENY_TO_ALLOW = "DENY->ALLOW"
+CODE_CHANGED = "code_changed"
+LAYER_CHANGED = "layer_changed"
+RULE_CHANGED = "rule_changed"
+UNCHANGED = "unchanged"
+# In order of severity: a record counts under the first kind that applies.
+CHANGE_KINDS = (ALLOW_TO_DENY, DENY_TO_ALLOW, CODE_CHANGED, LAYER_CHANGED, RULE_CHANGED, UNCHANGED)
+GROUP_BY = ("organization", "application", "integration", "rule")
+EXAMPLES = 3  # decision IDs kept per group
+REPLAYABLE_VERSIONS = frozenset({1})
+# Context keys that `request_message` reads as fields: an attribute so named cannot be replayed.
+_CONTEXT_FIELDS = frozenset({"connection", "client_ip", "session_id", "time"})
+# Codes the server answers without the engine deciding: replaying them says nothing.
+_NOT_DECIDED = {
+    ErrorCode.VALIDATION_ERROR.value: "invalid_request_not_recorded",
+    ErrorCode.SERVER_ERROR.value: "server_error",
+    ErrorCode.RATE_LIMITED.value: "rate_limited",
+}
+_ROTATED = re.compile(rf"(?P<base>.+)\.(?P<stamp>{_STAMP.pattern})")
+
+
+class Unreplayable(Exception):
+    """A record that cannot be re-decided exactly; `reason` names why (snake_case)."""
+
+    def __init__(self, reason: str) -> None:
+        super().__init__(reason)
+        self.reason = reason
+
+
+def order_audit_files(paths: Sequence[Path]) -> list[Path]:
+    """`paths` oldest first: each log's rotated files (`NAME.<stamp>`) by stamp, then NAME."""
+
+    def key(path: Path) -> tuple[str, str, int, tuple[str, int]]:
+        rotated = _ROTATED.fullmatch(path.name)
+        if rotated:
+            return str(path.parent), rotated["base"], 0, _stamp_key(rotated["stamp"])
+        return str(path.parent), path.name, 1, ("", 0)
+
+    return sorted(paths, key=key)
+
+
+def _holds_redacted(value: Any) -> bool:
+    if isinstance(value, Mapping):
+        return any(_holds_redacted(v) for v in value.values())
+    if isinstance(value, list):
+        return any(_holds_redacted(v) for v in value)
+    return value == REDACTED
+
+
+def unreplayable_reason(record: Mapping[str, Any]) -> str | None:
+    """Why a decision record cannot be replayed exactly, or None when it can.
+
+    Reasons: unknown_schema_version, truncated_fields, invalid_request_not_recorded,
+    server_error, rate_limited, token_claims_not_recorded (the engine used a verified token
+    the record holds only as a hash), redacted_attribute (a credential-named attribute's
+    value was kept out of the log), context_attribute_name_clash, malformed_record.
+    """
+    try:
+        if record.get("schema_version") not in REPLAYABLE_VERSIONS:
+            return "unknown_schema_version"
+        if record.get("truncated"):
+            return "truncated_fields"
+        for reason in record["reasons"]:
+            not_decided = _NOT_DECIDED.get(reason["code"])
+            if not_decided:
+                return not_decided
+        if record["subject"]["token_sha256"] is not None:
+            return "token_claims_not_recorded"
+        parts = (record["subject"], record["application"], record["integration"])
+        context = record["context"]["attributes"]
+        if any(_holds_redacted(part["attributes"]) for part in parts) or _holds_redacted(context):
+            return "redacted_attribute"
+        if _CONTEXT_FIELDS.intersection(context):
+            return "context_attribute_name_clash"
+    except (KeyError, TypeError, AttributeError):
+        return "malformed_record"
+    return None
+
+
+def _time(raw: str) -> datetime:
+    parsed = datetime.fromisoformat(raw.replace("Z", "+00:00"))
+    return parsed if parsed.tzinfo else parsed.replace(tzinfo=UTC)
+
+
+def replay_record(record: Mapping[str, Any], policies: CompiledPolicySet) -> Decision:
+    """The decision `policies` give the record's tuple at the record's decision time.
+
+    Raises Unreplayable (with `unreplayable_reason`'s names, or unrepresentable_value).
+    """
+    reason = unreplayable_reason(record)
+    if reason:
+        raise Unreplayable(reason)
+    try:
+        subject, context = record["subject"], record["context"]
+        message = request_message(
+            record["organization"],
+            subject["id"],
+            record["application"]["id"],
+            record["integration"]["id"],
+            record["scope"],
+            subject_kind=subject["kind"],
+            subject_attributes=subject["attributes"],
+            access_token="",
+            application_attributes=record["application"]["attributes"],
+            integration_attributes=record["integration"]["attributes"],
+            context={
+                **context["attributes"],
+                "connection": context["connection"],
+                "client_ip": context["client_ip"],
+                "session_id": context["session_id"],
+            },
+            time=_time(context["time"]) if context["time"] is not None else None,
+            explain=False,
+        )
+        return dry_run(message, policies, now=_time(record["time"]))
+    except RequestValueError:
+        raise Unreplayable("unrepresentable_value") from None
+    except (KeyError, TypeError, AttributeError, ValueError, UsageError):
+        raise Unreplayable("malformed_record") from None
+
+
+def _rule_of(effect: str, reasons: Sequence[Mapping[str, Any]], matched: Iterable[Any]) -> str:
+    """`policy/rule` that decided: the first denying reason, else the first matched allow."""
+    if effect == Effect.DENY.value:
+        for reason in reasons:
+            if reason.get("rule"):
+                return f"{reason.get('policy')}/{reason['rule']}"
+        return f"(no rule: {reasons[0].get('code')})" if reasons else "(no rule)"
+    for rule in matched:
+        if rule["effect"] == Effect.ALLOW.value:
+            return f"{rule['policy']}/{rule['rule']}"
+    return "(no rule)"
+
+
+def _shape(reasons: Iterable[Mapping[str, Any]], key: str) -> list[str]:
+    return sorted(str(r.get(key)) for r in reasons)
+
+
+def compare(record: Mapping[str, Any], decision: Decision) -> tuple[str, str]:
+    """(change kind, deciding rule as `old -> new`, or the rule when it is the same)."""
+    old, new = record["decision"], decision.effect.value
+    old_reasons = record["reasons"]
+    new_reasons = [reason_to_dict(r) for r in decision.reasons]
+    new_matched = [
+        {"policy": m.policy, "rule": m.rule, "effect": m.effect.value}
+        for m in decision.matched_rules
+    ]
+    old_rule = _rule_of(old, old_reasons, record.get("matched_rules") or ())
+    new_rule = _rule_of(new, new_reasons, new_matched)
+    rule = old_rule if old_rule == new_rule else f"{old_rule} -> {new_rule}"
+    if old != new:
+        return (ALLOW_TO_DENY if old == Effect.ALLOW.value else DENY_TO_ALLOW), rule
+    for key, kind in (("code", CODE_CHANGED), ("layer", LAYER_CHANGED)):
+        if _shape(old_reasons, key) != _shape(new_reasons, key):
+            return kind, rule
+    if old_rule != new_rule:
+        return RULE_CHANGED, rule
+    return UNCHANGED, rule
+
+
+@dataclass
+class _Group:
+    count: int = 0
+    examples: list[str] = field(default_factory=list)
+
+    def add(self, example: str) -> None:
+        self.count += 1
+        if len(self.examples) < EXAMPLES:
+            self.examples.append(example)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"count": self.count, "examples": self.examples}
+
+
+@dataclass
+class Replay:
+    """What replaying records against one policy set found, added to record by record."""
+
+    policies: CompiledPolicySet
+    counts: Counter[str] = field(default_factory=Counter)
+    # kind -> dimension (GROUP_BY) -> value -> group; unchanged records are only counted.
+    groups: dict[str, dict[str, dict[str, _Group]]] = field(default_factory=dict)
+    unreplayable: dict[str, _Group] = field(default_factory=dict)
+    other_records: int = 0  # checkpoints, dropped-records notes: not decisions
+
+    @property
+    def decisions(self) -> int:
+        """Decision records seen, replayed or not."""
+        return sum(self.counts.values()) + sum(g.count for g in self.unreplayable.values())
+
+    @property
+    def new_allows(self) -> int:
+        return self.counts[DENY_TO_ALLOW]
+
+    def cannot(self, reason: str, example: str) -> None:
+        self.unreplayable.setdefault(reason, _Group()).add(example)
+
+    def add(self, record: Any, where: str) -> None:
+        """Replay one parsed record; `where` ("file:line") names it when it has no ID."""
+        if not isinstance(record, dict):
+            self.cannot("malformed_record", where)
+            return
+        if record.get("type") != "decision":
+            self.other_records += 1
+            return
+        example = str(record.get("decision_id") or where)
+        try:
+            decision = replay_record(record, self.policies)
+            kind, rule = compare(record, decision)
+        except Unreplayable as exc:
+            self.cannot(exc.reason, example)
+            return
+        except (KeyError, TypeError, AttributeError):
+            self.cannot("malformed_record", example)
+            return
+        self.counts[kind] += 1
+        if kind == UNCHANGED:
+            return
+        values = (
+            record["organization"],
+            record["application"]["id"],
+            record["integration"]["id"],
+            rule,
+        )
+        by_dimension = self.groups.setdefault(kind, {})
+        for dimension, value in zip(GROUP_BY, values, strict=True):
+            by_dimension.setdefault(dimension, {}).setdefault(str(value), _Group()).add(example)
+
+    def add_line(self, raw: bytes | str, where: str) -> None:
+        if not raw.strip():
+            return
+        try:
+            record = json.loads(raw)
+        except (ValueError, RecursionError):
+            self.cannot("unreadable_line", where)
+            return
+        self.add(record, where)
+
+    def to_dict(self) -> dict[str, Any]:
+        """The report as JSON: decisions, counts (every kind), changes (kind -> dimension ->
+        value -> {count, examples}), unreplayable (reason -> {count, examples}),
+        other_records, policy_revision."""
+        return {
+            "policy_revision": self.policies.revision,
+            "decisions": self.decisions,
+            "counts": {kind: self.counts[kind] for kind in CHANGE_KINDS},
+            "changes": {
+                kind: {
+                    dimension: {value: g.to_dict() for value, g in sorted(values.items())}
+                    for dimension, values in self.groups[kind].items()
+                }
+                for kind in CHANGE_KINDS
+                if kind in self.groups
+            },
+            "unreplayable": {r: g.to_dict() for r, g in sorted(self.unreplayable.items())},
+            "other_records": self.other_records,
+        }
+
+    def render(self) -> str:
+        """The report for people: counts, then each change kind grouped, then what could not
+        be replayed."""
+        cannot = sum(g.count for g in self.unreplayable.values())
+        lines = [
+            f"replayed {self.decisions} decision records against policy revision "
+            f"{self.policies.revision}"
+        ]
+        lines += [f"  {kind:<14} {self.counts[kind]}" for kind in CHANGE_KINDS]
+        lines.append(f"  {'cannot replay':<14} {cannot}")
+        for kind in CHANGE_KINDS:
+            if kind not in self.groups:
+                continue
+            lines.append(f"{kind} ({self.counts[kind]}):")
+            for dimension in GROUP_BY:
+                lines.append(f"  by {dimension}:")
+                groups = self.groups[kind][dimension]
+                for value, group in sorted(groups.items(), key=lambda item: -item[1].count):
+                    examples = ", ".join(group.examples)
+                    lines.append(f"    {value}: {group.count}  e.g. {examples}")
+        if self.unreplayable:
+            lines.append(f"cannot replay ({cannot}):")
+            for reason, group in sorted(self.unreplayable.items()):
+                lines.append(f"  {reason}: {group.count}  e.g. {', '.join(group.examples)}")
+        return "\n".join(lines)
+
+
+class Progress:
+    """A one-line progress bar on `stream` (a terminal), by bytes read out of `total`."""
+
+    WIDTH = 30
+    EVERY = 4096  # records between redraws
+
+    def __init__(self, stream: TextIO, total: int) -> None:
+        self.stream, self.total, self.done, self.records = stream, max(total, 1), 0, 0
+
+    def step(self, size: int) -> None:
+        self.done += size
+        self.records += 1
+        if self.records % self.EVERY == 0:
+            self.draw()
+
+    def draw(self) -> None:
+        share = min(self.done / self.total, 1.0)
+        filled = round(share * self.WIDTH)
+        bar = "#" * filled + "." * (self.WIDTH - filled)
+        self.stream.write(f"\r[{bar}] {share:4.0%} {self.records} records")
+        self.stream.flush()
+
+    def close(self) -> None:
+        self.draw()
+        self.stream.write("\n")
+        self.stream.flush()
+
+
+def replay_files(
+    paths: Sequence[Path],
+    policies: CompiledPolicySet,
+    *,
+    progress: Callable[[int], None] | None = None,
+) -> Replay:
+    """Replay every record of `paths` (ordered by `order_audit_files`). `progress` is called
+    with each line's size in bytes. Raises OSError for a file that cannot be read."""
+    replay = Replay(policies)
+    for raw, where, _ in iter_lines(order_audit_files(paths)):
+        replay.add_line(raw, where)
+        if progress is not None:
+            progress(len(raw))
+    return replay
+
+
+def terminal_progress(paths: Sequence[Path]) -> Progress | None:
+    """A progress bar on stderr when stderr is a terminal, else None."""
+    if not sys.stderr.isatty():
+        return None
+    return Progress(sys.stderr, sum(p.stat().st_size for p in paths))
