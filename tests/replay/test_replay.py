@@ -1,0 +1,179 @@
+"""`pdp replay` against a log a real server wrote through real Checks.
+
+The candidate is a copy of policies/ where one org rule also lets sales use developer tools:
+exactly the records of sales users' GitHub requests turn DENY->ALLOW, nothing else changes,
+and records the log cannot replay exactly are counted by reason.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import grpc
+import pytest
+
+from policy_engine.api import pdp_pb2, pdp_pb2_grpc
+from policy_engine.audit.verify import verify_files
+from policy_engine.cli.main import EXIT_NEW_ALLOWS, EXIT_OK, EXIT_USAGE, main
+from policy_engine.config import AuditSettings, ReloadSettings, Settings
+from policy_engine.policy import load_policy_set
+from policy_engine.replay import order_audit_files, replay_files
+from policy_engine.server.app import start_server
+from tests.audit.support import TOKEN, read_records
+from tests.cache.support import tuple_request
+from tests.server.harness import DOCS, EXAMPLE_POLICIES
+
+ENGINEERS_ONLY = '"engineering" in subject.attributes.groups'
+ENGINEERS_AND_SALES = f'({ENGINEERS_ONLY} || "sales" in subject.attributes.groups)'
+
+
+@dataclass
+class Log:
+    """An audit log written by a real server, with what each Check was answered."""
+
+    path: Path
+    records: list[dict[str, Any]]
+    by_request: dict[str, str]  # request ID -> decision ID
+
+
+def _checks() -> list[tuple[str, pdp_pb2.CheckRequest]]:
+    with_token = tuple_request(request_id="token")
+    with_token.subject.access_token = TOKEN
+    with_password = tuple_request(request_id="password")
+    with_password.subject.attributes["password"] = "hunter2"
+    return [
+        ("allowed", tuple_request(request_id="allowed")),
+        ("allowed-cached", tuple_request(request_id="allowed-cached")),
+        ("sales", tuple_request("bob", ("sales",), request_id="sales")),
+        ("sales-cached", tuple_request("bob", ("sales",), request_id="sales-cached")),
+        ("delete", tuple_request(scope="delete_repo", request_id="delete")),
+        ("token", with_token),
+        ("password", with_password),
+        ("invalid", tuple_request(scope="repo\x07", request_id="invalid")),
+    ]
+
+
+@pytest.fixture(scope="module")
+def log(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Log]:
+    path = tmp_path_factory.mktemp("audit") / "audit.jsonl"
+    settings = Settings(
+        address="127.0.0.1:0",
+        policy_dir=EXAMPLE_POLICIES,
+        docs_base_url=DOCS,
+        metrics_address="",
+        reload=ReloadSettings(watch=False),
+        audit=AuditSettings(enabled=True, sinks="file", file_path=path),
+    )
+    by_request: dict[str, str] = {}
+    running = start_server(settings)
+    try:
+        with grpc.insecure_channel(f"127.0.0.1:{running.port}") as channel:
+            grpc.channel_ready_future(channel).result(timeout=10)
+            stub = pdp_pb2_grpc.PolicyDecisionServiceStub(channel)
+            for name, message in _checks():
+                try:
+                    by_request[name] = stub.Check(message, timeout=30).decision_id
+                except grpc.RpcError as exc:
+                    assert exc.code() is grpc.StatusCode.INVALID_ARGUMENT, exc
+    finally:
+        running.stop(grace=5)  # drains and seals the log
+    yield Log(path, read_records(path), by_request)
+
+
+@pytest.fixture
+def candidate(tmp_path: Path) -> Path:
+    directory = tmp_path / "candidate"
+    shutil.copytree(EXAMPLE_POLICIES, directory)
+    org = directory / "acme" / "org.yaml"
+    text = org.read_text()
+    assert text.count(ENGINEERS_ONLY) == 1
+    org.write_text(text.replace(ENGINEERS_ONLY, ENGINEERS_AND_SALES))
+    return directory
+
+
+def _decision_id(log: Log, request_id: str) -> str:
+    (record,) = [r for r in log.records if r.get("request_id") == request_id]
+    return str(record["decision_id"])
+
+
+def test_the_servers_log_is_v1_and_verifies(log: Log) -> None:
+    assert {r["schema_version"] for r in log.records} == {1}
+    assert verify_files([log.path], None).ok
+
+
+def test_unchanged_policies_change_nothing(log: Log) -> None:
+    report = replay_files([log.path], load_policy_set(EXAMPLE_POLICIES)).to_dict()
+    assert report["decisions"] == len(_checks())
+    assert report["counts"]["unchanged"] == 5
+    assert report["changes"] == {}
+
+
+def test_one_flipped_rule_changes_exactly_its_records(log: Log, candidate: Path) -> None:
+    report = replay_files([log.path], load_policy_set(candidate)).to_dict()
+    counts = report["counts"]
+    assert counts["DENY->ALLOW"] == 2
+    assert counts["unchanged"] == 3
+    assert sum(counts.values()) == 5
+    changed = report["changes"]["DENY->ALLOW"]
+    sales = {_decision_id(log, "sales"), _decision_id(log, "sales-cached")}
+    assert set(changed["organization"]["acme"]["examples"]) == sales
+    assert list(changed["integration"]) == ["github"]
+    (rule,) = changed["rule"]
+    assert rule.endswith("-> engineering-developer-tools/engineering-may-use-developer-tools")
+
+
+def test_records_that_cannot_be_replayed_are_counted_by_reason(log: Log) -> None:
+    report = replay_files([log.path], load_policy_set(EXAMPLE_POLICIES)).to_dict()
+    cannot = report["unreplayable"]
+    assert {reason: group["count"] for reason, group in cannot.items()} == {
+        "token_claims_not_recorded": 1,
+        "redacted_attribute": 1,
+        "invalid_request_not_recorded": 1,
+    }
+    assert cannot["token_claims_not_recorded"]["examples"] == [_decision_id(log, "token")]
+    assert cannot["redacted_attribute"]["examples"] == [_decision_id(log, "password")]
+
+
+def test_fail_on_new_allows_exits_non_zero(
+    log: Log, candidate: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    argv = ["replay", "--audit", str(log.path), "--policies", str(candidate)]
+    assert main([*argv, "--fail-on-new-allows"]) == EXIT_NEW_ALLOWS
+    assert "DENY->ALLOW (2):" in capsys.readouterr().out
+    assert main(argv) == EXIT_OK
+    unchanged = ["replay", "--audit", str(log.path), "--policies", str(EXAMPLE_POLICIES)]
+    assert main([*unchanged, "--fail-on-new-allows"]) == EXIT_OK
+
+
+def test_json_report(log: Log, candidate: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    argv = ["replay", "--audit", str(log.path), "--policies", str(candidate), "--json"]
+    assert main(argv) == EXIT_OK
+    report = json.loads(capsys.readouterr().out)
+    assert report["counts"]["DENY->ALLOW"] == 2
+    assert report["policy_revision"] == load_policy_set(candidate).revision
+
+
+def test_rotated_files_are_replayed_oldest_first_with_unreadable_lines_counted(
+    log: Log, tmp_path: Path
+) -> None:
+    lines = log.path.read_text().splitlines(keepends=True)
+    live = tmp_path / "audit.jsonl"
+    older = tmp_path / "audit.jsonl.20261130T100000.000000Z"
+    oldest = tmp_path / "audit.jsonl.20261130T090000.000000Z"
+    oldest.write_text("".join(lines[:3]))
+    older.write_text("".join(lines[3:6]) + "{not json\n")
+    live.write_text("".join(lines[6:]))
+    assert order_audit_files([live, older, oldest]) == [oldest, older, live]
+    report = replay_files([live, older, oldest], load_policy_set(EXAMPLE_POLICIES)).to_dict()
+    assert report["decisions"] == len(_checks()) + 1
+    assert report["unreplayable"]["unreadable_line"]["examples"] == [f"{older}:4"]
+
+
+def test_a_missing_file_is_a_usage_error(tmp_path: Path) -> None:
+    argv = ["replay", "--audit", str(tmp_path / "none.jsonl"), "--policies", str(EXAMPLE_POLICIES)]
+    assert main(argv) == EXIT_USAGE
