@@ -309,17 +309,46 @@ def cmd_validate(args: argparse.Namespace) -> int:
 
 def cmd_replay(args: argparse.Namespace) -> int:
     """Re-decide the audit records against --policies; print what would change."""
-    from policy_engine.replay.replay import order_audit_files, replay_files, terminal_progress
+    import redis
 
+    from policy_engine.replay.replay import (
+        order_audit_files,
+        replay_files,
+        replay_redis,
+        stream_length,
+        terminal_progress,
+    )
+
+    if bool(args.audit) == bool(args.redis_url):
+        raise UsageError("give either --audit FILE... or --redis-url URL --stream NAME")
+    if args.redis_url and not args.stream:
+        raise UsageError("--redis-url needs --stream NAME")
     policies = load_policy_set(Path(args.policies))
-    paths = order_audit_files([Path(p) for p in args.audit])
+    progress = None
     try:
-        progress = terminal_progress(paths)
-        report = replay_files(paths, policies, progress=progress.step if progress else None)
+        if args.audit:
+            paths = order_audit_files([Path(p) for p in args.audit])
+            progress = terminal_progress(lambda: sum(p.stat().st_size for p in paths))
+            step = progress.step if progress else None
+            report = replay_files(paths, policies, progress=step)
+        else:
+            progress = terminal_progress(lambda: stream_length(args.redis_url, args.stream))
+            step = progress.step if progress else None
+            report = replay_redis(
+                args.redis_url,
+                args.stream,
+                policies,
+                start=args.start,
+                end=args.end,
+                progress=step,
+            )
     except OSError as exc:
         raise UsageError(f"--audit {exc.filename}: {exc.strerror or exc}") from None
-    if progress is not None:
-        progress.close()
+    except (redis.RedisError, ValueError) as exc:  # ValueError: a URL redis-py cannot use
+        raise UsageError(f"--redis-url: {exc}") from None
+    finally:
+        if progress is not None:
+            progress.close()
     if args.json:
         print(json.dumps(report.to_dict(), indent=2))
     else:
@@ -336,9 +365,11 @@ def add_replay_command(commands: argparse._SubParsersAction) -> None:  # type: i
         description="Each decision record is decided again with its recorded inputs and "
         "decision time. Records that cannot be replayed exactly are counted by reason.",
     )
-    replay.add_argument(
-        "--audit", required=True, nargs="+", metavar="FILE", help="audit files (rotated too)"
-    )
+    replay.add_argument("--audit", nargs="+", metavar="FILE", help="audit files (rotated too)")
+    replay.add_argument("--redis-url", help="read the records from a Redis Stream instead")
+    replay.add_argument("--stream", help="the Redis Stream's name (with --redis-url)")
+    replay.add_argument("--from", dest="start", default="-", metavar="ID", help="first entry ID")
+    replay.add_argument("--to", dest="end", default="+", metavar="ID", help="last entry ID")
     replay.add_argument("--policies", required=True, help="candidate policy directory")
     replay.add_argument("--json", action="store_true", help="print one JSON object")
     replay.add_argument(

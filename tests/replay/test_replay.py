@@ -16,18 +16,22 @@ from typing import Any
 
 import grpc
 import pytest
+import redis
 
 from policy_engine.api import pdp_pb2, pdp_pb2_grpc
 from policy_engine.audit.verify import verify_files
+from policy_engine.bench.redis_server import RedisServer
 from policy_engine.cli.main import EXIT_NEW_ALLOWS, EXIT_OK, EXIT_USAGE, main
 from policy_engine.config import AuditSettings, ReloadSettings, Settings
 from policy_engine.policy import load_policy_set
 from policy_engine.replay import order_audit_files, replay_files
+from policy_engine.replay.replay import replay_redis
 from policy_engine.server.app import start_server
 from tests.audit.support import TOKEN, read_records
 from tests.cache.support import tuple_request
 from tests.server.harness import DOCS, EXAMPLE_POLICIES
 
+STREAM = "pdp:audit"
 ENGINEERS_ONLY = '"engineering" in subject.attributes.groups'
 ENGINEERS_AND_SALES = f'({ENGINEERS_ONLY} || "sales" in subject.attributes.groups)'
 
@@ -39,6 +43,7 @@ class Log:
     path: Path
     records: list[dict[str, Any]]
     by_request: dict[str, str]  # request ID -> decision ID
+    redis_url: str  # the same records in the Redis Stream STREAM
 
 
 def _checks() -> list[tuple[str, pdp_pb2.CheckRequest]]:
@@ -61,13 +66,20 @@ def _checks() -> list[tuple[str, pdp_pb2.CheckRequest]]:
 @pytest.fixture(scope="module")
 def log(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Log]:
     path = tmp_path_factory.mktemp("audit") / "audit.jsonl"
+    redis_server = RedisServer(tmp_path_factory.mktemp("redis")).start()
     settings = Settings(
         address="127.0.0.1:0",
         policy_dir=EXAMPLE_POLICIES,
         docs_base_url=DOCS,
         metrics_address="",
         reload=ReloadSettings(watch=False),
-        audit=AuditSettings(enabled=True, sinks="file", file_path=path),
+        audit=AuditSettings(
+            enabled=True,
+            sinks="file,redis",
+            file_path=path,
+            redis_url=redis_server.url,
+            redis_stream=STREAM,
+        ),
     )
     by_request: dict[str, str] = {}
     running = start_server(settings)
@@ -82,7 +94,10 @@ def log(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Log]:
                     assert exc.code() is grpc.StatusCode.INVALID_ARGUMENT, exc
     finally:
         running.stop(grace=5)  # drains and seals the log
-    yield Log(path, read_records(path), by_request)
+    try:
+        yield Log(path, read_records(path), by_request, redis_server.url)
+    finally:
+        redis_server.stop()
 
 
 @pytest.fixture
@@ -177,3 +192,45 @@ def test_rotated_files_are_replayed_oldest_first_with_unreadable_lines_counted(
 def test_a_missing_file_is_a_usage_error(tmp_path: Path) -> None:
     argv = ["replay", "--audit", str(tmp_path / "none.jsonl"), "--policies", str(EXAMPLE_POLICIES)]
     assert main(argv) == EXIT_USAGE
+
+
+def test_a_redis_stream_range_replays_as_its_file(log: Log, candidate: Path) -> None:
+    policies = load_policy_set(candidate)
+    whole = replay_redis(log.redis_url, STREAM, policies).to_dict()
+    from_file = replay_files([log.path], policies).to_dict()
+    assert whole["counts"] == from_file["counts"]
+    assert whole["changes"] == from_file["changes"]
+    assert whole["unreplayable"] == from_file["unreplayable"]
+
+    client = redis.Redis.from_url(log.redis_url)
+    ids = [entry_id.decode() for entry_id, _ in client.xrange(STREAM)]
+    client.close()
+    # Entries 0 and 1: the stream's start and the first allowed decision.
+    first = replay_redis(log.redis_url, STREAM, policies, start=ids[0], end=ids[1]).to_dict()
+    assert first["decisions"] == 1 and first["counts"]["unchanged"] == 1
+    rest = replay_redis(log.redis_url, STREAM, policies, start="(" + ids[1], page=2).to_dict()
+    assert rest["decisions"] == whole["decisions"] - 1
+
+
+def test_replay_from_redis_on_the_command_line(
+    log: Log, candidate: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    argv = ["replay", "--redis-url", log.redis_url, "--stream", STREAM, "--policies"]
+    assert main([*argv, str(candidate), "--fail-on-new-allows"]) == EXIT_NEW_ALLOWS
+    assert main([*argv, str(EXAMPLE_POLICIES), "--fail-on-new-allows"]) == EXIT_OK
+    capsys.readouterr()
+    bad_id = [*argv, str(candidate), "--from", "not-an-id"]
+    assert main(bad_id) == EXIT_USAGE
+    assert "--redis-url" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    "flags",
+    [
+        ["--redis-url", "redis://127.0.0.1:1/0"],  # no --stream
+        ["--audit", "audit.jsonl", "--redis-url", "redis://127.0.0.1:1/0", "--stream", "s"],
+        [],  # no source
+    ],
+)
+def test_a_source_must_be_given_once(flags: list[str]) -> None:
+    assert main(["replay", *flags, "--policies", str(EXAMPLE_POLICIES)]) == EXIT_USAGE
