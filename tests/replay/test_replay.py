@@ -24,7 +24,7 @@ from policy_engine.bench.redis_server import RedisServer
 from policy_engine.cli.main import EXIT_NEW_ALLOWS, EXIT_OK, EXIT_USAGE, main
 from policy_engine.config import AuditSettings, ReloadSettings, Settings
 from policy_engine.policy import load_policy_set
-from policy_engine.replay import order_audit_files, replay_files
+from policy_engine.replay import Replay, order_audit_files, replay_files
 from policy_engine.replay.replay import replay_redis
 from policy_engine.server.app import start_server
 from tests.audit.support import TOKEN, read_records
@@ -234,3 +234,54 @@ def test_replay_from_redis_on_the_command_line(
 )
 def test_a_source_must_be_given_once(flags: list[str]) -> None:
     assert main(["replay", *flags, "--policies", str(EXAMPLE_POLICIES)]) == EXIT_USAGE
+
+
+def _standup_record(decision_id: str, time: str) -> dict[str, Any]:
+    """A v1 record of alice's standup-bot posting in Slack, recorded as allowed."""
+    return {
+        "schema_version": 1,
+        "type": "decision",
+        "decision_id": decision_id,
+        "time": time,
+        "organization": "acme",
+        "subject": {
+            "id": "alice",
+            "kind": "user",
+            "token_sha256": None,
+            "attributes": {"groups": ["engineering"]},
+        },
+        "application": {"id": "standup-bot", "attributes": {}},
+        "integration": {"id": "slack", "attributes": {}},
+        "scope": "chat:write",
+        "context": {
+            "connection": "active",
+            "client_ip": "",
+            "session_id": "",
+            "time": None,
+            "attributes": {},
+        },
+        "decision": "ALLOW",
+        "reasons": [],
+        "matched_rules": [
+            {
+                "effect": "ALLOW",
+                "layer": "org",
+                "policy": "chat-for-everyone",
+                "rule": "employees-may-chat",
+            }
+        ],
+    }
+
+
+def test_records_with_the_same_inputs_are_decided_at_their_own_times() -> None:
+    """standup-bot may post only in New York working hours: the same tuple recorded at 10:00
+    and at midnight there is decided at each record's time, never reused across them."""
+    day = _standup_record("day", "2026-03-02T15:00:00.000000Z")
+    night = _standup_record("night", "2026-03-02T05:00:00.000000Z")
+    report = Replay(load_policy_set(EXAMPLE_POLICIES))
+    for record in (day, night, day, night):
+        report.add(record, "test")
+    assert report.counts["unchanged"] == 2, report.to_dict()
+    assert report.counts["ALLOW->DENY"] == 2
+    changed = report.to_dict()["changes"]["ALLOW->DENY"]["organization"]["acme"]
+    assert changed["examples"] == ["night", "night"]
