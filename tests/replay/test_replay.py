@@ -7,6 +7,7 @@ and records the log cannot replay exactly are counted by reason.
 
 from __future__ import annotations
 
+import io
 import json
 import shutil
 from collections.abc import Iterator
@@ -25,7 +26,7 @@ from policy_engine.cli.main import EXIT_NEW_ALLOWS, EXIT_OK, EXIT_USAGE, main
 from policy_engine.config import AuditSettings, ReloadSettings, Settings
 from policy_engine.policy import load_policy_set
 from policy_engine.replay import Replay, order_audit_files, replay_files
-from policy_engine.replay.replay import replay_redis
+from policy_engine.replay.replay import Progress, replay_redis
 from policy_engine.server.app import start_server
 from tests.audit.support import TOKEN, read_records
 from tests.cache.support import tuple_request
@@ -285,3 +286,66 @@ def test_records_with_the_same_inputs_are_decided_at_their_own_times() -> None:
     assert report.counts["ALLOW->DENY"] == 2
     changed = report.to_dict()["changes"]["ALLOW->DENY"]["organization"]["acme"]
     assert changed["examples"] == ["night", "night"]
+
+
+def _without(record: dict[str, Any], path: tuple[str, ...]) -> dict[str, Any]:
+    copy = json.loads(json.dumps(record))
+    parent = copy
+    for name in path[:-1]:
+        parent = parent[name]
+    del parent[path[-1]]
+    return copy
+
+
+def _paths(value: Any, prefix: tuple[str, ...] = ()) -> Iterator[tuple[str, ...]]:
+    if isinstance(value, dict):
+        for name, inner in value.items():
+            yield (*prefix, name)
+            yield from _paths(inner, (*prefix, name))
+
+
+@pytest.mark.parametrize(
+    "damage",
+    [
+        {"subject": {"id": "alice", "kind": "robot", "token_sha256": None, "attributes": {}}},
+        {"time": "yesterday"},
+        {"context": "active"},
+        {"reasons": None},
+        {"scope": 7},
+        {"subject": {"id": "alice", "kind": "user", "token_sha256": None, "attributes": []}},
+        {"application": {"id": "standup-bot", "attributes": {"n": 2**60}}},
+    ],
+)
+def test_a_damaged_record_is_counted_never_a_traceback(damage: dict[str, Any]) -> None:
+    report = Replay(load_policy_set(EXAMPLE_POLICIES))
+    report.add({**_standup_record("damaged", "2026-03-02T15:00:00.000000Z"), **damage}, "x")
+    assert report.decisions == 1
+    assert sum(report.counts.values()) + len(report.unreplayable) == 1
+
+
+def test_a_record_missing_any_field_is_counted_never_a_traceback() -> None:
+    record = _standup_record("damaged", "2026-03-02T15:00:00.000000Z")
+    report = Replay(load_policy_set(EXAMPLE_POLICIES))
+    paths = list(_paths(record))
+    for path in paths:
+        report.add(_without(record, path), "x")
+    assert report.decisions + report.other_records == len(paths)
+
+
+def test_invalid_candidate_policies_exit_1(log: Log, tmp_path: Path) -> None:
+    broken = tmp_path / "broken"
+    shutil.copytree(EXAMPLE_POLICIES, broken)
+    (broken / "acme" / "org.yaml").write_text("kind: Policy\nname: [unclosed\n")
+    argv = ["replay", "--audit", str(log.path), "--policies", str(broken)]
+    assert main(argv) == 1
+
+
+def test_the_progress_bar_counts_what_was_read() -> None:
+    out = io.StringIO()
+    progress = Progress(out, total=200)
+    for _ in range(Progress.EVERY):
+        progress.step(0)
+    progress.step(100)
+    progress.close()
+    lines = out.getvalue().split("\r")
+    assert lines[-1] == f"[{'#' * 15}{'.' * 15}]  50% {Progress.EVERY + 1} records\n"
