@@ -1,13 +1,16 @@
-"""One audit record per decision, as a plain JSON-ready dict (schema `audit-record.v1.json`).
+"""One audit record per decision, as a plain JSON-ready dict (schema `audit-record.v2.json`).
 
 Records are built on the audit writer's thread, not on the request path: `AuditLog.record()`
 only enqueues the request and decision it is given. Nothing secret ever enters a record: the
-subject's access token is reduced to its SHA-256, and attribute keys that name credentials
+subject's access token is reduced to its SHA-256 (and, from version 2, the claims the engine
+accepted, kept for `pdp replay`), and attribute keys that name credentials
 (`access_token`, `password`, ...) have their values replaced at every nesting level.
 """
 
 from __future__ import annotations
 
+import base64
+import binascii
 import hashlib
 import importlib.resources
 import json
@@ -24,8 +27,8 @@ from policy_engine.domain.codes import ErrorCode
 from policy_engine.domain.decision import Decision, Reason, reason_to_dict
 from policy_engine.domain.request import CheckRequest
 
-SCHEMA_VERSION = 1
-SCHEMA_FILE = "schema/audit-record.v1.json"  # package data, next to this module
+SCHEMA_VERSION = 2  # 2: subject.token_claims (version 1 records are still read)
+SCHEMA_FILE = "schema/audit-record.v2.json"  # package data, next to this module
 CACHE_LEVELS = frozenset({"none", "local", "redis"})
 
 # Keys whose values are credentials, wherever they appear inside attribute maps.
@@ -95,6 +98,38 @@ def token_sha256(token: str) -> str | None:
 
 
 _SECRET_KEY_TEXT = re.compile("|".join(re.escape(json.dumps(k) + ":") for k in sorted(SECRET_KEYS)))
+
+
+def _no_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not JSON")
+
+
+# The engine's reason for a token it refused (engine._builtin_reasons).
+_TOKEN_REFUSED_RULE = "valid-subject-token"
+
+
+def token_claims(token: str, decision: Decision) -> dict[str, Any] | None:
+    """The claims of `token` when the engine accepted it (no `valid-subject-token` reason),
+    credential-named keys redacted; None without a token, for a refused one, or for a payload
+    that is not a JSON object. The signature is never kept: the claims cannot be replayed as a
+    token elsewhere."""
+    if not token:
+        return None
+    for reason in decision.reasons:
+        if reason.rule == _TOKEN_REFUSED_RULE:
+            return None
+    parts = token.split(".")
+    if len(parts) != 3:
+        return None
+    try:
+        payload = base64.urlsafe_b64decode(parts[1] + "=" * (-len(parts[1]) % 4))
+        claims = json.loads(payload, parse_constant=_no_constant)
+    except (ValueError, binascii.Error, RecursionError):
+        return None
+    if not isinstance(claims, dict):
+        return None
+    redacted: dict[str, Any] = redact(claims)
+    return redacted
 
 
 def redact(value: Any) -> Any:
@@ -188,6 +223,7 @@ def build_record(
             "id": ids["subject.id"],
             "kind": subject.kind.value,
             "token_sha256": token_sha256(subject.access_token),
+            "token_claims": None if invalid else token_claims(subject.access_token, decision),
             "attributes": subject_attrs,
         },
         "application": {"id": ids["application.id"], "attributes": application_attrs},
@@ -330,6 +366,7 @@ class PreparedRecord:
         subject, context = request.subject, request.context
         application, integration = request.application, request.integration
         token = token_sha256(subject.access_token)
+        claims = token_claims(subject.access_token, decision)
         reasons = ",".join([_reason_json(r) for r in decision.reasons])
         self._application = (
             f'"application":{{"attributes":{_attributes_json(application.attributes)},'
@@ -354,6 +391,7 @@ class PreparedRecord:
         self._subject = (
             f'"subject":{{"attributes":{_attributes_json(subject.attributes)},'
             f'"id":{e(subject.id)},"kind":{e(subject.kind)},'
+            f'"token_claims":{canonical(claims) if claims is not None else "null"},'
             f'"token_sha256":{e(token) if token is not None else "null"}}},"time":'
         )
 
@@ -456,6 +494,7 @@ def build_invalid_record(
             "id": raw("subject.id", subject_id),
             "kind": kind,
             "token_sha256": token_sha256(access_token),
+            "token_claims": None,
             "attributes": {},
         },
         "application": {"id": raw("application.id", application_id), "attributes": {}},

@@ -8,6 +8,7 @@ a reason (see `unreplayable_reason`).
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import re
 import sys
@@ -16,11 +17,17 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
+from types import MappingProxyType
 from typing import Any, TextIO
+
+import jwt
+from cryptography.hazmat.primitives.asymmetric import ed25519
+from jwt.algorithms import OKPAlgorithm
 
 from policy_engine.audit.record import REDACTED
 from policy_engine.audit.sinks.file import _STAMP, _stamp_key
 from policy_engine.audit.verify import iter_lines
+from policy_engine.auth.keys import StaticKeySet, parse_jwks
 from policy_engine.cli.main import UsageError, dry_run, request_message
 from policy_engine.client import RequestValueError
 from policy_engine.domain.codes import ErrorCode
@@ -37,7 +44,8 @@ UNCHANGED = "unchanged"
 CHANGE_KINDS = (ALLOW_TO_DENY, DENY_TO_ALLOW, CODE_CHANGED, LAYER_CHANGED, RULE_CHANGED, UNCHANGED)
 GROUP_BY = ("organization", "application", "integration", "rule")
 EXAMPLES = 3  # decision IDs kept per group
-REPLAYABLE_VERSIONS = frozenset({1})
+REPLAYABLE_VERSIONS = frozenset({1, 2})
+REPLAY_KID = "pdp-replay"  # the key replay signs recorded token claims with
 MEMO_SIZE = 65_536  # decisions kept for records with the same inputs
 # Context keys that `request_message` reads as fields: an attribute so named cannot be replayed.
 _CONTEXT_FIELDS = frozenset({"connection", "client_ip", "session_id", "time"})
@@ -82,9 +90,10 @@ def unreplayable_reason(record: Mapping[str, Any]) -> str | None:
     """Why a decision record cannot be replayed exactly, or None when it can.
 
     Reasons: unknown_schema_version, truncated_fields, invalid_request_not_recorded,
-    server_error, rate_limited, token_claims_not_recorded (the engine used a verified token
-    the record holds only as a hash), redacted_attribute (a credential-named attribute's
-    value was kept out of the log), context_attribute_name_clash, malformed_record.
+    server_error, rate_limited, token_claims_not_recorded (a version 1 record holds the token
+    only as a hash), token_refused (the engine refused the token: its claims are not kept),
+    redacted_attribute (a credential-named attribute's or claim's value was kept out of the
+    log), context_attribute_name_clash, malformed_record.
     """
     try:
         if record.get("schema_version") not in REPLAYABLE_VERSIONS:
@@ -96,7 +105,15 @@ def unreplayable_reason(record: Mapping[str, Any]) -> str | None:
             if not_decided:
                 return not_decided
         if record["subject"]["token_sha256"] is not None:
-            return "token_claims_not_recorded"
+            if "token_claims" not in record["subject"]:
+                return "token_claims_not_recorded"
+            claims = record["subject"]["token_claims"]
+            if claims is None:
+                return "token_refused"
+            if not isinstance(claims, dict):
+                return "malformed_record"
+            if _holds_redacted(claims):
+                return "redacted_attribute"
         parts = (record["subject"], record["application"], record["integration"])
         context = record["context"]["attributes"]
         if any(_holds_redacted(part["attributes"]) for part in parts) or _holds_redacted(context):
@@ -121,11 +138,43 @@ def replay_record(record: Mapping[str, Any], policies: CompiledPolicySet) -> Dec
     reason = unreplayable_reason(record)
     if reason:
         raise Unreplayable(reason)
-    return _decide(record, policies)
+    return TokenReplay(policies).decide(record)
 
 
-def _decide(record: Mapping[str, Any], policies: CompiledPolicySet) -> Decision:
-    """`replay_record` for a record `unreplayable_reason` has passed."""
+class TokenReplay:
+    """Recorded token claims replayed as a token: signed with a key made for this replay,
+    which the candidate's organizations that verify tokens trust instead of their own (the
+    claims were verified when the decision was made). Issuer, audience, times and subject
+    binding are checked by the candidate's own rules at the recorded time."""
+
+    def __init__(self, policies: CompiledPolicySet) -> None:
+        self._key = ed25519.Ed25519PrivateKey.generate()
+        jwk = json.loads(OKPAlgorithm.to_jwk(self._key.public_key()))
+        keys = StaticKeySet(
+            parse_jwks(json.dumps({"keys": [{**jwk, "kid": REPLAY_KID, "alg": "EdDSA"}]}))
+        )
+        organizations = {
+            name: dataclasses.replace(
+                org,
+                tokens=dataclasses.replace(org.tokens, keys=keys, algorithms=("EdDSA",)),
+            )
+            if org.tokens.keys is not None
+            else org
+            for name, org in policies.organizations.items()
+        }
+        self.policies = dataclasses.replace(policies, organizations=MappingProxyType(organizations))
+
+    def token(self, claims: Mapping[str, Any]) -> str:
+        """A token carrying exactly `claims`, signed with this replay's key."""
+        return jwt.encode(dict(claims), self._key, algorithm="EdDSA", headers={"kid": REPLAY_KID})
+
+    def decide(self, record: Mapping[str, Any]) -> Decision:
+        """`replay_record` for a record `unreplayable_reason` has passed."""
+        claims = record["subject"].get("token_claims")
+        return _decide(record, self.policies, self.token(claims) if claims is not None else "")
+
+
+def _decide(record: Mapping[str, Any], policies: CompiledPolicySet, token: str) -> Decision:
     try:
         subject, context = record["subject"], record["context"]
         message = request_message(
@@ -136,7 +185,7 @@ def _decide(record: Mapping[str, Any], policies: CompiledPolicySet) -> Decision:
             record["scope"],
             subject_kind=subject["kind"],
             subject_attributes=subject["attributes"],
-            access_token="",
+            access_token=token,
             application_attributes=record["application"]["attributes"],
             integration_attributes=record["integration"]["attributes"],
             context={
@@ -219,6 +268,10 @@ class Replay:
     unreplayable: dict[str, _Group] = field(default_factory=dict)
     other_records: int = 0  # checkpoints, dropped-records notes: not decisions
     _memo: dict[str, Decision] = field(default_factory=dict, repr=False)
+    _tokens: TokenReplay = field(init=False, repr=False)
+
+    def __post_init__(self) -> None:
+        self._tokens = TokenReplay(self.policies)
 
     @property
     def decisions(self) -> int:
@@ -283,7 +336,7 @@ class Replay:
         )
         decision = self._memo.get(key)
         if decision is None:
-            decision = _decide(record, self.policies)
+            decision = self._tokens.decide(record)
             if not decision.time_dependent and decision.valid_until is None:
                 if len(self._memo) >= MEMO_SIZE:
                     self._memo.clear()  # bounded memory; a log's hot tuples come back fast
