@@ -171,7 +171,11 @@ class TokenReplay:
     def decide(self, record: Mapping[str, Any]) -> Decision:
         """`replay_record` for a record `unreplayable_reason` has passed."""
         claims = record["subject"].get("token_claims")
-        return _decide(record, self.policies, self.token(claims) if claims is not None else "")
+        try:
+            token = self.token(claims) if claims is not None else ""
+        except (TypeError, ValueError):  # PyJWT refuses some claim types (e.g. a numeric iss)
+            raise Unreplayable("unrepresentable_value") from None
+        return _decide(record, self.policies, token)
 
 
 def _decide(record: Mapping[str, Any], policies: CompiledPolicySet, token: str) -> Decision:

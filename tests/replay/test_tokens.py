@@ -23,7 +23,7 @@ from policy_engine.audit.chain import content_hash
 from policy_engine.audit.verify import verify_files
 from policy_engine.config import AuditSettings, ReloadSettings, Settings
 from policy_engine.policy import load_policy_set
-from policy_engine.replay import replay_files
+from policy_engine.replay import Replay, replay_files
 from policy_engine.server.app import start_server
 from tests.audit.support import read_records
 from tests.auth.material import AUDIENCE, ISSUER, claims, ed_key, jwks
@@ -156,3 +156,12 @@ def test_v1_records_verify_and_their_token_decisions_are_counted(
     assert verify_files([v1], None).ok
     report = replay_files([v1], load_policy_set(policies)).to_dict()
     assert report["unreplayable"]["token_claims_not_recorded"]["count"] == 3
+
+
+def test_claims_no_token_can_carry_are_counted(log: tuple[Path, Path]) -> None:
+    path, policies = log
+    record = _by_request(path)["user"]
+    record["subject"]["token_claims"]["iss"] = 5  # PyJWT signs no numeric issuer
+    report = Replay(load_policy_set(policies))
+    report.add(record, "x")
+    assert report.to_dict()["unreplayable"]["unrepresentable_value"]["count"] == 1
