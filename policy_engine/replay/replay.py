@@ -45,6 +45,7 @@ CHANGE_KINDS = (ALLOW_TO_DENY, DENY_TO_ALLOW, CODE_CHANGED, LAYER_CHANGED, RULE_
 GROUP_BY = ("organization", "application", "integration", "rule")
 EXAMPLES = 3  # decision IDs kept per group
 REPLAYABLE_VERSIONS = frozenset({1, 2})
+_REDACTED_BYTES = REDACTED.encode()
 REPLAY_KID = "pdp-replay"  # the key replay signs recorded token claims with
 MEMO_SIZE = 65_536  # decisions kept for records with the same inputs
 # Context keys that `request_message` reads as fields: an attribute so named cannot be replayed.
@@ -86,8 +87,9 @@ def _holds_redacted(value: Any) -> bool:
     return value == REDACTED
 
 
-def unreplayable_reason(record: Mapping[str, Any]) -> str | None:
-    """Why a decision record cannot be replayed exactly, or None when it can.
+def unreplayable_reason(record: Mapping[str, Any], *, may_redact: bool = True) -> str | None:
+    """Why a decision record cannot be replayed exactly, or None when it can. `may_redact`
+    False: the caller knows the record's text holds no `[redacted]` (skips that walk).
 
     Reasons: unknown_schema_version, truncated_fields, invalid_request_not_recorded,
     server_error, rate_limited, token_claims_not_recorded (a version 1 record holds the token
@@ -112,11 +114,13 @@ def unreplayable_reason(record: Mapping[str, Any]) -> str | None:
                 return "token_refused"
             if not isinstance(claims, dict):
                 return "malformed_record"
-            if _holds_redacted(claims):
+            if may_redact and _holds_redacted(claims):
                 return "redacted_attribute"
         parts = (record["subject"], record["application"], record["integration"])
         context = record["context"]["attributes"]
-        if any(_holds_redacted(part["attributes"]) for part in parts) or _holds_redacted(context):
+        if may_redact and (
+            any(_holds_redacted(part["attributes"]) for part in parts) or _holds_redacted(context)
+        ):
             return "redacted_attribute"
         if _CONTEXT_FIELDS.intersection(context):
             return "context_attribute_name_clash"
@@ -289,8 +293,9 @@ class Replay:
     def cannot(self, reason: str, example: str) -> None:
         self.unreplayable.setdefault(reason, _Group()).add(example)
 
-    def add(self, record: Any, where: str) -> None:
-        """Replay one parsed record; `where` ("file:line") names it when it has no ID."""
+    def add(self, record: Any, where: str, *, may_redact: bool = True) -> None:
+        """Replay one parsed record; `where` ("file:line") names it when it has no ID.
+        `may_redact` False: its text holds no `[redacted]`."""
         if not isinstance(record, dict):
             self.cannot("malformed_record", where)
             return
@@ -298,7 +303,7 @@ class Replay:
             self.other_records += 1
             return
         example = str(record.get("decision_id") or where)
-        reason = unreplayable_reason(record)
+        reason = unreplayable_reason(record, may_redact=may_redact)
         if reason:
             self.cannot(reason, example)
             return
@@ -355,7 +360,9 @@ class Replay:
         except (ValueError, RecursionError):
             self.cannot("unreadable_line", where)
             return
-        self.add(record, where)
+        # Without the marker's text or a \u escape (that could spell it), no value is redacted.
+        text = raw if isinstance(raw, bytes) else raw.encode("utf-8", "surrogatepass")
+        self.add(record, where, may_redact=_REDACTED_BYTES in text or b"\\u" in text)
 
     def to_dict(self) -> dict[str, Any]:
         """The report as JSON: decisions, counts (every kind), changes (kind -> dimension ->

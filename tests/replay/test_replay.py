@@ -349,3 +349,13 @@ def test_the_progress_bar_counts_what_was_read() -> None:
     progress.close()
     lines = out.getvalue().split("\r")
     assert lines[-1] == f"[{'#' * 15}{'.' * 15}]  50% {Progress.EVERY + 1} records\n"
+
+
+def test_a_redacted_value_spelt_with_escapes_is_still_found(tmp_path: Path) -> None:
+    record = _standup_record("escaped", "2026-03-02T15:00:00.000000Z")
+    record["subject"]["attributes"]["password"] = "[redacted]"
+    line = json.dumps(record).replace("[redacted]", "\\u005bredacted]")
+    path = tmp_path / "audit.jsonl"
+    path.write_text(line + "\n")
+    report = replay_files([path], load_policy_set(EXAMPLE_POLICIES)).to_dict()
+    assert report["unreplayable"]["redacted_attribute"]["count"] == 1
