@@ -5,12 +5,14 @@ one) and a `CheckBatch` alike; synchronous callers (the CLI, tools, tests) use
 `decide_sync`, which runs it on the process's event loop. For one call it
 
 1. snapshots one policy set and one clock reading (every item is decided under both);
-2. looks the cacheable items up in one round trip (`get` for one key, `get_many` for more);
+2. waits for a JWKS refresh an item's token needs (`policy_engine.auth.pending`), if any;
+3. looks the cacheable items up in one round trip (`get` for one key, `get_many` for more);
    any cache fault is a miss for the whole call, never an error;
-3. evaluates the misses with the pure engine (`policy_engine.engine.decide`);
-4. stores the storable decisions (one `put_many`) and answers them from the stored bytes;
-5. builds the answer (one parse of the assembled bytes), and
-6. hands every outcome to each observer (audit recorder, metrics) in one `observe` call.
+4. waits for room with every observer (`admit`: a full audit queue), if needed;
+5. evaluates the misses with the pure engine (`policy_engine.engine.decide`);
+6. stores the storable decisions (one `put_many`) and answers them from the stored bytes;
+7. builds the answer (one parse of the assembled bytes), and
+8. hands every outcome to each observer (audit recorder, metrics) in one `observe` call.
 
 Its input is the API's `CheckRequest` messages, not domain requests: the cache key is a digest
 of the message and the cache holds answers as serialized responses, so a hit is answered
@@ -23,12 +25,12 @@ validation failures, server errors, decisions that read the clock or that a poli
 of, and never past a subject token's validity. The answer fingerprint salting every key
 (`answer_fingerprint`) and the clock are the pipeline's too.
 
-Everything runs on the event loop (a thread hand-off costs as much as a decision); the one
-wait is a lookup that goes to Redis, awaited for at most the caller's remaining time. A call
-whose deadline has passed when its turn comes, or passes while it waits for a JWKS refresh or
-the cache, is not evaluated (a batch whose deadline passes during its evaluation is not
-evaluated further): `DeadlineExceeded` is raised (the server answers DEADLINE_EXCEEDED) and
-`pdp_deadline_exceeded_total` counts it.
+Everything runs on the event loop (a thread hand-off costs as much as a decision); the
+waits (steps 2-4) are awaited for at most the caller's remaining time, and only by the call
+that needs them. A call whose deadline has passed when its turn comes, or passes while it
+waits, is not evaluated (a batch whose deadline passes during its evaluation is not
+evaluated further): `DeadlineExceeded` is raised (the server answers DEADLINE_EXCEEDED), its
+stage is counted in `pdp_deadline_exceeded_total`, and nothing is stored or observed.
 
 Every answer is ALLOW or DENY: a request the engine cannot decide (a bug, a failing policy
 source or clock) is answered DENY with `kontext_server_error`, and the exception goes to the
