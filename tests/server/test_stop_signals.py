@@ -9,17 +9,13 @@ serve` on a free port, signalled every 10 ms from the moment it serves until it 
 
 from __future__ import annotations
 
-import os
 import signal
-import subprocess
-import sys
 import time
 from pathlib import Path
 
 import pytest
 
-from tests.server.harness import EXAMPLE_POLICIES, REPO
-from tests.store.support import free_port, wait_for
+from tests.server.harness import EXAMPLE_POLICIES, serve_process
 
 
 @pytest.mark.parametrize("workers", [1, 2])
@@ -27,25 +23,9 @@ from tests.store.support import free_port, wait_for
 def test_a_stop_signal_repeated_until_the_exit_leaves_a_clean_exit(
     tmp_path: Path, workers: int, signum: signal.Signals
 ) -> None:
-    log_file = tmp_path / "serve.log"
-    command = [
-        sys.executable, "-m", "policy_engine.cli.main", "serve",
-        "--address", f"127.0.0.1:{free_port()}", "--policies", str(EXAMPLE_POLICIES),
-        "--workers", str(workers),
-    ]  # fmt: skip
-    env = {**os.environ, "PYTHONPATH": str(REPO), "PDP_METRICS_ADDRESS": ""}
-    with log_file.open("w") as log:
-        proc = subprocess.Popen(command, cwd=REPO, env=env, stdout=log, stderr=log)
-    try:
-        wait_for(
-            lambda: (
-                proc.poll() is not None
-                or log_file.read_text().count("serving kontext.pdp.v1") >= workers
-            ),
-            timeout=60,
-            what="the server to start",
-        )
-        assert proc.poll() is None, log_file.read_text()
+    env = {"PDP_METRICS_ADDRESS": ""}
+    # serve_process checks the exit: 0 (its own SIGTERM finds the process already gone).
+    with serve_process(tmp_path, EXAMPLE_POLICIES, workers=workers, env=env) as (proc, _, log):
         signals = 0
         until = time.monotonic() + 60
         while proc.poll() is None and time.monotonic() < until:
@@ -53,11 +33,7 @@ def test_a_stop_signal_repeated_until_the_exit_leaves_a_clean_exit(
             signals += 1
             time.sleep(0.01)
         proc.wait(timeout=30)
-        text = log_file.read_text()
+        text = log.read_text()
         assert signals >= 2, text  # repeated at least once while it stopped
         assert proc.returncode == 0, f"exit {proc.returncode} after {signals} signals\n{text}"
         assert "Traceback" not in text
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
