@@ -26,7 +26,7 @@ import functools
 import json
 import logging
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from concurrent.futures import Future
 from typing import TYPE_CHECKING, Any
 
@@ -39,26 +39,6 @@ log = logging.getLogger(__name__)
 
 MAX_HEADER_CHARS = 2048  # base64url characters of a JOSE header read; a longer one is not
 _HEADER_MEMO = 256  # distinct headers remembered (a deployment's tokens share a few)
-
-# Per policy set (keyed by its `key_sets` dict, which lives as long as the set): the
-# organizations whose keys come from a JWKS URL, with the algorithms they accept.
-_RemoteOrganizations = Mapping[str, tuple[RemoteKeySet, tuple[str, ...]]]
-_memo: tuple[object, _RemoteOrganizations] | None = None
-
-
-def _remote_organizations(policies: CompiledPolicySet) -> _RemoteOrganizations:
-    global _memo
-    memo = _memo
-    key_sets = policies.key_sets
-    if memo is not None and memo[0] is key_sets:
-        return memo[1]
-    found = {
-        name: (keys, policies.organizations[name].tokens.algorithms)
-        for name, keys in key_sets.items()
-        if isinstance(keys, RemoteKeySet)
-    }
-    _memo = (key_sets, found)  # a race builds the same mapping twice: harmless
-    return found
 
 
 @functools.lru_cache(maxsize=_HEADER_MEMO)
@@ -92,7 +72,7 @@ def pending_refreshes(
     set, and how many items need one; starts a refresh where one may start (see the module
     docstring). Never blocks; about a dictionary lookup per item when no organization of
     `policies` uses a `jwks_url` beyond the first."""
-    remote = _remote_organizations(policies)
+    remote = policies.refreshing_keys
     refreshes: dict[Future[None], RemoteKeySet] = {}
     waiting = 0
     if not remote:

@@ -6,7 +6,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from datetime import datetime
 
-from policy_engine.auth.keys import KeySource
+from policy_engine.auth.keys import KeySource, RemoteKeySet
 from policy_engine.auth.tokens import UNVERIFIED, TokenRules
 from policy_engine.cel import CompiledExpression
 from policy_engine.domain.codes import ErrorCode
@@ -96,6 +96,11 @@ class CompiledPolicySet:
     # of a bundle signed earlier is refused as a rollback (policy_engine.policy.bundle).
     signed_at: datetime | None = None
     key_sets: dict[str, KeySource] = field(init=False, repr=False, compare=False)
+    # The organizations whose keys come from a JWKS URL (they refresh; a call whose token needs
+    # a refresh waits for it: policy_engine.auth.pending), with the algorithms they accept.
+    refreshing_keys: dict[str, tuple[RemoteKeySet, tuple[str, ...]]] = field(
+        init=False, repr=False, compare=False
+    )
 
     def __post_init__(self) -> None:
         key_sets = {
@@ -103,7 +108,13 @@ class CompiledPolicySet:
             for name, org in self.organizations.items()
             if org.tokens.keys is not None
         }
+        refreshing = {
+            name: (keys, self.organizations[name].tokens.algorithms)
+            for name, keys in key_sets.items()
+            if isinstance(keys, RemoteKeySet)
+        }
         object.__setattr__(self, "key_sets", key_sets)  # frozen: set once, here
+        object.__setattr__(self, "refreshing_keys", refreshing)
 
 
 @dataclass(frozen=True, slots=True)
