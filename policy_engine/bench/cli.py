@@ -206,6 +206,16 @@ def _pinned_load(command: list[str], plan: Plan, server_pinned: bool) -> list[st
     return pinned(command, plan.load_cpu if server_pinned else None)
 
 
+def _own_policies(options: ServerOptions, build: Build) -> ServerOptions:
+    """A previous build serves its own copy of a policy directory that lies in this checkout
+    (its loader may refuse files added since, e.g. test suites): the same path in its tree."""
+    try:
+        relative = options.policy_dir.resolve().relative_to(REPO)
+    except ValueError:
+        return options  # outside the checkout: both builds serve the same directory
+    return dataclasses.replace(options, policy_dir=build.root / relative)
+
+
 def run_row(
     row: Row, plan: Plan, round_index: int = 0, build: Build | None = None
 ) -> tuple[RowResult, list[h2load.LogEntry]]:
@@ -230,7 +240,7 @@ def run_row(
     server_pinned = options.workers == 1 and options.cpu is not None
     try:
         with running(
-            row.server, plan.options, server_log, cwd=build.root,
+            row.server, _own_policies(plan.options, build), server_log, cwd=build.root,
             substitutions=plan.substitutions, extra_env={**SERVER_ENV, **build.env},
         ) as srv:  # fmt: skip
             url = srv.url_base + method_path(row.method)
