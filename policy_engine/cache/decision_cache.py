@@ -42,7 +42,7 @@ from policy_engine.cache.breaker import BreakerState, CircuitBreaker
 from policy_engine.cache.entry import Codec, Entry
 from policy_engine.cache.key import NO_KEY_SETS, KeyBuilder
 from policy_engine.cache.local import LocalLRU
-from policy_engine.cache.redis_backend import RedisBackend
+from policy_engine.cache.redis_backend import DeadlinePassed, RedisBackend, bounded
 from policy_engine.cache.signing import SigningKeys, load_signing_keys
 from policy_engine.cache.writer import Write, WriteBehind
 from policy_engine.config import CacheSettings, ConfigError
@@ -86,11 +86,6 @@ class Store:
     effect: int
     code: str
     valid_until: float | None = None
-
-
-class DeadlinePassed(TimeoutError):
-    """The caller's deadline passed while its lookup waited for Redis: nothing was answered
-    (the Redis command runs on, bounded by `redis_timeout_ms`, and reports to the breaker)."""
 
 
 _LOOKUP_RESULTS = {
@@ -315,36 +310,16 @@ class DecisionCache:
         self, operation: str, command: Coroutine[Any, Any, T], deadline: float | None
     ) -> T:
         """`command`'s result, waited for until `deadline` at most; raises DeadlinePassed
-        then. The command runs as its own task and is never cancelled here: one the caller
-        stops waiting for (deadline, or the caller's task cancelled) reports to the breaker
-        when it ends."""
-        if deadline is not None and deadline <= time.monotonic():
-            command.close()
-            raise DeadlinePassed(f"the deadline passed before redis {operation}")
-        task = asyncio.ensure_future(command)
-        timeout = None if deadline is None else max(0.0, deadline - time.monotonic())
-        try:
-            await asyncio.wait((task,), timeout=timeout)
-        except asyncio.CancelledError:
-            self._abandon(operation, task)
-            raise
-        if not task.done():
-            self._abandon(operation, task)
-            raise DeadlinePassed(f"the deadline passed while waiting for redis {operation}")
-        return task.result()
+        then (see `redis_backend.bounded`: the command is never cancelled here, and one the
+        caller stops waiting for reports to the breaker when it ends)."""
+        return await bounded(operation, command, deadline, partial(self._late, operation))
 
-    def _abandon(self, operation: str, task: asyncio.Future[Any]) -> None:
-        task.add_done_callback(partial(self._settle, operation))
-
-    def _settle(self, operation: str, task: asyncio.Future[Any]) -> None:
+    def _late(self, operation: str, exc: Exception | None) -> None:
         """A command nobody waits for any more ended: its outcome still tells the breaker
-        whether Redis answers (so callers with short deadlines cannot hide a hung Redis)."""
-        if task.cancelled():
-            return
-        exc = task.exception()
+        whether Redis answers."""
         if exc is None:
             self.breaker.success()
-        elif isinstance(exc, Exception):
+        else:
             self._failed(operation, exc, lookups=0)
 
     # --- writes -----------------------------------------------------------------------------

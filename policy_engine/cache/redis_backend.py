@@ -5,8 +5,9 @@ One client per process, hence one connection pool, living on one event loop: the
 (`redis_timeout_ms` for connect, socket reads and waiting for a pooled connection) and there
 are no retries: on the request path a slow Redis is a missing Redis, and the circuit breaker
 (see `breaker.py`) decides when to try again. This module only talks to Redis; it raises on
-any failure and leaves counting failures, and bounding a wait by a caller's deadline, to its
-caller (`decision_cache.py`).
+any failure and leaves counting failures to its callers (`decision_cache.py`, and the quota
+counters' `quota/redis_store.py`, which builds its client here too); `bounded` is how they
+bound a wait by a caller's deadline.
 
 Cancellation, as redis-py 8 on Python 3.11 behaves (tests/cache/test_deadlines.py): a command
 cancelled while it waits for a reply closes its connection before the cancellation propagates
@@ -29,9 +30,12 @@ URLs:
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
-from collections.abc import Sequence
-from typing import TYPE_CHECKING, Any
+import time
+from collections.abc import Callable, Coroutine, Sequence
+from functools import partial
+from typing import TYPE_CHECKING, Any, TypeVar
 from urllib.parse import parse_qsl, unquote, urlsplit
 
 from policy_engine.config import CacheSettings, ConfigError
@@ -43,6 +47,51 @@ if TYPE_CHECKING:
     from redis.asyncio.retry import Retry
 
 MODES = ("standalone", "sentinel", "cluster")
+
+T = TypeVar("T")
+
+
+class DeadlinePassed(TimeoutError):
+    """The caller's deadline passed while it waited for Redis: nothing was answered (the Redis
+    command runs on, bounded by its socket timeout, and reports its outcome when it ends)."""
+
+
+async def bounded(
+    operation: str,
+    command: Coroutine[Any, Any, T],
+    deadline: float | None,
+    late: Callable[[Exception | None], None],
+) -> T:
+    """`command`'s result, waited for until `deadline` (`time.monotonic()` s; None: no
+    bound) at most; raises DeadlinePassed then, and whatever `command` raises.
+
+    The command runs as its own task and is never cancelled here (see the module docstring):
+    one the caller stops waiting for (deadline, or the caller's task cancelled) calls
+    `late(None)` when it succeeds and `late(exc)` when it fails, so a breaker still learns
+    whether Redis answers (callers with short deadlines cannot hide a hung Redis)."""
+    if deadline is not None and deadline <= time.monotonic():
+        command.close()
+        raise DeadlinePassed(f"the deadline passed before redis {operation}")
+    task = asyncio.ensure_future(command)
+    timeout = None if deadline is None else max(0.0, deadline - time.monotonic())
+    try:
+        await asyncio.wait((task,), timeout=timeout)
+    except asyncio.CancelledError:
+        task.add_done_callback(partial(_settle, late))
+        raise
+    if not task.done():
+        task.add_done_callback(partial(_settle, late))
+        raise DeadlinePassed(f"the deadline passed while waiting for redis {operation}")
+    return task.result()
+
+
+def _settle(late: Callable[[Exception | None], None], task: asyncio.Future[Any]) -> None:
+    """A command nobody waits for any more ended: tell `late` how."""
+    if task.cancelled():
+        return
+    exc = task.exception()
+    if exc is None or isinstance(exc, Exception):
+        late(exc)
 
 
 def _no_retry() -> Retry:
@@ -59,7 +108,9 @@ class RedisBackend:
     client is created at the first `client()` call and connects at its first command.
     """
 
-    def __init__(self, settings: CacheSettings) -> None:
+    def __init__(self, settings: CacheSettings, *, section: str = "cache") -> None:
+        """`section` names the settings in errors: "cache", or "quota" for the quota
+        counters' Redis (whose URL and timeout come from `quota.*`, the rest from `cache.*`)."""
         mode = settings.redis_mode.strip().lower()
         if mode not in MODES:
             raise ConfigError(
@@ -67,11 +118,11 @@ class RedisBackend:
             )
         url = settings.redis_url.strip()
         if not url:
-            raise ConfigError("setting cache.redis_url: empty (the Redis level is off)")
+            raise ConfigError(f"setting {section}.redis_url: empty (no Redis configured)")
         scheme = urlsplit(url).scheme
         if scheme not in ("redis", "rediss") and not (mode == "standalone" and scheme == "unix"):
             raise ConfigError(
-                f"setting cache.redis_url: expected redis:// or rediss://, got {scheme!r}"
+                f"setting {section}.redis_url: expected redis:// or rediss://, got {scheme!r}"
             )
         self.mode = mode
         self._url = url
