@@ -204,6 +204,17 @@ def _redis_url(value: str) -> str:
     return value
 
 
+_KEY_PREFIX = re.compile(r"[\x21-\x7A\x7C\x7E]{1,128}")
+
+
+def _key_prefix(value: str) -> str:
+    """`quota.key_prefix`: 1-128 printable ASCII characters without spaces or braces (a brace
+    would move the keys' Cluster hash tag off the organization). Raises ValueError."""
+    if not _KEY_PREFIX.fullmatch(value):
+        raise ValueError("expected 1 to 128 printable ASCII characters, no spaces, no { or }")
+    return value
+
+
 ZONED_TIME_FORM = "an ISO 8601 time with a zone (e.g. 2026-11-30T12:00:00+00:00)"
 
 
@@ -265,6 +276,7 @@ WhenFull = Annotated[Literal["block", "drop"], _Before(_lower)]
 LogLevel = Annotated[Literal["DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"], _Before(_upper)]
 LogFormat = Annotated[Literal["text", "json"], _Before(_lower)]
 SinkList = Annotated[str, _After(_sink_list)]
+KeyPrefix = Annotated[str, _After(_key_prefix)]
 
 
 # --- the settings ----------------------------------------------------------------------------
@@ -319,6 +331,24 @@ class CacheSettings:
     # the next one staged before it signs): comma-separated, and/or a file with one per line.
     redis_verify_keys: str = ""
     redis_verify_keys_file: str = ""
+
+
+@dataclass(frozen=True, slots=True)
+class QuotaSettings:
+    """Where the quotas policies declare are counted (policy_engine/quota/)."""
+
+    # Empty: the cache's `cache.redis_url` when that is set (whether or not the cache is
+    # enabled), else an in-process counter per process (N replicas or workers then allow up
+    # to N times a quota). Opened in `cache.redis_mode` with the cache's pool size, Sentinel
+    # master and breaker settings.
+    redis_url: RedisUrl = ""
+    key_prefix: KeyPrefix = "pdp:quota"
+    # Connect, read and pool wait. A counting call runs a script: a little above a GET's.
+    redis_timeout_ms: Millis = 100
+
+    def effective_redis_url(self, cache: CacheSettings) -> str:
+        """The Redis the counters live in ("" for the in-process counters)."""
+        return self.redis_url.strip() or cache.redis_url.strip()
 
 
 @dataclass(frozen=True, slots=True)
@@ -428,6 +458,7 @@ class Settings:
     limits: RequestLimits = field(default_factory=RequestLimits)
     policy_limits: PolicyLimits = field(default_factory=PolicyLimits)
     cache: CacheSettings = field(default_factory=CacheSettings)
+    quota: QuotaSettings = field(default_factory=QuotaSettings)
     reload: ReloadSettings = field(default_factory=ReloadSettings)
     audit: AuditSettings = field(default_factory=AuditSettings)
     tls: TlsSettings = field(default_factory=TlsSettings)
@@ -451,7 +482,7 @@ class Settings:
 
 # Secrets never printed: by `pdp config check` or in an error message.
 SECRET_SETTINGS = frozenset({"cache.redis_signing_key", "cache.redis_verify_keys"})
-URL_SETTINGS = frozenset({"cache.redis_url", "audit.redis_url"})
+URL_SETTINGS = frozenset({"cache.redis_url", "audit.redis_url", "quota.redis_url"})
 MASK = "***"
 
 
@@ -837,6 +868,9 @@ def cross_checks(settings: Settings) -> list[tuple[str, str]]:
         if cache.redis_mode != "standalone" and urlsplit(cache.redis_url.strip()).scheme == "unix":
             found.append(("cache.redis_url", "unix:// only with redis_mode standalone"))
         found += _signing_key_problems(cache)
+    quota_url = settings.quota.redis_url.strip()
+    if quota_url and cache.redis_mode != "standalone" and urlsplit(quota_url).scheme == "unix":
+        found.append(("quota.redis_url", "unix:// only with cache.redis_mode standalone"))
     audit = settings.audit
     names = {n.strip().lower() for n in audit.sinks.split(",")}
     if audit.enabled and "redis" in names and not audit.redis_url.strip():

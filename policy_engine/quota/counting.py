@@ -1,0 +1,34 @@
+"""What both counter stores do alike with a call's items, before counting."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from policy_engine.quota.model import UNAVAILABLE, Charge, Verdict
+
+# (organization, quota name, window_ms, algorithm, bucket): what names one counter, the parts
+# of its Redis key. A change of window or algorithm starts new counters; of limit, keeps them.
+CounterId = tuple[str, str, int, str, str]
+
+
+def counter_id(charge: Charge) -> CounterId:
+    spec = charge.spec
+    return (spec.organization, spec.name, spec.window_ms, spec.algorithm.value, charge.bucket)
+
+
+def distinct(charges: Sequence[Charge]) -> list[Charge]:
+    """`charges` without repeats of one counter (first kept): one ALLOW counts once in each
+    counter, and checking a counter twice before counting it twice could overrun its limit."""
+    seen: set[CounterId] = set()
+    kept = []
+    for charge in charges:
+        ident = counter_id(charge)
+        if ident not in seen:
+            seen.add(ident)
+            kept.append(charge)
+    return kept
+
+
+def unavailable_all(items: Sequence[Sequence[Charge]]) -> list[Verdict]:
+    """Every item unavailable, except those without charges (admitted: nothing to count)."""
+    return [UNAVAILABLE if charges else Verdict(True) for charges in items]

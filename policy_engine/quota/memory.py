@@ -1,0 +1,209 @@
+"""The in-process quota counters: used when no Redis is configured.
+
+PER PROCESS: every server process (each of `--workers`, each replica) counts on its own, so
+N processes allow up to N times a quota. Configure `quota.redis_url` (or `cache.redis_url`)
+to share the counters (`redis_store.py`).
+
+Semantics are the Redis store's (see `model.py`): fixed windows aligned to multiples of
+`window_ms` since the Unix epoch; sliding windows as an exact log of ALLOW times (an ALLOW at
+`t` counts while `now - t < window_ms`); an item is counted in all its charges or in none.
+
+Memory is bounded: a bucket is dropped once its window has passed (a heap of expiry times,
+one entry per bucket, is drained on every call), a sliding log is trimmed to its window, and
+`max_units` caps buckets plus sliding log entries together. A charge that would need more
+than that is unavailable (the caller applies `when_unavailable`, deny by default), never
+admitted uncounted.
+"""
+
+from __future__ import annotations
+
+import heapq
+import threading
+import time
+from collections import deque
+from collections.abc import Callable, Sequence
+
+from policy_engine.lifecycle import ComponentStatus, State
+from policy_engine.quota.counting import CounterId, counter_id, distinct, unavailable_all
+from policy_engine.quota.model import ADMITTED, UNAVAILABLE, Algorithm, Charge, Verdict
+
+DEFAULT_MAX_UNITS = 1_000_000  # buckets + sliding log entries: tens of MB at most
+
+
+def _wall_clock_ms() -> int:
+    return time.time_ns() // 1_000_000
+
+
+class _Fixed:
+    """One fixed window's count; `end` is the window's end (epoch ms)."""
+
+    __slots__ = ("count", "end")
+
+    def __init__(self, end: int) -> None:
+        self.end = end
+        self.count = 0
+
+    def expiry(self, now: int, window_ms: int) -> int:
+        return self.end
+
+
+class _Sliding:
+    """The ALLOW times (epoch ms, oldest first) still inside the window."""
+
+    __slots__ = ("log",)
+
+    def __init__(self) -> None:
+        self.log: deque[int] = deque()
+
+    def trim(self, now: int, window_ms: int) -> int:
+        """Drop the entries outside the window ending at `now`; returns how many."""
+        log, oldest_kept, dropped = self.log, now - window_ms, 0
+        while log and log[0] <= oldest_kept:
+            log.popleft()
+            dropped += 1
+        return dropped
+
+    def expiry(self, now: int, window_ms: int) -> int:
+        return self.log[-1] + window_ms if self.log else now
+
+
+class InProcessQuotaStore:
+    """A `QuotaStore` in this process's memory (see the module docstring); thread-safe: one
+    lock around each call, so a call is atomic against every other thread's.
+
+    `clock` returns epoch milliseconds (tests and `pdp test` inject one; default the wall
+    clock). `max_units` bounds buckets plus sliding log entries."""
+
+    name = "quota"
+
+    def __init__(
+        self,
+        *,
+        clock: Callable[[], int] = _wall_clock_ms,
+        max_units: int = DEFAULT_MAX_UNITS,
+    ) -> None:
+        self._clock = clock
+        self._max_units = max(1, max_units)
+        self._lock = threading.Lock()
+        self._buckets: dict[CounterId, _Fixed | _Sliding] = {}
+        self._windows: dict[CounterId, int] = {}  # window_ms of each bucket (for its expiry)
+        self._heap: list[tuple[int, CounterId]] = []  # (expiry ms, key): one entry per bucket
+        self.units = 0  # buckets + sliding log entries held now
+        self._stopped = False
+
+    # --- counting ---------------------------------------------------------------------------
+
+    async def consume(
+        self, items: Sequence[Sequence[Charge]], deadline: float | None
+    ) -> list[Verdict]:
+        """See `QuotaStore.consume`; answers at once (no I/O)."""
+        return self.consume_sync(items, deadline)
+
+    def consume_sync(
+        self, items: Sequence[Sequence[Charge]], deadline: float | None = None
+    ) -> list[Verdict]:
+        """`consume` for synchronous callers (any thread): one `Verdict` per item, in order.
+        A `deadline` (`time.monotonic()` s) already passed: every item unavailable."""
+        if deadline is not None and deadline <= time.monotonic():
+            return unavailable_all(items)
+        with self._lock:
+            now = self._clock()
+            self._drop_expired(now)
+            return [self._item(distinct(charges), now) for charges in items]
+
+    def _item(self, charges: Sequence[Charge], now: int) -> Verdict:
+        """Check every charge, then count all of them or none (under the lock)."""
+        needed = 0
+        for charge in charges:
+            spec = charge.spec
+            key = counter_id(charge)
+            bucket = self._buckets.get(key)
+            window = spec.window_ms
+            if spec.algorithm is Algorithm.FIXED:
+                end = now - now % window + window
+                if bucket is None:
+                    needed += 1
+                    continue
+                assert isinstance(bucket, _Fixed)
+                # A window ahead of this one (the wall clock stepped back) keeps its count.
+                if bucket.end >= end and bucket.count >= spec.limit:
+                    return Verdict(False, spec, max(1, min(bucket.end - now, window)))
+                continue
+            if bucket is None:
+                needed += 2
+                continue
+            assert isinstance(bucket, _Sliding)
+            self.units -= bucket.trim(now, window)
+            log = bucket.log
+            if len(log) >= spec.limit:
+                # Frees when enough entries age out to leave room for one (a lowered limit
+                # can leave more than `limit` inside the window).
+                freed_at = log[len(log) - spec.limit] + window
+                return Verdict(False, spec, max(1, min(freed_at - now, window)))
+            needed += 1
+        if self.units + needed > self._max_units:
+            return UNAVAILABLE
+        for charge in charges:
+            self._count(charge, now)
+        return ADMITTED
+
+    def _count(self, charge: Charge, now: int) -> None:
+        spec = charge.spec
+        key = counter_id(charge)
+        bucket = self._buckets.get(key)
+        window = spec.window_ms
+        if spec.algorithm is Algorithm.FIXED:
+            end = now - now % window + window
+            if bucket is None:
+                bucket = self._new(key, _Fixed(end), window, end)
+            assert isinstance(bucket, _Fixed)
+            if bucket.end < end:  # the bucket's window has passed: a new window
+                bucket.end, bucket.count = end, 0
+            bucket.count += 1
+            return
+        if bucket is None:
+            bucket = self._new(key, _Sliding(), window, now + window)
+        assert isinstance(bucket, _Sliding)
+        bucket.log.append(now)
+        self.units += 1
+
+    def _new(
+        self, key: CounterId, bucket: _Fixed | _Sliding, window: int, expiry: int
+    ) -> _Fixed | _Sliding:
+        self._buckets[key] = bucket
+        self._windows[key] = window
+        heapq.heappush(self._heap, (expiry, key))
+        self.units += 1
+        return bucket
+
+    def _drop_expired(self, now: int) -> None:
+        """Drop the buckets whose window has passed; re-file the ones that moved on (a
+        sliding log with newer entries, a fixed bucket rolled to a later window)."""
+        heap, buckets = self._heap, self._buckets
+        while heap and heap[0][0] <= now:
+            _, key = heapq.heappop(heap)
+            bucket = buckets[key]
+            window = self._windows[key]
+            if isinstance(bucket, _Sliding):
+                self.units -= bucket.trim(now, window)
+            expiry = bucket.expiry(now, window)
+            if expiry > now:
+                heapq.heappush(heap, (expiry, key))
+                continue
+            del buckets[key], self._windows[key]
+            self.units -= 1
+
+    # --- the lifecycle component ------------------------------------------------------------
+
+    def start(self) -> None:
+        """Nothing to start (no I/O, no thread)."""
+
+    def stop(self, deadline: float) -> bool:
+        """Nothing to stop: the counters live as long as the process. True."""
+        self._stopped = True
+        return True
+
+    def status(self) -> ComponentStatus:
+        detail = f"in-process (per process), {len(self._buckets)} buckets, {self.units} units"
+        state = State.STOPPED if self._stopped else State.RUNNING
+        return ComponentStatus(self.name, state, True, detail)

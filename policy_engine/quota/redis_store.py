@@ -1,0 +1,412 @@
+"""The quota counters in Redis, shared by every replica: one Lua script per call (per slot).
+
+Keys: `{prefix}:{<organization>}:<quota name>:<window_ms><f|s>:<bucket>`. The hash tag keeps
+one organization's counters in one Cluster slot, so a call's items of one organization are
+counted by one script, atomically; a change of window or algorithm starts new counters, a
+change of limit keeps them.
+
+- fixed: a string counter per bucket, `INCR`ed, expiring (`PEXPIREAT`) at its window's end
+  (windows are aligned to multiples of `window_ms` since the Unix epoch);
+- sliding: a sorted set of ALLOW times (score: epoch ms; member: the time in microseconds
+  and the set's size then, unique), trimmed to the window (`ZREMRANGEBYSCORE`) before its
+  size is read, expiring a window after its newest entry.
+
+The script (`SCRIPT`) reads the time once from Redis (`TIME`: every replica agrees, and no
+caller can move its own windows), then for each item in order checks every charge and, only
+when all have room, counts all of them. It answers two integers per item: 0 (admitted), the
+1-based index of the first full charge and the milliseconds until it frees, or -1 (a counter
+key holds something else than a counter: a wrong type, a value that is not a decimal count;
+nothing is counted for that item, and the script goes on with the next).
+
+The client is the cache's (`cache/redis_backend.py`: standalone, Sentinel or Cluster, short
+timeouts, no retries) with its own circuit breaker. One call is one pipeline: one `EVALSHA`
+per organization in Cluster mode (each sent to its slot's node), one for the whole call
+otherwise; `NOSCRIPT` loads the script (`SCRIPT LOAD`, every primary) and retries once. The
+wait is bounded by the caller's deadline (`redis_backend.bounded`: the command is never
+cancelled, it runs on to its own timeout). Anything short of a well-formed answer (a
+fault, a timeout, an open breaker, `NOSCRIPT` again, a malformed reply) makes the items
+unavailable, never admitted; the caller applies each quota's `when_unavailable`.
+
+A command the caller stopped waiting for may still count its items: a quota then counts an
+ALLOW that was not answered (fail closed). Redis's replication is asynchronous: a failover can
+lose the latest counts (at most the writes of the last moments before it).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import hashlib
+import logging
+import re
+import time
+from collections.abc import Sequence
+from typing import Any
+
+from policy_engine.cache.breaker import BreakerState, CircuitBreaker
+from policy_engine.cache.redis_backend import DeadlinePassed, RedisBackend, bounded
+from policy_engine.config import CacheSettings, QuotaSettings
+from policy_engine.lifecycle import ComponentStatus, State, event_loop
+from policy_engine.metrics import REDIS_ERRORS
+from policy_engine.quota.counting import distinct, unavailable_all
+from policy_engine.quota.model import ADMITTED, UNAVAILABLE, Algorithm, Charge, Verdict
+
+log = logging.getLogger(__name__)
+
+# After the stop deadline: time for the connections to close.
+_STOP_SLACK_SECONDS = 1.0
+
+# ARGV: the item count, then per item its charge count, then per charge: the index of its key
+# in KEYS (1-based), "f" or "s", the limit, the window in ms. Counts are decimal strings of at
+# most 15 digits (a Lua number holds them exactly); anything else at a fixed counter's key is
+# garbage. The time: TIME's seconds and microseconds, so every replica agrees.
+SCRIPT = """
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+local stamp = t[1] .. string.format('%06d', tonumber(t[2]))
+local out = {}
+local pos = 2
+for _ = 1, tonumber(ARGV[1]) do
+  local count = tonumber(ARGV[pos])
+  pos = pos + 1
+  local first = pos
+  local code, wait = 0, 0
+  for j = 1, count do
+    local key = KEYS[tonumber(ARGV[pos])]
+    local limit = tonumber(ARGV[pos + 2])
+    local window = tonumber(ARGV[pos + 3])
+    if ARGV[pos + 1] == 's' then
+      local oldest = string.format('%d', now - window)
+      local trimmed = redis.pcall('ZREMRANGEBYSCORE', key, '-inf', oldest)
+      if type(trimmed) == 'table' and trimmed.err then
+        code = -1
+      else
+        local size = redis.call('ZCARD', key)
+        if size >= limit then
+          local entry = redis.call('ZRANGE', key, size - limit, size - limit, 'WITHSCORES')
+          code, wait = j, tonumber(entry[2]) + window - now
+        end
+      end
+    else
+      local value = redis.pcall('GET', key)
+      if type(value) == 'table' then
+        code = -1
+      elseif value then
+        if #value > 15 or not string.match(value, '^%d+$') then
+          code = -1
+        elseif tonumber(value) >= limit then
+          code, wait = j, now - now % window + window - now
+        end
+      end
+    end
+    pos = pos + 4
+    if code ~= 0 then
+      break
+    end
+  end
+  pos = first + 4 * count
+  if code == 0 then
+    for j = 0, count - 1 do
+      local at = first + 4 * j
+      local key = KEYS[tonumber(ARGV[at])]
+      local window = tonumber(ARGV[at + 3])
+      if ARGV[at + 1] == 's' then
+        local size = redis.call('ZCARD', key)
+        redis.call('ZADD', key, string.format('%d', now), stamp .. ':' .. size)
+        redis.call('PEXPIREAT', key, string.format('%d', now + window))
+      else
+        redis.call('INCR', key)
+        redis.call('PEXPIREAT', key, string.format('%d', now - now % window + window))
+      end
+    end
+  end
+  out[#out + 1] = code
+  out[#out + 1] = wait
+end
+return out
+"""
+SCRIPT_SHA = hashlib.sha1(SCRIPT.encode()).hexdigest()  # how Redis names a script (EVALSHA)
+
+_UNAVAILABLE_CODE = -1
+# What a charge may carry into a key: the organization inside the hash tag (no braces), a
+# bucket without the key's separator (so keys cannot collide: see `counter_key`).
+_BUCKET = re.compile(r"[0-9A-Za-z_-]{1,128}")
+_FORBIDDEN_IN_ORGANIZATION = re.compile(r"[{}\s]")
+
+
+def counter_key(prefix: str, charge: Charge) -> str | None:
+    """The Redis key of `charge`'s counter, None when its parts could not make an
+    unambiguous key (an organization with a brace or a space, an empty one, a bucket that is
+    not 1-128 of [0-9A-Za-z_-]): such a charge is never counted, its item is unavailable.
+
+    Unambiguous: the organization is delimited by the braces, the bucket is the last part and
+    holds no ':', the window part is digits and f/s, so the name is what is left."""
+    spec = charge.spec
+    organization = spec.organization
+    if not organization or _FORBIDDEN_IN_ORGANIZATION.search(organization):
+        return None
+    if not _BUCKET.fullmatch(charge.bucket) or not spec.name:
+        return None
+    kind = "f" if spec.algorithm is Algorithm.FIXED else "s"
+    return f"{prefix}:{{{organization}}}:{spec.name}:{spec.window_ms}{kind}:{charge.bucket}"
+
+
+@dataclasses.dataclass(slots=True)
+class _Group:
+    """The items one script counts: KEYS (distinct keys), ARGV, and the items' indices."""
+
+    keys: list[str] = dataclasses.field(default_factory=list)
+    argv: list[str | int] = dataclasses.field(default_factory=lambda: [0])
+    items: list[int] = dataclasses.field(default_factory=list)
+    charges: list[list[Charge]] = dataclasses.field(default_factory=list)
+    _index: dict[str, int] = dataclasses.field(default_factory=dict)
+
+    def add(self, item: int, charges: list[Charge], keys: list[str]) -> None:
+        argv = self.argv
+        argv.append(len(charges))
+        for charge, key in zip(charges, keys, strict=True):
+            index = self._index.get(key)
+            if index is None:
+                self.keys.append(key)
+                index = self._index[key] = len(self.keys)
+            spec = charge.spec
+            kind = "f" if spec.algorithm is Algorithm.FIXED else "s"
+            argv += (index, kind, spec.limit, spec.window_ms)
+        argv[0] = int(argv[0]) + 1
+        self.items.append(item)
+        self.charges.append(charges)
+
+    def verdicts(self, reply: object) -> list[Verdict] | None:
+        """The script's reply as one verdict per item, None when it is not a well-formed
+        reply for these items (then they are all unavailable)."""
+        if not isinstance(reply, list) or len(reply) != 2 * len(self.items):
+            return None
+        found = []
+        for position, charges in enumerate(self.charges):
+            code, wait = reply[2 * position], reply[2 * position + 1]
+            if not isinstance(code, int) or not isinstance(wait, int):
+                return None
+            if code == 0:
+                found.append(ADMITTED)
+            elif code == _UNAVAILABLE_CODE:
+                found.append(UNAVAILABLE)
+            elif 0 < code <= len(charges):
+                spec = charges[code - 1].spec
+                # Within (0, window]: an entry a Redis writer dated in the future would
+                # otherwise promise a wait past what the quota can hold.
+                found.append(Verdict(False, spec, min(max(wait, 1), spec.window_ms)))
+            else:
+                return None
+        return found
+
+
+class RedisQuotaStore:
+    """A `QuotaStore` in Redis (see the module docstring) and the "quota" lifecycle component.
+
+    The constructor checks the settings (ConfigError naming the setting) and connects
+    nothing; the first call connects. Calls run on the process's event loop
+    (`policy_engine.lifecycle.event_loop()`), where the client lives."""
+
+    name = "quota"
+
+    def __init__(
+        self,
+        quota: QuotaSettings,
+        cache: CacheSettings,
+        *,
+        redis_backend: RedisBackend | None = None,
+    ) -> None:
+        if redis_backend is None:
+            backend_settings = dataclasses.replace(
+                cache,
+                redis_url=quota.effective_redis_url(cache),
+                redis_timeout_ms=quota.redis_timeout_ms,
+            )
+            redis_backend = RedisBackend(backend_settings, section="quota")
+        self.redis = redis_backend
+        self.prefix = quota.key_prefix
+        self._reset_seconds = cache.breaker_reset_seconds
+        self.breaker = CircuitBreaker(
+            cache.breaker_failure_threshold, cache.breaker_reset_seconds, on_change=self._changed
+        )
+        self._errors = REDIS_ERRORS.labels("quota")
+        self._process_loop: asyncio.AbstractEventLoop | None = None
+        self._started = False
+        self._stopped = False
+        self._stopped_clean = True
+        self.round_trips = 0  # pipelines sent (a NOSCRIPT retry is a second), for tests
+
+    # --- counting ---------------------------------------------------------------------------
+
+    async def consume(
+        self, items: Sequence[Sequence[Charge]], deadline: float | None
+    ) -> list[Verdict]:
+        """See `QuotaStore.consume`. Raises RuntimeError off the process's event loop (a
+        programming error); every store fault is an unavailable verdict."""
+        if asyncio.get_running_loop() is not self._loop():
+            raise RuntimeError(
+                "the quota store's Redis client runs on the process's event loop "
+                "(policy_engine.lifecycle.event_loop())"
+            )
+        verdicts: list[Verdict | None] = [None] * len(items)
+        groups = self._groups(items, verdicts)
+        if groups:
+            if self._stopped or not self.breaker.allow():
+                return unavailable_all(items)
+            try:
+                replies = await bounded("quota", self._run(groups), deadline, self._late)
+            except DeadlinePassed:
+                replies = []  # the script reports to the breaker when it ends
+            except Exception as exc:
+                self._failed(exc)
+                replies = []
+            self._fill(groups, replies, verdicts)
+        return [UNAVAILABLE if verdict is None else verdict for verdict in verdicts]
+
+    def _groups(
+        self, items: Sequence[Sequence[Charge]], verdicts: list[Verdict | None]
+    ) -> list[_Group]:
+        """The call's items as scripts to run (one per organization in Cluster mode, one in
+        all otherwise); items with nothing to count get their verdict here."""
+        by_group: dict[str, _Group] = {}
+        per_organization = self.redis.mode == "cluster"
+        for index, item in enumerate(items):
+            charges = distinct(item)
+            if not charges:
+                verdicts[index] = ADMITTED
+                continue
+            keys = [counter_key(self.prefix, charge) for charge in charges]
+            organizations = {charge.spec.organization for charge in charges}
+            if None in keys or len(organizations) != 1:
+                # One item is one organization's ALLOW; anything else cannot be counted
+                # atomically (its keys are in different slots): a caller's bug, fail closed.
+                log.error("quota charges that cannot be counted (item %d): %r", index, item)
+                verdicts[index] = UNAVAILABLE
+                continue
+            slot = organizations.pop() if per_organization else ""
+            group = by_group.get(slot)
+            if group is None:
+                group = by_group[slot] = _Group()
+            group.add(index, charges, keys)  # type: ignore[arg-type]  # None was excluded
+        return list(by_group.values())
+
+    async def _run(self, groups: list[_Group]) -> list[object]:
+        """One reply (or the error in its place) per group: one pipeline of EVALSHAs; the
+        groups answered NOSCRIPT are run again once after SCRIPT LOAD. Raises on a fault
+        of the whole pipeline (connection, timeout)."""
+        from redis.exceptions import NoScriptError
+
+        client = self.redis.client()
+        replies = await self._pipeline(client, groups)
+        missing = [i for i, reply in enumerate(replies) if isinstance(reply, NoScriptError)]
+        if missing:
+            await client.script_load(SCRIPT)
+            again = await self._pipeline(client, [groups[i] for i in missing])
+            for i, reply in zip(missing, again, strict=True):
+                replies[i] = reply
+        return replies
+
+    async def _pipeline(self, client: Any, groups: list[_Group]) -> list[object]:
+        pipe = client.pipeline(transaction=False)
+        for group in groups:
+            pipe.evalsha(SCRIPT_SHA, len(group.keys), *group.keys, *group.argv)
+        self.round_trips += 1
+        return list(await pipe.execute(raise_on_error=False))
+
+    def _fill(
+        self, groups: list[_Group], replies: list[object], verdicts: list[Verdict | None]
+    ) -> None:
+        """Each group's verdicts from its reply; a group whose reply is an error or
+        malformed, or that has none (the whole call failed), stays unavailable (None)."""
+        healthy = bool(replies)
+        for group, reply in zip(groups, replies, strict=False):
+            found = None if isinstance(reply, Exception) else group.verdicts(reply)
+            if found is None:
+                healthy = False
+                log.warning("quota counters: redis answered %s", _describe(reply))
+                continue
+            for index, verdict in zip(group.items, found, strict=True):
+                verdicts[index] = verdict
+        if replies:
+            if healthy:
+                self.breaker.success()
+            else:
+                self._errors.inc()
+                self.breaker.failure()
+
+    # --- faults, loop -----------------------------------------------------------------------
+
+    def _loop(self) -> asyncio.AbstractEventLoop:
+        loop = self._process_loop
+        if loop is None:
+            loop = self._process_loop = event_loop().loop
+        return loop
+
+    def _late(self, exc: Exception | None) -> None:
+        """A script nobody waits for any more ended (see `redis_backend.bounded`)."""
+        if exc is None:
+            self.breaker.success()
+        else:
+            self._failed(exc)
+
+    def _failed(self, exc: Exception) -> None:
+        self._errors.inc()
+        log.debug("quota counters: redis failed: %s: %s", type(exc).__name__, exc)
+        self.breaker.failure()
+
+    def _changed(self, state: BreakerState) -> None:
+        if state is BreakerState.OPEN:
+            log.warning(
+                "quota counters: redis circuit breaker open: quotas unavailable (each applies "
+                "its when_unavailable), probing every %.1fs",
+                self._reset_seconds,
+            )
+        elif state is BreakerState.CLOSED:
+            log.warning("quota counters: redis circuit breaker closed: counting again")
+
+    # --- the lifecycle component ------------------------------------------------------------
+
+    def start(self) -> None:
+        """Nothing to start: the first call connects. Raises nothing."""
+        self._started = True
+
+    def stop(self, deadline: float) -> bool:
+        """Close the Redis connections by `deadline` (`time.monotonic()` s); calls after it
+        are unavailable. Safe to call twice or unstarted; from any thread but the loop's."""
+        if self._stopped:
+            return self._stopped_clean
+        self._stopped = True
+        wait = max(0.0, deadline - time.monotonic()) + _STOP_SLACK_SECONDS
+        try:
+            event_loop().call(self.redis.aclose(), wait)
+        except TimeoutError:
+            log.error("quota counters: Redis connections still closing at the stop deadline")
+            self._stopped_clean = False
+        return self._stopped_clean
+
+    def status(self) -> ComponentStatus:
+        """Never blocks. Ready even while Redis is unreachable: each quota then applies its
+        `when_unavailable` (deny by default), an answer every replica gives alike."""
+        detail = f"redis {self.redis.mode}, keys {self.prefix}:*"
+        if self._stopped:
+            return ComponentStatus(self.name, State.STOPPED, True, detail)
+        breaker = self.breaker.state
+        if breaker is not BreakerState.CLOSED:
+            return ComponentStatus(
+                self.name,
+                State.DEGRADED,
+                True,
+                f"{detail}; Redis circuit breaker {breaker.value.replace('_', '-')}: quotas "
+                f"unavailable, probing every {self._reset_seconds:g}s",
+            )
+        return ComponentStatus(
+            self.name, State.RUNNING if self._started else State.NEW, True, detail
+        )
+
+
+def _describe(reply: object) -> str:
+    """A reply for a log line: an error's type and text, else the value's type (a hostile
+    Redis's reply is not quoted)."""
+    if isinstance(reply, Exception):
+        return f"{type(reply).__name__}: {str(reply)[:200]}"
+    return f"a malformed reply ({type(reply).__name__})"
