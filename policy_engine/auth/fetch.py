@@ -1,4 +1,5 @@
-"""Fetching a JWKS document over HTTP(S), on the event loop, bounded in time and size.
+"""Fetching a JWKS document (or an issuer's metadata) over HTTP(S), on the event loop, bounded
+in time and size.
 
 One `JwksFetcher` holds one `httpx.AsyncClient` for every JWKS URL of a process (connections
 to an identity provider are reused between refreshes). A fetch
@@ -119,12 +120,12 @@ class JwksFetcher:
             limit = self.max_bytes
             declared = response.headers.get("content-length", "")
             if declared.isdigit() and int(declared) > limit:
-                raise JwksFetchError(f"JWKS document larger than {_size(limit)}")
+                raise JwksFetchError(f"document larger than {_size(limit)}")
             body = bytearray()
             async for chunk in response.aiter_raw():
                 body += chunk
                 if len(body) > limit:
-                    raise JwksFetchError(f"JWKS document larger than {_size(limit)}")
+                    raise JwksFetchError(f"document larger than {_size(limit)}")
             return bytes(body)
 
 

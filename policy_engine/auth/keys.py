@@ -1,4 +1,5 @@
-"""Where subject-token verification keys come from: a JWKS file, or a JWKS URL fetched and cached.
+"""Where subject-token verification keys come from: a JWKS file, or a JWKS URL fetched and cached
+(named in the policies, or discovered from the issuer's metadata: `policy_engine.auth.discovery`).
 
 A key verifies a token only as its JWK allows (RFC 7517 section 4, RFC 7518 sections 3.1 and 6,
 RFC 8037 section 2): `use` absent or "sig", `key_ops` absent or containing "verify", `alg` (when
@@ -37,7 +38,7 @@ import json
 import logging
 import threading
 import time
-from collections.abc import Awaitable, Callable, Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from concurrent.futures import Future
 from concurrent.futures import wait as futures_wait
 from contextlib import contextmanager
@@ -45,6 +46,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
 
+from policy_engine.auth.discovery import Fetch, IssuerMetadata
 from policy_engine.auth.fetch import MAX_JWKS_BYTES, JwksFetcher
 from policy_engine.lifecycle import ComponentStatus, State, event_loop
 
@@ -307,9 +309,6 @@ class StaticKeySet:
         return self._keys.keys_for(kid, algorithm)
 
 
-Fetch = Callable[[str, float], Awaitable[bytes]]
-"""Fetches a JWKS URL within a timeout (seconds) on an event loop: `JwksFetcher.fetch`."""
-
 LoopOf = Callable[[], "asyncio.AbstractEventLoop | None"]
 """The event loop refreshes run on; None when they may no longer start (stopped)."""
 
@@ -336,6 +335,12 @@ class RemoteKeySet:
     keys (and so the fingerprint) it had; each new failure is logged once, as is the recovery.
     Before the first fetch has succeeded the set is empty and `available` is False: tokens are
     denied ("keys not available"), never allowed. Thread-safe.
+
+    With `discovery` the URL is not known in advance: each refresh first asks the issuer's
+    metadata for its `jwks_uri` (`IssuerMetadata.resolve`: kept while younger than its
+    `max_age`, the last good one kept when the metadata fails), then fetches the keys from it,
+    so `url` is the `jwks_uri` in use ("" until the first valid metadata arrived). A refresh
+    that finds no usable metadata at all fails like a failed fetch.
     """
 
     def __init__(
@@ -348,12 +353,15 @@ class RemoteKeySet:
         unknown_kid_wait: float = 1.0,
         fetch: Fetch | None = None,
         loop: LoopOf = _process_loop,
+        discovery: IssuerMetadata | None = None,
     ) -> None:
         """`timeout`: seconds for a whole fetch; `unknown_kid_wait`: the most a request whose
         key is missing waits for a refresh (`pending_refresh`); `fetch`: default, a
         `JwksFetcher` of this set's own; `loop`: where refreshes run (default: the process's
-        `policy_engine.lifecycle.event_loop()`, started on first use). No I/O here."""
+        `policy_engine.lifecycle.event_loop()`, started on first use); `discovery`: where the
+        URL comes from when `url` is "" (see the class docstring). No I/O here."""
         self.url = url
+        self.discovery = discovery
         self.unknown_kid_wait = unknown_kid_wait
         self._max_age = max_age
         self._min_interval = min_refresh_interval
@@ -440,17 +448,32 @@ class RemoteKeySet:
         if fresh is not None:
             _wait(fresh, deadline)
 
+    @property
+    def source(self) -> str:
+        """What the keys come from, for logs and status: the URL, or for a discovered set
+        the issuer and the `jwks_uri` its metadata names."""
+        if self.discovery is None:
+            return self.url
+        found = (
+            f"jwks_uri {self.url} from {self.discovery.found_at}" if self.url else "no jwks_uri yet"
+        )
+        return f"issuer {self.discovery.issuer} ({self.discovery.mode} discovery, {found})"
+
     def describe(self, now: float) -> tuple[bool, str]:
-        """(failing, one line for status): the URL and its state, fetching, ok or failing."""
+        """(failing, one line for status): the source and its state, fetching, ok or failing
+        (the metadata failing while the keys kept from its last good `jwks_uri` still serve
+        counts as failing)."""
         count = self._keys.size
         age = f"fetched {now - self._fetched_at:.0f} s ago"
-        if self.last_error:
+        errors = [self.discovery.last_error] if self.discovery is not None else []
+        error = "; ".join(e for e in (*errors, self.last_error) if e)
+        if error:
             kept = f"keeping {count} keys {age}" if self.available else "no keys yet"
-            return True, f"{self.url}: failing ({kept}): {self.last_error}"
+            return True, f"{self.source}: failing ({kept}): {error}"
         if not self.available:
             state = "fetching" if self._pending is not None else "not fetched yet"
-            return False, f"{self.url}: {state}"
-        return False, f"{self.url}: ok, {count} keys, {age}"
+            return False, f"{self.source}: {state}"
+        return False, f"{self.source}: ok, {count} keys, {age}"
 
     def _refreshed(self, future: Future[None]) -> None:
         with self._lock:
@@ -459,6 +482,9 @@ class RemoteKeySet:
 
     async def _refresh(self) -> None:
         try:
+            if self.discovery is not None:
+                # A new jwks_uri takes over from this refresh on; a failed one keeps the keys.
+                self.url = await self.discovery.resolve(self._fetch, self._timeout)
             data = await self._fetch(self.url, self._timeout)
             if len(data) > MAX_JWKS_BYTES:
                 raise KeySetError("JWKS document larger than 1 MiB")
@@ -476,7 +502,7 @@ class RemoteKeySet:
         if error != self.last_error:  # once per change, not every refresh
             log.warning(
                 "JWKS refresh from %s failed: %s (%s)",
-                self.url,
+                self.source,
                 error,
                 f"keeping its {self._keys.size} keys" if self.available else "no keys yet",
             )
@@ -485,9 +511,9 @@ class RemoteKeySet:
     def _succeeded(self, keys: KeySet) -> None:
         if keys.skipped != self._keys.skipped:  # logged when they change, not every refresh
             for entry in keys.skipped:
-                log.warning("%s: %s; skipped", self.url, entry)
+                log.warning("%s: %s; skipped", self.source, entry)
         if self.last_error:
-            log.warning("JWKS refresh from %s works again (%d keys)", self.url, keys.size)
+            log.warning("JWKS refresh from %s works again (%d keys)", self.source, keys.size)
         self._keys = keys
         self._fetched_at = time.monotonic()
         self.last_error = ""
@@ -501,7 +527,8 @@ def _running_loop() -> asyncio.AbstractEventLoop | None:
 
 
 class RemoteKeySets:
-    """One `RemoteKeySet` per JWKS URL, kept across policy reloads; the "jwks" component.
+    """One `RemoteKeySet` per JWKS URL (and per issuer discovered), kept across policy
+    reloads; the "jwks" component.
 
     Without it every reload would fetch every organization's JWKS again and start its rate
     limit afresh; with it a reload reuses the set (and its keys), which refreshes itself.
@@ -526,11 +553,16 @@ class RemoteKeySets:
         min_refresh_interval: float = 30.0,
         timeout: float = 5.0,
         unknown_kid_wait: float = 1.0,
+        metadata_max_age: float | None = None,
         fetch: Fetch | None = None,
         loop: Callable[[], asyncio.AbstractEventLoop] = _process_loop,
     ) -> None:
-        """The options are each `RemoteKeySet`'s (seconds); `fetch` defaults to this
-        component's `JwksFetcher`; `loop` is asked once, by `start()`."""
+        """The options are each `RemoteKeySet`'s (seconds); `metadata_max_age` is how long
+        a discovered issuer's metadata is used before it is fetched again (default
+        `max_age`: the scheduled key refreshes read it again, an unknown-`kid` refresh in
+        between does not); `fetch` defaults to this component's `JwksFetcher`; `loop` is
+        asked once, by `start()`."""
+        self._metadata_max_age = max_age if metadata_max_age is None else metadata_max_age
         self._options = {
             "max_age": max_age,
             "min_refresh_interval": min_refresh_interval,
@@ -541,7 +573,8 @@ class RemoteKeySets:
         self._fetch = fetch if fetch is not None else self._fetcher.fetch
         self._loop_of = loop
         self._loop: asyncio.AbstractEventLoop | None = None
-        self._sets: dict[str, RemoteKeySet] = {}
+        # Keyed by URL, or by (issuer, discovery mode) for a discovered set.
+        self._sets: dict[str | tuple[str, str], RemoteKeySet] = {}
         self._lock = threading.Lock()
         self._state = State.NEW
 
@@ -603,14 +636,29 @@ class RemoteKeySets:
     def get(self, url: str) -> RemoteKeySet:
         """The key set for `url`, at once: the one kept from earlier loads, or a new, empty
         one whose first fetch has started. Never waits for the network."""
+        return self._kept(url, url, None)
+
+    def discover(self, issuer: str, mode: str = "auto") -> RemoteKeySet:
+        """The key set of `issuer` found through its metadata (`mode`: one of
+        `policy_engine.auth.discovery.DISCOVERY_MODES`), at once, as `get` gives a URL's:
+        kept across loads, or new with its first discovery started. Never waits."""
+        return self._kept((issuer, mode), "", IssuerMetadata(issuer, mode, self._metadata_max_age))
+
+    def _kept(
+        self, key: str | tuple[str, str], url: str, discovery: IssuerMetadata | None
+    ) -> RemoteKeySet:
         with self._lock:
-            remote = self._sets.get(url)
+            remote = self._sets.get(key)
             created = remote is None
             if remote is None:
                 if self._fetch == self._fetcher.fetch:
                     self._fetcher.open()  # here, off the loop: ~50 ms the first time
-                remote = self._sets[url] = RemoteKeySet(
-                    url, fetch=self._fetch, loop=self._running_loop, **self._options
+                remote = self._sets[key] = RemoteKeySet(
+                    url,
+                    fetch=self._fetch,
+                    loop=self._running_loop,
+                    discovery=discovery,
+                    **self._options,
                 )
             state = self._state
         if state is State.NEW:

@@ -26,6 +26,7 @@ from types import MappingProxyType
 
 import yaml
 
+from policy_engine.auth.discovery import issuer_problem
 from policy_engine.auth.fetch import scheme_problem
 from policy_engine.auth.keys import (
     KeySetError,
@@ -703,7 +704,9 @@ def _token_rules(
     """Keys are part of the policy set: a JWKS file is read from the source now and counts in
     the revision. It must stay inside the organization's folder, as written (no `..`, not
     absolute) and once symlinks are resolved. A `jwks_url` must be http or https; its key set
-    is taken from `remote_keys` without waiting for the network."""
+    is taken from `remote_keys` without waiting for the network. With neither, the issuer
+    must be an http or https URL without query or fragment, and its key set (found through
+    its metadata, `policy_engine.auth.discovery`) is taken from `remote_keys` the same way."""
     if settings is None:
         return UNVERIFIED
     warm_imports()  # here, off the event loop, not with the first token
@@ -728,13 +731,27 @@ def _token_rules(
             issues.append(LoadIssue(config_file, settings.line, f"jwks_file: {exc}"))
             return UNVERIFIED
         contents.append((relative, hashlib.sha256(file.data).digest()))
-    else:
-        url = str(settings.jwks_url)
+    elif settings.jwks_url is not None:
+        url = settings.jwks_url
         problem = scheme_problem(url)
         if problem is not None:
             issues.append(LoadIssue(config_file, settings.line, f"jwks_url {url!r}: {problem}"))
             return UNVERIFIED
         keys = remote_keys.get(url)  # at once: the first fetch lands in the background
+    else:
+        issuer = str(settings.issuer)  # the parser demands one when no keys are named
+        problem = issuer_problem(issuer)
+        if problem is not None:
+            issues.append(
+                LoadIssue(
+                    config_file,
+                    settings.line,
+                    f"issuer {issuer!r}: its keys are discovered (no jwks_file or jwks_url), "
+                    f"so it must be an http or https URL: {problem}",
+                )
+            )
+            return UNVERIFIED
+        keys = remote_keys.discover(issuer, settings.discovery)  # at once, like a jwks_url
     return TokenRules(
         keys=keys,
         issuer=settings.issuer,

@@ -78,6 +78,8 @@ class TokenSettings:
     audience: str | None = None
     jwks_file: str | None = None  # relative to the organization's folder
     jwks_url: str | None = None
+    # With neither: where the issuer's metadata is looked for (auto, oauth or openid).
+    discovery: str = "auto"
     algorithms: tuple[str, ...] = ("RS256", "ES256", "EdDSA")
     leeway_seconds: int = 30
     external_subject_claim: str | None = None

@@ -11,6 +11,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from policy_engine.auth.discovery import DISCOVERY_MODES
 from policy_engine.auth.tokens import DEFAULT_ALGORITHMS
 from policy_engine.domain.codes import ErrorCode
 from policy_engine.domain.decision import POLICY_LAYERS, Effect, Layer
@@ -278,8 +279,25 @@ class DocumentParser:
             key: self._string(raw, key, required=False) or None
             for key in ("issuer", "audience", "jwks_file", "jwks_url", "external_subject_claim")
         }
-        if bool(optional["jwks_file"]) == bool(optional["jwks_url"]):
-            self.problem(raw.line, "tokens need exactly one of 'jwks_file' or 'jwks_url'")
+        named_keys = optional["jwks_file"] or optional["jwks_url"]
+        if optional["jwks_file"] and optional["jwks_url"]:
+            self.problem(raw.line, "tokens name one of 'jwks_file' or 'jwks_url', not both")
+            return None
+        if not named_keys and not optional["issuer"]:
+            self.problem(
+                raw.line,
+                "tokens need 'jwks_file', 'jwks_url', or an 'issuer' whose keys are discovered",
+            )
+            return None
+        # Only the issuer named: its keys are found through its metadata (RFC 8414, OIDC).
+        discovery = self._choice(
+            raw, "discovery", _discovery_mode, ", ".join(DISCOVERY_MODES), default="auto"
+        )
+        if named_keys and "discovery" in raw:
+            self.problem(
+                raw.line_of("discovery"),
+                "'discovery' applies only to tokens naming no 'jwks_file' or 'jwks_url'",
+            )
             return None
         algorithms = raw.get("algorithms", list(DEFAULT_ALGORITHMS))
         if not (
@@ -303,6 +321,7 @@ class DocumentParser:
             return None
         return TokenSettings(
             required=required,
+            discovery=discovery,
             algorithms=tuple(algorithms),
             leeway_seconds=leeway,
             line=raw.line,
@@ -501,6 +520,12 @@ def _as_written(value: Any) -> str:
     if isinstance(value, list | dict):
         return f", not {_shown(value)}"
     return ""
+
+
+def _discovery_mode(value: str) -> str:
+    if value not in DISCOVERY_MODES:
+        raise ValueError(value)
+    return value
 
 
 def _got(value: Any) -> str:

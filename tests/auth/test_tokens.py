@@ -177,7 +177,7 @@ def test_jwks_file_counts_in_the_revision(tmp_path: Path) -> None:
     [
         ({**TOKENS, "jwks_file": "../outside.json"}, "inside the organization"),
         ({**TOKENS, "jwks_file": "missing.json"}, "cannot read"),
-        ({"issuer": ISSUER}, "exactly one of"),
+        ({"audience": AUDIENCE}, "tokens need 'jwks_file', 'jwks_url', or an 'issuer'"),
         ({**TOKENS, "algorithms": ["HS256"]}, "algorithms"),
         ({**TOKENS, "leeway_seconds": 9999}, "leeway"),
     ],

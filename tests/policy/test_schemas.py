@@ -328,7 +328,23 @@ ORGANIZATION_VIOLATIONS: dict[str, Document] = {
     "default null": _with(ORGANIZATION, _set("defaults.user", None)),
     "tokens a list": _with(ORGANIZATION, _set("tokens", ["jwks.json"])),
     "unknown token key": _with(ORGANIZATION, _set("tokens.jwks", "jwks.json")),
-    "no key source": _with(ORGANIZATION, _set("tokens.jwks_file", ...)),
+    "no key source": _with(ORGANIZATION, _set("tokens.jwks_file", ...), _set("tokens.issuer", ...)),
+    "issuer alone not a URL": _with(
+        ORGANIZATION, _set("tokens.jwks_file", ...), _set("tokens.issuer", "acme-idp")
+    ),
+    "issuer alone with a query": _with(
+        ORGANIZATION, _set("tokens.jwks_file", ...), _set("tokens.issuer", "https://idp.test/?a")
+    ),
+    "issuer alone with a fragment": _with(
+        ORGANIZATION, _set("tokens.jwks_file", ...), _set("tokens.issuer", "https://idp.test#a")
+    ),
+    "issuer alone without a host": _with(
+        ORGANIZATION, _set("tokens.jwks_file", ...), _set("tokens.issuer", "https:///tenant")
+    ),
+    "discovery beside a jwks_file": _with(ORGANIZATION, _set("tokens.discovery", "openid")),
+    "unknown discovery": _with(
+        ORGANIZATION, _set("tokens.jwks_file", ...), _set("tokens.discovery", "webfinger")
+    ),
     "two key sources": _with(ORGANIZATION, _set("tokens.jwks_url", "https://idp.test/jwks")),
     "absolute jwks_file": _with(ORGANIZATION, _set("tokens.jwks_file", "/etc/jwks.json")),
     "backslash in jwks_file": _with(ORGANIZATION, _set("tokens.jwks_file", "keys\\jwks.json")),
@@ -350,6 +366,17 @@ ORGANIZATION_VIOLATIONS: dict[str, Document] = {
     "leeway a boolean": _with(ORGANIZATION, _set("tokens.leeway_seconds", True)),
     "leeway text": _with(ORGANIZATION, _set("tokens.leeway_seconds", "30")),
 }
+
+
+@pytest.mark.parametrize("discovery", [None, "auto", "oauth", "openid"])
+def test_an_issuer_alone_loads_and_validates(discovery: str | None) -> None:
+    """Its keys are discovered from its metadata (here a refused port: none, at once)."""
+    organization = _with(
+        ORGANIZATION, _set("tokens.jwks_file", ...), _set("tokens.issuer", "http://127.0.0.1:1/a")
+    )
+    if discovery is not None:
+        organization["tokens"]["discovery"] = discovery
+    assert _schema_errors(organization) == [] and _loads_organization(organization)
 
 
 @pytest.mark.parametrize("name", POLICY_VIOLATIONS)
@@ -552,7 +579,9 @@ def _plausible_organization(draw: st.DrawFn) -> Document:
     texts = st.sampled_from(["https://idp.test", "broker", "sub"])
     tokens = {
         "required": st.booleans(),
-        "issuer": texts,
+        # Alone, an issuer is discovered: a refused port ends that fetch at once.
+        "issuer": st.sampled_from(["https://127.0.0.1:1/idp", "broker", "https://127.0.0.1:1/?a"]),
+        "discovery": st.sampled_from(["auto", "openid", "webfinger"]),
         "audience": texts,
         "external_subject_claim": texts,
         "jwks_file": st.sampled_from(["jwks.json", "./jwks.json", "keys/../jwks.json"]),
