@@ -39,6 +39,8 @@ class Reason:
     rule: str
     message: str
     field: str = ""  # the offending request field, for validation errors
+    # For kontext_rate_limited from a quota: milliseconds until it frees (0: not said).
+    retry_after_ms: int = 0
 
     @property
     def http_status(self) -> int:

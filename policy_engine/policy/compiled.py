@@ -14,6 +14,7 @@ from policy_engine.domain.decision import Effect, Layer
 from policy_engine.policy.index import RuleIndex
 from policy_engine.policy.model import Catalog
 from policy_engine.policy.patterns import Matcher
+from policy_engine.policy.quotas import NO_QUOTAS, OrganizationQuotas
 
 
 @dataclass(frozen=True, slots=True, eq=False)
@@ -101,6 +102,8 @@ class CompiledPolicySet:
     refreshing_keys: dict[str, tuple[RemoteKeySet, tuple[str, ...]]] = field(
         init=False, repr=False, compare=False
     )
+    # Whether any organization declares a quota: without one, the pipeline never looks.
+    has_quotas: bool = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         key_sets = {
@@ -115,6 +118,8 @@ class CompiledPolicySet:
         }
         object.__setattr__(self, "key_sets", key_sets)  # frozen: set once, here
         object.__setattr__(self, "refreshing_keys", refreshing)
+        has_quotas = any(org.quotas for org in self.organizations.values())
+        object.__setattr__(self, "has_quotas", has_quotas)
 
 
 @dataclass(frozen=True, slots=True)

@@ -62,11 +62,13 @@ from policy_engine.policy.model import OrganizationConfig, Policy, Rule, TokenSe
 from policy_engine.policy.parse import (
     KIND_ORGANIZATION,
     KIND_POLICY,
+    KIND_QUOTA,
     NAME_PATTERN,
     DocumentParser,
     LoadIssue,
 )
 from policy_engine.policy.patterns import WILDCARD, Matcher, is_glob
+from policy_engine.policy.quotas import compile_quotas
 from policy_engine.policy.source import (
     POLICY_SUFFIXES,
     DirectorySource,

@@ -96,6 +96,28 @@ class OrganizationConfig:
 
 
 @dataclass(frozen=True, slots=True)
+class QuotaDefinition:
+    """A `kind: Quota` document as written (see policy_engine.quota.spec): at most `limit`
+    ALLOWs per `window_ms` milliseconds for the requests `target` selects, counted per
+    distinct value of the `per` parts (a subset of QUOTA_PER_PARTS, in the order written;
+    empty: one counter for the whole organization)."""
+
+    name: str
+    description: str
+    target: Target
+    limit: int
+    window_ms: int
+    algorithm: str  # "fixed" or "sliding" (policy_engine.quota.model.Algorithm values)
+    per: tuple[str, ...]
+    when_unavailable: str  # "deny" or "allow" (WhenUnavailable values)
+    position: Position
+
+
+# What a quota may count per (the organization is always part of a quota's key).
+QUOTA_PER_PARTS: tuple[str, ...] = ("subject", "application", "integration", "scope")
+
+
+@dataclass(frozen=True, slots=True)
 class OrganizationSource:
     """Everything one organization's folder declares."""
 

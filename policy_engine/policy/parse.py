@@ -16,12 +16,14 @@ from policy_engine.auth.tokens import DEFAULT_ALGORITHMS
 from policy_engine.domain.codes import ErrorCode
 from policy_engine.domain.decision import POLICY_LAYERS, Effect, Layer
 from policy_engine.policy.model import (
+    QUOTA_PER_PARTS,
     RULE_CODES,
     TARGET_DIMENSIONS,
     Catalog,
     OrganizationConfig,
     Policy,
     Position,
+    QuotaDefinition,
     Rule,
     Target,
     TokenSettings,
@@ -40,6 +42,15 @@ TARGET_CACHE_SIZE = 32 * 1024
 SUPPORTED_ALGORITHMS = ("RS256", "RS384", "RS512", "ES256", "ES384", "PS256", "EdDSA")
 KIND_ORGANIZATION = "Organization"
 KIND_POLICY = "Policy"
+KIND_QUOTA = "Quota"
+
+# Quota bounds: a limit past a billion is no limit; windows from a second to a month (a
+# longer window would keep a counter (or, sliding, a log) for longer than anyone reasons about).
+QUOTA_MAX_LIMIT = 1_000_000_000
+QUOTA_MIN_WINDOW_MS = 1_000
+QUOTA_MAX_WINDOW_MS = 31 * 86_400_000
+QUOTA_WINDOW = re.compile(r"^([1-9][0-9]{0,9})([smhd])$")
+QUOTA_UNITS_MS = {"s": 1_000, "m": 60_000, "h": 3_600_000, "d": 86_400_000}
 
 
 @dataclass(frozen=True, slots=True)
@@ -390,6 +401,104 @@ class DocumentParser:
             cache=cache,
         )
 
+    def quota(self, doc: PositionedDict) -> QuotaDefinition | None:
+        """A `kind: Quota` document; None (with every problem recorded) when it is invalid."""
+        name = self._name(doc, "name")
+        where = f"quota {name}" if name else "quota"
+        self._check_keys(doc, _QUOTA_KEYS, "Quota")
+        description = doc.get("description", "")
+        if not isinstance(description, str):
+            self.problem(
+                doc.line_of("description"),
+                f"{where}: 'description' must be text{_as_written(description)}",
+            )
+        before = len(self.issues)
+        target = self._target(doc, "target")  # its problems name the file and line
+        limit = doc.get("limit")
+        if limit is None:
+            self.problem(doc.line, f"{where}: missing required field 'limit'")
+        elif (
+            isinstance(limit, bool)
+            or not isinstance(limit, int)
+            or not 1 <= limit <= QUOTA_MAX_LIMIT
+        ):
+            self.problem(
+                doc.line_of("limit"),
+                f"{where}: 'limit' must be a whole number from 1 to {QUOTA_MAX_LIMIT:,}"
+                f"{_got(limit)}",
+            )
+            limit = None
+        window_ms = self._window(doc, where)
+        algorithm = self._choice(
+            doc, "algorithm", _keyword(_ALGORITHMS), "fixed, sliding", default="fixed"
+        )
+        when_unavailable = self._choice(
+            doc, "when_unavailable", _keyword(_WHEN_UNAVAILABLE), "deny, allow", default="deny"
+        )
+        per = self._per(doc, where)
+        if (
+            not name
+            or limit is None
+            or window_ms is None
+            or per is None
+            or len(self.issues) != before
+        ):
+            return None
+        return QuotaDefinition(
+            name=sys.intern(name),
+            description=description if isinstance(description, str) else "",
+            target=target,
+            limit=limit,
+            window_ms=window_ms,
+            algorithm=algorithm,
+            per=per,
+            when_unavailable=when_unavailable,
+            position=self._position(doc),
+        )
+
+    def _window(self, doc: PositionedDict, where: str) -> int | None:
+        """`window` (`<n>s|m|h|d`, 1 s to 31 d) in milliseconds; None when absent or bad."""
+        raw = doc.get("window")
+        if raw is None:
+            self.problem(doc.line, f"{where}: missing required field 'window' (e.g. 1h)")
+            return None
+        match = QUOTA_WINDOW.fullmatch(raw) if isinstance(raw, str) else None
+        window_ms = (
+            int(match.group(1)) * QUOTA_UNITS_MS[match.group(2)] if match is not None else None
+        )
+        if window_ms is None or not QUOTA_MIN_WINDOW_MS <= window_ms <= QUOTA_MAX_WINDOW_MS:
+            self.problem(
+                doc.line_of("window"),
+                f"{where}: 'window' must be a whole number of s, m, h or d from 1s to 31d "
+                f"(e.g. 90s, 15m, 1h, 7d), not {_shown(raw)}",
+            )
+            return None
+        return window_ms
+
+    def _per(self, doc: PositionedDict, where: str) -> tuple[str, ...] | None:
+        """`per`: distinct parts of QUOTA_PER_PARTS; absent or [] is the whole organization."""
+        raw = doc.get("per", [])
+        if not isinstance(raw, list):
+            self.problem(
+                doc.line_of("per"),
+                f"{where}: 'per' must be a list of {', '.join(QUOTA_PER_PARTS)}{_got(raw)}",
+            )
+            return None
+        parts: list[str] = []
+        for item in raw:
+            if item == "organization":
+                problem = "'organization' is always part of a quota's key: leave it out"
+            elif not isinstance(item, str) or item not in QUOTA_PER_PARTS:
+                problem = f"{_shown(item)} is not one of {', '.join(QUOTA_PER_PARTS)}"
+            elif item in parts:
+                problem = f"{item!r} is listed twice"
+            else:
+                parts.append(item)
+                continue
+            self.problem(doc.line_of("per"), f"{where}: per: {problem}")
+            return None
+        return tuple(parts)
+
     def rule(self, doc: PositionedDict, policy: str) -> Rule | None:
         name = self._name(doc, "name", policy)
         self._check_keys(doc, _RULE_KEYS, "rule", policy, name)
@@ -469,6 +578,12 @@ def _shared_target(
 _TARGET_KEYS = frozenset(TARGET_DIMENSIONS)
 _POLICY_KEYS = frozenset({"kind", "name", "layer", "description", "target", "rules", "cache"})
 _RULE_KEYS = frozenset({"name", "effect", "condition", "target", "message", "code"})
+_QUOTA_KEYS = frozenset(
+    {"kind", "name", "description", "target", "limit", "window", "algorithm", "per",
+     "when_unavailable"}
+)  # fmt: skip
+_ALGORITHMS = ("fixed", "sliding")
+_WHEN_UNAVAILABLE = ("deny", "allow")
 _RULE_CODE_CHOICES = ", ".join(sorted(c.value for c in RULE_CODES))
 
 
@@ -491,6 +606,11 @@ def _effect(raw: str) -> Effect:
 
 def _layer(raw: str) -> Layer:
     return LAYER_KEYWORDS[raw] if raw in LAYER_KEYWORDS else _refuse(raw)
+
+
+def _keyword(choices: tuple[str, ...]) -> Callable[[str], str]:
+    """A `_choice` parser accepting exactly `choices`."""
+    return lambda raw: raw if raw in choices else _refuse(raw)
 
 
 def _refuse(raw: str) -> Any:

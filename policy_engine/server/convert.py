@@ -387,6 +387,7 @@ def decision_from_response(resp: pdp_pb2.CheckResponse) -> Decision:
                 rule=r.rule,
                 message=r.message,
                 field=r.field,
+                retry_after_ms=r.retry_after.ToMilliseconds() if r.HasField("retry_after") else 0,
             )
             for r in resp.reasons
         ),
@@ -414,7 +415,7 @@ class ResponseBuilder:
 
     def reason(self, r: Reason) -> pdp_pb2.Reason:
         code, status, url = self._codes[r.code]
-        return pdp_pb2.Reason(
+        out = pdp_pb2.Reason(
             code=code,
             http_status=status,
             layer=_LAYERS.get(r.layer, pdp_pb2.LAYER_UNSPECIFIED),
@@ -424,6 +425,9 @@ class ResponseBuilder:
             docs_url=url,
             field=r.field,
         )
+        if r.retry_after_ms:
+            out.retry_after.FromMilliseconds(r.retry_after_ms)
+        return out
 
     def template(self, decision: Decision) -> bytes:
         """The cacheable part of the answer, serialized: effect, reasons, revision, matches."""

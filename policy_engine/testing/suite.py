@@ -20,7 +20,12 @@ A suite is one YAML document (strict YAML, as policy files) of this shape:
         context: {connection, client_ip, session_id, attributes}
         time: "..."                   # overrides the suite's
         token: {key: NAME, claims: {...}} | "a raw JWT"
+        quota_used: {QUOTA: N}        # ALLOWs quota QUOTA already counted for this
+                                      # request's bucket in the window of the case's time
         expect: {decision: allow|deny, code, layer, policy, rule}
+
+A suite's cases share one in-process quota store whose clock is each case's time, in order:
+a case's ALLOW counts in the quotas it matches, and `quota_used` tops a bucket up first.
 
 Every problem is collected with file:line (LoadIssue); nothing is guessed.
 """
@@ -70,9 +75,12 @@ _CASE_KEYS = frozenset(
         "context",
         "time",
         "token",
+        "quota_used",
         "expect",
     }
 )
+# The most ALLOWs a case may say a quota already counted (they are counted for it, at once).
+MAX_QUOTA_USED = 100_000
 _CONTEXT_KEYS = frozenset({"connection", "client_ip", "session_id", "attributes"})
 _TOKEN_KEYS = frozenset({"key", "claims"})
 _EXPECT_KEYS = frozenset({"decision", "code", "layer", "policy", "rule"})
@@ -165,6 +173,8 @@ class Case:
     time: datetime | None
     token: TokenSpec | None
     expect: Expectation
+    # Quota name -> ALLOWs it already counted for this request's bucket in the case's window.
+    quota_used: MappingProxyType[str, int] = field(default_factory=_none)
 
 
 @dataclass(frozen=True, slots=True)
@@ -396,12 +406,46 @@ class _SuiteParser(DocumentParser):
         context = self._context(doc)
         time = self._time(doc, "time") or default_time
         token = self._token(doc, keys)
+        quota_used = self._quota_used(doc)
         expect = self._expect(doc)
         if len(self.issues) != before or expect is None:
             return None
         return Case(
-            name, doc.line, subject, application, integration, scope, context, time, token, expect
+            name,
+            doc.line,
+            subject,
+            application,
+            integration,
+            scope,
+            context,
+            time,
+            token,
+            expect,
+            quota_used,
         )
+
+    def _quota_used(self, doc: PositionedDict) -> MappingProxyType[str, int]:
+        """`quota_used`: quota names (checked against the policies when the case runs) to
+        0..MAX_QUOTA_USED ALLOWs."""
+        raw = self._mapping(doc, "quota_used", "'quota_used' (quota name: ALLOWs counted)")
+        if raw is None:
+            return _NO_ATTRIBUTES
+        used: dict[str, int] = {}
+        for name, count in raw.items():
+            line = raw.line_of(str(name))
+            if not isinstance(name, str) or not NAME_PATTERN.fullmatch(name):
+                self.problem(line, f"quota_used: {name!r} is not a quota name")
+            elif (
+                isinstance(count, bool)
+                or not isinstance(count, int)
+                or not 0 <= count <= MAX_QUOTA_USED
+            ):
+                self.problem(
+                    line, f"quota_used.{name} must be a whole number from 0 to {MAX_QUOTA_USED:,}"
+                )
+            else:
+                used[name] = count
+        return MappingProxyType(used)
 
     def _context(self, doc: PositionedDict) -> MappingProxyType[str, Any]:
         raw = self._mapping(doc, "context", "'context'")
