@@ -29,7 +29,7 @@ DEADLINE_EXCEEDED = Counter(
     " (stage=queued), while waiting for a JWKS refresh (stage=keys) or for the cache"
     " (stage=cache) or for room in a full audit queue (stage=audit), or during a batch's"
     " evaluation (stage=evaluation: the rest is not"
-    " evaluated). Answered DEADLINE_EXCEEDED.",
+    " evaluated), or for the quota counter store (stage=quota). Answered DEADLINE_EXCEEDED.",
     ["stage"],
 )
 CACHE_LOOKUPS = Counter(
@@ -122,4 +122,12 @@ AUDIT_SINK_BACKLOG = Gauge(
     "Audit records waiting for a sink (a growing backlog means the sink is failing or slow).",
     ["sink"],
     multiprocess_mode="livesum",
+)
+QUOTAS = Counter(
+    "pdp_quota_total",
+    "ALLOWs counted against each quota (organization and quota names come from the policies),"
+    " by outcome: admitted (counted), exhausted (answered DENY kontext_rate_limited),"
+    " unavailable (the counter store could not count: denied, or let through uncounted with"
+    " when_unavailable: allow).",
+    ["organization", "quota", "outcome"],
 )

@@ -99,6 +99,15 @@ class Decisions:
     _single: pdp_pb2.CheckResponse | None = None
     _batch: pdp_pb2.CheckBatchResponse | None = None
 
+    def replace(self, index: int, outcome: Outcome, response: pdp_pb2.CheckResponse) -> None:
+        """Item `index` answered anew (a quota turned its ALLOW into a DENY): its outcome and
+        its answer in the single or batch response, before any observer has seen them."""
+        self.outcomes[index] = outcome
+        if self._single is not None and len(self.outcomes) == 1:
+            self._single = response
+        if self._batch is not None:
+            self._batch.results[index].CopyFrom(response)
+
     def only(self) -> pdp_pb2.CheckResponse:
         """The answer of a batch of one (`Check`); ValueError for a larger batch."""
         if self._single is None:

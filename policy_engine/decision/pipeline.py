@@ -11,8 +11,12 @@ one) and a `CheckBatch` alike; synchronous callers (the CLI, tools, tests) use
 4. waits for room with every observer (`admit`: a full audit queue), if needed;
 5. evaluates the misses with the pure engine (`policy_engine.engine.decide`);
 6. stores the storable decisions (one `put_many`) and answers them from the stored bytes;
-7. builds the answer (one parse of the assembled bytes), and
-8. hands every outcome to each observer (audit recorder, metrics) in one `observe` call.
+7. builds the answer (one parse of the assembled bytes);
+8. counts every ALLOW (fresh and cached alike) that an organization's quotas match, in one
+   `consume` call to the quota store for the whole call (`_count_quotas`): an ALLOW without
+   room becomes DENY `kontext_rate_limited`, one the store could not count follows its
+   quotas' `when_unavailable`; a call with no quota to count makes no store call; and
+9. hands every outcome to each observer (audit recorder, metrics) in one `observe` call.
 
 Its input is the API's `CheckRequest` messages, not domain requests: the cache key is a digest
 of the message and the cache holds answers as serialized responses, so a hit is answered
@@ -22,11 +26,12 @@ context, no status codes): the servicer maps `Invalid` to INVALID_ARGUMENT for a
 
 What may be cached is decided here (`storable`): only plain allows and denies, never
 validation failures, server errors, decisions that read the clock or that a policy opted out
-of, and never past a subject token's validity. The answer fingerprint salting every key
-(`answer_fingerprint`) and the clock are the pipeline's too.
+of, and never past a subject token's validity. A quota's answer is never stored: the cache
+holds what the policies decided, and every ALLOW it answers is counted again. The answer
+fingerprint salting every key (`answer_fingerprint`) and the clock are the pipeline's too.
 
 Everything runs on the event loop (a thread hand-off costs as much as a decision); the
-waits (steps 2-4) are awaited for at most the caller's remaining time, and only by the call
+waits (steps 2-4, 8) are awaited for at most the caller's remaining time, and only by the call
 that needs them. A call whose deadline has passed when its turn comes, or passes while it
 waits, is not evaluated (a batch whose deadline passes during its evaluation is not
 evaluated further): `DeadlineExceeded` is raised (the server answers DEADLINE_EXCEEDED), its
@@ -78,12 +83,15 @@ from policy_engine.engine import decide
 from policy_engine.engine.validation import is_validation_failure
 from policy_engine.lifecycle import deadline_in, event_loop
 from policy_engine.metrics import DEADLINE_EXCEEDED, DECISIONS
+from policy_engine.quota import UNAVAILABLE, Charge, QuotaStore, Verdict
+from policy_engine.quota.enforce import count_outcomes, enforce
 from policy_engine.server.convert import (
     RequestConverter,
     ResponseBuilder,
     add_response,
     add_result,
     batch_from,
+    decision_from_response,
     new_decision_ids,
     next_decision_id,
     response_from,
@@ -202,6 +210,22 @@ def _call_fields(items: Sequence[pdp_pb2.CheckRequest], ids: Sequence[bytes]) ->
     }
 
 
+def _quota_subject(outcome: Outcome) -> str:
+    """The subject a quota counts an ALLOW for: the request's subject ID, or for an external
+    user ID the person it maps to (the ID the policies decided for; a cached answer carries it
+    in its stored response), so both exchange modes share the person's counters."""
+    subject = outcome.item.subject
+    if subject.kind != pdp_pb2.SUBJECT_KIND_EXTERNAL_USER:
+        return subject.id
+    if isinstance(outcome, Decided):
+        mapped = outcome.decision.mapped_subject_id
+    elif isinstance(outcome, CacheHit):
+        mapped = pdp_pb2.CheckResponse.FromString(outcome.template).mapped_subject_id
+    else:
+        mapped = ""
+    return mapped or subject.id
+
+
 def _first_code(decision: Decision) -> str:
     return decision.reasons[0].code.value if decision.reasons else ""
 
@@ -250,7 +274,9 @@ class DeadlineExceeded(Exception):
     """The caller's deadline passed before its call was evaluated (`stage`: "queued" when its
     turn came too late, "keys" while it waited for a JWKS refresh its token needs, "cache"
     while it waited for the cache), or while a batch was evaluated ("evaluation": the rest of
-    it was not); nothing was stored or observed."""
+    it was not); nothing was stored or observed. Or ("quota") it passed while the quota
+    store counted the call's ALLOWs: answers already decided may have been stored (they are
+    the policies' answers; every later hit is counted again), nothing was observed."""
 
     def __init__(self, stage: str) -> None:
         super().__init__(f"the deadline passed before the decision ({stage})")
@@ -261,7 +287,7 @@ class DeadlineExceeded(Exception):
 # Redis; evaluation: while a batch was evaluated (the rest of it was not).
 _DEADLINE_COUNTERS = {
     stage: DEADLINE_EXCEEDED.labels(stage)
-    for stage in ("queued", "keys", "cache", "audit", "evaluation")
+    for stage in ("queued", "keys", "cache", "audit", "evaluation", "quota")
 }
 # Evaluations between two looks at the clock in a batch (a look costs ~0.1 us, one
 # evaluation tens of us): a batch runs at most this many past its caller's deadline.
@@ -291,11 +317,14 @@ class Decider:
     """Decides lists of `CheckRequest` messages (see the module docstring).
 
     The cache is built from `settings.cache` unless one is passed (`cache=None` turns caching
-    off); `close()` stops only a cache built here. `clock` None reads `time.time()` (no
-    datetime is built on the hit path); a clock passed in is read once per call. One
-    instance serves every call on the process's event loop (`decide`), and synchronous
-    callers through it (`decide_sync`): a call's state lives in the call, and `source` may be
-    swapped at any time (the next call reads it).
+    off); `close()` stops only a cache built here. `quotas` is the quota counter store: one
+    built from `settings.quota` unless passed (a server passes the one its lifecycle starts
+    and stops); None denies every ALLOW a quota matches with `kontext_server_error` unless
+    the quota says `when_unavailable: allow` (no store: nothing can count). `clock` None
+    reads `time.time()` (no datetime is built on the hit path); a clock passed in is read
+    once per call. One instance serves every call on the process's event loop (`decide`),
+    and synchronous callers through it (`decide_sync`): a call's state lives in the call,
+    and `source` may be swapped at any time (the next call reads it).
     """
 
     def __init__(
@@ -306,6 +335,7 @@ class Decider:
         clock: Clock | None = None,
         cache: DecisionStore | None = FROM_SETTINGS,
         observers: Sequence[Observer] = (),
+        quotas: QuotaStore | None = FROM_SETTINGS,
     ) -> None:
         self.source = policy_source
         self._clock = clock
@@ -339,14 +369,23 @@ class Decider:
         if cache is FROM_SETTINGS:
             cache = cache_from_settings(settings)
         self.cache: DecisionStore | None = cache
+        # Built from the settings when first needed (a call with an ALLOW to count): a
+        # decider whose policies declare no quota never builds one.
+        self._owns_quotas = quotas is FROM_SETTINGS
+        self._settings = settings
+        self.quotas: QuotaStore | None = None if self._owns_quotas else quotas
 
     def close(self, deadline: float | None = None) -> bool:
         """Stop the cache if this decider built it (its queued Redis writes are written until
         `deadline`, `time.monotonic()` s, default 5 s from now; then its connections close);
         False when writes were left unwritten. A cache passed in is its owner's to stop."""
+        deadline = deadline_in(5.0) if deadline is None else deadline
+        stopped = True
+        if self._owns_quotas and self.quotas is not None:
+            stopped = self.quotas.stop(deadline)
         if self._owns_cache and isinstance(self.cache, DecisionCache):
-            return self.cache.stop(deadline_in(5.0) if deadline is None else deadline)
-        return True
+            return self.cache.stop(deadline) and stopped
+        return stopped
 
     # --- the entry -----------------------------------------------------------------------------
 
@@ -396,9 +435,106 @@ class Decider:
             decisions = self._decide(
                 items, ids, keys, hits, policies, now, now_ts, started, deadline
             )
+            if policies.has_quotas:  # no quota anywhere: nothing to count, no store call
+                await self._count_quotas(decisions, policies, deadline)
         for observer in self.observers:
             observer.observe(decisions)
         return decisions
+
+    async def _count_quotas(
+        self, decisions: Decisions, policies: CompiledPolicySet, deadline: float | None
+    ) -> None:
+        """Step 8: every ALLOW of `decisions` (fresh or cached) that its organization's quotas
+        match is counted, all in one `consume` call bounded by `deadline`; the ones not
+        admitted are answered anew (`enforce`) in place. Raises DeadlineExceeded ("quota")
+        when the deadline passed while the store could not answer."""
+        organizations = policies.organizations
+        charged: list[tuple[int, tuple[Charge, ...]]] = []
+        for index, outcome in enumerate(decisions.outcomes):
+            if outcome.effect != _ALLOW:
+                continue
+            item = outcome.item
+            organization = organizations.get(item.organization)
+            if organization is None or not organization.quotas:
+                continue
+            charges = organization.quotas.charges(
+                _quota_subject(outcome), item.application.id, item.integration.id, item.scope
+            )
+            if charges:
+                charged.append((index, charges))
+        if not charged:
+            return
+        verdicts = await self._consume([charges for _, charges in charged], deadline)
+        if (
+            deadline is not None
+            and deadline <= time.monotonic()
+            and any(verdict.unavailable for verdict in verdicts)
+        ):
+            raise _expired("quota")
+        for (index, charges), verdict in zip(charged, verdicts, strict=True):
+            count_outcomes(charges, verdict)
+            if verdict.admitted:
+                continue
+            outcome = decisions.outcomes[index]
+            organization = organizations[outcome.item.organization]
+            request, decision = self._allowed(outcome)
+            denied = enforce(decision, charges, verdict, organization.quotas)
+            if denied is not None:
+                self._answer_anew(decisions, index, request, denied)
+
+    async def _consume(
+        self, items: list[tuple[Charge, ...]], deadline: float | None
+    ) -> list[Verdict]:
+        """The store's verdicts for `items`; every item unavailable when there is no store,
+        it fails (a bug: stores answer faults with verdicts) or answers the wrong count."""
+        try:
+            store = self.quotas
+            if store is None and self._owns_quotas:
+                store = self.quotas = self._build_quota_store()
+            if store is None:
+                return [UNAVAILABLE] * len(items)
+            verdicts = await store.consume(items, deadline)
+        except asyncio.CancelledError:
+            _count_if_past(deadline, "quota")
+            raise
+        except Exception:
+            log.exception("the quota store failed; its quotas are unavailable for this call")
+            return [UNAVAILABLE] * len(items)
+        if len(verdicts) != len(items):
+            log.error("the quota store answered %d verdicts for %d", len(verdicts), len(items))
+            return [UNAVAILABLE] * len(items)
+        return verdicts
+
+    def _build_quota_store(self) -> QuotaStore:
+        """The quota store the settings describe, started (see `quota_store_from_settings`)."""
+        from policy_engine.quota import quota_store_from_settings
+
+        store = quota_store_from_settings(self._settings)
+        store.start()
+        return store
+
+    def _allowed(self, outcome: Outcome) -> tuple[Any, Decision]:
+        """The domain request and decision of an ALLOW outcome: a cache hit's are rebuilt from
+        its message and stored answer (only for an ALLOW a quota turns into a DENY)."""
+        if isinstance(outcome, Decided):
+            return outcome.request, outcome.decision
+        assert isinstance(outcome, CacheHit)
+        request, _ = self._converter.convert(outcome.item)
+        template = pdp_pb2.CheckResponse.FromString(outcome.template)
+        return request, decision_from_response(template)
+
+    def _answer_anew(
+        self, decisions: Decisions, index: int, request: Any, decision: Decision
+    ) -> None:
+        """Replace item `index`'s outcome and answer with `decision` (never stored)."""
+        outcome = decisions.outcomes[index]
+        item = outcome.item
+        parts: list[bytes] = []
+        effect = self._add_response(parts, decision, item, outcome.decision_id)
+        response = response_from(b"".join(parts[2:]))
+        code = _first_code(decision)
+        replaced = Decided(item, outcome.decision_id, effect, code, request, decision)
+        decisions.replace(index, replaced, response)
 
     async def _admit(self, count: int, deadline: float | None) -> None:
         """Wait until every observer can take `count` outcomes at once (room in a full audit

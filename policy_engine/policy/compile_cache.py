@@ -43,7 +43,7 @@ from policy_engine.cel import CompiledExpression, compile_expression
 from policy_engine.cel.compiler import CompileLimits, Declarations
 from policy_engine.domain.decision import Layer
 from policy_engine.policy.compiled import CompiledOrganization, CompiledRule, FileRead
-from policy_engine.policy.model import Catalog, OrganizationConfig, Policy, Rule
+from policy_engine.policy.model import Catalog, OrganizationConfig, Policy, QuotaDefinition, Rule
 
 __all__ = ["CompileCache", "KnownFile", "KnownOrganization", "LoadAttempt", "ParsedFile"]
 
@@ -89,6 +89,8 @@ class ParsedFile:
     conditions: tuple[_ConditionKey, ...] = ()
     # The catalog (by identity) every policy here was checked against without an issue.
     catalog_checked: Catalog | None = None
+    # Its `kind: Quota` documents (compiled with the organization on every load: they are few).
+    quotas: tuple[QuotaDefinition, ...] = ()
 
 
 @dataclass(frozen=True, slots=True)

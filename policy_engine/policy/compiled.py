@@ -75,6 +75,7 @@ class CompiledOrganization:
     policy_count: int
     rule_count: int
     tokens: TokenRules = UNVERIFIED
+    quotas: OrganizationQuotas = NO_QUOTAS  # its `kind: Quota` documents, compiled
 
 
 @dataclass(frozen=True, slots=True)

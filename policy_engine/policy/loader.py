@@ -58,7 +58,13 @@ from policy_engine.policy.compiled import (
     RuleBucket,
 )
 from policy_engine.policy.index import RuleIndex
-from policy_engine.policy.model import OrganizationConfig, Policy, Rule, TokenSettings
+from policy_engine.policy.model import (
+    OrganizationConfig,
+    Policy,
+    QuotaDefinition,
+    Rule,
+    TokenSettings,
+)
 from policy_engine.policy.parse import (
     KIND_ORGANIZATION,
     KIND_POLICY,
@@ -395,7 +401,7 @@ def _load(
     for org, org_files in sorted(by_org.items()):
         compiled = _organization(source, org, org_files, issues, contents, remote_keys, attempt)
         if compiled is not None:
-            organizations[org] = compiled
+            organizations[org] = _with_quotas(compiled, org_files, issues)
     if issues:
         raise PolicyLoadError(issues)
     return CompiledPolicySet(
@@ -404,6 +410,24 @@ def _load(
         file_count=len(contents),
         files_read=source.files_read,
     )
+
+
+def _with_quotas(
+    organization: CompiledOrganization,
+    files: list[tuple[_FileKey, ParsedFile]],
+    issues: list[LoadIssue],
+) -> CompiledOrganization:
+    """`organization` with the quotas its `files` declare, compiled on every load (they are
+    few, and the organization cache keeps only rules); their problems go to `issues`."""
+    definitions = [quota for _, parsed in files for quota in parsed.quotas]
+    if not definitions:
+        return organization
+    quotas, problems = compile_quotas(organization.name, organization.catalog, definitions)
+    issues.extend(
+        LoadIssue(d.position.file, d.position.line, f"quota {d.name}: {message}")
+        for d, message in problems
+    )
+    return dataclasses.replace(organization, quotas=quotas)
 
 
 def _organization(
@@ -638,8 +662,10 @@ def _parse_new(
     before = len(issues)
     configs: list[OrganizationConfig] = []
     policies: list[Policy] = []
-    _parse_file(path, data, org, configs, policies, issues)
-    return ParsedFile(tuple(configs), tuple(policies)), len(issues) == before
+    quotas: list[QuotaDefinition] = []
+    _parse_file(path, data, org, configs, policies, issues, quotas)
+    parsed = ParsedFile(tuple(configs), tuple(policies), quotas=tuple(quotas))
+    return parsed, len(issues) == before
 
 
 def _parse_file(
@@ -649,6 +675,7 @@ def _parse_file(
     configs: list[OrganizationConfig],
     policies: list[Policy],
     issues: list[LoadIssue],
+    quotas: list[QuotaDefinition],
 ) -> None:
     try:
         loaded = load_documents(data.decode("utf-8"))
@@ -679,12 +706,17 @@ def _parse_file(
             policy = parser.policy(doc)
             if policy is not None:
                 policies.append(policy)
+        elif kind == KIND_QUOTA:
+            quota = parser.quota(doc)
+            if quota is not None:
+                quotas.append(quota)
         else:
             issues.append(
                 LoadIssue(
                     path,
                     doc.line_of("kind"),
-                    f"'kind' must be {KIND_ORGANIZATION} or {KIND_POLICY}, not {kind!r} "
+                    f"'kind' must be {KIND_ORGANIZATION}, {KIND_POLICY} or {KIND_QUOTA}, "
+                    f"not {kind!r} "
                     "(keywords are spelled exactly so)",
                 )
             )

@@ -75,6 +75,7 @@ from policy_engine.lifecycle import (
     process_event_loop,
 )
 from policy_engine.logs import setup_logging
+from policy_engine.quota import quota_store_from_settings
 from policy_engine.server.balance import connection_age_ms
 from policy_engine.server.errors import Status, invalid_argument
 from policy_engine.server.health import Health
@@ -493,10 +494,11 @@ def build_components(
 ) -> RunningServer:
     """Every component of one server process, built from `settings` and not started, in the
     order they start: the event loop, the audit log (`audit.enabled`), the decision cache
-    (when caching is on), the JWKS fetcher, the policy store with its reloader and watcher,
-    the decision server, the health server (`health_address`), the metrics endpoint (with
-    `serve_metrics` and a `metrics_address`: a lone process serves its own, a supervisor
-    its workers'). Mode "empty" (the benchmark's servicer) has the loop and the servers.
+    (when caching is on), the quota counter store (Redis, or in-process), the JWKS fetcher,
+    the policy store with its reloader and watcher, the decision server, the health server
+    (`health_address`), the metrics endpoint (with `serve_metrics` and a `metrics_address`:
+    a lone process serves its own, a supervisor its workers'). Mode "empty" (the
+    benchmark's servicer) has the loop and the servers.
 
     Nothing here starts a thread or opens anything; what is read is what must stop a start
     before anything runs (the bundle key file, the Redis signing keys): ConfigError naming
@@ -525,6 +527,7 @@ def build_components(
         else None
     )
     cache = cache_from_settings(settings)
+    quotas = quota_store_from_settings(settings)
     jwks = RemoteKeySets()
     store = PolicyStore(
         DirectoryBackend(
@@ -541,7 +544,9 @@ def build_components(
         debounce_ms=settings.reload.debounce_ms,
         resync_seconds=settings.reload.resync_seconds,
     )
-    servicer = PolicyDecisionServicer(store.current, settings, cache=cache, audit=audit)
+    servicer = PolicyDecisionServicer(
+        store.current, settings, cache=cache, audit=audit, quotas=quotas
+    )
     status = PolicyStatusServicer(store, lambda: reloader.watching, lifecycle.statuses)
     server = ServerComponent(
         "grpc_server",
@@ -549,7 +554,7 @@ def build_components(
         lambda: build_server(servicer, settings, health_servicer=health, status_servicer=status),
         after_stop=servicer.close,
     )
-    for component in (audit, cache, jwks, reloader, server):
+    for component in (audit, cache, quotas, jwks, reloader, server):
         if component is not None:
             lifecycle.add(component)
     running = RunningServer(

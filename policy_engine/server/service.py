@@ -38,6 +38,7 @@ from policy_engine.decision.pipeline import (
 )
 from policy_engine.domain.codes import ErrorCode, docs_url
 from policy_engine.metrics import DECISION_LATENCY
+from policy_engine.quota import QuotaStore
 from policy_engine.server.convert import RequestConverter
 from policy_engine.server.errors import Status, invalid_argument
 from policy_engine.server.recording import DecisionRecorder
@@ -85,18 +86,23 @@ def build_decider(
     clock: Clock | None = None,
     cache: DecisionStore | None = FROM_SETTINGS,
     audit: AuditLog | None = None,
+    quotas: QuotaStore | None = FROM_SETTINGS,
 ) -> Decider:
     """The server's pipeline: the cache from the settings (unless `cache` is given; None turns
     it off), and as observers the decisions metric and, with an enabled audit log, its
     recorder. The decider does not own the audit log (the server closes it after the last
-    RPC has been answered). Raises ConfigError when the cache settings cannot be used."""
+    RPC has been answered). `quotas`: the quota counter store (the server passes the one it
+    starts and stops; by default the decider builds one from the settings when a quota first
+    needs it). Raises ConfigError when the cache settings cannot be used."""
     _warn_threads(settings)
     observers: list[Observer] = [DecisionMetrics()]
     if audit is not None and audit.enabled:
         observers.append(DecisionRecorder(audit, RequestConverter(settings.limits)))
     # The default clock is read as a float by the pipeline (no datetime on the hit path).
     clock = None if clock is utc_now else clock
-    return Decider(policy_source, settings, clock=clock, cache=cache, observers=observers)
+    return Decider(
+        policy_source, settings, clock=clock, cache=cache, observers=observers, quotas=quotas
+    )
 
 
 def _warn_threads(settings: Settings) -> None:
@@ -128,8 +134,11 @@ class PolicyDecisionServicer(pdp_pb2_grpc.PolicyDecisionServiceServicer):
         *,
         cache: DecisionStore | None = FROM_SETTINGS,
         audit: AuditLog | None = None,
+        quotas: QuotaStore | None = FROM_SETTINGS,
     ) -> None:
-        self.decider = build_decider(policy_source, settings, clock=clock, cache=cache, audit=audit)
+        self.decider = build_decider(
+            policy_source, settings, clock=clock, cache=cache, audit=audit, quotas=quotas
+        )
         self._max_batch = settings.limits.max_batch_size
         self._validation_docs = docs_url(settings.docs_base_url, ErrorCode.VALIDATION_ERROR)
         # Labelled metric children, bound once (a `labels()` call costs a lock and a lookup).
