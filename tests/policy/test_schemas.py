@@ -36,7 +36,11 @@ from tests.policy_builder import allow_all, user_policy
 
 REPOSITORY = Path(__file__).resolve().parents[2]
 SCHEMAS = REPOSITORY / "schemas"
-SCHEMA_FOR_KIND = {"Organization": "organization.schema.json", "Policy": "policy.schema.json"}
+SCHEMA_FOR_KIND = {
+    "Organization": "organization.schema.json",
+    "Policy": "policy.schema.json",
+    "Quota": "quota.schema.json",
+}
 MODELINE = re.compile(r"^# yaml-language-server: \$schema=(\S+)\n")
 
 Document = dict[str, Any]
