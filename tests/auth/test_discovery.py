@@ -11,7 +11,6 @@ the `jwks` component's status, and holds up no load and no other organization.
 from __future__ import annotations
 
 import contextlib
-import http.server
 import json
 import threading
 import time
@@ -32,6 +31,7 @@ from policy_engine.lifecycle import State, deadline_in
 from policy_engine.policy import CompiledPolicySet, PolicyLoadError, load_policy_set
 from policy_engine.server.app import start_server
 from policy_engine.store import DirectoryBackend
+from tests.auth.local_http import QuietHandler, serve
 from tests.auth.material import AUDIENCE, SigningKey, ec_key, jwks, rsa_key
 from tests.cache.support import tuple_request
 from tests.cache.test_key_sets import codes, policy_dir
@@ -62,7 +62,7 @@ class Site:
         self.released = threading.Event()
         owner = self
 
-        class Handler(http.server.BaseHTTPRequestHandler):
+        class Handler(QuietHandler):
             def do_GET(self) -> None:
                 owner.hits[self.path] += 1
                 with contextlib.suppress(BrokenPipeError, ConnectionResetError):  # cut off
@@ -76,43 +76,26 @@ class Site:
                     finally:
                         owner.holding -= 1
                 elif answer == "redirect":
-                    self._head(302, {"Location": "/elsewhere", "Content-Length": "0"})
+                    self.head(302, {"Location": "/elsewhere", "Content-Length": "0"})
                 elif isinstance(answer, int):
-                    self._head(answer, {"Content-Length": "0"})
+                    self.head(answer, {"Content-Length": "0"})
                 else:
                     body = b" " * (2 * 1024 * 1024) if answer == "big" else answer
                     assert isinstance(body, bytes)
-                    self._head(200, {"Content-Length": str(len(body))})
+                    self.head(200, {"Content-Length": str(len(body))})
                     self.wfile.write(body)
 
             def _hold(self, trickle: bool) -> None:
                 if trickle:
-                    self._head(200, {"Content-Length": "100000"})
+                    self.head(200, {"Content-Length": "100000"})
                 until = time.monotonic() + HOLD_SECONDS
                 while not owner.released.wait(0.2) and time.monotonic() < until:
                     if trickle:
                         self.wfile.write(b" ")
                         self.wfile.flush()
 
-            def _head(self, status: int, headers: dict[str, str]) -> None:
-                self.send_response(status)
-                self.send_header("Content-Type", "application/json")
-                for name, value in headers.items():
-                    self.send_header(name, value)
-                self.end_headers()
-                self.wfile.flush()
-
-            def log_message(self, *args: Any) -> None:
-                pass
-
-        class Server(http.server.ThreadingHTTPServer):
-            daemon_threads = True
-            block_on_close = False
-
-        self.server = Server(("127.0.0.1", 0), Handler)
-        self.base = f"http://127.0.0.1:{self.server.server_address[1]}"
+        self.server, self.base = serve(Handler)
         self.issuer = self.base + TENANT
-        threading.Thread(target=self.server.serve_forever, daemon=True).start()
 
     def publish(
         self, where: str = OAUTH + TENANT, keys: str = "/keys", *signing: SigningKey, **doc: Any
@@ -504,6 +487,19 @@ def _check(stub: Any, token: str, organization: str = "acme") -> pdp_pb2.CheckRe
     return stub.Check(msg, timeout=10)  # type: ignore[no-any-return]
 
 
+@contextlib.contextmanager
+def pdp_server(root: Path) -> Iterator[tuple[grpc.Channel, Any]]:
+    """A real server (`pdp serve`'s) for the policies at `root`: a channel to it and a stub."""
+    running = start_server(
+        Settings(address="127.0.0.1:0", policy_dir=root, threads=2, metrics_address="")
+    )
+    try:
+        with grpc.insecure_channel(f"127.0.0.1:{running.port}") as channel:
+            yield channel, pdp_pb2_grpc.PolicyDecisionServiceStub(channel)
+    finally:
+        running.stop(grace=None)
+
+
 def _jwks_component(channel: grpc.Channel) -> pdp_pb2.ComponentStatus:
     stub = pdp_pb2_grpc.PolicyStatusServiceStub(channel)
     status = stub.GetStatus(pdp_pb2.GetStatusRequest(), timeout=10)
@@ -518,40 +514,33 @@ def test_a_server_verifies_tokens_with_discovered_keys_and_only_then(
     if not issuer_matches:  # the provider's document claims another issuer
         site.answers[TENANT + OPENID] = _bad_metadata(site, issuer=site.base)
     root = discovery_dir(tmp_path / "policies", issuer=site.issuer)
-    running = start_server(
-        Settings(address="127.0.0.1:0", policy_dir=root, threads=2, metrics_address="")
-    )
-    try:
-        with grpc.insecure_channel(f"127.0.0.1:{running.port}") as channel:
-            stub = pdp_pb2_grpc.PolicyDecisionServiceStub(channel)
-            wait_for(
-                lambda: "fetching" not in _jwks_component(channel).detail,
-                timeout=15,
-                what="the first discovery",
-            )
-            component = _jwks_component(channel)
-            assert f"issuer {site.issuer}" in component.detail and component.ready
-            good = _check(stub, _token(KEY, site.issuer))
-            forged = _check(stub, _token(STRANGER, site.issuer))
-            assert forged.effect == pdp_pb2.EFFECT_DENY
-            assert codes(forged) == [AUTHORIZATION_REQUIRED]
-            # Another organization is answered whatever acme's identity provider says.
-            globex = _check(stub, "", "globex")
-            assert globex.effect == pdp_pb2.EFFECT_ALLOW
-            if issuer_matches:
-                assert component.state == "running"
-                assert f"jwks_uri {site.base}/keys from {site.issuer}{OPENID}" in component.detail
-                assert (good.effect, list(good.reasons)) == (pdp_pb2.EFFECT_ALLOW, [])
-                assert "unknown key" in forged.reasons[0].message
-            else:
-                assert component.state == "degraded"
-                assert f"issuer '{site.base}' is not the configured issuer" in component.detail
-                assert good.effect == pdp_pb2.EFFECT_DENY
-                assert codes(good) == [AUTHORIZATION_REQUIRED]
-                assert "signing keys are not available" in good.reasons[0].message
-                assert site.hits["/keys"] == 0
-    finally:
-        running.stop(grace=None)
+    with pdp_server(root) as (channel, stub):
+        wait_for(
+            lambda: "fetching" not in _jwks_component(channel).detail,
+            timeout=15,
+            what="the first discovery",
+        )
+        component = _jwks_component(channel)
+        assert f"issuer {site.issuer}" in component.detail and component.ready
+        good = _check(stub, _token(KEY, site.issuer))
+        forged = _check(stub, _token(STRANGER, site.issuer))
+        assert forged.effect == pdp_pb2.EFFECT_DENY
+        assert codes(forged) == [AUTHORIZATION_REQUIRED]
+        # Another organization is answered whatever acme's identity provider says.
+        globex = _check(stub, "", "globex")
+        assert globex.effect == pdp_pb2.EFFECT_ALLOW
+        if issuer_matches:
+            assert component.state == "running"
+            assert f"jwks_uri {site.base}/keys from {site.issuer}{OPENID}" in component.detail
+            assert (good.effect, list(good.reasons)) == (pdp_pb2.EFFECT_ALLOW, [])
+            assert "unknown key" in forged.reasons[0].message
+        else:
+            assert component.state == "degraded"
+            assert f"issuer '{site.base}' is not the configured issuer" in component.detail
+            assert good.effect == pdp_pb2.EFFECT_DENY
+            assert codes(good) == [AUTHORIZATION_REQUIRED]
+            assert "signing keys are not available" in good.reasons[0].message
+            assert site.hits["/keys"] == 0
 
 
 def test_a_hanging_issuer_denies_only_its_own_tokens_through_grpc(
@@ -559,22 +548,15 @@ def test_a_hanging_issuer_denies_only_its_own_tokens_through_grpc(
 ) -> None:
     site.answers[OAUTH + TENANT] = "trickle"
     root = discovery_dir(tmp_path / "policies", issuer=site.issuer)
-    running = start_server(
-        Settings(address="127.0.0.1:0", policy_dir=root, threads=2, metrics_address="")
-    )
-    try:
-        with grpc.insecure_channel(f"127.0.0.1:{running.port}") as channel:
-            stub = pdp_pb2_grpc.PolicyDecisionServiceStub(channel)
-            wait_for(lambda: site.holding == 1, timeout=15, what="the held metadata request")
-            # acme's call waits for the discovery in flight at most its wait (1 s), then is
-            # denied.
-            answer = _check(stub, _token(KEY, site.issuer))
-            assert answer.effect == pdp_pb2.EFFECT_DENY
-            assert codes(answer) == [AUTHORIZATION_REQUIRED]
-            assert "signing keys are not available" in answer.reasons[0].message
-            assert _check(stub, "", "globex").effect == pdp_pb2.EFFECT_ALLOW
-            assert f"issuer {site.issuer} (auto discovery, no jwks_uri yet)" in (
-                _jwks_component(channel).detail
-            )
-    finally:
-        running.stop(grace=None)
+    with pdp_server(root) as (channel, stub):
+        wait_for(lambda: site.holding == 1, timeout=15, what="the held metadata request")
+        # acme's call waits for the discovery in flight at most its wait (1 s), then is
+        # denied.
+        answer = _check(stub, _token(KEY, site.issuer))
+        assert answer.effect == pdp_pb2.EFFECT_DENY
+        assert codes(answer) == [AUTHORIZATION_REQUIRED]
+        assert "signing keys are not available" in answer.reasons[0].message
+        assert _check(stub, "", "globex").effect == pdp_pb2.EFFECT_ALLOW
+        assert f"issuer {site.issuer} (auto discovery, no jwks_uri yet)" in (
+            _jwks_component(channel).detail
+        )

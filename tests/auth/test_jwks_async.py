@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import asyncio
 import gzip
-import http.server
 import statistics
 import subprocess
 import sys
@@ -35,6 +34,7 @@ from policy_engine.lifecycle import State, deadline_in
 from policy_engine.policy import CompiledPolicySet, PolicyLoadError, load_policy_set
 from policy_engine.server.app import start_server
 from policy_engine.store import DirectoryBackend
+from tests.auth.local_http import QuietHandler, serve
 from tests.auth.material import AUDIENCE, ISSUER, claims, ec_key, jwks, rsa_key
 from tests.cache.support import servicer_for, serving, settings, tuple_request
 from tests.cache.test_key_sets import codes, policy_dir, with_token
@@ -66,7 +66,7 @@ class Idp:
         self.released = threading.Event()
         owner = self
 
-        class Handler(http.server.BaseHTTPRequestHandler):
+        class Handler(QuietHandler):
             def do_GET(self) -> None:
                 owner.requests += 1
                 try:
@@ -79,7 +79,7 @@ class Idp:
                     owner.released.wait(HOLD_SECONDS)
                     return
                 if mode == "trickle":
-                    self._head(200, {"Content-Length": "100000"})
+                    self.head(200, {"Content-Length": "100000"})
                     until = time.monotonic() + HOLD_SECONDS
                     while not owner.released.is_set() and time.monotonic() < until:
                         self.wfile.write(b" ")
@@ -87,13 +87,13 @@ class Idp:
                         time.sleep(0.2)
                     return
                 if mode == "redirect":
-                    self._head(302, {"Location": "/elsewhere.json", "Content-Length": "0"})
+                    self.head(302, {"Location": "/elsewhere.json", "Content-Length": "0"})
                     return
                 if mode == "missing":
-                    self._head(404, {"Content-Length": "0"})
+                    self.head(404, {"Content-Length": "0"})
                     return
                 if mode == "endless":
-                    self._head(200, {})  # HTTP/1.0, no length: the body ends at close
+                    self.head(200, {})  # HTTP/1.0, no length: the body ends at close
                     for _ in range(48):
                         self.wfile.write(b" " * 32768)  # 1.5 MiB in all
                     return
@@ -104,27 +104,11 @@ class Idp:
                     "gzip": gzip.compress(owner.document.encode()),
                 }[mode]
                 extra = {"Content-Encoding": "gzip"} if mode == "gzip" else {}
-                self._head(200, {"Content-Length": str(len(body)), **extra})
+                self.head(200, {"Content-Length": str(len(body)), **extra})
                 self.wfile.write(body)
 
-            def _head(self, status: int, headers: dict[str, str]) -> None:
-                self.send_response(status)
-                self.send_header("Content-Type", "application/json")
-                for name, value in headers.items():
-                    self.send_header(name, value)
-                self.end_headers()
-                self.wfile.flush()
-
-            def log_message(self, *args: Any) -> None:
-                pass
-
-        class Server(http.server.ThreadingHTTPServer):
-            daemon_threads = True
-            block_on_close = False
-
-        self.server = Server(("127.0.0.1", 0), Handler)
-        self.url = f"http://127.0.0.1:{self.server.server_address[1]}/jwks.json"
-        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+        self.server, base = serve(Handler)
+        self.url = base + "/jwks.json"
 
     def close(self) -> None:
         self.released.set()
