@@ -152,6 +152,43 @@ class RedisServer:
     def running(self) -> bool:
         return self.process is not None and self.process.poll() is None
 
+    @contextlib.contextmanager
+    def frozen(self) -> Iterator[None]:
+        """The server stopped (SIGSTOP: connections stay open, nothing is answered) for the
+        block, continued (SIGCONT) after it, whatever happened: a hung Redis host."""
+        assert self.process is not None
+        os.kill(self.process.pid, signal.SIGSTOP)
+        try:
+            yield
+        finally:
+            os.kill(self.process.pid, signal.SIGCONT)
+
+
+def cluster_node(workdir: Path) -> RedisServer:
+    """A started one-node Redis Cluster owning every slot, its state ok (redis-py's
+    RedisCluster client then runs against it as against any cluster). Raises
+    RedisUnavailable when it does not become ok within START_TIMEOUT_S."""
+    import redis
+
+    server = RedisServer(
+        workdir,
+        free_port(with_cluster_bus=True),
+        "--cluster-enabled", "yes",
+        "--cluster-config-file", "nodes.conf",
+    ).start()  # fmt: skip
+    node = redis.Redis(port=server.port)
+    try:
+        node.execute_command("CLUSTER", "ADDSLOTSRANGE", "0", "16383")
+        deadline = time.monotonic() + START_TIMEOUT_S
+        while node.cluster("info").get("cluster_state") != "ok":
+            if time.monotonic() > deadline:
+                server.stop()
+                raise RedisUnavailable(f"the cluster on port {server.port} did not become ok")
+            time.sleep(0.05)
+    finally:
+        node.close()
+    return server
+
 
 @contextlib.contextmanager
 def redis_server(workdir: Path, *extra_args: str) -> Iterator[RedisServer]:

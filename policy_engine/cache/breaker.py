@@ -18,6 +18,8 @@ import time
 from collections.abc import Callable
 from enum import Enum
 
+from policy_engine.lifecycle import ComponentStatus, State
+
 
 class BreakerState(Enum):
     CLOSED = "closed"
@@ -47,6 +49,21 @@ class CircuitBreaker:
     @property
     def state(self) -> BreakerState:
         return self._state
+
+    def degraded(self, name: str, detail: str, meanwhile: str) -> ComponentStatus | None:
+        """Component `name`'s status while this breaker keeps Redis off the path (DEGRADED,
+        still ready; `detail` then the breaker's state, `meanwhile` what is done without
+        Redis, and when it probes), None while it is closed."""
+        state = self._state
+        if state is BreakerState.CLOSED:
+            return None
+        return ComponentStatus(
+            name,
+            State.DEGRADED,
+            True,
+            f"{detail}; Redis circuit breaker {state.value.replace('_', '-')}: {meanwhile}, "
+            f"probing every {self._reset:g}s",
+        )
 
     def allow(self) -> bool:
         """May a Redis call be made now? (In half-open, True means "you are the probe".)"""

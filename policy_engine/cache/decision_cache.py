@@ -466,15 +466,9 @@ class DecisionCache:
         detail = ", ".join(levels) + f"; {dropped} writes dropped"
         if self._stopped:
             return ComponentStatus(self.name, State.STOPPED, True, detail)
-        breaker = self.breaker.state
-        if breaker is not BreakerState.CLOSED:
-            return ComponentStatus(
-                self.name,
-                State.DEGRADED,
-                True,
-                f"{detail}; Redis circuit breaker {breaker.value.replace('_', '-')}: deciding "
-                f"without Redis, probing every {self.settings.breaker_reset_seconds:g}s",
-            )
+        degraded = self.breaker.degraded(self.name, detail, "deciding without Redis")
+        if degraded is not None:
+            return degraded
         running = self._started or (self._writer is not None and self._writer.started)
         return ComponentStatus(self.name, State.RUNNING if running else State.NEW, True, detail)
 

@@ -25,7 +25,14 @@ from collections.abc import Callable, Sequence
 
 from policy_engine.lifecycle import ComponentStatus, State
 from policy_engine.quota.counting import CounterId, counter_id, distinct, unavailable_all
-from policy_engine.quota.model import ADMITTED, UNAVAILABLE, Algorithm, Charge, Verdict
+from policy_engine.quota.model import (
+    ADMITTED,
+    UNAVAILABLE,
+    Algorithm,
+    Charge,
+    QuotaSpec,
+    Verdict,
+)
 
 DEFAULT_MAX_UNITS = 1_000_000  # buckets + sliding log entries: tens of MB at most
 
@@ -38,10 +45,26 @@ class _Fixed:
     """One fixed window's count; `end` is the window's end (epoch ms)."""
 
     __slots__ = ("count", "end")
+    units = 1  # a new one holds one unit, as its count does
 
-    def __init__(self, end: int) -> None:
-        self.end = end
+    def __init__(self, now: int, window_ms: int) -> None:
+        self.end = _window_end(now, window_ms)
         self.count = 0
+
+    def refusal(self, spec: QuotaSpec, now: int) -> Verdict | None:
+        """The verdict when the window is full, None when it has room. A window ahead of now
+        (the wall clock stepped back) keeps its count (fail closed)."""
+        if self.count < spec.limit or self.end < _window_end(now, spec.window_ms):
+            return None
+        return Verdict(False, spec, max(1, min(self.end - now, spec.window_ms)))
+
+    def add(self, now: int, window_ms: int) -> int:
+        """Count one ALLOW at `now`; returns the units it took (none)."""
+        end = _window_end(now, window_ms)
+        if self.end < end:  # the bucket's window has passed: a new window
+            self.end, self.count = end, 0
+        self.count += 1
+        return 0
 
     def expiry(self, now: int, window_ms: int) -> int:
         return self.end
@@ -51,8 +74,9 @@ class _Sliding:
     """The ALLOW times (epoch ms, oldest first) still inside the window."""
 
     __slots__ = ("log",)
+    units = 2  # a new one holds its bucket and its first entry
 
-    def __init__(self) -> None:
+    def __init__(self, now: int, window_ms: int) -> None:
         self.log: deque[int] = deque()
 
     def trim(self, now: int, window_ms: int) -> int:
@@ -63,8 +87,28 @@ class _Sliding:
             dropped += 1
         return dropped
 
+    def refusal(self, spec: QuotaSpec, now: int) -> Verdict | None:
+        """The verdict when the log is full (after `trim`), None when it has room. It frees
+        when enough entries leave to make room for one (a lowered limit can leave more than
+        `limit` inside the window)."""
+        log = self.log
+        if len(log) < spec.limit:
+            return None
+        freed_at = log[len(log) - spec.limit] + spec.window_ms
+        return Verdict(False, spec, max(1, min(freed_at - now, spec.window_ms)))
+
+    def add(self, now: int, window_ms: int) -> int:
+        """Log one ALLOW at `now`; returns the units it took (its entry)."""
+        self.log.append(now)
+        return 1
+
     def expiry(self, now: int, window_ms: int) -> int:
         return self.log[-1] + window_ms if self.log else now
+
+
+def _window_end(now: int, window_ms: int) -> int:
+    """The end of the fixed window holding `now` (windows are aligned to the epoch)."""
+    return now - now % window_ms + window_ms
 
 
 class InProcessQuotaStore:
@@ -113,68 +157,36 @@ class InProcessQuotaStore:
 
     def _item(self, charges: Sequence[Charge], now: int) -> Verdict:
         """Check every charge, then count all of them or none (under the lock)."""
+        found: list[tuple[Charge, CounterId, _Fixed | _Sliding | None]] = []
         needed = 0
         for charge in charges:
             spec = charge.spec
             key = counter_id(charge)
             bucket = self._buckets.get(key)
-            window = spec.window_ms
-            if spec.algorithm is Algorithm.FIXED:
-                end = now - now % window + window
-                if bucket is None:
-                    needed += 1
-                    continue
-                assert isinstance(bucket, _Fixed)
-                # A window ahead of this one (the wall clock stepped back) keeps its count.
-                if bucket.end >= end and bucket.count >= spec.limit:
-                    return Verdict(False, spec, max(1, min(bucket.end - now, window)))
-                continue
+            found.append((charge, key, bucket))
+            kind = _Fixed if spec.algorithm is Algorithm.FIXED else _Sliding
             if bucket is None:
-                needed += 2
+                needed += kind.units
                 continue
-            assert isinstance(bucket, _Sliding)
-            self.units -= bucket.trim(now, window)
-            log = bucket.log
-            if len(log) >= spec.limit:
-                # Frees when enough entries age out to leave room for one (a lowered limit
-                # can leave more than `limit` inside the window).
-                freed_at = log[len(log) - spec.limit] + window
-                return Verdict(False, spec, max(1, min(freed_at - now, window)))
-            needed += 1
+            if isinstance(bucket, _Sliding):
+                self.units -= bucket.trim(now, spec.window_ms)
+            refused = bucket.refusal(spec, now)
+            if refused is not None:
+                return refused
+            needed += kind.units - 1
         if self.units + needed > self._max_units:
             return UNAVAILABLE
-        for charge in charges:
-            self._count(charge, now)
+        for charge, key, bucket in found:
+            window = charge.spec.window_ms
+            if bucket is not None:
+                self.units += bucket.add(now, window)
+                continue
+            kind = _Fixed if charge.spec.algorithm is Algorithm.FIXED else _Sliding
+            new = self._buckets[key] = kind(now, window)
+            self._windows[key] = window
+            self.units += 1 + new.add(now, window)
+            heapq.heappush(self._heap, (new.expiry(now, window), key))
         return ADMITTED
-
-    def _count(self, charge: Charge, now: int) -> None:
-        spec = charge.spec
-        key = counter_id(charge)
-        bucket = self._buckets.get(key)
-        window = spec.window_ms
-        if spec.algorithm is Algorithm.FIXED:
-            end = now - now % window + window
-            if bucket is None:
-                bucket = self._new(key, _Fixed(end), window, end)
-            assert isinstance(bucket, _Fixed)
-            if bucket.end < end:  # the bucket's window has passed: a new window
-                bucket.end, bucket.count = end, 0
-            bucket.count += 1
-            return
-        if bucket is None:
-            bucket = self._new(key, _Sliding(), window, now + window)
-        assert isinstance(bucket, _Sliding)
-        bucket.log.append(now)
-        self.units += 1
-
-    def _new(
-        self, key: CounterId, bucket: _Fixed | _Sliding, window: int, expiry: int
-    ) -> _Fixed | _Sliding:
-        self._buckets[key] = bucket
-        self._windows[key] = window
-        heapq.heappush(self._heap, (expiry, key))
-        self.units += 1
-        return bucket
 
     def _drop_expired(self, now: int) -> None:
         """Drop the buckets whose window has passed; re-file the ones that moved on (a

@@ -309,7 +309,9 @@ class RedisQuotaStore:
     async def _pipeline(self, client: Any, groups: list[_Group]) -> list[object]:
         pipe = client.pipeline(transaction=False)
         for group in groups:
-            pipe.evalsha(SCRIPT_SHA, len(group.keys), *group.keys, *group.argv)
+            # execute_command: redis-py's cluster pipeline blocks its `evalsha` method (for
+            # scripts whose keys may span slots); ours are one organization's, one slot.
+            pipe.execute_command("EVALSHA", SCRIPT_SHA, len(group.keys), *group.keys, *group.argv)
         self.round_trips += 1
         return list(await pipe.execute(raise_on_error=False))
 
@@ -390,15 +392,9 @@ class RedisQuotaStore:
         detail = f"redis {self.redis.mode}, keys {self.prefix}:*"
         if self._stopped:
             return ComponentStatus(self.name, State.STOPPED, True, detail)
-        breaker = self.breaker.state
-        if breaker is not BreakerState.CLOSED:
-            return ComponentStatus(
-                self.name,
-                State.DEGRADED,
-                True,
-                f"{detail}; Redis circuit breaker {breaker.value.replace('_', '-')}: quotas "
-                f"unavailable, probing every {self._reset_seconds:g}s",
-            )
+        degraded = self.breaker.degraded(self.name, detail, "quotas unavailable")
+        if degraded is not None:
+            return degraded
         return ComponentStatus(
             self.name, State.RUNNING if self._started else State.NEW, True, detail
         )

@@ -3,12 +3,8 @@ that touches nothing, start, stop by a deadline (with Redis answering, and froze
 
 from __future__ import annotations
 
-import contextlib
-import os
-import signal
 import threading
 import time
-from collections.abc import Iterator
 
 import pytest
 from prometheus_client import REGISTRY
@@ -49,16 +45,6 @@ def _clients(server: RedisServer) -> int:
 
 def _dropped(reason: str) -> float:
     return REGISTRY.get_sample_value("pdp_cache_writes_dropped_total", {"reason": reason}) or 0.0
-
-
-@contextlib.contextmanager
-def frozen(server: RedisServer) -> Iterator[None]:
-    assert server.process is not None
-    os.kill(server.process.pid, signal.SIGSTOP)
-    try:
-        yield
-    finally:
-        os.kill(server.process.pid, signal.SIGCONT)
 
 
 def test_the_constructor_connects_nothing_and_starts_nothing(redis_server: RedisServer) -> None:
@@ -108,7 +94,7 @@ def test_stop_returns_by_its_deadline_when_redis_hangs(redis_server: RedisServer
     cache.put_many(_stores(1, "warm"), time.time())
     assert cache.flush(10)  # connected
     shutdown_before = _dropped("shutdown")
-    with frozen(redis_server):
+    with redis_server.frozen():
         cache.put_many(_stores(10), time.time())
         time.sleep(0.1)  # the writer sends them and waits for a reply that does not come
         started = time.monotonic()
@@ -127,7 +113,7 @@ def test_a_full_write_queue_drops_and_counts_without_blocking(redis_server: Redi
     cache.put_many(_stores(1, "warm"), time.time())
     assert cache.flush(10)
     full_before = _dropped("queue_full")
-    with frozen(redis_server):
+    with redis_server.frozen():
         cache.put_many(_stores(1, "stuck"), time.time())  # in flight, never answered
         time.sleep(0.1)
         writer = threading.Thread(

@@ -10,10 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import os
-import signal
 import time
-from collections.abc import Iterator
 from concurrent.futures import Future
 
 import grpc
@@ -50,17 +47,6 @@ def policies() -> CompiledPolicySet:
     return load_policy_set(EXAMPLE_POLICIES)
 
 
-@contextlib.contextmanager
-def frozen(server: RedisServer) -> Iterator[None]:
-    """The redis-server stopped (SIGSTOP: connections stay open, nothing is answered)."""
-    assert server.process is not None
-    os.kill(server.process.pid, signal.SIGSTOP)
-    try:
-        yield
-    finally:
-        os.kill(server.process.pid, signal.SIGCONT)
-
-
 def _late() -> float:
     return sum(_sample("pdp_deadline_exceeded_total", stage=s) for s in ("queued", "cache"))
 
@@ -89,7 +75,7 @@ def test_a_stopped_redis_costs_a_50ms_caller_its_deadline_and_nobody_else_anythi
             expected = answer(stub.Check(known, timeout=10))  # now a local hit; Redis connected
             assert stub.Check(known, timeout=10).cache_level == LOCAL
             decided_before, late_before = _decisions(), _late()
-            with frozen(redis_server):
+            with redis_server.frozen():
                 stopped = time.monotonic()
                 futures = [stub.Check.future(msg, timeout=0.05) for msg in waiting]
                 # While those wait on Redis, callers that need nothing from it are answered
@@ -160,7 +146,7 @@ def test_hundreds_of_calls_behind_a_stopped_redis_keep_their_deadlines_and_healt
             stub = pdp_pb2_grpc.PolicyDecisionServiceStub(channel)
             health = health_pb2_grpc.HealthStub(channel)
             stub.Check(known, timeout=10)  # a local hit from now on; Redis connected
-            with frozen(redis_server):
+            with redis_server.frozen():
                 pending: Future[list[tuple[str, float]]] = asyncio.run_coroutine_threadsafe(
                     all_of_them(), event_loop().loop
                 )
@@ -190,7 +176,7 @@ def test_a_cancelled_redis_command_never_leaves_its_reply_for_the_next(
 
     async def scenario() -> tuple[bytes | None, bytes | None]:
         await backend.set_many([("k1", b"v1", 60_000), ("k2", b"v2", 60_000)])
-        with frozen(redis_server):
+        with redis_server.frozen():
             command = asyncio.ensure_future(backend.get("k1"))
             await asyncio.sleep(0.2)  # GET k1 is sent; its reply waits in the frozen server
             assert not command.done()

@@ -5,14 +5,12 @@ Counted with Redis' own `INFO commandstats`, on a real redis-server.
 
 from __future__ import annotations
 
-import time
 from pathlib import Path
 
 import pytest
-import redis
 
 from policy_engine.api import pdp_pb2
-from policy_engine.bench.redis_server import RedisServer, free_port
+from policy_engine.bench.redis_server import RedisServer, cluster_node
 from policy_engine.policy import CompiledPolicySet, load_policy_set
 from tests.cache.support import (
     LOCAL,
@@ -146,19 +144,8 @@ def test_redis_with_a_password(
 
 def test_redis_cluster_mode(policies: CompiledPolicySet, tmp_path: Path) -> None:
     """A one-node cluster owning every slot: redis-py's RedisCluster, mget_nonatomic."""
-    server = RedisServer(
-        tmp_path / "cluster",
-        free_port(with_cluster_bus=True),
-        "--cluster-enabled", "yes",
-        "--cluster-config-file", "nodes.conf",
-    ).start()  # fmt: skip
+    server = cluster_node(tmp_path / "cluster")
     try:
-        node = redis.Redis(port=server.port)
-        node.execute_command("CLUSTER", "ADDSLOTSRANGE", "0", "16383")
-        deadline = time.monotonic() + 10
-        while node.cluster("info").get("cluster_state") != "ok":
-            assert time.monotonic() < deadline, "cluster did not become ok"
-            time.sleep(0.05)
         config = settings(server, redis_mode="cluster", local_max_entries=0)
         writer, reader = servicer_for(policies, config), servicer_for(policies, config)
         batch = _batch(10)
