@@ -25,6 +25,7 @@ of each of its refreshes, on the event loop: it never blocks a load or another o
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import time
@@ -144,7 +145,11 @@ class IssuerMetadata:
         problems: list[str] = []
         for url in metadata_urls(self.issuer, self.mode):
             try:
-                jwks_uri = parse_metadata(await fetch(url, timeout), self.issuer)
+                data = await fetch(url, timeout)
+                # Up to 1 MiB of JSON: parsed off the loop that answers every organization.
+                jwks_uri = await asyncio.get_running_loop().run_in_executor(
+                    None, parse_metadata, data, self.issuer
+                )
             except (JwksFetchError, DiscoveryError) as exc:
                 problems.append(f"{url}: {exc}")
                 continue
