@@ -56,26 +56,32 @@ log = logging.getLogger(__name__)
 # After the stop deadline: time for the connections to close.
 _STOP_SLACK_SECONDS = 1.0
 
-# ARGV: the item count, then per item its charge count, then per charge: the index of its key
-# in KEYS (1-based), "f" or "s", the limit, the window in ms. Counts are decimal strings of at
-# most 15 digits (a Lua number holds them exactly); anything else at a fixed counter's key is
-# garbage. The time: TIME's seconds and microseconds, so every replica agrees.
+# ARGV[1], one comma-separated string (one argument, not hundreds: encoding each argument is
+# most of a large batch's client-side cost): the item count, then per item its charge count,
+# then per charge: the index of its key in KEYS (1-based), "f" or "s", the limit, the window in
+# ms. The reply is one string too: "code,wait" per item, comma-separated. A fixed counter holds
+# a decimal count of at most 15 digits (a Lua number holds it exactly); anything else at its
+# key is garbage. The time: TIME's seconds and microseconds, so every replica agrees.
 SCRIPT = """
+local argv = {}
+for token in string.gmatch(ARGV[1], '[^,]+') do
+  argv[#argv + 1] = token
+end
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 local stamp = t[1] .. string.format('%06d', tonumber(t[2]))
 local out = {}
 local pos = 2
-for _ = 1, tonumber(ARGV[1]) do
-  local count = tonumber(ARGV[pos])
+for _ = 1, tonumber(argv[1]) do
+  local count = tonumber(argv[pos])
   pos = pos + 1
   local first = pos
   local code, wait = 0, 0
   for j = 1, count do
-    local key = KEYS[tonumber(ARGV[pos])]
-    local limit = tonumber(ARGV[pos + 2])
-    local window = tonumber(ARGV[pos + 3])
-    if ARGV[pos + 1] == 's' then
+    local key = KEYS[tonumber(argv[pos])]
+    local limit = tonumber(argv[pos + 2])
+    local window = tonumber(argv[pos + 3])
+    if argv[pos + 1] == 's' then
       local oldest = string.format('%d', now - window)
       local trimmed = redis.pcall('ZREMRANGEBYSCORE', key, '-inf', oldest)
       if type(trimmed) == 'table' and trimmed.err then
@@ -84,7 +90,10 @@ for _ = 1, tonumber(ARGV[1]) do
         local size = redis.call('ZCARD', key)
         if size >= limit then
           local entry = redis.call('ZRANGE', key, size - limit, size - limit, 'WITHSCORES')
-          code, wait = j, tonumber(entry[2]) + window - now
+          -- Whole ms within [1, window]: a score someone else wrote may be fractional,
+          -- in the future, or inf.
+          local frees = math.floor(tonumber(entry[2]) + window - now)
+          code, wait = j, math.max(1, math.min(window, frees))
         end
       end
     else
@@ -108,9 +117,9 @@ for _ = 1, tonumber(ARGV[1]) do
   if code == 0 then
     for j = 0, count - 1 do
       local at = first + 4 * j
-      local key = KEYS[tonumber(ARGV[at])]
-      local window = tonumber(ARGV[at + 3])
-      if ARGV[at + 1] == 's' then
+      local key = KEYS[tonumber(argv[at])]
+      local window = tonumber(argv[at + 3])
+      if argv[at + 1] == 's' then
         local size = redis.call('ZCARD', key)
         redis.call('ZADD', key, string.format('%d', now), stamp .. ':' .. size)
         redis.call('PEXPIREAT', key, string.format('%d', now + window))
@@ -123,7 +132,7 @@ for _ = 1, tonumber(ARGV[1]) do
   out[#out + 1] = code
   out[#out + 1] = wait
 end
-return out
+return table.concat(out, ',')
 """
 SCRIPT_SHA = hashlib.sha1(SCRIPT.encode()).hexdigest()  # how Redis names a script (EVALSHA)
 
@@ -153,17 +162,18 @@ def counter_key(prefix: str, charge: Charge) -> str | None:
 
 @dataclasses.dataclass(slots=True)
 class _Group:
-    """The items one script counts: KEYS (distinct keys), ARGV, and the items' indices."""
+    """The items one script counts: KEYS (distinct keys), ARGV[1]'s tokens after the item
+    count, and the items' indices."""
 
     keys: list[str] = dataclasses.field(default_factory=list)
-    argv: list[str | int] = dataclasses.field(default_factory=lambda: [0])
+    tokens: list[str] = dataclasses.field(default_factory=list)
     items: list[int] = dataclasses.field(default_factory=list)
     charges: list[list[Charge]] = dataclasses.field(default_factory=list)
     _index: dict[str, int] = dataclasses.field(default_factory=dict)
 
     def add(self, item: int, charges: list[Charge], keys: list[str]) -> None:
-        argv = self.argv
-        argv.append(len(charges))
+        tokens = self.tokens
+        tokens.append(str(len(charges)))
         for charge, key in zip(charges, keys, strict=True):
             index = self._index.get(key)
             if index is None:
@@ -171,21 +181,24 @@ class _Group:
                 index = self._index[key] = len(self.keys)
             spec = charge.spec
             kind = "f" if spec.algorithm is Algorithm.FIXED else "s"
-            argv += (index, kind, spec.limit, spec.window_ms)
-        argv[0] = int(argv[0]) + 1
+            tokens.append(f"{index},{kind},{spec.limit},{spec.window_ms}")
         self.items.append(item)
         self.charges.append(charges)
 
     def verdicts(self, reply: object) -> list[Verdict] | None:
         """The script's reply as one verdict per item, None when it is not a well-formed
         reply for these items (then they are all unavailable)."""
-        if not isinstance(reply, list) or len(reply) != 2 * len(self.items):
+        if not isinstance(reply, bytes) or len(reply) > 64 * len(self.items):
+            return None
+        try:
+            numbers = [int(token) for token in reply.split(b",")]
+        except ValueError:
+            return None
+        if len(numbers) != 2 * len(self.items):
             return None
         found = []
         for position, charges in enumerate(self.charges):
-            code, wait = reply[2 * position], reply[2 * position + 1]
-            if not isinstance(code, int) or not isinstance(wait, int):
-                return None
+            code, wait = numbers[2 * position], numbers[2 * position + 1]
             if code == 0:
                 found.append(ADMITTED)
             elif code == _UNAVAILABLE_CODE:
@@ -311,7 +324,8 @@ class RedisQuotaStore:
         for group in groups:
             # execute_command: redis-py's cluster pipeline blocks its `evalsha` method (for
             # scripts whose keys may span slots); ours are one organization's, one slot.
-            pipe.execute_command("EVALSHA", SCRIPT_SHA, len(group.keys), *group.keys, *group.argv)
+            argv = f"{len(group.items)}," + ",".join(group.tokens)
+            pipe.execute_command("EVALSHA", SCRIPT_SHA, len(group.keys), *group.keys, argv)
         self.round_trips += 1
         return list(await pipe.execute(raise_on_error=False))
 

@@ -149,14 +149,19 @@ def test_a_wrong_type_at_a_counter_key_is_unavailable(
     admin.close()
 
 
+@pytest.mark.parametrize(
+    "score",
+    [time.time() * 1000 + 10**12 + 0.5, float("inf"), 1e300, time.time() * 1000 + 0.25],
+    ids=["future-fractional", "inf", "huge", "now-fractional"],
+)
 def test_an_allow_dated_in_the_future_never_promises_a_wait_past_the_window(
-    shared_redis: RedisServer,
+    shared_redis: RedisServer, score: float
 ) -> None:
     quota = spec(limit=1, window_ms=5000, algorithm=SLIDING)
     key = counter_key("pdp:quota", charge(quota))
     assert key
     admin = redis.Redis(port=shared_redis.port)
-    admin.zadd(key, {"planted": time.time() * 1000 + 10**12})
+    admin.zadd(key, {"planted": score})
     store = redis_store(shared_redis.url)
     try:
         refused = consume(store, [[charge(quota)]])[0]
