@@ -435,7 +435,9 @@ class Decider:
             decisions = self._decide(
                 items, ids, keys, hits, policies, now, now_ts, started, deadline
             )
-            if policies.has_quotas:  # no quota anywhere: nothing to count, no store call
+            # No quota anywhere: nothing to count, no store call. A source that cannot say
+            # (not a compiled set) is looked at: its ALLOWs must not go uncounted.
+            if getattr(policies, "has_quotas", True):
                 await self._count_quotas(decisions, policies, deadline)
         for observer in self.observers:
             observer.observe(decisions)
@@ -448,22 +450,28 @@ class Decider:
         match is counted, all in one `consume` call bounded by `deadline`; the ones not
         admitted are answered anew (`enforce`) in place. Raises DeadlineExceeded ("quota")
         when the deadline passed while the store could not answer."""
-        organizations = policies.organizations
-        charged: list[tuple[int, tuple[Charge, ...]]] = []
-        for index, outcome in enumerate(decisions.outcomes):
-            if outcome.effect != _ALLOW:
-                continue
-            item = outcome.item
-            organization = organizations.get(item.organization)
-            if organization is None or not organization.quotas:
-                continue
-            charges = organization.quotas.charges(
-                _quota_subject(outcome), item.application.id, item.integration.id, item.scope
+        allowed = [i for i, outcome in enumerate(decisions.outcomes) if outcome.effect == _ALLOW]
+        if not allowed:
+            return
+        try:
+            charged = self._charges(decisions, allowed, policies)
+        except Exception:  # a bug: no ALLOW may stand uncounted
+            log.exception(
+                "finding the quotas of a call failed; denying its ALLOWs",
+                extra=_call_fields(
+                    [o.item for o in decisions.outcomes],
+                    [o.decision_id for o in decisions.outcomes],
+                ),
             )
-            if charges:
-                charged.append((index, charges))
+            for index in allowed:
+                outcome = decisions.outcomes[index]
+                request, decision = self._allowed(outcome)
+                failed = self._server_error(decision.revision)
+                self._answer_anew(decisions, index, request, failed)
+            return
         if not charged:
             return
+        organizations = policies.organizations
         verdicts = await self._consume([charges for _, charges in charged], deadline)
         if (
             deadline is not None
@@ -481,6 +489,26 @@ class Decider:
             denied = enforce(decision, charges, verdict, organization.quotas)
             if denied is not None:
                 self._answer_anew(decisions, index, request, denied)
+
+    @staticmethod
+    def _charges(
+        decisions: Decisions, allowed: list[int], policies: CompiledPolicySet
+    ) -> list[tuple[int, tuple[Charge, ...]]]:
+        """(index, charges) of each ALLOW in `allowed` that its organization's quotas match."""
+        organizations = policies.organizations
+        charged: list[tuple[int, tuple[Charge, ...]]] = []
+        for index in allowed:
+            outcome = decisions.outcomes[index]
+            item = outcome.item
+            organization = organizations.get(item.organization)
+            if organization is None or not organization.quotas:
+                continue
+            charges = organization.quotas.charges(
+                _quota_subject(outcome), item.application.id, item.integration.id, item.scope
+            )
+            if charges:
+                charged.append((index, charges))
+        return charged
 
     async def _consume(
         self, items: list[tuple[Charge, ...]], deadline: float | None

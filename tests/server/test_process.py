@@ -39,8 +39,8 @@ from tests.store.support import (
 SERVING = health_pb2.HealthCheckResponse.SERVING
 NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
 COMPONENTS = [
-    "event_loop", "audit", "cache", "jwks", "policy_store", "grpc_server", "health_server",
-    "metrics",
+    "event_loop", "audit", "cache", "quota", "jwks", "policy_store", "grpc_server",
+    "health_server", "metrics",
 ]  # fmt: skip
 
 
