@@ -212,6 +212,7 @@ def check_request(
     subject_kind: str = "user",
     subject_attributes: Mapping[str, Any] | None = None,
     access_token: str = "",
+    subject_namespace: str = "",
     application_attributes: Mapping[str, Any] | None = None,
     integration_attributes: Mapping[str, Any] | None = None,
     connected: bool | None = None,
@@ -224,7 +225,9 @@ def check_request(
 ) -> pdp_pb2.CheckRequest:
     """A CheckRequest from plain values, carried exactly or refused.
 
-    `subject_kind`: user | service_account | external_user. `connected`: None = not known to
+    `subject_kind`: user | service_account | external_user; `subject_namespace`: for an
+    external user, the IdentityMapping namespace of its ID ("": the application's only
+    one). `connected`: None = not known to
     the broker. `time`: a timezone-aware datetime, the instant to decide at (None: the
     server's clock). Attribute values: see `attributes_struct`.
 
@@ -247,6 +250,7 @@ def check_request(
             kind=kind,
             attributes=attributes_struct(subject_attributes, "subject.attributes"),
             access_token=_text(access_token, "subject.access_token"),
+            namespace=_text(subject_namespace, "subject.namespace"),
         ),
         application=pdp_pb2.Application(
             id=_text(application, "application.id"),

@@ -11,9 +11,16 @@ I-JSON (RFC 7493: no NaN or Infinity, no repeated member names, no unpaired surr
 integers within 64 bits, finite numbers), nested at most `MAX_CLAIM_DEPTH` levels; NumericDate
 claims (`exp`, `nbf`, `iat`, RFC 7519 section 2) are numbers from 0 to 9999-12-31T00:00:00Z;
 `iss`, `sub` and `jti` are strings and `aud` a string or an array of strings (RFC 7519 section
-4.1). A token that breaks any of these is refused with a reason naming the claim and what is
-wrong with it, so no claim value can make the time arithmetic, a cache expiry, a CEL condition
-or an answer's encoding fail later.
+4.1); `act` (RFC 8693 section 4.1), when present, is an object whose nested `act` is one too,
+at most `MAX_ACTORS` deep. A token that breaks any of these is refused with a reason naming the
+claim and what is wrong with it, so no claim value can make the time arithmetic, a cache
+expiry, a CEL condition or an answer's encoding fail later.
+
+A verified token is bound to its application: the claim the organization names
+(`application_claim`: `client_id`, RFC 9068 section 2.2, by default; or `azp`, OpenID Connect
+Core section 2) must be the presenting application's ID. For an external user ("userId
+mode"), the token's `sub` must be the person the organization's identity mapping maps the
+external ID to, and the `external_subject_claim`, when set, the external ID itself.
 
 Reasons say what failed; they never contain key material or the token.
 """
@@ -44,7 +51,15 @@ MAX_CLAIM_DEPTH = 32  # objects and arrays inside the claims set, counting the s
 MIN_NUMERIC_DATE = 0
 MAX_NUMERIC_DATE = 253_402_214_400
 _INT64_MIN, _INT64_MAX = -(1 << 63), (1 << 63) - 1
+# RFC 8693 section 4.1 delegation chains deeper than this are refused as malformed: a real
+# chain of agents acting for agents is a few links long.
+MAX_ACTORS = 8
+# What `tokens.application_claim` may name: the claim carrying the application a token was
+# issued to (RFC 9068 section 2.2; OpenID Connect Core 1.0 section 2), or no binding.
+APPLICATION_CLAIMS: tuple[str, ...] = ("client_id", "azp", "none")
+DEFAULT_APPLICATION_CLAIM = "client_id"
 _NO_CLAIMS: Mapping[str, Any] = MappingProxyType({})
+_NO_ACTORS: tuple[Mapping[str, Any], ...] = ()
 _JWS: PyJWS | None = None  # see _jws()
 _NO_SIGNATURE = {"verify_signature": False}
 
@@ -61,6 +76,9 @@ class TokenRules:
     required: bool = False  # a request without a token is refused
     # For external user IDs ("userId mode"): the claim that carries the external ID.
     external_subject_claim: str | None = None
+    # The claim naming the application a token was issued to, which must be the one that
+    # presents it; None: tokens are not bound to applications (`application_claim: none`).
+    application_claim: str | None = DEFAULT_APPLICATION_CLAIM
 
 
 UNVERIFIED = TokenRules()
@@ -76,6 +94,9 @@ class TokenCheck:
     changes_at: datetime | None
     # Verified claims, shown to CEL as subject.claims; empty unless the signature was verified.
     claims: Mapping[str, Any] = field(default_factory=lambda: _NO_CLAIMS)
+    # The verified delegation chain (RFC 8693 `act`), current actor first, each without its
+    # nested `act`: CEL's subject.actors. Empty unless the signature was verified.
+    actors: tuple[Mapping[str, Any], ...] = _NO_ACTORS
 
 
 def _malformed(problem: str) -> TokenCheck:
@@ -204,7 +225,29 @@ def parse_claims(payload: bytes) -> dict[str, Any]:
         isinstance(audience, list) and all(isinstance(a, str) for a in audience)
     ):
         raise ValueError("claim 'aud' is not a string or an array of strings (RFC 7519 4.1.3)")
+    actor_chain(claims)  # a malformed `act` refuses the token in both modes
     return claims
+
+
+def actor_chain(claims: Mapping[str, Any]) -> tuple[Mapping[str, Any], ...]:
+    """The delegation chain of RFC 8693 section 4.1: the outermost `act` (the current actor)
+    first, then each prior actor from its nested `act`, each as its claims without `act`.
+    Empty without `act`. Raises ValueError naming the claim (`act`, `act.act`, ...) when one
+    is not a JSON object or the chain is longer than MAX_ACTORS."""
+    actors: list[Mapping[str, Any]] = []
+    current: Any = claims
+    name = "act"
+    while "act" in current:
+        actor = current["act"]
+        if not isinstance(actor, dict):
+            raise ValueError(f"claim {name!r} is not a JSON object (RFC 8693 section 4.1)")
+        if len(actors) == MAX_ACTORS:
+            raise ValueError(
+                f"claim {_shown(name, 60)} nests more than {MAX_ACTORS} actors (RFC 8693 4.1)"
+            )
+        actors.append(MappingProxyType({k: v for k, v in actor.items() if k != "act"}))
+        current, name = actor, f"{name}.act"
+    return tuple(actors)
 
 
 # -- time -------------------------------------------------------------------------------------
@@ -326,22 +369,54 @@ def _audience_matches(claim: Any, audience: str) -> bool:
 
 
 def _subject_problem(
-    claims: Mapping[str, Any], subject_id: str, kind: SubjectKind, rules: TokenRules
+    claims: Mapping[str, Any],
+    subject_id: str,
+    kind: SubjectKind,
+    rules: TokenRules,
+    external_id: str,
 ) -> str | None:
+    """For a user, `sub` must be `subject_id`; for an external user, `subject_id` is the
+    person the identity mapping maps `external_id` to: `sub` must be that person, and the
+    `external_subject_claim`, when the organization names one, the external ID."""
     if kind is SubjectKind.EXTERNAL_USER:
         name = rules.external_subject_claim
-        if name is None:
+        if name is not None:
+            if name in claims and not isinstance(claims[name], str):
+                return f"the access token is malformed: claim {name!r} is not a string"
+            if claims.get(name) != external_id:
+                return f"the access token's '{name}' claim does not match the external user ID"
+        if claims.get("sub") != subject_id:
             return (
-                "external user IDs need an identity mapping "
-                "(tokens.external_subject_claim) for this organization"
+                "the access token's subject ('sub') is not the person the external user ID maps to"
             )
-        if name in claims and not isinstance(claims[name], str):
-            return f"the access token is malformed: claim {name!r} is not a string"
-        if claims.get(name) != subject_id:
-            return f"the access token's '{name}' claim does not match the subject"
         return None
     if claims.get("sub") != subject_id:
         return "the access token's subject ('sub') does not match the subject"
+    return None
+
+
+def _application_problem(
+    claims: Mapping[str, Any], application_id: str, rules: TokenRules
+) -> str | None:
+    """The token must have been issued to the presenting application (RFC 9068 section 2.2
+    `client_id`, or OIDC `azp`): a token leaked to, or shared with, another application is
+    refused. The reason names the application the token belongs to, quoted and cut short."""
+    name = rules.application_claim
+    if name is None:
+        return None
+    if name not in claims:
+        return (
+            f"the access token does not say which application it was issued to (no {name!r} "
+            f"claim), and organization tokens are bound to their application"
+        )
+    holder = claims[name]
+    if not isinstance(holder, str):
+        return f"the access token is malformed: claim {name!r} is not a string"
+    if not application_id or holder != application_id:
+        return (
+            f"the access token was issued to application {_shown(holder, 80)}, "
+            f"not to {_shown(application_id, 80)} ({name!r} claim)"
+        )
     return None
 
 
@@ -351,8 +426,13 @@ def check_token(
     rules: TokenRules = UNVERIFIED,
     subject_id: str = "",
     kind: SubjectKind = SubjectKind.USER,
+    *,
+    application_id: str,
+    external_id: str = "",
 ) -> TokenCheck:
-    """What `token` means for a decision at `now` under the organization's `rules`.
+    """What `token` means for a decision at `now` under the organization's `rules`, presented
+    by application `application_id` for `subject_id` (for an external user: the person
+    `external_id` maps to).
 
     Never raises: every problem, including any malformed claim value, is a `TokenCheck` whose
     `problem` names the cause (the engine answers it with kontext_authorization_required).
@@ -381,7 +461,9 @@ def check_token(
         return TokenCheck("the access token is from the wrong issuer", None)
     if rules.audience is not None and not _audience_matches(claims.get("aud"), rules.audience):
         return TokenCheck("the access token is for the wrong audience", None)
-    problem = _subject_problem(claims, subject_id, kind, rules)
+    problem = _subject_problem(claims, subject_id, kind, rules, external_id) or (
+        _application_problem(claims, application_id, rules)
+    )
     if problem is not None:
         return TokenCheck(problem, None)
-    return TokenCheck(None, timing.changes_at, MappingProxyType(claims))
+    return TokenCheck(None, timing.changes_at, MappingProxyType(claims), actor_chain(claims))

@@ -109,6 +109,7 @@ _FLAGS_BY_FIELD = (
     ("integration.attributes", "--integration-attr"),
     ("subject.access_token", "--token"),
     ("subject.kind", "--subject-kind"),
+    ("subject.namespace", "--subject-namespace"),
     ("subject.id", "--subject"),
     ("application.id", "--application"),
     ("integration.id", "--integration"),
@@ -142,6 +143,7 @@ def build_message(args: argparse.Namespace) -> pdp_pb2.CheckRequest:
             subject_kind=args.subject_kind,
             subject_attributes=_parse_pairs(args.subject_attr, "--subject-attr"),
             access_token=args.token or "",
+            subject_namespace=args.subject_namespace or "",
             application_attributes=_parse_pairs(args.application_attr, "--application-attr"),
             integration_attributes=_parse_pairs(args.integration_attr, "--integration-attr"),
             context=context,
@@ -170,8 +172,10 @@ def request_message(
     context: dict[str, Any],
     time: datetime | None,
     explain: bool,
+    subject_namespace: str = "",
 ) -> pdp_pb2.CheckRequest:
-    """The CheckRequest for one tuple, as `pdp eval` and `pdp test` build it. `context` (not
+    """The CheckRequest for one tuple, as `pdp eval` and `pdp test` build it (and `pdp
+    replay` rebuilds it). `subject_namespace`: an external user ID's namespace. `context` (not
     modified) knows `connection` (active | absent | unknown, or a bool), `client_ip` and
     `session_id`; any other key becomes `context.attributes`.
 
@@ -196,6 +200,7 @@ def request_message(
         subject_kind=subject_kind,
         subject_attributes=subject_attributes,
         access_token=access_token,
+        subject_namespace=subject_namespace,
         application_attributes=application_attributes,
         integration_attributes=integration_attributes,
         connected=_CONNECTED[connection],
@@ -595,6 +600,11 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--subject", required=True)
     evaluate.add_argument(
         "--subject-kind", default=SubjectKind.USER.value, choices=[k.value for k in SubjectKind]
+    )
+    evaluate.add_argument(
+        "--subject-namespace",
+        metavar="NAMESPACE",
+        help="an external_user's IdentityMapping namespace (default: the application's only one)",
     )
     evaluate.add_argument("--application", required=True)
     evaluate.add_argument("--integration", required=True)

@@ -104,6 +104,9 @@ class Decision:
     valid_until: datetime | None = None
     # False when a policy opted out of caching, or for validation failures.
     cacheable: bool = True
+    # For an external user ID: the person (IdP user ID) it maps to, whom the policies decided
+    # for; "" for other kinds or when the ID could not be mapped.
+    mapped_subject_id: str = ""
 
     @property
     def allowed(self) -> bool:

@@ -28,6 +28,9 @@ class Subject:
     attributes: Mapping[str, Any] = field(default_factory=dict)
     # Never logged or echoed; verified claims (a later issue) are exposed instead.
     access_token: str = field(default="", repr=False)
+    # For EXTERNAL_USER: the IdentityMapping namespace of the external ID ("" = the
+    # application's only one); empty for other kinds (validation refuses it otherwise).
+    namespace: str = ""
 
 
 @dataclass(frozen=True, slots=True)

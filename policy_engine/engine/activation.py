@@ -7,8 +7,11 @@ from datetime import datetime
 from typing import Any
 
 from policy_engine.cel import Declarations
-from policy_engine.cel.types import BOOL, DYN, STRING, TIMESTAMP, map_of, record
+from policy_engine.cel.types import BOOL, DYN, STRING, TIMESTAMP, list_of, map_of, record
 from policy_engine.domain.request import CheckRequest, ConnectionState
+
+_NO_ACTORS: tuple[Mapping[str, Any], ...] = ()
+_NOT_EXTERNAL: Mapping[str, str] = {"id": "", "namespace": ""}
 
 # Attributes and claims are whatever the broker and the token send: dynamic values, checked
 # when a rule reads them (a wrong type fails closed at evaluation).
@@ -19,7 +22,17 @@ _ATTRIBUTES = map_of(STRING, DYN)
 CEL_DECLARATIONS = Declarations.typed(
     {
         "organization": STRING,
-        "subject": record(id=STRING, kind=STRING, attributes=_ATTRIBUTES, claims=_ATTRIBUTES),
+        # For an external user, `id` is the person the external ID maps to and `external`
+        # holds the external ID and its namespace (empty strings for other kinds); `actors`
+        # is the verified token's delegation chain (RFC 8693 `act`), current actor first.
+        "subject": record(
+            id=STRING,
+            kind=STRING,
+            attributes=_ATTRIBUTES,
+            claims=_ATTRIBUTES,
+            actors=list_of(_ATTRIBUTES),
+            external=record(id=STRING, namespace=STRING),
+        ),
         "application": record(id=STRING, attributes=_ATTRIBUTES),
         "integration": record(id=STRING, attributes=_ATTRIBUTES),
         "scope": STRING,
@@ -36,9 +49,15 @@ CEL_DECLARATIONS = Declarations.typed(
 
 
 def build_activation(
-    request: CheckRequest, now: datetime, claims: Mapping[str, Any]
+    request: CheckRequest,
+    now: datetime,
+    claims: Mapping[str, Any],
+    actors: tuple[Mapping[str, Any], ...] = _NO_ACTORS,
+    external: Mapping[str, str] = _NOT_EXTERNAL,
 ) -> dict[str, Any]:
-    """Converted once per request and shared by every rule that runs for it."""
+    """Converted once per request and shared by every rule that runs for it. `request` is
+    the one decided (for an external user, with the person's ID as subject ID); `external`
+    is {"id", "namespace"} of the external user ID, empty strings for other kinds."""
     context = request.context
     return {
         "organization": request.organization,
@@ -47,6 +66,8 @@ def build_activation(
             "kind": request.subject.kind.value,
             "attributes": request.subject.attributes,
             "claims": claims,  # only ever claims whose signature was verified
+            "actors": list(actors),  # from verified claims only, as `claims`
+            "external": external,
         },
         "application": {"id": request.application.id, "attributes": request.application.attributes},
         "integration": {"id": request.integration.id, "attributes": request.integration.attributes},

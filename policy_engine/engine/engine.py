@@ -2,7 +2,7 @@
 
 It takes an immutable compiled policy set, a request and the time, and returns a decision:
 1. built-in checks no policy can switch off (validation, organization, service accounts,
-   catalog, token, connection);
+   catalog, external identity mapping, token, connection);
 2. the org, user and application layers: each layer allows or denies; a request is allowed
    only if all three allow. Inside a layer a matching deny beats a matching allow; a layer in
    which no rule matches gives its default; a condition that fails to evaluate never allows.
@@ -10,7 +10,7 @@ It takes an immutable compiled policy set, a request and the time, and returns a
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import datetime
 from typing import Any
 
@@ -38,8 +38,10 @@ from policy_engine.policy.compiled import (
     CompiledRule,
     LayerIndex,
 )
+from policy_engine.policy.identities import Refused
 
 BUILTIN_POLICY = "builtin"
+_NOT_EXTERNAL = {"id": "", "namespace": ""}
 DEFAULT_RULE = "default"
 _DEFAULT_LIMITS = RequestLimits()
 
@@ -55,8 +57,35 @@ def _system_reason(code: ErrorCode, rule: str, message: str, field: str = "") ->
     )
 
 
+# External user IDs ("userId mode"): the application may not act for external users (there),
+# and the ID is not linked to a person. See README, "External identity mapping", for the codes.
+EXTERNAL_USER_MODE_RULE = "external-user-mode-allowed"
+EXTERNAL_USER_MAPPED_RULE = "external-user-mapped"
+
+
+def _identity_reason(refused: Refused) -> Reason:
+    """The deny for an external user ID the organization's mappings do not resolve: an
+    application outside the namespace is refused like any unauthorized application
+    (kontext_policy_denied: the organization decided it may not use userId mode); an ID with
+    no mapping is a person who has not linked it yet (kontext_authorization_required: the
+    broker's remedy is to send them through sign-in, as for a missing token)."""
+    if refused.mode_allowed:
+        return _system_reason(
+            ErrorCode.AUTHORIZATION_REQUIRED,
+            EXTERNAL_USER_MAPPED_RULE,
+            refused.message,
+            "subject.id",
+        )
+    return _system_reason(
+        ErrorCode.POLICY_DENIED, EXTERNAL_USER_MODE_RULE, refused.message, "subject.namespace"
+    )
+
+
 def _builtin_reasons(
-    request: CheckRequest, organization: CompiledOrganization, token_check: TokenCheck | None
+    request: CheckRequest,
+    organization: CompiledOrganization,
+    token_check: TokenCheck | None,
+    identity: Reason | None,
 ) -> list[Reason]:
     reasons: list[Reason] = []
     if request.subject.kind is SubjectKind.SERVICE_ACCOUNT:
@@ -89,7 +118,9 @@ def _builtin_reasons(
                 "application.id",
             )
         )
-    if token_check is None and organization.tokens.required:
+    if identity is not None:
+        reasons.append(identity)
+    if not request.subject.access_token and organization.tokens.required:
         reasons.append(
             _system_reason(
                 ErrorCode.AUTHORIZATION_REQUIRED,
@@ -246,21 +277,52 @@ def decide(
     evaluation_time = request.context.time or now
     token = request.subject.access_token
     subject = request.subject
+    person = ""  # for an external user ID: the person it maps to
+    external = _NOT_EXTERNAL
+    identity: Reason | None = None
+    if subject.kind is SubjectKind.EXTERNAL_USER:
+        resolved = organization.identities.resolve(
+            request.application.id, subject.namespace, subject.id
+        )
+        if isinstance(resolved, Refused):
+            identity = _identity_reason(resolved)
+        else:
+            person = resolved.person
+            external = {"id": subject.id, "namespace": resolved.namespace}
+    # An unresolved external ID has no person for the token to belong to: it is denied
+    # already, and its token is not looked at.
     token_check = (
-        check_token(token, evaluation_time, organization.tokens, subject.id, subject.kind)
-        if token
+        check_token(
+            token,
+            evaluation_time,
+            organization.tokens,
+            person or subject.id,
+            subject.kind,
+            application_id=request.application.id,
+            external_id=subject.id if person else "",
+        )
+        if token and identity is None
         else None
     )
     valid_until = token_check.changes_at if token_check else None
-    builtin = _builtin_reasons(request, organization, token_check)
+    builtin = _builtin_reasons(request, organization, token_check, identity)
     if builtin:
         trace = (LayerTrace(LayerName.SYSTEM, Effect.DENY, False),) if request.explain else ()
         return Decision(
-            Effect.DENY, tuple(builtin), policies.revision, trace, valid_until=valid_until
+            Effect.DENY,
+            tuple(builtin),
+            policies.revision,
+            trace,
+            valid_until=valid_until,
+            mapped_subject_id=person,
         )
 
     claims = token_check.claims if token_check is not None else {}
-    activation = build_activation(request, evaluation_time, claims)
+    actors = token_check.actors if token_check is not None else ()
+    if person:
+        # Decided as the person: their user-layer policies apply, CEL sees their ID.
+        request = replace(request, subject=replace(subject, id=person))
+    activation = build_activation(request, evaluation_time, claims, actors, external)
     reasons: list[Reason] = []
     traces: list[LayerTrace] = []
     matched: list[RuleMatch] = []
@@ -288,4 +350,5 @@ def decide(
         time_dependent=time_dependent,
         valid_until=valid_until,
         cacheable=cacheable,
+        mapped_subject_id=person,
     )

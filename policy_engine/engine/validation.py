@@ -12,7 +12,7 @@ from typing import Any
 from policy_engine.config import RequestLimits
 from policy_engine.domain.codes import ErrorCode
 from policy_engine.domain.decision import Decision, Layer, Reason
-from policy_engine.domain.request import CheckRequest
+from policy_engine.domain.request import CheckRequest, SubjectKind
 
 ORGANIZATION_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.:-]*")
 # Printable, no whitespace, no control characters (IdP IDs look like "auth0|123", emails, UUIDs).
@@ -113,6 +113,14 @@ def validate_request(request: CheckRequest, limits: RequestLimits) -> list[Field
     ids = limits.max_id_length
     _check_identifier(violations, "organization", request.organization, ids, ORGANIZATION_PATTERN)
     _check_identifier(violations, "subject.id", request.subject.id, ids)
+    if request.subject.namespace and request.subject.kind is not SubjectKind.EXTERNAL_USER:
+        violations.append(
+            FieldViolation("subject.namespace", "is only for subjects of kind external_user")
+        )
+    else:
+        _check_identifier(
+            violations, "subject.namespace", request.subject.namespace, ids, required=False
+        )
     _check_identifier(violations, "application.id", request.application.id, ids)
     _check_identifier(violations, "integration.id", request.integration.id, ids)
     _check_identifier(violations, "scope", request.scope, limits.max_scope_length, SCOPE_PATTERN)

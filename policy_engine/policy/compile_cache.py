@@ -43,7 +43,14 @@ from policy_engine.cel import CompiledExpression, compile_expression
 from policy_engine.cel.compiler import CompileLimits, Declarations
 from policy_engine.domain.decision import Layer
 from policy_engine.policy.compiled import CompiledOrganization, CompiledRule, FileRead
-from policy_engine.policy.model import Catalog, OrganizationConfig, Policy, QuotaDefinition, Rule
+from policy_engine.policy.model import (
+    Catalog,
+    IdentityMapping,
+    OrganizationConfig,
+    Policy,
+    QuotaDefinition,
+    Rule,
+)
 
 __all__ = ["CompileCache", "KnownFile", "KnownOrganization", "LoadAttempt", "ParsedFile"]
 
@@ -91,6 +98,8 @@ class ParsedFile:
     catalog_checked: Catalog | None = None
     # Its `kind: Quota` documents (compiled with the organization on every load: they are few).
     quotas: tuple[QuotaDefinition, ...] = ()
+    # Its `kind: IdentityMapping` documents (compiled with the organization on every load).
+    mappings: tuple[IdentityMapping, ...] = ()
 
 
 @dataclass(frozen=True, slots=True)

@@ -11,6 +11,7 @@ from policy_engine.auth.tokens import UNVERIFIED, TokenRules
 from policy_engine.cel import CompiledExpression
 from policy_engine.domain.codes import ErrorCode
 from policy_engine.domain.decision import Effect, Layer
+from policy_engine.policy.identities import NO_MAPPINGS, IdentityMappings
 from policy_engine.policy.index import RuleIndex
 from policy_engine.policy.model import Catalog
 from policy_engine.policy.patterns import Matcher
@@ -76,6 +77,9 @@ class CompiledOrganization:
     rule_count: int
     tokens: TokenRules = UNVERIFIED
     quotas: OrganizationQuotas = NO_QUOTAS  # its `kind: Quota` documents, compiled
+    # Its `kind: IdentityMapping` documents: who external user IDs are, and which
+    # applications may act for them (policy_engine.policy.identities).
+    identities: IdentityMappings = NO_MAPPINGS
 
 
 @dataclass(frozen=True, slots=True)

@@ -57,8 +57,14 @@ from policy_engine.policy.compiled import (
     LayerIndex,
     RuleBucket,
 )
+from policy_engine.policy.identity_documents import (
+    KIND_IDENTITY_MAPPING,
+    compile_identity_mappings,
+    parse_identity_mapping,
+)
 from policy_engine.policy.index import RuleIndex
 from policy_engine.policy.model import (
+    IdentityMapping,
     OrganizationConfig,
     Policy,
     QuotaDefinition,
@@ -401,7 +407,9 @@ def _load(
     for org, org_files in sorted(by_org.items()):
         compiled = _organization(source, org, org_files, issues, contents, remote_keys, attempt)
         if compiled is not None:
-            organizations[org] = _with_quotas(compiled, org_files, issues)
+            organizations[org] = _with_identities(
+                _with_quotas(compiled, org_files, issues), org_files, issues
+            )
     if issues:
         raise PolicyLoadError(issues)
     return CompiledPolicySet(
@@ -428,6 +436,20 @@ def _with_quotas(
         for d, message in problems
     )
     return dataclasses.replace(organization, quotas=quotas)
+
+
+def _with_identities(
+    organization: CompiledOrganization,
+    files: list[tuple[_FileKey, ParsedFile]],
+    issues: list[LoadIssue],
+) -> CompiledOrganization:
+    """`organization` with the identity mappings its `files` declare, compiled on every load
+    (checked against its catalog: a few small documents); problems go to `issues`."""
+    documents = [mapping for _, parsed in files for mapping in parsed.mappings]
+    if not documents:
+        return organization
+    mappings = compile_identity_mappings(documents, organization.catalog, issues)
+    return dataclasses.replace(organization, identities=mappings)
 
 
 def _organization(
@@ -663,8 +685,11 @@ def _parse_new(
     configs: list[OrganizationConfig] = []
     policies: list[Policy] = []
     quotas: list[QuotaDefinition] = []
-    _parse_file(path, data, org, configs, policies, issues, quotas)
-    parsed = ParsedFile(tuple(configs), tuple(policies), quotas=tuple(quotas))
+    mappings: list[IdentityMapping] = []
+    _parse_file(path, data, org, configs, policies, issues, quotas, mappings)
+    parsed = ParsedFile(
+        tuple(configs), tuple(policies), quotas=tuple(quotas), mappings=tuple(mappings)
+    )
     return parsed, len(issues) == before
 
 
@@ -676,6 +701,7 @@ def _parse_file(
     policies: list[Policy],
     issues: list[LoadIssue],
     quotas: list[QuotaDefinition],
+    mappings: list[IdentityMapping],
 ) -> None:
     try:
         loaded = load_documents(data.decode("utf-8"))
@@ -710,13 +736,17 @@ def _parse_file(
             quota = parser.quota(doc)
             if quota is not None:
                 quotas.append(quota)
+        elif kind == KIND_IDENTITY_MAPPING:
+            mapping = parse_identity_mapping(parser, doc)
+            if mapping is not None:
+                mappings.append(mapping)
         else:
             issues.append(
                 LoadIssue(
                     path,
                     doc.line_of("kind"),
-                    f"'kind' must be {KIND_ORGANIZATION}, {KIND_POLICY} or {KIND_QUOTA}, "
-                    f"not {kind!r} "
+                    f"'kind' must be {KIND_ORGANIZATION}, {KIND_POLICY}, {KIND_QUOTA} or "
+                    f"{KIND_IDENTITY_MAPPING}, not {kind!r} "
                     "(keywords are spelled exactly so)",
                 )
             )
@@ -794,6 +824,9 @@ def _token_rules(
         leeway_seconds=settings.leeway_seconds,
         required=settings.required,
         external_subject_claim=settings.external_subject_claim,
+        application_claim=(
+            None if settings.application_claim == "none" else settings.application_claim
+        ),
     )
 
 

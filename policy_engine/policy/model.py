@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -83,6 +84,8 @@ class TokenSettings:
     algorithms: tuple[str, ...] = ("RS256", "ES256", "EdDSA")
     leeway_seconds: int = 30
     external_subject_claim: str | None = None
+    # The claim binding a token to its application: client_id (RFC 9068), azp (OIDC) or none.
+    application_claim: str = "client_id"
     line: int = 0
 
 
@@ -123,3 +126,17 @@ class OrganizationSource:
 
     config: OrganizationConfig
     policies: tuple[Policy, ...] = field(default=())
+
+
+@dataclass(frozen=True, slots=True)
+class IdentityMapping:
+    """A `kind: IdentityMapping` document as written (see policy_engine.policy.identities):
+    the applications that may act for the external user IDs of `namespace`, and the person
+    (IdP user ID) each external ID is. `applications_line` is where the list is written."""
+
+    namespace: str
+    description: str
+    applications: tuple[str, ...]
+    identities: Mapping[str, str]
+    position: Position
+    applications_line: int

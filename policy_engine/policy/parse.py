@@ -12,7 +12,11 @@ from pathlib import Path
 from typing import Any
 
 from policy_engine.auth.discovery import DISCOVERY_MODES
-from policy_engine.auth.tokens import DEFAULT_ALGORITHMS
+from policy_engine.auth.tokens import (
+    APPLICATION_CLAIMS,
+    DEFAULT_ALGORITHMS,
+    DEFAULT_APPLICATION_CLAIM,
+)
 from policy_engine.domain.codes import ErrorCode
 from policy_engine.domain.decision import POLICY_LAYERS, Effect, Layer
 from policy_engine.policy.model import (
@@ -330,8 +334,18 @@ class DocumentParser:
         if isinstance(leeway, bool) or not isinstance(leeway, int) or not 0 <= leeway <= 300:
             self.problem(raw.line_of("leeway_seconds"), "'leeway_seconds' must be 0 to 300")
             return None
+        # Which claim names the application a token was issued to (RFC 9068 section 2.2
+        # client_id, OIDC Core section 2 azp); `none` turns the binding off.
+        application_claim = self._choice(
+            raw,
+            "application_claim",
+            _application_claim,
+            ", ".join(APPLICATION_CLAIMS),
+            default=DEFAULT_APPLICATION_CLAIM,
+        )
         return TokenSettings(
             required=required,
+            application_claim=application_claim,
             discovery=discovery,
             algorithms=tuple(algorithms),
             leeway_seconds=leeway,
@@ -611,6 +625,10 @@ def _layer(raw: str) -> Layer:
 def _keyword(choices: tuple[str, ...]) -> Callable[[str], str]:
     """A `_choice` parser accepting exactly `choices`."""
     return lambda raw: raw if raw in choices else _refuse(raw)
+
+
+def _application_claim(raw: str) -> str:
+    return raw if raw in APPLICATION_CLAIMS else _refuse(raw)
 
 
 def _refuse(raw: str) -> Any:

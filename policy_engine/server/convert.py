@@ -110,6 +110,7 @@ class RequestConverter:
                 kind=kind,
                 attributes=self.struct(subject.attributes),
                 access_token=subject.access_token,
+                namespace=subject.namespace,
             ),
             application=Resource(id=application.id, attributes=self.struct(application.attributes)),
             integration=Resource(id=integration.id, attributes=self.struct(integration.attributes)),
@@ -396,6 +397,7 @@ def decision_from_response(resp: pdp_pb2.CheckResponse) -> Decision:
             RuleMatch(_DOMAIN_LAYERS[m.layer], m.policy, m.rule, _DOMAIN_EFFECTS[m.effect])
             for m in resp.matched_rules
         ),
+        mapped_subject_id=resp.mapped_subject_id,
     )
 
 
@@ -438,6 +440,7 @@ class ResponseBuilder:
             reasons=[reason(r) for r in decision.reasons],
             policy_revision=decision.revision,
             matched_rules=_rule_matches(decision),
+            mapped_subject_id=decision.mapped_subject_id,
         ).SerializeToString()
 
     def response(
@@ -455,6 +458,7 @@ class ResponseBuilder:
             cache_level=pdp_pb2.CACHE_LEVEL_NONE,
             request_id=request_id,
             matched_rules=_rule_matches(decision),
+            mapped_subject_id=decision.mapped_subject_id,
         )
         if explain:
             trace = resp.explain

@@ -23,10 +23,13 @@ from pathlib import Path
 from typing import Any
 
 from policy_engine.auth.keys import StaticKeySet, parse_jwks
+from policy_engine.auth.tokens import UNVERIFIED
 from policy_engine.client import RequestValueError
 from policy_engine.domain.decision import Decision, Effect, Layer, RuleResult
+from policy_engine.domain.request import SubjectKind
 from policy_engine.policy import CompiledPolicySet, LoadIssue
 from policy_engine.policy.compiled import CompiledOrganization
+from policy_engine.policy.identities import Resolved
 from policy_engine.policy.source import SourceError, is_suite_file, read_bounded, tree_files
 from policy_engine.quota.enforce import enforce
 from policy_engine.quota.memory import InProcessQuotaStore
@@ -245,6 +248,7 @@ def run_case(
             context=dict(case.context),
             time=case.time,
             explain=True,
+            subject_namespace=case.subject.namespace,
         )
         decision = dry_run(message, policies, now=at)
     except (RequestValueError, UsageError, ValueError, TypeError) as exc:
@@ -294,8 +298,13 @@ def _token(
     suite: Suite, case: Case, organization: CompiledOrganization | None, at: datetime
 ) -> str:
     """The case's access token: as written, or signed with its fixture key over its claims
-    merged over sub (the subject ID), iat (the case time), exp (+1 h), and the organization's
-    issuer and audience when it sets them."""
+    merged over sub (the subject ID; for an external user, the person its mapping gives, when
+    it has one), iat (the case time), exp (+1 h), the organization's issuer and audience when
+    it sets them, the case's application under the claim binding tokens to applications
+    (`client_id` unless `tokens.application_claim` says otherwise: a token the case's
+    application was issued), and, for an external user, its ID under the organization's
+    `external_subject_claim`. A claim the case gives overrides any of these; one given as
+    null is left out (`client_id: null`: a token naming no application)."""
     import jwt
 
     spec = case.token
@@ -304,16 +313,29 @@ def _token(
     if spec.raw:
         return spec.raw
     key = suite.keys[spec.key]
+    subject = case.subject
     claims: dict[str, Any] = {
-        "sub": case.subject.id,
+        "sub": subject.id,
         "iat": int(at.timestamp()),
         "exp": int((at + TOKEN_LIFETIME).timestamp()),
     }
-    if organization is not None and organization.tokens.issuer:
-        claims["iss"] = organization.tokens.issuer
-    if organization is not None and organization.tokens.audience:
-        claims["aud"] = organization.tokens.audience
+    tokens = organization.tokens if organization is not None else UNVERIFIED
+    if organization is not None and subject.kind == SubjectKind.EXTERNAL_USER.value:
+        resolved = organization.identities.resolve(
+            case.application.id, subject.namespace, subject.id
+        )
+        if isinstance(resolved, Resolved):
+            claims["sub"] = resolved.person
+        if tokens.external_subject_claim:
+            claims[tokens.external_subject_claim] = subject.id
+    if tokens.issuer:
+        claims["iss"] = tokens.issuer
+    if tokens.audience:
+        claims["aud"] = tokens.audience
+    if tokens.application_claim:
+        claims[tokens.application_claim] = case.application.id
     claims.update(spec.claims)
+    claims = {name: value for name, value in claims.items() if value is not None}
     return jwt.encode(claims, key.private_key, algorithm=key.algorithm, headers={"kid": key.kid})
 
 

@@ -7,7 +7,8 @@ A suite is one YAML document (strict YAML, as policy files) of this shape:
     organization: acme                # optional; must match the folder
     time: "2026-03-02T15:00:00Z"      # optional default instant for every case
     fixtures:
-      principals:   {NAME: {id, kind: user|service_account|external_user, attributes}}
+      principals:   {NAME: {id, kind: user|service_account|external_user, namespace,
+                            attributes}}  # namespace: an external_user's IdentityMapping
       applications: {NAME: {id, attributes}}
       integrations: {NAME: {id, attributes}}
       keys:         {NAME: {private_key_file, kid, algorithm}}   # to sign case tokens
@@ -61,7 +62,7 @@ _SUITE_KEYS = frozenset(
     {"kind", "name", "organization", "description", "time", "fixtures", "cases"}
 )
 _FIXTURE_KEYS = frozenset({"principals", "applications", "integrations", "keys"})
-_PRINCIPAL_KEYS = frozenset({"id", "kind", "attributes"})
+_PRINCIPAL_KEYS = frozenset({"id", "kind", "namespace", "attributes"})
 _RESOURCE_KEYS = frozenset({"id", "attributes"})
 _KEY_KEYS = frozenset({"private_key_file", "kid", "algorithm"})
 _CASE_KEYS = frozenset(
@@ -107,6 +108,7 @@ class Principal:
     id: str
     kind: str = SubjectKind.USER.value
     attributes: MappingProxyType[str, Any] = field(default_factory=_none)
+    namespace: str = ""  # an external_user's IdentityMapping namespace ("": the only one)
 
 
 @dataclass(frozen=True, slots=True)
@@ -314,7 +316,12 @@ class _SuiteParser(DocumentParser):
             choices = " | ".join(k.value for k in SubjectKind)
             self.problem(doc.line_of("kind"), f"kind {kind!r} is not one of {choices}")
         ident = self._string(doc, "id", required=True)
-        return Principal(ident, kind, self._attributes(doc, "attributes")) if ident else None
+        namespace = self._string(doc, "namespace", required=False)
+        if namespace and kind != SubjectKind.EXTERNAL_USER.value:
+            self.problem(doc.line_of("namespace"), "only an external_user has a namespace")
+        if not ident:
+            return None
+        return Principal(ident, kind, self._attributes(doc, "attributes"), namespace)
 
     def _resource(self, doc: PositionedDict, fixture: str = "") -> Resource | None:
         self._check_keys(doc, _RESOURCE_KEYS, "an application or integration")

@@ -47,7 +47,11 @@ def jwks(*keys: SigningKey) -> str:
     return json.dumps({"keys": [key.public_jwk() for key in keys]})
 
 
-def claims(subject: str = "alice", *, lifetime: int = 600, **extra: Any) -> dict[str, Any]:
+def claims(
+    subject: str = "alice", *, lifetime: int = 600, client_id: str = "app", **extra: Any
+) -> dict[str, Any]:
+    """A token's claims for `subject`, issued to application `client_id` (RFC 9068 section
+    2.2: the application tokens are bound to; "app" is tests.policy_builder's default)."""
     now = int(time.time())
     return {
         "sub": subject,
@@ -55,6 +59,7 @@ def claims(subject: str = "alice", *, lifetime: int = 600, **extra: Any) -> dict
         "aud": AUDIENCE,
         "iat": now,
         "exp": now + lifetime,
+        "client_id": client_id,
         **extra,
     }
 

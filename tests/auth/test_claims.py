@@ -45,12 +45,14 @@ def payload(**raw: str) -> str:
         "aud": json.dumps(AUDIENCE),
         "iat": str(NOW),
         "exp": str(NOW + 600),
+        "client_id": '"app"',
         **raw,
     }
     return "{" + ", ".join(f'"{name}": {text}' for name, text in members.items()) + "}"
 
 
 DEEP = "[" * 40 + "]" * 40
+DEEP_ACT = '{"sub": "a", "act": ' * 9 + '{"sub": "z"}' + "}" * 9  # 10 actors: one too many
 VERY_DEEP = "[" * 5000 + "]" * 5000
 # (what, claims set as raw JSON, the cause the reason must name)
 MALFORMED: list[tuple[str, str, str]] = [
@@ -85,6 +87,10 @@ MALFORMED: list[tuple[str, str, str]] = [
     ("surrogate name", payload(meta='{"\\udfff": 1}'), "member name in claim 'meta'"),
     ("deep", payload(groups=DEEP), "nested more than 32 levels"),
     ("very deep", payload(groups=VERY_DEEP), "nested more than 32 levels"),
+    ("act a string", payload(act='"agent-x"'), "claim 'act' is not a JSON object"),
+    ("act.act a list", payload(act='{"sub": "a", "act": ["b"]}'), "claim 'act.act' is not a JSON"),
+    ("act null", payload(act="null"), "claim 'act' is not a JSON object"),
+    ("act too deep", payload(act=DEEP_ACT), "nests more than 8 actors"),
     ("not an object", "[1, 2]", "not a JSON object"),
     ("not JSON", "{'sub': 'alice'}", "not JSON"),
 ]
@@ -99,7 +105,9 @@ def at_now() -> datetime:
 def test_a_malformed_claim_in_a_signed_token_is_named(
     what: str, claims_set: str, cause: str
 ) -> None:
-    check = check_token(raw_token(claims_set, KEY), at_now(), VERIFIED, "alice")
+    check = check_token(
+        raw_token(claims_set, KEY), at_now(), VERIFIED, "alice", application_id="app"
+    )
     assert check.problem is not None and cause in check.problem, check.problem
     assert check.problem.startswith("the access token is malformed")
     assert not check.claims and check.changes_at is None
@@ -110,24 +118,32 @@ def test_a_malformed_claim_in_a_signed_token_is_named(
 def test_a_malformed_claim_in_an_unverified_token_is_named(
     what: str, claims_set: str, cause: str
 ) -> None:
-    check = check_token(raw_token(claims_set), at_now(), UNVERIFIED, "alice")
+    check = check_token(raw_token(claims_set), at_now(), UNVERIFIED, "alice", application_id="app")
     assert check.problem is not None and cause in check.problem, check.problem
 
 
 def test_the_external_subject_claim_must_be_a_string() -> None:
     token = raw_token(payload(external_id="123"), KEY)
-    check = check_token(token, at_now(), VERIFIED, "123", SubjectKind.EXTERNAL_USER)
+    check = check_token(
+        token, at_now(), VERIFIED, "123", SubjectKind.EXTERNAL_USER, application_id="app"
+    )
     assert check.problem == "the access token is malformed: claim 'external_id' is not a string"
 
 
 def test_the_last_instant_accepted_still_gives_a_cache_expiry() -> None:
     check = check_token(
-        raw_token(payload(exp=str(MAX_NUMERIC_DATE)), KEY), at_now(), VERIFIED, "alice"
+        raw_token(payload(exp=str(MAX_NUMERIC_DATE)), KEY),
+        at_now(),
+        VERIFIED,
+        "alice",
+        application_id="app",
     )
     assert check.problem is None
     assert check.changes_at is not None and check.changes_at.year == 9999
     premature = payload(nbf=str(MAX_NUMERIC_DATE), exp=str(MAX_NUMERIC_DATE))
-    check = check_token(raw_token(premature, KEY), at_now(), VERIFIED, "alice")
+    check = check_token(
+        raw_token(premature, KEY), at_now(), VERIFIED, "alice", application_id="app"
+    )
     assert check.problem is not None and "not valid yet" in check.problem
     assert check.changes_at is not None and check.changes_at.year == 9999
 
@@ -137,7 +153,9 @@ def test_well_formed_claims_of_every_json_type_reach_cel_unchanged() -> None:
         groups='["eng", "admins"]', level="3", ratio="0.5", on="true", none="null",
         big="9223372036854775807", nested='{"a": {"b": [1, {"c": "é"}]}}',
     )  # fmt: skip
-    check = check_token(raw_token(claims_set, KEY), at_now(), VERIFIED, "alice")
+    check = check_token(
+        raw_token(claims_set, KEY), at_now(), VERIFIED, "alice", application_id="app"
+    )
     assert check.problem is None
     assert check.claims["big"] == 2**63 - 1
     assert check.claims["nested"] == {"a": {"b": [1, {"c": "é"}]}}

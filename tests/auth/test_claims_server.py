@@ -25,7 +25,7 @@ from hypothesis import strategies as st
 
 from policy_engine.api import pdp_pb2, pdp_pb2_grpc
 from policy_engine.audit import AuditLog
-from policy_engine.auth.tokens import MAX_NUMERIC_DATE
+from policy_engine.auth.tokens import MAX_ACTORS, MAX_NUMERIC_DATE
 from policy_engine.config import Settings
 from policy_engine.policy import CompiledPolicySet, load_policy_set
 from policy_engine.server.service import PolicyDecisionServicer
@@ -74,6 +74,11 @@ def write_policies(root: Path) -> Path:
                 allow_all("application"),
             ],
         )
+        # partner-1 is alice's external ID: external-user requests reach the token check.
+        (folder / "partners.yaml").write_text(
+            yaml.safe_dump({"kind": "IdentityMapping", "namespace": "partners",
+                            "applications": ["app"], "identities": {"partner-1": "alice"}})
+        )  # fmt: skip
         if tokens is not None:
             (folder / "jwks.json").write_text(jwks(KEY))
             config = yaml.safe_load((folder / "organization.yaml").read_text())
@@ -112,6 +117,7 @@ names = st.one_of(
             "groups",
             "level",
             "nested",
+            "act",
         ]
     ),
     st.text(max_size=4),
@@ -129,6 +135,7 @@ def claims_sets(draw: st.DrawFn) -> dict[str, Any]:
         "iat": now,
         "exp": now + 600,
         "groups": ["admins"],
+        "client_id": "app",
     }
     return {**base, **draw(st.dictionaries(names, value, max_size=4))}
 
@@ -160,6 +167,15 @@ def well_formed(claims: dict[str, Any]) -> bool:
         )
 
     aud = claims.get("aud", "")
+    actor: Any = claims
+    for _ in range(MAX_ACTORS + 1):  # RFC 8693 `act`: objects, at most MAX_ACTORS deep
+        if "act" not in actor:
+            break
+        actor = actor["act"]
+        if not isinstance(actor, dict):
+            return False
+    else:
+        return False
     return (
         fine(claims, 0)
         and all(numeric_date(name) for name in ("exp", "nbf", "iat"))
@@ -217,7 +233,7 @@ def assert_answer(response: pdp_pb2.CheckResponse, claims: dict[str, Any]) -> No
 
 def test_well_formed_tokens_are_allowed(stub: Any) -> None:
     claims = json.dumps({"sub": "alice", "iss": ISSUER, "aud": AUDIENCE, "groups": ["admins"],
-                         "exp": int(time.time()) + 600})  # fmt: skip
+                         "exp": int(time.time()) + 600, "client_id": "app"})  # fmt: skip
     kind = pdp_pb2.SUBJECT_KIND_USER
     assert stub.Check(check("signed", raw_token(claims, KEY), kind), timeout=10).effect == (
         pdp_pb2.EFFECT_ALLOW

@@ -45,7 +45,7 @@ def verdict(token: str, *jwks: dict[str, Any], subject: str = "alice") -> str | 
         audience=AUDIENCE,
         algorithms=ALGORITHMS,
     )
-    return check_token(token, datetime.now(UTC), rules, subject).problem
+    return check_token(token, datetime.now(UTC), rules, subject, application_id="app").problem
 
 
 def sign(key: SigningKey, algorithm: str | None = None, kid: str | None = "same") -> str:

@@ -191,7 +191,10 @@ def test_a_failing_refresh_keeps_the_keys_and_shows_in_status(
     assert error in remote.last_error
     assert remote.fingerprint == before  # the keys are kept: tokens still verify
     rules = TokenRules(keys=remote, issuer=ISSUER, audience=AUDIENCE)
-    assert check_token(KEY.sign(**claims()), now(), rules, "alice").problem is None
+    assert (
+        check_token(KEY.sign(**claims()), now(), rules, "alice", application_id="app").problem
+        is None
+    )
     status = component.status()
     assert (status.state, status.ready) == (State.DEGRADED, True)
     assert f"{idp.url}: failing (keeping 1 keys" in status.detail and error in status.detail
@@ -239,7 +242,9 @@ def test_a_load_takes_a_hanging_jwks_url_at_once_and_denies_its_tokens(
     # A token for an organization whose keys have not arrived is denied, never allowed, and
     # the verdict is not cacheable (changes_at is now).
     token = KEY.sign(**claims())
-    verdict = check_token(token, now(), policies.organizations["acme"].tokens, "alice")
+    verdict = check_token(
+        token, now(), policies.organizations["acme"].tokens, "alice", application_id="app"
+    )
     assert verdict.problem is not None and "keys are not available yet" in verdict.problem
     assert verdict.changes_at is not None and verdict.changes_at <= now()
 
@@ -257,7 +262,12 @@ def test_a_load_takes_a_hanging_jwks_url_at_once_and_denies_its_tokens(
     keys.refresh_now()
     assert keys.available
     assert builder.key(with_token(KEY), policies.revision, policies.key_sets) != before
-    assert check_token(token, now(), policies.organizations["acme"].tokens, "alice").problem is None
+    assert (
+        check_token(
+            token, now(), policies.organizations["acme"].tokens, "alice", application_id="app"
+        ).problem
+        is None
+    )
 
 
 def test_only_calls_whose_token_needs_a_refresh_wait(

@@ -17,7 +17,7 @@ import pytest
 from policy_engine.api import pdp_pb2
 from policy_engine.auth.keys import RemoteKeySet, RemoteKeySets, StaticKeySet, parse_jwks
 from policy_engine.auth.pending import await_pending_keys
-from policy_engine.auth.tokens import TokenCheck, TokenRules, check_token
+from policy_engine.auth.tokens import UNVERIFIED, TokenCheck, TokenRules, check_token
 from policy_engine.domain.decision import Effect
 from policy_engine.domain.request import SubjectKind
 from policy_engine.engine import decide
@@ -40,7 +40,9 @@ def now() -> datetime:
 
 @pytest.mark.parametrize("key", [RSA, EC, ED], ids=["RS256", "ES256", "EdDSA"])
 def test_valid_token_is_accepted_with_its_claims(key) -> None:
-    check = check_token(key.sign(**claims(groups=["eng"])), now(), RULES, "alice")
+    check = check_token(
+        key.sign(**claims(groups=["eng"])), now(), RULES, "alice", application_id="app"
+    )
     assert check.problem is None
     assert check.claims["groups"] == ["eng"]
     assert check.changes_at is not None and check.changes_at > now()
@@ -85,30 +87,111 @@ CASES: list[tuple[str, Any, str]] = [
 @pytest.mark.parametrize(("name", "make", "expected"), CASES, ids=[c[0] for c in CASES])
 def test_each_failure_has_its_precise_cause(name: str, make, expected: str) -> None:
     token = make()
-    check = check_token(token, now(), RULES, "alice")
+    check = check_token(token, now(), RULES, "alice", application_id="app")
     assert check.problem is not None and expected in check.problem, check.problem
     assert not check.claims
     assert token not in check.problem
 
 
-def test_external_user_ids_match_the_mapped_claim() -> None:
-    token = RSA.sign(**claims("idp|alice", external_id="partner-user-123"))
-    ok = check_token(token, now(), RULES, "partner-user-123", SubjectKind.EXTERNAL_USER)
-    assert ok.problem is None
-    wrong = check_token(token, now(), RULES, "partner-user-999", SubjectKind.EXTERNAL_USER)
-    assert wrong.problem and "external_id" in wrong.problem
-    unmapped = check_token(
-        token,
-        now(),
-        replace(RULES, external_subject_claim=None),
-        "partner-user-123",
-        SubjectKind.EXTERNAL_USER,
+def test_an_external_users_token_is_the_mapped_persons() -> None:
+    # The engine passes the person the identity mapping gives (alice) and the external ID.
+    token = RSA.sign(**claims("alice", external_id="partner-user-123"))
+
+    def problem(person: str, external: str, rules: TokenRules = RULES) -> str | None:
+        return check_token(
+            token,
+            now(),
+            rules,
+            person,
+            SubjectKind.EXTERNAL_USER,
+            application_id="app",
+            external_id=external,
+        ).problem
+
+    assert problem("alice", "partner-user-123") is None
+    # The claim naming the external ID, when the organization sets one, must still match.
+    assert "'external_id' claim does not match" in str(problem("alice", "partner-user-999"))
+    # A token of someone else than the person the ID maps to.
+    assert "is not the person the external user ID maps to" in str(
+        problem("bob", "partner-user-123")
     )
-    assert unmapped.problem and "identity mapping" in unmapped.problem
+    # Without external_subject_claim, `sub` alone binds the token to the person.
+    unclaimed = replace(RULES, external_subject_claim=None)
+    assert problem("alice", "partner-user-999", unclaimed) is None
+    assert problem("bob", "partner-user-123", unclaimed) is not None
+
+
+APPLICATION_CASES: list[tuple[str, dict[str, Any], str | None, str | None]] = [
+    # (what, claims over alice's, application_claim, the cause, or None when accepted)
+    ("client_id matches", {"client_id": "app"}, "client_id", None),
+    (
+        "client_id of another app",
+        {"client_id": "other-app"},
+        "client_id",
+        "'other-app', not to 'app'",
+    ),
+    ("no client_id", {"client_id": None}, "client_id", "no 'client_id' claim"),
+    ("client_id a number", {"client_id": 7}, "client_id", "claim 'client_id' is not a string"),
+    ("client_id a list", {"client_id": ["app"]}, "client_id", "claim 'client_id' is not a string"),
+    ("azp matches", {"azp": "app", "client_id": None}, "azp", None),
+    ("azp of another app", {"azp": "evil", "client_id": "app"}, "azp", "'evil', not to 'app'"),
+    ("azp missing", {}, "azp", "no 'azp' claim"),
+    ("binding off", {"client_id": "other-app"}, None, None),
+    ("binding off, none", {"client_id": None}, None, None),
+    ("empty client_id", {"client_id": ""}, "client_id", "issued to application ''"),
+    (
+        "a hostile client_id is quoted and cut",
+        {"client_id": "\u202eevil\n" + "x" * 500},
+        "client_id",
+        "issued to application '\\u202eevil\\n",
+    ),
+]
+
+
+@pytest.mark.parametrize(
+    ("what", "extra", "claim", "cause"), APPLICATION_CASES, ids=[c[0] for c in APPLICATION_CASES]
+)
+def test_tokens_are_bound_to_their_application(
+    what: str, extra: dict[str, Any], claim: str | None, cause: str | None
+) -> None:
+    values = {k: v for k, v in {**claims(), **extra}.items() if v is not None}
+    token = RSA.sign(**values)
+    check = check_token(
+        token, now(), replace(RULES, application_claim=claim), "alice", application_id="app"
+    )
+    if cause is None:
+        assert check.problem is None
+        return
+    assert check.problem is not None and cause in check.problem, check.problem
+    assert not check.claims and len(check.problem) < 220
+
+
+def test_the_delegation_chain_is_read_outermost_first() -> None:
+    chain = {
+        "sub": "agent-x",
+        "client_id": "app",
+        "act": {"sub": "orchestrator", "act": {"sub": "alice-cli"}},
+    }
+    check = check_token(RSA.sign(**claims(act=chain)), now(), RULES, "alice", application_id="app")
+    assert check.problem is None
+    assert [dict(actor) for actor in check.actors] == [
+        {"sub": "agent-x", "client_id": "app"},
+        {"sub": "orchestrator"},
+        {"sub": "alice-cli"},
+    ]
+    plain = check_token(RSA.sign(**claims()), now(), RULES, "alice", application_id="app")
+    assert plain.problem is None and plain.actors == ()
+    # Unverified claims never reach CEL, actors included.
+    unverified = check_token(
+        RSA.sign(**claims(act=chain)), now(), UNVERIFIED, "alice", application_id="app"
+    )
+    assert unverified.problem is None and unverified.actors == ()
 
 
 def test_unknown_key_verdicts_are_never_cacheable() -> None:
-    check = check_token(rsa_key("rotated").sign(**claims()), now(), RULES, "alice")
+    check = check_token(
+        rsa_key("rotated").sign(**claims()), now(), RULES, "alice", application_id="app"
+    )
     assert check.changes_at is not None and check.changes_at <= now()
 
 
@@ -259,7 +342,10 @@ def test_remote_keys_rotate_with_one_rate_limited_refresh(
     remote_keys = RemoteKeySets(min_refresh_interval=0.2)
     policies = url_policies(tmp_path, jwks_server.url, remote_keys)
     rules = policies.organizations["acme"].tokens
-    assert check_token(RSA.sign(**claims()), now(), rules, "alice").problem is None
+    assert (
+        check_token(RSA.sign(**claims()), now(), rules, "alice", application_id="app").problem
+        is None
+    )
     fetched = jwks_server.requests
 
     jwks_server.document = jwks(RSA, EC)  # the IdP rotates in a new key
@@ -269,7 +355,7 @@ def test_remote_keys_rotate_with_one_rate_limited_refresh(
     async def one_call(token: str) -> TokenCheck:
         # What the asyncio pipeline does: wait for the refresh the token needs, then verify.
         await await_pending_keys([message(token)], policies, time.monotonic() + 10)
-        return check_token(token, now(), rules, "alice")
+        return check_token(token, now(), rules, "alice", application_id="app")
 
     async def burst() -> list[TokenCheck]:
         return await asyncio.gather(*(one_call(token) for _ in range(50)))
@@ -313,10 +399,12 @@ def test_an_unknown_kid_waits_for_a_slow_refresh_only_so_long(tmp_path: Path) ->
 
     assert 0.9 <= wait(time.monotonic() + 30) < 5  # bounded by unknown_kid_wait, not the fetch
     assert wait(time.monotonic() + 0.05) < 0.9  # and by the caller's deadline
-    verdict = check_token(token, now(), rules, "alice")
+    verdict = check_token(token, now(), rules, "alice", application_id="app")
     assert verdict.problem is not None and "unknown key" in verdict.problem
     release.set()
-    assert wait_for(lambda: check_token(token, now(), rules, "alice").problem is None)
+    assert wait_for(
+        lambda: check_token(token, now(), rules, "alice", application_id="app").problem is None
+    )
     assert remote_keys.stop(deadline_in(5))
 
 
@@ -327,7 +415,9 @@ def test_remote_keys_survive_an_unreachable_endpoint(jwks_server: JwksServer) ->
     remote.refresh_now()
     assert remote.last_error
     assert (
-        check_token(RSA.sign(**claims()), now(), replace(RULES, keys=remote), "alice").problem
+        check_token(
+            RSA.sign(**claims()), now(), replace(RULES, keys=remote), "alice", application_id="app"
+        ).problem
         is None
     )
 
@@ -365,9 +455,10 @@ def test_pdp_eval_dry_runs_tokens_with_a_jwks_file(tmp_path: Path) -> None:
         "--json",
         "--token",
     ]
-    good = subprocess.run([*base, RSA.sign(**claims())], capture_output=True, text=True)
+    token = RSA.sign(**claims(client_id="pr-reviewer"))  # pr-reviewer presents it
+    good = subprocess.run([*base, token], capture_output=True, text=True)
     assert json.loads(good.stdout)["decision"] == "ALLOW", good.stderr
-    bad = subprocess.run([*base, tamper(RSA.sign(**claims()))], capture_output=True, text=True)
+    bad = subprocess.run([*base, tamper(token)], capture_output=True, text=True)
     reason = json.loads(bad.stdout)["reasons"][0]
     assert reason["code"] == "kontext_authorization_required"
     assert "bad signature" in reason["message"]

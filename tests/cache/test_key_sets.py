@@ -68,7 +68,7 @@ def policy_dir(root: Path, jwks_url: str) -> Path:
 def with_token(key: SigningKey, organization: str = "acme") -> pdp_pb2.CheckRequest:
     msg = tuple_request()
     msg.organization = organization
-    msg.subject.access_token = key.sign(**claims())
+    msg.subject.access_token = key.sign(**claims(client_id=msg.application.id))
     return msg
 
 

@@ -40,6 +40,7 @@ SCHEMA_FOR_KIND = {
     "Organization": "organization.schema.json",
     "Policy": "policy.schema.json",
     "Quota": "quota.schema.json",
+    "IdentityMapping": "identity-mapping.schema.json",
 }
 MODELINE = re.compile(r"^# yaml-language-server: \$schema=(\S+)\n")
 
@@ -144,6 +145,7 @@ ORGANIZATION: Document = {
         "algorithms": ["EdDSA", "ES256"],
         "leeway_seconds": 30,
         "external_subject_claim": "external_id",
+        "application_claim": "azp",
     },
 }
 
@@ -369,7 +371,61 @@ ORGANIZATION_VIOLATIONS: dict[str, Document] = {
     "leeway negative": _with(ORGANIZATION, _set("tokens.leeway_seconds", -1)),
     "leeway a boolean": _with(ORGANIZATION, _set("tokens.leeway_seconds", True)),
     "leeway text": _with(ORGANIZATION, _set("tokens.leeway_seconds", "30")),
+    "unknown application claim": _with(ORGANIZATION, _set("tokens.application_claim", "aud")),
+    "application claim capitalised": _with(
+        ORGANIZATION, _set("tokens.application_claim", "Client_ID")
+    ),
+    "application claim a boolean": _with(ORGANIZATION, _set("tokens.application_claim", False)),
+    "application claim null": _with(ORGANIZATION, _set("tokens.application_claim", None)),
 }
+
+IDENTITY_MAPPING: Document = {
+    "kind": "IdentityMapping",
+    "namespace": "partner-portal",
+    "description": "Partner portal accounts.",
+    "applications": ["app", "bot"],
+    "identities": {"partner-user-123": "alice", "auth0|42": "bob@acme.test"},
+}
+
+# Each an IdentityMapping the schema refuses, for one reason; the loader must refuse it too.
+IDENTITY_MAPPING_VIOLATIONS: dict[str, Document] = {
+    "unknown key": _with(IDENTITY_MAPPING, _set("issuer", "https://idp.test")),
+    "kind misspelt": _with(IDENTITY_MAPPING, _set("kind", "IdentityMap")),
+    "missing namespace": _with(IDENTITY_MAPPING, _set("namespace", ...)),
+    "missing applications": _with(IDENTITY_MAPPING, _set("applications", ...)),
+    "namespace with a space": _with(IDENTITY_MAPPING, _set("namespace", "partner portal")),
+    "namespace a number": _with(IDENTITY_MAPPING, _set("namespace", 7)),
+    "no applications": _with(IDENTITY_MAPPING, _set("applications", [])),
+    "application glob": _with(IDENTITY_MAPPING, _set("applications", ["*"])),
+    "application a number": _with(IDENTITY_MAPPING, _set("applications", [1])),
+    "identities a list": _with(IDENTITY_MAPPING, _set("identities", ["alice"])),
+    "identities null": _with(IDENTITY_MAPPING, _set("identities", None)),
+    "person a number": _with(IDENTITY_MAPPING, _set("identities.partner-user-123", 5)),
+    "person a list": _with(IDENTITY_MAPPING, _set("identities.partner-user-123", ["alice"])),
+    "person empty": _with(IDENTITY_MAPPING, _set("identities.partner-user-123", "")),
+    "person with a space": _with(IDENTITY_MAPPING, _set("identities.partner-user-123", "a b")),
+    "person too long": _with(IDENTITY_MAPPING, _set("identities.partner-user-123", "a" * 257)),
+    "external ID with a tab": _with(IDENTITY_MAPPING, _set("identities.a\tb", "alice")),
+    "external ID with a newline": _with(IDENTITY_MAPPING, _set("identities.ab\n", "alice")),
+    "external ID too long": _with(IDENTITY_MAPPING, _set("identities." + "x" * 257, "alice")),
+    "description a number": _with(IDENTITY_MAPPING, _set("description", 3)),
+}
+
+
+def test_the_base_identity_mapping_loads_and_validates() -> None:
+    assert _loads(ORGANIZATION, IDENTITY_MAPPING)
+    assert _schema_errors(IDENTITY_MAPPING) == []
+    assert _schema_errors(IDENTITY_MAPPING, "identity-mapping.schema.json") == []
+    empty = _with(IDENTITY_MAPPING, _set("identities", {}))
+    assert _loads(ORGANIZATION, empty) and _schema_errors(empty) == []
+    assert _loads(ORGANIZATION, _with(IDENTITY_MAPPING, _set("identities", ...)))
+
+
+@pytest.mark.parametrize("name", IDENTITY_MAPPING_VIOLATIONS)
+def test_the_loader_refuses_identity_mappings_the_schema_refuses(name: str) -> None:
+    mapping = IDENTITY_MAPPING_VIOLATIONS[name]
+    assert _schema_errors(mapping), f"the schema accepts: {name}"
+    assert not _loads(ORGANIZATION, mapping), f"the loader accepts: {name}"
 
 
 @pytest.mark.parametrize("discovery", [None, "auto", "oauth", "openid"])
@@ -592,6 +648,7 @@ def _plausible_organization(draw: st.DrawFn) -> Document:
         "jwks_url": st.just("https://127.0.0.1:1/jwks"),
         "algorithms": st.lists(st.sampled_from(["RS256", "PS256", "EdDSA"]), max_size=2),
         "leeway_seconds": st.sampled_from([0, 30, 300]),
+        "application_claim": st.sampled_from(["client_id", "azp", "none", "sub"]),
     }
     _optional(draw, organization, "tokens", st.fixed_dictionaries({}, optional=tokens))
     return organization

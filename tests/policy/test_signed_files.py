@@ -170,7 +170,7 @@ def server(signed: Path, tmp_path: Path, keys: tuple[bytes, bytes]) -> Iterator[
 
 def _check(port: int, key: SigningKey) -> pdp_pb2.CheckResponse:
     message = check_request("repo")
-    message.subject.access_token = key.sign(**claims())
+    message.subject.access_token = key.sign(**claims(client_id=message.application.id))
     with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
         stub = pdp_pb2_grpc.PolicyDecisionServiceStub(channel)
         return stub.Check(message, timeout=10)

@@ -390,7 +390,7 @@ def test_a_field_written_without_a_value_cannot_widen_a_rule(
         ("effect: allow", "effect: Allow", "effect 'Allow' is not one of allow, deny"),
         ("effect: deny", "effect: DENY", "effect 'DENY' is not one of allow, deny"),
         ("layer: org", "layer: Org", "layer 'Org' is not one of org, user, application"),
-        ("kind: Policy", "kind: policy", "'kind' must be Organization or Policy, not 'policy'"),
+        ("kind: Policy", "kind: policy", "or IdentityMapping, not 'policy'"),
         ("message: This", "code: KONTEXT_RATE_LIMITED\n    message: This", "code 'KONTEXT_RATE"),
         ("message: This", "code: rate_limited\n    message: This", "code 'rate_limited' is not"),
     ],
