@@ -38,6 +38,8 @@ BAD_SETTINGS = [
     ("tls-cert-alone", {"PDP_TLS__CERT_FILE": "/etc/hostname"}, "tls.key_file"),
     ("redis-without-key", {"PDP_CACHE__REDIS_URL": "redis://127.0.0.1:1/0"}, "required"),
     ("redis-url-scheme", {"PDP_CACHE__REDIS_URL": "http://h/0"}, "setting cache.redis_url:"),
+    ("quota-url-scheme", {"PDP_QUOTA__REDIS_URL": "http://h/0"}, "setting quota.redis_url:"),
+    ("quota-prefix-brace", {"PDP_QUOTA__KEY_PREFIX": "pdp:{q}"}, "setting quota.key_prefix:"),
     (
         "redis-key-file-missing",
         {
