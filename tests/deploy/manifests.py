@@ -1,0 +1,106 @@
+"""deploy/ read as kustomize and the kubelet would, without either (neither runs here).
+
+`build()` renders the kustomization: its `resources`, the ConfigMaps of `configMapGenerator`
+(name kept: the generator's hash suffix is off, which the tests require) and the `images`
+tag. It knows only those fields and refuses any other, so the rendering cannot quietly differ
+from kustomize's. `project_configmap()` lays a ConfigMap volume out as the kubelet does: the
+files in a hidden version folder, the `..data` link to it, and one link per top-level entry
+through `..data`, the shape the policy watcher is tested with (tests/store/test_watch.py).
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from tests.packaging.artifacts import REPO
+
+DEPLOY = REPO / "deploy"
+KNOWN_FIELDS = {"apiVersion", "kind", "resources", "images", "configMapGenerator"}
+Manifest = dict[str, Any]
+
+
+def kustomization() -> Manifest:
+    return yaml.safe_load((DEPLOY / "kustomization.yaml").read_text())
+
+
+def generator_sources(generator: Manifest) -> dict[str, Path]:
+    """A configMapGenerator's `files`: key -> source file (`key=path`, else the file name)."""
+    sources: dict[str, Path] = {}
+    for entry in generator["files"]:
+        key, _, path = entry.rpartition("=") if "=" in entry else ("", "", entry)
+        source = (DEPLOY / path).resolve()
+        sources[key or source.name] = source
+    return sources
+
+
+def build() -> list[Manifest]:
+    """Every object `kustomize build deploy/` gives, in order."""
+    spec = kustomization()
+    unknown = set(spec) - KNOWN_FIELDS
+    assert not unknown, f"kustomization fields this rendering does not know: {unknown}"
+    objects: list[Manifest] = []
+    for resource in spec.get("resources", []):
+        objects += [d for d in yaml.safe_load_all((DEPLOY / resource).read_text()) if d]
+    for generator in spec.get("configMapGenerator", []):
+        assert generator.get("options", {}).get("disableNameSuffixHash") is True, generator
+        data = {k: p.read_text() for k, p in generator_sources(generator).items()}
+        objects.append(
+            {"apiVersion": "v1", "kind": "ConfigMap", "metadata": {"name": generator["name"]},
+             "data": data}
+        )  # fmt: skip
+    tags = {i["name"]: i["newTag"] for i in spec.get("images", [])}
+    for obj in objects:
+        for container in pod_spec(obj).get("containers", []) if obj["kind"] == "Deployment" else []:
+            if container["image"] in tags:
+                container["image"] = f"{container['image']}:{tags[container['image']]}"
+    return objects
+
+
+def only(objects: list[Manifest], kind: str) -> Manifest:
+    (found,) = [o for o in objects if o["kind"] == kind]
+    return found
+
+
+def pod_spec(deployment: Manifest) -> Manifest:
+    return deployment["spec"]["template"]["spec"]
+
+
+def container(deployment: Manifest, name: str = "pdp") -> Manifest:
+    (found,) = [c for c in pod_spec(deployment)["containers"] if c["name"] == name]
+    return found
+
+
+def volume_of_mount(deployment: Manifest, mount_path: str) -> Manifest:
+    (mount,) = [m for m in container(deployment)["volumeMounts"] if m["mountPath"] == mount_path]
+    (volume,) = [v for v in pod_spec(deployment)["volumes"] if v["name"] == mount["name"]]
+    return volume
+
+
+def cpu_cores(quantity: str) -> float:
+    """A Kubernetes CPU quantity in cores ("2", "1500m")."""
+    return int(quantity[:-1]) / 1000 if quantity.endswith("m") else float(quantity)
+
+
+def resource_field(container_spec: Manifest, resource: str, divisor: str) -> str:
+    """What the kubelet puts in an env var from `resourceFieldRef` (rounded up, as it does)."""
+    group, _, name = resource.partition(".")
+    value = cpu_cores(container_spec["resources"][group][name]) / cpu_cores(divisor)
+    return str(math.ceil(value))
+
+
+def project_configmap(volume: Path, data: dict[str, str], items: list[Manifest]) -> Path:
+    """`data` laid out at `volume` as the kubelet projects a ConfigMap volume with `items`."""
+    version = volume / "..2026_11_30_12_00_00.000000001"
+    for item in items:
+        target = version / item["path"]
+        target.parent.mkdir(parents=True, exist_ok=True)
+        target.write_text(data[item["key"]])
+    (volume / "..data").symlink_to(version.name)
+    for entry in sorted({item["path"].split("/")[0] for item in items}):
+        (volume / entry).symlink_to(os.path.join("..data", entry))
+    return volume
