@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import math
 import os
+import shutil
 from pathlib import Path
 from typing import Any
 
@@ -20,6 +21,8 @@ import yaml
 from tests.packaging.artifacts import REPO
 
 DEPLOY = REPO / "deploy"
+# The Secret `pdp-cache` the Deployment reads (made outside the repository; README, Deploying).
+SAMPLE_SECRET = {"redis-url": "redis://:hunter2@redis.pdp.svc:6379/0", "signing-key": "k" * 64}
 KNOWN_FIELDS = {"apiVersion", "kind", "resources", "images", "configMapGenerator"}
 Manifest = dict[str, Any]
 
@@ -93,14 +96,67 @@ def resource_field(container_spec: Manifest, resource: str, divisor: str) -> str
     return str(math.ceil(value))
 
 
-def project_configmap(volume: Path, data: dict[str, str], items: list[Manifest]) -> Path:
-    """`data` laid out at `volume` as the kubelet projects a ConfigMap volume with `items`."""
-    version = volume / "..2026_11_30_12_00_00.000000001"
+def project_configmap(
+    volume: Path, data: dict[str, str], items: list[Manifest], version: str = "..v1"
+) -> Path:
+    """`data` laid out at `volume` as the kubelet projects a ConfigMap (or Secret) volume with
+    `items`: the files in the hidden folder `version`, published by renaming a new `..data`
+    link over the old one (atomic), one link per top-level entry through `..data`; the
+    previous version's folder is then removed. Call again with a new `version` to update."""
+    folder = volume / version
     for item in items:
-        target = version / item["path"]
+        target = folder / item["path"]
         target.parent.mkdir(parents=True, exist_ok=True)
         target.write_text(data[item["key"]])
-    (volume / "..data").symlink_to(version.name)
+    previous = os.readlink(volume / "..data") if (volume / "..data").is_symlink() else None
+    (volume / "..data_tmp").symlink_to(version)
+    os.replace(volume / "..data_tmp", volume / "..data")
     for entry in sorted({item["path"].split("/")[0] for item in items}):
-        (volume / entry).symlink_to(os.path.join("..data", entry))
+        if not (volume / entry).is_symlink():
+            (volume / entry).symlink_to(os.path.join("..data", entry))
+    if previous is not None:
+        shutil.rmtree(volume / previous)
     return volume
+
+
+def mount_volumes(
+    deployment: Manifest, objects: list[Manifest], root: Path, secret: dict[str, str]
+) -> dict[str, Path]:
+    """Each volume mount of the container as a folder under `root`, filled as the kubelet
+    fills it (`secret`: the Secret's data); mount path -> folder."""
+    folders: dict[str, Path] = {}
+    configmaps = {o["metadata"]["name"]: o["data"] for o in objects if o["kind"] == "ConfigMap"}
+    for mount in container(deployment)["volumeMounts"]:
+        folder = root / mount["name"]
+        folder.mkdir()
+        volume = volume_of_mount(deployment, mount["mountPath"])
+        if "configMap" in volume:
+            source = volume["configMap"]
+            project_configmap(folder, configmaps[source["name"]], source["items"])
+        elif "secret" in volume:
+            project_configmap(folder, secret, volume["secret"]["items"])
+        folders[mount["mountPath"]] = folder
+    return folders
+
+
+def container_environment(
+    deployment: Manifest, mounts: dict[str, Path], secret: dict[str, str]
+) -> dict[str, str]:
+    """The container's environment as the kubelet sets it: values (paths in a mount moved to
+    its folder), resource fields rounded up as it rounds them, Secret keys from `secret`."""
+    spec = container(deployment)
+    env: dict[str, str] = {}
+    for var in spec["env"]:
+        if "value" in var:
+            value = var["value"]
+            for mount_path, folder in mounts.items():
+                if value == mount_path or value.startswith(mount_path + "/"):
+                    value = str(folder) + value[len(mount_path) :]
+                    break
+            env[var["name"]] = value
+        elif field := var["valueFrom"].get("resourceFieldRef"):
+            assert field["containerName"] == spec["name"]
+            env[var["name"]] = resource_field(spec, field["resource"], field["divisor"])
+        else:
+            env[var["name"]] = secret[var["valueFrom"]["secretKeyRef"]["key"]]
+    return env

@@ -23,22 +23,22 @@ import pytest
 from policy_engine.policy import load_policy_set
 from policy_engine.server.app import AUDIT_CLOSE_SECONDS, STOP_GRACE_SECONDS
 from tests.deploy.manifests import (
+    SAMPLE_SECRET,
     Manifest,
     build,
     container,
+    container_environment,
     generator_sources,
     kustomization,
+    mount_volumes,
     only,
     pod_spec,
-    project_configmap,
-    resource_field,
     volume_of_mount,
 )
 from tests.packaging.artifacts import REPO
 
 KUBERNETES = "1.34"
 SUPERVISOR_SLACK_SECONDS = 10  # app.py: a stopping worker's slack before the supervisor kills it
-SAMPLE_SECRET = {"redis-url": "redis://:hunter2@redis.pdp.svc:6379/0", "signing-key": "k" * 64}
 SENSITIVE = re.compile(r"(REDIS_URL|SIGNING_KEY|VERIFY_KEYS|PASSWORD|TOKEN|SECRET)(_FILE)?$")
 
 
@@ -67,45 +67,6 @@ def _policy_items(deployment: Manifest, policy_dir: str) -> list[Manifest]:
     return volume_of_mount(deployment, policy_dir)["configMap"]["items"]
 
 
-def _mounted(deployment: Manifest, root: Path, objects: list[Manifest]) -> dict[str, Path]:
-    """Each volume mount of the container as a folder under `root`, filled as the kubelet
-    fills it; mount path -> folder."""
-    folders: dict[str, Path] = {}
-    configmaps = {o["metadata"]["name"]: o["data"] for o in objects if o["kind"] == "ConfigMap"}
-    for mount in container(deployment)["volumeMounts"]:
-        folder = root / mount["name"]
-        folder.mkdir()
-        volume = volume_of_mount(deployment, mount["mountPath"])
-        if "configMap" in volume:
-            source = volume["configMap"]
-            project_configmap(folder, configmaps[source["name"]], source["items"])
-        elif "secret" in volume:
-            project_configmap(folder, SAMPLE_SECRET, volume["secret"]["items"])
-        folders[mount["mountPath"]] = folder
-    return folders
-
-
-def _environment(deployment: Manifest, mounts: dict[str, Path]) -> dict[str, str]:
-    """The container's environment: values (mount paths moved to their folders), resource
-    fields as the kubelet computes them, Secret keys from the sample Secret."""
-    spec = container(deployment)
-    env: dict[str, str] = {}
-    for var in spec["env"]:
-        if "value" in var:
-            value = var["value"]
-            for mount_path, folder in mounts.items():
-                if value == mount_path or value.startswith(mount_path + "/"):
-                    value = str(folder) + value[len(mount_path) :]
-                    break
-            env[var["name"]] = value
-        elif field := var["valueFrom"].get("resourceFieldRef"):
-            assert field["containerName"] == spec["name"]
-            env[var["name"]] = resource_field(spec, field["resource"], field["divisor"])
-        else:
-            env[var["name"]] = SAMPLE_SECRET[var["valueFrom"]["secretKeyRef"]["key"]]
-    return env
-
-
 @pytest.fixture(scope="module")
 def effective(
     deployment: Manifest, objects: list[Manifest], tmp_path_factory: pytest.TempPathFactory
@@ -113,14 +74,15 @@ def effective(
     """`pdp config check --format json` with the container's arguments and environment; the
     settings it reports, with the mounts' folders (key `_mounts`)."""
     root = tmp_path_factory.mktemp("pod")
-    mounts = _mounted(deployment, root, objects)
+    mounts = mount_volumes(deployment, objects, root, SAMPLE_SECRET)
     spec = container(deployment)
     assert spec["args"][0] == "serve"
     outer = {k: v for k, v in os.environ.items() if not k.startswith("PDP_")}
+    env = {**outer, **container_environment(deployment, mounts, SAMPLE_SECRET)}
     done = subprocess.run(
         [sys.executable, "-m", "policy_engine.cli.main", "config", "check", "--format", "json",
          *spec["args"][1:]],
-        capture_output=True, text=True, cwd=root, env={**outer, **_environment(deployment, mounts)},
+        capture_output=True, text=True, cwd=root, env=env,
         check=False,
     )  # fmt: skip
     assert done.returncode == 0, done.stderr

@@ -1,0 +1,116 @@
+"""The Deployment's container run as the kubelet would run it, on this machine.
+
+`pdp serve` with the container's arguments and environment (its workers from the CPU limit,
+the Secret's Redis URL pointing at a real redis-server, the signing key a file in the Secret's
+volume), every volume laid out as the kubelet lays it out; only the fixed ports are moved to
+free ones. The kubelet's gRPC probe (grpc.health.v1 Check, service "") on the health port
+says SERVING; a ConfigMap update (a new version folder, `..data` renamed over, the old folder
+removed) is served without a restart; SIGTERM stops it cleanly.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from policy_engine.api import pdp_pb2, pdp_pb2_grpc
+from policy_engine.bench.redis_server import RedisServer
+from policy_engine.policy import load_policy_set
+from tests.deploy.manifests import (
+    SAMPLE_SECRET,
+    build,
+    container,
+    container_environment,
+    mount_volumes,
+    only,
+    project_configmap,
+    volume_of_mount,
+)
+from tests.store.support import free_port, wait_for
+
+HOST_PORT = re.compile(r"^0\.0\.0\.0:(\d+)$")
+
+
+def _health(port: int) -> int | None:
+    """What the kubelet's gRPC probe gets: the overall status, None when it cannot connect."""
+    with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
+        try:
+            answer = health_pb2_grpc.HealthStub(channel).Check(
+                health_pb2.HealthCheckRequest(), timeout=1
+            )
+        except grpc.RpcError:
+            return None
+    return answer.status
+
+
+def _revision(port: int) -> str:
+    with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
+        status = pdp_pb2_grpc.PolicyStatusServiceStub(channel).GetStatus(
+            pdp_pb2.GetStatusRequest(), timeout=5
+        )
+    return status.revision
+
+
+def test_the_pod_serves_probes_and_hot_reloads_its_configmap(
+    tmp_path: Path, redis_server: RedisServer
+) -> None:
+    objects = build()
+    deployment = only(objects, "Deployment")
+    secret = {**SAMPLE_SECRET, "redis-url": redis_server.url}
+    mounts = mount_volumes(deployment, objects, tmp_path, secret)
+    env = container_environment(deployment, mounts, secret)
+    ports: dict[int, int] = {}
+    for name, value in env.items():
+        if match := HOST_PORT.match(value):
+            ports[int(match[1])] = free_port()
+            env[name] = f"127.0.0.1:{ports[int(match[1])]}"
+    spec = container(deployment)
+    probe_port = ports[spec["livenessProbe"]["grpc"]["port"]]
+    grpc_port = ports[next(p["containerPort"] for p in spec["ports"] if p["name"] == "grpc")]
+    assert int(env["PDP_WORKERS"]) >= 2, "the deployed shape: several workers"
+    # Its length is checked against the probes and the grace period in test_manifests; here
+    # only the clean stop matters, so no 10 s of answering while NOT_SERVING.
+    env["PDP_TRANSPORT__SHUTDOWN_WAIT_MS"] = "0"
+
+    outer = {k: v for k, v in os.environ.items() if not k.startswith("PDP_")}
+    log_file = tmp_path / "pod.log"
+    with log_file.open("w") as log:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "policy_engine.cli.main", *spec["args"]],
+            cwd=mounts["/tmp"], env={**outer, **env}, stdout=log, stderr=log,
+        )  # fmt: skip
+    try:
+
+        def probe() -> bool:
+            assert proc.poll() is None, log_file.read_text()
+            return _health(probe_port) == health_pb2.HealthCheckResponse.SERVING
+
+        wait_for(probe, timeout=60, interval=0.2, what="the startup probe")
+        policies = mounts["/etc/pdp/policies"]
+        assert _revision(grpc_port) == load_policy_set(policies).revision
+
+        configmap = next(o for o in objects if o["kind"] == "ConfigMap")
+        changed = dict(configmap["data"])
+        key = sorted(changed)[0]
+        changed[key] += "\n# edited through the ConfigMap\n"
+        items = volume_of_mount(deployment, "/etc/pdp/policies")["configMap"]["items"]
+        expected = load_policy_set(
+            project_configmap(tmp_path / "expected", changed, items, "..v0")
+        ).revision
+        project_configmap(policies, changed, items, "..v2")
+        wait_for(lambda: _revision(grpc_port) == expected, timeout=30, what="the update")
+        assert _health(probe_port) == health_pb2.HealthCheckResponse.SERVING
+
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=120) == 0, log_file.read_text()
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
