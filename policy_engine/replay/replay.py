@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import re
 import sys
 from collections import Counter
@@ -26,12 +27,20 @@ from jwt.algorithms import OKPAlgorithm
 
 from policy_engine.audit.record import REDACTED
 from policy_engine.audit.sinks.file import _STAMP, _stamp_key
-from policy_engine.audit.verify import iter_lines
 from policy_engine.auth.keys import StaticKeySet, parse_jwks
-from policy_engine.cli.main import UsageError, dry_run, request_message
-from policy_engine.client import RequestValueError
+from policy_engine.cli.main import DEFAULTS, UsageError, dry_run, request_message
+from policy_engine.client import MAX_SAFE_INTEGER, RequestValueError
 from policy_engine.domain.codes import ErrorCode
 from policy_engine.domain.decision import Decision, Effect, reason_to_dict
+from policy_engine.domain.request import (
+    CheckRequest,
+    ConnectionState,
+    RequestContext,
+    Resource,
+    Subject,
+    SubjectKind,
+)
+from policy_engine.engine.engine import decide
 from policy_engine.policy import CompiledPolicySet
 
 ALLOW_TO_DENY = "ALLOW->DENY"
@@ -44,8 +53,7 @@ UNCHANGED = "unchanged"
 CHANGE_KINDS = (ALLOW_TO_DENY, DENY_TO_ALLOW, CODE_CHANGED, LAYER_CHANGED, RULE_CHANGED, UNCHANGED)
 GROUP_BY = ("organization", "application", "integration", "rule")
 EXAMPLES = 3  # decision IDs kept per group
-REPLAYABLE_VERSIONS = frozenset({1, 2})
-_REDACTED_BYTES = REDACTED.encode()
+REPLAYABLE_VERSIONS = frozenset({1, 2, 3})
 REPLAY_KID = "pdp-replay"  # the key replay signs recorded token claims with
 MEMO_SIZE = 65_536  # decisions kept for records with the same inputs
 # Context keys that `request_message` reads as fields: an attribute so named cannot be replayed.
@@ -145,6 +153,126 @@ def replay_record(record: Mapping[str, Any], policies: CompiledPolicySet) -> Dec
     return TokenReplay(policies).decide(record)
 
 
+# --- the direct path -------------------------------------------------------------------------
+#
+# `pdp eval`'s path builds a protobuf CheckRequest, serializes and parses it and converts it as
+# the server does: most of a replay's time on records it cannot reuse. The direct path builds
+# the same domain request from the record's values at once, and declines (None: the caller
+# takes the protobuf path) whenever the round trip could make anything else of them: a value
+# the wire cannot carry (refused there), a non-string where the wire has a string (converted
+# there), a map or list the converter would cut short, a key no version 2 record has.
+# Attribute maps keep the record's key order; the server's protobuf maps iterate in an order
+# that changes from process to process, so no decision may depend on it.
+
+_LIMITS = DEFAULTS.limits  # what `dry_run` decides with
+# The converter keeps maps and lists to these bounds (RequestConverter.__init__); beyond them
+# its values differ from the record's, so the direct path declines.
+_MAX_DEPTH = max(_LIMITS.max_attribute_depth, 0) + 2
+_MAX_ENTRIES = max(_LIMITS.max_attributes, 0) + 1
+_INT64_LOW, _INT64_HIGH = -(2.0**63), 2.0**63  # integral doubles the converter makes ints
+_KINDS = {kind.value: kind for kind in SubjectKind}
+_CONNECTIONS = {state.value: state for state in ConnectionState}
+# The keys of a version 1 or 2 decision record (schema audit-record.v2.json): a key beyond
+# these may be an input the direct path does not know, so it declines.
+_RECORD_KEYS = frozenset(
+    {"schema_version", "type", "stream", "seq", "prev_hash", "hash", "time", "decision_id",
+     "organization", "subject", "application", "integration", "scope", "context", "decision",
+     "reasons", "matched_rules", "policy_revision", "cache_level", "latency_ms", "request_id",
+     "instance", "truncated"}
+)  # fmt: skip
+# Version 3 adds the external user's namespace (an input) and the person it mapped to (an
+# outcome the candidate's own mapping decides again).
+_SUBJECT_KEYS = frozenset(
+    {"id", "kind", "namespace", "mapped_id", "token_sha256", "token_claims", "attributes"}
+)
+_RESOURCE_KEYS = frozenset({"id", "attributes"})
+_CONTEXT_KEYS = frozenset({"connection", "client_ip", "session_id", "time", "attributes"})
+
+
+class _Declined(Exception):
+    """A value the direct path leaves to the protobuf round trip."""
+
+
+def _wire_value(value: Any, depth: int) -> Any:
+    """`value` as the server reads it after the round trip: numbers travel as doubles, so an
+    integral one comes back an int and any other a float; containers at `depth` (the top map
+    is 1). Raises _Declined for anything the round trip refuses or changes otherwise."""
+    kind = type(value)
+    if kind is str or kind is bool or value is None:
+        return value
+    if kind is int:
+        if -MAX_SAFE_INTEGER <= value <= MAX_SAFE_INTEGER:
+            return value
+        raise _Declined
+    if kind is float:
+        if not math.isfinite(value):
+            raise _Declined
+        return int(value) if value.is_integer() and _INT64_LOW <= value < _INT64_HIGH else value
+    if kind is dict:
+        return _wire_map(value, depth + 1)
+    if kind is list:
+        if depth + 1 > _MAX_DEPTH or len(value) > _MAX_ENTRIES:
+            raise _Declined
+        return [_wire_value(item, depth + 1) for item in value]
+    raise _Declined
+
+
+def _wire_map(value: Any, depth: int) -> dict[str, Any]:
+    if type(value) is not dict or depth > _MAX_DEPTH or len(value) > _MAX_ENTRIES:
+        raise _Declined
+    return {key: _wire_value(item, depth) for key, item in value.items()}
+
+
+def _text(value: Any) -> str:
+    if type(value) is not str:
+        raise _Declined
+    return value
+
+
+def direct_request(record: Mapping[str, Any], token: str) -> CheckRequest | None:
+    """The domain request `pdp eval`'s protobuf round trip gives the record's inputs (with
+    `token` as the subject's access token), built directly; None when the round trip might
+    give another or refuse it. The record's strings must hold no lone surrogate (the caller
+    knows its text had no `\\u` escape and was valid UTF-8)."""
+    try:
+        subject, context = record["subject"], record["context"]
+        application, integration = record["application"], record["integration"]
+        if not (
+            record.keys() <= _RECORD_KEYS
+            and subject.keys() <= _SUBJECT_KEYS
+            and application.keys() <= _RESOURCE_KEYS
+            and integration.keys() <= _RESOURCE_KEYS
+            and context.keys() <= _CONTEXT_KEYS
+        ):
+            return None
+        when = context["time"]
+        if when is not None:
+            # The wire's Timestamp is an instant in UTC: years 1 to 9999 there.
+            when = _time(_text(when)).astimezone(UTC)
+        return CheckRequest(
+            organization=_text(record["organization"]),
+            subject=Subject(
+                id=_text(subject["id"]),
+                kind=_KINDS[_text(subject["kind"])],
+                attributes=_wire_map(subject["attributes"], 1),
+                access_token=token,
+                namespace=_text(subject.get("namespace", "")),
+            ),
+            application=Resource(_text(application["id"]), _wire_map(application["attributes"], 1)),
+            integration=Resource(_text(integration["id"]), _wire_map(integration["attributes"], 1)),
+            scope=_text(record["scope"]),
+            context=RequestContext(
+                connection=_CONNECTIONS[_text(context["connection"])],
+                client_ip=_text(context["client_ip"]),
+                time=when,
+                session_id=_text(context["session_id"]),
+                attributes=_wire_map(context["attributes"], 1),
+            ),
+        )
+    except (_Declined, KeyError, TypeError, AttributeError, ValueError, OverflowError):
+        return None
+
+
 class TokenReplay:
     """Recorded token claims replayed as a token: signed with a key made for this replay,
     which the candidate's organizations that verify tokens trust instead of their own (the
@@ -167,22 +295,47 @@ class TokenReplay:
             for name, org in policies.organizations.items()
         }
         self.policies = dataclasses.replace(policies, organizations=MappingProxyType(organizations))
+        # repr(claims) -> token: a session's records repeat its claims, and signing costs more
+        # than deciding. Ed25519 signatures are deterministic, so a reused token is the same.
+        self._tokens: dict[str, str] = {}
 
     def token(self, claims: Mapping[str, Any]) -> str:
         """A token carrying exactly `claims`, signed with this replay's key."""
-        return jwt.encode(dict(claims), self._key, algorithm="EdDSA", headers={"kid": REPLAY_KID})
+        key = repr(claims)
+        token = self._tokens.get(key)
+        if token is None:
+            token = jwt.encode(
+                dict(claims), self._key, algorithm="EdDSA", headers={"kid": REPLAY_KID}
+            )
+            if len(self._tokens) >= MEMO_SIZE:
+                self._tokens.clear()
+            self._tokens[key] = token
+        return token
 
-    def decide(self, record: Mapping[str, Any]) -> Decision:
-        """`replay_record` for a record `unreplayable_reason` has passed."""
+    def decide(self, record: Mapping[str, Any], *, exact_text: bool = False) -> Decision:
+        """`replay_record` for a record `unreplayable_reason` has passed.
+
+        `exact_text` True: the record's strings came from valid UTF-8 without a `\\u` escape
+        (they hold no lone surrogate), so the record may take the direct path
+        (`direct_request`); otherwise, or when that path declines, the request makes the
+        protobuf round trip `pdp eval` makes. Both give the same decision (tests check it).
+        """
         claims = record["subject"].get("token_claims")
         try:
             token = self.token(claims) if claims is not None else ""
         except (TypeError, ValueError):  # PyJWT refuses some claim types (e.g. a numeric iss)
             raise Unreplayable("unrepresentable_value") from None
-        return _decide(record, self.policies, token)
+        request = direct_request(record, token) if exact_text else None
+        if request is None:
+            return _decide(record, self.policies, token)
+        try:
+            return decide(self.policies, request, now=_time(record["time"]), limits=_LIMITS)
+        except (KeyError, TypeError, AttributeError, ValueError):  # as `_decide` counts them
+            raise Unreplayable("malformed_record") from None
 
 
 def _decide(record: Mapping[str, Any], policies: CompiledPolicySet, token: str) -> Decision:
+    """The faithful path: the request `pdp eval` builds, decoded as the server decodes it."""
     try:
         subject, context = record["subject"], record["context"]
         message = request_message(
@@ -204,6 +357,7 @@ def _decide(record: Mapping[str, Any], policies: CompiledPolicySet, token: str) 
             },
             time=_time(context["time"]) if context["time"] is not None else None,
             explain=False,
+            subject_namespace=subject.get("namespace", ""),
         )
         return dry_run(message, policies, now=_time(record["time"]))
     except RequestValueError:
@@ -229,26 +383,68 @@ def _shape(reasons: Iterable[Mapping[str, Any]], key: str) -> list[str]:
     return sorted(str(r.get(key)) for r in reasons)
 
 
-def compare(record: Mapping[str, Any], decision: Decision) -> tuple[str, str]:
-    """(change kind, deciding rule as `old -> new`, or the rule when it is the same)."""
-    old, new = record["decision"], decision.effect.value
-    old_reasons = record["reasons"]
-    new_reasons = [reason_to_dict(r) for r in decision.reasons]
-    new_matched = [
+Summary = tuple[str, list[str], list[str], str]
+"""What `compare` reads of a decision: effect, sorted reason codes, sorted reason layers, and
+deciding rule (`policy/rule`)."""
+
+
+def summarize(decision: Decision) -> Summary:
+    """The decision as `compare` sees it (computed once per decision replay reuses)."""
+    reasons = [reason_to_dict(r) for r in decision.reasons]
+    matched = [
         {"policy": m.policy, "rule": m.rule, "effect": m.effect.value}
         for m in decision.matched_rules
     ]
+    effect = decision.effect.value
+    return (
+        effect,
+        _shape(reasons, "code"),
+        _shape(reasons, "layer"),
+        _rule_of(effect, reasons, matched),
+    )
+
+
+def compare(record: Mapping[str, Any], decision: Decision) -> tuple[str, str]:
+    """(change kind, deciding rule as `old -> new`, or the rule when it is the same)."""
+    return compare_summary(record, summarize(decision))
+
+
+def compare_summary(record: Mapping[str, Any], summary: Summary) -> tuple[str, str]:
+    """`compare` with the new decision's `summarize` already made."""
+    new, codes, layers, new_rule = summary
+    old = record["decision"]
+    old_reasons = record["reasons"]
     old_rule = _rule_of(old, old_reasons, record.get("matched_rules") or ())
-    new_rule = _rule_of(new, new_reasons, new_matched)
     rule = old_rule if old_rule == new_rule else f"{old_rule} -> {new_rule}"
     if old != new:
         return (ALLOW_TO_DENY if old == Effect.ALLOW.value else DENY_TO_ALLOW), rule
-    for key, kind in (("code", CODE_CHANGED), ("layer", LAYER_CHANGED)):
-        if _shape(old_reasons, key) != _shape(new_reasons, key):
-            return kind, rule
+    if _shape(old_reasons, "code") != codes:
+        return CODE_CHANGED, rule
+    if _shape(old_reasons, "layer") != layers:
+        return LAYER_CHANGED, rule
     if old_rule != new_rule:
         return RULE_CHANGED, rule
     return UNCHANGED, rule
+
+
+Where = str | tuple[Path, int]
+"""Where a record was read: "file:line", a Redis entry's name, or (file, line number) (named
+only when needed: formatting every line's name costs more than deciding a reused tuple)."""
+
+
+def _name(where: Where) -> str:
+    return where if isinstance(where, str) else f"{where[0]}:{where[1]}"
+
+
+def _utf8(raw: bytes | str) -> str | None:
+    """`raw` as text when it is valid UTF-8 (no lone surrogate), else None."""
+    try:
+        if isinstance(raw, bytes):
+            return raw.decode()
+        raw.encode()
+    except UnicodeError:
+        return None
+    return raw
 
 
 @dataclass
@@ -275,7 +471,7 @@ class Replay:
     groups: dict[str, dict[str, dict[str, _Group]]] = field(default_factory=dict)
     unreplayable: dict[str, _Group] = field(default_factory=dict)
     other_records: int = 0  # checkpoints, dropped-records notes: not decisions
-    _memo: dict[str, Decision] = field(default_factory=dict, repr=False)
+    _memo: dict[str, Summary] = field(default_factory=dict, repr=False)
     _tokens: TokenReplay = field(init=False, repr=False)
 
     def __post_init__(self) -> None:
@@ -293,23 +489,25 @@ class Replay:
     def cannot(self, reason: str, example: str) -> None:
         self.unreplayable.setdefault(reason, _Group()).add(example)
 
-    def add(self, record: Any, where: str, *, may_redact: bool = True) -> None:
-        """Replay one parsed record; `where` ("file:line") names it when it has no ID.
-        `may_redact` False: its text holds no `[redacted]`."""
+    def add(
+        self, record: Any, where: Where, *, may_redact: bool = True, exact_text: bool = False
+    ) -> None:
+        """Replay one parsed record; `where` names it when it has no ID. `may_redact` False:
+        its text holds no `[redacted]`. `exact_text` True: its text was valid UTF-8 without a
+        `\\u` escape (see `TokenReplay.decide`)."""
         if not isinstance(record, dict):
-            self.cannot("malformed_record", where)
+            self.cannot("malformed_record", _name(where))
             return
         if record.get("type") != "decision":
             self.other_records += 1
             return
-        example = str(record.get("decision_id") or where)
+        example = str(record.get("decision_id") or _name(where))
         reason = unreplayable_reason(record, may_redact=may_redact)
         if reason:
             self.cannot(reason, example)
             return
         try:
-            decision = self._decision(record)
-            kind, rule = compare(record, decision)
+            kind, rule = compare_summary(record, self._summary(record, exact_text))
         except Unreplayable as exc:
             self.cannot(exc.reason, example)
             return
@@ -329,9 +527,10 @@ class Replay:
         for dimension, value in zip(GROUP_BY, values, strict=True):
             by_dimension.setdefault(dimension, {}).setdefault(str(value), _Group()).add(example)
 
-    def _decision(self, record: Mapping[str, Any]) -> Decision:
-        """The candidate's decision, reused for records with the same inputs when it did not
-        read the clock (as the server's cache does): logs repeat tuples, mostly."""
+    def _summary(self, record: Mapping[str, Any], exact_text: bool) -> Summary:
+        """The candidate's decision, summarized (`summarize`); reused for records with the
+        same inputs when it did not read the clock (as the server's cache does): logs repeat
+        tuples, mostly."""
         # repr, not JSON: records are canonical (sorted keys), and repr is several times cheaper.
         key = repr(
             (
@@ -343,26 +542,46 @@ class Replay:
                 record["context"],
             )
         )
-        decision = self._memo.get(key)
-        if decision is None:
-            decision = self._tokens.decide(record)
+        summary = self._memo.get(key)
+        if summary is None:
+            decision = self._tokens.decide(record, exact_text=exact_text)
+            summary = summarize(decision)
             if not decision.time_dependent and decision.valid_until is None:
                 if len(self._memo) >= MEMO_SIZE:
                     self._memo.clear()  # bounded memory; a log's hot tuples come back fast
-                self._memo[key] = decision
-        return decision
+                self._memo[key] = summary
+        return summary
 
-    def add_line(self, raw: bytes | str, where: str) -> None:
+    def add_line(self, raw: bytes | str, where: Where) -> None:
+        """Replay one line of a log (or one Redis entry's record); `where` names it."""
         if not raw.strip():
             return
-        try:
-            record = json.loads(raw)
-        except (ValueError, RecursionError):
-            self.cannot("unreadable_line", where)
-            return
+        # Parsed from text that decoded strictly as UTF-8 and holds no \u escape, a record's
+        # strings hold no lone surrogate, so it may take the direct path; any other line is
+        # parsed and replayed as it always was (json.loads of bytes also reads a BOM, UTF-16).
+        text = _utf8(raw)
+        record: Any = None
+        if text is not None:
+            try:
+                record = json.loads(text)
+            except (ValueError, RecursionError):
+                text = None
+        if text is None:
+            try:
+                record = json.loads(raw)
+            except (ValueError, RecursionError):
+                self.cannot("unreadable_line", _name(where))
+                return
+            exact_text = False
+        else:
+            exact_text = "\\u" not in text
         # Without the marker's text or a \u escape (that could spell it), no value is redacted.
-        text = raw if isinstance(raw, bytes) else raw.encode("utf-8", "surrogatepass")
-        self.add(record, where, may_redact=_REDACTED_BYTES in text or b"\\u" in text)
+        self.add(
+            record,
+            where,
+            may_redact=not exact_text or REDACTED in (text or ""),
+            exact_text=exact_text,
+        )
 
     def to_dict(self) -> dict[str, Any]:
         """The report as JSON: decisions, counts (every kind), changes (kind -> dimension ->
@@ -448,10 +667,12 @@ def replay_files(
     """Replay every record of `paths` (ordered by `order_audit_files`). `progress` is called
     with each line's size in bytes. Raises OSError for a file that cannot be read."""
     replay = Replay(policies)
-    for raw, where, _ in iter_lines(order_audit_files(paths)):
-        replay.add_line(raw, where)
-        if progress is not None:
-            progress(len(raw))
+    for path in order_audit_files(paths):
+        with open(path, "rb") as handle:
+            for number, raw in enumerate(handle, 1):
+                replay.add_line(raw, (path, number))
+                if progress is not None:
+                    progress(len(raw))
     return replay
 
 
