@@ -239,8 +239,11 @@ def run_row(
     server_log = plan.logs / f"{slug}.{build.label}.server.log"
     server_pinned = options.workers == 1 and options.cpu is not None
     try:
+        served = row.server.with_policy_files(
+            _own_policies(plan.options, build), plan.workdir / f"{slug}.{build.label}"
+        )
         with running(
-            row.server, _own_policies(plan.options, build), server_log, cwd=build.root,
+            row.server, served, server_log, cwd=build.root,
             substitutions=plan.substitutions, extra_env={**SERVER_ENV, **build.env},
         ) as srv:  # fmt: skip
             url = srv.url_base + method_path(row.method)

@@ -498,7 +498,8 @@ def targets_table(
 EXPLAINED = (
     "`vs baseline` is req/s divided by the req/s of the row's baseline measured in this run: "
     "the empty servicer answering the same RPC, or for an `audit on` row the same row with "
-    "the audit log off; `vs previous's baseline` divides by that row as the previous build "
+    "the audit log off, for a `with a quota` row the same row without the quota; "
+    "`vs previous's baseline` divides by that row as the previous build "
     "(`--baseline REF`) served it. Latencies are per RPC under closed-loop load (every "
     "connection keeps its streams busy), so they include queueing. Server CPU is user + "
     "system time of every server process (supervisor and workers) from /proc over the "

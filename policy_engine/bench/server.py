@@ -106,12 +106,15 @@ SERVER_KINDS: dict[str, CommandBuilder] = {
 @dataclass(frozen=True, slots=True)
 class ServerSpec:
     """Which server a row measures: a kind from SERVER_KINDS, extra flags, extra environment,
-    and its own number of worker processes (None: the run's `--workers`)."""
+    and its own number of worker processes (None: the run's `--workers`). `policy_files`:
+    (path below the policy directory, text) of files the server's copy of the run's policy
+    directory gains (a quota for a row that measures one), none: the directory as it is."""
 
     kind: str
     args: tuple[str, ...] = ()
     env: Mapping[str, str] = field(default_factory=dict)
     workers: int | None = None
+    policy_files: tuple[tuple[str, str], ...] = ()
 
     @property
     def needs_redis(self) -> bool:
@@ -131,6 +134,18 @@ class ServerSpec:
         if self.workers is None:
             return options
         return dataclasses.replace(options, workers=self.workers)
+
+    def with_policy_files(self, options: ServerOptions, workdir: Path) -> ServerOptions:
+        """`options` serving a copy of its policy directory, in `workdir`, with this server's
+        `policy_files` added; `options` itself when it adds none."""
+        if not self.policy_files:
+            return options
+        copy = workdir / "policies"
+        shutil.rmtree(copy, ignore_errors=True)
+        shutil.copytree(options.policy_dir, copy)
+        for relative, text in self.policy_files:
+            (copy / relative).write_text(text)
+        return dataclasses.replace(options, policy_dir=copy)
 
     def command(self, address: str, options: ServerOptions) -> list[str]:
         """The command line: the kind's, then the extra flags; pinned to `options.cpu` when

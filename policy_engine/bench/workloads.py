@@ -306,6 +306,20 @@ AUDIT_ON = {
 AUDIT_TARGET = 0.90  # the audit log may cost at most 10% of the same row without it
 CHECK_UNCACHED = "Check uncached (cache off)"
 BATCH_UNCACHED = f"CheckBatch {BATCH_SIZE}"
+CHECK_LOCAL_QUOTA = "Check cached (local) with a quota (Redis counter)"
+CHECK_UNCACHED_QUOTA = "Check uncached with a quota (Redis counter)"
+# A quota every allowed tuple of the rows counts in, never exhausted during a run: each ALLOW
+# costs the quota check (one EVALSHA round trip to the harness's Redis), never a deny.
+BENCH_QUOTA = (
+    "acme/bench-quota.yaml",
+    "kind: Quota\n"
+    "name: bench-github-per-person\n"
+    "target: {integrations: [github]}\n"
+    "limit: 1000000000\n"
+    "window: 31d\n"
+    "per: [subject]\n",
+)
+QUOTA_IN_REDIS = {"PDP_QUOTA__REDIS_URL": REDIS_URL}
 
 POLICY = ServerSpec("policy", env=CACHE_OFF)
 EMPTY = ServerSpec("empty")
@@ -404,6 +418,7 @@ def default_rows() -> list[Row]:
             "uncached",
         ),
         *audit_rows(batch, batch_expected),
+        *quota_rows(),
         Row(
             EMPTY_TWO_WORKERS, ServerSpec("empty", workers=2), "Check", allow_tuple(),
             expect_decision(ALLOW), baseline=EMPTY_TWO_WORKERS,
@@ -446,6 +461,28 @@ def audit_rows(batch: Message, batch_expected: Sequence[Expected]) -> list[Row]:
             "CheckBatch", batch, expect_batch(batch_expected),
             decisions_per_request=BATCH_SIZE, baseline=BATCH_UNCACHED,
             notes="as its baseline, every item also audited to a file",
+        ),
+    ]  # fmt: skip
+
+
+def quota_rows() -> list[Row]:
+    """The cached and uncached Check rows again with a quota counted in Redis (issue 14): the
+    cost of the quota check, one round trip per call, each compared with its quota-free row."""
+    local, none = pdp_pb2.CACHE_LEVEL_LOCAL, pdp_pb2.CACHE_LEVEL_NONE
+    return [
+        Row(
+            CHECK_LOCAL_QUOTA,
+            ServerSpec("policy", env={**LOCAL_ONLY, **QUOTA_IN_REDIS}, policy_files=(BENCH_QUOTA,)),
+            "Check", allow_tuple(), expect_decision(ALLOW), check_after=expect_cached(ALLOW, local),
+            baseline=CHECK_LOCAL,
+            notes="as its baseline, every cached ALLOW also counted in a Redis quota counter",
+        ),
+        Row(
+            CHECK_UNCACHED_QUOTA,
+            ServerSpec("policy", env={**CACHE_OFF, **QUOTA_IN_REDIS}, policy_files=(BENCH_QUOTA,)),
+            "Check", allow_tuple(), expect_decision(ALLOW),
+            check_after=expect_cached(ALLOW, none), baseline=CHECK_UNCACHED,
+            notes="as its baseline, every ALLOW also counted in a Redis quota counter",
         ),
     ]  # fmt: skip
 
