@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import copy
 import json
+import shutil
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -27,15 +28,35 @@ from tests.server.harness import EXAMPLE_POLICIES
 RECORDS = 1500
 
 
-@pytest.fixture(scope="module")
-def policies() -> CompiledPolicySet:
-    return load_policy_set(EXAMPLE_POLICIES)
+# A rule whose answer depends on a value's type: an integral number arrives as an int, any
+# other as a double, on the server and on both replay paths alike.
+TYPED_RULE = """
+---
+kind: Policy
+name: replay-value-types
+layer: org
+rules:
+  - name: fractional-level
+    effect: deny
+    condition: has(subject.attributes.level) && type(subject.attributes.level) == double
+"""
 
 
 @pytest.fixture(scope="module")
-def log(tmp_path_factory: pytest.TempPathFactory, policies: CompiledPolicySet) -> Path:
+def policies(tmp_path_factory: pytest.TempPathFactory) -> CompiledPolicySet:
+    """The example policies, and in each organization the rule above."""
+    directory = tmp_path_factory.mktemp("candidate") / "policies"
+    shutil.copytree(EXAMPLE_POLICIES, directory)
+    for org in ("acme", "globex"):
+        with (directory / org / "org.yaml").open("a") as handle:
+            handle.write(TYPED_RULE)
+    return load_policy_set(directory)
+
+
+@pytest.fixture(scope="module")
+def log(tmp_path_factory: pytest.TempPathFactory) -> Path:
     path = tmp_path_factory.mktemp("audit") / "audit.jsonl"
-    generate(path, RECORDS, policies, distinct=True)
+    generate(path, RECORDS, load_policy_set(EXAMPLE_POLICIES), distinct=True)
     return path
 
 
