@@ -49,34 +49,34 @@ def _per(spec_per: Sequence[str]) -> str:
     return "per " + ", ".join(spec_per) if spec_per else "across the organization"
 
 
-def exhausted_reason(spec: QuotaSpec, per: Sequence[str], retry_after_ms: int) -> Reason:
-    """The `kontext_rate_limited` reason of an ALLOW quota `spec` had no room for."""
+def _reason(code: ErrorCode, spec: QuotaSpec, rule: str, message: str, wait_ms: int = 0) -> Reason:
     return Reason(
-        code=ErrorCode.RATE_LIMITED,
+        code=code,
         layer=Layer.SYSTEM,
         policy=spec.name,
-        rule="quota-exhausted",
-        message=(
-            f"quota {spec.name} allows {spec.limit:,} per {span(spec.window_ms)} "
-            f"({spec.algorithm.value} window) {_per(per)} and is exhausted; "
-            f"it frees in {span(retry_after_ms)}"
-        ),
-        retry_after_ms=max(1, retry_after_ms),
+        rule=rule,
+        message=message,
+        retry_after_ms=wait_ms,
     )
+
+
+def exhausted_reason(spec: QuotaSpec, per: Sequence[str], retry_after_ms: int) -> Reason:
+    """The `kontext_rate_limited` reason of an ALLOW quota `spec` had no room for."""
+    message = (
+        f"quota {spec.name} allows {spec.limit:,} per {span(spec.window_ms)} "
+        f"({spec.algorithm.value} window) {_per(per)} and is exhausted; "
+        f"it frees in {span(retry_after_ms)}"
+    )
+    return _reason(ErrorCode.RATE_LIMITED, spec, "quota-exhausted", message, max(1, retry_after_ms))
 
 
 def unavailable_reason(spec: QuotaSpec) -> Reason:
     """The `kontext_server_error` reason of an ALLOW the counter store could not count."""
-    return Reason(
-        code=ErrorCode.SERVER_ERROR,
-        layer=Layer.SYSTEM,
-        policy=spec.name,
-        rule="quota-store-unavailable",
-        message=(
-            f"the quota store is unreachable, so quota {spec.name} could not count this "
-            "request; denied (when_unavailable: deny)"
-        ),
+    message = (
+        f"the quota store is unreachable, so quota {spec.name} could not count this "
+        "request; denied (when_unavailable: deny)"
     )
+    return _reason(ErrorCode.SERVER_ERROR, spec, "quota-store-unavailable", message)
 
 
 def unavailable_denies(charges: Sequence[Charge]) -> QuotaSpec | None:

@@ -20,11 +20,12 @@ import redis
 from policy_engine.api import pdp_pb2
 from policy_engine.bench.redis_server import RedisServer
 from policy_engine.config import QuotaSettings, Settings
-from policy_engine.decision import DeadlineExceeded, Decided, Decider, Decisions
+from policy_engine.decision import DeadlineExceeded, Decided, Decider
 from policy_engine.policy import CompiledPolicySet, load_policy_set
 from policy_engine.quota import InProcessQuotaStore, QuotaStore, quota_store_from_settings
 from policy_engine.server.service import build_decider
 from tests.cache.support import settings, tuple_request
+from tests.decision.test_pipeline import Seen
 from tests.metrics import sample
 
 ORGANIZATION = """\
@@ -67,19 +68,6 @@ def policies(tmp_path_factory: pytest.TempPathFactory) -> CompiledPolicySet:
         if quotas:
             (root / org / "quotas.yaml").write_text(quotas)
     return load_policy_set(root)
-
-
-class Seen:
-    """An observer keeping what it is handed."""
-
-    def __init__(self) -> None:
-        self.calls: list[Decisions] = []
-
-    def admit(self, count: int, deadline: float | None) -> None:
-        return None
-
-    def observe(self, decisions: Decisions) -> None:
-        self.calls.append(decisions)
 
 
 def _quota_settings(server: RedisServer, timeout_ms: int = 200) -> Settings:
