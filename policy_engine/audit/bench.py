@@ -75,7 +75,7 @@ def measure(count: int, directory: Path) -> dict[str, float]:
         release.wait()
         return real(*args, **kwargs)
 
-    writer_module.encode_record = held  # type: ignore[assignment]
+    writer_module.encode_record = held
     try:
         audit = AuditLog(settings)
         audit.start()
@@ -87,12 +87,12 @@ def measure(count: int, directory: Path) -> dict[str, float]:
         record_seconds = time.perf_counter() - started
         cpu_started, wall_started = time.process_time(), time.perf_counter()
         release.set()
-        writer_module.encode_record = real  # type: ignore[assignment]
+        writer_module.encode_record = real
         assert audit.close(timeout=600)
         wall = time.perf_counter() - wall_started
         cpu = time.process_time() - cpu_started
     finally:
-        writer_module.encode_record = real  # type: ignore[assignment]
+        writer_module.encode_record = real
         release.set()
     size = (directory / "audit.jsonl").stat().st_size
     return {

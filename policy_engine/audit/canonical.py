@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import json
 import math
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any, NamedTuple
 
 _ENCODER = json.JSONEncoder(
@@ -28,11 +28,15 @@ def _not_json(value: Any) -> Any:
 # json's own C encoder, built once: JSONEncoder.encode builds one per call (about half the
 # cost for a small map). No circular-reference check: records are trees built here or
 # converted from protobuf values, whose depth request validation bounds.
+# (Not in typeshed's json.encoder: an implementation detail, None without the C accelerator.)
+_c_make_encoder: Callable[..., Callable[[Any, int], tuple[str, ...]]] | None = getattr(
+    json.encoder, "c_make_encoder", None
+)
 _c_encoder = (
-    json.encoder.c_make_encoder(
+    _c_make_encoder(
         None, _not_json, json.encoder.encode_basestring, None, ":", ",", True, False, False
     )
-    if json.encoder.c_make_encoder is not None
+    if _c_make_encoder is not None
     else None
 )
 

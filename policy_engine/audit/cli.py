@@ -125,7 +125,7 @@ def cmd_tail(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
-def add_audit_commands(commands: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
+def add_audit_commands(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     """Adds `audit` and its subcommands to the `pdp` parser."""
     audit = commands.add_parser("audit", help="audit log: keys, verification, tail")
     sub = audit.add_subparsers(dest="audit_command", required=True)

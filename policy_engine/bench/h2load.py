@@ -206,7 +206,7 @@ def grpc_command(
     command = [h2load_path()]
     if requests is not None:
         command += ["-n", str(max(requests, shape.clients))]
-    else:
+    elif duration_s is not None:
         command += ["-D", f"{max(1, round(duration_s * 1000))}ms"]  # an integer and a unit
     command += [
         "-c", str(shape.clients),

@@ -139,7 +139,7 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import MappingProxyType
-from typing import Any
+from typing import Any, Protocol, cast
 
 import celpy.celparser
 from lark import Lark, Token, Tree
@@ -191,7 +191,13 @@ from policy_engine.cel.values import (
     select_field,
 )
 
-Evaluator = Callable[[Any], Any]
+
+class Evaluator(Protocol):
+    """A compiled node: called with the activation, returns the node's value. A Protocol
+    rather than `Callable[[Any], Any]` so that closures binding what they use as defaulted
+    parameters (`lambda act, value=value: value`) are evaluators too."""
+
+    def __call__(self, act: Any, /) -> Any: ...
 
 
 @dataclass(frozen=True)
@@ -440,7 +446,8 @@ def _full_parse(source: str) -> Tree:
     try:
         return _parser().parse(source)
     except UnexpectedCharacters as exc:
-        char = source[exc.pos_in_stream] if exc.pos_in_stream < len(source) else ""
+        at = exc.pos_in_stream  # lark types it Optional: None would be past the end
+        char = source[at] if at is not None and at < len(source) else ""
         raise CelCompileError(
             f"syntax error: unexpected character {char!r}", exc.line, exc.column
         ) from None
@@ -526,7 +533,9 @@ _META_ATTRIBUTES = frozenset(
 # A meta spec: (start token, end token) when the start and container-start groups copy one
 # token, the end and container-end groups another, and empty is False (every node of
 # cel.lark); else (empty, ((meta attribute, token index, token attribute), ...)).
-_MetaSpec = tuple[int, int] | tuple[bool, tuple[tuple[str, int, str], ...]]
+# (meta attribute, token index, token attribute): a meta value copied from a token.
+_CopiedMeta = tuple[tuple[str, int, str], ...]
+_MetaSpec = tuple[int, int] | tuple[bool, _CopiedMeta]
 _Step = int | tuple[str, int, _MetaSpec]
 
 
@@ -663,19 +672,20 @@ class _Template:
             if type(step) is int:
                 stack.append(tokens[step])
                 continue
-            data, count, (first, second) = step  # type: ignore[misc]
+            data, count, spec = cast(tuple[str, int, _MetaSpec], step)
             if count:
                 children = stack[-count:]
                 del stack[-count:]
             else:
                 children = []
+            first, second = spec  # _MetaSpec's two forms, told apart by type(first)
             if type(first) is int:
                 meta = _new_meta(Meta)  # no __init__: every attribute is set from the dicts
-                meta.__dict__ = {**starts[first], **ends[second]}
+                meta.__dict__ = {**starts[first], **ends[cast(int, second)]}
             else:
                 meta = Meta()
-                meta.empty = first
-                for attribute, index, token_attribute in second:
+                meta.empty = bool(first)
+                for attribute, index, token_attribute in cast(_CopiedMeta, second):
                     setattr(meta, attribute, getattr(tokens[index], token_attribute))
             stack.append(Tree(data, children, meta))
         return stack[0] if len(stack) == 1 and isinstance(stack[0], Tree) else None
@@ -781,7 +791,10 @@ class _Template:
                     return None
                 if value is not None and item.value != value:
                     return None
-            elif not isinstance(item, Tree) or (item.data, len(item.children)) != step[:2]:
+            elif (
+                not isinstance(item, Tree)
+                or (item.data, len(item.children)) != cast(tuple[str, int, _MetaSpec], step)[:2]
+            ):
                 return None
         return items
 
@@ -794,7 +807,7 @@ class _Template:
             if type(step) is int:
                 literal = self.expected[step][0] in _LITERAL_TERMINALS
             else:
-                count = step[1]  # type: ignore[index]
+                count = cast(tuple[str, int, _MetaSpec], step)[1]
                 literal = any(stack[len(stack) - count :])
                 del stack[len(stack) - count :]
             stack.append(literal)
@@ -822,12 +835,10 @@ def _skippable(steps: tuple[_Step, ...], at: int, descended: int) -> bool:
     if descended == at:
         return False
     head, end = steps[at], steps[descended]
-    return (
-        type(end) is tuple
-        and type(head[2][0]) is int  # type: ignore[index]
-        and type(end[2][0]) is int  # type: ignore[index]
-        and end[0] not in _FLATTENED  # type: ignore[index]
-    )
+    if type(end) is not tuple:
+        return False
+    head_spec = cast(tuple[str, int, _MetaSpec], head)[2]
+    return type(head_spec[0]) is int and type(end[2][0]) is int and end[0] not in _FLATTENED
 
 
 class _StartMeta:
@@ -874,11 +885,12 @@ class _Shape:
         descended: list[int] = []  # the step _descend reaches from each step
         stack: list[int] = []
         for at, step in enumerate(steps):
-            count = 0 if type(step) is int else step[1]  # type: ignore[index]
+            node = None if type(step) is int else cast(tuple[str, int, _MetaSpec], step)
+            count = 0 if node is None else node[1]
             children.append(stack[len(stack) - count :])
             del stack[len(stack) - count :]
             stack.append(at)
-            passthrough = count == 1 and step[0] in _PASSTHROUGH  # type: ignore[index]
+            passthrough = node is not None and count == 1 and node[0] in _PASSTHROUGH
             descended.append(descended[children[at][0]] if passthrough else at)
         program: list[_SpineStep] = []
         pending = [(len(steps) - 1, False)]
@@ -888,9 +900,9 @@ class _Shape:
             if type(step) is int:
                 program.append(step)  # every token comes from the new text: its positions
             elif not holds_literal[at]:
-                program.append(items[at])  # type: ignore[arg-type]
+                program.append(cast(Tree, items[at]))  # a literal-free subtree: a Tree
             elif expanded:
-                data, count, meta = step  # type: ignore[misc]
+                data, count, meta = cast(tuple[str, int, _MetaSpec], step)
                 program.append((str(data), count, meta))  # a str compares faster than a Token
             elif _skippable(steps, at, descended[at]):
                 pending.append((children[at][0], False))
@@ -901,7 +913,7 @@ class _Shape:
         return cls(
             declarations=compiler.declarations,
             limits=compiler.limits,
-            tree=items[-1],  # type: ignore[arg-type]
+            tree=cast(Tree, items[-1]),  # the root
             program=tuple(program),
             compiled={key: value for key, value in recorded.items() if value is not None},
         )
@@ -915,9 +927,9 @@ class _Shape:
         for step in self.program:
             kind = type(step)
             if kind is int:
-                stack.append(tokens[step])  # type: ignore[index]
+                stack.append(tokens[cast(int, step)])
             elif kind is tuple:
-                data, count, (first, second) = step  # type: ignore[misc]
+                data, count, (first, second) = cast(tuple[str, int, _MetaSpec], step)
                 if count:
                     children = stack[-count:]
                     del stack[-count:]
@@ -928,12 +940,12 @@ class _Shape:
                 else:
                     meta = Meta()
                     meta.empty = first
-                    for attribute, source, token_attribute in second:
+                    for attribute, source, token_attribute in cast(_CopiedMeta, second):
                         setattr(meta, attribute, getattr(tokens[source], token_attribute))
                 stack.append(Tree(data, children, meta))
             else:
                 stack.append(step)
-        return stack[0]  # type: ignore[no-any-return]
+        return stack[0]
 
 
 def _program(tree: Tree, tokens: list[Token]) -> tuple[_Step, ...]:
@@ -966,7 +978,7 @@ def _program(tree: Tree, tokens: list[Token]) -> tuple[_Step, ...]:
 
 
 def _meta_spec(
-    tree: Tree, tokens: list[Token], by_position: dict[str, dict[int, int]]
+    tree: Tree, tokens: list[Token], by_position: dict[str, dict[int | None, int]]
 ) -> _MetaSpec:
     """Which token attribute each of ``tree``'s meta attributes was copied from; raises
     ValueError for an attribute lark's PropagatePositions would not have set that way."""
@@ -990,8 +1002,13 @@ def _meta_spec(
             spec.append((attribute, index, source))
     start, container_start, end, container_end = sources
     empty = values.get("empty", True)
-    same_start = start is not None and start == container_start
-    if empty is False and same_start and end is not None and end == container_end:
+    if (
+        empty is False
+        and start is not None
+        and start == container_start
+        and end is not None
+        and end == container_end
+    ):
         return start, end
     return bool(empty), tuple(spec)
 
@@ -1141,7 +1158,7 @@ _LITERAL_TYPES = {
     "BOOL_LIT": BOOL,
     "NULL_LIT": NULL,
 }
-_UNARY_SYMBOLS = {logical_not: "!_", negate: "-_"}
+_UNARY_SYMBOLS: dict[Callable[[Any], Any], str] = {logical_not: "!_", negate: "-_"}
 
 
 def _unwrap(ctype: CelT) -> CelT:
@@ -1163,10 +1180,16 @@ def _present(value: Any) -> bool:
 MAX_COMPREHENSION_ITERATIONS = 10_000
 
 
-class _Frame(dict):  # type: ignore[type-arg]
-    """The activation inside a comprehension: loop variables, plus the request activation."""
+class _Frame(dict[str, Any]):
+    """The activation inside a comprehension: loop variables, plus the request activation.
+
+    `root`: the request activation; `budget`: a one-item list, the iterations left to the
+    outermost comprehension (shared by its nested frames)."""
 
     __slots__ = ("budget", "root")
+
+    root: Any
+    budget: list[int]
 
 
 def _top_frame(act: Any) -> _Frame:
@@ -1791,7 +1814,7 @@ class _Compiler:
     # -- names and members ---------------------------------------------------------------
 
     def _ident(self, tree: Tree) -> _Node:
-        token = tree.children[0]
+        token = cast(Token, tree.children[0])
         name = str(token)
         root_only = tree.data == "dot_ident"
         if name in self.loop_vars and not root_only:
@@ -1837,7 +1860,8 @@ class _Compiler:
         parts: list[str] = []
         tree = _descend(tree)
         while tree.data == "member_dot":
-            operand, field_token = tree.children
+            operand, field = tree.children
+            field_token = cast(Token, field)  # IDENT, or a reserved word's token
             if field_token.type != "IDENT":
                 return None
             parts.append(str(field_token))
@@ -1898,7 +1922,7 @@ class _Compiler:
             found = self._lookup(".".join(parts[:length]), root_only)
             if found is None:
                 continue
-            fn = self._variable(found, tree.children[1], declared_only=True)
+            fn = self._variable(found, cast(Token, tree.children[1]), declared_only=True)
             ctype = self.types.get(found, DYN)
             for field_name in parts[length:]:
                 fn = _make_select(fn, field_name)
@@ -1923,7 +1947,8 @@ class _Compiler:
         qualified = self._select_qualified(tree)
         if qualified is not None:
             return qualified
-        operand_tree, field_token = tree.children
+        operand_tree, field = tree.children
+        field_token = cast(Token, field)  # the grammar's IDENT
         operand = self.compile(operand_tree)
         self._check_field(operand_tree, field_token)
         name = _field_name(field_token)
@@ -1936,7 +1961,8 @@ class _Compiler:
 
     def _select_optional(self, tree: Tree) -> _Node:
         """``x.?f``: the field as an optional, empty when absent."""
-        operand_tree, field_token = tree.children
+        operand_tree, field = tree.children
+        field_token = cast(Token, field)  # the grammar's IDENT
         operand = self.compile(operand_tree)
         self._check_field(operand_tree, field_token)
         name = _field_name(field_token)
@@ -1969,7 +1995,7 @@ class _Compiler:
     # -- literals --------------------------------------------------------------------------
 
     def _literal(self, tree: Tree) -> _Node:
-        token: Token = tree.children[0]
+        token = cast(Token, tree.children[0])
         kind = token.type
         ctype = _LITERAL_TYPES.get(kind, DYN)
         try:
@@ -2083,12 +2109,12 @@ class _Compiler:
     # -- calls and macros --------------------------------------------------------------------
 
     def _global_call(self, tree: Tree) -> _Node:
-        name_token = tree.children[0]
+        name_token = cast(Token, tree.children[0])
         args = list(tree.children[1].children) if len(tree.children) > 1 else []
         return self._call(name_token, None, args)
 
     def _method_call(self, tree: Tree) -> _Node:
-        receiver, name_token = tree.children[0], tree.children[1]
+        receiver, name_token = tree.children[0], cast(Token, tree.children[1])
         args = list(tree.children[2].children) if len(tree.children) > 2 else []
         return self._call(name_token, receiver, args)
 
@@ -2204,7 +2230,8 @@ class _Compiler:
         selection = _descend(args[0])
         if selection.data != "member_dot":
             raise self.error("has() argument must be a field selection such as has(a.b)", args[0])
-        operand_tree, field_token = selection.children
+        operand_tree, field = selection.children
+        field_token = cast(Token, field)  # the grammar's IDENT
         operand = self.compile(operand_tree)
         self._check_field(operand_tree, field_token)
         name = _field_name(field_token)

@@ -199,7 +199,7 @@ class _Segment:
 def prepare_glob(pattern: Any) -> GlobPattern:
     """Turn a glob string into a :class:`GlobPattern` (cached)."""
     text = _require_string(pattern, "glob pattern")
-    return _PREPARED.get(("glob", text), lambda: GlobPattern(text))  # type: ignore[no-any-return]
+    return _PREPARED.get(("glob", text), lambda: GlobPattern(text))
 
 
 def prepare_prefixes(prefixes: Any) -> tuple[str, ...]:
@@ -224,7 +224,7 @@ def prepare_cidr(cidr: Any) -> IPNetwork:
         except ValueError:
             raise CelEvaluationError(f"invalid CIDR: {text!r}") from None
 
-    return _PREPARED.get(("cidr", text), build)  # type: ignore[no-any-return]
+    return _PREPARED.get(("cidr", text), build)
 
 
 # The sign may be left out (``"02:00"``), as cel-go and the conformance cases accept.
@@ -248,7 +248,7 @@ def prepare_zone(name: Any) -> tzinfo:
         except Exception:  # ZoneInfoNotFoundError, ValueError, IsADirectoryError, ...
             raise CelEvaluationError(f"unknown time zone: {text!r}") from None
 
-    return _PREPARED.get(("zone", text), build)  # type: ignore[no-any-return]
+    return _PREPARED.get(("zone", text), build)
 
 
 _HHMM = re.compile(r"([01][0-9]|2[0-3]):([0-5][0-9])", re.ASCII)

@@ -515,7 +515,7 @@ def list_contains(items: Sequence[Any], needle: Any) -> bool:
     if len(items) > FREE_SCAN:
         scan(len(items), "in")
     if type(needle) is str or type(needle) is bytes or needle is None:
-        return needle in items  # type: ignore[operator]
+        return needle in items
     return any(cel_equals(needle, item) for item in items)
 
 
@@ -662,7 +662,7 @@ def _make_ordering(symbol: str, compare: BinaryOp) -> BinaryOp:
     def ordering(a: Any, b: Any) -> bool:
         ta = type(a)
         if ta is type(b) and (ta is int or ta is str or ta is float):
-            return compare(a, b)  # type: ignore[no-any-return]
+            return compare(a, b)
         ka = kind_of(a)
         kb = kind_of(b)
         if ka == kb and ka in _TIME_KINDS:

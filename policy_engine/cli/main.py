@@ -363,7 +363,7 @@ def cmd_replay(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
-def add_replay_command(commands: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
+def add_replay_command(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     replay = commands.add_parser(
         "replay",
         help="re-decide audited decisions against candidate policies; report what changes",
@@ -507,7 +507,7 @@ def _add_settings_flags(parser: argparse.ArgumentParser) -> None:
     )
 
 
-def add_config_commands(commands: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
+def add_config_commands(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     config = commands.add_parser("config", help="check the server's settings")
     actions = config.add_subparsers(dest="config_command", required=True)
     check = actions.add_parser(
@@ -563,7 +563,7 @@ def cmd_bundle_verify(args: argparse.Namespace) -> int:
     return EXIT_INVALID_POLICIES if problems else EXIT_OK
 
 
-def add_bundle_commands(commands: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
+def add_bundle_commands(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     bundle = commands.add_parser("bundle", help="make keys for, sign and verify policy directories")
     actions = bundle.add_subparsers(dest="bundle_command", required=True)
     keygen = actions.add_parser("keygen", help="make an Ed25519 key pair for signing bundles")

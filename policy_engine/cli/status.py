@@ -135,7 +135,9 @@ def cmd_status(args: argparse.Namespace) -> int:
     return EXIT_READY if all(c.ready for c in status.components) else EXIT_NOT_READY
 
 
-def add_status_command(commands: argparse._SubParsersAction, default_address: str) -> None:  # type: ignore[type-arg]
+def add_status_command(
+    commands: argparse._SubParsersAction[argparse.ArgumentParser], default_address: str
+) -> None:
     status = commands.add_parser(
         "status",
         help="ask a running server for its revision, last reload and components",

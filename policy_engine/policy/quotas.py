@@ -112,7 +112,7 @@ class OrganizationQuotas:
         return [
             quota
             for quota in index.candidates(subject, application, scope)
-            if quota.applies_to(subject, application, scope)  # type: ignore[attr-defined]
+            if quota.applies_to(subject, application, scope)
         ]
 
     def charges(

@@ -45,7 +45,7 @@ class StrictYamlError(yaml.MarkedYAMLError):
     or nesting beyond MAX_DEPTH); `problem_mark` is where it starts."""
 
 
-class PositionedDict(dict):  # type: ignore[type-arg]
+class PositionedDict(dict[str, Any]):
     """A mapping that remembers the line of itself, of each key, and of each value's first line."""
 
     __slots__ = ("block_scalar", "key_lines", "line", "value_lines")
@@ -279,7 +279,8 @@ class _Composer:
         problems = self.problems
         mapping = PositionedDict()
         mapping.line = line = start.start_mark.line + 1
-        mapping.key_lines = key_lines = {}
+        key_lines: dict[str, int] = {}
+        mapping.key_lines = key_lines
         mapping.value_lines = value_lines = {}
         mapping.block_scalar = block_scalar = {}
         while True:
@@ -341,7 +342,9 @@ class _PyParser(Reader, Scanner, Parser):
 
 if yaml.__with_libyaml__:
     # libyaml scans and parses (about 8x faster); its events are the same classes.
-    from yaml._yaml import CParser as _FastParser
+    from yaml._yaml import CParser
+
+    _FastParser: type[CParser | _PyParser] = CParser
 else:  # pragma: no cover - PyYAML built without libyaml
     _FastParser = _PyParser
 

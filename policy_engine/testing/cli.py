@@ -83,7 +83,7 @@ def cmd_test(args: argparse.Namespace) -> int:
     return EXIT_PASSED
 
 
-def add_test_command(commands: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
+def add_test_command(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     test = commands.add_parser(
         "test",
         help="run the policy test suites (*.test.yaml) beside the policies",
