@@ -54,9 +54,11 @@ from policy_engine.policy.bundle import (
     verify_bundle,
 )
 from policy_engine.policy.loader import load_policy_source
+from policy_engine.quota.dry_run import DryRunQuotas
 from policy_engine.server.convert import RequestConverter
 from policy_engine.strict_json import unique_keys
 from policy_engine.testing.cli import add_test_command
+from policy_engine.testing.suite import MAX_QUOTA_USED
 
 DEFAULTS = Settings()
 EXIT_OK = 0
@@ -293,12 +295,35 @@ def cmd_eval(args: argparse.Namespace) -> int:
     policies = load_policy_set(Path(args.policies))
     if args.jwks:
         policies = _with_jwks(policies, args.org, args.jwks)
-    decision = dry_run(message, policies, now=datetime.now(UTC))
+    now = datetime.now(UTC)
+    decision = dry_run(message, policies, now=now)
+    # Counted as the server counts it, in counters of this run's own, topped up first.
+    request = (args.subject, args.application, args.integration, args.scope)
+    decision, problems = DryRunQuotas().count(
+        policies.organizations.get(args.org), request, decision, now, _quota_used(args.quota_used)
+    )
+    if problems:
+        raise UsageError("--quota-used: " + "; ".join(problems))
     if args.json:
         print(json.dumps(decision_to_dict(decision), indent=2))
     else:
         print(format_decision(decision))
     return EXIT_OK
+
+
+def _quota_used(values: Sequence[str]) -> dict[str, int]:
+    """`--quota-used NAME=N` flags as {quota name: ALLOWs already counted}; UsageError for
+    anything but a name and a whole number from 0 to MAX_QUOTA_USED."""
+    used: dict[str, int] = {}
+    for value in values:
+        name, _, count = value.partition("=")
+        if not count.isdigit() or not 0 <= int(count) <= MAX_QUOTA_USED:
+            raise UsageError(
+                f"--quota-used {value!r}: expected NAME=N, N a whole number from 0 to "
+                f"{MAX_QUOTA_USED:,}"
+            )
+        used[name] = int(count)
+    return used
 
 
 def cmd_validate(args: argparse.Namespace) -> int:
@@ -613,6 +638,13 @@ def build_parser() -> argparse.ArgumentParser:
         evaluate.add_argument(flag, action="append", default=[], metavar="KEY=VALUE")
     evaluate.add_argument("--token", help="the subject's access token (JWT)")
     evaluate.add_argument("--jwks", help="verify --token with this JWKS file")
+    evaluate.add_argument(
+        "--quota-used",
+        action="append",
+        default=[],
+        metavar="QUOTA=N",
+        help="count the ALLOW as if quota QUOTA already counted N for this tuple in its window",
+    )
     evaluate.add_argument("--explain", action="store_true", help="show every layer and rule")
     evaluate.add_argument("--json", action="store_true", help="print one JSON object")
     evaluate.set_defaults(handler=cmd_eval)

@@ -5,7 +5,7 @@ Each case's request is built by `pdp eval`'s own builder (`request_message`, the
 with the explain trace on: every rule whose target applies is evaluated, so the trace says
 for each one whether its condition matched, did not match, or failed to evaluate.
 
-An ALLOW is then counted in the quotas it matches as the server counts it (`SuiteQuotas`):
+An ALLOW is then counted in the quotas it matches as the server counts it (`DryRunQuotas`):
 a suite's cases share one in-process counter store whose clock is each case's time, so a
 case can show a quota exhausted (`quota_used` tops its bucket up first) and a later one, at
 a time in the next window, the quota freed.
@@ -31,8 +31,7 @@ from policy_engine.policy import CompiledPolicySet, LoadIssue
 from policy_engine.policy.compiled import CompiledOrganization
 from policy_engine.policy.identities import Resolved
 from policy_engine.policy.source import SourceError, is_suite_file, read_bounded, tree_files
-from policy_engine.quota.enforce import enforce
-from policy_engine.quota.memory import InProcessQuotaStore
+from policy_engine.quota.dry_run import DryRunQuotas
 from policy_engine.testing.suite import Case, Suite, SuiteError, parse_suite
 
 # A signed case token is valid for this long from the case's time unless its claims say.
@@ -161,7 +160,7 @@ def run_suites(
             jwks = json.dumps({"keys": [key.public_jwk for key in suite.keys.values()]})
             keys = StaticKeySet(parse_jwks(jwks, f"{suite.path} fixtures.keys"))
             suite_policies = with_key_set(policies, suite.organization, keys)
-        quotas = SuiteQuotas()
+        quotas = DryRunQuotas()
         for case in suite.cases:
             name = f"{suite.organization}/{suite.name}/{case.name}"
             if select is not None and not select.search(name):
@@ -173,58 +172,12 @@ def run_suites(
     return Outcome(tuple(results), coverage)
 
 
-class SuiteQuotas:
-    """A suite's quota counters: one in-process store whose clock is the running case's time
-    (never the wall clock: a suite gives the same results whenever it runs)."""
-
-    def __init__(self) -> None:
-        self.now_ms = 0
-        self.store = InProcessQuotaStore(clock=lambda: self.now_ms)
-
-    def count(
-        self,
-        organization: CompiledOrganization | None,
-        case: Case,
-        decision: Decision,
-        at: datetime,
-    ) -> tuple[Decision, tuple[str, ...]]:
-        """The case's decision once its ALLOW is counted (as `Decider` counts it), and the
-        problems with its `quota_used` (a quota the organization does not declare, or that
-        does not count this request)."""
-        self.now_ms = int(at.timestamp() * 1000)
-        quotas = organization.quotas if organization is not None else None
-        charges = ()
-        if quotas and decision.effect is Effect.ALLOW:
-            charges = quotas.charges(
-                decision.mapped_subject_id or case.subject.id,
-                case.application.id,
-                case.integration.id,
-                case.scope,
-            )
-        problems: list[str] = []
-        for name, used in case.quota_used.items():
-            matching = [charge for charge in charges if charge.spec.name == name]
-            if not matching:
-                declared = quotas is not None and any(q.spec.name == name for q in quotas.quotas)
-                problems.append(
-                    f"quota_used: quota {name!r} "
-                    + ("does not count this request's answer" if declared else "is not declared")
-                )
-            elif used:
-                self.store.consume_sync([matching] * used)
-        if problems or not charges:
-            return decision, tuple(problems)
-        assert quotas is not None
-        verdict = self.store.consume_sync([charges])[0]
-        return enforce(decision, charges, verdict, quotas) or decision, ()
-
-
 def run_case(
     policies: CompiledPolicySet,
     suite: Suite,
     case: Case,
     now: datetime,
-    quotas: SuiteQuotas | None = None,
+    quotas: DryRunQuotas | None = None,
 ) -> CaseResult:
     """One case decided as `pdp eval --explain` decides it, its ALLOW counted in `quotas`
     (a store of its own when None), and compared with its expectation."""
@@ -253,9 +206,12 @@ def run_case(
         decision = dry_run(message, policies, now=at)
     except (RequestValueError, UsageError, ValueError, TypeError) as exc:
         return CaseResult(suite, case, False, None, (f"the request cannot be built: {exc}",))
-    decision, problems = (quotas or SuiteQuotas()).count(organization, case, decision, at)
+    request = (case.subject.id, case.application.id, case.integration.id, case.scope)
+    decision, problems = (quotas or DryRunQuotas()).count(
+        organization, request, decision, at, case.quota_used
+    )
     if problems:
-        return CaseResult(suite, case, False, decision, problems)
+        return CaseResult(suite, case, False, decision, tuple(f"quota_used: {p}" for p in problems))
     return CaseResult(suite, case, *_compare(case, decision))
 
 

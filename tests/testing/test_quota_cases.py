@@ -176,3 +176,53 @@ def test_the_schema_and_the_parser_agree_on_quota_used() -> None:
         assert _errors(suite) and not _parses(suite), bad_name
     suite = _with_quota_used(["hourly"])
     assert _errors(suite) and not _parses(suite)
+
+
+# --- pdp eval --quota-used -------------------------------------------------------------------
+
+
+def _eval(capsys: pytest.CaptureFixture[str], *flags: str) -> tuple[int, str]:
+    policies = Path(__file__).resolve().parents[2] / "policies"
+    erin = [
+        "eval", "--policies", str(policies), "--org", "globex", "--subject", "erin",
+        "--subject-attr", 'groups=["engineering"]', "--application", "release-bot",
+        "--integration", "github", "--scope", "repo",
+    ]  # fmt: skip
+    try:
+        code = main([*erin, *flags])
+    except SystemExit as exc:  # argparse's own usage errors
+        code = int(exc.code or 0)
+    out = capsys.readouterr()
+    return code, out.out + out.err
+
+
+def test_pdp_eval_counts_the_allow_in_the_quotas_it_matches(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    code, output = _eval(capsys)
+    assert code == 0 and "decision: ALLOW" in output
+    code, output = _eval(capsys, "--quota-used", "github-per-person-hourly=99")
+    assert code == 0 and "decision: ALLOW" in output  # the 100th
+    code, output = _eval(capsys, "--quota-used", "github-per-person-hourly=100")
+    assert code == 0 and "decision: DENY" in output
+    assert "kontext_rate_limited" in output and "policy=github-per-person-hourly" in output
+    code, output = _eval(capsys, "--quota-used", "release-bot-daily=1000", "--json")
+    assert code == 0 and '"code": "kontext_rate_limited"' in output
+    assert '"policy": "release-bot-daily"' in output
+
+
+@pytest.mark.parametrize(
+    ("flag", "words"),
+    [
+        ("nothing=1", "--quota-used: quota 'nothing' is not declared"),
+        ("github-per-person-hourly=-1", "expected NAME=N"),
+        ("github-per-person-hourly=1e3", "expected NAME=N"),
+        ("github-per-person-hourly", "expected NAME=N"),
+        ("github-per-person-hourly=100001", "from 0 to 100,000"),
+    ],
+)
+def test_pdp_eval_refuses_a_bad_quota_used(
+    capsys: pytest.CaptureFixture[str], flag: str, words: str
+) -> None:
+    code, output = _eval(capsys, "--quota-used", flag)
+    assert code == 2 and words in output, output
