@@ -27,6 +27,7 @@ from policy_engine.server.service import build_decider
 from tests.cache.support import settings, tuple_request
 from tests.decision.test_pipeline import Seen
 from tests.metrics import sample
+from tests.server.harness import EXAMPLE_POLICIES
 
 ORGANIZATION = """\
 kind: Organization
@@ -314,3 +315,38 @@ def test_a_context_time_far_away_does_not_move_the_window(
         msg.context.time.FromSeconds(seconds)
         answers.append(decider.decide_sync([msg]).only())
     assert _effects(answers) == ["ALLOW"] * 5 + ["kontext_rate_limited"] * 2
+
+
+def test_an_external_user_counts_as_the_person_it_maps_to() -> None:
+    """globex maps the contractor portal's c-1029 to grace: her SSO requests and the
+    contractor ID's (fresh and cached) share her github-per-person-hourly counter."""
+    policies = load_policy_set(EXAMPLE_POLICIES)
+    decider, _ = _decider(policies, InProcessQuotaStore())
+
+    def ask(subject: str, kind: int) -> Any:
+        msg = tuple_request(subject, integration="github", scope="read:packages")
+        msg.organization = "globex"
+        msg.application.id = "release-bot"
+        msg.subject.kind = kind
+        return decider.decide_sync([msg]).only()
+
+    user, external = pdp_pb2.SUBJECT_KIND_USER, pdp_pb2.SUBJECT_KIND_EXTERNAL_USER
+    answers = [ask("grace", user) for _ in range(60)] + [ask("c-1029", external) for _ in range(40)]
+    assert _effects(answers) == ["ALLOW"] * 100
+    assert answers[-1].cached and answers[-1].mapped_subject_id == "grace"  # a counted hit
+    for subject, kind in (("c-1029", external), ("grace", user)):
+        denied = ask(subject, kind)
+        assert _effects([denied]) == ["kontext_rate_limited"]
+        assert denied.reasons[0].policy == "github-per-person-hourly"
+    assert _effects([ask("erin", user)]) == ["ALLOW"]  # another person: her own counter
+
+
+def test_an_explained_allow_past_its_quota_is_denied_with_its_trace(
+    policies: CompiledPolicySet,
+) -> None:
+    decider, _ = _decider(policies, InProcessQuotaStore())
+    msg = _request(subject="explained")
+    msg.explain = True
+    answers = [decider.decide_sync([msg]).only() for _ in range(6)]
+    assert _effects(answers) == ["ALLOW"] * 5 + ["kontext_rate_limited"]
+    assert answers[-1].HasField("explain") and answers[-1].explain.layers
