@@ -447,6 +447,68 @@ def _utf8(raw: bytes | str) -> str | None:
     return raw
 
 
+Outcome = tuple[str, ...]
+"""What one decision record counts as: (_CANNOT, reason), (UNCHANGED,), or (change kind,
+organization, application, integration, rule)."""
+_CANNOT = "cannot"
+
+# --- reusing whole lines ----------------------------------------------------------------------
+#
+# Most of a replay's time on a record whose inputs it has decided before goes to parsing its
+# JSON. A line as the audit writer writes it (canonical JSON: sorted keys, no spaces; its hash
+# last) is matched instead against the shape below, which takes its per-record fields
+# (decision ID, hashes, times, latency, request ID, instance, sequence) as plain scalars and
+# keeps the text of everything else (inputs, recorded decision, reasons, matched rules, schema
+# version) as the key of what an earlier line with the same text counted as. A key is stored
+# only after its line was parsed and each kept part parsed alone as one whole JSON value: the
+# line is then that object, so any later line matching with the same parts holds the same
+# values (JSON's grammar reads a whole value followed by `,"key":` one way only). Each part is
+# matched up to the first following key text and never retried (atomic groups): linear time,
+# and a line whose values contain such text fails to match (or to be stored) and is parsed.
+_STRING = r'"[^"\\\x00-\x1f]*"'  # a JSON string without escapes
+_NUMBER = r"-?(?:0|[1-9][0-9]*)(?:\.[0-9]+)?(?:[eE][+-]?[0-9]+)?"
+_INTEGER = r"(?:0|[1-9][0-9]*)"
+_LINE = re.compile(
+    r'\{"application":(?>(?P<application>.+?),"cache_level":)' + _STRING
+    + r',"context":(?>(?P<context>.+?),"decision":)(?P<decision>' + _STRING + ")"
+    + r',"decision_id":"(?P<decision_id>[^"\\\x00-\x1f]*)"'
+    + r',"instance":' + _STRING
+    + r',"integration":(?>(?P<integration>.+?),"latency_ms":)' + _NUMBER
+    + r',"matched_rules":(?>(?P<matched_rules>.+?),"organization":)'
+    + r"(?P<organization>" + _STRING + ")"
+    + r',"policy_revision":' + _STRING + r',"prev_hash":' + _STRING
+    + r',"reasons":(?>(?P<reasons>.+?),"request_id":)' + _STRING
+    + r',"schema_version":(?P<schema_version>' + _INTEGER + ")"
+    + r',"scope":(?P<scope>' + _STRING + ")"
+    + r',"seq":' + _INTEGER + r',"stream":' + _STRING
+    + r',"subject":(?>(?P<subject>.+?),"time":)"(?P<time>[^"\\\x00-\x1f]*)"'
+    + r',"type":"decision","hash":' + _STRING + r"\}[ \t\n\r]*",
+    re.DOTALL,
+)  # fmt: skip
+_LINE_VALUES = ("application", "context", "integration", "matched_rules", "reasons", "subject")
+_LINE_KEY = (*_LINE_VALUES, "decision", "organization", "schema_version", "scope")
+LINE_MEMO_SIZE = 16_384  # lines' keys kept (each about as long as its line)
+
+
+def _whole_values(match: re.Match[str]) -> bool:
+    """Whether each part of `match` that is not a plain scalar is one whole JSON value."""
+    try:
+        for name in _LINE_VALUES:
+            json.loads(match[name])
+    except (ValueError, RecursionError):
+        return False
+    return True
+
+
+def _is_time(text: str) -> bool:
+    """Whether a record's `time` reads as a time (as deciding it needs)."""
+    try:
+        _time(text)
+    except ValueError:
+        return False
+    return True
+
+
 @dataclass
 class _Group:
     count: int = 0
@@ -472,6 +534,8 @@ class Replay:
     unreplayable: dict[str, _Group] = field(default_factory=dict)
     other_records: int = 0  # checkpoints, dropped-records notes: not decisions
     _memo: dict[str, Summary] = field(default_factory=dict, repr=False)
+    # A line's content but its per-record fields (see _LINE) -> what it counts as.
+    _lines: dict[tuple[str, ...], Outcome] = field(default_factory=dict, repr=False)
     _tokens: TokenReplay = field(init=False, repr=False)
 
     def __post_init__(self) -> None:
@@ -501,36 +565,45 @@ class Replay:
         if record.get("type") != "decision":
             self.other_records += 1
             return
-        example = str(record.get("decision_id") or _name(where))
+        outcome, _ = self._outcome(record, may_redact, exact_text)
+        self._count(outcome, str(record.get("decision_id") or _name(where)))
+
+    def _outcome(
+        self, record: Mapping[str, Any], may_redact: bool, exact_text: bool
+    ) -> tuple[Outcome, bool]:
+        """(what the decision record counts as, whether every record with the same content
+        but its own time and per-record fields (IDs, hashes, latency) counts the same)."""
         reason = unreplayable_reason(record, may_redact=may_redact)
         if reason:
-            self.cannot(reason, example)
-            return
+            return (_CANNOT, reason), True
         try:
-            kind, rule = compare_summary(record, self._summary(record, exact_text))
+            summary, lasting = self._summary(record, exact_text)
+            kind, rule = compare_summary(record, summary)
+            if kind == UNCHANGED:
+                return (kind,), lasting
+            values = (record["organization"], record["application"]["id"])
+            return (kind, *map(str, values), str(record["integration"]["id"]), rule), lasting
         except Unreplayable as exc:
-            self.cannot(exc.reason, example)
-            return
+            return (_CANNOT, exc.reason), False
         except (KeyError, TypeError, AttributeError):
-            self.cannot("malformed_record", example)
+            return (_CANNOT, "malformed_record"), False
+
+    def _count(self, outcome: Outcome, example: str) -> None:
+        kind = outcome[0]
+        if kind == _CANNOT:
+            self.cannot(outcome[1], example)
             return
         self.counts[kind] += 1
         if kind == UNCHANGED:
             return
-        values = (
-            record["organization"],
-            record["application"]["id"],
-            record["integration"]["id"],
-            rule,
-        )
         by_dimension = self.groups.setdefault(kind, {})
-        for dimension, value in zip(GROUP_BY, values, strict=True):
-            by_dimension.setdefault(dimension, {}).setdefault(str(value), _Group()).add(example)
+        for dimension, value in zip(GROUP_BY, outcome[1:], strict=True):
+            by_dimension.setdefault(dimension, {}).setdefault(value, _Group()).add(example)
 
-    def _summary(self, record: Mapping[str, Any], exact_text: bool) -> Summary:
-        """The candidate's decision, summarized (`summarize`); reused for records with the
-        same inputs when it did not read the clock (as the server's cache does): logs repeat
-        tuples, mostly."""
+    def _summary(self, record: Mapping[str, Any], exact_text: bool) -> tuple[Summary, bool]:
+        """The candidate's decision, summarized (`summarize`), and whether it holds at any
+        time; reused for records with the same inputs when it did not read the clock (as the
+        server's cache does): logs repeat tuples, mostly."""
         # repr, not JSON: records are canonical (sorted keys), and repr is several times cheaper.
         key = repr(
             (
@@ -543,14 +616,16 @@ class Replay:
             )
         )
         summary = self._memo.get(key)
-        if summary is None:
-            decision = self._tokens.decide(record, exact_text=exact_text)
-            summary = summarize(decision)
-            if not decision.time_dependent and decision.valid_until is None:
-                if len(self._memo) >= MEMO_SIZE:
-                    self._memo.clear()  # bounded memory; a log's hot tuples come back fast
-                self._memo[key] = summary
-        return summary
+        if summary is not None:
+            return summary, True
+        decision = self._tokens.decide(record, exact_text=exact_text)
+        summary = summarize(decision)
+        lasting = not decision.time_dependent and decision.valid_until is None
+        if lasting:
+            if len(self._memo) >= MEMO_SIZE:
+                self._memo.clear()  # bounded memory; a log's hot tuples come back fast
+            self._memo[key] = summary
+        return summary, lasting
 
     def add_line(self, raw: bytes | str, where: Where) -> None:
         """Replay one line of a log (or one Redis entry's record); `where` names it."""
@@ -560,6 +635,13 @@ class Replay:
         # strings hold no lone surrogate, so it may take the direct path; any other line is
         # parsed and replayed as it always was (json.loads of bytes also reads a BOM, UTF-16).
         text = _utf8(raw)
+        match = _LINE.fullmatch(text) if text is not None else None
+        if match is not None:
+            key = match.group(*_LINE_KEY)
+            outcome = self._lines.get(key)
+            if outcome is not None and _is_time(match["time"]):
+                self._count(outcome, match["decision_id"] or _name(where))
+                return
         record: Any = None
         if text is not None:
             try:
@@ -576,12 +658,16 @@ class Replay:
         else:
             exact_text = "\\u" not in text
         # Without the marker's text or a \u escape (that could spell it), no value is redacted.
-        self.add(
-            record,
-            where,
-            may_redact=not exact_text or REDACTED in (text or ""),
-            exact_text=exact_text,
-        )
+        may_redact = not exact_text or REDACTED in (text or "")
+        if match is None or not isinstance(record, dict) or record.get("type") != "decision":
+            self.add(record, where, may_redact=may_redact, exact_text=exact_text)
+            return
+        outcome, lasting = self._outcome(record, may_redact, exact_text)
+        self._count(outcome, str(record.get("decision_id") or _name(where)))
+        if lasting and _is_time(match["time"]) and _whole_values(match):
+            if len(self._lines) >= LINE_MEMO_SIZE:
+                self._lines.clear()
+            self._lines[key] = outcome
 
     def to_dict(self) -> dict[str, Any]:
         """The report as JSON: decisions, counts (every kind), changes (kind -> dimension ->
@@ -699,7 +785,7 @@ def replay_redis(
     server cannot be read (a bad ID is a redis.ResponseError)."""
     import redis
 
-    from policy_engine.audit.sinks.redis import RECORD_FIELD
+    from policy_engine.audit.sinks.redis import RECORD_FIELD, stream_entries
 
     replay = Replay(policies)
     field_name = RECORD_FIELD.encode()
@@ -707,9 +793,9 @@ def replay_redis(
     try:
         low = start
         while True:
-            entries = client.xrange(stream, min=low, max=end, count=page)
+            entries = stream_entries(client.xrange(stream, min=low, max=end, count=page))
             for entry_id, fields in entries:
-                where = f"{stream}@{entry_id.decode()}"
+                where = f"{stream}@{entry_id}"
                 raw = fields.get(field_name)
                 if raw is None:
                     replay.cannot("foreign_entry", where)
@@ -719,7 +805,7 @@ def replay_redis(
                     progress(1)
             if len(entries) < page:
                 return replay
-            low = "(" + entries[-1][0].decode()
+            low = "(" + entries[-1][0]
     finally:
         client.close()
 

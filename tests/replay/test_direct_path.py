@@ -39,6 +39,11 @@ rules:
   - name: fractional-level
     effect: deny
     condition: has(subject.attributes.level) && type(subject.attributes.level) == double
+  - name: attribute-spelt-like-a-record-key
+    effect: deny
+    condition: |
+      has(application.attributes.cache_level)
+        && application.attributes.cache_level == "local"
 """
 
 
@@ -119,6 +124,11 @@ CHANGES: list[tuple[str, Callable[[dict[str, Any]], None]]] = [
     ("unknown subject key", _set(("subject", "namespace"), "partners")),
     ("unknown top-level key", _set(("quota",), {"used": 3})),
     ("claims with a float", _set(("subject", "token_claims"), {"sub": "x", "n": 1.5})),
+    # Keys spelt like the record's own: a line matched by its text must not be misread.
+    (
+        "record keys in a subject",
+        _set((*SUBJECT, "x"), {"reasons": [], "request_id": "r", "time": "t", "type": "x"}),
+    ),
 ]
 
 
@@ -146,6 +156,14 @@ def _corpus(log: Path) -> Iterator[dict[str, Any]]:
             changed = copy.deepcopy(record)
             change(changed)
             yield changed
+    # Application attributes spelt like the record's own keys: read by their text, the two
+    # lines of each pair would look alike but for a "cache_level" scalar, which is no input.
+    for record in records[:8]:
+        for level in ("none", "local"):
+            changed = copy.deepcopy(record)
+            changed["application"]["attributes"] = {"a": 1, "cache_level": level, "context": {}}
+            changed["decision_id"] += level
+            yield changed
 
 
 def _outcome(tokens: TokenReplay, record: dict[str, Any], exact_text: bool) -> Any:
@@ -170,13 +188,20 @@ def test_both_paths_decide_every_record_alike(log: Path, policies: CompiledPolic
     assert replayed > direct > RECORDS // 2
 
 
+def _as_written(record: dict[str, Any]) -> str:
+    """The record as the audit writer writes it: canonical JSON, then its hash."""
+    body = {k: v for k, v in record.items() if k != "hash"}
+    text = json.dumps(body, sort_keys=True, ensure_ascii=False, separators=(",", ":"))
+    return f'{text[:-1]},"hash":{json.dumps(record["hash"])}}}'
+
+
 def _lines(log: Path, tmp_path: Path) -> Path:
-    """The corpus as a log, without \\u escapes (so the direct path may take every line)."""
+    """The corpus twice as a canonical log (the second time with other decision IDs), without
+    \\u escapes: the direct path may take every line, and lines seen before are reused."""
     path = tmp_path / "audit.jsonl"
-    text = "".join(
-        json.dumps(record, sort_keys=True, ensure_ascii=False, separators=(",", ":")) + "\n"
-        for record in _corpus(log)
-    )
+    records = list(_corpus(log))
+    again = [{**r, "decision_id": f"{r['decision_id']}-again"} for r in records]
+    text = "".join(_as_written(record) + "\n" for record in records + again)
     path.write_text(text, encoding="utf-8", errors="surrogatepass")
     return path
 
@@ -185,12 +210,14 @@ def test_a_replayed_log_reports_as_the_round_trip_does(
     log: Path, tmp_path: Path, policies: CompiledPolicySet
 ) -> None:
     path = _lines(log, tmp_path)
-    fast = replay_files([path], policies).to_dict()
+    replay = replay_files([path], policies)
+    assert replay._lines  # lines seen before were counted from their text
+    fast = replay.to_dict()
     faithful = Replay(policies)
     for number, line in enumerate(path.read_bytes().splitlines(), 1):
         faithful.add(json.loads(line), f"{path}:{number}", exact_text=False)
     assert fast == faithful.to_dict()
-    assert fast["decisions"] > RECORDS
+    assert fast["decisions"] > 2 * RECORDS
     assert {"rate_limited", "token_refused", "unrepresentable_value", "malformed_record"} <= set(
         fast["unreplayable"]
     )
