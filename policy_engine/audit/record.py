@@ -1,4 +1,4 @@
-"""One audit record per decision, as a plain JSON-ready dict (schema `audit-record.v2.json`).
+"""One audit record per decision, as a plain JSON-ready dict (schema `audit-record.v3.json`).
 
 Records are built on the audit writer's thread, not on the request path: `AuditLog.record()`
 only enqueues the request and decision it is given. Nothing secret ever enters a record: the
@@ -27,8 +27,10 @@ from policy_engine.domain.codes import ErrorCode
 from policy_engine.domain.decision import Decision, Reason, reason_to_dict
 from policy_engine.domain.request import CheckRequest
 
-SCHEMA_VERSION = 2  # 2: subject.token_claims (version 1 records are still read)
-SCHEMA_FILE = "schema/audit-record.v2.json"  # package data, next to this module
+# 2: subject.token_claims; 3: subject.namespace and subject.mapped_id (an external user ID's
+# namespace and the person it maps to). Version 1 and 2 records are still read.
+SCHEMA_VERSION = 3
+SCHEMA_FILE = "schema/audit-record.v3.json"  # package data, next to this module
 CACHE_LEVELS = frozenset({"none", "local", "redis"})
 
 # Keys whose values are credentials, wherever they appear inside attribute maps.
@@ -188,6 +190,7 @@ def build_record(
             for name, value in (
                 ("organization", request.organization),
                 ("subject.id", subject.id),
+                ("subject.namespace", subject.namespace),
                 ("application.id", request.application.id),
                 ("integration.id", request.integration.id),
                 ("scope", request.scope),
@@ -202,6 +205,7 @@ def build_record(
         ids = {
             "organization": request.organization,
             "subject.id": subject.id,
+            "subject.namespace": subject.namespace,
             "application.id": request.application.id,
             "integration.id": request.integration.id,
             "scope": request.scope,
@@ -222,6 +226,8 @@ def build_record(
         "subject": {
             "id": ids["subject.id"],
             "kind": subject.kind.value,
+            "namespace": ids["subject.namespace"],
+            "mapped_id": decision.mapped_subject_id or None,
             "token_sha256": token_sha256(subject.access_token),
             "token_claims": None if invalid else token_claims(subject.access_token, decision),
             "attributes": subject_attrs,
@@ -367,6 +373,7 @@ class PreparedRecord:
         application, integration = request.application, request.integration
         token = token_sha256(subject.access_token)
         claims = token_claims(subject.access_token, decision)
+        mapped = decision.mapped_subject_id
         reasons = ",".join([_reason_json(r) for r in decision.reasons])
         self._application = (
             f'"application":{{"attributes":{_attributes_json(application.attributes)},'
@@ -391,6 +398,7 @@ class PreparedRecord:
         self._subject = (
             f'"subject":{{"attributes":{_attributes_json(subject.attributes)},'
             f'"id":{e(subject.id)},"kind":{e(subject.kind)},'
+            f'"mapped_id":{e(mapped) if mapped else "null"},"namespace":{e(subject.namespace)},'
             f'"token_claims":{canonical(claims) if claims is not None else "null"},'
             f'"token_sha256":{e(token) if token is not None else "null"}}},"time":'
         )
@@ -464,6 +472,7 @@ def build_invalid_record(
     organization: Any = "",
     subject_id: Any = "",
     subject_kind: Any = "",
+    subject_namespace: Any = "",
     access_token: str = "",
     application_id: Any = "",
     integration_id: Any = "",
@@ -493,6 +502,8 @@ def build_invalid_record(
         "subject": {
             "id": raw("subject.id", subject_id),
             "kind": kind,
+            "namespace": raw("subject.namespace", subject_namespace),
+            "mapped_id": None,
             "token_sha256": token_sha256(access_token),
             "token_claims": None,
             "attributes": {},

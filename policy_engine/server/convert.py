@@ -183,6 +183,7 @@ def raw_fields(msg: pdp_pb2.CheckRequest) -> dict[str, Any]:
         "organization": msg.organization,
         "subject_id": subject.id,
         "subject_kind": kind.value if kind is not None else "unknown",
+        "subject_namespace": subject.namespace,
         "access_token": subject.access_token,
         "application_id": msg.application.id,
         "integration_id": msg.integration.id,

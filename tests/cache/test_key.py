@@ -205,3 +205,16 @@ def test_batch_keys_equal_single_keys() -> None:
     assert keys[0] == keys[1] == keys[2]
     assert keys[3] is None  # explain requests bypass the cache
     assert items[1].request_id == "r-9" and items[2].context.time.seconds == 5
+
+
+def test_an_external_users_namespace_is_part_of_the_key() -> None:
+    # The same external ID in two namespaces may be two people: never one cached answer.
+    base = tuple_request(subject_id="partner-user-123")
+    base.subject.kind = pdp_pb2.SUBJECT_KIND_EXTERNAL_USER
+    keys = set()
+    for namespace in ("", "partner-portal", "second-issuer"):
+        message = pdp_pb2.CheckRequest()
+        message.CopyFrom(base)
+        message.subject.namespace = namespace
+        keys.add(KEYS.key(message, REV))
+    assert len(keys) == 3

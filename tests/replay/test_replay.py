@@ -117,8 +117,8 @@ def _decision_id(log: Log, request_id: str) -> str:
     return str(record["decision_id"])
 
 
-def test_the_servers_log_is_v2_and_verifies(log: Log) -> None:
-    assert {r["schema_version"] for r in log.records} == {2}
+def test_the_servers_log_is_v3_and_verifies(log: Log) -> None:
+    assert {r["schema_version"] for r in log.records} == {3}
     assert verify_files([log.path], None).ok
 
 
