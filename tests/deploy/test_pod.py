@@ -5,20 +5,18 @@ the Secret's Redis URL pointing at a real redis-server, the signing key a file i
 volume), every volume laid out as the kubelet lays it out; only the fixed ports are moved to
 free ones. The kubelet's gRPC probe (grpc.health.v1 Check, service "") on the health port
 says SERVING; a ConfigMap update (a new version folder, `..data` renamed over, the old folder
-removed) is served without a restart; SIGTERM stops it cleanly.
+removed) is served without a restart; SIGTERM stops it cleanly (exit 0).
 """
 
 from __future__ import annotations
 
 import os
 import re
-import signal
-import subprocess
 import sys
 from pathlib import Path
 
 import grpc
-from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_health.v1 import health_pb2
 
 from policy_engine.api import pdp_pb2, pdp_pb2_grpc
 from policy_engine.bench.redis_server import RedisServer
@@ -33,21 +31,10 @@ from tests.deploy.manifests import (
     project_configmap,
     volume_of_mount,
 )
+from tests.packaging.artifacts import health_status, serving
 from tests.store.support import free_port, wait_for
 
 HOST_PORT = re.compile(r"^0\.0\.0\.0:(\d+)$")
-
-
-def _health(port: int) -> int | None:
-    """What the kubelet's gRPC probe gets: the overall status, None when it cannot connect."""
-    with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
-        try:
-            answer = health_pb2_grpc.HealthStub(channel).Check(
-                health_pb2.HealthCheckRequest(), timeout=1
-            )
-        except grpc.RpcError:
-            return None
-    return answer.status
 
 
 def _revision(port: int) -> str:
@@ -81,16 +68,12 @@ def test_the_pod_serves_probes_and_hot_reloads_its_configmap(
 
     outer = {k: v for k, v in os.environ.items() if not k.startswith("PDP_")}
     log_file = tmp_path / "pod.log"
-    with log_file.open("w") as log:
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "policy_engine.cli.main", *spec["args"]],
-            cwd=mounts["/tmp"], env={**outer, **env}, stdout=log, stderr=log,
-        )  # fmt: skip
-    try:
+    command = [sys.executable, "-m", "policy_engine.cli.main", *spec["args"]]
+    with serving(command, cwd=mounts["/tmp"], env={**outer, **env}, log_file=log_file) as proc:
 
         def probe() -> bool:
             assert proc.poll() is None, log_file.read_text()
-            return _health(probe_port) == health_pb2.HealthCheckResponse.SERVING
+            return health_status(probe_port) == health_pb2.HealthCheckResponse.SERVING
 
         wait_for(probe, timeout=60, interval=0.2, what="the startup probe")
         policies = mounts["/etc/pdp/policies"]
@@ -106,11 +89,4 @@ def test_the_pod_serves_probes_and_hot_reloads_its_configmap(
         ).revision
         project_configmap(policies, changed, items, "..v2")
         wait_for(lambda: _revision(grpc_port) == expected, timeout=30, what="the update")
-        assert _health(probe_port) == health_pb2.HealthCheckResponse.SERVING
-
-        proc.send_signal(signal.SIGTERM)
-        assert proc.wait(timeout=120) == 0, log_file.read_text()
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
+        assert health_status(probe_port) == health_pb2.HealthCheckResponse.SERVING

@@ -11,13 +11,18 @@ from __future__ import annotations
 
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import urllib.error
 import urllib.request
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
+import grpc
 import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -96,3 +101,34 @@ def isolated_env(**extra: str) -> dict[str, str]:
     checkout (PYTHONPATH), no user site-packages."""
     env = {k: v for k, v in os.environ.items() if not k.startswith(("PYTHON", "VIRTUAL_ENV"))}
     return {**env, "PYTHONNOUSERSITE": "1", **extra}
+
+
+@contextmanager
+def serving(
+    command: list[str], *, cwd: Path, env: dict[str, str], log_file: Path
+) -> Iterator[subprocess.Popen[bytes]]:
+    """`command` (a `pdp serve`) running, its output in `log_file`. Leaving the block normally
+    sends SIGTERM and expects exit 0 (a clean stop); any exit kills what is still running."""
+    with log_file.open("w") as log:
+        proc = subprocess.Popen(command, cwd=cwd, env=env, stdout=log, stderr=log)
+    try:
+        yield proc
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=120) == 0, log_file.read_text()
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+
+
+def health_status(port: int) -> int | None:
+    """What a gRPC health probe (Kubernetes' `grpc:` probe) gets from 127.0.0.1:`port`: the
+    overall status (service ""), None when it cannot connect or times out (1 s)."""
+    with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
+        try:
+            answer = health_pb2_grpc.HealthStub(channel).Check(
+                health_pb2.HealthCheckRequest(), timeout=1
+            )
+        except grpc.RpcError:
+            return None
+    return answer.status

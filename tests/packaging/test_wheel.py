@@ -12,7 +12,6 @@ shared cache level, the plaintext health port). Neither virtualenv sees the chec
 from __future__ import annotations
 
 import re
-import signal
 import subprocess
 import sys
 import tarfile
@@ -23,9 +22,8 @@ from dataclasses import dataclass
 from email.parser import Parser
 from pathlib import Path
 
-import grpc
 import pytest
-from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_health.v1 import health_pb2
 from packaging.requirements import Requirement
 from packaging.version import Version
 
@@ -37,9 +35,11 @@ from tests.packaging.artifacts import (
     WHEEL_COMMAND,
     WHEELS_DIR,
     fresh_venv,
+    health_status,
     isolated_env,
     pip_install,
     run_build,
+    serving,
     source_copy,
 )
 from tests.store.support import free_port, wait_for
@@ -197,21 +197,13 @@ def served(artifacts: Artifacts, tmp_path: Path, redis_server: RedisServer) -> I
     log_file = tmp_path / "serve.log"
     command = [str(python.parent / "pdp"), "serve", "--address", f"127.0.0.1:{port}",
                "--policies", str(policies)]  # fmt: skip
-    with log_file.open("w") as log:
-        proc = subprocess.Popen(command, cwd=tmp_path, env=env, stdout=log, stderr=log)
-    try:
-        with grpc.insecure_channel(f"127.0.0.1:{health_port}") as channel:
-            health = health_pb2_grpc.HealthStub(channel)
+    with serving(command, cwd=tmp_path, env=env, log_file=log_file) as proc:
 
-            def serving() -> bool:
-                assert proc.poll() is None, log_file.read_text()
-                try:
-                    answer = health.Check(health_pb2.HealthCheckRequest(), timeout=1)
-                except grpc.RpcError:
-                    return False
-                return answer.status == health_pb2.HealthCheckResponse.SERVING
+        def ready() -> bool:
+            assert proc.poll() is None, log_file.read_text()
+            return health_status(health_port) == health_pb2.HealthCheckResponse.SERVING
 
-            wait_for(serving, timeout=60, interval=0.2, what="pdp serve from the wheel")
+        wait_for(ready, timeout=60, interval=0.2, what="pdp serve from the wheel")
         yield {
             "port": port,
             "token": broker_key.sign(sub="broker", aud="pdp", exp=int(time.time()) + 300),
@@ -220,15 +212,8 @@ def served(artifacts: Artifacts, tmp_path: Path, redis_server: RedisServer) -> I
                 "broker.pem": broker_cert.cert_file,
                 "broker.key": broker_cert.key_file,
             },
-            "python": python,
         }
-        proc.send_signal(signal.SIGTERM)
-        assert proc.wait(timeout=60) == 0, log_file.read_text()
-        assert "serving kontext.pdp.v1" in log_file.read_text()
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
+    assert "serving kontext.pdp.v1" in log_file.read_text()
 
 
 def test_the_readme_client_example_runs_from_the_client_only_wheel_against_the_wheel_server(
