@@ -652,10 +652,12 @@ def _loader() -> type[BaseSettings]:
     hints = get_type_hints(Settings, include_extras=True)
     fields: dict[str, Any] = {}
     for item in dataclasses.fields(Settings):
-        if item.default is dataclasses.MISSING:
-            fields[item.name] = (hints[item.name], Field(default_factory=item.default_factory))
-        else:
+        if item.default is not dataclasses.MISSING:
             fields[item.name] = (hints[item.name], item.default)
+        elif item.default_factory is not dataclasses.MISSING:
+            fields[item.name] = (hints[item.name], Field(default_factory=item.default_factory))
+        else:  # every setting has a default: a missing one is a bug here, not a user's error
+            raise TypeError(f"Settings.{item.name} has no default")
     return create_model("Settings", __base__=Base, **fields)
 
 

@@ -31,7 +31,7 @@ import redis
 from policy_engine.audit.record import decision_codes
 from policy_engine.audit.sinks.base import parse_record
 from policy_engine.audit.sinks.file import rotated_files
-from policy_engine.audit.sinks.redis import RECORD_FIELD, entry_id
+from policy_engine.audit.sinks.redis import RECORD_FIELD, StreamFields, entry_id, stream_entries
 
 _MAX_STREAMS = 10_000  # chain segments whose last seq is remembered for gap reports
 
@@ -275,46 +275,46 @@ def follow_redis(
     """
     client = redis.Redis.from_url(url)
 
-    def record_of(entry: Any, fields: dict[Any, Any]) -> str | None:
+    def record_of(entry: str, fields: StreamFields) -> str | None:
         """The entry's record line; None (and a warning) for an entry the writer never adds."""
         line = _field(fields)
         if len(fields) == 1 and line.strip():
             return line
         if warn is not None:
-            name = entry.decode() if isinstance(entry, bytes) else str(entry)
             keys = ", ".join(sorted(repr(_text(k)) for k in fields))
-            warn(_safe(f"entry {name} is not an audit record (fields: {keys[:200]})"))
+            warn(_safe(f"entry {entry} is not an audit record (fields: {keys[:200]})"))
         return None
 
     try:
         if once:
             low = "-"
             while True:
-                entries = client.xrange(stream, min=low, count=500)
+                entries = stream_entries(client.xrange(stream, min=low, count=500))
                 if not entries:
                     return
                 for entry, fields in entries:
                     line = record_of(entry, fields)
                     if line is not None:
                         yield line
-                last = entries[-1][0]
-                low = "(" + (last.decode() if isinstance(last, bytes) else str(last))
+                low = "(" + entries[-1][0]
         if from_start:
             last_id = "0-0"
         else:
-            newest = client.xrevrange(stream, count=1)
+            newest = stream_entries(client.xrevrange(stream, count=1))
             last_id = newest[0][0] if newest else "0-0"
         added, _ = _stream_state(client, stream)
         while True:
             response = client.xread({stream: last_id}, block=block_ms, count=500)
-            for _, entries in response or []:
-                for entry, fields in entries:
+            if isinstance(response, dict):  # a URL asking for protocol=3
+                raise redis.ResponseError("XREAD answered in RESP3's shape; use RESP2")
+            for _, read in response or []:  # RESP2's shape: [[stream, entries]]
+                for entry, fields in stream_entries(read):
                     last_id = entry
                     line = record_of(entry, fields)
                     if line is not None:
                         yield line
-            now_added, newest = _stream_state(client, stream)
-            if now_added < added or newest < entry_id(last_id):
+            now_added, last_generated = _stream_state(client, stream)
+            if now_added < added or last_generated < entry_id(last_id):
                 if warn is not None:
                     warn(
                         f"gap: Redis Stream {_safe(stream)} was deleted or replaced while it "
@@ -336,7 +336,7 @@ def _stream_state(client: redis.Redis, stream: str) -> tuple[int, tuple[int, int
     return int(info.get("entries-added") or 0), entry_id(newest) if newest else (0, 0)
 
 
-def _field(fields: dict[Any, Any]) -> str:
+def _field(fields: StreamFields) -> str:
     raw = fields.get(RECORD_FIELD.encode(), fields.get(RECORD_FIELD, b""))
     return _text(raw)
 

@@ -178,11 +178,11 @@ class Report:
         if len(self.streams) > 1 or self.notes:
             for s in self.streams:
                 ending = "final checkpoint" if s.final else "no final checkpoint"
-                signed = s.last_signed_seq if s.last_signed_seq is not None else "none"
+                signed_to = s.last_signed_seq if s.last_signed_seq is not None else "none"
                 lines.append(
                     f"  stream {s.stream[:12]}: seq {s.first_seq}-{s.last_seq} "
                     f"({s.first_where} .. {s.last_where}), {s.records} records, "
-                    f"signed up to seq {signed}, {ending}"
+                    f"signed up to seq {signed_to}, {ending}"
                 )
         lines.extend(f"  note: {n}" for n in self.notes)
         return "\n".join(lines)
@@ -232,8 +232,13 @@ def _records(count: int, start: str, end: str) -> str:
     return f"the record at {start}" if count == 1 else f"{count} records from {start} to {end}"
 
 
-def _is_hash(value: Any) -> bool:
-    return isinstance(value, str) and len(value) == HASH_LENGTH and set(value) <= _HEX
+def _name(value: bytes | str) -> str:
+    """A field name read from Redis, as text (undecodable bytes replaced)."""
+    return value.decode("utf-8", "replace") if isinstance(value, bytes) else value
+
+
+def _is_hash(value: str) -> bool:
+    return len(value) == HASH_LENGTH and set(value) <= _HEX
 
 
 class Verifier:
@@ -293,7 +298,9 @@ class Verifier:
             or isinstance(seq, bool)
             or not isinstance(seq, int)
             or seq < 1
+            or not isinstance(stored, str)
             or not _is_hash(stored)
+            or not isinstance(prev, str)
             or not _is_hash(prev)
             or not isinstance(kind, str)
         ):
@@ -814,7 +821,7 @@ def verify_redis(
     """
     import redis
 
-    from policy_engine.audit.sinks.redis import RECORD_FIELD
+    from policy_engine.audit.sinks.redis import RECORD_FIELD, stream_entries
 
     client = redis.Redis.from_url(url)
     field = RECORD_FIELD.encode()
@@ -822,12 +829,12 @@ def verify_redis(
         verifier = Verifier(public_key, allow_partial=allow_partial, live=live)
         low: str = "-"
         while True:
-            entries = client.xrange(stream, min=low, count=page)
+            entries = stream_entries(client.xrange(stream, min=low, count=page))
             for entry_id, fields in entries:
-                where = f"{stream}@{entry_id.decode()}"
+                where = f"{stream}@{entry_id}"
                 raw = fields.get(field, b"")
                 if set(fields) != {field} or not raw.strip():
-                    names = ", ".join(sorted(repr(k.decode("utf-8", "replace")) for k in fields))
+                    names = ", ".join(sorted(repr(_name(k)) for k in fields))
                     verifier.problem(
                         where,
                         "",
@@ -841,7 +848,7 @@ def verify_redis(
                 verifier.add_line(raw, where, False)
             if len(entries) < page:
                 break
-            low = "(" + entries[-1][0].decode()
+            low = "(" + entries[-1][0]
         report = _finish(verifier, public_key)
         try:
             info = client.xinfo_stream(stream)

@@ -335,7 +335,7 @@ class AuditLog:
 
     def record_lazy(
         self,
-        build: Callable[[], tuple[CheckRequest, Decision]],
+        build: Callable[[], tuple[CheckRequest, Decision] | PreparedHit],
         *,
         decision_id: str | bytes,
         cache_level: str = "none",

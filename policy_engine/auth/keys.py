@@ -120,6 +120,7 @@ def _signature_algorithms(jwk: Mapping[str, Any]) -> tuple[str, ...] | str:
     kty = jwk.get("kty")
     if kty == "oct":
         return "a symmetric key (kty 'oct'); subject tokens are verified with public keys only"
+    fitting: tuple[str, ...]  # the algorithms the key type allows
     if kty == "RSA":
         fitting = _RSA_ALGORITHMS
     elif kty in ("EC", "OKP"):

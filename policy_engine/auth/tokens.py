@@ -42,6 +42,7 @@ from policy_engine.strict_json import DuplicateKeyError, unique_keys
 
 if TYPE_CHECKING:
     from jwt.api_jws import PyJWS
+    from jwt.types import SigOptions
 
 DEFAULT_LEEWAY_SECONDS = 30
 DEFAULT_ALGORITHMS: tuple[str, ...] = ("RS256", "ES256", "EdDSA")
@@ -61,7 +62,7 @@ DEFAULT_APPLICATION_CLAIM = "client_id"
 _NO_CLAIMS: Mapping[str, Any] = MappingProxyType({})
 _NO_ACTORS: tuple[Mapping[str, Any], ...] = ()
 _JWS: PyJWS | None = None  # see _jws()
-_NO_SIGNATURE = {"verify_signature": False}
+_NO_SIGNATURE: SigOptions = {"verify_signature": False}
 
 
 @dataclass(frozen=True, slots=True)
@@ -179,7 +180,7 @@ def _value_problem(value: Any, path: tuple[str | int, ...]) -> str | None:
         return f"claim {_claim_name(path)} is nested more than {MAX_CLAIM_DEPTH} levels deep"
     items = value.items() if kind is dict else enumerate(value)
     for key, item in items:
-        if kind is dict and not _is_unicode(key):
+        if type(key) is str and not _is_unicode(key):  # a member name (not a list index)
             return f"a member name in claim {_claim_name(path)} holds an unpaired surrogate"
         problem = _value_problem(item, (*path, key))
         if problem is not None:

@@ -129,8 +129,8 @@ async def _measure(policy_dir: Path, seconds: float) -> list[HitPathResult]:
     for name, call, items in cases:
         per_call, calls = await _time(call, seconds / len(cases))
         results.append(HitPathResult(name, per_call, items, calls))
-    await _answer(cached.close())
-    await _answer(uncached.close())
+    cached.close()
+    uncached.close()
     return results
 
 

@@ -43,6 +43,7 @@ from pathlib import Path
 
 import grpc
 
+from policy_engine.api import pdp_pb2
 from policy_engine.bench import h2load
 from policy_engine.bench.cli import WrongAnswer, verify
 from policy_engine.bench.procs import cpu_seconds
@@ -67,7 +68,6 @@ from policy_engine.bench.server import (
 )
 from policy_engine.bench.workloads import (
     CACHE_OFF,
-    METHODS,
     Expected,
     Row,
     decision_problems,
@@ -230,12 +230,11 @@ def time_edit(
 ) -> float | None:
     """Write `text` to `path` (atomically) and poll `probe` every POLL_S until its answer is
     `expected`: seconds from the write to that answer, or None after `timeout_s`."""
-    request_type, response_type = METHODS["Check"]
     with grpc.insecure_channel(target) as channel:
         call = channel.unary_unary(
             method_path("Check"),
-            request_serializer=request_type.SerializeToString,
-            response_deserializer=response_type.FromString,
+            request_serializer=pdp_pb2.CheckRequest.SerializeToString,
+            response_deserializer=pdp_pb2.CheckResponse.FromString,
         )
         call(probe.request, timeout=10.0)  # the channel is connected before the clock starts
         start = time.monotonic()

@@ -173,7 +173,10 @@ def _health(target: str, timeout_s: float) -> int | None:
     with grpc.insecure_channel(target) as channel:
         stub = health_pb2_grpc.HealthStub(channel)
         try:
-            reply = stub.Check(health_pb2.HealthCheckRequest(service=""), timeout=timeout_s)
+            # types-grpcio-health-checking's HealthStub declares no methods (the generated
+            # stub adds them in __init__).
+            request = health_pb2.HealthCheckRequest(service="")
+            reply = stub.Check(request, timeout=timeout_s)  # type: ignore[attr-defined]
         except grpc.RpcError:
             return None
         return int(reply.status)

@@ -17,6 +17,7 @@ import threading
 import time
 from collections.abc import Callable
 from enum import Enum
+from typing import cast
 
 from policy_engine.lifecycle import ComponentStatus, State
 
@@ -70,7 +71,9 @@ class CircuitBreaker:
         if self._state is BreakerState.CLOSED:
             return True
         with self._lock:
-            state = self._state
+            # Read again under the lock (another thread may have closed it since): the type
+            # is the field's again, not what the unlocked check above narrowed it to.
+            state = cast(BreakerState, self._state)
             if state is BreakerState.CLOSED:
                 return True
             now = self._monotonic()

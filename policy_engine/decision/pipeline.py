@@ -119,7 +119,9 @@ NO_POLICY_SET_MESSAGE = (
 )
 
 _NONE = pdp_pb2.CACHE_LEVEL_NONE
-_ALLOW, _DENY = pdp_pb2.EFFECT_ALLOW, pdp_pb2.EFFECT_DENY
+# Effect numbers, as outcomes and the metrics carry them (Outcome.effect: an int).
+_ALLOW: int = pdp_pb2.EFFECT_ALLOW
+_DENY: int = pdp_pb2.EFFECT_DENY
 # Codes that describe the request or the server, not the policies: never cached.
 _UNCACHEABLE_CODES = frozenset({ErrorCode.VALIDATION_ERROR, ErrorCode.SERVER_ERROR})
 
@@ -799,6 +801,7 @@ class Decider:
     def _snapshot(self) -> tuple[CompiledPolicySet, datetime | None, float] | Decision:
         """The policy set and the time (a datetime only when the clock was injected), or the
         deny to answer when either cannot be had."""
+        snapshot: tuple[CompiledPolicySet, datetime | None, float]
         try:
             policies = self.source()
             if self._clock is None:

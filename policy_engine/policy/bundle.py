@@ -62,7 +62,7 @@ class BundleVerificationError(Exception):
 # the loader imports this module, and a server without a bundle key never needs them.
 
 
-def _algorithm(key: Any) -> str:
+def _algorithm(key: object) -> str:
     from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
 
     if isinstance(key, ed25519.Ed25519PrivateKey | ed25519.Ed25519PublicKey):
@@ -105,13 +105,18 @@ def sign_bundle(
     Raises BundleError for an unusable key or an unreadable file.
     """
     import jwt
+    from cryptography.hazmat.primitives.asymmetric.ec import EllipticCurvePrivateKey
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+    from cryptography.hazmat.primitives.asymmetric.rsa import RSAPrivateKey
     from cryptography.hazmat.primitives.serialization import load_pem_private_key
 
     try:
         key = load_pem_private_key(private_key_pem, password=None)
     except (ValueError, TypeError) as exc:
         raise BundleError(f"not a usable PEM private key: {exc}") from exc
-    algorithm = _algorithm(key)
+    algorithm = _algorithm(key)  # BundleError for any other kind of key
+    if not isinstance(key, Ed25519PrivateKey | EllipticCurvePrivateKey | RSAPrivateKey):
+        raise BundleError(f"not a private key: {type(key).__name__}")
     if snapshot is None:
         snapshot, problems = read_tree(directory)
         if problems:

@@ -145,9 +145,11 @@ def read_bounded(
     folder joined with the file's name, opened with O_NOFOLLOW: it is exactly what
     os.path.realpath returns, since the name is no link (or the open fails and the path is
     resolved in full, as without `real_folders`)."""
-    fd = _open_in_real_folder(os.fspath(path), real_folders) if real_folders is not None else None
-    if fd is not None:
-        fd, real_path = fd
+    opened = (
+        _open_in_real_folder(os.fspath(path), real_folders) if real_folders is not None else None
+    )
+    if opened is not None:
+        fd, real_path = opened
     else:
         real_path = os.path.realpath(path)
         try:

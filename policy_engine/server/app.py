@@ -804,13 +804,13 @@ def _supervise_workers(
     for index in range(settings.workers):
         if stopping.is_set():
             break
-        proc = ctx.Process(
+        worker = ctx.Process(
             target=_worker_main,
             args=(settings, mode, os.getpid(), index),
             name=f"pdp-worker-{index}",
         )
-        proc.start()
-        procs.append(proc)
+        worker.start()
+        procs.append(worker)
     _install_handlers(stop_all, on_reload=reload_all)
     if stopping.is_set():
         stop_all()

@@ -222,12 +222,12 @@ def _invalid(field: str, message: str) -> Reason:
 
 # --- domain -> proto -------------------------------------------------------------------------
 
-_EFFECTS: dict[Effect, int] = {
+_EFFECTS: dict[Effect, pdp_pb2.Effect] = {
     Effect.ALLOW: pdp_pb2.EFFECT_ALLOW,
     Effect.DENY: pdp_pb2.EFFECT_DENY,
 }
 
-_LAYERS: dict[Layer, int] = {
+_LAYERS: dict[Layer, pdp_pb2.Layer] = {
     Layer.SYSTEM: pdp_pb2.LAYER_SYSTEM,
     Layer.ORG: pdp_pb2.LAYER_ORG,
     Layer.USER: pdp_pb2.LAYER_USER,

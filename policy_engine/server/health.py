@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from collections import defaultdict
 from collections.abc import Callable, Coroutine
 from typing import Any
 
@@ -31,6 +32,11 @@ SERVICES = ("", SERVICE_NAME)  # overall, and the PDP service
 class DerivedHealthServicer(AsyncHealthServicer):
     """The asyncio health servicer, its status derived from `readiness()` (which must never
     block): NOT_SERVING until it first says ready. Lives on the process's event loop."""
+
+    # The base class's own state (grpc_health.v1._async), which its stubs leave out.
+    _server_status: dict[str, int]  # service -> ServingStatus
+    _server_watchers: defaultdict[str, asyncio.Condition]  # services someone watches
+    _gracefully_shutting_down: bool
 
     def __init__(self, readiness: Callable[[], bool]) -> None:
         super().__init__()
@@ -92,7 +98,8 @@ class Health:
         else:
             self._runner.call(coro)
 
-    def set(self, service: str, status: health_pb2.HealthCheckResponse.ServingStatus) -> None:
+    def set(self, service: str, status: int) -> None:
+        """`status`: a HealthCheckResponse.ServingStatus value (SERVING, NOT_SERVING)."""
         self._run(self.servicer.set(service, status))
 
     def set_serving(self, ready: bool) -> None:

@@ -34,7 +34,7 @@ from policy_engine.server.convert import (
     timestamp_to_datetime,
 )
 
-CACHE_LEVEL_LABELS = {
+CACHE_LEVEL_LABELS: dict[int, str] = {
     pdp_pb2.CACHE_LEVEL_NONE: "none",
     pdp_pb2.CACHE_LEVEL_LOCAL: "local",
     pdp_pb2.CACHE_LEVEL_REDIS: "redis",

@@ -339,7 +339,9 @@ class DirectoryBackend:
             identity = snapshot.identities.get(file.relative, _UNKNOWN)
             if identity != file.identity:
                 yield file.relative
-            elif identity is not None and max(file.identity[3], file.identity[4]) >= racy_after:
+            elif (
+                file.identity is not None and max(file.identity[3], file.identity[4]) >= racy_after
+            ):
                 yield f"~{file.relative}"
 
     def resync(self) -> tuple[list[str], bool]:

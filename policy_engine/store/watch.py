@@ -331,17 +331,17 @@ class _TreeWatch:
         if not folders:
             return False
         for path in sorted(self.filter.read_paths):
-            folder = _nearest_folder(path)
-            if folder is None or os.path.realpath(folder) in seen:
+            nearest = _nearest_folder(path)
+            if nearest is None or os.path.realpath(nearest) in seen:
                 continue
-            seen.add(os.path.realpath(folder))
-            wd = self._add_watch(folder)
+            seen.add(os.path.realpath(nearest))
+            wd = self._add_watch(nearest)
             if wd is None:
                 unwatched = True
             elif wd in folders:
                 linked = True
             else:
-                folders[wd] = Path(folder)
+                folders[wd] = Path(nearest)
         for wd in set(self._folders) - set(folders):
             with contextlib.suppress(OSError):  # already removed by the kernel
                 self._inotify.rm_watch(wd)

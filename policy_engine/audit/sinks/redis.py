@@ -27,12 +27,15 @@ from __future__ import annotations
 
 import time
 from collections.abc import Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import redis
 
 from policy_engine.audit.chain import Sealed
 from policy_engine.audit.sinks.base import OpenState, Sink, StreamGap, parse_record
+
+if TYPE_CHECKING:  # redis-py's reply types (redis.typing: only recent releases name this one)
+    from redis.typing import StreamRangeResponse
 
 RECORD_FIELD = "record"
 _LOOK_BACK = 1000  # entries searched, besides the batch's own, after an uncertain write
@@ -45,6 +48,28 @@ def entry_id(value: bytes | str) -> tuple[int, int]:
     text = value.decode() if isinstance(value, bytes) else str(value)
     ms, _, seq = text.partition("-")
     return int(ms), int(seq or 0)
+
+
+StreamFields = dict[bytes | str, bytes | str]
+"""One stream entry's fields, as redis-py returns them (bytes without `decode_responses`)."""
+
+
+def stream_entries(reply: StreamRangeResponse | None) -> list[tuple[str, StreamFields]]:
+    """An XRANGE / XREVRANGE reply (or one stream's entries in an XREAD reply) as (entry ID,
+    fields) pairs, the ID as text (`<ms>-<seq>`, for messages and the next page's bound).
+
+    redis-py types the reply, each ID and each field map as optional (the shape XCLAIM gives
+    a deleted entry); a range reply holds none of them. An entry without fields is kept with
+    none, so readers report it as not an audit record; one without an ID cannot be located or
+    resumed from, so it raises redis.ResponseError, as other malformed replies do.
+    """
+    entries: list[tuple[str, StreamFields]] = []
+    for ident, fields in reply or ():
+        if ident is None:
+            raise redis.ResponseError("a stream entry without an ID")
+        text = ident.decode("ascii", "replace") if isinstance(ident, bytes) else str(ident)
+        entries.append((text, fields or {}))
+    return entries
 
 
 def _text(value: Any) -> str:
@@ -95,7 +120,7 @@ class RedisStreamSink(Sink):
         return self._client
 
     def _last(self) -> dict[str, Any] | None:
-        entries = self._connect().xrevrange(self.stream, count=1)
+        entries = stream_entries(self._connect().xrevrange(self.stream, count=1))
         if not entries:
             return None
         fields = entries[0][1]
@@ -214,7 +239,7 @@ class RedisStreamSink(Sink):
         if not sent:
             return records
         client = self._connect()
-        entries = client.xrevrange(self.stream, count=_LOOK_BACK + len(sent))
+        entries = stream_entries(client.xrevrange(self.stream, count=_LOOK_BACK + len(sent)))
         entries.reverse()
         whole_stream = len(entries) < _LOOK_BACK + len(sent)
         wanted = [{RECORD_FIELD.encode(): record.line.encode()} for record in sent]
