@@ -182,6 +182,18 @@ def served(artifacts: Artifacts, tmp_path: Path, redis_server: RedisServer) -> I
     (tmp_path / "cache.key").write_text("k" * 64 + "\n")
     policies = tmp_path / "policies"
     subprocess.run(["cp", "-r", str(REPO / "policies"), str(policies)], check=True)
+    # The installed command, beyond serve: the example policies' own suites, as `make test`
+    # runs them; and no build tool came along at run time.
+    checks = subprocess.run(
+        [python.parent / "pdp", "test", "--coverage-min", "100", str(policies)],
+        capture_output=True, text=True, cwd=tmp_path, env=isolated_env(), check=False,
+    )  # fmt: skip
+    assert checks.returncode == 0, checks.stdout + checks.stderr
+    no_tools = "import importlib.util as u; print(u.find_spec('grpc_tools') is None)"
+    found = subprocess.run(
+        [python, "-c", no_tools], capture_output=True, text=True, env=isolated_env(), check=True
+    )
+    assert found.stdout.strip() == "True", "grpcio-tools is a build requirement only"
     port, health_port = free_port(), free_port()
     env = isolated_env(
         PDP_TLS__CERT_FILE=str(server_cert.cert_file),
