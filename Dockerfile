@@ -4,7 +4,8 @@
 # tests/packaging/artifacts.py): the project's wheel, its gRPC stubs generated from protos/ by
 # the build, and the wheels of the server's dependencies. The runtime stage installs them
 # with no index (no compiler, no network, no build tools in the image) and runs as a user
-# without a home, on a read-only root file system (deploy/deployment.yaml).
+# without a home, on a read-only root file system (deploy/deployment.yaml). Needs BuildKit
+# (the default builder of Docker 23 and later) for the runtime stage's bind mount.
 
 FROM python:3.11-slim AS build
 WORKDIR /src

@@ -6,9 +6,10 @@ from __future__ import annotations
 
 import fnmatch
 import shlex
+import tomllib
 from dataclasses import dataclass, field
 
-from tests.deploy.manifests import build, container, only, pod_spec
+from tests.deploy.manifests import build, container, kustomization, only, pod_spec
 from tests.packaging.artifacts import REPO, WHEEL_COMMAND, WHEELS_DIR
 
 
@@ -103,3 +104,12 @@ def test_the_build_context_holds_only_what_the_build_reads() -> None:
         assert (REPO / name).exists(), name
     for secret in (".pdp/cache-signing.key", ".venv/bin/python", ".git/config"):
         assert not any(fnmatch.fnmatch(secret.split("/")[0], a) for a in allowed), secret
+
+
+def test_the_deployed_image_is_this_versions() -> None:
+    """The tag deploy/ deploys is the project's version (what `docker build` in README tags)."""
+    version = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["version"]
+    (image,) = kustomization()["images"]
+    assert image["newTag"] == version
+    assert container(only(build(), "Deployment"))["image"] == f"{image['name']}:{version}"
+    assert f"docker build -t {image['name']}:{version} ." in (REPO / "README.md").read_text()
