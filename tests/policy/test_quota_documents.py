@@ -11,6 +11,7 @@ from typing import Any
 import pytest
 
 from policy_engine.policy import PolicyLoadError, load_policy_set
+from policy_engine.policy.compile_cache import CompileCache
 from policy_engine.policy.quotas import NO_QUOTAS, bucket
 from policy_engine.quota import Algorithm, WhenUnavailable
 from tests.policy.test_schemas import _schema_errors
@@ -259,3 +260,26 @@ def test_the_loader_refuses_quotas_the_schema_refuses(tmp_path: Path, name: str)
     _write(tmp_path, quota)
     with pytest.raises(PolicyLoadError):
         load_policy_set(tmp_path)
+
+
+def test_reloads_through_the_compile_cache_keep_and_update_the_quotas(tmp_path: Path) -> None:
+    """An organization reused whole or updated by the compile cache still has its quotas,
+    as they are now (they are compiled on every load)."""
+    path = _write(tmp_path, QUOTA)
+    cache = CompileCache()
+
+    def limits() -> dict[str, int]:
+        quotas = load_policy_set(tmp_path, cache=cache).organizations["acme"].quotas
+        return {quota.spec.name: quota.spec.limit for quota in quotas.quotas}
+
+    assert limits() == {"github-per-person-hourly": 100}
+    assert limits() == {"github-per-person-hourly": 100}  # nothing changed: reused whole
+    path.write_text(dump_yaml({**QUOTA, "limit": 7}))
+    assert limits() == {"github-per-person-hourly": 7}
+    (tmp_path / "acme" / "extra.yaml").write_text(
+        dump_yaml({"kind": "Policy", **allow_all("user")})  # a changed file: updated
+    )
+    assert limits() == {"github-per-person-hourly": 7}
+    path.unlink()
+    quotas = load_policy_set(tmp_path, cache=cache).organizations["acme"].quotas
+    assert quotas is NO_QUOTAS
