@@ -459,45 +459,60 @@ _CANNOT = "cannot"
 # last) is matched instead against the shape below, which takes its per-record fields
 # (decision ID, hashes, times, latency, request ID, instance, sequence) as plain scalars and
 # keeps the text of everything else (inputs, recorded decision, reasons, matched rules, schema
-# version) as the key of what an earlier line with the same text counted as. A key is stored
-# only after its line was parsed and each kept part parsed alone as one whole JSON value: the
-# line is then that object, so any later line matching with the same parts holds the same
-# values (JSON's grammar reads a whole value followed by `,"key":` one way only). Each part is
+# version) as the key of what an earlier line with the same text counted as. A line seen for
+# the first time is read from those parts, each parsed alone, when each is one whole JSON
+# value: the line is then that object (JSON's grammar reads a whole value followed by
+# `,"key":` one way only), and so is any later line matching with the same parts. Each part is
 # matched up to the first following key text and never retried (atomic groups): linear time,
 # and a line whose values contain such text fails to match (or to be stored) and is parsed.
 _STRING = r'"[^"\\\x00-\x1f]*"'  # a JSON string without escapes
 _NUMBER = r"-?(?:0|[1-9][0-9]*)(?:\.[0-9]+)?(?:[eE][+-]?[0-9]+)?"
 _INTEGER = r"(?:0|[1-9][0-9]*)"
+
+
+def _upto(name: str, key: str) -> str:
+    """A part named `name` up to the first `,"key":` (taken whole, never retried: commas
+    not before that text are consumed one run at a time, which is linear and fast)."""
+    after = re.escape(f',"{key}":')
+    return rf"(?>(?P<{name}>[^,]*(?:,(?!{after[1:]})[^,]*)*){after})"
+
+
 _LINE = re.compile(
-    r'\{"application":(?>(?P<application>.+?),"cache_level":)' + _STRING
-    + r',"context":(?>(?P<context>.+?),"decision":)(?P<decision>' + _STRING + ")"
+    r'\{"application":' + _upto("application", "cache_level") + _STRING
+    + r',"context":' + _upto("context", "decision") + r"(?P<decision>" + _STRING + ")"
     + r',"decision_id":"(?P<decision_id>[^"\\\x00-\x1f]*)"'
     + r',"instance":' + _STRING
-    + r',"integration":(?>(?P<integration>.+?),"latency_ms":)' + _NUMBER
-    + r',"matched_rules":(?>(?P<matched_rules>.+?),"organization":)'
+    + r',"integration":' + _upto("integration", "latency_ms") + _NUMBER
+    + r',"matched_rules":' + _upto("matched_rules", "organization")
     + r"(?P<organization>" + _STRING + ")"
     + r',"policy_revision":' + _STRING + r',"prev_hash":' + _STRING
-    + r',"reasons":(?>(?P<reasons>.+?),"request_id":)' + _STRING
+    + r',"reasons":' + _upto("reasons", "request_id") + _STRING
     + r',"schema_version":(?P<schema_version>' + _INTEGER + ")"
     + r',"scope":(?P<scope>' + _STRING + ")"
     + r',"seq":' + _INTEGER + r',"stream":' + _STRING
-    + r',"subject":(?>(?P<subject>.+?),"time":)"(?P<time>[^"\\\x00-\x1f]*)"'
+    + r',"subject":' + _upto("subject", "time") + r'"(?P<time>[^"\\\x00-\x1f]*)"'
     + r',"type":"decision","hash":' + _STRING + r"\}[ \t\n\r]*",
-    re.DOTALL,
 )  # fmt: skip
 _LINE_VALUES = ("application", "context", "integration", "matched_rules", "reasons", "subject")
 _LINE_KEY = (*_LINE_VALUES, "decision", "organization", "schema_version", "scope")
-LINE_MEMO_SIZE = 16_384  # lines' keys kept (each about as long as its line)
+LINE_MEMO_SIZE = 65_536  # lines' keys kept (each about as long as its line)
 
 
-def _whole_values(match: re.Match[str]) -> bool:
-    """Whether each part of `match` that is not a plain scalar is one whole JSON value."""
+def _record_of(match: re.Match[str]) -> dict[str, Any] | None:
+    """The decision record of a line `_LINE` matched, from its parts (what replay reads of
+    it), or None when a part is not one whole JSON value (the parts are then not the line's
+    values: the caller reads the line whole)."""
     try:
-        for name in _LINE_VALUES:
-            json.loads(match[name])
+        record = {name: json.loads(match[name]) for name in _LINE_VALUES}
     except (ValueError, RecursionError):
-        return False
-    return True
+        return None
+    record["type"] = "decision"
+    record["schema_version"] = int(match["schema_version"])
+    record["decision_id"] = match["decision_id"]
+    record["time"] = match["time"]
+    for name in ("decision", "organization", "scope"):  # strings without escapes
+        record[name] = match[name][1:-1]
+    return record
 
 
 def _is_time(text: str) -> bool:
@@ -635,15 +650,12 @@ class Replay:
         # strings hold no lone surrogate, so it may take the direct path; any other line is
         # parsed and replayed as it always was (json.loads of bytes also reads a BOM, UTF-16).
         text = _utf8(raw)
-        match = _LINE.fullmatch(text) if text is not None else None
-        if match is not None:
-            key = match.group(*_LINE_KEY)
-            outcome = self._lines.get(key)
-            if outcome is not None and _is_time(match["time"]):
-                self._count(outcome, match["decision_id"] or _name(where))
-                return
         record: Any = None
         if text is not None:
+            match = _LINE.fullmatch(text)
+            if match is not None:
+                self._add_match(match, text, where)
+                return
             try:
                 record = json.loads(text)
             except (ValueError, RecursionError):
@@ -654,17 +666,37 @@ class Replay:
             except (ValueError, RecursionError):
                 self.cannot("unreadable_line", _name(where))
                 return
-            exact_text = False
-        else:
-            exact_text = "\\u" not in text
+            self.add(record, where, may_redact=True)
+            return
+        exact_text = "\\u" not in text
         # Without the marker's text or a \u escape (that could spell it), no value is redacted.
-        may_redact = not exact_text or REDACTED in (text or "")
-        if match is None or not isinstance(record, dict) or record.get("type") != "decision":
-            self.add(record, where, may_redact=may_redact, exact_text=exact_text)
+        may_redact = not exact_text or REDACTED in text
+        self.add(record, where, may_redact=may_redact, exact_text=exact_text)
+
+    def _add_match(self, match: re.Match[str], text: str, where: Where) -> None:
+        """A line `_LINE` matched: counted as the last line with the same key when that one
+        was stored, else read from its parts (when each is one whole JSON value) or whole."""
+        key = match.group(*_LINE_KEY)
+        example = match["decision_id"] or _name(where)
+        timely = _is_time(match["time"])
+        outcome = self._lines.get(key)
+        if outcome is not None and timely:
+            self._count(outcome, example)
+            return
+        record = _record_of(match)
+        exact_text = "\\u" not in text
+        may_redact = not exact_text or REDACTED in text
+        if record is None:  # some part is not one whole value: read the line as a whole
+            try:
+                whole = json.loads(text)
+            except (ValueError, RecursionError):
+                self.cannot("unreadable_line", _name(where))
+                return
+            self.add(whole, where, may_redact=may_redact, exact_text=exact_text)
             return
         outcome, lasting = self._outcome(record, may_redact, exact_text)
-        self._count(outcome, str(record.get("decision_id") or _name(where)))
-        if lasting and _is_time(match["time"]) and _whole_values(match):
+        self._count(outcome, example)
+        if lasting and timely:
             if len(self._lines) >= LINE_MEMO_SIZE:
                 self._lines.clear()
             self._lines[key] = outcome
