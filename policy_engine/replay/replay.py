@@ -53,7 +53,7 @@ UNCHANGED = "unchanged"
 CHANGE_KINDS = (ALLOW_TO_DENY, DENY_TO_ALLOW, CODE_CHANGED, LAYER_CHANGED, RULE_CHANGED, UNCHANGED)
 GROUP_BY = ("organization", "application", "integration", "rule")
 EXAMPLES = 3  # decision IDs kept per group
-REPLAYABLE_VERSIONS = frozenset({1, 2, 3})
+REPLAYABLE_VERSIONS = frozenset({1, 2, 3, 4})
 REPLAY_KID = "pdp-replay"  # the key replay signs recorded token claims with
 MEMO_SIZE = 65_536  # decisions kept for records with the same inputs
 # Context keys that `request_message` reads as fields: an attribute so named cannot be replayed.
@@ -178,8 +178,9 @@ _RECORD_KEYS = frozenset(
     {"schema_version", "type", "stream", "seq", "prev_hash", "hash", "time", "decision_id",
      "organization", "subject", "application", "integration", "scope", "context", "decision",
      "reasons", "matched_rules", "policy_revision", "cache_level", "latency_ms", "request_id",
-     "instance", "truncated"}
+     "instance", "truncated", "trace_id", "span_id"}
 )  # fmt: skip
+# Version 4 adds trace_id and span_id: per-record fields, as decision_id (never an input).
 # Version 3 adds the external user's namespace (an input) and the person it mapped to (an
 # outcome the candidate's own mapping decides again).
 _SUBJECT_KEYS = frozenset(
@@ -466,8 +467,10 @@ _CANNOT = "cannot"
 # matched up to the first following key text and never retried (atomic groups): linear time,
 # and a line whose values contain such text fails to match (or to be stored) and is parsed.
 _STRING = r'"[^"\\\x00-\x1f]*"'  # a JSON string without escapes
-_NUMBER = r"-?(?:0|[1-9][0-9]*)(?:\.[0-9]+)?(?:[eE][+-]?[0-9]+)?"
-_INTEGER = r"(?:0|[1-9][0-9]*)"
+# Numbers json.loads reads (it refuses integers of more than 4,300 digits): a line with a
+# longer one is left to it, and counted as unreadable as before.
+_NUMBER = r"-?(?:0|[1-9][0-9]{0,99})(?:\.[0-9]{1,100})?(?:[eE][+-]?[0-9]{1,3})?"
+_INTEGER = r"(?:0|[1-9][0-9]{0,99})"
 
 
 def _upto(name: str, key: str) -> str:
@@ -489,8 +492,9 @@ _LINE = re.compile(
     + r',"reasons":' + _upto("reasons", "request_id") + _STRING
     + r',"schema_version":(?P<schema_version>' + _INTEGER + ")"
     + r',"scope":(?P<scope>' + _STRING + ")"
-    + r',"seq":' + _INTEGER + r',"stream":' + _STRING
+    + r',"seq":' + _INTEGER + r'(?:,"span_id":' + _STRING + r')?,"stream":' + _STRING
     + r',"subject":' + _upto("subject", "time") + r'"(?P<time>[^"\\\x00-\x1f]*)"'
+    + r'(?:,"trace_id":' + _STRING + r")?"
     + r',"type":"decision","hash":' + _STRING + r"\}[ \t\n\r]*",
 )  # fmt: skip
 _LINE_VALUES = ("application", "context", "integration", "matched_rules", "reasons", "subject")

@@ -247,3 +247,19 @@ def test_a_line_with_a_byte_order_mark_is_read_as_before(
     path = tmp_path / "audit.jsonl"
     path.write_bytes(b"\xef\xbb\xbf" + json.dumps(record).encode() + b"\n")
     assert replay_files([path], policies).to_dict()["counts"]["unchanged"] == 1
+
+
+@pytest.mark.parametrize("name", ["latency_ms", "seq", "schema_version"])
+def test_a_number_json_cannot_read_leaves_the_line_unreadable(
+    name: str, log: Path, tmp_path: Path, policies: CompiledPolicySet
+) -> None:
+    """A per-record number of 5,000 digits: json.loads refuses it (more than 4,300 digits), so
+    the line is unreadable, though it otherwise has the writer's shape."""
+    record = next(r for r in _decisions(log) if r["reasons"] == [])
+    text = _as_written(record)
+    spelt = f'"{name}":{json.dumps(record[name])}'
+    assert text.count(spelt) == 1
+    path = tmp_path / "audit.jsonl"
+    path.write_text(text.replace(spelt, f'"{name}":{"7" * 5000}') + "\n")
+    report = replay_files([path], policies).to_dict()
+    assert report["unreplayable"] == {"unreadable_line": {"count": 1, "examples": [f"{path}:1"]}}
