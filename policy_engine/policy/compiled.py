@@ -51,8 +51,8 @@ class RuleBucket:
     """The rules of one layer that can apply to one integration, denies apart from allows,
     each indexed by target (`RuleIndex.rules` holds them in (policy, rule) order)."""
 
-    denies: RuleIndex
-    allows: RuleIndex
+    denies: RuleIndex[CompiledRule]
+    allows: RuleIndex[CompiledRule]
 
 
 EMPTY_BUCKET = RuleBucket(RuleIndex(()), RuleIndex(()))

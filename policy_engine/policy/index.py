@@ -20,12 +20,29 @@ from __future__ import annotations
 import functools
 from collections.abc import Iterable, Iterator, Sequence
 from collections.abc import Set as AbstractSet
-from typing import TYPE_CHECKING
+from typing import Any, Generic, Protocol, TypeVar
 
 from policy_engine.policy.patterns import Matcher
 
-if TYPE_CHECKING:
-    from policy_engine.policy.compiled import CompiledRule
+
+class Targeted(Protocol):
+    """What the index reads of an entry: its target matchers, and (policy, name) for order.
+    Rules (`_R`) and quotas (`CompiledQuota`) both are; entries are hashable."""
+
+    @property
+    def policy(self) -> str: ...
+    @property
+    def name(self) -> str: ...
+    @property
+    def subject_matchers(self) -> tuple[Matcher, ...]: ...
+    @property
+    def application_matchers(self) -> tuple[Matcher, ...]: ...
+    @property
+    def scope_matchers(self) -> tuple[Matcher, ...]: ...
+    def __hash__(self) -> int: ...
+
+
+_R = TypeVar("_R", bound=Targeted)  # the kind of entry one index holds
 
 # A bucket with fewer rules than this is scanned: three map probes cost about as much as
 # testing two or three rules (~0.3-0.6 µs each), and small buckets then hold no maps.
@@ -55,7 +72,7 @@ def _score(matcher: Matcher) -> tuple[int, int]:
     return (1, shortest) if shortest else (0, 0)
 
 
-def _choose(rule: CompiledRule) -> tuple[int, Matcher] | None:
+def _choose(rule: Targeted) -> tuple[int, Matcher] | None:
     """The (dimension, matcher) to index `rule` by, or None when it has no usable anchor.
 
     Any matcher of a dimension will do: a dimension's matchers are a conjunction (policy
@@ -71,17 +88,17 @@ def _choose(rule: CompiledRule) -> tuple[int, Matcher] | None:
     return best
 
 
-class _Dimension:
+class _Dimension(Generic[_R]):
     """The maps of one dimension: exact values, and glob anchors by length (ascending)."""
 
     __slots__ = ("exact", "prefixes", "suffixes")
 
     def __init__(self) -> None:
-        self.exact: dict[str, tuple[CompiledRule, ...]] = {}
-        self.prefixes: tuple[tuple[int, dict[str, tuple[CompiledRule, ...]]], ...] = ()
-        self.suffixes: tuple[tuple[int, dict[str, tuple[CompiledRule, ...]]], ...] = ()
+        self.exact: dict[str, tuple[_R, ...]] = {}
+        self.prefixes: tuple[tuple[int, dict[str, tuple[_R, ...]]], ...] = ()
+        self.suffixes: tuple[tuple[int, dict[str, tuple[_R, ...]]], ...] = ()
 
-    def gather(self, value: str, hits: list[tuple[CompiledRule, ...]]) -> None:
+    def gather(self, value: str, hits: list[tuple[_R, ...]]) -> None:
         """Appends the rule tuples filed under `value`, its prefixes and its suffixes."""
         hit = self.exact.get(value)
         if hit is not None:
@@ -105,10 +122,10 @@ class _Dimension:
 
 
 # What a scanned index holds instead of maps: never read, shared by every small bucket.
-_UNUSED = (_Dimension(), _Dimension(), _Dimension())
+_UNUSED: tuple[_Dimension[Any], ...] = (_Dimension(), _Dimension(), _Dimension())
 
 
-class RuleIndex:
+class RuleIndex(Generic[_R]):
     """The rules of one effect in one bucket (layer and integration), in (policy, rule) order.
 
     `rules` is every rule; `candidates(subject, application, scope)` returns a sequence of
@@ -119,24 +136,24 @@ class RuleIndex:
 
     __slots__ = ("_always", "_dimensions", "_ordinal", "_scan_below", "rules", "scan")
 
-    def __init__(self, rules: Iterable[CompiledRule], *, scan_below: int = SCAN_BELOW) -> None:
+    def __init__(self, rules: Iterable[_R], *, scan_below: int = SCAN_BELOW) -> None:
         """`rules` in (policy, rule) order; with fewer than `scan_below` of them, every rule is
         a candidate and no maps are built."""
-        self.rules: tuple[CompiledRule, ...] = tuple(rules)
+        self.rules: tuple[_R, ...] = tuple(rules)
         self._scan_below = scan_below
         self.scan = len(self.rules) < scan_below
         self._dimensions = _UNUSED
-        self._always: tuple[CompiledRule, ...] = ()
-        self._ordinal: dict[CompiledRule, int] = {}
+        self._always: tuple[_R, ...] = ()
+        self._ordinal: dict[_R, int] = {}
         if not self.scan:
             self._dimensions = (_Dimension(), _Dimension(), _Dimension())
             self._build()
 
     def _build(self) -> None:
-        exact: list[dict[str, list[CompiledRule]]] = [{}, {}, {}]
-        prefixes: list[dict[int, dict[str, list[CompiledRule]]]] = [{}, {}, {}]
-        suffixes: list[dict[int, dict[str, list[CompiledRule]]]] = [{}, {}, {}]
-        always: list[CompiledRule] = []
+        exact: list[dict[str, list[_R]]] = [{}, {}, {}]
+        prefixes: list[dict[int, dict[str, list[_R]]]] = [{}, {}, {}]
+        suffixes: list[dict[int, dict[str, list[_R]]]] = [{}, {}, {}]
+        always: list[_R] = []
         for ordinal, rule in enumerate(self.rules):
             self._ordinal[rule] = ordinal
             # Rules arrive in order, so every list stays sorted.
@@ -154,9 +171,7 @@ class RuleIndex:
             maps.suffixes = _frozen(suffixes[dimension])
         self._always = tuple(always)
 
-    def updated(
-        self, removed: AbstractSet[CompiledRule], added: Iterable[CompiledRule]
-    ) -> RuleIndex:
+    def updated(self, removed: AbstractSet[_R], added: Iterable[_R]) -> RuleIndex[_R]:
         """This index with the `removed` rules (by identity) taken out and `added` put in:
         equal, in every lookup and in `rules`, to RuleIndex(the resulting rules in (policy,
         rule) order), but built in time proportional to the rules (a few dict operations
@@ -173,7 +188,7 @@ class RuleIndex:
         )
         if self.scan or len(rules) < self._scan_below:
             return RuleIndex(rules, scan_below=self._scan_below)
-        new = RuleIndex((), scan_below=self._scan_below)
+        new: RuleIndex[_R] = RuleIndex((), scan_below=self._scan_below)
         new.rules, new.scan = tuple(rules), False
         new._ordinal = {rule: ordinal for ordinal, rule in enumerate(rules)}
         # Only the keys a changed rule is filed under change: copy the maps, not their tuples.
@@ -210,11 +225,11 @@ class RuleIndex:
         new._always = tuple(sorted(always, key=order))
         return new
 
-    def candidates(self, subject: str, application: str, scope: str) -> Sequence[CompiledRule]:
+    def candidates(self, subject: str, application: str, scope: str) -> Sequence[_R]:
         """The rules that may apply to the request, in (policy, rule) order, each once."""
         if self.scan:
             return self.rules
-        hits: list[tuple[CompiledRule, ...]] = []
+        hits: list[tuple[_R, ...]] = []
         subjects, applications, scopes = self._dimensions
         subjects.gather(subject, hits)
         applications.gather(application, hits)
@@ -237,11 +252,11 @@ class RuleIndex:
         return f"RuleIndex({len(self.rules)} rules{', scanned' if self.scan else ''})"
 
 
-def _order(rule: CompiledRule) -> tuple[str, str]:
+def _order(rule: Targeted) -> tuple[str, str]:
     return (rule.policy, rule.name)
 
 
-def _keys(rule: CompiledRule) -> Iterator[tuple[int, int, str]]:
+def _keys(rule: Targeted) -> Iterator[tuple[int, int, str]]:
     """Where `rule` is filed: (dimension, anchor, key) per key, anchor 0 for an exact value,
     1 for a glob's literal prefix, -1 for its suffix; a single (-1, 0, "") when it has no
     usable anchor (a candidate for every request). Each key once (a repeat would make the
@@ -258,13 +273,13 @@ def _keys(rule: CompiledRule) -> Iterator[tuple[int, int, str]]:
 
 
 def _table(
-    exact: list[dict[str, tuple[CompiledRule, ...]]],
-    prefixes: list[dict[int, dict[str, tuple[CompiledRule, ...]]]],
-    suffixes: list[dict[int, dict[str, tuple[CompiledRule, ...]]]],
+    exact: list[dict[str, tuple[_R, ...]]],
+    prefixes: list[dict[int, dict[str, tuple[_R, ...]]]],
+    suffixes: list[dict[int, dict[str, tuple[_R, ...]]]],
     dimension: int,
     anchor: int,
     key: str,
-) -> dict[str, tuple[CompiledRule, ...]]:
+) -> dict[str, tuple[_R, ...]]:
     """The map a key of `_keys` lives in (created empty for a new anchor length)."""
     if anchor == 0:
         return exact[dimension]
@@ -273,14 +288,14 @@ def _table(
 
 
 def _frozen_tuples(
-    by_length: dict[int, dict[str, tuple[CompiledRule, ...]]],
-) -> tuple[tuple[int, dict[str, tuple[CompiledRule, ...]]], ...]:
+    by_length: dict[int, dict[str, tuple[_R, ...]]],
+) -> tuple[tuple[int, dict[str, tuple[_R, ...]]], ...]:
     return tuple((length, by_length[length]) for length in sorted(by_length) if by_length[length])
 
 
 def _frozen(
-    by_length: dict[int, dict[str, list[CompiledRule]]],
-) -> tuple[tuple[int, dict[str, tuple[CompiledRule, ...]]], ...]:
+    by_length: dict[int, dict[str, list[_R]]],
+) -> tuple[tuple[int, dict[str, tuple[_R, ...]]], ...]:
     return tuple(
         (length, {key: tuple(found) for key, found in by_length[length].items()})
         for length in sorted(by_length)

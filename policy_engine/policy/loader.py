@@ -16,11 +16,12 @@ import dataclasses
 import hashlib
 import os
 from collections import Counter
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from collections.abc import Set as AbstractSet
 from contextlib import nullcontext
 from dataclasses import dataclass
 from datetime import datetime
+from functools import partial
 from pathlib import Path
 from types import MappingProxyType
 
@@ -398,9 +399,7 @@ def _load(
             assert parsed is not None
         else:
             path = directory / relative
-            parsed = attempt.parsed_file(
-                key, lambda path=path, data=data, org=org: _parse_new(path, data, org, issues)
-            )
+            parsed = attempt.parsed_file(key, partial(_parse_new, path, data, org, issues))
         by_org.setdefault(org, []).append((key, parsed))
 
     organizations = {}
@@ -477,8 +476,8 @@ def _organization(
     if previous is not None:
         updated = _updated_organization(previous, files, files_key, issues, attempt)
         if updated is not None:
+            assert updated.config is not None
             config = updated.config
-            assert config is not None
             tokens = _token_rules(
                 source, org, config.tokens, issues, contents, config.position.file, remote_keys
             )
@@ -642,7 +641,8 @@ def _updated_organization(
     )
 
 
-_Layered = tuple[tuple[Layer, CompiledRule, "Matcher | _Conjunction"], ...]
+# (layer, rule, its integration matcher: a Matcher or a _Conjunction of two)
+_Layered = tuple[tuple[Layer, CompiledRule, Callable[[str], bool]], ...]
 
 
 def _compile_file(
@@ -654,14 +654,14 @@ def _compile_file(
     if parsed.layered is not None:  # every rule compiled before: reuse them whole
         attempt.use_conditions(parsed.conditions)
         return parsed.layered, True
-    layered: list[tuple[Layer, CompiledRule, Matcher | _Conjunction]] = []
+    layered: list[tuple[Layer, CompiledRule, Callable[[str], bool]]] = []
     complete = True
     for policy in parsed.policies:
         for rule in policy.rules:
             compiled = attempt.compiled_rule(
                 parsed,
                 rule,
-                lambda policy=policy, rule=rule: _compile_rule(policy, rule, issues, attempt),
+                partial(_compile_rule, policy, rule, issues, attempt),
             )
             if compiled is None:
                 complete = False
@@ -868,7 +868,7 @@ def _compile_organization(
             )
         seen.setdefault(policy.name, policy)
 
-    rules_by_layer: dict[Layer, list[tuple[CompiledRule, Matcher | _Conjunction]]] = {
+    rules_by_layer: dict[Layer, list[tuple[CompiledRule, Callable[[str], bool]]]] = {
         layer: [] for layer in POLICY_LAYERS
     }
     for _, parsed in files:
@@ -891,7 +891,7 @@ def _compile_organization(
         )
         if everywhere:
             general.add(layer)
-    compiled = CompiledOrganization(
+    organization = CompiledOrganization(
         name=config.name,
         catalog=config.catalog,
         layers=MappingProxyType(layers),
@@ -901,7 +901,7 @@ def _compile_organization(
             source, org, config.tokens, issues, contents, config.position.file, remote_keys
         ),
     )
-    return compiled, frozenset(general)
+    return organization, frozenset(general)
 
 
 class _Conjunction:
@@ -923,14 +923,14 @@ def _conjunction(first: Matcher, second: Matcher) -> Matcher | _Conjunction:
 
 
 def _index_by_integration(
-    integrations: frozenset[str], rules: list[tuple[CompiledRule, Matcher | _Conjunction]]
+    integrations: frozenset[str], rules: list[tuple[CompiledRule, Callable[[str], bool]]]
 ) -> dict[str, RuleBucket]:
     """The buckets of one layer's `rules` by integration (see _index_layer)."""
     return _index_layer(integrations, rules)[0]
 
 
 def _index_layer(
-    integrations: frozenset[str], rules: list[tuple[CompiledRule, Matcher | _Conjunction]]
+    integrations: frozenset[str], rules: list[tuple[CompiledRule, Callable[[str], bool]]]
 ) -> tuple[dict[str, RuleBucket], bool]:
     """Sorted by (policy, rule) so file and rule order can never change a decision or a trace.
 
@@ -942,7 +942,7 @@ def _index_layer(
     names = sorted(integrations)
     # Thousands of rules share a few distinct integration targets (usually "*"): test each
     # target against the catalog once, not once per rule. Equal Matchers accept the same.
-    accepts: dict[Matcher | _Conjunction, frozenset[str]] = {}
+    accepts: dict[Callable[[str], bool], frozenset[str]] = {}
     accepted: list[frozenset[str]] = []
     for _, matches in ordered:
         found = accepts.get(matches)

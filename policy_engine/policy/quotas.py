@@ -90,7 +90,9 @@ class OrganizationQuotas:
     index of those that can apply to it."""
 
     quotas: tuple[CompiledQuota, ...] = ()
-    by_integration: Mapping[str, RuleIndex] = field(default_factory=lambda: MappingProxyType({}))
+    by_integration: Mapping[str, RuleIndex[CompiledQuota]] = field(
+        default_factory=lambda: MappingProxyType({})
+    )
 
     def __bool__(self) -> bool:
         return bool(self.quotas)
@@ -177,14 +179,14 @@ def compile_quotas(
     if not compiled:
         return NO_QUOTAS, problems
     compiled.sort(key=lambda item: item[0].spec.name)
-    by_integration: dict[str, RuleIndex] = {}
-    shared: dict[tuple[CompiledQuota, ...], RuleIndex] = {}
+    by_integration: dict[str, RuleIndex[CompiledQuota]] = {}
+    shared: dict[tuple[CompiledQuota, ...], RuleIndex[CompiledQuota]] = {}
     for integration in sorted(catalog.integrations):
         applicable = tuple(quota for quota, accepts in compiled if accepts(integration))
         if applicable:
             index = shared.get(applicable)
             if index is None:
-                index = shared[applicable] = RuleIndex(applicable)  # type: ignore[arg-type]
+                index = shared[applicable] = RuleIndex(applicable)
             by_integration[integration] = index
     quotas = tuple(quota for quota, _ in compiled)
     return OrganizationQuotas(quotas, MappingProxyType(by_integration)), problems

@@ -13,6 +13,7 @@ from policy_engine.quota.memory import InProcessQuotaStore
 
 if TYPE_CHECKING:
     from policy_engine.policy.compiled import CompiledOrganization
+    from policy_engine.quota.model import Charge
 
 
 class DryRunQuotas:
@@ -38,7 +39,7 @@ class DryRunQuotas:
         or that does not count this request's answer)."""
         self.now_ms = int(at.timestamp() * 1000)
         quotas = organization.quotas if organization is not None else None
-        charges = ()
+        charges: tuple[Charge, ...] = ()
         if quotas and decision.effect is Effect.ALLOW:
             subject, application, integration, scope = request
             # An external user ID counts as the person it maps to (as on the server).

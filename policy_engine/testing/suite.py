@@ -329,7 +329,7 @@ class _SuiteParser(DocumentParser):
         return Resource(ident, self._attributes(doc, "attributes")) if ident else None
 
     def _key(self, doc: PositionedDict, fixture: str) -> FixtureKey | None:
-        from jwt.algorithms import ECAlgorithm, OKPAlgorithm, RSAAlgorithm
+        from jwt.algorithms import Algorithm, ECAlgorithm, OKPAlgorithm, RSAAlgorithm
 
         self._check_keys(doc, _KEY_KEYS, "a fixture key")
         file = self._string(doc, "private_key_file", required=True)
@@ -369,7 +369,8 @@ class _SuiteParser(DocumentParser):
                 f"algorithm {algorithm!r} does not fit this {kind} key (one of {choices})",
             )
             return None
-        codec = {"Ed25519": OKPAlgorithm, "RSA": RSAAlgorithm}.get(kind, ECAlgorithm)
+        codecs: dict[str, type[Algorithm]] = {"Ed25519": OKPAlgorithm, "RSA": RSAAlgorithm}
+        codec = codecs.get(kind, ECAlgorithm)
         jwk = dict(codec.to_jwk(public, as_dict=True))
         jwk.update(kid=kid, use="sig", alg=algorithm)
         return FixtureKey(fixture, algorithm, kid, key, jwk)
