@@ -70,6 +70,13 @@ words = st.one_of(
             "a b",
             "read:*",
             "\n",
+            # External user IDs of globex's identity mapping, its namespaces and applications.
+            "c-1029",
+            "partner-user-123",
+            "contractors",
+            "partner-portal",
+            "release-bot",
+            "support-copilot",
         ]
     ),
     st.text(max_size=12),
@@ -103,6 +110,7 @@ def check_requests(draw: st.DrawFn) -> pdp_pb2.CheckRequest:
             id=draw(words),
             kind=draw(st.integers(-1, 5)),
             access_token=draw(st.sampled_from(["", "x.y.z", "not a jwt"])),
+            namespace=draw(words),
         ),
         application=pdp_pb2.Application(id=draw(words)),
         integration=pdp_pb2.Integration(id=draw(words)),
