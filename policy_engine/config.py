@@ -33,6 +33,8 @@ from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 import annotated_types as at
 import yaml
 
+from policy_engine.errors import PolicyEngineError
+
 if TYPE_CHECKING:
     from pydantic import ValidationError
     from pydantic_settings import BaseSettings
@@ -41,7 +43,7 @@ ENV_PREFIX = "PDP_"
 ENV_NESTED_DELIMITER = "__"
 
 
-class ConfigError(ValueError):
+class ConfigError(PolicyEngineError, ValueError):
     """A setting that cannot be used; the message names the setting (one per line)."""
 
 
@@ -255,6 +257,44 @@ Seconds = Annotated[float, at.Gt(0), _After(_finite)]
 SecondsOrOff = Annotated[float, at.Ge(0), _After(_finite)]
 
 
+def _otlp_endpoint(value: str) -> str:
+    """`tracing.otlp_endpoint`: empty (the exporter's own default, `OTEL_EXPORTER_OTLP_ENDPOINT`
+    or `localhost:4317`) or `http://host:port` (plaintext) / `https://host:port` (TLS), as
+    the OTLP/gRPC exporter takes it; no path, query or credentials."""
+    text = value.strip()
+    if not text:
+        return value
+    parts = urlsplit(text)
+    if parts.scheme.lower() not in ("http", "https") or "@" in parts.netloc:
+        raise ValueError("expected http://host:port or https://host:port")
+    problem = _host_port_problem(parts.netloc)
+    if problem is not None:
+        raise ValueError(f"expected http://host:port or https://host:port ({problem})")
+    if parts.path not in ("", "/") or parts.query or parts.fragment:
+        raise ValueError("expected http://host:port or https://host:port, without a path")
+    return value
+
+
+def _ratio(value: float) -> float:
+    """A share from 0 to 1 (NaN is named as such, not as out of bounds)."""
+    if not math.isfinite(value):
+        raise ValueError("expected a finite number")
+    if not 0 <= value <= 1:
+        raise ValueError("expected a number from 0 to 1")
+    return value
+
+
+_SERVICE_NAME = re.compile(r"[!-~]{1,128}")
+
+
+def _service_name(value: str) -> str:
+    """`tracing.service_name`: 1 to 128 printable ASCII characters without spaces (the
+    `service.name` resource attribute every span carries)."""
+    if not _SERVICE_NAME.fullmatch(value):
+        raise ValueError("expected 1 to 128 printable ASCII characters without spaces")
+    return value
+
+
 def _interval_or_off(value: float) -> float:
     """0 (off) or at least MIN_INTERVAL_SECONDS: a walk of the whole tree back to back would
     hold a core (1e-300, or milliseconds typed as seconds)."""
@@ -277,6 +317,10 @@ LogLevel = Annotated[Literal["DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"], _
 LogFormat = Annotated[Literal["text", "json"], _Before(_lower)]
 SinkList = Annotated[str, _After(_sink_list)]
 KeyPrefix = Annotated[str, _After(_key_prefix)]
+TraceExporter = Annotated[Literal["otlp", "console"], _Before(_lower)]
+Ratio = Annotated[float, _After(_ratio)]
+OtlpEndpoint = Annotated[str, _After(_otlp_endpoint)]
+ServiceName = Annotated[str, _After(_service_name)]
 
 
 # --- the settings ----------------------------------------------------------------------------
@@ -445,6 +489,22 @@ class TransportSettings:
 
 
 @dataclass(frozen=True, slots=True)
+class TracingSettings:
+    """OpenTelemetry traces of the decision calls (policy_engine/tracing/; the `tracing` extra).
+
+    Off: nothing of OpenTelemetry is imported and no call pays for it."""
+
+    enabled: Flag = False
+    exporter: TraceExporter = "otlp"  # otlp (OTLP/gRPC to a collector) | console (stdout)
+    # Empty: the exporter's default (OTEL_EXPORTER_OTLP_ENDPOINT, else localhost:4317).
+    otlp_endpoint: OtlpEndpoint = ""
+    service_name: ServiceName = "policy-engine"
+    # Share of new traces recorded (0..1); a call the broker's trace context marks sampled
+    # (or not) follows that parent's choice.
+    sample_ratio: Ratio = 1.0
+
+
+@dataclass(frozen=True, slots=True)
 class Settings:
     address: GrpcAddress = "127.0.0.1:50051"
     policy_dir: Path = Path("policies")
@@ -472,6 +532,8 @@ class Settings:
     health_address: OptionalGrpcAddress = ""
     # HTTP/2 connection limits: keepalive, idle and age (TransportSettings).
     transport: TransportSettings = field(default_factory=TransportSettings)
+    # OpenTelemetry traces (TracingSettings): off by default.
+    tracing: TracingSettings = field(default_factory=TracingSettings)
 
     def replace(self, **changes: Any) -> Settings:
         """A copy with `changes` (not validated: `load_settings` is where checks happen)."""
@@ -482,7 +544,9 @@ class Settings:
 
 # Secrets never printed: by `pdp config check` or in an error message.
 SECRET_SETTINGS = frozenset({"cache.redis_signing_key", "cache.redis_verify_keys"})
-URL_SETTINGS = frozenset({"cache.redis_url", "audit.redis_url", "quota.redis_url"})
+URL_SETTINGS = frozenset(
+    {"cache.redis_url", "audit.redis_url", "quota.redis_url", "tracing.otlp_endpoint"}
+)
 MASK = "***"
 
 

@@ -1,4 +1,4 @@
-"""One audit record per decision, as a plain JSON-ready dict (schema `audit-record.v3.json`).
+"""One audit record per decision, as a plain JSON-ready dict (schema `audit-record.v4.json`).
 
 Records are built on the audit writer's thread, not on the request path: `AuditLog.record()`
 only enqueues the request and decision it is given. Nothing secret ever enters a record: the
@@ -28,9 +28,10 @@ from policy_engine.domain.decision import Decision, Reason, reason_to_dict
 from policy_engine.domain.request import CheckRequest
 
 # 2: subject.token_claims; 3: subject.namespace and subject.mapped_id (an external user ID's
-# namespace and the person it maps to). Version 1 and 2 records are still read.
-SCHEMA_VERSION = 3
-SCHEMA_FILE = "schema/audit-record.v3.json"  # package data, next to this module
+# namespace and the person it maps to); 4: trace_id and span_id (the OpenTelemetry span of the
+# call that decided, present only when it was traced). Version 1 to 3 records are still read.
+SCHEMA_VERSION = 4
+SCHEMA_FILE = "schema/audit-record.v4.json"  # package data, next to this module
 CACHE_LEVELS = frozenset({"none", "local", "redis"})
 
 # Keys whose values are credentials, wherever they appear inside attribute maps.
@@ -157,6 +158,16 @@ def _matched_rules(decision: Decision) -> list[dict[str, Any]]:
     ]
 
 
+Trace = tuple[str, str] | None
+"""(trace ID, span ID) in lower-case hex of the call's span when it was traced, else None."""
+
+
+def _add_trace(record: dict[str, Any], trace: Trace) -> None:
+    """The call's span as the record's `trace_id` and `span_id`, when it was traced."""
+    if trace is not None:
+        record["trace_id"], record["span_id"] = trace
+
+
 def _bounded(value: Any, name: str, truncated: list[str]) -> str:
     text = value if isinstance(value, str) else str(value)
     if len(text) > MAX_RAW_LENGTH:
@@ -174,8 +185,10 @@ def build_record(
     latency_ms: float = 0.0,
     instance: str,
     time: float | str,
+    trace: Trace = None,
 ) -> dict[str, Any]:
-    """The audit record of one decision (`time`: epoch seconds or an RFC 3339 string).
+    """The audit record of one decision (`time`: epoch seconds or an RFC 3339 string;
+    `trace`: the call's span, recorded as `trace_id` and `span_id` when given).
 
     A request that failed validation may hold anything: its strings are cut to
     `MAX_RAW_LENGTH` (named in `truncated`) and its attribute maps are left out.
@@ -253,6 +266,7 @@ def build_record(
     }
     if truncated:
         record["truncated"] = truncated
+    _add_trace(record, trace)
     return record
 
 
@@ -303,6 +317,7 @@ def encode_record(
     latency_ms: float = 0.0,
     instance: str,
     time: float | str,
+    trace: Trace = None,
 ) -> Parts:
     """`build_record`'s record, serialized straight to canonical Parts: the writer's fast path.
 
@@ -315,7 +330,7 @@ def encode_record(
     else:
         try:
             return _encode_fast(
-                request, decision, decision_id, cache_level, latency_ms, instance, time
+                request, decision, decision_id, cache_level, latency_ms, instance, time, trace
             )
         except (ValueError, TypeError):  # a non-str ID, NaN, a non-JSON attribute value
             pass
@@ -328,6 +343,7 @@ def encode_record(
             latency_ms=latency_ms,
             instance=instance,
             time=time,
+            trace=trace,
         )
     )
 
@@ -340,11 +356,12 @@ def _encode_fast(
     latency_ms: float,
     instance: str,
     time: float | str,
+    trace: Trace,
 ) -> Parts:
     prepared = PreparedHit(
         PreparedRecord(request, decision), request.request_id, request.context.time
     )
-    return prepared.render(decision_id, cache_level, latency_ms, instance, time)
+    return prepared.render(decision_id, cache_level, latency_ms, instance, time, trace)
 
 
 class PreparedRecord:
@@ -413,19 +430,29 @@ class PreparedRecord:
         time: float | str,
         request_id: str,
         context_time: datetime | None,
+        trace: Trace = None,
     ) -> Parts:
         e = _esc
         broker_time = _rfc3339(context_time)
         stamp = format_time(time) if isinstance(time, int | float) else time
         level = cache_level if cache_level in CACHE_LEVELS else "none"
+        # span_id sorts between the chain's seq and stream, trace_id between time and type.
+        span, traced = (
+            ("", "")
+            if trace is None
+            else (
+                f'"span_id":{e(trace[1])}',
+                f',"trace_id":{e(trace[0])}',
+            )
+        )
         return Parts(
             f"{self._application}{e(level)}{self._context}"
             f"{e(broker_time) if broker_time is not None else 'null'}{self._decision}"
             f'{e(decision_id)},"instance":{e(instance)}{self._integration}'
             f"{_float_json(latency_ms)}{self._rest}",
             f"{self._reasons}{e(request_id)}{self._scope}",
-            "",
-            f'{self._subject}{e(stamp)},"type":"decision"',
+            span,
+            f'{self._subject}{e(stamp)}{traced},"type":"decision"',
             "decision",
         )
 
@@ -445,6 +472,7 @@ class PreparedHit(NamedTuple):
         latency_ms: float,
         instance: str,
         time: float | str,
+        trace: Trace = None,
     ) -> Parts:
         return self.prepared.render(
             decision_id=decision_id,
@@ -454,6 +482,7 @@ class PreparedHit(NamedTuple):
             time=time,
             request_id=self.request_id,
             context_time=self.context_time,
+            trace=trace,
         )
 
 
@@ -481,6 +510,7 @@ def build_invalid_record(
     client_ip: Any = "",
     session_id: Any = "",
     connection: Any = "unknown",
+    trace: Trace = None,
 ) -> dict[str, Any]:
     """The record of a request refused before a domain `CheckRequest` existed.
 
@@ -529,6 +559,7 @@ def build_invalid_record(
     }
     if truncated:
         record["truncated"] = truncated
+    _add_trace(record, trace)
     return record
 
 

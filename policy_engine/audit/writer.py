@@ -313,11 +313,13 @@ class AuditLog:
         cache_level: str = "none",
         latency_ms: float = 0.0,
         at: float | None = None,
+        trace: tuple[str, str] | None = None,
     ) -> bool:
         """Queue the record of one decision; False when it was dropped (and counted).
 
-        `at` is the decision's time (epoch seconds; now when omitted). The record itself is
-        built on the writer thread, so this costs about a microsecond.
+        `at` is the decision's time (epoch seconds; now when omitted); `trace` the (trace ID,
+        span ID) of the call's span, when traced. The record itself is built on the writer
+        thread, so this costs about a microsecond.
         """
         if not self.enabled:
             return False
@@ -330,6 +332,7 @@ class AuditLog:
                 cache_level,
                 latency_ms,
                 time.time() if at is None else at,
+                trace,
             )
         )
 
@@ -341,6 +344,7 @@ class AuditLog:
         cache_level: str = "none",
         latency_ms: float = 0.0,
         at: float | None = None,
+        trace: tuple[str, str] | None = None,
     ) -> bool:
         """Like `record`, with the request and decision made by `build()` on the writer thread.
 
@@ -361,6 +365,7 @@ class AuditLog:
                 cache_level,
                 latency_ms,
                 time.time() if at is None else at,
+                trace,
             )
         )
 
@@ -371,6 +376,7 @@ class AuditLog:
         decision_id: str,
         latency_ms: float = 0.0,
         at: float | None = None,
+        trace: tuple[str, str] | None = None,
         **raw_fields: Any,
     ) -> bool:
         """Queue the record of a request refused before a domain request existed.
@@ -389,6 +395,7 @@ class AuditLog:
                 latency_ms,
                 time.time() if at is None else at,
                 raw_fields,
+                trace,
             )
         )
 
@@ -532,16 +539,16 @@ class AuditLog:
                 kind = item[0]
                 if kind != _INVALID:
                     if kind == _DECISION:
-                        _, request, decision, decision_id, cache_level, latency_ms, at = item
+                        _, request, decision, decision_id, cache_level, latency_ms, at, trace = item
                         built: Any = (request, decision)
                     else:
-                        _, build, decision_id, cache_level, latency_ms, at = item
+                        _, build, decision_id, cache_level, latency_ms, at, trace = item
                         built = build()
                     if isinstance(decision_id, bytes):
                         decision_id = decision_id.decode("utf-8", "replace")
                     if built.__class__ is PreparedHit:
                         records.append(
-                            built.render(decision_id, cache_level, latency_ms, instance, at)
+                            built.render(decision_id, cache_level, latency_ms, instance, at, trace)
                         )
                     else:
                         records.append(
@@ -552,10 +559,11 @@ class AuditLog:
                                 latency_ms=latency_ms,
                                 instance=instance,
                                 time=at,
+                                trace=trace,
                             )
                         )
                 else:
-                    _, decision, decision_id, latency_ms, at, raw = item
+                    _, decision, decision_id, latency_ms, at, raw, trace = item
                     records.append(
                         encode_invalid_record(
                             decision,
@@ -563,6 +571,7 @@ class AuditLog:
                             latency_ms=latency_ms,
                             instance=instance,
                             time=at,
+                            trace=trace,
                             **raw,
                         )
                     )

@@ -48,6 +48,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 
 from policy_engine.auth.discovery import Fetch, IssuerMetadata
 from policy_engine.auth.fetch import MAX_JWKS_BYTES, JwksFetcher
+from policy_engine.errors import PolicyEngineError
 from policy_engine.lifecycle import ComponentStatus, State, event_loop
 
 if TYPE_CHECKING:
@@ -83,7 +84,7 @@ def supported_algorithms() -> frozenset[str]:
     return frozenset(get_default_algorithms())
 
 
-class KeySetError(ValueError):
+class KeySetError(PolicyEngineError, ValueError):
     """A JWKS document that cannot be used; the message says why."""
 
 
@@ -557,12 +558,14 @@ class RemoteKeySets:
         metadata_max_age: float | None = None,
         fetch: Fetch | None = None,
         loop: Callable[[], asyncio.AbstractEventLoop] = _process_loop,
+        wrap_fetch: Callable[[Fetch], Fetch] | None = None,
     ) -> None:
         """The options are each `RemoteKeySet`'s (seconds); `metadata_max_age` is how long
         a discovered issuer's metadata is used before it is fetched again (default
         `max_age`: the scheduled key refreshes read it again, an unknown-`kid` refresh in
         between does not); `fetch` defaults to this component's `JwksFetcher`; `loop` is
-        asked once, by `start()`."""
+        asked once, by `start()`; `wrap_fetch` wraps the fetch every set uses, JWKS and
+        metadata alike (tracing gives each its own span)."""
         self._metadata_max_age = max_age if metadata_max_age is None else metadata_max_age
         self._options = {
             "max_age": max_age,
@@ -572,6 +575,7 @@ class RemoteKeySets:
         }
         self._fetcher = JwksFetcher()
         self._fetch = fetch if fetch is not None else self._fetcher.fetch
+        self._sets_fetch = self._fetch if wrap_fetch is None else wrap_fetch(self._fetch)
         self._loop_of = loop
         self._loop: asyncio.AbstractEventLoop | None = None
         # Keyed by URL, or by (issuer, discovery mode) for a discovered set.
@@ -656,7 +660,7 @@ class RemoteKeySets:
                     self._fetcher.open()  # here, off the loop: ~50 ms the first time
                 remote = self._sets[key] = RemoteKeySet(
                     url,
-                    fetch=self._fetch,
+                    fetch=self._sets_fetch,
                     loop=self._running_loop,
                     discovery=discovery,
                     **self._options,

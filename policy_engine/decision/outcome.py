@@ -89,7 +89,9 @@ class Decisions:
     `level` is the latency label: "local" or "redis" when the cache answered every item
     ("redis" if any came from Redis), "none" when it answered none, "mixed" otherwise.
     `started` is the `time.perf_counter()` reading the call began at; `at` the clock reading
-    (unix seconds) every item was decided at.
+    (unix seconds) every item was decided at. `trace` is the (trace ID, span ID) of the
+    call's span, in hex, when tracing is on and a span is active (the audit records carry
+    them); tracing's observer sets it before the others see the call.
     """
 
     outcomes: list[Outcome]
@@ -98,6 +100,7 @@ class Decisions:
     at: float
     _single: pdp_pb2.CheckResponse | None = None
     _batch: pdp_pb2.CheckBatchResponse | None = None
+    trace: tuple[str, str] | None = None
 
     def replace(self, index: int, outcome: Outcome, response: pdp_pb2.CheckResponse) -> None:
         """Item `index` answered anew (a quota turned its ALLOW into a DENY): its outcome and

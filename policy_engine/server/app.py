@@ -64,6 +64,7 @@ from policy_engine.config import (
 )
 from policy_engine.decision import cache_from_settings
 from policy_engine.domain.codes import ErrorCode, docs_url
+from policy_engine.errors import PolicyEngineError
 from policy_engine.lifecycle import (
     ComponentStatus,
     EventLoop,
@@ -85,6 +86,7 @@ from policy_engine.server.security import interceptors, server_credentials
 from policy_engine.server.service import SERVICE_NAME, PolicyDecisionServicer
 from policy_engine.server.status import STATUS_SERVICE_NAME, PolicyStatusServicer
 from policy_engine.store import DirectoryBackend, PolicyReloader, PolicyStore
+from policy_engine.tracing import tracing_from_settings
 
 log = logging.getLogger(__name__)
 
@@ -249,7 +251,7 @@ def _lenient(parse: Callable[[bytes], Any]) -> Callable[[bytes], Any]:
     return deserialize
 
 
-class Aborted(Exception):
+class Aborted(PolicyEngineError):
     """Raised by `_SyncContext.abort*`: the asyncio adapter then awaits the real abort."""
 
     def __init__(self, status: grpc.Status) -> None:
@@ -493,7 +495,8 @@ def build_components(
     settings: Settings, mode: Mode = "policy", *, worker: int = 0, serve_metrics: bool = False
 ) -> RunningServer:
     """Every component of one server process, built from `settings` and not started, in the
-    order they start: the event loop, the audit log (`audit.enabled`), the decision cache
+    order they start: the event loop, tracing (`tracing.enabled`), the audit log
+    (`audit.enabled`), the decision cache
     (when caching is on), the quota counter store (Redis, or in-process), the JWKS fetcher,
     the policy store with its reloader and watcher, the decision server, the health server
     (`health_address`), the metrics endpoint (with `serve_metrics` and a `metrics_address`:
@@ -526,9 +529,10 @@ def build_components(
         if settings.audit.enabled
         else None
     )
+    tracing = tracing_from_settings(settings)  # None when off: nothing of it imported
     cache = cache_from_settings(settings)
     quotas = quota_store_from_settings(settings)
-    jwks = RemoteKeySets()
+    jwks = RemoteKeySets(wrap_fetch=None if tracing is None else tracing.traced_fetch)
     store = PolicyStore(
         DirectoryBackend(
             settings.policy_dir,
@@ -544,9 +548,8 @@ def build_components(
         debounce_ms=settings.reload.debounce_ms,
         resync_seconds=settings.reload.resync_seconds,
     )
-    servicer = PolicyDecisionServicer(
-        store.current, settings, cache=cache, audit=audit, quotas=quotas
-    )
+    make_servicer = PolicyDecisionServicer if tracing is None else tracing.servicer
+    servicer = make_servicer(store.current, settings, cache=cache, audit=audit, quotas=quotas)
     status = PolicyStatusServicer(store, lambda: reloader.watching, lifecycle.statuses)
     server = ServerComponent(
         "grpc_server",
@@ -554,7 +557,8 @@ def build_components(
         lambda: build_server(servicer, settings, health_servicer=health, status_servicer=status),
         after_stop=servicer.close,
     )
-    for component in (audit, cache, quotas, jwks, reloader, server):
+    # Tracing first: it is stopped last, exporting the spans of the last calls.
+    for component in (tracing, audit, cache, quotas, jwks, reloader, server):
         if component is not None:
             lifecycle.add(component)
     running = RunningServer(

@@ -90,10 +90,12 @@ class DecisionRecorder:
         decision_id: str | bytes,
         started: float,
         at: float,
+        trace: tuple[str, str] | None = None,
     ) -> None:
-        """A decision the engine (or validation) made; `request` None if none could be built."""
+        """A decision the engine (or validation) made; `request` None if none could be built.
+        `trace`: the call's (trace ID, span ID) when traced."""
         if request is None:
-            self.unconverted(msg, decision, decision_id, started)
+            self.unconverted(msg, decision, decision_id, started, trace)
             return
         self._audit.record(
             request,
@@ -101,6 +103,7 @@ class DecisionRecorder:
             decision_id=decision_id,
             latency_ms=(time.perf_counter() - started) * 1000,
             at=at,
+            trace=trace,
         )
 
     def unconverted(
@@ -109,12 +112,14 @@ class DecisionRecorder:
         decision: Decision,
         decision_id: str | bytes,
         started: float,
+        trace: tuple[str, str] | None = None,
     ) -> None:
         """A decision made without a domain request (a server error), from the message."""
         self._audit.record_invalid(
             decision,
             decision_id=decision_id.decode() if isinstance(decision_id, bytes) else decision_id,
             latency_ms=(time.perf_counter() - started) * 1000,
+            trace=trace,
             **raw_fields(msg),
         )
 
@@ -127,6 +132,7 @@ class DecisionRecorder:
         level: int,
         started: float,
         at: float,
+        trace: tuple[str, str] | None = None,
     ) -> None:
         """A cache hit: the record is built on the writer's thread from the stored response."""
         self._audit.record_lazy(
@@ -135,6 +141,7 @@ class DecisionRecorder:
             cache_level=CACHE_LEVEL_LABELS[level],
             latency_ms=(time.perf_counter() - started) * 1000,
             at=at,
+            trace=trace,
         )
 
     def admit(self, count: int, deadline: float | None) -> Awaitable[None] | None:
@@ -143,7 +150,7 @@ class DecisionRecorder:
 
     def observe(self, decisions: Decisions) -> None:
         """Queue one record per outcome, in order (the pipeline's observer entry)."""
-        started, at = decisions.started, decisions.at
+        started, at, trace = decisions.started, decisions.at, decisions.trace
         for outcome in decisions.outcomes:
             match outcome:
                 case CacheHit():
@@ -155,6 +162,7 @@ class DecisionRecorder:
                         outcome.level,
                         started,
                         at,
+                        trace,
                     )
                 case Decided() | Invalid() | ServerError():
                     self.decided(
@@ -164,4 +172,5 @@ class DecisionRecorder:
                         outcome.decision_id,
                         started,
                         at,
+                        trace,
                     )

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import logging
 import time
-from typing import Any, NoReturn, Protocol
+from typing import TYPE_CHECKING, Any, NoReturn, Protocol
 
 import grpc
 
@@ -42,6 +42,9 @@ from policy_engine.quota import QuotaStore
 from policy_engine.server.convert import RequestConverter
 from policy_engine.server.errors import Status, invalid_argument
 from policy_engine.server.recording import DecisionRecorder
+
+if TYPE_CHECKING:
+    from policy_engine.tracing.otel import Tracing
 
 SERVICE_NAME = pdp_pb2.DESCRIPTOR.services_by_name["PolicyDecisionService"].full_name
 
@@ -87,19 +90,25 @@ def build_decider(
     cache: DecisionStore | None = FROM_SETTINGS,
     audit: AuditLog | None = None,
     quotas: QuotaStore | None = FROM_SETTINGS,
+    tracing: Tracing | None = None,
 ) -> Decider:
     """The server's pipeline: the cache from the settings (unless `cache` is given; None turns
     it off), and as observers the decisions metric and, with an enabled audit log, its
     recorder. The decider does not own the audit log (the server closes it after the last
     RPC has been answered). `quotas`: the quota counter store (the server passes the one it
     starts and stops; by default the decider builds one from the settings when a quota first
-    needs it). Raises ConfigError when the cache settings cannot be used."""
+    needs it). With `tracing` (the "tracing" component, tracing on) the pipeline is its traced
+    one. Raises ConfigError when the cache settings cannot be used."""
     _warn_threads(settings)
     observers: list[Observer] = [DecisionMetrics()]
     if audit is not None and audit.enabled:
         observers.append(DecisionRecorder(audit, RequestConverter(settings.limits)))
     # The default clock is read as a float by the pipeline (no datetime on the hit path).
     clock = None if clock is utc_now else clock
+    if tracing is not None:
+        return tracing.decider(
+            policy_source, settings, clock=clock, cache=cache, observers=observers, quotas=quotas
+        )
     return Decider(
         policy_source, settings, clock=clock, cache=cache, observers=observers, quotas=quotas
     )
@@ -122,7 +131,8 @@ def _warn_threads(settings: Settings) -> None:
 class PolicyDecisionServicer(pdp_pb2_grpc.PolicyDecisionServiceServicer):
     """Answers Check and CheckBatch from a `Decider` (see the module docstring), built by
     `build_decider` from the policy source, the settings and `clock`, `cache`, `audit` as
-    there (the server passes the cache it starts and stops itself). `decider` is the
+    there (the server passes the cache it starts and stops itself); `tracing` as there (the
+    traced servicer, `policy_engine.tracing.otel.TracedServicer`, passes it). `decider` is the
     pipeline; `close()` closes it (which stops only a cache it built itself).
     """
 
@@ -135,9 +145,16 @@ class PolicyDecisionServicer(pdp_pb2_grpc.PolicyDecisionServiceServicer):
         cache: DecisionStore | None = FROM_SETTINGS,
         audit: AuditLog | None = None,
         quotas: QuotaStore | None = FROM_SETTINGS,
+        tracing: Tracing | None = None,
     ) -> None:
         self.decider = build_decider(
-            policy_source, settings, clock=clock, cache=cache, audit=audit, quotas=quotas
+            policy_source,
+            settings,
+            clock=clock,
+            cache=cache,
+            audit=audit,
+            quotas=quotas,
+            tracing=tracing,
         )
         self._max_batch = settings.limits.max_batch_size
         self._validation_docs = docs_url(settings.docs_base_url, ErrorCode.VALIDATION_ERROR)

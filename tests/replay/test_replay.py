@@ -118,7 +118,7 @@ def _decision_id(log: Log, request_id: str) -> str:
 
 
 def test_the_servers_log_is_v3_and_verifies(log: Log) -> None:
-    assert {r["schema_version"] for r in log.records} == {3}
+    assert {r["schema_version"] for r in log.records} == {4}
     assert verify_files([log.path], None).ok
 
 

@@ -102,7 +102,7 @@ def _by_request(path: Path) -> dict[str, dict[str, Any]]:
 
 def test_a_v3_record_keeps_accepted_claims_only(log: tuple[Path, Path]) -> None:
     records = _by_request(log[0])
-    assert records["admin"]["schema_version"] == 3
+    assert records["admin"]["schema_version"] == 4
     assert records["admin"]["subject"]["token_claims"]["groups"] == ["admins"]
     assert records["admin"]["subject"]["token_claims"]["secret"] == "[redacted]"
     assert records["user"]["subject"]["token_claims"]["groups"] == ["users"]
