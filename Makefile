@@ -66,9 +66,11 @@ test: install
 	command -v h2load >/dev/null 2>&1 || (apt-get update -qq && apt-get install -y -qq nghttp2-client)
 	$(BIN)/pytest -q
 
+# ruff, then mypy over policy_engine/ (its settings: [tool.mypy] in pyproject.toml).
 lint: install
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
+	$(BIN)/mypy
 
 bench: install
 	command -v h2load >/dev/null 2>&1 || (apt-get update -qq && apt-get install -y -qq nghttp2-client)
@@ -89,4 +91,4 @@ fuzz: install
 	done; echo "fuzz: $$round rounds over $(FUZZ_SECONDS)s: no crash, hang or wrongful allow"
 
 clean:
-	rm -rf $(VENV) $(GENDIR)/kontext .pytest_cache .ruff_cache build dist
+	rm -rf $(VENV) $(GENDIR)/kontext .pytest_cache .ruff_cache .mypy_cache build dist

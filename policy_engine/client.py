@@ -28,6 +28,7 @@ from google.protobuf import struct_pb2, timestamp_pb2
 
 from policy_engine.api import pdp_pb2, pdp_pb2_grpc
 from policy_engine.domain.codes import ErrorCode
+from policy_engine.errors import PolicyEngineError
 
 SERVICE = "kontext.pdp.v1.PolicyDecisionService"
 DEFAULT_TIMEOUT_SECONDS = 0.5
@@ -72,7 +73,7 @@ refuse messages nested deeper than 100 levels, which a Struct reaches at about 3
 server's own, configurable bound (`limits.max_attribute_depth`, 8 by default) is lower still."""
 
 
-class RequestValueError(ValueError):
+class RequestValueError(PolicyEngineError, ValueError):
     """A value the wire cannot carry exactly, or at all; `path` names it in the request.
 
     Paths use the request's field names, attributes as `subject.attributes.account`,
@@ -83,6 +84,10 @@ class RequestValueError(ValueError):
         super().__init__(f"{path}: {problem}")
         self.path = path
         self.problem = problem
+
+
+class ClientConfigError(PolicyEngineError, ValueError):
+    """`PdpClient` arguments that cannot make a safe channel (a bearer token without TLS)."""
 
 
 def _text(value: object, path: str) -> str:
@@ -332,12 +337,16 @@ class PdpClient:
         """TLS when `ca_file` is given (mutual TLS with the client cert and key as well).
 
         A bearer token is only ever sent over TLS, unless `insecure_bearer` (tests, loopback).
+        Raises ClientConfigError (a ValueError) for a bearer token without either, OSError
+        when a TLS file cannot be read. `timeout`: the default deadline of a call, seconds.
         """
         self.timeout = timeout
         options = [("grpc.service_config", _SERVICE_CONFIG), ("grpc.enable_retries", 1)]
         if ca_file is None:
             if bearer_token is not None and not insecure_bearer:
-                raise ValueError("a bearer token needs TLS (ca_file), or insecure_bearer=True")
+                raise ClientConfigError(
+                    "a bearer token needs TLS (ca_file), or insecure_bearer=True"
+                )
             if bearer_token is not None:
                 interceptor = _MetadataInterceptor(bearer_token)
                 self._channel = grpc.intercept_channel(

@@ -5,8 +5,10 @@ from __future__ import annotations
 
 from typing import Any
 
+from policy_engine.errors import PolicyEngineError
 
-class DuplicateKeyError(ValueError):
+
+class DuplicateKeyError(PolicyEngineError, ValueError):
     """A JSON object names `key` more than once."""
 
     def __init__(self, key: str) -> None:

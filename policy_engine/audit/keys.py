@@ -19,10 +19,12 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import (
     Ed25519PublicKey,
 )
 
+from policy_engine.errors import PolicyEngineError
+
 log = logging.getLogger(__name__)
 
 
-class KeyFileError(ValueError):
+class KeyFileError(PolicyEngineError, ValueError):
     """A key file that cannot be used; the message names the file."""
 
 

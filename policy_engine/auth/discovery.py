@@ -34,6 +34,7 @@ from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
 from policy_engine.auth.fetch import MAX_JWKS_BYTES, JwksFetchError, scheme_problem
+from policy_engine.errors import PolicyEngineError
 from policy_engine.strict_json import unique_keys
 
 log = logging.getLogger(__name__)
@@ -43,7 +44,7 @@ OAUTH_WELL_KNOWN = "/.well-known/oauth-authorization-server"  # RFC 8414 section
 OPENID_WELL_KNOWN = "/.well-known/openid-configuration"  # OpenID Connect Discovery section 4
 
 
-class DiscoveryError(Exception):
+class DiscoveryError(PolicyEngineError):
     """No usable metadata; the message says why (never the document itself)."""
 
 

@@ -26,6 +26,8 @@ import ssl
 from typing import TYPE_CHECKING
 from urllib.parse import urlsplit
 
+from policy_engine.errors import PolicyEngineError
+
 if TYPE_CHECKING:
     import httpx
 
@@ -34,7 +36,7 @@ ALLOWED_SCHEMES = ("http", "https")
 _HEADERS = {"Accept": "application/json", "Accept-Encoding": "identity"}
 
 
-class JwksFetchError(Exception):
+class JwksFetchError(PolicyEngineError):
     """A JWKS document could not be fetched; the message says why (never the body)."""
 
 

@@ -24,6 +24,8 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from policy_engine.errors import PolicyEngineError
+
 REPO = Path(__file__).resolve().parents[2]
 
 # As in the Makefile: the proto, where the stubs go, and the import line to fix.
@@ -39,7 +41,7 @@ GIT_TIMEOUT_S = 120.0
 KILL_WAIT_S = 5.0
 
 
-class BuildError(RuntimeError):
+class BuildError(PolicyEngineError, RuntimeError):
     """A previous build could not be prepared: an unknown ref, a failed checkout or stubs."""
 
 

@@ -79,6 +79,7 @@ from policy_engine.bench.workloads import (
     method_path,
     select,
 )
+from policy_engine.errors import PolicyEngineError
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -125,7 +126,7 @@ def call_once(target: str, row: Row) -> Message:
         return call(row.request, timeout=10.0)
 
 
-class WrongAnswer(Exception):
+class WrongAnswer(PolicyEngineError):
     """The server failed the RPC or answered something other than what the row expects."""
 
 

@@ -18,10 +18,12 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+from policy_engine.errors import PolicyEngineError
+
 INSTALL_HINT = "apt-get install -y nghttp2-client   (or run `make bench`, which installs it)"
 
 
-class H2loadError(RuntimeError):
+class H2loadError(PolicyEngineError, RuntimeError):
     """h2load is missing, failed, or reported something the harness cannot trust."""
 
 

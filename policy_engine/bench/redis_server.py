@@ -17,10 +17,12 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
+from policy_engine.errors import PolicyEngineError
+
 START_TIMEOUT_S = 10.0
 
 
-class RedisUnavailable(RuntimeError):
+class RedisUnavailable(PolicyEngineError, RuntimeError):
     """redis-server is not installed, or did not start."""
 
 

@@ -26,13 +26,14 @@ import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from policy_engine.bench import procs
+from policy_engine.errors import PolicyEngineError
 from policy_engine.server import balance
 
 HEALTH_TIMEOUT_S = 30.0
 STOP_TIMEOUT_S = 20.0  # the server's own grace (5 s) plus the supervisor's slack
 
 
-class ServerError(RuntimeError):
+class ServerError(PolicyEngineError, RuntimeError):
     """The server did not start, did not become healthy, or died while being measured."""
 
 

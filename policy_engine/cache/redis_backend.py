@@ -39,6 +39,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 from urllib.parse import parse_qsl, unquote, urlsplit
 
 from policy_engine.config import CacheSettings, ConfigError
+from policy_engine.errors import PolicyEngineError
 
 if TYPE_CHECKING:
     # redis is imported when a client is built: it costs ~10 MB of RSS in a server whose
@@ -51,7 +52,7 @@ MODES = ("standalone", "sentinel", "cluster")
 T = TypeVar("T")
 
 
-class DeadlinePassed(TimeoutError):
+class DeadlinePassed(PolicyEngineError, TimeoutError):
     """The caller's deadline passed while it waited for Redis: nothing was answered (the Redis
     command runs on, bounded by its socket timeout, and reports its outcome when it ends)."""
 

@@ -8,8 +8,10 @@ single, well-defined outcome (usually: deny).
 
 from __future__ import annotations
 
+from policy_engine.errors import PolicyEngineError
 
-class CelCompileError(Exception):
+
+class CelCompileError(PolicyEngineError):
     """The expression text is not acceptable: syntax, names, arity, literals or limits.
 
     ``line`` and ``column`` are 1-based and point inside the expression text (not the policy
@@ -23,7 +25,7 @@ class CelCompileError(Exception):
         self.column = column
 
 
-class CelEvaluationError(Exception):
+class CelEvaluationError(PolicyEngineError):
     """Evaluating a compiled expression against an activation failed.
 
     The message says what failed, e.g. ``no such key: 'groups'`` or

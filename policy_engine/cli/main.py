@@ -43,6 +43,7 @@ from policy_engine.domain.decision import Decision, Effect
 from policy_engine.domain.request import ConnectionState, SubjectKind
 from policy_engine.engine import decide
 from policy_engine.engine.serialize import decision_to_dict
+from policy_engine.errors import PolicyEngineError
 from policy_engine.lifecycle import StartFailed
 from policy_engine.logs import setup_logging
 from policy_engine.policy import CompiledPolicySet, LoadIssue, PolicyLoadError, load_policy_set
@@ -69,7 +70,7 @@ EXIT_BROKEN_PIPE = 141  # 128 + SIGPIPE, as a shell reports a pipe's writer that
 EXIT_START_FAILED = 1  # as a worker that failed: the server did not run
 
 
-class UsageError(Exception):
+class UsageError(PolicyEngineError):
     """Bad flags or values; reported on stderr with exit code 2."""
 
 

@@ -19,6 +19,7 @@ from google.protobuf.json_format import MessageToDict
 from google.protobuf.timestamp_pb2 import Timestamp
 
 from policy_engine.api import pdp_pb2
+from policy_engine.errors import PolicyEngineError
 
 EXIT_READY = 0
 EXIT_NOT_READY = 1
@@ -26,7 +27,7 @@ EXIT_UNREACHABLE = 2
 DEFAULT_TIMEOUT_SECONDS = 5.0
 
 
-class StatusUnavailable(Exception):
+class StatusUnavailable(PolicyEngineError):
     """The server could not be asked (not listening, TLS refused, no permission)."""
 
 

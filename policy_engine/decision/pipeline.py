@@ -81,6 +81,7 @@ from policy_engine.domain.codes import ErrorCode
 from policy_engine.domain.decision import Decision, Effect, Layer, Reason
 from policy_engine.engine import decide
 from policy_engine.engine.validation import is_validation_failure
+from policy_engine.errors import PolicyEngineError
 from policy_engine.lifecycle import deadline_in, event_loop
 from policy_engine.metrics import DEADLINE_EXCEEDED, DECISIONS
 from policy_engine.quota import UNAVAILABLE, Charge, QuotaStore, Verdict
@@ -272,7 +273,7 @@ class DecisionMetrics:
         counter.inc(amount)
 
 
-class DeadlineExceeded(Exception):
+class DeadlineExceeded(PolicyEngineError):
     """The caller's deadline passed before its call was evaluated (`stage`: "queued" when its
     turn came too late, "keys" while it waited for a JWKS refresh its token needs, "cache"
     while it waited for the cache), or while a batch was evaluated ("evaluation": the rest of

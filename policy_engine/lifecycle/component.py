@@ -9,6 +9,8 @@ from dataclasses import dataclass
 from enum import StrEnum
 from typing import Protocol, runtime_checkable
 
+from policy_engine.errors import PolicyEngineError
+
 log = logging.getLogger(__name__)
 
 
@@ -66,7 +68,7 @@ class Component(Protocol):
     def status(self) -> ComponentStatus: ...
 
 
-class StartFailed(RuntimeError):
+class StartFailed(PolicyEngineError, RuntimeError):
     """A component failed to start for a reason other than a setting (a `ConfigError` is
     raised as it is); the message names the component, the cause is chained."""
 

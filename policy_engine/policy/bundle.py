@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from policy_engine.config import PolicyLimits
+from policy_engine.errors import PolicyEngineError
 from policy_engine.policy.source import (
     BUNDLE_FILE,
     SnapshotSource,
@@ -46,11 +47,11 @@ MANIFEST_VERSION = 1
 _SHA256_HEX = re.compile(r"[0-9a-f]{64}")
 
 
-class BundleError(ValueError):
+class BundleError(PolicyEngineError, ValueError):
     """The bundle cannot be signed; the message says exactly why."""
 
 
-class BundleVerificationError(Exception):
+class BundleVerificationError(PolicyEngineError):
     """The directory is not exactly as signed; `problems` names each reason (one per file)."""
 
     def __init__(self, problems: list[str]) -> None:

@@ -42,6 +42,7 @@ from policy_engine.cel import CelCompileError, CompiledExpression, require_bool
 from policy_engine.config import PolicyLimits
 from policy_engine.domain.decision import POLICY_LAYERS, Effect, Layer
 from policy_engine.engine.activation import CEL_DECLARATIONS
+from policy_engine.errors import PolicyEngineError
 from policy_engine.policy.bundle import BUNDLE_FILE, BundleVerificationError, read_signed_snapshot
 from policy_engine.policy.compile_cache import (
     CompileCache,
@@ -108,7 +109,7 @@ __all__ = [
 ]
 
 
-class PolicyLoadError(Exception):
+class PolicyLoadError(PolicyEngineError):
     """The policy set is invalid; `issues` lists every problem found, each with file:line.
     `files_read` names every file the failed load read or tried to read (a missing JWKS
     file too), so a watcher can reload when one of them changes or appears."""

@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Protocol
 
 from policy_engine.config import PolicyLimits
+from policy_engine.errors import PolicyEngineError
 
 POLICY_SUFFIXES = (".yaml", ".yml")
 # Policy test suites (`pdp test`, policy_engine.testing) live beside the policies: the loader
@@ -36,7 +37,7 @@ KUBERNETES_PREFIX = ".."
 _READ_CHUNK = 64 * 1024
 
 
-class SourceError(Exception):
+class SourceError(PolicyEngineError):
     """A file cannot be used: unreadable, not a regular file, too large, or not in the
     snapshot. The message says which and why; `set_too_large` stops reading the set."""
 

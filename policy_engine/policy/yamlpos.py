@@ -36,11 +36,13 @@ from yaml.parser import Parser
 from yaml.reader import Reader
 from yaml.scanner import Scanner
 
+from policy_engine.errors import PolicyEngineError
+
 MAX_DEPTH = 32  # mappings and sequences nested in each other; policies need about 6
 MAX_INT_DIGITS = 40  # longer decimal integers are refused: no setting or field needs more
 
 
-class StrictYamlError(yaml.MarkedYAMLError):
+class StrictYamlError(PolicyEngineError, yaml.MarkedYAMLError):
     """A construct strict policy YAML refuses outright (an anchor, alias, tag, merge key,
     or nesting beyond MAX_DEPTH); `problem_mark` is where it starts."""
 

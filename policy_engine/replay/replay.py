@@ -41,6 +41,7 @@ from policy_engine.domain.request import (
     SubjectKind,
 )
 from policy_engine.engine.engine import decide
+from policy_engine.errors import PolicyEngineError
 from policy_engine.policy import CompiledPolicySet
 
 ALLOW_TO_DENY = "ALLOW->DENY"
@@ -67,7 +68,7 @@ _NOT_DECIDED = {
 _ROTATED = re.compile(rf"(?P<base>.+)\.(?P<stamp>{_STAMP.pattern})")
 
 
-class Unreplayable(Exception):
+class Unreplayable(PolicyEngineError):
     """A record that cannot be re-decided exactly; `reason` names why (snake_case)."""
 
     def __init__(self, reason: str) -> None:

@@ -22,6 +22,7 @@ from typing import Protocol
 from policy_engine import metrics
 from policy_engine.auth.keys import RemoteKeySets
 from policy_engine.config import PolicyLimits
+from policy_engine.errors import PolicyEngineError
 from policy_engine.policy import CompiledPolicySet, PolicyLoadError, load_policy_set
 from policy_engine.policy.bundle import BUNDLE_FILE
 from policy_engine.policy.compile_cache import CompileCache
@@ -42,11 +43,11 @@ STABLE_LOAD_PAUSE_SECONDS = 0.05
 RACY_WINDOW_NS = 1_000_000_000
 
 
-class SourceChangedDuringLoad(Exception):
+class SourceChangedDuringLoad(PolicyEngineError):
     """The files changed while being read: the result may mix two versions, so it is dropped."""
 
 
-class FilesBeingWritten(Exception):
+class FilesBeingWritten(PolicyEngineError):
     """Some files are still being written: reading them now could load a truncated version,
     so the load waits until their writers close them. `paths` names them, relative to the
     policy directory."""

@@ -26,6 +26,7 @@ from dataclasses import dataclass, replace
 from datetime import UTC, datetime
 
 from policy_engine import metrics
+from policy_engine.errors import PolicyEngineError
 from policy_engine.memory import release_free_memory
 from policy_engine.policy import CompiledPolicySet, PolicyLoadError
 from policy_engine.store.backend import (
@@ -54,7 +55,7 @@ def utc_now() -> datetime:
     return datetime.now(UTC)
 
 
-class NoPolicyLoaded(RuntimeError):
+class NoPolicyLoaded(PolicyEngineError, RuntimeError):
     """No valid policy set has loaded yet: the server must deny (kontext_server_error)."""
 
 

@@ -45,6 +45,7 @@ import yaml
 from policy_engine.domain.codes import ErrorCode
 from policy_engine.domain.decision import Effect, Layer
 from policy_engine.domain.request import SubjectKind
+from policy_engine.errors import PolicyEngineError
 from policy_engine.policy.parse import NAME_PATTERN, DocumentParser, LoadIssue
 from policy_engine.policy.source import SourceError, join_inside, read_bounded
 from policy_engine.policy.yamlpos import PositionedDict, error_line, load_documents
@@ -188,7 +189,7 @@ class Suite:
     keys: MappingProxyType[str, FixtureKey] = field(default_factory=_none)
 
 
-class SuiteError(Exception):
+class SuiteError(PolicyEngineError):
     """One or more suites are invalid; `issues` lists every problem with file:line."""
 
     def __init__(self, issues: list[LoadIssue]) -> None:
