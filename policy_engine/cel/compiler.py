@@ -1937,7 +1937,13 @@ class _Compiler:
             return DYN
         if ctype.kind == "map":
             if ctype.fields is not None:
-                return ctype.field(name) or DYN
+                # A declared record (subject.external, ...): only its fields exist, at any
+                # depth, as for the declared variables themselves (see _check_field).
+                found = ctype.field(name)
+                if found is None:
+                    known = ", ".join(field for field, _ in ctype.fields)
+                    return self.refuse(f"unknown field '{name}' (known: {known})", where)
+                return found
             return ctype.params[1]
         if ctype.kind == "optional_type":  # o.f is o.?f
             return optional_of(_unwrap(self._field_type(ctype.params[0], name, where)))

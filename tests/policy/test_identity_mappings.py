@@ -114,3 +114,35 @@ def test_a_namespace_declared_twice_names_both_places(tmp_path: Path) -> None:
     found = problems(tmp_path, **{"a.yaml": MAPPING, "b.yaml": MAPPING})
     assert "b.yaml:1:" in found and "duplicate IdentityMapping namespace 'partner-portal'" in found
     assert "a.yaml:1" in found  # where the first one is
+
+
+@pytest.mark.parametrize(
+    ("condition", "loads"),
+    [
+        ('subject.external.namespace == "partner-portal"', True),
+        ('subject.external.id.startsWith("partner-")', True),
+        ('size(subject.actors) > 0 && subject.actors[0].sub == "agent-x"', True),
+        ('subject.actors.exists(a, a.iss == "https://idp")', True),
+        ('subject.external.person == "alice"', False),  # no such field
+        ("subject.external.namespace + 1 == 2", False),  # a string plus an int
+        ('subject.actors == "agent-x"', False),  # a list is no string
+        ("size(subject.external) > 0 && subject.external", False),  # not a bool
+    ],
+)
+def test_the_new_subject_fields_are_type_checked_at_load(
+    tmp_path: Path, condition: str, loads: bool
+) -> None:
+    folder = write_organization(
+        tmp_path,
+        "acme",
+        applications=["support-copilot"],
+        policies=[{"name": "p", "layer": "org", "rules": [
+            {"name": "r", "effect": "allow", "condition": condition}
+        ]}],
+    )  # fmt: skip
+    assert folder.is_dir()
+    if loads:
+        load_policy_set(tmp_path)
+    else:
+        with pytest.raises(PolicyLoadError, match="invalid condition"):
+            load_policy_set(tmp_path)
