@@ -239,6 +239,8 @@ def dry_run(
 
 def format_decision(decision: Decision) -> str:
     lines = [f"decision: {decision.effect.value}   (policy revision {decision.revision})"]
+    if decision.mapped_subject_id:
+        lines.append(f"  decided as {decision.mapped_subject_id!r} (the external user ID's person)")
     for reason in decision.reasons:
         lines.append(
             f"  reason: {reason.code.value} [{reason.http_status}] layer={reason.layer} "

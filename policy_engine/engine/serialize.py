@@ -13,6 +13,8 @@ def decision_to_dict(decision: Decision) -> dict[str, Any]:
         "reasons": [reason_to_dict(reason) for reason in decision.reasons],
         "policy_revision": decision.revision,
     }
+    if decision.mapped_subject_id:  # an external user ID, decided as this person
+        data["mapped_subject_id"] = decision.mapped_subject_id
     if decision.trace:
         data["explain"] = [
             {
