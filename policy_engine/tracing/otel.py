@@ -23,7 +23,6 @@ import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
-from datetime import datetime
 from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit
 
@@ -271,23 +270,14 @@ class TracedDecider(Decider):
                 span.set_attribute("pdp.cache.result", "fault" if keys is None else "bypass")
             return keys, hits
 
-    def _decide(
-        self,
-        items: Sequence[pdp_pb2.CheckRequest],
-        ids: list[bytes],
-        keys: list[str | None] | None,
-        hits: list[Hit | None] | None,
-        policies: CompiledPolicySet,
-        now: datetime | None,
-        now_ts: float,
-        started: float,
-        deadline: float | None = None,
-    ) -> Decisions:
-        args = (items, ids, keys, hits, policies, now, now_ts, started, deadline)
+    def _decide(self, *args: Any) -> Decisions:
+        """`Decider._decide` (same arguments: items, ids, keys, hits, ...) in an evaluation
+        span, unless every item is a cache hit."""
+        hits: list[Hit | None] | None = args[3]
         if hits is not None and None not in hits:
             return super()._decide(*args)  # every item a hit: nothing is evaluated
         with self._tracer.start_as_current_span(
-            "pdp.evaluate", attributes={"pdp.item_count": len(items)}
+            "pdp.evaluate", attributes={"pdp.item_count": len(args[0])}
         ) as span:
             decisions = super()._decide(*args)
             evaluated = sum(1 for o in decisions.outcomes if not isinstance(o, CacheHit))

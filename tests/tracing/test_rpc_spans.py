@@ -26,6 +26,7 @@ from tests.tracing.support import (
     PARENT_ID,
     TRACE_ID,
     TRACEPARENT,
+    Recorder,
     erin_on_github,
     ids,
     metadata,
@@ -90,26 +91,30 @@ def test_a_check_is_a_server_span_in_the_brokers_trace_with_its_decision(
 
         # The same tuple again: a local hit, nothing evaluated, the ALLOW counted again.
         running.cache.flush()
-        recorder.clear()
-        second = stub.Check(erin_on_github("r-2"), metadata=metadata(), timeout=10)
-        assert second.cache_level == pdp_pb2.CACHE_LEVEL_LOCAL
-        [call] = recorder.wait_for_calls(CHECK_SPAN, 1)
-        assert call.attributes is not None and call.attributes["pdp.cache_level"] == "local"
-        children = recorder.children(call)
+        children, lookup = _hit(recorder, stub, "r-2", "local")
         assert _names(children) == ["pdp.cache.lookup", "pdp.quota.consume"]
-        lookup = next(span for span in children if span.name == "pdp.cache.lookup")
         assert recorder.children(lookup) == []  # answered in process: no Redis command
 
         # Out of the local level: Redis answers it (a GET under the lookup).
         running.cache.clear_local()
-        recorder.clear()
-        third = stub.Check(erin_on_github("r-3"), metadata=metadata(), timeout=10)
-        assert third.cache_level == pdp_pb2.CACHE_LEVEL_REDIS
-        [call] = recorder.wait_for_calls(CHECK_SPAN, 1)
-        assert call.attributes is not None and call.attributes["pdp.cache_level"] == "redis"
-        lookup = next(s for s in recorder.children(call) if s.name == "pdp.cache.lookup")
-        assert lookup.attributes == {"pdp.item_count": 1, "pdp.cache.hits": 1}
+        _children, lookup = _hit(recorder, stub, "r-3", "redis")
         assert [span.name for span in recorder.children(lookup)] == ["GET"]
+
+
+def _hit(
+    recorder: Recorder, stub: Any, request_id: str, level: str
+) -> tuple[list[ReadableSpan], ReadableSpan]:
+    """Check the test's tuple again, answered by the cache `level`: its call's child spans,
+    and the lookup among them."""
+    recorder.clear()
+    answer = stub.Check(erin_on_github(request_id), metadata=metadata(), timeout=10)
+    assert pdp_pb2.CacheLevel.Name(answer.cache_level) == f"CACHE_LEVEL_{level.upper()}"
+    [call] = recorder.wait_for_calls(CHECK_SPAN, 1)
+    assert call.attributes is not None and call.attributes["pdp.cache_level"] == level
+    children = recorder.children(call)
+    lookup = next(span for span in children if span.name == "pdp.cache.lookup")
+    assert lookup.attributes == {"pdp.item_count": 1, "pdp.cache.hits": 1}
+    return children, lookup
 
 
 def test_a_batch_is_one_span_naming_its_organizations_counts_and_codes(
