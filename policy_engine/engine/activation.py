@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from datetime import datetime
+from types import MappingProxyType
 from typing import Any
 
 from policy_engine.cel import Declarations
@@ -11,7 +12,8 @@ from policy_engine.cel.types import BOOL, DYN, STRING, TIMESTAMP, list_of, map_o
 from policy_engine.domain.request import CheckRequest, ConnectionState
 
 _NO_ACTORS: tuple[Mapping[str, Any], ...] = ()
-_NOT_EXTERNAL: Mapping[str, str] = {"id": "", "namespace": ""}
+# subject.external of every subject that is not an external user (read-only: it is shared).
+NOT_EXTERNAL: Mapping[str, str] = MappingProxyType({"id": "", "namespace": ""})
 
 # Attributes and claims are whatever the broker and the token send: dynamic values, checked
 # when a rule reads them (a wrong type fails closed at evaluation).
@@ -53,7 +55,7 @@ def build_activation(
     now: datetime,
     claims: Mapping[str, Any],
     actors: tuple[Mapping[str, Any], ...] = _NO_ACTORS,
-    external: Mapping[str, str] = _NOT_EXTERNAL,
+    external: Mapping[str, str] = NOT_EXTERNAL,
 ) -> dict[str, Any]:
     """Converted once per request and shared by every rule that runs for it. `request` is
     the one decided (for an external user, with the person's ID as subject ID); `external`

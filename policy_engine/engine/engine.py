@@ -30,7 +30,7 @@ from policy_engine.domain.decision import (
 )
 from policy_engine.domain.decision import Layer as LayerName
 from policy_engine.domain.request import CheckRequest, ConnectionState, SubjectKind
-from policy_engine.engine.activation import build_activation
+from policy_engine.engine.activation import NOT_EXTERNAL, build_activation
 from policy_engine.engine.validation import validate_request, validation_reasons
 from policy_engine.policy.compiled import (
     CompiledOrganization,
@@ -41,7 +41,6 @@ from policy_engine.policy.compiled import (
 from policy_engine.policy.identities import Refused
 
 BUILTIN_POLICY = "builtin"
-_NOT_EXTERNAL = {"id": "", "namespace": ""}
 DEFAULT_RULE = "default"
 _DEFAULT_LIMITS = RequestLimits()
 
@@ -278,7 +277,7 @@ def decide(
     token = request.subject.access_token
     subject = request.subject
     person = ""  # for an external user ID: the person it maps to
-    external = _NOT_EXTERNAL
+    external = NOT_EXTERNAL
     identity: Reason | None = None
     if subject.kind is SubjectKind.EXTERNAL_USER:
         resolved = organization.identities.resolve(
