@@ -10,7 +10,8 @@ worst case for replay's reuse of decisions); without it, people keep a session f
 a broker's traffic does.
 
 `run FILE [--runs K]` replays the log against policies/ K times and prints each run's records
-per second (wall clock) and the median. Pin it to one core for issue 13's figure:
+per second, by wall clock and by this process's CPU time (the steadier figure on a shared
+machine), and their medians. Pin it to one core for issue 13's figure:
 `taskset -c 1 .venv/bin/python -m policy_engine.replay.bench run audit.jsonl --runs 5`.
 """
 
