@@ -43,8 +43,11 @@ from policy_engine.audit.record import (
     PreparedHit,
     default_instance,
     encode_invalid_record,
-    encode_record,
 )
+
+# A name of this module (the dispatcher looks it up here), which audit/bench.py replaces to
+# time record() alone.
+from policy_engine.audit.record import encode_record as encode_record
 from policy_engine.audit.sinks.base import Sink, StreamGap
 from policy_engine.audit.sinks.file import FileSink
 from policy_engine.audit.sinks.stdout import StdoutSink

@@ -12,7 +12,6 @@
 from policy_engine.cache.breaker import BreakerState, CircuitBreaker
 from policy_engine.cache.decision_cache import (
     CacheLevel,
-    DeadlinePassed,
     DecisionCache,
     Hit,
     Store,
@@ -20,6 +19,7 @@ from policy_engine.cache.decision_cache import (
 )
 from policy_engine.cache.entry import Entry
 from policy_engine.cache.key import KeyBuilder, settings_fingerprint
+from policy_engine.cache.redis_backend import DeadlinePassed
 from policy_engine.cache.signing import (
     MIN_KEY_BYTES,
     SigningKeys,
