@@ -121,7 +121,7 @@ CHANGES: list[tuple[str, Callable[[dict[str, Any]], None]]] = [
     ("record time not a time", _set(("time",), "soon")),
     ("attributes not a map", _set(("application", "attributes"), ["a"])),
     ("null attributes", _set(("integration", "attributes"), None)),
-    ("unknown subject key", _set(("subject", "namespace"), "partners")),
+    ("unknown subject key", _set(("subject", "nickname"), "al")),
     ("unknown top-level key", _set(("quota",), {"used": 3})),
     ("claims with a float", _set(("subject", "token_claims"), {"sub": "x", "n": 1.5})),
     # Keys spelt like the record's own: a line matched by its text must not be misread.
