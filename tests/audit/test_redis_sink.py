@@ -7,10 +7,15 @@ import time
 import uuid
 from pathlib import Path
 
+import pytest
+import redis
+
 from policy_engine.audit.canonical import split
 from policy_engine.audit.chain import Chain
 from policy_engine.audit.record import build_record
 from policy_engine.audit.sinks import RedisStreamSink
+from policy_engine.audit.sinks.redis import stream_entries
+from policy_engine.audit.tail import follow_redis
 from policy_engine.audit.verify import verify_lines
 from tests.audit.support import (
     DENY,
@@ -127,3 +132,24 @@ def test_retry_after_an_uncertain_write_adds_nothing_twice(audit_redis: RedisSer
     assert len(stream_lines(audit_redis, key)) == 6
     seqs = [json.loads(line)["seq"] for line in stream_lines(audit_redis, key)]
     assert seqs == [1, 2, 3, 1, 2, 4]
+
+
+def test_stream_replies_read_with_text_ids_and_entries_without_an_id_refused() -> None:
+    """redis-py types a range reply's IDs and field maps as optional (XCLAIM's shape for a
+    deleted entry): an entry without fields reads as one with none, which readers report as
+    not an audit record; one without an ID cannot be located or resumed from."""
+    fields: dict[bytes | str, bytes | str] = {b"record": b"{}"}
+    assert stream_entries([(b"1-2", fields), ("3-4", None)]) == [("1-2", fields), ("3-4", {})]
+    assert stream_entries(None) == []
+    with pytest.raises(redis.ResponseError, match="without an ID"):
+        stream_entries([(b"1-2", fields), (None, fields)])
+
+
+def test_tail_refuses_a_resp3_connection_with_a_clear_error(audit_redis: RedisServer) -> None:
+    """XREAD over RESP3 answers a map, not RESP2's list of [stream, entries] pairs that
+    following reads: a URL asking for protocol 3 is refused rather than misread."""
+    key = f"audit-{uuid.uuid4().hex}"
+    text_client(audit_redis).xadd(key, {"record": "{}"})  # XREAD answers at once
+    follow = follow_redis(f"{audit_redis.url}?protocol=3", key, from_start=True, once=False)
+    with pytest.raises(redis.ResponseError, match="RESP3"):
+        next(follow)
