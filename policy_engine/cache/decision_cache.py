@@ -188,8 +188,8 @@ class DecisionCache:
                 self._local_hit.inc()
                 return Hit(entry, CacheLevel.LOCAL)
             self._local_miss.inc()
-        redis = self.redis
-        if redis is None or not self._redis_allowed():
+        redis, codec = self.redis, self._codec  # both set, or neither (see __init__)
+        if redis is None or codec is None or not self._redis_allowed():
             return None
         try:
             raw = await self._bounded("get", redis.get(key), deadline)
@@ -202,7 +202,7 @@ class DecisionCache:
         if raw is None:
             self._lookups["redis", "miss"].inc()
             return None
-        entry = self._codec.decode(key, raw)  # type: ignore[union-attr]  # set with redis
+        entry = codec.decode(key, raw)
         if entry is None:
             self._rejected(1, [key])
             return None
@@ -237,39 +237,40 @@ class DecisionCache:
                 self._local_miss.inc(len(misses))
         else:
             misses = [i for i in range(count) if keys[i] is not None]
-        redis = self.redis
-        if not misses or redis is None:
+        redis, codec = self.redis, self._codec  # both set, or neither (see __init__)
+        if not misses or redis is None or codec is None:
             return hits
         if not self._redis_allowed(len(misses)):
             return hits
-        wanted = list(dict.fromkeys(keys[i] for i in misses))  # distinct, in order
+        # Distinct, in order (misses hold no None key: the walrus only tells the type).
+        wanted = list(dict.fromkeys(key for i in misses if (key := keys[i]) is not None))
         try:
-            values = await self._bounded("mget", redis.mget(wanted), deadline)  # type: ignore[arg-type]
+            values = await self._bounded("mget", redis.mget(wanted), deadline)
         except DeadlinePassed:
             raise
         except Exception as exc:
             self._failed("mget", exc, len(misses))
             return hits
         self.breaker.success()
-        by_key: dict[str, Entry] = {}
+        by_key: dict[str | None, Entry] = {}  # read with keys[index]: never None there
         fills: list[tuple[str, Entry]] = []
-        decode = self._codec.decode  # type: ignore[union-attr]  # set with redis
+        decode = codec.decode
         rejected: list[str] = []
         for key, raw in zip(wanted, values, strict=True):
             if raw is None:
                 continue
-            entry = decode(key, raw)  # type: ignore[arg-type]
+            entry = decode(key, raw)
             if entry is None:
-                rejected.append(key)  # type: ignore[arg-type]
+                rejected.append(key)
             elif entry.expires_at > now:
-                by_key[key] = entry  # type: ignore[index]
+                by_key[key] = entry
                 if local is not None:
                     expiry = min(entry.expires_at, now + self._local_ttl)
-                    fills.append((key, entry.with_expiry(expiry)))  # type: ignore[arg-type]
+                    fills.append((key, entry.with_expiry(expiry)))
         redis_level = CacheLevel.REDIS
         found_count = 0
         for index in misses:
-            entry = by_key.get(keys[index])  # type: ignore[arg-type]
+            entry = by_key.get(keys[index])
             if entry is not None:
                 hits[index] = Hit(entry, redis_level)
                 found_count += 1
@@ -282,8 +283,8 @@ class DecisionCache:
             self._rejected(rejected_count, rejected)
         if found_count + rejected_count < len(misses):
             self._lookups["redis", "miss"].inc(len(misses) - found_count - rejected_count)
-        if fills:
-            local.put_many(fills)  # type: ignore[union-attr]
+        if fills and local is not None:
+            local.put_many(fills)
         return hits
 
     def _loop(self) -> asyncio.AbstractEventLoop:
@@ -339,7 +340,7 @@ class DecisionCache:
         """Local entries at once; Redis entries queued as one job (one pipeline)."""
         local_items: list[tuple[str, Entry]] = []
         redis_items: list[Write] = []
-        local, writer = self.local, self._writer
+        local, writer, codec = self.local, self._writer, self._codec
         for store in stores:
             key, template, effect, code = store.key, store.template, store.effect, store.code
             valid_until = store.valid_until
@@ -349,19 +350,24 @@ class DecisionCache:
             if local is not None:
                 expiry = now + min(self._local_ttl, bound)
                 local_items.append((key, Entry(template, expiry, effect, code)))
-            if writer is not None:
+            if writer is not None and codec is not None:  # both set with redis, or neither
                 ttl = min(self._redis_ttl, bound)
                 ttl_ms = int(ttl * 1000)
                 if ttl_ms > 0:
                     entry = Entry(template, now + ttl, effect, code)
-                    value = self._codec.encode(key, entry)  # type: ignore[union-attr]
+                    value = codec.encode(key, entry)
                     redis_items.append((key, value, ttl_ms))
-        if local_items:
-            local.put_many(local_items)  # type: ignore[union-attr]
-        if redis_items and self.breaker.state is BreakerState.CLOSED and not self._stopped:
-            if not writer.started:  # type: ignore[union-attr]
-                writer.start(self._loop())  # type: ignore[union-attr]  # never started
-            writer.submit(redis_items)  # type: ignore[union-attr]
+        if local_items and local is not None:
+            local.put_many(local_items)
+        if (
+            redis_items
+            and writer is not None
+            and self.breaker.state is BreakerState.CLOSED
+            and not self._stopped
+        ):
+            if not writer.started:  # never started
+                writer.start(self._loop())
+            writer.submit(redis_items)
 
     async def _write(self, batch: list[Write]) -> None:
         """The write-behind task's sink: one pipeline, through the breaker."""

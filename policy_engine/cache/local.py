@@ -47,13 +47,16 @@ class LocalLRU:
         with self._lock:
             get, touch = data.get, data.move_to_end
             for key in keys:
-                entry = get(key) if key is not None else None
+                if key is None:
+                    append(None)
+                    continue
+                entry = get(key)
                 if entry is not None:
                     if entry.expires_at <= now:
-                        del data[key]  # type: ignore[arg-type]  # key is not None here
+                        del data[key]
                         entry = None
                     else:
-                        touch(key)  # type: ignore[arg-type]
+                        touch(key)
                 append(entry)
         return found
 

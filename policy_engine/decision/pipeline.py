@@ -727,10 +727,11 @@ class Decider:
         ids: list[bytes],
     ) -> None:
         """Hand the storable answers to the cache (never blocks; a failure costs hits only)."""
-        if not stores:
+        cache = self.cache
+        if not stores or cache is None:  # stores are only made with a cache
             return
         try:
-            self.cache.put_many(stores, now_ts)  # type: ignore[union-attr]  # stores need one
+            cache.put_many(stores, now_ts)
         except Exception:
             log.exception(
                 "decision cache write failed; answers are unaffected",

@@ -289,8 +289,9 @@ class RedisQuotaStore:
                 verdicts[index] = ADMITTED
                 continue
             keys = [counter_key(self.prefix, charge) for charge in charges]
+            counted = [key for key in keys if key is not None]
             organizations = {charge.spec.organization for charge in charges}
-            if None in keys or len(organizations) != 1:
+            if len(counted) != len(keys) or len(organizations) != 1:
                 # One item is one organization's ALLOW; anything else cannot be counted
                 # atomically (its keys are in different slots): a caller's bug, fail closed.
                 log.error("quota charges that cannot be counted (item %d): %r", index, item)
@@ -300,7 +301,7 @@ class RedisQuotaStore:
             group = by_group.get(slot)
             if group is None:
                 group = by_group[slot] = _Group()
-            group.add(index, charges, keys)  # type: ignore[arg-type]  # None was excluded
+            group.add(index, charges, counted)
         return list(by_group.values())
 
     async def _run(self, groups: list[_Group]) -> list[object]:
