@@ -22,7 +22,7 @@ import re
 import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager, nullcontext
 from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit
 
@@ -151,6 +151,17 @@ def _cut(text: str, limit: int) -> str:
     return text if len(text) <= limit else text[:limit]
 
 
+def child_span(
+    tracer: trace.Tracer, name: str, attributes: dict[str, Any], kind: SpanKind = SpanKind.INTERNAL
+) -> AbstractContextManager[trace.Span]:
+    """A span below the current one, current while it is open; when the current span records
+    nothing (its trace is not sampled) a no-op stand-in, so an unsampled call pays for no
+    child span (the sampler would drop each anyway: ParentBased)."""
+    if not trace.get_current_span().is_recording():
+        return nullcontext(trace.INVALID_SPAN)
+    return tracer.start_as_current_span(name, kind=kind, attributes=attributes)
+
+
 class CallObserver:
     """The first observer of a traced pipeline: stamps the call's trace and span IDs on its
     `Decisions` (the audit recorder copies them into each record) and sets the decision's
@@ -215,22 +226,24 @@ class TracedRedis:
         return getattr(self._backend, name)
 
     async def get(self, key: str) -> bytes | None:
-        with self._tracer.start_as_current_span(
+        with child_span(
+            self._tracer,
             "GET",
-            kind=SpanKind.CLIENT,
-            attributes={"db.system.name": "redis", "db.operation.name": "GET"},
+            {"db.system.name": "redis", "db.operation.name": "GET"},
+            SpanKind.CLIENT,
         ):
             return await self._backend.get(key)
 
     async def mget(self, keys: Sequence[str]) -> list[bytes | None]:
-        with self._tracer.start_as_current_span(
+        with child_span(
+            self._tracer,
             "MGET",
-            kind=SpanKind.CLIENT,
-            attributes={
+            {
                 "db.system.name": "redis",
                 "db.operation.name": "MGET",
                 "db.operation.batch.size": len(keys),
             },
+            SpanKind.CLIENT,
         ):
             return await self._backend.mget(keys)
 
@@ -260,9 +273,7 @@ class TracedDecider(Decider):
         now_ts: float,
         deadline: float | None,
     ) -> tuple[list[str | None] | None, list[Hit | None] | None]:
-        with self._tracer.start_as_current_span(
-            "pdp.cache.lookup", attributes={"pdp.item_count": len(items)}
-        ) as span:
+        with child_span(self._tracer, "pdp.cache.lookup", {"pdp.item_count": len(items)}) as span:
             keys, hits = await super()._lookup(cache, items, ids, policies, now_ts, deadline)
             if hits is not None:
                 span.set_attribute("pdp.cache.hits", sum(1 for h in hits if h is not None))
@@ -276,9 +287,7 @@ class TracedDecider(Decider):
         hits: list[Hit | None] | None = args[3]
         if hits is not None and None not in hits:
             return super()._decide(*args)  # every item a hit: nothing is evaluated
-        with self._tracer.start_as_current_span(
-            "pdp.evaluate", attributes={"pdp.item_count": len(args[0])}
-        ) as span:
+        with child_span(self._tracer, "pdp.evaluate", {"pdp.item_count": len(args[0])}) as span:
             decisions = super()._decide(*args)
             evaluated = sum(1 for o in decisions.outcomes if not isinstance(o, CacheHit))
             span.set_attribute("pdp.evaluated", evaluated)
@@ -287,9 +296,7 @@ class TracedDecider(Decider):
     async def _consume(
         self, items: list[tuple[Charge, ...]], deadline: float | None
     ) -> list[Verdict]:
-        with self._tracer.start_as_current_span(
-            "pdp.quota.consume", attributes={"pdp.quota.items": len(items)}
-        ) as span:
+        with child_span(self._tracer, "pdp.quota.consume", {"pdp.quota.items": len(items)}) as span:
             verdicts = await super()._consume(items, deadline)
             span.set_attribute("pdp.quota.admitted", sum(1 for v in verdicts if v.admitted))
             span.set_attribute("pdp.quota.unavailable", sum(1 for v in verdicts if v.unavailable))
