@@ -6,10 +6,11 @@ counted by one script, atomically; a change of window or algorithm starts new co
 change of limit keeps them.
 
 - fixed: a string counter per bucket, `INCR`ed, expiring (`PEXPIREAT`) at its window's end
-  (windows are aligned to multiples of `window_ms` since the Unix epoch);
+  (windows are aligned to multiples of `window_ms` since the Unix epoch), or later when it
+  already did (a counter written while Redis's clock was ahead keeps its count: fail closed);
 - sliding: a sorted set of ALLOW times (score: epoch ms; member: the time in microseconds
   and the set's size then, unique), trimmed to the window (`ZREMRANGEBYSCORE`) before its
-  size is read, expiring a window after its newest entry.
+  size is read, expiring a window after its newest entry (never sooner than it did).
 
 The script (`SCRIPT`) reads the time once from Redis (`TIME`: every replica agrees, and no
 caller can move its own windows), then for each item in order checks every charge and, only
@@ -69,6 +70,16 @@ for token in string.gmatch(ARGV[1], '[^,]+') do
 end
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+-- Expire `key` at `at` (epoch ms) unless it already expires later: a counter written by a
+-- clock ahead of this one (a stepped clock, a failover to a node whose clock is behind)
+-- keeps its count until its own end. A key without expiry (a count whose expiry was never
+-- set) gets one.
+local function expire_no_sooner(key, at)
+  local ttl = redis.call('PTTL', key)
+  if ttl < 0 or now + ttl < at then
+    redis.call('PEXPIREAT', key, string.format('%d', at))
+  end
+end
 local stamp = t[1] .. string.format('%06d', tonumber(t[2]))
 local out = {}
 local pos = 2
@@ -122,10 +133,10 @@ for _ = 1, tonumber(argv[1]) do
       if argv[at + 1] == 's' then
         local size = redis.call('ZCARD', key)
         redis.call('ZADD', key, string.format('%d', now), stamp .. ':' .. size)
-        redis.call('PEXPIREAT', key, string.format('%d', now + window))
+        expire_no_sooner(key, now + window)
       else
         redis.call('INCR', key)
-        redis.call('PEXPIREAT', key, string.format('%d', now - now % window + window))
+        expire_no_sooner(key, now - now % window + window)
       end
     end
   end

@@ -205,3 +205,33 @@ def test_charges_that_cannot_make_a_key_are_unavailable(shared_redis: RedisServe
     finally:
         store.stop(time.monotonic() + 5)
     assert verdicts == [UNAVAILABLE] * 5 + [Verdict(True)]
+
+
+@pytest.mark.parametrize("algorithm", [FIXED, SLIDING])
+def test_a_counter_from_a_clock_ahead_keeps_its_expiry(
+    shared_redis: RedisServer, algorithm: object
+) -> None:
+    """A counter written while Redis's clock was ahead (a stepped clock, a failover to a node
+    whose clock is behind) expires at its own window's end, never sooner: an ALLOW counted
+    now must not cut its life short, which would reset the quota within that window."""
+    window_ms = 60_000
+    quota = spec(limit=10, window_ms=window_ms, algorithm=algorithm)  # type: ignore[arg-type]
+    key = counter_key("pdp:quota", charge(quota))
+    assert key
+    admin = redis.Redis(port=shared_redis.port)
+    ahead = int(time.time() * 1000) + 10 * window_ms
+    if algorithm is SLIDING:
+        admin.zadd(key, {"ahead": ahead - window_ms})
+    else:
+        admin.set(key, "3")
+    admin.pexpireat(key, ahead)
+    store = redis_store(shared_redis.url)
+    try:
+        assert consume(store, [[charge(quota)]])[0].admitted
+    finally:
+        store.stop(time.monotonic() + 5)
+    assert admin.pexpiretime(key) == ahead
+    assert (admin.zcard(key) if algorithm is SLIDING else int(admin.get(key) or 0)) == (
+        2 if algorithm is SLIDING else 4
+    )
+    admin.close()
