@@ -56,6 +56,9 @@ log = logging.getLogger(__name__)
 
 # After the stop deadline: time for the connections to close.
 _STOP_SLACK_SECONDS = 1.0
+# How often the Redis's eviction settings are read again (`INFO memory`, one round trip): an
+# operator's `CONFIG SET maxmemory-policy` is seen within this many seconds.
+EVICTION_CHECK_SECONDS = 10.0
 
 # ARGV[1], one comma-separated string (one argument, not hundreds: encoding each argument is
 # most of a large batch's client-side cost): the item count, then per item its charge count,
@@ -259,6 +262,12 @@ class RedisQuotaStore:
         self._stopped = False
         self._stopped_clean = True
         self.round_trips = 0  # pipelines sent (a NOSCRIPT retry is a second), for tests
+        # Why the counters may be evicted (None: they may not), read by `_check_eviction`
+        # when `_eviction_due` (monotonic s) has come; one check in flight at a time.
+        self.eviction: str | None = None
+        self._eviction_due = 0.0
+        self._eviction_check: asyncio.Future[None] | None = None
+        self._info_refused_logged = False
 
     # --- counting ---------------------------------------------------------------------------
 
@@ -322,6 +331,13 @@ class RedisQuotaStore:
         from redis.exceptions import NoScriptError
 
         client = self.redis.client()
+        if time.monotonic() >= self._eviction_due:
+            check = self._eviction_check
+            if check is None or check.done():
+                check = self._eviction_check = asyncio.ensure_future(self._check_eviction(client))
+            await asyncio.shield(check)
+        if self.eviction is not None:
+            return []  # nothing sent: every item unavailable, not a Redis fault
         replies = await self._pipeline(client, groups)
         missing = [i for i, reply in enumerate(replies) if isinstance(reply, NoScriptError)]
         if missing:
@@ -330,6 +346,41 @@ class RedisQuotaStore:
             for i, reply in zip(missing, again, strict=True):
                 replies[i] = reply
         return replies
+
+    async def _check_eviction(self, client: Any) -> None:
+        """Read whether Redis may evict the counters (`INFO memory`: a `maxmemory` with any
+        `maxmemory_policy` but `noeviction`; in Cluster mode on every node) into
+        `self.eviction`, and when to read it again. An evicted counter starts again from zero
+        mid-window: more ALLOWs than the quota, so such a Redis counts nothing (every quota
+        applies its `when_unavailable`). An INFO that Redis refuses (a proxy, a renamed
+        command) cannot tell: logged once, counted as before. Raises on a connection fault
+        (then checked again at the next call)."""
+        from redis.exceptions import ResponseError
+
+        try:
+            info = await client.info("memory")
+        except ResponseError as exc:
+            if not self._info_refused_logged:
+                self._info_refused_logged = True
+                log.warning(
+                    "quota counters: redis refused INFO memory (%s): cannot check that it "
+                    "never evicts counters (maxmemory-policy noeviction)",
+                    str(exc)[:200],
+                )
+            found = None
+        else:
+            found = eviction_risk(info)
+        if found != self.eviction:
+            if found is not None:
+                log.error(
+                    "quota counters: redis may evict them (%s): quotas unavailable (each "
+                    "applies its when_unavailable) until it is set to noeviction",
+                    found,
+                )
+            else:
+                log.warning("quota counters: redis no longer evicts them: counting again")
+        self.eviction = found
+        self._eviction_due = time.monotonic() + EVICTION_CHECK_SECONDS
 
     async def _pipeline(self, client: Any, groups: list[_Group]) -> list[object]:
         pipe = client.pipeline(transaction=False)
@@ -421,9 +472,32 @@ class RedisQuotaStore:
         degraded = self.breaker.degraded(self.name, detail, "quotas unavailable")
         if degraded is not None:
             return degraded
+        if self.eviction is not None:
+            detail = f"{detail}; redis may evict counters ({self.eviction}): quotas unavailable"
+            return ComponentStatus(self.name, State.DEGRADED, True, detail)
         return ComponentStatus(
             self.name, State.RUNNING if self._started else State.NEW, True, detail
         )
+
+
+def eviction_risk(info: object) -> str | None:
+    """From an `INFO memory` answer (a dict; in Cluster mode one per node, by node name),
+    why Redis may evict counters ("maxmemory-policy allkeys-lru on 10.0.0.5:7000"), or
+    None when no node may: `maxmemory` 0 (no limit) or `maxmemory_policy` noeviction. Every
+    volatile-* policy counts too: each counter has an expiry. A node whose answer lacks the
+    fields cannot tell and is not counted against."""
+    if not isinstance(info, dict):
+        return None
+    nodes = {"": info} if "maxmemory_policy" in info else info
+    for node, fields in nodes.items():
+        if not isinstance(fields, dict):
+            continue
+        policy, limit = fields.get("maxmemory_policy"), fields.get("maxmemory")
+        if policy is None or policy == "noeviction" or limit in (0, "0", None):
+            continue
+        where = f" on {node}" if node else ""
+        return f"maxmemory-policy {policy}{where}"
+    return None
 
 
 def _describe(reply: object) -> str:

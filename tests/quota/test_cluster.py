@@ -34,3 +34,22 @@ def test_one_script_per_organization_in_one_pipeline(tmp_path: Path) -> None:
         node.close()
     finally:
         server.stop()
+
+
+def test_a_cluster_node_that_may_evict_counters_counts_nothing(tmp_path: Path) -> None:
+    """Cluster mode reads every node's eviction settings (INFO answered per node)."""
+    server = cluster_node(tmp_path / "cluster")
+    try:
+        node = redis.Redis(port=server.port)
+        node.config_set("maxmemory", "100mb")
+        node.config_set("maxmemory-policy", "allkeys-lru")
+        store = redis_store(server.url, redis_mode="cluster")
+        try:
+            assert not consume(store, [[charge(spec())]])[0].admitted
+            assert "maxmemory-policy allkeys-lru" in store.status().detail
+        finally:
+            store.stop(time.monotonic() + 5)
+        assert node.keys("pdp:quota:*") == []
+        node.close()
+    finally:
+        server.stop()

@@ -235,3 +235,66 @@ def test_a_counter_from_a_clock_ahead_keeps_its_expiry(
         2 if algorithm is SLIDING else 4
     )
     admin.close()
+
+
+@pytest.mark.parametrize(
+    "policy", ["allkeys-lru", "volatile-lru", "volatile-ttl", "allkeys-random"]
+)
+def test_a_redis_that_may_evict_counters_counts_nothing(
+    redis_server: RedisServer, monkeypatch: pytest.MonkeyPatch, policy: str
+) -> None:
+    """An evicted counter starts again from zero mid-window (a caller filling a shared Redis
+    with cache entries could reset quotas): while Redis has a maxmemory and may evict, items
+    are unavailable and nothing is written; once it may not, counting resumes."""
+    monkeypatch.setattr(redis_store_module, "EVICTION_CHECK_SECONDS", 0.0)
+    admin = redis.Redis(port=redis_server.port)
+    admin.config_set("maxmemory", "100mb")
+    admin.config_set("maxmemory-policy", policy)
+    store = redis_store(redis_server.url)
+    quota = spec(limit=10)
+    try:
+        assert consume(store, [[charge(quota)], []]) == [UNAVAILABLE, Verdict(True)]
+        assert admin.keys("pdp:quota:*") == []
+        status = store.status()
+        assert status.state is State.DEGRADED and status.ready
+        assert f"maxmemory-policy {policy}" in status.detail
+        assert store.breaker.state is BreakerState.CLOSED  # Redis answered: not a fault
+        admin.config_set("maxmemory", "0")  # no limit: nothing is evicted
+        assert consume(store, [[charge(quota)]])[0].admitted
+        admin.config_set("maxmemory", "100mb")
+        assert consume(store, [[charge(quota)]]) == [UNAVAILABLE]
+        admin.config_set("maxmemory-policy", "noeviction")
+        assert consume(store, [[charge(quota)]])[0].admitted
+        assert store.status().state is State.NEW
+    finally:
+        store.stop(time.monotonic() + 5)
+    admin.close()
+
+
+def test_the_eviction_settings_are_read_once_per_interval(redis_server: RedisServer) -> None:
+    """`INFO memory` is not on every call's path: once, then every EVICTION_CHECK_SECONDS."""
+    admin = redis.Redis(port=redis_server.port)
+    store = redis_store(redis_server.url)
+    try:
+        for _ in range(5):
+            assert consume(store, [[charge(spec(limit=10))]])[0].admitted
+    finally:
+        store.stop(time.monotonic() + 5)
+    assert int(admin.info("commandstats")["cmdstat_info"]["calls"]) == 1
+    admin.close()
+
+
+def test_eviction_risk_reads_every_cluster_node() -> None:
+    safe = {"maxmemory": 0, "maxmemory_policy": "allkeys-lru"}
+    risky = {"maxmemory": 1 << 30, "maxmemory_policy": "volatile-lfu"}
+    assert redis_store_module.eviction_risk(safe) is None
+    assert (
+        redis_store_module.eviction_risk({"maxmemory": 5, "maxmemory_policy": "noeviction"}) is None
+    )
+    assert redis_store_module.eviction_risk(risky) == "maxmemory-policy volatile-lfu"
+    nodes = {"127.0.0.1:7000": safe, "127.0.0.1:7001": risky}
+    assert (
+        redis_store_module.eviction_risk(nodes) == "maxmemory-policy volatile-lfu on 127.0.0.1:7001"
+    )
+    assert redis_store_module.eviction_risk({"used_memory": 1}) is None  # cannot tell
+    assert redis_store_module.eviction_risk("garbage") is None
