@@ -506,8 +506,11 @@ class Decider:
             organization = organizations.get(item.organization)
             if organization is None or not organization.quotas:
                 continue
+            subject = _quota_subject(outcome)
+            # An external user ID counts as its person, in the quotas naming either of them.
+            external_id = item.subject.id if subject != item.subject.id else ""
             charges = organization.quotas.charges(
-                _quota_subject(outcome), item.application.id, item.integration.id, item.scope
+                subject, item.application.id, item.integration.id, item.scope, external_id
             )
             if charges:
                 charged.append((index, charges))

@@ -205,15 +205,27 @@ def _decide_layer(
     request: CheckRequest,
     activation: dict[str, Any],
     explain: bool,
+    external_id: str = "",
 ) -> _LayerOutcome:
+    """One layer's answer for `request` (for an external user, made as the person its ID
+    maps to; `external_id` is then that external ID, "" otherwise)."""
     bucket = index.bucket(request.integration.id)
     subject, application, scope = request.subject.id, request.application.id, request.scope
     outcome = _LayerOutcome(effect=index.default, by_default=True)
 
     # The index narrows each effect's rules to the few that may apply (same order as the
     # bucket); applies_to still decides, so what is evaluated is what a full scan finds.
-    for rule in bucket.denies.candidates(subject, application, scope):
-        if rule.applies_to(subject, application, scope):
+    # A deny whose target names the external ID applies as well as one naming the person:
+    # an operator who targets the account the request names must not see the deny skipped
+    # because the engine decides as the person (allows must name the person: fail closed).
+    if external_id:
+        denies = bucket.denies.candidates_for_any((subject, external_id), application, scope)
+    else:
+        denies = bucket.denies.candidates(subject, application, scope)
+    for rule in denies:
+        if rule.applies_to(subject, application, scope) or (
+            external_id and rule.applies_to(external_id, application, scope)
+        ):
             _run_rule(layer, rule, activation, outcome, explain)
     if outcome.reasons:
         outcome.effect, outcome.by_default = Effect.DENY, False
@@ -329,7 +341,12 @@ def decide(
     cacheable = True
     for layer in POLICY_LAYERS:
         outcome = _decide_layer(
-            layer, organization.layers[layer], request, activation, request.explain
+            layer,
+            organization.layers[layer],
+            request,
+            activation,
+            request.explain,
+            external["id"],
         )
         reasons.extend(outcome.reasons)
         matched.extend(outcome.matched)

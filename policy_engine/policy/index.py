@@ -245,6 +245,17 @@ class RuleIndex(Generic[_R]):
         found = {rule for hit in hits for rule in hit}
         return sorted(found, key=self._ordinal.__getitem__)
 
+    def candidates_for_any(
+        self, subjects: tuple[str, ...], application: str, scope: str
+    ) -> Sequence[_R]:
+        """The rules that may apply to a request made as any of `subjects` (an external user:
+        the person its ID maps to and the external ID itself), in (policy, rule) order, each
+        once; callers confirm with `applies_to` for each subject."""
+        if self.scan or len(subjects) == 1:
+            return self.candidates(subjects[0], application, scope)
+        found = {rule for s in subjects for rule in self.candidates(s, application, scope)}
+        return sorted(found, key=self._ordinal.__getitem__)
+
     def __len__(self) -> int:
         return len(self.rules)
 

@@ -105,23 +105,38 @@ class OrganizationQuotas:
         return ()
 
     def matching(
-        self, subject: str, application: str, integration: str, scope: str
+        self, subject: str, application: str, integration: str, scope: str, external_id: str = ""
     ) -> list[CompiledQuota]:
-        """The quotas an ALLOW of this request counts in, in name order."""
+        """The quotas an ALLOW of this request counts in, in name order. For an external user,
+        `subject` is the person its ID maps to and `external_id` the ID: a quota whose target
+        names either counts it (a limit set on the external account is never skipped)."""
         index = self.by_integration.get(integration)
         if index is None:
             return []
+        if not external_id:
+            return [
+                quota
+                for quota in index.candidates(subject, application, scope)
+                if quota.applies_to(subject, application, scope)
+            ]
         return [
             quota
-            for quota in index.candidates(subject, application, scope)
+            for quota in index.candidates_for_any((subject, external_id), application, scope)
             if quota.applies_to(subject, application, scope)
+            or quota.applies_to(external_id, application, scope)
         ]
 
     def charges(
-        self, subject: str, application: str, integration: str, scope: str
+        self,
+        subject: str,
+        application: str,
+        integration: str,
+        scope: str,
+        external_id: str = "",
     ) -> tuple[Charge, ...]:
-        """The charges of one ALLOW of this request (empty: no quota counts it)."""
-        found = self.matching(subject, application, integration, scope)
+        """The charges of one ALLOW of this request (empty: no quota counts it); `subject` is
+        counted (for an external user, the person), `external_id` only selects quotas."""
+        found = self.matching(subject, application, integration, scope, external_id)
         if not found:
             return ()
         values = (subject, application, integration, scope)

@@ -42,9 +42,12 @@ class DryRunQuotas:
         charges: tuple[Charge, ...] = ()
         if quotas and decision.effect is Effect.ALLOW:
             subject, application, integration, scope = request
-            # An external user ID counts as the person it maps to (as on the server).
-            subject = decision.mapped_subject_id or subject
-            charges = quotas.charges(subject, application, integration, scope)
+            # An external user ID counts as the person it maps to (as on the server), in the
+            # quotas naming either.
+            person = decision.mapped_subject_id
+            charges = quotas.charges(
+                person or subject, application, integration, scope, subject if person else ""
+            )
         problems: list[str] = []
         for name, count in used.items():
             matching = [charge for charge in charges if charge.spec.name == name]
