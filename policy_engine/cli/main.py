@@ -320,7 +320,9 @@ def _quota_used(values: Sequence[str]) -> dict[str, int]:
     used: dict[str, int] = {}
     for value in values:
         name, _, count = value.partition("=")
-        if not count.isdigit() or not 0 <= int(count) <= MAX_QUOTA_USED:
+        # ASCII digits only: str.isdigit() also takes "²" and "٣", which int() refuses or
+        # reads as another number.
+        if not (count.isascii() and count.isdigit()) or not 0 <= int(count) <= MAX_QUOTA_USED:
             raise UsageError(
                 f"--quota-used {value!r}: expected NAME=N, N a whole number from 0 to "
                 f"{MAX_QUOTA_USED:,}"

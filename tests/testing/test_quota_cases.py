@@ -219,6 +219,8 @@ def test_pdp_eval_counts_the_allow_in_the_quotas_it_matches(
         ("github-per-person-hourly=1e3", "expected NAME=N"),
         ("github-per-person-hourly", "expected NAME=N"),
         ("github-per-person-hourly=100001", "from 0 to 100,000"),
+        ("github-per-person-hourly=\u00b2", "expected NAME=N"),  # a digit int() refuses
+        ("github-per-person-hourly=\u0663", "expected NAME=N"),  # Arabic-Indic three
     ],
 )
 def test_pdp_eval_refuses_a_bad_quota_used(
