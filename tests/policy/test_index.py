@@ -89,6 +89,29 @@ def test_the_index_returns_exactly_the_rules_a_scan_returns(rules, reqs, scan_be
         assert found == scan(rules, subject, application, scope)
 
 
+@settings(max_examples=300, deadline=None)
+@given(rule_lists, st.lists(st.tuples(values, values, values, values), min_size=1, max_size=25))
+def test_candidates_for_two_subjects_are_those_a_scan_finds_for_either(rules, reqs) -> None:
+    """An external user is matched as its person and its external ID (a deny naming either
+    applies): the candidates hold every rule that applies to either, in bucket order, once."""
+    for scan_below in (0, 8):
+        index = RuleIndex(rules, scan_below=scan_below)
+        ordinal = {id(rule): position for position, rule in enumerate(rules)}
+        for person, external, application, scope in reqs:
+            candidates = list(index.candidates_for_any((person, external), application, scope))
+            positions = [ordinal[id(rule)] for rule in candidates]
+            assert positions == sorted(set(positions))
+            found = [
+                rule
+                for rule in candidates
+                if rule.applies_to(person, application, scope)
+                or rule.applies_to(external, application, scope)
+            ]
+            either = set(map(id, scan(rules, person, application, scope)))
+            either |= set(map(id, scan(rules, external, application, scope)))
+            assert found == [rule for rule in rules if id(rule) in either]
+
+
 def _patterns(rule: CompiledRule) -> list[str]:
     matchers = rule.subject_matchers + rule.application_matchers + rule.scope_matchers
     return [p for m in matchers for p in m.patterns]
