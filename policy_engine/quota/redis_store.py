@@ -23,6 +23,9 @@ The client is the cache's (`cache/redis_backend.py`: standalone, Sentinel or Clu
 timeouts, no retries) with its own circuit breaker. One call is one pipeline: one `EVALSHA`
 per organization in Cluster mode (each sent to its slot's node), one for the whole call
 otherwise; `NOSCRIPT` loads the script (`SCRIPT LOAD`, every primary) and retries once. The
+first call, and one call every `EVICTION_CHECK_SECONDS`, first reads `INFO memory` (every node
+in Cluster mode): a Redis that may evict counters (a `maxmemory` with any policy but
+`noeviction`) counts nothing, its items unavailable (an evicted counter restarts at zero). The
 wait is bounded by the caller's deadline (`redis_backend.bounded`: the command is never
 cancelled, it runs on to its own timeout). Anything short of a well-formed answer (a
 fault, a timeout, an open breaker, `NOSCRIPT` again, a malformed reply) makes the items
