@@ -1,9 +1,10 @@
-"""One audit record per decision, as a plain JSON-ready dict (schema `audit-record.v4.json`).
+"""One audit record per decision, as a plain JSON-ready dict (schema `audit-record.v5.json`).
 
 Records are built on the audit writer's thread, not on the request path: `AuditLog.record()`
 only enqueues the request and decision it is given. Nothing secret ever enters a record: the
 subject's access token is reduced to its SHA-256 (and, from version 2, the claims the engine
-accepted, kept for `pdp replay`), and attribute keys that name credentials
+accepted, kept for `pdp replay`, and from version 5 how it was verified: its header's `alg` and
+`kid` and the fingerprint of the public key set), and attribute keys that name credentials
 (`access_token`, `password`, ...) have their values replaced at every nesting level.
 """
 
@@ -29,9 +30,11 @@ from policy_engine.domain.request import CheckRequest
 
 # 2: subject.token_claims; 3: subject.namespace and subject.mapped_id (an external user ID's
 # namespace and the person it maps to); 4: trace_id and span_id (the OpenTelemetry span of the
-# call that decided, present only when it was traced). Version 1 to 3 records are still read.
-SCHEMA_VERSION = 4
-SCHEMA_FILE = "schema/audit-record.v4.json"  # package data, next to this module
+# call that decided, present only when it was traced); 5: subject.token_key (the accepted
+# token's header `alg` and `kid`, and the fingerprint of the key set that verified it, so that
+# replay can tell whether a candidate would verify it alike). Version 1 to 4 records are read.
+SCHEMA_VERSION = 5
+SCHEMA_FILE = "schema/audit-record.v5.json"  # package data, next to this module
 CACHE_LEVELS = frozenset({"none", "local", "redis"})
 
 # Keys whose values are credentials, wherever they appear inside attribute maps.
@@ -135,6 +138,45 @@ def token_claims(token: str, decision: Decision) -> dict[str, Any] | None:
     return redacted
 
 
+TokenKey = dict[str, str | None] | None
+"""A record's `subject.token_key` (see `token_key`)."""
+
+
+def _header_text(value: Any) -> str | None:
+    """A header member kept as a record's string: a string UTF-8 can carry (a JSON escape can
+    make a lone surrogate, which no log line can hold), else None."""
+    if not isinstance(value, str):
+        return None
+    try:
+        value.encode()
+    except UnicodeEncodeError:
+        return None
+    return value
+
+
+def token_key(token: str, decision: Decision, claims: Mapping[str, Any] | None) -> TokenKey:
+    """How an accepted token was verified, for replay: `{"alg", "kid", "key_set"}`, the
+    header's `alg` and `kid` (RFC 7515 sections 4.1.1 and 4.1.4; None when absent or not a
+    string) and `decision.token_key_set` in hex (None when the organization does not verify
+    signatures). None when `claims` is (no token, or a refused one). Nothing secret: a token's
+    header is as public as its claims, the fingerprint a hash of public keys."""
+    if claims is None:
+        return None
+    header: Any = None
+    try:
+        encoded = token.split(".", 1)[0]
+        header = json.loads(base64.urlsafe_b64decode(encoded + "=" * (-len(encoded) % 4)))
+    except (ValueError, binascii.Error, RecursionError):
+        pass  # an unverifying organization accepted it: alg and kid stay unknown
+    if not isinstance(header, dict):
+        header = {}
+    return {
+        "alg": _header_text(header.get("alg")),
+        "kid": _header_text(header.get("kid")),
+        "key_set": decision.token_key_set.hex() if decision.token_key_set else None,
+    }
+
+
 def redact(value: Any) -> Any:
     """A copy of `value` as plain dicts and lists, with credential-named keys' values replaced."""
     if isinstance(value, Mapping):
@@ -195,6 +237,7 @@ def build_record(
     """
     subject = request.subject
     context = request.context
+    claims: dict[str, Any] | None = None
     invalid = any(r.code is ErrorCode.VALIDATION_ERROR for r in decision.reasons)
     truncated: list[str] = []
     if invalid:
@@ -227,6 +270,7 @@ def build_record(
             "context.session_id": context.session_id,
         }
         subject_attrs = redact(subject.attributes)
+        claims = token_claims(subject.access_token, decision)
         application_attrs = redact(request.application.attributes)
         integration_attrs = redact(request.integration.attributes)
         context_attrs = redact(context.attributes)
@@ -242,7 +286,8 @@ def build_record(
             "namespace": ids["subject.namespace"],
             "mapped_id": decision.mapped_subject_id or None,
             "token_sha256": token_sha256(subject.access_token),
-            "token_claims": None if invalid else token_claims(subject.access_token, decision),
+            "token_claims": claims,
+            "token_key": token_key(subject.access_token, decision, claims),
             "attributes": subject_attrs,
         },
         "application": {"id": ids["application.id"], "attributes": application_attrs},
@@ -390,6 +435,7 @@ class PreparedRecord:
         application, integration = request.application, request.integration
         token = token_sha256(subject.access_token)
         claims = token_claims(subject.access_token, decision)
+        key = token_key(subject.access_token, decision, claims)
         mapped = decision.mapped_subject_id
         reasons = ",".join([_reason_json(r) for r in decision.reasons])
         self._application = (
@@ -417,6 +463,7 @@ class PreparedRecord:
             f'"id":{e(subject.id)},"kind":{e(subject.kind)},'
             f'"mapped_id":{e(mapped) if mapped else "null"},"namespace":{e(subject.namespace)},'
             f'"token_claims":{canonical(claims) if claims is not None else "null"},'
+            f'"token_key":{canonical(key) if key is not None else "null"},'
             f'"token_sha256":{e(token) if token is not None else "null"}}},"time":'
         )
 
@@ -536,6 +583,7 @@ def build_invalid_record(
             "mapped_id": None,
             "token_sha256": token_sha256(access_token),
             "token_claims": None,
+            "token_key": None,
             "attributes": {},
         },
         "application": {"id": raw("application.id", application_id), "attributes": {}},

@@ -98,6 +98,9 @@ class TokenCheck:
     # The verified delegation chain (RFC 8693 `act`), current actor first, each without its
     # nested `act`: CEL's subject.actors. Empty unless the signature was verified.
     actors: tuple[Mapping[str, Any], ...] = _NO_ACTORS
+    # The `KeySource.fingerprint` of the keys that verified the token (read before verifying);
+    # b"" unless the signature was verified. The audit record keeps it for `pdp replay`.
+    key_set: bytes = b""
 
 
 def _malformed(problem: str) -> TokenCheck:
@@ -446,7 +449,9 @@ def check_token(
             payload = decoder.decode_complete(token, options=_NO_SIGNATURE)["payload"]
         except jwt.PyJWTError:
             return TokenCheck("the access token is malformed (not a JWT)", None)
+        key_set = b""
     else:
+        key_set = rules.keys.fingerprint  # before verifying, as the decision cache reads it
         verified = _verified_payload(token, rules, rules.keys, now)
         if isinstance(verified, TokenCheck):
             return verified
@@ -467,4 +472,6 @@ def check_token(
     )
     if problem is not None:
         return TokenCheck(problem, None)
-    return TokenCheck(None, timing.changes_at, MappingProxyType(claims), actor_chain(claims))
+    return TokenCheck(
+        None, timing.changes_at, MappingProxyType(claims), actor_chain(claims), key_set
+    )

@@ -41,11 +41,14 @@ class Outcome:
 
 @dataclass(slots=True)
 class CacheHit(Outcome):
-    """Answered from the cache: `template` is the stored response, `key` its cache key."""
+    """Answered from the cache: `template` is the stored response, `key` its cache key;
+    `key_set` the fingerprint of the organization's token key set, which salts `key` (so the
+    stored answer was decided with those keys), when the request carries a token; else b""."""
 
     key: str
     template: bytes
     level: CacheLevel
+    key_set: bytes = b""
 
 
 @dataclass(slots=True)

@@ -664,7 +664,15 @@ class Decider:
             if hit is not None:
                 entry, level = hit.entry, hit.level
                 template = entry.template
-                append(CacheHit(item, decision_id, entry.effect, entry.code, key, template, level))
+                key_set = b""
+                if item.subject.access_token:  # for the audit record (see CacheHit.key_set)
+                    source = policies.key_sets.get(item.organization)
+                    key_set = source.fingerprint if source is not None else b""
+                append(
+                    CacheHit(
+                        item, decision_id, entry.effect, entry.code, key, template, level, key_set
+                    )
+                )
                 add_result(parts, template, decision_id, item.request_id, level)
                 if level is redis_level:
                     from_redis += 1

@@ -107,6 +107,9 @@ class Decision:
     # For an external user ID: the person (IdP user ID) it maps to, whom the policies decided
     # for; "" for other kinds or when the ID could not be mapped.
     mapped_subject_id: str = ""
+    # The fingerprint (`KeySource.fingerprint`, 32 bytes) of the key set that verified the
+    # subject token; b"" when no token was verified. Audit records keep it for `pdp replay`.
+    token_key_set: bytes = b""
 
     @property
     def allowed(self) -> bool:

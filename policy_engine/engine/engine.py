@@ -39,6 +39,7 @@ from policy_engine.policy.compiled import (
     LayerIndex,
 )
 from policy_engine.policy.identities import Refused
+from policy_engine.policy.index import applies_to_any
 
 BUILTIN_POLICY = "builtin"
 DEFAULT_RULE = "default"
@@ -215,16 +216,20 @@ def _decide_layer(
 
     # The index narrows each effect's rules to the few that may apply (same order as the
     # bucket); applies_to still decides, so what is evaluated is what a full scan finds.
-    # A deny whose target names the external ID applies as well as one naming the person:
-    # an operator who targets the account the request names must not see the deny skipped
-    # because the engine decides as the person (allows must name the person: fail closed).
+    # A deny whose target names the external ID applies as well as one naming the person
+    # (each subject matcher may accept either, so alice's policy with a rule naming her
+    # partner account holds for it): an operator who targets the account the request names
+    # must not see the deny skipped because the engine decides as the person. Allows must
+    # name the person: this can only deny more.
     if external_id:
         denies = bucket.denies.candidates_for_any((subject, external_id), application, scope)
     else:
         denies = bucket.denies.candidates(subject, application, scope)
     for rule in denies:
-        if rule.applies_to(subject, application, scope) or (
-            external_id and rule.applies_to(external_id, application, scope)
+        if (
+            applies_to_any(rule, (subject, external_id), application, scope)
+            if external_id
+            else rule.applies_to(subject, application, scope)
         ):
             _run_rule(layer, rule, activation, outcome, explain)
     if outcome.reasons:
@@ -316,6 +321,7 @@ def decide(
         else None
     )
     valid_until = token_check.changes_at if token_check else None
+    key_set = token_check.key_set if token_check is not None else b""
     builtin = _builtin_reasons(request, organization, token_check, identity)
     if builtin:
         trace = (LayerTrace(LayerName.SYSTEM, Effect.DENY, False),) if request.explain else ()
@@ -326,6 +332,7 @@ def decide(
             trace,
             valid_until=valid_until,
             mapped_subject_id=person,
+            token_key_set=key_set,
         )
 
     claims = token_check.claims if token_check is not None else {}
@@ -367,4 +374,5 @@ def decide(
         valid_until=valid_until,
         cacheable=cacheable,
         mapped_subject_id=person,
+        token_key_set=key_set,
     )

@@ -28,6 +28,7 @@ from jwt.algorithms import OKPAlgorithm
 from policy_engine.audit.record import REDACTED
 from policy_engine.audit.sinks.file import _STAMP, _stamp_key
 from policy_engine.auth.keys import StaticKeySet, parse_jwks
+from policy_engine.auth.tokens import TokenRules
 from policy_engine.cli.main import DEFAULTS, UsageError, dry_run, request_message
 from policy_engine.client import MAX_SAFE_INTEGER, RequestValueError
 from policy_engine.domain.codes import ErrorCode
@@ -49,12 +50,18 @@ DENY_TO_ALLOW = "DENY->ALLOW"
 CODE_CHANGED = "code_changed"
 LAYER_CHANGED = "layer_changed"
 RULE_CHANGED = "rule_changed"
+# Same effect, codes, layers and rule, but an external user ID decided as another person
+# (a version 3 record's subject.mapped_id against the candidate's identity mapping).
+PERSON_CHANGED = "mapped_person_changed"
 UNCHANGED = "unchanged"
 # In order of severity: a record counts under the first kind that applies.
-CHANGE_KINDS = (ALLOW_TO_DENY, DENY_TO_ALLOW, CODE_CHANGED, LAYER_CHANGED, RULE_CHANGED, UNCHANGED)
+CHANGE_KINDS = (
+    ALLOW_TO_DENY, DENY_TO_ALLOW, CODE_CHANGED, LAYER_CHANGED, RULE_CHANGED, PERSON_CHANGED,
+    UNCHANGED,
+)  # fmt: skip
 GROUP_BY = ("organization", "application", "integration", "rule")
 EXAMPLES = 3  # decision IDs kept per group
-REPLAYABLE_VERSIONS = frozenset({1, 2, 3, 4})
+REPLAYABLE_VERSIONS = frozenset({1, 2, 3, 4, 5})
 REPLAY_KID = "pdp-replay"  # the key replay signs recorded token claims with
 MEMO_SIZE = 65_536  # decisions kept for records with the same inputs
 # Context keys that `request_message` reads as fields: an attribute so named cannot be replayed.
@@ -66,6 +73,8 @@ _NOT_DECIDED = {
     ErrorCode.RATE_LIMITED.value: "rate_limited",
 }
 _ROTATED = re.compile(rf"(?P<base>.+)\.(?P<stamp>{_STAMP.pattern})")
+_SHA256 = re.compile("[0-9a-f]{64}")
+_TOKEN_KEY_MEMBERS = frozenset({"alg", "kid", "key_set"})
 
 
 class Unreplayable(PolicyEngineError):
@@ -104,7 +113,8 @@ def unreplayable_reason(record: Mapping[str, Any], *, may_redact: bool = True) -
     server_error, rate_limited, token_claims_not_recorded (a version 1 record holds the token
     only as a hash), token_refused (the engine refused the token: its claims are not kept),
     redacted_attribute (a credential-named attribute's or claim's value was kept out of the
-    log), context_attribute_name_clash, malformed_record.
+    log), context_attribute_name_clash, malformed_record. What depends on the candidate's
+    token settings is `token_key_reason`'s.
     """
     try:
         if record.get("schema_version") not in REPLAYABLE_VERSIONS:
@@ -151,7 +161,56 @@ def replay_record(record: Mapping[str, Any], policies: CompiledPolicySet) -> Dec
     reason = unreplayable_reason(record)
     if reason:
         raise Unreplayable(reason)
-    return TokenReplay(policies).decide(record)
+    tokens = TokenReplay(policies)
+    reason = tokens.unreplayable(record)
+    if reason:
+        raise Unreplayable(reason)
+    return tokens.decide(record)
+
+
+def token_key_reason(record: Mapping[str, Any], rules: TokenRules) -> str | None:
+    """Why the candidate's token settings `rules` (of the record's organization) might verify
+    the record's accepted token otherwise than it was verified, or None when they verify it
+    alike or verify no signature at all (then, as when the decision was made without keys,
+    the claims are checked for structure and time only). The token itself is not in the log,
+    so replay cannot verify it again; it compares what the record says verified it
+    (`subject.token_key`, version 5) with what would:
+
+    - token_keys_unknown: the candidate fetches its keys (a JWKS URL, or discovery), which
+      replay cannot know offline;
+    - token_key_not_recorded: the record predates token key recording (version 4 or older)
+      and the candidate verifies with a JWKS file: which key verified it is unknown;
+    - token_algorithm_not_accepted: the candidate's `algorithms` no longer allow its `alg`;
+    - token_key_changed: the candidate's JWKS file has no usable key for its (`kid`, `alg`),
+      or its key set's fingerprint is not the one that verified it (a rotated or added key,
+      or a token accepted unverified);
+    - malformed_record: a `token_key` that is not the writer's shape.
+
+    Expects a record `unreplayable_reason` passed whose `token_claims` is an object.
+    """
+    keys = rules.keys
+    if keys is None:
+        return None
+    if not isinstance(keys, StaticKeySet):
+        return "token_keys_unknown"
+    subject = record["subject"]
+    if "token_key" not in subject:
+        return "token_key_not_recorded" if record["schema_version"] < 5 else "malformed_record"
+    key = subject["token_key"]
+    if type(key) is not dict or key.keys() != _TOKEN_KEY_MEMBERS:
+        return "malformed_record"
+    alg, kid, key_set = key["alg"], key["kid"], key["key_set"]
+    if not (
+        (alg is None or type(alg) is str)
+        and (kid is None or type(kid) is str)
+        and (key_set is None or (type(key_set) is str and _SHA256.fullmatch(key_set)))
+    ):
+        return "malformed_record"
+    if alg is None or alg not in rules.algorithms:
+        return "token_algorithm_not_accepted"
+    if key_set != keys.fingerprint.hex() or not keys.keys_for(kid, alg):
+        return "token_key_changed"
+    return None
 
 
 # --- the direct path -------------------------------------------------------------------------
@@ -183,10 +242,12 @@ _RECORD_KEYS = frozenset(
 )  # fmt: skip
 # Version 4 adds trace_id and span_id: per-record fields, as decision_id (never an input).
 # Version 3 adds the external user's namespace (an input) and the person it mapped to (an
-# outcome the candidate's own mapping decides again).
+# outcome the candidate's own mapping decides again). Version 5 adds subject.token_key (how
+# the token was verified: `token_key_reason` reads it, the decision does not).
 _SUBJECT_KEYS = frozenset(
-    {"id", "kind", "namespace", "mapped_id", "token_sha256", "token_claims", "attributes"}
-)
+    {"id", "kind", "namespace", "mapped_id", "token_sha256", "token_claims", "token_key",
+     "attributes"}
+)  # fmt: skip
 _RESOURCE_KEYS = frozenset({"id", "attributes"})
 _CONTEXT_KEYS = frozenset({"connection", "client_ip", "session_id", "time", "attributes"})
 
@@ -282,6 +343,7 @@ class TokenReplay:
     binding are checked by the candidate's own rules at the recorded time."""
 
     def __init__(self, policies: CompiledPolicySet) -> None:
+        self._candidate = policies.organizations  # with their own token settings
         self._key = ed25519.Ed25519PrivateKey.generate()
         jwk = json.loads(OKPAlgorithm.to_jwk(self._key.public_key()))
         keys = StaticKeySet(
@@ -300,6 +362,19 @@ class TokenReplay:
         # repr(claims) -> token: a session's records repeat its claims, and signing costs more
         # than deciding. Ed25519 signatures are deterministic, so a reused token is the same.
         self._tokens: dict[str, str] = {}
+
+    def unreplayable(self, record: Mapping[str, Any]) -> str | None:
+        """`token_key_reason` for a record `unreplayable_reason` passed, under its candidate
+        organization's token settings; None without accepted claims or such organization."""
+        try:
+            if record["subject"].get("token_claims") is None:
+                return None
+            organization = self._candidate.get(record["organization"])
+            if organization is None:
+                return None
+            return token_key_reason(record, organization.tokens)
+        except (KeyError, TypeError, AttributeError):
+            return "malformed_record"
 
     def token(self, claims: Mapping[str, Any]) -> str:
         """A token carrying exactly `claims`, signed with this replay's key."""
@@ -385,9 +460,9 @@ def _shape(reasons: Iterable[Mapping[str, Any]], key: str) -> list[str]:
     return sorted(str(r.get(key)) for r in reasons)
 
 
-Summary = tuple[str, list[str], list[str], str]
-"""What `compare` reads of a decision: effect, sorted reason codes, sorted reason layers, and
-deciding rule (`policy/rule`)."""
+Summary = tuple[str, list[str], list[str], str, str]
+"""What `compare` reads of a decision: effect, sorted reason codes, sorted reason layers,
+deciding rule (`policy/rule`), and the person an external user ID was decided as ("")."""
 
 
 def summarize(decision: Decision) -> Summary:
@@ -403,6 +478,7 @@ def summarize(decision: Decision) -> Summary:
         _shape(reasons, "code"),
         _shape(reasons, "layer"),
         _rule_of(effect, reasons, matched),
+        decision.mapped_subject_id,
     )
 
 
@@ -413,7 +489,7 @@ def compare(record: Mapping[str, Any], decision: Decision) -> tuple[str, str]:
 
 def compare_summary(record: Mapping[str, Any], summary: Summary) -> tuple[str, str]:
     """`compare` with the new decision's `summarize` already made."""
-    new, codes, layers, new_rule = summary
+    new, codes, layers, new_rule, person = summary
     old = record["decision"]
     old_reasons = record["reasons"]
     old_rule = _rule_of(old, old_reasons, record.get("matched_rules") or ())
@@ -426,6 +502,13 @@ def compare_summary(record: Mapping[str, Any], summary: Summary) -> tuple[str, s
         return LAYER_CHANGED, rule
     if old_rule != new_rule:
         return RULE_CHANGED, rule
+    subject = record["subject"]
+    if "mapped_id" in subject:  # version 3 and later
+        mapped = subject["mapped_id"]
+        if mapped is not None and type(mapped) is not str:
+            raise TypeError("subject.mapped_id is not a string")  # counted as malformed
+        if (mapped or "") != person:
+            return PERSON_CHANGED, rule
     return UNCHANGED, rule
 
 
@@ -593,7 +676,9 @@ class Replay:
     ) -> tuple[Outcome, bool]:
         """(what the decision record counts as, whether every record with the same content
         but its own time and per-record fields (IDs, hashes, latency) counts the same)."""
-        reason = unreplayable_reason(record, may_redact=may_redact)
+        reason = unreplayable_reason(record, may_redact=may_redact) or self._tokens.unreplayable(
+            record
+        )
         if reason:
             return (_CANNOT, reason), True
         try:
@@ -734,8 +819,9 @@ class Replay:
             f"replayed {self.decisions} decision records against policy revision "
             f"{self.policies.revision}"
         ]
-        lines += [f"  {kind:<14} {self.counts[kind]}" for kind in CHANGE_KINDS]
-        lines.append(f"  {'cannot replay':<14} {cannot}")
+        width = max(map(len, CHANGE_KINDS))
+        lines += [f"  {kind:<{width}} {self.counts[kind]}" for kind in CHANGE_KINDS]
+        lines.append(f"  {'cannot replay':<{width}} {cannot}")
         for kind in CHANGE_KINDS:
             if kind not in self.groups:
                 continue

@@ -19,6 +19,7 @@ from __future__ import annotations
 import threading
 import time
 from collections.abc import Awaitable
+from dataclasses import replace
 from functools import partial
 
 from policy_engine.api import pdp_pb2
@@ -53,8 +54,10 @@ class HitRecords:
         self._lock = threading.Lock()
 
     def __call__(
-        self, msg: pdp_pb2.CheckRequest, key: str, template: bytes
+        self, msg: pdp_pb2.CheckRequest, key: str, template: bytes, key_set: bytes = b""
     ) -> PreparedHit | tuple[CheckRequest, Decision]:
+        """The hit's audit inputs; `key_set`: `CacheHit.key_set` (the same for every hit under
+        `key`, which it salts)."""
         context_time = (
             timestamp_to_datetime(msg.context.time) if msg.context.HasField("time") else None
         )
@@ -64,6 +67,8 @@ class HitRecords:
             return PreparedHit(remembered[1], msg.request_id, context_time)
         request, _ = self._converter.convert(msg)
         decision = decision_from_response(pdp_pb2.CheckResponse.FromString(template))
+        if key_set:
+            decision = replace(decision, token_key_set=key_set)
         try:
             prepared = PreparedRecord(request, decision)
         except (ValueError, TypeError):  # unusual attributes: the writer's general path
@@ -133,10 +138,12 @@ class DecisionRecorder:
         started: float,
         at: float,
         trace: tuple[str, str] | None = None,
+        key_set: bytes = b"",
     ) -> None:
-        """A cache hit: the record is built on the writer's thread from the stored response."""
+        """A cache hit: the record is built on the writer's thread from the stored response
+        (`key_set`: `CacheHit.key_set`)."""
         self._audit.record_lazy(
-            partial(self._hit_records, msg, key, template),
+            partial(self._hit_records, msg, key, template, key_set),
             decision_id=decision_id,
             cache_level=CACHE_LEVEL_LABELS[level],
             latency_ms=(time.perf_counter() - started) * 1000,
@@ -163,6 +170,7 @@ class DecisionRecorder:
                         started,
                         at,
                         trace,
+                        outcome.key_set,
                     )
                 case Decided() | Invalid() | ServerError():
                     self.decided(

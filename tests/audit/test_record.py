@@ -47,7 +47,7 @@ def test_decision_record_has_every_field_and_no_token() -> None:
         time=1_700_000_000.25,
     )
     assert record["type"] == "decision"
-    assert record["schema_version"] == SCHEMA_VERSION == 4
+    assert record["schema_version"] == SCHEMA_VERSION == 5
     assert record["decision_id"] == "d-1"
     assert record["time"] == "2023-11-14T22:13:20.250000Z"
     assert record["organization"] == "acme"

@@ -124,6 +124,10 @@ CHANGES: list[tuple[str, Callable[[dict[str, Any]], None]]] = [
     ("unknown subject key", _set(("subject", "nickname"), "al")),
     ("unknown top-level key", _set(("quota",), {"used": 3})),
     ("claims with a float", _set(("subject", "token_claims"), {"sub": "x", "n": 1.5})),
+    ("token key", _set(("subject", "token_key"), {"alg": "HS256", "kid": None, "key_set": None})),
+    ("token key not an object", _set(("subject", "token_key"), [1])),
+    ("a mapped person", _set(("subject", "mapped_id"), "carol")),
+    ("a mapped person not a string", _set(("subject", "mapped_id"), 5)),
     # Keys spelt like the record's own: a line matched by its text must not be misread.
     (
         "record keys in a subject",

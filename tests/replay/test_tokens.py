@@ -35,7 +35,11 @@ ADMINS_ONLY = '"admins" in subject.claims.groups'
 ADMINS_AND_USERS = '"admins" in subject.claims.groups || "users" in subject.claims.groups'
 
 
-def _write_policies(root: Path, condition: str) -> Path:
+def write_signed(
+    root: Path, condition: str, *, keys: str | None = None, tokens: dict[str, Any] | None = None
+) -> Path:
+    """Organization `signed` under `root`, allowing what `condition` allows in its org layer,
+    verifying tokens with a JWKS file (`keys`, default KEY's) unless `tokens` says otherwise."""
     folder = write_organization(
         root,
         "signed",
@@ -46,14 +50,17 @@ def _write_policies(root: Path, condition: str) -> Path:
             allow_all("application"),
         ],
     )  # fmt: skip
-    (folder / "jwks.json").write_text(jwks(KEY))
+    (folder / "jwks.json").write_text(keys if keys is not None else jwks(KEY))
     config = yaml.safe_load((folder / "organization.yaml").read_text())
-    tokens = {"issuer": ISSUER, "audience": AUDIENCE, "jwks_file": "jwks.json"}
-    (folder / "organization.yaml").write_text(yaml.safe_dump({**config, "tokens": tokens}))
+    settings = {"issuer": ISSUER, "audience": AUDIENCE, "jwks_file": "jwks.json"}
+    (folder / "organization.yaml").write_text(
+        yaml.safe_dump({**config, "tokens": tokens if tokens is not None else settings})
+    )
     return root
 
 
-def _check(token: str, request_id: str) -> pdp_pb2.CheckRequest:
+def check_message(token: str, request_id: str) -> pdp_pb2.CheckRequest:
+    """alice's Check of organization `signed` with `token`."""
     return pdp_pb2.CheckRequest(
         organization="signed",
         subject=pdp_pb2.Subject(id="alice", kind=pdp_pb2.SUBJECT_KIND_USER, access_token=token),
@@ -64,12 +71,9 @@ def _check(token: str, request_id: str) -> pdp_pb2.CheckRequest:
     )
 
 
-@pytest.fixture(scope="module")
-def log(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Path, Path]]:
-    """(the audit log, the policies it was decided with)."""
-    policies = _write_policies(tmp_path_factory.mktemp("policies"), ADMINS_ONLY)
-    path = tmp_path_factory.mktemp("audit") / "audit.jsonl"
-    settings = Settings(
+def audited(policies: Path, path: Path) -> Settings:
+    """A server's settings on a free port deciding with `policies`, logging to file `path`."""
+    return Settings(
         address="127.0.0.1:0",
         policy_dir=policies,
         docs_base_url=DOCS,
@@ -77,6 +81,14 @@ def log(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Path, Path]]
         reload=ReloadSettings(watch=False),
         audit=AuditSettings(enabled=True, sinks="file", file_path=path),
     )
+
+
+@pytest.fixture(scope="module")
+def log(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Path, Path]]:
+    """(the audit log, the policies it was decided with)."""
+    policies = write_signed(tmp_path_factory.mktemp("policies"), ADMINS_ONLY)
+    path = tmp_path_factory.mktemp("audit") / "audit.jsonl"
+    settings = audited(policies, path)
     admin = KEY.sign(**claims(groups=["admins"], secret="s3cr3t"))
     user = KEY.sign(**claims(groups=["users"]))
     forged = ed_key("ed-1").sign(**claims(groups=["admins"]))  # same kid, another key
@@ -85,7 +97,7 @@ def log(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Path, Path]]
         with grpc.insecure_channel(f"127.0.0.1:{running.port}") as channel:
             stub = pdp_pb2_grpc.PolicyDecisionServiceStub(channel)
             effects = [
-                stub.Check(_check(token, name), timeout=30).effect
+                stub.Check(check_message(token, name), timeout=30).effect
                 for name, token in (("admin", admin), ("user", user), ("forged", forged))
             ]
             assert effects == [pdp_pb2.EFFECT_ALLOW, pdp_pb2.EFFECT_DENY, pdp_pb2.EFFECT_DENY]
@@ -102,7 +114,7 @@ def _by_request(path: Path) -> dict[str, dict[str, Any]]:
 
 def test_a_v3_record_keeps_accepted_claims_only(log: tuple[Path, Path]) -> None:
     records = _by_request(log[0])
-    assert records["admin"]["schema_version"] == 4
+    assert records["admin"]["schema_version"] == 5
     assert records["admin"]["subject"]["token_claims"]["groups"] == ["admins"]
     assert records["admin"]["subject"]["token_claims"]["secret"] == "[redacted]"
     assert records["user"]["subject"]["token_claims"]["groups"] == ["users"]
@@ -114,7 +126,7 @@ def test_a_claims_rule_change_is_replayed_from_recorded_claims(
     log: tuple[Path, Path], tmp_path: Path
 ) -> None:
     path, _ = log
-    candidate = _write_policies(tmp_path / "candidate", ADMINS_AND_USERS)
+    candidate = write_signed(tmp_path / "candidate", ADMINS_AND_USERS)
     report = replay_files([path], load_policy_set(candidate)).to_dict()
     assert report["counts"]["DENY->ALLOW"] == 1
     changed = report["changes"]["DENY->ALLOW"]["organization"]["signed"]["examples"]

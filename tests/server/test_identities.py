@@ -146,7 +146,7 @@ def test_the_audit_log_names_the_namespace_and_the_person(served: tuple[Any, Aud
     computed, hit = by_id["audited-1"], by_id["audited-2"]
     assert (computed["cache_level"], hit["cache_level"]) == ("none", "local")
     for record in (computed, hit):
-        assert record["schema_version"] == 4
+        assert record["schema_version"] == 5
         assert record["subject"]["id"] == "partner-user-123"
         assert record["subject"]["namespace"] == "partner-portal"
         assert record["subject"]["mapped_id"] == "alice"

@@ -119,7 +119,7 @@ def test_every_audit_record_carries_its_calls_trace_and_span(tmp_path: Path) -> 
         ["fresh", "cached", "bad", "b-1", "b-2", "own-trace"]
     )
     for record in records:
-        assert record["schema_version"] == 4
+        assert record["schema_version"] == 5
         trace_id, span_id = spans[str(record["request_id"])]
         assert (record["trace_id"], record["span_id"]) == (trace_id, span_id), record
         assert not schema_errors(record)
@@ -133,7 +133,7 @@ def test_without_tracing_records_have_no_trace_fields_and_no_span_is_made(tmp_pa
     assert spans == {}
     assert len(records) == 6
     assert all("trace_id" not in r and "span_id" not in r for r in records)
-    assert {r["schema_version"] for r in records} == {4}
+    assert {r["schema_version"] for r in records} == {5}
 
 
 def test_a_json_log_line_made_inside_a_call_carries_its_trace_and_span() -> None:
