@@ -57,8 +57,9 @@ class DryRunQuotas:
                     f"quota {name!r} "
                     + ("does not count this request's answer" if declared else "is not declared")
                 )
-            elif count:
-                self.store.consume_sync([matching] * count)
+            else:
+                # One quota name, one charge: topped up at once (up to 100,000 a case).
+                self.store.top_up(matching[0], count)
         if problems or not charges:
             return decision, tuple(problems)
         assert quotas is not None

@@ -22,6 +22,7 @@ import threading
 import time
 from collections import deque
 from collections.abc import Callable, Sequence
+from itertools import repeat
 
 from policy_engine.lifecycle import ComponentStatus, State
 from policy_engine.quota.counting import CounterId, counter_id, distinct, unavailable_all
@@ -58,12 +59,18 @@ class _Fixed:
             return None
         return Verdict(False, spec, max(1, min(self.end - now, spec.window_ms)))
 
-    def add(self, now: int, window_ms: int) -> int:
-        """Count one ALLOW at `now`; returns the units it took (none)."""
+    def room(self, spec: QuotaSpec, now: int) -> int:
+        """How many more ALLOWs fit at `now` (the whole limit once the window has passed)."""
+        if self.end < _window_end(now, spec.window_ms):
+            return spec.limit
+        return max(0, spec.limit - self.count)
+
+    def add(self, now: int, window_ms: int, times: int = 1) -> int:
+        """Count `times` ALLOWs at `now`; returns the units they took (none)."""
         end = _window_end(now, window_ms)
         if self.end < end:  # the bucket's window has passed: a new window
             self.end, self.count = end, 0
-        self.count += 1
+        self.count += times
         return 0
 
     def expiry(self, now: int, window_ms: int) -> int:
@@ -97,10 +104,17 @@ class _Sliding:
         freed_at = log[len(log) - spec.limit] + spec.window_ms
         return Verdict(False, spec, max(1, min(freed_at - now, spec.window_ms)))
 
-    def add(self, now: int, window_ms: int) -> int:
-        """Log one ALLOW at `now`; returns the units it took (its entry)."""
-        self.log.append(now)
-        return 1
+    def room(self, spec: QuotaSpec, now: int) -> int:
+        """How many more ALLOWs fit (after `trim`)."""
+        return max(0, spec.limit - len(self.log))
+
+    def add(self, now: int, window_ms: int, times: int = 1) -> int:
+        """Log `times` ALLOWs at `now`; returns the units they took (their entries)."""
+        if times == 1:
+            self.log.append(now)
+        else:
+            self.log.extend(repeat(now, times))
+        return times
 
     def expiry(self, now: int, window_ms: int) -> int:
         return self.log[-1] + window_ms if self.log else now
@@ -177,16 +191,52 @@ class InProcessQuotaStore:
         if self.units + needed > self._max_units:
             return UNAVAILABLE
         for charge, key, bucket in found:
-            window = charge.spec.window_ms
-            if bucket is not None:
-                self.units += bucket.add(now, window)
-                continue
-            kind = _Fixed if charge.spec.algorithm is Algorithm.FIXED else _Sliding
-            new = self._buckets[key] = kind(now, window)
-            self._windows[key] = window
-            self.units += 1 + new.add(now, window)
-            heapq.heappush(self._heap, (new.expiry(now, window), key))
+            if bucket is None:
+                self._add_bucket(charge, key, now, 1)
+            else:
+                self.units += bucket.add(now, charge.spec.window_ms)
         return ADMITTED
+
+    def _add_bucket(self, charge: Charge, key: CounterId, now: int, times: int) -> None:
+        """A new bucket for `charge` at `key` holding `times` ALLOWs at `now` (under the
+        lock; the caller checked the units)."""
+        window = charge.spec.window_ms
+        kind = _Fixed if charge.spec.algorithm is Algorithm.FIXED else _Sliding
+        new = self._buckets[key] = kind(now, window)
+        self._windows[key] = window
+        self.units += 1 + new.add(now, window, times)
+        heapq.heappush(self._heap, (new.expiry(now, window), key))
+
+    def top_up(self, charge: Charge, count: int) -> int:
+        """Count up to `count` ALLOWs in `charge`'s bucket at once, as `count` one-charge
+        items of `consume_sync` would (as many as fit, the rest refused; the units bound
+        holds), in O(1) for a fixed window and one C-speed extend for a sliding one: `pdp
+        test`'s `quota_used` (up to 100,000 per case) costs microseconds per case, where
+        `count` items cost most of a second. Returns how many were counted (0 <= n <=
+        count)."""
+        if count <= 0:
+            return 0
+        spec = charge.spec
+        sliding = spec.algorithm is not Algorithm.FIXED
+        key = counter_id(charge)
+        with self._lock:
+            now = self._clock()
+            self._drop_expired(now)
+            bucket = self._buckets.get(key)
+            if bucket is None:
+                room, spare = spec.limit, self._max_units - self.units - 1
+            else:
+                if isinstance(bucket, _Sliding):
+                    self.units -= bucket.trim(now, spec.window_ms)
+                room, spare = bucket.room(spec, now), self._max_units - self.units
+            taken = min(count, room, spare) if sliding else (min(count, room) if spare >= 0 else 0)
+            if taken <= 0:
+                return 0
+            if bucket is None:
+                self._add_bucket(charge, key, now, taken)
+            else:
+                self.units += bucket.add(now, spec.window_ms, taken)
+            return taken
 
     def _drop_expired(self, now: int) -> None:
         """Drop the buckets whose window has passed; re-file the ones that moved on (a

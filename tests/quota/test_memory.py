@@ -4,6 +4,9 @@ memory bound, and exactness under threads (decide_sync may run from any thread).
 from __future__ import annotations
 
 import threading
+from typing import Any
+
+import pytest
 
 from policy_engine.quota import UNAVAILABLE, InProcessQuotaStore, Verdict
 from policy_engine.quota.memory import DEFAULT_MAX_UNITS
@@ -140,3 +143,36 @@ def test_threads_together_get_exactly_the_limit() -> None:
     for thread in threads:
         thread.join(60)
     assert len(taken) == 8 and sum(taken) == 50
+
+
+def _state(store: InProcessQuotaStore, probe: list[Any]) -> tuple[int, list[Verdict]]:
+    """The units held and what each probe item gets next (which counts them too)."""
+    return store.units, store.consume_sync(probe)
+
+
+@pytest.mark.parametrize("algorithm", [FIXED, SLIDING])
+@pytest.mark.parametrize(
+    ("limit", "before", "count", "max_units"),
+    [(5, 0, 3, 1000), (5, 0, 100_000, 1000), (5, 2, 4, 1000), (100, 0, 90, 40), (5, 5, 1, 1000)],
+)
+def test_top_up_counts_as_that_many_items_would(
+    algorithm: object, limit: int, before: int, count: int, max_units: int
+) -> None:
+    """`top_up` (pdp test's quota_used) leaves the store as `count` one-charge items would:
+    as many as fit counted, the rest refused, the units bound kept; a window later too."""
+    quota = spec(limit=limit, window_ms=10_000, algorithm=algorithm)  # type: ignore[arg-type]
+    other = spec("other", limit=1000)
+    clocks, stores = [Clock(START + 1_000), Clock(START + 1_000)], []
+    for clock in clocks:
+        store = _store(clock, max_units=max_units)
+        store.consume_sync([[charge(other, "x")]] * 3 + [[charge(quota)]] * before)
+        stores.append(store)
+    by_items, topped = stores
+    admitted = sum(v.admitted for v in by_items.consume_sync([[charge(quota)]] * count))
+    assert topped.top_up(charge(quota), count) == admitted
+    probe: list[Any] = [[charge(quota)], [charge(other, "x")], [charge(other, "y")]]
+    assert _state(topped, probe) == _state(by_items, probe)
+    for clock in clocks:
+        clock.now += 9_500  # the fixed window has passed; the sliding one still holds
+    assert _state(topped, probe) == _state(by_items, probe)
+    assert topped.top_up(charge(quota), 0) == 0
