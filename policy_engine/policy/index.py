@@ -44,6 +44,23 @@ class Targeted(Protocol):
 
 _R = TypeVar("_R", bound=Targeted)  # the kind of entry one index holds
 
+
+def applies_to_any(
+    entry: Targeted, subjects: tuple[str, ...], application: str, scope: str
+) -> bool:
+    """Whether `entry` applies to a request made as all of `subjects` at once (an external
+    user: the person its ID maps to, and the ID): each subject matcher must accept one of
+    them, so a policy naming the person whose rule names the external ID holds for that
+    account; application and scope as `applies_to`. A superset of `applies_to` for each."""
+    for matcher in entry.subject_matchers:
+        if not any(matcher(subject) for subject in subjects):
+            return False
+    for matcher in entry.application_matchers:
+        if not matcher(application):
+            return False
+    return all(matcher(scope) for matcher in entry.scope_matchers)
+
+
 # A bucket with fewer rules than this is scanned: three map probes cost about as much as
 # testing two or three rules (~0.3-0.6 µs each), and small buckets then hold no maps.
 SCAN_BELOW = 4
@@ -250,7 +267,8 @@ class RuleIndex(Generic[_R]):
     ) -> Sequence[_R]:
         """The rules that may apply to a request made as any of `subjects` (an external user:
         the person its ID maps to and the external ID itself), in (policy, rule) order, each
-        once; callers confirm with `applies_to` for each subject."""
+        once: every rule `applies_to_any` accepts is among them (a rule is filed under one
+        matcher's keys, and that matcher accepts one of `subjects`)."""
         if self.scan or len(subjects) == 1:
             return self.candidates(subjects[0], application, scope)
         found = {rule for s in subjects for rule in self.candidates(s, application, scope)}

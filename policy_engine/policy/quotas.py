@@ -19,7 +19,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from types import MappingProxyType
 
-from policy_engine.policy.index import RuleIndex
+from policy_engine.policy.index import RuleIndex, applies_to_any
 from policy_engine.policy.model import QUOTA_PER_PARTS, Catalog, QuotaDefinition
 from policy_engine.policy.patterns import WILDCARD, Matcher, is_glob
 from policy_engine.quota.model import Algorithm, Charge, QuotaSpec, WhenUnavailable
@@ -122,8 +122,7 @@ class OrganizationQuotas:
         return [
             quota
             for quota in index.candidates_for_any((subject, external_id), application, scope)
-            if quota.applies_to(subject, application, scope)
-            or quota.applies_to(external_id, application, scope)
+            if applies_to_any(quota, (subject, external_id), application, scope)
         ]
 
     def charges(

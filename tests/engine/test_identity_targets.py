@@ -47,6 +47,19 @@ POLICIES = [
         "rules": [{"name": "no-admin", "effect": "deny", "target": {"scopes": ["admin"]}}],
     },
     {
+        # alice's own policy, one rule of which is for her partner account only.
+        "name": "alice-personal",
+        "layer": "user",
+        "target": {"subjects": ["alice"]},
+        "rules": [
+            {
+                "name": "no-deletes-from-the-partner-account",
+                "effect": "deny",
+                "target": {"subjects": ["partner-user-123"], "scopes": ["delete_repo"]},
+            }
+        ],
+    },
+    {
         "name": "partner-accounts",
         "layer": "org",
         "target": {"subjects": ["partner-*"]},
@@ -113,6 +126,17 @@ def test_a_deny_naming_the_external_id_holds_for_it(policies: CompiledPolicySet)
     assert ask(policies, "alice", "admin", SubjectKind.USER).effect is Effect.ALLOW
     assert ask(policies, "alice", "admin").effect is Effect.ALLOW
     assert ask(policies, scope="repo").effect is Effect.ALLOW
+
+
+def test_a_persons_policy_may_hold_a_rule_for_their_external_id(
+    policies: CompiledPolicySet,
+) -> None:
+    """The policy names alice and its rule her partner account: the request through that
+    account is both, so the rule holds; alice herself is only one of them."""
+    denied = ask(policies, scope="delete_repo")
+    assert rules_of(denied) == [(Layer.USER, "no-deletes-from-the-partner-account")]
+    assert ask(policies, "alice", "delete_repo", SubjectKind.USER).effect is Effect.ALLOW
+    assert ask(policies, "alice", "delete_repo").effect is Effect.ALLOW
 
 
 def test_a_glob_naming_external_ids_holds_in_every_layer(policies: CompiledPolicySet) -> None:
