@@ -463,7 +463,8 @@ def startup_checks(settings: Settings) -> list[str]:
     """What `pdp serve` refuses at startup once its settings have loaded, in its order and
     with its own messages: the Redis signing and verify key files (with a Redis level), the
     port `workers` > 1 share, the bundle public key file, the TLS certificate, key and client
-    CA files, the audit signing key file (audit on). Not run: the caller JWKS (read as the
+    CA files, the audit signing key file (audit on), that the tracing extra is installed
+    (tracing on). Not run: the caller JWKS (read as the
     server builds its interceptor) and whether a port is free (it may not be when the server
     starts). Every problem found, one per entry."""
     from policy_engine.cache.signing import load_signing_keys, redis_level_on
@@ -477,6 +478,10 @@ def startup_checks(settings: Settings) -> list[str]:
     ]
     if settings.audit.enabled and settings.audit.signing_key_file:
         checks.append(lambda: _audit_signing_key(settings.audit.signing_key_file))
+    if settings.tracing.enabled:
+        from policy_engine.tracing import tracing_from_settings
+
+        checks.append(lambda: tracing_from_settings(settings))  # builds, exports nothing
     if redis_level_on(settings.cache):
         try:
             load_signing_keys(settings.cache)

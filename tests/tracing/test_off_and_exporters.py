@@ -175,3 +175,30 @@ def test_good_tracing_settings_load() -> None:
         service_name="pdp-eu-1",
         sample_ratio=0.25,
     )
+
+
+def test_pdp_config_check_shows_the_tracing_settings() -> None:
+    clean = {k: v for k, v in os.environ.items() if not k.startswith("PDP_")}
+    env = {
+        **clean,
+        "PYTHONPATH": str(REPO),
+        "PDP_TRACING__ENABLED": "true",
+        "PDP_TRACING__OTLP_ENDPOINT": "http://collector:4317",
+        "PDP_TRACING__SAMPLE_RATIO": "0.1",
+    }
+    done = subprocess.run(
+        [sys.executable, "-m", "policy_engine.cli.main", "config", "check", "--format", "json"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env=env,
+        check=False,
+    )
+    assert done.returncode == 0, done.stderr
+    assert json.loads(done.stdout)["tracing"] == {
+        "enabled": True,
+        "exporter": "otlp",
+        "otlp_endpoint": "http://collector:4317",
+        "service_name": "policy-engine",
+        "sample_ratio": 0.1,
+    }
