@@ -340,7 +340,9 @@ class TokenReplay:
     """Recorded token claims replayed as a token: signed with a key made for this replay,
     which the candidate's organizations that verify tokens trust instead of their own (the
     claims were verified when the decision was made). Issuer, audience, times and subject
-    binding are checked by the candidate's own rules at the recorded time."""
+    binding are checked by the candidate's own rules at the recorded time. Only records whose
+    token the candidate would verify as it was verified may be decided so: `unreplayable`
+    says which may not (`token_key_reason`), and callers ask it first."""
 
     def __init__(self, policies: CompiledPolicySet) -> None:
         self._candidate = policies.organizations  # with their own token settings

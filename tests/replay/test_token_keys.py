@@ -21,11 +21,13 @@ from typing import Any
 import grpc
 import pytest
 import yaml
+from jwt.utils import base64url_encode
 
 from policy_engine.api import pdp_pb2, pdp_pb2_grpc
 from policy_engine.audit.chain import content_hash
-from policy_engine.audit.record import build_record
+from policy_engine.audit.record import build_record, token_claims, token_key
 from policy_engine.auth.keys import parse_jwks
+from policy_engine.domain.decision import Decision, Effect
 from policy_engine.domain.request import (
     CheckRequest,
     ConnectionState,
@@ -323,3 +325,25 @@ def test_a_system_deny_with_an_accepted_token_keeps_its_key(log: tuple[Path, Pat
     replay = Replay(compiled)
     replay.add(record, "audit.jsonl:1")
     assert replay.to_dict()["counts"]["unchanged"] == 1
+
+
+@pytest.mark.parametrize(
+    "header",
+    [
+        b'{"alg":5,"kid":{"a":1}}',  # not strings
+        b'{"alg":"HS256","kid":"\\ud800"}',  # a lone surrogate no log line can hold
+        b"[1,2]",  # not an object
+        b"not json",
+        b"[" * 100_000 + b"]" * 100_000,  # deeper than json can read
+    ],
+    ids=["not strings", "lone surrogate", "array", "not JSON", "deep"],
+)
+def test_a_hostile_header_of_an_accepted_token_is_recorded_without_it(header: bytes) -> None:
+    """An organization without keys accepts any well-formed claims: whatever its token's
+    header holds, the record keeps only string alg and kid, and nothing breaks."""
+    payload = base64url_encode(json.dumps(claims()).encode()).decode()
+    token = f"{base64url_encode(header).decode()}.{payload}.c2ln"
+    decision = Decision(Effect.ALLOW, (), "r")
+    recorded = token_key(token, decision, token_claims(token, decision))
+    assert recorded == {"alg": "HS256" if b"HS256" in header else None, "kid": None,
+                        "key_set": None}  # fmt: skip
