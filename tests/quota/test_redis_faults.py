@@ -298,3 +298,28 @@ def test_eviction_risk_reads_every_cluster_node() -> None:
     )
     assert redis_store_module.eviction_risk({"used_memory": 1}) is None  # cannot tell
     assert redis_store_module.eviction_risk("garbage") is None
+
+
+def test_a_redis_that_refuses_info_is_counted_in_and_said_once(
+    redis_server: RedisServer, caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A user without INFO (an ACL, a proxy) cannot be checked for eviction: the log says
+    so once, and counting goes on (the Redis is the operator's to configure)."""
+    admin = redis.Redis(port=redis_server.port)
+    admin.acl_setuser(
+        "counter", enabled=True, passwords=["+pw"], keys=["*"], commands=["+@all", "-info"]
+    )
+    url = f"redis://counter:pw@127.0.0.1:{redis_server.port}/0"
+    store = redis_store(url)
+    quota = spec(limit=10)
+    monkeypatch.setattr(redis_store_module, "EVICTION_CHECK_SECONDS", 0.0)
+    try:
+        with caplog.at_level("WARNING", logger="policy_engine.quota.redis_store"):
+            assert [v.admitted for v in consume(store, [[charge(quota)]] * 3)] == [True] * 3
+            assert consume(store, [[charge(quota)]])[0].admitted
+        assert store.eviction is None and store.status().state is State.NEW
+    finally:
+        store.stop(time.monotonic() + 5)
+    refused = [r for r in caplog.records if "refused INFO memory" in r.getMessage()]
+    assert len(refused) == 1
+    admin.close()
