@@ -121,7 +121,9 @@ for _ = 1, tonumber(argv[1]) do
         if #value > 15 or not string.match(value, '^%d+$') then
           code = -1
         elseif tonumber(value) >= limit then
-          code, wait = j, now - now % window + window - now
+          -- Frees at its window's end, or at the counter's own when a clock ahead wrote it.
+          local ttl = redis.call('PTTL', key)
+          code, wait = j, math.max(now - now % window + window - now, ttl)
         end
       end
     end
