@@ -14,7 +14,11 @@ to an identity provider are reused between refreshes). A fetch
   one (a compressed body could inflate far past the cap), and
 - answers 200 only: any other status is an error.
 
-Every failure is a `JwksFetchError` whose message says why; it never contains the body.
+Every failure is a `JwksFetchError` whose message says why; it never contains the body, nor
+text the server chose verbatim: a status is named with its standard reason phrase (RFC 9110
+section 15), not the server's, and an HTTP library error's text is escaped and cut short, since
+these messages reach logs, `GetStatus` and `pdp status` (a hostile server's reason phrase may
+hold terminal escapes and run to kilobytes).
 Certificates are checked against the system's trust store (as `urllib` did); proxies come from
 the usual environment variables (`HTTPS_PROXY`, `NO_PROXY`, ...).
 """
@@ -22,6 +26,7 @@ the usual environment variables (`HTTPS_PROXY`, `NO_PROXY`, ...).
 from __future__ import annotations
 
 import asyncio
+import http
 import ssl
 from typing import TYPE_CHECKING
 from urllib.parse import urlsplit
@@ -32,6 +37,7 @@ if TYPE_CHECKING:
     import httpx
 
 MAX_JWKS_BYTES = 1024 * 1024
+MAX_ERROR_CHARS = 200  # of an HTTP library's error text quoted in a JwksFetchError
 ALLOWED_SCHEMES = ("http", "https")
 _HEADERS = {"Accept": "application/json", "Accept-Encoding": "identity"}
 
@@ -55,6 +61,23 @@ def scheme_problem(url: str) -> str | None:
 
 def _shown(value: str, limit: int = 80) -> str:
     return repr(value if len(value) <= limit else value[: limit - 3] + "...")
+
+
+def _printable(text: str, limit: int = MAX_ERROR_CHARS) -> str:
+    """`text` (which may quote what a server sent) with every non-printable character
+    escaped as repr escapes it, cut to `limit` characters."""
+    if not text.isprintable():
+        text = "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def _status_line(status: int) -> str:
+    """`HTTP 404 Not Found`: the status with its standard reason phrase (RFC 9110 section 15;
+    none for a code it does not define), never the phrase the server sent."""
+    try:
+        return f"HTTP {status} {http.HTTPStatus(status).phrase}"
+    except ValueError:
+        return f"HTTP {status}"
 
 
 class JwksFetcher:
@@ -104,7 +127,8 @@ class JwksFetcher:
         except TimeoutError:
             raise JwksFetchError(f"no complete answer within {timeout:g} s") from None
         except httpx.HTTPError as exc:  # connection refused or reset, TLS, protocol errors
-            raise JwksFetchError(f"{type(exc).__name__}: {exc or 'no detail'}") from None
+            detail = _printable(str(exc)) or "no detail"
+            raise JwksFetchError(f"{type(exc).__name__}: {detail}") from None
 
     async def _get(self, client: httpx.AsyncClient, url: str, timeout: float) -> bytes:
         async with client.stream("GET", url, timeout=timeout) as response:
@@ -115,7 +139,7 @@ class JwksFetcher:
                     f"HTTP {status} redirect to {_shown(target)}: redirects are not followed"
                 )
             if status != 200:
-                raise JwksFetchError(f"HTTP {status} {response.reason_phrase}".rstrip())
+                raise JwksFetchError(_status_line(status))
             encoding = response.headers.get("content-encoding", "identity").strip().lower()
             if encoding not in ("", "identity"):
                 raise JwksFetchError(f"content encoding {_shown(encoding)} is not accepted")

@@ -97,7 +97,7 @@ class SkippedKey:
     reason: str
 
     def __str__(self) -> str:
-        name = f"kid {self.kid!r}" if self.kid is not None else "no kid"
+        name = f"kid {_shown(self.kid, 80)}" if self.kid is not None else "no kid"
         return f"key {self.position} ({name}): {self.reason}"
 
 
