@@ -14,7 +14,8 @@ and `openid` try only theirs. A document is valid when it is a JSON object (no m
 twice: two `issuer` members would let two parsers read two issuers), its `issuer` is the
 configured issuer exactly (RFC 8414 section 3.3, OpenID Connect Discovery section 4.3: no case
 folding, no trailing-slash leniency, else one issuer's metadata could name keys for another),
-and its `jwks_uri` is an http or https URL with a host. Fetches go through the JWKS fetcher
+and its `jwks_uri` is an http or https URL with a host, printable and at most 2,048
+characters (it reaches logs and status lines). Fetches go through the JWKS fetcher
 (`policy_engine.auth.fetch`): no redirect followed, 5 s in all, at most 1 MiB.
 
 `IssuerMetadata` keeps the last valid document's `jwks_uri` and fetches the metadata again when
@@ -42,6 +43,9 @@ log = logging.getLogger(__name__)
 DISCOVERY_MODES = ("auto", "oauth", "openid")
 OAUTH_WELL_KNOWN = "/.well-known/oauth-authorization-server"  # RFC 8414 section 3
 OPENID_WELL_KNOWN = "/.well-known/openid-configuration"  # OpenID Connect Discovery section 4
+# A metadata document's jwks_uri is kept, fetched, logged and shown in status lines: a longer
+# one, or one with characters no URL holds unescaped (terminal escapes), is refused.
+MAX_JWKS_URI_CHARS = 2048
 
 
 class DiscoveryError(PolicyEngineError):
@@ -106,6 +110,11 @@ def parse_metadata(data: bytes, issuer: str) -> str:
         raise DiscoveryError("the metadata has no jwks_uri")
     if not isinstance(jwks_uri, str):
         raise DiscoveryError(f"the metadata's jwks_uri is a {type(jwks_uri).__name__}, not a URL")
+    if len(jwks_uri) > MAX_JWKS_URI_CHARS or not jwks_uri.isprintable():
+        raise DiscoveryError(
+            f"the metadata's jwks_uri {_shown(jwks_uri)} is not a printable URL of at most "
+            f"{MAX_JWKS_URI_CHARS} characters"
+        )
     problem = scheme_problem(jwks_uri)
     if problem is not None:
         raise DiscoveryError(f"the metadata's jwks_uri {_shown(jwks_uri)}: {problem}")

@@ -15,6 +15,7 @@ import pytest
 from policy_engine.auth.keys import RemoteKeySets
 from policy_engine.lifecycle import deadline_in
 from tests.auth.local_http import QuietHandler, serve
+from tests.auth.test_discovery import OAUTH, TENANT, Site, discovered, jwks_detail
 
 # C1 CSI and ESC: terminal escapes; the phrase runs to 12 kB (a status line may be 64 kB).
 HOSTILE = "\x9b31m\x1b[2J" + "A" * 12_000
@@ -97,3 +98,25 @@ def test_a_skipped_keys_kid_is_cut_short(base_url: str) -> None:
     assert "no usable signature key" in error and "unsupported kty" in error
     _assert_tame(error, 400)
     _assert_tame(detail, 500)
+
+
+@pytest.mark.parametrize("tail", ["\x1b[2J\x9b31m", "A" * 100_000], ids=["escapes", "100 kB"])
+def test_a_metadata_jwks_uri_with_escapes_or_too_long_is_refused(tail: str) -> None:
+    """Kept, logged and shown in status, a jwks_uri must be printable and at most 2,048
+    characters: this one names keys that are there, and is refused all the same."""
+    site = Site()
+    site.publish(OAUTH + TENANT, "/keys")
+    metadata = json.loads(site.answers[OAUTH + TENANT])
+    site.answers[OAUTH + TENANT] = json.dumps(
+        {**metadata, "jwks_uri": site.base + "/k" + tail}
+    ).encode()
+    key_sets = RemoteKeySets(timeout=1.0)
+    try:
+        keys = discovered(key_sets, site.issuer, "oauth")
+        assert not keys.available and keys.url == ""
+        assert "is not a printable URL of at most 2048 characters" in keys.last_error
+        _assert_tame(keys.last_error, 600)
+        _assert_tame(jwks_detail(key_sets)[1], 900)
+    finally:
+        assert key_sets.stop(deadline_in(5))
+        site.close()
