@@ -202,6 +202,20 @@ class KeySet:
 EMPTY_KEY_SET = KeySet([], (), key_set_fingerprint(()))
 
 
+MAX_LOGGED_SKIPPED = 10  # skipped keys logged one by one per parse; one line counts the rest
+
+
+def _log_skipped(source: str, skipped: tuple[SkippedKey, ...] | list[SkippedKey]) -> None:
+    """A warning for each of the first MAX_LOGGED_SKIPPED skipped keys, then one counting the
+    rest: 1 MiB of JWKS holds tens of thousands of unusable keys, and a hostile endpoint that
+    changes them at every refresh would otherwise write them all to the log, on the event
+    loop that answers every organization."""
+    for entry in skipped[:MAX_LOGGED_SKIPPED]:
+        log.warning("%s: %s; skipped", source, entry)
+    if len(skipped) > MAX_LOGGED_SKIPPED:
+        log.warning("%s: %d more keys skipped", source, len(skipped) - MAX_LOGGED_SKIPPED)
+
+
 def parse_jwks(data: bytes | str, source: str = "JWKS", *, log_skipped: bool = True) -> KeySet:
     """The usable signature keys of a JWKS document (RFC 7517 section 5).
 
@@ -237,8 +251,8 @@ def parse_jwks(data: bytes | str, source: str = "JWKS", *, log_skipped: bool = T
             per_kid[kid] = per_kid.get(kid, 0) + 1
         keys.extend((kid, key) for key in problem)
         usable.append(jwk)
-    for entry in skipped if log_skipped else ():
-        log.warning("%s: %s; skipped", source, entry)
+    if log_skipped:
+        _log_skipped(source, skipped)
     if not keys:
         reasons = "; ".join(str(entry) for entry in skipped[:5]) or "the 'keys' array is empty"
         raise KeySetError(f"invalid JWKS: no usable signature key ({reasons})")
@@ -512,8 +526,7 @@ class RemoteKeySet:
 
     def _succeeded(self, keys: KeySet) -> None:
         if keys.skipped != self._keys.skipped:  # logged when they change, not every refresh
-            for entry in keys.skipped:
-                log.warning("%s: %s; skipped", self.source, entry)
+            _log_skipped(self.source, keys.skipped)
         if self.last_error:
             log.warning("JWKS refresh from %s works again (%d keys)", self.source, keys.size)
         self._keys = keys

@@ -1,24 +1,31 @@
 """What a hostile key server says reaches logs, `GetStatus` and `pdp status` only escaped and
 bounded: its own reason phrase is replaced by the standard one, an HTTP library error quoting
-its bytes is escaped and cut short, and a skipped key's `kid` is cut short. Real HTTP servers
+its bytes is escaped and cut short, a skipped key's `kid` is cut short, and thousands of
+skipped keys are logged as ten and a count. Real HTTP servers
 on 127.0.0.1 (one speaking broken HTTP on a raw socket), real `RemoteKeySets`."""
 
 from __future__ import annotations
 
 import json
+import logging
 import socket
 import threading
 from collections.abc import Iterator
 
 import pytest
 
-from policy_engine.auth.keys import RemoteKeySets
+from policy_engine.auth.keys import RemoteKeySets, parse_jwks
 from policy_engine.lifecycle import deadline_in
 from tests.auth.local_http import QuietHandler, serve
+from tests.auth.material import jwks, rsa_key
 from tests.auth.test_discovery import OAUTH, TENANT, Site, discovered, jwks_detail
 
+KEY = rsa_key()
 # C1 CSI and ESC: terminal escapes; the phrase runs to 12 kB (a status line may be 64 kB).
 HOSTILE = "\x9b31m\x1b[2J" + "A" * 12_000
+
+
+UNUSABLE = [{"kty": "x", "kid": f"junk-{n}"} for n in range(500)]
 
 
 class HostilePhrase(QuietHandler):
@@ -26,6 +33,11 @@ class HostilePhrase(QuietHandler):
     unusable and has a 100 kB `kid` with escapes in it."""
 
     def do_GET(self) -> None:
+        if self.path == "/flood":
+            body = json.dumps({"keys": [*json.loads(jwks(KEY))["keys"], *UNUSABLE]}).encode()
+            self.head(200, {"Content-Length": str(len(body))})
+            self.wfile.write(body)
+            return
         if self.path == "/jwks":
             body = json.dumps({"keys": [{"kty": "bogus", "kid": HOSTILE * 8}]}).encode()
             self.head(200, {"Content-Length": str(len(body))})
@@ -120,3 +132,20 @@ def test_a_metadata_jwks_uri_with_escapes_or_too_long_is_refused(tail: str) -> N
     finally:
         assert key_sets.stop(deadline_in(5))
         site.close()
+
+
+def test_thousands_of_skipped_keys_are_logged_as_ten_and_a_count(
+    base_url: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """From a URL (logged on the event loop at each change) and from a file alike."""
+    caplog.set_level(logging.WARNING, logger="policy_engine.auth.keys")
+    error, _ = _error_of(base_url + "/flood")
+    assert error == ""  # the one good key serves
+    document = json.dumps({"keys": [*json.loads(jwks(KEY))["keys"], *UNUSABLE]})
+    assert len(parse_jwks(document, source="jwks.json").skipped) == 500
+    for source in (base_url + "/flood", "jwks.json"):
+        lines = [r.getMessage() for r in caplog.records if r.getMessage().startswith(source)]
+        assert len(lines) == 11, (source, len(lines))
+        first = "key 1 (kid 'junk-0'): unsupported kty 'x' (RFC 7518 section 6.1); skipped"
+        assert lines[0] == f"{source}: {first}"
+        assert lines[-1] == f"{source}: 490 more keys skipped"
