@@ -103,6 +103,8 @@ def ask(
     subject: str = "partner-user-123",
     scope: str = "repo",
     kind: SubjectKind = SubjectKind.EXTERNAL_USER,
+    *,
+    explain: bool = False,
 ) -> Decision:
     request = CheckRequest(
         organization="acme",
@@ -110,6 +112,7 @@ def ask(
         application=Resource("support-copilot"),
         integration=Resource("github"),
         scope=scope,
+        explain=explain,
     )
     return decide(policies, request, now=NOW)
 
@@ -156,15 +159,7 @@ def test_an_allow_naming_the_external_id_opens_nothing(tmp_path: Path) -> None:
 
 
 def test_the_explained_trace_shows_the_deny(policies: CompiledPolicySet) -> None:
-    request = CheckRequest(
-        organization="acme",
-        subject=Subject("partner-user-123", SubjectKind.EXTERNAL_USER),
-        application=Resource("support-copilot"),
-        integration=Resource("github"),
-        scope="admin",
-        explain=True,
-    )
-    decision = decide(policies, request, now=NOW)
+    decision = ask(policies, scope="admin", explain=True)
     (user,) = [trace for trace in decision.trace if trace.layer is Layer.USER]
     assert user.effect is Effect.DENY
     assert ("blocked-partner-account", "no-admin") in [(r.policy, r.rule) for r in user.rules]
