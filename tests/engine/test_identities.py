@@ -21,7 +21,6 @@ from tests.auth.material import AUDIENCE, ISSUER, claims, jwks, rsa_key
 from tests.policy_builder import allow_all, dump_yaml, write_organization
 
 KEY = rsa_key()
-NOW = datetime.now(UTC)
 MAPPINGS = [
     {
         "kind": "IdentityMapping",
@@ -130,7 +129,7 @@ def ask(
         integration=Resource("github"),
         scope=scope,
     )
-    return decide(policies, request, now=NOW)
+    return decide(policies, request, now=datetime.now(UTC))
 
 
 def only_reason(decision: Decision) -> tuple[ErrorCode, Layer, str, str]:
@@ -274,5 +273,5 @@ def test_replacing_the_subject_does_not_leak_between_requests(policies: Compiled
         scope="repo",
     )
     before = replace(request)
-    assert decide(policies, request, now=NOW).effect is Effect.ALLOW
+    assert decide(policies, request, now=datetime.now(UTC)).effect is Effect.ALLOW
     assert request == before and request.subject.id == "partner-user-123"
