@@ -32,7 +32,7 @@ from policy_engine.auth.tokens import TokenRules
 from policy_engine.cli.main import DEFAULTS, UsageError, dry_run, request_message
 from policy_engine.client import MAX_SAFE_INTEGER, RequestValueError
 from policy_engine.domain.codes import ErrorCode
-from policy_engine.domain.decision import Decision, Effect, reason_to_dict
+from policy_engine.domain.decision import Decision, Effect
 from policy_engine.domain.request import (
     CheckRequest,
     ConnectionState,
@@ -276,14 +276,17 @@ def _wire_value(value: Any, depth: int) -> Any:
     if kind is list:
         if depth + 1 > _MAX_DEPTH or len(value) > _MAX_ENTRIES:
             raise _Declined
-        return [_wire_value(item, depth + 1) for item in value]
+        # Strings, the most common values, are taken inline: a call for each costs more.
+        return [item if type(item) is str else _wire_value(item, depth + 1) for item in value]
     raise _Declined
 
 
 def _wire_map(value: Any, depth: int) -> dict[str, Any]:
     if type(value) is not dict or depth > _MAX_DEPTH or len(value) > _MAX_ENTRIES:
         raise _Declined
-    return {key: _wire_value(item, depth) for key, item in value.items()}
+    return {
+        key: item if type(item) is str else _wire_value(item, depth) for key, item in value.items()
+    }
 
 
 def _text(value: Any) -> str:
@@ -459,7 +462,7 @@ def _rule_of(effect: str, reasons: Sequence[Mapping[str, Any]], matched: Iterabl
 
 
 def _shape(reasons: Iterable[Mapping[str, Any]], key: str) -> list[str]:
-    return sorted(str(r.get(key)) for r in reasons)
+    return sorted([str(r.get(key)) for r in reasons])
 
 
 Summary = tuple[str, list[str], list[str], str, str]
@@ -468,18 +471,23 @@ deciding rule (`policy/rule`), and the person an external user ID was decided as
 
 
 def summarize(decision: Decision) -> Summary:
-    """The decision as `compare` sees it (computed once per decision replay reuses)."""
-    reasons = [reason_to_dict(r) for r in decision.reasons]
-    matched = [
-        {"policy": m.policy, "rule": m.rule, "effect": m.effect.value}
-        for m in decision.matched_rules
-    ]
+    """The decision as `compare` sees it (computed once per decision replay reuses): what
+    `_shape` and `_rule_of` read of its reasons and matched rules as the audit record writes
+    them (`reason_to_dict`), read from the objects (building those dicts costs more)."""
+    reasons = decision.reasons
     effect = decision.effect.value
+    if decision.effect is Effect.DENY:
+        rule = next((f"{r.policy}/{r.rule}" for r in reasons if r.rule), None)
+        if rule is None:
+            rule = f"(no rule: {reasons[0].code.value})" if reasons else "(no rule)"
+    else:
+        allows = (m for m in decision.matched_rules if m.effect is Effect.ALLOW)
+        rule = next((f"{m.policy}/{m.rule}" for m in allows), "(no rule)")
     return (
         effect,
-        _shape(reasons, "code"),
-        _shape(reasons, "layer"),
-        _rule_of(effect, reasons, matched),
+        sorted([r.code.value for r in reasons]),
+        sorted([r.layer.value for r in reasons]),
+        rule,
         decision.mapped_subject_id,
     )
 
@@ -585,16 +593,51 @@ _LINE = re.compile(
 )  # fmt: skip
 _LINE_VALUES = ("application", "context", "integration", "matched_rules", "reasons", "subject")
 _LINE_KEY = (*_LINE_VALUES, "decision", "organization", "schema_version", "scope")
+# The parts that are a decision's inputs (every one that `direct_request` reads).
+_INPUTS = ("organization", "subject", "application", "integration", "scope", "context")
 LINE_MEMO_SIZE = 65_536  # lines' keys kept (each about as long as its line)
+PART_MEMO_SIZE = 16_384  # lines' parts kept, read (see `_record_of`)
 
 
-def _record_of(match: re.Match[str]) -> dict[str, Any] | None:
+# The scanner `json.loads` runs (C, where CPython has it), called directly: `json.loads`'s
+# wrappers cost as much as scanning a small part, and a line has six.
+_SCAN = json.scanner.make_scanner(json.JSONDecoder())  # type: ignore[attr-defined]
+
+
+def _whole_value(text: str) -> Any:
+    """`text` read as one JSON value with nothing around it (not even spaces, which the
+    writer never puts there). Raises StopIteration when no value starts it, ValueError when
+    one is malformed or text follows it, RecursionError when it nests too deep."""
+    value, end = _SCAN(text, 0)
+    if end != len(text):
+        raise ValueError("text after the value")
+    return value
+
+
+def _record_of(match: re.Match[str], parts: dict[str, Any]) -> dict[str, Any] | None:
     """The decision record of a line `_LINE` matched, from its parts (what replay reads of
     it), or None when a part is not one whole JSON value (the parts are then not the line's
-    values: the caller reads the line whole)."""
+    values: the caller reads the line whole).
+
+    `parts` maps a part's text to its value, read and kept here: a log repeats its subjects,
+    resources, reasons and matched rules far more than whole lines, so most of a new line's
+    parts were read before. Records so share their values: replay never changes a record.
+    """
+    record = {}
     try:
-        record = {name: json.loads(match[name]) for name in _LINE_VALUES}
-    except (ValueError, RecursionError):
+        for name in _LINE_VALUES:
+            text = match[name]
+            if name == "context":  # a session's, or a request's own: seldom seen again
+                record[name] = _whole_value(text)
+                continue
+            value = parts.get(text, parts)  # (parts itself is never a value: "missing")
+            if value is parts:
+                value = _whole_value(text)
+                if len(parts) >= PART_MEMO_SIZE:
+                    parts.clear()
+                parts[text] = value
+            record[name] = value
+    except (ValueError, RecursionError, StopIteration):
         return None
     record["type"] = "decision"
     record["schema_version"] = int(match["schema_version"])
@@ -638,9 +681,10 @@ class Replay:
     groups: dict[str, dict[str, dict[str, _Group]]] = field(default_factory=dict)
     unreplayable: dict[str, _Group] = field(default_factory=dict)
     other_records: int = 0  # checkpoints, dropped-records notes: not decisions
-    _memo: dict[str, Summary] = field(default_factory=dict, repr=False)
+    _memo: dict[tuple[str, ...] | str, Summary] = field(default_factory=dict, repr=False)
     # A line's content but its per-record fields (see _LINE) -> what it counts as.
     _lines: dict[tuple[str, ...], Outcome] = field(default_factory=dict, repr=False)
+    _parts: dict[str, Any] = field(default_factory=dict, repr=False)  # see `_record_of`
     _tokens: TokenReplay = field(init=False, repr=False)
 
     def __post_init__(self) -> None:
@@ -674,17 +718,23 @@ class Replay:
         self._count(outcome, str(record.get("decision_id") or _name(where)))
 
     def _outcome(
-        self, record: Mapping[str, Any], may_redact: bool, exact_text: bool
+        self,
+        record: Mapping[str, Any],
+        may_redact: bool,
+        exact_text: bool,
+        inputs: tuple[str, ...] | None = None,
     ) -> tuple[Outcome, bool]:
         """(what the decision record counts as, whether every record with the same content
-        but its own time and per-record fields (IDs, hashes, latency) counts the same)."""
+        but its own time and per-record fields (IDs, hashes, latency) counts the same).
+        `inputs`: the JSON text of the record's inputs, when its line was read in parts (see
+        `_summary`)."""
         reason = unreplayable_reason(record, may_redact=may_redact) or self._tokens.unreplayable(
             record
         )
         if reason:
             return (_CANNOT, reason), True
         try:
-            summary, lasting = self._summary(record, exact_text)
+            summary, lasting = self._summary(record, exact_text, inputs)
             kind, rule = compare_summary(record, summary)
             if kind == UNCHANGED:
                 return (kind,), lasting
@@ -707,12 +757,16 @@ class Replay:
         for dimension, value in zip(GROUP_BY, outcome[1:], strict=True):
             by_dimension.setdefault(dimension, {}).setdefault(value, _Group()).add(example)
 
-    def _summary(self, record: Mapping[str, Any], exact_text: bool) -> tuple[Summary, bool]:
+    def _summary(
+        self, record: Mapping[str, Any], exact_text: bool, inputs: tuple[str, ...] | None
+    ) -> tuple[Summary, bool]:
         """The candidate's decision, summarized (`summarize`), and whether it holds at any
         time; reused for records with the same inputs when it did not read the clock (as the
-        server's cache does): logs repeat tuples, mostly."""
+        server's cache does): logs repeat tuples, mostly. `inputs` (the inputs' JSON text,
+        a tuple: never equal to a repr key, a str) is the key when given: the same text is
+        the same values, and taking it costs nothing."""
         # repr, not JSON: records are canonical (sorted keys), and repr is several times cheaper.
-        key = repr(
+        key: tuple[str, ...] | str = inputs or repr(
             (
                 record["organization"],
                 record["subject"],
@@ -775,7 +829,7 @@ class Replay:
         if outcome is not None and timely:
             self._count(outcome, example)
             return
-        record = _record_of(match)
+        record = _record_of(match, self._parts)
         exact_text = "\\u" not in text
         may_redact = not exact_text or REDACTED in text
         if record is None:  # some part is not one whole value: read the line as a whole
@@ -786,7 +840,7 @@ class Replay:
                 return
             self.add(whole, where, may_redact=may_redact, exact_text=exact_text)
             return
-        outcome, lasting = self._outcome(record, may_redact, exact_text)
+        outcome, lasting = self._outcome(record, may_redact, exact_text, match.group(*_INPUTS))
         self._count(outcome, example)
         if lasting and timely:
             if len(self._lines) >= LINE_MEMO_SIZE:
