@@ -295,21 +295,60 @@ def _text(value: Any) -> str:
     return value
 
 
-def direct_request(record: Mapping[str, Any], token: str) -> CheckRequest | None:
+class _Built:
+    """Domain values built from record parts, by the part object itself (its identity):
+    `_record_of` gives the records of a log the same object for the same part text, so a
+    subject or resource seen before is not converted again. An entry holds its part, so no
+    other object can take the part's id while it is kept. Bounded like the other memos."""
+
+    def __init__(self) -> None:
+        self._values: dict[int, tuple[Any, Any]] = {}
+
+    def get(self, part: Any, build: Callable[[Any], Any]) -> Any:
+        """`build(part)`, or what it gave for this very object before (raises what it
+        raises, and keeps nothing then)."""
+        entry = self._values.get(id(part))
+        if entry is not None and entry[0] is part:
+            return entry[1]
+        value = build(part)
+        if len(self._values) >= PART_MEMO_SIZE:
+            self._values.clear()
+        self._values[id(part)] = (part, value)
+        return value
+
+
+def _resource(part: Any) -> Resource:
+    if not part.keys() <= _RESOURCE_KEYS:
+        raise _Declined
+    return Resource(_text(part["id"]), _wire_map(part["attributes"], 1))
+
+
+def direct_request(
+    record: Mapping[str, Any], token: str, built: _Built | None = None
+) -> CheckRequest | None:
     """The domain request `pdp eval`'s protobuf round trip gives the record's inputs (with
     `token` as the subject's access token), built directly; None when the round trip might
     give another or refuse it. The record's strings must hold no lone surrogate (the caller
-    knows its text had no `\\u` escape and was valid UTF-8)."""
+    knows its text had no `\\u` escape and was valid UTF-8). `built`: where to keep (and
+    find) the subject and resources built, for a caller whose token is the same whenever
+    the subject part is."""
+
+    def make_subject(subject: Any) -> Subject:
+        if not subject.keys() <= _SUBJECT_KEYS:
+            raise _Declined
+        return Subject(
+            id=_text(subject["id"]),
+            kind=_KINDS[_text(subject["kind"])],
+            attributes=_wire_map(subject["attributes"], 1),
+            access_token=token,
+            namespace=_text(subject.get("namespace", "")),
+        )
+
+    once = built.get if built is not None else (lambda part, build: build(part))
     try:
         subject, context = record["subject"], record["context"]
         application, integration = record["application"], record["integration"]
-        if not (
-            record.keys() <= _RECORD_KEYS
-            and subject.keys() <= _SUBJECT_KEYS
-            and application.keys() <= _RESOURCE_KEYS
-            and integration.keys() <= _RESOURCE_KEYS
-            and context.keys() <= _CONTEXT_KEYS
-        ):
+        if not (record.keys() <= _RECORD_KEYS and context.keys() <= _CONTEXT_KEYS):
             return None
         when = context["time"]
         if when is not None:
@@ -317,15 +356,9 @@ def direct_request(record: Mapping[str, Any], token: str) -> CheckRequest | None
             when = _time(_text(when)).astimezone(UTC)
         return CheckRequest(
             organization=_text(record["organization"]),
-            subject=Subject(
-                id=_text(subject["id"]),
-                kind=_KINDS[_text(subject["kind"])],
-                attributes=_wire_map(subject["attributes"], 1),
-                access_token=token,
-                namespace=_text(subject.get("namespace", "")),
-            ),
-            application=Resource(_text(application["id"]), _wire_map(application["attributes"], 1)),
-            integration=Resource(_text(integration["id"]), _wire_map(integration["attributes"], 1)),
+            subject=once(subject, make_subject),
+            application=once(application, _resource),
+            integration=once(integration, _resource),
             scope=_text(record["scope"]),
             context=RequestContext(
                 connection=_CONNECTIONS[_text(context["connection"])],
@@ -367,6 +400,9 @@ class TokenReplay:
         # repr(claims) -> token: a session's records repeat its claims, and signing costs more
         # than deciding. Ed25519 signatures are deterministic, so a reused token is the same.
         self._tokens: dict[str, str] = {}
+        # The token is a function of the subject part (its claims): subjects built with it
+        # may be kept by that part.
+        self._built = _Built()
 
     def unreplayable(self, record: Mapping[str, Any]) -> str | None:
         """`token_key_reason` for a record `unreplayable_reason` passed, under its candidate
@@ -407,7 +443,7 @@ class TokenReplay:
             token = self.token(claims) if claims is not None else ""
         except (TypeError, ValueError):  # PyJWT refuses some claim types (e.g. a numeric iss)
             raise Unreplayable("unrepresentable_value") from None
-        request = direct_request(record, token) if exact_text else None
+        request = direct_request(record, token, self._built) if exact_text else None
         if request is None:
             return _decide(record, self.policies, token)
         try:
