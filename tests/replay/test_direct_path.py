@@ -21,7 +21,14 @@ import pytest
 from policy_engine.policy import CompiledPolicySet, load_policy_set
 from policy_engine.replay import Replay, replay_files, unreplayable_reason
 from policy_engine.replay.bench import generate
-from policy_engine.replay.replay import TokenReplay, Unreplayable, direct_request
+from policy_engine.replay.replay import (
+    PART_MEMO_SIZE,
+    TokenReplay,
+    Unreplayable,
+    _Built,
+    _whole_value,
+    direct_request,
+)
 from tests.audit.support import read_records
 from tests.server.harness import EXAMPLE_POLICIES
 
@@ -267,3 +274,73 @@ def test_a_number_json_cannot_read_leaves_the_line_unreadable(
     path.write_text(text.replace(spelt, f'"{name}":{"7" * 5000}') + "\n")
     report = replay_files([path], policies).to_dict()
     assert report["unreplayable"] == {"unreadable_line": {"count": 1, "examples": [f"{path}:1"]}}
+
+
+def test_built_values_are_kept_by_the_part_object_and_bounded() -> None:
+    """Equal parts that are other objects are built again (nothing is keyed by an ID that a
+    dead object's successor may take: an entry keeps its part alive); the memo is bounded."""
+    calls: list[int] = []
+
+    def build(part: dict[str, Any]) -> int:
+        calls.append(part["n"])
+        return part["n"] * 10
+
+    built = _Built()
+    first = {"n": 1}
+    assert built.get(first, build) == built.get(first, build) == 10
+    assert built.get({"n": 1}, build) == 10
+    assert calls == [1, 1]
+    for n in range(PART_MEMO_SIZE + 5):
+        built.get({"n": n}, build)
+    assert len(built._values) <= PART_MEMO_SIZE
+
+
+def test_a_part_is_read_as_one_whole_value_or_not_at_all() -> None:
+    assert _whole_value('{"a":[1,2.5,"x"]}') == {"a": [1, 2.5, "x"]}
+    for text in ('{"a":1} ', ' {"a":1}', '{"a":1}{', '{"a":', "", "x"):
+        with pytest.raises((ValueError, StopIteration)):
+            _whole_value(text)
+
+
+def test_lines_sharing_parts_are_each_decided_as_their_own_record(
+    log: Path, tmp_path: Path, policies: CompiledPolicySet
+) -> None:
+    """Records read from one log share the values of equal part texts (subjects, resources,
+    reasons): each is still decided as its own record, as when read alone. The log holds
+    each record, then each with another record's subject, then each again."""
+    records = [r for r in _decisions(log) if r["reasons"] == []][:200]
+    swapped = [
+        {**r, "subject": records[-1 - i]["subject"], "decision_id": r["decision_id"] + "-s"}
+        for i, r in enumerate(records)
+    ]
+    path = tmp_path / "audit.jsonl"
+    lines = [_as_written(r) + "\n" for r in records + swapped + records]
+    path.write_text("".join(lines))
+    replay = replay_files([path], policies)
+    assert replay._parts  # parts were read once and shared
+    alone = Replay(policies)
+    for number, line in enumerate(lines, 1):
+        alone.add(json.loads(line), f"{path}:{number}", exact_text=False)  # nothing shared
+    assert replay.to_dict() == alone.to_dict()
+
+
+@pytest.mark.parametrize(
+    ("old", "new"),
+    [
+        ('},"time":"', '} ,"time":"'),  # a space after the subject part
+        (',"decision":', '\t,"decision":'),  # after the context part
+        ('"reasons":', '"reasons": '),  # before the reasons part
+    ],
+)
+def test_a_part_with_spaces_around_it_is_read_with_its_line(
+    old: str, new: str, log: Path, tmp_path: Path, policies: CompiledPolicySet
+) -> None:
+    """JSON allows spaces around a value; the writer never writes them. Such a line is read
+    whole, and counts as the line without them does."""
+    record = next(r for r in _decisions(log) if r["reasons"] == [])
+    text = _as_written(record)
+    assert text.count(old) == 1
+    plain, spaced = tmp_path / "plain.jsonl", tmp_path / "spaced.jsonl"
+    plain.write_text(text + "\n")
+    spaced.write_text(text.replace(old, new) + "\n")
+    assert replay_files([spaced], policies).to_dict() == replay_files([plain], policies).to_dict()
