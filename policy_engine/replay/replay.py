@@ -684,13 +684,35 @@ def _record_of(match: re.Match[str], parts: dict[str, Any]) -> dict[str, Any] | 
     return record
 
 
-def _is_time(text: str) -> bool:
-    """Whether a record's `time` reads as a time (as deciding it needs)."""
+def _seconds(text: Any) -> float | None:
+    """A record's `time` in POSIX seconds, or None when it does not read as a time (then
+    deciding the record fails)."""
     try:
-        _time(text)
-    except ValueError:
-        return False
-    return True
+        return _time(text).timestamp()
+    except (ValueError, TypeError, AttributeError, OverflowError):
+        return None
+
+
+Window = tuple[float, float]
+"""The record times (POSIX seconds, from the first, up to the second) at which a decision
+made for given inputs holds, so that records with the same inputs reuse it."""
+_ALWAYS: Window = (-math.inf, math.inf)
+
+
+def _window(decision: Decision, made_at: float | None, token: bool) -> Window | None:
+    """When `decision`, made at record time `made_at` (with a subject token: `token`),
+    holds: always when it read no clock and had no token; with a token, from `made_at` up to
+    `valid_until`, the instant its token's verdict may flip (as the server's cache keeps
+    it), or on when it never will (an expired token stays expired): never before `made_at`,
+    when the token may not have been issued yet, or not expired. None (never reused) when
+    it read the clock."""
+    if decision.time_dependent:
+        return None
+    until = decision.valid_until
+    if not token and until is None:
+        return _ALWAYS
+    end = math.inf if until is None else until.timestamp()
+    return (made_at, end) if made_at is not None and made_at < end else None
 
 
 @dataclass
@@ -717,9 +739,11 @@ class Replay:
     groups: dict[str, dict[str, dict[str, _Group]]] = field(default_factory=dict)
     unreplayable: dict[str, _Group] = field(default_factory=dict)
     other_records: int = 0  # checkpoints, dropped-records notes: not decisions
-    _memo: dict[tuple[str, ...] | str, Summary] = field(default_factory=dict, repr=False)
-    # A line's content but its per-record fields (see _LINE) -> what it counts as.
-    _lines: dict[tuple[str, ...], Outcome] = field(default_factory=dict, repr=False)
+    _memo: dict[tuple[str, ...] | str, tuple[Summary, Window]] = field(
+        default_factory=dict, repr=False
+    )
+    # A line's content but its per-record fields (see _LINE) -> what it counts as, and when.
+    _lines: dict[tuple[str, ...], tuple[Outcome, Window]] = field(default_factory=dict, repr=False)
     _parts: dict[str, Any] = field(default_factory=dict, repr=False)  # see `_record_of`
     _tokens: TokenReplay = field(init=False, repr=False)
 
@@ -759,27 +783,28 @@ class Replay:
         may_redact: bool,
         exact_text: bool,
         inputs: tuple[str, ...] | None = None,
-    ) -> tuple[Outcome, bool]:
-        """(what the decision record counts as, whether every record with the same content
-        but its own time and per-record fields (IDs, hashes, latency) counts the same).
+    ) -> tuple[Outcome, Window | None]:
+        """(what the decision record counts as, the record times at which every record with
+        the same content but its own time and per-record fields (IDs, hashes, latency)
+        counts the same, or None).
         `inputs`: the JSON text of the record's inputs, when its line was read in parts (see
         `_summary`)."""
         reason = unreplayable_reason(record, may_redact=may_redact) or self._tokens.unreplayable(
             record
         )
         if reason:
-            return (_CANNOT, reason), True
+            return (_CANNOT, reason), _ALWAYS
         try:
-            summary, lasting = self._summary(record, exact_text, inputs)
+            summary, window = self._summary(record, exact_text, inputs)
             kind, rule = compare_summary(record, summary)
             if kind == UNCHANGED:
-                return (kind,), lasting
+                return (kind,), window
             values = (record["organization"], record["application"]["id"])
-            return (kind, *map(str, values), str(record["integration"]["id"]), rule), lasting
+            return (kind, *map(str, values), str(record["integration"]["id"]), rule), window
         except Unreplayable as exc:
-            return (_CANNOT, exc.reason), False
+            return (_CANNOT, exc.reason), None
         except (KeyError, TypeError, AttributeError):
-            return (_CANNOT, "malformed_record"), False
+            return (_CANNOT, "malformed_record"), None
 
     def _count(self, outcome: Outcome, example: str) -> None:
         kind = outcome[0]
@@ -795,10 +820,10 @@ class Replay:
 
     def _summary(
         self, record: Mapping[str, Any], exact_text: bool, inputs: tuple[str, ...] | None
-    ) -> tuple[Summary, bool]:
-        """The candidate's decision, summarized (`summarize`), and whether it holds at any
-        time; reused for records with the same inputs when it did not read the clock (as the
-        server's cache does): logs repeat tuples, mostly. `inputs` (the inputs' JSON text,
+    ) -> tuple[Summary, Window | None]:
+        """The candidate's decision, summarized (`summarize`), and when it holds (`_window`);
+        reused for records with the same inputs at those times (as the server's cache
+        reuses it): logs repeat tuples, mostly. `inputs` (the inputs' JSON text,
         a tuple: never equal to a repr key, a str) is the key when given: the same text is
         the same values, and taking it costs nothing."""
         # repr, not JSON: records are canonical (sorted keys), and repr is several times cheaper.
@@ -812,17 +837,23 @@ class Replay:
                 record["context"],
             )
         )
-        summary = self._memo.get(key)
-        if summary is not None:
-            return summary, True
+        entry = self._memo.get(key)
+        if entry is not None:
+            summary, window = entry
+            if window is _ALWAYS:  # (the record's time is not even read, as it is not used)
+                return entry
+            at = _seconds(record["time"])
+            if at is not None and window[0] <= at < window[1]:
+                return entry
         decision = self._tokens.decide(record, exact_text=exact_text)
         summary = summarize(decision)
-        lasting = not decision.time_dependent and decision.valid_until is None
-        if lasting:
+        token = record["subject"].get("token_claims") is not None  # as `decide` reads it
+        window = _window(decision, _seconds(record["time"]), token)
+        if window is not None:
             if len(self._memo) >= MEMO_SIZE:
                 self._memo.clear()  # bounded memory; a log's hot tuples come back fast
-            self._memo[key] = summary
-        return summary, lasting
+            self._memo[key] = (summary, window)
+        return summary, window
 
     def add_line(self, raw: bytes | str, where: Where) -> None:
         """Replay one line of a log (or one Redis entry's record); `where` names it."""
@@ -860,10 +891,10 @@ class Replay:
         was stored, else read from its parts (when each is one whole JSON value) or whole."""
         key = match.group(*_LINE_KEY)
         example = match["decision_id"] or _name(where)
-        timely = _is_time(match["time"])
-        outcome = self._lines.get(key)
-        if outcome is not None and timely:
-            self._count(outcome, example)
+        at = _seconds(match["time"])
+        entry = self._lines.get(key)
+        if entry is not None and at is not None and entry[1][0] <= at < entry[1][1]:
+            self._count(entry[0], example)
             return
         record = _record_of(match, self._parts)
         exact_text = "\\u" not in text
@@ -876,12 +907,12 @@ class Replay:
                 return
             self.add(whole, where, may_redact=may_redact, exact_text=exact_text)
             return
-        outcome, lasting = self._outcome(record, may_redact, exact_text, match.group(*_INPUTS))
+        outcome, window = self._outcome(record, may_redact, exact_text, match.group(*_INPUTS))
         self._count(outcome, example)
-        if lasting and timely:
+        if window is not None and at is not None:
             if len(self._lines) >= LINE_MEMO_SIZE:
                 self._lines.clear()
-            self._lines[key] = outcome
+            self._lines[key] = (outcome, window)
 
     def to_dict(self) -> dict[str, Any]:
         """The report as JSON: decisions, counts (every kind), changes (kind -> dimension ->

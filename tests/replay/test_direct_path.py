@@ -13,6 +13,7 @@ import copy
 import json
 import shutil
 from collections.abc import Callable, Iterator
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -344,3 +345,47 @@ def test_a_part_with_spaces_around_it_is_read_with_its_line(
     plain.write_text(text + "\n")
     spaced.write_text(text.replace(old, new) + "\n")
     assert replay_files([spaced], policies).to_dict() == replay_files([plain], policies).to_dict()
+
+
+def _at(seconds: float) -> str:
+    """A record time as the writer spells it."""
+    return datetime.fromtimestamp(seconds, UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+
+
+def test_a_token_decision_is_reused_until_its_token_expires_only(
+    log: Path, tmp_path: Path, policies: CompiledPolicySet
+) -> None:
+    """A decision on a subject token holds from when it was made until the token's verdict
+    may change (its expiry, and the clock leeway): lines with the same inputs in between
+    count as it did; a line after it is decided again (the token has expired: its reason
+    changes), and so is a line before the expired one (a token expired at a time has not
+    at an earlier one)."""
+    record = next(
+        r
+        for r in _decisions(log)
+        if r["subject"]["token_claims"]
+        and not r["context"]["time"]
+        and {reason["code"] for reason in r["reasons"]} == {"kontext_policy_denied"}
+    )
+    expiry = record["subject"]["token_claims"]["exp"]
+    made = datetime.fromisoformat(record["time"]).timestamp()
+    # (the last line: before the expiry again, as a log of several servers may be ordered)
+    times = [made, made + 3600, expiry - 1, expiry + 3600, made + 60]
+    records = [
+        {**record, "time": _at(at), "decision_id": f"{record['decision_id']}-{n}"}
+        for n, at in enumerate(times)
+    ]
+    path = tmp_path / "audit.jsonl"
+    path.write_text("".join(_as_written(r) + "\n" for r in records))
+    replay = replay_files([path], policies)
+    assert len(replay._lines) == 1  # the first line's outcome, kept for its token's lifetime
+    report = replay.to_dict()
+    # Denied by a policy while the token held; after it expired, for the token instead.
+    assert report["counts"]["unchanged"] == 4
+    assert report["counts"]["code_changed"] == 1
+    faithful = Replay(policies)
+    for number, r in enumerate(records, 1):
+        faithful.add(copy.deepcopy(r), f"{path}:{number}", exact_text=False)
+    assert report == faithful.to_dict()
+    examples = report["changes"]["code_changed"]["organization"]["acme"]["examples"]
+    assert examples == [f"{record['decision_id']}-3"]
