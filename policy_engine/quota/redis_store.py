@@ -232,6 +232,12 @@ class _Group:
         return found
 
 
+def _script_args(group: _Group) -> list[str | int]:
+    """EVALSHA's arguments after the command name for `group` (see `SCRIPT`)."""
+    argv = f"{len(group.items)}," + ",".join(group.tokens)
+    return [SCRIPT_SHA, len(group.keys), *group.keys, argv]
+
+
 class RedisQuotaStore:
     """A `QuotaStore` in Redis (see the module docstring) and the "quota" lifecycle component.
 
@@ -388,13 +394,24 @@ class RedisQuotaStore:
         self._eviction_due = time.monotonic() + EVICTION_CHECK_SECONDS
 
     async def _pipeline(self, client: Any, groups: list[_Group]) -> list[object]:
+        """One reply per group, a command error (NOSCRIPT, WRONGTYPE, ...) in its place;
+        raises on a connection fault. One group (every call but a Cluster call spanning
+        organizations) is one plain command: redis-py's pipeline costs the client about as
+        much again as the command itself."""
+        from redis.exceptions import ResponseError
+
+        self.round_trips += 1
+        # execute_command: redis-py's cluster pipeline blocks its `evalsha` method (for
+        # scripts whose keys may span slots); ours are one organization's, one slot.
+        if len(groups) == 1:
+            group = groups[0]
+            try:
+                return [await client.execute_command("EVALSHA", *_script_args(group))]
+            except ResponseError as exc:
+                return [exc]
         pipe = client.pipeline(transaction=False)
         for group in groups:
-            # execute_command: redis-py's cluster pipeline blocks its `evalsha` method (for
-            # scripts whose keys may span slots); ours are one organization's, one slot.
-            argv = f"{len(group.items)}," + ",".join(group.tokens)
-            pipe.execute_command("EVALSHA", SCRIPT_SHA, len(group.keys), *group.keys, argv)
-        self.round_trips += 1
+            pipe.execute_command("EVALSHA", *_script_args(group))
         return list(await pipe.execute(raise_on_error=False))
 
     def _fill(
