@@ -839,11 +839,11 @@ class Replay:
         )
         entry = self._memo.get(key)
         if entry is not None:
-            summary, window = entry
-            if window is _ALWAYS:  # (the record's time is not even read, as it is not used)
+            start, end = entry[1]
+            if entry[1] is _ALWAYS:  # (the record's time is not even read, as it is not used)
                 return entry
             at = _seconds(record["time"])
-            if at is not None and window[0] <= at < window[1]:
+            if at is not None and start <= at < end:
                 return entry
         decision = self._tokens.decide(record, exact_text=exact_text)
         summary = summarize(decision)
