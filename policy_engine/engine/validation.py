@@ -108,6 +108,16 @@ class _AttributeChecker:
         raise _Violation(f"unsupported value type {kind.__name__}")
 
 
+def session_id_valid(session_id: str, limits: RequestLimits) -> bool:
+    """Whether `validate_request` accepts `session_id` as `context.session_id` (the same
+    check: empty, or at most `limits.max_id_length` printable characters without spaces)."""
+    violations: list[FieldViolation] = []
+    _check_identifier(
+        violations, "context.session_id", session_id, limits.max_id_length, required=False
+    )
+    return not violations
+
+
 def validate_request(request: CheckRequest, limits: RequestLimits) -> list[FieldViolation]:
     violations: list[FieldViolation] = []
     ids = limits.max_id_length

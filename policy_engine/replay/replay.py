@@ -42,8 +42,10 @@ from policy_engine.domain.request import (
     SubjectKind,
 )
 from policy_engine.engine.engine import decide
+from policy_engine.engine.validation import session_id_valid
 from policy_engine.errors import PolicyEngineError
 from policy_engine.policy import CompiledPolicySet
+from policy_engine.replay.reads import policies_may_read_session_id
 
 ALLOW_TO_DENY = "ALLOW->DENY"
 DENY_TO_ALLOW = "DENY->ALLOW"
@@ -684,6 +686,40 @@ def _record_of(match: re.Match[str], parts: dict[str, Any]) -> dict[str, Any] | 
     return record
 
 
+LineKey = tuple[str | tuple[str, str], ...]
+"""A line's parts' texts (`_LINE_KEY` or `_INPUTS`), the context's maybe as `_without_session`
+gives it (a tuple: never equal to a part's text)."""
+# The end of a context part as the writer writes it (sorted keys): its session ID and time.
+_SESSION_TAIL = re.compile(
+    r',"session_id":"(?P<session>[^"\\\x00-\x1f]*)","time":(?P<time>null|"[^"\\\x00-\x1f]*")\}'
+)
+
+
+def _without_session(context: str) -> tuple[str, str] | None:
+    """A context part's text without its session ID, as (the text before the member, the
+    time's text), when it ends with `,"session_id":"S","time":T}` (S and T without quotes,
+    backslashes or control characters) and S passes validation; else None.
+
+    Why that leaves out exactly the session ID, for a part that is one JSON object (only
+    such parts are replayed, and stored): no quote of that end is escaped (none follows a
+    backslash), so its strings are what they look like; the last `}` closes the object, so
+    `"time"` is a key of the object itself, and `"session_id"`, a key before it at the same
+    level, is its last session ID member (the one `json.loads` keeps). Two parts with the
+    same (text before, time) are one object but for that session ID, both valid: the
+    engine reads it only to validate it (then passes), and the candidate's conditions do
+    not read it (`policies_may_read_session_id`), so they are decided alike. The value whose
+    validity that rests on is the string itself: the direct path takes it as it is, and
+    `pdp eval`'s path passes a string through unchanged.
+    """
+    start = context.rfind(',"session_id":"')
+    if start < 0:
+        return None
+    tail = _SESSION_TAIL.fullmatch(context, start)
+    if tail is None or not session_id_valid(tail["session"], _LIMITS):
+        return None
+    return context[:start], tail["time"]
+
+
 def _seconds(text: Any) -> float | None:
     """A record's `time` in POSIX seconds, or None when it does not read as a time (then
     deciding the record fails)."""
@@ -739,16 +775,17 @@ class Replay:
     groups: dict[str, dict[str, dict[str, _Group]]] = field(default_factory=dict)
     unreplayable: dict[str, _Group] = field(default_factory=dict)
     other_records: int = 0  # checkpoints, dropped-records notes: not decisions
-    _memo: dict[tuple[str, ...] | str, tuple[Summary, Window]] = field(
-        default_factory=dict, repr=False
-    )
+    _memo: dict[LineKey | str, tuple[Summary, Window]] = field(default_factory=dict, repr=False)
     # A line's content but its per-record fields (see _LINE) -> what it counts as, and when.
-    _lines: dict[tuple[str, ...], tuple[Outcome, Window]] = field(default_factory=dict, repr=False)
+    _lines: dict[LineKey, tuple[Outcome, Window]] = field(default_factory=dict, repr=False)
     _parts: dict[str, Any] = field(default_factory=dict, repr=False)  # see `_record_of`
     _tokens: TokenReplay = field(init=False, repr=False)
+    # No condition of the candidate may read context.session_id (see `_without_session`).
+    _session_blind: bool = field(init=False, repr=False)
 
     def __post_init__(self) -> None:
         self._tokens = TokenReplay(self.policies)
+        self._session_blind = not policies_may_read_session_id(self.policies)
 
     @property
     def decisions(self) -> int:
@@ -782,7 +819,7 @@ class Replay:
         record: Mapping[str, Any],
         may_redact: bool,
         exact_text: bool,
-        inputs: tuple[str, ...] | None = None,
+        inputs: LineKey | None = None,
     ) -> tuple[Outcome, Window | None]:
         """(what the decision record counts as, the record times at which every record with
         the same content but its own time and per-record fields (IDs, hashes, latency)
@@ -819,7 +856,7 @@ class Replay:
             by_dimension.setdefault(dimension, {}).setdefault(value, _Group()).add(example)
 
     def _summary(
-        self, record: Mapping[str, Any], exact_text: bool, inputs: tuple[str, ...] | None
+        self, record: Mapping[str, Any], exact_text: bool, inputs: LineKey | None
     ) -> tuple[Summary, Window | None]:
         """The candidate's decision, summarized (`summarize`), and when it holds (`_window`);
         reused for records with the same inputs at those times (as the server's cache
@@ -827,7 +864,7 @@ class Replay:
         a tuple: never equal to a repr key, a str) is the key when given: the same text is
         the same values, and taking it costs nothing."""
         # repr, not JSON: records are canonical (sorted keys), and repr is several times cheaper.
-        key: tuple[str, ...] | str = inputs or repr(
+        key: LineKey | str = inputs or repr(
             (
                 record["organization"],
                 record["subject"],
@@ -888,8 +925,16 @@ class Replay:
 
     def _add_match(self, match: re.Match[str], text: str, where: Where) -> None:
         """A line `_LINE` matched: counted as the last line with the same key when that one
-        was stored, else read from its parts (when each is one whole JSON value) or whole."""
-        key = match.group(*_LINE_KEY)
+        was stored, else read from its parts (when each is one whole JSON value) or whole.
+        Under a candidate no condition of which may read `context.session_id`, the keys
+        leave out a session ID that passes validation (`_without_session`)."""
+        key: LineKey = match.group(*_LINE_KEY)
+        inputs: LineKey = match.group(*_INPUTS)
+        if self._session_blind:
+            context = _without_session(match["context"])
+            if context is not None:
+                key = (key[0], context, *key[2:])
+                inputs = (*inputs[:5], context)
         example = match["decision_id"] or _name(where)
         at = _seconds(match["time"])
         entry = self._lines.get(key)
@@ -907,7 +952,7 @@ class Replay:
                 return
             self.add(whole, where, may_redact=may_redact, exact_text=exact_text)
             return
-        outcome, window = self._outcome(record, may_redact, exact_text, match.group(*_INPUTS))
+        outcome, window = self._outcome(record, may_redact, exact_text, inputs)
         self._count(outcome, example)
         if window is not None and at is not None:
             if len(self._lines) >= LINE_MEMO_SIZE:
