@@ -355,6 +355,11 @@ class Tracing:
                     {"service.name": self.settings.service_name, "service.version": __version__}
                 ),
                 sampler=ParentBased(TraceIdRatioBased(ratio)),
+                # `stop` shuts it down within its deadline. The SDK's exit hook would shut it
+                # down again at interpreter exit and wait, past any deadline, for an export a
+                # collector that accepts and never answers holds (30 s, then the exporter's
+                # timeout): a pod SIGKILLed at the end of its grace period.
+                shutdown_on_exit=False,
             )
             self._exporter_class()  # a missing package is a setting problem: say so now
         self.provider = provider
@@ -363,6 +368,7 @@ class Tracing:
         self._lock = threading.Lock()
         self._detail = ""
         self._log_factory: Callable[..., logging.LogRecord] | None = None
+        self._span_exporter: SpanExporter | None = None
 
     # --- what the server builds with it ----------------------------------------------------------
 
@@ -462,7 +468,8 @@ class Tracing:
             if self._state is not State.NEW:
                 return
             if self._owned:
-                self.provider.add_span_processor(BatchSpanProcessor(self._exporter()))
+                self._span_exporter = self._exporter()
+                self.provider.add_span_processor(BatchSpanProcessor(self._span_exporter))
             self._install_log_ids()
             where = self.settings.otlp_endpoint or "the exporter's default endpoint"
             self._detail = (
@@ -485,24 +492,34 @@ class Tracing:
         self._remove_log_ids()
         clean = True
         if started and self._owned:
-            # A collector that does not answer could hold the exporter's shutdown for its own
-            # timeouts: wait for it on a thread, up to the deadline.
-            outcome: list[bool] = []
-            remaining_ms = int(max(deadline - time.monotonic(), 0.0) * 1000)
-
-            def shutdown() -> None:
-                outcome.append(self.provider.force_flush(remaining_ms))
-                self.provider.shutdown()
-
-            worker = threading.Thread(target=shutdown, name="pdp-tracing-stop", daemon=True)
+            # The processor's shutdown exports what is queued, then shuts the exporter down.
+            # Its export blocks the thread that runs it for as long as a collector that does
+            # not answer holds it (the exporter's timeout, OTEL_EXPORTER_OTLP_TIMEOUT, and its
+            # retries; the processor's force_flush ignores its own timeout): it runs on a
+            # thread of its own, waited for up to the deadline.
+            worker = threading.Thread(
+                target=self.provider.shutdown, name="pdp-tracing-stop", daemon=True
+            )
             worker.start()
             worker.join(max(deadline - time.monotonic(), 0.0))
-            clean = not worker.is_alive() and all(outcome)
+            clean = not worker.is_alive()
             if not clean:
                 log.warning("tracing: spans still queued at shutdown were not all exported")
+                # Shutting the exporter down closes its channel, which ends the export in
+                # flight at once: nothing of tracing outlives the deadline.
+                self._abandon_export()
         with self._lock:
             self._state = State.STOPPED
         return clean
+
+    def _abandon_export(self) -> None:
+        exporter = self._span_exporter
+        if exporter is None:
+            return
+        try:
+            exporter.shutdown()
+        except Exception:  # tracing never fails a stop: its spans are lost either way
+            log.exception("tracing: shutting the span exporter down failed")
 
     def status(self) -> ComponentStatus:
         """Never blocks; always ready (a missing collector costs spans, not answers)."""
