@@ -445,6 +445,8 @@ class CallerAuthSettings:
     """Bearer JWTs the broker sends in call metadata (`authorization: Bearer ...`)."""
 
     jwks_file: str = ""  # keys that sign callers' tokens; empty = no bearer check
+    # Both required with jwks_file (cross_checks): the `aud` and `iss` the broker's tokens
+    # carry, so that a token the same keys signed for another service is refused.
     audience: str = ""
     issuer: str = ""
 
@@ -937,11 +939,33 @@ def cross_checks(settings: Settings) -> list[tuple[str, str]]:
     quota_url = settings.quota.redis_url.strip()
     if quota_url and cache.redis_mode != "standalone" and urlsplit(quota_url).scheme == "unix":
         found.append(("quota.redis_url", "unix:// only with cache.redis_mode standalone"))
+    found += caller_auth_problems(settings.caller_auth)
     audit = settings.audit
     names = {n.strip().lower() for n in audit.sinks.split(",")}
     if audit.enabled and "redis" in names and not audit.redis_url.strip():
         found.append(("audit.redis_url", "required by the redis sink"))
     return found
+
+
+def caller_auth_problems(caller_auth: CallerAuthSettings) -> list[tuple[str, str]]:
+    """With `caller_auth.jwks_file` (bearer tokens checked), `audience` and `issuer` are
+    required: a key set usually signs tokens for many services (an IdP's), and a token
+    minted for any of them must not authenticate as the broker (RFC 8725 section 3.9,
+    RFC 9068 section 4). [(dotted setting, what is wrong)]; empty when usable or off."""
+    if not caller_auth.jwks_file.strip():
+        return []
+    return [
+        (
+            f"caller_auth.{name}",
+            f"required with caller_auth.jwks_file: the {claim!r} value the broker's tokens "
+            f"carry; without it, any token these keys signed for {whom} would be accepted",
+        )
+        for name, claim, whom in (
+            ("audience", "aud", "another service"),
+            ("issuer", "iss", "another issuer sharing them"),
+        )
+        if not getattr(caller_auth, name).strip()
+    ]
 
 
 def _signing_key_problems(cache: CacheSettings) -> list[tuple[str, str]]:

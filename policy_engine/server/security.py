@@ -22,7 +22,12 @@ from grpc_health.v1 import health
 
 from policy_engine.auth.keys import StaticKeySet
 from policy_engine.auth.tokens import DEFAULT_ALGORITHMS
-from policy_engine.config import CallerAuthSettings, ConfigError, TlsSettings
+from policy_engine.config import (
+    CallerAuthSettings,
+    ConfigError,
+    TlsSettings,
+    caller_auth_problems,
+)
 
 log = logging.getLogger(__name__)
 
@@ -58,9 +63,15 @@ class BearerVerifier:
     signature is checked once per token, not once per call."""
 
     def __init__(self, settings: CallerAuthSettings) -> None:
+        """Raises ConfigError naming the setting when `audience` or `issuer` is empty (the
+        settings loader refuses that too: this guards any other way of building one), or
+        the JWKS file cannot be read."""
+        problems = caller_auth_problems(settings)
+        if problems:
+            raise ConfigError("\n".join(f"setting {name}: {what}" for name, what in problems))
         self._keys = StaticKeySet.from_file(Path(settings.jwks_file))
-        self._audience = settings.audience or None
-        self._issuer = settings.issuer or None
+        self._audience = settings.audience
+        self._issuer = settings.issuer
         self._verified: OrderedDict[str, float] = OrderedDict()
         self._lock = threading.Lock()
 
@@ -94,7 +105,8 @@ class BearerVerifier:
                         algorithms=[algorithm],
                         audience=self._audience,
                         issuer=self._issuer,
-                        options={"require": ["exp"], "verify_aud": self._audience is not None},
+                        # RFC 8725 section 3.9: `aud` and `iss` are always checked.
+                        options={"require": ["exp", "aud", "iss"]},
                     )
                     break
                 except jwt.InvalidSignatureError:

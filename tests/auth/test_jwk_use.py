@@ -245,7 +245,9 @@ def test_bearer_tokens_honour_the_jwk_use_too(tmp_path: Path) -> None:
     enc = rsa_key("enc-1")
     path = tmp_path / "callers.json"
     path.write_text(document(jwk(RSA), jwk(enc, use="enc")))
-    verifier = BearerVerifier(CallerAuthSettings(jwks_file=str(path)))
+    verifier = BearerVerifier(
+        CallerAuthSettings(jwks_file=str(path), audience=AUDIENCE, issuer=ISSUER)
+    )
     assert verifier.problem(f"Bearer {RSA.sign(**claims())}") is None
     assert verifier.problem(f"Bearer {enc.sign(**claims())}") == (
         "bearer token signed with an unknown key"
@@ -255,7 +257,9 @@ def test_bearer_tokens_honour_the_jwk_use_too(tmp_path: Path) -> None:
 def test_bearer_tokens_with_an_overflowing_exp_are_refused_not_a_crash(tmp_path: Path) -> None:
     path = tmp_path / "callers.json"
     path.write_text(document(jwk(RSA)))
-    verifier = BearerVerifier(CallerAuthSettings(jwks_file=str(path)))
+    verifier = BearerVerifier(
+        CallerAuthSettings(jwks_file=str(path), audience=AUDIENCE, issuer=ISSUER)
+    )
     header = jwt.utils.base64url_encode(b'{"alg":"RS256","kid":"rsa-1"}')
     payload = jwt.utils.base64url_encode(b'{"exp": 1%s, "sub": "svc"}' % (b"0" * 400))
     signing_input = header + b"." + payload

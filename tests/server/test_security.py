@@ -33,6 +33,7 @@ ALICE = check_request(
 )
 BROKER_KEY = rsa_key("broker-1")
 AUDIENCE = "pdp"
+ISSUER = "https://broker-idp.test"
 
 
 @contextmanager
@@ -52,9 +53,9 @@ def ca(tmp_path_factory: pytest.TempPathFactory) -> CertificateAuthority:
     return CertificateAuthority(tmp_path_factory.mktemp("pki"))
 
 
-def broker_token(lifetime: int = 300, audience: str = AUDIENCE) -> str:
+def broker_token(lifetime: int = 300, audience: str = AUDIENCE, issuer: str = ISSUER) -> str:
     now = int(time.time())
-    return BROKER_KEY.sign(sub="broker", aud=audience, iat=now, exp=now + lifetime)
+    return BROKER_KEY.sign(sub="broker", aud=audience, iss=issuer, iat=now, exp=now + lifetime)
 
 
 def _mutual_tls(ca: CertificateAuthority, issued: Issued) -> TlsSettings:
@@ -78,7 +79,9 @@ def _with_certificate(target: str, ca: CertificateAuthority, cert: Issued) -> Pd
 def bearer_settings(tmp_path: Path) -> Settings:
     keys = tmp_path / "callers.jwks"
     keys.write_text(jwks(BROKER_KEY))
-    return Settings(caller_auth=CallerAuthSettings(jwks_file=str(keys), audience=AUDIENCE))
+    return Settings(
+        caller_auth=CallerAuthSettings(jwks_file=str(keys), audience=AUDIENCE, issuer=ISSUER)
+    )
 
 
 def test_tls(ca: CertificateAuthority) -> None:
