@@ -15,7 +15,16 @@ twice: two `issuer` members would let two parsers read two issuers), its `issuer
 configured issuer exactly (RFC 8414 section 3.3, OpenID Connect Discovery section 4.3: no case
 folding, no trailing-slash leniency, else one issuer's metadata could name keys for another),
 and its `jwks_uri` is an http or https URL with a host, printable and at most 2,048
-characters (it reaches logs and status lines). Fetches go through the JWKS fetcher
+characters (it reaches logs and status lines).
+
+The `jwks_uri` must also be on the issuer's own origin: the same scheme, host and port
+(RFC 6454 section 4; the scheme's default port when none is written), and no user
+information, unless the organization lists its host in `tokens.jwks_hosts` (`host` or
+`host:port`; the scheme must still be the issuer's). Otherwise a hostile or compromised
+issuer's metadata could make the PDP fetch any URL it can reach, e.g. a cloud metadata
+service (169.254.169.254) or a database on localhost (server-side request forgery). The URL
+is read with httpx's parser, the one that connects, so no two parsers can disagree on the
+host. Fetches go through the JWKS fetcher
 (`policy_engine.auth.fetch`): no redirect followed, 5 s in all, at most 1 MiB.
 
 `IssuerMetadata` keeps the last valid document's `jwks_uri` and fetches the metadata again when
@@ -29,6 +38,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import re
 import time
 from collections.abc import Awaitable, Callable
 from typing import Any
@@ -46,6 +56,16 @@ OPENID_WELL_KNOWN = "/.well-known/openid-configuration"  # OpenID Connect Discov
 # A metadata document's jwks_uri is kept, fetched, logged and shown in status lines: a longer
 # one, or one with characters no URL holds unescaped (terminal escapes), is refused.
 MAX_JWKS_URI_CHARS = 2048
+_DEFAULT_PORTS = {"http": 80, "https": 443}
+_LABEL = r"[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?"
+# 1 to 65535, no leading zero (as schemas/organization.schema.json spells it).
+_PORT = r"[1-9][0-9]{0,3}|[1-5][0-9]{4}|6[0-4][0-9]{3}|65[0-4][0-9]{2}|655[0-2][0-9]|6553[0-5]"
+# A `tokens.jwks_hosts` entry: a DNS name or IPv4 address, or an IPv6 address in brackets,
+# and an optional port.
+JWKS_HOST_PATTERN = re.compile(
+    rf"^(?P<host>{_LABEL}(?:\.{_LABEL})*|\[[0-9A-Fa-f:.]+\])(?::(?P<port>{_PORT}))?$"
+)
+MAX_JWKS_HOSTS = 16
 
 
 class DiscoveryError(PolicyEngineError):
@@ -73,6 +93,64 @@ def issuer_problem(issuer: str) -> str | None:
     return None
 
 
+def jwks_host_problem(entry: str) -> str | None:
+    """Why `entry` cannot be a `tokens.jwks_hosts` entry (`host` or `host:port`), or None."""
+    if JWKS_HOST_PATTERN.fullmatch(entry) is None:
+        return (
+            f"{_shown(entry)} is not a host name or address with an optional port "
+            "(e.g. keys.idp.example or keys.idp.example:8443, a port from 1 to 65535; no "
+            "scheme or path)"
+        )
+    return None
+
+
+def _origin(url: str) -> tuple[str, str, int] | None:
+    """(scheme, host, port) as httpx, which connects, reads `url`: the host lowercased and
+    without brackets, the scheme's default port when none is written; None when httpx cannot
+    read it or it carries user information."""
+    import httpx  # loaded already: the metadata was fetched with it
+
+    try:
+        parsed = httpx.URL(url)
+    except (httpx.InvalidURL, ValueError, TypeError):
+        return None
+    if parsed.userinfo:
+        return None
+    scheme = parsed.scheme.lower()
+    port = parsed.port if parsed.port is not None else _DEFAULT_PORTS.get(scheme, 0)
+    return scheme, parsed.host.lower(), port
+
+
+def _allowed(host: str, port: int, scheme: str, entries: tuple[str, ...]) -> bool:
+    for entry in entries:
+        found = JWKS_HOST_PATTERN.fullmatch(entry)
+        if found is None:
+            continue
+        named = found["host"].lower().removeprefix("[").removesuffix("]")
+        wanted = int(found["port"]) if found["port"] else _DEFAULT_PORTS.get(scheme, 0)
+        if named == host and wanted == port:
+            return True
+    return False
+
+
+def origin_problem(jwks_uri: str, issuer: str, jwks_hosts: tuple[str, ...] = ()) -> str | None:
+    """Why the PDP must not fetch `jwks_uri`, named by `issuer`'s metadata, or None: it must
+    have the issuer's scheme, and its host and port must be the issuer's or one of
+    `jwks_hosts` (see the module docstring)."""
+    named, own = _origin(jwks_uri), _origin(issuer)
+    if named is None or own is None:
+        return "it is not a URL without user information"
+    scheme, host, port = named
+    if scheme != own[0]:
+        return f"its scheme is not the issuer's ({own[0]})"
+    if (host, port) == own[1:] or _allowed(host, port, scheme, jwks_hosts):
+        return None
+    return (
+        "its host is not the issuer's: a jwks_uri on another host is fetched only when "
+        "tokens.jwks_hosts lists that host (server-side request forgery)"
+    )
+
+
 def metadata_urls(issuer: str, mode: str) -> tuple[str, ...]:
     """The metadata URLs tried for `issuer` (an URL `issuer_problem` accepts), in order:
     `mode` "oauth", "openid" or "auto" (both, RFC 8414's first)."""
@@ -84,9 +162,11 @@ def metadata_urls(issuer: str, mode: str) -> tuple[str, ...]:
     return {"oauth": (oauth,), "openid": (openid,)}.get(mode, (oauth, openid))
 
 
-def parse_metadata(data: bytes, issuer: str) -> str:
+def parse_metadata(data: bytes, issuer: str, jwks_hosts: tuple[str, ...] = ()) -> str:
     """The `jwks_uri` of an authorization server metadata document (RFC 8414 section 3.2)
-    whose `issuer` is exactly `issuer`. Raises DiscoveryError saying what is wrong."""
+    whose `issuer` is exactly `issuer`, on the issuer's origin or a host of `jwks_hosts`
+    (`origin_problem`). Raises DiscoveryError saying what is wrong, the jwks_uri quoted
+    with its non-printable characters escaped and cut to 80 characters."""
     if len(data) > MAX_JWKS_BYTES:
         raise DiscoveryError("the metadata is larger than 1 MiB")
     try:
@@ -118,6 +198,9 @@ def parse_metadata(data: bytes, issuer: str) -> str:
     problem = scheme_problem(jwks_uri)
     if problem is not None:
         raise DiscoveryError(f"the metadata's jwks_uri {_shown(jwks_uri)}: {problem}")
+    problem = origin_problem(jwks_uri, issuer, jwks_hosts)
+    if problem is not None:
+        raise DiscoveryError(f"the metadata's jwks_uri {_shown(jwks_uri)} is refused: {problem}")
     return jwks_uri
 
 
@@ -134,11 +217,19 @@ class IssuerMetadata:
     time, so it needs no lock.
     """
 
-    def __init__(self, issuer: str, mode: str = "auto", max_age: float = 300.0) -> None:
+    def __init__(
+        self,
+        issuer: str,
+        mode: str = "auto",
+        max_age: float = 300.0,
+        jwks_hosts: tuple[str, ...] = (),
+    ) -> None:
         """`issuer`: an URL `issuer_problem` accepts; `mode`: one of `DISCOVERY_MODES`;
-        `max_age`: seconds a valid document is used before it is fetched again."""
+        `max_age`: seconds a valid document is used before it is fetched again;
+        `jwks_hosts`: hosts besides the issuer's a `jwks_uri` may name (`origin_problem`)."""
         self.issuer = issuer
         self.mode = mode
+        self.jwks_hosts = jwks_hosts
         self.max_age = max_age
         self.jwks_uri: str | None = None
         self.found_at = ""
@@ -158,7 +249,7 @@ class IssuerMetadata:
                 data = await fetch(url, timeout)
                 # Up to 1 MiB of JSON: parsed off the loop that answers every organization.
                 jwks_uri = await asyncio.get_running_loop().run_in_executor(
-                    None, parse_metadata, data, self.issuer
+                    None, parse_metadata, data, self.issuer, self.jwks_hosts
                 )
             except (JwksFetchError, DiscoveryError) as exc:
                 problems.append(f"{url}: {exc}")

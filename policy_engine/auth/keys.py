@@ -591,8 +591,8 @@ class RemoteKeySets:
         self._sets_fetch = self._fetch if wrap_fetch is None else wrap_fetch(self._fetch)
         self._loop_of = loop
         self._loop: asyncio.AbstractEventLoop | None = None
-        # Keyed by URL, or by (issuer, discovery mode) for a discovered set.
-        self._sets: dict[str | tuple[str, str], RemoteKeySet] = {}
+        # Keyed by URL, or by (issuer, discovery mode, jwks_hosts) for a discovered set.
+        self._sets: dict[str | tuple[str, str, tuple[str, ...]], RemoteKeySet] = {}
         self._lock = threading.Lock()
         self._state = State.NEW
 
@@ -656,14 +656,26 @@ class RemoteKeySets:
         one whose first fetch has started. Never waits for the network."""
         return self._kept(url, url, None)
 
-    def discover(self, issuer: str, mode: str = "auto") -> RemoteKeySet:
+    def discover(
+        self, issuer: str, mode: str = "auto", jwks_hosts: tuple[str, ...] = ()
+    ) -> RemoteKeySet:
         """The key set of `issuer` found through its metadata (`mode`: one of
         `policy_engine.auth.discovery.DISCOVERY_MODES`), at once, as `get` gives a URL's:
-        kept across loads, or new with its first discovery started. Never waits."""
-        return self._kept((issuer, mode), "", IssuerMetadata(issuer, mode, self._metadata_max_age))
+        kept across loads, or new with its first discovery started. Never waits.
+        `jwks_hosts`: the hosts besides the issuer's its `jwks_uri` may name; organizations
+        allowing different hosts get different sets, so one's list never widens another's."""
+        hosts = tuple(sorted({entry.lower() for entry in jwks_hosts}))
+        return self._kept(
+            (issuer, mode, hosts),
+            "",
+            IssuerMetadata(issuer, mode, self._metadata_max_age, hosts),
+        )
 
     def _kept(
-        self, key: str | tuple[str, str], url: str, discovery: IssuerMetadata | None
+        self,
+        key: str | tuple[str, str, tuple[str, ...]],
+        url: str,
+        discovery: IssuerMetadata | None,
     ) -> RemoteKeySet:
         with self._lock:
             remote = self._sets.get(key)

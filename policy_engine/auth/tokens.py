@@ -16,6 +16,12 @@ at most `MAX_ACTORS` deep. A token that breaks any of these is refused with a re
 claim and what is wrong with it, so no claim value can make the time arithmetic, a cache
 expiry, a CEL condition or an answer's encoding fail later.
 
+A verified token must be for this PDP: its `aud` must hold the organization's `audience`
+(RFC 9068 section 4, RFC 8725 section 3.9). Rules with keys but no audience verify nothing:
+every token is refused (the loader demands an audience, so only a hand-built `TokenRules`
+can lack one). With an `organization_claim`, that claim must be the organization's name, so
+that organizations trusting one issuer and one audience do not accept each other's tokens.
+
 A verified token is bound to its application: the claim the organization names
 (`application_claim`: `client_id`, RFC 9068 section 2.2, by default; or `azp`, OpenID Connect
 Core section 2) must be the presenting application's ID. For an external user ("userId
@@ -80,6 +86,10 @@ class TokenRules:
     # The claim naming the application a token was issued to, which must be the one that
     # presents it; None: tokens are not bound to applications (`application_claim: none`).
     application_claim: str | None = DEFAULT_APPLICATION_CLAIM
+    # The claim binding a token to its organization (`tokens.organization_claim`), whose value
+    # must be `organization`; None: tokens are not bound to an organization.
+    organization_claim: str | None = None
+    organization: str = ""
 
 
 UNVERIFIED = TokenRules()
@@ -424,6 +434,27 @@ def _application_problem(
     return None
 
 
+def _organization_problem(claims: Mapping[str, Any], rules: TokenRules) -> str | None:
+    """With an `organization_claim`, the token must name this organization in it: two
+    organizations that trust one issuer for one audience then refuse each other's tokens.
+    The reason names the claim and the organization, never the token's value."""
+    name = rules.organization_claim
+    if name is None:
+        return None
+    if name not in claims:
+        return (
+            f"the access token does not say which organization it was issued for (no "
+            f"{_shown(name, 80)} claim), and organization {rules.organization!r} binds its "
+            "tokens to it"
+        )
+    if claims[name] != rules.organization:
+        return (
+            f"the access token's {_shown(name, 80)} claim does not name organization "
+            f"{rules.organization!r}"
+        )
+    return None
+
+
 def check_token(
     token: str,
     now: datetime,
@@ -465,10 +496,20 @@ def check_token(
         return timing  # unverified claims are never exposed
     if rules.issuer is not None and claims.get("iss") != rules.issuer:
         return TokenCheck("the access token is from the wrong issuer", None)
-    if rules.audience is not None and not _audience_matches(claims.get("aud"), rules.audience):
+    if rules.audience is None:
+        # Checking no audience would accept a token the same issuer (or keys) minted for any
+        # other service (RFC 8725 section 3.9): refuse rather than guess.
+        return TokenCheck(
+            "the access token cannot be accepted: the organization's token settings name no "
+            "audience (RFC 9068 section 4)",
+            None,
+        )
+    if not _audience_matches(claims.get("aud"), rules.audience):
         return TokenCheck("the access token is for the wrong audience", None)
-    problem = _subject_problem(claims, subject_id, kind, rules, external_id) or (
-        _application_problem(claims, application_id, rules)
+    problem = (
+        _subject_problem(claims, subject_id, kind, rules, external_id)
+        or _application_problem(claims, application_id, rules)
+        or _organization_problem(claims, rules)
     )
     if problem is not None:
         return TokenCheck(problem, None)

@@ -270,24 +270,44 @@ def _read_key(path: str | None, flag: str) -> bytes | None:
         raise UsageError(f"{flag} {path}: {exc.strerror or exc}") from exc
 
 
-def _with_jwks(policies: CompiledPolicySet, org: str, jwks_file: str) -> CompiledPolicySet:
-    """Dry runs verify tokens with the operator's JWKS file instead of the organization's keys."""
+def _with_jwks(
+    policies: CompiledPolicySet,
+    org: str,
+    jwks_file: str,
+    audience: str | None = None,
+    issuer: str | None = None,
+) -> CompiledPolicySet:
+    """Dry runs verify tokens with the operator's JWKS file instead of the organization's keys,
+    and with `audience` and `issuer` (--audience, --issuer) when given instead of its own. An
+    organization without `tokens:` names no audience: its tokens are then all refused
+    (RFC 8725 section 3.9), never accepted for any audience."""
     try:
         keys = StaticKeySet.from_file(Path(jwks_file))
     except KeySetError as exc:
         raise UsageError(f"--jwks: {exc}") from exc
-    return with_key_set(policies, org, keys)
+    return with_key_set(policies, org, keys, audience=audience, issuer=issuer)
 
 
-def with_key_set(policies: CompiledPolicySet, org: str, keys: KeySource) -> CompiledPolicySet:
-    """`policies` with organization `org`'s subject tokens verified by `keys` (its other token
-    settings kept); unchanged when `org` is not loaded."""
+def with_key_set(
+    policies: CompiledPolicySet,
+    org: str,
+    keys: KeySource,
+    *,
+    audience: str | None = None,
+    issuer: str | None = None,
+) -> CompiledPolicySet:
+    """`policies` with organization `org`'s subject tokens verified by `keys`, and `audience`
+    and `issuer` when given (its other token settings kept); unchanged when `org` is not
+    loaded. Without an audience from either, every token is refused (auth.tokens)."""
     organization = policies.organizations.get(org)
     if organization is None:
         return policies
-    patched = dataclasses.replace(
-        organization, tokens=dataclasses.replace(organization.tokens, keys=keys)
-    )
+    tokens = dataclasses.replace(organization.tokens, keys=keys)
+    if audience is not None:
+        tokens = dataclasses.replace(tokens, audience=audience)
+    if issuer is not None:
+        tokens = dataclasses.replace(tokens, issuer=issuer)
+    patched = dataclasses.replace(organization, tokens=tokens)
     return dataclasses.replace(
         policies, organizations=MappingProxyType({**policies.organizations, org: patched})
     )
@@ -296,8 +316,10 @@ def with_key_set(policies: CompiledPolicySet, org: str, keys: KeySource) -> Comp
 def cmd_eval(args: argparse.Namespace) -> int:
     message = build_message(args)
     policies = load_policy_set(Path(args.policies))
+    if (args.audience is not None or args.issuer is not None) and not args.jwks:
+        raise UsageError("--audience and --issuer apply only with --jwks")
     if args.jwks:
-        policies = _with_jwks(policies, args.org, args.jwks)
+        policies = _with_jwks(policies, args.org, args.jwks, args.audience, args.issuer)
     now = datetime.now(UTC)
     decision = dry_run(message, policies, now=now)
     # Counted as the server counts it, in counters of this run's own, topped up first.
@@ -648,6 +670,14 @@ def build_parser() -> argparse.ArgumentParser:
         evaluate.add_argument(flag, action="append", default=[], metavar="KEY=VALUE")
     evaluate.add_argument("--token", help="the subject's access token (JWT)")
     evaluate.add_argument("--jwks", help="verify --token with this JWKS file")
+    evaluate.add_argument(
+        "--audience",
+        help="with --jwks: the 'aud' the token must carry (default: the organization's "
+        "tokens.audience; without either, every token is refused)",
+    )
+    evaluate.add_argument(
+        "--issuer", help="with --jwks: the 'iss' the token must carry (default: the organization's)"
+    )
     evaluate.add_argument(
         "--quota-used",
         action="append",

@@ -410,6 +410,11 @@ def _load(
             organizations[org] = _with_identities(
                 _with_quotas(compiled, org_files, issues), org_files, issues
             )
+    issues.extend(
+        _shared_token_audiences(
+            config for _, org_files in sorted(by_org.items()) for config in _configs(org_files)
+        )
+    )
     if issues:
         raise PolicyLoadError(issues)
     return CompiledPolicySet(
@@ -418,6 +423,48 @@ def _load(
         file_count=len(contents),
         files_read=source.files_read,
     )
+
+
+def _configs(files: list[tuple[_FileKey, ParsedFile]]) -> list[OrganizationConfig]:
+    return [config for _, parsed in files for config in parsed.configs]
+
+
+def _shared_token_audiences(configs: Iterable[OrganizationConfig]) -> list[LoadIssue]:
+    """One issue for each pair of organizations that would accept each other's subject
+    tokens: the same `audience` and the same `issuer` (an organization naming no issuer
+    accepts any its keys signed, so it shares every issuer), unless both bind tokens to
+    their organization with `organization_claim`. A token is checked for subject and
+    application, but those IDs are the organizations' own and may well coincide."""
+    found: list[LoadIssue] = []
+    seen: list[OrganizationConfig] = []
+    for config in configs:
+        tokens = config.tokens
+        if tokens is None or tokens.audience is None:
+            continue
+        for earlier in seen:
+            other = earlier.tokens
+            assert other is not None
+            if other.audience != tokens.audience:
+                continue
+            if None not in (tokens.issuer, other.issuer) and tokens.issuer != other.issuer:
+                continue
+            if tokens.organization_claim is not None and other.organization_claim is not None:
+                continue
+            issuer = tokens.issuer or other.issuer
+            found.append(
+                LoadIssue(
+                    config.position.file,
+                    tokens.line or config.position.line,
+                    f"organizations {earlier.name!r} and {config.name!r} verify tokens "
+                    + (f"from issuer {issuer!r} " if issuer is not None else "")
+                    + f"for the same audience {tokens.audience!r}, so each would accept "
+                    "the other's tokens: give each its own audience, or set "
+                    "tokens.organization_claim in both (a claim whose value is the "
+                    "organization's name)",
+                )
+            )
+        seen.append(config)
+    return found
 
 
 def _with_quotas(
@@ -816,7 +863,9 @@ def _token_rules(
                 )
             )
             return UNVERIFIED
-        keys = remote_keys.discover(issuer, settings.discovery)  # at once, like a jwks_url
+        # At once, like a jwks_url; the jwks_uri found must be on the issuer's origin or
+        # one of jwks_hosts (auth.discovery.origin_problem).
+        keys = remote_keys.discover(issuer, settings.discovery, settings.jwks_hosts)
     return TokenRules(
         keys=keys,
         issuer=settings.issuer,
@@ -828,6 +877,8 @@ def _token_rules(
         application_claim=(
             None if settings.application_claim == "none" else settings.application_claim
         ),
+        organization_claim=settings.organization_claim,
+        organization=org,
     )
 
 

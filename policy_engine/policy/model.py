@@ -86,6 +86,10 @@ class TokenSettings:
     external_subject_claim: str | None = None
     # The claim binding a token to its application: client_id (RFC 9068), azp (OIDC) or none.
     application_claim: str = "client_id"
+    # A claim whose value must be the organization's name (e.g. org_id); None: not bound.
+    organization_claim: str | None = None
+    # With discovery: hosts (`host` or `host:port`) a jwks_uri may name besides the issuer's.
+    jwks_hosts: tuple[str, ...] = ()
     line: int = 0
 
 

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from policy_engine.auth.discovery import DISCOVERY_MODES
+from policy_engine.auth.discovery import DISCOVERY_MODES, MAX_JWKS_HOSTS, jwks_host_problem
 from policy_engine.auth.tokens import (
     APPLICATION_CLAIMS,
     DEFAULT_ALGORITHMS,
@@ -295,6 +295,17 @@ class DocumentParser:
             for key in ("issuer", "audience", "jwks_file", "jwks_url", "external_subject_claim")
         }
         named_keys = optional["jwks_file"] or optional["jwks_url"]
+        # RFC 9068 section 4, RFC 8725 section 3.9: without it, a token the same issuer (or
+        # the same keys) minted for any other service would be accepted here. Reported, and
+        # the rest still read so that every problem of the section is listed at once.
+        no_audience = optional["audience"] is None
+        if no_audience and "audience" not in raw:
+            self.problem(
+                raw.line,
+                "tokens need an 'audience': the 'aud' value that tokens for this PDP carry "
+                "(RFC 9068 section 4); without one, tokens minted for any other service "
+                "would be accepted",
+            )
         if optional["jwks_file"] and optional["jwks_url"]:
             self.problem(raw.line, "tokens name one of 'jwks_file' or 'jwks_url', not both")
             return None
@@ -343,15 +354,58 @@ class DocumentParser:
             ", ".join(APPLICATION_CLAIMS),
             default=DEFAULT_APPLICATION_CLAIM,
         )
+        organization_claim = self._string(raw, "organization_claim", required=False) or None
+        if organization_claim is not None and organization_claim != organization_claim.strip():
+            self.problem(
+                raw.line_of("organization_claim"),
+                "'organization_claim' is a claim name, without surrounding spaces",
+            )
+            return None
+        jwks_hosts = self._jwks_hosts(raw)
+        if jwks_hosts is None:
+            return None
+        if jwks_hosts and named_keys:
+            self.problem(
+                raw.line_of("jwks_hosts"),
+                "'jwks_hosts' applies only to tokens naming no 'jwks_file' or 'jwks_url' "
+                "(keys discovered from the issuer's metadata)",
+            )
+            return None
+        if no_audience:
+            return None
         return TokenSettings(
             required=required,
             application_claim=application_claim,
+            organization_claim=organization_claim,
+            jwks_hosts=jwks_hosts,
             discovery=discovery,
             algorithms=tuple(algorithms),
             leeway_seconds=leeway,
             line=raw.line,
             **optional,
         )
+
+    def _jwks_hosts(self, raw: PositionedDict) -> tuple[str, ...] | None:
+        """`tokens.jwks_hosts`: () when absent, None (a problem recorded) when invalid."""
+        hosts = raw.get("jwks_hosts")
+        if hosts is None:
+            return ()
+        line = raw.line_of("jwks_hosts")
+        if not isinstance(hosts, list) or not hosts or len(hosts) > MAX_JWKS_HOSTS:
+            self.problem(
+                line, f"'jwks_hosts' must list 1 to {MAX_JWKS_HOSTS} hosts{_as_written(hosts)}"
+            )
+            return None
+        for entry in hosts:
+            problem = (
+                jwks_host_problem(entry)
+                if isinstance(entry, str)
+                else f"{_shown(entry)} is not a string"
+            )
+            if problem is not None:
+                self.problem(line, f"jwks_hosts: {problem}")
+                return None
+        return tuple(hosts)
 
     def policy(self, doc: PositionedDict) -> Policy | None:
         name = self._name(doc, "name")

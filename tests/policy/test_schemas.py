@@ -377,6 +377,32 @@ ORGANIZATION_VIOLATIONS: dict[str, Document] = {
     ),
     "application claim a boolean": _with(ORGANIZATION, _set("tokens.application_claim", False)),
     "application claim null": _with(ORGANIZATION, _set("tokens.application_claim", None)),
+    "no audience": _with(ORGANIZATION, _set("tokens.audience", ...)),
+    "empty audience": _with(ORGANIZATION, _set("tokens.audience", " ")),
+    "jwks_hosts beside a jwks_file": _with(ORGANIZATION, _set("tokens.jwks_hosts", ["k.test"])),
+    **{
+        f"jwks_hosts {name}": _with(
+            ORGANIZATION,
+            _set("tokens.jwks_file", ...),
+            _set("tokens.issuer", "https://idp.acme.test"),
+            _set("tokens.jwks_hosts", hosts),
+        )
+        for name, hosts in {
+            "with a scheme": ["https://keys.idp.test"],
+            "with a path": ["keys.idp.test/jwks"],
+            "with port 0": ["keys.idp.test:0"],
+            "with port 65536": ["keys.idp.test:65536"],
+            "with a leading zero port": ["keys.idp.test:0443"],
+            "with user information": ["user@keys.idp.test"],
+            "empty": [],
+            "a string": "keys.idp.test",
+            "with a number": [443],
+            "too many": [f"k{i}.idp.test" for i in range(17)],
+        }.items()
+    },
+    "organization claim empty": _with(ORGANIZATION, _set("tokens.organization_claim", " ")),
+    "organization claim a number": _with(ORGANIZATION, _set("tokens.organization_claim", 1)),
+    "organization claim spaced": _with(ORGANIZATION, _set("tokens.organization_claim", " org")),
 }
 
 IDENTITY_MAPPING: Document = {
@@ -436,6 +462,17 @@ def test_an_issuer_alone_loads_and_validates(discovery: str | None) -> None:
     )
     if discovery is not None:
         organization["tokens"]["discovery"] = discovery
+    assert _schema_errors(organization) == [] and _loads_organization(organization)
+
+
+def test_bound_tokens_and_allowed_jwks_hosts_load_and_validate() -> None:
+    organization = _with(
+        ORGANIZATION,
+        _set("tokens.jwks_file", ...),
+        _set("tokens.issuer", "http://127.0.0.1:1/a"),
+        _set("tokens.organization_claim", "org_id"),
+        _set("tokens.jwks_hosts", ["keys.idp.test", "keys.idp.test:8443", "[::1]:65535"]),
+    )
     assert _schema_errors(organization) == [] and _loads_organization(organization)
 
 

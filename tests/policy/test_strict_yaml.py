@@ -106,6 +106,7 @@ catalog:
   applications: [app]{catalog_extra}
 tokens:
   jwks_url: https://idp.example/jwks
+  audience: pdp
   required: true{tokens_extra}
 """
 

@@ -37,13 +37,16 @@ from tests.store.support import wait_for, write_text_atomically
 COMPROMISED = rsa_key("compromised")
 KEPT = rsa_key("kept")
 JWKS_FILES = {"acme": ".keys/jwks.json", "globex": "keys/jwks.json"}
+# Each its own: two organizations trusting one issuer for one audience would accept each
+# other's tokens, which the loader refuses (unless both bind tokens.organization_claim).
+AUDIENCES = {"acme": AUDIENCE, "globex": "globex-broker"}
 DENIED = (pdp_pb2.EFFECT_DENY, ("kontext_authorization_required",))
 ALLOWED = (pdp_pb2.EFFECT_ALLOW, ())
 
 
 def _set_jwks_file(folder: Path, jwks_file: str) -> None:
     config = yaml.safe_load((folder / "organization.yaml").read_text())
-    tokens = {"issuer": ISSUER, "audience": AUDIENCE, "jwks_file": jwks_file}
+    tokens = {"issuer": ISSUER, "audience": AUDIENCES[folder.name], "jwks_file": jwks_file}
     write_text_atomically(
         folder / "organization.yaml", yaml.safe_dump({**config, "tokens": tokens})
     )
@@ -135,8 +138,8 @@ def test_removing_a_key_from_the_jwks_file_denies_its_tokens_without_a_signal(
     save: str,
 ) -> None:
     running, swapped = server
-    stolen = COMPROMISED.sign(**claims())
-    kept = KEPT.sign(**claims())
+    stolen = COMPROMISED.sign(**claims(aud=AUDIENCES[org]))
+    kept = KEPT.sign(**claims(aud=AUDIENCES[org]))
     assert _check(stub, org, stolen) == ALLOWED
     assert _check(stub, org, stolen) == ALLOWED  # and now from the decision cache
     path = root / org / JWKS_FILES[org]
