@@ -31,6 +31,7 @@ from policy_engine.bench.redis_server import RedisServer
 from policy_engine.client import check_request
 from tests.deploy.manifests import (
     SAMPLE_SECRET,
+    Manifest,
     build,
     container,
     container_environment,
@@ -82,7 +83,7 @@ def _mebibytes(quantity: str) -> str:
     return f"{int(quantity[:-2])}m"
 
 
-def _own_as_the_kubelet(deployment: dict, mounts: dict[str, Path]) -> None:
+def _own_as_the_kubelet(deployment: Manifest, mounts: dict[str, Path]) -> None:
     """Each ConfigMap/Secret volume's files root-owned with the volume's defaultMode, the
     pod's fsGroup as their group (the kubelet's AtomicWriter with fsGroup)."""
     group = pod_spec(deployment)["securityContext"]["fsGroup"]
@@ -112,7 +113,7 @@ def test_the_pod_runs_as_its_user_on_a_read_only_root(
     _own_as_the_kubelet(deployment, folders)
     inside = {p: Path("/tmp") if p == "/tmp" else Path(POD_ROOT + p) for p in folders}
     env = container_environment(deployment, inside, secret)
-    ports = {}
+    ports: dict[int, int] = {}
     for name, value in env.items():
         if value.startswith("0.0.0.0:"):
             ports[int(value.rpartition(":")[2])] = port = free_port()
@@ -164,7 +165,9 @@ def test_the_pod_runs_as_its_user_on_a_read_only_root(
         try:
             code = proc.wait(timeout=pod_spec(deployment)["terminationGracePeriodSeconds"])
         except subprocess.TimeoutExpired:
-            raise AssertionError("not stopped within the grace period:\n" + log_file.read_text())
+            raise AssertionError(
+                "not stopped within the grace period:\n" + log_file.read_text()
+            ) from None
         assert code == 0, log_file.read_text()
     finally:
         if proc.poll() is None:
