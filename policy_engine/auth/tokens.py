@@ -447,7 +447,7 @@ def _organization_problem(claims: Mapping[str, Any], rules: TokenRules) -> str |
             f"{_shown(name, 80)} claim), and organization {rules.organization!r} binds its "
             "tokens to it"
         )
-    if claims[name] != rules.organization:
+    if not rules.organization or claims[name] != rules.organization:
         return (
             f"the access token's {_shown(name, 80)} claim does not name organization "
             f"{rules.organization!r}"

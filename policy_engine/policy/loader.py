@@ -429,42 +429,75 @@ def _configs(files: list[tuple[_FileKey, ParsedFile]]) -> list[OrganizationConfi
     return [config for _, parsed in files for config in parsed.configs]
 
 
+# Pairs of organizations sharing token issuer and audience reported one by one; one more
+# issue counts the rest (a set of thousands of unbound organizations is one mistake).
+MAX_SHARED_TOKEN_ISSUES = 20
+
+
 def _shared_token_audiences(configs: Iterable[OrganizationConfig]) -> list[LoadIssue]:
     """One issue for each pair of organizations that would accept each other's subject
     tokens: the same `audience` and the same `issuer` (an organization naming no issuer
     accepts any its keys signed, so it shares every issuer), unless both bind tokens to
     their organization with `organization_claim`. A token is checked for subject and
-    application, but those IDs are the organizations' own and may well coincide."""
-    found: list[LoadIssue] = []
-    seen: list[OrganizationConfig] = []
+    application, but those IDs are each organization's own and may well coincide.
+
+    Grouped by audience, then issuer: a set of thousands of organizations that all bind the
+    claim, or all have their own audience, costs one pass, not a comparison per pair."""
+    by_audience: dict[str, list[OrganizationConfig]] = {}
     for config in configs:
-        tokens = config.tokens
-        if tokens is None or tokens.audience is None:
+        if config.tokens is not None and config.tokens.audience is not None:
+            by_audience.setdefault(config.tokens.audience, []).append(config)
+    pairs: list[tuple[OrganizationConfig, OrganizationConfig]] = []
+    seen: set[tuple[str, str]] = set()
+    for group in by_audience.values():
+        unbound = [c for c in group if c.tokens is not None and not c.tokens.organization_claim]
+        if len(group) < 2 or not unbound:
             continue
-        for earlier in seen:
-            other = earlier.tokens
-            assert other is not None
-            if other.audience != tokens.audience:
-                continue
-            if None not in (tokens.issuer, other.issuer) and tokens.issuer != other.issuer:
-                continue
-            if tokens.organization_claim is not None and other.organization_claim is not None:
-                continue
-            issuer = tokens.issuer or other.issuer
-            found.append(
-                LoadIssue(
-                    config.position.file,
-                    tokens.line or config.position.line,
-                    f"organizations {earlier.name!r} and {config.name!r} verify tokens "
-                    + (f"from issuer {issuer!r} " if issuer is not None else "")
-                    + f"for the same audience {tokens.audience!r}, so each would accept "
-                    "the other's tokens: give each its own audience, or set "
-                    "tokens.organization_claim in both (a claim whose value is the "
-                    "organization's name)",
-                )
+        by_issuer: dict[str | None, list[OrganizationConfig]] = {}
+        for config in group:
+            assert config.tokens is not None
+            by_issuer.setdefault(config.tokens.issuer, []).append(config)
+        for config in unbound:
+            assert config.tokens is not None
+            issuer = config.tokens.issuer
+            sharing = group if issuer is None else [*by_issuer[issuer], *by_issuer.get(None, [])]
+            for other in sharing:
+                first, second = sorted((config, other), key=lambda c: c.name)
+                if other is config or (first.name, second.name) in seen:
+                    continue
+                seen.add((first.name, second.name))
+                pairs.append((first, second))
+    pairs.sort(key=lambda pair: (pair[0].name, pair[1].name))
+    found = [_shared_token_issue(first, second) for first, second in pairs]
+    if len(found) > MAX_SHARED_TOKEN_ISSUES:
+        rest = len(found) - MAX_SHARED_TOKEN_ISSUES
+        found = found[:MAX_SHARED_TOKEN_ISSUES]
+        last = found[-1]
+        found.append(
+            LoadIssue(
+                last.file,
+                last.line,
+                f"and {rest} more pairs of organizations verifying tokens from one issuer for "
+                "one audience without tokens.organization_claim",
             )
-        seen.append(config)
+        )
     return found
+
+
+def _shared_token_issue(first: OrganizationConfig, second: OrganizationConfig) -> LoadIssue:
+    """The issue for `second` (its Organization document), sharing with `first`."""
+    tokens, other = second.tokens, first.tokens
+    assert tokens is not None and other is not None
+    issuer = tokens.issuer or other.issuer
+    return LoadIssue(
+        second.position.file,
+        tokens.line or second.position.line,
+        f"organizations {first.name!r} and {second.name!r} verify tokens "
+        + (f"from issuer {issuer!r} " if issuer is not None else "")
+        + f"for the same audience {tokens.audience!r}, so each would accept the other's "
+        "tokens: give each its own audience, or set tokens.organization_claim in both (a "
+        "claim whose value is the organization's name)",
+    )
 
 
 def _with_quotas(

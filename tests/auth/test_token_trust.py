@@ -300,6 +300,30 @@ def test_two_organizations_sharing_issuer_and_audience_are_a_load_error(tmp_path
         assert set(load_policy_set(root).organizations) == {"acme", "globex"}
 
 
+def test_many_organizations_sharing_are_reported_in_bounded_lines(tmp_path: Path) -> None:
+    root = tmp_path / "policies"
+    for index in range(25):
+        write_org(root, f"org{index:02d}", issuer=ISSUER, audience=AUDIENCE)
+    errors = load_errors(root)
+    assert errors.count("verify tokens from issuer") == 20
+    assert "and 280 more pairs of organizations" in errors  # 25 * 24 / 2 = 300 pairs
+    # All bound: one set, loaded.
+    bound = tmp_path / "bound"
+    for index in range(25):
+        write_org(
+            bound, f"org{index:02d}", issuer=ISSUER, audience=AUDIENCE, organization_claim="org"
+        )
+    assert len(load_policy_set(bound).organizations) == 25
+
+
+def test_rules_binding_an_organization_claim_but_naming_none_accept_no_token() -> None:
+    rules = TokenRules(
+        keys=StaticKeySet(parse_jwks(jwks(KEY))), audience=AUDIENCE, organization_claim="org"
+    )
+    check = check_token(KEY.sign(**claims(org="")), now(), rules, "alice", application_id="app")
+    assert check.problem is not None and "'org' claim does not name" in check.problem
+
+
 def _check(stub: Any, org: str, token: str) -> pdp_pb2.CheckResponse:
     return stub.Check(  # type: ignore[no-any-return]
         pdp_pb2.CheckRequest(
