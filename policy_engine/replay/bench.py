@@ -9,9 +9,12 @@ so their claims are recorded), spread over a week so working-hours rules go both
 worst case for replay's reuse of decisions); without it, people keep a session for a while, as
 a broker's traffic does.
 
-`run FILE [--runs K]` replays the log against policies/ K times and prints each run's records
-per second, by wall clock and by this process's CPU time (the steadier figure on a shared
-machine), and their medians. Pin it to one core for issue 13's figure:
+`run FILE [--runs K] [--policies DIR]` replays the log against policies/ (or DIR) K times and
+prints each run's records per second, by wall clock and by this process's CPU time (the
+steadier figure on a shared machine), and their medians. A candidate with a rule that reads
+`context.session_id` makes replay key decisions by the session ID too (see
+`policy_engine.replay.reads`): against it, a `--distinct` log reuses no decision at all.
+Pin it to one core for issue 13's figure:
 `taskset -c 1 .venv/bin/python -m policy_engine.replay.bench run audit.jsonl --runs 5`.
 """
 
@@ -183,11 +186,14 @@ def main(argv: list[str] | None = None) -> None:
     measure = commands.add_parser("run", help="replay a log, print records/s")
     measure.add_argument("file", type=Path)
     measure.add_argument("--runs", type=int, default=3)
+    measure.add_argument(
+        "--policies", type=Path, default=POLICIES, help="the candidate (default: policies/)"
+    )
     args = parser.parse_args(argv)
-    policies = load_policy_set(POLICIES)
     if args.command == "generate":
-        generate(args.file, args.records, policies, distinct=args.distinct)
+        generate(args.file, args.records, load_policy_set(POLICIES), distinct=args.distinct)
         return
+    policies = load_policy_set(args.policies)
     rates, cpu_rates = [], []
     for _ in range(args.runs):
         wall, cpu, records = run(args.file, policies)
