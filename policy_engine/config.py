@@ -257,6 +257,9 @@ Seconds = Annotated[float, at.Gt(0), _After(_finite)]
 SecondsOrOff = Annotated[float, at.Ge(0), _After(_finite)]
 
 
+MAX_HOST_LENGTH = 253  # a DNS name's text form at most (RFC 1035 section 2.3.4, RFC 1123)
+
+
 def _otlp_endpoint(value: str) -> str:
     """`tracing.otlp_endpoint`: empty (the exporter's own default, `OTEL_EXPORTER_OTLP_ENDPOINT`
     or `localhost:4317`) or `http://host:port` (plaintext) / `https://host:port` (TLS), as
@@ -272,6 +275,9 @@ def _otlp_endpoint(value: str) -> str:
         raise ValueError(f"expected http://host:port or https://host:port ({problem})")
     if parts.path not in ("", "/") or parts.query or parts.fragment:
         raise ValueError("expected http://host:port or https://host:port, without a path")
+    if len(parts.netloc.rpartition(":")[0]) > MAX_HOST_LENGTH:
+        # Never resolvable, and the exporter would write all of it in every error line.
+        raise ValueError(f"expected a host of at most {MAX_HOST_LENGTH} characters")
     return value
 
 

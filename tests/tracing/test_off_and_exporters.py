@@ -146,6 +146,11 @@ def test_spans_are_not_recorded_when_tracing_is_off() -> None:
         ("PDP_TRACING__OTLP_ENDPOINT", "http://u:secret@x:1", "got a text of 19 characters"),
         ("PDP_TRACING__OTLP_ENDPOINT", "http://x:99999", "setting tracing.otlp_endpoint"),
         ("PDP_TRACING__OTLP_ENDPOINT", "http://x:4317/v1/traces", "without a path"),
+        ("PDP_TRACING__OTLP_ENDPOINT", f"http://{'a' * 254}:4317", "at most 253 characters"),
+        ("PDP_TRACING__OTLP_ENDPOINT", f"http://{'a.' * 50_000}b:1", "at most 253 characters"),
+        ("PDP_TRACING__SAMPLE_RATIO", "-1", "setting tracing.sample_ratio: expected a number"),
+        ("PDP_TRACING__SAMPLE_RATIO", "1e309", "setting tracing.sample_ratio: expected a finite"),
+        ("PDP_TRACING__SAMPLE_RATIO", "", "setting tracing.sample_ratio: Input should be"),
         ("PDP_TRACING__COLOR", "red", "setting tracing.color: unknown setting"),
     ],
 )
@@ -168,6 +173,8 @@ def test_good_tracing_settings_load() -> None:
             "PDP_TRACING__SERVICE_NAME": "pdp-eu-1",
         }
     )
+    longest = f"http://{'a' * 253}:4317"
+    assert load_settings(environ={"PDP_TRACING__OTLP_ENDPOINT": longest}).tracing.otlp_endpoint
     assert settings.tracing == TracingSettings(
         enabled=True,
         exporter="console",
