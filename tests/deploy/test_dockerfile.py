@@ -68,8 +68,20 @@ def test_the_build_stage_makes_the_wheels_the_packaging_test_installs() -> None:
     assert [f"source={WHEELS_DIR}" in m and f"target={WHEELS_DIR}" in m for m in mounts] == [True]
     install = next(c for c in _run_commands(runtime) if c[:2] == ["pip", "install"])
     assert {"--no-index", "--find-links", WHEELS_DIR} <= set(install)
-    assert install[-1] == "policy-engine[server]"
+    assert install[-1] == "policy-engine[server,tracing]"
     assert build_stage.base == runtime.base, "wheels built for the Python that runs them"
+
+
+def test_the_image_can_trace() -> None:
+    """The image holds the `tracing` extra: PDP_TRACING__ENABLED=true in the Deployment must
+    not need another image (without it `pdp serve` refuses the setting, and a read-only
+    container cannot pip install)."""
+    build_stage, runtime = stages()
+    (wheel,) = [c for c in _run_commands(build_stage) if c[:2] == ["pip", "wheel"]]
+    (install,) = [c for c in _run_commands(runtime) if c[:2] == ["pip", "install"]]
+    for command in (wheel, install):
+        extras = command[-1].partition("[")[2].rstrip("]").split(",")
+        assert {"server", "tracing"} <= set(extras), command
 
 
 def test_the_image_runs_pdp_serve_as_the_deployments_non_root_user() -> None:

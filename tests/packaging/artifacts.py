@@ -29,7 +29,7 @@ REPO = Path(__file__).resolve().parents[2]
 # The Dockerfile's build stage runs exactly this in the source folder (tests/deploy checks
 # it), and tests/packaging installs what it writes: the project's wheel, built from the tree
 # by pip with build isolation, and the wheels of the server's dependencies.
-WHEEL_COMMAND = ("pip", "wheel", "--wheel-dir", "/wheels", ".[server]")
+WHEEL_COMMAND = ("pip", "wheel", "--wheel-dir", "/wheels", ".[server,tracing]")
 WHEELS_DIR = "/wheels"
 
 

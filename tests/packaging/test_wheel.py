@@ -1,7 +1,7 @@
 """The package as users get it: built outside the checkout, installed in fresh virtualenvs.
 
 Two wheels: one built from the source tree by the Dockerfile's command (`pip wheel
-.[server]`, which also collects the dependencies' wheels into a wheelhouse), one built by
+.[server,tracing]`, which also collects the dependencies' wheels into a wheelhouse), one built by
 `python -m build` from the sdist it makes first. The tree's wheel is installed with the base
 dependencies only (the broker's client) and runs README's "Client for the broker" example,
 over mutual TLS with a bearer token, against `pdp serve` of the sdist's wheel installed with
