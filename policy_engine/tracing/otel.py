@@ -18,10 +18,12 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
+import os
 import re
 import threading
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import AbstractContextManager, contextmanager, nullcontext
 from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit
@@ -77,6 +79,62 @@ _SERVER_ERRORS = frozenset(
     }
 )
 _EFFECTS = {pdp_pb2.EFFECT_ALLOW: "ALLOW", pdp_pb2.EFFECT_DENY: "DENY"}
+# OpenTelemetry's own variables that the batch processor and the OTLP exporter parse when they
+# are built. The SDK logs a traceback and falls back to its default for one it cannot parse,
+# or refuses to start with a message that does not name it: they are checked first.
+_OTEL_WHOLE = (  # counts, and milliseconds
+    "OTEL_BSP_MAX_QUEUE_SIZE",
+    "OTEL_BSP_MAX_EXPORT_BATCH_SIZE",
+    "OTEL_BSP_SCHEDULE_DELAY",
+    "OTEL_BSP_EXPORT_TIMEOUT",
+)
+_OTEL_SECONDS = ("OTEL_EXPORTER_OTLP_TIMEOUT", "OTEL_EXPORTER_OTLP_TRACES_TIMEOUT")
+_MAX_WHOLE = 2**31 - 1
+
+
+def otel_environment_problems(environ: Mapping[str, str], *, otlp: bool) -> list[str]:
+    """What is wrong with the OpenTelemetry variables in `environ` that the batch processor
+    (`OTEL_BSP_*`: whole numbers from 1) and, when `otlp`, the OTLP exporter
+    (`OTEL_EXPORTER_OTLP_TIMEOUT`, `..._TRACES_TIMEOUT`: seconds, finite and above 0) read;
+    one line per variable, empty when nothing is. An unset variable is the SDK's default."""
+    problems: list[str] = []
+    whole: dict[str, int] = {}
+    for name in _OTEL_WHOLE:
+        raw = environ.get(name)
+        if raw is None:
+            continue
+        try:
+            value = int(raw)
+        except ValueError:
+            value = 0
+        if not 1 <= value <= _MAX_WHOLE:
+            problems.append(
+                f"variable {name}: expected a whole number from 1 to {_MAX_WHOLE}, got {raw[:40]!r}"
+            )
+        else:
+            whole[name] = value
+    queue = whole.get("OTEL_BSP_MAX_QUEUE_SIZE", 2048)
+    batch = whole.get("OTEL_BSP_MAX_EXPORT_BATCH_SIZE", 512)  # the SDK's defaults, unclamped
+    if batch > queue:
+        problems.append(
+            f"variables OTEL_BSP_MAX_EXPORT_BATCH_SIZE ({batch}) and OTEL_BSP_MAX_QUEUE_SIZE "
+            f"({queue}): a batch must fit in the queue (unset, they are 512 and 2048)"
+        )
+    for name in _OTEL_SECONDS if otlp else ():
+        raw = environ.get(name)
+        if raw is None:
+            continue
+        try:
+            seconds = float(raw)
+        except ValueError:
+            seconds = math.nan
+        if not (math.isfinite(seconds) and seconds > 0):
+            problems.append(
+                f"variable {name}: expected seconds, a finite number above 0, got {raw[:40]!r}"
+            )
+    return problems
+
+
 _PROPAGATOR = TraceContextTextMapPropagator()
 
 
@@ -362,6 +420,9 @@ class Tracing:
                 shutdown_on_exit=False,
             )
             self._exporter_class()  # a missing package is a setting problem: say so now
+            problems = otel_environment_problems(os.environ, otlp=self.settings.exporter == "otlp")
+            if problems:
+                raise ConfigError("\n".join(problems))
         self.provider = provider
         self.tracer = provider.get_tracer(TRACER_NAME, __version__)
         self._state = State.NEW
@@ -561,5 +622,6 @@ __all__ = [
     "Tracing",
     "current_ids",
     "display_url",
+    "otel_environment_problems",
     "parent_context",
 ]

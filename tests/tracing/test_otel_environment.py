@@ -1,0 +1,86 @@
+"""OpenTelemetry's own variables (`OTEL_BSP_*`, the OTLP exporter's timeouts) that the SDK parses
+when tracing starts: a bad one is refused at startup naming the variable, as a bad `PDP_*`
+setting is, never logged as a traceback with the SDK's default silently used instead, nor
+refused with a message that does not say which variable is wrong."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from policy_engine.config import ConfigError, TracingSettings
+from policy_engine.tracing import tracing_from_settings
+from tests.server.harness import EXAMPLE_POLICIES, REPO
+from tests.tracing.support import traced_settings
+
+
+@pytest.mark.parametrize(
+    ("variable", "value", "message"),
+    [
+        ("OTEL_BSP_MAX_QUEUE_SIZE", "abc", "variable OTEL_BSP_MAX_QUEUE_SIZE: expected a whole"),
+        ("OTEL_BSP_MAX_QUEUE_SIZE", "0", "variable OTEL_BSP_MAX_QUEUE_SIZE: expected a whole"),
+        ("OTEL_BSP_MAX_QUEUE_SIZE", "-5", "variable OTEL_BSP_MAX_QUEUE_SIZE: expected a whole"),
+        ("OTEL_BSP_MAX_QUEUE_SIZE", "1e9", "variable OTEL_BSP_MAX_QUEUE_SIZE: expected a whole"),
+        ("OTEL_BSP_MAX_QUEUE_SIZE", "100", "a batch must fit in the queue"),
+        ("OTEL_BSP_MAX_EXPORT_BATCH_SIZE", "100000", "a batch must fit in the queue"),
+        ("OTEL_BSP_SCHEDULE_DELAY", "", "variable OTEL_BSP_SCHEDULE_DELAY: expected a whole"),
+        ("OTEL_BSP_SCHEDULE_DELAY", "0", "variable OTEL_BSP_SCHEDULE_DELAY: expected a whole"),
+        ("OTEL_BSP_EXPORT_TIMEOUT", "2.5", "variable OTEL_BSP_EXPORT_TIMEOUT: expected a whole"),
+        ("OTEL_EXPORTER_OTLP_TIMEOUT", "abc", "variable OTEL_EXPORTER_OTLP_TIMEOUT: expected sec"),
+        ("OTEL_EXPORTER_OTLP_TIMEOUT", "-1", "variable OTEL_EXPORTER_OTLP_TIMEOUT: expected sec"),
+        ("OTEL_EXPORTER_OTLP_TRACES_TIMEOUT", "nan", "OTEL_EXPORTER_OTLP_TRACES_TIMEOUT: expected"),
+        ("OTEL_EXPORTER_OTLP_TRACES_TIMEOUT", "inf", "OTEL_EXPORTER_OTLP_TRACES_TIMEOUT: expected"),
+    ],
+)
+def test_a_bad_opentelemetry_variable_is_refused_naming_it(
+    monkeypatch: pytest.MonkeyPatch, variable: str, value: str, message: str
+) -> None:
+    monkeypatch.setenv(variable, value)
+    with pytest.raises(ConfigError) as refused:
+        tracing_from_settings(traced_settings())
+    assert message in str(refused.value)
+
+
+def test_good_opentelemetry_variables_are_taken(monkeypatch: pytest.MonkeyPatch) -> None:
+    for variable, value in {
+        "OTEL_BSP_MAX_QUEUE_SIZE": "100",
+        "OTEL_BSP_MAX_EXPORT_BATCH_SIZE": "100",
+        "OTEL_BSP_SCHEDULE_DELAY": "250",
+        "OTEL_BSP_EXPORT_TIMEOUT": "5000",
+        "OTEL_EXPORTER_OTLP_TIMEOUT": "2.5",
+        "OTEL_EXPORTER_OTLP_TRACES_TIMEOUT": "3",
+    }.items():
+        monkeypatch.setenv(variable, value)
+    assert tracing_from_settings(traced_settings()) is not None
+
+
+def test_the_exporters_timeout_is_not_the_console_exporters_business(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setenv("OTEL_EXPORTER_OTLP_TIMEOUT", "abc")
+    console = traced_settings(tracing=TracingSettings(enabled=True, exporter="console"))
+    assert tracing_from_settings(console) is not None
+
+
+def test_pdp_serve_refuses_an_unparsable_queue_size_at_startup(tmp_path: Path) -> None:
+    env = {
+        **{k: v for k, v in os.environ.items() if not k.startswith(("PDP_", "OTEL_"))},
+        "PYTHONPATH": str(REPO),
+        "PDP_ADDRESS": "127.0.0.1:0",
+        "PDP_POLICY_DIR": str(EXAMPLE_POLICIES),
+        "PDP_METRICS_ADDRESS": "",
+        "PDP_RELOAD__WATCH": "false",
+        "PDP_TRACING__ENABLED": "true",
+        "OTEL_BSP_MAX_QUEUE_SIZE": "lots",
+    }
+    done = subprocess.run(
+        [sys.executable, "-m", "policy_engine.cli.main", "serve"],
+        capture_output=True, text=True, cwd=tmp_path, env=env, timeout=60, check=False,
+    )  # fmt: skip
+    assert done.returncode == 2, done.stderr
+    assert "variable OTEL_BSP_MAX_QUEUE_SIZE: expected a whole number" in done.stderr
+    assert "Traceback" not in done.stderr
