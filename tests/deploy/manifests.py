@@ -89,11 +89,20 @@ def cpu_cores(quantity: str) -> float:
     return int(quantity[:-1]) / 1000 if quantity.endswith("m") else float(quantity)
 
 
+# The node's allocatable CPU: what the kubelet gives for `limits.cpu` when the container sets
+# no CPU limit (Kubernetes, "Expose Pod Information to Containers Through Environment
+# Variables": "If CPU and memory limits are not specified ... the downward API defaults to the
+# node allocatable value"). A large node, as a pod without a limit may land on.
+NODE_ALLOCATABLE_CPU = "64"
+
+
 def resource_field(container_spec: Manifest, resource: str, divisor: str) -> str:
-    """What the kubelet puts in an env var from `resourceFieldRef` (rounded up, as it does)."""
+    """What the kubelet puts in an env var from `resourceFieldRef` (rounded up, as it does):
+    an unset limit is the node's allocatable, an unset request 0."""
     group, _, name = resource.partition(".")
-    value = cpu_cores(container_spec["resources"][group][name]) / cpu_cores(divisor)
-    return str(math.ceil(value))
+    unset = NODE_ALLOCATABLE_CPU if group == "limits" else "0"
+    quantity = container_spec.get("resources", {}).get(group, {}).get(name, unset)
+    return str(math.ceil(cpu_cores(quantity) / cpu_cores(divisor)))
 
 
 def project_configmap(

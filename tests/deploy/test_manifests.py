@@ -9,6 +9,7 @@ lays it out), and the fields that matter are compared with what it reports.
 
 from __future__ import annotations
 
+import copy
 import json
 import os
 import re
@@ -105,7 +106,7 @@ def test_the_probes_ask_grpc_health_on_the_health_port(
         assert spec[probe]["grpc"] == {"port": health_port}, probe  # "" = the overall status
 
 
-def test_one_worker_per_core_of_the_cpu_limit(
+def test_one_worker_per_core_of_the_cpu_request(
     deployment: Manifest, effective: dict[str, Any]
 ) -> None:
     spec = container(deployment)
@@ -113,9 +114,35 @@ def test_one_worker_per_core_of_the_cpu_limit(
     assert limit == request, "requests = limits: the cores the workers count on are reserved"
     assert re.fullmatch(r"[1-9][0-9]*", limit), "whole cores: a fraction would round up"
     (workers,) = [v for v in spec["env"] if v["name"] == "PDP_WORKERS"]
-    assert workers["valueFrom"]["resourceFieldRef"]["resource"] == "limits.cpu"
+    assert workers["valueFrom"]["resourceFieldRef"]["resource"] == "requests.cpu"
     assert "--workers" not in spec["args"]
     assert effective["workers"] == int(limit)
+
+
+@pytest.mark.parametrize(
+    ("cpu", "workers"),
+    [
+        ({"requests": "2"}, 2),  # the limit dropped (clusters that set none)
+        ({"requests": "500m", "limits": "500m"}, 1),
+        ({"requests": "1500m", "limits": "1500m"}, 2),
+        ({"requests": "2", "limits": "4"}, 2),
+    ],
+)
+def test_the_workers_follow_the_cpu_request_whatever_the_limit(
+    deployment: Manifest, objects: list[Manifest], tmp_path: Path, cpu: dict[str, str], workers: int
+) -> None:
+    """PDP_WORKERS is the CPU the pod is sure of, rounded up as the kubelet rounds it. From
+    `limits.cpu` it was the node's allocatable CPU when the limit is dropped, as many clusters
+    prefer (64 workers of ~100 MB each in a 1 GiB container: OOM-killed at start)."""
+    edited = copy.deepcopy(deployment)
+    resources = container(edited)["resources"]
+    for group in ("requests", "limits"):
+        resources[group].pop("cpu", None)
+        if group in cpu:
+            resources[group]["cpu"] = cpu[group]
+    mounts = mount_volumes(edited, objects, tmp_path, SAMPLE_SECRET)
+    env = container_environment(edited, mounts, SAMPLE_SECRET)
+    assert int(env["PDP_WORKERS"]) == workers
 
 
 def test_secrets_come_from_the_secret_never_from_plain_values(
