@@ -16,11 +16,12 @@ at most `MAX_ACTORS` deep. A token that breaks any of these is refused with a re
 claim and what is wrong with it, so no claim value can make the time arithmetic, a cache
 expiry, a CEL condition or an answer's encoding fail later.
 
-A verified token must be for this PDP: its `aud` must hold the organization's `audience`
-(RFC 9068 section 4, RFC 8725 section 3.9). Rules with keys but no audience verify nothing:
-every token is refused (the loader demands an audience, so only a hand-built `TokenRules`
-can lack one). With an `organization_claim`, that claim must be the organization's name, so
-that organizations trusting one issuer and one audience do not accept each other's tokens.
+A verified token must be for this PDP: its `iss` must be the organization's `issuer` and its
+`aud` hold the organization's `audience` (RFC 9068 section 4, RFC 8725 section 3.9). Rules
+with keys but no issuer or no audience verify nothing: every token is refused (the loader
+demands both, so only a hand-built `TokenRules` can lack one). With an
+`organization_claim`, that claim must be the organization's name, so that organizations
+trusting one issuer and one audience do not accept each other's tokens.
 
 A verified token is bound to its application: the claim the organization names
 (`application_claim`: `client_id`, RFC 9068 section 2.2, by default; or `azp`, OpenID Connect
@@ -494,16 +495,17 @@ def check_token(
     timing = _time_check(claims, now, rules.leeway_seconds)
     if rules.keys is None or timing.problem is not None:
         return timing  # unverified claims are never exposed
-    if rules.issuer is not None and claims.get("iss") != rules.issuer:
-        return TokenCheck("the access token is from the wrong issuer", None)
-    if rules.audience is None:
-        # Checking no audience would accept a token the same issuer (or keys) minted for any
-        # other service (RFC 8725 section 3.9): refuse rather than guess.
+    if rules.issuer is None or rules.audience is None:
+        # Checking no issuer or no audience would accept a token the same keys signed for
+        # another tenant or service (RFC 9068 section 4, RFC 8725 section 3.9): refuse.
+        missing = "issuer" if rules.issuer is None else "audience"
         return TokenCheck(
             "the access token cannot be accepted: the organization's token settings name no "
-            "audience (RFC 9068 section 4)",
+            f"{missing} (RFC 9068 section 4)",
             None,
         )
+    if claims.get("iss") != rules.issuer:
+        return TokenCheck("the access token is from the wrong issuer", None)
     if not _audience_matches(claims.get("aud"), rules.audience):
         return TokenCheck("the access token is for the wrong audience", None)
     problem = (

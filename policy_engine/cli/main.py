@@ -279,8 +279,8 @@ def _with_jwks(
 ) -> CompiledPolicySet:
     """Dry runs verify tokens with the operator's JWKS file instead of the organization's keys,
     and with `audience` and `issuer` (--audience, --issuer) when given instead of its own. An
-    organization without `tokens:` names no audience: its tokens are then all refused
-    (RFC 8725 section 3.9), never accepted for any audience."""
+    organization without `tokens:` names no issuer or audience: its tokens are then all
+    refused (RFC 8725 section 3.9) unless both are given, never accepted for any."""
     try:
         keys = StaticKeySet.from_file(Path(jwks_file))
     except KeySetError as exc:
@@ -298,7 +298,8 @@ def with_key_set(
 ) -> CompiledPolicySet:
     """`policies` with organization `org`'s subject tokens verified by `keys`, and `audience`
     and `issuer` when given (its other token settings kept); unchanged when `org` is not
-    loaded. Without an audience from either, every token is refused (auth.tokens)."""
+    loaded. Without an issuer and an audience from either, every token is refused
+    (auth.tokens)."""
     organization = policies.organizations.get(org)
     if organization is None:
         return policies
@@ -673,7 +674,7 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument(
         "--audience",
         help="with --jwks: the 'aud' the token must carry (default: the organization's "
-        "tokens.audience; without either, every token is refused)",
+        "tokens.audience; without either, every token is refused; --issuer likewise)",
     )
     evaluate.add_argument(
         "--issuer", help="with --jwks: the 'iss' the token must carry (default: the organization's)"

@@ -306,6 +306,16 @@ class DocumentParser:
                 "(RFC 9068 section 4); without one, tokens minted for any other service "
                 "would be accepted",
             )
+        if named_keys and optional["issuer"] is None and "issuer" not in raw:
+            # RFC 9068 section 4: `iss` must match exactly. Keys alone do not name an issuer:
+            # a multi-tenant IdP signs every tenant's tokens with the same keys.
+            self.problem(
+                raw.line,
+                "tokens need an 'issuer': the 'iss' value of the tokens these keys verify "
+                "(RFC 9068 section 4); without one, a token from any issuer sharing the keys "
+                "(another tenant of the same IdP) would be accepted",
+            )
+            no_audience = True  # refused below, after the other fields are read
         if optional["jwks_file"] and optional["jwks_url"]:
             self.problem(raw.line, "tokens name one of 'jwks_file' or 'jwks_url', not both")
             return None
@@ -371,7 +381,7 @@ class DocumentParser:
                 "(keys discovered from the issuer's metadata)",
             )
             return None
-        if no_audience:
+        if no_audience or optional["issuer"] is None:
             return None
         return TokenSettings(
             required=required,

@@ -36,9 +36,10 @@ from policy_engine.testing.suite import Case, Suite, SuiteError, parse_suite
 
 # A signed case token is valid for this long from the case's time unless its claims say.
 TOKEN_LIFETIME = timedelta(hours=1)
-# The `aud` a suite's fixture-key tokens carry, and are checked for, when the organization
-# under test has no `tokens:` (so no audience of its own).
+# The `aud` and `iss` a suite's fixture-key tokens carry, and are checked for, when the
+# organization under test has no `tokens:` (so no audience or issuer of its own).
 SUITE_AUDIENCE = "pdp-test"
+SUITE_ISSUER = "https://pdp-test.invalid"
 MAX_SUITE_BYTES = 4 * 1024 * 1024
 
 RuleKey = tuple[str, Layer, str, str]  # organization, layer, policy, rule
@@ -162,14 +163,16 @@ def run_suites(
         if suite.keys:
             jwks = json.dumps({"keys": [key.public_jwk for key in suite.keys.values()]})
             keys = StaticKeySet(parse_jwks(jwks, f"{suite.path} fixtures.keys"))
-            # An organization without `tokens:` names no audience; its suite's tokens are
-            # then minted for, and checked against, one of the suite's own.
-            audience = (
-                SUITE_AUDIENCE
-                if organization is not None and organization.tokens.audience is None
-                else None
+            # An organization without `tokens:` names no issuer and no audience; its suite's
+            # tokens are then minted with, and checked against, the suite's own.
+            bare = organization is not None and organization.tokens.audience is None
+            suite_policies = with_key_set(
+                policies,
+                suite.organization,
+                keys,
+                audience=SUITE_AUDIENCE if bare else None,
+                issuer=SUITE_ISSUER if bare else None,
             )
-            suite_policies = with_key_set(policies, suite.organization, keys, audience=audience)
         quotas = DryRunQuotas()
         for case in suite.cases:
             name = f"{suite.organization}/{suite.name}/{case.name}"
@@ -266,13 +269,13 @@ def _token(
     """The case's access token: as written, or signed with its fixture key over its claims
     merged over sub (the subject ID; for an external user, the person its mapping gives, when
     it has one), iat (the case time), exp (+1 h), the organization's issuer and audience when
-    it sets them (for an organization without `tokens:`, SUITE_AUDIENCE), the organization's
-    name under its `organization_claim` when it binds one, the case's application under the
-    claim binding tokens to applications (`client_id` unless `tokens.application_claim` says
-    otherwise: a token the case's application was issued), and, for an external user, its
-    ID under the organization's `external_subject_claim`. A claim the case gives overrides
-    any of these; one given as null is left out (`client_id: null`: a token naming no
-    application)."""
+    it sets them (for an organization without `tokens:`, SUITE_ISSUER and SUITE_AUDIENCE),
+    the organization's name under its `organization_claim` when it binds one, the case's
+    application under the claim binding tokens to applications (`client_id` unless
+    `tokens.application_claim` says otherwise: a token the case's application was issued),
+    and, for an external user, its ID under the organization's `external_subject_claim`. A
+    claim the case gives overrides any of these; one given as null is left out (`client_id:
+    null`: a token naming no application)."""
     import jwt
 
     spec = case.token

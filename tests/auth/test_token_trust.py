@@ -90,6 +90,30 @@ def test_tokens_without_an_audience_are_a_load_error(tmp_path: Path, tokens: dic
     assert "organization.yaml" in errors and "tokens need an 'audience'" in errors
 
 
+@pytest.mark.parametrize("keys", ["jwks_file", "jwks_url"])
+def test_tokens_verified_with_named_keys_need_an_issuer(tmp_path: Path, keys: str) -> None:
+    """Before: keys alone accepted a token from any issuer they verify (a multi-tenant IdP
+    signs every tenant's tokens with the same keys)."""
+    root = write_org(tmp_path, "acme", issuer=ISSUER, audience=AUDIENCE)
+    config_file = root / "acme" / "organization.yaml"
+    config = yaml.safe_load(config_file.read_text())
+    source = "jwks.json" if keys == "jwks_file" else "https://idp.acme.test/jwks"
+    config["tokens"] = {keys: source, "audience": AUDIENCE}
+    config_file.write_text(yaml.safe_dump(config))
+    errors = load_errors(root)
+    assert "tokens need an 'issuer'" in errors and "need an 'audience'" not in errors
+
+
+def test_a_token_from_another_issuer_is_denied_by_the_engine(tmp_path: Path) -> None:
+    policies = load_policy_set(write_org(tmp_path, "acme", issuer=ISSUER, audience=AUDIENCE))
+    tenant = decide(
+        policies, with_token(KEY.sign(**claims(iss="https://other-tenant.test"))), now=now()
+    )
+    assert tenant.effect is Effect.DENY and "wrong issuer" in tenant.reasons[0].message
+    no_iss = {k: v for k, v in claims().items() if k != "iss"}
+    assert decide(policies, with_token(KEY.sign(**no_iss)), now=now()).effect is Effect.DENY
+
+
 def test_a_token_for_another_audience_is_denied_by_the_engine(tmp_path: Path) -> None:
     policies = load_policy_set(write_org(tmp_path, "acme", issuer=ISSUER, audience=AUDIENCE))
     assert decide(policies, with_token(KEY.sign(**claims())), now=now()).effect is Effect.ALLOW
@@ -101,15 +125,23 @@ def test_a_token_for_another_audience_is_denied_by_the_engine(tmp_path: Path) ->
     assert decide(policies, with_token(KEY.sign(**no_aud)), now=now()).effect is Effect.DENY
 
 
-def test_rules_with_keys_but_no_audience_accept_no_token() -> None:
-    """A `TokenRules` built by hand (not by the loader) without an audience: before, every
-    audience was accepted."""
-    rules = TokenRules(keys=StaticKeySet(parse_jwks(jwks(KEY))), issuer=ISSUER)
-    check = check_token(
-        KEY.sign(**claims(aud="billing-service")), now(), rules, "alice", application_id="app"
-    )
-    assert check.problem is not None and "name no audience" in check.problem
-    assert not check.claims  # nothing of the token reaches a policy
+def test_rules_with_keys_but_no_audience_or_issuer_accept_no_token() -> None:
+    """A `TokenRules` built by hand (not by the loader) without an audience or issuer:
+    before, every audience and issuer was accepted."""
+    keys = StaticKeySet(parse_jwks(jwks(KEY)))
+    for rules, missing in [
+        (TokenRules(keys=keys, issuer=ISSUER), "audience"),
+        (TokenRules(keys=keys, audience=AUDIENCE), "issuer"),
+    ]:
+        check = check_token(
+            KEY.sign(**claims(aud="billing-service", iss="https://other-tenant.test")),
+            now(),
+            rules,
+            "alice",
+            application_id="app",
+        )
+        assert check.problem is not None and f"name no {missing}" in check.problem
+        assert not check.claims  # nothing of the token reaches a policy
 
 
 def _pdp_eval(token: str, *flags: str) -> dict[str, Any]:
@@ -154,13 +186,17 @@ def test_pdp_eval_with_a_jwks_checks_an_audience_too(tmp_path: Path) -> None:
     foreign = KEY.sign(**claims(aud="billing-service", client_id="pr-reviewer"))
     alone = _pdp_eval(foreign, "--jwks", str(keys))
     assert alone["decision"] == "DENY"
-    assert "name no audience" in alone["reasons"][0]["message"]
-    other = _pdp_eval(foreign, "--jwks", str(keys), "--audience", AUDIENCE)
-    assert other["decision"] == "DENY" and "wrong audience" in other["reasons"][0]["message"]
+    assert "name no issuer" in alone["reasons"][0]["message"]
     ours = KEY.sign(**claims(client_id="pr-reviewer"))
-    assert _pdp_eval(ours, "--jwks", str(keys), "--audience", AUDIENCE)["decision"] == "ALLOW"
+    no_audience = _pdp_eval(ours, "--jwks", str(keys), "--issuer", ISSUER)
+    assert "name no audience" in no_audience["reasons"][0]["message"]
+    named = ("--jwks", str(keys), "--issuer", ISSUER, "--audience", AUDIENCE)
+    other = _pdp_eval(foreign, *named)
+    assert other["decision"] == "DENY" and "wrong audience" in other["reasons"][0]["message"]
+    assert _pdp_eval(ours, *named)["decision"] == "ALLOW"
     wrong_issuer = _pdp_eval(ours, "--jwks", str(keys), "--audience", AUDIENCE, "--issuer", "x")
     assert wrong_issuer["decision"] == "DENY"
+    assert "wrong issuer" in wrong_issuer["reasons"][0]["message"]
     assert "--audience and --issuer apply only with --jwks" in _pdp_eval(
         ours, "--audience", AUDIENCE
     ).get("error", "")
@@ -279,10 +315,6 @@ def test_two_organizations_sharing_issuer_and_audience_are_a_load_error(tmp_path
     assert "organizations 'acme' and 'globex'" in errors
     assert f"issuer {ISSUER!r}" in errors and f"audience {AUDIENCE!r}" in errors
     assert "organization_claim" in errors
-    # An organization naming no issuer accepts any issuer its keys signed for: it shares.
-    root = write_org(tmp_path / "b", "acme", audience=AUDIENCE)
-    write_org(root, "globex", issuer=ISSUER, audience=AUDIENCE)
-    assert "organizations 'acme' and 'globex'" in load_errors(root)
     # One binding is not enough: the other still accepts the first's tokens.
     root = write_org(tmp_path / "c", "acme", issuer=ISSUER, audience=AUDIENCE)
     write_org(root, "globex", issuer=ISSUER, audience=AUDIENCE, organization_claim="org_id")
@@ -318,7 +350,10 @@ def test_many_organizations_sharing_are_reported_in_bounded_lines(tmp_path: Path
 
 def test_rules_binding_an_organization_claim_but_naming_none_accept_no_token() -> None:
     rules = TokenRules(
-        keys=StaticKeySet(parse_jwks(jwks(KEY))), audience=AUDIENCE, organization_claim="org"
+        keys=StaticKeySet(parse_jwks(jwks(KEY))),
+        issuer=ISSUER,
+        audience=AUDIENCE,
+        organization_claim="org",
     )
     check = check_token(KEY.sign(**claims(org="")), now(), rules, "alice", application_id="app")
     assert check.problem is not None and "'org' claim does not name" in check.problem

@@ -452,6 +452,8 @@ def test_pdp_eval_dry_runs_tokens_with_a_jwks_file(tmp_path: Path) -> None:
         "repo",
         "--jwks",
         str(keys),
+        "--issuer",
+        ISSUER,
         "--audience",
         AUDIENCE,
         "--json",

@@ -378,6 +378,13 @@ ORGANIZATION_VIOLATIONS: dict[str, Document] = {
     "application claim a boolean": _with(ORGANIZATION, _set("tokens.application_claim", False)),
     "application claim null": _with(ORGANIZATION, _set("tokens.application_claim", None)),
     "no audience": _with(ORGANIZATION, _set("tokens.audience", ...)),
+    "no issuer": _with(ORGANIZATION, _set("tokens.issuer", ...)),
+    "no issuer beside a jwks_url": _with(
+        ORGANIZATION,
+        _set("tokens.issuer", ...),
+        _set("tokens.jwks_file", ...),
+        _set("tokens.jwks_url", "https://idp.acme.test/jwks"),
+    ),
     "empty audience": _with(ORGANIZATION, _set("tokens.audience", " ")),
     "jwks_hosts beside a jwks_file": _with(ORGANIZATION, _set("tokens.jwks_hosts", ["k.test"])),
     **{
