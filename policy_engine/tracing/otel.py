@@ -21,6 +21,7 @@ import logging
 import math
 import os
 import re
+import stat
 import threading
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
@@ -89,14 +90,23 @@ _OTEL_WHOLE = (  # counts, and milliseconds
     "OTEL_BSP_EXPORT_TIMEOUT",
 )
 _OTEL_SECONDS = ("OTEL_EXPORTER_OTLP_TIMEOUT", "OTEL_EXPORTER_OTLP_TRACES_TIMEOUT")
+# PEM files of the exporter's TLS: one it cannot read is logged with a traceback and TLS goes
+# on with the system's roots instead of the CA it was given (and a FIFO would block the start).
+_OTEL_FILES = tuple(
+    f"OTEL_EXPORTER_OTLP_{signal}{name}"
+    for signal in ("", "TRACES_")
+    for name in ("CERTIFICATE", "CLIENT_KEY", "CLIENT_CERTIFICATE")
+)
 _MAX_WHOLE = 2**31 - 1
 
 
 def otel_environment_problems(environ: Mapping[str, str], *, otlp: bool) -> list[str]:
     """What is wrong with the OpenTelemetry variables in `environ` that the batch processor
     (`OTEL_BSP_*`: whole numbers from 1) and, when `otlp`, the OTLP exporter
-    (`OTEL_EXPORTER_OTLP_TIMEOUT`, `..._TRACES_TIMEOUT`: seconds, finite and above 0) read;
-    one line per variable, empty when nothing is. An unset variable is the SDK's default."""
+    (`OTEL_EXPORTER_OTLP_TIMEOUT`, `..._TRACES_TIMEOUT`: seconds, finite and above 0; its TLS
+    files `..._CERTIFICATE`, `..._CLIENT_KEY`, `..._CLIENT_CERTIFICATE`: readable regular
+    files) read; one line per variable, empty when nothing is. An unset variable is the SDK's
+    default."""
     problems: list[str] = []
     whole: dict[str, int] = {}
     for name in _OTEL_WHOLE:
@@ -132,7 +142,24 @@ def otel_environment_problems(environ: Mapping[str, str], *, otlp: bool) -> list
             problems.append(
                 f"variable {name}: expected seconds, a finite number above 0, got {raw[:40]!r}"
             )
+    for name in _OTEL_FILES if otlp else ():
+        path = environ.get(name)
+        if path is not None and (problem := _file_problem(path)) is not None:
+            problems.append(f"variable {name}: {path[:200]!r}: {problem}")
     return problems
+
+
+def _file_problem(path: str) -> str | None:
+    """Why `path` is not a regular file this process can read, None if it is (opened without
+    blocking: a FIFO or a device is refused unread)."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+    except (OSError, ValueError) as exc:  # ValueError: a NUL in the path
+        return f"cannot read it ({exc.strerror if isinstance(exc, OSError) else exc})"
+    try:
+        return None if stat.S_ISREG(os.fstat(fd).st_mode) else "not a regular file"
+    finally:
+        os.close(fd)
 
 
 _PROPAGATOR = TraceContextTextMapPropagator()

@@ -45,6 +45,31 @@ def test_a_bad_opentelemetry_variable_is_refused_naming_it(
     assert message in str(refused.value)
 
 
+@pytest.mark.parametrize(
+    "variable",
+    ["OTEL_EXPORTER_OTLP_CERTIFICATE", "OTEL_EXPORTER_OTLP_TRACES_CLIENT_KEY"],
+)
+def test_an_exporter_tls_file_that_cannot_be_read_is_refused_naming_it(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path, variable: str
+) -> None:
+    """The SDK logged a traceback and went on with the system's CA roots instead of the one
+    it was given; a FIFO blocked the start."""
+    fifo = tmp_path / "ca.fifo"
+    os.mkfifo(fifo)
+    for path, problem in (
+        (tmp_path / "missing.pem", "cannot read it (No such file or directory)"),
+        (tmp_path, "not a regular file"),
+        (fifo, "not a regular file"),
+    ):
+        monkeypatch.setenv(variable, str(path))
+        with pytest.raises(ConfigError) as refused:
+            tracing_from_settings(traced_settings())
+        assert f"variable {variable}: '{path}': {problem}" in str(refused.value)
+    (tmp_path / "ca.pem").write_text("-----BEGIN CERTIFICATE-----\n")
+    monkeypatch.setenv(variable, str(tmp_path / "ca.pem"))
+    assert tracing_from_settings(traced_settings()) is not None
+
+
 def test_good_opentelemetry_variables_are_taken(monkeypatch: pytest.MonkeyPatch) -> None:
     for variable, value in {
         "OTEL_BSP_MAX_QUEUE_SIZE": "100",
