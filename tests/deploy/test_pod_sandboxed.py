@@ -128,7 +128,8 @@ def test_the_pod_runs_as_its_user_on_a_read_only_root(
             triples += [mount["mountPath"], str(folders[mount["mountPath"]]), mode]
     tmp_volume = volume_of_mount(deployment, "/tmp")["emptyDir"]
     image_env = {  # the Dockerfile's ENV, and no home (useradd --no-create-home)
-        "PATH": "/usr/local/bin:/usr/bin:/bin",
+        # The image's `pdp` (pip's console script) is on PATH; here the checkout's venv's.
+        "PATH": f"{Path(sys.executable).parent}:/usr/local/bin:/usr/bin:/bin",
         "HOME": "/nonexistent",
         "PYTHONDONTWRITEBYTECODE": "1",
         "PYTHONUNBUFFERED": "1",
@@ -138,7 +139,7 @@ def test_the_pod_runs_as_its_user_on_a_read_only_root(
         str(security["runAsUser"]), str(security["runAsGroup"]),
         _mebibytes(tmp_volume["sizeLimit"]), sys.base_prefix, *triples, "--",
         "env", "-i", *(f"{k}={v}" for k, v in {**image_env, **env}.items()),
-        sys.executable, "-m", "policy_engine.cli.main", *spec["args"],
+        "pdp", *spec["args"],  # the Dockerfile's ENTRYPOINT, the Deployment's args
     ]  # fmt: skip
     log_file = tmp_path / "pod.log"
     with log_file.open("w") as log:
