@@ -92,6 +92,15 @@ _OTEL_WHOLE = (  # counts, and milliseconds
 _OTEL_SECONDS = ("OTEL_EXPORTER_OTLP_TIMEOUT", "OTEL_EXPORTER_OTLP_TRACES_TIMEOUT")
 # PEM files of the exporter's TLS: one it cannot read is logged with a traceback and TLS goes
 # on with the system's roots instead of the CA it was given (and a FIFO would block the start).
+# The exporter's headers (OTLP Exporter specification, "Specifying headers via environment
+# variables": W3C Baggage's `name=value` list; values URL-encoded, unencoded ones taken too as
+# the SDK takes them). The SDK logs a malformed entry whole, and it may hold a credential.
+_OTEL_HEADERS = ("OTEL_EXPORTER_OTLP_HEADERS", "OTEL_EXPORTER_OTLP_TRACES_HEADERS")
+_HEADER_ENTRY = re.compile(
+    r"[ \t]*[\x21\x23-\x27\x2a\x2b\x2d\x2e\x30-\x39\x41-\x5a\x5e-\x7a\x7c\x7e]+[ \t]*="
+    r"[ \t]*[\x20\x21\x23-\x2b\x2d-\x3a\x3c-\x5b\x5d-\x7e]*[ \t]*"
+)
+_HEADER_DELIMITER = re.compile(r"[ \t]*,[ \t]*")
 _OTEL_FILES = tuple(
     f"OTEL_EXPORTER_OTLP_{signal}{name}"
     for signal in ("", "TRACES_")
@@ -103,7 +112,8 @@ _MAX_WHOLE = 2**31 - 1
 def otel_environment_problems(environ: Mapping[str, str], *, otlp: bool) -> list[str]:
     """What is wrong with the OpenTelemetry variables in `environ` that the batch processor
     (`OTEL_BSP_*`: whole numbers from 1) and, when `otlp`, the OTLP exporter
-    (`OTEL_EXPORTER_OTLP_TIMEOUT`, `..._TRACES_TIMEOUT`: seconds, finite and above 0; its TLS
+    (`OTEL_EXPORTER_OTLP_TIMEOUT`, `..._TRACES_TIMEOUT`: seconds, finite and above 0; its
+    `..._HEADERS`: `name=value` entries separated by commas, never quoted back; its TLS
     files `..._CERTIFICATE`, `..._CLIENT_KEY`, `..._CLIENT_CERTIFICATE`: readable regular
     files) read; one line per variable, empty when nothing is. An unset variable is the SDK's
     default."""
@@ -141,6 +151,15 @@ def otel_environment_problems(environ: Mapping[str, str], *, otlp: bool) -> list
         if not (math.isfinite(seconds) and seconds > 0):
             problems.append(
                 f"variable {name}: expected seconds, a finite number above 0, got {raw[:40]!r}"
+            )
+    for name in _OTEL_HEADERS if otlp else ():
+        entries = [e for e in _HEADER_DELIMITER.split(environ.get(name, "")) if e]
+        bad = [i for i, e in enumerate(entries, 1) if not _HEADER_ENTRY.fullmatch(e.strip())]
+        if bad:
+            which = f"entry {bad[0]}" if len(bad) == 1 else f"entries {', '.join(map(str, bad))}"
+            problems.append(
+                f"variable {name}: {which} of {len(entries)} not name=value (values URL-encoded);"
+                " not shown: a header may hold a credential"
             )
     for name in _OTEL_FILES if otlp else ():
         path = environ.get(name)

@@ -46,6 +46,31 @@ def test_a_bad_opentelemetry_variable_is_refused_naming_it(
 
 
 @pytest.mark.parametrize(
+    ("variable", "value", "message"),
+    [
+        ("OTEL_EXPORTER_OTLP_HEADERS", "api-key: s3cr3t", "entry 1 of 1 not name=value"),
+        ("OTEL_EXPORTER_OTLP_HEADERS", "a=1,x-s3cr3t,b=2,=s3cr3t", "entries 2, 4 of 4 not"),
+        ("OTEL_EXPORTER_OTLP_TRACES_HEADERS", "token=s3cr3t\u00e9", "entry 1 of 1 not"),
+    ],
+)
+def test_a_malformed_exporter_header_is_refused_without_showing_it(
+    monkeypatch: pytest.MonkeyPatch, variable: str, value: str, message: str
+) -> None:
+    """The SDK logged a malformed entry whole (a colon for `=` is an easy slip), credential
+    and all, and went on without it."""
+    monkeypatch.setenv(variable, value)
+    with pytest.raises(ConfigError) as refused:
+        tracing_from_settings(traced_settings())
+    assert f"variable {variable}: {message}" in str(refused.value)
+    assert "s3cr3t" not in str(refused.value)
+
+
+def test_well_formed_exporter_headers_are_taken(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("OTEL_EXPORTER_OTLP_HEADERS", "authorization=Bearer abc, x-tenant=a%2Cb,,")
+    assert tracing_from_settings(traced_settings()) is not None
+
+
+@pytest.mark.parametrize(
     "variable",
     ["OTEL_EXPORTER_OTLP_CERTIFICATE", "OTEL_EXPORTER_OTLP_TRACES_CLIENT_KEY"],
 )
