@@ -43,7 +43,7 @@ from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapProp
 from policy_engine import __version__
 from policy_engine.api import pdp_pb2
 from policy_engine.cache import DecisionCache, Hit
-from policy_engine.config import ConfigError, Settings
+from policy_engine.config import ConfigError, Settings, mask_url
 from policy_engine.decision.outcome import CacheHit, Decisions
 from policy_engine.decision.pipeline import Decider, DecisionStore, Observer
 from policy_engine.lifecycle import ComponentStatus, State
@@ -578,7 +578,7 @@ class Tracing:
                 self._span_exporter = self._exporter()
                 self.provider.add_span_processor(BatchSpanProcessor(self._span_exporter))
             self._install_log_ids()
-            where = self.settings.otlp_endpoint or "the exporter's default endpoint"
+            where = self._endpoint_shown()
             self._detail = (
                 "spans to the console"
                 if self.settings.exporter == "console"
@@ -618,6 +618,22 @@ class Tracing:
         with self._lock:
             self._state = State.STOPPED
         return clean
+
+    def _endpoint_shown(self) -> str:
+        """Where the OTLP exporter sends, as the status says it: the setting, else the
+        OpenTelemetry variable the exporter reads (password masked, cut to 200 characters),
+        else its default."""
+        if self.settings.otlp_endpoint.strip():
+            return self.settings.otlp_endpoint.strip()
+        for name in ("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT", "OTEL_EXPORTER_OTLP_ENDPOINT"):
+            value = os.environ.get(name, "").strip()
+            if value:
+                shown = mask_url(value)
+                if "@" in shown:  # a user part mask_url did not recognize (no scheme)
+                    shown = "***@" + shown.rpartition("@")[2]
+                shown = shown if len(shown) <= 200 else shown[:200] + "..."
+                return f"{shown!r} ({name})"
+        return "localhost:4317 (the exporter's default)"
 
     def _abandon_export(self) -> None:
         exporter = self._span_exporter

@@ -8,6 +8,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -134,3 +135,41 @@ def test_pdp_serve_refuses_an_unparsable_queue_size_at_startup(tmp_path: Path) -
     assert done.returncode == 2, done.stderr
     assert "variable OTEL_BSP_MAX_QUEUE_SIZE: expected a whole number" in done.stderr
     assert "Traceback" not in done.stderr
+
+
+@pytest.mark.parametrize(
+    ("variables", "shown"),
+    [
+        ({}, "localhost:4317 (the exporter's default)"),
+        (
+            {"OTEL_EXPORTER_OTLP_ENDPOINT": "http://collector.example:4317"},
+            "'http://collector.example:4317' (OTEL_EXPORTER_OTLP_ENDPOINT)",
+        ),
+        (
+            {
+                "OTEL_EXPORTER_OTLP_ENDPOINT": "http://collector.example:4317",
+                "OTEL_EXPORTER_OTLP_TRACES_ENDPOINT": "http://u:s3cr3t@traces.example:4317",
+            },
+            "'***@traces.example:4317' (OTEL_EXPORTER_OTLP_TRACES_ENDPOINT)",
+        ),
+        ({"OTEL_EXPORTER_OTLP_ENDPOINT": "u:s3cr3t@c:1"}, "'***@c:1'"),
+    ],
+)
+def test_the_status_says_which_endpoint_the_exporter_sends_to(
+    monkeypatch: pytest.MonkeyPatch, variables: dict[str, str], shown: str
+) -> None:
+    """With `tracing.otlp_endpoint` empty the exporter reads OpenTelemetry's variables: the
+    status named none ("the exporter's default endpoint") while spans went elsewhere."""
+    for name in ("OTEL_EXPORTER_OTLP_ENDPOINT", "OTEL_EXPORTER_OTLP_TRACES_ENDPOINT"):
+        monkeypatch.delenv(name, raising=False)
+    for name, value in variables.items():
+        monkeypatch.setenv(name, value)
+    tracing = tracing_from_settings(traced_settings())
+    assert tracing is not None
+    tracing.start()
+    try:
+        detail = tracing.status().detail
+    finally:
+        tracing.stop(time.monotonic() + 5)
+    assert f"spans over OTLP/gRPC to {shown}" in detail
+    assert "s3cr3t" not in detail
