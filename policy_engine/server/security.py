@@ -58,6 +58,20 @@ def server_credentials(tls: TlsSettings) -> grpc.ServerCredentials | None:
     )
 
 
+def _audience_issuer_problem(claims: dict[str, Any], audience: str, issuer: str) -> str | None:
+    """Why a verified caller token is not for this PDP, or None: its `iss` must be exactly
+    `issuer` (RFC 7519 section 4.1.1, a case-sensitive string) and its `aud` exactly
+    `audience` or an array of strings holding it (RFC 7519 section 4.1.3)."""
+    if claims.get("iss") != issuer:
+        return "invalid bearer token: InvalidIssuerError"
+    aud = claims.get("aud")
+    if aud == audience or (
+        isinstance(aud, list) and all(isinstance(a, str) for a in aud) and audience in aud
+    ):
+        return None
+    return "invalid bearer token: InvalidAudienceError"
+
+
 class BearerVerifier:
     """Verifies callers' JWTs; a verified token is remembered until it expires (an LRU), so the
     signature is checked once per token, not once per call."""
@@ -112,6 +126,13 @@ class BearerVerifier:
                 except jwt.InvalidSignatureError:
                     if index == len(keys) - 1:
                         raise
+            # Compared here too, exactly: PyJWT 2.10.0 matched `iss` as a substring of the
+            # configured issuer (CVE-2024-53861), so another tenant of the same IdP whose
+            # issuer is a prefix of ours authenticated as the broker; no PyJWT release the
+            # dependency range admits may decide this alone.
+            problem = _audience_issuer_problem(claims, self._audience, self._issuer)
+            if problem is not None:
+                return problem
             expires = float(claims["exp"])
         except (jwt.PyJWTError, ArithmeticError, ValueError, TypeError) as exc:
             # PyJWT accepts any integer exp; a 400-digit one overflows float().

@@ -1,0 +1,90 @@
+"""Hostile review of token trust: what a token minted for someone else, or a blank setting,
+could still get through, found and fixed.
+
+Real parts only: tokens signed with real keys (PyJWT), a real gRPC server on an ephemeral
+port, real policy folders and the real `pdp` command line.
+"""
+
+from __future__ import annotations
+
+import tomllib
+from pathlib import Path
+
+import grpc
+import jwt
+import pytest
+from packaging.requirements import Requirement
+
+from policy_engine.client import PdpClient
+from policy_engine.config import CallerAuthSettings, Settings
+from policy_engine.policy import load_policy_set
+from policy_engine.server.app import build_server
+from policy_engine.server.service import PolicyDecisionServicer
+from tests.auth.test_token_trust import (
+    ALICE,
+    CALLER_AUDIENCE,
+    CALLER_ISSUER,
+    _broker_token,
+    _caller_keys,
+)
+from tests.scenarios import EXAMPLE_POLICIES
+from tests.server.harness import DOCS
+
+REPO = Path(__file__).resolve().parents[2]
+
+# --- caller auth: the issuer is compared exactly, whatever PyJWT release is installed ------
+
+
+def test_the_pyjwt_range_excludes_the_release_matching_issuers_as_substrings() -> None:
+    """PyJWT 2.10.0 checked `iss` with `in` against a str issuer (CVE-2024-53861): a token
+    whose `iss` is any substring of caller_auth.issuer (another tenant of the same IdP, or
+    "") authenticated as the broker. Before: the server extra asked for pyjwt>=2.8."""
+    project = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]
+    wanted = [
+        Requirement(line)
+        for line in project["optional-dependencies"]["server"]
+        if Requirement(line).name.lower() == "pyjwt"
+    ]
+    assert len(wanted) == 1
+    assert not wanted[0].specifier.contains("2.10.0")
+    assert wanted[0].specifier.contains(jwt.__version__)
+
+
+@pytest.mark.parametrize(
+    "issuer",
+    [CALLER_ISSUER, CALLER_ISSUER + "/", "tenant", ""],
+    ids=["prefix", "slash", "part", "empty"],
+)
+def test_a_caller_token_whose_issuer_is_part_of_ours_is_refused(
+    tmp_path: Path, issuer: str
+) -> None:
+    """Caller auth configured for a tenant's issuer: a token the same keys signed for another
+    tenant, whose issuer is a substring of ours, is UNAUTHENTICATED (PyJWT 2.10.0 let it in;
+    the verifier now compares `iss` itself)."""
+    settings = Settings(
+        address="127.0.0.1:0",
+        docs_base_url=DOCS,
+        caller_auth=CallerAuthSettings(
+            jwks_file=_caller_keys(tmp_path),
+            audience=CALLER_AUDIENCE,
+            issuer=CALLER_ISSUER + "/tenant-a",
+        ),
+    )
+    servicer = PolicyDecisionServicer(lambda: load_policy_set(EXAMPLE_POLICIES), settings)
+    grpc_server, port = build_server(servicer, settings, policy_ready=True)
+    grpc_server.start()
+    try:
+        target = f"127.0.0.1:{port}"
+        foreign = _broker_token(iss=issuer)
+        with (
+            PdpClient(target, bearer_token=foreign, insecure_bearer=True) as client,
+            pytest.raises(grpc.RpcError) as refused,
+        ):
+            client.check(ALICE)
+        assert refused.value.code() is grpc.StatusCode.UNAUTHENTICATED
+        assert "InvalidIssuer" in str(refused.value.details())
+        ours = _broker_token(iss=CALLER_ISSUER + "/tenant-a", aud=["other", CALLER_AUDIENCE])
+        with PdpClient(target, bearer_token=ours, insecure_bearer=True) as client:
+            assert client.decide(ALICE).allowed
+    finally:
+        grpc_server.stop(grace=None)
