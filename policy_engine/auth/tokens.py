@@ -19,9 +19,9 @@ expiry, a CEL condition or an answer's encoding fail later.
 A verified token must be for this PDP: its `iss` must be the organization's `issuer` and its
 `aud` hold the organization's `audience` (RFC 9068 section 4, RFC 8725 section 3.9). Rules
 with keys but no issuer or no audience verify nothing: every token is refused (the loader
-demands both, so only a hand-built `TokenRules` can lack one). With an
-`organization_claim`, that claim must be the organization's name, so that organizations
-trusting one issuer and one audience do not accept each other's tokens.
+demands both, so only a hand-built `TokenRules` can lack one; a blank one counts as none).
+With an `organization_claim`, that claim must be the organization's name, so that
+organizations trusting one issuer and one audience do not accept each other's tokens.
 
 A verified token is bound to its application: the claim the organization names
 (`application_claim`: `client_id`, RFC 9068 section 2.2, by default; or `azp`, OpenID Connect
@@ -495,10 +495,12 @@ def check_token(
     timing = _time_check(claims, now, rules.leeway_seconds)
     if rules.keys is None or timing.problem is not None:
         return timing  # unverified claims are never exposed
-    if rules.issuer is None or rules.audience is None:
+    if not (rules.issuer or "").strip() or not (rules.audience or "").strip():
         # Checking no issuer or no audience would accept a token the same keys signed for
-        # another tenant or service (RFC 9068 section 4, RFC 8725 section 3.9): refuse.
-        missing = "issuer" if rules.issuer is None else "audience"
+        # another tenant or service (RFC 9068 section 4, RFC 8725 section 3.9): refuse. A
+        # blank one (`pdp eval --audience ""`) names none either: a token whose claim is
+        # blank too is not for this PDP.
+        missing = "issuer" if not (rules.issuer or "").strip() else "audience"
         return TokenCheck(
             "the access token cannot be accepted: the organization's token settings name no "
             f"{missing} (RFC 9068 section 4)",

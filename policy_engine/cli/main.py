@@ -319,6 +319,10 @@ def cmd_eval(args: argparse.Namespace) -> int:
     policies = load_policy_set(Path(args.policies))
     if (args.audience is not None or args.issuer is not None) and not args.jwks:
         raise UsageError("--audience and --issuer apply only with --jwks")
+    for flag, value in (("--audience", args.audience), ("--issuer", args.issuer)):
+        # A blank one would accept tokens whose claim is blank too: for no one in particular.
+        if value is not None and (not value.strip() or value != value.strip()):
+            raise UsageError(f"{flag} must be a non-empty value without surrounding spaces")
     if args.jwks:
         policies = _with_jwks(policies, args.org, args.jwks, args.audience, args.issuer)
     now = datetime.now(UTC)

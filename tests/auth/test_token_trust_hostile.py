@@ -7,7 +7,9 @@ port, real policy folders and the real `pdp` command line.
 
 from __future__ import annotations
 
+import json
 import tomllib
+from datetime import UTC, datetime
 from pathlib import Path
 
 import grpc
@@ -15,17 +17,22 @@ import jwt
 import pytest
 from packaging.requirements import Requirement
 
+from policy_engine.auth.keys import StaticKeySet, parse_jwks
+from policy_engine.auth.tokens import TokenRules, check_token
 from policy_engine.client import PdpClient
 from policy_engine.config import CallerAuthSettings, Settings
 from policy_engine.policy import load_policy_set
 from policy_engine.server.app import build_server
 from policy_engine.server.service import PolicyDecisionServicer
+from tests.auth.material import AUDIENCE, ISSUER, claims, jwks, raw_token
 from tests.auth.test_token_trust import (
     ALICE,
     CALLER_AUDIENCE,
     CALLER_ISSUER,
+    KEY,
     _broker_token,
     _caller_keys,
+    _pdp_eval,
 )
 from tests.scenarios import EXAMPLE_POLICIES
 from tests.server.harness import DOCS
@@ -88,3 +95,45 @@ def test_a_caller_token_whose_issuer_is_part_of_ours_is_refused(
             assert client.decide(ALICE).allowed
     finally:
         grpc_server.stop(grace=None)
+
+
+# --- a blank issuer or audience names none ---------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("issuer", "audience", "missing"),
+    [("", AUDIENCE, "issuer"), (ISSUER, "", "audience"), ("  ", "  ", "issuer")],
+)
+def test_rules_with_a_blank_issuer_or_audience_accept_no_token(
+    issuer: str, audience: str, missing: str
+) -> None:
+    """A hand-built `TokenRules` (pdp eval builds one from --issuer/--audience) with a blank
+    issuer or audience: before, a token whose `iss` and `aud` were blank too was accepted and
+    its claims shown to the policies."""
+    keys = StaticKeySet(parse_jwks(jwks(KEY)))
+    token = raw_token(json.dumps(claims(iss=issuer, aud=audience)), KEY)
+    check = check_token(
+        token,
+        datetime.now(UTC),
+        TokenRules(keys=keys, issuer=issuer, audience=audience),
+        "alice",
+        application_id="app",
+    )
+    assert check.problem is not None and f"name no {missing}" in check.problem
+    assert not check.claims
+
+
+@pytest.mark.parametrize("blank", ["", "   ", " kontext-broker"])
+def test_pdp_eval_refuses_a_blank_audience_or_issuer(tmp_path: Path, blank: str) -> None:
+    """Before: `pdp eval --jwks K --issuer "" --audience ""` answered ALLOW for a token whose
+    `iss` and `aud` were "" (a token for no one in particular)."""
+    keys = tmp_path / "jwks.json"
+    keys.write_text(jwks(KEY))
+    token = KEY.sign(**claims(client_id="pr-reviewer", aud=blank, iss=blank))
+    for flags in (
+        ("--issuer", blank, "--audience", AUDIENCE),
+        ("--issuer", ISSUER, "--audience", blank),
+    ):
+        answer = _pdp_eval(token, "--jwks", str(keys), *flags)
+        assert "decision" not in answer
+        assert "must be a non-empty value without surrounding spaces" in answer["error"]
