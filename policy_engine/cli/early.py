@@ -1,5 +1,5 @@
 """The first thing `pdp serve` does, before its heavy imports (~0.5 s of gRPC, protobuf and
-settings validation): hold SIGHUP and make Ctrl-C quiet.
+settings validation): hold SIGHUP, make Ctrl-C quiet and take SIGTERM.
 
 Until the server installs its own handlers, SIGHUP's default action would kill it (a deploy
 tool that sends SIGHUP right after starting it, or a `kill -HUP` of the wrong moment), and
@@ -7,7 +7,11 @@ Ctrl-C would print a KeyboardInterrupt traceback from whatever import or setting
 running. So, from the package's first line: a SIGHUP is only recorded (`sighup_received`),
 and the server replays it as a reload once its store runs; SIGINT exits quietly with the
 conventional code 130 (128 + SIGINT), unwinding the stack (SystemExit) so that anything
-half-started is stopped on the way out. The server replaces both handlers with its own.
+half-started is stopped on the way out; SIGTERM likewise, with 143 (128 + SIGTERM). SIGTERM's
+default action would do, but not as PID 1 of a container (the image's ENTRYPOINT): the kernel
+discards a signal whose action is the default for a PID namespace's init, so a pod deleted in
+its first second (a rollout overtaken, a scale-down) kept running until the kubelet's SIGKILL
+at the end of its grace period. The server replaces these handlers with its own.
 `policy_engine/cli/__init__.py` installs them, for `pdp serve` only (other commands keep
 Python's defaults: a hangup ends them). Imports nothing but `signal`.
 """
@@ -18,6 +22,7 @@ import signal
 from types import FrameType
 
 EXIT_INTERRUPTED = 130
+EXIT_TERMINATED = 143  # 128 + SIGTERM
 
 _sighup = False
 
@@ -29,6 +34,10 @@ def _record_sighup(signum: int, frame: FrameType | None) -> None:
 
 def _interrupted(signum: int, frame: FrameType | None) -> None:
     raise SystemExit(EXIT_INTERRUPTED)
+
+
+def _terminated(signum: int, frame: FrameType | None) -> None:
+    raise SystemExit(EXIT_TERMINATED)
 
 
 def sighup_received() -> bool:
@@ -45,7 +54,8 @@ def serving(argv: list[str]) -> bool:
 def hold_signals() -> None:
     """Install the handlers above (main thread only: elsewhere Python refuses)."""
     try:
-        signal.signal(signal.SIGHUP, _record_sighup)
+        signal.signal(signal.SIGTERM, _terminated)
         signal.signal(signal.SIGINT, _interrupted)
+        signal.signal(signal.SIGHUP, _record_sighup)  # last: held SIGHUP means all are in
     except ValueError:  # not the main thread: a program embedding the CLI keeps its own
         pass
