@@ -105,9 +105,11 @@ def jwks_host_problem(entry: str) -> str | None:
 
 
 def _origin(url: str) -> tuple[str, str, int] | None:
-    """(scheme, host, port) as httpx, which connects, reads `url`: the host lowercased and
-    without brackets, the scheme's default port when none is written; None when httpx cannot
-    read it or it carries user information."""
+    """(scheme, host, port) as httpx, which connects, reads `url`: the host as it is looked
+    up (an internationalized name in its ASCII, IDNA form, RFC 5890 section 2.3.2.1, as
+    `tokens.jwks_hosts` entries are written), lowercased and without brackets, the scheme's
+    default port when none is written; None when httpx cannot read it or it carries user
+    information."""
     import httpx  # loaded already: the metadata was fetched with it
 
     try:
@@ -118,7 +120,13 @@ def _origin(url: str) -> tuple[str, str, int] | None:
         return None
     scheme = parsed.scheme.lower()
     port = parsed.port if parsed.port is not None else _DEFAULT_PORTS.get(scheme, 0)
-    return scheme, parsed.host.lower(), port
+    # raw_host, not host: httpx decodes an IDNA host to Unicode, which no jwks_hosts entry
+    # (ASCII by its pattern) could ever equal.
+    try:
+        host = parsed.raw_host.decode("ascii").lower()
+    except UnicodeDecodeError:  # httpx encodes hosts to ASCII; never trust it blindly
+        return None
+    return scheme, host, port
 
 
 def _allowed(host: str, port: int, scheme: str, entries: tuple[str, ...]) -> bool:

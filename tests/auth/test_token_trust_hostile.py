@@ -17,6 +17,7 @@ import jwt
 import pytest
 from packaging.requirements import Requirement
 
+from policy_engine.auth.discovery import origin_problem
 from policy_engine.auth.keys import StaticKeySet, parse_jwks
 from policy_engine.auth.tokens import TokenRules, check_token
 from policy_engine.client import PdpClient
@@ -137,3 +138,24 @@ def test_pdp_eval_refuses_a_blank_audience_or_issuer(tmp_path: Path, blank: str)
         answer = _pdp_eval(token, "--jwks", str(keys), *flags)
         assert "decision" not in answer
         assert "must be a non-empty value without surrounding spaces" in answer["error"]
+
+
+# --- discovery: jwks_hosts and internationalized names ---------------------------------------
+
+
+@pytest.mark.parametrize(
+    "jwks_uri",
+    [
+        "https://xn--bcher-kva.example/keys",
+        "https://bücher.example/keys",
+        "https://BÜCHER.example/k",
+    ],
+)
+def test_a_jwks_hosts_entry_in_idna_form_allows_its_host(jwks_uri: str) -> None:
+    """`tokens.jwks_hosts` entries are ASCII (an internationalized name in its IDNA form):
+    before, httpx's Unicode `host` was compared, so such an entry never matched and the
+    issuer's keys could not be fetched at all."""
+    assert origin_problem(jwks_uri, ISSUER, ("xn--bcher-kva.example",)) is None
+    assert origin_problem(jwks_uri, "https://xn--bcher-kva.example") is None
+    refused = origin_problem(jwks_uri, ISSUER, ("xn--bcher-kvb.example", "bucher.example"))
+    assert refused is not None and "tokens.jwks_hosts" in refused
