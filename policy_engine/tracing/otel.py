@@ -586,6 +586,10 @@ class Tracing:
             )
             if not self._owned:
                 self._detail = "spans to the provider the embedding program set"
+            elif os.environ.get("OTEL_SDK_DISABLED", "").strip().lower() == "true":
+                # The SDK's provider then hands out no-op tracers: no span, no trace IDs in
+                # audit records or logs, whatever the settings say.
+                self._detail = "no spans: OTEL_SDK_DISABLED=true turns OpenTelemetry's SDK off"
             self._state = State.RUNNING
 
     def stop(self, deadline: float) -> bool:

@@ -173,3 +173,21 @@ def test_the_status_says_which_endpoint_the_exporter_sends_to(
         tracing.stop(time.monotonic() + 5)
     assert f"spans over OTLP/gRPC to {shown}" in detail
     assert "s3cr3t" not in detail
+
+
+def test_the_status_says_when_otel_sdk_disabled_turns_the_spans_off(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """OpenTelemetry's own off switch makes every tracer a no-op: the status said spans went
+    to the collector while none was ever recorded."""
+    monkeypatch.setenv("OTEL_SDK_DISABLED", "true")
+    tracing = tracing_from_settings(traced_settings())
+    assert tracing is not None
+    tracing.start()
+    try:
+        with tracing.tracer.start_as_current_span("probe") as span:
+            assert not span.is_recording()
+        detail = tracing.status().detail
+    finally:
+        tracing.stop(time.monotonic() + 5)
+    assert detail.startswith("no spans: OTEL_SDK_DISABLED=true"), detail
