@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import operator
 import re
 import sys
 from collections import Counter
@@ -633,6 +634,7 @@ _LINE_VALUES = ("application", "context", "integration", "matched_rules", "reaso
 _LINE_KEY = (*_LINE_VALUES, "decision", "organization", "schema_version", "scope")
 # The parts that are a decision's inputs (every one that `direct_request` reads).
 _INPUTS = ("organization", "subject", "application", "integration", "scope", "context")
+_inputs_of = operator.itemgetter(*(_LINE_KEY.index(name) for name in _INPUTS))
 LINE_MEMO_SIZE = 65_536  # lines' keys kept (each about as long as its line)
 PART_MEMO_SIZE = 16_384  # lines' parts kept, read (see `_record_of`)
 
@@ -652,19 +654,23 @@ def _whole_value(text: str) -> Any:
     return value
 
 
-def _record_of(match: re.Match[str], parts: dict[str, Any]) -> dict[str, Any] | None:
+def _record_of(
+    match: re.Match[str], parts: dict[str, Any], texts: Sequence[str] | None = None
+) -> dict[str, Any] | None:
     """The decision record of a line `_LINE` matched, from its parts (what replay reads of
     it), or None when a part is not one whole JSON value (the parts are then not the line's
-    values: the caller reads the line whole).
+    values: the caller reads the line whole). `texts`: `match.group(*_LINE_KEY)`, when the
+    caller took them already (each group taken again is a new copy, hashed again).
 
     `parts` maps a part's text to its value, read and kept here: a log repeats its subjects,
     resources, reasons and matched rules far more than whole lines, so most of a new line's
     parts were read before. Records so share their values: replay never changes a record.
     """
+    if texts is None:
+        texts = match.group(*_LINE_KEY)
     record = {}
     try:
-        for name in _LINE_VALUES:
-            text = match[name]
+        for name, text in zip(_LINE_VALUES, texts, strict=False):
             if name == "context":  # a session's, or a request's own: seldom seen again
                 record[name] = _whole_value(text)
                 continue
@@ -677,12 +683,17 @@ def _record_of(match: re.Match[str], parts: dict[str, Any]) -> dict[str, Any] | 
             record[name] = value
     except (ValueError, RecursionError, StopIteration):
         return None
+    decision, organization, version, scope = texts[len(_LINE_VALUES) :]
     record["type"] = "decision"
-    record["schema_version"] = int(match["schema_version"])
+    record["schema_version"] = int(version)
     record["decision_id"] = match["decision_id"]
     record["time"] = match["time"]
-    for name in ("decision", "organization", "scope"):  # strings without escapes
-        record[name] = match[name][1:-1]
+    # Strings without escapes: their text between the quotes.
+    record["decision"], record["organization"], record["scope"] = (
+        decision[1:-1],
+        organization[1:-1],
+        scope[1:-1],
+    )
     return record
 
 
@@ -928,8 +939,9 @@ class Replay:
         was stored, else read from its parts (when each is one whole JSON value) or whole.
         Under a candidate no condition of which may read `context.session_id`, the keys
         leave out a session ID that passes validation (`_without_session`)."""
-        key: LineKey = match.group(*_LINE_KEY)
-        inputs: LineKey = match.group(*_INPUTS)
+        texts = match.group(*_LINE_KEY)
+        key: LineKey = texts
+        inputs: LineKey = _inputs_of(texts)
         if self._session_blind:
             context = _without_session(match["context"])
             if context is not None:
@@ -941,7 +953,7 @@ class Replay:
         if entry is not None and at is not None and entry[1][0] <= at < entry[1][1]:
             self._count(entry[0], example)
             return
-        record = _record_of(match, self._parts)
+        record = _record_of(match, self._parts, texts)
         exact_text = "\\u" not in text
         may_redact = not exact_text or REDACTED in text
         if record is None:  # some part is not one whole value: read the line as a whole
