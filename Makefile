@@ -61,10 +61,17 @@ $(CACHE_KEY_FILE): | $(BIN)/python
 
 # The example policies' own suites (README, Policy tests) must pass and match every rule.
 # The bench harness tests drive a real server with h2load: installed here, not skipped.
+# pytest-xdist runs the suite in PYTEST_WORKERS processes (auto: one per CPU; 0: this process
+# alone), each test file whole in one of them (--dist loadfile): a module's fixtures (the
+# packaging builds, the README's repository copy) are made once, and the tests that share
+# something outside their tmp_path (tests/bench/test_previous_build.py lists this repository's
+# git worktrees) never run beside each other. PYTEST_ARGS: more flags, e.g. PYTEST_ARGS='-x'.
+PYTEST_WORKERS ?= auto
+PYTEST_ARGS ?=
 test: install
 	$(BIN)/pdp test --coverage-min 100 policies/
 	command -v h2load >/dev/null 2>&1 || (apt-get update -qq && apt-get install -y -qq nghttp2-client)
-	$(BIN)/pytest -q
+	$(BIN)/pytest -q -n $(PYTEST_WORKERS) --dist loadfile $(PYTEST_ARGS)
 
 # ruff, then mypy over policy_engine/ (its settings: [tool.mypy] in pyproject.toml).
 lint: install
