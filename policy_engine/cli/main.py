@@ -374,18 +374,21 @@ def cmd_replay(args: argparse.Namespace) -> int:
     import redis
 
     from policy_engine.replay.replay import (
+        jwks_flags,
         order_audit_files,
         replay_files,
         replay_redis,
         stream_length,
         terminal_progress,
+        with_jwks_files,
     )
 
     if bool(args.audit) == bool(args.redis_url):
         raise UsageError("give either --audit FILE... or --redis-url URL --stream NAME")
     if args.redis_url and not args.stream:
         raise UsageError("--redis-url needs --stream NAME")
-    policies = load_policy_set(Path(args.policies))
+    jwks_files = jwks_flags(args.jwks)
+    policies = with_jwks_files(load_policy_set(Path(args.policies)), jwks_files)
     progress = None
     try:
         if args.audit:
@@ -434,6 +437,14 @@ def add_replay_command(commands: argparse._SubParsersAction[argparse.ArgumentPar
     replay.add_argument("--to", dest="end", default="+", metavar="ID", help="last entry ID")
     replay.add_argument("--policies", required=True, help="candidate policy directory")
     replay.add_argument("--json", action="store_true", help="print one JSON object")
+    replay.add_argument(
+        "--jwks",
+        action="append",
+        default=[],
+        metavar="ORG=FILE",
+        help="the JWKS that ORG's jwks_url (or discovered keys) served: its token records "
+        "are then replayed, not counted as token_keys_unknown (repeatable)",
+    )
     replay.add_argument(
         "--fail-on-new-allows",
         action="store_true",

@@ -28,7 +28,7 @@ from jwt.algorithms import OKPAlgorithm
 
 from policy_engine.audit.record import REDACTED
 from policy_engine.audit.sinks.file import _STAMP, _stamp_key
-from policy_engine.auth.keys import StaticKeySet, parse_jwks
+from policy_engine.auth.keys import KeySetError, StaticKeySet, parse_jwks
 from policy_engine.auth.tokens import TokenRules
 from policy_engine.cli.main import DEFAULTS, UsageError, dry_run, request_message
 from policy_engine.client import MAX_SAFE_INTEGER, RequestValueError
@@ -214,6 +214,56 @@ def token_key_reason(record: Mapping[str, Any], rules: TokenRules) -> str | None
     if key_set != keys.fingerprint.hex() or not keys.keys_for(kid, alg):
         return "token_key_changed"
     return None
+
+
+def jwks_flags(values: Sequence[str]) -> dict[str, Path]:
+    """`--jwks ORG=FILE` values as {organization: file}. Raises UsageError for a value
+    without `=`, an empty name or file, or an organization named twice."""
+    files: dict[str, Path] = {}
+    for value in values:
+        name, equals, file = value.partition("=")
+        if not equals or not name or not file:
+            raise UsageError(f"--jwks {value!r}: expected ORG=FILE")
+        if name in files:
+            raise UsageError(f"--jwks {name}: given twice")
+        files[name] = Path(file)
+    return files
+
+
+def with_jwks_files(policies: CompiledPolicySet, files: Mapping[str, Path]) -> CompiledPolicySet:
+    """`policies` with each named organization's fetched token keys (a `jwks_url`, or keys
+    discovered from its issuer: replay fetches nothing) replaced by the JWKS (RFC 7517
+    section 5) in its file, which the operator says is what that source served when the
+    records were made. A record's token is then replayed exactly when that key set is the one
+    that verified it (`token_key_reason`: the same fingerprint, a key for its `kid` and
+    `alg`), instead of being counted as `token_keys_unknown`.
+
+    Raises UsageError for an organization the candidate does not have, one that does not
+    fetch its keys (it verifies with its own `jwks_file`, or verifies no signature), and a
+    file that cannot be read or is not a JWKS with a usable signature key.
+    """
+    organizations = dict(policies.organizations)
+    for name, path in files.items():
+        organization = organizations.get(name)
+        if organization is None:
+            known = ", ".join(sorted(organizations)) or "none"
+            raise UsageError(f"--jwks {name}: no such organization in --policies (has: {known})")
+        keys = organization.tokens.keys
+        if keys is None or isinstance(keys, StaticKeySet):
+            how = "verifies no token signature" if keys is None else "has its own jwks_file"
+            raise UsageError(
+                f"--jwks {name}: the candidate's organization {name!r} {how}; --jwks is for "
+                "one whose keys come from a jwks_url or from discovery"
+            )
+        try:
+            static = StaticKeySet(parse_jwks(path.read_bytes(), source=str(path)))
+        except OSError as exc:
+            raise UsageError(f"--jwks {name}={path}: {exc.strerror or exc}") from None
+        except KeySetError as exc:
+            raise UsageError(f"--jwks {name}={path}: {exc}") from None
+        tokens = dataclasses.replace(organization.tokens, keys=static)
+        organizations[name] = dataclasses.replace(organization, tokens=tokens)
+    return dataclasses.replace(policies, organizations=MappingProxyType(organizations))
 
 
 # --- the direct path -------------------------------------------------------------------------
