@@ -957,9 +957,28 @@ def caller_auth_problems(caller_auth: CallerAuthSettings) -> list[tuple[str, str
     """With `caller_auth.jwks_file` (bearer tokens checked), `audience` and `issuer` are
     required: a key set usually signs tokens for many services (an IdP's), and a token
     minted for any of them must not authenticate as the broker (RFC 8725 section 3.9,
-    RFC 9068 section 4). [(dotted setting, what is wrong)]; empty when usable or off."""
+    RFC 9068 section 4). Without it, neither may be set, and it may not be blank: those
+    say bearer tokens were meant to be checked, and none would be (an empty variable in a
+    template would leave the PDP open to every caller). [(dotted setting, what is wrong)];
+    empty when usable or off. Values are never quoted (they may be secrets)."""
     if not caller_auth.jwks_file.strip():
-        return []
+        if caller_auth.jwks_file:
+            return [
+                (
+                    "caller_auth.jwks_file",
+                    "is blank: name the JWKS file of the keys that sign the broker's tokens, "
+                    "or leave it empty (no bearer token checked)",
+                )
+            ]
+        return [
+            (
+                f"caller_auth.{name}",
+                "applies only with caller_auth.jwks_file, which is empty: no bearer token "
+                "would be checked at all (set jwks_file, or leave audience and issuer empty)",
+            )
+            for name in ("audience", "issuer")
+            if getattr(caller_auth, name).strip()
+        ]
     return [
         (
             f"caller_auth.{name}",

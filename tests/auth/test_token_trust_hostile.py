@@ -8,6 +8,9 @@ port, real policy folders and the real `pdp` command line.
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
 import tomllib
 from datetime import UTC, datetime
 from pathlib import Path
@@ -21,7 +24,7 @@ from policy_engine.auth.discovery import origin_problem
 from policy_engine.auth.keys import StaticKeySet, parse_jwks
 from policy_engine.auth.tokens import TokenRules, check_token
 from policy_engine.client import PdpClient
-from policy_engine.config import CallerAuthSettings, Settings
+from policy_engine.config import CallerAuthSettings, ConfigError, Settings, load_settings
 from policy_engine.policy import load_policy_set
 from policy_engine.server.app import build_server
 from policy_engine.server.service import PolicyDecisionServicer
@@ -159,3 +162,55 @@ def test_a_jwks_hosts_entry_in_idna_form_allows_its_host(jwks_uri: str) -> None:
     assert origin_problem(jwks_uri, "https://xn--bcher-kva.example") is None
     refused = origin_problem(jwks_uri, ISSUER, ("xn--bcher-kvb.example", "bucher.example"))
     assert refused is not None and "tokens.jwks_hosts" in refused
+
+
+# --- caller auth meant but off ------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("environ", "named"),
+    [
+        (
+            {"PDP_CALLER_AUTH__AUDIENCE": "pdp", "PDP_CALLER_AUTH__ISSUER": CALLER_ISSUER},
+            ["caller_auth.audience", "caller_auth.issuer"],
+        ),
+        (
+            {"PDP_CALLER_AUTH__JWKS_FILE": "", "PDP_CALLER_AUTH__ISSUER": "x"},
+            ["caller_auth.issuer"],
+        ),
+        ({"PDP_CALLER_AUTH__JWKS_FILE": "   "}, ["caller_auth.jwks_file"]),
+        (
+            {
+                "PDP_CALLER_AUTH__JWKS_FILE": " \t",
+                "PDP_CALLER_AUTH__AUDIENCE": "pdp",
+                "PDP_CALLER_AUTH__ISSUER": CALLER_ISSUER,
+            },
+            ["caller_auth.jwks_file"],
+        ),
+    ],
+)
+def test_caller_auth_meant_but_without_keys_is_a_settings_error(
+    tmp_path: Path, environ: dict[str, str], named: list[str]
+) -> None:
+    """Before: an empty (or blank) jwks_file beside an audience or issuer loaded, `pdp config
+    check` said the settings were fine, and the server answered every caller without a
+    token (blank: it refused to start only once serving was under way)."""
+    with pytest.raises(ConfigError) as raised:
+        load_settings(environ=environ)
+    message = str(raised.value)
+    assert [line.split(":")[0] for line in message.splitlines()] == [
+        f"setting {name}" for name in named
+    ]
+    assert CALLER_ISSUER not in message  # values may be secrets: never quoted
+    checked = subprocess.run(
+        [sys.executable, "-m", "policy_engine.cli.main", "config", "check"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        cwd=tmp_path,
+        env={**{k: v for k, v in os.environ.items() if not k.startswith("PDP_")}, **environ},
+    )
+    assert checked.returncode == 2 and "Traceback" not in checked.stderr
+    assert all(name in checked.stderr for name in named), checked.stderr
+    # No caller auth at all is still allowed.
+    assert load_settings(environ={}).caller_auth.jwks_file == ""
