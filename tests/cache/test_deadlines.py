@@ -39,6 +39,9 @@ from tests.metrics import sample as _sample
 from tests.server.harness import EXAMPLE_POLICIES, running
 
 REDIS_TIMEOUT_MS = 3000  # far beyond every deadline below: only the deadline can end a wait
+# The storm's: a server that waited for Redis would answer ~10 s late, one that keeps the
+# deadlines well under 5 s even on a loaded machine (seen: 1.4 s with the suite in 2 workers).
+STORM_REDIS_TIMEOUT_MS = 10_000
 SERVING = health_pb2.HealthCheckResponse.SERVING
 
 
@@ -118,7 +121,7 @@ def test_hundreds_of_calls_behind_a_stopped_redis_keep_their_deadlines_and_healt
 ) -> None:
     config = settings(
         redis_server,
-        redis_timeout_ms=REDIS_TIMEOUT_MS,
+        redis_timeout_ms=STORM_REDIS_TIMEOUT_MS,
         redis_pool_size=4,  # most commands also wait for a connection: bounded just the same
         breaker_failure_threshold=10_000,
     )
@@ -155,11 +158,12 @@ def test_hundreds_of_calls_behind_a_stopped_redis_keep_their_deadlines_and_healt
                     status = health.Check(health_pb2.HealthCheckRequest(), timeout=2).status
                     assert status == SERVING
                     assert stub.Check(known, timeout=2).cache_level == LOCAL
-                results = pending.result(timeout=30)
+                results = pending.result(timeout=STORM_REDIS_TIMEOUT_MS / 1000 + 30)
             assert [outcome for outcome, _ in results] == ["deadline"] * len(storm)
             lateness = max(late for _, late in results)
-            # Generous for a loaded machine, and still far below Redis's 3 s timeout.
-            assert lateness < 1.0, lateness
+            # At their deadlines, not at Redis's timeout: half of it is generous for a loaded
+            # machine and still far from it.
+            assert lateness < STORM_REDIS_TIMEOUT_MS / 1000 / 2, lateness
     finally:
         servicer.close()
 
