@@ -194,6 +194,16 @@ def served(artifacts: Artifacts, tmp_path: Path, redis_server: RedisServer) -> I
         [python, "-c", no_tools], capture_output=True, text=True, env=isolated_env(), check=True
     )
     assert found.stdout.strip() == "True", "grpcio-tools is a build requirement only"
+    # Without the tracing extra, tracing on is refused in one line naming it, no traceback.
+    traced = subprocess.run(
+        [python.parent / "pdp", "config", "check", "--policies", str(policies)],
+        capture_output=True, text=True, cwd=tmp_path, check=False,
+        env=isolated_env(PDP_TRACING__ENABLED="true"),
+    )  # fmt: skip
+    assert traced.returncode == 2, traced.stdout + traced.stderr
+    assert "setting tracing.enabled: OpenTelemetry is not installed" in traced.stderr
+    assert "pip install 'policy-engine[tracing]'" in traced.stderr
+    assert "Traceback" not in traced.stderr
     port, health_port = free_port(), free_port()
     env = isolated_env(
         PDP_TLS__CERT_FILE=str(server_cert.cert_file),
