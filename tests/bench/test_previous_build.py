@@ -141,14 +141,18 @@ def test_ctrl_c_or_sigterm_removes_the_previous_build(
     tmp_path: Path, signum: int, when: str
 ) -> None:
     """Signalled while the worktree is being made (an interrupted `git worktree add` leaves it
-    locked), or while the previous build's server is measured."""
+    locked), or while the previous build's server is measured.
+
+    At a third of the default durations (0.6 s of warmup, 3 s measured per row): the current
+    build's row before takes ~5 s instead of ~13, and the previous build's still lasts seconds
+    after its start is logged, so the signal reaches it while it runs."""
     before = _worktrees()
     log = tmp_path / "stderr.log"
     with log.open("w") as stderr:
         process = subprocess.Popen(
             [
                 sys.executable, "-m", "policy_engine.bench", "--rows", workloads.EMPTY_CHECK,
-                "--baseline", "HEAD", "--rounds", "1", "--no-engine",
+                "--baseline", "HEAD", "--rounds", "1", "--no-engine", "--duration-scale", "0.3",
                 "--output", str(tmp_path / "bench.md"),
             ],
             cwd=REPO, stdout=subprocess.DEVNULL, stderr=stderr, text=True,
