@@ -99,8 +99,8 @@ class _AttributeChecker:
             if not math.isfinite(value):
                 raise _Violation("must be a finite number")
             return 8
-        mapping = isinstance(value, Mapping)
-        if mapping or isinstance(value, list | tuple):
+        mapping = kind is dict or isinstance(value, Mapping)  # (an ABC check costs more)
+        if mapping or kind is list or isinstance(value, list | tuple):
             limits = self.limits
             if depth > limits.max_attribute_depth:
                 raise _Violation(f"nested deeper than {limits.max_attribute_depth} levels")

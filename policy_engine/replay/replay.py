@@ -180,7 +180,7 @@ def token_key_reason(record: Mapping[str, Any], rules: TokenRules) -> str | None
     (`subject.token_key`, version 5) with what would:
 
     - token_keys_unknown: the candidate fetches its keys (a JWKS URL, or discovery), which
-      replay cannot know offline;
+      replay cannot know offline (unless the operator gives them: `with_jwks_files`);
     - token_key_not_recorded: the record predates token key recording (version 4 or older)
       and the candidate verifies with a JWKS file: which key verified it is unknown;
     - token_algorithm_not_accepted: the candidate's `algorithms` no longer allow its `alg`;
