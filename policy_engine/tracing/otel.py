@@ -90,8 +90,6 @@ _OTEL_WHOLE = (  # counts, and milliseconds
     "OTEL_BSP_EXPORT_TIMEOUT",
 )
 _OTEL_SECONDS = ("OTEL_EXPORTER_OTLP_TIMEOUT", "OTEL_EXPORTER_OTLP_TRACES_TIMEOUT")
-# PEM files of the exporter's TLS: one it cannot read is logged with a traceback and TLS goes
-# on with the system's roots instead of the CA it was given (and a FIFO would block the start).
 # The exporter's headers (OTLP Exporter specification, "Specifying headers via environment
 # variables": W3C Baggage's `name=value` list; values URL-encoded, unencoded ones taken too as
 # the SDK takes them). The SDK logs a malformed entry whole, and it may hold a credential.
@@ -101,6 +99,8 @@ _HEADER_ENTRY = re.compile(
     r"[ \t]*[\x20\x21\x23-\x2b\x2d-\x3a\x3c-\x5b\x5d-\x7e]*[ \t]*"
 )
 _HEADER_DELIMITER = re.compile(r"[ \t]*,[ \t]*")
+# PEM files of the exporter's TLS: one it cannot read is logged with a traceback and TLS goes
+# on with the system's roots instead of the CA it was given (and a FIFO would block the start).
 _OTEL_FILES = tuple(
     f"OTEL_EXPORTER_OTLP_{signal}{name}"
     for signal in ("", "TRACES_")
@@ -444,7 +444,8 @@ class Tracing:
     `stop(deadline)` exports what is queued until `deadline`, then shuts the exporter down.
     With a `provider` given (`use_tracer_provider`) no exporter is added and the provider is
     left running: it is its owner's. Raises ConfigError when the exporter's package is
-    missing."""
+    missing or an OpenTelemetry variable the SDK would read is malformed (one line each, see
+    `otel_environment_problems`)."""
 
     name = "tracing"
 
