@@ -15,7 +15,10 @@ lines carry no trace fields. On (the `tracing` extra: `pip install 'policy-engin
 - stamps the call's trace and span IDs on its audit records (`trace_id`, `span_id`) and puts
   the current span's IDs into every log record made inside a span (JSON log fields);
 - exports through a batch processor on its own thread (OTLP/gRPC or the console), so an
-  exporter that fails or hangs never fails or slows a call; spans it cannot send are dropped.
+  exporter that fails or hangs never fails or slows a call, nor holds the stop past its
+  deadline (the exporter is then shut down, ending its export in flight); spans it cannot
+  send are dropped. OpenTelemetry's own `OTEL_*` variables that the processor and exporter
+  read are checked when the component is built (`otel.otel_environment_problems`).
 
 Tracing never changes an answer: it reads the pipeline's outcomes, it decides nothing.
 """
