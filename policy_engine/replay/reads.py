@@ -65,22 +65,31 @@ def may_read_session_id(source: str) -> bool:
     return False
 
 
-def policies_may_read_session_id(policies: CompiledPolicySet) -> bool:
-    """Whether any rule of `policies` (every layer, every integration's bucket) has a
-    condition that may read `context.session_id` (`may_read_session_id`). A condition that
-    reads no `context` at all (the compiler's own record of the variables it resolved, which
-    every read of a declared variable goes through) is not parsed again."""
+def organizations_reading_session_id(policies: CompiledPolicySet) -> frozenset[str]:
+    """The organizations of `policies` with a rule (in any layer, any integration's bucket)
+    whose condition may read `context.session_id` (`may_read_session_id`): a request is only
+    ever decided by its own organization's rules. A condition that reads no `context` at all
+    (the compiler's own record of the variables it resolved, which every read of a declared
+    variable goes through) is not parsed again."""
     if CEL_DECLARATIONS.container:  # `x.context` could then name the variable too
-        return True
-    seen: set[int] = set()
-    for organization in policies.organizations.values():
+        return frozenset(policies.organizations)
+    verdicts: dict[int, bool] = {}  # by condition: shared conditions are parsed once
+    readers = set()
+    for name, organization in policies.organizations.items():
         for layer in organization.layers.values():
             for bucket in layer.by_integration.values():
                 for rule in (*bucket.denies.rules, *bucket.allows.rules):
                     condition = rule.condition
-                    if condition is None or id(condition) in seen:
+                    if condition is None or CONTEXT not in condition.variables:
                         continue
-                    seen.add(id(condition))
-                    if CONTEXT in condition.variables and may_read_session_id(condition.source):
-                        return True
-    return False
+                    verdict = verdicts.get(id(condition))
+                    if verdict is None:
+                        verdict = verdicts[id(condition)] = may_read_session_id(condition.source)
+                    if verdict:
+                        readers.add(name)
+    return frozenset(readers)
+
+
+def policies_may_read_session_id(policies: CompiledPolicySet) -> bool:
+    """Whether any organization of `policies` has a rule that may read the session ID."""
+    return bool(organizations_reading_session_id(policies))

@@ -46,7 +46,7 @@ from policy_engine.engine.engine import decide
 from policy_engine.engine.validation import session_id_valid
 from policy_engine.errors import PolicyEngineError
 from policy_engine.policy import CompiledPolicySet
-from policy_engine.replay.reads import policies_may_read_session_id
+from policy_engine.replay.reads import organizations_reading_session_id
 
 ALLOW_TO_DENY = "ALLOW->DENY"
 DENY_TO_ALLOW = "DENY->ALLOW"
@@ -684,6 +684,7 @@ _LINE_VALUES = ("application", "context", "integration", "matched_rules", "reaso
 _LINE_KEY = (*_LINE_VALUES, "decision", "organization", "schema_version", "scope")
 # The parts that are a decision's inputs (every one that `direct_request` reads).
 _INPUTS = ("organization", "subject", "application", "integration", "scope", "context")
+_ORGANIZATION, _CONTEXT = _LINE_KEY.index("organization"), _LINE_KEY.index("context")
 _inputs_of = operator.itemgetter(*(_LINE_KEY.index(name) for name in _INPUTS))
 LINE_MEMO_SIZE = 65_536  # lines' keys kept (each about as long as its line)
 PART_MEMO_SIZE = 16_384  # lines' parts kept, read (see `_record_of`)
@@ -768,7 +769,7 @@ def _without_session(context: str) -> tuple[str, str] | None:
     level, is its last session ID member (the one `json.loads` keeps). Two parts with the
     same (text before, time) are one object but for that session ID, both valid: the
     engine reads it only to validate it (then passes), and the candidate's conditions do
-    not read it (`policies_may_read_session_id`), so they are decided alike. The value whose
+    not read it (`organizations_reading_session_id`), so they are decided alike. The value whose
     validity that rests on is the string itself: the direct path takes it as it is, and
     `pdp eval`'s path passes a string through unchanged.
     """
@@ -841,12 +842,13 @@ class Replay:
     _lines: dict[LineKey, tuple[Outcome, Window]] = field(default_factory=dict, repr=False)
     _parts: dict[str, Any] = field(default_factory=dict, repr=False)  # see `_record_of`
     _tokens: TokenReplay = field(init=False, repr=False)
-    # No condition of the candidate may read context.session_id (see `_without_session`).
-    _session_blind: bool = field(init=False, repr=False)
+    # The candidate's organizations a condition of which may read context.session_id: the
+    # others' records are keyed without a valid session ID (see `_without_session`).
+    _session_readers: frozenset[str] = field(init=False, repr=False)
 
     def __post_init__(self) -> None:
         self._tokens = TokenReplay(self.policies)
-        self._session_blind = not policies_may_read_session_id(self.policies)
+        self._session_readers = organizations_reading_session_id(self.policies)
 
     @property
     def decisions(self) -> int:
@@ -987,16 +989,18 @@ class Replay:
     def _add_match(self, match: re.Match[str], text: str, where: Where) -> None:
         """A line `_LINE` matched: counted as the last line with the same key when that one
         was stored, else read from its parts (when each is one whole JSON value) or whole.
-        Under a candidate no condition of which may read `context.session_id`, the keys
-        leave out a session ID that passes validation (`_without_session`)."""
+        For an organization none of whose candidate conditions may read
+        `context.session_id`, the keys leave out a session ID that passes validation
+        (`_without_session`): its rules are the only ones that decide its records."""
         texts = match.group(*_LINE_KEY)
         key: LineKey = texts
         inputs: LineKey = _inputs_of(texts)
-        if self._session_blind:
-            context = _without_session(match["context"])
+        # (The organization's text is a JSON string without escapes: its name in quotes.)
+        if texts[_ORGANIZATION][1:-1] not in self._session_readers:
+            context = _without_session(texts[_CONTEXT])
             if context is not None:
-                key = (key[0], context, *key[2:])
-                inputs = (*inputs[:5], context)
+                key = (*key[:_CONTEXT], context, *key[_CONTEXT + 1 :])
+                inputs = (*inputs[:-1], context)  # (the context is the last input)
         example = match["decision_id"] or _name(where)
         at = _seconds(match["time"])
         entry = self._lines.get(key)

@@ -28,7 +28,11 @@ from policy_engine.engine.validation import session_id_valid
 from policy_engine.policy import CompiledPolicySet, load_policy_set
 from policy_engine.replay import Replay, replay_files
 from policy_engine.replay.bench import generate
-from policy_engine.replay.reads import may_read_session_id, policies_may_read_session_id
+from policy_engine.replay.reads import (
+    may_read_session_id,
+    organizations_reading_session_id,
+    policies_may_read_session_id,
+)
 from policy_engine.replay.replay import _without_session
 from tests.audit.support import read_records
 from tests.server.harness import EXAMPLE_POLICIES
@@ -196,6 +200,7 @@ def test_the_examples_do_not_read_it_and_a_rule_that_does_is_seen(
 ) -> None:
     assert not policies_may_read_session_id(load_policy_set(EXAMPLE_POLICIES))
     assert policies_may_read_session_id(reading)
+    assert organizations_reading_session_id(reading) == {"acme"}
 
 
 def _as_written(record: dict[str, Any]) -> str:
@@ -245,11 +250,12 @@ def test_a_log_of_distinct_sessions_replays_as_each_record_alone(
     fast = replay.to_dict()
     assert fast == faithful.to_dict()
     assert fast["counts"]["ALLOW->DENY"] > 0  # the invalid session IDs at least
-    if candidate == "examples":
-        assert replay._session_blind
-        # The copies with valid session IDs shared their record's decision.
-        allowed = sum(r["decision"] == "ALLOW" for r in log)
-        assert len(replay._memo) <= len(faithful._memo) - 5 * allowed
-    else:
-        assert not replay._session_blind
-        assert fast["changes"]["ALLOW->DENY"]["rule"]
+    # The copies with valid session IDs shared their record's decision, in the organizations
+    # none of whose rules may read it.
+    blind = {"examples": {"acme", "globex"}, "reading": {"globex"}}[candidate]
+    assert replay._session_readers == {"acme", "globex"} - blind
+    allowed = sum(r["decision"] == "ALLOW" and r["organization"] in blind for r in log)
+    assert allowed > 10
+    assert len(replay._memo) <= len(faithful._memo) - 3 * allowed
+    if candidate == "reading":
+        assert "replay-sessions/no-sessions-ending-in-7" in str(fast["changes"]["ALLOW->DENY"])
