@@ -495,20 +495,21 @@ def check_token(
     timing = _time_check(claims, now, rules.leeway_seconds)
     if rules.keys is None or timing.problem is not None:
         return timing  # unverified claims are never exposed
-    if not (rules.issuer or "").strip() or not (rules.audience or "").strip():
+    issuer, audience = rules.issuer or "", rules.audience or ""
+    if not issuer.strip() or not audience.strip():
         # Checking no issuer or no audience would accept a token the same keys signed for
         # another tenant or service (RFC 9068 section 4, RFC 8725 section 3.9): refuse. A
         # blank one (`pdp eval --audience ""`) names none either: a token whose claim is
         # blank too is not for this PDP.
-        missing = "issuer" if not (rules.issuer or "").strip() else "audience"
+        missing = "issuer" if not issuer.strip() else "audience"
         return TokenCheck(
             "the access token cannot be accepted: the organization's token settings name no "
             f"{missing} (RFC 9068 section 4)",
             None,
         )
-    if claims.get("iss") != rules.issuer:
+    if claims.get("iss") != issuer:
         return TokenCheck("the access token is from the wrong issuer", None)
-    if not _audience_matches(claims.get("aud"), rules.audience):
+    if not _audience_matches(claims.get("aud"), audience):
         return TokenCheck("the access token is for the wrong audience", None)
     problem = (
         _subject_problem(claims, subject_id, kind, rules, external_id)
