@@ -12,6 +12,7 @@ or, with a bundle key, the snapshot whose hashes the signed manifest was checked
 
 from __future__ import annotations
 
+import bisect
 import dataclasses
 import hashlib
 import os
@@ -441,47 +442,88 @@ def _shared_token_audiences(configs: Iterable[OrganizationConfig]) -> list[LoadI
     their organization with `organization_claim`. A token is checked for subject and
     application, but those IDs are each organization's own and may well coincide.
 
-    Grouped by audience, then issuer: a set of thousands of organizations that all bind the
-    claim, or all have their own audience, costs one pass, not a comparison per pair."""
+    The first MAX_SHARED_TOKEN_ISSUES pairs by name are reported and the rest counted, not
+    listed: a set of thousands of organizations sharing one issuer and audience unbound (one
+    written before audiences were compared, the usual multi-tenant setup) holds millions of
+    pairs, and building each took minutes and GiBs at every load. Grouped by audience, then
+    issuer; for each organization only its first pairs are looked at (a binary search in
+    its group, sorted by name): O(n log n) in all."""
     by_audience: dict[str, list[OrganizationConfig]] = {}
     for config in configs:
         if config.tokens is not None and config.tokens.audience is not None:
             by_audience.setdefault(config.tokens.audience, []).append(config)
-    pairs: list[tuple[OrganizationConfig, OrganizationConfig]] = []
-    seen: set[tuple[str, str]] = set()
-    for group in by_audience.values():
-        unbound = [c for c in group if c.tokens is not None and not c.tokens.organization_claim]
-        if len(group) < 2 or not unbound:
+    limit = MAX_SHARED_TOKEN_ISSUES
+    total = 0
+    pairs: list[tuple[str, str, OrganizationConfig, OrganizationConfig]] = []
+    for unsorted in by_audience.values():
+        if len(unsorted) < 2:
             continue
-        by_issuer: dict[str | None, list[OrganizationConfig]] = {}
-        for config in group:
+        group = sorted(unsorted, key=lambda c: c.name)  # stable: equal names keep their order
+        # Positions in `group` of each issuer's organizations: all of them, and the unbound.
+        members: dict[str | None, list[int]] = {}
+        unbound: dict[str | None, list[int]] = {}
+        for index, config in enumerate(group):
             assert config.tokens is not None
-            by_issuer.setdefault(config.tokens.issuer, []).append(config)
-        for config in unbound:
+            members.setdefault(config.tokens.issuer, []).append(index)
+            if not config.tokens.organization_claim:
+                unbound.setdefault(config.tokens.issuer, []).append(index)
+        total += _sharing_pair_count(members, unbound)
+        if not unbound:
+            continue
+        everyone, every_unbound = list(range(len(group))), sorted(_flat(unbound))
+        for index, config in enumerate(group):
             assert config.tokens is not None
+            bound = bool(config.tokens.organization_claim)
+            partners = unbound if bound else members
             issuer = config.tokens.issuer
-            sharing = group if issuer is None else [*by_issuer[issuer], *by_issuer.get(None, [])]
-            for other in sharing:
-                first, second = sorted((config, other), key=lambda c: c.name)
-                if other is config or (first.name, second.name) in seen:
-                    continue
-                seen.add((first.name, second.name))
-                pairs.append((first, second))
-    pairs.sort(key=lambda pair: (pair[0].name, pair[1].name))
-    found = [_shared_token_issue(first, second) for first, second in pairs]
-    if len(found) > MAX_SHARED_TOKEN_ISSUES:
-        rest = len(found) - MAX_SHARED_TOKEN_ISSUES
-        found = found[:MAX_SHARED_TOKEN_ISSUES]
+            sources = (
+                [every_unbound if bound else everyone]
+                if issuer is None
+                else [partners.get(issuer, []), partners.get(None, [])]
+            )
+            later: list[int] = []
+            for source in sources:
+                first = bisect.bisect_right(source, index)
+                later += source[first : first + limit]
+            for other in sorted(later)[:limit]:
+                pairs.append((config.name, group[other].name, config, group[other]))
+    pairs.sort(key=lambda pair: pair[:2])
+    found = [_shared_token_issue(first, second) for _, _, first, second in pairs[:limit]]
+    if total > limit:
         last = found[-1]
         found.append(
             LoadIssue(
                 last.file,
                 last.line,
-                f"and {rest} more pairs of organizations verifying tokens from one issuer for "
-                "one audience without tokens.organization_claim",
+                f"and {total - limit} more pairs of organizations verifying tokens from one "
+                "issuer for one audience without tokens.organization_claim",
             )
         )
     return found
+
+
+def _flat(lists: Mapping[str | None, list[int]]) -> list[int]:
+    return [index for positions in lists.values() for index in positions]
+
+
+def _sharing_pair_count(
+    members: Mapping[str | None, list[int]], unbound: Mapping[str | None, list[int]]
+) -> int:
+    """How many pairs of one audience's organizations share an issuer (or one names none)
+    with at least one of the two unbound: every sharing pair less those both bound."""
+
+    def pairs_with_an_unbound(everyone: int, bound: int) -> int:
+        return everyone * (everyone - 1) // 2 - bound * (bound - 1) // 2
+
+    bound = {issuer: len(members[issuer]) - len(unbound.get(issuer, [])) for issuer in members}
+    anyone, anyone_bound = len(members.get(None, [])), bound.get(None, 0)
+    count = pairs_with_an_unbound(anyone, anyone_bound)
+    for issuer, positions in members.items():
+        if issuer is not None:
+            count += pairs_with_an_unbound(len(positions), bound[issuer])
+            # With each organization naming no issuer: all pairs but those both bound.
+            count += anyone * len(positions) - anyone_bound * bound[issuer]
+    return count
 
 
 def _shared_token_issue(first: OrganizationConfig, second: OrganizationConfig) -> LoadIssue:

@@ -7,17 +7,23 @@ port, real policy folders and the real `pdp` command line.
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
+import random
+import re
 import subprocess
 import sys
 import tomllib
+import tracemalloc
 from datetime import UTC, datetime
 from pathlib import Path
 
 import grpc
 import jwt
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from packaging.requirements import Requirement
 
 from policy_engine.auth.discovery import origin_problem
@@ -26,6 +32,8 @@ from policy_engine.auth.tokens import TokenRules, check_token
 from policy_engine.client import PdpClient
 from policy_engine.config import CallerAuthSettings, ConfigError, Settings, load_settings
 from policy_engine.policy import load_policy_set
+from policy_engine.policy.loader import MAX_SHARED_TOKEN_ISSUES, _shared_token_audiences
+from policy_engine.policy.model import Catalog, OrganizationConfig, Position, TokenSettings
 from policy_engine.server.app import build_server
 from policy_engine.server.service import PolicyDecisionServicer
 from tests.auth.material import AUDIENCE, ISSUER, claims, jwks, raw_token
@@ -214,3 +222,88 @@ def test_caller_auth_meant_but_without_keys_is_a_settings_error(
     assert all(name in checked.stderr for name in named), checked.stderr
     # No caller auth at all is still allowed.
     assert load_settings(environ={}).caller_auth.jwks_file == ""
+
+
+# --- organizations sharing issuer and audience: found without building every pair -----------
+
+
+def _config(name: str, issuer: str | None, audience: str, bound: bool) -> OrganizationConfig:
+    return OrganizationConfig(
+        name=name,
+        defaults={},
+        catalog=Catalog(frozenset(), frozenset()),
+        position=Position(Path(f"/policies/{name}/organization.yaml"), 1),
+        tokens=TokenSettings(
+            issuer=issuer,
+            audience=audience,
+            jwks_file="jwks.json",
+            organization_claim="org_id" if bound else None,
+            line=7,
+        ),
+    )
+
+
+def _every_sharing_pair(configs: list[OrganizationConfig]) -> list[tuple[str, str]]:
+    """The oracle: every pair, looked at one by one."""
+    found = []
+    for one, other in itertools.combinations(configs, 2):
+        a, b = one.tokens, other.tokens
+        assert a is not None and b is not None
+        if a.audience != b.audience:
+            continue
+        if a.issuer is not None and b.issuer is not None and a.issuer != b.issuer:
+            continue
+        if a.organization_claim and b.organization_claim:
+            continue
+        found.append(tuple(sorted((one.name, other.name))))
+    return sorted(found)
+
+
+@given(
+    st.lists(
+        st.tuples(
+            st.sampled_from([None, "https://a.test", "https://b.test"]),
+            st.sampled_from(["pdp", "crm"]),
+            st.booleans(),
+        ),
+        max_size=40,
+    ),
+    st.randoms(use_true_random=False),
+)
+@settings(max_examples=300, deadline=None)
+def test_shared_issuer_and_audience_pairs_are_those_of_every_pair(
+    orgs: list[tuple[str | None, str, bool]], order: random.Random
+) -> None:
+    """The grouped search reports the same first pairs, and counts the same rest, as
+    comparing every pair of organizations does."""
+    configs = [_config(f"org{i:02d}", *org) for i, org in enumerate(orgs)]
+    order.shuffle(configs)
+    pairs = _every_sharing_pair(configs)
+    issues = _shared_token_audiences(configs)
+    shown = [
+        m.group(1, 2)
+        for i in issues
+        if (m := re.match(r"organizations '(\w+)' and '(\w+)'", i.message))
+    ]
+    assert shown == pairs[:MAX_SHARED_TOKEN_ISSUES]
+    rest = len(pairs) - MAX_SHARED_TOKEN_ISSUES
+    assert len(issues) == len(shown) + (rest > 0)
+    if rest > 0:
+        assert issues[-1].message.startswith(f"and {rest} more pairs of organizations")
+
+
+def test_a_thousand_organizations_sharing_unbound_are_found_without_every_pair() -> None:
+    """Before: every one of the 499,500 pairs was built as an issue before 20 were kept
+    (a policy set written before audiences were compared: minutes and GiBs at every load
+    and reload for a few thousand organizations). Memory, not time, is measured."""
+    configs = [_config(f"org{i:04d}", ISSUER, AUDIENCE, bound=i % 2 == 0) for i in range(1000)]
+    tracemalloc.start()
+    try:
+        issues = _shared_token_audiences(configs)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert peak < 16 * 2**20, f"{peak / 2**20:.0f} MiB"
+    everyone, bound = 1000 * 999 // 2, 500 * 499 // 2
+    assert issues[-1].message.startswith(f"and {everyone - bound - 20} more pairs")
+    assert "organizations 'org0000' and 'org0001'" in issues[0].message
