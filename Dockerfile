@@ -23,7 +23,7 @@ RUN --mount=type=bind,from=build,source=/wheels,target=/wheels \
     pip install --no-cache-dir --no-index --find-links /wheels "policy-engine[server,tracing]"
 ENV PYTHONDONTWRITEBYTECODE=1 \
     PYTHONUNBUFFERED=1 \
-    PDP_ADDRESS=0.0.0.0:50051 \
+    PDP_ADDRESS=[::]:50051 \
     PDP_POLICY_DIR=/etc/pdp/policies
 WORKDIR /tmp
 USER 10001:10001

@@ -36,7 +36,7 @@ from tests.deploy.manifests import (
 from tests.packaging.artifacts import health_status, serving
 from tests.store.support import free_port, wait_for
 
-HOST_PORT = re.compile(r"^0\.0\.0\.0:(\d+)$")
+HOST_PORT = re.compile(r"^\[::\]:(\d+)$")  # every address of the pod
 EDITED_KEY = "globex.applications.yaml"
 SWAPS = 6
 

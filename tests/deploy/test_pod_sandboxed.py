@@ -115,7 +115,7 @@ def test_the_pod_runs_as_its_user_on_a_read_only_root(
     env = container_environment(deployment, inside, secret)
     ports: dict[int, int] = {}
     for name, value in env.items():
-        if value.startswith("0.0.0.0:"):
+        if value.startswith("[::]:"):
             ports[int(value.rpartition(":")[2])] = port = free_port()
             env[name] = f"127.0.0.1:{port}"
     named = {p["name"]: ports[p["containerPort"]] for p in spec["ports"]}
