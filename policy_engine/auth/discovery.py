@@ -81,12 +81,20 @@ def _shown(value: Any, limit: int = 80) -> str:
 def issuer_problem(issuer: str) -> str | None:
     """Why `issuer` cannot be discovered, or None: it must be an http or https URL with a host
     and no query or fragment (RFC 8414 section 2; plain http is accepted as for `jwks_url`),
-    with no spaces around it and no control characters (it is compared exactly)."""
+    with no spaces around it and no control characters (it is compared exactly), no user
+    information and a port from 1 to 65535 when one is written (`_origin`)."""
     if issuer != issuer.strip() or not issuer.isprintable():
         return "an issuer has no surrounding spaces and no control characters"
     problem = scheme_problem(issuer)
     if problem is not None:
         return problem
+    if _origin(issuer) is None:
+        # Else its metadata is fetched with its credentials (and they show in every status
+        # line), or from no port at all, and every jwks_uri is refused as if at fault.
+        return (
+            "an issuer is a URL httpx can connect to, without user information and with a "
+            "port from 1 to 65535 if any"
+        )
     parts = urlsplit(issuer)
     if parts.query or parts.fragment or "?" in issuer or "#" in issuer:
         return "an issuer has no query or fragment (RFC 8414 section 2)"
@@ -108,9 +116,9 @@ def _origin(url: str) -> tuple[str, str, int] | None:
     """(scheme, host, port) as httpx, which connects, reads `url`: the host as it is looked
     up (an internationalized name in its ASCII, IDNA form, RFC 5890 section 2.3.2.1, as
     `tokens.jwks_hosts` entries are written), lowercased and without brackets, the scheme's
-    default port when none is written; None when httpx cannot read it or it carries user
-    information."""
-    import httpx  # loaded already: the metadata was fetched with it
+    default port when none is written; None when httpx cannot read it, its port is not
+    from 1 to 65535 or it carries user information."""
+    import httpx  # loaded already by the key sets (and the metadata fetch)
 
     try:
         parsed = httpx.URL(url)
@@ -120,6 +128,8 @@ def _origin(url: str) -> tuple[str, str, int] | None:
         return None
     scheme = parsed.scheme.lower()
     port = parsed.port if parsed.port is not None else _DEFAULT_PORTS.get(scheme, 0)
+    if not 0 < port <= 65535:  # httpx reads 99999 and fails only when connecting
+        return None
     # raw_host, not host: httpx decodes an IDNA host to Unicode, which no jwks_hosts entry
     # (ASCII by its pattern) could ever equal.
     try:
@@ -147,7 +157,7 @@ def origin_problem(jwks_uri: str, issuer: str, jwks_hosts: tuple[str, ...] = ())
     `jwks_hosts` (see the module docstring)."""
     named, own = _origin(jwks_uri), _origin(issuer)
     if named is None or own is None:
-        return "it is not a URL without user information"
+        return "it is not a URL with a port from 1 to 65535 and without user information"
     scheme, host, port = named
     if scheme != own[0]:
         return f"its scheme is not the issuer's ({own[0]})"

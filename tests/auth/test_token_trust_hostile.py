@@ -22,6 +22,7 @@ from pathlib import Path
 import grpc
 import jwt
 import pytest
+import yaml
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from packaging.requirements import Requirement
@@ -45,6 +46,8 @@ from tests.auth.test_token_trust import (
     _broker_token,
     _caller_keys,
     _pdp_eval,
+    load_errors,
+    write_org,
 )
 from tests.scenarios import EXAMPLE_POLICIES
 from tests.server.harness import DOCS
@@ -307,3 +310,22 @@ def test_a_thousand_organizations_sharing_unbound_are_found_without_every_pair()
     everyone, bound = 1000 * 999 // 2, 500 * 499 // 2
     assert issues[-1].message.startswith(f"and {everyone - bound - 20} more pairs")
     assert "organizations 'org0000' and 'org0001'" in issues[0].message
+
+
+@pytest.mark.parametrize(
+    "issuer", ["https://user:secret@idp.test", "https://idp.test:99999", "https://idp.test:0"]
+)
+def test_an_issuer_with_user_information_or_no_usable_port_is_a_load_error(
+    tmp_path: Path, issuer: str
+) -> None:
+    """Before: it loaded; its metadata was fetched with the credentials (shown in every
+    status line) or never at all, and every jwks_uri was refused as if it were at fault."""
+    root = write_org(tmp_path, "acme", issuer=ISSUER, audience=AUDIENCE)
+    config_file = root / "acme" / "organization.yaml"
+    config = yaml.safe_load(config_file.read_text())
+    config["tokens"] = {"issuer": issuer, "audience": AUDIENCE}
+    config_file.write_text(yaml.safe_dump(config))
+    errors = load_errors(root)
+    assert "without user information and with a port from 1 to 65535" in errors
+    refused = origin_problem("https://idp.test:65536/keys", "https://idp.test")
+    assert refused is not None and "port from 1 to 65535" in refused
