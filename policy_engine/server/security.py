@@ -61,7 +61,13 @@ def server_credentials(tls: TlsSettings) -> grpc.ServerCredentials | None:
 def _audience_issuer_problem(claims: dict[str, Any], audience: str, issuer: str) -> str | None:
     """Why a verified caller token is not for this PDP, or None: its `iss` must be exactly
     `issuer` (RFC 7519 section 4.1.1, a case-sensitive string) and its `aud` exactly
-    `audience` or an array of strings holding it (RFC 7519 section 4.1.3)."""
+    `audience` or an array of strings holding it (RFC 7519 section 4.1.3). `exp`, `nbf` and
+    `iat` must be JSON numbers (RFC 7519 section 2, NumericDate): PyJWT reads a string
+    through int(), so "99999999999" was a valid expiry, remembered until the year 5138."""
+    for name in ("exp", "nbf", "iat"):
+        value = claims.get(name)
+        if name in claims and (isinstance(value, bool) or not isinstance(value, int | float)):
+            return f"invalid bearer token: claim {name!r} is not a number (RFC 7519 section 2)"
     if claims.get("iss") != issuer:
         return "invalid bearer token: InvalidIssuerError"
     aud = claims.get("aud")

@@ -36,10 +36,12 @@ from policy_engine.policy import load_policy_set
 from policy_engine.policy.loader import MAX_SHARED_TOKEN_ISSUES, _shared_token_audiences
 from policy_engine.policy.model import Catalog, OrganizationConfig, Position, TokenSettings
 from policy_engine.server.app import build_server
+from policy_engine.server.security import BearerVerifier
 from policy_engine.server.service import PolicyDecisionServicer
 from tests.auth.material import AUDIENCE, ISSUER, claims, jwks, raw_token
 from tests.auth.test_token_trust import (
     ALICE,
+    BROKER,
     CALLER_AUDIENCE,
     CALLER_ISSUER,
     KEY,
@@ -329,3 +331,22 @@ def test_an_issuer_with_user_information_or_no_usable_port_is_a_load_error(
     assert "without user information and with a port from 1 to 65535" in errors
     refused = origin_problem("https://idp.test:65536/keys", "https://idp.test")
     assert refused is not None and "port from 1 to 65535" in refused
+
+
+@pytest.mark.parametrize(
+    "times",
+    ['"exp": "99999999999"', '"exp": 99999999999, "nbf": "1"', '"exp": 9999999999, "iat": "1"'],
+)
+def test_a_caller_token_whose_times_are_strings_is_refused(tmp_path: Path, times: str) -> None:
+    """RFC 7519 section 2: a NumericDate is a JSON number. Before: PyJWT read a string `exp`
+    through int(), the token authenticated and was remembered until the year 5138."""
+    verifier = BearerVerifier(
+        CallerAuthSettings(
+            jwks_file=_caller_keys(tmp_path), audience=CALLER_AUDIENCE, issuer=CALLER_ISSUER
+        )
+    )
+    ours = f'"sub": "broker", "aud": "{CALLER_AUDIENCE}", "iss": "{CALLER_ISSUER}"'
+    problem = verifier.problem("Bearer " + raw_token(f"{{{ours}, {times}}}", BROKER))
+    assert problem is not None and "is not a number" in problem
+    fine = raw_token(f'{{{ours}, "exp": 9999999999, "nbf": 1, "iat": 1.5}}', BROKER)
+    assert verifier.problem("Bearer " + fine) is None
