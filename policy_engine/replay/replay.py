@@ -752,15 +752,15 @@ LineKey = tuple[str | tuple[str, str], ...]
 """A line's parts' texts (`_LINE_KEY` or `_INPUTS`), the context's maybe as `_without_session`
 gives it (a tuple: never equal to a part's text)."""
 # The end of a context part as the writer writes it (sorted keys): its session ID and time.
-_SESSION_TAIL = re.compile(
-    r',"session_id":"(?P<session>[^"\\\x00-\x1f]*)","time":(?P<time>null|"[^"\\\x00-\x1f]*")\}'
-)
+_SESSION_MEMBER = ',"session_id":"'
+_NULL_TIME_END = '","time":null}'
+_TIME_END = re.compile(r'","time":(?P<time>"[^"\\\x00-\x1f]*")\}')
 
 
 def _without_session(context: str) -> tuple[str, str] | None:
     """A context part's text without its session ID, as (the text before the member, the
-    time's text), when it ends with `,"session_id":"S","time":T}` (S and T without quotes,
-    backslashes or control characters) and S passes validation; else None.
+    time's text), when it ends with `,"session_id":"S","time":T}` (S and T strings without
+    quotes, backslashes or control characters, or T null) and S passes validation; else None.
 
     Why that leaves out exactly the session ID, for a part that is one JSON object (only
     such parts are replayed, and stored): no quote of that end is escaped (none follows a
@@ -768,18 +768,38 @@ def _without_session(context: str) -> tuple[str, str] | None:
     `"time"` is a key of the object itself, and `"session_id"`, a key before it at the same
     level, is its last session ID member (the one `json.loads` keeps). Two parts with the
     same (text before, time) are one object but for that session ID, both valid: the
-    engine reads it only to validate it (then passes), and the candidate's conditions do
-    not read it (`organizations_reading_session_id`), so they are decided alike. The value whose
-    validity that rests on is the string itself: the direct path takes it as it is, and
-    `pdp eval`'s path passes a string through unchanged.
+    engine reads it only to validate it (then passes), and the organization's conditions do
+    not read it (`organizations_reading_session_id`), so they are decided alike. The value
+    whose validity that rests on is the string itself: the direct path takes it as it is,
+    and `pdp eval`'s path passes a string through unchanged.
     """
-    start = context.rfind(',"session_id":"')
+    start = context.rfind(_SESSION_MEMBER)
     if start < 0:
         return None
-    tail = _SESSION_TAIL.fullmatch(context, start)
-    if tail is None or not session_id_valid(tail["session"], _LIMITS):
+    begin = start + len(_SESSION_MEMBER)
+    end = context.find('"', begin)  # S's closing quote, if S holds no escape
+    if end < 0:
         return None
-    return context[:start], tail["time"]
+    if len(context) == end + len(_NULL_TIME_END) and context.endswith(_NULL_TIME_END):
+        time = "null"
+    else:
+        tail = _TIME_END.fullmatch(context, end)
+        if tail is None:
+            return None
+        time = tail["time"]
+    session = context[begin:end]
+    if "\\" in session:
+        return None
+    # Printable ASCII but the space, within the length, is valid (and holds no control
+    # character): the common case, without the validation call; the rest are asked.
+    if not (
+        session.isascii()
+        and session.isprintable()
+        and " " not in session
+        and len(session) <= _LIMITS.max_id_length
+    ) and not session_id_valid(session, _LIMITS):
+        return None
+    return context[:start], time
 
 
 def _seconds(text: Any) -> float | None:

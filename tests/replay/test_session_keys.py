@@ -161,6 +161,13 @@ def test_session_id_validity_is_the_engines() -> None:
         ('{"attributes":{"x":{"session_id":"s","time":null}},"time":null}', None),
         ('{"attributes":{"x":{"session_id":"s","time":null}}}', None),
         ('{"attributes":{},"session_id":"s","time":5}', None),
+        ('{"attributes":{},"session_id":"a\\\\b","time":null}', None),
+        ('{"attributes":{},"session_id":"s","time":"x\\"y"}', None),
+        ('{"attributes":{},"session_id":"s\x01","time":null}', None),
+        ('{"attributes":{},"session_id":"s","time":null} ', None),
+        ('{"attributes":{},"session_id":"s","time":nullx}', None),
+        ('{"attributes":{},"session_id":"s","time":"t"}x', None),
+        ('{"session_id":"s","time":null}', None),  # no comma before: not the writer's
     ],
 )
 def test_what_is_left_out_of_a_context_text(text: str, expected: Any) -> None:
