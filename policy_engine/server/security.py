@@ -192,4 +192,11 @@ class CallerAuthInterceptor(grpc.aio.ServerInterceptor):
 
 
 def interceptors(settings: CallerAuthSettings) -> list[grpc.aio.ServerInterceptor]:
+    """The caller-auth interceptor, or none when `jwks_file` is empty. Raises ConfigError
+    naming each setting `caller_auth_problems` finds, whichever way `settings` were built: an
+    audience or issuer without keys means bearer tokens were meant to be checked, and a
+    server started without the interceptor would answer every caller."""
+    problems = caller_auth_problems(settings)
+    if problems:
+        raise ConfigError("\n".join(f"setting {name}: {what}" for name, what in problems))
     return [CallerAuthInterceptor(BearerVerifier(settings))] if settings.jwks_file else []

@@ -350,3 +350,16 @@ def test_a_caller_token_whose_times_are_strings_is_refused(tmp_path: Path, times
     assert problem is not None and "is not a number" in problem
     fine = raw_token(f'{{{ours}, "exp": 9999999999, "nbf": 1, "iat": 1.5}}', BROKER)
     assert verifier.problem("Bearer " + fine) is None
+
+
+def test_a_server_built_with_an_audience_but_no_caller_keys_does_not_start() -> None:
+    """Settings built directly (not by the loader, which refuses them): before, the server
+    started without the interceptor and answered every caller without a token."""
+    settings = Settings(
+        address="127.0.0.1:0",
+        docs_base_url=DOCS,
+        caller_auth=CallerAuthSettings(audience=CALLER_AUDIENCE, issuer=CALLER_ISSUER),
+    )
+    servicer = PolicyDecisionServicer(lambda: load_policy_set(EXAMPLE_POLICIES), settings)
+    with pytest.raises(ConfigError, match=r"caller_auth\.audience: applies only with"):
+        build_server(servicer, settings, policy_ready=True)
