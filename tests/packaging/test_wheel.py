@@ -211,6 +211,7 @@ def served(artifacts: Artifacts, tmp_path: Path, redis_server: RedisServer) -> I
         PDP_TLS__CLIENT_CA_FILE=str(ca.cert_file),
         PDP_CALLER_AUTH__JWKS_FILE=str(tmp_path / "callers.jwks"),
         PDP_CALLER_AUTH__AUDIENCE="pdp",
+        PDP_CALLER_AUTH__ISSUER="https://broker-idp.example",
         PDP_CACHE__REDIS_URL=redis_server.url,
         PDP_CACHE__REDIS_SIGNING_KEY_FILE=str(tmp_path / "cache.key"),
         PDP_HEALTH_ADDRESS=f"127.0.0.1:{health_port}",
@@ -228,7 +229,12 @@ def served(artifacts: Artifacts, tmp_path: Path, redis_server: RedisServer) -> I
         wait_for(ready, timeout=60, interval=0.2, what="pdp serve from the wheel")
         yield {
             "port": port,
-            "token": broker_key.sign(sub="broker", aud="pdp", exp=int(time.time()) + 300),
+            "token": broker_key.sign(
+                sub="broker",
+                aud="pdp",
+                iss="https://broker-idp.example",
+                exp=int(time.time()) + 300,
+            ),
             "files": {
                 "ca.pem": ca.cert_file,
                 "broker.pem": broker_cert.cert_file,
