@@ -61,12 +61,13 @@ $(CACHE_KEY_FILE): | $(BIN)/python
 
 # The example policies' own suites (README, Policy tests) must pass and match every rule.
 # The bench harness tests drive a real server with h2load: installed here, not skipped.
-# pytest-xdist runs the suite in PYTEST_WORKERS processes (auto: one per CPU; 0: this process
-# alone), each test file whole in one of them (--dist loadfile): a module's fixtures (the
-# packaging builds, the README's repository copy) are made once, and the tests that share
-# something outside their tmp_path (tests/bench/test_previous_build.py lists this repository's
-# git worktrees) never run beside each other. PYTEST_ARGS: more flags, e.g. PYTEST_ARGS='-x'.
-PYTEST_WORKERS ?= auto
+# pytest-xdist runs the suite in PYTEST_WORKERS processes (logical: one per CPU this process
+# may use; 0: this process alone), each test file whole in one of them (--dist loadfile): a
+# module's fixtures (the packaging builds, the README's copy of the repository) are made once,
+# and tests that share something beyond their tmp_path and free ports run one after another
+# in one file (tests/bench/test_previous_build.py: this repository's list of git worktrees).
+# PYTEST_ARGS: more flags, e.g. PYTEST_ARGS='-x tests/cache'.
+PYTEST_WORKERS ?= logical
 PYTEST_ARGS ?=
 test: install
 	$(BIN)/pdp test --coverage-min 100 policies/

@@ -27,6 +27,8 @@ REPO = builds.REPO
 needs_h2load = pytest.mark.skipif(shutil.which("h2load") is None, reason="h2load not installed")
 
 
+# Several tests here compare this repository's list of git worktrees before and after: they stay
+# in this one file, which `make test` gives whole to one pytest-xdist worker (--dist loadfile).
 def _worktrees() -> set[str]:
     listing = subprocess.run(
         ["git", "worktree", "list", "--porcelain"], cwd=REPO, capture_output=True, text=True
