@@ -46,7 +46,9 @@ def serve_process(
     tmp_path: Path, root: Path, *, workers: int, env: dict[str, str], args: tuple[str, ...] = ()
 ) -> Iterator[tuple[subprocess.Popen[bytes], int, Path]]:
     """`pdp serve` in a subprocess on a free port, as deployed; yields the process, the port and
-    its log file. Leaving the block sends SIGTERM and expects a clean exit."""
+    its log file. Leaving the block sends SIGTERM and expects a clean exit. No metrics endpoint
+    unless `env` names one: the default port (9464) is one for the whole machine, and tests
+    run side by side (make test's pytest-xdist workers)."""
     port = free_port()
     log_file = tmp_path / "serve.log"
     command = [
@@ -54,7 +56,13 @@ def serve_process(
         "--address", f"127.0.0.1:{port}", "--policies", str(root),
         "--workers", str(workers), "--threads", "2", *args,
     ]  # fmt: skip
-    full_env = {**os.environ, "PYTHONPATH": str(REPO), "PDP_RELOAD__DEBOUNCE_MS": "50", **env}
+    full_env = {
+        **os.environ,
+        "PYTHONPATH": str(REPO),
+        "PDP_RELOAD__DEBOUNCE_MS": "50",
+        "PDP_METRICS_ADDRESS": "",
+        **env,
+    }
     with log_file.open("w") as log:
         proc = subprocess.Popen(command, cwd=REPO, env=full_env, stdout=log, stderr=log)
     try:
