@@ -121,3 +121,20 @@ def test_pdp_serve_refuses_the_same_settings_before_serving(tmp_path: Path) -> N
         "  setting audit.when_full: Input should be 'block' or 'drop', got 'wait' "
         "(from PDP_AUDIT__WHEN_FULL)",
     ]
+
+
+def test_an_unusable_caller_jwks_file_is_refused_by_the_check_as_by_serve(tmp_path: Path) -> None:
+    """`pdp config check` reads the caller JWKS file the server's bearer check needs: a missing
+    or malformed one was reported only when `pdp serve` built its interceptor."""
+    malformed = tmp_path / "callers.jwks"
+    malformed.write_text('{"keys": 5}')
+    auth = {"PDP_CALLER_AUTH__AUDIENCE": "pdp", "PDP_CALLER_AUTH__ISSUER": "https://idp.test"}
+    for path, what in (
+        (tmp_path / "missing.jwks", "cannot read JWKS file"),
+        (malformed, "invalid JWKS"),
+    ):
+        env = {**auth, "PDP_CALLER_AUTH__JWKS_FILE": str(path), "PDP_METRICS_ADDRESS": ""}
+        done = _pdp("config", "check", "--policies", str(tmp_path), env=env)
+        assert done.returncode == 2, done.stdout
+        assert f"  setting caller_auth.jwks_file: {what}" in done.stderr
+        assert "Traceback" not in done.stderr

@@ -501,10 +501,9 @@ def startup_checks(settings: Settings) -> list[str]:
     """What `pdp serve` refuses at startup once its settings have loaded, in its order and
     with its own messages: the Redis signing and verify key files (with a Redis level), the
     port `workers` > 1 share, the bundle public key file, the TLS certificate, key and client
-    CA files, the audit signing key file (audit on), that the tracing extra is installed
-    (tracing on). Not run: the caller JWKS (read as the
-    server builds its interceptor) and whether a port is free (it may not be when the server
-    starts). Every problem found, one per entry."""
+    CA files, the caller JWKS file (`caller_auth.jwks_file`), the audit signing key file
+    (audit on), that the tracing extra is installed (tracing on). Not run: whether a port is
+    free (it may not be when the server starts). Every problem found, one per entry."""
     from policy_engine.cache.signing import load_signing_keys, redis_level_on
     from policy_engine.server.app import bundle_public_key
     from policy_engine.server.security import server_credentials
@@ -514,6 +513,8 @@ def startup_checks(settings: Settings) -> list[str]:
         lambda: bundle_public_key(settings),
         lambda: server_credentials(settings.tls),
     ]
+    if settings.caller_auth.jwks_file:
+        checks.append(lambda: _caller_keys(settings))
     if settings.audit.enabled and settings.audit.signing_key_file:
         checks.append(lambda: _audit_signing_key(settings.audit.signing_key_file))
     if settings.tracing.enabled:
@@ -532,6 +533,18 @@ def startup_checks(settings: Settings) -> list[str]:
         except ConfigError as exc:
             problems.append(str(exc))
     return problems
+
+
+def _caller_keys(settings: Settings) -> None:
+    """Raises ConfigError when the server could not build its bearer check: the caller JWKS
+    file unreadable or not a usable JWKS (RFC 7517 section 5)."""
+    from policy_engine.auth.keys import KeySetError
+    from policy_engine.server.security import BearerVerifier
+
+    try:
+        BearerVerifier(settings.caller_auth)
+    except KeySetError as exc:
+        raise ConfigError(f"setting caller_auth.jwks_file: {exc}") from exc
 
 
 def _audit_signing_key(path: str) -> None:
