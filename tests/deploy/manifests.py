@@ -12,13 +12,16 @@ from __future__ import annotations
 
 import math
 import os
+import re
 import shutil
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import yaml
 
 from tests.packaging.artifacts import REPO
+from tests.store.support import free_port
 
 DEPLOY = REPO / "deploy"
 # The Secret `pdp-cache` the Deployment reads (made outside the repository; README, Deploying).
@@ -169,3 +172,41 @@ def container_environment(
         else:
             env[var["name"]] = secret[var["valueFrom"]["secretKeyRef"]["key"]]
     return env
+
+
+HOST_PORT = re.compile(r"^\[::\]:(\d+)$")  # every address of the pod
+
+
+@dataclass
+class LoopbackPod:
+    """The Deployment's container laid out under a test's folder, its addresses moved to free
+    loopback ports: what `pdp serve` needs to run it as the kubelet would, minus isolation."""
+
+    objects: list[Manifest]
+    deployment: Manifest
+    spec: Manifest  # the container
+    mounts: dict[str, Path]  # mount path -> folder
+    env: dict[str, str]  # its environment, PDP_* addresses on 127.0.0.1
+    probe_port: int  # the gRPC probes' port
+    grpc_port: int
+
+
+def loopback_pod(root: Path, redis_url: str) -> LoopbackPod:
+    """`LoopbackPod` of the built manifests with volumes under `root` and the Secret's Redis URL
+    `redis_url`; the stop does not wait (`PDP_TRANSPORT__SHUTDOWN_WAIT_MS` 0: its length is
+    checked against the probes and the grace period in test_manifests)."""
+    objects = build()
+    deployment = only(objects, "Deployment")
+    secret = {**SAMPLE_SECRET, "redis-url": redis_url}
+    mounts = mount_volumes(deployment, objects, root, secret)
+    env = container_environment(deployment, mounts, secret)
+    ports: dict[int, int] = {}
+    for name, value in env.items():
+        if match := HOST_PORT.match(value):
+            ports[int(match[1])] = free_port()
+            env[name] = f"127.0.0.1:{ports[int(match[1])]}"
+    spec = container(deployment)
+    env["PDP_TRANSPORT__SHUTDOWN_WAIT_MS"] = "0"
+    grpc_port = ports[next(p["containerPort"] for p in spec["ports"] if p["name"] == "grpc")]
+    probe_port = ports[spec["livenessProbe"]["grpc"]["port"]]
+    return LoopbackPod(objects, deployment, spec, mounts, env, probe_port, grpc_port)

@@ -12,7 +12,6 @@ one connection per worker.
 from __future__ import annotations
 
 import os
-import re
 import sys
 import threading
 from pathlib import Path
@@ -24,19 +23,13 @@ from policy_engine.bench.redis_server import RedisServer
 from policy_engine.client import check_request
 from policy_engine.policy import load_policy_set
 from tests.deploy.manifests import (
-    SAMPLE_SECRET,
-    build,
-    container,
-    container_environment,
-    mount_volumes,
-    only,
+    loopback_pod,
     project_configmap,
     volume_of_mount,
 )
 from tests.packaging.artifacts import health_status, serving
-from tests.store.support import free_port, wait_for
+from tests.store.support import wait_for
 
-HOST_PORT = re.compile(r"^\[::\]:(\d+)$")  # every address of the pod
 EDITED_KEY = "globex.applications.yaml"
 SWAPS = 6
 
@@ -95,20 +88,11 @@ class Caller:
 def test_configmap_updates_under_load_never_mix_versions(
     tmp_path: Path, redis_server: RedisServer
 ) -> None:
-    objects = build()
-    deployment = only(objects, "Deployment")
-    secret = {**SAMPLE_SECRET, "redis-url": redis_server.url}
-    mounts = mount_volumes(deployment, objects, tmp_path, secret)
-    env = container_environment(deployment, mounts, secret)
-    ports: dict[int, int] = {}
-    for name, value in env.items():
-        if match := HOST_PORT.match(value):
-            ports[int(match[1])] = free_port()
-            env[name] = f"127.0.0.1:{ports[int(match[1])]}"
-    spec = container(deployment)
-    probe_port = ports[spec["livenessProbe"]["grpc"]["port"]]
-    grpc_port = ports[next(p["containerPort"] for p in spec["ports"] if p["name"] == "grpc")]
-    env["PDP_TRANSPORT__SHUTDOWN_WAIT_MS"] = "0"
+    pod = loopback_pod(tmp_path, redis_server.url)
+    objects, deployment, spec, mounts, env = (
+        pod.objects, pod.deployment, pod.spec, pod.mounts, pod.env
+    )  # fmt: skip
+    probe_port, grpc_port = pod.probe_port, pod.grpc_port
 
     configmap = next(o for o in objects if o["kind"] == "ConfigMap")
     original = dict(configmap["data"])

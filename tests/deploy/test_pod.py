@@ -11,7 +11,6 @@ removed) is served without a restart; SIGTERM stops it cleanly (exit 0).
 from __future__ import annotations
 
 import os
-import re
 import sys
 from pathlib import Path
 
@@ -22,19 +21,12 @@ from policy_engine.api import pdp_pb2, pdp_pb2_grpc
 from policy_engine.bench.redis_server import RedisServer
 from policy_engine.policy import load_policy_set
 from tests.deploy.manifests import (
-    SAMPLE_SECRET,
-    build,
-    container,
-    container_environment,
-    mount_volumes,
-    only,
+    loopback_pod,
     project_configmap,
     volume_of_mount,
 )
 from tests.packaging.artifacts import health_status, serving
-from tests.store.support import free_port, wait_for
-
-HOST_PORT = re.compile(r"^\[::\]:(\d+)$")  # every address of the pod
+from tests.store.support import wait_for
 
 
 def _revision(port: int) -> str:
@@ -48,23 +40,12 @@ def _revision(port: int) -> str:
 def test_the_pod_serves_probes_and_hot_reloads_its_configmap(
     tmp_path: Path, redis_server: RedisServer
 ) -> None:
-    objects = build()
-    deployment = only(objects, "Deployment")
-    secret = {**SAMPLE_SECRET, "redis-url": redis_server.url}
-    mounts = mount_volumes(deployment, objects, tmp_path, secret)
-    env = container_environment(deployment, mounts, secret)
-    ports: dict[int, int] = {}
-    for name, value in env.items():
-        if match := HOST_PORT.match(value):
-            ports[int(match[1])] = free_port()
-            env[name] = f"127.0.0.1:{ports[int(match[1])]}"
-    spec = container(deployment)
-    probe_port = ports[spec["livenessProbe"]["grpc"]["port"]]
-    grpc_port = ports[next(p["containerPort"] for p in spec["ports"] if p["name"] == "grpc")]
+    pod = loopback_pod(tmp_path, redis_server.url)
+    objects, deployment, spec, mounts, env = (
+        pod.objects, pod.deployment, pod.spec, pod.mounts, pod.env
+    )  # fmt: skip
+    probe_port, grpc_port = pod.probe_port, pod.grpc_port
     assert int(env["PDP_WORKERS"]) >= 2, "the deployed shape: several workers"
-    # Its length is checked against the probes and the grace period in test_manifests; here
-    # only the clean stop matters, so no 10 s of answering while NOT_SERVING.
-    env["PDP_TRANSPORT__SHUTDOWN_WAIT_MS"] = "0"
 
     outer = {k: v for k, v in os.environ.items() if not k.startswith("PDP_")}
     log_file = tmp_path / "pod.log"
