@@ -52,7 +52,10 @@ def _check_identifier(
     elif not (
         # Printable ASCII but the space (0x21-0x7E) is all in IDENTIFIER_PATTERN's set: the
         # common case, decided without the regex engine (the other patterns are narrower).
+        # Only for a str itself: a subclass may override isprintable or `in` (the regex reads
+        # its characters), and anything else is refused by the regex as it always was.
         pattern is IDENTIFIER_PATTERN
+        and type(value) is str
         and value.isascii()
         and value.isprintable()
         and " " not in value
@@ -166,7 +169,9 @@ def validate_request(request: CheckRequest, limits: RequestLimits) -> list[Field
             )
         )
     client_ip = request.context.client_ip
-    if client_ip and not _IPV4.fullmatch(client_ip):
+    # Only a str itself takes the shortcut: `ip_address` also accepts an int, bytes or an
+    # address object from a library caller, and reads a str subclass through its methods.
+    if client_ip and not (type(client_ip) is str and _IPV4.fullmatch(client_ip)):
         try:
             ipaddress.ip_address(client_ip)
         except ValueError:
