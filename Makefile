@@ -66,13 +66,16 @@ $(CACHE_KEY_FILE): | $(BIN)/python
 # module's fixtures (the packaging builds, the README's copy of the repository) are made once,
 # and tests that share something beyond their tmp_path and free ports run one after another
 # in one file (tests/bench/test_previous_build.py: this repository's list of git worktrees).
-# PYTEST_ARGS: more flags, e.g. PYTEST_ARGS='-x tests/cache'.
+# PYTEST_ARGS: more flags, e.g. PYTEST_ARGS='-x tests/cache'. Compiled modules are kept
+# (__pycache__, ignored by git) even where the environment says PYTHONDONTWRITEBYTECODE: else
+# each `pdp` command and server a test starts compiles the package again (30% of its
+# start-up CPU), and each worker rewrites every test module's asserts (half of its collection).
 PYTEST_WORKERS ?= logical
 PYTEST_ARGS ?=
 test: install
 	$(BIN)/pdp test --coverage-min 100 policies/
 	command -v h2load >/dev/null 2>&1 || (apt-get update -qq && apt-get install -y -qq nghttp2-client)
-	$(BIN)/pytest -q -n $(PYTEST_WORKERS) --dist loadfile $(PYTEST_ARGS)
+	env -u PYTHONDONTWRITEBYTECODE $(BIN)/pytest -q -n $(PYTEST_WORKERS) --dist loadfile $(PYTEST_ARGS)
 
 # ruff, then mypy over policy_engine/ (its settings: [tool.mypy] in pyproject.toml).
 lint: install
