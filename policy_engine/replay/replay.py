@@ -687,6 +687,7 @@ _INPUTS = ("organization", "subject", "application", "integration", "scope", "co
 _ORGANIZATION, _CONTEXT = _LINE_KEY.index("organization"), _LINE_KEY.index("context")
 _inputs_of = operator.itemgetter(*(_LINE_KEY.index(name) for name in _INPUTS))
 LINE_MEMO_SIZE = 65_536  # lines' keys kept (each about as long as its line)
+ALIAS_MEMO_SIZE = 16_384  # lines' own keys kept for a line found without its session ID
 PART_MEMO_SIZE = 16_384  # lines' parts kept, read (see `_record_of`)
 
 
@@ -861,6 +862,8 @@ class Replay:
     # A line's content but its per-record fields (see _LINE) -> what it counts as, and when.
     _lines: dict[LineKey, tuple[Outcome, Window]] = field(default_factory=dict, repr=False)
     _parts: dict[str, Any] = field(default_factory=dict, repr=False)  # see `_record_of`
+    # A line's own key -> the entry of `_lines` it found by its key without its session ID.
+    _aliases: dict[LineKey, tuple[Outcome, Window]] = field(default_factory=dict, repr=False)
     _tokens: TokenReplay = field(init=False, repr=False)
     # The candidate's organizations a condition of which may read context.session_id: the
     # others' records are keyed without a valid session ID (see `_without_session`).
@@ -1010,23 +1013,35 @@ class Replay:
         """A line `_LINE` matched: counted as the last line with the same key when that one
         was stored, else read from its parts (when each is one whole JSON value) or whole.
         For an organization none of whose candidate conditions may read
-        `context.session_id`, the keys leave out a session ID that passes validation
-        (`_without_session`): its rules are the only ones that decide its records."""
+        `context.session_id`, a line is also looked up, and kept, under a key that leaves out
+        a session ID that passes validation (`_without_session`): its rules are the only
+        ones that decide its records. The line's own key is looked up first (a session's
+        lines repeat it, and it costs nothing to take), and kept as well."""
         texts = match.group(*_LINE_KEY)
-        key: LineKey = texts
+        example = match["decision_id"] or _name(where)
+        at = _seconds(match["time"])
+        lines = self._lines
+        entry = lines.get(texts) or self._aliases.get(texts)
+        if entry is not None and at is not None and entry[1][0] <= at < entry[1][1]:
+            self._count(entry[0], example)
+            return
         inputs: LineKey = _inputs_of(texts)
+        blind: LineKey | None = None
         # (The organization's text is a JSON string without escapes: its name in quotes.)
         if texts[_ORGANIZATION][1:-1] not in self._session_readers:
             context = _without_session(texts[_CONTEXT])
             if context is not None:
-                key = (*key[:_CONTEXT], context, *key[_CONTEXT + 1 :])
+                blind = (*texts[:_CONTEXT], context, *texts[_CONTEXT + 1 :])
                 inputs = (*inputs[:-1], context)  # (the context is the last input)
-        example = match["decision_id"] or _name(where)
-        at = _seconds(match["time"])
-        entry = self._lines.get(key)
-        if entry is not None and at is not None and entry[1][0] <= at < entry[1][1]:
-            self._count(entry[0], example)
-            return
+                entry = lines.get(blind)
+                if entry is not None and at is not None and entry[1][0] <= at < entry[1][1]:
+                    self._count(entry[0], example)
+                    # Its session's next lines find it by their own key: kept apart, so
+                    # that a log of ever new sessions does not crowd out `_lines`.
+                    if len(self._aliases) >= ALIAS_MEMO_SIZE:
+                        self._aliases.clear()
+                    self._aliases[texts] = entry
+                    return
         record = _record_of(match, self._parts, texts)
         exact_text = "\\u" not in text
         may_redact = not exact_text or REDACTED in text
@@ -1041,9 +1056,14 @@ class Replay:
         outcome, window = self._outcome(record, may_redact, exact_text, inputs)
         self._count(outcome, example)
         if window is not None and at is not None:
-            if len(self._lines) >= LINE_MEMO_SIZE:
-                self._lines.clear()
-            self._lines[key] = (outcome, window)
+            self._keep(texts, (outcome, window))
+            if blind is not None:
+                self._keep(blind, (outcome, window))
+
+    def _keep(self, key: LineKey, entry: tuple[Outcome, Window]) -> None:
+        if len(self._lines) >= LINE_MEMO_SIZE:
+            self._lines.clear()  # bounded memory; a log's hot lines come back fast
+        self._lines[key] = entry
 
     def to_dict(self) -> dict[str, Any]:
         """The report as JSON: decisions, counts (every kind), changes (kind -> dimension ->

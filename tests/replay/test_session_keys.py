@@ -232,6 +232,10 @@ def _hostile_lines(records: list[dict[str, Any]]) -> list[str]:
             copy["context"]["session_id"] = session
             copy["decision_id"] += f"-{number}"
             lines.append(_as_written(copy))
+            # The same session's next line: found by its own key (kept when its first
+            # line was found without its session ID).
+            copy["decision_id"] += "-again"
+            lines.append(_as_written(copy))
         # A context text with a second session ID after the time (json.loads keeps it).
         line = _as_written({**record, "decision_id": record["decision_id"] + "-dup"})
         lines.append(line.replace(',"time":null}', ',"time":null,"session_id":"a b"}', 1))
