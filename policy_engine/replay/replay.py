@@ -862,7 +862,7 @@ class Replay:
     # A line's content but its per-record fields (see _LINE) -> what it counts as, and when.
     _lines: dict[LineKey, tuple[Outcome, Window]] = field(default_factory=dict, repr=False)
     _parts: dict[str, Any] = field(default_factory=dict, repr=False)  # see `_record_of`
-    # A line's own key -> the entry of `_lines` it found by its key without its session ID.
+    # A line's own key -> its entry of `_lines`, kept there without its session ID.
     _aliases: dict[LineKey, tuple[Outcome, Window]] = field(default_factory=dict, repr=False)
     _tokens: TokenReplay = field(init=False, repr=False)
     # The candidate's organizations a condition of which may read context.session_id: the
@@ -1016,7 +1016,7 @@ class Replay:
         `context.session_id`, a line is also looked up, and kept, under a key that leaves out
         a session ID that passes validation (`_without_session`): its rules are the only
         ones that decide its records. The line's own key is looked up first (a session's
-        lines repeat it, and it costs nothing to take), and kept as well."""
+        lines repeat it, and it costs nothing to take), in `_lines` and `_aliases`."""
         texts = match.group(*_LINE_KEY)
         example = match["decision_id"] or _name(where)
         at = _seconds(match["time"])
@@ -1036,11 +1036,7 @@ class Replay:
                 entry = lines.get(blind)
                 if entry is not None and at is not None and entry[1][0] <= at < entry[1][1]:
                     self._count(entry[0], example)
-                    # Its session's next lines find it by their own key: kept apart, so
-                    # that a log of ever new sessions does not crowd out `_lines`.
-                    if len(self._aliases) >= ALIAS_MEMO_SIZE:
-                        self._aliases.clear()
-                    self._aliases[texts] = entry
+                    self._alias(texts, entry)
                     return
         record = _record_of(match, self._parts, texts)
         exact_text = "\\u" not in text
@@ -1056,14 +1052,22 @@ class Replay:
         outcome, window = self._outcome(record, may_redact, exact_text, inputs)
         self._count(outcome, example)
         if window is not None and at is not None:
-            self._keep(texts, (outcome, window))
-            if blind is not None:
-                self._keep(blind, (outcome, window))
+            entry = (outcome, window)
+            if len(lines) >= LINE_MEMO_SIZE:
+                lines.clear()  # bounded memory; a log's hot lines come back fast
+            if blind is None:
+                lines[texts] = entry
+            else:
+                lines[blind] = entry
+                self._alias(texts, entry)
 
-    def _keep(self, key: LineKey, entry: tuple[Outcome, Window]) -> None:
-        if len(self._lines) >= LINE_MEMO_SIZE:
-            self._lines.clear()  # bounded memory; a log's hot lines come back fast
-        self._lines[key] = entry
+    def _alias(self, texts: LineKey, entry: tuple[Outcome, Window]) -> None:
+        """Keep `entry`, of `_lines` under a key without the line's session ID, under the
+        line's own key too: its session's next lines find it at once. Apart from `_lines`,
+        so that one line takes one entry there, and ever new sessions crowd out nothing."""
+        if len(self._aliases) >= ALIAS_MEMO_SIZE:
+            self._aliases.clear()
+        self._aliases[texts] = entry
 
     def to_dict(self) -> dict[str, Any]:
         """The report as JSON: decisions, counts (every kind), changes (kind -> dimension ->
