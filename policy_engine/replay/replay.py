@@ -687,7 +687,7 @@ _INPUTS = ("organization", "subject", "application", "integration", "scope", "co
 _ORGANIZATION, _CONTEXT = _LINE_KEY.index("organization"), _LINE_KEY.index("context")
 _inputs_of = operator.itemgetter(*(_LINE_KEY.index(name) for name in _INPUTS))
 LINE_MEMO_SIZE = 65_536  # lines' keys kept (each about as long as its line)
-ALIAS_MEMO_SIZE = 16_384  # lines' own keys kept for a line found without its session ID
+ALIAS_MEMO_SIZE = 65_536  # lines' own keys kept beside their session-free key (see `_alias`)
 PART_MEMO_SIZE = 16_384  # lines' parts kept, read (see `_record_of`)
 
 
