@@ -40,7 +40,7 @@ from tests.deploy.manifests import (
     pod_spec,
     volume_of_mount,
 )
-from tests.packaging.artifacts import health_status
+from tests.packaging.artifacts import REPO, health_status
 from tests.store.support import free_port, wait_for
 
 pytestmark = pytest.mark.skipif(
@@ -50,14 +50,18 @@ pytestmark = pytest.mark.skipif(
 
 POD_ROOT = "/mnt/pod"  # where the volumes are bound inside the namespace
 # The namespace: volumes bound, /tmp a tmpfs, Python readable, / read-only, then the pod's
-# user. Arguments: uid, gid, tmp size, Python's prefix, then (mount path, folder, ro|rw)
-# triples, "--", the command.
+# user. Arguments: uid, gid, tmp size, Python's prefix, the checkout, its virtualenv, then
+# (mount path, folder, ro|rw) triples, "--", the command. The checkout and virtualenv (the
+# image's installed package and console script) are bound back where they were after /tmp and
+# /root are covered: a clone under /tmp (as CI may make it) would be hidden by the pod's /tmp.
 _SANDBOX = r"""
 set -eu
-uid=$1 gid=$2 tmp_size=$3 prefix=$4; shift 4
+uid=$1 gid=$2 tmp_size=$3 prefix=$4 repo=$5 venv=$6; shift 6
 mount -t tmpfs -o mode=755,size=1m pod /mnt
-mkdir -p /mnt/python
+mkdir -p /mnt/python /mnt/repo /mnt/venv
 mount --bind "$prefix" /mnt/python
+mount --bind "$repo" /mnt/repo
+mount --bind "$venv" /mnt/venv
 case "$prefix" in /root/*)  # /root is 0700 here; the image's Python is world-readable
     mount -t tmpfs -o mode=755,size=1m root /root
     mkdir -p "$prefix"
@@ -71,6 +75,8 @@ while [ "$1" != "--" ]; do
 done
 shift
 mount -t tmpfs -o "mode=1777,size=$tmp_size" tmp /tmp
+mkdir -p "$repo" && mount --move /mnt/repo "$repo" && mount -o remount,bind,ro "$repo"
+mkdir -p "$venv" && mount --move /mnt/venv "$venv" && mount -o remount,bind,ro "$venv"
 mount -o remount,bind,ro /
 mount -o remount,bind,ro /mnt
 cd /tmp
@@ -137,7 +143,7 @@ def test_the_pod_runs_as_its_user_on_a_read_only_root(
     command = [
         "unshare", "--mount", "--propagation", "private", "--", "sh", "-c", _SANDBOX, "pod",
         str(security["runAsUser"]), str(security["runAsGroup"]),
-        _mebibytes(tmp_volume["sizeLimit"]), sys.base_prefix, *triples, "--",
+        _mebibytes(tmp_volume["sizeLimit"]), sys.base_prefix, str(REPO), sys.prefix, *triples, "--",
         "env", "-i", *(f"{k}={v}" for k, v in {**image_env, **env}.items()),
         "pdp", *spec["args"],  # the Dockerfile's ENTRYPOINT, the Deployment's args
     ]  # fmt: skip
