@@ -12,7 +12,9 @@ import dataclasses
 import json
 import math
 import operator
+import os
 import re
+import stat
 import sys
 from collections import Counter
 from collections.abc import Callable, Iterable, Mapping, Sequence
@@ -28,6 +30,7 @@ from jwt.algorithms import OKPAlgorithm
 
 from policy_engine.audit.record import REDACTED
 from policy_engine.audit.sinks.file import _STAMP, _stamp_key
+from policy_engine.auth.fetch import MAX_JWKS_BYTES
 from policy_engine.auth.keys import KeySetError, StaticKeySet, parse_jwks
 from policy_engine.auth.tokens import TokenRules
 from policy_engine.cli.main import DEFAULTS, UsageError, dry_run, request_message
@@ -216,6 +219,16 @@ def token_key_reason(record: Mapping[str, Any], rules: TokenRules) -> str | None
     return None
 
 
+def _printable(text: str) -> str:
+    """`text` with each character that is not printable (str.isprintable: control
+    characters such as ESC, line and paragraph separators) written as its Python escape
+    (`\\x1b`, `\\u2028`): names and IDs from records and flags reach a terminal, where a raw
+    escape sequence would be obeyed (retitle, recolour, rewrite the lines above)."""
+    if text.isprintable():
+        return text
+    return "".join(c if c.isprintable() else ascii(c)[1:-1] for c in text)
+
+
 def jwks_flags(values: Sequence[str]) -> dict[str, Path]:
     """`--jwks ORG=FILE` values as {organization: file}. Raises UsageError for a value
     without `=`, an empty name or file, or an organization named twice."""
@@ -225,9 +238,33 @@ def jwks_flags(values: Sequence[str]) -> dict[str, Path]:
         if not equals or not name or not file:
             raise UsageError(f"--jwks {value!r}: expected ORG=FILE")
         if name in files:
-            raise UsageError(f"--jwks {name}: given twice")
+            raise UsageError(f"--jwks {_printable(name)}: given twice")
         files[name] = Path(file)
     return files
+
+
+class _JwksFileError(Exception):
+    """A `--jwks` file that is not a regular file of at most `MAX_JWKS_BYTES`."""
+
+
+def _read_jwks_file(path: Path) -> bytes:
+    """The bytes of the regular file `path`, at most `MAX_JWKS_BYTES` (1 MiB: what the server
+    reads of a JWKS it fetches, so no larger one can have verified a record).
+
+    Opened without blocking and checked before reading: a FIFO would wait for a writer
+    forever, and a device such as /dev/zero never ends. Raises OSError (missing, a symlink
+    loop, unreadable) and _JwksFileError (not a regular file, too large).
+    """
+    descriptor = os.open(path, os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0))
+    with os.fdopen(descriptor, "rb") as handle:
+        if not stat.S_ISREG(os.fstat(descriptor).st_mode):
+            raise _JwksFileError("not a regular file")
+        data = handle.read(MAX_JWKS_BYTES + 1)
+    if len(data) > MAX_JWKS_BYTES:
+        raise _JwksFileError(
+            f"larger than {MAX_JWKS_BYTES} bytes (1 MiB, the most the server reads of a JWKS)"
+        )
+    return data
 
 
 def with_jwks_files(policies: CompiledPolicySet, files: Mapping[str, Path]) -> CompiledPolicySet:
@@ -247,7 +284,9 @@ def with_jwks_files(policies: CompiledPolicySet, files: Mapping[str, Path]) -> C
         organization = organizations.get(name)
         if organization is None:
             known = ", ".join(sorted(organizations)) or "none"
-            raise UsageError(f"--jwks {name}: no such organization in --policies (has: {known})")
+            raise UsageError(
+                f"--jwks {_printable(name)}: no such organization in --policies (has: {known})"
+            )
         keys = organization.tokens.keys
         if keys is None or isinstance(keys, StaticKeySet):
             how = "verifies no token signature" if keys is None else "has its own jwks_file"
@@ -255,12 +294,15 @@ def with_jwks_files(policies: CompiledPolicySet, files: Mapping[str, Path]) -> C
                 f"--jwks {name}: the candidate's organization {name!r} {how}; --jwks is for "
                 "one whose keys come from a jwks_url or from discovery"
             )
+        flag = _printable(f"--jwks {name}={path}")
         try:
-            static = StaticKeySet(parse_jwks(path.read_bytes(), source=str(path)))
+            static = StaticKeySet(parse_jwks(_read_jwks_file(path), source=str(path)))
         except OSError as exc:
-            raise UsageError(f"--jwks {name}={path}: {exc.strerror or exc}") from None
+            raise UsageError(f"{flag}: {exc.strerror or exc}") from None
+        except _JwksFileError as exc:
+            raise UsageError(f"{flag}: {exc}") from None
         except KeySetError as exc:
-            raise UsageError(f"--jwks {name}={path}: {exc}") from None
+            raise UsageError(f"{flag}: {_printable(str(exc))}") from None
         tokens = dataclasses.replace(organization.tokens, keys=static)
         organizations[name] = dataclasses.replace(organization, tokens=tokens)
     return dataclasses.replace(policies, organizations=MappingProxyType(organizations))
@@ -1108,12 +1150,13 @@ class Replay:
                 lines.append(f"  by {dimension}:")
                 groups = self.groups[kind][dimension]
                 for value, group in sorted(groups.items(), key=lambda item: -item[1].count):
-                    examples = ", ".join(group.examples)
-                    lines.append(f"    {value}: {group.count}  e.g. {examples}")
+                    examples = _printable(", ".join(group.examples))
+                    lines.append(f"    {_printable(value)}: {group.count}  e.g. {examples}")
         if self.unreplayable:
             lines.append(f"cannot replay ({cannot}):")
             for reason, group in sorted(self.unreplayable.items()):
-                lines.append(f"  {reason}: {group.count}  e.g. {', '.join(group.examples)}")
+                examples = _printable(", ".join(group.examples))
+                lines.append(f"  {reason}: {group.count}  e.g. {examples}")
         return "\n".join(lines)
 
 

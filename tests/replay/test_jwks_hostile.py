@@ -1,0 +1,145 @@
+"""Hostile inputs to `pdp replay --jwks ORG=FILE` and hostile names in replay's report.
+
+A `--jwks` file is read as the server reads a JWKS it fetches: at most 1 MiB, and only a
+regular file (a FIFO or a device is refused at once instead of blocking or never ending).
+Names and IDs that reach the human-readable report or an error message are written with
+their control characters escaped: an ANSI escape in an application or decision ID is not
+sent raw to the operator's terminal. The log is `tests/replay/test_jwks_flag.py`'s.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from policy_engine.auth.fetch import MAX_JWKS_BYTES
+from policy_engine.cli.main import EXIT_OK, EXIT_USAGE, main
+from tests.auth.material import jwks
+from tests.replay.test_jwks_flag import FETCHED, FILE, _reasons, _replay, log
+from tests.replay.test_token_keys import KEY, _write
+
+__all__ = ["log"]  # the module-scoped fixture, shared
+
+ESCAPE = "\x1b]0;pwned\x07\x1b[2J"
+
+
+@pytest.fixture
+def fetching(tmp_path: Path) -> Path:
+    return _write(tmp_path / "candidate", tokens=FETCHED["jwks_url"])
+
+
+def _padded(path: Path, size: int) -> Path:
+    """KEY's JWKS, padded with trailing spaces (still the same JSON) to `size` bytes."""
+    data = jwks(KEY).encode()
+    path.write_bytes(data + b" " * (size - len(data)))
+    return path
+
+
+def test_a_jwks_of_at_most_1_mib_is_read_and_a_larger_one_refused(
+    log: Path, fetching: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    largest = _padded(tmp_path / "largest.json", MAX_JWKS_BYTES)
+    code, report = _replay(log, fetching, ["--jwks", f"signed={largest}"], capsys)
+    assert code == EXIT_OK
+    assert _reasons(report) == {"token_refused": 1}
+
+    larger = _padded(tmp_path / "larger.json", MAX_JWKS_BYTES + 1)
+    code, message = _replay(log, fetching, ["--jwks", f"signed={larger}"], capsys)
+    assert code == EXIT_USAGE
+    assert "larger than 1048576 bytes" in str(message)
+
+
+def _pdp(*args: str) -> subprocess.CompletedProcess[str]:
+    # The installed command, as operators run it. The timeout only ends a hang (the fault
+    # this guards against): it measures nothing.
+    return subprocess.run(
+        [str(Path(sys.executable).parent / "pdp"), *args],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+
+
+@pytest.mark.parametrize("kind", ["fifo", "device"])
+def test_a_fifo_or_a_device_is_refused_without_reading_it(
+    kind: str, log: Path, fetching: Path, tmp_path: Path
+) -> None:
+    if kind == "fifo":
+        path = tmp_path / "keys.fifo"
+        os.mkfifo(path)  # nobody ever writes: a blocking open would wait forever
+    else:
+        path = Path("/dev/zero")  # endless: an unbounded read would fill memory
+    result = _pdp(
+        "replay", "--audit", str(log), "--policies", str(fetching), "--jwks", f"signed={path}"
+    )
+    assert result.returncode == EXIT_USAGE, result.stderr
+    assert f"--jwks signed={path}: not a regular file" in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_a_symlink_loop_is_a_usage_error(
+    log: Path, fetching: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    loop = tmp_path / "loop.json"
+    loop.symlink_to(tmp_path / "loop.json")
+    code, message = _replay(log, fetching, ["--jwks", f"signed={loop}"], capsys)
+    assert code == EXIT_USAGE
+    assert "symbolic links" in str(message)
+
+
+def test_an_organization_name_with_control_characters_is_not_echoed_raw(
+    log: Path, fetching: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    served = tmp_path / "served.json"
+    served.write_text(jwks(KEY))
+    for flags in (
+        ["--jwks", f"{ESCAPE}={served}"],
+        ["--jwks", f"{ESCAPE}={served}", "--jwks", f"{ESCAPE}={served}"],
+        ["--jwks", f"signed={tmp_path}/{ESCAPE}"],
+    ):
+        code, message = _replay(log, fetching, flags, capsys)
+        assert code == EXIT_USAGE, flags
+        assert "\x1b" not in str(message) and "\x07" not in str(message), message
+        assert "\\x1b" in str(message), message
+
+
+def _hostile_log(log: Path, path: Path) -> Path:
+    """`log` with escape sequences in each decision ID, and in the application ID of the
+    allowed records (which the candidate then denies: that ID is not valid)."""
+    lines = []
+    for line in log.read_text().splitlines():
+        record = json.loads(line)
+        if record.get("type") == "decision":
+            record["decision_id"] += ESCAPE
+            if record["decision"] == "ALLOW":
+                record["application"]["id"] += ESCAPE
+        lines.append(json.dumps(record, sort_keys=True, separators=(",", ":")))
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+def test_hostile_ids_are_escaped_in_the_report(
+    log: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    hostile = _hostile_log(log, tmp_path / "audit.jsonl")
+    candidate = _write(tmp_path / "candidate", tokens=FILE)
+    argv = ["replay", "--audit", str(hostile), "--policies", str(candidate)]
+    assert main(argv) == EXIT_OK
+    text = capsys.readouterr().out
+    assert "ALLOW->DENY (2)" in text  # the application IDs are in the report
+    assert "token_refused: 1" in text  # and the refused record's decision ID
+    assert "\x1b" not in text and "\x07" not in text
+    assert text.count("\\x1b]0;pwned\\x07\\x1b[2J") >= 4, text
+
+    assert main([*argv, "--json"]) == EXIT_OK
+    out = capsys.readouterr().out
+    assert "\x1b" not in out
+    report = json.loads(out)  # JSON escapes them, and keeps the IDs exact
+    applications = report["changes"]["ALLOW->DENY"]["application"]
+    assert all(name.endswith(ESCAPE) for name in applications)
