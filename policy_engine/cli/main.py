@@ -278,9 +278,20 @@ def _with_jwks(
     issuer: str | None = None,
 ) -> CompiledPolicySet:
     """Dry runs verify tokens with the operator's JWKS file instead of the organization's keys,
-    and with `audience` and `issuer` (--audience, --issuer) when given instead of its own. An
-    organization without `tokens:` names no issuer or audience: its tokens are then all
-    refused (RFC 8725 section 3.9) unless both are given, never accepted for any."""
+    and with `audience` and `issuer` (--audience, --issuer) when given instead of its own.
+
+    Raises UsageError for an organization without `tokens:`: the server verifies none of its
+    tokens and shows policies none of their claims (auth.tokens), so a dry run that verified
+    them could answer ALLOW on claims where the server answers DENY."""
+    organization = policies.organizations.get(org)
+    if organization is not None and organization.tokens.keys is None:
+        raise UsageError(
+            f"--jwks: organization {org!r} has no 'tokens:' section, so the server verifies "
+            "none of its subject tokens and shows policies none of their claims "
+            "(subject.claims and subject.actors are empty); a dry run verifying them would "
+            "not decide as the server does. Leave out --jwks (tokens are then read as the "
+            "server reads them), or give the organization a 'tokens:' section"
+        )
     try:
         keys = StaticKeySet.from_file(Path(jwks_file))
     except KeySetError as exc:

@@ -25,6 +25,7 @@ from policy_engine.engine import decide
 from policy_engine.policy import load_policy_set
 from tests.auth.material import AUDIENCE, ISSUER, jwks, raw_token, rsa_key
 from tests.auth.test_tokens import TOKENS, org_with_tokens, with_token
+from tests.auth.verified_examples import examples_verifying_tokens as verified_examples
 from tests.scenarios import EXAMPLE_POLICIES
 
 KEY = rsa_key("rsa-1")
@@ -240,7 +241,10 @@ def test_pdp_eval_denies_a_token_with_a_huge_exp_without_a_traceback(tmp_path: P
     assert valid.returncode == 0, valid.stderr
     for run in (
         pdp_eval(unsigned, "--json"),
-        pdp_eval(signed, "--json", "--jwks", str(keys)),
+        # Verified only where the organization verifies tokens (tests.auth.verified_examples).
+        pdp_eval(
+            signed, "--json", "--jwks", str(keys), "--policies", str(verified_examples(tmp_path))
+        ),
         pdp_eval(unsigned),
     ):
         assert run.returncode == valid.returncode, run.stderr

@@ -35,6 +35,7 @@ from policy_engine.server.service import PolicyDecisionServicer
 from tests.auth.material import AUDIENCE, ISSUER, SigningKey, claims, jwks, rsa_key
 from tests.auth.test_discovery import OAUTH, TENANT, Site, acme_keys, discovery_dir, pdp_server
 from tests.auth.test_tokens import with_token
+from tests.auth.verified_examples import examples_verifying_tokens
 from tests.policy_builder import allow_all, write_organization
 from tests.scenarios import EXAMPLE_POLICIES
 from tests.server.harness import DOCS
@@ -179,22 +180,25 @@ def _pdp_eval(token: str, *flags: str) -> dict[str, Any]:
 
 
 def test_pdp_eval_with_a_jwks_checks_an_audience_too(tmp_path: Path) -> None:
-    """Example acme has no `tokens:`: `--jwks` alone used to verify the token's signature and
-    accept any audience (its claims then reached the policies)."""
+    """`--jwks` alone used to verify the token's signature and accept any audience (its claims
+    then reached the policies). It now verifies with the organization's own issuer and audience
+    (or --issuer and --audience), and refuses an organization without `tokens:` (example acme),
+    whose tokens the server never verifies."""
     keys = tmp_path / "jwks.json"
     keys.write_text(jwks(KEY))
+    policies = ("--policies", str(examples_verifying_tokens(tmp_path)))
     foreign = KEY.sign(**claims(aud="billing-service", client_id="pr-reviewer"))
-    alone = _pdp_eval(foreign, "--jwks", str(keys))
-    assert alone["decision"] == "DENY"
-    assert "name no issuer" in alone["reasons"][0]["message"]
     ours = KEY.sign(**claims(client_id="pr-reviewer"))
-    no_audience = _pdp_eval(ours, "--jwks", str(keys), "--issuer", ISSUER)
-    assert "name no audience" in no_audience["reasons"][0]["message"]
-    named = ("--jwks", str(keys), "--issuer", ISSUER, "--audience", AUDIENCE)
-    other = _pdp_eval(foreign, *named)
+    unverifying = _pdp_eval(ours, "--jwks", str(keys), "--issuer", ISSUER, "--audience", AUDIENCE)
+    assert "organization 'acme' has no 'tokens:' section" in unverifying["error"]
+    alone = _pdp_eval(foreign, "--jwks", str(keys), *policies)
+    assert alone["decision"] == "DENY" and "wrong audience" in alone["reasons"][0]["message"]
+    assert _pdp_eval(ours, "--jwks", str(keys), *policies)["decision"] == "ALLOW"
+    named = ("--jwks", str(keys), "--issuer", ISSUER, "--audience", "billing-service")
+    assert _pdp_eval(foreign, *named, *policies)["decision"] == "ALLOW"
+    other = _pdp_eval(ours, *named, *policies)
     assert other["decision"] == "DENY" and "wrong audience" in other["reasons"][0]["message"]
-    assert _pdp_eval(ours, *named)["decision"] == "ALLOW"
-    wrong_issuer = _pdp_eval(ours, "--jwks", str(keys), "--audience", AUDIENCE, "--issuer", "x")
+    wrong_issuer = _pdp_eval(ours, "--jwks", str(keys), "--issuer", "x", *policies)
     assert wrong_issuer["decision"] == "DENY"
     assert "wrong issuer" in wrong_issuer["reasons"][0]["message"]
     assert "--audience and --issuer apply only with --jwks" in _pdp_eval(

@@ -427,17 +427,18 @@ def test_pdp_eval_dry_runs_tokens_with_a_jwks_file(tmp_path: Path) -> None:
     import subprocess
     import sys
 
-    from tests.scenarios import EXAMPLE_POLICIES
+    from tests.auth.verified_examples import examples_verifying_tokens
 
     keys = tmp_path / "jwks.json"
     keys.write_text(jwks(RSA))
+    policies = examples_verifying_tokens(tmp_path)  # the example acme verifies no tokens
     base = [
         sys.executable,
         "-m",
         "policy_engine.cli.main",
         "eval",
         "--policies",
-        str(EXAMPLE_POLICIES),
+        str(policies),
         "--org",
         "acme",
         "--subject",
