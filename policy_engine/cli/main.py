@@ -386,6 +386,7 @@ def cmd_replay(args: argparse.Namespace) -> int:
 
     from policy_engine.replay.replay import (
         jwks_flags,
+        load_candidate,
         order_audit_files,
         replay_files,
         replay_redis,
@@ -399,7 +400,7 @@ def cmd_replay(args: argparse.Namespace) -> int:
     if args.redis_url and not args.stream:
         raise UsageError("--redis-url needs --stream NAME")
     jwks_files = jwks_flags(args.jwks)
-    policies = with_jwks_files(load_policy_set(Path(args.policies)), jwks_files)
+    policies = with_jwks_files(load_candidate(Path(args.policies)), jwks_files)
     progress = None
     try:
         if args.audit:

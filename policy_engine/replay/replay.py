@@ -30,8 +30,8 @@ from jwt.algorithms import OKPAlgorithm
 
 from policy_engine.audit.record import REDACTED
 from policy_engine.audit.sinks.file import _STAMP, _stamp_key
-from policy_engine.auth.fetch import MAX_JWKS_BYTES
-from policy_engine.auth.keys import KeySetError, StaticKeySet, parse_jwks
+from policy_engine.auth.fetch import MAX_JWKS_BYTES, JwksFetchError
+from policy_engine.auth.keys import KeySetError, RemoteKeySets, StaticKeySet, parse_jwks
 from policy_engine.auth.tokens import TokenRules
 from policy_engine.cli.main import DEFAULTS, UsageError, dry_run, request_message
 from policy_engine.client import MAX_SAFE_INTEGER, RequestValueError
@@ -48,7 +48,7 @@ from policy_engine.domain.request import (
 from policy_engine.engine.engine import decide
 from policy_engine.engine.validation import session_id_valid
 from policy_engine.errors import PolicyEngineError
-from policy_engine.policy import CompiledPolicySet
+from policy_engine.policy import CompiledPolicySet, load_policy_set
 from policy_engine.replay.reads import organizations_reading_session_id
 
 ALLOW_TO_DENY = "ALLOW->DENY"
@@ -241,6 +241,23 @@ def jwks_flags(values: Sequence[str]) -> dict[str, Path]:
             raise UsageError(f"--jwks {_printable(name)}: given twice")
         files[name] = Path(file)
     return files
+
+
+async def _no_fetch(url: str, timeout: float) -> bytes:
+    raise JwksFetchError(f"pdp replay fetches nothing ({url})")
+
+
+def load_candidate(directory: Path) -> CompiledPolicySet:
+    """The candidate policy set in `directory`, loaded without touching the network: an
+    organization's `jwks_url` or issuer discovery gets an empty key set whose first fetch is
+    never started (its token records count as `token_keys_unknown`, or are replayed against
+    `--jwks` files: `with_jwks_files`). A one-off load would fetch, and wait up to 5 s per
+    set for an identity provider that answers nothing replay uses.
+
+    Raises PolicyLoadError as `load_policy_set` does."""
+    offline = RemoteKeySets(fetch=_no_fetch)
+    offline.stop(0.0)  # stopped before it started: no event loop, so no fetch ever starts
+    return load_policy_set(directory, remote_keys=offline)
 
 
 class _JwksFileError(Exception):

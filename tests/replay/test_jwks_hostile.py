@@ -13,7 +13,11 @@ import json
 import os
 import subprocess
 import sys
+import threading
+from collections.abc import Iterator
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
+from typing import Any, ClassVar
 
 import pytest
 
@@ -143,3 +147,65 @@ def test_hostile_ids_are_escaped_in_the_report(
     report = json.loads(out)  # JSON escapes them, and keeps the IDs exact
     applications = report["changes"]["ALLOW->DENY"]["application"]
     assert all(name.endswith(ESCAPE) for name in applications)
+
+
+class _Served(BaseHTTPRequestHandler):
+    """Serves KEY's JWKS (and, for discovery, metadata naming it) and counts every request."""
+
+    requests: ClassVar[list[str]] = []
+
+    def do_GET(self) -> None:
+        _Served.requests.append(self.path)
+        host = f"http://127.0.0.1:{self.server.server_address[1]}"
+        if self.path.endswith("openid-configuration") or "oauth-authorization" in self.path:
+            body = json.dumps({"issuer": f"{host}/issuer", "jwks_uri": f"{host}/k.json"})
+        else:
+            body = jwks(KEY)
+        data = body.encode()
+        self.send_response(200)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(data)))
+        self.end_headers()
+        self.wfile.write(data)
+
+    def log_message(self, format: str, *args: Any) -> None:
+        pass
+
+
+@pytest.fixture
+def identity_provider() -> Iterator[str]:
+    server = ThreadingHTTPServer(("127.0.0.1", 0), _Served)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    _Served.requests.clear()
+    try:
+        yield f"http://127.0.0.1:{server.server_address[1]}"
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+@pytest.mark.parametrize("how", ["jwks_url", "discovery"])
+def test_replay_fetches_nothing(
+    how: str,
+    identity_provider: str,
+    log: Path,
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """An offline replay does not call the candidate's identity provider (nor wait for it, up
+    to 5 s a key set when it hangs): what it would serve now is not what verified the log."""
+    if how == "jwks_url":
+        tokens = dict(FETCHED[how], jwks_url=f"{identity_provider}/k.json")
+    else:  # the log's tokens name another issuer: replayed, the candidate denies them
+        tokens = dict(FETCHED[how], issuer=f"{identity_provider}/issuer")
+    candidate = _write(tmp_path / "candidate", tokens=tokens)
+    served = tmp_path / "served.json"
+    served.write_text(jwks(KEY))
+    code, report = _replay(log, candidate, [], capsys)
+    assert code == EXIT_OK
+    assert _reasons(report) == {"token_keys_unknown": 2, "token_refused": 1}
+    code, report = _replay(log, candidate, ["--jwks", f"signed={served}"], capsys)
+    assert code == EXIT_OK
+    assert _reasons(report) == {"token_refused": 1}
+    assert _Served.requests == []
