@@ -772,4 +772,10 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    # Run as `python -m policy_engine.cli.main`, this file is `__main__`: a second copy of
+    # the module beside the `policy_engine.cli.main` that the commands' own modules (replay,
+    # status) import. Their UsageError is that module's class, which this copy's `except
+    # UsageError` does not catch: a traceback and exit 1 instead of `pdp: error:` and exit 2.
+    from policy_engine.cli.main import main as package_main
+
+    sys.exit(package_main())

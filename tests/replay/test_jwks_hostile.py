@@ -87,6 +87,23 @@ def test_a_fifo_or_a_device_is_refused_without_reading_it(
     assert "Traceback" not in result.stderr
 
 
+def test_a_usage_error_raised_in_replay_is_one_under_python_m_too(
+    log: Path, fetching: Path
+) -> None:
+    """`python -m policy_engine.cli.main` runs a second copy of the CLI module as `__main__`,
+    whose `except UsageError` did not catch replay's (the package module's) UsageError."""
+    flags = ["--audit", str(log), "--policies", str(fetching), "--jwks", "signed=/dev/null"]
+    result = subprocess.run(
+        [sys.executable, "-m", "policy_engine.cli.main", "replay", *flags],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    assert result.returncode == EXIT_USAGE, result.stderr
+    assert result.stderr.endswith("pdp: error: --jwks signed=/dev/null: not a regular file\n")
+
+
 def test_a_symlink_loop_is_a_usage_error(
     log: Path, fetching: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
