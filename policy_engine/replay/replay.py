@@ -313,7 +313,7 @@ def with_jwks_files(policies: CompiledPolicySet, files: Mapping[str, Path]) -> C
             )
         flag = _printable(f"--jwks {name}={path}")
         try:
-            static = StaticKeySet(parse_jwks(_read_jwks_file(path), source=str(path)))
+            static = StaticKeySet(parse_jwks(_read_jwks_file(path), source=_printable(str(path))))
         except OSError as exc:
             raise UsageError(f"{flag}: {exc.strerror or exc}") from None
         except _JwksFileError as exc:

@@ -19,13 +19,17 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any, ClassVar
 
+import grpc
 import pytest
 
+from policy_engine.api import pdp_pb2, pdp_pb2_grpc
 from policy_engine.auth.fetch import MAX_JWKS_BYTES
 from policy_engine.cli.main import EXIT_OK, EXIT_USAGE, main
-from tests.auth.material import jwks
-from tests.replay.test_jwks_flag import FETCHED, FILE, _reasons, _replay, log
-from tests.replay.test_token_keys import KEY, _write
+from policy_engine.server.app import start_server
+from tests.auth.material import claims, jwks
+from tests.replay.test_jwks_flag import FETCHED, FILE, ISSUER, _reasons, _replay, log
+from tests.replay.test_token_keys import CALLS, KEY, ROTATED, _write
+from tests.replay.test_tokens import audited, check_message
 
 __all__ = ["log"]  # the module-scoped fixture, shared
 
@@ -226,3 +230,49 @@ def test_replay_fetches_nothing(
     assert code == EXIT_OK
     assert _reasons(report) == {"token_refused": 1}
     assert _Served.requests == []
+
+
+def test_a_log_verified_with_a_jwks_url_replays_against_the_keys_it_served(
+    identity_provider: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """End to end with a real server whose organization fetches its keys from a real HTTP
+    identity provider: the JWKS it served replays the accepted tokens exactly, any other is a
+    changed key, and a token refused then stays refused whatever keys are given (even the
+    very key that signed the forgery: its claims were never kept, so no DENY->ALLOW)."""
+    tokens = dict(FETCHED["jwks_url"], jwks_url=f"{identity_provider}/k.json")
+    policies = _write(tmp_path / "policies", tokens=tokens)
+    log_path = tmp_path / "audit.jsonl"
+    running = start_server(audited(policies, log_path))
+    try:
+        with grpc.insecure_channel(f"127.0.0.1:{running.port}") as channel:
+            stub = pdp_pb2_grpc.PolicyDecisionServiceStub(channel)
+            admin = KEY.sign(**claims(groups=["admins"], iss=ISSUER))
+            for name in CALLS:
+                reply = stub.Check(check_message(admin, name), timeout=30)
+                assert reply.effect == pdp_pb2.EFFECT_ALLOW, reply
+            forged = ROTATED.sign(**claims(groups=["admins"], iss=ISSUER))
+            reply = stub.Check(check_message(forged, "forged"), timeout=30)
+            assert reply.effect == pdp_pb2.EFFECT_DENY
+    finally:
+        running.stop(grace=5)
+    assert _Served.requests  # the server did fetch its keys
+
+    code, report = _replay(log_path, policies, [], capsys)
+    assert code == EXIT_OK
+    assert _reasons(report) == {"token_keys_unknown": 2, "token_refused": 1}
+
+    served = tmp_path / "served.json"
+    served.write_text(jwks(KEY))
+    code, report = _replay(log_path, policies, ["--jwks", f"signed={served}"], capsys)
+    assert code == EXIT_OK
+    assert isinstance(report, dict)
+    assert report["counts"]["unchanged"] == 2
+    assert _reasons(report) == {"token_refused": 1}
+
+    for keys in (jwks(ROTATED), jwks(KEY, ROTATED)):
+        served.write_text(keys)
+        code, report = _replay(log_path, policies, ["--jwks", f"signed={served}"], capsys)
+        assert code == EXIT_OK
+        assert isinstance(report, dict)
+        assert report["counts"]["DENY->ALLOW"] == 0
+        assert _reasons(report) == {"token_key_changed": 2, "token_refused": 1}
