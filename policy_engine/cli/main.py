@@ -388,6 +388,7 @@ def cmd_replay(args: argparse.Namespace) -> int:
         jwks_flags,
         load_candidate,
         order_audit_files,
+        printable,
         replay_files,
         replay_redis,
         stream_length,
@@ -420,7 +421,7 @@ def cmd_replay(args: argparse.Namespace) -> int:
                 progress=step,
             )
     except OSError as exc:
-        raise UsageError(f"--audit {exc.filename}: {exc.strerror or exc}") from None
+        raise UsageError(f"--audit {printable(str(exc.filename))}: {exc.strerror or exc}") from None
     except (redis.RedisError, ValueError) as exc:  # ValueError: a URL redis-py cannot use
         raise UsageError(f"--redis-url: {exc}") from None
     finally:

@@ -219,11 +219,13 @@ def token_key_reason(record: Mapping[str, Any], rules: TokenRules) -> str | None
     return None
 
 
-def _printable(text: str) -> str:
+def printable(text: str) -> str:
     """`text` with each character that is not printable (str.isprintable: control
     characters such as ESC, line and paragraph separators) written as its Python escape
-    (`\\x1b`, `\\u2028`): names and IDs from records and flags reach a terminal, where a raw
-    escape sequence would be obeyed (retitle, recolour, rewrite the lines above)."""
+    (`\\x1b`, `\\u2028`, `\\udcff`): names and IDs from records, flags and file names reach
+    a terminal, where a raw escape sequence would be obeyed (retitle, recolour, rewrite the
+    lines above), and a lone surrogate (a `\\ud800` escape in a record, a file name that is not
+    UTF-8) cannot be encoded for standard output at all."""
     if text.isprintable():
         return text
     return "".join(c if c.isprintable() else ascii(c)[1:-1] for c in text)
@@ -238,7 +240,7 @@ def jwks_flags(values: Sequence[str]) -> dict[str, Path]:
         if not equals or not name or not file:
             raise UsageError(f"--jwks {value!r}: expected ORG=FILE")
         if name in files:
-            raise UsageError(f"--jwks {_printable(name)}: given twice")
+            raise UsageError(f"--jwks {printable(name)}: given twice")
         files[name] = Path(file)
     return files
 
@@ -302,7 +304,7 @@ def with_jwks_files(policies: CompiledPolicySet, files: Mapping[str, Path]) -> C
         if organization is None:
             known = ", ".join(sorted(organizations)) or "none"
             raise UsageError(
-                f"--jwks {_printable(name)}: no such organization in --policies (has: {known})"
+                f"--jwks {printable(name)}: no such organization in --policies (has: {known})"
             )
         keys = organization.tokens.keys
         if keys is None or isinstance(keys, StaticKeySet):
@@ -311,15 +313,15 @@ def with_jwks_files(policies: CompiledPolicySet, files: Mapping[str, Path]) -> C
                 f"--jwks {name}: the candidate's organization {name!r} {how}; --jwks is for "
                 "one whose keys come from a jwks_url or from discovery"
             )
-        flag = _printable(f"--jwks {name}={path}")
+        flag = printable(f"--jwks {name}={path}")
         try:
-            static = StaticKeySet(parse_jwks(_read_jwks_file(path), source=_printable(str(path))))
+            static = StaticKeySet(parse_jwks(_read_jwks_file(path), source=printable(str(path))))
         except OSError as exc:
             raise UsageError(f"{flag}: {exc.strerror or exc}") from None
         except _JwksFileError as exc:
             raise UsageError(f"{flag}: {exc}") from None
         except KeySetError as exc:
-            raise UsageError(f"{flag}: {_printable(str(exc))}") from None
+            raise UsageError(f"{flag}: {printable(str(exc))}") from None
         tokens = dataclasses.replace(organization.tokens, keys=static)
         organizations[name] = dataclasses.replace(organization, tokens=tokens)
     return dataclasses.replace(policies, organizations=MappingProxyType(organizations))
@@ -1167,12 +1169,12 @@ class Replay:
                 lines.append(f"  by {dimension}:")
                 groups = self.groups[kind][dimension]
                 for value, group in sorted(groups.items(), key=lambda item: -item[1].count):
-                    examples = _printable(", ".join(group.examples))
-                    lines.append(f"    {_printable(value)}: {group.count}  e.g. {examples}")
+                    examples = printable(", ".join(group.examples))
+                    lines.append(f"    {printable(value)}: {group.count}  e.g. {examples}")
         if self.unreplayable:
             lines.append(f"cannot replay ({cannot}):")
             for reason, group in sorted(self.unreplayable.items()):
-                examples = _printable(", ".join(group.examples))
+                examples = printable(", ".join(group.examples))
                 lines.append(f"  {reason}: {group.count}  e.g. {examples}")
         return "\n".join(lines)
 

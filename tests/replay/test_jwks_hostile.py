@@ -276,3 +276,35 @@ def test_a_log_verified_with_a_jwks_url_replays_against_the_keys_it_served(
         assert isinstance(report, dict)
         assert report["counts"]["DENY->ALLOW"] == 0
         assert _reasons(report) == {"token_key_changed": 2, "token_refused": 1}
+
+
+def test_a_lone_surrogate_in_an_id_is_escaped_not_a_crash(
+    log: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A `\\ud800` escape in a logged decision ID parses to a lone surrogate, which standard
+    output (UTF-8) cannot encode: printed raw, the report was a UnicodeEncodeError."""
+    lines = []
+    for line in log.read_text().splitlines():
+        record = json.loads(line)
+        if record.get("type") == "decision":
+            record["decision_id"] += "\ud800"
+        lines.append(json.dumps(record, sort_keys=True, separators=(",", ":")))
+    hostile = tmp_path / "audit.jsonl"
+    hostile.write_text("\n".join(lines) + "\n")
+    candidate = _write(tmp_path / "candidate", tokens=FILE)
+    assert main(["replay", "--audit", str(hostile), "--policies", str(candidate)]) == EXIT_OK
+    text = capsys.readouterr().out
+    assert "token_refused: 1" in text
+    assert "\\ud800" in text
+    text.encode()  # no lone surrogate left
+
+
+def test_a_hostile_audit_file_name_is_escaped_in_the_error(
+    fetching: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    unreadable = tmp_path / f"audit{ESCAPE}.jsonl"
+    unreadable.mkdir()  # a directory: open() fails, even as root
+    code = main(["replay", "--audit", str(unreadable), "--policies", str(fetching)])
+    assert code == EXIT_USAGE
+    message = capsys.readouterr().err
+    assert "\x1b" not in message and "\\x1b" in message, message
