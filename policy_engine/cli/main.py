@@ -277,12 +277,14 @@ def _with_jwks(
     audience: str | None = None,
     issuer: str | None = None,
 ) -> CompiledPolicySet:
-    """Dry runs verify tokens with the operator's JWKS file instead of the organization's keys,
-    and with `audience` and `issuer` (--audience, --issuer) when given instead of its own.
+    """Dry runs verify tokens with the operator's JWKS file instead of the organization's keys
+    (for one whose keys the server fetches: jwks_url or discovery), checked for the
+    organization's own issuer and audience, as the server checks them.
 
     Raises UsageError for an organization without `tokens:`: the server verifies none of its
     tokens and shows policies none of their claims (auth.tokens), so a dry run that verified
-    them could answer ALLOW on claims where the server answers DENY."""
+    them could answer ALLOW on claims where the server answers DENY; and for an `audience` or
+    `issuer` (--audience, --issuer) other than the organization's, for the same reason."""
     organization = policies.organizations.get(org)
     if organization is not None and organization.tokens.keys is None:
         raise UsageError(
@@ -292,6 +294,17 @@ def _with_jwks(
             "not decide as the server does. Leave out --jwks (tokens are then read as the "
             "server reads them), or give the organization a 'tokens:' section"
         )
+    if organization is not None:
+        for flag, given, own in (
+            ("--audience", audience, organization.tokens.audience),
+            ("--issuer", issuer, organization.tokens.issuer),
+        ):
+            if given is not None and given != own:
+                raise UsageError(
+                    f"{flag} {given!r} is not organization {org!r}'s own ({own!r}): the server "
+                    "checks its tokens for that one, and a dry run checking another could "
+                    "allow a token the server refuses"
+                )
     try:
         keys = StaticKeySet.from_file(Path(jwks_file))
     except KeySetError as exc:

@@ -194,13 +194,17 @@ def test_pdp_eval_with_a_jwks_checks_an_audience_too(tmp_path: Path) -> None:
     alone = _pdp_eval(foreign, "--jwks", str(keys), *policies)
     assert alone["decision"] == "DENY" and "wrong audience" in alone["reasons"][0]["message"]
     assert _pdp_eval(ours, "--jwks", str(keys), *policies)["decision"] == "ALLOW"
-    named = ("--jwks", str(keys), "--issuer", ISSUER, "--audience", "billing-service")
-    assert _pdp_eval(foreign, *named, *policies)["decision"] == "ALLOW"
-    other = _pdp_eval(ours, *named, *policies)
-    assert other["decision"] == "DENY" and "wrong audience" in other["reasons"][0]["message"]
+    # The organization's own issuer and audience may be named; no other (the server checks
+    # for its own: another would allow `foreign` here, which the server refuses).
+    named = ("--jwks", str(keys), "--issuer", ISSUER, "--audience", AUDIENCE)
+    assert _pdp_eval(ours, *named, *policies)["decision"] == "ALLOW"
+    other = _pdp_eval(foreign, "--jwks", str(keys), "--audience", "billing-service", *policies)
+    assert "--audience 'billing-service' is not organization 'acme''s own" in other["error"]
     wrong_issuer = _pdp_eval(ours, "--jwks", str(keys), "--issuer", "x", *policies)
-    assert wrong_issuer["decision"] == "DENY"
-    assert "wrong issuer" in wrong_issuer["reasons"][0]["message"]
+    assert "--issuer 'x' is not organization 'acme''s own" in wrong_issuer["error"]
+    other_issuer = KEY.sign(**claims(client_id="pr-reviewer", iss="x"))
+    wrong = _pdp_eval(other_issuer, "--jwks", str(keys), *policies)
+    assert wrong["decision"] == "DENY" and "wrong issuer" in wrong["reasons"][0]["message"]
     assert "--audience and --issuer apply only with --jwks" in _pdp_eval(
         ours, "--audience", AUDIENCE
     ).get("error", "")

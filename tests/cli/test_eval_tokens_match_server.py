@@ -123,3 +123,22 @@ def test_an_organization_without_tokens_is_never_decided_on_claims_the_server_ne
         assert result.stdout == ""
         assert "organization 'plain' has no 'tokens:' section" in result.stderr
         assert "Traceback" not in result.stderr
+
+
+def test_another_audience_or_issuer_than_the_organizations_is_refused(
+    policy_dir: Path, client: PdpClient
+) -> None:
+    """The server checks `signed`'s own issuer and audience: a token for another audience is
+    denied there; a dry run told to check that audience used to allow it."""
+    foreign = KEY.sign(**claims("alice", groups=["admins"], aud="billing"))
+    assert server_effect(client, "signed", foreign) == "DENY"
+    jwks_file = policy_dir.parent / f"{policy_dir.name}-operator.jwks"
+    result = pdp_eval(policy_dir, "signed", foreign, "--jwks", str(jwks_file))
+    assert result.returncode == 0 and json.loads(result.stdout)["decision"] == "DENY"
+    for extra in (("--audience", "billing"), ("--issuer", "https://other.test")):
+        result = pdp_eval(policy_dir, "signed", foreign, "--jwks", str(jwks_file), *extra)
+        assert result.returncode == 2, result.stdout
+        assert f"{extra[0]} {extra[1]!r} is not organization 'signed''s own" in result.stderr
+    same = ("--audience", AUDIENCE, "--issuer", ISSUER)
+    result = pdp_eval(policy_dir, "signed", admins_token(), "--jwks", str(jwks_file), *same)
+    assert result.returncode == 0 and json.loads(result.stdout)["decision"] == "ALLOW"
