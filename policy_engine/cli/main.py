@@ -727,11 +727,13 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--jwks", help="verify --token with this JWKS file")
     evaluate.add_argument(
         "--audience",
-        help="with --jwks: the 'aud' the token must carry (default: the organization's "
-        "tokens.audience; without either, every token is refused; --issuer likewise)",
+        help="with --jwks: the 'aud' the token must carry; only the organization's own "
+        "tokens.audience, which is also the default (the server checks for that one)",
     )
     evaluate.add_argument(
-        "--issuer", help="with --jwks: the 'iss' the token must carry (default: the organization's)"
+        "--issuer",
+        help="with --jwks: the 'iss' the token must carry; only the organization's own "
+        "tokens.issuer, which is also the default",
     )
     evaluate.add_argument(
         "--quota-used",
