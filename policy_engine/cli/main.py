@@ -277,9 +277,12 @@ def _with_jwks(
     audience: str | None = None,
     issuer: str | None = None,
 ) -> CompiledPolicySet:
-    """Dry runs verify tokens with the operator's JWKS file instead of the organization's keys
-    (for one whose keys the server fetches: jwks_url or discovery), checked for the
-    organization's own issuer and audience, as the server checks them.
+    """Dry runs verify tokens with the operator's JWKS file instead of the keys the server
+    fetches for the organization (jwks_url or discovery), checked for the organization's own
+    issuer and audience, as the server checks them.
+
+    Raises UsageError for an organization whose keys are its own jwks_file (read as the server
+    reads it: other keys would verify tokens the server refuses).
 
     Raises UsageError for an organization without `tokens:`: the server verifies none of its
     tokens and shows policies none of their claims (auth.tokens), so a dry run that verified
@@ -293,6 +296,14 @@ def _with_jwks(
             "(subject.claims and subject.actors are empty); a dry run verifying them would "
             "not decide as the server does. Leave out --jwks (tokens are then read as the "
             "server reads them), or give the organization a 'tokens:' section"
+        )
+    if isinstance(organization.tokens.keys if organization else None, StaticKeySet):
+        # Its keys are a jwks_file, read by this dry run exactly as the server reads it: other
+        # keys would verify tokens the server refuses.
+        raise UsageError(
+            f"--jwks: organization {org!r} verifies its tokens with its own jwks_file, which "
+            "this dry run reads as the server does; leave out --jwks (it stands in only for "
+            "keys the server fetches: jwks_url or discovery)"
         )
     if organization is not None:
         for flag, given, own in (

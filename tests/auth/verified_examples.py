@@ -3,7 +3,7 @@
 The example acme has no `tokens:`: the server reads its tokens unverified and shows policies
 none of their claims, so `pdp eval --jwks` refuses it. A dry run of verified tokens needs an
 organization that verifies them: this copy gives acme a `tokens:` section (ISSUER, AUDIENCE,
-and a JWKS of a throwaway key, for which the dry run's `--jwks` stands in).
+and a jwks_url, for whose keys the dry run's `--jwks` stands in).
 """
 
 from __future__ import annotations
@@ -11,7 +11,7 @@ from __future__ import annotations
 import shutil
 from pathlib import Path
 
-from tests.auth.material import AUDIENCE, ISSUER, ed_key, jwks
+from tests.auth.material import AUDIENCE, ISSUER
 from tests.scenarios import EXAMPLE_POLICIES
 
 
@@ -20,10 +20,11 @@ def examples_verifying_tokens(directory: Path) -> Path:
     issued by ISSUER for AUDIENCE; returns the copy's root."""
     root = directory / "policies"
     shutil.copytree(EXAMPLE_POLICIES, root)
-    acme = root / "acme"
-    (acme / "idp-jwks.json").write_text(jwks(ed_key("acme-idp")))
-    with (acme / "organization.yaml").open("a") as config:
+    # Keys the server would fetch (never fetched here): the dry run's --jwks stands in for
+    # them, as it may only for fetched keys (a jwks_file is read as the server reads it).
+    with (root / "acme" / "organization.yaml").open("a") as config:
         config.write(
-            f"\ntokens:\n  issuer: {ISSUER}\n  audience: {AUDIENCE}\n  jwks_file: idp-jwks.json\n"
+            f"\ntokens:\n  issuer: {ISSUER}\n  audience: {AUDIENCE}\n"
+            "  jwks_url: https://idp.acme.test/jwks.json\n"
         )
     return root

@@ -29,6 +29,7 @@ from tests.auth.material import AUDIENCE, ISSUER, SigningKey, claims, ed_key, jw
 from tests.policy_builder import allow_all, write_organization
 
 KEY = ed_key("idp-1")
+FETCHED_ISSUER = "https://idp.fetched.test"  # one issuer and audience per organization
 # Allowed only for a token whose verified claims put the subject among the admins.
 ADMINS_ONLY = {
     "name": "org",
@@ -42,8 +43,10 @@ ADMINS_ONLY = {
 @pytest.fixture(scope="module")
 def policy_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     root = tmp_path_factory.mktemp("policies")
+    fetched = "https://idp.invalid/jwks.json"  # never fetched: --jwks stands in for it
     for org, tokens in (
         ("signed", {"issuer": ISSUER, "audience": AUDIENCE, "jwks_file": "jwks.json"}),
+        ("fetched", {"issuer": FETCHED_ISSUER, "audience": AUDIENCE, "jwks_url": fetched}),
         ("plain", None),
     ):
         folder = write_organization(
@@ -95,11 +98,21 @@ def test_a_verified_organization_gets_the_servers_answer(
 ) -> None:
     token = admins_token()
     assert server_effect(client, "signed", token) == "ALLOW"
-    jwks_file = policy_dir.parent / f"{policy_dir.name}-operator.jwks"
-    for extra in ((), ("--jwks", str(jwks_file))):
-        result = pdp_eval(policy_dir, "signed", token, *extra)
-        assert result.returncode == 0, result.stderr
-        assert json.loads(result.stdout)["decision"] == "ALLOW"
+    result = pdp_eval(policy_dir, "signed", token)
+    assert result.returncode == 0, result.stderr
+    assert json.loads(result.stdout)["decision"] == "ALLOW"
+    # A token of another key: the server refuses it, and so does the dry run, which used to
+    # verify it with the operator's JWKS instead of the organization's own jwks_file.
+    other_key = ed_key("idp-1")  # same kid, another key
+    stranger = admins_token(other_key)
+    assert server_effect(client, "signed", stranger) == "DENY"
+    result = pdp_eval(policy_dir, "signed", stranger)
+    assert result.returncode == 0 and json.loads(result.stdout)["decision"] == "DENY"
+    stranger_jwks = policy_dir.parent / f"{policy_dir.name}-stranger.jwks"
+    stranger_jwks.write_text(jwks(other_key))
+    result = pdp_eval(policy_dir, "signed", stranger, "--jwks", str(stranger_jwks))
+    assert result.returncode == 2, result.stdout
+    assert "organization 'signed' verifies its tokens with its own jwks_file" in result.stderr
 
 
 def test_an_organization_without_tokens_is_never_decided_on_claims_the_server_never_shows(
@@ -128,17 +141,22 @@ def test_an_organization_without_tokens_is_never_decided_on_claims_the_server_ne
 def test_another_audience_or_issuer_than_the_organizations_is_refused(
     policy_dir: Path, client: PdpClient
 ) -> None:
-    """The server checks `signed`'s own issuer and audience: a token for another audience is
-    denied there; a dry run told to check that audience used to allow it."""
+    """The server checks an organization's own issuer and audience: a token for another
+    audience is denied (shown on `signed`; `fetched` has the same settings but keys the server
+    would fetch, for which --jwks stands in). A dry run told to check another audience or
+    issuer used to allow it."""
     foreign = KEY.sign(**claims("alice", groups=["admins"], aud="billing"))
     assert server_effect(client, "signed", foreign) == "DENY"
+    assert server_effect(client, "signed", admins_token()) == "ALLOW"
     jwks_file = policy_dir.parent / f"{policy_dir.name}-operator.jwks"
-    result = pdp_eval(policy_dir, "signed", foreign, "--jwks", str(jwks_file))
+    foreign = KEY.sign(**claims("alice", groups=["admins"], aud="billing", iss=FETCHED_ISSUER))
+    result = pdp_eval(policy_dir, "fetched", foreign, "--jwks", str(jwks_file))
     assert result.returncode == 0 and json.loads(result.stdout)["decision"] == "DENY"
     for extra in (("--audience", "billing"), ("--issuer", "https://other.test")):
-        result = pdp_eval(policy_dir, "signed", foreign, "--jwks", str(jwks_file), *extra)
+        result = pdp_eval(policy_dir, "fetched", foreign, "--jwks", str(jwks_file), *extra)
         assert result.returncode == 2, result.stdout
-        assert f"{extra[0]} {extra[1]!r} is not organization 'signed''s own" in result.stderr
-    same = ("--audience", AUDIENCE, "--issuer", ISSUER)
-    result = pdp_eval(policy_dir, "signed", admins_token(), "--jwks", str(jwks_file), *same)
+        assert f"{extra[0]} {extra[1]!r} is not organization 'fetched''s own" in result.stderr
+    same = ("--audience", AUDIENCE, "--issuer", FETCHED_ISSUER)
+    ours = KEY.sign(**claims("alice", groups=["admins"], iss=FETCHED_ISSUER))
+    result = pdp_eval(policy_dir, "fetched", ours, "--jwks", str(jwks_file), *same)
     assert result.returncode == 0 and json.loads(result.stdout)["decision"] == "ALLOW"
