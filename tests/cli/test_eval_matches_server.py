@@ -20,10 +20,7 @@ import pytest
 
 from policy_engine.api import pdp_pb2
 from policy_engine.client import PdpClient, check_request
-from policy_engine.config import Settings
-from policy_engine.policy import load_policy_set
-from policy_engine.server.app import build_server
-from policy_engine.server.service import PolicyDecisionServicer
+from tests.cli.support import serving_client
 
 ORGANIZATION = """\
 kind: Organization
@@ -158,17 +155,8 @@ def policy_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture(scope="module")
 def client(policy_dir: Path) -> Iterator[PdpClient]:
     """The broker's client, connected to a real server on an ephemeral port."""
-    policies = load_policy_set(policy_dir)
-    settings = Settings().replace(address="127.0.0.1:0", threads=2)
-    server, port = build_server(
-        PolicyDecisionServicer(lambda: policies, settings), settings, policy_ready=True
-    )
-    server.start()
-    try:
-        with PdpClient(f"127.0.0.1:{port}", timeout=10) as pdp:
-            yield pdp
-    finally:
-        server.stop(grace=None)
+    with serving_client(policy_dir) as pdp:
+        yield pdp
 
 
 def pdp_eval(policy_dir: Path, values: dict[str, dict[str, Any]]) -> subprocess.CompletedProcess:

@@ -21,11 +21,8 @@ import yaml
 
 from policy_engine.api import pdp_pb2
 from policy_engine.client import PdpClient, check_request
-from policy_engine.config import Settings
-from policy_engine.policy import load_policy_set
-from policy_engine.server.app import build_server
-from policy_engine.server.service import PolicyDecisionServicer
 from tests.auth.material import AUDIENCE, ISSUER, SigningKey, claims, ed_key, jwks
+from tests.cli.support import serving_client
 from tests.policy_builder import allow_all, write_organization
 
 KEY = ed_key("idp-1")
@@ -62,17 +59,9 @@ def policy_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture(scope="module")
 def client(policy_dir: Path) -> Iterator[PdpClient]:
-    policies = load_policy_set(policy_dir)
-    settings = Settings().replace(address="127.0.0.1:0", threads=2)
-    server, port = build_server(
-        PolicyDecisionServicer(lambda: policies, settings), settings, policy_ready=True
-    )
-    server.start()
-    try:
-        with PdpClient(f"127.0.0.1:{port}", timeout=10) as pdp:
-            yield pdp
-    finally:
-        server.stop(grace=None)
+    """The broker's client, connected to a real server on an ephemeral port."""
+    with serving_client(policy_dir) as pdp:
+        yield pdp
 
 
 def server_effect(client: PdpClient, org: str, token: str) -> str:
