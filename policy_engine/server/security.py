@@ -58,6 +58,14 @@ def server_credentials(tls: TlsSettings) -> grpc.ServerCredentials | None:
     )
 
 
+def _refuse_caller_auth_problems(settings: CallerAuthSettings) -> None:
+    """Raises ConfigError with one `setting caller_auth.<field>: ...` line per problem
+    `caller_auth_problems` finds in `settings` (as the settings loader words them)."""
+    problems = caller_auth_problems(settings)
+    if problems:
+        raise ConfigError("\n".join(f"setting {name}: {what}" for name, what in problems))
+
+
 def _audience_issuer_problem(claims: dict[str, Any], audience: str, issuer: str) -> str | None:
     """Why a verified caller token is not for this PDP, or None: its `iss` must be exactly
     `issuer` (RFC 7519 section 4.1.1, a case-sensitive string) and its `aud` exactly
@@ -86,9 +94,7 @@ class BearerVerifier:
         """Raises ConfigError naming the setting when `audience` or `issuer` is empty (the
         settings loader refuses that too: this guards any other way of building one), or
         the JWKS file cannot be read."""
-        problems = caller_auth_problems(settings)
-        if problems:
-            raise ConfigError("\n".join(f"setting {name}: {what}" for name, what in problems))
+        _refuse_caller_auth_problems(settings)
         self._keys = StaticKeySet.from_file(Path(settings.jwks_file))
         self._audience = settings.audience
         self._issuer = settings.issuer
@@ -196,7 +202,5 @@ def interceptors(settings: CallerAuthSettings) -> list[grpc.aio.ServerIntercepto
     naming each setting `caller_auth_problems` finds, whichever way `settings` were built: an
     audience or issuer without keys means bearer tokens were meant to be checked, and a
     server started without the interceptor would answer every caller."""
-    problems = caller_auth_problems(settings)
-    if problems:
-        raise ConfigError("\n".join(f"setting {name}: {what}" for name, what in problems))
+    _refuse_caller_auth_problems(settings)
     return [CallerAuthInterceptor(BearerVerifier(settings))] if settings.jwks_file else []
